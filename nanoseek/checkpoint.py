@@ -1,0 +1,204 @@
+"""Hugging Face-format checkpoints: config.json + (sharded) safetensors, DeepSeek's FP8 included.
+
+`load_model(path)` reads what DeepSeek publishes (V2/V2-Lite in bf16, V3/R1 in FP8 with
+128x128 block scales) and what transformers writes; `save_model(model, path)` writes a folder
+that `transformers.AutoModelForCausalLM.from_pretrained` loads. Tensor names are the model's
+own attribute names, so loading is a strict name-for-name copy, one shard at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import DeepseekForCausalLM, ModelConfig, build_model
+from .model.config import ConfigError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or does not fit the model it describes."""
+
+
+def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """-> (ModelConfig, the raw config.json dict)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if "model_type" not in raw:
+        archs = raw.get("architectures") or []
+        guess = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+        raw["model_type"] = next((guess[a] for a in archs if a in guess), None)
+    if raw["model_type"] not in ("deepseek_v3", "deepseek_v2"):
+        raise ConfigError(f"{f}: unknown architecture (model_type={raw.get('model_type')!r}, "
+                          f"architectures={raw.get('architectures')}); nanoseek loads deepseek_v3 and deepseek_v2")
+    return ModelConfig.from_dict(raw), raw
+
+
+def shard_map(path: Path) -> dict[str, str]:
+    """tensor name -> shard file name, from the index or the single file."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        missing = sorted({s for s in weight_map.values() if not (path / s).is_file()})
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        return weight_map
+    if (path / SINGLE).is_file():
+        with _open(path / SINGLE) as f:
+            return {k: SINGLE for k in f.keys()}
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """W[i, j] = float(W_fp8[i, j]) * scale_inv[i // bm, j // bn] (edge blocks are partial), in fp32."""
+    out, inp = weight.shape
+    bm, bn = block
+    rows, cols = -(-out // bm), -(-inp // bn)
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {(rows, cols)} "
+                              f"for a {tuple(weight.shape)} weight in {bm}x{bn} blocks")
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:out].repeat_interleave(bn, 1)[:, :inp]
+    return weight.float() * scale
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> DeepseekForCausalLM:
+    """Load a DeepSeek-V2/V3 model folder (HF format). dtype defaults to the checkpoint's
+    (FP8 weights are dequantized to bf16 unless a dtype is given); device defaults to CPU.
+
+    Shards are read one at a time and copied into the (already allocated) model, so memory
+    holds the model plus at most one tensor being converted, never two full copies.
+    """
+    path = Path(path)
+    config, raw = load_config(path)
+    weight_map = shard_map(path)
+    quant = raw.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size") or (128, 128))
+    if dtype is None:
+        name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        dtype = getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+    if config.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in weight_map):
+        # transformers writes no MTP weights even when the config declares them: load the main model
+        warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
+                      "has no MTP weights; loading without MTP")
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    model = build_model(config, device=device, dtype=dtype, init=False)
+    state = model.state_dict(keep_vars=True)
+    expected = set(state)
+    unexpected, seen = [], set()
+    files: dict[str, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        shard = weight_map[name]
+        if shard not in files:
+            files[shard] = _open(path / shard)
+        try:
+            return files[shard].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / shard}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in sorted(weight_map.items()):
+        by_shard.setdefault(shard, []).append(name)
+    try:
+        for shard, names in sorted(by_shard.items()):
+            for name in names:
+                if name.endswith("weight_scale_inv"):
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                t = get(name)
+                if t.dtype in FP8_DTYPES:
+                    scale_name = name + "_scale_inv"
+                    if scale_name not in weight_map:
+                        raise CheckpointError(f"{name} is FP8 but {scale_name} is missing")
+                    t = dequantize_fp8(t, get(scale_name), block)
+                target = state[name]
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)} in {shard}, but the config "
+                                          f"implies {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(t)
+                seen.add(name)
+            files.pop(shard, None)  # drop the shard's handle before opening the next
+    finally:
+        files.clear()
+    missing = sorted(expected - seen)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[:5]}")
+    model.eval()
+    return model
+
+
+def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes).
+    Files are written under temporary names and renamed into place, so a crash never leaves
+    a half-written checkpoint that loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, seen_ptrs = 0, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if t.data_ptr() in seen_ptrs:  # tied tensors (MTP's embedding/head copies) are written twice
+            t = t.clone()
+        seen_ptrs.add(t.data_ptr())
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+    stale = [p for p in path.glob("model*.safetensors") if p.name not in names]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    elif (path / INDEX).exists():
+        (path / INDEX).unlink()
+    for p in stale:
+        p.unlink()
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)

@@ -1,0 +1,5 @@
+"""One inference engine for everything that generates: chat, API server, RL rollouts, eval, distillation."""
+
+from .cache import LatentCache
+
+__all__ = ["LatentCache"]

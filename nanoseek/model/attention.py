@@ -1,0 +1,105 @@
+"""MLA: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Keys and values of all heads are rebuilt from one small latent per token: c_kv (kv_lora_rank)
+plus one rope key shared by all heads (qk_rope_head_dim). Two paths, side by side:
+
+- full (training, prefill): expand the latent through kv_b_proj into per-head k_nope and v,
+  then ordinary causal attention;
+- absorbed (decode from a latent cache): fold kv_b_proj's key half into the query and its value
+  half into the output, so attention runs directly over the cached latents and the cached
+  sequence is never expanded. The cache holds kv_lora_rank + qk_rope_head_dim numbers per token.
+
+Letters in einsums: b batch, s query positions, t key positions, h heads, d head channels
+(nope or v), c latent channels (kv_lora_rank), r rope channels.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_get_mscale
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class LatentCache(Protocol):
+    """What attention needs from a KV cache (the engine's cache implements it)."""
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store c_kv [B, S, c] and k_pe [B, S, r] for the current positions; return the whole
+        cached c_kv [B, T, c], k_pe [B, T, r] and a bool mask [B, S, T] (True = may attend)."""
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.interleaved = config.rope_interleave
+        D, H, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
+        self.q_lora = config.q_lora_rank is not None
+        if not self.q_lora:
+            self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+        self.softmax_scale = config.qk_head_dim ** -0.5
+        rs = config.rope_scaling
+        if rs is not None and rs.get("mscale_all_dim"):  # YaRN's temperature, applied to q.k
+            self.softmax_scale *= yarn_get_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, D] -> q_nope [B,S,H,d], q_pe [B,S,H,r] (rotated), c_kv [B,S,c] (normed), k_pe [B,S,r] (rotated)."""
+        B, S, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2), self.interleaved)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleaved)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if cache is None:
+            out = self.full_attention(q_nope, q_pe, c_kv, k_pe)
+        else:
+            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
+            out = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.flatten(2))  # (B, S, H*dv) -> (B, S, D)
+
+    def full_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """Causal attention with keys/values expanded from the latent. Returns [B, S, H, dv]."""
+        B, S, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, dqk)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )  # (B, H, S, dv)
+        return out.transpose(1, 2)
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Attention straight over cached latents c_kv [B,T,c], k_pe [B,T,r]. Returns [B, S, H, dv]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, d, c), (H, dv, c)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        scores = (scores * self.softmax_scale).float().masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).type_as(q_nope)
+        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
+        return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)

@@ -1,0 +1,246 @@
+"""ModelConfig: the DeepSeek-V2/V3 configuration, with Hugging Face's field names.
+
+Field names and defaults follow transformers' DeepseekV3Config (the defaults are the
+DeepSeek-V3 shapes), so a checkpoint's config.json loads with `ModelConfig.from_dict`.
+V2-only knobs (`topk_method`, `scoring_func`) are real fields here: the router reads them
+instead of hard-coding one family. Named presets live in `PRESETS` at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+ROUTING = {  # scoring_func -> topk_methods it supports
+    "sigmoid": ("noaux_tc",),
+    "softmax": ("greedy", "group_limited_greedy"),
+}
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+
+
+class ConfigError(ValueError):
+    """A config.json field is missing, has the wrong type or is out of range."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense-layer SwiGLU width
+    moe_intermediate_size: int = 2048  # per-expert SwiGLU width
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # MLA: always equal to num_attention_heads
+    # MLA
+    q_lora_rank: int | None = 1536  # None: plain q_proj (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    first_k_dense_replace: int = 3  # layers below this index use a dense MLP
+    moe_layer_freq: int = 1
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"  # noaux_tc (V3) | greedy | group_limited_greedy (V2)
+    scoring_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (training only)
+    seq_aux: bool = True
+    # MTP
+    num_nextn_predict_layers: int = 1
+    # positions
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True  # rope channels stored as consecutive pairs (DeepSeek's weights)
+    # misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # fields we carry but do not use
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.model_type == "deepseek_v2" and self.n_group is None:
+            self.n_group, self.topk_group = 1, 1
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind in (None, "default"):
+                self.rope_scaling = None
+        self.validate()
+
+    # ---- derived sizes ----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    # ---- validation ----
+    def validate(self) -> None:
+        def need(cond: bool, name: str, why: str):
+            if not cond:
+                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown architecture model_type={self.model_type!r}; nanoseek loads {sorted(ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
+                     "num_nextn_predict_layers"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             "q_lora_rank", "must be null or a positive integer")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotation pairs)")
+        need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
+             "MLA needs num_key_value_heads == num_attention_heads")
+        need(self.hidden_act == "silu", "hidden_act", "only 'silu' is supported")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.first_k_dense_replace == 0 or self.intermediate_size > 0, "intermediate_size",
+             "must be > 0 when there are dense layers")
+        need(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
+        if self.n_routed_experts > 0:
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
+            need(self.scoring_func in ROUTING, "scoring_func", f"must be one of {sorted(ROUTING)}")
+            need(self.topk_method in ROUTING[self.scoring_func], "topk_method",
+                 f"with scoring_func={self.scoring_func!r} must be one of {ROUTING[self.scoring_func]}")
+            need(isinstance(self.n_group, int) and self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                 "n_group", f"must divide n_routed_experts={self.n_routed_experts}")
+            need(isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group, "topk_group",
+                 f"must be in [1, n_group={self.n_group}]")
+            per_group = self.n_routed_experts // self.n_group
+            need(isinstance(self.num_experts_per_tok, int)
+                 and 1 <= self.num_experts_per_tok <= self.topk_group * per_group,
+                 "num_experts_per_tok", f"must be in [1, topk_group * experts per group = {self.topk_group * per_group}]")
+            if self.topk_method == "noaux_tc":
+                need(per_group >= 2, "n_group", "noaux_tc scores groups by their top-2 experts: "
+                     "each group needs at least 2 experts")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("type", rs.get("rope_type"))
+            if kind != "yarn":
+                raise ConfigError(f"config field 'rope_scaling' type {kind!r} is not supported (only 'yarn')")
+            if not (rs.get("factor") or 0) > 0:
+                raise ConfigError("config field 'rope_scaling.factor' must be > 0")
+            if not (rs.get("original_max_position_embeddings") or 0) > 0:
+                raise ConfigError("config field 'rope_scaling.original_max_position_embeddings' must be > 0")
+
+    # ---- (de)serialisation in Hugging Face's config.json format ----
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
+        rp = d.pop("rope_parameters", None)  # transformers v5 spelling
+        if rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", cls.rope_theta))
+            if rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if d.get("model_type") == "deepseek_v2":  # HF V2 defaults differ from the V3 ones
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("norm_topk_prob", False)
+            d.setdefault("routed_scaling_factor", 1.0)
+            d.setdefault("first_k_dense_replace", 0)
+            d.setdefault("num_nextn_predict_layers", 0)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        for k, v in known.items():
+            want = cls.__dataclass_fields__[k].type
+            if "int" in want and "float" not in want and isinstance(v, float) and v.is_integer():
+                known[k] = int(v)
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as e:
+            raise ConfigError(f"bad config: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        keep = {k: v for k, v in self.extra.items() if k not in ("quantization_config", "torch_dtype", "dtype",
+                                                                   "architectures", "auto_map", "transformers_version")}
+        d.update(keep)
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        if self.model_type == "deepseek_v3":
+            d["num_mtp_layers"] = self.num_nextn_predict_layers  # transformers' alias
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+
+def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# ---- named presets ----
+def _preset(**kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+PRESETS = {
+    # the shared test model: every code path (q_lora, MoE with groups, dense layer, MTP) at toy size
+    "tiny": lambda: _preset(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+        num_nextn_predict_layers=1, max_position_embeddings=512, initializer_range=0.02,
+    ),
+    # minutes on a laptop CPU: ~4M total / ~2M active parameters (the calibration shape)
+    "cpu-tiny": lambda: _preset(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+        num_nextn_predict_layers=1, max_position_embeddings=2048, initializer_range=0.02,
+    ),
+    # the real shapes, for configs and loading released checkpoints
+    "deepseek-v3": lambda: _preset(
+        max_position_embeddings=163840, aux_loss_alpha=0.0001,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    "deepseek-v2-lite": lambda: _preset(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+        routed_scaling_factor=1.0, aux_loss_alpha=0.001, num_nextn_predict_layers=0,
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, with any field overridden: get_preset('tiny', vocab_size=1000)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -1,0 +1,151 @@
+"""DeepSeekMoE: fine-grained routed experts + always-on shared experts, and their balancing.
+
+Routing (per token, in fp32):
+- V3 (`scoring_func="sigmoid"`, `topk_method="noaux_tc"`): s = sigmoid(logits); selection uses
+  s + e_score_correction_bias; experts are split into n_group groups scored by the sum of
+  their top-2 biased scores; only the best topk_group groups compete for the top-k; the
+  weights are the *unbiased* s of the chosen experts, renormalised if norm_topk_prob, times
+  routed_scaling_factor.
+- V2 (`scoring_func="softmax"`): p = softmax(logits); `greedy` takes the top-k of p,
+  `group_limited_greedy` first keeps the topk_group groups with the largest max(p).
+
+Balancing during training:
+- auxiliary-loss-free (V3): the gate counts how many tokens each expert received; after each
+  optimizer step `update_router_bias` nudges the bias by gamma toward the mean load (sign rule);
+- sequence-wise balance loss (alpha = config.aux_loss_alpha): alpha * sum_i f_i * P_i per sequence.
+
+Letters: N tokens, D hidden, E routed experts, K experts per token, G groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
+        self.norm_topk_prob, self.scale = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.has_bias = self.topk_method == "noaux_tc"
+        if self.has_bias:  # routing bias: updated by the sign rule, never by gradients; kept in fp32
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        # tokens routed to each expert since the last bias update (training only)
+        self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.has_bias and self.e_score_correction_bias.dtype != torch.float32:  # .to(bf16) must not round it
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        self.expert_load = self.expert_load.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32, for the balance loss)."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.has_bias else scores
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
+        indices = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training:
+            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts)
+        return weights * self.scale, indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0 else None
+        )
+        self.aux_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
+        self.aux_loss: torch.Tensor | None = None  # set by forward in training when aux_alpha > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        flat = x.view(-1, D)  # (N, D)
+        weights, indices, scores = self.gate(flat)
+        y = self.routed(flat, weights, indices).view(B, S, D)
+        self.aux_loss = None
+        if self.training and self.aux_alpha > 0:
+            self.aux_loss = self.aux_alpha * sequence_balance_loss(
+                scores.view(B, S, -1), indices.view(B, S, -1), self.gate.n_experts
+            )
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sort the N*K (token, expert) pairs by expert, run each expert that got tokens on its
+        contiguous slice, and scatter-add the weighted outputs back to their tokens."""
+        K = indices.shape[1]
+        flat_idx = indices.flatten()  # (N*K,)
+        order = flat_idx.argsort(stable=True)
+        token_of = order // K  # token behind each sorted pair
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        chunks = x[token_of].split(counts)
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
+        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # (N*K, D)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """V3's complementary sequence-wise balance loss, averaged over sequences (without alpha).
+
+    scores [B, S, E] router affinities, indices [B, S, K] chosen experts.
+    f_i = E / (K * S) * (number of tokens of the sequence routed to i);
+    P_i = mean over the sequence of s_i / sum_j s_j; loss = sum_i f_i * P_i (1.0 when balanced).
+    """
+    B, S, K = indices.shape
+    counts = torch.zeros(B, n_experts, device=scores.device).scatter_add_(
+        1, indices.view(B, S * K), torch.ones(B, S * K, device=scores.device)
+    )  # (B, E)
+    f = counts * n_experts / (K * S)
+    P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    return (f * P).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, gamma: float) -> dict[str, float]:
+    """Auxiliary-loss-free balancing (V3 §2.1.2), called by the trainer after each step.
+
+    For every gate with a correction bias: load = tokens each expert received since the last
+    call (summed over data-parallel ranks); bias += gamma * sign(mean load - load), i.e.
+    overloaded experts become less attractive, underloaded ones more. Resets the counts and
+    returns the worst max/mean load ratio seen, for logging (1.0 = perfectly balanced).
+    """
+    worst = 0.0
+    for gate in (m for m in model.modules() if isinstance(m, Gate)):
+        load = gate.expert_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum() == 0:
+            continue
+        worst = max(worst, (load.max() / load.mean()).item())
+        if gate.has_bias and gamma > 0:
+            gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()
+    return {"expert_imbalance": worst}

@@ -1,0 +1,87 @@
+"""transformers' DeepseekV3/V2 are the oracle: same weights, same logits (fp32, 1e-4), both ways."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import nanoseek
+from conftest import randomize_
+
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8, "rope_theta": 10000.0}
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_shared_experts=1, max_position_embeddings=256)
+
+V3_CASES = {
+    "qlora-groups-dense1": dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                first_k_dense_replace=1),
+    "noqlora-group1-dense0": dict(q_lora_rank=None, n_routed_experts=6, num_experts_per_tok=3, n_group=1,
+                                  topk_group=1, first_k_dense_replace=0, norm_topk_prob=False),
+    "qlora-yarn-dense2": dict(q_lora_rank=16, n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+                              first_k_dense_replace=2, rope_parameters=YARN, routed_scaling_factor=1.5),
+    "noqlora-yarn-groups": dict(q_lora_rank=None, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                                topk_group=2, first_k_dense_replace=1, rope_parameters=dict(YARN, mscale=0.9)),
+}
+V2_CASES = {
+    "greedy-noqlora": dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy",
+                           first_k_dense_replace=1, routed_scaling_factor=1.0, n_shared_experts=2),
+    "group-limited-qlora-yarn": dict(q_lora_rank=24, n_routed_experts=12, num_experts_per_tok=3, n_group=4,
+                                     topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=1,
+                                     routed_scaling_factor=16.0, rope_parameters=dict(YARN, mscale_all_dim=0.707,
+                                                                                     mscale=0.707)),
+}
+
+
+def hf_model(kind: str, overrides: dict):
+    cls_cfg, cls = ((transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM) if kind == "v3"
+                    else (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM))
+    model = cls(cls_cfg(**{**BASE, **overrides})).eval()
+    randomize_(model)
+    return model
+
+
+def inputs():
+    return torch.randint(0, BASE["vocab_size"], (2, 40))  # 40 > original context 32: YaRN's ramp is exercised
+
+
+CASES = [("v3", n, c) for n, c in V3_CASES.items()] + [("v2", n, c) for n, c in V2_CASES.items()]
+
+
+@pytest.mark.parametrize("kind,name,overrides", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
+def test_transformers_to_nanoseek(tmp_path, kind, name, overrides):
+    hf = hf_model(kind, overrides)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no MTP weights") if kind == "v3" else _nullcontext():
+        ours = nanoseek.load_model(tmp_path)
+    x = inputs()
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x).logits
+    assert got.shape == (2, 40, BASE["vocab_size"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,name,overrides", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
+def test_nanoseek_to_transformers(tmp_path, kind, name, overrides):
+    ref = hf_model(kind, overrides)  # only to get HF's config.json, then our own model from it
+    ref.config.save_pretrained(tmp_path / "cfg")
+    config = nanoseek.ModelConfig.from_dict(json.loads((tmp_path / "cfg" / "config.json").read_text()))
+    ours = nanoseek.build_model(config).eval()
+    randomize_(ours)
+    nanoseek.save_model(ours, tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(hf).__name__ == ("DeepseekV3ForCausalLM" if kind == "v3" else "DeepseekV2ForCausalLM")
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x).logits, atol=1e-4, rtol=0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
