@@ -1,5 +1,6 @@
 """One inference engine for everything that generates: chat, API server, RL rollouts, eval, distillation."""
 
 from .cache import LatentCache
+from .engine import generate
 
-__all__ = ["LatentCache"]
+__all__ = ["LatentCache", "generate"]

@@ -1,0 +1,108 @@
+"""Training throughput: nanoseek vs transformers' DeepseekV3 on the same config, weights and batch.
+
+Runs both in one process, interleaved (A, B, A, B, ...), because this machine's speed drifts by
+up to 20% between minutes; prints min/median seconds per step, tokens/s, the ratio, and the
+fraction of the machine's measured matmul peak (6 * active params * tokens + attention FLOPs).
+
+    python bench/train_throughput.py                 # fp32, forward + backward
+    python bench/train_throughput.py --step          # include the AdamW step
+    python bench/train_throughput.py --bf16          # bf16 autocast for both
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import nanoseek
+from nanoseek.model import ModelConfig
+
+# the "V3-tiny" shape from shared/design/anchor-baseline.md
+V3_TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+               qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+               num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=4096)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def train_flops(cfg: ModelConfig, active_params: int, B: int, T: int) -> float:
+    """6 * N_active * tokens + causal attention (QK^T and PV, forward x3 for backward)."""
+    H = cfg.num_attention_heads
+    attn_fwd = 2 * B * H * (T * T / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
+    return 6 * active_params * B * T + 3 * attn_fwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=12, help="timed steps per implementation")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
+    ap.add_argument("--step", action="store_true", help="also time a fused AdamW step")
+    args = ap.parse_args()
+
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**V3_TINY, num_nextn_predict_layers=0))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = nanoseek.load_model(d)
+    hf.train(), ours.train()
+    cfg = ours.config
+    B, T = args.batch, args.seq
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def hf_step():
+        return hf(input_ids=inp, labels=x[:, :-1]).loss  # HF shifts labels internally
+
+    def our_step():
+        return ours(inp, labels=tgt, logits=False).loss
+
+    runs = {"transformers": (hf, hf_step), "nanoseek": (ours, our_step)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in runs.items()}
+    times = {k: [] for k in runs}
+    for i in range(args.rounds + 2):  # 2 warm-up rounds
+        for name, (model, step) in runs.items():
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = step()
+            loss.backward()
+            if args.step:
+                opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+
+    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
+    flops = train_flops(cfg, ours.num_params(active=True), B, T)
+    print(f"config V3-tiny: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active; "
+          f"batch {B}x{T}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"{'fwd+bwd+AdamW' if args.step else 'fwd+bwd'}, {torch.get_num_threads()} threads")
+    print(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    med = {}
+    for name, ts in times.items():
+        med[name] = statistics.median(ts)
+        print(f"{name:>13}: min {min(ts) * 1e3:7.1f} ms  median {med[name] * 1e3:7.1f} ms  "
+              f"{B * T / med[name]:8.0f} tok/s  {flops / med[name] / peak:5.1%} of peak")
+    print(f"ratio nanoseek / transformers (median): {med['transformers'] / med['nanoseek']:.2f}x  "
+          f"(min: {min(times['transformers']) / min(times['nanoseek']):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""HF-format checkpoints: sharding, FP8 block dequantization, and clear errors on bad folders."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import nanoseek
+from conftest import randomize_
+from nanoseek import CheckpointError, ConfigError
+from nanoseek.checkpoint import dequantize_fp8
+from nanoseek.model import build_model, get_preset
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build_model(get_preset("tiny")).eval()
+    randomize_(model)
+    nanoseek.save_model(model, tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def logits(model, seed=1):
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_round_trip_single_file(saved):
+    model, path = saved
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.tmp"))
+    torch.testing.assert_close(logits(nanoseek.load_model(path)), logits(model), atol=0, rtol=0)
+
+
+def test_round_trip_sharded(tmp_path):
+    model = build_model(get_preset("tiny")).eval()
+    randomize_(model)
+    nanoseek.save_model(model, tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    torch.testing.assert_close(logits(nanoseek.load_model(tmp_path)), logits(model), atol=0, rtol=0)
+    nanoseek.save_model(model, tmp_path)  # re-saving unsharded replaces the shards and the index
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_dtype_on_load(saved):
+    _, path = saved
+    model = nanoseek.load_model(path, dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def quantize_fp8(w: torch.Tensor, block: int):
+    """Block-wise e4m3 quantization as DeepSeek ships it: scale_inv = amax / 448 per block."""
+    out, inp = w.shape
+    rows, cols = -(-out // block), -(-inp // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:out, :inp] = w
+    blocks = padded.view(rows, block, cols, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # (rows, cols)
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * block, cols * block)[:out, :inp]
+    return q.contiguous(), scale
+
+
+FP8_NAMES = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+             "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_fp8_checkpoint_dequantizes_exactly_and_matches_transformers(tmp_path, block):
+    cfg = get_preset("tiny", num_nextn_predict_layers=0, v_head_dim=12)  # o_proj in=48: partial 16-blocks
+    model = build_model(cfg)
+    randomize_(model)
+    tensors, expected = {}, {}
+    for name, t in model.state_dict().items():
+        if name.endswith(".weight") and name.split(".")[-2] in FP8_NAMES and name.startswith("model.layers."):
+            q, scale = quantize_fp8(t, block)
+            tensors[name], tensors[name + "_scale_inv"] = q, scale
+            expected[name] = dequantize_fp8(q, scale, (block, block))
+        else:
+            tensors[name] = t.clone()
+            expected[name] = t
+    # split across two shards, a weight and its scale in different files
+    names = sorted(tensors)
+    half = len(names) // 2
+    shard_a = {k: tensors[k] for k in names[:half]}
+    shard_b = {k: tensors[k] for k in names[half:]}
+    save_file(shard_a, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(shard_b, str(tmp_path / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in shard_a}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in shard_b}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    raw = cfg.to_dict() | {"torch_dtype": "float32", "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+
+    loaded = nanoseek.load_model(tmp_path)
+    state = loaded.state_dict()
+    n_fp8 = 0
+    for name, want in expected.items():
+        assert torch.equal(state[name], want), name
+        n_fp8 += name + "_scale_inv" in tensors
+    assert n_fp8 >= 10
+    # a spot check of the formula itself on one block element
+    q, s = tensors["model.layers.0.self_attn.o_proj.weight"], tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    assert state["model.layers.0.self_attn.o_proj.weight"][20, 40] == q[20, 40].float() * s[20 // block, 40 // block]
+
+    # transformers on the dequantized weights (a plain fp32 checkpoint) gives the same logits
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(plain / "model.safetensors"))
+    (plain / "config.json").write_text(json.dumps(cfg.to_dict() | {"torch_dtype": "float32"}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(plain).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_missing_shard_is_named(tmp_path):
+    model = build_model(get_preset("tiny"))
+    nanoseek.save_model(model, tmp_path, max_shard_bytes=200_000)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        nanoseek.load_model(tmp_path)
+
+
+def test_truncated_shard_is_detected(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        nanoseek.load_model(path)
+
+
+def test_wrong_shape_names_the_tensor(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 200
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape"):
+        nanoseek.load_model(path)
+
+
+def test_missing_tensor_is_reported(tmp_path, saved):
+    model, path = saved
+    state = {k: v.clone() for k, v in model.state_dict().items() if "kv_b_proj" not in k}
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing.*kv_b_proj"):
+        nanoseek.load_model(path)
+
+
+def test_unknown_architecture(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        nanoseek.load_model(path)
+
+
+def test_config_field_out_of_range(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["topk_group"] = 7
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="topk_group"):
+        nanoseek.load_model(path)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        nanoseek.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny").to_dict()))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        nanoseek.load_model(tmp_path)

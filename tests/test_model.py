@@ -1,0 +1,228 @@
+"""The model's fast paths against their naive references, MTP, balancing, routing and presets."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import randomize_
+from nanoseek.inference import LatentCache
+from nanoseek.model import ConfigError, build_model, get_preset, update_router_bias
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.moe import Gate, MoE, sequence_balance_loss
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_absorbed_decode_equals_full_forward(q_lora_rank, rope_interleave):
+    cfg = get_preset("tiny", q_lora_rank=q_lora_rank, rope_interleave=rope_interleave,
+                     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                   "mscale": 1.0, "mscale_all_dim": 1.0})
+    model = build_model(cfg).eval()
+    randomize_(model)
+    x = torch.randint(0, cfg.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = LatentCache(cfg, rows=3, max_len=32)
+        prefill = 7  # a prompt through the absorbed path, then one token at a time
+        out = model(x[:, :prefill], position_ids=cache.positions(prefill), cache=cache).logits
+        cache.advance()
+        torch.testing.assert_close(out, full[:, :prefill], atol=1e-4, rtol=0)
+        for t in range(prefill, 20):
+            step = model(x[:, t:t + 1], position_ids=cache.positions(1), cache=cache).logits
+            cache.advance()
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * (cfg.num_hidden_layers + 1)
+    assert cache.bytes_per_token == per_token
+
+
+def test_cache_holds_only_the_latent():
+    cfg = get_preset("deepseek-v3")
+    cache = LatentCache(dataclasses.replace(cfg, num_hidden_layers=1, num_nextn_predict_layers=0), rows=1, max_len=4)
+    assert cache.kv.shape[-1] == 576  # kv_lora_rank 512 + rope 64, not 128 heads x (192 + 128)
+
+
+@pytest.mark.parametrize("preset_kw", [
+    dict(),  # V3 sigmoid, groups
+    dict(n_group=1, topk_group=1, norm_topk_prob=False),
+    dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy", norm_topk_prob=False),
+    dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy", n_group=4,
+         topk_group=2, n_shared_experts=0),
+])
+def test_moe_dispatch_equals_per_token_loop(preset_kw):
+    cfg = get_preset("tiny", **preset_kw)
+    moe = MoE(cfg)
+    randomize_(moe, std=0.3)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    with torch.no_grad():
+        got = moe(x)
+        weights, idx, _ = moe.gate(x.view(-1, cfg.hidden_size))
+        ref = []
+        for n, token in enumerate(x.view(-1, cfg.hidden_size)):
+            y = sum(weights[n, j] * moe.experts[int(idx[n, j])](token) for j in range(cfg.num_experts_per_tok))
+            if moe.shared_experts is not None:
+                y = y + moe.shared_experts(token)
+            ref.append(y)
+    torch.testing.assert_close(got.view(-1, cfg.hidden_size), torch.stack(ref), atol=1e-4, rtol=1e-5)
+
+
+def test_experts_without_tokens_do_no_work(monkeypatch):
+    cfg = get_preset("tiny")
+    moe = MoE(cfg)
+    randomize_(moe)
+    calls = []
+    for e, expert in enumerate(moe.experts):
+        monkeypatch.setattr(expert, "forward", lambda t, e=e, f=expert.forward: calls.append(e) or f(t))
+    x = torch.randn(1, 1, cfg.hidden_size)  # one token -> exactly top-k experts run
+    moe(x)
+    assert len(calls) == cfg.num_experts_per_tok
+
+
+def test_v3_routing_by_hand():
+    """4 experts in 2 groups, keep 1 group, top-2. Expert 0 alone scores highest, but group 1's top-2
+    sum wins, so the token goes to experts 2 and 3 with unbiased, renormalised, scaled weights."""
+    cfg = get_preset("tiny", n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
+                     routed_scaling_factor=2.0)
+    gate = Gate(cfg)
+    target = torch.tensor([0.9, 0.1, 0.6, 0.7])  # sigmoid scores we want
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.logit(target)
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    w, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [2, 3]
+    order = idx[0].argsort()
+    torch.testing.assert_close(w[0][order], torch.tensor([0.6, 0.7]) / 1.3 * 2.0)
+    with torch.no_grad():  # a bias steers selection only: the weights stay the unbiased scores
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    w, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [0, 1]
+    torch.testing.assert_close(w[0][idx[0].argsort()], torch.tensor([0.9, 0.1]) / 1.0 * 2.0)
+
+
+def test_sequence_balance_loss_by_hand():
+    # 2 experts, top-1, 2 tokens: perfectly balanced -> f = [1, 1], P = [.5, .5] -> 1.0
+    scores = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    assert sequence_balance_loss(scores, torch.tensor([[[0], [1]]]), 2).item() == pytest.approx(1.0)
+    # both tokens to expert 0, which also has most of the affinity: f = [2, 0], P = [.75, .25] -> 1.5
+    scores = torch.tensor([[[3.0, 1.0], [3.0, 1.0]]])
+    assert sequence_balance_loss(scores, torch.tensor([[[0], [0]]]), 2).item() == pytest.approx(1.5)
+
+
+def test_mtp_loss_is_finite_has_gradients_and_is_aligned():
+    cfg = get_preset("tiny")
+    model = build_model(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    inp, tgt = x[:, :-1], x[:, 1:]
+    out = model(inp, labels=tgt)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.mtp_loss) and torch.isfinite(out.aux_loss)
+    (out.loss + 0.3 * out.mtp_loss + out.aux_loss).backward()
+    mtp = model.mtp_layers[0]
+    for name, p in mtp.named_parameters():
+        if "experts." in name:  # an expert may receive no token in this tiny batch
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # depth 1 at position t reads token inp[t+1] and predicts tgt[t+1], computed by hand
+    model.eval()
+    with torch.no_grad():
+        out = model(inp, labels=tgt)
+        cos, sin = model.model.rotary_emb(torch.arange(14).expand(2, 14))
+        h = mtp.predict(out.hidden[:, :14], inp[:, 1:], cos, sin)
+        logits = mtp.shared_head(h)
+        ref = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten())
+    torch.testing.assert_close(out.mtp_loss, ref)
+
+
+def test_mtp_layers_sit_after_the_main_layers_and_share_embedding_and_head():
+    cfg = get_preset("tiny", num_nextn_predict_layers=2)
+    model = build_model(cfg)
+    sd = model.state_dict()
+    L = cfg.num_hidden_layers
+    for k in range(2):
+        for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                       "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight"):
+            assert f"model.layers.{L + k}.{suffix}" in sd
+    assert sd[f"model.layers.{L}.embed_tokens.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+    assert sd[f"model.layers.{L}.shared_head.head.weight"].data_ptr() == sd["lm_head.weight"].data_ptr()
+    assert model.mtp_layers[0].is_moe  # MTP layers are full MoE layers, like V3's layer 61
+
+
+def test_bias_update_moves_loads_toward_balance():
+    cfg = get_preset("tiny", n_group=1, topk_group=1, num_experts_per_tok=2)
+    moe = MoE(cfg).train()
+    randomize_(moe)
+    with torch.no_grad():
+        moe.gate.weight[:2] += 0.5  # experts 0 and 1 take almost every token
+    x = torch.randn(4, 64, cfg.hidden_size) + 0.2  # a shared direction the skewed rows respond to
+
+    def imbalance_after(steps: int, gamma: float) -> float:
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.zero_()
+            moe.gate.expert_load.zero_()
+            for _ in range(steps):
+                moe(x)
+                stats = update_router_bias(moe, gamma)
+            moe(x)
+            return update_router_bias(moe, 0.0)["expert_imbalance"], stats
+
+    skewed, _ = imbalance_after(1, 0.0)
+    balanced, _ = imbalance_after(60, 0.02)
+    assert skewed > 2.5  # max/mean load with the skew
+    assert balanced < 1.5 and balanced < skewed / 2
+    # and the routing weights are untouched by the bias: gradients never reach it
+    assert not moe.gate.e_score_correction_bias.requires_grad
+
+
+def test_bf16_keeps_router_bias_fp32():
+    model = build_model(get_preset("tiny"), dtype=torch.bfloat16)
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    out = model(torch.randint(0, 512, (1, 5)))
+    assert out.logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name,params,active,embedding_counted", [
+    ("deepseek-v3", 671e9, 37e9, True),  # V3 paper: 671B total / 37B activated (README_WEIGHTS: incl. embedding)
+    ("deepseek-v2-lite", 15.7e9, 2.4e9, False),  # V2 paper: 15.7B / 2.4B activated (without the input embedding)
+])
+def test_real_presets_have_the_published_sizes(name, params, active, embedding_counted):
+    from nanoseek.model import DeepseekForCausalLM
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg)
+    assert model.num_params() == pytest.approx(params, rel=0.01)
+    embedding = 0 if embedding_counted else cfg.vocab_size * cfg.hidden_size
+    assert model.num_params(active=True) - embedding == pytest.approx(active, rel=0.03)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n_group", 3), ("topk_group", 5), ("num_experts_per_tok", 99), ("hidden_size", 0), ("qk_rope_head_dim", 7),
+    ("num_key_value_heads", 2), ("scoring_func", "relu"), ("topk_method", "greedy"), ("hidden_act", "gelu"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}), ("vocab_size", -5),
+])
+def test_config_out_of_range_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=field.split("_")[0]):
+        get_preset("tiny", **{field: value})
+
+
+def test_config_from_hf_v5_and_legacy_spellings():
+    legacy = ModelConfig.from_dict({"model_type": "deepseek_v3", "rope_theta": 5e4,
+                                    "rope_scaling": {"type": "yarn", "factor": 40,
+                                                     "original_max_position_embeddings": 4096}})
+    v5 = ModelConfig.from_dict({"model_type": "deepseek_v3", "num_mtp_layers": 0,
+                                "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e4, "factor": 40.0,
+                                                    "original_max_position_embeddings": 4096}})
+    assert legacy.rope_theta == v5.rope_theta == 5e4
+    assert legacy.rope_scaling["factor"] == v5.rope_scaling["factor"] == 40
+    assert v5.num_nextn_predict_layers == 0
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        ModelConfig.from_dict({"model_type": "llama"})
+
+
+def test_input_validation():
+    model = build_model(get_preset("tiny"))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.randn(1, 4))
