@@ -150,7 +150,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
             files.pop(shard, None)  # drop the shard's handle before opening the next
     finally:
         files.clear()
-    missing = sorted(expected - seen)
+    # tied tensors (tie_word_embeddings, MTP's embedding/head copies) are satisfied by any one of their names
+    aliases: dict[int, list[str]] = {}
+    for name, t in state.items():
+        aliases.setdefault(t.data_ptr(), []).append(name)
+    missing = sorted(names[0] for names in aliases.values() if not seen.intersection(names))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
     if unexpected:

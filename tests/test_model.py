@@ -218,6 +218,9 @@ def test_config_from_hf_v5_and_legacy_spellings():
     assert legacy.rope_theta == v5.rope_theta == 5e4
     assert legacy.rope_scaling["factor"] == v5.rope_scaling["factor"] == 40
     assert v5.num_nextn_predict_layers == 0
+    derived = ModelConfig.from_dict({"model_type": "deepseek_v3", "max_position_embeddings": 16384,
+                                     "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}})
+    assert derived.rope_scaling["factor"] == 4.0  # missing factor: max / original context, as transformers does
     with pytest.raises(ConfigError, match="unknown architecture"):
         ModelConfig.from_dict({"model_type": "llama"})
 

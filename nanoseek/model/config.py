@@ -82,6 +82,10 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind in (None, "default"):
                 self.rope_scaling = None
+            elif not self.rope_scaling.get("factor") and self.rope_scaling.get("original_max_position_embeddings"):
+                # transformers derives a missing factor from the context lengths
+                self.rope_scaling["factor"] = (self.max_position_embeddings
+                                               / self.rope_scaling["original_max_position_embeddings"])
         self.validate()
 
     # ---- derived sizes ----

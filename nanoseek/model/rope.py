@@ -27,7 +27,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     rs = config.rope_scaling
     if rs is None:
         return inv_freq, 1.0
-    factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
+    factor = rs["factor"]
     original_len = rs["original_max_position_embeddings"]
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
