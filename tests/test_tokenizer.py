@@ -1,0 +1,119 @@
+"""Tokenizer: byte-level round trips, DeepSeek special tokens, chat rendering equal to AutoTokenizer's."""
+
+import pytest
+import transformers
+
+from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, PAD, THINK, USER,
+                                ChatFormatError, DeepSeekTokenizer)
+
+CORPUS = [
+    "What is 123 + 45? Let me think step by step.",
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Ünïcödé, emoji 🤖, 中文字符 and tabs\tand\r\nnewlines",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return DeepSeekTokenizer.train(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(d)
+    return transformers.AutoTokenizer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("text", [
+    "", "a", "hello world", "  leading and trailing  ", "emoji 🤖🧠 and 中文 and ümlauts",
+    "\x00\x01 control bytes \x7f", "tabs\tand\nnewlines\r\n", "🏳️‍🌈 zero-width joiners", "\ud7ff\ue000 edges",
+    open(__file__).read(),
+])
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_are_single_ids(tok):
+    for t in (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END):
+        assert len(tok.encode(t)) == 1, t
+        assert len(tok.encode(f"x{t}y")) == 3, t
+    assert tok.encode(BOS) == [tok.bos_id] and tok.encode(EOS) == [tok.eos_id]
+
+
+def test_digits_are_one_token_each(tok):
+    ids = tok.encode("12345")
+    assert len(ids) == 5 and tok.decode(ids[:2]) == "12"
+
+
+def test_vocab_size_and_too_small():
+    import random
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+    big = DeepSeekTokenizer.train([" ".join(words[i:i + 50]) for i in range(0, 3000, 50)], vocab_size=500)
+    assert big.vocab_size == 500
+    with pytest.raises(ValueError, match="vocab_size"):
+        DeepSeekTokenizer.train(CORPUS, vocab_size=100)
+
+
+def test_save_load(tok, tmp_path):
+    tok.save(tmp_path)
+    again = DeepSeekTokenizer.load(tmp_path)
+    assert again.encode("What is 12 + 3?") == tok.encode("What is 12 + 3?")
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4", "reasoning_content": "2+2 = 4"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "system", "content": "Answer in digits."},
+     {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": f"{THINK}\nold thoughts\n{END_THINK}\n\nHello."},
+     {"role": "user", "content": "What's 17 times 3?"},
+     {"role": "assistant", "content": "51", "reasoning_content": "17*3: 7*3=21 1*3+2=5 ->51"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+]
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_autotokenizer_renders_the_same_ids(tok, hf_tok, chat):
+    ids, _ = tok.render_conversation(chat)
+    assert hf_tok.apply_chat_template(chat, tokenize=True, return_dict=False) == ids
+    if chat[-1]["role"] == "user":
+        prompt = tok.render_prompt(chat)
+        assert hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False) == prompt
+        assert prompt[-2:] == [tok.think_id, tok.encode("\n")[0]]
+        no_think = hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, thinking=False,
+                                              return_dict=False)
+        assert no_think == tok.render_prompt(chat, thinking=False)
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(tok):
+    ids, mask = tok.render_conversation(CHATS[1])
+    assert len(ids) == len(mask)
+    trained = [i for i, m in zip(ids, mask) if m]
+    # the two assistant replies (history stripped of its reasoning, last one with it), each closed by EOS
+    expected = (tok.encode("Hello.") + [tok.eos_id]
+                + tok.encode(f"{THINK}\n17*3: 7*3=21 1*3+2=5 ->51\n{END_THINK}\n\n51") + [tok.eos_id])
+    assert trained == expected
+    # nothing of the system, user turns or the role tags is trained
+    untrained = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert untrained == (f"{BOS}You are terse.\n\nAnswer in digits.{USER}Hi!{ASSISTANT}{USER}What's 17 times 3?"
+                         f"{ASSISTANT}")
+
+
+def test_history_reasoning_is_stripped(tok):
+    ids, _ = tok.render_conversation(CHATS[1])
+    text = tok.decode(ids)
+    assert "old thoughts" not in text and "17*3" in text
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "non-empty"),
+    ([{"role": "robot", "content": "x"}], "unknown role"),
+    ([{"role": "user"}], "content must be a string"),
+    ([{"role": "user", "content": 5}], "content must be a string"),
+    (["just a string"], "unknown role"),
+])
+def test_bad_conversations(tok, bad, match):
+    with pytest.raises(ChatFormatError, match=match):
+        tok.render_conversation(bad)
