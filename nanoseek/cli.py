@@ -99,5 +99,50 @@ def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek 
     console.print(table)
 
 
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect byte-level BPE tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: list[str] = typer.Option(..., "--data", help="Corpus: .txt/.jsonl/.parquet files, folders of them, or "
+                                   "'stdlib' for the Python standard library's source. Repeatable."),
+    out: Path = typer.Option(..., "--out", help="Folder to write tokenizer.json + tokenizer_config.json into."),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="Vocabulary size, special tokens included."),
+    skip_bad_records: bool = typer.Option(False, help="Skip and count malformed records instead of stopping."),
+    max_documents: int = typer.Option(0, help="Stop after this many documents (0 = the whole corpus)."),
+):
+    """Train a byte-level BPE tokenizer with DeepSeek's special tokens (streams the corpus)."""
+    import itertools
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from nanoseek.data import CorpusError, CorpusStats, iter_documents
+    from nanoseek.tokenizer import DeepSeekTokenizer
+
+    stats = CorpusStats()
+    docs = iter_documents(data, on_error="skip" if skip_bad_records else "stop", stats=stats)
+    if max_documents > 0:
+        docs = itertools.islice(docs, max_documents)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("reading", total=None)
+
+        def counted():
+            for i, doc in enumerate(docs, start=1):
+                if i % 1000 == 0:
+                    bar.update(task, description=f"training BPE on {i:,} documents")
+                yield doc
+
+        try:
+            tok = DeepSeekTokenizer.train(counted(), vocab_size=vocab_size)
+        except (CorpusError, ValueError) as e:
+            _fail(str(e))
+    tok.save(out)
+    console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {stats.documents:,} documents"
+                  + (f", {stats.skipped:,} malformed records skipped" if stats.skipped else ""))
+    for problem in stats.problems[:5]:
+        console.print(f"  [yellow]skipped[/] {problem}")
+
+
 def main():
     app()
