@@ -1,0 +1,176 @@
+"""Multi-digit addition, subtraction and multiplication with digit-by-digit worked solutions.
+
+Traces (least significant digit first, carries and borrows written out, the result read back):
+    876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
+    52-38: 2-8-0 -> 12-8=4 b1 | 5-3-1=1 b0 -> 14
+    37-388: 37<388 so -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
+    22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: ... -> 1958
+"""
+
+from __future__ import annotations
+
+import random
+
+from .base import Task, surface
+
+ADD_TEMPLATES = [
+    "What is {a} + {b}?", "What's {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "{a}+{b}",
+    "Add {a} and {b}.", "What is the sum of {a} and {b}?", "Calculate {a} plus {b}.", "{a} plus {b}",
+    "How much is {a} + {b}?", "If you add {b} to {a}, what do you get?", "Find the total of {a} and {b}.",
+    "what is {a}+{b}", "Please add {a} to {b}.", "Sum {a} and {b}.", "{a} + {b}?", "Can you add {a} and {b}?",
+    "I have {a} apples and get {b} more. How many do I have?", "Evaluate {a} + {b}.", "{a} and {b} added together?",
+]
+SUB_TEMPLATES = [
+    "What is {a} - {b}?", "What's {a} minus {b}?", "Compute {a} - {b}.", "{a} - {b} = ?", "{a}-{b}",
+    "Subtract {b} from {a}.", "What is the difference {a} - {b}?", "Calculate {a} minus {b}.", "{a} minus {b}",
+    "How much is {a} - {b}?", "Take {b} away from {a}.", "What do you get if you subtract {b} from {a}?",
+    "what is {a}-{b}", "{a} - {b}?", "Evaluate {a} - {b}.", "If I have {a} and spend {b}, what is left?",
+    "Can you subtract {b} from {a}?", "{a} take away {b}", "Find {a} - {b}.", "What is {b} less than {a}?",
+]
+MUL_TEMPLATES = [
+    "What is {a} * {b}?", "What's {a} times {b}?", "Compute {a} * {b}.", "{a} * {b} = ?", "{a}*{b}", "{a} x {b}",
+    "Multiply {a} by {b}.", "What is the product of {a} and {b}?", "Calculate {a} times {b}.", "{a} × {b}",
+    "How much is {a} * {b}?", "What is {a} multiplied by {b}?", "what is {a}x{b}", "{a} times {b}?",
+    "Evaluate {a} * {b}.", "Can you multiply {a} and {b}?", "Find the product {a} × {b}.",
+    "{a} boxes with {b} items each: how many items?", "What is {a} x {b}?", "Work out {a}*{b}.",
+]
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def add_trace(a: int, b: int) -> tuple[list[str], int]:
+    da, db = _digits(a), _digits(b)
+    steps, carry, out = [], 0, []
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s} c{s // 10}")
+        out.append(s % 10)
+        carry = s // 10
+    if carry:
+        out.append(carry)
+    return steps, int("".join(map(str, reversed(out))))
+
+
+def sub_trace(a: int, b: int) -> tuple[list[str], int]:
+    """a >= b >= 0, digit by digit with borrows."""
+    da, db = _digits(a), _digits(b)
+    steps, borrow, out = [], 0, []
+    for i in range(len(da)):
+        x, y = da[i], (db[i] if i < len(db) else 0)
+        d = x - y - borrow
+        if d < 0:
+            steps.append(f"{x}-{y}-{borrow} -> 1{x}-{y}-{borrow}={d + 10} b1")
+            out.append(d + 10)
+            borrow = 1
+        else:
+            steps.append(f"{x}-{y}-{borrow}={d} b0")
+            out.append(d)
+            borrow = 0
+    return steps, int("".join(map(str, reversed(out))))
+
+
+def mul_digit_trace(a: int, digit: int) -> tuple[list[str], int]:
+    steps, carry, out = [], 0, []
+    for x in _digits(a):
+        p = x * digit + carry
+        steps.append(f"{x}*{digit}+{carry}={p} c{p // 10}")
+        out.append(p % 10)
+        carry = p // 10
+    if carry:
+        out.append(carry)
+    return steps, int("".join(map(str, reversed(out))))
+
+
+class Addition(Task):
+    name = "add"
+
+    def __init__(self, min_digits: int = 2, max_digits: int = 3):
+        self.lo, self.hi = min_digits, max_digits
+
+    def draw(self, rng):
+        return {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
+
+    def key(self, d):
+        return "+".join(map(str, sorted((d["a"], d["b"]))))
+
+    def phrase(self, d, rng):
+        return surface((ADD_TEMPLATES[0] if rng is None else rng.choice(ADD_TEMPLATES)).format(**d), rng)
+
+    def answer(self, d):
+        return str(d["a"] + d["b"])
+
+    def solution(self, p):
+        a, b = p.data["a"], p.data["b"]
+        steps, result = add_trace(a, b)
+        return f"{a}+{b}: " + " | ".join(steps) + f" -> {result}"
+
+
+class Subtraction(Task):
+    name = "sub"
+
+    def __init__(self, min_digits: int = 2, max_digits: int = 3):
+        self.lo, self.hi = min_digits, max_digits
+
+    def draw(self, rng):
+        return {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
+
+    def key(self, d):
+        return f"{d['a']}-{d['b']}"
+
+    def phrase(self, d, rng):
+        return surface((SUB_TEMPLATES[0] if rng is None else rng.choice(SUB_TEMPLATES)).format(**d), rng)
+
+    def answer(self, d):
+        return str(d["a"] - d["b"])
+
+    def solution(self, p):
+        a, b = p.data["a"], p.data["b"]
+        head = f"{a}-{b}: "
+        if a < b:
+            head += f"{a}<{b} so -({b}-{a}) | "
+        steps, result = sub_trace(max(a, b), min(a, b))
+        tail = f" -> {result}" + (f" -> -{result}" if a < b and result else "")
+        return head + " | ".join(steps) + tail
+
+
+class Multiplication(Task):
+    name = "mul"
+
+    def __init__(self, a_digits: int = 2, b_digits: int = 2):
+        self.ad, self.bd = a_digits, b_digits
+
+    def draw(self, rng):
+        return {"a": _number(rng, self.ad, self.ad), "b": _number(rng, self.bd, self.bd)}
+
+    def key(self, d):
+        return "*".join(map(str, sorted((d["a"], d["b"]))))
+
+    def phrase(self, d, rng):
+        return surface((MUL_TEMPLATES[0] if rng is None else rng.choice(MUL_TEMPLATES)).format(**d), rng)
+
+    def answer(self, d):
+        return str(d["a"] * d["b"])
+
+    def solution(self, p):
+        a, b = p.data["a"], p.data["b"]
+        parts, lines = [], [f"{a}*{b}:"]
+        for place, digit in enumerate(_digits(b)):
+            steps, partial = mul_digit_trace(a, digit)
+            shifted = partial * 10**place
+            lines.append(f"{a}*{digit}: " + " | ".join(steps) + f" -> {partial}"
+                         + (f" -> {shifted}" if place else ""))
+            parts.append(shifted)
+        total = parts[0]
+        for nxt in parts[1:]:
+            steps, s = add_trace(total, nxt)
+            lines.append(f"{total}+{nxt}: " + " | ".join(steps) + f" -> {s}")
+            total = s
+        return "\n".join(lines)
+
+
+def _number(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
+    digits = rng.randint(lo_digits, hi_digits)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)

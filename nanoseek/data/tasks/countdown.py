@@ -1,0 +1,140 @@
+"""Countdown: reach a target using each given number exactly once with + - * /.
+
+The worked solution is a goal-directed search. For each number c set aside, it lists what the
+other two must make so that one more step with c hits the target (t-c, t+c, c-t, t/c), then
+tries the pair's results against that list, stopping at the first hit:
+    3 12 7 -> 33:
+    keep 7: need 26 (33-7) 40 (33+7) | 3+12=15 12-3=9 3*12=36 no
+    keep 12: need 21 (33-12) 45 (33+12) | 3+7=10 7-3=4 3*7=21 ok
+    (3*7)+12
+The answer is an expression; `verify` parses it safely, checks it uses exactly the given
+numbers, and that it evaluates to the target (division must be exact).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import operator
+from fractions import Fraction
+
+from .base import Task, surface
+
+TEMPLATES = [
+    "Use {nums} to make {t}.", "How can you get {t} using {nums}?", "Make {t} from {nums}.",
+    "Using {nums} exactly once each, reach {t}.", "Countdown: numbers {nums}, target {t}.",
+    "Can you make {t} out of {nums}?", "Combine {nums} with + - * / to get {t}.", "Reach {t} with {nums}.",
+    "Target {t}. Numbers: {nums}. Use each once.", "Find an expression equal to {t} using {nums}.",
+    "With the numbers {nums}, how do you get {t}?", "Get {t} from {nums} using +, -, * and /.",
+]
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def pair_results(a: int, b: int, division: bool) -> list[tuple[str, int]]:
+    """What two numbers make in one step (non-negative integers only)."""
+    lo, hi = min(a, b), max(a, b)
+    out = [(f"{a}+{b}", a + b), (f"{hi}-{lo}", hi - lo), (f"{a}*{b}", a * b)]
+    if division and lo and hi % lo == 0:
+        out.append((f"{hi}/{lo}", hi // lo))
+    return out
+
+
+def needs(target: int, c: int, division: bool) -> list[tuple[str, str, int]]:
+    """What the other two must make so that one step with c reaches target: (how, template, value)."""
+    out = [(f"{target}-{c}", "({x})+%d" % c, target - c), (f"{target}+{c}", "({x})-%d" % c, target + c),
+           (f"{c}-{target}", "%d-({x})" % c, c - target)]
+    if c and target % c == 0:
+        out.append((f"{target}/{c}", "({x})*%d" % c, target // c))
+    if division:
+        out.append((f"{target}*{c}", "({x})/%d" % c, target * c))
+    return [(how, tmpl, v) for how, tmpl, v in out if v >= 0]
+
+
+def solve(nums: list[int], target: int, division: bool = True) -> tuple[list[str], str | None]:
+    """Trace lines and the first expression found (None when unreachable this way)."""
+    lines = []
+    for i in reversed(range(len(nums))):
+        c = nums[i]
+        a, b = [n for j, n in enumerate(nums) if j != i]
+        want = needs(target, c, division)
+        want_by_value = {v: tmpl for _, tmpl, v in want}
+        tries = []
+        for expr, v in pair_results(a, b, division):
+            tries.append(f"{expr}={v}")
+            if v in want_by_value:
+                lines.append(f"keep {c}: need " + " ".join(f"{v2} ({how})" for how, _, v2 in want)
+                             + " | " + " ".join(tries) + " ok")
+                return lines, want_by_value[v].format(x=expr)
+        lines.append(f"keep {c}: need " + " ".join(f"{v2} ({how})" for how, _, v2 in want)
+                     + " | " + " ".join(tries) + " no")
+    return lines, None
+
+
+def evaluate(expr: str, allowed: list[int]) -> Fraction | None:
+    """Value of an arithmetic expression using exactly the numbers `allowed`; None if invalid."""
+    try:
+        tree = ast.parse(expr.replace("×", "*").replace("x", "*").replace("÷", "/"), mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+    used: list[int] = []
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise ZeroDivisionError
+            return OPS[type(node.op)](left, right)
+        raise ValueError("not an arithmetic expression")
+
+    try:
+        value = ev(tree.body)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+    return value if sorted(used) == sorted(allowed) else None
+
+
+class Countdown(Task):
+    name = "countdown"
+
+    def __init__(self, n_numbers: int = 3, max_number: int = 20, max_target: int = 100, division: bool = False):
+        if n_numbers != 3:
+            raise ValueError("the worked-solution search is written for 3 numbers")
+        self.n, self.max_number, self.max_target, self.division = n_numbers, max_number, max_target, division
+
+    def draw(self, rng):
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.n)]
+            reachable = set()
+            for x, y, z in itertools.permutations(nums):
+                for _, v in pair_results(x, y, self.division):
+                    reachable |= {v for _, v in pair_results(v, z, self.division)}
+            targets = [t for t in sorted(reachable) if 1 <= t <= self.max_target and t not in nums
+                       and solve(nums, t, self.division)[1] is not None]
+            if targets:
+                return {"nums": nums, "target": rng.choice(targets)}
+
+    def key(self, d):
+        return f"{sorted(d['nums'])}->{d['target']}"
+
+    def phrase(self, d, rng):
+        nums = d["nums"]
+        listed = f"{nums[0]}, {nums[1]} and {nums[2]}" if rng is None or rng.random() < 0.6 else " ".join(map(str, nums))
+        template = TEMPLATES[0] if rng is None else rng.choice(TEMPLATES)
+        return surface(template.format(nums=listed, t=d["target"]), rng)
+
+    def answer(self, d):
+        _, expr = solve(d["nums"], d["target"], self.division)
+        return expr
+
+    def solution(self, p):
+        nums, t = p.data["nums"], p.data["target"]
+        lines, _ = solve(nums, t, self.division)
+        return f"{' '.join(map(str, nums))} -> {t}:\n" + "\n".join(lines)
+
+    def verify(self, p, answer):
+        text = answer.strip().rstrip(".").split("=")[0].strip()
+        value = evaluate(text, p.data["nums"])
+        return value is not None and value == p.data["target"]

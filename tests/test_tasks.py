@@ -1,0 +1,66 @@
+"""Task families: worked solutions reach the right answer, verifiers are strict, splits never overlap."""
+
+import random
+
+import pytest
+
+from nanoseek.data.tasks import TASKS, Countdown, get_task, parse_int
+from nanoseek.data.tasks.countdown import evaluate
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_solutions_verify_and_splits_are_disjoint(name):
+    task, rng = get_task(name), random.Random(0)
+    train = [task.sample(rng, "train") for _ in range(300)]
+    test = task.heldout(40)
+    assert {task.key(p.data) for p in train}.isdisjoint(task.key(p.data) for p in test)
+    assert len({task.key(p.data) for p in test}) == 40
+    assert [p.question for p in task.heldout(40)] == [p.question for p in test]  # same seed, same set
+    for p in train + test:
+        assert task.verify(p, p.answer), (p, p.answer)
+        trace = task.solution(p)
+        if name != "countdown":
+            assert trace.endswith(f"-> {p.answer}"), trace
+        else:
+            assert trace.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "linear"])
+def test_arithmetic_answers_are_exact(name):
+    task, rng = get_task(name), random.Random(1)
+    for _ in range(200):
+        p = task.sample(rng)
+        d = p.data
+        expected = {"add": lambda: d["a"] + d["b"], "sub": lambda: d["a"] - d["b"],
+                    "mul": lambda: d["a"] * d["b"], "linear": lambda: d["x"]}[name]()
+        assert int(p.answer) == expected
+        assert not task.verify(p, str(expected + 1))
+
+
+def test_phrasings_vary_and_contain_the_operands():
+    task, rng = get_task("add"), random.Random(2)
+    problems = [task.sample(rng) for _ in range(200)]
+    assert len({p.question.split(str(p.data["a"]))[0] for p in problems}) > 10
+    for p in problems:
+        assert str(p.data["a"]) in p.question and str(p.data["b"]) in p.question
+
+
+@pytest.mark.parametrize("text,value", [
+    ("1017", 1017), ("-351", -351), ("A: 42.", 42), ("1,017", 1017), ("**58**", 58), ("The answer is 7", 7),
+    ("3 + 4 = 7", None), ("", None), ("no idea", None), ("12 or 13", None),
+])
+def test_parse_int(text, value):
+    assert parse_int(text) == value
+
+
+def test_countdown_verifier_is_strict():
+    task = Countdown()
+    p = task.heldout(1)[0]
+    a, b, c = p.data["nums"]
+    assert task.verify(p, p.answer) and task.verify(p, p.answer + " = " + str(p.data["target"]))
+    assert not task.verify(p, f"{p.data['target']}")  # the target alone uses none of the numbers
+    assert not task.verify(p, f"{a}+{b}")  # c unused
+    assert not task.verify(p, "__import__('os')")
+    assert evaluate("(4+24)*3", [3, 4, 24]) == 84
+    assert evaluate("(4+24)*3", [3, 4, 4]) is None
+    assert evaluate("8/(3-3)", [8, 3, 3]) is None
