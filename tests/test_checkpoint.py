@@ -137,11 +137,14 @@ def test_truncated_shard_is_detected(saved):
         nanoseek.load_model(path)
 
 
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | changes))
+
+
 def test_wrong_shape_names_the_tensor(saved):
     _, path = saved
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["intermediate_size"] = 200
-    (path / "config.json").write_text(json.dumps(cfg))
+    edit_config(path, intermediate_size=200)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape"):
         nanoseek.load_model(path)
 
@@ -156,18 +159,14 @@ def test_missing_tensor_is_reported(tmp_path, saved):
 
 def test_unknown_architecture(saved):
     _, path = saved
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
-    (path / "config.json").write_text(json.dumps(cfg))
+    edit_config(path, model_type="llama", architectures=["LlamaForCausalLM"])
     with pytest.raises(ConfigError, match="unknown architecture"):
         nanoseek.load_model(path)
 
 
 def test_config_field_out_of_range(saved):
     _, path = saved
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["topk_group"] = 7
-    (path / "config.json").write_text(json.dumps(cfg))
+    edit_config(path, topk_group=7)
     with pytest.raises(ConfigError, match="topk_group"):
         nanoseek.load_model(path)
 

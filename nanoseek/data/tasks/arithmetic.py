@@ -84,8 +84,11 @@ def mul_digit_trace(a: int, digit: int) -> tuple[list[str], int]:
     return steps, int("".join(map(str, reversed(out))))
 
 
-class Addition(Task):
-    name = "add"
+class TwoNumbers(Task):
+    """Two operands of given digit counts, phrased from `templates`; subclasses write the solution."""
+
+    templates: list[str] = []
+    commutative = False
 
     def __init__(self, min_digits: int = 2, max_digits: int = 3):
         self.lo, self.hi = min_digits, max_digits
@@ -94,10 +97,15 @@ class Addition(Task):
         return {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
 
     def key(self, d):
-        return "+".join(map(str, sorted((d["a"], d["b"]))))
+        a, b = sorted((d["a"], d["b"])) if self.commutative else (d["a"], d["b"])
+        return f"{self.name}:{a},{b}"
 
     def phrase(self, d, rng):
-        return surface((ADD_TEMPLATES[0] if rng is None else rng.choice(ADD_TEMPLATES)).format(**d), rng)
+        return surface((self.templates[0] if rng is None else rng.choice(self.templates)).format(**d), rng)
+
+
+class Addition(TwoNumbers):
+    name, templates, commutative = "add", ADD_TEMPLATES, True
 
     def answer(self, d):
         return str(d["a"] + d["b"])
@@ -108,20 +116,8 @@ class Addition(Task):
         return f"{a}+{b}: " + " | ".join(steps) + f" -> {result}"
 
 
-class Subtraction(Task):
-    name = "sub"
-
-    def __init__(self, min_digits: int = 2, max_digits: int = 3):
-        self.lo, self.hi = min_digits, max_digits
-
-    def draw(self, rng):
-        return {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
-
-    def key(self, d):
-        return f"{d['a']}-{d['b']}"
-
-    def phrase(self, d, rng):
-        return surface((SUB_TEMPLATES[0] if rng is None else rng.choice(SUB_TEMPLATES)).format(**d), rng)
+class Subtraction(TwoNumbers):
+    name, templates = "sub", SUB_TEMPLATES
 
     def answer(self, d):
         return str(d["a"] - d["b"])
@@ -136,20 +132,13 @@ class Subtraction(Task):
         return head + " | ".join(steps) + tail
 
 
-class Multiplication(Task):
-    name = "mul"
+class Multiplication(TwoNumbers):
+    """2-digit by 2-digit by default: one partial product per digit of b, then their column sum."""
 
-    def __init__(self, a_digits: int = 2, b_digits: int = 2):
-        self.ad, self.bd = a_digits, b_digits
+    name, templates, commutative = "mul", MUL_TEMPLATES, True
 
-    def draw(self, rng):
-        return {"a": _number(rng, self.ad, self.ad), "b": _number(rng, self.bd, self.bd)}
-
-    def key(self, d):
-        return "*".join(map(str, sorted((d["a"], d["b"]))))
-
-    def phrase(self, d, rng):
-        return surface((MUL_TEMPLATES[0] if rng is None else rng.choice(MUL_TEMPLATES)).format(**d), rng)
+    def __init__(self, min_digits: int = 2, max_digits: int = 2):
+        super().__init__(min_digits, max_digits)
 
     def answer(self, d):
         return str(d["a"] * d["b"])
