@@ -32,7 +32,8 @@ def generate(model: DeepseekForCausalLM, prompts: torch.Tensor, max_new_tokens: 
     tokens, done = prompts.to(param.device), torch.zeros(B, dtype=torch.bool, device=param.device)
     out = []
     for _ in range(max_new_tokens):
-        logits = model(tokens, position_ids=cache.positions(tokens.shape[1]), cache=cache).logits[:, -1].float()
+        hidden = model(tokens, position_ids=cache.positions(tokens.shape[1]), cache=cache, logits=False).hidden
+        logits = model.lm_head(hidden[:, -1]).float()  # only the last position is sampled from
         cache.advance()
         if temperature == 0:
             nxt = logits.argmax(dim=-1)

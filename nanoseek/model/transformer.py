@@ -91,7 +91,7 @@ class DeepseekForCausalLM(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden, cos, sin = self.model(input_ids, position_ids, cache)
         out = ModelOutput(hidden=hidden)
-        if logits or labels is None:
+        if logits:
             out.logits = self.lm_head(hidden)
         if labels is None:
             return out
