@@ -163,15 +163,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return model
 
 
-def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
+def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json + safetensors (sharded with an index above max_shard_bytes).
     Files are written under temporary names and renamed into place, so a crash never leaves
-    a half-written checkpoint that loads."""
+    a half-written checkpoint that loads. state_dict (default: the model's own) lets a
+    distributed trainer pass the weights it gathered from the shards."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, seen_ptrs = 0, set()
-    for name, t in model.state_dict().items():
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    for name, t in state_dict.items():
         t = t.detach().cpu()
         if t.data_ptr() in seen_ptrs:  # tied tensors (MTP's embedding/head copies) are written twice
             t = t.clone()
@@ -196,7 +199,7 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     for p in stale:
         p.unlink()
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
 
 

@@ -144,5 +144,71 @@ def tokenizer_train(
         console.print(f"  [yellow]skipped[/] {problem}")
 
 
+def parse_duration(text: str) -> float:
+    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration (examples: 90s, 10m, 1.5h)") from None
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(Path("runs/pretrain"), help="Run folder. Rerunning on an existing folder resumes it."),
+    preset: str = typer.Option("cpu-tiny", help="Model preset: tiny, cpu-tiny, deepseek-v3, deepseek-v2-lite."),
+    data: list[str] = typer.Option(["tasks", "stdlib"], "--data", help="Data sources, repeatable: 'tasks' (built-in "
+                                   "reasoning problems), 'stdlib' (Python's own source, with FIM), or .txt/.jsonl/"
+                                   ".parquet files or folders."),
+    max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget; one of the two is needed)."),
+    time_budget: str = typer.Option("", help="Training time, e.g. 10m or 1.5h; the schedule decays to fit it."),
+    seq_len: int = typer.Option(512, help="Tokens per row."),
+    batch_size: int = typer.Option(8, help="Rows per micro-batch per process."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate."),
+    schedule: str = typer.Option("wsd", help="wsd (warmup-stable-decay), cosine or constant."),
+    warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
+    bf16: bool = typer.Option(True, help="bf16 autocast (weights and optimizer stay fp32)."),
+    mtp_lambda: float = typer.Option(0.3, help="Weight of the multi-token-prediction loss."),
+    bias_gamma: float = typer.Option(0.001, help="Router-bias update speed (aux-loss-free balancing; 0 = off)."),
+    aux_alpha: float = typer.Option(-1.0, help="Sequence-wise balance loss weight (-1 = the preset's)."),
+    vocab_size: int = typer.Option(2048, help="Vocabulary of the tokenizer trained for the run."),
+    tokenizer: Path = typer.Option(None, help="Use this tokenizer folder instead of training one."),
+    task_documents: int = typer.Option(100_000, help="Problems generated for the 'tasks' source."),
+    fim_rate: float = typer.Option(0.1, help="FIM rate for corpus documents (code from 'stdlib' uses 0.5)."),
+    eval_every: int = typer.Option(100, help="Evaluate held-out loss every N steps."),
+    checkpoint_every: int = typer.Option(200, help="Write a checkpoint every N steps (and always at the end)."),
+    skip_bad_records: bool = typer.Option(False, help="Skip and count malformed corpus records instead of stopping."),
+    seed: int = typer.Option(0, help="Seed for weights, data order and FIM."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+):
+    """Pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch: trains a tokenizer, tokenizes
+    the data into shards, and runs the training loop with checkpoints, metrics.jsonl and curves.png.
+
+    Also runs under torchrun: torchrun --nproc-per-node 2 -m nanoseek pretrain ..."""
+    from nanoseek.data import CorpusError
+    from nanoseek.model import ConfigError
+    from nanoseek.train import DataConfig, TrainConfig
+    from nanoseek.train import pretrain as run
+
+    try:
+        train = TrainConfig(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+                            grad_accum=grad_accum, lr=lr, schedule=schedule, warmup_steps=warmup_steps, bf16=bf16,
+                            bias_gamma=bias_gamma, aux_alpha=None if aux_alpha < 0 else aux_alpha,
+                            eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+        cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
+                         tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
+                         fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
+        result = run(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device, console=console)
+    except (ConfigError, CorpusError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if result:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "mtp_loss", "eval_loss"))
+        console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
+
+
 def main():
     app()

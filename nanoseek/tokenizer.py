@@ -151,6 +151,12 @@ class DeepSeekTokenizer:
                 add(self.encode(assistant_text(m, keep_reasoning=last)) + [self.eos_id], True)
         return ids, mask
 
+    def chat_text(self, messages: Sequence[dict]) -> str:
+        """The conversation as one document's text for pretraining shards, which add the BOS and the
+        final EOS themselves: BOS + chat_text + EOS encodes to render_conversation's ids."""
+        ids, _ = self.render_conversation(messages)
+        return self.decode(ids[1:-1] if ids[-1] == self.eos_id else ids[1:])
+
     def render_prompt(self, messages: Sequence[dict], thinking: bool = True) -> list[int]:
         """The ids a model continues to answer the conversation's last user turn."""
         ids, _ = self.render_conversation(messages)

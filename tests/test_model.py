@@ -75,8 +75,19 @@ def test_experts_without_tokens_do_no_work(monkeypatch):
     for e, expert in enumerate(moe.experts):
         monkeypatch.setattr(expert, "forward", lambda t, e=e, f=expert.forward: calls.append(e) or f(t))
     x = torch.randn(1, 1, cfg.hidden_size)  # one token -> exactly top-k experts run
-    moe(x)
+    moe.eval()(x)
     assert len(calls) == cfg.num_experts_per_tok
+
+
+def test_in_training_every_expert_gets_a_gradient():
+    """Data-parallel reduction needs the same set of gradients on every process."""
+    cfg = get_preset("tiny")
+    moe = MoE(cfg).train()
+    randomize_(moe)
+    moe(torch.randn(1, 1, cfg.hidden_size)).sum().backward()
+    grads = [e.gate_proj.weight.grad for e in moe.experts]
+    assert all(g is not None for g in grads)
+    assert sum(int(g.abs().sum() > 0) for g in grads) == cfg.num_experts_per_tok
 
 
 def test_v3_routing_by_hand():

@@ -100,14 +100,16 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N*K (token, expert) pairs by expert, run each expert that got tokens on its
-        contiguous slice, and scatter-add the weighted outputs back to their tokens."""
+        contiguous slice, and scatter-add the weighted outputs back to their tokens. In training
+        an expert without tokens still runs on its empty slice, so every expert has a gradient
+        (zero when unused): data-parallel reduction needs the same gradients on every process."""
         K = indices.shape[1]
         flat_idx = indices.flatten()  # (N*K,)
         order = flat_idx.argsort(stable=True)
         token_of = order // K  # token behind each sorted pair
         counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
         chunks = x[token_of].split(counts)
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
         out = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # (N*K, D)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 

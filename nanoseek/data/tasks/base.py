@@ -55,6 +55,11 @@ class Task:
         got = parse_int(answer)
         return got is not None and str(got) == problem.answer
 
+    def conversation(self, problem: Problem) -> list[dict]:
+        """The problem as a chat: the user's question, the worked reasoning, the final answer."""
+        return [{"role": "user", "content": problem.question},
+                {"role": "assistant", "reasoning_content": self.solution(problem), "content": problem.answer}]
+
     # ---- shared machinery ----
     def split_of(self, data: dict) -> str:
         digest = hashlib.sha256(f"{self.name}:{self.key(data)}".encode()).digest()

@@ -1,0 +1,407 @@
+"""The one training loop: pretraining, SFT, GRPO and distillation all run through `Trainer`.
+
+What a stage supplies:
+- `data`: an endless iterator of micro-batches with `state_dict()` / `load_state_dict()`
+  (e.g. `PackedRows`), so a resumed run continues at the same batch;
+- `objective`: `weight(batch)` says how many units (tokens, sequences) the batch's loss is
+  summed over, and `objective(model, batch) -> (loss_sum, {metric: sum})`. The loop divides by
+  the step's total weight over all micro-batches and processes, so a step's gradient is the
+  same mean whatever the accumulation or the number of processes.
+
+What the loop does each step: forward/backward per micro-batch (bf16 autocast optional),
+gradient clipping, the learning-rate schedule (warmup-stable-decay or cosine, driven by the
+step count or by the training time budget, whichever ends first), AdamW, then the
+aux-loss-free router-bias update. It logs to `metrics.jsonl`, draws `curves.png`, evaluates
+every `eval_every` steps, and writes checkpoints atomically. A run folder is resumed by
+constructing a Trainer on it again: the newest checkpoint that verifies is loaded (a corrupt
+one is reported and skipped), and the run continues bit-for-bit as if never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_model, save_model
+from ..model.config import ConfigError
+from ..model.moe import MoE, update_router_bias
+from . import distributed as D
+from .metrics import MetricsLog, plot_metrics
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (the schedule's length unless time_budget ends first)
+    time_budget: float = 0.0  # seconds of training (evaluation and checkpoints excluded); 0 = none
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "wsd"  # "wsd" (warmup, constant, linear decay) | "cosine" | "constant"
+    decay_fraction: float = 0.3  # wsd: the last fraction of training that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
+    bf16: bool = False  # bf16 autocast for forward/backward; weights and optimizer stay fp32
+    bias_gamma: float = 0.001  # aux-loss-free router bias update speed (0 = off)
+    aux_alpha: float | None = None  # sequence-wise balance loss weight (None = the model config's)
+    eval_every: int = 100  # steps (0 = only at the end)
+    checkpoint_every: int = 200  # steps (a checkpoint is always written at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("max_steps", "grad_accum", "warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.max_steps == 0 and self.time_budget <= 0:
+            raise ConfigError("give max_steps or a time_budget")
+        if self.grad_accum < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("grad_accum and keep_checkpoints must be >= 1")
+        if self.schedule not in ("wsd", "cosine", "constant"):
+            raise ConfigError(f"schedule must be wsd, cosine or constant, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def lr_multiplier(step: int, progress: float, cfg: TrainConfig) -> float:
+    """The schedule: linear warmup over warmup_steps, then by progress in [0, 1] (the larger of
+    the step and time fractions): wsd holds 1 and decays linearly to min_lr_ratio over the last
+    decay_fraction; cosine follows a half cosine down to min_lr_ratio."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    p, floor = min(max(progress, 0.0), 1.0), cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+    if cfg.schedule == "wsd" and p > 1 - cfg.decay_fraction:
+        return warm * (1 - (1 - floor) * (p - (1 - cfg.decay_fraction)) / cfg.decay_fraction)
+    return warm
+
+
+class Objective(Protocol):
+    def weight(self, batch: Any) -> int: ...
+
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class Trainer:
+    """Owns the run folder `run_dir`: config.json, metrics.jsonl, curves.png, checkpoints/step_N/."""
+
+    def __init__(self, run_dir: str | os.PathLike, model: nn.Module, data, objective: Objective,
+                 cfg: TrainConfig, eval_batches: Callable[[], Iterable[Any]] | None = None,
+                 run_config: dict | None = None, save_extra: Callable[[Path], None] | None = None,
+                 on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
+                 console: Console | None = None, dist: D.DistInfo | None = None):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.data, self.objective, self.eval_batches = data, objective, eval_batches
+        self.save_extra, self.on_eval = save_extra, on_eval
+        self.dist = dist or D.DistInfo()
+        self.console = console or Console()
+        self.model = model
+        if cfg.aux_alpha is not None:
+            for m in model.modules():
+                if isinstance(m, MoE):
+                    m.aux_alpha = cfg.aux_alpha
+        if self.dist.active:
+            D.shard(model)
+        self.opt = make_optimizer(model, cfg, fused=not self.dist.active)
+        self.step, self.elapsed, self.tokens = 0, 0.0, 0
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config = {"train": asdict(cfg), **(run_config or {})}
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.main)
+        self.resumed_from = self._resume()
+
+    # ---- the loop ----
+    def fit(self) -> dict[str, float]:
+        """Train until max_steps or the time budget; returns the last step's metrics. The first
+        Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and raises
+        KeyboardInterrupt; a second one stops at once."""
+        cfg, model = self.cfg, self.model
+        last: dict[str, float] = {}
+        stop = _StopFlag()
+        with stop, self._progress_bar() as progress:
+            bar = progress.add_task("training", total=1000)
+            while not self.finished:
+                model.train()
+                t0 = time.perf_counter()
+                batches = [next(self.data) for _ in range(cfg.grad_accum)]
+                weights = [self.objective.weight(b) for b in batches]
+                total = D.all_reduce_sum([sum(weights)], self.dist).item()
+                if total == 0:
+                    raise RuntimeError(f"step {self.step}: no targets in any batch (check the data)")
+                per_rank = total / self.dist.world  # FSDP averages gradients over ranks
+                sums: dict[str, float] = {}
+                for batch in batches:
+                    with self._autocast():
+                        loss, metrics = self.objective(model, batch)
+                    (loss / per_rank).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                grad_norm = clip_grad_norm(model, cfg.grad_clip)
+                lr = cfg.lr * lr_multiplier(self.step, self.progress, cfg)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                balance = update_router_bias(model, cfg.bias_gamma)
+                names = sorted(sums)
+                reduced = D.all_reduce_sum([sums[k] for k in names] + [float(stop.requested)], self.dist).tolist()
+                dt = time.perf_counter() - t0
+                tokens = sum(batch_tokens(b) for b in batches) * self.dist.world
+                self.step, self.elapsed, self.tokens = self.step + 1, self.elapsed + dt, self.tokens + tokens
+                last = {k: v / total for k, v in zip(names, reduced)}
+                last.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / dt, **balance)
+                self.log.write(self.step, self.elapsed, self.tokens, last)
+                if reduced[-1] > 0:  # some process was asked to stop
+                    if self.dist.main:
+                        self.console.print(f"[yellow]stopping[/]: saving step {self.step}; rerun the same command "
+                                           "to resume")
+                    self.save()
+                    raise KeyboardInterrupt
+                if self.finished or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    last.update(self.evaluate())
+                if self.finished or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
+        return last
+
+    def _autocast(self):
+        if self.cfg.bf16:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @property
+    def progress(self) -> float:
+        by_steps = self.step / self.cfg.max_steps if self.cfg.max_steps else 0.0
+        by_time = self.elapsed / self.cfg.time_budget if self.cfg.time_budget > 0 else 0.0
+        return max(by_steps, by_time)
+
+    @property
+    def finished(self) -> bool:
+        return self.progress >= 1.0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        self.model.eval()
+        if self.eval_batches is not None:
+            sums, total = {}, 0.0
+            for batch in self.eval_batches():
+                with self._autocast():
+                    _, metrics = self.objective(self.model, batch)
+                total += self.objective.weight(batch)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            names = sorted(sums)
+            reduced = D.all_reduce_sum([total] + [sums[k] for k in names], self.dist).tolist()
+            if reduced[0] > 0:
+                out = {f"eval_{k}": v / reduced[0] for k, v in zip(names, reduced[1:])}
+        if self.on_eval is not None:
+            out.update(self.on_eval(self.model))
+        self.model.train()
+        if out:
+            self.log.write(self.step, self.elapsed, self.tokens, out)
+            if self.dist.main:
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in out.items())
+                self.console.print(f"step {self.step}: {shown}")
+        return out
+
+    # ---- checkpoints ----
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        """checkpoints/step_N/: the model (HF format), trainer.pt (optimizer, data cursor, RNG,
+        counters) and manifest.json (sizes and sha256 of every file), written in step_N.tmp and
+        renamed into place; older checkpoints beyond keep_checkpoints are removed."""
+        state = D.full_model_state(self.model, self.dist)
+        optim = D.full_optimizer_state(self.model, self.opt, self.dist)
+        final = self.checkpoint_dir / f"step_{self.step:07d}"
+        if self.dist.main:
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_model(self.model, tmp, state_dict=state)
+            trainer = {"step": self.step, "elapsed": self.elapsed, "tokens": self.tokens, "optimizer": optim,
+                       "data": self.data.state_dict(), "rng": rng_state(), "train_config": asdict(self.cfg)}
+            torch.save(trainer, tmp / "trainer.pt")
+            if self.save_extra is not None:
+                self.save_extra(tmp)
+            write_manifest(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            plot_metrics(self.run_dir)
+        if self.dist.active:
+            torch.distributed.barrier()
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def _resume(self) -> Path | None:
+        for ckpt in reversed(self.checkpoints()):
+            try:
+                verify_manifest(ckpt)
+                loaded = load_model(ckpt, dtype=torch.float32)
+                trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+            except (CheckpointError, ConfigError, OSError, RuntimeError, KeyError) as e:
+                if self.dist.main:
+                    self.console.print(f"[yellow]skipping checkpoint {ckpt.name}[/]: {e}")
+                continue
+            D.load_full_model_state(self.model, loaded.state_dict(), self.dist)
+            D.load_full_optimizer_state(self.model, self.opt, trainer["optimizer"], self.dist)
+            self.data.load_state_dict(trainer["data"])
+            set_rng_state(trainer["rng"])
+            self.step, self.elapsed, self.tokens = trainer["step"], trainer["elapsed"], trainer["tokens"]
+            self.log.truncate(self.step)
+            if self.dist.main:
+                self.console.print(f"resuming from {ckpt} (step {self.step}, {self.elapsed:.0f}s trained)")
+            return ckpt
+        self.log.truncate(0)
+        return None
+
+    # ---- display ----
+    def _progress_bar(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+                        disable=not self.dist.main)
+
+    def _describe(self, m: dict[str, float]) -> str:
+        budget = f"/{self.cfg.max_steps}" if self.cfg.max_steps and not self.cfg.time_budget else ""
+        parts = [f"step {self.step}{budget}", f"loss {m.get('loss', float('nan')):.3f}"]
+        if "mtp_loss" in m:
+            parts.append(f"mtp {m['mtp_loss']:.3f}")
+        parts.append(f"{m.get('tokens_per_s', 0):,.0f} tok/s")
+        return "  ".join(parts)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set `requested` (the loop stops cleanly after the step); a second signal
+    raises KeyboardInterrupt at once. Handlers are restored on exit; inert outside the main thread."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms or biases); fused where supported."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def batch_tokens(batch: Any) -> int:
+    """Positions processed in a batch (the first tensor's elements)."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.numel()) if isinstance(first, torch.Tensor) else 0
+
+
+# ---- RNG state ----
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- manifests: a checkpoint is whole only if every file matches ----
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(files, indent=2))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def verify_manifest(folder: Path) -> None:
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder}: no manifest.json (an interrupted write?)")
+    for name, meta in json.loads(manifest.read_text()).items():
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {meta['bytes']} (truncated?)")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: contents do not match the manifest (corrupt)")

@@ -1,0 +1,94 @@
+"""metrics.jsonl (one JSON object per logged step) and the PNG of its curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+# panels of curves.png: title -> metric names drawn in it (those present in the log)
+PANELS = {
+    "loss": ["loss", "eval_loss"],
+    "MTP loss": ["mtp_loss", "eval_mtp_loss"],
+    "learning rate": ["lr"],
+    "gradient norm": ["grad_norm"],
+    "tokens/s": ["tokens_per_s"],
+    "expert load max/mean": ["expert_imbalance"],
+}
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, step: int, elapsed: float, tokens: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(elapsed, 3), "tokens": tokens}
+        record.update({k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Drop records after `step` (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in read_metrics(self.path) if line["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Path | None:
+    """Draw every panel that has data into run_dir/curves.png; returns the path (None if no data)."""
+    run_dir = Path(run_dir)
+    log = run_dir / "metrics.jsonl"
+    if not log.exists():
+        return None
+    records = read_metrics(log)
+    panels = {title: [k for k in keys if any(r.get(k) is not None for r in records)] for title, keys in PANELS.items()}
+    panels = {t: k for t, k in panels.items() if k}
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+            ax.plot(*zip(*pts), label=k, marker="o" if k.startswith("eval_") else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if title in ("loss", "MTP loss"):
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / out_name
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

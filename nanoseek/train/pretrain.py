@@ -1,0 +1,228 @@
+"""Pretraining: data preparation (tokenizer, shards) and the language-model objective on the one loop.
+
+A pretraining run folder holds, besides what every run has (see loop.py):
+    tokenizer/          the tokenizer (trained on a sample of the data unless one is given)
+    data/train, data/eval   token shards (eval = held-out task problems and held-out documents)
+    model/              the final model (HF format + tokenizer), what `nanoseek sft --model` takes
+Data sources: "tasks" (task-family conversations with worked reasoning, train split), "stdlib"
+(the Python standard library's source, with FIM), or corpus files/folders (.txt/.jsonl/.parquet).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..data.builtin import code_documents, task_documents, task_texts
+from ..data.corpus import CorpusStats, iter_documents
+from ..data.shards import IGNORE, PackedRows, ShardSet, write_shards
+from ..model import ModelConfig, build_model, get_preset
+from ..model.config import ConfigError
+from ..tokenizer import DeepSeekTokenizer
+from . import distributed as D
+from .loop import TrainConfig, Trainer
+
+BUILTIN = ("tasks", "stdlib")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["tasks", "stdlib"])
+    seq_len: int = 512
+    batch_size: int = 8  # rows per micro-batch per process
+    vocab_size: int = 2048  # when a tokenizer is trained for the run
+    tokenizer: str | None = None  # a tokenizer folder to use instead of training one
+    task_documents: int = 100_000  # "tasks": conversations generated for the train split
+    code_chars: int = 2_000_000  # "stdlib": characters of standard-library source
+    fim_rate: float = 0.1  # FIM rate for corpus documents (DeepSeek-V3: 0.1)
+    code_fim_rate: float = 0.5  # FIM rate for code (DeepSeek-Coder: 0.5)
+    eval_documents: int = 1000  # held-out documents per source
+    skip_bad_records: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.seq_len < 8 or self.batch_size < 1:
+            raise ConfigError(f"seq_len must be >= 8 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+        if not self.sources:
+            raise ConfigError("no data sources")
+
+
+class LMObjective:
+    """Next-token cross-entropy + mtp_lambda * MTP loss + the balance loss, summed over targets."""
+
+    def __init__(self, mtp_lambda: float = 0.3, device: torch.device | str = "cpu"):
+        self.mtp_lambda, self.device = mtp_lambda, torch.device(device)
+
+    def weight(self, batch) -> int:
+        return int((batch[1] != IGNORE).sum())
+
+    def __call__(self, model, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        n = self.weight(batch)
+        out = model(x, labels=y, logits=False)
+        total = out.loss * n
+        metrics = {"loss": out.loss.detach() * n}
+        if out.mtp_loss is not None:
+            total = total + self.mtp_lambda * out.mtp_loss * n
+            metrics["mtp_loss"] = out.mtp_loss.detach() * n
+        if out.aux_loss is not None:
+            total = total + out.aux_loss * n
+            metrics["aux_loss"] = out.aux_loss.detach() * n
+        return total, metrics
+
+
+# ---- data preparation ----
+def _documents(source: str, tok: DeepSeekTokenizer, cfg: DataConfig, split: str,
+               stats: CorpusStats) -> Iterator[str | tuple[str, float]]:
+    if source == "tasks":
+        n = cfg.task_documents if split == "train" else cfg.eval_documents
+        yield from task_documents(tok, n, seed=cfg.seed + (split == "test"), split=split)
+    elif source == "stdlib":
+        chars = cfg.code_chars if split == "train" else max(cfg.code_chars // 20, 1)
+        docs = code_documents(chars, split=split)
+        if split == "test":
+            docs = itertools.islice(docs, cfg.eval_documents)
+        for doc in docs:
+            yield doc, cfg.code_fim_rate
+    else:  # a user corpus: every 50th document is held out
+        docs = iter_documents([source], on_error="skip" if cfg.skip_bad_records else "stop", stats=stats)
+        held = (doc for i, doc in enumerate(docs) if (i % 50 == 49) == (split == "test"))
+        yield from (itertools.islice(held, cfg.eval_documents) if split == "test" else held)
+
+
+def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTokenizer:
+    """Tokenizer and shards in run_dir (reused when already there)."""
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        tok = DeepSeekTokenizer.load(tok_dir)
+    elif cfg.tokenizer:
+        tok = DeepSeekTokenizer.load(cfg.tokenizer)
+        tok.save(tok_dir)
+    else:
+        with console.status(f"training a {cfg.vocab_size}-token BPE tokenizer on a sample of {cfg.sources}"):
+            sample = itertools.chain.from_iterable(
+                itertools.islice(_sample_texts(s, cfg), 20_000) for s in cfg.sources)
+            tok = DeepSeekTokenizer.train(sample, vocab_size=cfg.vocab_size)
+        tok.save(tok_dir)
+    for split, name in (("train", "train"), ("test", "eval")):
+        out = run_dir / "data" / name
+        if (out / "meta.json").is_file():
+            continue
+        stats = CorpusStats()
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task(f"tokenizing {name} data")
+
+            def show(docs, tokens, task=task, bar=bar):
+                bar.update(task, description=f"tokenizing {name} data: {docs:,} documents, {tokens:,} tokens")
+
+            docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in cfg.sources)
+            write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
+        if stats.skipped:
+            console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g. {stats.problems[:3]}")
+    return tok
+
+
+def _sample_texts(source: str, cfg: DataConfig) -> Iterator[str]:
+    if source == "tasks":
+        yield from task_texts(20_000, cfg.seed)
+    elif source == "stdlib":
+        yield from code_documents(cfg.code_chars)
+    else:
+        yield from iter_documents([source], on_error="skip")
+
+
+# ---- the run ----
+def model_config_for(preset: str, tok: DeepSeekTokenizer, overrides: dict | None = None) -> ModelConfig:
+    vocab = -(-tok.vocab_size // 64) * 64  # a multiple of 64 for the matmuls; extra rows are never targets
+    cfg = get_preset(preset, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                     **(overrides or {}))
+    cfg.validate()
+    return cfg
+
+
+RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def check_same_run(old: dict, new: dict) -> None:
+    """Rerunning a command on an existing run resumes it; only its length and bookkeeping may change."""
+    diffs = []
+    for section in ("model", "data", "train", "mtp_lambda"):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k) and not (section == "train" and k in RESUMABLE_CHANGES)]
+        elif a != b:
+            diffs.append(f"{section}: {a!r} -> {b!r}")
+    if diffs:
+        raise ConfigError("this run folder was started with different settings; use a new --out or the same "
+                          "options. Differences: " + "; ".join(diffs))
+
+
+def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None = None,
+             train: TrainConfig | None = None, mtp_lambda: float = 0.3, model_overrides: dict | None = None,
+             device: str | None = None, console: Console | None = None) -> dict[str, float]:
+    """Prepare (or reuse) the data, build (or resume) the model, train; writes out/model at the end."""
+    console = console or Console()
+    data, train = data or DataConfig(), train or TrainConfig()
+    run_dir = Path(out)
+    info = D.setup(device)
+    try:
+        if info.main:
+            tok = prepare_data(run_dir, data, console)
+        if info.active:
+            torch.distributed.barrier()
+        tok = DeepSeekTokenizer.load(run_dir / "tokenizer")
+        old_file = run_dir / "config.json"
+        config = model_config_for(preset, tok, model_overrides)
+        run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": asdict(data),
+                      "train": asdict(train), "mtp_lambda": mtp_lambda}
+        if old_file.is_file():
+            check_same_run(json.loads(old_file.read_text()), json.loads(json.dumps(run_config, default=str)))
+        torch.manual_seed(train.seed)
+        model = build_model(config, device=info.device)
+        rows = PackedRows(run_dir / "data" / "train", data.seq_len, data.batch_size, seed=data.seed,
+                          rank=info.rank, world=info.world)
+        eval_set = ShardSet(run_dir / "data" / "eval")
+
+        def eval_batches():
+            n = max(1, min(16, len(eval_set) // max(1, data.batch_size * info.world)))
+            loader = PackedRows(eval_set, data.seq_len, data.batch_size, seed=1234, rank=info.rank, world=info.world)
+            return itertools.islice(loader, n)
+
+        trainer = Trainer(run_dir, model, rows, LMObjective(mtp_lambda, info.device), train,
+                          eval_batches=eval_batches, run_config={k: v for k, v in run_config.items() if k != "train"},
+                          save_extra=tok.save, console=console, dist=info)
+        if trainer.finished:
+            console.print(f"{run_dir} is already trained to step {trainer.step}; raise --max-steps or --time-budget "
+                          "to continue")
+            return {}
+        result = trainer.fit()
+        if info.main:
+            export(trainer.checkpoints()[-1], run_dir / "model")
+        return result
+    finally:
+        D.teardown()
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Copy a checkpoint's model and tokenizer (not the optimizer) to a clean model folder."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.name not in ("trainer.pt", "manifest.json"):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+__all__ = ["DataConfig", "LMObjective", "check_same_run", "model_config_for", "prepare_data", "pretrain"]

@@ -1,0 +1,184 @@
+"""The training loop: schedule, exact resume (in process and after SIGKILL), corrupt checkpoints,
+accumulation, torchrun over gloo."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.checkpoint import load_model
+from nanoseek.data.builtin import task_documents, task_texts
+from nanoseek.data.shards import PackedRows, write_shards
+from nanoseek.model import build_model, get_preset
+from nanoseek.tokenizer import DeepSeekTokenizer
+from nanoseek.train import LMObjective, Trainer, TrainConfig, lr_multiplier
+from nanoseek.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    tok = DeepSeekTokenizer.train(task_texts(300), vocab_size=320)
+    tok.save(d / "tokenizer")
+    write_shards(task_documents(tok, 400), tok, d / "train")
+    return tok, d
+
+
+def make_trainer(run, data, steps=8, seed=0, batch=4, accum=1, rows_cls=PackedRows, **kw):
+    tok, d = data
+    torch.manual_seed(seed)
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size))
+    rows = rows_cls(d / "train", seq_len=48, batch_size=batch, seed=0)
+    cfg = TrainConfig(max_steps=steps, warmup_steps=2, lr=3e-3, eval_every=0, checkpoint_every=4,
+                      grad_accum=accum, **kw)
+    return Trainer(run, model, rows, LMObjective(0.3), cfg, save_extra=tok.save)
+
+
+def losses(run):
+    return [(r["step"], r["loss"], r["mtp_loss"], r["grad_norm"]) for r in read_metrics(Path(run) / "metrics.jsonl")
+            if "loss" in r]
+
+
+def test_schedules():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    assert lr_multiplier(0, 0.0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, 0.09, cfg) == 1.0 and lr_multiplier(50, 0.5, cfg) == 1.0
+    assert lr_multiplier(90, 0.9, cfg) == pytest.approx(0.55) and lr_multiplier(100, 1.0, cfg) == pytest.approx(0.1)
+    cos = TrainConfig(max_steps=100, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0)
+    assert lr_multiplier(0, 0.0, cos) == 1.0 and lr_multiplier(50, 0.5, cos) == pytest.approx(0.5)
+    assert lr_multiplier(100, 1.0, cos) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="max_steps or a time_budget"):
+        TrainConfig(max_steps=0)
+
+
+def test_resume_after_a_crash_is_bit_exact(data, tmp_path):
+    make_trainer(tmp_path / "whole", data).fit()
+
+    class Crash(Exception):
+        pass
+
+    class CrashingRows(PackedRows):
+        calls = 0
+
+        def __next__(self):
+            CrashingRows.calls += 1
+            if CrashingRows.calls == 6:  # during step 6, after the step-4 checkpoint
+                raise Crash
+            return super().__next__()
+
+    with pytest.raises(Crash):
+        make_trainer(tmp_path / "crashed", data, rows_cls=CrashingRows).fit()
+    # a fresh process: different initial weights, then resumed from step 4
+    resumed = make_trainer(tmp_path / "crashed", data, seed=123)
+    assert resumed.step == 4 and resumed.resumed_from.name == "step_0000004"
+    resumed.fit()
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "whole")
+    a, b = load_model(tmp_path / "whole" / "checkpoints" / "step_0000008"), load_model(
+        tmp_path / "crashed" / "checkpoints" / "step_0000008")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys):
+    make_trainer(tmp_path / "run", data).fit()
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step_0000004", "step_0000008"]
+    f = ckpts[-1] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    t = make_trainer(tmp_path / "run", data)
+    assert t.step == 4
+    out = capsys.readouterr().out
+    assert "skipping checkpoint step_0000008" in out and "truncated" in out
+    # a flipped byte (same size) is caught by the manifest's checksum
+    g = ckpts[0] / "trainer.pt"
+    raw = bytearray(g.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    g.write_bytes(bytes(raw))
+    shutil.rmtree(ckpts[-1])
+    t = make_trainer(tmp_path / "run", data)
+    assert t.step == 0 and "do not match the manifest" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_matches_a_larger_batch(data, tmp_path):
+    make_trainer(tmp_path / "big", data, steps=3, batch=4).fit()
+    make_trainer(tmp_path / "acc", data, steps=3, batch=2, accum=2).fit()
+    for (s1, l1, m1, g1), (s2, l2, m2, g2) in zip(losses(tmp_path / "big"), losses(tmp_path / "acc")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and g1 == pytest.approx(g2, rel=1e-3)
+
+
+def test_run_folder_contents_and_bias_balancing(data, tmp_path):
+    t = make_trainer(tmp_path / "run", data, steps=4, bf16=True, bias_gamma=0.01)
+    before = [g.e_score_correction_bias.clone() for g in t.model.modules() if hasattr(g, "e_score_correction_bias")]
+    t.fit()
+    after = [g.e_score_correction_bias for g in t.model.modules() if hasattr(g, "e_score_correction_bias")]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the bias moved
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["bf16"] is True
+    records = read_metrics(run / "metrics.jsonl")
+    for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "expert_imbalance"):
+        assert all(key in r for r in records if "eval_loss" not in r), key
+    assert (run / "curves.png").stat().st_size > 10_000
+    ckpt = run / "checkpoints" / "step_0000004"
+    assert {p.name for p in ckpt.iterdir()} >= {"config.json", "model.safetensors", "trainer.pt", "manifest.json",
+                                                 "tokenizer.json"}
+    load_model(ckpt)  # the checkpoint is a loadable HF model folder
+
+
+def _nanoseek(*args):
+    return [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--data", "tasks",
+            "--task-documents", "300", "--vocab-size", "320", "--seq-len", "48", "--no-bf16", "--eval-every", "0",
+            *args]
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_bit_exact(tmp_path):
+    common = ["--max-steps", "12", "--checkpoint-every", "3", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_nanoseek("--out", str(tmp_path / "whole"), *common), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_nanoseek("--out", str(tmp_path / "killed"), *common), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step_0000006").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in ckpts.iterdir())
+    assert "step_0000012" not in done, "the run finished before it could be killed"
+    subprocess.run(_nanoseek("--out", str(tmp_path / "killed"), *common), check=True, env=env, capture_output=True)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 processes x batch 2 (FSDP2 over gloo) against 1 process x batch 4: same rows per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--max-steps", "6", "--checkpoint-every", "6"]
+    subprocess.run(_nanoseek("--out", str(tmp_path / "one"), "--batch-size", "4", *common), check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    cmd = _nanoseek("--out", str(tmp_path / "two"), "--batch-size", "2", *common)
+    r = subprocess.run(torchrun + ["-m"] + cmd[2:], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for (s1, l1, m1, g1), (s2, l2, m2, g2) in zip(one, two):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and m1 == pytest.approx(m2, rel=1e-4)
+        assert g1 == pytest.approx(g2, rel=1e-3)
+    # the distributed checkpoint loads in one process and equals the single-process weights closely
+    a = load_model(tmp_path / "one" / "model")
+    b = load_model(tmp_path / "two" / "model")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-4), k
