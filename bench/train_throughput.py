@@ -7,6 +7,8 @@ fraction of the machine's measured matmul peak (6 * active params * tokens + att
     python bench/train_throughput.py                 # fp32, forward + backward
     python bench/train_throughput.py --step          # include the AdamW step
     python bench/train_throughput.py --bf16          # bf16 autocast for both
+    python bench/train_throughput.py --config cpu-tiny --seq 512   # the pretraining shape
+    python bench/train_throughput.py --compile       # nanoseek with regional torch.compile
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 import torch
 
 import nanoseek
-from nanoseek.model import ModelConfig
+from nanoseek.model import ModelConfig, get_preset
+from nanoseek.train.loop import compile_regions
 
 # the "V3-tiny" shape from shared/design/anchor-baseline.md
 V3_TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
@@ -40,10 +43,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 
 def train_flops(cfg: ModelConfig, active_params: int, B: int, T: int) -> float:
-    """6 * N_active * tokens + causal attention (QK^T and PV, forward x3 for backward)."""
+    """6 * (active matmul params) * tokens + causal attention (QK^T and PV, forward x3 for backward).
+    The input embedding is a lookup, not a matmul, so it is left out (the output head is counted)."""
     H = cfg.num_attention_heads
     attn_fwd = 2 * B * H * (T * T / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 6 * active_params * B * T + 3 * attn_fwd
+    matmul_params = active_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    return 6 * matmul_params * B * T + 3 * attn_fwd
 
 
 def main():
@@ -53,16 +58,24 @@ def main():
     ap.add_argument("--rounds", type=int, default=12, help="timed steps per implementation")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--step", action="store_true", help="also time a fused AdamW step")
+    ap.add_argument("--config", choices=["v3-tiny", "cpu-tiny"], default="v3-tiny",
+                    help="v3-tiny: the anchor-baseline shape; cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile for nanoseek (as --compile in "
+                    "nanoseek pretrain)")
     args = ap.parse_args()
 
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**V3_TINY, num_nextn_predict_layers=0))
+    shape = V3_TINY if args.config == "v3-tiny" else {
+        k: v for k, v in get_preset("cpu-tiny", vocab_size=2048).to_dict().items() if k in V3_TINY}
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape, num_nextn_predict_layers=0))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = nanoseek.load_model(d)
     hf.train(), ours.train()
+    if args.compile:
+        compile_regions(ours)
     cfg = ours.config
     B, T = args.batch, args.seq
     x = torch.randint(0, cfg.vocab_size, (B, T + 1))
@@ -91,7 +104,7 @@ def main():
 
     peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
     flops = train_flops(cfg, ours.num_params(active=True), B, T)
-    print(f"config V3-tiny: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active; "
+    print(f"config {args.config}: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active; "
           f"batch {B}x{T}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{'fwd+bwd+AdamW' if args.step else 'fwd+bwd'}, {torch.get_num_threads()} threads")
     print(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s")

@@ -169,7 +169,10 @@ def pretrain(
     lr: float = typer.Option(2e-3, help="Peak learning rate."),
     schedule: str = typer.Option("wsd", help="wsd (warmup-stable-decay), cosine or constant."),
     warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
-    bf16: bool = typer.Option(True, help="bf16 autocast (weights and optimizer stay fp32)."),
+    bf16: bool = typer.Option(None, help="bf16 autocast (weights and optimizer stay fp32). Default: on for CUDA, "
+                              "off on CPU, where it measured 2x slower on a CPU without AMX."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile attention, norms and dense MLPs "
+                                 "(~5-15% faster after ~10 s of compiling)."),
     mtp_lambda: float = typer.Option(0.3, help="Weight of the multi-token-prediction loss."),
     bias_gamma: float = typer.Option(0.001, help="Router-bias update speed (aux-loss-free balancing; 0 = off)."),
     aux_alpha: float = typer.Option(-1.0, help="Sequence-wise balance loss weight (-1 = the preset's)."),
@@ -193,7 +196,11 @@ def pretrain(
     from nanoseek.train import pretrain as run
 
     try:
-        train = TrainConfig(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+        if bf16 is None:
+            import torch
+
+            bf16 = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        train = TrainConfig(max_steps=max_steps, compile=compile, time_budget=parse_duration(time_budget) if time_budget else 0.0,
                             grad_accum=grad_accum, lr=lr, schedule=schedule, warmup_steps=warmup_steps, bf16=bf16,
                             bias_gamma=bias_gamma, aux_alpha=None if aux_alpha < 0 else aux_alpha,
                             eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)

@@ -73,7 +73,7 @@ def test_experts_without_tokens_do_no_work(monkeypatch):
     randomize_(moe)
     calls = []
     for e, expert in enumerate(moe.experts):
-        monkeypatch.setattr(expert, "forward", lambda t, e=e, f=expert.forward: calls.append(e) or f(t))
+        monkeypatch.setattr(expert, "forward", lambda t, s=None, e=e, f=expert.forward: calls.append(e) or f(t, s))
     x = torch.randn(1, 1, cfg.hidden_size)  # one token -> exactly top-k experts run
     moe.eval()(x)
     assert len(calls) == cfg.num_experts_per_tok
@@ -240,3 +240,25 @@ def test_input_validation():
     model = build_model(get_preset("tiny"))
     with pytest.raises(ValueError, match="integer tensor"):
         model(torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_equals_the_plain_loss_and_gradients(dtype):
+    from nanoseek.model.loss import linear_cross_entropy
+
+    N, D, V = 300, 32, 97
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100)
+        got = linear_cross_entropy(h, w, y, chunk=64)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    gh_ref, gw_ref = torch.autograd.grad(ref * 3, (h, w))
+    gh, gw = torch.autograd.grad(got * 3, (h, w))
+    torch.testing.assert_close(gh, gh_ref, **tol)
+    torch.testing.assert_close(gw, gw_ref, **tol)
+    with torch.no_grad():  # forward only, and no targets at all
+        assert linear_cross_entropy(h, w, torch.full((N,), -100)).item() == 0.0

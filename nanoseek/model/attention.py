@@ -88,10 +88,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, dqk)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
+        pad = q.shape[-1] - self.v_dim  # fused SDPA kernels want v as wide as q/k: pad, then slice
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )  # (B, H, S, dv)
-        return out.transpose(1, 2)
+        )  # (B, H, S, dqk)
+        return out.transpose(1, 2)[..., : self.v_dim]
 
     def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Attention straight over cached latents c_kv [B,T,c], k_pe [B,T,r]. Returns [B, S, H, dv]."""

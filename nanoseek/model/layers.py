@@ -16,6 +16,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -28,5 +30,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale [N, 1] (a routed expert's gate weights) multiplies the intermediate activation, which
+        equals scaling the output (down_proj is linear) on a tensor half as wide or less."""
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h if scale is None else h * scale)

@@ -108,10 +108,10 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         token_of = order // K  # token behind each sorted pair
         counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
-        chunks = x[token_of].split(counts)
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
-        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(x.dtype)  # (N*K, D)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        chunks = x.index_select(0, token_of).split(counts)  # index_select: its backward is a fast index_add
+        gates = weights.flatten().index_select(0, order).unsqueeze(1).to(x.dtype).split(counts)  # (n_e, 1) each
+        outs = [self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
+        return torch.zeros_like(x).index_add_(0, token_of, torch.cat(outs))
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:

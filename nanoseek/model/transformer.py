@@ -18,6 +18,7 @@ from .attention import LatentCache
 from .block import DecoderLayer
 from .config import ModelConfig
 from .layers import RMSNorm
+from .loss import linear_cross_entropy
 from .mtp import MTPLayer
 from .rope import RotaryEmbedding
 
@@ -154,9 +155,10 @@ class DeepseekForCausalLM(nn.Module):
 
 def cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
                   logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != -100, computed in fp32."""
+    """Mean next-token cross-entropy over targets != -100, computed in fp32. Without logits at hand
+    the head and the loss are computed together in chunks (see loss.py)."""
     if logits is None:
-        logits = head(hidden)
+        return linear_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten())
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 

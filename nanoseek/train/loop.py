@@ -62,6 +62,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
     bf16: bool = False  # bf16 autocast for forward/backward; weights and optimizer stay fp32
+    compile: bool = False  # torch.compile the fixed-shape parts of each layer (compile_regions)
     bias_gamma: float = 0.001  # aux-loss-free router bias update speed (0 = off)
     aux_alpha: float | None = None  # sequence-wise balance loss weight (None = the model config's)
     eval_every: int = 100  # steps (0 = only at the end)
@@ -129,6 +130,8 @@ class Trainer:
                     m.aux_alpha = cfg.aux_alpha
         if self.dist.active:
             D.shard(model)
+        if cfg.compile:
+            compile_regions(model)
         self.opt = make_optimizer(model, cfg, fused=not self.dist.active)
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
         if self.dist.main:
@@ -330,6 +333,15 @@ class _StopFlag:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         return False
+
+
+def compile_regions(model: nn.Module) -> None:
+    """torch.compile the fixed-shape parts of every layer (attention, norms, dense MLP, router); the
+    routed experts, whose batch changes every step, stay eager. Compiling takes seconds per layer."""
+    for layer in model.model.layers:
+        for part in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm):
+            part.compile()
+        (layer.mlp.gate if layer.is_moe else layer.mlp).compile()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
