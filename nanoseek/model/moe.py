@@ -111,7 +111,7 @@ class MoE(nn.Module):
         chunks = x.index_select(0, token_of).split(counts)  # index_select: its backward is a fast index_add
         gates = weights.flatten().index_select(0, order).unsqueeze(1).to(x.dtype).split(counts)  # (n_e, 1) each
         outs = [self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
-        return torch.zeros_like(x).index_add_(0, token_of, torch.cat(outs))
+        return torch.zeros_like(x).index_add_(0, token_of, torch.cat(outs).to(x.dtype))
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
