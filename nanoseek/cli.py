@@ -65,7 +65,7 @@ def demo(
     table.add_row("reload", "logits identical" if same else "[red]logits differ[/]")
     table.add_row("KV cache", f"{cache.bytes_per_token} bytes/token (latent only)")
     table.add_row("prompt ids", str(prompt[0].tolist()))
-    table.add_row("generated ids", str(ids[0].tolist()))
+    table.add_row("generated ids", str(ids[0]))
     table.add_row("time", f"build+save+load {t1 - t0:.2f}s, generate {tokens} tokens {t2 - t1:.2f}s")
     console.print(table)
     if not same:

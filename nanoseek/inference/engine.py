@@ -1,49 +1,450 @@
-"""Generation from token ids through the latent KV cache.
+"""The one generation engine: token ids in, token ids (and text) out, for every caller in nanoseek.
 
-The engine knows nothing about chat templates or HTTP: ids in, ids out. Prefill runs the
-prompt through the model once, filling the latent cache; each decode step then feeds one
-token per row and attends over the cache through the absorbed MLA path.
+Requests are submitted (`submit`), then `step()` is called in a loop, by the caller or by a
+background thread (`start()`). Each step:
+1. drops cancelled requests (their cache row is freed at once);
+2. admits waiting requests into free cache rows: the longest cached prefix of the prompt (from a
+   running request or a finished one kept in the prefix store) is copied instead of recomputed,
+   and only the rest of the prompt is prefilled;
+3. decodes one token for every running request together (continuous batching: rows join and
+   leave between steps, each at its own length), or, with MTP speculation, verifies the draft
+   token of every row and keeps 1 or 2 tokens per row.
+Running requests occupy cache rows 0..B-1 contiguously (a finishing row is filled by the last
+one), so a decode step reads the cache without gathering.
+
+Each request streams `Event`s (new token ids, their text with stop strings held back, logprobs)
+into its own queue; `Request.result()` waits for the end. The engine never sees chat templates
+or HTTP; text only appears through the optional `decode` function (for stop strings).
 """
 
 from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model import DeepseekForCausalLM
 from .cache import LatentCache
+from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
 
 
-@torch.no_grad()
-def generate(model: DeepseekForCausalLM, prompts: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """prompts [B, T] (same length) -> generated ids [B, <= max_new_tokens]; greedy when temperature == 0.
-    Rows that produced eos_token_id keep emitting it until every row has."""
-    if prompts.dim() != 2 or prompts.numel() == 0:
-        raise ValueError(f"prompts must be a non-empty [batch, seq] id tensor, got shape {tuple(prompts.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    vocab = model.config.vocab_size
-    if prompts.min() < 0 or prompts.max() >= vocab:
-        raise ValueError(f"prompt ids must be in [0, {vocab})")
-    B, T = prompts.shape
-    param = next(model.parameters())
-    cache = LatentCache(model.config, rows=B, max_len=T + max_new_tokens, dtype=param.dtype, device=param.device)
-    tokens, done = prompts.to(param.device), torch.zeros(B, dtype=torch.bool, device=param.device)
-    out = []
-    for _ in range(max_new_tokens):
-        hidden = model(tokens, position_ids=cache.positions(tokens.shape[1]), cache=cache, logits=False).hidden
-        logits = model.lm_head(hidden[:, -1]).float()  # only the last position is sampled from
-        cache.advance()
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            nxt = torch.multinomial((logits / temperature).softmax(dim=-1), 1, generator=generator).squeeze(1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        out.append(nxt)
-        tokens = nxt[:, None]
-        if eos_token_id is not None and bool(done.all()):
+class EngineBusy(RuntimeError):
+    """The waiting queue is full; try again later (the server answers 503)."""
+
+
+@dataclass
+class Event:
+    token_ids: list[int]
+    text: str = ""  # new text, safe to show (never part of a stop string)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last event
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    text: str = ""  # the output text (stop string excluded), when the engine can decode
+    finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
+    drafted: int = 0  # speculative tokens proposed / accepted
+    accepted: int = 0
+    steps: int = 0  # decode steps this request took part in
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    cancelled: bool = False
+    _state: RowState | None = field(default=None, repr=False)
+    _draft: int | None = field(default=None, repr=False)
+    _draft_probs: torch.Tensor | None = field(default=None, repr=False)
+    _shown: int = 0  # characters of text already sent in events
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self, timeout: float | None = None) -> "Request":
+        """Wait until the request has finished (when a background thread drives the engine)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout}s")
+        return self
+
+    def stream(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events as they are decided, until the last one (needs the engine running in a thread)."""
+        while True:
+            ev = self.events.get(timeout=timeout)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+
+class PrefixStore:
+    """Finished sequences' latents, least recently used dropped first, bounded in tokens."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.tokens = max_tokens, 0
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def add(self, ids: Sequence[int], latents: torch.Tensor, lengths: torch.Tensor) -> None:
+        key = tuple(ids)
+        if not key or len(key) > self.max_tokens or key in self.entries:
+            return
+        self.entries[key] = (latents, lengths)
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            old, _ = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def best(self, prompt: Sequence[int]) -> tuple[int, tuple[int, ...] | None]:
+        best_n, best_key = 0, None
+        for key in self.entries:
+            n = common_prefix(key, prompt)
+            if n > best_n:
+                best_n, best_key = n, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best_n, best_key
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
             break
-    return torch.stack(out, dim=1) if out else prompts.new_zeros(B, 0)
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous-batching generation over one model. See the module docstring."""
+
+    def __init__(self, model: DeepseekForCausalLM, decode: Callable[[list[int]], str] | None = None,
+                 max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
+                 speculative: bool = False, prefix_cache_tokens: int = 65536, eos_token_id: int | None = None):
+        cfg = model.config
+        if speculative and not model.mtp_layers:
+            raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
+        self.model, self.decode, self.config = model.eval(), decode, cfg
+        self.max_len = min(max_len or 4096, cfg.max_position_embeddings)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = LatentCache(cfg, rows=max_batch, max_len=self.max_len + 2, dtype=param.dtype,
+                                 device=param.device)
+        self.max_batch, self.max_queue, self.speculative = max_batch, max_queue, speculative
+        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.active: list[Request] = []  # active[i] lives in cache row i
+        self.waiting: deque[Request] = deque()
+        self.prefixes = PrefixStore(prefix_cache_tokens)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    # ---- requests ----
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request; raises InvalidRequest (bad input) or EngineBusy (queue full) at once."""
+        params = params or SamplingParams()
+        params.check(self.config.vocab_size)
+        if params.stop and self.decode is None:
+            raise InvalidRequest("stop strings need an engine built with a decode function")
+        prompt = list(prompt)
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        V = self.config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}")
+        over = len(prompt) + params.max_new_tokens - self.max_len
+        if over > 0:
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                                 f"the context of {self.max_len} tokens by {over}")
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting)")
+            req = Request(next(self._ids), prompt, params)
+            self.waiting.append(req)
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request; its cache row is freed at the start of the next step."""
+        req.cancelled = True
+        self._wake.set()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 | None = None) -> list[Request]:
+        """Run requests to completion in the calling thread (RL rollouts, evaluation, distillation)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is driven by its background thread; use submit() and result()")
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        pending = list(zip(prompts, plist))[::-1]
+        reqs = []
+        while pending or self.has_work:
+            while pending and len(self.waiting) < self.max_queue:
+                reqs.append(self.submit(*pending.pop()))
+            self.step()
+        return reqs
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    # ---- background thread (the server) ----
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.has_work:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except BaseException as e:  # never leave clients hanging: fail every request, keep serving
+                self.error = e
+                for req in list(self.active) + list(self.waiting):
+                    self._finish(req, "error")
+                self.active, self.waiting = [], deque()
+
+    # ---- one scheduling iteration ----
+    @torch.no_grad()
+    def step(self) -> None:
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
+        for i in reversed(range(len(self.active))):
+            if self.active[i].cancelled:
+                self._release(i, "cancelled")
+        while len(self.active) < self.max_batch:
+            with self._lock:
+                if not self.waiting:
+                    break
+                req = self.waiting.popleft()
+            self._prefill(req)
+        if self.active:
+            self._decode_speculative() if self.speculative else self._decode()
+
+    def _prefill(self, req: Request) -> None:
+        row = len(self.active)
+        self.active.append(req)
+        req._state = RowState(req.params)
+        if req.params.seed is not None:
+            req._state.generator = torch.Generator(self.device).manual_seed(req.params.seed)
+        if req.params.penalized:
+            req._state.counts = torch.zeros(self.config.vocab_size, device=self.device)
+        n = self._reuse_prefix(req, row)
+        req.cached_tokens = n
+        rest = torch.tensor([req.prompt[n:]], device=self.device)
+        self.cache.select(row, row + 1)
+        out = self.model(rest, position_ids=self.cache.positions(rest.shape[1]), cache=self.cache, logits=False)
+        self.cache.advance()
+        hidden = out.hidden  # (1, S, D)
+        raw = self.model.lm_head(hidden[:, -1]).float()
+        token = self._sample(raw, [req])[0]
+        first_logits = raw
+        if self.speculative:
+            # MTP entries for positions n..T-1 (each needs the token after it), drafting token T+1
+            nxt = torch.tensor([req.prompt[n + 1:] + [token]], device=self.device)
+            self._draft_from(hidden, nxt, [req], take=torch.tensor([hidden.shape[1] - 1]))
+            self.cache.advance(1)
+        self._append(row, [token], first_logits)
+
+    def _reuse_prefix(self, req: Request, row: int) -> int:
+        """Copy the longest usable cached prefix into `row`; returns its length (0 = none)."""
+        T, spec = len(req.prompt), self.speculative
+        best, source = 0, None
+        for i, other in enumerate(self.active[:-1]):
+            seq = other.prompt + other.tokens
+            limit = min(int(self.cache.lengths[0, i]), common_prefix(seq, req.prompt))
+            if spec:
+                limit = min(limit - 1, int(self.cache.lengths[1, i]))
+            if limit > best:
+                best, source = limit, ("row", i)
+        n, key = self.prefixes.best(req.prompt)
+        if key is not None:
+            latents, lengths = self.prefixes.entries[key]
+            limit = min(n, int(lengths[0])) if not spec else min(n - 1, int(lengths[0]), int(lengths[1]))
+            if limit > best:
+                best, source = limit, ("store", latents)
+        best = min(best, T - 1)  # at least one prompt token is prefilled, for the first logits
+        if best <= 0:
+            self.cache.reset(row)
+            return 0
+        latents = self.cache.kv[:, source[1], :best] if source[0] == "row" else source[1]
+        self.cache.write(row, latents, best)
+        return best
+
+    def _decode(self) -> None:
+        B = len(self.active)
+        last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
+        self.cache.select(0, B)
+        out = self.model(last, position_ids=self.cache.positions(1), cache=self.cache, logits=False)
+        self.cache.advance()
+        raw = self.model.lm_head(out.hidden[:, -1]).float()
+        tokens = self._sample(raw, self.active)
+        for i, t in reversed(list(enumerate(tokens))):
+            self.active[i].steps += 1
+            self._append(i, [t], raw[i:i + 1])
+
+    def _decode_speculative(self) -> None:
+        """Verify each row's MTP draft: feed [last, draft]; keep the draft if the main model agrees
+        (greedy) or by the accept/reject rule (sampling), plus one token from the main model."""
+        B, rows = len(self.active), self.active
+        inp = torch.tensor([[r.tokens[-1], r._draft] for r in rows], device=self.device)
+        self.cache.select(0, B)
+        out = self.model(inp, position_ids=self.cache.positions(2), cache=self.cache, logits=False)
+        raw = self.model.lm_head(out.hidden).float()  # (B, 2, V)
+        states = [r._state for r in rows]
+        p0 = processed_logits(raw[:, 0], states)
+        ok = []
+        for i, r in enumerate(rows):
+            if r.params.temperature == 0:
+                ok.append(bool(p0[i].argmax() == r._draft))
+            else:
+                p, q = p0[i].softmax(-1)[r._draft], r._draft_probs[r._draft]
+                u = torch.rand((), generator=r._state.generator, device=self.device)
+                ok.append(bool(u * q <= p))
+        accepted = torch.tensor(ok, device=self.device, dtype=torch.long)
+        self.cache.advance(0, accepted + 1)
+        # the token after the verified part: from position 1 if the draft stood, else a correction at 0
+        second = self._sample(raw[:, 1], rows)
+        firsts = []
+        for i, r in enumerate(rows):
+            if ok[i]:
+                firsts.append(r._draft)
+            elif r.params.temperature == 0:
+                firsts.append(int(p0[i].argmax()))
+            else:
+                resid = (p0[i].softmax(-1) - r._draft_probs).clamp(min=0)
+                firsts.append(int(torch.multinomial(resid / resid.sum(), 1, generator=r._state.generator)))
+        new = [[f, s] if ok[i] else [f] for i, (f, s) in enumerate(zip(firsts, second))]
+        # MTP: entries at the verified positions (h_last with the first new token, h_draft with the second)
+        nxt = torch.tensor([[n[0], n[1] if len(n) > 1 else n[0]] for n in new], device=self.device)
+        self._draft_from(out.hidden, nxt, rows, take=accepted)
+        self.cache.advance(1, accepted + 1)
+        for i in reversed(range(B)):
+            r = rows[i]
+            r.steps += 1
+            r.drafted += 1
+            r.accepted += int(ok[i])
+            self._append(i, new[i], raw[i, : len(new[i])])
+
+    def _draft_from(self, hidden: torch.Tensor, next_ids: torch.Tensor, rows: list[Request],
+                    take: torch.Tensor) -> None:
+        """Run MTP depth 1 over hidden [B, S, D] with next_ids [B, S]; row i's draft comes from position take[i]."""
+        mtp = self.model.mtp_layers[0]
+        pos = self.cache.positions(hidden.shape[1], group=1)
+        cos, sin = self.model.model.rotary_emb(pos)
+        h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
+        h = h[torch.arange(len(rows)), take.to(self.device)]  # (B, D)
+        logits = processed_logits(mtp.shared_head(h).float(), [r._state for r in rows])
+        for i, r in enumerate(rows):
+            if r.params.temperature == 0:
+                r._draft, r._draft_probs = int(logits[i].argmax()), None
+            else:
+                probs = logits[i].softmax(-1)
+                r._draft = int(torch.multinomial(probs, 1, generator=r._state.generator))
+                r._draft_probs = probs
+
+    def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
+        states = [r._state for r in rows]
+        tokens = draw(processed_logits(raw, states), states)
+        return tokens.tolist()
+
+    # ---- bookkeeping ----
+    def _append(self, row: int, tokens: list[int], logits: torch.Tensor) -> None:
+        """Add sampled tokens (drawn from the raw logits [n, V]) to the request in `row`, emit an
+        event, and finish the request if a stop rule fires."""
+        req = self.active[row]
+        p = req.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos or self.eos_token_id is None else {self.eos_token_id})
+        new, reason = [], None
+        for t in tokens:
+            new.append(t)
+            req.tokens.append(t)
+            if req._state.counts is not None:
+                req._state.counts[t] += 1
+            if t in stops:
+                reason = "stop"
+            elif len(req.tokens) >= p.max_new_tokens:
+                reason = "length"
+            if reason:
+                break
+        lp = []
+        if p.logprobs:
+            chosen, top = token_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
+            lp = [{"token": t, "logprob": c, "top": a} for t, c, a in zip(new, chosen, top)]
+            req.logprobs.extend(lp)
+        text = ""
+        if self.decode is not None:
+            out_ids = [t for t in req.tokens if t not in stops]
+            full = self.decode(out_ids)
+            cut = _find_stop(full, p.stop)
+            if cut is not None:
+                full, reason = full[:cut], "stop"
+            req.text = full
+            hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+            safe = len(full) - hold
+            while safe > req._shown and full[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
+                safe -= 1
+            if safe > req._shown:
+                text, req._shown = full[req._shown:safe], safe
+        req.events.put(Event(new, text, lp, reason))
+        if reason:
+            self._release(row, reason, emitted=True)
+
+    def _release(self, row: int, reason: str, emitted: bool = False) -> None:
+        req = self.active[row]
+        n = int(self.cache.lengths[0, row])
+        if n > 0 and reason != "cancelled":
+            seq = (req.prompt + req.tokens)[:n]
+            self.prefixes.add(seq, self.cache.read(row, n), self.cache.lengths[:, row].clone())
+        last = len(self.active) - 1
+        if row != last:
+            self.cache.move(last, row)
+            self.active[row] = self.active[last]
+        else:
+            self.cache.reset(row)
+        self.active.pop()
+        if not emitted:
+            req.events.put(Event([], "", [], reason))
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = req.finish_reason or reason
+        req._done.set()
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate(model: DeepseekForCausalLM, prompts: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             eos_token_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+    """Convenience: a [B, T] tensor of prompts -> the generated ids of each (lists, up to max_new_tokens)."""
+    engine = Engine(model, max_batch=max(1, len(prompts)), max_len=prompts.shape[1] + max_new_tokens,
+                    eos_token_id=eos_token_id if eos_token_id is not None else -1)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return [r.tokens for r in engine.generate(prompts.tolist(), params)]

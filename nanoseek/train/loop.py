@@ -114,12 +114,12 @@ class Trainer:
     """Owns the run folder `run_dir`: config.json, metrics.jsonl, curves.png, checkpoints/step_N/."""
 
     def __init__(self, run_dir: str | os.PathLike, model: nn.Module, data, objective: Objective,
-                 cfg: TrainConfig, eval_batches: Callable[[], Iterable[Any]] | None = None,
+                 cfg: TrainConfig, eval_sets: dict[str, Callable[[], Iterable[Any]]] | None = None,
                  run_config: dict | None = None, save_extra: Callable[[Path], None] | None = None,
                  on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
                  console: Console | None = None, dist: D.DistInfo | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
-        self.data, self.objective, self.eval_batches = data, objective, eval_batches
+        self.data, self.objective, self.eval_sets = data, objective, eval_sets or {}
         self.save_extra, self.on_eval = save_extra, on_eval
         self.dist = dist or D.DistInfo()
         self.console = console or Console()
@@ -212,11 +212,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics per eval set (eval_<set>_<metric>) and over all sets (eval_<metric>)."""
         out: dict[str, float] = {}
         self.model.eval()
-        if self.eval_batches is not None:
+        overall: dict[str, float] = {}
+        for set_name, batches in self.eval_sets.items():
             sums, total = {}, 0.0
-            for batch in self.eval_batches():
+            for batch in batches():
                 with self._autocast():
                     _, metrics = self.objective(self.model, batch)
                 total += self.objective.weight(batch)
@@ -225,7 +227,13 @@ class Trainer:
             names = sorted(sums)
             reduced = D.all_reduce_sum([total] + [sums[k] for k in names], self.dist).tolist()
             if reduced[0] > 0:
-                out = {f"eval_{k}": v / reduced[0] for k, v in zip(names, reduced[1:])}
+                out.update({f"eval_{set_name}_{k}": v / reduced[0] for k, v in zip(names, reduced[1:])})
+                for k, v in zip(["_weight"] + names, reduced):
+                    overall[k] = overall.get(k, 0.0) + v
+        if len(self.eval_sets) > 1 and overall.get("_weight"):
+            out.update({f"eval_{k}": v / overall["_weight"] for k, v in overall.items() if k != "_weight"})
+        elif len(self.eval_sets) == 1:
+            out.update({f"eval_{k.split('_', 2)[2]}": v for k, v in list(out.items())})
         if self.on_eval is not None:
             out.update(self.on_eval(self.model))
         self.model.train()

@@ -7,14 +7,15 @@ import math
 import os
 from pathlib import Path
 
-# panels of curves.png: title -> metric names drawn in it (those present in the log)
+# panels of curves.png: title -> which metric names it draws (those present in the log)
 PANELS = {
-    "loss": ["loss", "eval_loss"],
-    "MTP loss": ["mtp_loss", "eval_mtp_loss"],
-    "learning rate": ["lr"],
-    "gradient norm": ["grad_norm"],
-    "tokens/s": ["tokens_per_s"],
-    "expert load max/mean": ["expert_imbalance"],
+    "loss": lambda k: k == "loss" or (k.startswith("eval_") and k.endswith("_loss") and "mtp" not in k
+                                      and "aux" not in k),
+    "MTP loss": lambda k: k.endswith("mtp_loss"),
+    "learning rate": lambda k: k == "lr",
+    "gradient norm": lambda k: k == "grad_norm",
+    "tokens/s": lambda k: k == "tokens_per_s",
+    "expert load max/mean": lambda k: k == "expert_imbalance",
 }
 
 
@@ -59,7 +60,8 @@ def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Pa
     if not log.exists():
         return None
     records = read_metrics(log)
-    panels = {title: [k for k in keys if any(r.get(k) is not None for r in records)] for title, keys in PANELS.items()}
+    present = sorted({k for r in records for k, v in r.items() if v is not None and k not in ("step", "time", "tokens")})
+    panels = {title: [k for k in present if wanted(k)] for title, wanted in PANELS.items()}
     panels = {t: k for t, k in panels.items() if k}
     if not panels:
         return None

@@ -2,7 +2,8 @@
 
 A pretraining run folder holds, besides what every run has (see loop.py):
     tokenizer/          the tokenizer (trained on a sample of the data unless one is given)
-    data/train, data/eval   token shards (eval = held-out task problems and held-out documents)
+    data/train          token shards of every source
+    data/eval/<source>  held-out shards per source (task problems never trained on, held-out documents)
     model/              the final model (HF format + tokenizer), what `nanoseek sft --model` takes
 Data sources: "tasks" (task-family conversations with worked reasoning, train split), "stdlib"
 (the Python standard library's source, with FIM), or corpus files/folders (.txt/.jsonl/.parquet).
@@ -112,23 +113,37 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
                 itertools.islice(_sample_texts(s, cfg), 20_000) for s in cfg.sources)
             tok = DeepSeekTokenizer.train(sample, vocab_size=cfg.vocab_size)
         tok.save(tok_dir)
-    for split, name in (("train", "train"), ("test", "eval")):
-        out = run_dir / "data" / name
+    jobs = [("train", run_dir / "data" / "train", cfg.sources)]
+    jobs += [("test", run_dir / "data" / "eval" / name, [s]) for name, s in eval_names(cfg.sources).items()]
+    for split, out, sources in jobs:
         if (out / "meta.json").is_file():
             continue
         stats = CorpusStats()
+        label = "train" if split == "train" else f"held-out {out.name}"
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=console) as bar:
-            task = bar.add_task(f"tokenizing {name} data")
+            task = bar.add_task(f"tokenizing {label} data")
 
-            def show(docs, tokens, task=task, bar=bar):
-                bar.update(task, description=f"tokenizing {name} data: {docs:,} documents, {tokens:,} tokens")
+            def show(docs, tokens, task=task, bar=bar, label=label):
+                bar.update(task, description=f"tokenizing {label} data: {docs:,} documents, {tokens:,} tokens")
 
-            docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in cfg.sources)
+            docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
             write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
         if stats.skipped:
             console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g. {stats.problems[:3]}")
     return tok
+
+
+def eval_names(sources: list[str]) -> dict[str, str]:
+    """A short unique name per source for its held-out set ('tasks', 'stdlib', a file's stem)."""
+    names: dict[str, str] = {}
+    for s in sources:
+        base = s if s in BUILTIN else "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(s).stem) or "data"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}{i}", i + 1
+        names[name] = s
+    return names
 
 
 def _sample_texts(source: str, cfg: DataConfig) -> Iterator[str]:
@@ -191,15 +206,11 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
         model = build_model(config, device=info.device)
         rows = PackedRows(run_dir / "data" / "train", data.seq_len, data.batch_size, seed=data.seed,
                           rank=info.rank, world=info.world)
-        eval_set = ShardSet(run_dir / "data" / "eval")
-
-        def eval_batches():
-            n = max(1, min(16, len(eval_set) // max(1, data.batch_size * info.world)))
-            loader = PackedRows(eval_set, data.seq_len, data.batch_size, seed=1234, rank=info.rank, world=info.world)
-            return itertools.islice(loader, n)
+        eval_sets = {name: _eval_batches(ShardSet(run_dir / "data" / "eval" / name), data, info)
+                     for name in eval_names(data.sources)}
 
         trainer = Trainer(run_dir, model, rows, LMObjective(mtp_lambda, info.device), train,
-                          eval_batches=eval_batches, run_config={k: v for k, v in run_config.items() if k != "train"},
+                          eval_sets=eval_sets, run_config={k: v for k, v in run_config.items() if k != "train"},
                           save_extra=tok.save, console=console, dist=info)
         if trainer.finished:
             console.print(f"{run_dir} is already trained to step {trainer.step}; raise --max-steps or --time-budget "
@@ -211,6 +222,17 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
         return result
     finally:
         D.teardown()
+
+
+def _eval_batches(shards: ShardSet, data: DataConfig, info: D.DistInfo):
+    """The same held-out batches at every evaluation: up to 8 per process, within one epoch."""
+    rows = shards.meta["tokens"] // (data.seq_len + 1)
+    n = max(1, min(8, rows // (data.batch_size * info.world)))
+
+    def batches():
+        loader = PackedRows(shards, data.seq_len, data.batch_size, seed=1234, rank=info.rank, world=info.world)
+        return itertools.islice(loader, n)
+    return batches
 
 
 def export(checkpoint: Path, out: Path) -> None:

@@ -1,0 +1,138 @@
+"""Sampling parameters and the per-row sampling step.
+
+`SamplingParams.check(vocab_size)` refuses out-of-range values up front with a message that
+names the field. `sample_rows` turns a batch of logits into one token per row, each row with
+its own parameters and its own random generator (a seeded request reproduces whatever else is
+in the batch). Order of operations, as in vLLM/transformers: penalties on the raw logits, then
+temperature, then top-k, top-p and min-p filtering, then a draw (or argmax at temperature 0).
+Log-probabilities are reported from the model's distribution before any processing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses before it reaches the batch."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0  # subtract once from every token already generated
+    frequency_penalty: float = 0.0  # subtract per occurrence
+    repetition_penalty: float = 1.0  # divide positive / multiply negative logits of seen tokens
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (need the engine's decode function)
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported per token (0-20)
+    ignore_eos: bool = False
+
+    def check(self, vocab_size: int) -> None:
+        def bad(msg: str):
+            raise InvalidRequest(msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0 <= self.temperature <= 100:
+            bad(f"temperature must be in [0, 100], got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= 20:
+            bad(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or not 0 <= t < vocab_size:
+                bad(f"stop token id {t!r} is not in the vocabulary [0, {vocab_size})")
+        if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be at most 16 non-empty strings")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class RowState:
+    """What sampling needs to remember about one request."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # [vocab] occurrences of generated tokens (penalties only)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V] (one row) adjusted for the tokens generated so far."""
+    seen = counts > 0
+    if p.repetition_penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
+                                               logits * p.repetition_penalty), logits)
+    return logits - p.frequency_penalty * counts - p.presence_penalty * seen.to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k / top-p / min-p on temperature-scaled logits [B, V]; filtered entries -> -inf."""
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    rank = torch.arange(V, device=logits.device).expand(B, V)
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def processed_logits(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """Raw logits [B, V] (fp32) -> the distribution each row samples from, as logits (greedy rows untouched)."""
+    logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r.params.penalized and r.counts is not None:
+            logits[i] = apply_penalties(logits[i], r.counts, r.params)
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
+    logits = logits / temps[:, None]
+    if any(r.params.top_k or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):
+        dev = logits.device
+        logits = filter_logits(logits, torch.tensor([r.params.top_k for r in rows], device=dev),
+                               torch.tensor([r.params.top_p for r in rows], device=dev),
+                               torch.tensor([r.params.min_p for r in rows], device=dev))
+    return logits
+
+
+def draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """One token per row from processed logits: argmax for greedy rows, else a draw with the row's generator."""
+    out = logits.argmax(dim=-1)
+    for i, r in enumerate(rows):
+        if r.params.temperature > 0:
+            out[i] = torch.multinomial(logits[i].softmax(dim=-1), 1, generator=r.generator)[0]
+    return out
+
+
+def token_logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """log p(token) per row and the top-k alternatives, from the model's raw logits [B, V]."""
+    logp = raw.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    if k == 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = logp.topk(k, dim=-1)
+    return chosen, [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]

@@ -1,0 +1,207 @@
+"""The inference engine: cached decoding, continuous batching, prefix sharing, sampling, stops,
+cancellation, speculative decoding."""
+
+import pytest
+import torch
+
+from conftest import randomize_
+from nanoseek.inference import Engine, EngineBusy, InvalidRequest, SamplingParams
+from nanoseek.inference.sampling import filter_logits
+from nanoseek.model import build_model, get_preset
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(get_preset("tiny", eos_token_id=-1)).eval()
+    randomize_(m, std=0.15)
+    return m
+
+
+def prompts(n, seed=0, lo=3, hi=20, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by full forward passes (no cache), and the logits at each step."""
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(torch.tensor([ids])).logits[0, -1]
+            logits.append(out)
+            ids.append(int(out.argmax()))
+    return ids[len(prompt):], logits
+
+
+def test_cached_decoding_equals_full_forward_at_every_step(model):
+    prompt = prompts(1, seed=1)[0]
+    engine = Engine(model, max_batch=1)
+    req = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, logprobs=True))[0]
+    ref_tokens, ref_logits = reference_greedy(model, prompt, 10)
+    assert req.tokens == ref_tokens
+    for lp, logits in zip(req.logprobs, ref_logits):
+        assert lp["logprob"] == pytest.approx(float(logits.log_softmax(-1)[lp["token"]]), abs=1e-4)
+
+
+def test_mixed_lengths_joining_and_leaving_give_the_tokens_of_each_alone(model):
+    ps = prompts(7, seed=2)
+    lengths = [3, 12, 5, 9, 1, 7, 4]
+    alone = [Engine(model, max_batch=1).generate([p], SamplingParams(max_new_tokens=n, temperature=0))[0].tokens
+             for p, n in zip(ps, lengths)]
+    engine = Engine(model, max_batch=3)  # fewer rows than requests: they join as others leave
+    reqs = engine.generate(ps, [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths])
+    assert [r.tokens for r in reqs] == alone
+    assert all(len(r.tokens) == n and r.finish_reason == "length" for r, n in zip(reqs, lengths))
+    assert not engine.active and int(engine.cache.lengths.sum()) == 0
+
+
+def test_prefix_sharing_prefills_once_and_changes_nothing(model):
+    base = prompts(1, seed=3, lo=30, hi=31)[0]
+    group = [base] * 4 + [base + [7, 8, 9]]
+    plain = [Engine(model, max_batch=1, prefix_cache_tokens=0).generate([p], GREEDY)[0].tokens for p in group]
+    engine = Engine(model, max_batch=8)
+    reqs = engine.generate(group, GREEDY)
+    assert [r.tokens for r in reqs] == plain
+    assert reqs[0].cached_tokens == 0
+    assert all(r.cached_tokens == len(base) - 1 for r in reqs[1:4])  # the last token is prefilled for logits
+    assert reqs[4].cached_tokens == len(base)
+    # a follow-up turn hits the finished conversation in the prefix store
+    follow = base + reqs[0].tokens + [5, 6]
+    again = engine.generate([follow], GREEDY)[0]
+    assert again.cached_tokens >= len(base) + len(reqs[0].tokens) - 1
+    assert again.tokens == Engine(model, max_batch=1).generate([follow], GREEDY)[0].tokens
+
+
+def test_seeds_reproduce_whatever_else_is_in_the_batch(model):
+    p = prompts(1, seed=4)[0]
+    sp = SamplingParams(max_new_tokens=15, temperature=1.0, top_p=0.9, seed=42)
+    alone = Engine(model, max_batch=1).generate([p], sp)[0].tokens
+    crowd = Engine(model, max_batch=4).generate(prompts(3, seed=5) + [p],
+                                                [SamplingParams(max_new_tokens=9, temperature=1.0)] * 3 + [sp])
+    assert crowd[-1].tokens == alone
+    other = Engine(model, max_batch=1).generate([p], SamplingParams(max_new_tokens=15, temperature=1.0, seed=43))
+    assert other[0].tokens != alone
+
+
+def test_stop_strings_never_leak_even_across_tokens(model):
+    p = prompts(1, seed=6)[0]
+    vocab = "abcdefghijklmnopqrstuvwxyz"
+
+    def decode(ids):
+        return "".join(vocab[t % 26] for t in ids)
+
+    free = Engine(model, decode=decode, max_batch=1).generate([p], SamplingParams(max_new_tokens=20, temperature=0))[0]
+    text = free.text
+    stop = text[7:10]  # three characters spanning three tokens
+    engine = Engine(model, decode=decode, max_batch=1)
+    req = engine.submit(p, SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)))
+    while engine.has_work:
+        engine.step()
+    events = []
+    while not req.events.empty():
+        events.append(req.events.get())
+    streamed = "".join(ev.text for ev in events)
+    assert req.finish_reason == "stop" and events[-1].finish_reason == "stop"
+    assert req.text == text[: text.find(stop)] == streamed
+    assert stop not in streamed
+
+
+def test_cancel_frees_the_row_at_once(model):
+    engine = Engine(model, max_batch=2)
+    a = engine.submit(prompts(1, seed=7)[0], SamplingParams(max_new_tokens=50, temperature=0))
+    b = engine.submit(prompts(1, seed=8)[0], SamplingParams(max_new_tokens=5, temperature=0))
+    engine.step()
+    engine.step()
+    engine.cancel(a)
+    engine.step()
+    assert a.finish_reason == "cancelled" and len(engine.active) == 1 and engine.active[0] is b
+    assert int(engine.cache.lengths[0, 1]) == 0  # the freed row holds nothing
+    while engine.has_work:
+        engine.step()
+    assert b.tokens == Engine(model, max_batch=1).generate([b.prompt], SamplingParams(max_new_tokens=5,
+                                                                                      temperature=0))[0].tokens
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=[1, 99999]), "token ids"),
+    (dict(max_new_tokens=10_000), "exceeds the context of 256 tokens by"),
+    (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(top_logprobs=50), "top_logprobs"),
+    (dict(stop_token_ids=(5000,)), "stop token"),
+    (dict(stop=("x",)), "decode function"),
+])
+def test_invalid_requests_are_refused_up_front(model, bad, match):
+    engine = Engine(model, max_batch=2, max_len=256)
+    good = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0))
+    prompt = bad.pop("prompt", [1, 2, 3])
+    with pytest.raises(InvalidRequest, match=match):
+        engine.submit(prompt, SamplingParams(**{"max_new_tokens": 4, **bad}))
+    while engine.has_work:
+        engine.step()
+    assert len(good.tokens) == 4 and len(engine.waiting) == 0
+
+
+def test_full_queue_says_busy(model):
+    engine = Engine(model, max_batch=1, max_queue=2)
+    engine.submit([1], GREEDY)
+    engine.submit([2], GREEDY)
+    with pytest.raises(EngineBusy):
+        engine.submit([3], GREEDY)
+
+
+def test_filters_keep_what_they_should():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    f = lambda k=0, p=1.0, m=0.0: torch.isfinite(filter_logits(logits, torch.tensor([k]), torch.tensor([p]),
+                                                                torch.tensor([m])))[0].tolist()
+    assert f(k=2) == [True, True, False, False]
+    assert f(p=0.7) == [True, True, False, False]  # 0.5 + 0.25 reaches 0.7
+    assert f(p=0.75) == [True, True, False, False]
+    assert f(p=0.76) == [True, True, True, False]
+    assert f(m=0.4) == [True, True, False, False]  # below 0.4 * 0.5 = 0.2 is dropped
+    assert f(p=0.01) == [True, False, False, False]
+
+
+def test_penalties_discourage_repeats(model):
+    p = prompts(1, seed=9)[0]
+    plain = Engine(model, max_batch=1).generate([p], SamplingParams(max_new_tokens=30, temperature=0))[0].tokens
+    pen = Engine(model, max_batch=1).generate([p], SamplingParams(max_new_tokens=30, temperature=0,
+                                                                   frequency_penalty=2.0, presence_penalty=2.0))[0]
+    assert len(set(pen.tokens)) >= len(set(plain))
+    assert max(pen.tokens.count(t) for t in pen.tokens) <= max(plain.count(t) for t in plain)
+
+
+def test_speculative_greedy_equals_plain_greedy(model):
+    ps = prompts(5, seed=10)
+    lengths = [20, 7, 15, 3, 11]
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]
+    plain = Engine(model, max_batch=3).generate(ps, params)
+    spec = Engine(model, max_batch=3, speculative=True).generate(ps, params)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    assert sum(r.drafted for r in spec) > 0
+
+
+def test_speculative_sampling_keeps_the_distribution(model):
+    """The token decided by verifying an MTP draft follows the model's distribution: compare the
+    empirical joint distribution of the first two sampled tokens with and without speculation."""
+    p = prompts(1, seed=11)[0]
+    n = 600
+    sp = [SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, seed=s) for s in range(n)]
+    plain = Engine(model, max_batch=32).generate([p] * n, sp)
+    spec = Engine(model, max_batch=32, speculative=True).generate([p] * n, sp)
+    assert sum(r.drafted for r in spec) > 0
+
+    def joint(reqs):
+        counts = {}
+        for r in reqs:
+            counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1 / n
+        return counts
+
+    a, b = joint(plain), joint(spec)
+    tv = sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b)) / 2
+    assert tv < 0.1, tv  # at most 9 outcomes: sampling noise is about 0.04 at n = 600
