@@ -1,7 +1,8 @@
 """What cpu-tiny pretraining learns in a fixed time, with the router-bias update on and off.
 
 Runs `nanoseek pretrain` twice on the embedded default data (task problems + standard-library
-code with FIM, MTP on), identical except for the aux-loss-free bias update speed gamma, then
+code with FIM, MTP on), identical except for the aux-loss-free bias update speed gamma (the
+second run takes as many steps as the first took in its time budget), then
 prints held-out loss, MTP loss and expert-load imbalance (max/mean tokens per expert, worst
 layer) for both and draws bias_on_vs_off.png.
 
@@ -27,8 +28,8 @@ def summary(run: Path) -> dict:
     return {
         "steps": train[-1]["step"], "tokens": train[-1]["tokens"], "minutes": train[-1]["time"] / 60,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
-        "first_eval_loss": evals[0]["eval_loss"], "eval_loss": evals[-1]["eval_loss"],
-        "first_eval_mtp_loss": evals[0]["eval_mtp_loss"], "eval_mtp_loss": evals[-1]["eval_mtp_loss"],
+        **{f"{k} (step {evals[0]['step']})": evals[0][k] for k in sorted(evals[0]) if k.startswith("eval_")},
+        **{f"{k} (end)": evals[-1][k] for k in sorted(evals[-1]) if k.startswith("eval_")},
         "imbalance_first10%": statistics.mean(r["expert_imbalance"] for r in head),
         "imbalance_last10%": statistics.mean(r["expert_imbalance"] for r in tail),
     }
@@ -42,20 +43,22 @@ def main():
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
 
-    data = DataConfig()
     runs = {"bias_on": args.gamma, "bias_off": 0.0}
-    for name, gamma in runs.items():
-        train = TrainConfig(max_steps=0, time_budget=args.minutes * 60, bias_gamma=gamma, eval_every=100,
-                            checkpoint_every=500, compile=args.compile)
-        if name == "bias_off" and (args.out / "bias_on" / "tokenizer").exists():
-            data = DataConfig(tokenizer=str(args.out / "bias_on" / "tokenizer"))
-        pretrain(args.out / name, data=data, train=train)
+    # the 'on' run trains for the time budget; the 'off' run for the same number of steps (same
+    # tokens), so the comparison does not depend on the machine's speed during each run
+    pretrain(args.out / "bias_on", data=DataConfig(),
+             train=TrainConfig(max_steps=0, time_budget=args.minutes * 60, bias_gamma=args.gamma, eval_every=50,
+                               checkpoint_every=500, compile=args.compile))
+    steps = read_metrics(args.out / "bias_on" / "metrics.jsonl")[-1]["step"]
+    pretrain(args.out / "bias_off", data=DataConfig(tokenizer=str(args.out / "bias_on" / "tokenizer")),
+             train=TrainConfig(max_steps=steps, bias_gamma=0.0, eval_every=50, checkpoint_every=500,
+                               compile=args.compile))
 
     results = {name: summary(args.out / name) for name in runs}
     keys = list(next(iter(results.values())))
-    print(f"{'':24s}" + "".join(f"{n:>14s}" for n in results))
+    print(f"{'':36s}" + "".join(f"{n:>12s}" for n in results))
     for k in keys:
-        print(f"{k:24s}" + "".join(f"{results[n][k]:14.4g}" for n in results))
+        print(f"{k:36s}" + "".join(f"{results[n].get(k, float('nan')):12.4g}" for n in results))
 
     import matplotlib
 

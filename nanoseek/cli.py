@@ -217,5 +217,151 @@ def pretrain(
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
 
 
+def _load_for_chat(model: Path, speculative: bool, max_batch: int = 4):
+    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json."""
+    from nanoseek import load_model
+    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.inference import Engine
+    from nanoseek.model import ConfigError
+    from nanoseek.tokenizer import DeepSeekTokenizer
+
+    try:
+        m = load_model(model)
+        tok = DeepSeekTokenizer.load(model)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if speculative and not m.mtp_layers:
+        console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
+        speculative = False
+    return Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative,
+                  eos_token_id=tok.eos_id), tok
+
+
+def _stream_reply(engine, req, thinking: bool) -> tuple[str, str]:
+    """Drive the engine until req ends, printing reasoning dimmed and the answer plainly."""
+    from nanoseek.reasoning import ReasoningStream
+
+    splitter, parts, shown = ReasoningStream(started=thinking), {"reasoning": "", "answer": ""}, None
+    try:
+        while not req.finished:
+            engine.step()
+            while not req.events.empty():
+                ev = req.events.get()
+                for kind, text in splitter.feed(ev.text, final=ev.finish_reason is not None):
+                    if kind != shown:
+                        header = "[dim italic]Thinking...[/]\n" if kind == "reasoning" else "\n[bold]Answer:[/] "
+                        console.print(header, end="")
+                        shown = kind
+                    parts[kind] += text
+                    console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False,
+                                  highlight=False)
+    except KeyboardInterrupt:
+        engine.cancel(req)
+        while engine.has_work:
+            engine.step()
+        console.print("\n[yellow](stopped)[/]", end="")
+    console.print()
+    return parts["reasoning"], parts["answer"]
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from nanoseek.inference import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue)."),
+    raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
+    think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
+    max_tokens: int = typer.Option(512, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(None, help="Seed for reproducible sampling."),
+    speculative: bool = typer.Option(True, help="Draft with the model's MTP layer and verify (same output)."),
+):
+    """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
+    from nanoseek.inference import InvalidRequest
+
+    engine, tok = _load_for_chat(model, speculative, max_batch=1)
+    ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
+    t0 = time.perf_counter()
+    try:
+        req = engine.submit(ids, _sampling(max_tokens, temperature, top_p, seed))
+    except InvalidRequest as e:
+        _fail(str(e))
+    _stream_reply(engine, req, thinking=think and not raw)
+    dt = time.perf_counter() - t0
+    spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
+    console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "
+                  f"finish: {req.finish_reason}[/]")
+
+
+@app.command()
+def chat(
+    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    system: str = typer.Option("", help="System prompt."),
+    temperature: float = typer.Option(0.6, help="Sampling temperature (0 = greedy); /temp changes it."),
+    top_p: float = typer.Option(0.95),
+    max_tokens: int = typer.Option(1024, help="Most tokens per reply."),
+    think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
+    speculative: bool = typer.Option(True, help="MTP speculative decoding when the model has an MTP layer."),
+):
+    """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer.
+
+    End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
+    /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
+    current reply; Ctrl-D or /exit leaves."""
+    from nanoseek.inference import EngineBusy, InvalidRequest
+
+    engine, tok = _load_for_chat(model, speculative)
+    messages: list[dict] = []
+    console.print(f"[bold]nanoseek chat[/] with {model}  (/reset /system /temp /exit; Ctrl-C stops a reply)")
+    while True:
+        try:
+            lines = [input("> ")]
+            while lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1]
+                lines.append(input("... "))
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        text = "\n".join(lines).strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd == "/exit":
+                return
+            if cmd == "/reset":
+                messages = []
+                console.print("[dim](new conversation)[/]")
+            elif cmd == "/system":
+                system = arg.strip()
+                console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
+            elif cmd == "/temp":
+                try:
+                    temperature = float(arg)
+                    console.print(f"[dim](temperature {temperature})[/]")
+                except ValueError:
+                    console.print("[red]usage: /temp 0.7[/]")
+            else:
+                console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit)")
+            continue
+        messages.append({"role": "user", "content": text})
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        try:
+            req = engine.submit(tok.render_prompt(convo, thinking=think),
+                                _sampling(max_tokens, temperature, top_p, None))
+        except (InvalidRequest, EngineBusy) as e:
+            messages.pop()
+            console.print(f"[red]{e}[/] (try /reset)")
+            continue
+        reasoning, answer = _stream_reply(engine, req, thinking=think)
+        messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+
+
 def main():
     app()

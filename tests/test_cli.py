@@ -37,3 +37,40 @@ def test_tokenizer_train(tmp_path):
     assert "1 malformed records skipped" in ok.output
     tok = DeepSeekTokenizer.load(out)
     assert tok.decode(tok.encode("sample 3 of text")) == "sample 3 of text"
+
+
+def _chat_model(tmp_path):
+    """A tiny random model with a tokenizer, as `nanoseek pretrain` leaves in runs/<name>/model."""
+    import torch
+
+    from nanoseek import save_model
+    from nanoseek.data.builtin import task_texts
+    from nanoseek.model import build_model, get_preset
+
+    tok = DeepSeekTokenizer.train(task_texts(200), vocab_size=320)
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    save_model(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_generate_prints_reasoning_apart_and_speed(tmp_path):
+    model = _chat_model(tmp_path)
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "12"])
+    assert r.exit_code == 0, r.output
+    assert "Thinking" in r.output and "tok/s" in r.output and "MTP drafts accepted" in r.output
+    bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "100000"])
+    assert bad.exit_code == 2 and "exceeds the context" in bad.output
+    missing = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert missing.exit_code == 2 and "no config.json" in missing.output.replace("\n", " ").replace("  ", " ")
+
+
+def test_chat_commands_and_multiline_input(tmp_path):
+    model = _chat_model(tmp_path)
+    script = "hello \\\nthere\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/reset\n/exit\n"
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8"], input=script)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "(temperature 0.0)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
+    assert "(new conversation)" in out and out.count("Thinking") == 2

@@ -182,3 +182,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     b = load_model(tmp_path / "two" / "model")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-4), k
+    # and vice versa: a single-process run resumes in two processes, a distributed one in one process
+    more = ["--max-steps", "8", "--checkpoint-every", "6"]
+    cmd = _nanoseek("--out", str(tmp_path / "one"), "--batch-size", "2", *more)
+    r = subprocess.run(torchrun + ["-m"] + cmd[2:], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(_nanoseek("--out", str(tmp_path / "two"), "--batch-size", "4", *more), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for run in ("one", "two"):
+        assert [s for s, *_ in losses(tmp_path / run)] == list(range(1, 9))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for (s1, l1, *_), (s2, l2, *_) in zip(one, two):
+        assert l1 == pytest.approx(l2, rel=1e-4)
+    # a different global batch is refused
+    r = subprocess.run(_nanoseek("--out", str(tmp_path / "one"), "--batch-size", "2", *more), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "global_batch" in r.stdout

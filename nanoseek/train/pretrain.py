@@ -198,7 +198,9 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
         tok = DeepSeekTokenizer.load(run_dir / "tokenizer")
         old_file = run_dir / "config.json"
         config = model_config_for(preset, tok, model_overrides)
-        run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": asdict(data),
+        data_record = {**asdict(data), "global_batch": data.batch_size * info.world}
+        del data_record["batch_size"]  # per process; a run may resume on another number of processes
+        run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": data_record,
                       "train": asdict(train), "mtp_lambda": mtp_lambda}
         if old_file.is_file():
             check_same_run(json.loads(old_file.read_text()), json.loads(json.dumps(run_config, default=str)))

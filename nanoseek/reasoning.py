@@ -1,0 +1,73 @@
+"""Separating a reasoning model's thinking from its answer, whole or while it streams.
+
+R1-style prompts end with `<think>\\n`, so generated text starts inside the reasoning; it ends
+at `</think>`, after which comes the answer. Used by the terminal chat and the API server
+(`reasoning_content` vs `content`).
+"""
+
+from __future__ import annotations
+
+from .tokenizer import END_THINK, THINK
+
+
+def split_reasoning(text: str, started: bool = True) -> tuple[str, str]:
+    """Whole generated text -> (reasoning, answer). started: the prompt already opened <think>.
+    Without a closing tag, everything is reasoning (the model was cut off while thinking)."""
+    if not started:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK):
+            return "", text
+        text = stripped[len(THINK):]
+    if END_THINK not in text:
+        return text.strip(), ""
+    reasoning, answer = text.split(END_THINK, 1)
+    return reasoning.strip(), answer.strip()
+
+
+class ReasoningStream:
+    """Feed text deltas; get ("reasoning" | "answer", text) pieces in order. A `</think>` split
+    across deltas is recognised: text that might be the start of the tag is held back."""
+
+    def __init__(self, started: bool = True):
+        self.thinking, self.buffer = started, ""
+        self._lead = not started  # may still open with <think>
+        self._answer_started = False
+
+    def feed(self, delta: str, final: bool = False) -> list[tuple[str, str]]:
+        self.buffer += delta
+        out: list[tuple[str, str]] = []
+        if self._lead:
+            stripped = self.buffer.lstrip()
+            if THINK.startswith(stripped) and not final and len(stripped) < len(THINK):
+                return out
+            self._lead = False
+            if stripped.startswith(THINK):
+                self.thinking, self.buffer = True, stripped[len(THINK):]
+        if self.thinking:
+            if END_THINK in self.buffer:
+                reasoning, self.buffer = self.buffer.split(END_THINK, 1)
+                if reasoning:
+                    out.append(("reasoning", reasoning))
+                self.thinking = False
+            else:
+                keep = 0 if final else _partial_suffix(self.buffer, END_THINK)
+                piece, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                if piece:
+                    out.append(("reasoning", piece))
+                return out
+        piece, self.buffer = self.buffer, ""
+        if not self._answer_started:
+            piece = piece.lstrip()  # the blank line after </think>
+            if not piece:
+                return out
+            self._answer_started = True
+        out.append(("answer", piece))
+        return out
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
