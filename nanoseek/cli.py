@@ -363,5 +363,39 @@ def chat(
         messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind. Without an API key only loopback is allowed "
+                             "unless --allow-open is given."),
+    port: int = typer.Option(8000),
+    api_key: str = typer.Option(None, envvar="NANOSEEK_API_KEY", help="Require 'Authorization: Bearer KEY' "
+                                "(also read from NANOSEEK_API_KEY)."),
+    allow_open: bool = typer.Option(False, help="Serve without an API key on a non-loopback interface."),
+    name: str = typer.Option("nanoseek", help="The model name clients use."),
+    max_batch: int = typer.Option(16, help="Requests decoded together."),
+    max_queue: int = typer.Option(64, help="Waiting requests before the server answers 503."),
+    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: <model>/chats.db)."),
+    speculative: bool = typer.Option(True, help="MTP speculative decoding when the model has an MTP layer."),
+):
+    """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
+    web app (/) on one port."""
+    import uvicorn
+
+    from nanoseek.serve import create_app
+    from nanoseek.serve.store import ChatStore
+
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
+        _fail(f"refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
+              "--allow-open")
+    engine, tok = _load_for_chat(model, speculative, max_batch=max_batch)
+    engine.max_queue = max_queue
+    store = ChatStore(db or model / "chats.db")
+    application = create_app(engine, tok, name=name, api_key=api_key, store=store)
+    console.print(f"[bold]nanoseek[/] serving {model} as '{name}' on http://{host}:{port}  "
+                  f"(web app at /, API at /v1{', key required' if api_key else ''})")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 def main():
     app()

@@ -30,6 +30,7 @@ import torch
 
 from ..model import DeepseekForCausalLM
 from .cache import LatentCache
+from .constraints import JsonPrefix
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
 
 
@@ -59,6 +60,7 @@ class Request:
     accepted: int = 0
     steps: int = 0  # decode steps this request took part in
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    on_event: Callable[[Event], None] | None = field(default=None, repr=False)  # called from the engine thread
     cancelled: bool = False
     _state: RowState | None = field(default=None, repr=False)
     _draft: int | None = field(default=None, repr=False)
@@ -150,12 +152,14 @@ class Engine:
         self.error: BaseException | None = None
 
     # ---- requests ----
-    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
-        """Queue a request; raises InvalidRequest (bad input) or EngineBusy (queue full) at once."""
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               on_event: Callable[[Event], None] | None = None) -> Request:
+        """Queue a request; raises InvalidRequest (bad input) or EngineBusy (queue full) at once.
+        on_event, if given, also receives every event (from the thread that runs the engine)."""
         params = params or SamplingParams()
         params.check(self.config.vocab_size)
-        if params.stop and self.decode is None:
-            raise InvalidRequest("stop strings need an engine built with a decode function")
+        if (params.stop or params.json_mode) and self.decode is None:
+            raise InvalidRequest("stop strings and JSON mode need an engine built with a decode function")
         prompt = list(prompt)
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -170,7 +174,7 @@ class Engine:
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting)")
-            req = Request(next(self._ids), prompt, params)
+            req = Request(next(self._ids), prompt, params, on_event=on_event)
             self.waiting.append(req)
         self._wake.set()
         return req
@@ -243,7 +247,8 @@ class Engine:
                 req = self.waiting.popleft()
             self._prefill(req)
         if self.active:
-            self._decode_speculative() if self.speculative else self._decode()
+            json_rows = any(r.params.json_mode for r in self.active)  # constrained rows decode one token at a time
+            self._decode_speculative() if self.speculative and not json_rows else self._decode()
 
     def _prefill(self, req: Request) -> None:
         row = len(self.active)
@@ -253,6 +258,8 @@ class Engine:
             req._state.generator = torch.Generator(self.device).manual_seed(req.params.seed)
         if req.params.penalized:
             req._state.counts = torch.zeros(self.config.vocab_size, device=self.device)
+        if req.params.json_mode:
+            req._state.json = JsonPrefix()
         n = self._reuse_prefix(req, row)
         req.cached_tokens = n
         rest = torch.tensor([req.prompt[n:]], device=self.device)
@@ -369,8 +376,37 @@ class Engine:
 
     def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
         states = [r._state for r in rows]
-        tokens = draw(processed_logits(raw, states), states)
-        return tokens.tolist()
+        logits = processed_logits(raw, states)
+        tokens = draw(logits, states).tolist()
+        for i, r in enumerate(rows):
+            if r._state.json is not None:
+                tokens[i] = self._json_token(r, logits[i])
+        return tokens
+
+    def _json_token(self, req: Request, logits: torch.Tensor) -> int:
+        """The best (greedy) or a sampled token among those that keep the output a JSON prefix;
+        when the budget is down to what closing the object takes, the closing text, a character a step."""
+        state, left = req._state.json, req.params.max_new_tokens - len(req.tokens)
+        texts, singles = self._token_texts()
+        closing = state.closing()
+        if len(closing) >= left:
+            return singles[closing[0]]
+        order = logits.argsort(descending=True).tolist()
+        valid = [t for t in order[:256] if texts[t] and state.copy().feed_text(texts[t])]
+        if not valid:
+            valid = [t for t in order[256:] if texts[t] and state.copy().feed_text(texts[t])][:1] or [singles[closing[0]]]
+        if req.params.temperature == 0 or len(valid) == 1:
+            return valid[0]
+        probs = logits[valid].softmax(-1)
+        return valid[int(torch.multinomial(probs, 1, generator=req._state.generator))]
+
+    def _token_texts(self) -> tuple[list[str], dict[str, int]]:
+        """Each token's text ('' for control tokens and partial UTF-8), and a token for each single character."""
+        if not hasattr(self, "_texts"):
+            texts = [self.decode([t]) for t in range(self.config.vocab_size)]
+            texts = ["" if ("\ufffd" in x or "\uff5c" in x or x in ("<think>", "</think>")) else x for x in texts]
+            self._texts = (texts, {x: t for t, x in reversed(list(enumerate(texts))) if len(x) == 1})
+        return self._texts
 
     # ---- bookkeeping ----
     def _append(self, row: int, tokens: list[int], logits: torch.Tensor) -> None:
@@ -385,7 +421,9 @@ class Engine:
             req.tokens.append(t)
             if req._state.counts is not None:
                 req._state.counts[t] += 1
-            if t in stops:
+            if req._state.json is not None:
+                req._state.json.feed_text(self._token_texts()[0][t])
+            if t in stops or (req._state.json is not None and req._state.json.complete):
                 reason = "stop"
             elif len(req.tokens) >= p.max_new_tokens:
                 reason = "length"
@@ -410,7 +448,7 @@ class Engine:
                 safe -= 1
             if safe > req._shown:
                 text, req._shown = full[req._shown:safe], safe
-        req.events.put(Event(new, text, lp, reason))
+        self._emit(req, Event(new, text, lp, reason))
         if reason:
             self._release(row, reason, emitted=True)
 
@@ -427,13 +465,20 @@ class Engine:
         else:
             self.cache.reset(row)
         self.active.pop()
-        if not emitted:
-            req.events.put(Event([], "", [], reason))
-        self._finish(req, reason)
+        self._finish(req, reason, emitted)
 
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = req.finish_reason or reason
+    def _finish(self, req: Request, reason: str, emitted: bool = False) -> None:
+        if req.finish_reason is None:
+            req.finish_reason = reason
+            if not emitted:
+                self._emit(req, Event([], "", [], reason))
         req._done.set()
+
+    @staticmethod
+    def _emit(req: Request, ev: Event) -> None:
+        req.events.put(ev)
+        if req.on_event is not None:
+            req.on_event(ev)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

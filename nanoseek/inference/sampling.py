@@ -35,6 +35,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (0-20)
     ignore_eos: bool = False
+    json_mode: bool = False  # the output is constrained to be one JSON object (needs a decode function)
 
     def check(self, vocab_size: int) -> None:
         def bad(msg: str):
@@ -77,6 +78,7 @@ class RowState:
     params: SamplingParams
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [vocab] occurrences of generated tokens (penalties only)
+    json: object | None = None  # a JsonPrefix for JSON-mode requests
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:

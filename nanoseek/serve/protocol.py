@@ -1,0 +1,136 @@
+"""Request and response shapes of the OpenAI / DeepSeek API (pydantic), and OpenAI-style errors.
+
+Unknown request fields are ignored (clients send many optional ones); known fields are
+validated with ranges, and every failure becomes a 400 with a message naming the field, never
+pydantic's own error dump.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's {"error": {...}} body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Message(_Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict] | None = None
+    reasoning_content: str | None = None
+    prefix: bool = False  # DeepSeek chat prefix completion: the model continues this assistant message
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        """OpenAI's list-of-parts content: only text parts are understood."""
+        if isinstance(v, list):
+            texts = []
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                texts.append(part["text"])
+            return "".join(texts)
+        return v
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object"] = "text"
+
+
+class Thinking(_Request):
+    type: Literal["enabled", "disabled"] = "enabled"
+
+
+class Sampling(_Request):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of up to 16 non-empty strings")
+        return stops
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+    suffix: str | None = None
+    echo: bool = False
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+
+# ---- responses ----
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cache_hit: int, reasoning_tokens: int | None = None) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens,
+         "prompt_cache_hit_tokens": cache_hit, "prompt_cache_miss_tokens": prompt_tokens - cache_hit,
+         "prompt_tokens_details": {"cached_tokens": cache_hit}}
+    if reasoning_tokens is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return u
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's error list -> one readable sentence and the offending parameter."""
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = e.get("msg", "invalid value").removeprefix("Value error, ")
+    kind = e.get("type", "")
+    if kind == "missing":
+        msg = "is required"
+    elif kind == "json_invalid":
+        return "the request body is not valid JSON", None
+    elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
+        return "the request body must be a JSON object", None
+    return (f"{param}: {msg}" if param else msg), param

@@ -1,0 +1,377 @@
+"""The OpenAI- and DeepSeek-compatible API (FastAPI), over the one engine running in a background thread.
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (with
+`suffix` = fill-in-the-middle), the chat web app at / and its conversation store at /api/.
+The reasoning a model writes between <think> and </think> is returned as `reasoning_content`
+(`delta.reasoning_content` when streaming), never inside `content`. Model names: the served
+name, plus DeepSeek's `deepseek-reasoner` (thinking on) and `deepseek-chat` (thinking off), so
+DeepSeek API clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from ..inference import Engine, EngineBusy, InvalidRequest, SamplingParams
+from ..reasoning import ReasoningStream, split_reasoning
+from ..tokenizer import DeepSeekTokenizer
+from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, usage, validation_message
+
+WEB = Path(__file__).parent / "web"
+DEFAULT_MAX_TOKENS = 4096
+
+
+class Service:
+    """What the routes share: the engine, the tokenizer, the served name, the key, the store."""
+
+    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None, store=None):
+        self.engine, self.tok, self.name, self.api_key, self.store = engine, tok, name, api_key, store
+
+    def check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", "authentication_error",
+                           code="invalid_api_key")
+        if not secrets.compare_digest(given, self.api_key):
+            raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
+
+    def thinking_default(self, model: str | None) -> bool:
+        if model in (None, self.name, "deepseek-reasoner"):
+            return True
+        if model == "deepseek-chat":
+            return False
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r} "
+                            "(also as 'deepseek-reasoner' and 'deepseek-chat')", code="model_not_found", param="model")
+
+    def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop):
+        """n requests with their asyncio event queues; refused requests become API errors."""
+        jobs = []
+        try:
+            for i in range(n):
+                q: asyncio.Queue = asyncio.Queue()
+                p = params if params.seed is None or i == 0 else _with(params, seed=params.seed + i)
+                req = self.engine.submit(prompt, p, on_event=lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
+                jobs.append((req, q))
+        except InvalidRequest as e:
+            for req, _ in jobs:
+                self.engine.cancel(req)
+            raise APIError(400, str(e), param="messages" if "prompt" in str(e) else None) from None
+        except EngineBusy as e:
+            for req, _ in jobs:
+                self.engine.cancel(req)
+            raise APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded") from None
+        return jobs
+
+
+def _with(params: SamplingParams, **kw) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **kw)
+
+
+def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
+               store=None) -> FastAPI:
+    svc = Service(engine, tok, name, api_key, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = svc
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        msg, param = validation_message(e.errors())
+        return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e):
+        return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e):
+        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):  # a bug, never a client mistake: no traceback leaves
+        return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if engine.error is None else "degraded", "model": name,
+                "running": len(engine.active), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        svc.check_key(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "nanoseek"}
+                                           for m in (name, "deepseek-reasoner", "deepseek-chat")]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        svc.check_key(request)
+        return await chat(svc, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        svc.check_key(request)
+        return await complete(svc, body, request)
+
+    if store is not None:
+        from .store import routes
+
+        app.include_router(routes(svc))
+    if WEB.is_dir():
+        app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(WEB / "index.html")
+
+    return app
+
+
+# ---- chat completions ----
+def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool]:
+    """-> (prompt ids, thinking, prefix mode)."""
+    thinking = svc.thinking_default(body.model)
+    if body.thinking is not None:
+        thinking = body.thinking.type == "enabled"
+    json_mode = body.response_format is not None and body.response_format.type == "json_object"
+    if json_mode:
+        thinking = False
+    msgs = []
+    for i, m in enumerate(body.messages):
+        if m.prefix and (i != len(body.messages) - 1 or m.role != "assistant"):
+            raise APIError(400, "only the last message may have prefix: true, and it must be an assistant message",
+                           param=f"messages.{i}.prefix")
+        if m.role != "assistant" and m.content is None:
+            raise APIError(400, f"messages.{i}.content is required for {m.role} messages", param=f"messages.{i}.content")
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": m.content or "",
+                     **({"reasoning_content": m.reasoning_content} if m.reasoning_content else {})})
+    if not any(m["role"] == "user" for m in msgs):
+        raise APIError(400, "messages must contain at least one user message", param="messages")
+    prefix = body.messages[-1].prefix
+    if prefix:
+        head, _ = svc.tok.render_conversation(msgs[:-1]) if len(msgs) > 1 else ([svc.tok.bos_id], None)
+        ids = head + [svc.tok.assistant_id] + svc.tok.encode(msgs[-1]["content"])
+        return ids, False, True
+    if msgs[-1]["role"] == "assistant":
+        raise APIError(400, "the last message is an assistant message; set prefix: true to continue it",
+                       param="messages")
+    return svc.tok.render_prompt(msgs, thinking=thinking), thinking, False
+
+
+def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    ctx = svc.engine.max_len
+    if prompt_len >= ctx:
+        raise APIError(400, f"the prompt is {prompt_len} tokens, over this model's context of {ctx} tokens by "
+                            f"{prompt_len - ctx + 1}", param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, ctx - prompt_len)
+    elif prompt_len + max_tokens > ctx:
+        raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                            f"context of {ctx} tokens by {prompt_len + max_tokens - ctx}", param="max_tokens",
+                       code="context_length_exceeded")
+    top = body.top_logprobs or 0
+    if top and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
+                          stop_token_ids=(svc.tok.eos_id,))
+
+
+def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = svc.tok.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp["token"], lp["logprob"]), "top_logprobs": [entry(t, v) for t, v in lp["top"]]}
+                        for lp in lps]}
+
+
+def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
+    if not thinking:
+        return 0
+    return tokens.index(svc.tok.end_think_id) if svc.tok.end_think_id in tokens else len(tokens)
+
+
+async def chat(svc: Service, body: ChatRequest, request: Request):
+    prompt, thinking, prefix = _chat_prompt(svc, body)
+    params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
+    if body.response_format is not None and body.response_format.type == "json_object":
+        params = _with(params, json_mode=True)
+    jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
+    cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_chat_stream(svc, jobs, request, cid, created, model, thinking, prompt, include_usage))
+    await _wait_all(svc, jobs, request)
+    choices = []
+    for i, (req, _) in enumerate(jobs):
+        reasoning, content = split_reasoning(req.text, started=thinking) if thinking else ("", req.text)
+        msg = {"role": "assistant", "content": content}
+        if thinking:
+            msg["reasoning_content"] = reasoning
+        choices.append({"index": i, "message": msg, "finish_reason": _finish(req),
+                        "logprobs": _logprobs_json(svc, req.logprobs) if body.logprobs else None})
+    first = jobs[0][0]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
+                           sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)),
+            "system_fingerprint": "nanoseek"}
+
+
+async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
+                       prompt: list[int], include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "nanoseek", "choices": choices, **extra}
+
+    for i in range(len(jobs)):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                      "logprobs": None}])
+    splitters = [ReasoningStream(started=True) if thinking else None for _ in jobs]
+    async for i, ev in _merged_events(svc, jobs, request):
+        final = ev.finish_reason is not None
+        pieces = splitters[i].feed(ev.text, final=final) if thinking else ([("answer", ev.text)] if ev.text else [])
+        for kind, text in pieces:
+            key = "reasoning_content" if kind == "reasoning" else "content"
+            yield chunk([{"index": i, "delta": {key: text}, "finish_reason": None, "logprobs": None}])
+        if ev.logprobs and jobs[i][0].params.logprobs:
+            yield chunk([{"index": i, "delta": {}, "finish_reason": None,
+                          "logprobs": _logprobs_json(svc, ev.logprobs)}])
+        if final:
+            yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(jobs[i][0]), "logprobs": None}])
+    if include_usage:
+        first = jobs[0][0]
+        yield chunk([], usage=usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
+                                    sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)))
+
+
+# ---- completions (with fill-in-the-middle) ----
+async def complete(svc: Service, body: CompletionRequest, request: Request):
+    svc.thinking_default(body.model)  # checks the model name
+    tok = svc.tok
+    if body.suffix is not None:  # FIM, PSM order as in pretraining
+        prompt = [tok.bos_id, tok.fim_begin_id] + tok.encode(body.prompt) + [tok.fim_hole_id] + \
+            tok.encode(body.suffix) + [tok.fim_end_id]
+    else:
+        prompt = [tok.bos_id] + tok.encode(body.prompt)
+    params = _sampling(svc, body, len(prompt), body.max_tokens)
+    jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
+    cid, created, model = new_id("cmpl"), now(), body.model or svc.name
+    echo = body.prompt if body.echo else ""
+    if body.stream:
+        async def events():
+            if echo:
+                for i in range(len(jobs)):
+                    yield _completion_chunk(cid, created, model, i, echo, None)
+            async for i, ev in _merged_events(svc, jobs, request):
+                if ev.text:
+                    yield _completion_chunk(cid, created, model, i, ev.text, None)
+                if ev.finish_reason is not None:
+                    yield _completion_chunk(cid, created, model, i, "", _finish(jobs[i][0]))
+            if body.stream_options and body.stream_options.include_usage:
+                yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+        return _sse(events())
+    await _wait_all(svc, jobs, request)
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": echo + r.text, "finish_reason": _finish(r), "logprobs": None}
+                        for i, (r, _) in enumerate(jobs)],
+            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+
+
+def _completion_chunk(cid, created, model, index, text, finish) -> dict:
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+# ---- plumbing ----
+def _finish(req) -> str:
+    return "length" if req.finish_reason == "length" else "stop"
+
+
+async def _wait_all(svc: Service, jobs, request: Request) -> None:
+    """Wait for every job; a client that disconnects cancels them."""
+    try:
+        for req, q in jobs:
+            while not req.finished:
+                try:
+                    await asyncio.wait_for(q.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError
+        _raise_engine_failure(svc, jobs)
+    except asyncio.CancelledError:
+        for req, _ in jobs:
+            svc.engine.cancel(req)
+        raise
+
+
+def _raise_engine_failure(svc: Service, jobs) -> None:
+    if any(req.finish_reason == "error" for req, _ in jobs):
+        raise APIError(500, "generation failed inside the engine", "server_error")
+
+
+async def _merged_events(svc: Service, jobs, request: Request) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, event) from all jobs as they arrive, until every job has finished."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, q):
+        while True:
+            ev = await q.get()
+            await merged.put((i, ev))
+            if ev.finish_reason is not None:
+                return
+
+    tasks = [asyncio.create_task(pump(i, q)) for i, (_, q) in enumerate(jobs)]
+    left = len(jobs)
+    try:
+        while left:
+            i, ev = await merged.get()
+            if ev.finish_reason is not None:
+                left -= 1
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        for req, _ in jobs:  # a client that went away (or an early exit) stops its generations
+            if not req.finished:
+                svc.engine.cancel(req)
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for e in events:
+            yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+__all__ = ["APIError", "Service", "create_app"]

@@ -1,0 +1,169 @@
+"""Conversations of the chat web app, kept server-side in SQLite (WAL mode), and their routes.
+
+    GET    /api/conversations             list (newest first)
+    POST   /api/conversations             create {title?, system?, settings?}
+    GET    /api/conversations/{id}        one, with its messages
+    PATCH  /api/conversations/{id}        rename / change system prompt or settings
+    PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
+    DELETE /api/conversations/{id}
+
+The page sends the whole message list after each change, so editing and regenerating are just
+rewrites of the list. Each write is one transaction; a server restart finds everything again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import APIError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, title TEXT NOT NULL, system TEXT NOT NULL DEFAULT '',
+    settings TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+    reasoning TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
+"""
+
+
+class ChatStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def _tx(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+                self._db.execute("COMMIT")
+                return out
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def list(self) -> list[dict]:
+        rows = self._db.execute("SELECT id, title, updated FROM conversations ORDER BY updated DESC").fetchall()
+        return [{"id": i, "title": t, "updated": u} for i, t, u in rows]
+
+    def create(self, title: str = "New chat", system: str = "", settings: dict | None = None) -> dict:
+        cid, t = uuid.uuid4().hex, time.time()
+        self._tx(lambda db: db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+                                       (cid, title, system, json.dumps(settings or {}), t, t)))
+        return self.get(cid)
+
+    def get(self, cid: str) -> dict:
+        row = self._db.execute("SELECT id, title, system, settings, created, updated FROM conversations WHERE id = ?",
+                               (cid,)).fetchone()
+        if row is None:
+            raise APIError(404, f"no conversation {cid!r}", code="not_found")
+        msgs = self._db.execute("SELECT role, content, reasoning FROM messages WHERE conversation_id = ? "
+                                "ORDER BY position", (cid,)).fetchall()
+        return {"id": row[0], "title": row[1], "system": row[2], "settings": json.loads(row[3]),
+                "created": row[4], "updated": row[5],
+                "messages": [{"role": r, "content": c, **({"reasoning_content": rs} if rs else {})}
+                             for r, c, rs in msgs]}
+
+    def update(self, cid: str, **fields) -> dict:
+        self.get(cid)
+        sets = {k: (json.dumps(v) if k == "settings" else v) for k, v in fields.items() if v is not None}
+        sets["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        self._tx(lambda db: db.execute(f"UPDATE conversations SET {cols} WHERE id = ?", (*sets.values(), cid)))
+        return self.get(cid)
+
+    def set_messages(self, cid: str, messages: list[dict]) -> dict:
+        self.get(cid)
+
+        def write(db):
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (cid,))
+            db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
+                           [(cid, i, m["role"], m["content"], m.get("reasoning_content") or "")
+                            for i, m in enumerate(messages)])
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
+
+        self._tx(write)
+        return self.get(cid)
+
+    def delete(self, cid: str) -> None:
+        self.get(cid)
+        self._tx(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class NewConversation(_Body):
+    title: str = Field("New chat", max_length=200)
+    system: str = Field("", max_length=20_000)
+    settings: dict = Field(default_factory=dict)
+
+
+class ConversationPatch(_Body):
+    title: str | None = Field(None, min_length=1, max_length=200)
+    system: str | None = Field(None, max_length=20_000)
+    settings: dict | None = None
+
+
+class StoredMessage(_Body):
+    role: str = Field(..., pattern="^(user|assistant)$")
+    content: str = Field(..., max_length=1_000_000)
+    reasoning_content: str | None = Field(None, max_length=1_000_000)
+
+
+class MessageList(_Body):
+    messages: list[StoredMessage] = Field(..., max_length=10_000)
+
+
+def routes(svc) -> APIRouter:
+    store: ChatStore = svc.store
+    r = APIRouter(prefix="/api/conversations")
+
+    @r.get("")
+    async def list_(request: Request):
+        svc.check_key(request)
+        return {"data": store.list()}
+
+    @r.post("")
+    async def create(body: NewConversation, request: Request):
+        svc.check_key(request)
+        return store.create(body.title, body.system, body.settings)
+
+    @r.get("/{cid}")
+    async def get(cid: str, request: Request):
+        svc.check_key(request)
+        return store.get(cid)
+
+    @r.patch("/{cid}")
+    async def patch(cid: str, body: ConversationPatch, request: Request):
+        svc.check_key(request)
+        return store.update(cid, title=body.title, system=body.system, settings=body.settings)
+
+    @r.put("/{cid}/messages")
+    async def put_messages(cid: str, body: MessageList, request: Request):
+        svc.check_key(request)
+        return store.set_messages(cid, [m.model_dump() for m in body.messages])
+
+    @r.delete("/{cid}")
+    async def delete(cid: str, request: Request):
+        svc.check_key(request)
+        store.delete(cid)
+        return {"deleted": cid}
+
+    return r

@@ -1,0 +1,227 @@
+"""The API server against the official `openai` client, on a live server on 127.0.0.1, and a table
+of bad requests that must each get the right status and an OpenAI-shaped error."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from conftest import randomize_
+from nanoseek.data.builtin import task_texts
+from nanoseek.inference import Engine
+from nanoseek.model import build_model, get_preset
+from nanoseek.serve import create_app
+from nanoseek.serve.store import ChatStore
+from nanoseek.tokenizer import DeepSeekTokenizer
+
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    tok = DeepSeekTokenizer.train(list(task_texts(300)) + ["{\"a\": 1, \"b\": [true, null]}"] * 50, vocab_size=360)
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                   max_position_embeddings=256)).eval()
+    randomize_(model, std=0.08)
+    return model, tok, tmp_path_factory.mktemp("db")
+
+
+@pytest.fixture(scope="module")
+def server(parts):
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=8, max_len=256, eos_token_id=tok.eos_id)
+    app = create_app(engine, tok, name="nanoseek-test", api_key=KEY, store=ChatStore(db / "chats.db"))
+    with LiveServer(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def ask(text="What is 12 + 7?"):
+    return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": text}]
+
+
+def test_models_and_health(client, server):
+    assert "nanoseek-test" in [m.id for m in client.models.list().data]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_chat_non_streaming_separates_reasoning_and_reports_usage(client):
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask(), max_tokens=24, temperature=0)
+    msg = r.choices[0].message
+    reasoning = msg.model_extra.get("reasoning_content")
+    assert isinstance(reasoning, str) and "</think>" not in (msg.content or "") + reasoning
+    assert "<think>" not in (msg.content or "")
+    u = r.usage
+    assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 24 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    extra = u.model_extra
+    assert extra["prompt_cache_hit_tokens"] + extra["prompt_cache_miss_tokens"] == u.prompt_tokens
+    assert u.completion_tokens_details.reasoning_tokens <= u.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    kw = dict(model="nanoseek-test", messages=ask("Compute 40 - 13."), max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message
+    stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    content, reasoning, usage, finish = "", "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            finish = c.finish_reason or finish
+    assert content == whole.content and reasoning == whole.model_extra["reasoning_content"]
+    assert usage is not None and usage.completion_tokens > 0 and finish in ("stop", "length")
+
+
+def test_n_choices_share_the_prompt_prefill(client):
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=10, n=3,
+                                       temperature=1.0, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=10, n=3,
+                                           temperature=1.0, seed=5)
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
+    assert again.usage.model_extra["prompt_cache_hit_tokens"] > 0  # the same prompt hits the prefix cache
+
+
+def test_stop_string_is_not_in_the_output(client):
+    free = client.chat.completions.create(model="deepseek-chat", messages=ask(), max_tokens=30, temperature=0)
+    text = free.choices[0].message.content
+    assert text, "the model produced no answer text to cut"
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    r = client.chat.completions.create(model="deepseek-chat", messages=ask(), max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == text[: text.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert "reasoning_content" not in (r.choices[0].message.model_extra or {})  # deepseek-chat: no thinking
+
+
+def test_json_mode_output_parses(client):
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask("Give me a JSON object."), max_tokens=40,
+                                       response_format={"type": "json_object"}, temperature=0.8, seed=1)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_fim_completion_with_suffix(client):
+    r = client.completions.create(model="nanoseek-test", prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))",
+                                  max_tokens=8, temperature=0)
+    assert isinstance(r.choices[0].text, str) and r.usage.completion_tokens <= 8
+    plain = client.completions.create(model="nanoseek-test", prompt="1 + 1 =", max_tokens=5, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("1 + 1 =")
+
+
+def test_prefix_completion_and_logprobs(client):
+    msgs = ask() + [{"role": "assistant", "content": "The answer is", "prefix": True}]
+    r = client.chat.completions.create(model="nanoseek-test", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in lp)
+    assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in lp)
+
+
+BAD = [
+    # (description, json body or raw bytes, headers override, expected status, text in the message)
+    ("wrong key", {"messages": ask()}, {"Authorization": "Bearer nope"}, 401, "incorrect API key"),
+    ("no key", {"messages": ask()}, {"Authorization": ""}, 401, "missing API key"),
+    ("invalid JSON", b"{not json", None, 400, "not valid JSON"),
+    ("not an object", [1, 2], None, 400, "JSON object"),
+    ("missing messages", {"model": "nanoseek-test"}, None, 400, "messages: is required"),
+    ("empty messages", {"messages": []}, None, 400, "messages"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
+    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, None, 400, "messages.0.content"),
+    ("only a system message", {"messages": [{"role": "system", "content": "x"}]}, None, 400, "user message"),
+    ("temperature out of range", {"messages": ask(), "temperature": 5}, None, 400, "temperature"),
+    ("temperature wrong type", {"messages": ask(), "temperature": "hot"}, None, 400, "temperature"),
+    ("top_p zero", {"messages": ask(), "top_p": 0}, None, 400, "top_p"),
+    ("n too large", {"messages": ask(), "n": 1000}, None, 400, "n"),
+    ("negative max_tokens", {"messages": ask(), "max_tokens": -1}, None, 400, "max_tokens"),
+    ("huge max_tokens", {"messages": ask(), "max_tokens": 10**9}, None, 400, "exceeds this model's context"),
+    ("prompt over the context", {"messages": ask("word " * 400)}, None, 400, "over this model's context"),
+    ("unknown model", {"messages": ask(), "model": "gpt-9"}, None, 404, "does not exist"),
+    ("top_logprobs without logprobs", {"messages": ask(), "top_logprobs": 3}, None, 400, "requires logprobs"),
+    ("bad stop", {"messages": ask(), "stop": [""]}, None, 400, "stop"),
+    ("prefix not last", {"messages": [{"role": "assistant", "content": "a", "prefix": True}] + ask()}, None, 400,
+     "prefix"),
+]
+
+
+@pytest.mark.parametrize("name, body, headers, status, text", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(server, name, body, headers, status, text):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=data, headers=h, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and text in err["message"], err
+    assert "Traceback" not in r.text and "pydantic" not in r.text and "loc" not in err
+
+
+def test_busy_server_answers_503(parts):
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, max_queue=1, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, name="busy")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        results = []
+
+        def call():
+            try:
+                c.chat.completions.create(model="busy", messages=ask(), max_tokens=60, temperature=0)
+                results.append(200)
+            except openai.APIStatusError as e:
+                results.append(e.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 503 in results and 200 in results
+
+
+def test_disconnected_stream_cancels_its_generation(parts):
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=256, eos_token_id=-1)
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        body = {"messages": ask(), "max_tokens": 200, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    break  # read one chunk, then hang up
+        deadline = time.time() + 10
+        while engine.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.active and not engine.waiting
