@@ -1,0 +1,129 @@
+"""The chat web app in headless Chromium (Debian's package, driven by Playwright)."""
+
+import os
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from conftest import randomize_
+from nanoseek.data.builtin import task_texts
+from nanoseek.inference import Engine
+from nanoseek.model import build_model, get_preset
+from nanoseek.serve import create_app
+from nanoseek.serve.store import ChatStore
+from nanoseek.tokenizer import DeepSeekTokenizer
+from test_server import LiveServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
+KEY = "web-key"
+XSS = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script> **bold**"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tok = DeepSeekTokenizer.train(list(task_texts(300)), vocab_size=360)
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                   max_position_embeddings=1024)).eval()
+    randomize_(model, std=0.08)
+    db = tmp_path_factory.mktemp("web") / "chats.db"
+    engine = Engine(model, decode=tok.decode, max_batch=4, max_len=1024, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, api_key=KEY, store=ChatStore(db))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.wait_for_selector("#error:not([hidden])")  # no key yet: the page says so and opens settings
+    assert "API key" in page.inner_text("#error")
+    page.fill("#api_key", KEY)
+    page.dispatch_event("#api_key", "change")
+    page.fill("#max_tokens", "40")
+    page.dispatch_event("#max_tokens", "change")
+    page.click("#new-chat")
+    page.fill("#input", "What is 2 + 3?")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#stop:not([hidden])")  # streaming
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)  # done
+    reply = page.locator(".msg.assistant").last
+    reasoning = reply.locator(".reasoning").text_content()
+    assert reasoning.strip(), "the Thinking panel shows the streamed reasoning"
+    assert reply.locator("details.thinking").get_attribute("open") is None  # folded when done
+    # the conversation is stored server-side: reload and find it
+    page.reload()
+    page.wait_for_selector("#conversations li")
+    assert "What is 2 + 3?" in page.inner_text("#conversations")
+    page.click("#conversations li")
+    page.wait_for_selector(".msg.user")
+    assert page.locator(".msg.user .body").first.inner_text() == "What is 2 + 3?"
+    # HTML typed by the user, and HTML in a (stored) assistant reply, is shown as text, never run
+    page.fill("#input", XSS)
+    page.press("#input", "Enter")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    assert page.locator(".msg.user .body").last.inner_text() == XSS
+    cid = page.evaluate("state.conv.id")
+    msgs = page.evaluate("state.conv.messages")
+    msgs.append({"role": "user", "content": "show html"})
+    msgs.append({"role": "assistant", "content": XSS + "\n\n```html\n<script>window.__pwned=3</script>\n```"})
+    r = httpx.put(f"{server}/api/conversations/{cid}/messages", json={"messages": msgs},
+                  headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    page.reload()
+    page.wait_for_selector("#conversations li")
+    page.click("#conversations li")
+    page.wait_for_selector(".msg.assistant")
+    last = page.locator(".msg.assistant .body").last
+    assert "<img" in last.inner_text() and "<script>" in last.inner_text()
+    assert last.locator("strong").inner_text() == "bold"  # markdown still renders
+    assert last.locator("img, script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    page.close()
+
+
+def test_stop_regenerate_edit_and_phone_layout(server, browser):
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page.add_init_script(f"localStorage.setItem('nanoseek.api_key', '{KEY}')")  # the key remembered from before
+    page.goto(server)
+    page.wait_for_load_state("networkidle")
+    # phone-sized: the conversation list is off screen until opened
+    assert page.evaluate("document.getElementById('sidebar').getBoundingClientRect().right") <= 0
+    assert page.is_visible("#open-side") and page.is_visible("#input")
+    page.click("#open-side")
+    page.wait_for_timeout(300)
+    page.click("#new-chat")
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.getElementById('sidebar').getBoundingClientRect().right") <= 0
+    page.evaluate("document.getElementById('max_tokens').value = '600'")
+    page.fill("#input", "Tell me a long story")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_timeout(300)
+    page.click("#stop")
+    page.wait_for_selector("#send:not([hidden])", timeout=20_000)
+    assert page.locator(".msg.assistant").count() == 1
+    page.evaluate("document.getElementById('max_tokens').value = '20'")
+    page.click(".msg.assistant button.regenerate")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    assert page.locator(".msg.assistant").count() == 1
+    page.click(".msg.user button.edit")
+    page.fill(".edit-box", "Edited question")
+    page.click(".msg.user button:has-text('Send')")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    assert page.locator(".msg.user .body").first.inner_text() == "Edited question"
+    assert page.locator(".msg").count() == 2
+    assert page.is_visible("#input") and page.is_visible("#send")
+    page.close()
