@@ -64,7 +64,7 @@ def test_packing_respects_rows_and_documents():
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 100, size=rng.integers(2, 90)) for _ in range(400)]
     row_len = 64
-    rows = pack_documents(docs, row_len, pad_id=2)
+    rows = pack_documents(docs, row_len, pad=2)
     assert all(len(r) == row_len for r in rows)
     # every token of every document appears exactly once; only padding is added
     packed = np.concatenate(rows)
@@ -135,3 +135,12 @@ def test_task_documents_use_only_the_train_split(tok):
             t = get_task(name)
             p = t.sample(rng, "train")
             assert (name, t.key(p.data)) not in test_keys
+
+
+def test_packing_keeps_channels_together():
+    docs = [np.stack([np.arange(n), np.arange(n) * 10]) for n in (5, 3, 7, 2)]
+    rows = pack_documents(docs, 8, pad=(0, IGNORE))
+    for r in rows:
+        real = r[0] != 0
+        assert np.array_equal(r[1][real], r[0][real] * 10) or (r[0][0] == 0 and r[1][0] == 0)
+        assert (r[1][r[1] == IGNORE].size + real.sum()) <= 8

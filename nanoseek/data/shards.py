@@ -255,28 +255,31 @@ class PackedRows:
         return rows_to_batch(np.stack(rows), self.shards.pad_id, self.shards.eos_id)
 
 
-def pack_documents(docs: list[np.ndarray], row_len: int, pad_id: int) -> list[np.ndarray]:
-    """Best-fit pack whole documents (cut into row_len pieces when longer) into rows of row_len,
-    padded with pad_id. Rows come out in the order they were opened."""
+def pack_documents(docs: list[np.ndarray], row_len: int, pad) -> list[np.ndarray]:
+    """Best-fit pack whole documents (cut into row_len pieces when longer) into rows of row_len.
+    A document is an [L] array, or a [C, L] array whose C channels (e.g. inputs and labels) are
+    packed together; pad is one value, or one per channel. Rows come out in the order they opened."""
     rows: list[list[np.ndarray]] = []
     space: list[tuple[int, int]] = []  # (free tokens, row index), sorted
     for doc in docs:
-        for start in range(0, len(doc), row_len):
-            piece = doc[start:start + row_len]
-            i = bisect_left(space, (len(piece), -1))
+        for start in range(0, doc.shape[-1], row_len):
+            piece = doc[..., start:start + row_len]
+            n = piece.shape[-1]
+            i = bisect_left(space, (n, -1))
             if i < len(space):
                 free, r = space.pop(i)
             else:
                 free, r = row_len, len(rows)
                 rows.append([])
             rows[r].append(piece)
-            if free - len(piece) > 0:
-                insort(space, (free - len(piece), r))
+            if free - n > 0:
+                insort(space, (free - n, r))
     out = []
     for pieces in rows:
-        row = np.full(row_len, pad_id, dtype=np.int64)
-        flat = np.concatenate(pieces)
-        row[:len(flat)] = flat
+        flat = np.concatenate(pieces, axis=-1)
+        row = np.empty(flat.shape[:-1] + (row_len,), dtype=np.int64)
+        row[...] = np.asarray(pad, dtype=np.int64).reshape(-1, 1) if flat.ndim == 2 else pad
+        row[..., : flat.shape[-1]] = flat
         out.append(row)
     return out
 

@@ -157,21 +157,22 @@ class Trainer:
                 batches = [next(self.data) for _ in range(cfg.grad_accum)]
                 weights = [self.objective.weight(b) for b in batches]
                 total = D.all_reduce_sum([sum(weights)], self.dist).item()
-                if total == 0:
-                    raise RuntimeError(f"step {self.step}: no targets in any batch (check the data)")
-                per_rank = total / self.dist.world  # FSDP averages gradients over ranks
+                per_rank = max(total, 1.0) / self.dist.world  # FSDP averages gradients over ranks
                 sums: dict[str, float] = {}
                 for batch in batches:
                     with self._autocast():
                         loss, metrics = self.objective(model, batch)
-                    (loss / per_rank).backward()
+                    if total > 0:
+                        (loss / per_rank).backward()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
-                grad_norm = clip_grad_norm(model, cfg.grad_clip)
                 lr = cfg.lr * lr_multiplier(self.step, self.progress, cfg)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr
-                self.opt.step()
+                grad_norm = 0.0
+                if total > 0:  # a step without targets (e.g. RL rollouts that all scored alike) updates nothing
+                    grad_norm = clip_grad_norm(model, cfg.grad_clip)
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr
+                    self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 balance = update_router_bias(model, cfg.bias_gamma)
                 names = sorted(sums)
@@ -179,7 +180,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 tokens = sum(batch_tokens(b) for b in batches) * self.dist.world
                 self.step, self.elapsed, self.tokens = self.step + 1, self.elapsed + dt, self.tokens + tokens
-                last = {k: v / total for k, v in zip(names, reduced)}
+                last = {k: v / max(total, 1.0) for k, v in zip(names, reduced)}
                 last.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / dt, **balance)
                 self.log.write(self.step, self.elapsed, self.tokens, last)
                 if reduced[-1] > 0:  # some process was asked to stop

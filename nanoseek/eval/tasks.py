@@ -1,0 +1,87 @@
+"""Held-out task accuracy through the engine: pass@1, pass@k, majority vote, format rate, length.
+
+The same rewards RL trains on (data/tasks/rewards.py) score the completions here, so what RL
+optimises and what evaluation reports cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from ..data.tasks import get_task
+from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
+from ..inference import Engine, SamplingParams
+from ..tokenizer import DeepSeekTokenizer
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    n: int
+    samples: int
+    accuracy: float  # mean over problems and samples (pass@1)
+    pass_at_k: float  # at least one of the samples correct
+    majority: float  # the most common answer among the samples is correct
+    format_rate: float
+    mean_length: float  # generated tokens per sample
+
+    def row(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def token_budget(tok: DeepSeekTokenizer, family: str, n: int = 50) -> int:
+    """A generation cap per family: 1.5x the longest worked solution among n held-out problems."""
+    task = get_task(family)
+    longest = max(len(tok.encode(task.solution(p) + p.answer)) for p in task.heldout(n))
+    return int(1.5 * longest) + 16
+
+
+def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, thinking: bool = True, seed: int = 1234):
+    """n held-out problems of a family and their prompt ids (canonical wording, or varied wordings)."""
+    task = get_task(family)
+    problems = task.heldout(n, seed=seed, canonical=True)
+    if not canonical:  # reword each held-out problem with a random phrasing
+        rng = random.Random(seed)
+        problems = [type(p)(p.family, task.phrase(p.data, rng), p.answer, p.data) for p in problems]
+    return task, problems, [tok.render_prompt([{"role": "user", "content": p.question}], thinking=thinking)
+                            for p in problems]
+
+
+def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int = 100, samples: int = 1,
+                    temperature: float = 0.0, canonical: bool = True, max_new_tokens: int | None = None,
+                    seed: int = 0) -> tuple[FamilyResult, list[dict]]:
+    task, problems, prompts = prompts_for(tok, family, n, canonical)
+    cap = max_new_tokens or token_budget(tok, family)
+    temp = temperature if samples == 1 else (temperature or 0.7)
+    reqs = engine.generate([p for p in prompts for _ in range(samples)],
+                           [SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + i)
+                            for i in range(len(prompts) * samples)])
+    correct = fmt = length = passk = majority = 0
+    records = []
+    for i, problem in enumerate(problems):
+        outs = reqs[i * samples:(i + 1) * samples]
+        texts = [r.text for r in outs]
+        oks = [accuracy_reward(task, problem, t) for t in texts]
+        correct += sum(oks)
+        fmt += sum(format_reward(t) for t in texts)
+        length += sum(len(r.tokens) for r in outs)
+        passk += any(oks)
+        answers = Counter(a for a in (final_answer(t) for t in texts) if a)
+        if answers:
+            top = answers.most_common(1)[0][0]
+            majority += bool(task.verify(problem, top))
+        records.append({"question": problem.question, "gold": problem.answer, "completions": texts, "correct": oks})
+    total = len(problems) * samples
+    return FamilyResult(family, len(problems), samples, correct / total, passk / len(problems),
+                        majority / len(problems), fmt / total, length / total), records
+
+
+def markdown_table(results: list[FamilyResult]) -> str:
+    lines = ["| family | n | samples | pass@1 | pass@k | majority | format | mean length |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.family} | {r.n} | {r.samples} | {r.accuracy:.1%} | {r.pass_at_k:.1%} | {r.majority:.1%} | "
+                     f"{r.format_rate:.1%} | {r.mean_length:.0f} |")
+    return "\n".join(lines)

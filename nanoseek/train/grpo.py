@@ -1,0 +1,230 @@
+"""R1-style reinforcement learning: GRPO with rule-based rewards, on the one training loop.
+
+Each training step's "batch" is a fresh set of rollouts (`Rollouts`, the loop's data source):
+P train-split problems, G samples each through the engine (the prompt is prefilled once and
+shared by its G samples), scored by the task's rewards (accuracy from after </think>, plus a
+format bonus), turned into group-normalised advantages. Groups whose rewards are all equal
+carry no signal and are dropped. The behaviour policy's log-probabilities (and the reference
+model's, when beta > 0) are computed right after sampling; `GRPOObjective` is the clipped
+surrogate plus beta * KL (k3). Modes: R1 (after SFT, the chat template) and R1-Zero (straight
+from a pretrained base, with the R1-Zero prompt).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ..checkpoint import load_model
+from ..data.tasks import get_task
+from ..data.tasks.rewards import accuracy_reward, format_reward
+from ..eval.tasks import token_budget
+from ..inference import Engine, SamplingParams
+from ..model.config import ConfigError
+from ..tokenizer import DeepSeekTokenizer
+from . import distributed as D
+from .loop import TrainConfig, Trainer
+from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
+from .pretrain import check_same_run, export
+
+R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves "
+                    "it. The Assistant first thinks about the reasoning process and then gives the User the answer. "
+                    "The reasoning ends with </think>, followed by the answer.\nUser: {question}\nAssistant: <think>\n")
+
+
+@dataclass
+class GRPOConfig:
+    tasks: list[str] = field(default_factory=lambda: ["mul"])
+    prompts_per_step: int = 8
+    group_size: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0 = 1.5x the longest worked solution of the family
+    beta: float = 0.02  # KL to the reference model (0 = no reference model kept)
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher (DAPO)
+    loss_norm: str = "token"  # token | sequence | dr_grpo
+    dr_grpo: bool = False  # no std division in the advantages
+    format_weight: float = 0.1
+    mode: str = "r1"  # r1 (chat template, after SFT) | r1-zero (R1-Zero prompt on a base model)
+    canonical: bool = False  # train prompts in the canonical wording only
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("r1", "r1-zero"):
+            raise ConfigError(f"mode must be r1 or r1-zero, got {self.mode!r}")
+        if self.group_size < 2:
+            raise ConfigError("group_size must be >= 2 (advantages are relative within a group)")
+        for t in self.tasks:
+            get_task(t)
+
+
+def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
+    if mode == "r1-zero":
+        return [tok.bos_id] + tok.encode(R1_ZERO_TEMPLATE.format(question=question))
+    return tok.render_prompt([{"role": "user", "content": question}], thinking=True)
+
+
+class Rollouts:
+    """The RL 'data source': each next() samples, scores and packs one step of rollouts."""
+
+    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 64):
+        self.model, self.tok, self.cfg, self.ref = model, tok, cfg, ref_model
+        self.tasks = {t: get_task(t) for t in cfg.tasks}
+        self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
+        self.engine = Engine(model, decode=tok.decode, max_batch=max_batch,
+                             max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id)
+        self.rng = random.Random(cfg.seed)
+        self.draws = 0
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "draws": self.draws}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.rng.setstate(s["rng"])
+        self.draws = s["draws"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        """Sample until some group has varied rewards (at most 3 tries)."""
+        for _ in range(3):
+            batch = self._sample()
+            if batch["n"]:
+                return batch
+        return batch
+
+    @torch.no_grad()
+    def _sample(self) -> dict:
+        cfg, tok = self.cfg, self.tok
+        t0 = time.perf_counter()
+        problems = []
+        for _ in range(cfg.prompts_per_step):
+            name = self.rng.choice(cfg.tasks)
+            problems.append((name, self.tasks[name].sample(self.rng, "train", canonical=cfg.canonical)))
+        prompts, params = [], []
+        for i, (name, p) in enumerate(problems):
+            ids = prompt_ids(tok, p.question, cfg.mode)
+            for g in range(cfg.group_size):
+                prompts.append(ids)
+                params.append(SamplingParams(max_new_tokens=self.budget[name], temperature=cfg.temperature,
+                                             top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + self.draws))
+                self.draws += 1
+        self.model.eval()
+        reqs = self.engine.generate(prompts, params)
+        rollout_time = time.perf_counter() - t0
+        acc, fmt = [], []
+        for j, r in enumerate(reqs):
+            name, p = problems[j // cfg.group_size]
+            acc.append(accuracy_reward(self.tasks[name], p, r.text))
+            fmt.append(format_reward(r.text))
+        acc_t, fmt_t = torch.tensor(acc), torch.tensor(fmt)
+        rewards = acc_t + cfg.format_weight * fmt_t
+        adv = group_advantages(rewards, cfg.group_size, scale=not cfg.dr_grpo)
+        keep = varied_groups(rewards, cfg.group_size)
+        lengths = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.float)
+        stats = {"reward": rewards.mean().item(), "accuracy": acc_t.mean().item(), "format_rate": fmt_t.mean().item(),
+                 "response_length": lengths.mean().item(), "groups_kept": keep.float().mean().item(),
+                 "rollout_s": rollout_time}
+        idx = keep.nonzero().flatten().tolist()
+        batch = {"stats": stats, "n": len(idx)}
+        if idx:
+            batch.update(self._pack([prompts[i] for i in idx], [reqs[i].tokens for i in idx], adv[idx]))
+        self.model.train()
+        return batch
+
+    def _pack(self, prompts: list[list[int]], completions: list[list[int]], adv: torch.Tensor) -> dict:
+        """Right-padded prompt+completion rows, the completion mask, and the behaviour/reference log-probs."""
+        L = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        N = len(prompts)
+        ids = torch.full((N, L), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(N, L - 1, dtype=torch.bool)  # position t predicts token t + 1
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, len(p) - 1: len(p) + len(c) - 1] = True
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        old = sequence_logprobs(self.model, ids)
+        ref = sequence_logprobs(self.ref, ids) if self.ref is not None else None
+        return {"ids": ids, "mask": mask, "adv": adv.to(device), "old_logp": old, "ref_logp": ref,
+                "max_len": max(self.budget.values())}
+
+
+def sequence_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) for every position -> [N, L - 1]."""
+    hidden = model(ids, logits=False).hidden[:, :-1]
+    return token_logprobs(model.lm_head(hidden), ids[:, 1:])
+
+
+class GRPOObjective:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+
+    def weight(self, batch: dict) -> float:
+        if batch["n"] == 0:
+            return 0.0
+        mask = batch["mask"]
+        return reduce_loss(torch.zeros_like(mask, dtype=torch.float), mask, self.cfg.loss_norm, batch["max_len"])[1]
+
+    def __call__(self, model, batch: dict):
+        w = self.weight(batch)
+        stats = {k: torch.tensor(v * max(w, 1.0)) for k, v in batch["stats"].items()}  # means, as sums
+        if batch["n"] == 0:  # every group was uniform: nothing to learn from this step
+            zero = sum(p.sum() * 0 for p in model.parameters())
+            return zero, stats
+        ids, mask = batch["ids"], batch["mask"]
+        logp = sequence_logprobs(model, ids)
+        per_token, clipped = clipped_policy_loss(logp, batch["old_logp"], batch["adv"], self.cfg.eps_low,
+                                                 self.cfg.eps_high)
+        kl = kl_k3(logp, batch["ref_logp"]) if batch["ref_logp"] is not None else torch.zeros_like(logp)
+        if self.cfg.beta > 0:
+            per_token = per_token + self.cfg.beta * kl
+        loss, weight = reduce_loss(per_token, mask, self.cfg.loss_norm, batch["max_len"])
+        m = mask.float()
+        n_tok = m.sum().clamp(min=1)
+        scale = weight / n_tok  # report token means, expressed as sums over this batch's weight
+        stats.update({"kl": (kl.detach() * m).sum() * scale, "clip_fraction": (clipped.float() * m).sum() * scale,
+                      "entropy_proxy": (-logp.detach() * m).sum() * scale})
+        return loss, stats
+
+
+def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, train: TrainConfig | None = None,
+       device: str | None = None, console: Console | None = None) -> dict[str, float]:
+    """GRPO from a model folder; writes out/model at the end. One process (rollouts are local)."""
+    cfg = cfg or GRPOConfig()
+    train = train or TrainConfig(lr=2e-5, warmup_steps=5, schedule="constant", max_steps=100, bias_gamma=0.0,
+                                 eval_every=0, checkpoint_every=20, grad_clip=1.0)
+    console = console or Console()
+    run_dir, info = Path(out), D.setup(device)
+    if info.active:
+        raise ConfigError("nanoseek rl runs in one process (rollouts and updates share the model)")
+    tok = DeepSeekTokenizer.load(model_dir)
+    run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg), "train": asdict(train)}
+    old = run_dir / "config.json"
+    if old.is_file():
+        check_same_run(json.loads(old.read_text()), json.loads(json.dumps(run_config, default=str)))
+    torch.manual_seed(train.seed)
+    model = load_model(model_dir, dtype=torch.float32, device=info.device)
+    ref = None
+    if cfg.beta > 0:
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    rollouts = Rollouts(model, tok, cfg, ref_model=ref)
+    trainer = Trainer(run_dir, model, rollouts, GRPOObjective(cfg), train,
+                      run_config={k: v for k, v in run_config.items() if k != "train"}, save_extra=tok.save,
+                      console=console, dist=info)
+    if trainer.finished:
+        console.print(f"{run_dir} is already trained to step {trainer.step}")
+        return {}
+    result = trainer.fit()
+    export(trainer.checkpoints()[-1], run_dir / "model")
+    return result

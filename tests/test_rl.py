@@ -1,0 +1,124 @@
+"""Rewards (and their known hacks), GRPO's pure functions on hand-computed examples, and one GRPO
+step on a tiny model raising the log-probability of the rewarded sample."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import randomize_
+from nanoseek.data.tasks import get_task
+from nanoseek.data.tasks.rewards import accuracy_reward, final_answer, format_reward, reward
+from nanoseek.model import build_model, get_preset
+from nanoseek.train.grpo import sequence_logprobs
+from nanoseek.train.losses import (clipped_policy_loss, distill_kl, group_advantages, kl_k3, reduce_loss,
+                                   varied_groups)
+
+ADD = get_task("add")
+P = ADD.heldout(1)[0]  # a held-out addition problem
+GOLD = P.answer
+
+
+@pytest.mark.parametrize("completion, acc, fmt", [
+    (f"work it out\n</think>\n\n{GOLD}", 1, 1),  # well formed and right
+    (f"work\n</think>\n\nThe answer is {GOLD}.", 1, 1),
+    (f"work\n</think>\n\n{int(GOLD) + 1}", 0, 1),  # well formed, wrong
+    (f"the answer is {GOLD}", 0, 0),  # hack: answer only inside the thinking (never closed)
+    (f"{GOLD}\n</think>\n\n", 0, 0),  # hack: answer only inside the thinking, nothing after
+    (f"a</think>b</think>{GOLD}", 0, 0),  # hack: several think blocks
+    (f"a\n</think>\n<think>b</think>\n{GOLD}", 0, 0),
+    (f"work\n</think>\n\n{GOLD} {int(GOLD) + 1} {int(GOLD) - 1}", 0, 1),  # hack: several answers
+    (f"work\n</think>\n\n{GOLD}\n{GOLD}", 0, 1),  # repeated answer lines are not one answer
+    (f"\n</think>\n\n{GOLD}", 0, 0),  # hack: empty thinking
+    (f"work\n</think>\n\n{int(GOLD):,}", 1, 1),  # 1,017 style (math-verify / parse_int)
+])
+def test_rewards_and_hacks(completion, acc, fmt):
+    assert accuracy_reward(ADD, P, completion) == acc
+    assert format_reward(completion) == fmt
+    assert reward(ADD, P, completion, format_weight=0.1) == pytest.approx(acc + 0.1 * fmt)
+
+
+def test_final_answer_is_taken_after_the_think_block():
+    assert final_answer("x = 3\n</think>\n\nAnswer: 42") == "42"
+    assert final_answer("42") is None
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(r, 4)
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    a = 0.5 / (std + 1e-4)
+    assert adv[:4].tolist() == pytest.approx([a, -a, -a, a], rel=1e-5)
+    assert adv[4:].abs().sum() == 0
+    dr = group_advantages(r, 4, scale=False)
+    assert dr[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert varied_groups(r, 4).tolist() == [True] * 4 + [False] * 4
+
+
+def test_clipped_loss_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old_logp = 0
+    old = torch.zeros(1, 3)
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([2.0]), eps_low=0.2, eps_high=0.3)
+    # A > 0: min(rho A, clip(rho) A) -> 1.3*2, 0.5*2, 1*2
+    assert (-loss).tolist()[0] == pytest.approx([2.6, 1.0, 2.0])
+    assert clipped.tolist() == [[True, False, False]]
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([-1.0]), eps_low=0.2, eps_high=0.3)
+    # A < 0: min(-rho, -clip(rho)) -> -1.5, -0.8, -1
+    assert (-loss).tolist()[0] == pytest.approx([-1.5, -0.8, -1.0])
+    assert clipped.tolist() == [[False, True, False]]
+
+
+def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
+    a = torch.randn(100)
+    assert kl_k3(a, a).abs().max() == 0
+    b = a + 0.3 * torch.randn(100)
+    assert (kl_k3(a, b) >= 0).all() and kl_k3(a, b).sum() > 0
+    # k3 is an unbiased estimate of KL(p || q) when x ~ p: check on a small categorical
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    exact = (p * (p / q).log()).sum()
+    est = (p * kl_k3(p.log(), q.log())).sum()
+    assert est == pytest.approx(float(exact), rel=1e-5)
+
+
+def test_loss_normalisations_by_hand():
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    s, w = reduce_loss(per_token, mask, "token", max_len=4)
+    assert (s / w).item() == pytest.approx(5 / 4)
+    s, w = reduce_loss(per_token, mask, "sequence", max_len=4)
+    assert (s / w).item() == pytest.approx((1 + 2) / 2)
+    s, w = reduce_loss(per_token, mask, "dr_grpo", max_len=4)
+    assert (s / w).item() == pytest.approx(5 / 8)
+
+
+def test_distill_kl_is_zero_for_identical_logits():
+    x = torch.randn(2, 3, 11)
+    s, n = distill_kl(x, x, torch.ones(2, 3, dtype=torch.bool))
+    assert abs(s.item()) < 1e-5 and n == 6
+    s, _ = distill_kl(x, torch.randn(2, 3, 11), torch.ones(2, 3, dtype=torch.bool))
+    assert s.item() > 0
+
+
+def test_a_grpo_step_raises_the_rewarded_sample():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).train()
+    randomize_(model, std=0.05)
+    prompt = [5, 6, 7]
+    good, bad = [11, 12, 13, 14], [21, 22, 23, 24]
+    ids = torch.tensor([prompt + good, prompt + bad])
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 2:] = True
+    with torch.no_grad():
+        old = sequence_logprobs(model, ids)
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    logp = sequence_logprobs(model, ids)
+    per_token, _ = clipped_policy_loss(logp, old, adv)
+    loss, w = reduce_loss(per_token + 0.0 * kl_k3(logp, old), mask, "token", 4)
+    (loss / w).backward()
+    opt.step()
+    with torch.no_grad():
+        new = sequence_logprobs(model, ids)
+    gain = ((new - old) * mask).sum(dim=1)
+    assert gain[0] > 0 > gain[1], gain
+    assert math.isfinite(loss.item())
