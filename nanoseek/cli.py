@@ -363,6 +363,151 @@ def chat(
         messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
 
 
+def _train_config(**kw):
+    from nanoseek.train import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+@app.command()
+def sft(
+    model: Path = typer.Option(..., help="The model folder to fine-tune (e.g. runs/pretrain/model)."),
+    data: str = typer.Option("builtin", help="A .jsonl of {\"messages\": [...]} conversations (assistant turns may "
+                             "carry reasoning_content), or 'builtin' (task problems phrased many ways + chat)."),
+    out: Path = typer.Option(Path("runs/sft"), help="Run folder (rerun to resume)."),
+    max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget)."),
+    time_budget: str = typer.Option("", help="Training time, e.g. 3m."),
+    lr: float = typer.Option(5e-4),
+    batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(512),
+    conversations: int = typer.Option(30_000, help="Size of the built-in mixture."),
+    seed: int = typer.Option(0),
+):
+    """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
+    from nanoseek.model import ConfigError
+    from nanoseek.train.sft import SFTConfig
+    from nanoseek.train.sft import sft as run
+
+    try:
+        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+                              lr=lr, warmup_steps=20, schedule="cosine", eval_every=100, checkpoint_every=200,
+                              seed=seed)
+        result = run(model, out, SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len,
+                                           batch_size=batch_size, seed=seed), train, console=console)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if result:
+        console.print(f"[green]done[/]: loss {result.get('loss', float('nan')):.4g}. Model: {out}/model")
+
+
+@app.command()
+def rl(
+    model: Path = typer.Option(..., help="The model folder to train (after SFT for R1 mode, a base for R1-Zero)."),
+    tasks: str = typer.Option("mul", help="Comma-separated task families: add, sub, mul, countdown, linear."),
+    out: Path = typer.Option(Path("runs/rl"), help="Run folder (rerun to resume)."),
+    max_steps: int = typer.Option(0, help="GRPO steps (0 = until the time budget)."),
+    time_budget: str = typer.Option("", help="Training time, e.g. 10m."),
+    lr: float = typer.Option(2e-5, help="Learning rate (RL wants it small)."),
+    prompts: int = typer.Option(8, help="Problems per step."),
+    group: int = typer.Option(8, help="Samples per problem (G)."),
+    temperature: float = typer.Option(0.8),
+    beta: float = typer.Option(0.02, help="KL (k3) to the starting model; 0 = no reference model."),
+    loss_norm: str = typer.Option("token", help="token, sequence or dr_grpo."),
+    dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
+    mode: str = typer.Option("r1", help="r1 (chat template) or r1-zero (R1-Zero prompt on a base model)."),
+    seed: int = typer.Option(0),
+):
+    """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
+    from nanoseek.model import ConfigError
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.grpo import rl as run
+
+    try:
+        cfg = GRPOConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], prompts_per_step=prompts,
+                         group_size=group, temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo,
+                         mode=mode, seed=seed)
+        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+                              lr=lr, warmup_steps=5, schedule="constant", bias_gamma=0.0, eval_every=0,
+                              checkpoint_every=20, seed=seed)
+        result = run(model, out, cfg, train, console=console)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if result:
+        console.print(f"[green]done[/]: reward {result.get('reward', 0):.3f}, accuracy {result.get('accuracy', 0):.1%}. "
+                      f"Model: {out}/model  Curves: {out}/curves.png")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., help="A model folder, or an OpenAI-compatible URL (DeepSeek's API, a nanoseek "
+                                "server) whose reasoning_content is the trace."),
+    student: str = typer.Option("cpu-dense-small", help="A preset (a fresh smaller model) or a model folder."),
+    out: Path = typer.Option(Path("runs/distill")),
+    tasks: str = typer.Option("add,sub,mul", help="Comma-separated task families to distill."),
+    traces: int = typer.Option(2000, help="Verified traces to collect (rerunning continues)."),
+    tokenizer: Path = typer.Option(None, help="Tokenizer for a preset student with a remote teacher."),
+    teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),
+    api_key: str = typer.Option(None, envvar="NANOSEEK_TEACHER_API_KEY", help="Key for a remote teacher."),
+    kl_alpha: float = typer.Option(0.0, help="Weight of logit-level KL to a local teacher (0 = traces only)."),
+    max_steps: int = typer.Option(0),
+    time_budget: str = typer.Option("3m"),
+):
+    """Distill a teacher's verified reasoning traces into a smaller student (rejection sampling + SFT)."""
+    from nanoseek.model import ConfigError
+    from nanoseek.train.distill import TeacherError
+    from nanoseek.train.distill import distill as run
+
+    try:
+        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+                              lr=2e-3, warmup_steps=20, schedule="cosine", eval_every=100, checkpoint_every=200)
+        result = run(teacher, student, out, [t.strip() for t in tasks.split(",")], traces,
+                     tokenizer=str(tokenizer) if tokenizer else None, kl_alpha=kl_alpha, teacher_model=teacher_model,
+                     api_key=api_key, train=train, console=console)
+    except (ConfigError, ValueError, FileNotFoundError, TeacherError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    console.print(f"[green]done[/]: {result.get('verified', 0)} verified traces "
+                  f"({result.get('acceptance', 0):.0%} accepted). Student: {out}/student/model")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., help="A model folder."),
+    tasks: str = typer.Option("add,sub,mul,countdown,linear", help="Comma-separated task families."),
+    n: int = typer.Option(100, help="Held-out problems per family."),
+    samples: int = typer.Option(1, help="Samples per problem (k for pass@k and majority vote)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (with samples > 1, 0.7 is used)."),
+    varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
+    out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
+):
+    """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
+    import json as _json
+
+    from nanoseek.eval import evaluate_family, markdown_table
+
+    engine, tok = _load_for_chat(model, speculative=False, max_batch=64)
+    results = []
+    for family in [t.strip() for t in tasks.split(",") if t.strip()]:
+        try:
+            r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
+                                   canonical=not varied)
+        except ValueError as e:
+            _fail(str(e))
+        results.append(r)
+        console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
+    table = markdown_table(results)
+    console.print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(_json.dumps([r.row() for r in results], indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+
+
 @app.command()
 def serve(
     model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),

@@ -223,6 +223,14 @@ PRESETS = {
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
         num_nextn_predict_layers=1, max_position_embeddings=2048, initializer_range=0.02,
     ),
+    # a smaller dense derivative (every layer a plain SwiGLU MLP) for distillation
+    "cpu-dense-small": lambda: _preset(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=48,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=3, n_group=1, topk_group=1,
+        num_nextn_predict_layers=1, max_position_embeddings=2048, initializer_range=0.02,
+    ),
     # the real shapes, for configs and loading released checkpoints
     "deepseek-v3": lambda: _preset(
         max_position_embeddings=163840, aux_loss_alpha=0.0001,

@@ -148,8 +148,9 @@ class SFTConfig:
 
 
 def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, train: TrainConfig | None = None,
-        device: str | None = None, console: Console | None = None) -> dict[str, float]:
-    """Fine-tune a model folder (weights + tokenizer) on conversations; writes out/model at the end."""
+        device: str | None = None, console: Console | None = None, objective=None) -> dict[str, float]:
+    """Fine-tune a model folder (weights + tokenizer) on conversations; writes out/model at the end.
+    objective: default next-token (+ MTP) loss on assistant tokens; distillation passes its own."""
     cfg, train = cfg or SFTConfig(), train or TrainConfig(lr=5e-4, warmup_steps=20, schedule="cosine")
     console = console or Console()
     run_dir, info = Path(out), D.setup(device)
@@ -178,7 +179,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
             n = max(1, min(8, len(loader._epoch_rows()) // (cfg.batch_size * info.world)))
             return [next(loader) for _ in range(n)]
 
-        trainer = Trainer(run_dir, model, rows, LMObjective(cfg.mtp_lambda, info.device), train,
+        trainer = Trainer(run_dir, model, rows, objective or LMObjective(cfg.mtp_lambda, info.device), train,
                           eval_sets={"chat": eval_batches}, run_config={k: v for k, v in run_config.items()
                                                                            if k != "train"},
                           save_extra=tok.save, console=console, dist=info)

@@ -1,0 +1,197 @@
+"""Distillation into smaller "derivative" models, DeepSeek-R1 style.
+
+1. Traces: a teacher answers train-split problems: a local nanoseek model folder (through the
+   engine), or any OpenAI-compatible endpoint (DeepSeek's API, a nanoseek server), whose
+   `reasoning_content` is the trace. Only traces whose answers verify are kept (rejection
+   sampling). Each is appended to traces.jsonl as it arrives, so a crash or a failing endpoint
+   loses nothing: rerunning continues where it stopped. Network errors are retried with
+   backoff, reported, and never silently dropped.
+2. Student: SFT on the verified traces (the same SFT as `nanoseek sft`). With a local teacher
+   that shares the tokenizer, the loss can also match the teacher's token distributions (KL at
+   temperature T, mixed with cross-entropy: `DistillObjective`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ..data.tasks import get_task
+from ..data.tasks.rewards import accuracy_reward, split_completion
+from ..inference import Engine, SamplingParams
+from ..tokenizer import DeepSeekTokenizer
+from .losses import distill_kl
+
+
+class TeacherError(RuntimeError):
+    """The teacher endpoint failed after all retries."""
+
+
+def local_teacher(model_dir: str | Path, temperature: float = 0.6, max_batch: int = 32):
+    """A function questions -> completions (reasoning + answer text) from a local model folder."""
+    from ..checkpoint import load_model
+
+    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
+    engine = Engine(model, decode=tok.decode, max_batch=max_batch, eos_token_id=tok.eos_id)
+
+    def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
+        prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in questions]
+        reqs = engine.generate(prompts, [SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                                        seed=seed + i) for i in range(len(prompts))])
+        return [r.text for r in reqs]
+
+    return ask
+
+
+def remote_teacher(url: str, model: str, api_key: str | None = None, temperature: float = 0.6, retries: int = 5,
+                   timeout: float = 120.0, log: Callable[[str], None] = print, backoff: float = 2.0):
+    """Questions -> completions from an OpenAI-compatible /v1/chat/completions endpoint. The
+    completion is rebuilt as `reasoning_content </think> content` so the same verifier applies."""
+    endpoint = url.rstrip("/") + ("/chat/completions" if url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
+
+    def one(question: str, max_tokens: int, seed: int) -> str:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                           "max_tokens": max_tokens, "temperature": temperature, "seed": seed}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        for attempt in range(retries):
+            try:
+                req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    msg = json.loads(r.read())["choices"][0]["message"]
+                reasoning = msg.get("reasoning_content") or ""
+                return f"{reasoning}\n</think>\n\n{msg.get('content') or ''}"
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code != 429:  # a client error will not fix itself
+                    raise TeacherError(f"{endpoint}: HTTP {e.code}: {e.read()[:300]!r}") from None
+                err = f"HTTP {e.code}"
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, json.JSONDecodeError) as e:
+                err = str(e)
+            wait = min(30.0, backoff ** attempt) if backoff > 1 else backoff
+            log(f"teacher request failed ({err}); retry {attempt + 1}/{retries} in {wait:.0f}s")
+            time.sleep(wait)
+        raise TeacherError(f"{endpoint}: still failing after {retries} attempts ({err})")
+
+    def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
+        return [one(q, max_tokens, seed + i) for i, q in enumerate(questions)]
+
+    return ask
+
+
+def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 512, batch: int = 32,
+                   seed: int = 0, console: Console | None = None, max_asked: int | None = None) -> dict:
+    """Append verified teacher traces to out (jsonl) until n are there, or until max_asked problems
+    (default 20 n) were asked; resumes from what the file holds."""
+    console = console or Console()
+    kept = rejected = 0
+    if out.exists():
+        with open(out) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        kept = sum(1 for r in lines if r.get("verified"))
+        rejected = sum(1 for r in lines if not r.get("verified"))
+    rng = random.Random(seed)
+    for _ in range(kept + rejected):  # skip the problems already asked, so a rerun continues
+        name = rng.choice(tasks)
+        get_task(name).sample(rng, "train")
+    families = {t: get_task(t) for t in tasks}
+    max_asked = max_asked or 20 * n
+    with open(out, "a") as f:
+        while kept < n and kept + rejected < max_asked:
+            picked = [(name, families[name].sample(rng, "train")) for name in (rng.choice(tasks) for _ in range(batch))]
+            completions = ask([p.question for _, p in picked], max_tokens, seed + kept + rejected)
+            for (name, p), text in zip(picked, completions):
+                ok = accuracy_reward(families[name], p, text) == 1.0
+                parts = split_completion(text)
+                record = {"family": name, "question": p.question, "gold": p.answer, "verified": ok}
+                if ok:
+                    record["messages"] = [{"role": "user", "content": p.question},
+                                          {"role": "assistant", "reasoning_content": parts[0], "content": parts[1]}]
+                    kept += 1
+                else:
+                    rejected += 1
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            console.print(f"traces: {kept}/{n} verified, {rejected} rejected")
+    if kept < n:
+        console.print(f"[yellow]stopped after {kept + rejected} problems with only {kept} verified traces[/]")
+    return {"verified": kept, "rejected": rejected, "acceptance": kept / max(1, kept + rejected)}
+
+
+def verified_conversations(path: Path) -> list[list[dict]]:
+    with open(path) as f:
+        return [r["messages"] for r in (json.loads(line) for line in f if line.strip()) if r.get("verified")]
+
+
+class DistillObjective:
+    """(1 - alpha) * cross-entropy + alpha * KL(teacher || student) at temperature T, on the
+    assistant tokens; the teacher is a local model with the same tokenizer."""
+
+    def __init__(self, teacher, alpha: float = 0.5, temperature: float = 2.0, device="cpu"):
+        self.teacher, self.alpha, self.t, self.device = teacher.eval(), alpha, temperature, torch.device(device)
+
+    def weight(self, batch) -> int:
+        return int((batch[1] != -100).sum())
+
+    def __call__(self, model, batch):
+        x, y = (t.to(self.device) for t in batch)
+        mask = y != -100
+        n = self.weight(batch)
+        out = model(x, labels=y)
+        with torch.no_grad():
+            t_logits = self.teacher(x).logits
+        kl_sum, _ = distill_kl(out.logits, t_logits, mask, self.t)
+        ce_sum = out.loss * n
+        loss = (1 - self.alpha) * ce_sum + self.alpha * kl_sum
+        if out.mtp_loss is not None:
+            loss = loss + 0.3 * out.mtp_loss * n
+        return loss, {"loss": ce_sum.detach(), "kl": kl_sum.detach()}
+
+
+def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_traces: int = 2000,
+            tokenizer: str | None = None, kl_alpha: float = 0.0, kl_temperature: float = 2.0,
+            teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int = 512,
+            sft_config=None, train=None, console: Console | None = None) -> dict:
+    """Traces from the teacher (folder or URL) -> verified -> SFT of the student (preset or folder).
+    Writes out/traces.jsonl, out/student_init/ (a preset student), out/student/ (the SFT run)."""
+    from dataclasses import replace
+
+    from ..checkpoint import load_model, save_model
+    from ..model import build_model, get_preset
+    from .sft import SFTConfig, sft
+
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remote = teacher.startswith(("http://", "https://"))
+    if kl_alpha > 0 and remote:
+        raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
+    ask = (remote_teacher(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher))
+    stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console)
+    with open(out / "sft.jsonl", "w") as f:
+        for messages in verified_conversations(out / "traces.jsonl"):
+            f.write(json.dumps({"messages": messages}) + "\n")
+    student_dir = Path(student)
+    if not (student_dir / "config.json").is_file():  # a preset: a fresh model with the teacher's tokenizer
+        tok_dir = tokenizer or (None if remote else teacher)
+        if tok_dir is None:
+            raise ValueError("a preset student with a remote teacher needs --tokenizer")
+        tok = DeepSeekTokenizer.load(tok_dir)
+        student_dir = out / "student_init"
+        if not (student_dir / "config.json").is_file():
+            vocab = -(-tok.vocab_size // 64) * 64
+            model = build_model(get_preset(student, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+            save_model(model, student_dir)
+            tok.save(student_dir)
+    cfg = replace(sft_config or SFTConfig(), data=str(out / "sft.jsonl"))
+    objective = None
+    if kl_alpha > 0:
+        objective = DistillObjective(load_model(teacher, dtype=torch.float32), kl_alpha, kl_temperature)
+    result = sft(student_dir, out / "student", cfg, train, console=console, objective=objective)
+    return {**stats, **result}

@@ -1,0 +1,115 @@
+"""SFT masks and runs, GRPO runs, trace collection (resumable, verified, remote), on tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import randomize_
+from nanoseek.checkpoint import load_model, save_model
+from nanoseek.data.builtin import task_texts
+from nanoseek.data.shards import IGNORE
+from nanoseek.data.tasks import get_task
+from nanoseek.model import build_model, get_preset
+from nanoseek.tokenizer import DeepSeekTokenizer
+from nanoseek.train import TrainConfig
+from nanoseek.train.distill import TeacherError, collect_traces, remote_teacher, verified_conversations
+from nanoseek.train.grpo import GRPOConfig, rl
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.sft import SFTConfig, SFTRows, builtin_conversations, sft, sft_example
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    tok = DeepSeekTokenizer.train(task_texts(300), vocab_size=360)
+    torch.manual_seed(0)
+    m = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                               max_position_embeddings=1024))
+    randomize_(m, std=0.05)
+    save_model(m, d)
+    tok.save(d)
+    return d
+
+
+def test_sft_targets_are_exactly_the_assistant_tokens(model_dir):
+    tok = DeepSeekTokenizer.load(model_dir)
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "reasoning_content": "2+2+0=4", "content": "4"},
+            {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    ex = sft_example(tok, conv)
+    ids, mask = tok.render_conversation(conv)
+    targets = ex[1]
+    expect = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+    assert targets.tolist() == expect
+    learned = tok.decode([t for t in targets if t != IGNORE])
+    assert learned == "4<｜end▁of▁sentence｜>6<｜end▁of▁sentence｜>"  # history reasoning is stripped, no prompts
+
+
+def test_sft_rows_resume(model_dir):
+    tok = DeepSeekTokenizer.load(model_dir)
+    ex = [sft_example(tok, c) for c in builtin_conversations(200, seed=1)]
+    a = SFTRows(ex, 64, 3, tok.pad_id, seed=2)
+    for _ in range(30):
+        next(a)
+    state = a.state_dict()
+    want = [next(a) for _ in range(40)]
+    b = SFTRows(ex, 64, 3, tok.pad_id, seed=2)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(want, [next(b) for _ in range(40)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    kinds = [c[0]["content"] for c in builtin_conversations(400, seed=3)]
+    assert any(k in ("hi", "hello", "hey", "Hello!") for k in kinds)  # general chat is mixed in
+
+
+def test_sft_and_grpo_runs(model_dir, tmp_path):
+    sft(model_dir, tmp_path / "sft", SFTConfig(builtin_conversations=300, seq_len=96, batch_size=4),
+        TrainConfig(max_steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3))
+    assert (tmp_path / "sft" / "model" / "tokenizer.json").is_file()
+    load_model(tmp_path / "sft" / "model")
+    rl(tmp_path / "sft" / "model", tmp_path / "rl",
+       GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=24, temperature=1.0),
+       TrainConfig(max_steps=2, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0, checkpoint_every=2,
+                   lr=1e-4))
+    rec = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "reward" in r]
+    assert len(rec) == 2
+    for key in ("reward", "accuracy", "format_rate", "response_length", "rollout_s", "lr", "grad_norm"):
+        assert key in rec[-1], key
+    assert (tmp_path / "rl" / "curves.png").is_file() and (tmp_path / "rl" / "model" / "config.json").is_file()
+
+
+def test_traces_are_verified_appended_and_resumed(tmp_path):
+    import random
+
+    rng, task, answers = random.Random(0), get_task("add"), {}
+    for _ in range(200):  # the problems collect_traces draws, in its order (seed 0)
+        rng.choice(["add"])
+        p = task.sample(rng, "train")
+        answers[p.question] = p.answer
+    calls = {"n": 0}
+
+    def ask(questions, max_tokens, seed):  # right on every other problem; fails once midway
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("teacher went away")
+        return [f"thinking about {q}\n</think>\n\n{answers[q] if i % 2 == 0 else 'no idea'}"
+                for i, q in enumerate(questions)]
+
+    out = tmp_path / "traces.jsonl"
+    with pytest.raises(ConnectionError):
+        collect_traces(ask, ["add"], n=12, out=out, batch=4)
+    assert len(out.read_text().splitlines()) == 4  # the first batch was on disk before the failure
+    stats = collect_traces(ask, ["add"], n=12, out=out, batch=4)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert stats["verified"] == 12 and stats["rejected"] == 12
+    assert len({r["question"] for r in lines}) == len(lines)  # the rerun continued, nothing asked twice
+    assert all(r["verified"] == ("messages" in r) for r in lines)
+    assert len(verified_conversations(out)) == 12
+
+
+def test_remote_teacher_retries_then_reports(tmp_path):
+    logs = []
+    ask = remote_teacher("http://127.0.0.1:9", "m", retries=2, timeout=1, log=logs.append, backoff=0.01)
+    with pytest.raises(TeacherError, match="after 2 attempts"):
+        ask(["1+1?"], 5, 0)
+    assert len(logs) == 2 and "retry" in logs[0]
