@@ -12,6 +12,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
 console = Console()
+SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
 
 
 def _count(n: int) -> str:
@@ -217,16 +218,21 @@ def pretrain(
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
 
 
-def _load_for_chat(model: Path, speculative: bool, max_batch: int = 4):
+def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4):
     """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json."""
+    import torch
     from nanoseek import load_model
     from nanoseek.checkpoint import CheckpointError
     from nanoseek.inference import Engine
     from nanoseek.model import ConfigError
     from nanoseek.tokenizer import DeepSeekTokenizer
 
+    if model is None:
+        model = SHIPPED
+        if not (model / "config.json").is_file():
+            _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
     try:
-        m = load_model(model)
+        m = load_model(model, dtype=torch.float32)
         tok = DeepSeekTokenizer.load(model)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
@@ -272,7 +278,8 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 
 @app.command()
 def generate(
-    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
+                               "shipped with nanoseek."),
     prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue)."),
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
@@ -301,7 +308,8 @@ def generate(
 
 @app.command()
 def chat(
-    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
+                               "shipped with nanoseek."),
     system: str = typer.Option("", help="System prompt."),
     temperature: float = typer.Option(0.6, help="Sampling temperature (0 = greedy); /temp changes it."),
     top_p: float = typer.Option(0.95),
@@ -318,7 +326,7 @@ def chat(
 
     engine, tok = _load_for_chat(model, speculative)
     messages: list[dict] = []
-    console.print(f"[bold]nanoseek chat[/] with {model}  (/reset /system /temp /exit; Ctrl-C stops a reply)")
+    console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; Ctrl-C stops a reply)")
     while True:
         try:
             lines = [input("> ")]
@@ -509,8 +517,38 @@ def eval_(
 
 
 @app.command()
+def speedrun(
+    out: Path = typer.Option(Path("runs/speedrun"), help="Pipeline folder (rerun to resume after a crash)."),
+    budget: str = typer.Option("30m", help="Time for the whole pipeline; stages get fixed shares of it."),
+    preset: str = typer.Option("cpu-tiny", help="The chat model's preset."),
+    ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
+                              "(nanoseek/assets/model), where serve and chat find it by default."),
+):
+    """Tokenizer -> pretraining -> SFT -> GRPO -> distillation -> evaluation -> report card, on this machine.
+
+    Every stage is a run folder under OUT; the same stages are the commands pretrain, sft, rl,
+    distill and eval, which run at any scale on your own data."""
+    from nanoseek.model import ConfigError
+    from nanoseek.train.speedrun import SpeedrunConfig
+    from nanoseek.train.speedrun import ship as ship_model
+    from nanoseek.train.speedrun import speedrun as run
+
+    try:
+        run(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset), console=console)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rerun the same command to continue")
+        raise typer.Exit(130)
+    if ship:
+        ship_model(out, SHIPPED)
+        console.print(f"[green]shipped[/] {SHIPPED}")
+
+
+@app.command()
 def serve(
-    model: Path = typer.Option(..., help="Model folder (HF format with tokenizer.json)."),
+    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
+                               "shipped with nanoseek."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind. Without an API key only loopback is allowed "
                              "unless --allow-open is given."),
     port: int = typer.Option(8000),
@@ -535,9 +573,9 @@ def serve(
               "--allow-open")
     engine, tok = _load_for_chat(model, speculative, max_batch=max_batch)
     engine.max_queue = max_queue
-    store = ChatStore(db or model / "chats.db")
+    store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
     application = create_app(engine, tok, name=name, api_key=api_key, store=store)
-    console.print(f"[bold]nanoseek[/] serving {model} as '{name}' on http://{host}:{port}  "
+    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

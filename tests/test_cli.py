@@ -74,3 +74,23 @@ def test_chat_commands_and_multiline_input(tmp_path):
     out = r.output
     assert "(temperature 0.0)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
     assert "(new conversation)" in out and out.count("Thinking") == 2
+
+
+def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
+    """Every stage for a few seconds on the tiny preset; a rerun skips what is done."""
+    from nanoseek.train.speedrun import SpeedrunConfig, ship, speedrun
+
+    cfg = SpeedrunConfig(budget=40, preset="tiny", student="tiny", eval_n=3, traces=4, task_documents=1500,
+                         code_chars=50_000, sft_conversations=600, seq_len=128, max_new_tokens=24)
+    report = speedrun(tmp_path / "run", cfg)
+    text = report.read_text()
+    for part in ("pretrain", "sft", "rl", "distill", "Held-out accuracy", "tokens/s", "bytes per token"):
+        assert part in text, (part, text)
+    assert (tmp_path / "run" / "rl" / "model" / "config.json").is_file()
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    assert set(timings) >= {"pretrain", "sft", "eval_sft", "rl", "eval_rl", "distill", "eval_student", "speed"}
+    again = runner.invoke(app, ["speedrun", "--out", str(tmp_path / "run"), "--budget", "40s", "--preset", "tiny"])
+    assert again.exit_code == 0 and " ".join(again.output.split()).count("done earlier") == 8
+    ship(tmp_path / "run", tmp_path / "shipped")
+    r = runner.invoke(app, ["generate", "--model", str(tmp_path / "shipped"), "--prompt", "1+1", "--max-tokens", "5"])
+    assert r.exit_code == 0, r.output

@@ -52,12 +52,29 @@ def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, th
 def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int = 100, samples: int = 1,
                     temperature: float = 0.0, canonical: bool = True, max_new_tokens: int | None = None,
                     seed: int = 0) -> tuple[FamilyResult, list[dict]]:
-    task, problems, prompts = prompts_for(tok, family, n, canonical)
-    cap = max_new_tokens or token_budget(tok, family)
+    return evaluate_many(engine, tok, [(family, canonical)], n, samples, temperature, max_new_tokens, seed)[0]
+
+
+def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str, bool]], n: int = 100,
+                  samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
+                  seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
+    """Several (family, canonical wording?) evaluations in one batch through the engine."""
     temp = temperature if samples == 1 else (temperature or 0.7)
-    reqs = engine.generate([p for p in prompts for _ in range(samples)],
-                           [SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + i)
-                            for i in range(len(prompts) * samples)])
+    jobs, prompts, params = [], [], []
+    for family, canonical in specs:
+        task, problems, ids = prompts_for(tok, family, n, canonical)
+        cap = max_new_tokens or token_budget(tok, family)
+        jobs.append((family, task, problems, len(prompts)))
+        for p in ids:
+            for _ in range(samples):
+                params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts)))
+                prompts.append(p)
+    reqs = engine.generate(prompts, params)
+    return [_score(family, task, problems, reqs[start:start + len(problems) * samples], samples)
+            for family, task, problems, start in jobs]
+
+
+def _score(family, task, problems, reqs, samples) -> tuple[FamilyResult, list[dict]]:
     correct = fmt = length = passk = majority = 0
     records = []
     for i, problem in enumerate(problems):

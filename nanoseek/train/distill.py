@@ -156,7 +156,7 @@ class DistillObjective:
 
 def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_traces: int = 2000,
             tokenizer: str | None = None, kl_alpha: float = 0.0, kl_temperature: float = 2.0,
-            teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int = 512,
+            teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int | None = None,
             sft_config=None, train=None, console: Console | None = None) -> dict:
     """Traces from the teacher (folder or URL) -> verified -> SFT of the student (preset or folder).
     Writes out/traces.jsonl, out/student_init/ (a preset student), out/student/ (the SFT run)."""
@@ -173,7 +173,13 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     if kl_alpha > 0 and remote:
         raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
     ask = (remote_teacher(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher))
+    if max_tokens is None:  # room for the longest worked solution (the teacher's tokenizer) or 512 for an endpoint
+        from ..eval.tasks import token_budget
+
+        max_tokens = 512 if remote else max(token_budget(DeepSeekTokenizer.load(teacher), t) for t in tasks)
     stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console)
+    if stats["verified"] == 0:
+        raise ValueError(f"the teacher produced no verified traces in {stats['rejected']} tries; nothing to distill")
     with open(out / "sft.jsonl", "w") as f:
         for messages in verified_conversations(out / "traces.jsonl"):
             f.write(json.dumps({"messages": messages}) + "\n")

@@ -313,10 +313,12 @@ class Trainer:
 
     def _describe(self, m: dict[str, float]) -> str:
         budget = f"/{self.cfg.max_steps}" if self.cfg.max_steps and not self.cfg.time_budget else ""
-        parts = [f"step {self.step}{budget}", f"loss {m.get('loss', float('nan')):.3f}"]
+        parts = [f"step {self.step}{budget}"]
+        parts.append(f"loss {m['loss']:.3f}" if "loss" in m else f"reward {m.get('reward', float('nan')):.3f}")
         if "mtp_loss" in m:
             parts.append(f"mtp {m['mtp_loss']:.3f}")
-        parts.append(f"{m.get('tokens_per_s', 0):,.0f} tok/s")
+        if m.get("tokens_per_s"):
+            parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
         return "  ".join(parts)
 
 

@@ -1,0 +1,245 @@
+"""The speedrun: tokenizer -> pretraining -> SFT -> GRPO -> distillation -> evaluation -> report card.
+
+Each stage is a plain command's run folder under the speedrun folder, and a stage whose
+`model/` exists is skipped, so rerunning `nanoseek speedrun` after a crash continues at the
+stage (and, inside it, the checkpoint) where it stopped. Stage budgets are fractions of the
+total; the report card (report.md + plots) says what each stage cost and what it bought.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.rule import Rule
+
+from ..checkpoint import load_model
+from ..eval.tasks import evaluate_many
+from ..inference import Engine, SamplingParams
+from ..tokenizer import DeepSeekTokenizer
+from .distill import distill
+from .grpo import GRPOConfig, rl
+from .loop import TrainConfig
+from .metrics import read_metrics
+from .pretrain import DataConfig, pretrain
+from .sft import SFTConfig, sft
+
+FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
+
+
+@dataclass
+class SpeedrunConfig:
+    budget: float = 30 * 60  # seconds for the whole pipeline
+    # shares of the budget per training stage (the rest goes to data, rollouts of traces, evaluation)
+    pretrain_share: float = 0.40
+    sft_share: float = 0.13
+    rl_share: float = 0.14
+    distill_share: float = 0.07
+    preset: str = "cpu-tiny"
+    student: str = "cpu-dense-small"
+    rl_tasks: list[str] = field(default_factory=lambda: ["mul"])
+    eval_n: int = 40  # held-out problems per family
+    traces: int = 600  # verified teacher traces for the student
+    task_documents: int = 100_000
+    code_chars: int = 1_000_000  # standard-library source in the pretraining mix
+    sft_conversations: int = 40_000
+    seq_len: int = 512
+    max_new_tokens: int | None = None  # generation cap for evaluation, RL and traces (None = per-family budget)
+    seed: int = 0
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.1f} min"
+
+
+def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = None,
+             console: Console | None = None) -> Path:
+    cfg, console = cfg or SpeedrunConfig(), console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timing_file = out / "timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    t_start = time.perf_counter() - sum(timings.values())
+
+    def stage(name: str, title: str, fn):
+        if name in timings:
+            console.print(f"[dim]{title}: done earlier ({_minutes(timings[name])})[/]")
+            return
+        spent = time.perf_counter() - t_start
+        console.print(Rule(f"{title}  ·  {_minutes(spent)} of {_minutes(cfg.budget)} spent"))
+        t = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t
+        timing_file.write_text(json.dumps(timings, indent=2))
+
+    B = cfg.budget
+    stage("pretrain", "1/6 tokenizer + pretraining (tasks + Python stdlib with FIM, MTP on)", lambda: pretrain(
+        out / "pretrain", preset=cfg.preset,
+        data=DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
+                        seed=cfg.seed),
+        train=TrainConfig(max_steps=0, time_budget=cfg.pretrain_share * B, lr=2e-3, warmup_steps=50,
+                          schedule="wsd", decay_fraction=0.3, eval_every=200, checkpoint_every=200, seed=cfg.seed),
+        console=console))
+    stage("sft", "2/6 chat SFT (task problems in many phrasings + small talk)", lambda: sft(
+        out / "pretrain" / "model", out / "sft",
+        SFTConfig(builtin_conversations=cfg.sft_conversations, seq_len=cfg.seq_len, seed=cfg.seed),
+        TrainConfig(max_steps=0, time_budget=cfg.sft_share * B, lr=1e-3, warmup_steps=20, schedule="cosine",
+                    min_lr_ratio=0.05, eval_every=200, checkpoint_every=200, seed=cfg.seed), console=console))
+    stage("eval_sft", "3/6 evaluation before RL", lambda: evaluate(out / "sft" / "model", out / "eval_sft.json", cfg,
+                                                                    console))
+    stage("rl", "4/6 GRPO (R1 mode, rule-based rewards)", lambda: rl(
+        out / "sft" / "model", out / "rl",
+        GRPOConfig(tasks=cfg.rl_tasks, prompts_per_step=8, group_size=8, temperature=0.8, beta=0.02,
+                   max_new_tokens=cfg.max_new_tokens or 0, seed=cfg.seed),
+        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=1e-5, warmup_steps=3, schedule="constant",
+                    bias_gamma=0.0, eval_every=0, checkpoint_every=10, seed=cfg.seed), console=console))
+    stage("eval_rl", "5/6 evaluation after RL", lambda: evaluate(out / "rl" / "model", out / "eval_rl.json", cfg,
+                                                                  console))
+    def student():
+        try:
+            distill(str(out / "rl" / "model"), cfg.student, out / "distill", ["add", "sub", "mul"], cfg.traces,
+                    max_tokens=cfg.max_new_tokens, sft_config=SFTConfig(seq_len=cfg.seq_len, seed=cfg.seed),
+                    train=TrainConfig(max_steps=0, time_budget=cfg.distill_share * B, lr=2e-3, warmup_steps=20,
+                                      schedule="cosine", eval_every=100, checkpoint_every=100, seed=cfg.seed),
+                    console=console)
+        except ValueError as e:  # a teacher too weak to give verified traces: say so in the report
+            console.print(f"[yellow]no student: {e}[/]")
+            (out / "distill").mkdir(exist_ok=True)
+            (out / "distill" / "skipped.txt").write_text(str(e))
+
+    stage("distill", "6/6 distillation into a smaller dense student", student)
+    stage("eval_student", "evaluation of the student", lambda: (out / "distill" / "student" / "model").exists() and
+          evaluate(out / "distill" / "student" / "model", out / "eval_student.json", cfg, console,
+                   ["add", "sub", "mul"]))
+    stage("speed", "decode speed and MTP acceptance", lambda: measure_speed(out / "rl" / "model", out / "speed.json"))
+    report = write_report(out, cfg, timings)
+    console.print(Rule("done"))
+    console.print(f"Report card: {report}\nChat with the result:  nanoseek chat --model {out / 'rl' / 'model'}\n"
+                  f"Serve it (web app + API):  nanoseek serve --model {out / 'rl' / 'model'}")
+    return report
+
+
+def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Console,
+             families: list[str] | None = None) -> None:
+    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
+    engine = Engine(model, decode=tok.decode, max_batch=64, eos_token_id=tok.eos_id)
+    specs = [(f, canonical) for f in families or FAMILIES for canonical in (True, False)]
+    rows = {}
+    for (family, canonical), (r, _) in zip(specs, evaluate_many(engine, tok, specs, n=cfg.eval_n,
+                                                                 max_new_tokens=cfg.max_new_tokens)):
+        phrasing = "canonical" if canonical else "varied"
+        rows[f"{family}/{phrasing}"] = r.row()
+        console.print(f"  {family:10s} {phrasing:9s} accuracy {r.accuracy:6.1%}  format {r.format_rate:5.0%}  "
+                      f"length {r.mean_length:5.0f}")
+    out_file.write_text(json.dumps(rows, indent=2))
+
+
+def measure_speed(model_dir: Path, out_file: Path) -> None:
+    """Greedy decode tokens/s at batch 1, plain and with MTP speculation, on a task prompt."""
+    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
+    prompt = tok.render_prompt([{"role": "user", "content": "What is 47 * 86?"}])
+    result = {}
+    for name, spec in (("plain", False), ("speculative", True)):
+        engine = Engine(model, decode=tok.decode, max_batch=1, speculative=spec, eos_token_id=-1, max_len=512)
+        engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))  # warm up
+        t = time.perf_counter()
+        req = engine.generate([prompt], SamplingParams(max_new_tokens=200, temperature=0))[0]
+        dt = time.perf_counter() - t
+        result[name] = {"tokens_per_s": len(req.tokens) / dt, "accepted": req.accepted, "drafted": req.drafted}
+        result["cache_bytes_per_token"] = engine.cache.bytes_per_token
+    result["speedup"] = result["speculative"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+    result["acceptance"] = result["speculative"]["accepted"] / max(1, result["speculative"]["drafted"])
+    out_file.write_text(json.dumps(result, indent=2))
+
+
+def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
+    """report.md with the stage table, accuracy before/after RL, the student, speed; plus plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def load(name):
+        f = out / name
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    sft_eval, rl_eval, student = load("eval_sft.json"), load("eval_rl.json"), load("eval_student.json")
+    speed = load("speed.json")
+    teacher = load_model(out / "rl" / "model") if (out / "rl" / "model").exists() else None
+    lines = ["# nanoseek speedrun report card", ""]
+    total = sum(timings.values())
+    lines += [f"Whole pipeline: **{_minutes(total)}** (budget {_minutes(cfg.budget)}) on "
+              f"{torch.get_num_threads()} CPU threads.", "", "| stage | wall time | steps | tokens |", "|---|---|---|---|"]
+    for name, run in (("pretrain", "pretrain"), ("sft", "sft"), ("eval_sft", None), ("rl", "rl"),
+                      ("eval_rl", None), ("distill", "distill/student"), ("eval_student", None), ("speed", None)):
+        if name not in timings:
+            continue
+        steps = tokens = ""
+        if run and (out / run / "metrics.jsonl").exists():
+            rec = [r for r in read_metrics(out / run / "metrics.jsonl") if "lr" in r]
+            if rec:
+                steps, tokens = str(rec[-1]["step"]), f"{rec[-1]['tokens']:,}"
+        lines.append(f"| {name} | {_minutes(timings[name])} | {steps} | {tokens} |")
+    if teacher is not None:
+        lines += ["", f"Chat model: {teacher.num_params() / 1e6:.2f}M parameters ({teacher.num_params(active=True) / 1e6:.2f}M "
+                      f"active per token) + {len(teacher.mtp_layers)} MTP layer."]
+    lines += ["", "## Held-out accuracy (greedy; canonical wording / random wordings)", "",
+              "| family | after SFT | after RL | student (distilled) | mean response length after RL |",
+              "|---|---|---|---|---|"]
+    for fam in FAMILIES:
+        def cell(d, fam=fam):
+            a, b = d.get(f"{fam}/canonical"), d.get(f"{fam}/varied")
+            return f"{a['accuracy']:.0%} / {b['accuracy']:.0%}" if a and b else "-"
+        length = rl_eval.get(f"{fam}/canonical", {}).get("mean_length")
+        lines.append(f"| {fam} | {cell(sft_eval)} | {cell(rl_eval)} | {cell(student)} | "
+                     f"{'' if length is None else f'{length:.0f}'} |")
+    skipped = out / "distill" / "skipped.txt"
+    if skipped.exists():
+        lines += ["", f"No distilled student: {skipped.read_text()}"]
+    if speed:
+        lines += ["", "## Inference", "",
+                  f"- decode at batch 1: {speed['plain']['tokens_per_s']:.0f} tokens/s plain, "
+                  f"{speed['speculative']['tokens_per_s']:.0f} tokens/s with MTP speculation "
+                  f"({speed['speedup']:.2f}x; drafts accepted {speed['acceptance']:.0%})",
+                  f"- KV cache: {speed['cache_bytes_per_token']} bytes per token (latent only, all layers)"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for ax, (run, key, title) in zip(axes, [("pretrain", "loss", "pretraining loss"), ("sft", "loss", "SFT loss"),
+                                            ("rl", "reward", "GRPO reward")]):
+        f = out / run / "metrics.jsonl"
+        if f.exists():
+            rec = [r for r in read_metrics(f) if key in r]
+            ax.plot([r["step"] for r in rec], [r[key] for r in rec])
+            if key == "reward":
+                ax.plot([r["step"] for r in rec], [r["accuracy"] for r in rec], label="accuracy")
+                ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+    lines += ["", "![curves](curves.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def ship(out: Path, dest: Path) -> None:
+    """Copy the chat model (bf16 weights, tokenizer) and the report card into the package."""
+    from ..checkpoint import save_model
+
+    model = load_model(out / "rl" / "model", dtype=torch.bfloat16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    DeepSeekTokenizer.load(out / "rl" / "model").save(tmp)
+    for f in ("report.md", "curves.png"):
+        if (out / f).exists():
+            shutil.copy2(out / f, tmp / f)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
