@@ -1,4 +1,5 @@
-# nanoseek: `make demo` runs the main job, `make test` runs the whole test suite.
+# nanoseek: `make serve` runs the main job (the chatbot: web app + API on the shipped model),
+# `make test` runs the whole test suite.
 # Both create .venv on first use: torch is pinned first (a bare `torch` requirement would
 # pull a multi-GB CUDA build on a CPU machine), then the package and its test extras.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: serve demo speedrun test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +16,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## build, save, reload and generate with a tiny DeepSeek-V3 model
+serve: $(STAMP)  ## the chatbot: web app at http://127.0.0.1:8000 and the OpenAI/DeepSeek API at /v1
+	$(BIN)/nanoseek serve
+
+demo: $(STAMP)  ## build, save, reload and generate with a tiny random DeepSeek-V3 model
 	$(BIN)/nanoseek demo
+
+speedrun: $(STAMP)  ## reproduce the shipped model: the whole pipeline in about 30 minutes on a laptop CPU
+	$(BIN)/nanoseek speedrun --ship
 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/python -m pytest -q
@@ -24,8 +31,9 @@ test: $(STAMP)  ## the whole suite
 test-fast: $(STAMP)  ## skip tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP)  ## training throughput against transformers, interleaved in one process
-	$(BIN)/python bench/train_throughput.py
+bench: $(STAMP)  ## training and generation speed against transformers, interleaved in one process
+	$(BIN)/python bench/train_throughput.py --step --config cpu-tiny --seq 512
+	$(BIN)/python bench/generate_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -44,6 +44,8 @@ def main():
 
     import transformers
 
+    transformers.logging.set_verbosity_error()
+
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         path = args.model
@@ -70,7 +72,7 @@ def main():
 
     rows = []
     for label, B, T in (("decode, batch 1, 16-token prompt", 1, 16), ("decode, batch 8, 16-token prompt", 8, 16),
-                        ("decode, batch 8, 2,000-token context", 8, 2000)):
+                        ("decode, batch 8, 2,000-token context", 8, 2000 - N)):
         prompts = torch.randint(0, V, (B, T), generator=g)
         res = {}
         for name, fn in (("transformers", run_hf), ("nanoseek", run_ours)):

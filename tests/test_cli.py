@@ -57,7 +57,8 @@ def _chat_model(tmp_path):
 
 def test_generate_prints_reasoning_apart_and_speed(tmp_path):
     model = _chat_model(tmp_path)
-    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "12"])
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "12",
+                            "--speculative"])
     assert r.exit_code == 0, r.output
     assert "Thinking" in r.output and "tok/s" in r.output and "MTP drafts accepted" in r.output
     bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "100000"])

@@ -231,6 +231,14 @@ PRESETS = {
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=3, n_group=1, topk_group=1,
         num_nextn_predict_layers=1, max_position_embeddings=2048, initializer_range=0.02,
     ),
+    # one GPU, a real text corpus: ~0.96B total / ~0.2B active parameters (bf16 autocast, seq 4096)
+    "gpu-1b": lambda: _preset(
+        vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+        num_hidden_layers=12, num_attention_heads=16, q_lora_rank=384, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=48,
+        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+        num_nextn_predict_layers=1, max_position_embeddings=4096, initializer_range=0.006,
+    ),
     # the real shapes, for configs and loading released checkpoints
     "deepseek-v3": lambda: _preset(
         max_position_embeddings=163840, aux_loss_alpha=0.0001,

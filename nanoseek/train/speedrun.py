@@ -42,7 +42,7 @@ class SpeedrunConfig:
     distill_share: float = 0.07
     preset: str = "cpu-tiny"
     student: str = "cpu-dense-small"
-    rl_tasks: list[str] = field(default_factory=lambda: ["mul"])
+    rl_tasks: list[str] | None = None  # None: the families the SFT model solves 10-90% of (where groups vary)
     eval_n: int = 40  # held-out problems per family
     traces: int = 600  # verified teacher traces for the student
     task_documents: int = 100_000
@@ -94,7 +94,7 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
                                                                     console))
     stage("rl", "4/6 GRPO (R1 mode, rule-based rewards)", lambda: rl(
         out / "sft" / "model", out / "rl",
-        GRPOConfig(tasks=cfg.rl_tasks, prompts_per_step=8, group_size=8, temperature=0.8, beta=0.02,
+        GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), prompts_per_step=8, group_size=8, temperature=0.8, beta=0.02,
                    max_new_tokens=cfg.max_new_tokens or 0, seed=cfg.seed),
         TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=1e-5, warmup_steps=3, schedule="constant",
                     bias_gamma=0.0, eval_every=0, checkpoint_every=10, seed=cfg.seed), console=console))
@@ -122,6 +122,17 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
     console.print(f"Report card: {report}\nChat with the result:  nanoseek chat --model {out / 'rl' / 'model'}\n"
                   f"Serve it (web app + API):  nanoseek serve --model {out / 'rl' / 'model'}")
     return report
+
+
+def rl_families(eval_file: Path, low: float = 0.1, high: float = 0.9) -> list[str]:
+    """The families RL can move: solved sometimes but not always (most groups of samples then differ
+    in reward); if none is in [low, high], the weakest family that is solved at all."""
+    scores = {f: json.loads(eval_file.read_text())[f"{f}/varied"]["accuracy"] for f in FAMILIES}
+    picked = [f for f, a in scores.items() if low <= a <= high]
+    if picked:
+        return picked
+    solved = [f for f, a in scores.items() if 0 < a < 1]
+    return [min(solved, key=scores.get)] if solved else ["mul"]
 
 
 def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Console,
