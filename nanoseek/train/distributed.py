@@ -78,7 +78,11 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], info
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    # tied tensors (MTP's embedding and head) are loaded once, under the name the model registers them by;
+    # the state was already checked name by name by load_model
+    canonical = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    state = {k: v for k, v in state.items() if k in canonical}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo) -> dict:
