@@ -12,6 +12,9 @@ PANELS = {
     "loss": lambda k: k == "loss" or (k.startswith("eval_") and k.endswith("_loss") and "mtp" not in k
                                       and "aux" not in k),
     "MTP loss": lambda k: k.endswith("mtp_loss"),
+    "reward": lambda k: k in ("reward", "accuracy", "format_rate"),
+    "response length": lambda k: k == "response_length",
+    "KL to reference": lambda k: k == "kl",
     "learning rate": lambda k: k == "lr",
     "gradient norm": lambda k: k == "grad_norm",
     "tokens/s": lambda k: k == "tokens_per_s",
@@ -60,7 +63,7 @@ def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Pa
     if not log.exists():
         return None
     records = read_metrics(log)
-    present = sorted({k for r in records for k, v in r.items() if v is not None and k not in ("step", "time", "tokens")})
+    present = sorted({k for r in records for k, v in r.items() if v and k not in ("step", "time", "tokens")})
     panels = {title: [k for k in present if wanted(k)] for title, wanted in PANELS.items()}
     panels = {t: k for t, k in panels.items() if k}
     if not panels:
