@@ -486,26 +486,41 @@ def distill(
 
 @app.command("eval")
 def eval_(
-    model: Path = typer.Option(..., help="A model folder."),
+    model: str = typer.Option(..., help="A model folder, or an OpenAI-compatible URL (e.g. a nanoseek server's "
+                              "http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model deepseek-reasoner)."),
+    remote_model: str = typer.Option("nanoseek", help="Model name at a URL."),
+    api_key: str = typer.Option(None, envvar="NANOSEEK_EVAL_API_KEY", help="Key for a URL."),
     tasks: str = typer.Option("add,sub,mul,countdown,linear", help="Comma-separated task families."),
     n: int = typer.Option(100, help="Held-out problems per family."),
     samples: int = typer.Option(1, help="Samples per problem (k for pass@k and majority vote)."),
     temperature: float = typer.Option(0.0, help="0 = greedy (with samples > 1, 0.7 is used)."),
     varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
+    max_tokens: int = typer.Option(0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a URL)."),
     out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     import json as _json
 
     from nanoseek.eval import evaluate_family, markdown_table
+    from nanoseek.eval.tasks import evaluate_remote
+    from nanoseek.train.distill import TeacherError, remote_teacher
 
-    engine, tok = _load_for_chat(model, speculative=False, max_batch=64)
+    families = [t.strip() for t in tasks.split(",") if t.strip()]
+    remote = model.startswith(("http://", "https://"))
+    if remote:
+        ask = remote_teacher(model, remote_model, api_key, temperature=temperature, log=console.print)
+    else:
+        engine, tok = _load_for_chat(Path(model), speculative=False, max_batch=64)
     results = []
-    for family in [t.strip() for t in tasks.split(",") if t.strip()]:
+    for family in families:
         try:
-            r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
-                                   canonical=not varied)
-        except ValueError as e:
+            if remote:
+                r, _ = evaluate_remote(ask, [(family, not varied)], n=n, samples=samples,
+                                       max_new_tokens=max_tokens or 512)[0]
+            else:
+                r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
+                                       canonical=not varied, max_new_tokens=max_tokens or None)
+        except (ValueError, TeacherError) as e:
             _fail(str(e))
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")

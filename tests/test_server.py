@@ -225,3 +225,23 @@ def test_disconnected_stream_cancels_its_generation(parts):
         while engine.active and time.time() < deadline:
             time.sleep(0.05)
         assert not engine.active and not engine.waiting
+
+
+def test_eval_and_teacher_against_a_live_server(server):
+    """`nanoseek eval --model URL` and distillation's remote teacher speak the same API."""
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+    from nanoseek.eval.tasks import evaluate_remote
+    from nanoseek.train.distill import remote_teacher
+
+    ask = remote_teacher(server + "/v1", "nanoseek-test", api_key=KEY, temperature=0.0, retries=1)
+    texts = ask(["What is 2 + 2?"], 8, 0)
+    assert len(texts) == 1 and "</think>" in texts[0]
+    (r, records), = evaluate_remote(ask, [("add", True)], n=3, max_new_tokens=8)
+    assert r.n == 3 and 0 <= r.accuracy <= 1 and len(records) == 3
+    out = CliRunner().invoke(app, ["eval", "--model", server + "/v1", "--remote-model", "nanoseek-test",
+                                   "--tasks", "add", "--n", "2", "--max-tokens", "16"],
+                             env={"NANOSEEK_EVAL_API_KEY": KEY})
+    assert out.exit_code == 0, out.output
+    assert "| add | 2 |" in out.output

@@ -38,15 +38,40 @@ def token_budget(tok: DeepSeekTokenizer, family: str, n: int = 50) -> int:
     return int(1.5 * longest) + 16
 
 
-def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, thinking: bool = True, seed: int = 1234):
-    """n held-out problems of a family and their prompt ids (canonical wording, or varied wordings)."""
+def problems_for(family: str, n: int, canonical: bool, seed: int = 1234):
+    """n held-out problems of a family (canonical wording, or each in a random wording)."""
     task = get_task(family)
     problems = task.heldout(n, seed=seed, canonical=True)
     if not canonical:  # reword each held-out problem with a random phrasing
         rng = random.Random(seed)
         problems = [type(p)(p.family, task.phrase(p.data, rng), p.answer, p.data) for p in problems]
+    return task, problems
+
+
+def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, thinking: bool = True, seed: int = 1234):
+    """n held-out problems of a family and their prompt ids."""
+    task, problems = problems_for(family, n, canonical, seed)
     return task, problems, [tok.render_prompt([{"role": "user", "content": p.question}], thinking=thinking)
                             for p in problems]
+
+
+@dataclass
+class _Answered:
+    """A remote model's completion, shaped like a finished engine request (length in words)."""
+    text: str
+    tokens: list
+
+
+def evaluate_remote(ask, specs: list[tuple[str, bool]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
+                    seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
+    """The same evaluation against an OpenAI-compatible endpoint; ask(questions, max_tokens, seed) returns
+    'reasoning </think> answer' texts (see train/distill.remote_teacher)."""
+    out = []
+    for family, canonical in specs:
+        task, problems = problems_for(family, n, canonical)
+        texts = ask([p.question for p in problems for _ in range(samples)], max_new_tokens, seed)
+        out.append(_score(family, task, problems, [_Answered(t, t.split()) for t in texts], samples))
+    return out
 
 
 def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int = 100, samples: int = 1,
