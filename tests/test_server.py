@@ -219,12 +219,15 @@ def test_disconnected_stream_cancels_its_generation(parts):
         body = {"messages": ask(), "max_tokens": 200, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             for line in r.iter_lines():
-                if line.startswith("data: {") and '"content"' in line:
-                    break  # read one chunk, then hang up
-        deadline = time.time() + 10
-        while engine.active and time.time() < deadline:
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    if delta.get("content") or delta.get("reasoning_content"):
+                        break  # the first generated text: hang up
+        deadline = time.time() + 30
+        while (engine.active or engine.waiting) and time.time() < deadline:
             time.sleep(0.05)
         assert not engine.active and not engine.waiting
+        assert not engine.prefixes.entries  # a finished request is kept for prefix reuse; a cancelled one is not
 
 
 def test_eval_and_teacher_against_a_live_server(server):
