@@ -375,6 +375,8 @@ class Engine:
                 r._draft_probs = probs
 
     def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
+        if all(r.params.temperature == 0 and not r.params.penalized and r._state.json is None for r in rows):
+            return raw.argmax(dim=-1).tolist()  # plain greedy: no processing changes the argmax
         states = [r._state for r in rows]
         logits = processed_logits(raw, states)
         tokens = draw(logits, states).tolist()

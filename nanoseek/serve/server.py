@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,7 +63,7 @@ class Service:
         try:
             for i in range(n):
                 q: asyncio.Queue = asyncio.Queue()
-                p = params if params.seed is None or i == 0 else _with(params, seed=params.seed + i)
+                p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
                 req = self.engine.submit(prompt, p, on_event=lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
                 jobs.append((req, q))
         except InvalidRequest as e:
@@ -74,12 +75,6 @@ class Service:
                 self.engine.cancel(req)
             raise APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded") from None
         return jobs
-
-
-def _with(params: SamplingParams, **kw) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **kw)
 
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
@@ -222,7 +217,7 @@ async def chat(svc: Service, body: ChatRequest, request: Request):
     prompt, thinking, prefix = _chat_prompt(svc, body)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
     if body.response_format is not None and body.response_format.type == "json_object":
-        params = _with(params, json_mode=True)
+        params = replace(params, json_mode=True)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
     if body.stream:
