@@ -37,9 +37,10 @@ class SpeedrunConfig:
     budget: float = 30 * 60  # seconds for the whole pipeline
     # shares of the budget per training stage (the rest goes to data, rollouts of traces, evaluation)
     pretrain_share: float = 0.40
-    sft_share: float = 0.13
+    sft_share: float = 0.12
     rl_share: float = 0.14
-    distill_share: float = 0.07
+    student_pretrain_share: float = 0.07  # the student's own pretraining on the same data, before distillation
+    distill_share: float = 0.06
     preset: str = "cpu-tiny"
     student: str = "cpu-dense-small"
     rl_tasks: list[str] | None = None  # None: the families the SFT model solves 10-90% of (where groups vary)
@@ -65,44 +66,59 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
     timing_file = out / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     t_start = time.perf_counter() - sum(timings.values())
+    B = cfg.budget
+    expected = expected_durations(cfg)
 
     def stage(name: str, title: str, fn):
         if name in timings:
             console.print(f"[dim]{title}: done earlier ({_minutes(timings[name])})[/]")
             return
         spent = time.perf_counter() - t_start
-        console.print(Rule(f"{title}  ·  {_minutes(spent)} of {_minutes(cfg.budget)} spent"))
+        left = sum(v for k, v in expected.items() if k not in timings)
+        console.print(Rule(f"{title}  ·  {_minutes(spent)} spent, about {_minutes(left)} left"))
         t = time.perf_counter()
         fn()
         timings[name] = time.perf_counter() - t
         timing_file.write_text(json.dumps(timings, indent=2))
 
-    B = cfg.budget
-    stage("pretrain", "1/6 tokenizer + pretraining (tasks + Python stdlib with FIM, MTP on)", lambda: pretrain(
+    stage("pretrain", "1/7 tokenizer + pretraining (tasks + Python stdlib with FIM, MTP on)", lambda: pretrain(
         out / "pretrain", preset=cfg.preset,
         data=DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
                         seed=cfg.seed),
         train=TrainConfig(max_steps=0, time_budget=cfg.pretrain_share * B, lr=2e-3, warmup_steps=50,
                           schedule="wsd", decay_fraction=0.3, eval_every=200, checkpoint_every=200, seed=cfg.seed),
         console=console))
-    stage("sft", "2/6 chat SFT (task problems in many phrasings + small talk)", lambda: sft(
+    stage("sft", "2/7 chat SFT (task problems in many phrasings + small talk)", lambda: sft(
         out / "pretrain" / "model", out / "sft",
         SFTConfig(builtin_conversations=cfg.sft_conversations, seq_len=cfg.seq_len, seed=cfg.seed),
         TrainConfig(max_steps=0, time_budget=cfg.sft_share * B, lr=1e-3, warmup_steps=20, schedule="cosine",
                     min_lr_ratio=0.05, eval_every=200, checkpoint_every=200, seed=cfg.seed), console=console))
-    stage("eval_sft", "3/6 evaluation before RL", lambda: evaluate(out / "sft" / "model", out / "eval_sft.json", cfg,
+    stage("eval_sft", "3/7 evaluation before RL", lambda: evaluate(out / "sft" / "model", out / "eval_sft.json", cfg,
                                                                     console))
-    stage("rl", "4/6 GRPO (R1 mode, rule-based rewards)", lambda: rl(
+    stage("rl", "4/7 GRPO (R1 mode, rule-based rewards)", lambda: rl(
         out / "sft" / "model", out / "rl",
-        GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), prompts_per_step=8, group_size=8, temperature=0.8, beta=0.02,
+        GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), prompts_per_step=8, group_size=8, temperature=1.0, beta=0.02,
                    max_new_tokens=cfg.max_new_tokens or 0, seed=cfg.seed),
-        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=1e-5, warmup_steps=3, schedule="constant",
+        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=2e-5, warmup_steps=3, schedule="constant",
                     bias_gamma=0.0, eval_every=0, checkpoint_every=10, seed=cfg.seed), console=console))
-    stage("eval_rl", "5/6 evaluation after RL", lambda: evaluate(out / "rl" / "model", out / "eval_rl.json", cfg,
+    stage("eval_rl", "5/7 evaluation after RL", lambda: evaluate(out / "rl" / "model", out / "eval_rl.json", cfg,
                                                                   console))
+    def student_base():
+        share_data(out / "pretrain", out / "student_base")
+        pretrain(out / "student_base", preset=cfg.student,
+                 data=DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
+                                 seed=cfg.seed),
+                 train=TrainConfig(max_steps=0, time_budget=cfg.student_pretrain_share * B, lr=3e-3, warmup_steps=30,
+                                   schedule="wsd", decay_fraction=0.3, eval_every=200, checkpoint_every=200,
+                                   seed=cfg.seed), console=console)
+
+    stage("student_base", "6/7 the student's pretraining (a smaller dense model, same data)", student_base)
+    stage("eval_student_base", "evaluation of the student before distillation", lambda: evaluate(
+        out / "student_base" / "model", out / "eval_student_base.json", cfg, console, ["add", "sub", "mul"]))
+
     def student():
         try:
-            distill(str(out / "rl" / "model"), cfg.student, out / "distill", ["add", "sub", "mul"], cfg.traces,
+            distill(str(out / "rl" / "model"), str(out / "student_base" / "model"), out / "distill", ["add", "sub", "mul"], cfg.traces,
                     max_tokens=cfg.max_new_tokens, sft_config=SFTConfig(seq_len=cfg.seq_len, seed=cfg.seed),
                     train=TrainConfig(max_steps=0, time_budget=cfg.distill_share * B, lr=2e-3, warmup_steps=20,
                                       schedule="cosine", eval_every=100, checkpoint_every=100, seed=cfg.seed),
@@ -112,7 +128,7 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
             (out / "distill").mkdir(exist_ok=True)
             (out / "distill" / "skipped.txt").write_text(str(e))
 
-    stage("distill", "6/6 distillation into a smaller dense student", student)
+    stage("distill", "7/7 distillation of the chat model's verified traces into the student", student)
     stage("eval_student", "evaluation of the student", lambda: (out / "distill" / "student" / "model").exists() and
           evaluate(out / "distill" / "student" / "model", out / "eval_student.json", cfg, console,
                    ["add", "sub", "mul"]))
@@ -122,6 +138,26 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
     console.print(f"Report card: {report}\nChat with the result:  nanoseek chat --model {out / 'rl' / 'model'}\n"
                   f"Serve it (web app + API):  nanoseek serve --model {out / 'rl' / 'model'}")
     return report
+
+
+def expected_durations(cfg: SpeedrunConfig) -> dict[str, float]:
+    """Seconds each stage should take, in pipeline order (training stages run to their share of
+    the budget; data preparation, traces and evaluations get the small allowances measured on
+    the 2-core machine): the ETA shown at each stage."""
+    B = cfg.budget
+    return {"pretrain": (cfg.pretrain_share + 0.04) * B, "sft": cfg.sft_share * B, "eval_sft": 0.01 * B,
+            "rl": cfg.rl_share * B, "eval_rl": 0.01 * B, "student_base": cfg.student_pretrain_share * B,
+            "eval_student_base": 0.005 * B, "distill": (cfg.distill_share + 0.02) * B, "eval_student": 0.005 * B,
+            "speed": 0.002 * B}
+
+
+def share_data(src: Path, dst: Path) -> None:
+    """Point a second pretraining run at an existing run's tokenizer and token shards (symlinks)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "data"):
+        link = dst / name
+        if not link.exists():
+            link.symlink_to(Path("..") / src.name / name, target_is_directory=True)
 
 
 def rl_families(eval_file: Path, low: float = 0.1, high: float = 0.9) -> list[str]:
@@ -180,6 +216,7 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
         return json.loads(f.read_text()) if f.exists() else {}
 
     sft_eval, rl_eval, student = load("eval_sft.json"), load("eval_rl.json"), load("eval_student.json")
+    student_base = load("eval_student_base.json")
     speed = load("speed.json")
     teacher = load_model(out / "rl" / "model") if (out / "rl" / "model").exists() else None
     lines = ["# nanoseek speedrun report card", ""]
@@ -187,7 +224,8 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
     lines += [f"Whole pipeline: **{_minutes(total)}** (budget {_minutes(cfg.budget)}) on "
               f"{torch.get_num_threads()} CPU threads.", "", "| stage | wall time | steps | tokens |", "|---|---|---|---|"]
     for name, run in (("pretrain", "pretrain"), ("sft", "sft"), ("eval_sft", None), ("rl", "rl"),
-                      ("eval_rl", None), ("distill", "distill/student"), ("eval_student", None), ("speed", None)):
+                      ("eval_rl", None), ("student_base", "student_base"), ("eval_student_base", None),
+                      ("distill", "distill/student"), ("eval_student", None), ("speed", None)):
         if name not in timings:
             continue
         steps = tokens = ""
@@ -199,15 +237,19 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
     if teacher is not None:
         lines += ["", f"Chat model: {teacher.num_params() / 1e6:.2f}M parameters ({teacher.num_params(active=True) / 1e6:.2f}M "
                       f"active per token) + {len(teacher.mtp_layers)} MTP layer."]
+    if (out / "student_base" / "model").exists():
+        small = load_model(out / "student_base" / "model")
+        lines += [f"Student ({cfg.student}, dense): {small.num_params() / 1e6:.2f}M parameters, pretrained on the "
+                  "same data, then fine-tuned on the chat model's verified reasoning traces."]
     lines += ["", "## Held-out accuracy (greedy; canonical wording / random wordings)", "",
-              "| family | after SFT | after RL | student (distilled) | mean response length after RL |",
-              "|---|---|---|---|---|"]
+              "| family | after SFT | after RL | student, pretrained only | student, distilled "
+              "| mean response length after RL |", "|---|---|---|---|---|---|"]
     for fam in FAMILIES:
         def cell(d, fam=fam):
             a, b = d.get(f"{fam}/canonical"), d.get(f"{fam}/varied")
             return f"{a['accuracy']:.0%} / {b['accuracy']:.0%}" if a and b else "-"
         length = rl_eval.get(f"{fam}/canonical", {}).get("mean_length")
-        lines.append(f"| {fam} | {cell(sft_eval)} | {cell(rl_eval)} | {cell(student)} | "
+        lines.append(f"| {fam} | {cell(sft_eval)} | {cell(rl_eval)} | {cell(student_base)} | {cell(student)} | "
                      f"{'' if length is None else f'{length:.0f}'} |")
     skipped = out / "distill" / "skipped.txt"
     if skipped.exists():

@@ -2,8 +2,11 @@
 
 Traces (least significant digit first, carries and borrows written out, the result read back):
     876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
-    52-38: 2-8-0 -> 12-8=4 b1 | 5-3-1=1 b0 -> 14
-    37-388: 37<388 so -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
+    52-38: 5>3 so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
+    37-388: 2 digits vs 3 so 37<388 | -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
+    463-461: 4=4 6=6 3>1 so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
+Subtraction first decides which operand is larger (lengths, then digits from the top), so the
+sign is settled by a written comparison, and a result with leading zeros is read back twice.
     22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: ... -> 1958
 """
 
@@ -54,8 +57,29 @@ def add_trace(a: int, b: int) -> tuple[list[str], int]:
     return steps, int("".join(map(str, reversed(out))))
 
 
-def sub_trace(a: int, b: int) -> tuple[list[str], int]:
-    """a >= b >= 0, digit by digit with borrows."""
+def compare_trace(a: int, b: int) -> str:
+    """'4=4 6=6 3>1 so 463>461': lengths first, then digits from the most significant."""
+    sa, sb = str(a), str(b)
+    rel = "<" if a < b else (">" if a > b else "=")
+    if len(sa) != len(sb):
+        return f"{len(sa)} digits vs {len(sb)} so {a}{rel}{b}"
+    steps = []
+    for x, y in zip(sa, sb):
+        steps.append(f"{x}{'<' if x < y else ('>' if x > y else '=')}{y}")
+        if x != y:
+            break
+    return " ".join(steps) + f" so {a}{rel}{b}"
+
+
+def read_back(digits: list[int]) -> tuple[str, int]:
+    """Least-significant-first digits read in normal order: '-> 081 -> 81' when zeros lead."""
+    written = "".join(map(str, reversed(digits)))
+    value = int(written)
+    return (f" -> {written}" + (f" -> {value}" if written != str(value) else "")), value
+
+
+def sub_trace(a: int, b: int) -> tuple[list[str], str, int]:
+    """a >= b >= 0, digit by digit with borrows: (steps, read-back text, result)."""
     da, db = _digits(a), _digits(b)
     steps, borrow, out = [], 0, []
     for i in range(len(da)):
@@ -69,7 +93,8 @@ def sub_trace(a: int, b: int) -> tuple[list[str], int]:
             steps.append(f"{x}-{y}-{borrow}={d} b0")
             out.append(d)
             borrow = 0
-    return steps, int("".join(map(str, reversed(out))))
+    text, value = read_back(out)
+    return steps, text, value
 
 
 def mul_digit_trace(a: int, digit: int) -> tuple[list[str], int]:
@@ -124,12 +149,9 @@ class Subtraction(TwoNumbers):
 
     def solution(self, p):
         a, b = p.data["a"], p.data["b"]
-        head = f"{a}-{b}: "
-        if a < b:
-            head += f"{a}<{b} so -({b}-{a}) | "
-        steps, result = sub_trace(max(a, b), min(a, b))
-        tail = f" -> {result}" + (f" -> -{result}" if a < b and result else "")
-        return head + " | ".join(steps) + tail
+        head = f"{a}-{b}: {compare_trace(a, b)} | " + (f"-({b}-{a}) | " if a < b else "")
+        steps, text, result = sub_trace(max(a, b), min(a, b))
+        return head + " | ".join(steps) + text + (f" -> -{result}" if a < b else "")
 
 
 class Multiplication(TwoNumbers):

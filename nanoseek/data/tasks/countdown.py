@@ -4,9 +4,12 @@ The worked solution is a goal-directed search. For each number c set aside, it l
 other two must make so that one more step with c hits the target (t-c, t+c, c-t, t/c), then
 tries the pair's results against that list, stopping at the first hit:
     3 12 7 -> 33:
-    keep 7: need 26 (33-7) 40 (33+7) | 3+12=15 12-3=9 3*12=36 no
-    keep 12: need 21 (33-12) 45 (33+12) | 3+7=10 7-3=4 3*7=21 ok
+    keep 7 (3 12): need 26 (33-7) 40 (33+7) | 3+12=15 12-3=9 3*12=36 no
+    keep 12 (3 7): need 21 (33-12) 45 (33+12) | 3+7=10 7-3=4 3*7=21 ok
     (3*7)+12
+The pair is written out before it is used, and a product of two numbers above 10 is written
+`big` (it exceeds every value the search can need), so the trace never asks for a 2-digit by
+2-digit product.
 The answer is an expression; `verify` parses it safely, checks it uses exactly the given
 numbers, and that it evaluates to the target (division must be exact).
 """
@@ -28,6 +31,9 @@ TEMPLATES = [
     "With the numbers {nums}, how do you get {t}?", "Get {t} from {nums} using +, -, * and /.",
 ]
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+BIG = 11  # both factors at least this: the product (>= 121) is past every target +- number
 
 
 def pair_results(a: int, b: int, division: bool) -> list[tuple[str, int]]:
@@ -58,15 +64,18 @@ def solve(nums: list[int], target: int, division: bool = True) -> tuple[list[str
         a, b = [n for j, n in enumerate(nums) if j != i]
         want = needs(target, c, division)
         want_by_value = {v: tmpl for _, tmpl, v in want}
+        head = f"keep {c} ({a} {b}): need " + " ".join(f"{v2} ({how})" for how, _, v2 in want) + " |"
+        big_product = min(a, b) >= BIG and a * b > max((v2 for *_, v2 in want), default=0)
         tries = []
         for expr, v in pair_results(a, b, division):
+            if big_product and "*" in expr:
+                tries.append(f"{expr} big")
+                continue
             tries.append(f"{expr}={v}")
             if v in want_by_value:
-                lines.append(f"keep {c}: need " + " ".join(f"{v2} ({how})" for how, _, v2 in want)
-                             + " | " + " ".join(tries) + " ok")
+                lines.append(" ".join([head, *tries, "ok"]))
                 return lines, want_by_value[v].format(x=expr)
-        lines.append(f"keep {c}: need " + " ".join(f"{v2} ({how})" for how, _, v2 in want)
-                     + " | " + " ".join(tries) + " no")
+        lines.append(" ".join([head, *tries, "no"]))
     return lines, None
 
 
