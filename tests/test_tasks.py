@@ -64,3 +64,22 @@ def test_countdown_verifier_is_strict():
     assert evaluate("(4+24)*3", [3, 4, 24]) == 84
     assert evaluate("(4+24)*3", [3, 4, 4]) is None
     assert evaluate("8/(3-3)", [8, 3, 3]) is None
+
+
+@pytest.mark.parametrize("a,b,relation,readback", [
+    (461, 463, "4=4 6=6 1<3 so 461<463", "-> 002 -> 2 -> -2"), (166, 85, "3 digits vs 2 so 166>85", "-> 081 -> 81"),
+    (500, 500, "5=5 0=0 0=0 so 500=500", "-> 000 -> 0"), (52, 38, "5>3 so 52>38", "-> 14"),
+])
+def test_subtraction_trace_settles_the_sign_by_a_written_comparison(a, b, relation, readback):
+    from nanoseek.data.tasks.base import Problem
+    trace = get_task("sub").solution(Problem("sub", "", str(a - b), {"a": a, "b": b}))
+    assert trace.startswith(f"{a}-{b}: {relation} | ") and trace.endswith(readback), trace
+    assert (f"-({b}-{a})" in trace) == (a < b)
+
+
+def test_countdown_trace_names_the_pair_and_never_multiplies_two_big_numbers():
+    from nanoseek.data.tasks.countdown import solve
+    lines, expr = solve([13, 16, 4], 68, division=False)  # keep 4: 13+16=29, 16-13=3, 13*16 is big; keep 16: 13+4=17, 13-4=9, 13*4=52 ok
+    assert lines[0].startswith("keep 4 (13 16): need") and "13*16 big" in lines[0] and lines[0].endswith(" no")
+    assert lines[1].startswith("keep 16 (13 4): need") and lines[1].endswith("13*4=52 ok") and expr == "(13*4)+16"
+    assert evaluate(expr, [13, 16, 4]) == 68

@@ -28,7 +28,7 @@ class LatentCache:
         self.lengths = torch.zeros(1 + config.num_nextn_predict_layers, rows, dtype=torch.long, device=device)
         self.rows, self.max_len = rows, max_len
         self.sel = slice(0, rows)
-        self._step: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # group -> (positions, mask, end)
+        self._step: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # group -> (positions, mask, rows)
 
     @property
     def bytes_per_token(self) -> int:
@@ -45,25 +45,27 @@ class LatentCache:
         return self
 
     def positions(self, n_new: int, group: int = 0) -> torch.Tensor:
-        """Position ids [selected rows, n_new] of the next n_new tokens."""
-        return self.lengths[group, self.sel, None] + torch.arange(n_new, device=self.lengths.device)
+        """Plan the next forward for `group`: n_new tokens per selected row. Returns their position
+        ids [selected rows, n_new]; the mask and the attended length are fixed here too, so the
+        forward itself never reads a value back to the host (and compiles to one graph)."""
+        pos = self.lengths[group, self.sel, None] + torch.arange(n_new, device=self.lengths.device)
+        end = int(pos.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"cache overflow: {end} tokens > max_len {self.max_len}")
+        keys = torch.arange(end, device=pos.device)
+        rows = torch.arange(self.sel.start, self.sel.start + pos.shape[0], device=pos.device)[:, None]
+        self._step[group] = (pos, keys[None, None, :] <= pos[:, :, None], rows)
+        return pos
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Store the new tokens' latents; -> every cached latent of the selected rows and the mask
         [rows, new, cached] that lets each new token see its row's past and itself."""
         g = self.group(layer_idx)
-        B, S, _ = c_kv.shape
         if g not in self._step:
-            pos = self.positions(S, g)  # (B, S)
-            end = int(pos.max()) + 1
-            if end > self.max_len:
-                raise ValueError(f"cache overflow: {end} tokens > max_len {self.max_len}")
-            keys = torch.arange(end, device=pos.device)
-            self._step[g] = (pos, keys[None, None, :] <= pos[:, :, None], end)
-        pos, mask, end = self._step[g]
-        rows = torch.arange(self.sel.start, self.sel.start + B, device=pos.device)[:, None]
+            self.positions(c_kv.shape[1], g)
+        pos, mask, rows = self._step[g]
         self.kv[layer_idx, rows, pos] = torch.cat([c_kv, k_pe], dim=-1).to(self.kv.dtype)
-        cached = self.kv[layer_idx, self.sel.start:self.sel.start + B, :end]
+        cached = self.kv[layer_idx, self.sel, : mask.shape[-1]]
         return cached[..., : self.kv_rank], cached[..., self.kv_rank:], mask
 
     def advance(self, group: int = 0, accepted: torch.Tensor | None = None) -> None:

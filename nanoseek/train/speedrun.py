@@ -9,6 +9,7 @@ total; the report card (report.md + plots) says what each stage cost and what it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def share_data(src: Path, dst: Path) -> None:
     for name in ("tokenizer", "data"):
         link = dst / name
         if not link.exists():
-            link.symlink_to(Path("..") / src.name / name, target_is_directory=True)
+            link.symlink_to(os.path.relpath(src / name, dst), target_is_directory=True)
 
 
 def rl_families(eval_file: Path, low: float = 0.1, high: float = 0.9) -> list[str]:
