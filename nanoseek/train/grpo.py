@@ -42,15 +42,15 @@ R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a 
 @dataclass
 class GRPOConfig:
     tasks: list[str] = field(default_factory=lambda: ["mul"])
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     group_size: int = 8
-    temperature: float = 0.8
+    temperature: float = 0.7  # rollouts near the greedy policy: at 1.0 a tiny model samples too many slips
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0 = 1.5x the longest worked solution of the family
     beta: float = 0.02  # KL to the reference model (0 = no reference model kept)
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher (DAPO)
-    loss_norm: str = "token"  # token | sequence | dr_grpo
+    loss_norm: str = "sequence"  # sequence (GRPO) | token (DAPO) | dr_grpo
     dr_grpo: bool = False  # no std division in the advantages
     format_weight: float = 0.1
     mode: str = "r1"  # r1 (chat template, after SFT) | r1-zero (R1-Zero prompt on a base model)
