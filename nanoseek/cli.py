@@ -421,6 +421,7 @@ def rl(
     lr: float = typer.Option(2e-5, help="Learning rate (RL wants it small)."),
     prompts: int = typer.Option(16, help="Problems per step."),
     group: int = typer.Option(8, help="Samples per problem (G)."),
+    updates: int = typer.Option(1, help="Optimizer steps per batch of rollouts (GRPO's mu)."),
     temperature: float = typer.Option(0.7, help="Rollout temperature."),
     beta: float = typer.Option(0.02, help="KL (k3) to the starting model; 0 = no reference model."),
     loss_norm: str = typer.Option("sequence", help="sequence (each completion weighs the same), token (DAPO) or "
@@ -436,8 +437,8 @@ def rl(
 
     try:
         cfg = GRPOConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], prompts_per_step=prompts,
-                         group_size=group, temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo,
-                         mode=mode, seed=seed)
+                         group_size=group, updates_per_rollout=updates, temperature=temperature, beta=beta,
+                         loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
         train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
                               lr=lr, warmup_steps=5, schedule="constant", bias_gamma=0.0, eval_every=0,
                               checkpoint_every=20, seed=seed)

@@ -322,16 +322,20 @@ class Engine:
         self.cache.select(0, B)
         out = self.model(inp, position_ids=self.cache.positions(2), cache=self.cache, logits=False)
         raw = self.model.lm_head(out.hidden).float()  # (B, 2, V)
-        states = [r._state for r in rows]
-        p0 = processed_logits(raw[:, 0], states)
-        ok = []
-        for i, r in enumerate(rows):
-            if r.params.temperature == 0:
-                ok.append(bool(p0[i].argmax() == r._draft))
-            else:
-                p, q = p0[i].softmax(-1)[r._draft], r._draft_probs[r._draft]
-                u = torch.rand((), generator=r._state.generator, device=self.device)
-                ok.append(bool(u * q <= p))
+        if _plain_greedy(rows):  # the main model's argmax against the drafts, in one comparison
+            p0 = raw[:, 0]
+            best = p0.argmax(dim=-1).tolist()
+            ok = [b == r._draft for b, r in zip(best, rows)]
+        else:
+            p0 = processed_logits(raw[:, 0], [r._state for r in rows])
+            ok = []
+            for i, r in enumerate(rows):
+                if r.params.temperature == 0:
+                    ok.append(bool(p0[i].argmax() == r._draft))
+                else:
+                    p, q = p0[i].softmax(-1)[r._draft], r._draft_probs[r._draft]
+                    u = torch.rand((), generator=r._state.generator, device=self.device)
+                    ok.append(bool(u * q <= p))
         accepted = torch.tensor(ok, device=self.device, dtype=torch.long)
         self.cache.advance(0, accepted + 1)
         # the token after the verified part: from position 1 if the draft stood, else a correction at 0
@@ -365,6 +369,10 @@ class Engine:
         cos, sin = self.model.model.rotary_emb(pos)
         h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
         h = h[torch.arange(len(rows)), take.to(self.device)]  # (B, D)
+        if _plain_greedy(rows):
+            for r, t in zip(rows, mtp.shared_head(h).argmax(dim=-1).tolist()):
+                r._draft, r._draft_probs = t, None
+            return
         logits = processed_logits(mtp.shared_head(h).float(), [r._state for r in rows])
         for i, r in enumerate(rows):
             if r.params.temperature == 0:
@@ -375,8 +383,8 @@ class Engine:
                 r._draft_probs = probs
 
     def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
-        if all(r.params.temperature == 0 and not r.params.penalized and r._state.json is None for r in rows):
-            return raw.argmax(dim=-1).tolist()  # plain greedy: no processing changes the argmax
+        if _plain_greedy(rows):
+            return raw.argmax(dim=-1).tolist()
         states = [r._state for r in rows]
         logits = processed_logits(raw, states)
         tokens = draw(logits, states).tolist()
@@ -481,6 +489,11 @@ class Engine:
         req.events.put(ev)
         if req.on_event is not None:
             req.on_event(ev)
+
+
+def _plain_greedy(rows: list[Request]) -> bool:
+    """Greedy rows without penalties or JSON constraints: no logit processing changes their argmax."""
+    return all(r.params.temperature == 0 and not r.params.penalized and r._state.json is None for r in rows)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -44,6 +44,7 @@ class GRPOConfig:
     tasks: list[str] = field(default_factory=lambda: ["mul"])
     prompts_per_step: int = 16
     group_size: int = 8
+    updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu; > 1 makes the clip matter)
     temperature: float = 0.7  # rollouts near the greedy policy: at 1.0 a tiny model samples too many slips
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0 = 1.5x the longest worked solution of the family
@@ -62,6 +63,8 @@ class GRPOConfig:
             raise ConfigError(f"mode must be r1 or r1-zero, got {self.mode!r}")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2 (advantages are relative within a group)")
+        if self.updates_per_rollout < 1:
+            raise ConfigError("updates_per_rollout must be >= 1")
         for t in self.tasks:
             get_task(t)
 
@@ -83,6 +86,8 @@ class Rollouts:
                              max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
+        self._last: dict | None = None  # the latest rollouts, reused for updates_per_rollout steps
+        self._uses = 0
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "draws": self.draws}
@@ -95,11 +100,16 @@ class Rollouts:
         return self
 
     def __next__(self) -> dict:
-        """Sample until some group has varied rewards (at most 3 tries)."""
+        """Sample until some group has varied rewards (at most 3 tries); with updates_per_rollout > 1 the
+        same rollouts (and their behaviour log-probs) serve several steps, logged once."""
+        if self._last is not None and self._uses < self.cfg.updates_per_rollout:
+            self._uses += 1
+            return {**self._last, "stats": {}}
         for _ in range(3):
             batch = self._sample()
             if batch["n"]:
-                return batch
+                break
+        self._last, self._uses = batch, 1
         return batch
 
     @torch.no_grad()
