@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -52,9 +53,11 @@ def local_teacher(model_dir: str | Path, temperature: float = 0.6, max_batch: in
 
 
 def remote_teacher(url: str, model: str, api_key: str | None = None, temperature: float = 0.6, retries: int = 5,
-                   timeout: float = 120.0, log: Callable[[str], None] = print, backoff: float = 2.0):
-    """Questions -> completions from an OpenAI-compatible /v1/chat/completions endpoint. The
-    completion is rebuilt as `reasoning_content </think> content` so the same verifier applies."""
+                   timeout: float = 120.0, log: Callable[[str], None] = print, backoff: float = 2.0,
+                   concurrency: int = 8):
+    """Questions -> completions from an OpenAI-compatible /v1/chat/completions endpoint, `concurrency`
+    requests in flight (a batching server answers them together). The completion is rebuilt as
+    `reasoning_content </think> content` so the same verifier applies."""
     endpoint = url.rstrip("/") + ("/chat/completions" if url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
 
     def one(question: str, max_tokens: int, seed: int) -> str:
@@ -80,7 +83,8 @@ def remote_teacher(url: str, model: str, api_key: str | None = None, temperature
         raise TeacherError(f"{endpoint}: still failing after {retries} attempts ({err})")
 
     def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
-        return [one(q, max_tokens, seed + i) for i, q in enumerate(questions)]
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:  # map keeps the questions' order
+            return list(pool.map(lambda iq: one(iq[1], max_tokens, seed + iq[0]), enumerate(questions)))
 
     return ask
 
