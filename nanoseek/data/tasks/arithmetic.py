@@ -2,13 +2,12 @@
 
 Traces (least significant digit first, carries and borrows written out, the result read back):
     876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
-    934+48: 934+048 | 4+8+0=12 c1 | 3+4+1=8 c0 | 9+0+0=9 c0 -> 982
     52-38: 5>3 so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
-    37-388: 2 digits vs 3 so 37<388 | -(388-037) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
+    37-388: 2 digits vs 3 so 37<388 | -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
     463-461: 4=4 6=6 3>1 so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
 Subtraction first decides which operand is larger (lengths, then digits from the top), so the
 sign is settled by a written comparison, and a result with leading zeros is read back twice.
-    22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: 0198+1760 | ... -> 1958
+    22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: ... -> 1958
 """
 
 from __future__ import annotations
@@ -130,13 +129,6 @@ class TwoNumbers(Task):
         return surface((self.templates[0] if rng is None else rng.choice(self.templates)).format(**d), rng)
 
 
-def aligned(a: int, b: int, op: str) -> str:
-    """'934+048 | ': operands of different lengths restated with the shorter one zero-padded, so each
-    digit step reads its digits from the same column; '' when the lengths already agree."""
-    width = max(len(str(a)), len(str(b)))
-    return "" if len(str(a)) == len(str(b)) else f"{a:0{width}d}{op}{b:0{width}d} | "
-
-
 class Addition(TwoNumbers):
     name, templates, commutative = "add", ADD_TEMPLATES, True
 
@@ -146,7 +138,7 @@ class Addition(TwoNumbers):
     def solution(self, p):
         a, b = p.data["a"], p.data["b"]
         steps, result = add_trace(a, b)
-        return f"{a}+{b}: " + aligned(a, b, "+") + " | ".join(steps) + f" -> {result}"
+        return f"{a}+{b}: " + " | ".join(steps) + f" -> {result}"
 
 
 class Subtraction(TwoNumbers):
@@ -157,13 +149,8 @@ class Subtraction(TwoNumbers):
 
     def solution(self, p):
         a, b = p.data["a"], p.data["b"]
-        big, small = max(a, b), min(a, b)
-        head = f"{a}-{b}: {compare_trace(a, b)} | "
-        if a < b:
-            head += f"-({big}-{small:0{len(str(big))}d}) | "
-        else:
-            head += aligned(big, small, "-")
-        steps, text, result = sub_trace(big, small)
+        head = f"{a}-{b}: {compare_trace(a, b)} | " + (f"-({b}-{a}) | " if a < b else "")
+        steps, text, result = sub_trace(max(a, b), min(a, b))
         return head + " | ".join(steps) + text + (f" -> -{result}" if a < b else "")
 
 
@@ -190,7 +177,7 @@ class Multiplication(TwoNumbers):
         total = parts[0]
         for nxt in parts[1:]:
             steps, s = add_trace(total, nxt)
-            lines.append(f"{total}+{nxt}: " + aligned(total, nxt, "+") + " | ".join(steps) + f" -> {s}")
+            lines.append(f"{total}+{nxt}: " + " | ".join(steps) + f" -> {s}")
             total = s
         return "\n".join(lines)
 
