@@ -110,6 +110,19 @@ def test_stop_strings_never_leak_even_across_tokens(model):
     assert stop not in streamed
 
 
+def test_a_reply_ending_inside_a_utf8_character_streams_all_of_its_text(model):
+    """Text held back while a character may still complete is sent when the request ends."""
+    def decode(ids):  # every token is a lone UTF-8 lead byte: the text never becomes valid
+        return bytes([0xE2] * len(ids)).decode("utf-8", errors="replace")
+
+    engine = Engine(model, decode=decode, max_batch=2, eos_token_id=-1)
+    req = engine.generate([prompts(1)[0]], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    events = []
+    while not req.events.empty():
+        events.append(req.events.get())
+    assert req.text == "\ufffd" * 6 and "".join(e.text for e in events) == req.text
+
+
 def test_cancel_frees_the_row_at_once(model):
     engine = Engine(model, max_batch=2)
     a = engine.submit(prompts(1, seed=7)[0], SamplingParams(max_new_tokens=50, temperature=0))

@@ -454,8 +454,8 @@ class Engine:
             req.text = full
             hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
             safe = len(full) - hold
-            while safe > req._shown and full[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
-                safe -= 1
+            while not reason and safe > req._shown and full[safe - 1] == "\ufffd":  # an incomplete UTF-8
+                safe -= 1  # character may complete with the next token; at the end it is sent as it decodes
             if safe > req._shown:
                 text, req._shown = full[req._shown:safe], safe
         self._emit(req, Event(new, text, lp, reason))
