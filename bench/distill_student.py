@@ -22,7 +22,8 @@ from nanoseek.cli import parse_duration
 from nanoseek.train.distill import distill
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, pretrain
-from nanoseek.train.sft import SFTConfig, builtin_conversations, sft
+from nanoseek.data.builtin import task_conversations
+from nanoseek.train.sft import SFTConfig, sft
 from nanoseek.train.speedrun import SpeedrunConfig, evaluate, share_data
 
 
@@ -56,10 +57,10 @@ def main():
     stats = distill(str(teacher), str(out / "base" / "model"), out / "distilled", families, args.traces,
                     sft_config=SFTConfig(seq_len=base.seq_len), train=finetune(), console=console)
     verified = stats.get("verified") or sum(1 for _ in open(out / "distilled" / "sft.jsonl"))
-    gold = out / "gold.jsonl"  # the generator's worked solutions, as many conversations as verified traces
+    gold = out / "gold.jsonl"  # the generator's worked solutions: as many, of the same families, as the traces
     if not gold.exists():
         with open(gold, "w") as f:
-            for messages in builtin_conversations(verified, seed=7, chat_fraction=0.0):
+            for messages in task_conversations(verified, seed=7, mix={f: 1.0 for f in families}):
                 f.write(json.dumps({"messages": messages}) + "\n")
     sft(out / "base" / "model", out / "no_teacher", SFTConfig(data=str(gold), seq_len=base.seq_len), finetune(),
         console=console)
