@@ -77,6 +77,25 @@ def test_subtraction_trace_settles_the_sign_by_a_written_comparison(a, b, relati
     assert (f"-({b}-{a})" in trace) == (a < b)
 
 
+@pytest.mark.parametrize("a,b,head,steps", [
+    (934, 48, "934+48: 3 digits vs 2 | ", ["4+8+0=12 c1", "3+4+1=8 c0", "9+0+0=9 c0"]),
+    (48, 934, "48+934: 2 digits vs 3 | ", ["8+4+0=12 c1", "4+3+1=8 c0", "0+9+0=9 c0"]),
+    (876, 141, "876+141: ", ["6+1+0=7 c0", "7+4+0=11 c1", "8+1+1=10 c1"]),
+])
+def test_addition_notes_unequal_lengths_before_the_column_steps(a, b, head, steps):
+    from nanoseek.data.tasks.base import Problem
+    trace = get_task("add").solution(Problem("add", "", str(a + b), {"a": a, "b": b}))
+    assert trace == head + " | ".join(steps) + f" -> {a + b}"
+
+
+def test_commutative_wordings_name_the_operands_in_the_order_the_solution_restates_them():
+    # the worked solution starts with 'a+b' / 'a*b': a wording that says b first would ask the model
+    # to reorder while copying, which it gets wrong ("If you add 18 to 99" -> "99+48")
+    from nanoseek.data.tasks.arithmetic import ADD_TEMPLATES, MUL_TEMPLATES
+    for t in ADD_TEMPLATES + MUL_TEMPLATES:
+        assert t.index("{a}") < t.index("{b}"), t
+
+
 def test_countdown_trace_names_the_pair_and_never_multiplies_two_big_numbers():
     from nanoseek.data.tasks.countdown import solve
     lines, expr = solve([13, 16, 4], 68, division=False)  # keep 4: 13+16=29, 16-13=3, 13*16 is big; keep 16: 13+4=17, 13-4=9, 13*4=52 ok

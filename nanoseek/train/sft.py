@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from ..checkpoint import load_model
-from ..data.builtin import task_conversations
+from ..data.builtin import SFT_MIX, task_conversations
 from ..data.shards import IGNORE, pack_documents
 from ..model.config import ConfigError
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
@@ -66,7 +66,7 @@ def small_talk(rng: random.Random) -> list[dict]:
 def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = 0.05) -> list[list[dict]]:
     """Task problems phrased many ways with worked solutions, mixed with general chat."""
     rng = random.Random(seed)
-    tasks = iter(task_conversations(n, seed=seed + 1))
+    tasks = iter(task_conversations(n, seed=seed + 1, mix=SFT_MIX))
     return [small_talk(rng) if rng.random() < chat_fraction else next(tasks) for _ in range(n)]
 
 

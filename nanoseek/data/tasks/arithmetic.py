@@ -2,6 +2,7 @@
 
 Traces (least significant digit first, carries and borrows written out, the result read back):
     876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
+    934+48: 3 digits vs 2 | 4+8+0=12 c1 | 3+4+1=8 c0 | 9+0+0=9 c0 -> 982
     52-38: 5>3 so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
     37-388: 2 digits vs 3 so 37<388 | -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
     463-461: 4=4 6=6 3>1 so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
@@ -19,7 +20,7 @@ from .base import Task, surface
 ADD_TEMPLATES = [
     "What is {a} + {b}?", "What's {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "{a}+{b}",
     "Add {a} and {b}.", "What is the sum of {a} and {b}?", "Calculate {a} plus {b}.", "{a} plus {b}",
-    "How much is {a} + {b}?", "If you add {b} to {a}, what do you get?", "Find the total of {a} and {b}.",
+    "How much is {a} + {b}?", "If you add {a} to {b}, what do you get?", "Find the total of {a} and {b}.",
     "what is {a}+{b}", "Please add {a} to {b}.", "Sum {a} and {b}.", "{a} + {b}?", "Can you add {a} and {b}?",
     "I have {a} apples and get {b} more. How many do I have?", "Evaluate {a} + {b}.", "{a} and {b} added together?",
 ]
@@ -69,6 +70,13 @@ def compare_trace(a: int, b: int) -> str:
         if x != y:
             break
     return " ".join(steps) + f" so {a}{rel}{b}"
+
+
+def length_note(a: int, b: int) -> str:
+    """'3 digits vs 2 | ' when the operands' lengths differ (as subtraction's comparison writes them),
+    so the column steps that follow know which operand runs out first; '' otherwise."""
+    la, lb = len(str(a)), len(str(b))
+    return "" if la == lb else f"{la} digits vs {lb} | "
 
 
 def read_back(digits: list[int]) -> tuple[str, int]:
@@ -138,7 +146,7 @@ class Addition(TwoNumbers):
     def solution(self, p):
         a, b = p.data["a"], p.data["b"]
         steps, result = add_trace(a, b)
-        return f"{a}+{b}: " + " | ".join(steps) + f" -> {result}"
+        return f"{a}+{b}: " + length_note(a, b) + " | ".join(steps) + f" -> {result}"
 
 
 class Subtraction(TwoNumbers):
