@@ -17,9 +17,9 @@ from .tasks import get_task
 # (shared/design/calibration.md), gets the least of the arithmetic; Countdown, the slowest to
 # learn, the most
 DEFAULT_MIX = {"add": 0.15, "sub": 0.25, "mul": 0.25, "countdown": 0.3, "linear": 0.05}
-# chat SFT moves a twentieth from multiplication to addition: from the same pretrained model, held-out
+# chat SFT moves a twentieth from multiplication to addition: SFT'd from one pretrained model, held-out
 # addition (200 problems, varied wording) went 93.5% -> 99.5% with multiplication staying at 95%;
-# the errors it removes are sums of a 3-digit and a 2-digit number read from the wrong column
+# from another it stayed at 93% (the misses: a 3-digit plus a 2-digit number read from the wrong column)
 SFT_MIX = {"add": 0.2, "sub": 0.25, "mul": 0.2, "countdown": 0.3, "linear": 0.05}
 
 
