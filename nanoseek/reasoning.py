@@ -16,7 +16,7 @@ def split_reasoning(text: str, started: bool = True) -> tuple[str, str]:
     if not started:
         stripped = text.lstrip()
         if not stripped.startswith(THINK):
-            return "", text
+            return "", text.strip()
         text = stripped[len(THINK):]
     if END_THINK not in text:
         return text.strip(), ""
@@ -31,7 +31,8 @@ class ReasoningStream:
     def __init__(self, started: bool = True):
         self.thinking, self.buffer = started, ""
         self._lead = not started  # may still open with <think>
-        self._answer_started = False
+        self._started = {"reasoning": False, "answer": False}
+        self._held = ""  # trailing whitespace, sent only if more text of the same part follows
 
     def feed(self, delta: str, final: bool = False) -> list[tuple[str, str]]:
         self.buffer += delta
@@ -46,23 +47,28 @@ class ReasoningStream:
         if self.thinking:
             if END_THINK in self.buffer:
                 reasoning, self.buffer = self.buffer.split(END_THINK, 1)
-                if reasoning:
-                    out.append(("reasoning", reasoning))
+                self._piece(out, "reasoning", reasoning, last=True)
                 self.thinking = False
             else:
                 keep = 0 if final else _partial_suffix(self.buffer, END_THINK)
                 piece, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-                if piece:
-                    out.append(("reasoning", piece))
+                self._piece(out, "reasoning", piece, last=final)
                 return out
         piece, self.buffer = self.buffer, ""
-        if not self._answer_started:
-            piece = piece.lstrip()  # the blank line after </think>
-            if not piece:
-                return out
-            self._answer_started = True
-        out.append(("answer", piece))
+        self._piece(out, "answer", piece, last=final)
         return out
+
+    def _piece(self, out: list, kind: str, text: str, last: bool) -> None:
+        """Append text of one part with the part's leading and trailing whitespace left out, as
+        split_reasoning's strip() leaves it out of the whole reply."""
+        text = self._held + text
+        if not self._started[kind]:
+            text = text.lstrip()
+        body = text.rstrip()
+        self._held = "" if last else text[len(body):]
+        if body:
+            self._started[kind] = True
+            out.append((kind, body))
 
 
 def _partial_suffix(text: str, tag: str) -> int:

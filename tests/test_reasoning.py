@@ -13,6 +13,10 @@ CASES = [
     ("<think>\nplan\n</think>\n\nanswer with </think> inside", False, ("plan", "answer with </think> inside")),
     ("a plain reply", False, ("", "a plain reply")),
     ("<thinking is not a tag", False, ("", "<thinking is not a tag")),
+    # whitespace at either end of a part is dropped, whitespace inside kept, however it is cut
+    ("\n step one \n\n step two \x1e", True, ("step one \n\n step two", "")),
+    ("a  b \n</think>\n\n 7 \n", True, ("a  b", "7")),
+    ("  a plain reply \n", False, ("", "a plain reply")),
 ]
 
 
@@ -27,5 +31,5 @@ def test_split_whole_and_streamed(text, started, expected):
         for i, p in enumerate(pieces):
             for kind, t in s.feed(p, final=i == len(pieces) - 1):
                 got[kind] += t
-        assert (got["reasoning"].strip(), got["answer"].strip()) == expected
+        assert (got["reasoning"], got["answer"]) == expected  # exactly: stream and whole agree
         assert "</think>" not in got["reasoning"]
