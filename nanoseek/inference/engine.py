@@ -369,11 +369,12 @@ class Engine:
         cos, sin = self.model.model.rotary_emb(pos)
         h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
         h = h[torch.arange(len(rows)), take.to(self.device)]  # (B, D)
+        raw = mtp.shared_head(h).float()  # (B, V)
         if _plain_greedy(rows):
-            for r, t in zip(rows, mtp.shared_head(h).argmax(dim=-1).tolist()):
+            for r, t in zip(rows, raw.argmax(dim=-1).tolist()):
                 r._draft, r._draft_probs = t, None
             return
-        logits = processed_logits(mtp.shared_head(h).float(), [r._state for r in rows])
+        logits = processed_logits(raw, [r._state for r in rows])
         for i, r in enumerate(rows):
             if r.params.temperature == 0:
                 r._draft, r._draft_probs = int(logits[i].argmax()), None

@@ -63,7 +63,7 @@ def compare_trace(a: int, b: int) -> str:
     sa, sb = str(a), str(b)
     rel = "<" if a < b else (">" if a > b else "=")
     if len(sa) != len(sb):
-        return f"{len(sa)} digits vs {len(sb)} so {a}{rel}{b}"
+        return f"{_lengths(a, b)} so {a}{rel}{b}"
     steps = []
     for x, y in zip(sa, sb):
         steps.append(f"{x}{'<' if x < y else ('>' if x > y else '=')}{y}")
@@ -75,8 +75,11 @@ def compare_trace(a: int, b: int) -> str:
 def length_note(a: int, b: int) -> str:
     """'3 digits vs 2 | ' when the operands' lengths differ (as subtraction's comparison writes them),
     so the column steps that follow know which operand runs out first; '' otherwise."""
-    la, lb = len(str(a)), len(str(b))
-    return "" if la == lb else f"{la} digits vs {lb} | "
+    return "" if len(str(a)) == len(str(b)) else f"{_lengths(a, b)} | "
+
+
+def _lengths(a: int, b: int) -> str:
+    return f"{len(str(a))} digits vs {len(str(b))}"
 
 
 def read_back(digits: list[int]) -> tuple[str, int]:
