@@ -10,7 +10,7 @@ from conftest import randomize_
 from nanoseek.data.tasks import get_task
 from nanoseek.data.tasks.rewards import accuracy_reward, final_answer, format_reward, reward
 from nanoseek.model import build_model, get_preset
-from nanoseek.train.grpo import sequence_logprobs
+from nanoseek.train.grpo import length_chunks, sequence_logprobs
 from nanoseek.train.losses import (clipped_policy_loss, distill_kl, group_advantages, kl_k3, reduce_loss,
                                    varied_groups)
 
@@ -122,3 +122,23 @@ def test_a_grpo_step_raises_the_rewarded_sample():
     gain = ((new - old) * mask).sum(dim=1)
     assert gain[0] > 0 > gain[1], gain
     assert math.isfinite(loss.item())
+
+
+def test_log_probs_in_length_chunks_equal_one_padded_batch():
+    """Rows sorted longest first run in chunks at their chunk's length; each row's log-probs (up to its
+    length) are those of the whole padded batch; past the chunk's length they are 0."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    randomize_(model, std=0.05)
+    lengths = [12, 9, 9, 5, 3]
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), lengths[0]))
+    chunks = length_chunks(lengths, max_tokens=20)
+    assert [(c.start, c.stop, w) for c, w in chunks] == [(0, 1, 12), (1, 3, 9), (3, 5, 5)]
+    with torch.no_grad():
+        whole = sequence_logprobs(model, ids)
+        chunked = sequence_logprobs(model, ids, lengths, max_tokens=20)
+    for rows, width in chunks:
+        for i in range(rows.start, rows.stop):
+            n = lengths[i]
+            torch.testing.assert_close(chunked[i, : n - 1], whole[i, : n - 1], atol=1e-5, rtol=1e-5)
+            assert (chunked[i, width - 1:] == 0).all()

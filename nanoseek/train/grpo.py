@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 
 from ..checkpoint import load_model
@@ -78,11 +79,12 @@ def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
 class Rollouts:
     """The RL 'data source': each next() samples, scores and packs one step of rollouts."""
 
-    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 64):
+    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 256):
         self.model, self.tok, self.cfg, self.ref = model, tok, cfg, ref_model
         self.tasks = {t: get_task(t) for t in cfg.tasks}
         self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
-        self.engine = Engine(model, decode=tok.decode, max_batch=max_batch,
+        # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers)
+        self.engine = Engine(model, decode=tok.decode, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
                              max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
@@ -152,9 +154,12 @@ class Rollouts:
         return batch
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], adv: torch.Tensor) -> dict:
-        """Right-padded prompt+completion rows, the completion mask, and the behaviour/reference log-probs."""
-        L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        N = len(prompts)
+        """Right-padded prompt+completion rows, longest first, the completion mask, and the
+        behaviour/reference log-probs."""
+        order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
+        prompts, completions, adv = [prompts[i] for i in order], [completions[i] for i in order], adv[order]
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        N, L = len(prompts), lengths[0]
         ids = torch.full((N, L), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros(N, L - 1, dtype=torch.bool)  # position t predicts token t + 1
         for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -162,16 +167,37 @@ class Rollouts:
             mask[i, len(p) - 1: len(p) + len(c) - 1] = True
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        old = sequence_logprobs(self.model, ids)
-        ref = sequence_logprobs(self.ref, ids) if self.ref is not None else None
-        return {"ids": ids, "mask": mask, "adv": adv.to(device), "old_logp": old, "ref_logp": ref,
-                "max_len": max(self.budget.values())}
+        # the behaviour policy's log-probs: with one update per rollout batch they are the update's own
+        # (detached), so the extra forward is only paid when the batch is reused
+        old = sequence_logprobs(self.model, ids, lengths) if self.cfg.updates_per_rollout > 1 else None
+        ref = sequence_logprobs(self.ref, ids, lengths) if self.ref is not None else None
+        return {"ids": ids, "mask": mask, "lengths": lengths, "adv": adv.to(device), "old_logp": old,
+                "ref_logp": ref, "max_len": max(self.budget.values())}
 
 
-def sequence_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[:, t + 1] | ids[:, :t + 1]) for every position -> [N, L - 1]."""
-    hidden = model(ids, logits=False).hidden[:, :-1]
-    return token_logprobs(model.lm_head(hidden), ids[:, 1:])
+def length_chunks(lengths: list[int], max_tokens: int = 16384) -> list[tuple[slice, int]]:
+    """Consecutive rows of a longest-first batch in chunks of about max_tokens padded tokens:
+    (rows, the chunk's own padded length). A short completion is not padded to the longest."""
+    out, start = [], 0
+    while start < len(lengths):
+        width = lengths[start]
+        stop = min(len(lengths), start + max(1, max_tokens // width))
+        out.append((slice(start, stop), width))
+        start = stop
+    return out
+
+
+def sequence_logprobs(model, ids: torch.Tensor, lengths: list[int] | None = None,
+                      max_tokens: int = 16384) -> torch.Tensor:
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) for every position -> [N, L - 1]. With the rows' lengths
+    (longest first) each chunk of rows runs at its longest row's length (0 beyond it)."""
+    N, L = ids.shape
+    parts = []
+    for rows, width in length_chunks(lengths or [L] * N, max_tokens):
+        hidden = model(ids[rows, :width], logits=False).hidden[:, :-1]
+        logp = token_logprobs(model.lm_head(hidden), ids[rows, 1:width])
+        parts.append(F.pad(logp, (0, L - width)))  # (rows, L - 1)
+    return torch.cat(parts)
 
 
 class GRPOObjective:
@@ -191,8 +217,9 @@ class GRPOObjective:
             zero = sum(p.sum() * 0 for p in model.parameters())
             return zero, stats
         ids, mask = batch["ids"], batch["mask"]
-        logp = sequence_logprobs(model, ids)
-        per_token, clipped = clipped_policy_loss(logp, batch["old_logp"], batch["adv"], self.cfg.eps_low,
+        logp = sequence_logprobs(model, ids, batch["lengths"])
+        old_logp = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
+        per_token, clipped = clipped_policy_loss(logp, old_logp, batch["adv"], self.cfg.eps_low,
                                                  self.cfg.eps_high)
         kl = kl_k3(logp, batch["ref_logp"]) if batch["ref_logp"] is not None else torch.zeros_like(logp)
         if self.cfg.beta > 0:
