@@ -539,6 +539,8 @@ def speedrun(
     out: Path = typer.Option(Path("runs/speedrun"), help="Pipeline folder (rerun to resume after a crash)."),
     budget: str = typer.Option("30m", help="Time for the whole pipeline; stages get fixed shares of it."),
     preset: str = typer.Option("cpu-tiny", help="The chat model's preset."),
+    rl_tasks: str = typer.Option("", help="Families for the GRPO stage, comma-separated (default: the weakest "
+                                 "family the SFT model solves 10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
                               "(nanoseek/assets/model), where serve and chat find it by default."),
 ):
@@ -546,13 +548,17 @@ def speedrun(
 
     Every stage is a run folder under OUT; the same stages are the commands pretrain, sft, rl,
     distill and eval, which run at any scale on your own data."""
+    from nanoseek.data.tasks import get_task
     from nanoseek.model import ConfigError
     from nanoseek.train.speedrun import SpeedrunConfig
     from nanoseek.train.speedrun import ship as ship_model
     from nanoseek.train.speedrun import speedrun as run
 
     try:
-        run(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset), console=console)
+        tasks = [t.strip() for t in rl_tasks.split(",") if t.strip()] or None
+        for t in tasks or []:
+            get_task(t)  # an unknown family is refused before any stage runs
+        run(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset, rl_tasks=tasks), console=console)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -85,7 +85,8 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
                          code_chars=50_000, sft_conversations=600, seq_len=128, max_new_tokens=24)
     report = speedrun(tmp_path / "run", cfg)
     text = report.read_text()
-    for part in ("pretrain", "sft", "rl", "distill", "Held-out accuracy", "tokens/s", "bytes per token"):
+    for part in ("pretrain", "sft", "rl", "distill", "GRPO trained on:", "Held-out accuracy", "tokens/s",
+                 "bytes per token"):
         assert part in text, (part, text)
     assert (tmp_path / "run" / "rl" / "model" / "config.json").is_file()
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
@@ -96,3 +97,9 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
     ship(tmp_path / "run", tmp_path / "shipped")
     r = runner.invoke(app, ["generate", "--model", str(tmp_path / "shipped"), "--prompt", "1+1", "--max-tokens", "5"])
     assert r.exit_code == 0, r.output
+
+
+def test_speedrun_refuses_an_unknown_rl_family_before_any_stage(tmp_path):
+    r = runner.invoke(app, ["speedrun", "--out", str(tmp_path / "run"), "--rl-tasks", "add,algebra"])
+    assert r.exit_code != 0 and "unknown task family 'algebra'" in " ".join(r.output.split())
+    assert not (tmp_path / "run").exists()

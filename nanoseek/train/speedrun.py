@@ -240,6 +240,9 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
         small = load_model(out / "student_base" / "model")
         lines += [f"Student ({cfg.student}, dense): {small.num_params() / 1e6:.2f}M parameters, pretrained on the "
                   "same data, then fine-tuned on the chat model's verified reasoning traces."]
+    rl_config = out / "rl" / "config.json"
+    if rl_config.exists():
+        lines += [f"GRPO trained on: {', '.join(json.loads(rl_config.read_text())['grpo']['tasks'])}."]
     lines += ["", "## Held-out accuracy (greedy; canonical wording / random wordings)", "",
               "| family | after SFT | after RL | student, pretrained only | student, distilled "
               "| mean response length after RL |", "|---|---|---|---|---|---|"]
