@@ -23,7 +23,7 @@ demo: $(STAMP)  ## build, save, reload and generate with a tiny random DeepSeek-
 	$(BIN)/nanoseek demo
 
 speedrun: $(STAMP)  ## reproduce the shipped model: the whole pipeline in about 30 minutes on a laptop CPU
-	$(BIN)/nanoseek speedrun --ship
+	$(BIN)/nanoseek speedrun --rl-tasks add,countdown --ship
 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/python -m pytest -q

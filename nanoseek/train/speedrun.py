@@ -98,9 +98,9 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
                                                                     console))
     stage("rl", "4/7 GRPO (R1 mode, rule-based rewards)", lambda: rl(
         out / "sft" / "model", out / "rl",
-        GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), beta=0.02,
+        GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), beta=0.02, updates_per_rollout=2,
                    max_new_tokens=cfg.max_new_tokens or 0, seed=cfg.seed),
-        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=2e-5, warmup_steps=3, schedule="constant",
+        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=3e-5, warmup_steps=3, schedule="constant",
                     bias_gamma=0.0, eval_every=0, checkpoint_every=10, seed=cfg.seed), console=console))
     stage("eval_rl", "5/7 evaluation after RL", lambda: evaluate(out / "rl" / "model", out / "eval_rl.json", cfg,
                                                                   console))
