@@ -3,8 +3,12 @@
 One preallocated tensor [layers, rows, max_len, kv_lora_rank + qk_rope_head_dim] (MTP layers
 included); nothing is reallocated while decoding. Each row holds one sequence with its own
 length, so rows of different lengths decode together. A forward pass works on a contiguous
-range of rows (`select`), writes its new tokens after each row's cached ones, and `advance()`
-commits them (all of them, or per row only those a speculative step accepted).
+range of rows (`select`). Attention reads the rows' cached latents in place (`attend`) and its
+own new tokens' latents beside them; those are staged, written into the cache after the last
+layer has read it (`store`, one in-place write for all layers), and committed by `advance()`
+(all of them, or per row only those a speculative step accepted). Reading everything before
+writing anything is what lets a compiled decode step update the cache where it lies instead
+of copying it (see engine.py).
 
 The main layers and each MTP depth keep separate lengths ("groups"): MTP depth k's entry at
 position j needs token j + k, so it fills one step behind the main model.
@@ -28,7 +32,9 @@ class LatentCache:
         self.lengths = torch.zeros(1 + config.num_nextn_predict_layers, rows, dtype=torch.long, device=device)
         self.rows, self.max_len = rows, max_len
         self.sel = slice(0, rows)
-        self._step: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # group -> (positions, mask, rows)
+        self._arange = torch.arange(max(max_len, rows, n_layers), device=device)
+        self._step: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (positions, mask) of the current forward
+        self._staged: dict[int, torch.Tensor] = {}  # layer -> latents of the current forward's new tokens
 
     @property
     def bytes_per_token(self) -> int:
@@ -41,38 +47,59 @@ class LatentCache:
     def select(self, start: int, stop: int) -> "LatentCache":
         """Rows [start, stop) take part in the next forward pass."""
         self.sel = slice(start, stop)
-        self._step = {}
+        self._step, self._staged = {}, {}
         return self
 
     def positions(self, n_new: int, group: int = 0) -> torch.Tensor:
         """Plan the next forward for `group`: n_new tokens per selected row. Returns their position
-        ids [selected rows, n_new]; the mask and the attended length are fixed here too, so the
-        forward itself never reads a value back to the host (and compiles to one graph)."""
-        pos = self.lengths[group, self.sel, None] + torch.arange(n_new, device=self.lengths.device)
-        end = int(pos.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"cache overflow: {end} tokens > max_len {self.max_len}")
-        keys = torch.arange(end, device=pos.device)
-        rows = torch.arange(self.sel.start, self.sel.start + pos.shape[0], device=pos.device)[:, None]
-        self._step[group] = (pos, keys[None, None, :] <= pos[:, :, None], rows)
+        ids [selected rows, n_new]; the attention mask is fixed here too, so the forward itself
+        never reads a value back to the host."""
+        lengths = self.lengths[group, self.sel]  # (B,)
+        pos = lengths[:, None] + self._arange[:n_new]  # (B, S)
+        past = int(lengths.max())
+        if past + n_new > self.max_len:
+            raise ValueError(f"cache overflow: {past + n_new} tokens > max_len {self.max_len}")
+        B = pos.shape[0]
+        visible = self._arange[:past] < lengths[:, None]  # (B, T): each row's own past
+        causal = self._arange[:n_new, None] >= self._arange[None, :n_new]  # (S, S): the new tokens
+        mask = torch.cat([visible[:, None].expand(B, n_new, past), causal.expand(B, n_new, n_new)], dim=-1)
+        self._step[group] = (pos, mask[:, :, None])  # (B, S, 1, T + S): broadcast over heads
         return pos
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Store the new tokens' latents; -> every cached latent of the selected rows and the mask
-        [rows, new, cached] that lets each new token see its row's past and itself."""
+    def attend(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Stage the new tokens' latents c_kv [B, S, c], k_pe [B, S, r]; -> the selected rows' cached
+        latents [B, T, c + r] (a view), the new ones [B, S, c + r] and the mask [B, S, 1, T + S] over
+        both (True = may attend): each new token sees its row's past, itself and the new tokens before it."""
         g = self.group(layer_idx)
         if g not in self._step:
             self.positions(c_kv.shape[1], g)
-        pos, mask, rows = self._step[g]
-        self.kv[layer_idx, rows, pos] = torch.cat([c_kv, k_pe], dim=-1).to(self.kv.dtype)
-        cached = self.kv[layer_idx, self.sel, : mask.shape[-1]]
-        return cached[..., : self.kv_rank], cached[..., self.kv_rank:], mask
+        mask = self._step[g][1]
+        new = torch.cat([c_kv, k_pe], dim=-1).to(self.kv.dtype)
+        self._staged[layer_idx] = new
+        B, S = new.shape[:2]
+        start = self.sel.start
+        return self.kv[layer_idx, start:start + B, : mask.shape[-1] - S], new, mask
+
+    def store(self, group: int = 0) -> None:
+        """Write the latents the current forward staged for `group` into the cache, all its layers in
+        one in-place write (compiled, it stays in place: the cache is never copied). Until `advance`
+        commits them they lie beyond each row's length, unseen."""
+        layers = [i for i in self._staged if self.group(i) == group]
+        if layers:
+            pos = self._step[group][0]  # (B, S)
+            new = torch.stack([self._staged.pop(i) for i in layers])  # (layers, B, S, c + r)
+            idx = self._arange[layers[0]:layers[-1] + 1]  # a group's layers are consecutive
+            rows = self._arange[self.sel.start:self.sel.start + pos.shape[0]]
+            self.kv.index_put_((idx[:, None, None], rows[None, :, None], pos[None]), new)
 
     def advance(self, group: int = 0, accepted: torch.Tensor | None = None) -> None:
-        """Commit the tokens the last forward wrote for `group` (or `accepted` [rows] of them per row)."""
-        if group in self._step:
-            n = self._step.pop(group)[0].shape[1] if accepted is None else accepted
-            self.lengths[group, self.sel] += n
+        """Store what the last forward staged for `group` (if not stored yet) and commit it: all new
+        tokens, or `accepted` [rows] of them per row (the others stay beyond the row's length, unseen)."""
+        if group not in self._step:
+            return
+        self.store(group)
+        pos = self._step.pop(group)[0]
+        self.lengths[group, self.sel] += pos.shape[1] if accepted is None else accepted
 
     # ---- row bookkeeping for the engine ----
     def reset(self, row: int) -> None:

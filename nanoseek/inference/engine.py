@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import DeepseekForCausalLM
+from ..model.moe import MoE
 from .cache import LatentCache
 from .constraints import JsonPrefix
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
@@ -129,7 +131,8 @@ class Engine:
 
     def __init__(self, model: DeepseekForCausalLM, decode: Callable[[list[int]], str] | None = None,
                  max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
-                 speculative: bool = False, prefix_cache_tokens: int = 65536, eos_token_id: int | None = None):
+                 speculative: bool = False, prefix_cache_tokens: int = 65536, eos_token_id: int | None = None,
+                 compile: bool = False):
         cfg = model.config
         if speculative and not model.mtp_layers:
             raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
@@ -150,6 +153,39 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
+        # compile=True: decode steps (and MTP drafts) run as compiled graphs, one call per step instead
+        # of hundreds of small operations, which are most of a small model's step time on a CPU.
+        # Prefill stays eager. Inside the graphs the MoE layers run every expert (MoE.all_experts),
+        # so this pays for small models; the first steps of each shape take seconds to compile.
+        self.compiled = compile
+        self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile else []
+        self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
+        self._step_logits = self._compile(self._logits)
+        self._step_draft = self._compile(self._draft_logits)
+        self._step_greedy_spec = self._compile(self._greedy_speculation)
+
+    def _compile(self, fn: Callable) -> Callable:
+        """fn compiled (when the engine compiles); if compiling fails (no C++ compiler, say), a warning
+        and the engine goes on eagerly."""
+        if not self.compiled:
+            return fn
+        torch._dynamo.config.specialize_float = True  # the model's float attributes (scales, eps) are constants
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
+            "cpp_wrapper": True, "size_asserts": False,  # no Python between the graph's kernels
+            # the engine never swaps the model's modules or parameters, only their values change
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+        def call(*args):
+            if self.compiled:
+                try:
+                    return compiled(*args)
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    warnings.warn(f"torch.compile failed, decoding without it: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
+                    self.compiled = False
+            return fn(*args)
+
+        return call
 
     # ---- requests ----
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -240,6 +276,8 @@ class Engine:
         for i in reversed(range(len(self.active))):
             if self.active[i].cancelled:
                 self._release(i, "cancelled")
+        if self.waiting and len(self.active) < self.max_batch:
+            self._check_weights()
         while len(self.active) < self.max_batch:
             with self._lock:
                 if not self.waiting:
@@ -249,6 +287,18 @@ class Engine:
         if self.active:
             json_rows = any(r.params.json_mode for r in self.active)  # constrained rows decode one token at a time
             self._decode_speculative() if self.speculative and not json_rows else self._decode()
+
+    def _check_weights(self) -> None:
+        """Before admitting requests: if the model was trained since the last admission (GRPO trains
+        it between rollouts), cached prefixes hold stale latents (dropped) and the compiled MoE's
+        stacked expert weights are rebuilt. Parameters' versions count their in-place updates."""
+        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        if key != self._weights_key:
+            if self._weights_key is not None:
+                self.prefixes = PrefixStore(self.prefixes.max_tokens)
+            for m in self._moes:
+                m.stack_experts()
+            self._weights_key = key
 
     def _prefill(self, req: Request) -> None:
         row = len(self.active)
@@ -269,13 +319,13 @@ class Engine:
         hidden = out.hidden  # (1, S, D)
         raw = self.model.lm_head(hidden[:, -1]).float()
         token = self._sample(raw, [req])[0]
-        first_logits = raw
         if self.speculative:
             # MTP entries for positions n..T-1 (each needs the token after it), drafting token T+1
             nxt = torch.tensor([req.prompt[n + 1:] + [token]], device=self.device)
-            self._draft_from(hidden, nxt, [req], take=torch.tensor([hidden.shape[1] - 1]))
+            pos = self.cache.positions(hidden.shape[1], group=1)
+            self._set_drafts(self._draft_logits(hidden, nxt, pos, torch.tensor([hidden.shape[1] - 1])), [req])
             self.cache.advance(1)
-        self._append(row, [token], first_logits)
+        self._append(row, [token], raw)
 
     def _reuse_prefix(self, req: Request, row: int) -> int:
         """Copy the longest usable cached prefix into `row`; returns its length (0 = none)."""
@@ -302,13 +352,41 @@ class Engine:
         self.cache.write(row, latents, best)
         return best
 
+    def _logits(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected rows' next tokens ids [B, S] at positions pos -> final hidden states [B, S, D]
+        and logits [B, S, V] (fp32). Compiled for decoding when the engine is built with compile=True."""
+        hidden = self.model(ids, position_ids=pos, cache=self.cache, logits=False).hidden
+        self.cache.store()
+        return hidden, self.model.lm_head(hidden).float()
+
+    def _draft_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
+                      take: torch.Tensor) -> torch.Tensor:
+        """MTP depth 1 over hidden [B, S, D] with next_ids [B, S] at MTP positions pos; -> the draft
+        logits [B, V] (fp32) of row i from its position take[i]."""
+        mtp = self.model.mtp_layers[0]
+        cos, sin = self.model.model.rotary_emb(pos)
+        h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
+        self.cache.store(1)
+        h = h[torch.arange(h.shape[0], device=h.device), take]  # (B, D)
+        return mtp.shared_head(h).float()
+
+    def _greedy_speculation(self, ids: torch.Tensor, pos: torch.Tensor, mtp_pos: torch.Tensor):
+        """A whole greedy speculative step as one function (one compiled graph): verify the drafts
+        ids[:, 1] after ids[:, 0], then draft the next token with MTP from the verified part.
+        -> logits [B, 2, V], the main model's picks [B, 2], draft accepted [B] (bool), next drafts [B]."""
+        hidden, raw = self._logits(ids, pos)
+        best = raw.argmax(dim=-1)  # (B, 2): the token after ids[:, 0] (= the draft if it stood), and after the draft
+        ok = best[:, 0] == ids[:, 1]
+        nxt = torch.stack([best[:, 0], torch.where(ok, best[:, 1], best[:, 0])], dim=1)
+        return raw, best, ok, self._draft_logits(hidden, nxt, mtp_pos, ok.long()).argmax(dim=-1)
+
     def _decode(self) -> None:
         B = len(self.active)
         last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
         self.cache.select(0, B)
-        out = self.model(last, position_ids=self.cache.positions(1), cache=self.cache, logits=False)
+        pos = self.cache.positions(1)
+        raw = self._step_logits(last, pos)[1][:, -1]  # (B, V)
         self.cache.advance()
-        raw = self.model.lm_head(out.hidden[:, -1]).float()
         tokens = self._sample(raw, self.active)
         for i, t in reversed(list(enumerate(tokens))):
             self.active[i].steps += 1
@@ -318,24 +396,30 @@ class Engine:
         """Verify each row's MTP draft: feed [last, draft]; keep the draft if the main model agrees
         (greedy) or by the accept/reject rule (sampling), plus one token from the main model."""
         B, rows = len(self.active), self.active
-        inp = torch.tensor([[r.tokens[-1], r._draft] for r in rows], device=self.device)
+        inp = torch.tensor([[r.tokens[-1], r._draft] for r in rows], device=self.device)  # (B, 2)
         self.cache.select(0, B)
-        out = self.model(inp, position_ids=self.cache.positions(2), cache=self.cache, logits=False)
-        raw = self.model.lm_head(out.hidden).float()  # (B, 2, V)
-        if _plain_greedy(rows):  # the main model's argmax against the drafts, in one comparison
-            p0 = raw[:, 0]
-            best = p0.argmax(dim=-1).tolist()
-            ok = [b == r._draft for b, r in zip(best, rows)]
-        else:
-            p0 = processed_logits(raw[:, 0], [r._state for r in rows])
-            ok = []
-            for i, r in enumerate(rows):
-                if r.params.temperature == 0:
-                    ok.append(bool(p0[i].argmax() == r._draft))
-                else:
-                    p, q = p0[i].softmax(-1)[r._draft], r._draft_probs[r._draft]
-                    u = torch.rand((), generator=r._state.generator, device=self.device)
-                    ok.append(bool(u * q <= p))
+        pos = self.cache.positions(2)
+        if _plain_greedy(rows):
+            raw, best, ok, drafts = self._step_greedy_spec(inp, pos, self.cache.positions(2, group=1))
+            accepted = ok.long()
+            self.cache.advance(0, accepted + 1)
+            self.cache.advance(1, accepted + 1)
+            best, ok = best.tolist(), ok.tolist()
+            new = [b if ok[i] else b[:1] for i, b in enumerate(best)]
+            for r, d in zip(rows, drafts.tolist()):
+                r._draft = d
+            self._after_speculation(rows, new, ok, raw)
+            return
+        hidden, raw = self._step_logits(inp, pos)  # (B, 2, D), (B, 2, V)
+        p0 = processed_logits(raw[:, 0], [r._state for r in rows])
+        ok = []
+        for i, r in enumerate(rows):
+            if r.params.temperature == 0:
+                ok.append(bool(p0[i].argmax() == r._draft))
+            else:
+                p, q = p0[i].softmax(-1)[r._draft], r._draft_probs[r._draft]
+                u = torch.rand((), generator=r._state.generator, device=self.device)
+                ok.append(bool(u * q <= p))
         accepted = torch.tensor(ok, device=self.device, dtype=torch.long)
         self.cache.advance(0, accepted + 1)
         # the token after the verified part: from position 1 if the draft stood, else a correction at 0
@@ -352,24 +436,21 @@ class Engine:
         new = [[f, s] if ok[i] else [f] for i, (f, s) in enumerate(zip(firsts, second))]
         # MTP: entries at the verified positions (h_last with the first new token, h_draft with the second)
         nxt = torch.tensor([[n[0], n[1] if len(n) > 1 else n[0]] for n in new], device=self.device)
-        self._draft_from(out.hidden, nxt, rows, take=accepted)
+        self._set_drafts(self._step_draft(hidden, nxt, self.cache.positions(2, group=1), accepted), rows)
         self.cache.advance(1, accepted + 1)
-        for i in reversed(range(B)):
+        self._after_speculation(rows, new, ok, raw)
+
+    def _after_speculation(self, rows: list[Request], new: list[list[int]], ok: list[bool], raw: torch.Tensor) -> None:
+        for i in reversed(range(len(rows))):
             r = rows[i]
             r.steps += 1
             r.drafted += 1
             r.accepted += int(ok[i])
             self._append(i, new[i], raw[i, : len(new[i])])
 
-    def _draft_from(self, hidden: torch.Tensor, next_ids: torch.Tensor, rows: list[Request],
-                    take: torch.Tensor) -> None:
-        """Run MTP depth 1 over hidden [B, S, D] with next_ids [B, S]; row i's draft comes from position take[i]."""
-        mtp = self.model.mtp_layers[0]
-        pos = self.cache.positions(hidden.shape[1], group=1)
-        cos, sin = self.model.model.rotary_emb(pos)
-        h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
-        h = h[torch.arange(len(rows)), take.to(self.device)]  # (B, D)
-        raw = mtp.shared_head(h).float()  # (B, V)
+    def _set_drafts(self, raw: torch.Tensor, rows: list[Request]) -> None:
+        """Each row's next draft token (and, when sampling, the distribution it was drawn from) from
+        the MTP logits raw [B, V]."""
         if _plain_greedy(rows):
             for r, t in zip(rows, raw.argmax(dim=-1).tolist()):
                 r._draft, r._draft_probs = t, None

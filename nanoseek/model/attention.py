@@ -29,10 +29,11 @@ from .rope import apply_rope
 class LatentCache(Protocol):
     """What attention needs from a KV cache (the engine's cache implements it)."""
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+    def attend(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store c_kv [B, S, c] and k_pe [B, S, r] for the current positions; return the whole
-        cached c_kv [B, T, c], k_pe [B, T, r] and a bool mask [B, S, T] (True = may attend)."""
+        """Take c_kv [B, S, c] and k_pe [B, S, r] of the new tokens (the cache stores them after the
+        forward); return the cached latents [B, T, c + r], the new ones [B, S, c + r] and a bool
+        mask [B, S, 1, T + S] over both (True = may attend)."""
 
 
 class MLA(nn.Module):
@@ -77,8 +78,7 @@ class MLA(nn.Module):
         if cache is None:
             out = self.full_attention(q_nope, q_pe, c_kv, k_pe)
         else:
-            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
-            out = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self.absorbed_attention(q_nope, q_pe, *cache.attend(self.layer_idx, c_kv, k_pe))
         return self.o_proj(out.flatten(2))  # (B, S, H*dv) -> (B, S, D)
 
     def full_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
@@ -96,20 +96,21 @@ class MLA(nn.Module):
         )  # (B, H, S, dqk)
         return out.transpose(1, 2)[..., : self.v_dim]
 
-    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Attention straight over cached latents c_kv [B,T,c], k_pe [B,T,r]. Returns [B, S, H, dv].
-        Heads are folded into the rows (S*H) so the cache is read once per row, never copied per head;
-        plain batched matmuls dispatch faster than einsum, which matters when decoding."""
+    def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
+        """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
+        [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, 1, T + S]. Returns
+        [B, S, H, dv]. The key half of kv_b_proj turns each query into the latent space, so one
+        product with [c_kv ; k_pe] scores the nope and rope parts together; heads are folded into
+        the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
         B, S, H, d = q_nope.shape
-        c = self.kv_rank
+        c, T = self.kv_rank, past.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, d, c), (H, dv, c)
         q_latent = q_nope.reshape(B * S, H, d).transpose(0, 1) @ w_uk  # (H, B*S, c)
-        q_latent = q_latent.transpose(0, 1).reshape(B, S * H, c)
-        scores = q_latent @ c_kv.transpose(1, 2)  # (B, S*H, T)
-        scores = scores + q_pe.reshape(B, S * H, -1) @ k_pe.transpose(1, 2)
-        scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).type_as(q_nope)
-        out_latent = probs.view(B, S * H, -1) @ c_kv  # (B, S*H, c)
+        q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
+        scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
+        scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
+        out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
         out = out_latent.view(B * S, H, c).transpose(0, 1) @ w_uv.transpose(1, 2)  # (H, B*S, dv)
         return out.transpose(0, 1).reshape(B, S, H, self.v_dim)

@@ -85,11 +85,14 @@ class MoE(nn.Module):
         )
         self.aux_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.aux_loss: torch.Tensor | None = None  # set by forward in training when aux_alpha > 0
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stack_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         flat = x.view(-1, D)  # (N, D)
         weights, indices, scores = self.gate(flat)
+        if self.stacked is not None and not self.training and torch.compiler.is_compiling():
+            return self.all_experts(flat, weights, indices).view(B, S, D)
         y = self.routed(flat, weights, indices).view(B, S, D)
         self.aux_loss = None
         if self.training and self.aux_alpha > 0:
@@ -112,6 +115,35 @@ class MoE(nn.Module):
         gates = weights.flatten().index_select(0, order).unsqueeze(1).to(x.dtype).split(counts)  # (n_e, 1) each
         outs = [self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
         return torch.zeros_like(x).index_add_(0, token_of, torch.cat(outs).to(x.dtype))
+
+    def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Routed and shared experts as one wide MLP over every token, each expert's slice of the
+        intermediate activation scaled by its gate weight (0 when not chosen, 1 for the shared ones).
+        No host sync and no data-dependent shape, so a compiled decode step stays one graph; it costs
+        n_routed_experts / num_experts_per_tok times the routed FLOPs, which only pays for small
+        models, where launching operations costs more than the arithmetic. Reads `stacked`."""
+        N, E = x.shape[0], len(self.experts)
+        w_gate_up, w_down = self.stacked
+        scale = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
+        n_shared = w_down.shape[1] // self.experts[0].down_proj.weight.shape[1] - E
+        scale = torch.cat([scale, scale.new_ones(N, n_shared)], dim=1)  # (N, E + shared chunks)
+        g, u = (x @ w_gate_up.t()).chunk(2, dim=-1)  # (N, chunks * I) each
+        h = (F.silu(g) * u).view(N, scale.shape[1], -1) * scale[:, :, None]  # (N, chunks, I)
+        return h.view(N, -1) @ w_down.t()
+
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        """(Re)build `stacked` from the current weights: [gate_proj; up_proj] of every expert, shared
+        last: [2 * chunks * I, D], and down_proj side by side: [D, chunks * I]. Written in place when
+        the shapes allow, so a compiled graph that reads it stays valid."""
+        mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
+        gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])
+        down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
+        if self.stacked is not None and self.stacked[0].shape == gate_up.shape and self.stacked[0].dtype == gate_up.dtype:
+            self.stacked[0].copy_(gate_up)
+            self.stacked[1].copy_(down)
+        else:
+            self.stacked = (gate_up, down)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
