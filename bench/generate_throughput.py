@@ -3,8 +3,9 @@
 Greedy decoding with end-of-sequence disabled (every request makes exactly N tokens), the
 contenders interleaved in one process (A, B, C, A, B, C, ...) because this machine's speed
 drifts: transformers, nanoseek's engine as is, and the engine with `compile=True` (decode steps
-through torch.compile; compiling happens in the warm-up). Reports decode tokens/s (prefill time
-subtracted) at batch 1 and 8 with a short prompt and at batch 8 after 2,000 tokens of context,
+through torch.compile; compiling happens in the warm-up). Reports decode tokens/s at batch 1 and
+8 with a short prompt and at batch 8 after 2,000 tokens of context (nanoseek's decode steps timed
+directly; transformers' as generate(N) minus generate(1), the only handle its one call gives),
 prefill tokens/s for a 1,024-token prompt, and KV-cache bytes per token. With a trained model
 (`--model`), also MTP speculative decoding at batch 1 on held-out task questions answered to the
 end: acceptance rate and decode speed-up over plain decoding (greedy output is identical).
@@ -78,26 +79,42 @@ def main():
             return e.generate(prompts.tolist(), SamplingParams(max_new_tokens=n, temperature=0))
         return run
 
+    def nanoseek_decode(compile):
+        """Decode seconds for N - 1 tokens per row, timed directly: the steps after the one that
+        prefilled every row (and decoded their second token), per token of the N - 2 left."""
+        def decode(prompts):
+            e = engine(compile, len(prompts), prompts.shape[1] + N + 8)
+            for p in prompts.tolist():
+                e.submit(p, SamplingParams(max_new_tokens=N, temperature=0))
+            e.step()
+            t = time.perf_counter()
+            while e.has_work:
+                e.step()
+            return (time.perf_counter() - t) * (N - 1) / (N - 2)
+        return decode
+
     def run_hf(prompts, n):
         with torch.no_grad():
             return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, eos_token_id=None, pad_token_id=0)
 
+    def hf_decode(prompts):
+        """transformers' generate is one call: decode seconds = generate(N) - generate(1)."""
+        return timed(lambda: run_hf(prompts, N), 1)[0] - timed(lambda: run_hf(prompts, 1), 1)[0]
+
     contenders = {"transformers": run_hf, "nanoseek": nanoseek_run(False), "compiled": nanoseek_run(True)}
+    decoders = {"transformers": hf_decode, "nanoseek": nanoseek_decode(False), "compiled": nanoseek_decode(True)}
     rows = []
     for label, B, T in (("decode, batch 1, 16-token prompt", 1, 16), ("decode, batch 8, 16-token prompt", 8, 16),
                         ("decode, batch 8, 2,000-token context", 8, 2000 - N)):
         prompts = torch.randint(0, V, (B, T), generator=g)
         for fn in contenders.values():
             fn(prompts, 2)  # warm up (and compile)
-        t_full = {name: [] for name in contenders}
-        t_pre = {name: [] for name in contenders}
+        secs = {name: [] for name in decoders}
         for _ in range(args.rounds):
-            for name, fn in contenders.items():
-                t_pre[name] += timed(lambda: fn(prompts, 1), 1)
-                t_full[name] += timed(lambda: fn(prompts, N), 1)
-        rows.append((label, {name: B * (N - 1) / (statistics.median(t_full[name]) - statistics.median(t_pre[name]))
-                             for name in contenders}))
+            for name, fn in decoders.items():
+                secs[name].append(fn(prompts))
+        rows.append((label, {name: B * (N - 1) / statistics.median(s) for name, s in secs.items()}))
 
     prompts = torch.randint(0, V, (1, 1024), generator=g)
     for fn in contenders.values():

@@ -243,6 +243,9 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
     if speculative and not m.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
+    if compile:
+        console.print("[dim]--compile: the first reply compiles the decode step (seconds to a minute; torch caches "
+                      "it on disk for later runs)[/]")
     return Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative,
                   eos_token_id=tok.eos_id, compile=compile), tok
 
