@@ -243,11 +243,16 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
     if speculative and not m.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
-    if compile:
-        console.print("[dim]--compile: the first reply compiles the decode step (seconds to a minute; torch caches "
-                      "it on disk for later runs)[/]")
-    return Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative,
-                  eos_token_id=tok.eos_id, compile=compile), tok
+    engine = Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative, eos_token_id=tok.eos_id,
+                    compile=compile)
+    if compile:  # compile the decode step now (one row, then several), not at the first reply
+        from nanoseek.inference import SamplingParams
+
+        with console.status("compiling the decode step (seconds to a minute; torch caches it on disk for later runs)"):
+            warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+            for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
+                engine.generate(rows, warm)
+    return engine, tok
 
 
 def _stream_reply(engine, req, thinking: bool) -> tuple[str, str]:
