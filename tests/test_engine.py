@@ -246,3 +246,17 @@ def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(mod
             if ".experts." in name or "q_b_proj" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     assert check() != before
+
+
+def test_compiled_graphs_are_not_shared_between_models(model):
+    """Compiled graphs are cached per process; a second model with another routing (V2's softmax
+    top-k) must compile its own rather than run the first model's routing."""
+    torch.manual_seed(1)
+    other = build_model(get_preset("tiny", eos_token_id=-1, scoring_func="softmax", topk_method="greedy",
+                                   n_group=1, topk_group=1, norm_topk_prob=False)).eval()
+    other.load_state_dict(model.state_dict(), strict=False)  # same weights (V2 has no routing bias)
+    ps, params = prompts(3, seed=21), SamplingParams(max_new_tokens=8, temperature=0)
+    for m in (model, other):
+        engine = Engine(m, max_batch=3, compile=True)
+        assert [r.tokens for r in engine.generate(ps, params)] == [r.tokens for r in Engine(m, max_batch=3).generate(ps, params)]
+        assert engine.compiled

@@ -23,6 +23,7 @@ import itertools
 import queue
 import threading
 import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -160,26 +161,33 @@ class Engine:
         self.compiled = compile
         self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile else []
         self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
+        self._model_tag = _MODEL_TAGS.setdefault(model, f"model {next(_TAG_IDS)}")
         self._step_logits = self._compile(self._logits)
         self._step_draft = self._compile(self._draft_logits)
         self._step_greedy_spec = self._compile(self._greedy_speculation)
 
     def _compile(self, fn: Callable) -> Callable:
         """fn compiled (when the engine compiles); if compiling fails (no C++ compiler, say), a warning
-        and the engine goes on eagerly."""
+        and the engine goes on eagerly.
+
+        Compiled graphs are cached per function and shared by every engine in the process. Guards on
+        the model's modules are skipped (they cost more than a small model's arithmetic), so the
+        model is told apart by its tag instead (`_check_model`, read at the start of each compiled
+        function): another model (another config) compiles its own graphs rather than reusing these."""
         if not self.compiled:
             return fn
         torch._dynamo.config.specialize_float = True  # the model's float attributes (scales, eps) are constants
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # graphs per model
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp_wrapper": True, "size_asserts": False,  # no Python between the graph's kernels
-            # the engine never swaps the model's modules or parameters, only their values change
+            # the engine never swaps a model's modules or parameters, only their values change
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
         def call(*args):
             if self.compiled:
                 try:
                     return compiled(*args)
-                except torch._dynamo.exc.TorchDynamoException as e:
+                except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
                     warnings.warn(f"torch.compile failed, decoding without it: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
                     self.compiled = False
@@ -355,6 +363,7 @@ class Engine:
     def _logits(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected rows' next tokens ids [B, S] at positions pos -> final hidden states [B, S, D]
         and logits [B, S, V] (fp32). Compiled for decoding when the engine is built with compile=True."""
+        self._check_model()
         hidden = self.model(ids, position_ids=pos, cache=self.cache, logits=False).hidden
         self.cache.store()
         return hidden, self.model.lm_head(hidden).float()
@@ -363,12 +372,18 @@ class Engine:
                       take: torch.Tensor) -> torch.Tensor:
         """MTP depth 1 over hidden [B, S, D] with next_ids [B, S] at MTP positions pos; -> the draft
         logits [B, V] (fp32) of row i from its position take[i]."""
+        self._check_model()
         mtp = self.model.mtp_layers[0]
         cos, sin = self.model.model.rotary_emb(pos)
         h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
         self.cache.store(1)
         h = h[torch.arange(h.shape[0], device=h.device), take]  # (B, D)
         return mtp.shared_head(h).float()
+
+    def _check_model(self) -> None:
+        """Compiled, this puts a guard on the model's tag (see _compile)."""
+        if not self._model_tag:
+            raise RuntimeError("engine without a model tag")
 
     def _greedy_speculation(self, ids: torch.Tensor, pos: torch.Tensor, mtp_pos: torch.Tensor):
         """A whole greedy speculative step as one function (one compiled graph): verify the drafts
@@ -571,6 +586,10 @@ class Engine:
         req.events.put(ev)
         if req.on_event is not None:
             req.on_event(ev)
+
+
+_MODEL_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the tag its compiled graphs check
+_TAG_IDS = itertools.count()
 
 
 def _plain_greedy(rows: list[Request]) -> bool:

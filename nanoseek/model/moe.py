@@ -85,6 +85,7 @@ class MoE(nn.Module):
         )
         self.aux_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.aux_loss: torch.Tensor | None = None  # set by forward in training when aux_alpha > 0
+        self.n_shared = config.n_shared_experts if self.shared_experts is not None else 0
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stack_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +126,7 @@ class MoE(nn.Module):
         N, E = x.shape[0], len(self.experts)
         w_gate_up, w_down = self.stacked
         scale = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
-        n_shared = w_down.shape[1] // self.experts[0].down_proj.weight.shape[1] - E
-        scale = torch.cat([scale, scale.new_ones(N, n_shared)], dim=1)  # (N, E + shared chunks)
+        scale = torch.cat([scale, scale.new_ones(N, self.n_shared)], dim=1)  # (N, E + shared chunks)
         g, u = (x @ w_gate_up.t()).chunk(2, dim=-1)  # (N, chunks * I) each
         h = (F.silu(g) * u).view(N, scale.shape[1], -1) * scale[:, :, None]  # (N, chunks, I)
         return h.view(N, -1) @ w_down.t()
