@@ -29,13 +29,10 @@ from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
 
 
-def timed(fn, rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main():
@@ -100,7 +97,7 @@ def main():
 
     def hf_decode(prompts):
         """transformers' generate is one call: decode seconds = generate(N) - generate(1)."""
-        return timed(lambda: run_hf(prompts, N), 1)[0] - timed(lambda: run_hf(prompts, 1), 1)[0]
+        return seconds(lambda: run_hf(prompts, N)) - seconds(lambda: run_hf(prompts, 1))
 
     contenders = {"transformers": run_hf, "nanoseek": nanoseek_run(False), "compiled": nanoseek_run(True)}
     decoders = {"transformers": hf_decode, "nanoseek": nanoseek_decode(False), "compiled": nanoseek_decode(True)}
@@ -122,7 +119,7 @@ def main():
     pre = {name: [] for name in contenders}
     for _ in range(args.rounds):
         for name, fn in contenders.items():
-            pre[name] += timed(lambda: fn(prompts, 1), 1)
+            pre[name].append(seconds(lambda: fn(prompts, 1)))
     rows.append(("prefill, 1,024-token prompt", {name: 1024 / min(t) for name, t in pre.items()}))
 
     print(f"\n{'':40s}{'transformers':>14s}{'nanoseek':>12s}{'ratio':>8s}{'compiled':>12s}{'ratio':>8s}")
@@ -164,10 +161,8 @@ def mtp_speedup(model: Path, engine, rounds: int) -> None:
                 t = time.perf_counter()
                 outs[spec] = [e.generate([p], params)[0] for p in prompts]
                 times[spec]["full"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                for p in prompts:
-                    e.generate([p], SamplingParams(max_new_tokens=1, temperature=0))
-                times[spec]["prefill"].append(time.perf_counter() - t)
+                prefill_only = SamplingParams(max_new_tokens=1, temperature=0)
+                times[spec]["prefill"].append(seconds(lambda: [e.generate([p], prefill_only) for p in prompts]))
         decode = {spec: statistics.median(t["full"]) - statistics.median(t["prefill"]) for spec, t in times.items()}
         spec = outs[True]
         n = sum(len(r.tokens) - 1 for r in spec)

@@ -218,8 +218,8 @@ def pretrain(
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
 
 
-COMPILE_HELP = ("Decode through torch.compile: about 3x faster for small models on CPU, after seconds of "
-                "compiling at the first reply (needs a C++ compiler; decodes eagerly without one).")
+COMPILE_HELP = ("Decode through torch.compile: about 3x faster for small models on CPU, after compiling at "
+                "startup (30-40 s the first time; needs a C++ compiler, decodes eagerly without one).")
 
 
 def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, compile: bool = False):
