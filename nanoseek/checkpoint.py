@@ -1,7 +1,7 @@
 """Hugging Face-format checkpoints: config.json + (sharded) safetensors, DeepSeek's FP8 included.
 
 `load_model(path)` reads what DeepSeek publishes (V2/V2-Lite in bf16, V3/R1 in FP8 with
-128x128 block scales) and what transformers writes; `save_model(model, path)` writes a folder
+128x128 block scales, the R1-Distill Qwen2/Llama models in bf16) and what transformers writes; `save_model(model, path)` writes a folder
 that `transformers.AutoModelForCausalLM.from_pretrained` loads. Tensor names are the model's
 own attribute names, so loading is a strict name-for-name copy, one shard at a time.
 """
@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import DeepseekForCausalLM, ModelConfig, build_model
-from .model.config import ConfigError
+from .model.config import ARCHITECTURES, ConfigError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -41,11 +41,11 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
     if "model_type" not in raw:
         archs = raw.get("architectures") or []
-        guess = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+        guess = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
         raw["model_type"] = next((guess[a] for a in archs if a in guess), None)
-    if raw["model_type"] not in ("deepseek_v3", "deepseek_v2"):
+    if raw["model_type"] not in ARCHITECTURES:
         raise ConfigError(f"{f}: unknown architecture (model_type={raw.get('model_type')!r}, "
-                          f"architectures={raw.get('architectures')}); nanoseek loads deepseek_v3 and deepseek_v2")
+                          f"architectures={raw.get('architectures')}); nanoseek loads {', '.join(ARCHITECTURES)}")
     return ModelConfig.from_dict(raw), raw
 
 

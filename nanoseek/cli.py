@@ -39,7 +39,7 @@ def demo(
     import torch
 
     import nanoseek
-    from nanoseek.inference import LatentCache, generate
+    from nanoseek.inference import KVCache, generate
     from nanoseek.model import ConfigError, build_model, get_preset
 
     torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def demo(
     t1 = time.perf_counter()
     ids = generate(loaded, prompt, max_new_tokens=tokens)
     t2 = time.perf_counter()
-    cache = LatentCache(config, rows=1, max_len=1)
+    cache = KVCache(config, rows=1, max_len=1)
 
     table = Table(title=f"nanoseek demo: preset '{preset}'", show_header=False)
     table.add_row("parameters", f"{_count(loaded.num_params())} total, {_count(loaded.num_params(active=True))} "
@@ -79,7 +79,7 @@ def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek 
     import torch
 
     from nanoseek.checkpoint import CheckpointError, load_config
-    from nanoseek.inference import LatentCache
+    from nanoseek.inference import KVCache
     from nanoseek.model import ConfigError, DeepseekForCausalLM
 
     try:
@@ -96,7 +96,7 @@ def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek 
     table.add_row("experts", f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
                              f"{config.scoring_func}/{config.topk_method}) + {config.n_shared_experts} shared")
     table.add_row("parameters", f"{_count(m.num_params())} total, {_count(m.num_params(active=True))} active per token")
-    table.add_row("KV cache", f"{LatentCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
+    table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
     console.print(table)
 
 

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from nanoseek.model import get_preset
+from nanoseek.model import ModelConfig, get_preset
+
+
+def tiny_gqa_config(**overrides) -> ModelConfig:
+    """A tiny R1-Distill-style Qwen2 model: grouped-query attention (4 heads over 2 kv heads), q/k/v biases."""
+    return ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                  "max_position_embeddings": 512, "rope_theta": 10000.0, **overrides})
 
 
 @pytest.fixture(autouse=True)

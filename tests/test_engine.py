@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import randomize_, tiny_gqa_config
 from nanoseek.inference import Engine, EngineBusy, InvalidRequest, SamplingParams
 from nanoseek.inference.sampling import filter_logits
 from nanoseek.model import build_model, get_preset
@@ -14,12 +14,21 @@ from nanoseek.model import build_model, get_preset
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["mla", "gqa"])
+def model(request):
+    """The tiny DeepSeek-V3 (MLA, MoE, MTP; latent cache) and a tiny Qwen2 (GQA; key-value cache)."""
     torch.manual_seed(0)
-    m = build_model(get_preset("tiny", eos_token_id=-1)).eval()
+    config = get_preset("tiny", eos_token_id=-1) if request.param == "mla" else tiny_gqa_config(eos_token_id=-1)
+    m = build_model(config).eval()
     randomize_(m, std=0.15)
     return m
+
+
+@pytest.fixture
+def mtp_model(model):
+    if not model.mtp_layers:
+        pytest.skip("speculative decoding needs MTP layers (DeepSeek only)")
+    return model
 
 
 def prompts(n, seed=0, lo=3, hi=20, vocab=512):
@@ -154,6 +163,7 @@ def test_cancel_frees_the_row_at_once(model):
 def test_invalid_requests_are_refused_up_front(model, bad, match):
     engine = Engine(model, max_batch=2, max_len=256)
     good = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0))
+    bad = dict(bad)  # shared by the model's parameters
     prompt = bad.pop("prompt", [1, 2, 3])
     with pytest.raises(InvalidRequest, match=match):
         engine.submit(prompt, SamplingParams(**{"max_new_tokens": 4, **bad}))
@@ -191,7 +201,8 @@ def test_penalties_discourage_repeats(model):
     assert max(pen.tokens.count(t) for t in pen.tokens) <= max(plain.count(t) for t in plain)
 
 
-def test_speculative_greedy_equals_plain_greedy(model):
+def test_speculative_greedy_equals_plain_greedy(mtp_model):
+    model = mtp_model
     ps = prompts(5, seed=10)
     lengths = [20, 7, 15, 3, 11]
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in lengths]
@@ -201,9 +212,10 @@ def test_speculative_greedy_equals_plain_greedy(model):
     assert sum(r.drafted for r in spec) > 0
 
 
-def test_speculative_sampling_keeps_the_distribution(model):
+def test_speculative_sampling_keeps_the_distribution(mtp_model):
     """The token decided by verifying an MTP draft follows the model's distribution: compare the
     empirical joint distribution of the first two sampled tokens with and without speculation."""
+    model = mtp_model
     p = prompts(1, seed=11)[0]
     n = 600
     sp = [SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, seed=s) for s in range(n)]
@@ -230,8 +242,8 @@ def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(mod
     m = copy.deepcopy(model)
     ps = prompts(5, seed=20)
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (9, 4, 14, 1, 6)]
-    kept = {(compile, spec): Engine(m, max_batch=3, speculative=spec, compile=compile)
-            for compile, spec in ((False, False), (True, False), (True, True))}
+    kinds = ((False, False), (True, False)) + (((True, True),) if m.mtp_layers else ())
+    kept = {(compile, spec): Engine(m, max_batch=3, speculative=spec, compile=compile) for compile, spec in kinds}
 
     def check():
         fresh = [r.tokens for r in Engine(m, max_batch=3).generate(ps, params)]
@@ -243,14 +255,15 @@ def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(mod
     before = check()
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if ".experts." in name or "q_b_proj" in name:
+            if ".experts." in name or "q_b_proj" in name or "q_proj" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     assert check() != before
 
 
-def test_compiled_graphs_are_not_shared_between_models(model):
+def test_compiled_graphs_are_not_shared_between_models(mtp_model):
     """Compiled graphs are cached per process; a second model with another routing (V2's softmax
     top-k) must compile its own rather than run the first model's routing."""
+    model = mtp_model
     torch.manual_seed(1)
     other = build_model(get_preset("tiny", eos_token_id=-1, scoring_func="softmax", topk_method="greedy",
                                    n_group=1, topk_group=1, norm_topk_prob=False)).eval()

@@ -1,4 +1,5 @@
-"""transformers' DeepseekV3/V2 are the oracle: same weights, same logits (fp32, 1e-4), both ways."""
+"""transformers is the oracle for DeepseekV3/V2 and the R1-Distill architectures (Qwen2, Llama): same
+weights, same logits (fp32, 1e-4), both ways."""
 
 import json
 
@@ -38,11 +39,34 @@ V2_CASES = {
                                                                                      mscale=0.707)),
 }
 
+GQA_BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+QWEN2_CASES = {
+    "gqa2": dict(),
+    "mha-tied-theta": dict(num_key_value_heads=4, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                            "rope_theta": 1e6}),
+    "mqa-yarn": dict(num_key_value_heads=1, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                             "original_max_position_embeddings": 32}),
+}
+LLAMA_CASES = {
+    "llama3-rope": dict(rope_parameters=LLAMA3),
+    "bias-headdim-tied": dict(attention_bias=True, mlp_bias=True, head_dim=24, tie_word_embeddings=True),
+    "linear-rope-mqa": dict(num_key_value_heads=1, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 1e4}),
+}
+FAMILIES = {  # kind -> (config class, model class, base fields)
+    "v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, BASE),
+    "v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, BASE),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, GQA_BASE),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, GQA_BASE),
+}
+
 
 def hf_model(kind: str, overrides: dict):
-    cls_cfg, cls = ((transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM) if kind == "v3"
-                    else (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM))
-    model = cls(cls_cfg(**{**BASE, **overrides})).eval()
+    cls_cfg, cls, base = FAMILIES[kind]
+    model = cls(cls_cfg(**{**base, **overrides})).eval()
     randomize_(model)
     return model
 
@@ -51,7 +75,8 @@ def inputs():
     return torch.randint(0, BASE["vocab_size"], (2, 40))  # 40 > original context 32: YaRN's ramp is exercised
 
 
-CASES = [("v3", n, c) for n, c in V3_CASES.items()] + [("v2", n, c) for n, c in V2_CASES.items()]
+CASES = ([("v3", n, c) for n, c in V3_CASES.items()] + [("v2", n, c) for n, c in V2_CASES.items()]
+         + [("qwen2", n, c) for n, c in QWEN2_CASES.items()] + [("llama", n, c) for n, c in LLAMA_CASES.items()])
 
 
 @pytest.mark.parametrize("kind,name,overrides", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
@@ -76,7 +101,7 @@ def test_nanoseek_to_transformers(tmp_path, kind, name, overrides):
     randomize_(ours)
     nanoseek.save_model(ours, tmp_path / "ours")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    assert type(hf).__name__ == ("DeepseekV3ForCausalLM" if kind == "v3" else "DeepseekV2ForCausalLM")
+    assert type(hf).__name__ == FAMILIES[kind][1].__name__
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x).logits, atol=1e-4, rtol=0)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomize_
-from nanoseek.inference import LatentCache
+from nanoseek.inference import KVCache
 from nanoseek.model import ConfigError, build_model, get_preset, update_router_bias
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.moe import Gate, MoE, sequence_balance_loss
@@ -24,7 +24,7 @@ def test_absorbed_decode_equals_full_forward(q_lora_rank, rope_interleave):
     x = torch.randint(0, cfg.vocab_size, (3, 20))
     with torch.no_grad():
         full = model(x).logits
-        cache = LatentCache(cfg, rows=3, max_len=32)
+        cache = KVCache(cfg, rows=3, max_len=32)
         prefill = 7  # a prompt through the absorbed path, then one token at a time
         out = model(x[:, :prefill], position_ids=cache.positions(prefill), cache=cache).logits
         cache.advance()
@@ -39,7 +39,7 @@ def test_absorbed_decode_equals_full_forward(q_lora_rank, rope_interleave):
 
 def test_cache_holds_only_the_latent():
     cfg = get_preset("deepseek-v3")
-    cache = LatentCache(dataclasses.replace(cfg, num_hidden_layers=1, num_nextn_predict_layers=0), rows=1, max_len=4)
+    cache = KVCache(dataclasses.replace(cfg, num_hidden_layers=1, num_nextn_predict_layers=0), rows=1, max_len=4)
     assert cache.kv.shape[-1] == 576  # kv_lora_rank 512 + rope 64, not 128 heads x (192 + 128)
 
 
@@ -212,7 +212,7 @@ def test_real_presets_have_the_published_sizes(name, params, active, embedding_c
 @pytest.mark.parametrize("field,value", [
     ("n_group", 3), ("topk_group", 5), ("num_experts_per_tok", 99), ("hidden_size", 0), ("qk_rope_head_dim", 7),
     ("num_key_value_heads", 2), ("scoring_func", "relu"), ("topk_method", "greedy"), ("hidden_act", "gelu"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}), ("vocab_size", -5),
+    ("rope_scaling", {"type": "longrope", "factor": 2.0}), ("vocab_size", -5),
 ])
 def test_config_out_of_range_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field.split("_")[0]):
@@ -233,7 +233,7 @@ def test_config_from_hf_v5_and_legacy_spellings():
                                      "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}})
     assert derived.rope_scaling["factor"] == 4.0  # missing factor: max / original context, as transformers does
     with pytest.raises(ConfigError, match="unknown architecture"):
-        ModelConfig.from_dict({"model_type": "llama"})
+        ModelConfig.from_dict({"model_type": "mistral"})
 
 
 def test_input_validation():

@@ -1,7 +1,7 @@
 """One inference engine for everything that generates: chat, API server, RL rollouts, eval, distillation."""
 
-from .cache import LatentCache
+from .cache import KVCache
 from .engine import Engine, EngineBusy, Event, Request, generate
 from .sampling import InvalidRequest, SamplingParams
 
-__all__ = ["Engine", "EngineBusy", "Event", "InvalidRequest", "LatentCache", "Request", "SamplingParams", "generate"]
+__all__ = ["Engine", "EngineBusy", "Event", "InvalidRequest", "KVCache", "Request", "SamplingParams", "generate"]

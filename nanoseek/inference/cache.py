@@ -1,7 +1,10 @@
-"""The latent KV cache: per token per layer only kv_lora_rank + qk_rope_head_dim numbers.
+"""The KV cache: for MLA only the latent, kv_lora_rank + qk_rope_head_dim numbers per token per
+layer; for GQA (the Qwen2/Llama derivatives) the keys and values of each key-value head.
 
-One preallocated tensor [layers, rows, max_len, kv_lora_rank + qk_rope_head_dim] (MTP layers
-included); nothing is reallocated while decoding. Each row holds one sequence with its own
+One preallocated tensor [layers, rows, heads, max_len, width] (MTP layers included; heads and
+width from `config.kv_cache_shape`); nothing is reallocated while decoding. Its memory is
+mapped lazily: pages are taken when a position is first written, so a long `max_len` costs
+memory only for the tokens actually cached. Each row holds one sequence with its own
 length, so rows of different lengths decode together. A forward pass works on a contiguous
 range of rows (`select`). Attention reads the rows' cached latents in place (`attend`) and its
 own new tokens' latents beside them; those are staged, written into the cache after the last
@@ -16,19 +19,30 @@ position j needs token j + k, so it fills one step behind the main model.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from ..model import ModelConfig
 
 
-class LatentCache:
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device | None) -> torch.Tensor:
+    """A zero tensor whose memory is taken page by page as it is written (on CPU: an anonymous
+    memory map, which the OS fills with zeros on first touch; elsewhere: torch.zeros)."""
+    if torch.device(device or "cpu").type != "cpu" or math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
+class KVCache:
     def __init__(self, config: ModelConfig, rows: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
         self.n_main = config.num_hidden_layers
         n_layers = self.n_main + config.num_nextn_predict_layers
-        self.kv_rank = config.kv_lora_rank
-        self.kv = torch.zeros(n_layers, rows, max_len, config.kv_lora_rank + config.qk_rope_head_dim,
-                              dtype=dtype, device=device)
+        heads, width = config.kv_cache_shape
+        self.kv = lazy_zeros((n_layers, rows, heads, max_len, width), dtype, device)
         self.lengths = torch.zeros(1 + config.num_nextn_predict_layers, rows, dtype=torch.long, device=device)
         self.rows, self.max_len = rows, max_len
         self.sel = slice(0, rows)
@@ -39,7 +53,7 @@ class LatentCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token costs across all layers."""
-        return self.kv.shape[0] * self.kv.shape[3] * self.kv.element_size()
+        return self.kv.shape[0] * self.kv.shape[2] * self.kv.shape[4] * self.kv.element_size()
 
     def group(self, layer_idx: int) -> int:
         return 0 if layer_idx < self.n_main else layer_idx - self.n_main + 1
@@ -63,22 +77,21 @@ class LatentCache:
         visible = self._arange[:past] < lengths[:, None]  # (B, T): each row's own past
         causal = self._arange[:n_new, None] >= self._arange[None, :n_new]  # (S, S): the new tokens
         mask = torch.cat([visible[:, None].expand(B, n_new, past), causal.expand(B, n_new, n_new)], dim=-1)
-        self._step[group] = (pos, mask[:, :, None])  # (B, S, 1, T + S): broadcast over heads
+        self._step[group] = (pos, mask)  # (B, S, T + S)
         return pos
 
-    def attend(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Stage the new tokens' latents c_kv [B, S, c], k_pe [B, S, r]; -> the selected rows' cached
-        latents [B, T, c + r] (a view), the new ones [B, S, c + r] and the mask [B, S, 1, T + S] over
-        both (True = may attend): each new token sees its row's past, itself and the new tokens before it."""
+    def attend(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage the new tokens' entries [B, S, heads, width]; -> the selected rows' cached entries
+        [B, heads, T, width] (a view) and the mask [B, S, T + S] over them and the new ones (True = may
+        attend): each new token sees its row's past, itself and the new tokens before it."""
         g = self.group(layer_idx)
         if g not in self._step:
-            self.positions(c_kv.shape[1], g)
+            self.positions(new.shape[1], g)
         mask = self._step[g][1]
-        new = torch.cat([c_kv, k_pe], dim=-1).to(self.kv.dtype)
-        self._staged[layer_idx] = new
+        self._staged[layer_idx] = new.to(self.kv.dtype)
         B, S = new.shape[:2]
         start = self.sel.start
-        return self.kv[layer_idx, start:start + B, : mask.shape[-1] - S], new, mask
+        return self.kv[layer_idx, start:start + B, :, : mask.shape[-1] - S], mask
 
     def store(self, group: int = 0) -> None:
         """Write the latents the current forward staged for `group` into the cache, all its layers in
@@ -87,10 +100,11 @@ class LatentCache:
         layers = [i for i in self._staged if self.group(i) == group]
         if layers:
             pos = self._step[group][0]  # (B, S)
-            new = torch.stack([self._staged.pop(i) for i in layers])  # (layers, B, S, c + r)
+            new = torch.stack([self._staged.pop(i) for i in layers])  # (layers, B, S, heads, width)
             idx = self._arange[layers[0]:layers[-1] + 1]  # a group's layers are consecutive
             rows = self._arange[self.sel.start:self.sel.start + pos.shape[0]]
-            self.kv.index_put_((idx[:, None, None], rows[None, :, None], pos[None]), new)
+            by_position = self.kv.transpose(2, 3)  # (layers, rows, max_len, heads, width): a view
+            by_position.index_put_((idx[:, None, None], rows[None, :, None], pos[None]), new)
 
     def advance(self, group: int = 0, accepted: torch.Tensor | None = None) -> None:
         """Store what the last forward staged for `group` (if not stored yet) and commit it: all new
@@ -108,16 +122,20 @@ class LatentCache:
     def move(self, src: int, dst: int) -> None:
         """Row src's sequence becomes row dst's (src is then free)."""
         n = int(self.lengths[:, src].max())
-        self.kv[:, dst, :n] = self.kv[:, src, :n]
+        self.kv[:, dst, :, :n] = self.kv[:, src, :, :n]
         self.lengths[:, dst] = self.lengths[:, src]
         self.lengths[:, src] = 0
 
     def read(self, row: int, n: int) -> torch.Tensor:
-        """A copy of the first n positions of a row, all layers: [layers, n, width]."""
-        return self.kv[:, row, :n].clone()
+        """A copy of the first n positions of a row, all layers: [layers, heads, n, width]."""
+        return self.kv[:, row, :, :n].clone()
 
-    def write(self, row: int, latents: torch.Tensor, n: int) -> None:
-        """Start row as the first n positions of `latents` (from `read`): main layers and MTP groups
-        alike hold n positions."""
-        self.kv[:, row, :n] = latents[:, :n]
+    def entries(self, row: int, n: int) -> torch.Tensor:
+        """The first n positions of a row in place (a view, the same layout as `read`)."""
+        return self.kv[:, row, :, :n]
+
+    def write(self, row: int, entries: torch.Tensor, n: int) -> None:
+        """Start row as the first n positions of `entries` (from `read` or `entries`): main layers and
+        MTP groups alike hold n positions."""
+        self.kv[:, row, :, :n] = entries[:, :, :n]
         self.lengths[:, row] = n

@@ -32,7 +32,7 @@ import torch
 
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
-from .cache import LatentCache
+from .cache import KVCache
 from .constraints import JsonPrefix
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
 
@@ -132,7 +132,8 @@ class Engine:
 
     def __init__(self, model: DeepseekForCausalLM, decode: Callable[[list[int]], str] | None = None,
                  max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
-                 speculative: bool = False, prefix_cache_tokens: int = 65536, eos_token_id: int | None = None,
+                 speculative: bool = False, prefix_cache_tokens: int = 65536,
+                 eos_token_id: int | Sequence[int] | None = None,
                  compile: bool = False):
         cfg = model.config
         if speculative and not model.mtp_layers:
@@ -141,10 +142,11 @@ class Engine:
         self.max_len = min(max_len or 4096, cfg.max_position_embeddings)
         param = next(model.parameters())
         self.device = param.device
-        self.cache = LatentCache(cfg, rows=max_batch, max_len=self.max_len + 2, dtype=param.dtype,
+        self.cache = KVCache(cfg, rows=max_batch, max_len=self.max_len + 2, dtype=param.dtype,
                                  device=param.device)
         self.max_batch, self.max_queue, self.speculative = max_batch, max_queue, speculative
-        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id  # one id or several (Llama 3: three)
+        self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.active: list[Request] = []  # active[i] lives in cache row i
         self.waiting: deque[Request] = deque()
         self.prefixes = PrefixStore(prefix_cache_tokens)
@@ -356,7 +358,7 @@ class Engine:
         if best <= 0:
             self.cache.reset(row)
             return 0
-        latents = self.cache.kv[:, source[1], :best] if source[0] == "row" else source[1]
+        latents = self.cache.entries(source[1], best) if source[0] == "row" else source[1]
         self.cache.write(row, latents, best)
         return best
 
@@ -521,7 +523,7 @@ class Engine:
         event, and finish the request if a stop rule fires."""
         req = self.active[row]
         p = req.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos or self.eos_token_id is None else {self.eos_token_id})
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         new, reason = [], None
         for t in tokens:
             new.append(t)

@@ -1,4 +1,6 @@
-"""MLA: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+"""Attention: MLA (DeepSeek-V2/V3) and grouped-query attention (the Qwen2/Llama derivatives).
+
+MLA: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
 
 Keys and values of all heads are rebuilt from one small latent per token: c_kv (kv_lora_rank)
 plus one rope key shared by all heads (qk_rope_head_dim). Two paths, side by side:
@@ -9,8 +11,16 @@ plus one rope key shared by all heads (qk_rope_head_dim). Two paths, side by sid
   half into the output, so attention runs directly over the cached latents and the cached
   sequence is never expanded. The cache holds kv_lora_rank + qk_rope_head_dim numbers per token.
 
+GQA: every head has its own key and value of head_dim channels, shared by
+num_attention_heads / num_key_value_heads query heads ("a group"); RoPE turns the whole head.
+The cache holds [k ; v] per key-value head.
+
+Both read a cache through one interface (`KVCache`): per layer and token the cache holds
+`config.kv_cache_shape` = (heads, width) numbers, the latent for MLA ((1, c + r)) and the keys and
+values for GQA ((kv heads, 2 * head_dim)).
+
 Letters in einsums: b batch, s query positions, t key positions, h heads, d head channels
-(nope or v), c latent channels (kv_lora_rank), r rope channels.
+(nope or v), c latent channels (kv_lora_rank), r rope channels, g query heads per kv head.
 """
 
 from __future__ import annotations
@@ -26,14 +36,13 @@ from .layers import RMSNorm
 from .rope import apply_rope
 
 
-class LatentCache(Protocol):
+class KVCache(Protocol):
     """What attention needs from a KV cache (the engine's cache implements it)."""
 
-    def attend(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Take c_kv [B, S, c] and k_pe [B, S, r] of the new tokens (the cache stores them after the
-        forward); return the cached latents [B, T, c + r], the new ones [B, S, c + r] and a bool
-        mask [B, S, 1, T + S] over both (True = may attend)."""
+    def attend(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the new tokens' entries [B, S, heads, width] (the cache stores them after the forward);
+        return the cached ones [B, heads, T, width] and a bool mask [B, S, T + S] over the cached
+        then the new positions (True = may attend)."""
 
 
 class MLA(nn.Module):
@@ -73,12 +82,14 @@ class MLA(nn.Module):
         return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleaved)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if cache is None:
             out = self.full_attention(q_nope, q_pe, c_kv, k_pe)
         else:
-            out = self.absorbed_attention(q_nope, q_pe, *cache.attend(self.layer_idx, c_kv, k_pe))
+            new = torch.cat([c_kv, k_pe], dim=-1)  # (B, S, c + r): the latent the cache keeps
+            past, mask = cache.attend(self.layer_idx, new.unsqueeze(2))
+            out = self.absorbed_attention(q_nope, q_pe, past[:, 0], new.to(past.dtype), mask)
         return self.o_proj(out.flatten(2))  # (B, S, H*dv) -> (B, S, D)
 
     def full_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
@@ -98,7 +109,7 @@ class MLA(nn.Module):
 
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
         """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
-        [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, 1, T + S]. Returns
+        [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, T + S]. Returns
         [B, S, H, dv]. The key half of kv_b_proj turns each query into the latent space, so one
         product with [c_kv ; k_pe] scores the nope and rope parts together; heads are folded into
         the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
@@ -109,8 +120,58 @@ class MLA(nn.Module):
         q_latent = q_nope.reshape(B * S, H, d).transpose(0, 1) @ w_uk  # (H, B*S, c)
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
         scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
-        scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask, float("-inf"))
+        scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
         out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
         out = out_latent.view(B * S, H, c).transpose(0, 1) @ w_uv.transpose(1, 2)  # (H, B*S, dv)
         return out.transpose(0, 1).reshape(B, S, H, self.v_dim)
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with RoPE over the whole head (Qwen2, Llama; HF module names)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, H, Hkv, d = config.hidden_size, self.n_heads, self.n_kv, self.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(D, H * d, bias=bias)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=bias)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=bias)
+        self.o_proj = nn.Linear(H * d, D, bias=bias and config.model_type == "llama")  # Qwen2: no o_proj bias
+        self.softmax_scale = d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, S, H, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
+        k = apply_rope(self.k_proj(x).view(B, S, Hkv, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
+        v = self.v_proj(x).view(B, S, Hkv, d)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.softmax_scale, enable_gqa=H != Hkv)
+            out = out.transpose(1, 2)  # (B, S, H, d)
+        else:
+            new = torch.cat([k, v], dim=-1)  # (B, S, Hkv, 2d): what the cache keeps
+            past, mask = cache.attend(self.layer_idx, new)
+            out = self.cached_attention(q, past, new.to(past.dtype), mask)
+        return self.o_proj(out.reshape(B, S, H * d))
+
+    def cached_attention(self, q, past, new, mask) -> torch.Tensor:
+        """q [B, S, H, d] over the cached past [B, Hkv, T, 2d] (read in place) and the new tokens'
+        [B, S, Hkv, 2d] (k then v), mask [B, S, T + S]. The g query heads of a group and the S
+        positions are folded into the rows of one product per kv head. Returns [B, S, H, d]."""
+        B, S, H, d = q.shape
+        Hkv, T = self.n_kv, past.shape[2]
+        g = H // Hkv
+        q = q.view(B, S, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * S, d).to(past.dtype)
+        past = past.flatten(0, 1)  # (B*Hkv, T, 2d): a view, the rows are contiguous in the cache
+        new = new.transpose(1, 2).reshape(B * Hkv, S, 2 * d)
+        scores = torch.cat([q @ past[..., :d].transpose(1, 2), q @ new[..., :d].transpose(1, 2)], dim=-1)
+        scores = (scores.view(B, Hkv, g, S, -1) * self.softmax_scale).float()  # (B, Hkv, g, S, T+S)
+        probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(dim=-1)
+        probs = probs.to(past.dtype).view(B * Hkv, g * S, -1)
+        out = probs[..., :T] @ past[..., d:] + probs[..., T:] @ new[..., d:]  # (B*Hkv, g*S, d)
+        return out.view(B, Hkv, g, S, d).permute(0, 3, 1, 2, 4).reshape(B, S, H, d)

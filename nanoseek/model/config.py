@@ -1,9 +1,15 @@
-"""ModelConfig: the DeepSeek-V2/V3 configuration, with Hugging Face's field names.
+"""ModelConfig: the DeepSeek-V2/V3 configuration and its derivatives', with Hugging Face's field names.
 
 Field names and defaults follow transformers' DeepseekV3Config (the defaults are the
 DeepSeek-V3 shapes), so a checkpoint's config.json loads with `ModelConfig.from_dict`.
 V2-only knobs (`topk_method`, `scoring_func`) are real fields here: the router reads them
 instead of hard-coding one family. Named presets live in `PRESETS` at the bottom.
+
+The R1-Distill derivatives are Qwen2 and Llama models: the same skeleton (embedding, pre-norm
+decoder layers, final norm, head) with grouped-query attention (`num_key_value_heads`, `head_dim`)
+over the whole head instead of MLA, and a dense SwiGLU MLP in every layer. `from_dict` reads
+their config.json with the defaults of transformers' Qwen2Config / LlamaConfig; for them the
+MLA, MoE and MTP fields are unused.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ ROUTING = {  # scoring_func -> topk_methods it supports
     "sigmoid": ("noaux_tc",),
     "softmax": ("greedy", "group_limited_greedy"),
 }
-ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+GQA_FAMILIES = ("qwen2", "llama")  # grouped-query attention, dense MLPs
+ROPE_TYPES = ("yarn", "llama3", "linear")
+# the fields a Qwen2/Llama config.json holds (MLA, MoE and MTP fields are DeepSeek's only)
+GQA_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
+              "rope_scaling", "hidden_act", "rms_norm_eps", "initializer_range", "attention_bias", "mlp_bias",
+              "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class ConfigError(ValueError):
@@ -32,7 +46,8 @@ class ModelConfig:
     moe_intermediate_size: int = 2048  # per-expert SwiGLU width
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
-    num_key_value_heads: int | None = None  # MLA: always equal to num_attention_heads
+    num_key_value_heads: int | None = None  # MLA: always equal to num_attention_heads; GQA: fewer
+    head_dim: int | None = None  # GQA only: per-head width (default hidden_size / num_attention_heads)
     # MLA
     q_lora_rank: int | None = 1536  # None: plain q_proj (V2-Lite)
     kv_lora_rank: int = 512
@@ -64,7 +79,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
-    attention_bias: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v; Llama: on q/k/v/o; DeepSeek: q_a/kv_a/o
+    mlp_bias: bool = False  # Llama only
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
@@ -75,6 +91,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.is_gqa:
+            if self.head_dim is None and self.num_attention_heads:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+            # no MLA, no MoE, no MTP: every layer is attention + a dense MLP
+            self.n_routed_experts = self.n_shared_experts = self.num_nextn_predict_layers = 0
+            self.first_k_dense_replace = self.num_hidden_layers
+            self.q_lora_rank, self.rope_interleave = None, False
         if self.model_type == "deepseek_v2" and self.n_group is None:
             self.n_group, self.topk_group = 1, 1
         if self.rope_scaling is not None:
@@ -90,8 +113,26 @@ class ModelConfig:
 
     # ---- derived sizes ----
     @property
+    def is_gqa(self) -> bool:
+        """Grouped-query attention over whole heads (Qwen2, Llama) rather than MLA."""
+        return self.model_type in GQA_FAMILIES
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels RoPE rotates: the decoupled rope part (MLA) or the whole head (GQA)."""
+        return self.head_dim if self.is_gqa else self.qk_rope_head_dim
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """What one token leaves in the KV cache per layer: (heads, width). MLA caches one latent
+        [c_kv ; k_pe] shared by every head; GQA caches [k ; v] for each key-value head."""
+        if self.is_gqa:
+            return self.num_key_value_heads, 2 * self.head_dim
+        return 1, self.kv_lora_rank + self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
@@ -111,16 +152,30 @@ class ModelConfig:
                 f"unknown architecture model_type={self.model_type!r}; nanoseek loads {sorted(ARCHITECTURES)}"
             )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+                     "max_position_embeddings"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        if self.is_gqa:
+            need(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim",
+                 "must be a positive even integer (rotation pairs)")
+            need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads > 0
+                 and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"must divide num_attention_heads={self.num_attention_heads}")
+            need(self.intermediate_size > 0, "intermediate_size", "must be > 0")
+            if self.extra.get("use_sliding_window"):
+                raise ConfigError("config field 'use_sliding_window' = true: sliding-window attention is not "
+                                  "supported (the R1-Distill models do not use it)")
+        else:
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                     "must be a positive integer")
+            need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+                 "q_lora_rank", "must be null or a positive integer")
+            need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotation pairs)")
+            need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
+                 "MLA needs num_key_value_heads == num_attention_heads")
         for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
                      "num_nextn_predict_layers"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             "q_lora_rank", "must be null or a positive integer")
-        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotation pairs)")
-        need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
-             "MLA needs num_key_value_heads == num_attention_heads")
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' is supported")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
@@ -146,12 +201,14 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("type", rs.get("rope_type"))
-            if kind != "yarn":
-                raise ConfigError(f"config field 'rope_scaling' type {kind!r} is not supported (only 'yarn')")
+            if kind not in ROPE_TYPES:
+                raise ConfigError(f"config field 'rope_scaling' type {kind!r} is not supported (one of {ROPE_TYPES})")
             if not (rs.get("factor") or 0) > 0:
                 raise ConfigError("config field 'rope_scaling.factor' must be > 0")
-            if not (rs.get("original_max_position_embeddings") or 0) > 0:
+            if kind != "linear" and not (rs.get("original_max_position_embeddings") or 0) > 0:
                 raise ConfigError("config field 'rope_scaling.original_max_position_embeddings' must be > 0")
+            if kind == "llama3" and not 0 < rs.get("low_freq_factor", 0) < rs.get("high_freq_factor", 0):
+                raise ConfigError("config field 'rope_scaling': llama3 needs 0 < low_freq_factor < high_freq_factor")
 
     # ---- (de)serialisation in Hugging Face's config.json format ----
     @classmethod
@@ -164,6 +221,13 @@ class ModelConfig:
             d.setdefault("rope_theta", rp.get("rope_theta", cls.rope_theta))
             if rp.get("rope_type", "default") != "default":
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if d.get("model_type") in GQA_FAMILIES:  # transformers' Qwen2Config / LlamaConfig defaults
+            qwen = d["model_type"] == "qwen2"
+            d.setdefault("max_position_embeddings", 32768 if qwen else 2048)
+            d.setdefault("bos_token_id", None if qwen else 1)
+            d.setdefault("eos_token_id", None if qwen else 2)
+            if qwen:
+                d["attention_bias"] = True  # Qwen2 always has q/k/v biases (no config field)
         if d.get("model_type") == "deepseek_v2":  # HF V2 defaults differ from the V3 ones
             d.setdefault("topk_method", "greedy")
             d.setdefault("scoring_func", "softmax")
@@ -185,6 +249,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if self.is_gqa:
+            d = {k: d[k] for k in GQA_FIELDS if not (k == "mlp_bias" and self.model_type == "qwen2")}
+        else:  # DeepSeek's config.json has no head_dim (transformers derives its own) and no mlp_bias
+            del d["head_dim"], d["mlp_bias"]
         keep = {k: v for k, v in self.extra.items() if k not in ("quantization_config", "torch_dtype", "dtype",
                                                                    "architectures", "auto_map", "transformers_version")}
         d.update(keep)

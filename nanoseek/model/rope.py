@@ -1,8 +1,9 @@
-"""Rotary position embedding on the decoupled rope channels, with YaRN context extension.
+"""Rotary position embedding, with YaRN, Llama-3 and linear context extension.
 
-DeepSeek's checkpoints store the `qk_rope_head_dim` rope channels as consecutive pairs
-(x[2i], x[2i+1]) = one rotation plane rotated by pos * inv_freq[i] (`rope_interleave=True`).
-A config with `rope_interleave=False` pairs (x[i], x[i + d/2]) instead.
+MLA rotates only the decoupled `qk_rope_head_dim` channels; DeepSeek's checkpoints store them as
+consecutive pairs (x[2i], x[2i+1]) = one rotation plane rotated by pos * inv_freq[i]
+(`rope_interleave=True`). Qwen2 and Llama rotate the whole head and pair (x[i], x[i + d/2])
+(`rope_interleave=False`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,40 @@ from torch import nn
 from .config import ModelConfig, yarn_get_mscale
 
 
-def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [d/2] and the cos/sin multiplier ("attention_factor").
 
-    Plain RoPE: inv_freq[k] = theta^(-2k/d). YaRN keeps the fast (high-frequency) planes,
-    divides the slow ones by `factor`, and blends linearly between the planes that make
-    beta_fast and beta_slow turns over the original context.
+    Plain RoPE: inv_freq[k] = theta^(-2k/d). `rope_scaling` stretches it for longer contexts:
+    linear divides every frequency by `factor`; llama3 and yarn keep the fast (high-frequency)
+    planes, divide the slow ones by `factor` and blend in between.
     """
-    d, base = config.qk_rope_head_dim, config.rope_theta
+    d, base = config.rotary_dim, config.rope_theta
     inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     rs = config.rope_scaling
     if rs is None:
         return inv_freq, 1.0
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if kind == "llama3":
+        return llama3_inv_freq(inv_freq, rs), 1.0
+    return yarn_inv_freq(inv_freq, d, base, rs)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
+    """Llama 3.1's rule, by wavelength over the original context: planes turning more than
+    high_freq_factor times stay, planes turning fewer than low_freq_factor times are divided by
+    `factor`, and the ones between blend linearly in the number of turns."""
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    turns = rs["original_max_position_embeddings"] * inv_freq / (2 * math.pi)  # turns over the original context
+    blend = ((turns - low) / (high - low)).clamp(0, 1)  # 0: slow plane (stretched), 1: fast plane (kept)
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, d: int, base: float, rs: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: keep the planes that make beta_fast turns over the original context, divide those
+    making fewer than beta_slow by `factor`, blend linearly in the plane index between them; the
+    cos/sin multiplier is YaRN's attention temperature."""
     factor = rs["factor"]
     original_len = rs["original_max_position_embeddings"]
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
@@ -57,12 +80,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2), persistent=False)
         self.attention_factor = 1.0
         self.reset_parameters()
 
     def reset_parameters(self):
-        inv_freq, self.attention_factor = yarn_inv_freq(self.config)
+        inv_freq, self.attention_factor = rope_inv_freq(self.config)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

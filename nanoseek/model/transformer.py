@@ -1,4 +1,4 @@
-"""The DeepSeek-V2/V3 causal language model.
+"""The DeepSeek-V2/V3 causal language model, and its Qwen2/Llama derivatives (R1-Distill).
 
 Module attribute names are the Hugging Face tensor names (model.embed_tokens,
 model.layers.{l}.self_attn.kv_b_proj, ..., lm_head), so `load_state_dict(strict=True)` on a
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import LatentCache
+from .attention import KVCache
 from .block import DecoderLayer
 from .config import ModelConfig
 from .layers import RMSNorm
@@ -46,7 +46,7 @@ class DeepseekModel(nn.Module):
         self.n_main = L
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> final normed hidden [B, T, D], and the cos/sin the MTP layers reuse."""
         cos, sin = self.rotary_emb(position_ids)
         x = self.embed_tokens(input_ids)
@@ -83,7 +83,7 @@ class DeepseekForCausalLM(nn.Module):
         return list(self.model.layers[self.model.n_main:])
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: LatentCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits: bool = True) -> ModelOutput:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
