@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import DeepseekForCausalLM, ModelConfig, build_model
+from .model import DeepseekForCausalLM, ModelConfig
 from .model.config import ARCHITECTURES, ConfigError
+from .quant import BITS, GROUP, QuantLinear, swap_linears
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -67,6 +68,11 @@ def shard_map(path: Path) -> dict[str, str]:
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
 
 
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """Bytes of weights in a model folder (all its safetensors files)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
@@ -87,28 +93,47 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> DeepseekForCausalLM:
-    """Load a DeepSeek-V2/V3 model folder (HF format). dtype defaults to the checkpoint's
-    (FP8 weights are dequantized to bf16 unless a dtype is given); device defaults to CPU.
+               device: str | torch.device | None = None, quantize: str | int | None = None) -> DeepseekForCausalLM:
+    """Load a model folder (HF format: DeepSeek-V2/V3, their Qwen2/Llama derivatives, or a folder that
+    `nanoseek quantize` wrote). dtype defaults to the checkpoint's (FP8 weights are dequantized to bf16
+    unless a dtype is given); device defaults to CPU.
 
-    Shards are read one at a time and copied into the (already allocated) model, so memory
-    holds the model plus at most one tensor being converted, never two full copies.
+    quantize = "int8" | "int4" (or 8 | 4) quantizes every linear layer while loading (see quant.py);
+    the other tensors keep `dtype`. Shards are read one at a time and each tensor is converted (FP8
+    dequantized, then quantized) on its own, so memory holds the (quantized) model plus one tensor
+    being converted, never two full copies: an FP8 checkpoint goes to int8 without a bf16 copy.
     """
     path = Path(path)
     config, raw = load_config(path)
     weight_map = shard_map(path)
     quant = raw.get("quantization_config") or {}
+    stored = quant.get("bits") if quant.get("quant_method") == "nanoseek" else None
+    bits = parse_bits(quantize)
+    if stored and bits and bits != stored:
+        raise CheckpointError(f"{path} holds int{stored} weights; load it as it is, or quantize the original to "
+                              f"int{bits}")
+    bits = bits or stored
+    group = quant.get("group_size", GROUP) if stored else GROUP
     block = tuple(quant.get("weight_block_size") or (128, 128))
     if dtype is None:
         name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         dtype = getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+        if dtype in FP8_DTYPES:
+            dtype = torch.bfloat16
     mtp_prefix = f"model.layers.{config.num_hidden_layers}."
     if config.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in weight_map):
         # transformers writes no MTP weights even when the config declares them: load the main model
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
-    model = build_model(config, device=device, dtype=dtype, init=False)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+        if bits:
+            swap_linears(model, bits, group, dtype)
+        model.to(dtype)
+    model.to_empty(device=device or "cpu")  # untouched pages: memory is taken as tensors are written
+    model.tie_weights()
+    model.reset_buffers()
     state = model.state_dict(keep_vars=True)
     expected = set(state)
     unexpected, seen = [], set()
@@ -123,6 +148,22 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path / shard}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
+    def float_weight(name: str) -> torch.Tensor:
+        t = get(name)
+        if t.dtype in FP8_DTYPES:
+            scale_name = name + "_scale_inv"
+            if scale_name not in weight_map:
+                raise CheckpointError(f"{name} is FP8 but {scale_name} is missing")
+            t = dequantize_fp8(t, get(scale_name), block)
+        return t
+
+    def quantize_into(module: QuantLinear, prefix: str, weight: torch.Tensor) -> None:
+        want = (module.out_features, module.in_features)
+        if tuple(weight.shape) != want:
+            raise CheckpointError(f"tensor {prefix}.weight has shape {tuple(weight.shape)}, but the config implies {want}")
+        module.quantize_(weight)
+        seen.update(f"{prefix}.{b}" for b, _ in module.named_buffers())
+
     by_shard: dict[str, list[str]] = {}
     for name, shard in sorted(weight_map.items()):
         by_shard.setdefault(shard, []).append(name)
@@ -131,15 +172,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
             for name in names:
                 if name.endswith("weight_scale_inv"):
                     continue
+                prefix = name.removesuffix(".weight")
+                module = _module(model, prefix) if bits and name.endswith(".weight") else None
+                if isinstance(module, QuantLinear):
+                    quantize_into(module, prefix, float_weight(name))
+                    continue
                 if name not in expected:
                     unexpected.append(name)
                     continue
-                t = get(name)
-                if t.dtype in FP8_DTYPES:
-                    scale_name = name + "_scale_inv"
-                    if scale_name not in weight_map:
-                        raise CheckpointError(f"{name} is FP8 but {scale_name} is missing")
-                    t = dequantize_fp8(t, get(scale_name), block)
+                t = float_weight(name)
                 target = state[name]
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)} in {shard}, but the config "
@@ -150,6 +191,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
             files.pop(shard, None)  # drop the shard's handle before opening the next
     finally:
         files.clear()
+    if bits and config.tie_word_embeddings and isinstance(model.lm_head, QuantLinear) \
+            and not seen.intersection(n for n in state if n.startswith("lm_head.")):
+        quantize_into(model.lm_head, "lm_head", model.model.embed_tokens.weight)  # a tied head, quantized apart
     # tied tensors (tie_word_embeddings, MTP's embedding/head copies) are satisfied by any one of their names
     aliases: dict[int, list[str]] = {}
     for name, t in state.items():
@@ -161,6 +205,23 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[:5]}")
     model.eval()
     return model
+
+
+def parse_bits(quantize: str | int | None) -> int | None:
+    """'int8' | 'int4' | 8 | 4 | None | 'none' -> 8 | 4 | None."""
+    if quantize in (None, "", "none", 0):
+        return None
+    bits = int(str(quantize).removeprefix("int")) if str(quantize).removeprefix("int").isdigit() else None
+    if bits not in BITS:
+        raise ValueError(f"quantize must be int8 or int4, got {quantize!r}")
+    return bits
+
+
+def _module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
@@ -199,7 +260,11 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     for p in stale:
         p.unlink()
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if quantized:  # the widest bit width and its group; layers that could not take int4 are int8 (see swap_linears)
+        cfg["quantization_config"] = {"quant_method": "nanoseek", "bits": min(m.bits for m in quantized),
+                                      "group_size": quantized[0].group_size}
     _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
 
 

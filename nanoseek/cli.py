@@ -222,11 +222,19 @@ COMPILE_HELP = ("Decode through torch.compile: about 3x faster for small models 
                 "startup (30-40 s the first time; needs a C++ compiler, decodes eagerly without one).")
 
 
-def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, compile: bool = False):
-    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json."""
+QUANTIZE_HELP = ("Quantize the weights while loading: int8 (per channel) or int4 (groups of 32); about 2x / 3.5x "
+                 "less memory than bf16 and faster decoding on CPU. A folder written by `nanoseek quantize` "
+                 "loads quantized without it.")
+
+
+def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, compile: bool = False,
+                   quantize: str | None = None):
+    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json.
+    Models under 1 GB of weights compute in fp32 (what this CPU decodes small models fastest in);
+    larger ones keep the checkpoint's dtype (bf16 for DeepSeek's releases), or are quantized."""
     import torch
     from nanoseek import load_model
-    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.checkpoint import CheckpointError, checkpoint_bytes
     from nanoseek.inference import Engine
     from nanoseek.model import ConfigError
     from nanoseek.tokenizer import DeepSeekTokenizer
@@ -235,15 +243,18 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
         model = SHIPPED
         if not (model / "config.json").is_file():
             _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
+    if not model.exists():
+        _fail(f"{model}: no such folder")
     try:
-        m = load_model(model, dtype=torch.float32)
+        small = checkpoint_bytes(model) < 1e9 and not quantize
+        m = load_model(model, dtype=torch.float32 if small else None, quantize=quantize)
         tok = DeepSeekTokenizer.load(model)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if speculative and not m.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
-    engine = Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative, eos_token_id=tok.eos_id,
+    engine = Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative, eos_token_id=sorted(tok.eos_ids),
                     compile=compile)
     if compile:  # compile the decode step now (one row, then several), not at the first reply
         from nanoseek.inference import SamplingParams
@@ -301,18 +312,19 @@ def generate(
     seed: int = typer.Option(None, help="Seed for reproducible sampling."),
     speculative: bool = typer.Option(False, help="Draft with the model's MTP layer and verify (same output)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
     from nanoseek.inference import InvalidRequest
 
-    engine, tok = _load_for_chat(model, speculative, max_batch=1, compile=compile)
+    engine, tok = _load_for_chat(model, speculative, max_batch=1, compile=compile, quantize=quantize)
     ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     try:
         req = engine.submit(ids, _sampling(max_tokens, temperature, top_p, seed))
     except InvalidRequest as e:
         _fail(str(e))
-    _stream_reply(engine, req, thinking=think and not raw)
+    _stream_reply(engine, req, thinking=not raw and tok.opens_thinking(ids))
     dt = time.perf_counter() - t0
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
     console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "
@@ -331,6 +343,7 @@ def chat(
     speculative: bool = typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same "
                                      "output; with --compile about 1.4x faster)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer.
 
@@ -338,8 +351,9 @@ def chat(
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
     current reply; Ctrl-D or /exit leaves."""
     from nanoseek.inference import EngineBusy, InvalidRequest
+    from nanoseek.tokenizer import ChatFormatError
 
-    engine, tok = _load_for_chat(model, speculative, compile=compile)
+    engine, tok = _load_for_chat(model, speculative, compile=compile, quantize=quantize)
     messages: list[dict] = []
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; Ctrl-C stops a reply)")
     while True:
@@ -376,13 +390,13 @@ def chat(
         messages.append({"role": "user", "content": text})
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            req = engine.submit(tok.render_prompt(convo, thinking=think),
-                                _sampling(max_tokens, temperature, top_p, None))
-        except (InvalidRequest, EngineBusy) as e:
+            ids = tok.render_prompt(convo, thinking=think)
+            req = engine.submit(ids, _sampling(max_tokens, temperature, top_p, None))
+        except (InvalidRequest, EngineBusy, ChatFormatError) as e:
             messages.pop()
             console.print(f"[red]{e}[/] (try /reset)")
             continue
-        reasoning, answer = _stream_reply(engine, req, thinking=think)
+        reasoning, answer = _stream_reply(engine, req, thinking=tok.opens_thinking(ids))
         messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
 
 
@@ -513,6 +527,7 @@ def eval_(
     varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
     max_tokens: int = typer.Option(0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a URL)."),
     out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
+    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     import json as _json
@@ -526,7 +541,7 @@ def eval_(
     if remote:
         ask = remote_teacher(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
-        engine, tok = _load_for_chat(Path(model), speculative=False, max_batch=64)
+        engine, tok = _load_for_chat(Path(model), speculative=False, max_batch=64, quantize=quantize)
     results = []
     for family in families:
         try:
@@ -600,6 +615,7 @@ def serve(
     speculative: bool = typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same "
                                      "output; with --compile about 1.4x faster)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
@@ -611,13 +627,48 @@ def serve(
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
         _fail(f"refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
               "--allow-open")
-    engine, tok = _load_for_chat(model, speculative, max_batch=max_batch, compile=compile)
+    engine, tok = _load_for_chat(model, speculative, max_batch=max_batch, compile=compile, quantize=quantize)
     engine.max_queue = max_queue
     store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
     application = create_app(engine, tok, name=name, api_key=api_key, store=store)
     console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="A model folder (HF format: DeepSeek V2/V3 incl. FP8, R1-Distill Qwen2/Llama)."),
+    out: Path = typer.Argument(..., help="Folder to write the quantized model (and the tokenizer files) into."),
+    bits: int = typer.Option(8, help="8: int8 per output channel; 4: int4 in groups of 32 inputs."),
+):
+    """Quantize every linear layer (attention, MLPs, each expert, the output head) and write a folder that
+    loads quantized without re-quantizing. Tensors are converted one at a time while the shards stream
+    by, so memory holds the quantized model plus one tensor."""
+    import shutil
+
+    from nanoseek import load_model, save_model
+    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.model import ConfigError
+
+    if bits not in (8, 4):
+        _fail(f"--bits must be 8 or 4, got {bits}")
+    if not (model / "config.json").is_file():
+        _fail(f"{model}: not a model folder (no config.json)")
+    if out.resolve() == model.resolve():
+        _fail("OUT must be another folder than MODEL")
+    t0 = time.perf_counter()
+    with console.status(f"quantizing {model} to int{bits}"):
+        try:
+            m = load_model(model, quantize=bits)
+        except (CheckpointError, ConfigError, ValueError) as e:
+            _fail(str(e))
+        save_model(m, out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (model / name).is_file():
+            shutil.copy(model / name, out / name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    console.print(f"[green]wrote[/] {out} (int{bits}, {size / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
 
 
 def main():

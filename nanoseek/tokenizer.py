@@ -1,18 +1,26 @@
-"""Byte-level BPE (trained with HF `tokenizers`) with DeepSeek's special tokens, and chat rendering.
+"""Tokenizers and chat rendering: nanoseek's own byte-level BPE, and any Hugging Face tokenizer folder.
+
+A tokenizer folder is `tokenizer.json` (HF `tokenizers`), `tokenizer_config.json` (special
+tokens and the Jinja `chat_template`) and optionally `generation_config.json` (end-of-sequence
+ids, default sampling). `DeepSeekTokenizer.load(folder)` reads what DeepSeek publishes (V2's
+`User: ... Assistant:` text, V3's tool-call tokens, R1's and the R1-Distill models' `<think>`) and
+what `DeepSeekTokenizer.train` + `save` write.
 
 Every chat in nanoseek is rendered here and nowhere else:
-- `render_conversation(messages)` -> (ids, loss_mask): SFT; the mask is 1 exactly on the tokens
-  the assistant produces (its content and the end-of-sentence token that closes its turn);
-- `render_prompt(messages)` -> ids: generation (engine, RL, eval, server); R1 style, the
-  assistant turn opens with `<think>\\n` so a reasoning model starts by thinking.
+- `render_prompt(messages)` -> ids: generation (engine, RL, eval, server), through the folder's
+  own chat template, rendered in a sandboxed Jinja environment the way transformers'
+  `apply_chat_template` renders it (so a prompt is the ids the model was trained on);
+- `render_conversation(messages)` -> (ids, loss_mask): SFT in nanoseek's own format; the mask is
+  1 exactly on the tokens the assistant produces (its content and the end-of-sentence token that
+  closes its turn).
 
-The format is DeepSeek-V3/R1's: `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>`.
+nanoseek's own format is DeepSeek-V3/R1's: `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>`.
 A reply with reasoning is `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`; reasoning is kept only in the
-final message, and stripped from earlier assistant turns (the text after the last `</think>` stays).
-The same rules are written as the Jinja `chat_template` saved in tokenizer_config.json, so
-`transformers.AutoTokenizer` renders the same ids.
-
-Digits are split one per token before BPE, so numbers are read and written digit by digit.
+final message, and stripped from earlier assistant turns (the text after the last `</think>` stays);
+R1 style, the generation prompt opens the reply with `<think>\\n` so the model starts by thinking.
+The same rules are written as the Jinja `CHAT_TEMPLATE` saved in tokenizer_config.json.
+nanoseek's own tokenizer splits digits one per token before BPE, so numbers are read and written
+digit by digit.
 """
 
 from __future__ import annotations
@@ -20,8 +28,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -35,7 +48,8 @@ FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<�
 # which are ordinary text the model writes and the API parses
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]
 TEXT_TOKENS = [THINK, END_THINK]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # nanoseek's own format
+TEMPLATE_ROLES = ROLES + ("tool",)  # what chat templates may render besides (tool results)
 
 CHAT_TEMPLATE = (
     "{%- if thinking is not defined %}{% set thinking = true %}{% endif -%}"
@@ -59,20 +73,59 @@ CHAT_TEMPLATE = (
 
 
 class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered (unknown role, missing content, empty)."""
+    """A conversation that cannot be rendered (unknown role, missing content, empty, or refused by
+    the model's chat template)."""
+
+
+OWN_CONFIG = {  # tokenizer_config.json of nanoseek's own tokenizers
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+    "add_bos_token": False, "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 1 << 30,
+    "chat_template": CHAT_TEMPLATE,
+}
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields a server may default to
 
 
 class DeepSeekTokenizer:
-    def __init__(self, tokenizer: Tokenizer):
+    """A tokenizer with its chat template. `tokenizer` is the HF `tokenizers` object; `config` the
+    tokenizer_config.json dict (nanoseek's own when not given); `generation` the generation_config.json
+    dict, if any. Ids of tokens a tokenizer lacks (R1-Distill has no FIM tokens, V2 no <think>) are None."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict | None = None, generation: dict | None = None):
         self.tok = tokenizer
-        missing = [t for t in SPECIAL_TOKENS + TEXT_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks nanoseek's special tokens: {missing}")
+        self.config = dict(OWN_CONFIG if config is None else config)
+        self.generation = dict(generation or {})
+
+        def special(name: str, fallback: str | None) -> int | None:
+            text = _token_text(self.config.get(name)) or fallback
+            return None if text is None else tokenizer.token_to_id(text)
+
+        self.bos_id, self.eos_id = special("bos_token", BOS), special("eos_token", EOS)
+        self.pad_id = special("pad_token", PAD)
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token (tokenizer_config.json eos_token)")
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS + TEXT_TOKENS}
-        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
         self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids[FIM_BEGIN], ids[FIM_HOLE], ids[FIM_END]
+        gen_eos = self.generation.get("eos_token_id")
+        self.eos_ids = frozenset([self.eos_id] + ([] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int)
+                                                  else list(gen_eos)))
+        self.chat_template = _pick_template(self.config.get("chat_template"))
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """Default sampling from generation_config.json (e.g. R1-Distill: temperature 0.6, top_p 0.95)."""
+        if not self.generation.get("do_sample", True):
+            return {"temperature": 0.0}
+        return {k: self.generation[k] for k in SAMPLING_DEFAULTS if self.generation.get(k) is not None}
+
+    @property
+    def own_format(self) -> bool:
+        """nanoseek's own chat tokens are all there (training renders conversations token by token)."""
+        return None not in (self.bos_id, self.user_id, self.assistant_id, self.think_id, self.end_think_id)
 
     # ---- training, saving, loading ----
     @classmethod
@@ -98,26 +151,34 @@ class DeepSeekTokenizer:
         return cls(tok)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """tokenizer.json + tokenizer_config.json (with the chat template) for AutoTokenizer."""
+        """tokenizer.json + tokenizer_config.json (with the chat template) for AutoTokenizer, and
+        generation_config.json when the tokenizer came with one."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(d / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": 1 << 30,
-            "chat_template": CHAT_TEMPLATE,
-        }
-        (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+        (d / "tokenizer_config.json").write_text(json.dumps(self.config, ensure_ascii=False, indent=2))
+        if self.generation:
+            (d / "generation_config.json").write_text(json.dumps(self.generation, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "DeepSeekTokenizer":
-        f = Path(directory) / "tokenizer.json"
-        if not f.is_file():
+        d = Path(directory)
+        if not (d / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{directory}: no tokenizer.json")
-        return cls(Tokenizer.from_file(str(f)))
+
+        def read(name: str) -> dict | None:
+            f = d / name
+            if not f.is_file():
+                return None
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: invalid JSON ({e})") from None
+
+        config = read("tokenizer_config.json")
+        if config is not None and not config.get("chat_template") and (d / "chat_template.jinja").is_file():
+            config["chat_template"] = (d / "chat_template.jinja").read_text()  # transformers v5 keeps it apart
+        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), config, read("generation_config.json"))
 
     # ---- text <-> ids ----
     @property
@@ -132,9 +193,42 @@ class DeepSeekTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- chat ----
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **variables) -> str:
+        """The conversation as text, rendered by the tokenizer's chat template the way transformers
+        does (sandboxed Jinja, trim_blocks and lstrip_blocks, the special tokens as variables, extra
+        template variables such as `thinking` passed through)."""
+        _check(messages, TEMPLATE_ROLES)
+        if not self.chat_template:
+            raise ChatFormatError("this tokenizer has no chat template (tokenizer_config.json chat_template)")
+        specials = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+                **specials, **variables)
+        except TemplateError as e:
+            raise ChatFormatError(f"the chat template refused the conversation: {e}") from None
+
+    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """The ids a model continues to answer the conversation's last turn. thinking=False asks the
+        template not to open a reasoning block (`thinking` variable); a template that opens one anyway
+        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, thinking=thinking)
+        if not thinking and text.rstrip().endswith(THINK):
+            text = text.rstrip() + "\n\n" + END_THINK + "\n\n"
+        return self.encode(text)
+
+    def opens_thinking(self, prompt: Sequence[int]) -> bool:
+        """Does the prompt end inside an open <think> block (the reply starts with reasoning)?"""
+        return self.decode(list(prompt[-4:])).rstrip().endswith(THINK)
+
     def render_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-        """A conversation -> (ids, loss_mask); the mask is 1 on assistant-produced tokens."""
+        """A conversation in nanoseek's own format -> (ids, loss_mask); the mask is 1 on
+        assistant-produced tokens."""
         _check(messages)
+        if not self.own_format:
+            raise ChatFormatError("rendering for training needs nanoseek's chat tokens (<｜User｜>, <｜Assistant｜>, "
+                                  "<think>); this tokenizer lacks some")
         system = self.encode("\n\n".join(m["content"] for m in messages if m["role"] == "system"))
         ids, mask = [self.bos_id] + system, [0] * (1 + len(system))
 
@@ -157,10 +251,36 @@ class DeepSeekTokenizer:
         ids, _ = self.render_conversation(messages)
         return self.decode(ids[1:-1] if ids[-1] == self.eos_id else ids[1:])
 
-    def render_prompt(self, messages: Sequence[dict], thinking: bool = True) -> list[int]:
-        """The ids a model continues to answer the conversation's last user turn."""
-        ids, _ = self.render_conversation(messages)
-        return ids + [self.assistant_id] + (self.encode(THINK + "\n") if thinking else [])
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _pick_template(value) -> str | None:
+    """chat_template is a string, or a list of named templates (the one named 'default' is used)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return value
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ChatFormatError(f"the chat template does not parse: {e}") from None
 
 
 def assistant_text(message: dict, keep_reasoning: bool) -> str:
@@ -173,13 +293,13 @@ def assistant_text(message: dict, keep_reasoning: bool) -> str:
     return content
 
 
-def _check(messages: Sequence[dict]) -> None:
+def _check(messages: Sequence[dict], roles: tuple[str, ...] = ROLES) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatFormatError("messages must be a non-empty list")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or m.get("role") not in roles:
             role = m.get("role") if isinstance(m, dict) else type(m).__name__
-            raise ChatFormatError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
+            raise ChatFormatError(f"message {i}: unknown role {role!r} (expected one of {roles})")
         content = m.get("content")
         if m["role"] != "assistant" and not isinstance(content, str):
             raise ChatFormatError(f"message {i} ({m['role']}): content must be a string")

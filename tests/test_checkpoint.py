@@ -159,7 +159,7 @@ def test_missing_tensor_is_reported(tmp_path, saved):
 
 def test_unknown_architecture(saved):
     _, path = saved
-    edit_config(path, model_type="llama", architectures=["LlamaForCausalLM"])
+    edit_config(path, model_type="mistral", architectures=["MistralForCausalLM"])
     with pytest.raises(ConfigError, match="unknown architecture"):
         nanoseek.load_model(path)
 

@@ -72,7 +72,7 @@ class DeepseekForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantized head stays apart
             self.lm_head.weight = self.model.embed_tokens.weight
         for mtp in self.mtp_layers:  # MTP shares the embedding and the output head
             mtp.embed_tokens = self.model.embed_tokens

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..inference import Engine, EngineBusy, InvalidRequest, SamplingParams
 from ..reasoning import ReasoningStream, split_reasoning
-from ..tokenizer import DeepSeekTokenizer
+from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
 from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, usage, validation_message
 
 WEB = Path(__file__).parent / "web"
@@ -149,7 +149,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
 # ---- chat completions ----
 def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool]:
-    """-> (prompt ids, thinking, prefix mode)."""
+    """-> (prompt ids, whether the reply starts inside its reasoning, prefix mode). The prompt is
+    rendered by the model's own chat template."""
     thinking = svc.thinking_default(body.model)
     if body.thinking is not None:
         thinking = body.thinking.type == "enabled"
@@ -168,14 +169,20 @@ def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool
     if not any(m["role"] == "user" for m in msgs):
         raise APIError(400, "messages must contain at least one user message", param="messages")
     prefix = body.messages[-1].prefix
-    if prefix:
-        head, _ = svc.tok.render_conversation(msgs[:-1]) if len(msgs) > 1 else ([svc.tok.bos_id], None)
-        ids = head + [svc.tok.assistant_id] + svc.tok.encode(msgs[-1]["content"])
-        return ids, False, True
-    if msgs[-1]["role"] == "assistant":
+    if msgs[-1]["role"] == "assistant" and not prefix:
         raise APIError(400, "the last message is an assistant message; set prefix: true to continue it",
                        param="messages")
-    return svc.tok.render_prompt(msgs, thinking=thinking), thinking, False
+    try:
+        if prefix:  # the reply opened by the generation prompt, then the given start of the answer
+            head = svc.tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, thinking=False)
+            if head.rstrip().endswith(THINK):  # R1 templates open the reasoning: the given start replaces it
+                head = head.rstrip()[: -len(THINK)]
+            start = msgs[-1]["content"]
+            return svc.tok.encode(head + start), start.rfind(THINK) > start.rfind(END_THINK), True
+        ids = svc.tok.render_prompt(msgs, thinking=thinking)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return ids, svc.tok.opens_thinking(ids), False
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
@@ -192,10 +199,13 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> Sa
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **svc.tok.sampling_defaults}  # generation_config.json
+    return SamplingParams(max_new_tokens=max_tokens, seed=body.seed, top_k=defaults["top_k"],
+                          temperature=defaults["temperature"] if body.temperature is None else body.temperature,
+                          top_p=defaults["top_p"] if body.top_p is None else body.top_p,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
-                          stop_token_ids=(svc.tok.eos_id,))
+                          stop_token_ids=tuple(sorted(svc.tok.eos_ids)))
 
 
 def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
@@ -210,7 +220,8 @@ def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
 def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     if not thinking:
         return 0
-    return tokens.index(svc.tok.end_think_id) if svc.tok.end_think_id in tokens else len(tokens)
+    end = svc.tok.end_think_id
+    return tokens.index(end) if end is not None and end in tokens else len(tokens)
 
 
 async def chat(svc: Service, body: ChatRequest, request: Request):
@@ -226,9 +237,9 @@ async def chat(svc: Service, body: ChatRequest, request: Request):
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
-        reasoning, content = split_reasoning(req.text, started=thinking) if thinking else ("", req.text)
+        reasoning, content = split_reasoning(req.text, started=thinking)  # a reply may open <think> itself
         msg = {"role": "assistant", "content": content}
-        if thinking:
+        if thinking or reasoning:
             msg["reasoning_content"] = reasoning
         choices.append({"index": i, "message": msg, "finish_reason": _finish(req),
                         "logprobs": _logprobs_json(svc, req.logprobs) if body.logprobs else None})
@@ -248,10 +259,10 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     for i in range(len(jobs)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                       "logprobs": None}])
-    splitters = [ReasoningStream(started=True) if thinking else None for _ in jobs]
+    splitters = [ReasoningStream(started=thinking) for _ in jobs]
     async for i, ev in _merged_events(svc, jobs, request):
         final = ev.finish_reason is not None
-        pieces = splitters[i].feed(ev.text, final=final) if thinking else ([("answer", ev.text)] if ev.text else [])
+        pieces = splitters[i].feed(ev.text, final=final)
         for kind, text in pieces:
             key = "reasoning_content" if kind == "reasoning" else "content"
             yield chunk([{"index": i, "delta": {key: text}, "finish_reason": None, "logprobs": None}])
@@ -270,11 +281,14 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
 async def complete(svc: Service, body: CompletionRequest, request: Request):
     svc.thinking_default(body.model)  # checks the model name
     tok = svc.tok
+    bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is not None:  # FIM, PSM order as in pretraining
-        prompt = [tok.bos_id, tok.fim_begin_id] + tok.encode(body.prompt) + [tok.fim_hole_id] + \
+        if tok.fim_begin_id is None:
+            raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
+        prompt = bos + [tok.fim_begin_id] + tok.encode(body.prompt) + [tok.fim_hole_id] + \
             tok.encode(body.suffix) + [tok.fim_end_id]
     else:
-        prompt = [tok.bos_id] + tok.encode(body.prompt)
+        prompt = bos + tok.encode(body.prompt)
     params = _sampling(svc, body, len(prompt), body.max_tokens)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name

@@ -1,0 +1,154 @@
+"""Weight-only quantization for CPU inference: int8 per output channel, int4 in groups.
+
+Every linear layer (attention, dense MLPs, each routed and shared expert, the output head) can
+hold its weight W [N out, K in] as integers plus scales:
+
+- int8: W ~ q * scale[n], q in [-127, 127], one scale per output channel;
+- int4: W ~ zero[n, k // g] + q * scale[n, k // g], q in [0, 15], one scale and one zero (the
+  value of code 0) per group of g consecutive inputs (asymmetric min/max, g = 32 by default,
+  the block of llama.cpp's q4_0).
+
+`QuantLinear.forward` multiplies with torch's CPU kernels that read the integers directly
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations): a decode step reads 1 or
+0.5 bytes per weight instead of 2 or 4. For many rows at once (prefill) those kernels are slower
+than dequantizing the weight to bf16 and running one matmul, so above `kernel_rows` rows that is
+what happens; on other devices (CUDA) always. `dequantize()` is the plain reference path.
+
+On disk (`save_model` of a quantized model; `quantization_config.quant_method = "nanoseek"` in
+config.json) a quantized weight `X.weight` is stored as `X.qweight` (int8 [N, K], or uint8
+[N, K / 2] with two int4 codes per byte, the even input in the low nibble), `X.scales` and, for
+int4, `X.zeros` (bf16 [N, K / g]); loading copies them without re-quantizing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (8, 4)
+GROUP = 32
+KERNEL_ROWS = 4  # at most this many rows multiply through the integer kernels (measured: bench/release_decode.py)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False, group_size: int = GROUP,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if bits == 4 and in_features % group_size:
+            raise ValueError(f"int4 needs in_features ({in_features}) divisible by the group size {group_size}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        N, K = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(N, dtype=dtype))
+        else:
+            self.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(N, K // group_size, dtype=dtype))
+            self.register_buffer("zeros", torch.empty(N, K // group_size, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(N, dtype=dtype)) if bias else None
+        self.kernel_rows = KERNEL_ROWS
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # int4 in the CPU kernel's layout
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor) -> None:
+        """Set the integers and scales from a float weight [N, K] (any float dtype; computed in fp32)."""
+        w = weight.float()
+        if self.bits == 8:
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+            self.qweight.copy_((w / scale[:, None]).round_().clamp_(-127, 127))
+            self.scales.copy_(scale)
+        else:
+            g = w.view(self.out_features, -1, self.group_size)  # (N, K/g, g)
+            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).flatten(1)
+            self.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+            self.scales.copy_(scale)
+            self.zeros.copy_(lo)
+        self._packed = None
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [N, K] (int8: signed; int4: 0..15)."""
+        if self.bits == 8:
+            return self.qweight
+        return torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).flatten(1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the integers stand for, [N, K]: the reference every fast path is tested against."""
+        if self.bits == 8:
+            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        q = self.codes().to(dtype).view(self.out_features, -1, self.group_size)
+        return (self.zeros.to(dtype)[..., None] + q * self.scales.to(dtype)[..., None]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and rows <= self.kernel_rows and self._kernel_ready():
+            y = self._kernel(x.reshape(rows, self.in_features).to(torch.bfloat16)).view(*x.shape[:-1], -1)
+            y = y.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _kernel_ready(self) -> bool:
+        if self.bits == 8:
+            return True
+        if self._packed is None:
+            if self.out_features % 64:  # the int4 kernel's layout packs rows in blocks of 64
+                return False
+            self._packed = self._pack_int4()
+        return True
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(torch.bfloat16))
+        packed, scales_zeros = self._packed
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scales_zeros)
+
+    @torch.no_grad()
+    def _pack_int4(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 codes in the CPU kernel's layout (rows repacked in chunks, so the int32 codes it takes
+        as input never exist for the whole matrix), and its [K/g, N, 2] scales-and-offsets: the kernel
+        computes (q - 8) * scale + offset, so offset = zero + 8 * scale."""
+        packed = torch.empty_like(self.qweight)
+        for s in range(0, self.out_features, chunk):
+            rows = torch.stack([self.qweight[s:s + chunk] & 15, self.qweight[s:s + chunk] >> 4], dim=-1).flatten(1)
+            packed[s:s + chunk] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
+        scale, zero = self.scales.float(), self.zeros.float()
+        scales_zeros = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+        return packed, scales_zeros.to(torch.bfloat16)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: repack at the next kernel call
+        return super()._apply(fn, recurse)
+
+
+def quantizable(model: nn.Module) -> list[str]:
+    """Names of the Linear layers to quantize: every nn.Linear of the model (attention, MLPs, experts,
+    lm_head) but MLA's kv_b_proj, whose weight the absorbed attention reads as a matrix (it is small:
+    kv_lora_rank x heads x (nope + v)). Router gates and norms are not Linear and stay float."""
+    return [name for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, nn.Linear) and not name.endswith("kv_b_proj")]
+
+
+def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
+    the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
+    of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
+    are untied: the embedding stays float, the head is quantized; a module shared under two names
+    (MTP's head is lm_head) stays one module."""
+    new: dict[int, QuantLinear] = {}
+    for name in quantizable(model):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, child)
+        if id(old) not in new:
+            b = bits if bits == 8 or old.in_features % group_size == 0 else 8
+            with torch.device(old.weight.device):
+                new[id(old)] = QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
+        setattr(owner, child, new[id(old)])

