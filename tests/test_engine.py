@@ -273,3 +273,17 @@ def test_compiled_graphs_are_not_shared_between_models(mtp_model):
         engine = Engine(m, max_batch=3, compile=True)
         assert [r.tokens for r in engine.generate(ps, params)] == [r.tokens for r in Engine(m, max_batch=3).generate(ps, params)]
         assert engine.compiled
+
+
+def test_prefill_in_chunks_changes_nothing(model):
+    """Long prompts are prefilled a chunk at a time: chunks of 5 tokens give the tokens and logprobs of
+    one whole-prompt forward (and, with MTP, the same drafts)."""
+    ps = prompts(4, seed=30, lo=12, hi=40)
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    for spec in (False, True) if model.mtp_layers else (False,):
+        whole, chunked = (Engine(model, max_batch=2, speculative=spec, prefill_chunk=c).generate(ps, params)
+                          for c in (512, 5))
+        assert [r.tokens for r in chunked] == [r.tokens for r in whole]
+        for a, b in zip(chunked, whole):
+            assert [lp["logprob"] for lp in a.logprobs] == pytest.approx([lp["logprob"] for lp in b.logprobs], abs=1e-4)
+        assert [r.accepted for r in chunked] == [r.accepted for r in whole]

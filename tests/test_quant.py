@@ -19,7 +19,7 @@ from nanoseek.tokenizer import DeepSeekTokenizer
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS[4] + 5])
 def test_kernels_equal_the_dequantized_reference(bits, rows):
     layer = QuantLinear(256, 128, bits, bias=True)
     w = torch.randn(128, 256) * 0.05

@@ -134,7 +134,7 @@ class Engine:
                  max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
                  speculative: bool = False, prefix_cache_tokens: int = 65536,
                  eos_token_id: int | Sequence[int] | None = None,
-                 compile: bool = False):
+                 compile: bool = False, prefill_chunk: int = 512):
         cfg = model.config
         if speculative and not model.mtp_layers:
             raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
@@ -145,6 +145,7 @@ class Engine:
         self.cache = KVCache(cfg, rows=max_batch, max_len=self.max_len + 2, dtype=param.dtype,
                                  device=param.device)
         self.max_batch, self.max_queue, self.speculative = max_batch, max_queue, speculative
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id  # one id or several (Llama 3: three)
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.active: list[Request] = []  # active[i] lives in cache row i
@@ -322,19 +323,27 @@ class Engine:
             req._state.json = JsonPrefix()
         n = self._reuse_prefix(req, row)
         req.cached_tokens = n
-        rest = torch.tensor([req.prompt[n:]], device=self.device)
-        self.cache.select(row, row + 1)
-        out = self.model(rest, position_ids=self.cache.positions(rest.shape[1]), cache=self.cache, logits=False)
-        self.cache.advance()
-        hidden = out.hidden  # (1, S, D)
-        raw = self.model.lm_head(hidden[:, -1]).float()
-        token = self._sample(raw, [req])[0]
-        if self.speculative:
-            # MTP entries for positions n..T-1 (each needs the token after it), drafting token T+1
-            nxt = torch.tensor([req.prompt[n + 1:] + [token]], device=self.device)
-            pos = self.cache.positions(hidden.shape[1], group=1)
-            self._set_drafts(self._draft_logits(hidden, nxt, pos, torch.tensor([hidden.shape[1] - 1])), [req])
-            self.cache.advance(1)
+        rest = req.prompt[n:]
+        for start in range(0, len(rest), self.prefill_chunk):  # chunks bound the activations of long prompts
+            piece = rest[start:start + self.prefill_chunk]
+            self.cache.select(row, row + 1)
+            ids = torch.tensor([piece], device=self.device)
+            hidden = self.model(ids, position_ids=self.cache.positions(len(piece)), cache=self.cache,
+                                logits=False).hidden  # (1, S, D)
+            self.cache.advance()
+            last = start + len(piece) == len(rest)
+            if last:
+                raw = self.model.lm_head(hidden[:, -1]).float()
+                token = self._sample(raw, [req])[0]
+            if self.speculative:
+                # MTP entries for these positions (each needs the token after it); the last one drafts token T+1
+                nxt = rest[start + 1:start + len(piece) + 1] + ([token] if last else [])
+                pos = self.cache.positions(len(piece), group=1)
+                drafts = self._draft_logits(hidden, torch.tensor([nxt], device=self.device), pos,
+                                            torch.tensor([len(piece) - 1]))
+                if last:
+                    self._set_drafts(drafts, [req])
+                self.cache.advance(1)
         self._append(row, [token], raw)
 
     def _reuse_prefix(self, req: Request, row: int) -> int:
