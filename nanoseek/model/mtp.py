@@ -24,7 +24,7 @@ from torch import nn
 
 from .block import DecoderLayer
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 
 class SharedHead(nn.Module):
@@ -45,7 +45,7 @@ class MTPLayer(DecoderLayer):
         D = config.hidden_size
         self.enorm = RMSNorm(D, config.rms_norm_eps)
         self.hnorm = RMSNorm(D, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.shared_head = SharedHead(config)
         self.embed_tokens: nn.Embedding | None = None  # tied to model.embed_tokens
 

@@ -17,7 +17,7 @@ from torch import nn
 from .attention import KVCache
 from .block import DecoderLayer
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .loss import linear_cross_entropy
 from .mtp import MTPLayer
 from .rope import RotaryEmbedding
@@ -68,7 +68,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepseekModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

