@@ -201,16 +201,22 @@ class LlamaCpp:
         self.root, self.python, self.bin = root, python, bin or root / "build" / "bin"
 
     def convert(self, folder: Path, out: Path, outtype: str) -> None:
-        """convert_hf_to_gguf.py; a tokenizer it does not know (nanoseek's own) is taken with DeepSeek-V3's
-        pre-tokenizer name, which only matters for tokenizing text (the benchmarks feed token ids)."""
+        """convert_hf_to_gguf.py, with two allowances for nanoseek's own small model: a tokenizer it does
+        not know is taken with DeepSeek-V3's pre-tokenizer name (which only matters for tokenizing text;
+        the benchmarks feed token ids), and a DeepSeek model without q_lora_rank gets q_lora_rank = 0
+        written (llama.cpp reads a plain q_proj then, but only infers that for 26/27-layer models)."""
         if out.exists():
             return
         shim = ("import sys; sys.path.insert(0, sys.argv[1]); import conversion.base as b, convert_hf_to_gguf as c\n"
-                "pre = b.TextModel.get_vocab_base_pre\n"
+                "import conversion.deepseek as d\n"
+                "pre, params = b.TextModel.get_vocab_base_pre, d.DeepseekV2Model.set_gguf_parameters\n"
                 "def lenient(self, tok):\n"
                 "    try: return pre(self, tok)\n"
                 "    except NotImplementedError: return 'deepseek-v3'\n"
-                "b.TextModel.get_vocab_base_pre = lenient\n"
+                "def with_q_lora(self):\n"
+                "    params(self)\n"
+                "    if self.hparams.get('q_lora_rank') is None: self.gguf_writer.add_q_lora_rank(0)\n"
+                "b.TextModel.get_vocab_base_pre, d.DeepseekV2Model.set_gguf_parameters = lenient, with_q_lora\n"
                 "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[2:]; c.main()")
         subprocess.run([self.python, "-c", shim, str(self.root), str(folder), "--outtype", outtype, "--outfile", str(out)],
                        check=True, capture_output=True)
@@ -285,9 +291,13 @@ def main():
     ap.add_argument("--context", type=int, default=0, help="also decode at batch 8 after this many tokens of context")
     ap.add_argument("--serve", action="store_true", help="also start `nanoseek serve` on each folder")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.new, args.batch, args.context)))
+        return
+    if args.make:  # in its own process, so the memory it took is given back before anything is measured
+        make_float(args.make, args.shape) if args.bits == "16" else make_quantized(args.make, args.shape, int(args.bits))
         return
 
     bits = [int(b) for b in args.bits.split(",")]
@@ -299,13 +309,12 @@ def main():
         if (folders[b] / "config.json").exists():
             continue
         t = time.perf_counter()
-        if b == 16:
-            make_float(folders[b], args.shape)
-        elif (work / "bf16" / "config.json").exists():  # the release path: quantize the bf16 folder
+        if b != 16 and (work / "bf16" / "config.json").exists():  # the release path: quantize the bf16 folder
             subprocess.run([sys.executable, "-m", "nanoseek", "quantize", str(work / "bf16"), str(folders[b]),
                             "--bits", str(b)], check=True)
         else:
-            make_quantized(folders[b], args.shape, b)
+            subprocess.run([sys.executable, __file__, "--make", str(folders[b]), "--shape", args.shape,
+                            "--bits", str(b)], check=True)
         print(f"wrote {folders[b]} in {time.perf_counter() - t:.0f} s", flush=True)
 
     llama = LlamaCpp(args.llama_cpp, args.llama_python, args.llama_bin) if args.llama_cpp else None

@@ -89,12 +89,16 @@ def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek 
     with torch.device("meta"):
         m = DeepseekForCausalLM(config)
     table = Table(title=str(model), show_header=False)
-    table.add_row("architecture", f"{config.model_type} ({'FP8 ' if raw.get('quantization_config') else ''}"
-                                  f"{raw.get('torch_dtype', '?')})")
-    table.add_row("layers", f"{config.num_hidden_layers} ({config.first_k_dense_replace} dense) + "
-                            f"{config.num_nextn_predict_layers} MTP")
-    table.add_row("experts", f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
-                             f"{config.scoring_func}/{config.topk_method}) + {config.n_shared_experts} shared")
+    quant = raw.get("quantization_config") or {}
+    weights = {"fp8": "FP8", "nanoseek": f"int{quant.get('bits')}"}.get(quant.get("quant_method"), raw.get("torch_dtype", "?"))
+    table.add_row("architecture", f"{config.model_type} ({weights} weights)")
+    table.add_row("attention", f"GQA, {config.num_attention_heads} heads over {config.num_key_value_heads} key-value heads"
+                  if config.is_gqa else f"MLA, {config.num_attention_heads} heads, latent {config.kv_lora_rank}")
+    table.add_row("layers", f"{config.num_hidden_layers} ({min(config.first_k_dense_replace, config.num_hidden_layers)} "
+                            f"dense) + {config.num_nextn_predict_layers} MTP")
+    if config.n_routed_experts:
+        table.add_row("experts", f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
+                                 f"{config.scoring_func}/{config.topk_method}) + {config.n_shared_experts} shared")
     table.add_row("parameters", f"{_count(m.num_params())} total, {_count(m.num_params(active=True))} active per token")
     table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
     console.print(table)

@@ -26,6 +26,8 @@ int4, `X.zeros` (bf16 [N, K / g]); loading copies them without re-quantizing.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ GROUP = 32
 # at most this many rows multiply through the integer kernels; measured on a 2-core Xeon (AMX) for an
 # [8960, 1536] weight: int8 kernel 3.3 ms at 8 rows vs 3.8 ms converted, int4 kernel 13.6 ms at 64 rows vs 13.4
 KERNEL_ROWS = {8: 8, 4: 48}
+KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
 
 
 class QuantLinear(nn.Module):
@@ -56,7 +59,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(N, K // group_size, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype)) if bias else None
         self.kernel_rows = KERNEL_ROWS[bits]
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # int4 in the CPU kernel's layout
+        # int4 on CPU: qweight is rewritten in place in the kernel's own (tiled) layout at the first kernel
+        # call, so the codes are held once; everything else reads them back through `standard_qweight`
+        self._kernel_layout = False
+        self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -78,19 +84,24 @@ class QuantLinear(nn.Module):
             self.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
             self.scales.copy_(scale)
             self.zeros.copy_(lo)
-        self._packed = None
+        self._kernel_layout, self._scales_zeros = False, None
+
+    def standard_qweight(self) -> torch.Tensor:
+        """qweight in the documented layout (the int4 kernel's copy unpacked, when it has been packed)."""
+        return from_kernel_layout(self.qweight, self.in_features) if self._kernel_layout else self.qweight
 
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] (int8: signed; int4: 0..15)."""
         if self.bits == 8:
             return self.qweight
-        return torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).flatten(1)
+        q = self.standard_qweight()
+        return torch.stack([q & 15, q >> 4], dim=-1).flatten(1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the integers stand for, [N, K]: the reference every fast path is tested against."""
         if self.bits == 8:
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
-        return int4_weight(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+        return int4_weight(self.standard_qweight(), self.scales, self.zeros, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -99,40 +110,78 @@ class QuantLinear(nn.Module):
         elif self.bits == 8:  # W = q * scale[n]: scale the output instead of the weight
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
-            y = F.linear(x, int4_weight(self.qweight, self.scales, self.zeros, self.group_size, x.dtype))
+            y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
             return True
-        if self._packed is None:
-            if self.out_features % 64:  # the int4 kernel's layout packs rows in blocks of 64
+        if not self._kernel_layout:
+            if self.out_features % KERNEL_BLOCK:
                 return False
-            self._packed = self._pack_int4()
+            self._to_kernel_layout()
         return True
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(torch.bfloat16))
-        packed, scales_zeros = self._packed
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self._scales_zeros)
 
     @torch.no_grad()
-    def _pack_int4(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int4 codes in the CPU kernel's layout (rows repacked in chunks, so the int32 codes it takes
-        as input never exist for the whole matrix), and its [K/g, N, 2] scales-and-offsets: the kernel
-        computes (q - 8) * scale + offset, so offset = zero + 8 * scale."""
-        packed = torch.empty_like(self.qweight)
+    def _to_kernel_layout(self, chunk: int = 64 * KERNEL_BLOCK) -> None:
+        """Rewrite qweight in place in the CPU kernel's layout, a chunk of rows at a time (the int32 codes
+        the conversion takes never exist for the whole matrix), and build the kernel's [K/g, N, 2] scales
+        and offsets: it computes (q - 8) * scale + offset, so offset = zero + 8 * scale."""
         for s in range(0, self.out_features, chunk):
-            rows = torch.stack([self.qweight[s:s + chunk] & 15, self.qweight[s:s + chunk] >> 4], dim=-1).flatten(1)
-            packed[s:s + chunk] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
+            rows = self.qweight[s:s + chunk]
+            codes = torch.stack([rows & 15, rows >> 4], dim=-1).flatten(1).to(torch.int32)
+            rows.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         scale, zero = self.scales.float(), self.zeros.float()
-        scales_zeros = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-        return packed, scales_zeros.to(torch.bfloat16)
+        self._scales_zeros = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._kernel_layout = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel_layout:  # checkpoints hold the documented layout
+            destination[prefix + "qweight"] = self.standard_qweight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_layout, self._scales_zeros = False, None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # moved or cast: repack at the next kernel call
+        if self._kernel_layout:  # moved or cast: back to the documented layout, repacked at the next kernel call
+            with torch.no_grad():
+                self.qweight.copy_(self.standard_qweight())
+            self._kernel_layout, self._scales_zeros = False, None
         return super()._apply(fn, recurse)
+
+
+@lru_cache(maxsize=None)
+def _kernel_layout_index(K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the nibbles of the int4 CPU kernel's layout come from: for one block of 64 rows x K inputs, the
+    flat index n * K + k of the code in each byte's low and in its high nibble, found by converting the
+    indices themselves, four bits at a time."""
+    flat = torch.arange(KERNEL_BLOCK * K, dtype=torch.int64).view(KERNEL_BLOCK, K)
+    lo = torch.zeros(KERNEL_BLOCK * K // 2, dtype=torch.int64)
+    hi = torch.zeros_like(lo)
+    for shift in range(0, (KERNEL_BLOCK * K).bit_length() + 3, 4):
+        digits = ((flat >> shift) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 1).flatten().to(torch.int64)
+        lo |= (packed & 15) << shift
+        hi |= (packed >> 4) << shift
+    return lo, hi
+
+
+def from_kernel_layout(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """int4 codes in the CPU kernel's layout [N, K / 2] -> the documented layout (even input low)."""
+    lo, hi = _kernel_layout_index(K)
+    blocks = packed.view(-1, KERNEL_BLOCK * K // 2)  # (N / 64, 64 * K / 2)
+    codes = torch.empty(blocks.shape[0], KERNEL_BLOCK * K, dtype=torch.uint8, device=packed.device)
+    codes[:, lo] = blocks & 15
+    codes[:, hi] = blocks >> 4
+    codes = codes.view(packed.shape[0], K)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 def int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

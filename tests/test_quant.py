@@ -186,3 +186,17 @@ def test_quantize_command_writes_a_loadable_folder(tmp_path):
     assert isinstance(nanoseek.load_model(tmp_path / "out").lm_head, QuantLinear)
     bad = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "x"), "--bits", "3"])
     assert bad.exit_code == 2 and "--bits must be 8 or 4" in bad.output
+
+
+def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one():
+    layer = QuantLinear(96, 192, 4)
+    layer.quantize_(torch.randn(192, 96))
+    documented, reference = layer.qweight.clone(), layer.dequantize()
+    layer(torch.randn(1, 96))  # the first kernel call rewrites qweight in the kernel's layout
+    assert layer._kernel_layout and not torch.equal(layer.qweight, documented)
+    assert torch.equal(layer.standard_qweight(), documented) and torch.equal(layer.dequantize(), reference)
+    assert torch.equal(layer.state_dict()["qweight"], documented)
+    torch.testing.assert_close(layer(torch.eye(96)[:2].unsqueeze(0)), reference.t()[:2].unsqueeze(0), atol=0.02, rtol=0.02)
+    again = QuantLinear(96, 192, 4)
+    again.load_state_dict(layer.state_dict())
+    assert torch.equal(again.dequantize(), reference)
