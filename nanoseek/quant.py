@@ -86,22 +86,29 @@ class QuantLinear(nn.Module):
             self.zeros.copy_(lo)
         self._kernel_layout, self._scales_zeros = False, None
 
-    def standard_qweight(self) -> torch.Tensor:
-        """qweight in the documented layout (the int4 kernel's copy unpacked, when it has been packed)."""
-        return from_kernel_layout(self.qweight, self.in_features) if self._kernel_layout else self.qweight
-
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] (int8: signed; int4: 0..15)."""
         if self.bits == 8:
             return self.qweight
-        q = self.standard_qweight()
-        return torch.stack([q & 15, q >> 4], dim=-1).flatten(1)
+        if self._kernel_layout:
+            return kernel_layout_codes(self.qweight, self.in_features)
+        return torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).flatten(1)
+
+    def standard_qweight(self) -> torch.Tensor:
+        """qweight in the documented layout (read out of the int4 kernel's layout, when it has been packed)."""
+        if not self._kernel_layout:
+            return self.qweight
+        codes = self.codes()
+        return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the integers stand for, [N, K]: the reference every fast path is tested against."""
         if self.bits == 8:
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
-        return int4_weight(self.standard_qweight(), self.scales, self.zeros, self.group_size, dtype)
+        if self._kernel_layout:
+            q = self.codes().to(dtype).view(self.out_features, -1, self.group_size)
+            return (q * self.scales.to(dtype)[..., None]).add_(self.zeros.to(dtype)[..., None]).flatten(1)
+        return int4_weight(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -159,29 +166,28 @@ class QuantLinear(nn.Module):
 
 @lru_cache(maxsize=None)
 def _kernel_layout_index(K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the nibbles of the int4 CPU kernel's layout come from: for one block of 64 rows x K inputs, the
-    flat index n * K + k of the code in each byte's low and in its high nibble, found by converting the
-    indices themselves, four bits at a time."""
-    flat = torch.arange(KERNEL_BLOCK * K, dtype=torch.int64).view(KERNEL_BLOCK, K)
-    lo = torch.zeros(KERNEL_BLOCK * K // 2, dtype=torch.int64)
-    hi = torch.zeros_like(lo)
-    for shift in range(0, (KERNEL_BLOCK * K).bit_length() + 3, 4):
+    """Where each code of a block of 64 rows x K inputs lies in the int4 CPU kernel's layout: the byte
+    (within the block's 64 * K / 2) and the shift of its nibble (0 or 4). Found by converting the
+    codes' own flat indices n * K + k, four bits at a time."""
+    n = KERNEL_BLOCK * K
+    flat = torch.arange(n, dtype=torch.int64).view(KERNEL_BLOCK, K)
+    lo, hi = torch.zeros(n // 2, dtype=torch.int64), torch.zeros(n // 2, dtype=torch.int64)
+    for shift in range(0, n.bit_length() + 3, 4):
         digits = ((flat >> shift) & 15).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 1).flatten().to(torch.int64)
         lo |= (packed & 15) << shift
         hi |= (packed >> 4) << shift
-    return lo, hi
+    byte, nibble_shift = torch.empty(n, dtype=torch.int64), torch.zeros(n, dtype=torch.uint8)
+    byte[lo], byte[hi] = torch.arange(n // 2), torch.arange(n // 2)
+    nibble_shift[hi] = 4
+    return byte, nibble_shift
 
 
-def from_kernel_layout(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """int4 codes in the CPU kernel's layout [N, K / 2] -> the documented layout (even input low)."""
-    lo, hi = _kernel_layout_index(K)
+def kernel_layout_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """int4 codes [N, K] (0..15) read out of the CPU kernel's layout [N, K / 2]."""
+    byte, shift = _kernel_layout_index(K)
     blocks = packed.view(-1, KERNEL_BLOCK * K // 2)  # (N / 64, 64 * K / 2)
-    codes = torch.empty(blocks.shape[0], KERNEL_BLOCK * K, dtype=torch.uint8, device=packed.device)
-    codes[:, lo] = blocks & 15
-    codes[:, hi] = blocks >> 4
-    codes = codes.view(packed.shape[0], K)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return ((blocks[:, byte] >> shift) & 15).view(packed.shape[0], K)
 
 
 def int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
