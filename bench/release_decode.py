@@ -154,8 +154,10 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     import nanoseek
     from nanoseek.inference import Engine, SamplingParams
 
+    from nanoseek.checkpoint import inference_dtype
+
     t = time.perf_counter()
-    model = nanoseek.load_model(folder)
+    model = nanoseek.load_model(folder, dtype=inference_dtype(folder))  # the dtype `nanoseek serve` picks
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
@@ -233,19 +235,24 @@ class LlamaCpp:
         rows = json.loads(r.stdout)
         out = {"prefill": next(x["avg_ts"] for x in rows if x["n_prompt"] == 512),
                "decode_b1": next(x["avg_ts"] for x in rows if x["n_gen"] == new)}
-        r = subprocess.run([str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
-                            "-c", "2048", "-npp", "16", "-ntg", str(new), "-npl", str(batch), "--output-format", "jsonl"],
-                           check=True, capture_output=True, text=True)
-        line = next(x for x in r.stdout.splitlines() if x.startswith("{") and '"pl"' in x)
-        out["decode_b8"] = json.loads(line)["speed_tg"]
+        out["decode_b8"] = self.batched(gguf, 16, new, batch)
         if context:
-            r = subprocess.run([str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
-                                "-c", str(batch * (context + new + 16)), "-npp", str(context), "-ntg", str(new),
-                                "-npl", str(batch), "--output-format", "jsonl"], check=True, capture_output=True, text=True)
-            line = next(x for x in r.stdout.splitlines() if x.startswith("{") and '"pl"' in x)
-            out["decode_b8_context"] = json.loads(line)["speed_tg"]
+            out["decode_b8_context"] = self.batched(gguf, context, new, batch)
         out["file_gb"] = gguf.stat().st_size / 1e9
         return out
+
+    def batched(self, gguf: Path, prompt: int, new: int, batch: int, tries: int = 2) -> float:
+        """Decode tok/s of `batch` sequences after `prompt` tokens each (llama-batched-bench)."""
+        ctx = -(-batch * (prompt + new) // 256) * 256 + 256
+        for _ in range(tries):
+            r = subprocess.run([str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
+                                "-c", str(ctx), "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch),
+                                "--output-format", "jsonl"], capture_output=True, text=True)
+            rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{") and '"pl"' in x]
+            if rows:
+                return rows[0]["speed_tg"]
+        print(f"llama-batched-bench gave no result: {r.stderr[-500:]}", file=sys.stderr)
+        return float("nan")
 
 
 def serve_check(folder: Path) -> dict:
@@ -341,7 +348,7 @@ def main():
                 print(f"round {r + 1} llama.cpp {b}: {results[('llama.cpp', b)][-1]}", flush=True)
 
     def med(key, field):
-        vals = [x[field] for x in results.get(key, []) if field in x]
+        vals = [x[field] for x in results.get(key, []) if field in x and x[field] == x[field]]  # nan: no result
         return statistics.median(vals) if vals else float("nan")
 
     names = {32: "fp32", 16: "bf16", 8: "int8 / q8_0", 4: "int4 / q4_0"}

@@ -233,12 +233,10 @@ QUANTIZE_HELP = ("Quantize the weights while loading: int8 (per channel) or int4
 
 def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, compile: bool = False,
                    quantize: str | None = None):
-    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json.
-    Models under 1 GB of weights compute in fp32 (what this CPU decodes small models fastest in);
-    larger ones keep the checkpoint's dtype (bf16 for DeepSeek's releases), or are quantized."""
-    import torch
+    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json, in the
+    dtype `inference_dtype` picks (fp32 for small models, the checkpoint's for large ones)."""
     from nanoseek import load_model
-    from nanoseek.checkpoint import CheckpointError, checkpoint_bytes
+    from nanoseek.checkpoint import CheckpointError, inference_dtype
     from nanoseek.inference import Engine
     from nanoseek.model import ConfigError
     from nanoseek.tokenizer import DeepSeekTokenizer
@@ -250,8 +248,7 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
     if not model.exists():
         _fail(f"{model}: no such folder")
     try:
-        small = checkpoint_bytes(model) < 1e9 and not quantize
-        m = load_model(model, dtype=torch.float32 if small else None, quantize=quantize)
+        m = load_model(model, dtype=inference_dtype(model, quantize), quantize=quantize)
         tok = DeepSeekTokenizer.load(model)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
