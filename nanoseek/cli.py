@@ -239,6 +239,7 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
     from nanoseek.checkpoint import CheckpointError, inference_dtype
     from nanoseek.inference import Engine
     from nanoseek.model import ConfigError
+    from nanoseek.quant import prepare_kernels
     from nanoseek.tokenizer import DeepSeekTokenizer
 
     if model is None:
@@ -249,6 +250,7 @@ def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, co
         _fail(f"{model}: no such folder")
     try:
         m = load_model(model, dtype=inference_dtype(model, quantize), quantize=quantize)
+        prepare_kernels(m)
         tok = DeepSeekTokenizer.load(model)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))

@@ -207,6 +207,14 @@ def int4_affine(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grou
     return (q * scales.to(q.dtype)[..., None]).add_(zeros.to(q.dtype)[..., None]).flatten(1)
 
 
+def prepare_kernels(model: nn.Module) -> None:
+    """Put every int4 layer of a CPU model in the kernel's layout now (a serving process does this at
+    startup, so its first request does not pay for it)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.qweight.device.type == "cpu":
+            m._kernel_ready()
+
+
 def quantizable(model: nn.Module) -> list[str]:
     """Names of the Linear layers to quantize: every nn.Linear of the model (attention, MLPs, experts,
     lm_head) but MLA's kv_b_proj, whose weight the absorbed attention reads as a matrix (it is small:
