@@ -99,17 +99,11 @@ def make_quantized(folder: Path, shape: str, bits: int) -> None:
     """Random weights written straight in nanoseek's int8/int4 format: the model is built empty with
     quantized linear layers and its integers drawn at random, never held in bf16."""
     import nanoseek
-    from nanoseek.model import DeepseekForCausalLM
+    from nanoseek.model import build_model
     from nanoseek.quant import QuantLinear, swap_linears
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(config_for(shape))
-        swap_linears(model, bits)
-        model.to(torch.bfloat16)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    model.reset_buffers()
+    model = build_model(config_for(shape), dtype=torch.bfloat16, init=False, edit=lambda m: swap_linears(m, bits))
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.dtype == torch.int8:

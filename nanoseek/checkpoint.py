@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import DeepseekForCausalLM, ModelConfig
+from .model import DeepseekForCausalLM, ModelConfig, build_model
 from .model.config import ARCHITECTURES, ConfigError
 from .quant import BITS, GROUP, QuantLinear, swap_linears
 
@@ -133,14 +133,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(config)
-        if bits:
-            swap_linears(model, bits, group, dtype)
-        model.to(dtype)
-    model.to_empty(device=device or "cpu")  # untouched pages: memory is taken as tensors are written
-    model.tie_weights()
-    model.reset_buffers()
+    model = build_model(config, device=device, dtype=dtype, init=False,
+                        edit=(lambda m: swap_linears(m, bits, group, dtype)) if bits else None)
     state = model.state_dict(keep_vars=True)
     expected = set(state)
     unexpected, seen = [], set()

@@ -28,11 +28,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= 16384:  # decoding: four small ops dispatch faster than the fused kernel
+        small = x.numel() <= 16384  # decoding: four small ops dispatch faster than the fused kernel
+        if x.dtype == self.weight.dtype == torch.float32:
+            if small:
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused call
+        if small:
             xf = x.float()
             return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused call
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 

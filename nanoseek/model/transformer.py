@@ -8,6 +8,7 @@ as in DeepSeek's checkpoints; `layers_main` are the ordinary decoder layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,14 +164,18 @@ def cross_entropy(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
 
 
 def build_model(config: ModelConfig, device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None, init: bool = True) -> DeepseekForCausalLM:
-    """Build on the meta device (no memory), materialise on `device`, then init or leave empty for loading."""
+                dtype: torch.dtype | None = None, init: bool = True,
+                edit: Callable[[nn.Module], None] | None = None) -> DeepseekForCausalLM:
+    """Build on the meta device (no memory), materialise on `device`, then init or leave empty for loading.
+    `edit` changes the model while it is still on the meta device (the loader swaps in quantized layers)."""
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
-    model.to_empty(device=device or "cpu")
+        if edit is not None:
+            edit(model)
+        if dtype is not None:
+            model.to(dtype)
+    model.to_empty(device=device or "cpu")  # untouched pages: memory is taken as tensors are written
     model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
     if init:
         model.init_weights()
     else:
