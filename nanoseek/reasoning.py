@@ -50,7 +50,7 @@ class ReasoningStream:
                 self._piece(out, "reasoning", reasoning, last=True)
                 self.thinking = False
             else:
-                keep = 0 if final else _partial_suffix(self.buffer, END_THINK)
+                keep = 0 if final else partial_suffix(self.buffer, END_THINK)
                 piece, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 self._piece(out, "reasoning", piece, last=final)
                 return out
@@ -71,7 +71,7 @@ class ReasoningStream:
             out.append((kind, body))
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

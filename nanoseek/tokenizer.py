@@ -116,6 +116,11 @@ class DeepSeekTokenizer:
         self.chat_template = _pick_template(self.config.get("chat_template"))
 
     @property
+    def added_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (control tokens and tags such as <think>), matched whole in text."""
+        return frozenset(self.tok.get_added_tokens_decoder())
+
+    @property
     def sampling_defaults(self) -> dict:
         """Default sampling from generation_config.json (e.g. R1-Distill: temperature 0.6, top_p 0.95)."""
         if not self.generation.get("do_sample", True):
@@ -206,8 +211,8 @@ class DeepSeekTokenizer:
             return _compile_template(self.chat_template).render(
                 messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                 **specials, **variables)
-        except TemplateError as e:
-            raise ChatFormatError(f"the chat template refused the conversation: {e}") from None
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise ChatFormatError(f"the chat template refused the conversation: {e}") from None  # e.g. content None
 
     def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The ids a model continues to answer the conversation's last turn. thinking=False asks the

@@ -1,57 +1,105 @@
-"""JSON mode: the recogniser, its closing text, and the engine's constrained output."""
+"""Constrained decoding through llguidance: JSON objects, JSON schemas, triggers and banned tokens,
+with a random model (which would write anything) over the shipped tokenizer."""
 
 import json
-import random
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
 from conftest import randomize_
 from nanoseek.inference import Engine, SamplingParams
-from nanoseek.inference.constraints import JsonPrefix
+from nanoseek.inference.constraints import Grammar, GrammarError, json_rule, unpack_bits, vocabulary
 from nanoseek.model import build_model, get_preset
+from nanoseek.tokenizer import DeepSeekTokenizer
 
-VALID = ['{}', '{"a": 1}', '{"a": [1, 2.5, -3e+2, true, false, null], "b": {"c": "x\\n\\u00e9\\""}}',
-         ' { "k" : [ ] , "z": {} } ', '{"a": -0.0}', '{"s": "with } and ] inside"}']
-INVALID = ['[1]', '{a: 1}', '{"a" 1}', '{"a": 01}', '{"a": tru}', '{"a": 1,}', '{"a": "\\x"}', '{"a": 1}}',
-           '{"a": .5}', '{"a": "line\nbreak"}']
-
-
-@pytest.mark.parametrize("text", VALID)
-def test_valid_objects_and_all_their_prefixes_are_accepted(text):
-    for i in range(len(text) + 1):
-        p = JsonPrefix()
-        assert p.feed_text(text[:i]), text[:i]
-        closed = text[:i] + p.closing()
-        assert isinstance(json.loads(closed), dict), closed  # every prefix closes into valid JSON
-    p = JsonPrefix()
-    p.feed_text(text)
-    assert p.complete
+SHIPPED = Path(__file__).parents[1] / "nanoseek" / "assets" / "model"
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags", "size", "ok"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"},
+                         "size": {"type": "string", "enum": ["small", "large"]},
+                         "tags": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+                         "where": {"type": "object", "required": ["x"], "additionalProperties": False,
+                                   "properties": {"x": {"type": "number"}}}}}
 
 
-@pytest.mark.parametrize("text", INVALID)
-def test_invalid_text_is_rejected(text):
-    p = JsonPrefix()
-    ok = p.feed_text(text)
-    assert not ok or not p.complete or text == '{"a": 1}}'
-    if text == '{"a": 1}}':
-        assert not ok
-
-
-def test_engine_json_mode_always_parses():
+@pytest.fixture(scope="module")
+def setup():
+    tok = DeepSeekTokenizer.load(SHIPPED)
     torch.manual_seed(0)
-    model = build_model(get_preset("tiny", vocab_size=128, eos_token_id=1)).eval()
+    model = build_model(get_preset("tiny", vocab_size=2048, eos_token_id=tok.eos_id)).eval()
     randomize_(model, std=0.1)
-    alphabet = [chr(c) for c in range(32, 127)] + ["\ufffd"] * 33  # token t -> one character
+    engine = Engine(model, decode=tok.decode, max_batch=4)
+    return tok, engine, vocabulary(tok.tok.to_str(), 2048, tok.eos_ids)
 
-    def decode(ids):
-        return "".join(alphabet[t % len(alphabet)] for t in ids)
 
-    engine = Engine(model, decode=decode, max_batch=4)
-    rng = random.Random(0)
+def params(grammar, n=3, max_new=160):
+    return [SamplingParams(max_new_tokens=max_new, temperature=t, seed=s, grammar=grammar)
+            for t, s in ((0.0, None), (1.0, 1), (1.5, 2))[:n]]
+
+
+def test_json_schema_output_always_parses_and_validates(setup):
+    """A random model writes anything the grammar allows; as its budget runs out the reply is
+    completed the short way, so it still validates."""
+    tok, engine, vocab = setup
+    g = Grammar.compile(vocab, "start: " + json_rule(SCHEMA))
+    for max_new in (40, 160):
+        for req in engine.generate([tok.encode("<｜User｜>give me json<｜Assistant｜>")] * 3, params(g, max_new=max_new)):
+            assert req.finish_reason == "stop" and len(req.tokens) <= max_new, req.text
+            jsonschema.validate(json.loads(req.text), SCHEMA)
+            assert "  " not in req.text and "\n" not in req.text  # bounded whitespace: ", " and ": " only
+
+
+def test_json_object_mode_parses_at_any_budget(setup):
+    tok, engine, vocab = setup
+    g = Grammar.compile(vocab, "start: " + json_rule(None))
     for max_new in (3, 8, 40):
-        params = [SamplingParams(max_new_tokens=max_new, temperature=t, json_mode=True, seed=s)
-                  for t, s in ((0.0, None), (1.0, 1), (1.5, 2))]
-        for req in engine.generate([[rng.randrange(128) for _ in range(5)] for _ in params], params):
-            assert isinstance(json.loads(req.text), dict), (max_new, req.text)
-            assert len(req.tokens) <= max_new
+        for req in engine.generate([tok.encode("<｜User｜>json please<｜Assistant｜>")] * 3, params(g, max_new=max_new)):
+            assert isinstance(json.loads(req.text), dict) and len(req.tokens) <= max_new, (max_new, req.text)
+
+
+def test_budget_too_small_ends_with_length(setup):
+    tok, engine, vocab = setup
+    g = Grammar.compile(vocab, "start: " + json_rule(SCHEMA))
+    req = engine.generate([tok.encode("hi")], [SamplingParams(max_new_tokens=4, grammar=g)])[0]
+    assert req.finish_reason == "length" and len(req.tokens) == 4
+
+
+def test_trigger_frees_the_reply_until_the_token_then_constrains(setup):
+    tok, engine, vocab = setup
+    end = tok.end_think_id
+    g = Grammar.compile(vocab, f"start: <[{end}]> " + json_rule(None), trigger=end)
+    state = g.start()
+    assert state.allowed(2048) is None  # free before the trigger
+    for t in tok.encode("thinking about it"):
+        state.consume(t)
+    state.consume(end)
+    allowed = state.allowed(2048)
+    assert allowed.sum() > 0 and all(allowed[t] for t in tok.encode("{"))
+    assert not allowed[tok.encode("x")[0]]
+    # through the engine: a random model that is made to write </think> then answers in JSON
+    prompt = tok.encode("<｜User｜>q<｜Assistant｜><think>\n")
+    forced = Grammar.compile(vocab, f"start: /[a-z ]{{0,5}}/ <[{end}]> " + json_rule(None))
+    for req in engine.generate([prompt] * 2, params(forced, n=2)):
+        head, _, answer = req.text.partition("</think>")
+        assert json.loads(answer) is not None and len(head) <= 5
+
+
+def test_banned_tokens_never_appear(setup):
+    tok, engine, vocab = setup
+    banned = set(range(100, 2048))
+    g = Grammar.compile(vocab, None, banned=banned)
+    for req in engine.generate([tok.encode("hi")] * 3, params(g, max_new=30)):
+        assert not banned & set(req.tokens)
+
+
+def test_bad_schema_is_a_grammar_error(setup):
+    _, _, vocab = setup
+    with pytest.raises(GrammarError):
+        Grammar.compile(vocab, "start: " + json_rule({"type": "object", "properties": {"a": {"type": "nosuch"}}}))
+
+
+def test_unpack_bits():
+    words = torch.tensor([0b101, -(2**31)], dtype=torch.int32)
+    mask = unpack_bits(words, 64)
+    assert mask.nonzero().flatten().tolist() == [0, 2, 63]

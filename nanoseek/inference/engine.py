@@ -33,7 +33,6 @@ import torch
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
 from .cache import KVCache
-from .constraints import JsonPrefix
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
 
 
@@ -205,8 +204,8 @@ class Engine:
         on_event, if given, also receives every event (from the thread that runs the engine)."""
         params = params or SamplingParams()
         params.check(self.config.vocab_size)
-        if (params.stop or params.json_mode) and self.decode is None:
-            raise InvalidRequest("stop strings and JSON mode need an engine built with a decode function")
+        if params.stop and self.decode is None:
+            raise InvalidRequest("stop strings need an engine built with a decode function")
         prompt = list(prompt)
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -296,8 +295,8 @@ class Engine:
                 req = self.waiting.popleft()
             self._prefill(req)
         if self.active:
-            json_rows = any(r.params.json_mode for r in self.active)  # constrained rows decode one token at a time
-            self._decode_speculative() if self.speculative and not json_rows else self._decode()
+            constrained = any(r.params.grammar is not None for r in self.active)  # constrained rows decode one token at a time
+            self._decode_speculative() if self.speculative and not constrained else self._decode()
 
     def _check_weights(self) -> None:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
@@ -319,8 +318,8 @@ class Engine:
             req._state.generator = torch.Generator(self.device).manual_seed(req.params.seed)
         if req.params.penalized:
             req._state.counts = torch.zeros(self.config.vocab_size, device=self.device)
-        if req.params.json_mode:
-            req._state.json = JsonPrefix()
+        if req.params.grammar is not None:
+            req._state.grammar = req.params.grammar.start()
         n = self._reuse_prefix(req, row)
         req.cached_tokens = n
         rest = req.prompt[n:]
@@ -496,35 +495,10 @@ class Engine:
         states = [r._state for r in rows]
         logits = processed_logits(raw, states)
         tokens = draw(logits, states).tolist()
-        for i, r in enumerate(rows):
-            if r._state.json is not None:
-                tokens[i] = self._json_token(r, logits[i])
+        for i, r in enumerate(rows):  # a constrained reply about to run out of budget is completed instead
+            if r._state.grammar is not None:
+                tokens[i] = r._state.grammar.closing(r.params.max_new_tokens - len(r.tokens), tokens[i])
         return tokens
-
-    def _json_token(self, req: Request, logits: torch.Tensor) -> int:
-        """The best (greedy) or a sampled token among those that keep the output a JSON prefix;
-        when the budget is down to what closing the object takes, the closing text, a character a step."""
-        state, left = req._state.json, req.params.max_new_tokens - len(req.tokens)
-        texts, singles = self._token_texts()
-        closing = state.closing()
-        if len(closing) >= left:
-            return singles[closing[0]]
-        order = logits.argsort(descending=True).tolist()
-        valid = [t for t in order[:256] if texts[t] and state.copy().feed_text(texts[t])]
-        if not valid:
-            valid = [t for t in order[256:] if texts[t] and state.copy().feed_text(texts[t])][:1] or [singles[closing[0]]]
-        if req.params.temperature == 0 or len(valid) == 1:
-            return valid[0]
-        probs = logits[valid].softmax(-1)
-        return valid[int(torch.multinomial(probs, 1, generator=req._state.generator))]
-
-    def _token_texts(self) -> tuple[list[str], dict[str, int]]:
-        """Each token's text ('' for control tokens and partial UTF-8), and a token for each single character."""
-        if not hasattr(self, "_texts"):
-            texts = [self.decode([t]) for t in range(self.config.vocab_size)]
-            texts = ["" if ("\ufffd" in x or "\uff5c" in x or x in ("<think>", "</think>")) else x for x in texts]
-            self._texts = (texts, {x: t for t, x in reversed(list(enumerate(texts))) if len(x) == 1})
-        return self._texts
 
     # ---- bookkeeping ----
     def _append(self, row: int, tokens: list[int], logits: torch.Tensor) -> None:
@@ -539,9 +513,9 @@ class Engine:
             req.tokens.append(t)
             if req._state.counts is not None:
                 req._state.counts[t] += 1
-            if req._state.json is not None:
-                req._state.json.feed_text(self._token_texts()[0][t])
-            if t in stops or (req._state.json is not None and req._state.json.complete):
+            if req._state.grammar is not None:
+                req._state.grammar.consume(t)
+            if t in stops or (req._state.grammar is not None and req._state.grammar.finished):
                 reason = "stop"
             elif len(req.tokens) >= p.max_new_tokens:
                 reason = "length"
@@ -604,8 +578,8 @@ _TAG_IDS = itertools.count()
 
 
 def _plain_greedy(rows: list[Request]) -> bool:
-    """Greedy rows without penalties or JSON constraints: no logit processing changes their argmax."""
-    return all(r.params.temperature == 0 and not r.params.penalized and r._state.json is None for r in rows)
+    """Greedy rows without penalties or grammars: no logit processing changes their argmax."""
+    return all(r.params.temperature == 0 and not r.params.penalized and r._state.grammar is None for r in rows)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

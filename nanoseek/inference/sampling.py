@@ -3,8 +3,9 @@
 `SamplingParams.check(vocab_size)` refuses out-of-range values up front with a message that
 names the field. `sample_rows` turns a batch of logits into one token per row, each row with
 its own parameters and its own random generator (a seeded request reproduces whatever else is
-in the batch). Order of operations, as in vLLM/transformers: penalties on the raw logits, then
-temperature, then top-k, top-p and min-p filtering, then a draw (or argmax at temperature 0).
+in the batch). Order of operations, as in vLLM/transformers: penalties on the raw logits, the
+grammar's mask (constrained requests), then temperature, then top-k, top-p and min-p filtering,
+then a draw (or argmax at temperature 0).
 Log-probabilities are reported from the model's distribution before any processing.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .constraints import Grammar, GrammarState
 
 
 class InvalidRequest(ValueError):
@@ -35,7 +38,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (0-20)
     ignore_eos: bool = False
-    json_mode: bool = False  # the output is constrained to be one JSON object (needs a decode function)
+    grammar: Grammar | None = None  # the output must follow this grammar (JSON, a JSON schema, tool calls)
 
     def check(self, vocab_size: int) -> None:
         def bad(msg: str):
@@ -78,7 +81,7 @@ class RowState:
     params: SamplingParams
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [vocab] occurrences of generated tokens (penalties only)
-    json: object | None = None  # a JsonPrefix for JSON-mode requests
+    grammar: GrammarState | None = None  # where a constrained request is in its grammar
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -111,6 +114,8 @@ def processed_logits(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor
     for i, r in enumerate(rows):
         if r.params.penalized and r.counts is not None:
             logits[i] = apply_penalties(logits[i], r.counts, r.params)
+        if r.grammar is not None and (allowed := r.grammar.allowed(logits.shape[-1], logits.device)) is not None:
+            logits[i] = logits[i].masked_fill(~allowed, float("-inf"))
     temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
     logits = logits / temps[:, None]
     if any(r.params.top_k or r.params.top_p < 1 or r.params.min_p > 0 for r in rows):

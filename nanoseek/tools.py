@@ -1,0 +1,235 @@
+"""Function calling: the call format of a model's chat template, the tools described to the model,
+the grammar its calls must follow, its reply parsed into OpenAI `tool_calls`, and a calculator.
+
+The format is not hard-coded per model: `CallFormat.probe` renders two placeholder calls through
+the tokenizer's own chat template and reads off the text around the name and the arguments. For
+DeepSeek-V3/R1 that is
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+and for V3.1 `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...`. A model
+writes calls in the format it was trained on, and the server parses them back with the same format.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import re
+import uuid
+from dataclasses import dataclass
+
+from .inference.constraints import json_rule, literal
+from .reasoning import partial_suffix
+from .tokenizer import ChatFormatError, DeepSeekTokenizer
+
+_NAMES, _ARGS = ("nanoseek_probe_a", "nanoseek_probe_b"), ('{"probe": 1}', '{"probe": 2}')
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """The text of a block of calls: begin, then per call `before NAME between ARGS after`, `sep`
+    between calls, then end."""
+
+    begin: str
+    before: str
+    between: str
+    after: str
+    sep: str
+    end: str
+
+    @staticmethod
+    def probe(tok: DeepSeekTokenizer) -> "CallFormat | None":
+        """The template's call format, or None if its template does not render tool calls."""
+        calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                 for i, (n, a) in enumerate(zip(_NAMES, _ARGS))]
+        user = {"role": "user", "content": "probe"}
+        try:
+            head = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True, thinking=False))
+            text = tok.apply_chat_template([user, {"role": "assistant", "content": None, "tool_calls": calls}],
+                                           add_generation_prompt=False, thinking=False)
+        except ChatFormatError:
+            return None
+        spots = [text.find(x) for x in (_NAMES[0], _ARGS[0], _NAMES[1], _ARGS[1])]
+        if -1 in spots or spots != sorted(spots):
+            return None
+        (a, b, c, d), enc = spots, tok.encode
+        lead, between = enc(text[:a]), text[a + len(_NAMES[0]): b]
+        middle, tail = enc(text[b + len(_ARGS[0]): c]), enc(text[d + len(_ARGS[1]):])
+        # middle = after + sep + before: after starts the tail, before ends the lead
+        k = _common_prefix(middle, tail)
+        j = _common_prefix(middle[k:][::-1], lead[::-1])
+        after, sep, before = middle[:k], middle[k: len(middle) - j], middle[len(middle) - j:]
+        begin = lead[_common_prefix(head, lead): len(lead) - len(before)]
+        rest = tail[k:]
+        end = rest[: next((i for i, t in enumerate(rest) if t in tok.eos_ids), len(rest))]
+        if not (begin or before):
+            return None
+        dec = tok.decode
+        return CallFormat(dec(begin), dec(before), between, dec(after), dec(sep), dec(end))
+
+    @property
+    def opener(self) -> str:
+        return self.begin or self.before
+
+    def render(self, calls: list[tuple[str, str]]) -> str:
+        return self.begin + self.sep.join(f"{self.before}{n}{self.between}{a}{self.after}" for n, a in calls) + self.end
+
+    def grammar(self, tools: list[dict], tok: DeepSeekTokenizer) -> str:
+        """Lark (llguidance) for a block of calls to the given tools, each call's arguments
+        following that function's JSON schema."""
+        def lit(text: str) -> str:
+            return lark_text(text, tok)
+
+        rules = [f"start: {lit(self.begin)} call ({lit(self.sep)} call)* {lit(self.end)}",
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        for i, t in enumerate(tools):
+            f = t["function"]
+            rules.append(f"call_{i}: {lit(self.before + f['name'] + self.between)} "
+                         f"{json_rule(f.get('parameters') or {'type': 'object'})} {lit(self.after)}")
+        return "\n".join(rules) + "\n"
+
+    def split(self, text: str) -> tuple[str, list[dict], bool]:
+        """An answer -> (content before the calls, the calls as OpenAI tool_calls, complete?). A
+        block cut short keeps its complete calls; `complete` is False then."""
+        at = text.find(self.opener)
+        if at < 0:
+            return text, [], True
+        content, block = text[:at], text[at + len(self.begin):]
+        calls = []
+        pattern = re.compile(re.escape(self.before) + r"(.*?)" + re.escape(self.between) + r"(.*?)" + re.escape(self.after), re.S)
+        pos = 0
+        while (m := pattern.match(block, pos)) is not None:
+            calls.append(tool_call(m.group(1), m.group(2)))
+            pos = m.end() + (len(self.sep) if block.startswith(self.sep, m.end()) else 0)
+        return content.rstrip(), calls, block[pos:].startswith(self.end) if self.end else pos > 0
+
+
+def lark_text(text: str, tok: DeepSeekTokenizer) -> str:
+    """`text` as a Lark expression: control tokens as `<[id]>` (llguidance never matches them as
+    text), the text between them as string literals; "" for no text."""
+    added = tok.added_ids
+    parts, run = [], []
+    for t in tok.encode(text):
+        if t in added:
+            parts += [literal(tok.decode(run))] if run else []
+            parts.append(f"<[{t}]>")
+            run = []
+        else:
+            run.append(t)
+    parts += [literal(tok.decode(run))] if run else []
+    return " ".join(parts) or '""'
+
+
+def _common_prefix(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def tool_call(name: str, arguments: str, call_id: str | None = None) -> dict:
+    return {"id": call_id or "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+class CallStream:
+    """Streams a reply's tool calls the way OpenAI streams them: feed the whole answer so far,
+    get deltas `{"index", "id", "type", "function": {"name", "arguments"}}` (the first of each call)
+    and `{"index", "function": {"arguments": more}}`; text before the block comes back as content."""
+
+    def __init__(self, fmt: CallFormat):
+        self.fmt, self.content_sent, self.calls = fmt, 0, []  # calls: [id, name, args sent]
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        fmt, deltas = self.fmt, []
+        at = text.find(fmt.opener)
+        visible = len(text) if at < 0 else at
+        if at < 0 and not final:
+            visible -= partial_suffix(text, fmt.opener)
+        content = text[self.content_sent: visible] if visible > self.content_sent else ""
+        self.content_sent = max(self.content_sent, visible)
+        if at < 0:
+            return content, deltas
+        parts = text[at + len(fmt.begin):].split(fmt.before)[1:]
+        for i, part in enumerate(parts):
+            if fmt.between not in part:
+                break
+            name, args = part.split(fmt.between, 1)
+            done = fmt.after in args
+            args = args.split(fmt.after, 1)[0] if done else args[: len(args) - (0 if final else partial_suffix(args, fmt.after))]
+            if i == len(self.calls):
+                self.calls.append([tool_call(name, "")["id"], name, 0])
+                deltas.append({"index": i, "id": self.calls[i][0], "type": "function",
+                               "function": {"name": name, "arguments": ""}})
+            if len(args) > self.calls[i][2]:
+                deltas.append({"index": i, "function": {"arguments": args[self.calls[i][2]:]}})
+                self.calls[i][2] = len(args)
+        return content, deltas
+
+
+def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
+    """A system-prompt section that lists the tools and shows the call format, for chat templates
+    that do not render `tools` themselves (DeepSeek-V3's and V3.1's do not)."""
+    lines = ["## Tools", "You can call the functions below. To call functions, answer with only this block:",
+             fmt.render([("FUNCTION_NAME", '{"ARGUMENT": VALUE}')]),
+             "with one call per function call, the arguments as a JSON object. The results come back in the "
+             "next message; answer from them.", ""]
+    for t in tools:
+        f = t["function"]
+        lines += [f"### {f['name']}", *([f["description"]] if f.get("description") else []),
+                  "Parameters: " + json.dumps(f.get("parameters") or {"type": "object", "properties": {}},
+                                              ensure_ascii=False), ""]
+    return "\n".join(lines).rstrip()
+
+
+def renders_tools(tok: DeepSeekTokenizer) -> bool:
+    """Does the chat template render the `tools` variable itself?"""
+    return bool(tok.chat_template) and re.search(r"\btools\b", tok.chat_template) is not None
+
+
+# ---- the built-in calculator (web app and terminal chat) ----
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression exactly: + - * / // % ** and parentheses, integers and decimals.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"], "additionalProperties": False}}}
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+        ast.USub: operator.neg, ast.UAdd: operator.pos}
+MAX_DIGITS = 1000
+
+
+def calculate(expression: str) -> int | float:
+    """Evaluates arithmetic by walking Python's AST (numbers and operators only, never `eval`).
+    Raises ValueError with a reason for anything else, division by zero, or huge numbers."""
+    try:
+        tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"not an arithmetic expression: {expression!r}") from None
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) * math.log10(max(abs(left), 2)) > MAX_DIGITS:
+                raise ValueError("the result is too large")
+            try:
+                return _OPS[type(node.op)](left, right)
+            except ZeroDivisionError:
+                raise ValueError("division by zero") from None
+        raise ValueError(f"only numbers and + - * / // % ** are allowed, not {type(node).__name__}")
+
+    result = walk(tree.body)
+    if isinstance(result, float) and result.is_integer() and abs(result) < 2 ** 53:
+        result = int(result)
+    return result
+
+
+def run_calculator(arguments: str) -> str:
+    """The calculator as a tool: JSON arguments in, the result (or the error) as text out."""
+    try:
+        return str(calculate(str(json.loads(arguments)["expression"])))
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, OverflowError) as e:
+        return f"error: {e}"

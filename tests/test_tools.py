@@ -1,0 +1,111 @@
+"""Function calling: the call format read from each DeepSeek chat template, the grammar of calls,
+parsing and streaming a reply's calls, and the AST calculator."""
+
+import json
+import random
+
+import jsonschema
+import pytest
+import torch
+
+from conftest import randomize_
+from nanoseek.inference import Engine, SamplingParams
+from nanoseek.inference.constraints import Grammar, vocabulary
+from nanoseek.model import build_model, get_preset
+from nanoseek.tokenizer import DeepSeekTokenizer
+from nanoseek.tools import CALCULATOR, CallFormat, CallStream, calculate, run_calculator
+from test_chat_templates import NAMES, folders  # noqa: F401  (fixture)
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city", "unit"], "additionalProperties": False,
+    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]},
+                   "days": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}}}}}
+CALLS = [("get_weather", '{"city": "Hangzhou", "unit": "c"}'), ("calculator", '{"expression": "17 * 23"}')]
+WITH_CALLS = {"deepseek-v3", "deepseek-v3.1", "deepseek-r1", "deepseek-r1-distill-qwen", "deepseek-r1-distill-llama"}
+
+
+@pytest.fixture(scope="module")
+def formats(folders):  # noqa: F811
+    return {n: (DeepSeekTokenizer.load(folders[n]), CallFormat.probe(DeepSeekTokenizer.load(folders[n]))) for n in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_probe_reads_each_templates_format(formats, name):
+    tok, fmt = formats[name]
+    if name not in WITH_CALLS:  # V2-Lite-Chat's template has no tool calls
+        assert fmt is None
+        return
+    assert fmt.begin == "<｜tool▁calls▁begin｜>" and fmt.end == "<｜tool▁calls▁end｜>"
+    # the format renders calls exactly as the template renders them in a conversation's history
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(CALLS)]
+    user = {"role": "user", "content": "x"}
+    whole = tok.apply_chat_template([user, {"role": "assistant", "content": None, "tool_calls": calls}],
+                                    add_generation_prompt=False)
+    assert fmt.render(CALLS) in whole
+
+
+@pytest.mark.parametrize("name", sorted(WITH_CALLS))
+def test_split_and_stream_agree_at_every_cut(formats, name):
+    _, fmt = formats[name]
+    text = "Let me look.\n" + fmt.render(CALLS)
+    content, calls, complete = fmt.split(text)
+    assert complete and content == "Let me look."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == CALLS
+    rng = random.Random(0)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), 6)) + [len(text)]
+        stream, got_content, got = CallStream(fmt), "", {}
+        for i, cut in enumerate(cuts):
+            piece, deltas = stream.feed(text[:cut], final=i == len(cuts) - 1)
+            got_content += piece
+            for d in deltas:
+                entry = got.setdefault(d["index"], {"name": None, "arguments": ""})
+                if "id" in d:
+                    assert entry["name"] is None and d["type"] == "function"
+                    entry["name"] = d["function"]["name"]
+                entry["arguments"] += d["function"]["arguments"]
+        assert got_content.rstrip() == "Let me look."
+        assert [(got[i]["name"], got[i]["arguments"]) for i in sorted(got)] == CALLS
+
+
+def test_cut_short_block_keeps_complete_calls(formats):
+    _, fmt = formats["deepseek-v3"]
+    text = fmt.render(CALLS)
+    content, calls, complete = fmt.split(text[: text.find("calculator") + 5])
+    assert content == "" and len(calls) == 1 and not complete
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v3.1"])
+def test_random_model_under_the_call_grammar_writes_valid_calls(formats, name):
+    tok, fmt = formats[name]
+    torch.manual_seed(0)
+    V = 129280
+    cfg = get_preset("tiny", vocab_size=V, eos_token_id=tok.eos_id)
+    model = build_model(cfg).eval()
+    randomize_(model, std=0.05)
+    engine = Engine(model, decode=tok.decode, max_batch=3)
+    grammar = Grammar.compile(vocabulary(tok.tok.to_str(), V, tok.eos_ids), fmt.grammar([WEATHER, CALCULATOR], tok))
+    prompt = tok.encode("<｜User｜>weather?<｜Assistant｜>")
+    params = [SamplingParams(max_new_tokens=120, temperature=t, seed=s, grammar=grammar) for t, s in ((0, None), (1, 1), (1, 2))]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CALCULATOR)}
+    for req in engine.generate([prompt] * 3, params):
+        assert req.finish_reason == "stop", req.text
+        content, calls, complete = fmt.split(req.text)
+        assert content == "" and complete and calls
+        for c in calls:
+            jsonschema.validate(json.loads(c["function"]["arguments"]), schemas[c["function"]["name"]])
+
+
+def test_calculator():
+    assert calculate("17 * 23") == 391
+    assert calculate("(2 + 3) ** 2 - 7 // 2") == 22
+    assert calculate("1 / 4") == 0.25 and calculate("6 / 3") == 2
+    assert calculate("2^10") == 1024 and calculate("-3 × 4") == -12
+    assert calculate("123456789 * 987654321") == 121932631112635269
+    for bad in ("__import__('os')", "x + 1", "(1).real", "[1, 2]", "9 ** 9 ** 9", "1 / 0", "'a' * 3", ""):
+        with pytest.raises(ValueError):
+            calculate(bad)
+    assert run_calculator('{"expression": "40 + 2"}') == "42"
+    assert run_calculator('{"expression": "1/0"}').startswith("error")
+    assert run_calculator("not json").startswith("error")
+    jsonschema.Draft202012Validator.check_schema(CALCULATOR["function"]["parameters"])
