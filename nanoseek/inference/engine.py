@@ -34,11 +34,20 @@ from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
 from .cache import KVCache
 from .constraints import JsonPrefix
-from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
+from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
 
 class EngineBusy(RuntimeError):
     """The waiting queue is full; try again later (the server answers 503)."""
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt plus max_new_tokens does not fit the engine's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int):
+        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
+        super().__init__(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"of {context} tokens by {prompt_tokens + max_new_tokens - context}")
 
 
 @dataclass
@@ -157,6 +166,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
+        # which token texts are control tokens, never output text (JSON mode skips them); set by the caller that
+        # knows the chat template (the server), before the first JSON-mode request
+        self.is_control_text: Callable[[str], bool] | None = None
         # compile=True: decode steps (and MTP drafts) run as compiled graphs, one call per step instead
         # of hundreds of small operations, which are most of a small model's step time on a CPU.
         # Prefill stays eager. Inside the graphs the MoE layers run every expert (MoE.all_experts),
@@ -214,10 +226,8 @@ class Engine:
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < V]
         if bad:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}")
-        over = len(prompt) + params.max_new_tokens - self.max_len
-        if over > 0:
-            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                                 f"the context of {self.max_len} tokens by {over}")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise ContextOverflow(len(prompt), params.max_new_tokens, self.max_len)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting)")
@@ -521,8 +531,9 @@ class Engine:
     def _token_texts(self) -> tuple[list[str], dict[str, int]]:
         """Each token's text ('' for control tokens and partial UTF-8), and a token for each single character."""
         if not hasattr(self, "_texts"):
+            control = self.is_control_text or (lambda text: False)
             texts = [self.decode([t]) for t in range(self.config.vocab_size)]
-            texts = ["" if ("\ufffd" in x or "\uff5c" in x or x in ("<think>", "</think>")) else x for x in texts]
+            texts = ["" if ("\ufffd" in x or control(x)) else x for x in texts]
             self._texts = (texts, {x: t for t, x in reversed(list(enumerate(texts))) if len(x) == 1})
         return self._texts
 
@@ -549,7 +560,7 @@ class Engine:
                 break
         lp = []
         if p.logprobs:
-            chosen, top = token_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
+            chosen, top = sampled_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
             lp = [{"token": t, "logprob": c, "top": a} for t, c, a in zip(new, chosen, top)]
             req.logprobs.extend(lp)
         text = ""

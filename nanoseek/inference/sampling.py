@@ -130,7 +130,8 @@ def draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     return out
 
 
-def token_logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+def sampled_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
+                     k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """log p(token) per row and the top-k alternatives, from the model's raw logits [B, V]."""
     logp = raw.float().log_softmax(dim=-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()

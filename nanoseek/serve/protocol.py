@@ -110,16 +110,6 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cache_hit: int, reasoning_tokens: int | None = None) -> dict:
-    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-         "total_tokens": prompt_tokens + completion_tokens,
-         "prompt_cache_hit_tokens": cache_hit, "prompt_cache_miss_tokens": prompt_tokens - cache_hit,
-         "prompt_tokens_details": {"cached_tokens": cache_hit}}
-    if reasoning_tokens is not None:
-        u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    return u
-
-
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """pydantic's error list -> one readable sentence and the offending parameter."""
     e = errors[0]

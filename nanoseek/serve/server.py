@@ -18,27 +18,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..inference import Engine, EngineBusy, InvalidRequest, SamplingParams
+from ..data.shards import fim_arrange
+from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
-from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, usage, validation_message
+from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, validation_message
 
 WEB = Path(__file__).parent / "web"
 DEFAULT_MAX_TOKENS = 4096
 
 
 class Service:
-    """What the routes share: the engine, the tokenizer, the served name, the key, the store."""
+    """What the routes share: the engine, the tokenizer, the served name, the key."""
 
-    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None, store=None):
-        self.engine, self.tok, self.name, self.api_key, self.store = engine, tok, name, api_key, store
+    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None):
+        self.engine, self.tok, self.name, self.api_key = engine, tok, name, api_key
 
-    def check_key(self, request: Request) -> None:
+    async def check_key(self, request: Request) -> None:
+        """The API key check of every route but /health and the web page (a router dependency)."""
         if not self.api_key:
             return
         auth = request.headers.get("authorization", "")
@@ -66,20 +68,31 @@ class Service:
                 p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
                 req = self.engine.submit(prompt, p, on_event=lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
                 jobs.append((req, q))
-        except InvalidRequest as e:
+        except (InvalidRequest, EngineBusy) as e:
             for req, _ in jobs:
                 self.engine.cancel(req)
-            raise APIError(400, str(e), param="messages" if "prompt" in str(e) else None) from None
-        except EngineBusy as e:
-            for req, _ in jobs:
-                self.engine.cancel(req)
-            raise APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded") from None
+            raise _refusal(e) from None
         return jobs
+
+
+def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
+    """The API error for a request the engine refused."""
+    if isinstance(e, EngineBusy):
+        return APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded")
+    if not isinstance(e, ContextOverflow):
+        return APIError(400, str(e), param="messages" if "prompt" in str(e) else None)
+    n, m, ctx = e.prompt_tokens, e.max_new_tokens, e.context
+    if n >= ctx:
+        return APIError(400, f"the prompt is {n} tokens, over this model's context of {ctx} tokens by {n - ctx + 1}",
+                        param="messages", code="context_length_exceeded")
+    return APIError(400, f"the prompt ({n} tokens) plus max_tokens ({m}) exceeds this model's context of {ctx} "
+                         f"tokens by {n + m - ctx}", param="max_tokens", code="context_length_exceeded")
 
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
                store=None) -> FastAPI:
-    svc = Service(engine, tok, name, api_key, store)
+    svc = Service(engine, tok, name, api_key)
+    engine.is_control_text = _template_text
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,26 +130,26 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         return {"status": "ok" if engine.error is None else "degraded", "model": name,
                 "running": len(engine.active), "waiting": len(engine.waiting)}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        svc.check_key(request)
+    api = APIRouter(dependencies=[Depends(svc.check_key)])
+
+    @api.get("/v1/models")
+    async def models():
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "nanoseek"}
                                            for m in (name, "deepseek-reasoner", "deepseek-chat")]}
 
-    @app.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        svc.check_key(request)
         return await chat(svc, body, request)
 
-    @app.post("/v1/completions")
+    @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        svc.check_key(request)
         return await complete(svc, body, request)
 
     if store is not None:
-        from .store import routes
+        from .chats import routes
 
-        app.include_router(routes(svc))
+        api.include_router(routes(store))
+    app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
 
@@ -186,16 +199,9 @@ def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-    ctx = svc.engine.max_len
-    if prompt_len >= ctx:
-        raise APIError(400, f"the prompt is {prompt_len} tokens, over this model's context of {ctx} tokens by "
-                            f"{prompt_len - ctx + 1}", param="messages", code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, ctx - prompt_len)
-    elif prompt_len + max_tokens > ctx:
-        raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                            f"context of {ctx} tokens by {prompt_len + max_tokens - ctx}", param="max_tokens",
-                       code="context_length_exceeded")
+    """The request's sampling parameters; whether the prompt and max_tokens fit is the engine's check."""
+    if max_tokens is None:  # at least 1: a prompt that fills the context is refused by the engine
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, svc.engine.max_len - prompt_len))
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -217,11 +223,30 @@ def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
                         for lp in lps]}
 
 
+def _usage(svc: Service, prompt: list[int], jobs, thinking: bool | None = None) -> dict:
+    """OpenAI's usage object (with DeepSeek's cache fields) over all choices; chat replies (thinking
+    not None) also count their reasoning tokens."""
+    n, done, hit = len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens
+    u = {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done,
+         "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n - hit,
+         "prompt_tokens_details": {"cached_tokens": hit}}
+    if thinking is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": sum(_reasoning_tokens(svc, r.tokens, thinking)
+                                                                  for r, _ in jobs)}
+    return u
+
+
 def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     if not thinking:
         return 0
     end = svc.tok.end_think_id
     return tokens.index(end) if end is not None and end in tokens else len(tokens)
+
+
+def _template_text(text: str) -> bool:
+    """A chat-template token's text (a <｜…｜> control token or a think tag, which the API parses):
+    never a token of JSON-mode output."""
+    return "\uff5c" in text or text in (THINK, END_THINK)
 
 
 async def chat(svc: Service, body: ChatRequest, request: Request):
@@ -243,11 +268,8 @@ async def chat(svc: Service, body: ChatRequest, request: Request):
             msg["reasoning_content"] = reasoning
         choices.append({"index": i, "message": msg, "finish_reason": _finish(req),
                         "logprobs": _logprobs_json(svc, req.logprobs) if body.logprobs else None})
-    first = jobs[0][0]
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
-                           sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)),
-            "system_fingerprint": "nanoseek"}
+            "usage": _usage(svc, prompt, jobs, thinking), "system_fingerprint": "nanoseek"}
 
 
 async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
@@ -272,9 +294,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         if final:
             yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(jobs[i][0]), "logprobs": None}])
     if include_usage:
-        first = jobs[0][0]
-        yield chunk([], usage=usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
-                                    sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)))
+        yield chunk([], usage=_usage(svc, prompt, jobs, thinking))
 
 
 # ---- completions (with fill-in-the-middle) ----
@@ -285,8 +305,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     if body.suffix is not None:  # FIM, PSM order as in pretraining
         if tok.fim_begin_id is None:
             raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
-        prompt = bos + [tok.fim_begin_id] + tok.encode(body.prompt) + [tok.fim_hole_id] + \
-            tok.encode(body.suffix) + [tok.fim_end_id]
+        prompt = bos + fim_arrange(tok.encode(body.prompt), [], tok.encode(body.suffix), tok)
     else:
         prompt = bos + tok.encode(body.prompt)
     params = _sampling(svc, body, len(prompt), body.max_tokens)
@@ -305,13 +324,13 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
                     yield _completion_chunk(cid, created, model, i, "", _finish(jobs[i][0]))
             if body.stream_options and body.stream_options.include_usage:
                 yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+                       "usage": _usage(svc, prompt, jobs)}
         return _sse(events())
     await _wait_all(svc, jobs, request)
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": echo + r.text, "finish_reason": _finish(r), "logprobs": None}
                         for i, (r, _) in enumerate(jobs)],
-            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+            "usage": _usage(svc, prompt, jobs)}
 
 
 def _completion_chunk(cid, created, model, index, text, finish) -> dict:
