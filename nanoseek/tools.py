@@ -75,13 +75,14 @@ class CallFormat:
     def render(self, calls: list[tuple[str, str]]) -> str:
         return self.begin + self.sep.join(f"{self.before}{n}{self.between}{a}{self.after}" for n, a in calls) + self.end
 
-    def grammar(self, tools: list[dict], tok: DeepSeekTokenizer) -> str:
-        """Lark (llguidance) for a block of calls to the given tools, each call's arguments
-        following that function's JSON schema."""
+    def grammar(self, tools: list[dict], tok: DeepSeekTokenizer, rule: str = "start", single: bool = False) -> str:
+        """Lark (llguidance) rules, the top one named `rule`, for a block of calls to the given tools
+        (one call if `single`), each call's arguments following that function's JSON schema."""
         def lit(text: str) -> str:
             return lark_text(text, tok)
 
-        rules = [f"start: {lit(self.begin)} call ({lit(self.sep)} call)* {lit(self.end)}",
+        more = "" if single else f" ({lit(self.sep)} call)*"
+        rules = [f"{rule}: {lit(self.begin)} call{more} {lit(self.end)}",
                  "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):
             f = t["function"]

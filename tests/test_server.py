@@ -136,6 +136,14 @@ def test_json_mode_output_parses(client):
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+def test_json_mode_never_writes_chat_template_tokens(client):
+    for seed in range(3):
+        r = client.chat.completions.create(model="deepseek-chat", messages=ask("JSON please"), max_tokens=30, seed=seed,
+                                           response_format={"type": "json_object"}, temperature=1.0)
+        text = r.choices[0].message.content
+        assert isinstance(json.loads(text), dict) and "\uff5c" not in text and "think>" not in text
+
+
 def test_fim_completion_with_suffix(client):
     r = client.completions.create(model="nanoseek-test", prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))",
                                   max_tokens=8, temperature=0)
@@ -188,6 +196,42 @@ def test_bad_requests_get_openai_errors(server, name, body, headers, status, tex
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and text in err["message"], err
     assert "Traceback" not in r.text and "pydantic" not in r.text and "loc" not in err
+
+
+def test_context_overflow_names_the_parameter(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    for body, param in (({"messages": ask("word " * 400)}, "messages"), ({"messages": ask(), "max_tokens": 10**9},
+                                                                         "max_tokens")):
+        r = httpx.post(server + "/v1/chat/completions", json=body, headers=h, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(server + "/v1/completions", json={"prompt": "word " * 400}, headers=h, timeout=30)
+    assert r.status_code == 400 and "over this model's context of 256 tokens" in r.json()["error"]["message"]
+
+
+def test_api_key_guards_the_api_but_not_the_page(server):
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", {"prompt": "1 +"}),
+                               ("GET", "/api/conversations", None), ("POST", "/api/conversations", {}),
+                               ("DELETE", "/api/conversations/x", None)):
+        r = httpx.request(method, server + path, json=body, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    for path in ("/health", "/", "/static/app.js"):
+        assert httpx.get(server + path, timeout=30).status_code == 200, path
+
+
+def test_conversation_routes_and_missing_ones(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    c = httpx.post(server + "/api/conversations", json={"title": "t"}, headers=h, timeout=30).json()
+    msgs = {"messages": [{"role": "user", "content": "hi"}]}
+    got = httpx.put(f"{server}/api/conversations/{c['id']}/messages", json=msgs, headers=h, timeout=30).json()
+    assert got["messages"] == msgs["messages"]
+    assert httpx.delete(f"{server}/api/conversations/{c['id']}", headers=h, timeout=30).json() == {"deleted": c["id"]}
+    for method, path, body in (("GET", "", None), ("PATCH", "", {"title": "x"}), ("PUT", "/messages", msgs),
+                               ("DELETE", "", None)):
+        r = httpx.request(method, f"{server}/api/conversations/{c['id']}{path}", json=body, headers=h, timeout=30)
+        assert r.status_code == 404 and r.json()["error"] == {
+            "message": f"no conversation {c['id']!r}", "type": "invalid_request_error", "param": None,
+            "code": "not_found"}, (method, path, r.text)
 
 
 def test_busy_server_answers_503(parts):

@@ -4,8 +4,7 @@ import sqlite3
 
 import pytest
 
-from nanoseek.serve.protocol import APIError
-from nanoseek.serve.store import ChatStore
+from nanoseek.serve.store import ChatStore, NotFound
 
 
 def test_store_round_trip_and_restart(tmp_path):
@@ -18,9 +17,8 @@ def test_store_round_trip_and_restart(tmp_path):
     store.update(b["id"], title="renamed", settings={"temperature": 0.2})
     assert [c["title"] for c in store.list()] == ["renamed", "first"]  # most recently updated first
     store.delete(b["id"])
-    with pytest.raises(APIError) as e:
+    with pytest.raises(NotFound, match="no conversation"):
         store.get(b["id"])
-    assert e.value.status == 404
     del store  # a server restart: a new connection to the same file
     again = ChatStore(db)
     got = again.get(a["id"])

@@ -53,7 +53,8 @@ def fim_split(text: str, rng: random.Random) -> tuple[str, str, str]:
 
 
 def fim_arrange(prefix: list[int], middle: list[int], suffix: list[int], tok: DeepSeekTokenizer,
-                spm: bool) -> list[int]:
+                spm: bool = False) -> list[int]:
+    """A FIM document's ids in PSM or SPM order; a FIM request is PSM with no middle (the model writes it)."""
     if spm:
         return [tok.fim_begin_id, tok.fim_hole_id] + suffix + [tok.fim_end_id] + prefix + middle
     return [tok.fim_begin_id] + prefix + [tok.fim_hole_id] + suffix + [tok.fim_end_id] + middle

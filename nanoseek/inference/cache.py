@@ -58,7 +58,7 @@ class KVCache:
     def group(self, layer_idx: int) -> int:
         return 0 if layer_idx < self.n_main else layer_idx - self.n_main + 1
 
-    def select(self, start: int, stop: int) -> "LatentCache":
+    def select(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) take part in the next forward pass."""
         self.sel = slice(start, stop)
         self._step, self._staged = {}, {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import llguidance
 import torch
@@ -66,17 +66,25 @@ class Grammar:
     vocab: llguidance.LLTokenizer | None
     trigger: int | None = None
     banned: frozenset[int] = field(default_factory=frozenset)
+    required: bool = False  # the reply must reach the grammar: the trigger is forced as the budget runs out
 
     @staticmethod
     def compile(vocab: llguidance.LLTokenizer, lark: str | None, trigger: int | None = None,
-                banned=()) -> "Grammar":
+                banned=(), required: bool = False) -> "Grammar":
         """Raises GrammarError if llguidance rejects the grammar (e.g. an invalid JSON schema)."""
         matcher = None
         if lark is not None:
             matcher = llguidance.LLMatcher(vocab, lark, log_level=0)
             if matcher.is_error():
                 raise GrammarError(matcher.get_error())
-        return Grammar(matcher, vocab, trigger, frozenset(banned))
+        return Grammar(matcher, vocab, trigger, frozenset(banned), required)
+
+    @cached_property
+    def entry_cost(self) -> int:
+        """Tokens from the trigger to a complete grammar, the short way (the trigger included)."""
+        m = self.matcher.deep_copy()
+        m.consume_token(self.trigger)
+        return 1 + len(completion(m, self.vocab, tries=len(CLOSERS)) or [])
 
     def start(self) -> "GrammarState":
         return GrammarState(self)
@@ -115,13 +123,16 @@ class GrammarState:
         """The token to emit with `budget` tokens left, given the sampled one: `proposed` if a
         completion of the grammar still fits in the budget after it, else the first token of the
         shortest completion found from here (so the output parses when the budget runs out)."""
-        if not self.active or budget > CLOSE_WITHIN or self.matcher.is_stopped():
+        g = self.grammar
+        if budget > CLOSE_WITHIN or self.matcher is None or self.matcher.is_stopped():
             return proposed
+        if not self.active:  # a required grammar not entered yet: enter it while it still fits
+            return g.trigger if g.required and proposed != g.trigger and g.entry_cost >= budget else proposed
         after = self.matcher.deep_copy()
-        if after.consume_token(proposed) and (rest := completion(after, self.grammar.vocab)) is not None \
+        if after.consume_token(proposed) and (rest := completion(after, g.vocab)) is not None \
                 and len(rest) < budget:
             return proposed
-        path = completion(self.matcher, self.grammar.vocab, tries=len(CLOSERS))
+        path = completion(self.matcher, g.vocab, tries=len(CLOSERS))
         return path[0] if path else proposed
 
     @property

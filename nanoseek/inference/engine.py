@@ -33,11 +33,20 @@ import torch
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
 from .cache import KVCache
-from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, token_logprobs
+from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
 
 class EngineBusy(RuntimeError):
     """The waiting queue is full; try again later (the server answers 503)."""
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt plus max_new_tokens does not fit the engine's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int):
+        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
+        super().__init__(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"of {context} tokens by {prompt_tokens + max_new_tokens - context}")
 
 
 @dataclass
@@ -213,10 +222,8 @@ class Engine:
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < V]
         if bad:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}")
-        over = len(prompt) + params.max_new_tokens - self.max_len
-        if over > 0:
-            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                                 f"the context of {self.max_len} tokens by {over}")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise ContextOverflow(len(prompt), params.max_new_tokens, self.max_len)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting)")
@@ -523,16 +530,17 @@ class Engine:
                 break
         lp = []
         if p.logprobs:
-            chosen, top = token_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
+            chosen, top = sampled_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
             lp = [{"token": t, "logprob": c, "top": a} for t, c, a in zip(new, chosen, top)]
             req.logprobs.extend(lp)
         text = ""
         if self.decode is not None:
             out_ids = [t for t in req.tokens if t not in stops]
             full = self.decode(out_ids)
-            cut = _find_stop(full, p.stop)
+            start = _stops_from(full, out_ids, p.stop_after, self.decode) if p.stop else None
+            cut = None if start is None else _find_stop(full[start:], p.stop)
             if cut is not None:
-                full, reason = full[:cut], "stop"
+                full, reason = full[:start + cut], "stop"
             req.text = full
             hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
             safe = len(full) - hold
@@ -580,6 +588,17 @@ _TAG_IDS = itertools.count()
 def _plain_greedy(rows: list[Request]) -> bool:
     """Greedy rows without penalties or grammars: no logit processing changes their argmax."""
     return all(r.params.temperature == 0 and not r.params.penalized and r._state.grammar is None for r in rows)
+
+
+def _stops_from(text: str, ids: list[int], after: int | None, decode) -> int | None:
+    """Where stop strings start to count in `text` (the decoded `ids`): 0, or with `after` (the end of
+    the reasoning) past that token and the whitespace after it; None while the token is not there."""
+    if after is None:
+        return 0
+    if after not in ids:
+        return None
+    head = len(decode(ids[: ids.index(after) + 1]))
+    return len(text) - len(text[head:].lstrip())
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -35,6 +35,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divide positive / multiply negative logits of seen tokens
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings (need the engine's decode function)
+    stop_after: int | None = None  # stop strings match only in the text after this token (the end of the
+    # reasoning) and its leading whitespace: they apply to the answer, not to the thinking
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (0-20)
     ignore_eos: bool = False
@@ -135,7 +137,8 @@ def draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     return out
 
 
-def token_logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+def sampled_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
+                     k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """log p(token) per row and the top-k alternatives, from the model's raw logits [B, V]."""
     logp = raw.float().log_softmax(dim=-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()

@@ -12,33 +12,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 import secrets
+from dataclasses import replace
+from functools import cached_property, lru_cache
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..inference import Engine, EngineBusy, InvalidRequest, SamplingParams
+from ..data.shards import fim_arrange
+from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
+from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
-from .protocol import APIError, ChatRequest, CompletionRequest, new_id, now, usage, validation_message
+from ..tools import CallFormat, CallStream, describe_tools, renders_tools
+from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
 WEB = Path(__file__).parent / "web"
 DEFAULT_MAX_TOKENS = 4096
 
 
 class Service:
-    """What the routes share: the engine, the tokenizer, the served name, the key, the store."""
+    """What the routes share: the engine, the tokenizer, the served name, the key."""
 
-    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None, store=None):
-        self.engine, self.tok, self.name, self.api_key, self.store = engine, tok, name, api_key, store
+    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None):
+        self.engine, self.tok, self.name, self.api_key = engine, tok, name, api_key
 
-    def check_key(self, request: Request) -> None:
+    async def check_key(self, request: Request) -> None:
+        """The API key check of every route but /health and the web page (a router dependency)."""
         if not self.api_key:
             return
         auth = request.headers.get("authorization", "")
@@ -48,6 +53,16 @@ class Service:
                            code="invalid_api_key")
         if not secrets.compare_digest(given, self.api_key):
             raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
+
+    @cached_property
+    def call_format(self) -> CallFormat | None:
+        """How this model's chat template writes tool calls (None: it has no tool calls)."""
+        return CallFormat.probe(self.tok)
+
+    @lru_cache(maxsize=64)
+    def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool) -> Grammar:
+        vocab = vocabulary(self.tok.tok.to_str(), self.engine.config.vocab_size, self.tok.eos_ids)
+        return Grammar.compile(vocab, lark, trigger, banned, required)
 
     def thinking_default(self, model: str | None) -> bool:
         if model in (None, self.name, "deepseek-reasoner"):
@@ -66,20 +81,30 @@ class Service:
                 p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
                 req = self.engine.submit(prompt, p, on_event=lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
                 jobs.append((req, q))
-        except InvalidRequest as e:
+        except (InvalidRequest, EngineBusy) as e:
             for req, _ in jobs:
                 self.engine.cancel(req)
-            raise APIError(400, str(e), param="messages" if "prompt" in str(e) else None) from None
-        except EngineBusy as e:
-            for req, _ in jobs:
-                self.engine.cancel(req)
-            raise APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded") from None
+            raise _refusal(e) from None
         return jobs
+
+
+def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
+    """The API error for a request the engine refused."""
+    if isinstance(e, EngineBusy):
+        return APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded")
+    if not isinstance(e, ContextOverflow):
+        return APIError(400, str(e), param="messages" if "prompt" in str(e) else None)
+    n, m, ctx = e.prompt_tokens, e.max_new_tokens, e.context
+    if n >= ctx:
+        return APIError(400, f"the prompt is {n} tokens, over this model's context of {ctx} tokens by {n - ctx + 1}",
+                        param="messages", code="context_length_exceeded")
+    return APIError(400, f"the prompt ({n} tokens) plus max_tokens ({m}) exceeds this model's context of {ctx} "
+                         f"tokens by {n + m - ctx}", param="max_tokens", code="context_length_exceeded")
 
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
                store=None) -> FastAPI:
-    svc = Service(engine, tok, name, api_key, store)
+    svc = Service(engine, tok, name, api_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,26 +142,33 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         return {"status": "ok" if engine.error is None else "degraded", "model": name,
                 "running": len(engine.active), "waiting": len(engine.waiting)}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        svc.check_key(request)
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "nanoseek"}
-                                           for m in (name, "deepseek-reasoner", "deepseek-chat")]}
+    api = APIRouter(dependencies=[Depends(svc.check_key)])
 
-    @app.post("/v1/chat/completions")
+    def card(model: str) -> dict:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek"}
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card(m) for m in (name, "deepseek-reasoner", "deepseek-chat")]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        svc.thinking_default(model)  # 404 for a name this server does not serve
+        return card(model)
+
+    @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        svc.check_key(request)
         return await chat(svc, body, request)
 
-    @app.post("/v1/completions")
+    @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        svc.check_key(request)
         return await complete(svc, body, request)
 
     if store is not None:
-        from .store import routes
+        from .chats import routes
 
-        app.include_router(routes(svc))
+        api.include_router(routes(store))
+    app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
 
@@ -148,15 +180,13 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
 
 # ---- chat completions ----
-def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool]:
-    """-> (prompt ids, whether the reply starts inside its reasoning, prefix mode). The prompt is
-    rendered by the model's own chat template."""
+def _thinking(svc: Service, body: ChatRequest) -> bool:
     thinking = svc.thinking_default(body.model)
-    if body.thinking is not None:
-        thinking = body.thinking.type == "enabled"
-    json_mode = body.response_format is not None and body.response_format.type == "json_object"
-    if json_mode:
-        thinking = False
+    return thinking if body.thinking is None else body.thinking.type == "enabled"
+
+
+def _messages(body: ChatRequest) -> list[dict]:
+    """The request's messages as chat-template dicts (tool calls and tool results included)."""
     msgs = []
     for i, m in enumerate(body.messages):
         if m.prefix and (i != len(body.messages) - 1 or m.role != "assistant"):
@@ -164,38 +194,106 @@ def _chat_prompt(svc: Service, body: ChatRequest) -> tuple[list[int], bool, bool
                            param=f"messages.{i}.prefix")
         if m.role != "assistant" and m.content is None:
             raise APIError(400, f"messages.{i}.content is required for {m.role} messages", param=f"messages.{i}.content")
-        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": m.content or "",
-                     **({"reasoning_content": m.reasoning_content} if m.reasoning_content else {})})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+        if m.reasoning_content:
+            msg["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:  # DeepSeek's templates render calls for an assistant turn whose content is None
+            msg["content"] = m.content or None
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+        msgs.append(msg)
     if not any(m["role"] == "user" for m in msgs):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    prefix = body.messages[-1].prefix
-    if msgs[-1]["role"] == "assistant" and not prefix:
+    if msgs[-1]["role"] == "assistant" and not body.messages[-1].prefix:
         raise APIError(400, "the last message is an assistant message; set prefix: true to continue it",
                        param="messages")
+    return msgs
+
+
+def _tools(svc: Service, body: ChatRequest) -> tuple[list[dict], str | None]:
+    """-> (the tools as dicts, the tool choice: 'auto', 'required', a function name, or None for no calls)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice or ("auto" if tools else "none")
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+    if not tools or choice == "none":
+        return tools, None
+    if svc.call_format is None:
+        raise APIError(400, "this model's chat template has no tool-call format, so it cannot call tools", param="tools")
+    return tools, choice
+
+
+def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[dict]) -> tuple[list[int], bool, bool]:
+    """-> (prompt ids, whether the reply starts inside its reasoning, prefix mode). The prompt is
+    rendered by the model's own chat template; tools are described by the template if it renders
+    them, else in a system message."""
+    msgs = _messages(body)
+    if tools and not renders_tools(svc.tok) and svc.call_format is not None:
+        note = describe_tools(tools, svc.call_format)
+        if msgs[0]["role"] == "system":
+            msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}
+        else:
+            msgs.insert(0, {"role": "system", "content": note})
+    template_tools = tools if tools and renders_tools(svc.tok) else None
     try:
-        if prefix:  # the reply opened by the generation prompt, then the given start of the answer
-            head = svc.tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, thinking=False)
+        if body.messages[-1].prefix:  # the reply opened by the generation prompt, then the given start
+            head = svc.tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tools=template_tools,
+                                               thinking=thinking)
             if head.rstrip().endswith(THINK):  # R1 templates open the reasoning: the given start replaces it
                 head = head.rstrip()[: -len(THINK)]
-            start = msgs[-1]["content"]
+            start = msgs[-1]["content"] or ""
             return svc.tok.encode(head + start), start.rfind(THINK) > start.rfind(END_THINK), True
-        ids = svc.tok.render_prompt(msgs, thinking=thinking)
+        ids = svc.tok.render_prompt(msgs, thinking=thinking, tools=template_tools)
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
     return ids, svc.tok.opens_thinking(ids), False
 
 
+def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, tools: list[dict],
+             choice: str | None) -> Grammar | None:
+    """What the reply must follow: tool calls (anywhere once it opens them under 'auto', at once under
+    'required' or a named function), the response format's JSON, neither; with thinking on, the
+    forced part comes after the reasoning. Without thinking the think tags are banned; under
+    tool_choice 'none' so is the token that opens calls."""
+    tok, fmt = svc.tok, svc.call_format
+    banned = set() if thinking else {tok.think_id, tok.end_think_id} - {None}
+    answer, trigger = None, None  # Lark rules whose top rule is `answer`; the token that opens them
+    if choice is not None:
+        chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
+        answer = fmt.grammar(chosen, tok, rule="answer", single=not body.parallel_tool_calls)
+        if choice == "auto":  # free text until the model opens a block of calls
+            opener = tok.encode(fmt.opener)
+            if len(opener) != 1:
+                raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
+                                    "or a named function", param="tool_choice")
+            return _compiled(svc, "start: answer\n" + answer, opener[0], banned, False, "tools")
+    elif tools and fmt is not None and len(opener := tok.encode(fmt.opener)) == 1:
+        banned.add(opener[0])  # tool_choice 'none'
+    rf = body.response_format
+    if answer is None and rf is not None and rf.type != "text":
+        schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+        answer = "answer: " + json_rule(schema if schema is not None else {"type": "object"}) + "\n"
+    if answer is None:
+        return _compiled(svc, None, None, banned, False, "") if banned else None
+    start = "start: answer\n"
+    if thinking and started and tok.end_think_id is not None:  # free reasoning; the grammar starts where it ends
+        trigger = tok.end_think_id
+        start = f"start: <[{trigger}]> {LEADING_SPACE} answer\n"
+    return _compiled(svc, start + answer, trigger, banned, True, "tools" if choice is not None else "response_format")
+
+
+def _compiled(svc: Service, lark: str | None, trigger: int | None, banned: set, required: bool, param: str) -> Grammar:
+    try:
+        return svc.grammar(lark, trigger, frozenset(banned), required)
+    except GrammarError as e:
+        raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
+
+
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-    ctx = svc.engine.max_len
-    if prompt_len >= ctx:
-        raise APIError(400, f"the prompt is {prompt_len} tokens, over this model's context of {ctx} tokens by "
-                            f"{prompt_len - ctx + 1}", param="messages", code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, ctx - prompt_len)
-    elif prompt_len + max_tokens > ctx:
-        raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                            f"context of {ctx} tokens by {prompt_len + max_tokens - ctx}", param="max_tokens",
-                       code="context_length_exceeded")
+    """The request's sampling parameters; whether the prompt and max_tokens fit is the engine's check."""
+    if max_tokens is None:  # at least 1: a prompt that fills the context is refused by the engine
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, svc.engine.max_len - prompt_len))
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -217,6 +315,19 @@ def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
                         for lp in lps]}
 
 
+def _usage(svc: Service, prompt: list[int], jobs, thinking: bool | None = None) -> dict:
+    """OpenAI's usage object (with DeepSeek's cache fields) over all choices; chat replies (thinking
+    not None) also count their reasoning tokens."""
+    n, done, hit = len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens
+    u = {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done,
+         "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": n - hit,
+         "prompt_tokens_details": {"cached_tokens": hit}}
+    if thinking is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": sum(_reasoning_tokens(svc, r.tokens, thinking)
+                                                                  for r, _ in jobs)}
+    return u
+
+
 def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     if not thinking:
         return 0
@@ -224,57 +335,83 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     return tokens.index(end) if end is not None and end in tokens else len(tokens)
 
 
+def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
+    """A finished choice -> (its message, its finish_reason)."""
+    reasoning, content = split_reasoning(req.text, started=thinking)  # a reply may open <think> itself
+    msg, finish = {"role": "assistant", "content": content}, _finish(req)
+    if thinking or reasoning:
+        msg["reasoning_content"] = reasoning
+    if tools:
+        content, calls, _ = svc.call_format.split(content)
+        if calls:
+            msg.update(content=content or None, tool_calls=calls)
+            finish = "tool_calls" if finish == "stop" else finish
+    return msg, finish
+
+
 async def chat(svc: Service, body: ChatRequest, request: Request):
-    prompt, thinking, prefix = _chat_prompt(svc, body)
+    thinking = _thinking(svc, body)
+    tools, choice = _tools(svc, body)
+    prompt, started, prefix = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
-    if body.response_format is not None and body.response_format.type == "json_object":
-        params = replace(params, json_mode=True)
+    params = replace(params, grammar=_grammar(svc, body, thinking, started, tools, choice),
+                     stop_after=svc.tok.end_think_id if started else None)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
+    with_calls = choice is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_chat_stream(svc, jobs, request, cid, created, model, thinking, prompt, include_usage))
+        return _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
-        reasoning, content = split_reasoning(req.text, started=thinking)  # a reply may open <think> itself
-        msg = {"role": "assistant", "content": content}
-        if thinking or reasoning:
-            msg["reasoning_content"] = reasoning
-        choices.append({"index": i, "message": msg, "finish_reason": _finish(req),
+        msg, finish = _reply(svc, req, started, with_calls)
+        choices.append({"index": i, "message": msg, "finish_reason": finish,
                         "logprobs": _logprobs_json(svc, req.logprobs) if body.logprobs else None})
-    first = jobs[0][0]
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
-                           sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)),
-            "system_fingerprint": "nanoseek"}
+            "usage": _usage(svc, prompt, jobs, started), "system_fingerprint": "nanoseek"}
 
 
 async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
-                       prompt: list[int], include_usage: bool) -> AsyncIterator[dict]:
-    def chunk(choices: list[dict], **extra) -> dict:
+                       prompt: list[int], include_usage: bool, with_calls: bool) -> AsyncIterator[dict]:
+    """Chunks as OpenAI streams them: reasoning and content deltas, tool-call deltas, each event's
+    logprobs in the chunk that carries its text, then the finish reason."""
+    def chunk(i: int, delta: dict, finish: str | None = None, logprobs=None, **extra) -> dict:
+        choices = [] if i < 0 else [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": "nanoseek", "choices": choices, **extra}
 
     for i in range(len(jobs)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                      "logprobs": None}])
+        yield chunk(i, {"role": "assistant", "content": ""})
     splitters = [ReasoningStream(started=thinking) for _ in jobs]
+    calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
+    answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
     async for i, ev in _merged_events(svc, jobs, request):
         final = ev.finish_reason is not None
-        pieces = splitters[i].feed(ev.text, final=final)
-        for kind, text in pieces:
-            key = "reasoning_content" if kind == "reasoning" else "content"
-            yield chunk([{"index": i, "delta": {key: text}, "finish_reason": None, "logprobs": None}])
-        if ev.logprobs and jobs[i][0].params.logprobs:
-            yield chunk([{"index": i, "delta": {}, "finish_reason": None,
-                          "logprobs": _logprobs_json(svc, ev.logprobs)}])
+        if jobs[i][0].params.logprobs:
+            pending[i] += ev.logprobs
+        deltas = []
+        for kind, text in splitters[i].feed(ev.text, final=final):
+            if kind == "reasoning" or calls[i] is None:
+                deltas.append({"reasoning_content" if kind == "reasoning" else "content": text})
+                continue
+            answers[i] += text
+        if calls[i] is not None:
+            content, tool_deltas = calls[i].feed(answers[i], final=final)
+            deltas += [{"content": content}] if content else []
+            deltas += [{"tool_calls": tool_deltas}] if tool_deltas else []
+        for k, delta in enumerate(deltas):
+            lp = None
+            if k == len(deltas) - 1 and pending[i]:
+                lp, pending[i] = _logprobs_json(svc, pending[i]), []
+            yield chunk(i, delta, logprobs=lp)
         if final:
-            yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(jobs[i][0]), "logprobs": None}])
+            finish = _finish(jobs[i][0])
+            if calls[i] is not None and calls[i].calls and finish == "stop":
+                finish = "tool_calls"
+            yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, pending[i]) if pending[i] else None)
     if include_usage:
-        first = jobs[0][0]
-        yield chunk([], usage=usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), first.cached_tokens,
-                                    sum(_reasoning_tokens(svc, r.tokens, thinking) for r, _ in jobs)))
+        yield chunk(-1, {}, usage=_usage(svc, prompt, jobs, thinking))
 
 
 # ---- completions (with fill-in-the-middle) ----
@@ -285,8 +422,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     if body.suffix is not None:  # FIM, PSM order as in pretraining
         if tok.fim_begin_id is None:
             raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
-        prompt = bos + [tok.fim_begin_id] + tok.encode(body.prompt) + [tok.fim_hole_id] + \
-            tok.encode(body.suffix) + [tok.fim_end_id]
+        prompt = bos + fim_arrange(tok.encode(body.prompt), [], tok.encode(body.suffix), tok)
     else:
         prompt = bos + tok.encode(body.prompt)
     params = _sampling(svc, body, len(prompt), body.max_tokens)
@@ -305,13 +441,13 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
                     yield _completion_chunk(cid, created, model, i, "", _finish(jobs[i][0]))
             if body.stream_options and body.stream_options.include_usage:
                 yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+                       "usage": _usage(svc, prompt, jobs)}
         return _sse(events())
     await _wait_all(svc, jobs, request)
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": echo + r.text, "finish_reason": _finish(r), "logprobs": None}
                         for i, (r, _) in enumerate(jobs)],
-            "usage": usage(len(prompt), sum(len(r.tokens) for r, _ in jobs), jobs[0][0].cached_tokens)}
+            "usage": _usage(svc, prompt, jobs)}
 
 
 def _completion_chunk(cid, created, model, index, text, finish) -> dict:
@@ -325,13 +461,19 @@ def _finish(req) -> str:
 
 
 async def _wait_all(svc: Service, jobs, request: Request) -> None:
-    """Wait for every job; a client that disconnects cancels them."""
+    """Wait for every job; a client that disconnects cancels them (checked twice a second, also
+    while tokens flow)."""
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         for req, q in jobs:
             while not req.finished:
                 try:
                     await asyncio.wait_for(q.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() - checked >= 0.5:
+                    checked = loop.time()
                     if await request.is_disconnected():
                         raise asyncio.CancelledError
         _raise_engine_failure(svc, jobs)

@@ -1,14 +1,7 @@
-"""Conversations of the chat web app, kept server-side in SQLite (WAL mode), and their routes.
+"""Conversations of the chat web app, kept server-side in SQLite (WAL mode); their routes are in chats.py.
 
-    GET    /api/conversations             list (newest first)
-    POST   /api/conversations             create {title?, system?, settings?}
-    GET    /api/conversations/{id}        one, with its messages
-    PATCH  /api/conversations/{id}        rename / change system prompt or settings
-    PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
-    DELETE /api/conversations/{id}
-
-The page sends the whole message list after each change, so editing and regenerating are just
-rewrites of the list. Each write is one transaction; a server restart finds everything again.
+Each write is one transaction; a server restart finds everything again. A missing conversation
+raises NotFound.
 """
 
 from __future__ import annotations
@@ -20,11 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
-
-from .protocol import APIError
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, title TEXT NOT NULL, system TEXT NOT NULL DEFAULT '',
@@ -34,6 +22,10 @@ CREATE TABLE IF NOT EXISTS messages (
     position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
     reasoning TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
 """
+
+
+class NotFound(LookupError):
+    """No conversation with that id."""
 
 
 class ChatStore:
@@ -71,7 +63,7 @@ class ChatStore:
         row = self._db.execute("SELECT id, title, system, settings, created, updated FROM conversations WHERE id = ?",
                                (cid,)).fetchone()
         if row is None:
-            raise APIError(404, f"no conversation {cid!r}", code="not_found")
+            raise NotFound(f"no conversation {cid!r}")
         msgs = self._db.execute("SELECT role, content, reasoning FROM messages WHERE conversation_id = ? "
                                 "ORDER BY position", (cid,)).fetchall()
         return {"id": row[0], "title": row[1], "system": row[2], "settings": json.loads(row[3]),
@@ -103,67 +95,3 @@ class ChatStore:
     def delete(self, cid: str) -> None:
         self.get(cid)
         self._tx(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class NewConversation(_Body):
-    title: str = Field("New chat", max_length=200)
-    system: str = Field("", max_length=20_000)
-    settings: dict = Field(default_factory=dict)
-
-
-class ConversationPatch(_Body):
-    title: str | None = Field(None, min_length=1, max_length=200)
-    system: str | None = Field(None, max_length=20_000)
-    settings: dict | None = None
-
-
-class StoredMessage(_Body):
-    role: str = Field(..., pattern="^(user|assistant)$")
-    content: str = Field(..., max_length=1_000_000)
-    reasoning_content: str | None = Field(None, max_length=1_000_000)
-
-
-class MessageList(_Body):
-    messages: list[StoredMessage] = Field(..., max_length=10_000)
-
-
-def routes(svc) -> APIRouter:
-    store: ChatStore = svc.store
-    r = APIRouter(prefix="/api/conversations")
-
-    @r.get("")
-    async def list_(request: Request):
-        svc.check_key(request)
-        return {"data": store.list()}
-
-    @r.post("")
-    async def create(body: NewConversation, request: Request):
-        svc.check_key(request)
-        return store.create(body.title, body.system, body.settings)
-
-    @r.get("/{cid}")
-    async def get(cid: str, request: Request):
-        svc.check_key(request)
-        return store.get(cid)
-
-    @r.patch("/{cid}")
-    async def patch(cid: str, body: ConversationPatch, request: Request):
-        svc.check_key(request)
-        return store.update(cid, title=body.title, system=body.system, settings=body.settings)
-
-    @r.put("/{cid}/messages")
-    async def put_messages(cid: str, body: MessageList, request: Request):
-        svc.check_key(request)
-        return store.set_messages(cid, [m.model_dump() for m in body.messages])
-
-    @r.delete("/{cid}")
-    async def delete(cid: str, request: Request):
-        svc.check_key(request)
-        store.delete(cid)
-        return {"deleted": cid}
-
-    return r
