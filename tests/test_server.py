@@ -161,6 +161,77 @@ def test_prefix_completion_and_logprobs(client):
     assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in lp)
 
 
+def test_prefix_inside_the_reasoning_is_split_out(client):
+    msgs = ask() + [{"role": "assistant", "content": "<think>\nLet me", "prefix": True}]
+    r = client.chat.completions.create(model="nanoseek-test", messages=msgs, max_tokens=12, temperature=0)
+    m = r.choices[0].message
+    assert "think>" not in (m.content or "") and m.model_extra["reasoning_content"] is not None
+
+
+def test_model_card_by_id(client):
+    assert client.models.retrieve("deepseek-chat").id == "deepseek-chat"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nothing")
+
+
+def test_tools_need_a_template_with_calls(client):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanoseek-test", messages=ask(), tools=[tool])
+    assert e.value.body["param"] == "tools" and "tool-call format" in e.value.body["message"]
+
+
+def biased(model, token: int):
+    """The model with `token`'s logit raised far above the rest: it writes that token when it may."""
+    import copy
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.lm_head.weight[token] = 0
+        m.lm_head.weight[token, :] = 50 * m.model.norm.weight.sign()
+    return m
+
+
+def test_thinking_off_never_writes_think_tags(parts):
+    model, tok, db = parts
+    engine = Engine(biased(model, tok.think_id), decode=tok.decode, max_batch=2, max_len=256, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        on = c.chat.completions.create(model="m", messages=ask(), max_tokens=8, temperature=0)
+        assert "<think>" in on.choices[0].message.model_extra["reasoning_content"]  # the bias works
+        for body in ({"model": "deepseek-chat"}, {"model": "m", "extra_body": {"thinking": {"type": "disabled"}}}):
+            r = c.chat.completions.create(messages=ask(), max_tokens=8, temperature=0, **body)
+            assert "think>" not in r.choices[0].message.content and not r.choices[0].message.model_extra.get("reasoning_content")
+
+
+def test_stop_strings_apply_to_the_answer_not_the_reasoning(parts):
+    """Forced by a grammar, the reply is `a\n\nb</think>\n\nc\n\nd`: stop "\n\n" cuts after c."""
+    from nanoseek.inference import SamplingParams
+    from nanoseek.inference.constraints import Grammar, vocabulary
+
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    vocab = vocabulary(tok.tok.to_str(), model.config.vocab_size, tok.eos_ids)
+    forced = Grammar.compile(vocab, f'start: "a\\n\\nb" <[{tok.end_think_id}]> "\\n\\nc\\n\\nd"')
+    params = SamplingParams(max_new_tokens=40, grammar=forced, stop=("\n\n",), stop_after=tok.end_think_id)
+    req = engine.generate([tok.encode("<｜User｜>q<｜Assistant｜><think>\n")], [params])[0]
+    assert req.text == "a\n\nb</think>\n\nc" and req.finish_reason == "stop"
+    plain = engine.generate([tok.encode("q")], [SamplingParams(max_new_tokens=40, grammar=forced, stop=("\n\n",))])[0]
+    assert plain.text == "a"  # without stop_after, the first match counts
+
+
+def test_non_streaming_client_that_hangs_up_cancels(parts):
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=256, eos_token_id=-1)
+    submitted, submit = [], engine.submit
+    engine.submit = lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1]
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        with pytest.raises(httpx.TimeoutException):  # hangs up while tokens flow
+            httpx.post(url + "/v1/chat/completions", json={"messages": ask(), "max_tokens": 220, "temperature": 0},
+                       timeout=0.3)
+        submitted[0]._done.wait(10)
+        assert submitted[0].finish_reason == "cancelled" and len(submitted[0].tokens) < 220
+
+
 BAD = [
     # (description, json body or raw bytes, headers override, expected status, text in the message)
     ("wrong key", {"messages": ask()}, {"Authorization": "Bearer nope"}, 401, "incorrect API key"),

@@ -1,0 +1,224 @@
+"""The clients people use, against a live server: the official `openai` SDK (sync and async),
+langchain-deepseek's ChatDeepSeek, langchain-openai's ChatOpenAI, litellm's deepseek provider and
+the OpenAI Agents SDK, for function calling, structured outputs and reasoning.
+
+The model is a tiny random DeepSeek-V3 over DeepSeek-V3's real tokenizer and V3.1's chat template (so the
+tool-call tokens and format are DeepSeek's): it writes anything, and the grammar is what makes its
+calls and JSON valid, which is what these tests check."""
+
+import asyncio
+import json
+import os
+import shutil
+
+import jsonschema
+import openai
+import pytest
+import torch
+from pydantic import BaseModel
+
+from conftest import randomize_
+from nanoseek.inference import Engine
+from nanoseek.model import build_model, get_preset
+from nanoseek.serve import create_app
+from nanoseek.tokenizer import DeepSeekTokenizer
+from test_chat_templates import REAL, TEMPLATES, model_folder
+from test_server import KEY, LiveServer
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price table from the network
+V = 129280
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 16}, "unit": {"enum": ["c", "f"]}}}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.", "strict": True,
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+                   "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+ASK = [{"role": "user", "content": "What is the weather in Paris, and what is 2 + 3?"}]
+
+
+class City(BaseModel):
+    name: str
+    population: int
+    coastal: bool
+
+
+class Loose(BaseModel):  # all optional: json mode guarantees JSON, not the schema
+    name: str | None = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = model_folder(tmp_path_factory.mktemp("v31"), "deepseek-v3.1")  # tool calls, thinking on or off
+    tok = DeepSeekTokenizer.load(folder)
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=V, eos_token_id=tok.eos_id, max_position_embeddings=1024)).eval()
+    randomize_(model, std=0.05)
+    engine = Engine(model, decode=tok.decode, max_batch=8, max_len=1024, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, name="tiny-v3", api_key=KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def check_calls(calls, names=None):
+    assert calls
+    for c in calls:
+        assert c.type == "function" and c.id and (names is None or c.function.name in names)
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_openai_tool_choice_variants(client, seed):
+    common = dict(model="deepseek-chat", messages=ASK, tools=[WEATHER, ADD], max_tokens=80, seed=seed, temperature=1.0)
+    r = client.chat.completions.create(tool_choice="required", **common)
+    assert r.choices[0].finish_reason == "tool_calls"
+    check_calls(r.choices[0].message.tool_calls)
+    r = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "add"}}, **common)
+    check_calls(r.choices[0].message.tool_calls, {"add"})
+    r = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **common)
+    assert len(r.choices[0].message.tool_calls) == 1
+    r = client.chat.completions.create(tool_choice="none", **common)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+    assert "tool▁call" not in (r.choices[0].message.content or "")
+    r = client.chat.completions.create(**common)  # auto: text, calls, or both, never a broken block
+    msg = r.choices[0].message
+    assert "tool▁call" not in (msg.content or "")
+    if msg.tool_calls:
+        check_calls(msg.tool_calls)
+
+
+def test_openai_streamed_tool_calls(client):
+    stream = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER, ADD], seed=3,
+                                            tool_choice="required", max_tokens=80, stream=True, temperature=1.0)
+    calls, finish = {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                if d.id:  # a call's first delta: id, type, name
+                    assert d.index not in calls and d.type == "function" and d.function.name
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "args": d.function.arguments or ""}
+                else:
+                    calls[d.index]["args"] += d.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and calls
+    for c in calls.values():
+        jsonschema.validate(json.loads(c["args"]), SCHEMAS[c["name"]])
+
+
+def test_openai_tool_round_trip(client):
+    first = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice="required",
+                                           max_tokens=60, seed=5)
+    msg = first.choices[0].message
+    history = ASK + [msg.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": "5"} for c in msg.tool_calls]
+    second = client.chat.completions.create(model="deepseek-chat", messages=history, tools=[ADD], tool_choice="none",
+                                            max_tokens=10, seed=5)
+    assert second.choices[0].message.content is not None
+    # the call and its result are in the prompt: it is longer than the question by at least their text
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + len(msg.tool_calls[0].function.arguments) // 4
+
+
+def test_openai_async_tools(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+        rs = await asyncio.gather(*[client.chat.completions.create(
+            model="deepseek-chat", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, seed=s,
+            temperature=1.0) for s in range(3)])
+        for r in rs:
+            check_calls(r.choices[0].message.tool_calls, {"get_weather"})
+
+    asyncio.run(main())
+
+
+def test_openai_json_schema_strict(client):
+    for model in ("deepseek-chat", "tiny-v3"):  # thinking off, and on (the JSON follows the reasoning)
+        r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": "A city?"}],
+                                          response_format=City, max_tokens=120, seed=1)
+        assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
+
+
+@pytest.mark.parametrize("tools,param", [
+    ([{"type": "function", "function": {"name": "bad name!"}}], "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], "tools.0.function.parameters"),
+    ([{"type": "function"}], "tools.0.function"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], "tools.0.type"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 7}}}}}],
+     "tools"),
+])
+def test_malformed_tools_are_400_naming_the_field(client, tools, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=tools, tool_choice="required")
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_unknown_named_tool_choice_is_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD],
+                                       tool_choice={"type": "function", "function": {"name": "nosuch"}})
+
+
+def test_langchain_deepseek(server):
+    from langchain_core.tools import tool
+    from langchain_deepseek import ChatDeepSeek
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    llm = ChatDeepSeek(model="deepseek-chat", api_base=server + "/v1", api_key=KEY, max_tokens=80, max_retries=0)
+    msg = llm.bind_tools([add], tool_choice="any").invoke("2 + 3?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
+    assert set(msg.tool_calls[0]["args"]) == {"a", "b"} and all(isinstance(v, int) for v in msg.tool_calls[0]["args"].values())
+    city = llm.with_structured_output(City).invoke("A city?")  # default: function calling
+    assert isinstance(city, City)
+    assert isinstance(llm.with_structured_output(Loose, method="json_mode").invoke("A city, in JSON?"), Loose)
+    thinker = ChatDeepSeek(model="deepseek-reasoner", api_base=server + "/v1", api_key=KEY, max_tokens=20, max_retries=0)
+    assert "reasoning_content" in thinker.invoke("hi").additional_kwargs
+
+
+def test_langchain_openai_structured_output(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="deepseek-chat", base_url=server + "/v1", api_key=KEY, max_tokens=120, max_retries=0)
+    assert isinstance(llm.with_structured_output(City).invoke("A city?"), City)  # json_schema, strict
+
+
+def test_litellm_deepseek_provider(server):
+    import litellm
+
+    r = litellm.completion(model="deepseek/deepseek-chat", api_base=server + "/v1", api_key=KEY, messages=ASK,
+                           tools=[WEATHER, ADD], tool_choice="required", max_tokens=80)
+    check_calls(r.choices[0].message.tool_calls)
+    r = litellm.completion(model="deepseek/deepseek-reasoner", api_base=server + "/v1", api_key=KEY,
+                           messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    assert r.choices[0].message.reasoning_content is not None
+
+
+def test_openai_agents_sdk_calls_a_local_tool(server):
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from agents.items import ToolCallOutputItem
+
+    set_tracing_disabled(True)
+    seen = []
+
+    @function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        seen.append((a, b))
+        return a + b
+
+    client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    agent = Agent(name="calc", instructions="Use the tool.", tools=[add],
+                  model=OpenAIChatCompletionsModel(model="deepseek-chat", openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=60, temperature=0.0))
+    result = Runner.run_sync(agent, "What is 2 + 3?", max_turns=6)
+    outputs = [item for item in result.new_items if isinstance(item, ToolCallOutputItem)]
+    assert seen and outputs and str(outputs[0].output) == str(sum(seen[0]))  # the tool ran on the model's arguments
+    assert isinstance(result.final_output, str)  # then the model answered (the SDK resets tool_choice to auto)
