@@ -130,6 +130,38 @@ def run(engine, schema: dict, doc_ids: list[int], vocab: int) -> tuple[float, fl
     return t1 - t0, (time.perf_counter() - t1) / len(doc_ids)
 
 
+def engine_overhead(rounds: int) -> None:
+    """The shipped model's decode step at batch 1, free vs under a grammar (mask, sampling over the
+    allowed tokens, the matcher's step): ms per generated token, interleaved."""
+    import nanoseek
+    from nanoseek.inference import Engine, SamplingParams
+    from nanoseek.inference.constraints import Grammar, json_rule, vocabulary
+    from nanoseek.tokenizer import DeepSeekTokenizer
+
+    folder = SHIPPED.parent
+    model, tok = nanoseek.load_model(folder), DeepSeekTokenizer.load(folder)
+    engine = Engine(model, decode=tok.decode, max_batch=1)
+    vocab = vocabulary(tok.tok.to_str(), model.config.vocab_size, tok.eos_ids)
+    prompt = tok.render_prompt([{"role": "user", "content": "Describe a city as JSON."}], thinking=False)
+    schema = Grammar.compile(vocab, "start: " + json_rule(SCHEMAS["nested"][0]))
+    n = len(engine.generate([prompt], [SamplingParams(max_new_tokens=200, temperature=0.8, seed=0, grammar=schema)])[0].tokens)
+    runs = {"free": SamplingParams(max_new_tokens=n, temperature=0.8, seed=0, ignore_eos=True),
+            "regex grammar": SamplingParams(max_new_tokens=n, temperature=0.8, seed=0, ignore_eos=True,
+                                            grammar=Grammar.compile(vocab, "start: /[a-z0-9 ]{0,1000}/")),
+            "JSON schema (nested)": SamplingParams(max_new_tokens=200, temperature=0.8, seed=0, grammar=schema),
+            "JSON schema, budget = its length": SamplingParams(max_new_tokens=n, temperature=0.8, seed=0, grammar=schema)}
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, p in runs.items():
+            t = time.perf_counter()
+            req = engine.generate([prompt], [p])[0]
+            assert len(req.tokens) == n, (k, len(req.tokens))
+            times[k].append((time.perf_counter() - t) / n * 1e3)
+    print(f"\n| shipped model, batch 1, {n} tokens + prefill | ms per token |\n|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -160,6 +192,7 @@ def main():
                 comp = statistics.median(c for c, _ in times[e.name]) * 1e3
                 per = statistics.median(p for _, p in times[e.name]) * 1e6
                 print(f"| {vname} | {sname} ({len(ids)} tokens) | {e.name} | {setup:.2f} | {comp:.1f} | {per:.0f} |")
+    engine_overhead(args.rounds)
 
 
 if __name__ == "__main__":

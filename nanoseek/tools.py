@@ -169,10 +169,10 @@ class CallStream:
 def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
     """A system-prompt section that lists the tools and shows the call format, for chat templates
     that do not render `tools` themselves (DeepSeek-V3's and V3.1's do not)."""
-    lines = ["## Tools", "You can call the functions below. To call functions, answer with only this block:",
+    lines = ["## Tools", "You can call the functions below. To call them, answer with only a block like this one:",
              fmt.render([("FUNCTION_NAME", '{"ARGUMENT": VALUE}')]),
-             "with one call per function call, the arguments as a JSON object. The results come back in the "
-             "next message; answer from them.", ""]
+             "with the function's arguments as one JSON object, and one call after the other inside the block "
+             "to call several. The results come back in the next message: answer from them.", ""]
     for t in tools:
         f = t["function"]
         lines += [f"### {f['name']}", *([f["description"]] if f.get("description") else []),
