@@ -500,7 +500,7 @@ def distill(
 ):
     """Distill a teacher's verified reasoning traces into a smaller student (rejection sampling + SFT)."""
     from nanoseek.model import ConfigError
-    from nanoseek.train.distill import TeacherError
+    from nanoseek.remote import RemoteError
     from nanoseek.train.distill import distill as run
 
     try:
@@ -509,7 +509,7 @@ def distill(
         result = run(teacher, student, out, [t.strip() for t in tasks.split(",")], traces,
                      tokenizer=str(tokenizer) if tokenizer else None, kl_alpha=kl_alpha, teacher_model=teacher_model,
                      api_key=api_key, train=train, console=console)
-    except (ConfigError, ValueError, FileNotFoundError, TeacherError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RemoteError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(130)
@@ -537,12 +537,12 @@ def eval_(
 
     from nanoseek.eval import evaluate_family, markdown_table
     from nanoseek.eval.tasks import evaluate_remote
-    from nanoseek.train.distill import TeacherError, remote_teacher
+    from nanoseek.remote import RemoteError, remote_chat
 
     families = [t.strip() for t in tasks.split(",") if t.strip()]
     remote = model.startswith(("http://", "https://"))
     if remote:
-        ask = remote_teacher(model, remote_model, api_key, temperature=temperature, log=console.print)
+        ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
         engine, tok = _load_for_chat(Path(model), speculative=False, max_batch=64, quantize=quantize)
     results = []
@@ -554,7 +554,7 @@ def eval_(
             else:
                 r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
                                        canonical=not varied, max_new_tokens=max_tokens or None)
-        except (ValueError, TeacherError) as e:
+        except (ValueError, RemoteError) as e:
             _fail(str(e))
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
@@ -582,9 +582,9 @@ def speedrun(
     distill and eval, which run at any scale on your own data."""
     from nanoseek.data.tasks import get_task
     from nanoseek.model import ConfigError
-    from nanoseek.train.speedrun import SpeedrunConfig
-    from nanoseek.train.speedrun import ship as ship_model
-    from nanoseek.train.speedrun import speedrun as run
+    from nanoseek.speedrun import SpeedrunConfig
+    from nanoseek.speedrun import ship as ship_model
+    from nanoseek.speedrun import speedrun as run
 
     try:
         tasks = [t.strip() for t in rl_tasks.split(",") if t.strip()] or None
