@@ -19,12 +19,12 @@ from pathlib import Path
 from rich.console import Console
 
 from nanoseek.cli import parse_duration
+from nanoseek.data.builtin import task_conversations
+from nanoseek.speedrun import SpeedrunConfig, evaluate, share_data
 from nanoseek.train.distill import distill
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, pretrain
-from nanoseek.data.builtin import task_conversations
 from nanoseek.train.sft import SFTConfig, sft
-from nanoseek.train.speedrun import SpeedrunConfig, evaluate, share_data
 
 
 def main():

@@ -1,18 +1,96 @@
-"""The nanoseek command line: `nanoseek <command> --help` explains each command."""
+"""The nanoseek command line: `nanoseek <command> --help` explains each command.
+
+Each command turns its options into a call of a function of the package. `_reported` is the one
+place user errors become `error: ...` (exit 2) and Ctrl-C becomes exit 130.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
+import torch
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .chat import chat as run_chat
+from .chat import stream_reply
+from .checkpoint import CheckpointError, load_config, load_model, save_model
+from .data import CorpusStats, iter_documents
+from .data.tasks import get_task
+from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
+from .inference import KVCache, SamplingParams
+from .inference import generate as generate_ids
+from .loading import load_chat_engine
+from .model import DeepseekForCausalLM, build_model, get_preset
+from .remote import RemoteError, remote_chat
+from .speedrun import SpeedrunConfig
+from .speedrun import ship as ship_model
+from .speedrun import speedrun as run_speedrun
+from .tokenizer import DeepSeekTokenizer
+from .train.distill import DISTILL_TRAIN
+from .train.distill import distill as run_distill
+from .train.grpo import RL_TRAIN, GRPOConfig
+from .train.grpo import rl as run_rl
+from .train.loop import TrainConfig
+from .train.pretrain import PRETRAIN_TRAIN, DataConfig
+from .train.pretrain import pretrain as run_pretrain
+from .train.sft import SFT_TRAIN, SFTConfig
+from .train.sft import sft as run_sft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
 console = Console()
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RemoteError)  # ConfigError, CorpusError, ... are ValueErrors
+
+
+def _fail(msg: str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _reported(interrupted: str = "") -> Iterator[None]:
+    """A user error (bad option, file, data, endpoint) -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        if interrupted:
+            console.print(interrupted)
+        raise typer.Exit(130) from None
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list: 'add, sub,' -> ['add', 'sub']."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration (examples: 90s, 10m, 1.5h)") from None
+
+
+def _train(default: TrainConfig, max_steps: int, time_budget: str, **overrides) -> TrainConfig:
+    """A stage's default training settings with the command's length ('' = no time budget) and options."""
+    return replace(default, max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
+                   **overrides)
 
 
 def _count(n: int) -> str:
@@ -20,11 +98,6 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -36,26 +109,18 @@ def demo(
 ):
     """Build a randomly initialised preset, save it, load it back, check the logits survived the
     round trip, and generate a few tokens through the latent KV cache."""
-    import torch
-
-    import nanoseek
-    from nanoseek.inference import KVCache, generate
-    from nanoseek.model import ConfigError, build_model, get_preset
-
     torch.manual_seed(seed)
-    try:
+    with _reported():
         config = get_preset(preset)
-    except ConfigError as e:
-        _fail(str(e))
     t0 = time.perf_counter()
     model = build_model(config).eval()
-    nanoseek.save_model(model, out)
-    loaded = nanoseek.load_model(out)
+    save_model(model, out)
+    loaded = load_model(out)
     prompt = torch.randint(0, config.vocab_size, (1, 8))
     with torch.no_grad():
         same = torch.equal(model(prompt).logits, loaded(prompt).logits)
     t1 = time.perf_counter()
-    ids = generate(loaded, prompt, max_new_tokens=tokens)
+    ids = generate_ids(loaded, prompt, max_new_tokens=tokens)
     t2 = time.perf_counter()
     cache = KVCache(config, rows=1, max_len=1)
 
@@ -76,16 +141,8 @@ def demo(
 @app.command()
 def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek model folder.")):
     """Print a checkpoint's architecture, sizes and KV-cache cost without loading its weights."""
-    import torch
-
-    from nanoseek.checkpoint import CheckpointError, load_config
-    from nanoseek.inference import KVCache
-    from nanoseek.model import ConfigError, DeepseekForCausalLM
-
-    try:
+    with _reported():
         config, raw = load_config(model)
-    except (CheckpointError, ConfigError) as e:
-        _fail(str(e))
     with torch.device("meta"):
         m = DeepseekForCausalLM(config)
     table = Table(title=str(model), show_header=False)
@@ -118,13 +175,6 @@ def tokenizer_train(
     max_documents: int = typer.Option(0, help="Stop after this many documents (0 = the whole corpus)."),
 ):
     """Train a byte-level BPE tokenizer with DeepSeek's special tokens (streams the corpus)."""
-    import itertools
-
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from nanoseek.data import CorpusError, CorpusStats, iter_documents
-    from nanoseek.tokenizer import DeepSeekTokenizer
-
     stats = CorpusStats()
     docs = iter_documents(data, on_error="skip" if skip_bad_records else "stop", stats=stats)
     if max_documents > 0:
@@ -138,25 +188,13 @@ def tokenizer_train(
                     bar.update(task, description=f"training BPE on {i:,} documents")
                 yield doc
 
-        try:
+        with _reported():
             tok = DeepSeekTokenizer.train(counted(), vocab_size=vocab_size)
-        except (CorpusError, ValueError) as e:
-            _fail(str(e))
     tok.save(out)
     console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {stats.documents:,} documents"
                   + (f", {stats.skipped:,} malformed records skipped" if stats.skipped else ""))
     for problem in stats.problems[:5]:
         console.print(f"  [yellow]skipped[/] {problem}")
-
-
-def parse_duration(text: str) -> float:
-    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    t = text.strip().lower()
-    try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration (examples: 90s, 10m, 1.5h)") from None
 
 
 @app.command()
@@ -168,25 +206,28 @@ def pretrain(
                                    ".parquet files or folders."),
     max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget; one of the two is needed)."),
     time_budget: str = typer.Option("", help="Training time, e.g. 10m or 1.5h; the schedule decays to fit it."),
-    seq_len: int = typer.Option(512, help="Tokens per row."),
-    batch_size: int = typer.Option(8, help="Rows per micro-batch per process."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate."),
-    schedule: str = typer.Option("wsd", help="wsd (warmup-stable-decay), cosine or constant."),
-    warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
+    seq_len: int = typer.Option(DataConfig.seq_len, help="Tokens per row."),
+    batch_size: int = typer.Option(DataConfig.batch_size, help="Rows per micro-batch per process."),
+    grad_accum: int = typer.Option(PRETRAIN_TRAIN.grad_accum, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(PRETRAIN_TRAIN.lr, help="Peak learning rate."),
+    schedule: str = typer.Option(PRETRAIN_TRAIN.schedule, help="wsd (warmup-stable-decay), cosine or constant."),
+    warmup_steps: int = typer.Option(PRETRAIN_TRAIN.warmup_steps, help="Linear warmup steps."),
     bf16: bool = typer.Option(None, help="bf16 autocast (weights and optimizer stay fp32). Default: on for CUDA, "
                               "off on CPU, where it measured 2x slower on a CPU without AMX."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile attention, norms and dense MLPs "
                                  "(~5-15% faster after ~10 s of compiling)."),
     mtp_lambda: float = typer.Option(0.3, help="Weight of the multi-token-prediction loss."),
-    bias_gamma: float = typer.Option(0.001, help="Router-bias update speed (aux-loss-free balancing; 0 = off)."),
+    bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, help="Router-bias update speed (aux-loss-free "
+                                     "balancing; 0 = off)."),
     aux_alpha: float = typer.Option(-1.0, help="Sequence-wise balance loss weight (-1 = the preset's)."),
-    vocab_size: int = typer.Option(2048, help="Vocabulary of the tokenizer trained for the run."),
+    vocab_size: int = typer.Option(DataConfig.vocab_size, help="Vocabulary of the tokenizer trained for the run."),
     tokenizer: Path = typer.Option(None, help="Use this tokenizer folder instead of training one."),
-    task_documents: int = typer.Option(100_000, help="Problems generated for the 'tasks' source."),
-    fim_rate: float = typer.Option(0.1, help="FIM rate for corpus documents (code from 'stdlib' uses 0.5)."),
-    eval_every: int = typer.Option(100, help="Evaluate held-out loss every N steps."),
-    checkpoint_every: int = typer.Option(200, help="Write a checkpoint every N steps (and always at the end)."),
+    task_documents: int = typer.Option(DataConfig.task_documents, help="Problems generated for the 'tasks' source."),
+    fim_rate: float = typer.Option(DataConfig.fim_rate, help="FIM rate for corpus documents (code from 'stdlib' "
+                                   "uses 0.5)."),
+    eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, help="Evaluate held-out loss every N steps."),
+    checkpoint_every: int = typer.Option(PRETRAIN_TRAIN.checkpoint_every, help="Write a checkpoint every N steps "
+                                         "(and always at the end)."),
     skip_bad_records: bool = typer.Option(False, help="Skip and count malformed corpus records instead of stopping."),
     seed: int = typer.Option(0, help="Seed for weights, data order and FIM."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -195,28 +236,18 @@ def pretrain(
     the data into shards, and runs the training loop with checkpoints, metrics.jsonl and curves.png.
 
     Also runs under torchrun: torchrun --nproc-per-node 2 -m nanoseek pretrain ..."""
-    from nanoseek.data import CorpusError
-    from nanoseek.model import ConfigError
-    from nanoseek.train import DataConfig, TrainConfig
-    from nanoseek.train import pretrain as run
-
-    try:
-        if bf16 is None:
-            import torch
-
-            bf16 = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        train = TrainConfig(max_steps=max_steps, compile=compile, time_budget=parse_duration(time_budget) if time_budget else 0.0,
-                            grad_accum=grad_accum, lr=lr, schedule=schedule, warmup_steps=warmup_steps, bf16=bf16,
-                            bias_gamma=bias_gamma, aux_alpha=None if aux_alpha < 0 else aux_alpha,
-                            eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+    if bf16 is None:
+        bf16 = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    with _reported():
+        train = _train(PRETRAIN_TRAIN, max_steps, time_budget, grad_accum=grad_accum, lr=lr, schedule=schedule,
+                       warmup_steps=warmup_steps, bf16=bf16, compile=compile, bias_gamma=bias_gamma,
+                       aux_alpha=None if aux_alpha < 0 else aux_alpha, eval_every=eval_every,
+                       checkpoint_every=checkpoint_every, seed=seed)
         cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
                          tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
                          fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
-        result = run(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device, console=console)
-    except (ConfigError, CorpusError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
+        result = run_pretrain(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device,
+                              console=console)
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "mtp_loss", "eval_loss"))
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
@@ -226,80 +257,23 @@ COMPILE_HELP = ("Decode through torch.compile: about 3x faster for small models 
                 "startup (30-40 s the first time; needs a C++ compiler, decodes eagerly without one).")
 
 
+SPECULATIVE_HELP = ("MTP speculative decoding when the model has an MTP layer (same output; with --compile about "
+                    "1.4x faster).")
+
+
 QUANTIZE_HELP = ("Quantize the weights while loading: int8 (per channel) or int4 (groups of 32); about 2x / 3.5x "
                  "less memory than bf16 and faster decoding on CPU. A folder written by `nanoseek quantize` "
                  "loads quantized without it.")
 
 
-def _load_for_chat(model: Path | None, speculative: bool, max_batch: int = 4, compile: bool = False,
-                   quantize: str | None = None):
-    """(engine, tokenizer) for a model folder holding config.json, safetensors and tokenizer.json, in the
-    dtype `inference_dtype` picks (fp32 for small models, the checkpoint's for large ones)."""
-    from nanoseek import load_model
-    from nanoseek.checkpoint import CheckpointError, inference_dtype
-    from nanoseek.inference import Engine
-    from nanoseek.model import ConfigError
-    from nanoseek.quant import prepare_kernels
-    from nanoseek.tokenizer import DeepSeekTokenizer
-
+def _chat_engine(model: Path | None, **options):
+    """load_chat_engine on --model, or on the chat model shipped in the package when none is given."""
     if model is None:
         model = SHIPPED
         if not (model / "config.json").is_file():
             _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
-    if not model.exists():
-        _fail(f"{model}: no such folder")
-    try:
-        m = load_model(model, dtype=inference_dtype(model, quantize), quantize=quantize)
-        prepare_kernels(m)
-        tok = DeepSeekTokenizer.load(model)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    if speculative and not m.mtp_layers:
-        console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
-        speculative = False
-    engine = Engine(m, decode=tok.decode, max_batch=max_batch, speculative=speculative, eos_token_id=sorted(tok.eos_ids),
-                    compile=compile)
-    if compile:  # compile the decode step now (one row, then several), not at the first reply
-        from nanoseek.inference import SamplingParams
-
-        with console.status("compiling the decode step (seconds to a minute; torch caches it on disk for later runs)"):
-            warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-            for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
-                engine.generate(rows, warm)
-    return engine, tok
-
-
-def _stream_reply(engine, req, thinking: bool) -> tuple[str, str]:
-    """Drive the engine until req ends, printing reasoning dimmed and the answer plainly."""
-    from nanoseek.reasoning import ReasoningStream
-
-    splitter, parts, shown = ReasoningStream(started=thinking), {"reasoning": "", "answer": ""}, None
-    try:
-        while not req.finished:
-            engine.step()
-            while not req.events.empty():
-                ev = req.events.get()
-                for kind, text in splitter.feed(ev.text, final=ev.finish_reason is not None):
-                    if kind != shown:
-                        header = "[dim italic]Thinking...[/]\n" if kind == "reasoning" else "\n[bold]Answer:[/] "
-                        console.print(header, end="")
-                        shown = kind
-                    parts[kind] += text
-                    console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False,
-                                  highlight=False)
-    except KeyboardInterrupt:
-        engine.cancel(req)
-        while engine.has_work:
-            engine.step()
-        console.print("\n[yellow](stopped)[/]", end="")
-    console.print()
-    return parts["reasoning"], parts["answer"]
-
-
-def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None):
-    from nanoseek.inference import SamplingParams
-
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with _reported():
+        return load_chat_engine(model, console=console, **options)
 
 
 @app.command()
@@ -318,16 +292,13 @@ def generate(
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
-    from nanoseek.inference import InvalidRequest
-
-    engine, tok = _load_for_chat(model, speculative, max_batch=1, compile=compile, quantize=quantize)
+    engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize)
     ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
-    try:
-        req = engine.submit(ids, _sampling(max_tokens, temperature, top_p, seed))
-    except InvalidRequest as e:
-        _fail(str(e))
-    _stream_reply(engine, req, thinking=not raw and tok.opens_thinking(ids))
+    with _reported():
+        req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                seed=seed))
+    stream_reply(engine, req, not raw and tok.opens_thinking(ids), console)
     dt = time.perf_counter() - t0
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
     console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "
@@ -343,8 +314,7 @@ def chat(
     top_p: float = typer.Option(0.95),
     max_tokens: int = typer.Option(1024, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
-    speculative: bool = typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same "
-                                     "output; with --compile about 1.4x faster)."),
+    speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
@@ -353,91 +323,32 @@ def chat(
     End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
     current reply; Ctrl-D or /exit leaves."""
-    from nanoseek.inference import EngineBusy, InvalidRequest
-    from nanoseek.tokenizer import ChatFormatError
-
-    engine, tok = _load_for_chat(model, speculative, compile=compile, quantize=quantize)
-    messages: list[dict] = []
-    console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; Ctrl-C stops a reply)")
-    while True:
-        try:
-            lines = [input("> ")]
-            while lines[-1].endswith("\\"):
-                lines[-1] = lines[-1][:-1]
-                lines.append(input("... "))
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            return
-        text = "\n".join(lines).strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            cmd, _, arg = text.partition(" ")
-            if cmd == "/exit":
-                return
-            if cmd == "/reset":
-                messages = []
-                console.print("[dim](new conversation)[/]")
-            elif cmd == "/system":
-                system = arg.strip()
-                console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
-            elif cmd == "/temp":
-                try:
-                    temperature = float(arg)
-                    console.print(f"[dim](temperature {temperature})[/]")
-                except ValueError:
-                    console.print("[red]usage: /temp 0.7[/]")
-            else:
-                console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit)")
-            continue
-        messages.append({"role": "user", "content": text})
-        convo = ([{"role": "system", "content": system}] if system else []) + messages
-        try:
-            ids = tok.render_prompt(convo, thinking=think)
-            req = engine.submit(ids, _sampling(max_tokens, temperature, top_p, None))
-        except (InvalidRequest, EngineBusy, ChatFormatError) as e:
-            messages.pop()
-            console.print(f"[red]{e}[/] (try /reset)")
-            continue
-        reasoning, answer = _stream_reply(engine, req, thinking=tok.opens_thinking(ids))
-        messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
-
-
-def _train_config(**kw):
-    from nanoseek.train import TrainConfig
-
-    return TrainConfig(**kw)
+    engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize)
+    console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
+                  "Ctrl-C stops a reply)")
+    run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+             think=think)
 
 
 @app.command()
 def sft(
     model: Path = typer.Option(..., help="The model folder to fine-tune (e.g. runs/pretrain/model)."),
-    data: str = typer.Option("builtin", help="A .jsonl of {\"messages\": [...]} conversations (assistant turns may "
-                             "carry reasoning_content), or 'builtin' (task problems phrased many ways + chat)."),
+    data: str = typer.Option(SFTConfig.data, help="A .jsonl of {\"messages\": [...]} conversations (assistant turns "
+                             "may carry reasoning_content), or 'builtin' (task problems phrased many ways + chat)."),
     out: Path = typer.Option(Path("runs/sft"), help="Run folder (rerun to resume)."),
     max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget)."),
     time_budget: str = typer.Option("", help="Training time, e.g. 3m."),
-    lr: float = typer.Option(5e-4),
-    batch_size: int = typer.Option(8),
-    seq_len: int = typer.Option(512),
-    conversations: int = typer.Option(30_000, help="Size of the built-in mixture."),
+    lr: float = typer.Option(SFT_TRAIN.lr),
+    batch_size: int = typer.Option(SFTConfig.batch_size),
+    seq_len: int = typer.Option(SFTConfig.seq_len),
+    conversations: int = typer.Option(SFTConfig.builtin_conversations, help="Size of the built-in mixture."),
     seed: int = typer.Option(0),
 ):
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
-    from nanoseek.model import ConfigError
-    from nanoseek.train.sft import SFTConfig
-    from nanoseek.train.sft import sft as run
-
-    try:
-        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
-                              lr=lr, warmup_steps=20, schedule="cosine", eval_every=100, checkpoint_every=200,
-                              seed=seed)
-        result = run(model, out, SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len,
-                                           batch_size=batch_size, seed=seed), train, console=console)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
+    with _reported():
+        train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
+        result = run_sft(model, out, SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len,
+                                               batch_size=batch_size, seed=seed), train, console=console)
     if result:
         console.print(f"[green]done[/]: loss {result.get('loss', float('nan')):.4g}. Model: {out}/model")
 
@@ -449,35 +360,24 @@ def rl(
     out: Path = typer.Option(Path("runs/rl"), help="Run folder (rerun to resume)."),
     max_steps: int = typer.Option(0, help="GRPO steps (0 = until the time budget)."),
     time_budget: str = typer.Option("", help="Training time, e.g. 10m."),
-    lr: float = typer.Option(2e-5, help="Learning rate (RL wants it small)."),
-    prompts: int = typer.Option(16, help="Problems per step."),
-    group: int = typer.Option(8, help="Samples per problem (G)."),
-    updates: int = typer.Option(1, help="Optimizer steps per batch of rollouts (GRPO's mu)."),
-    temperature: float = typer.Option(0.7, help="Rollout temperature."),
-    beta: float = typer.Option(0.02, help="KL (k3) to the starting model; 0 = no reference model."),
-    loss_norm: str = typer.Option("sequence", help="sequence (each completion weighs the same), token (DAPO) or "
-                                  "dr_grpo (sum over tokens / (completions x max length))."),
+    lr: float = typer.Option(RL_TRAIN.lr, help="Learning rate (RL wants it small)."),
+    prompts: int = typer.Option(GRPOConfig.prompts_per_step, help="Problems per step."),
+    group: int = typer.Option(GRPOConfig.group_size, help="Samples per problem (G)."),
+    updates: int = typer.Option(GRPOConfig.updates_per_rollout, help="Optimizer steps per batch of rollouts "
+                                "(GRPO's mu)."),
+    temperature: float = typer.Option(GRPOConfig.temperature, help="Rollout temperature."),
+    beta: float = typer.Option(GRPOConfig.beta, help="KL (k3) to the starting model; 0 = no reference model."),
+    loss_norm: str = typer.Option(GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token "
+                                  "(DAPO) or dr_grpo (sum over tokens / (completions x max length))."),
     dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
-    mode: str = typer.Option("r1", help="r1 (chat template) or r1-zero (R1-Zero prompt on a base model)."),
+    mode: str = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero prompt on a base model)."),
     seed: int = typer.Option(0),
 ):
     """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
-    from nanoseek.model import ConfigError
-    from nanoseek.train.grpo import GRPOConfig
-    from nanoseek.train.grpo import rl as run
-
-    try:
-        cfg = GRPOConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], prompts_per_step=prompts,
-                         group_size=group, updates_per_rollout=updates, temperature=temperature, beta=beta,
-                         loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
-        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
-                              lr=lr, warmup_steps=5, schedule="constant", bias_gamma=0.0, eval_every=0,
-                              checkpoint_every=20, seed=seed)
-        result = run(model, out, cfg, train, console=console)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
+    with _reported():
+        cfg = GRPOConfig(tasks=_names(tasks), prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
+                         temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
+        result = run_rl(model, out, cfg, _train(RL_TRAIN, max_steps, time_budget, lr=lr, seed=seed), console=console)
     if result:
         console.print(f"[green]done[/]: reward {result.get('reward', 0):.3f}, accuracy {result.get('accuracy', 0):.1%}. "
                       f"Model: {out}/model  Curves: {out}/curves.png")
@@ -499,20 +399,11 @@ def distill(
     time_budget: str = typer.Option("3m"),
 ):
     """Distill a teacher's verified reasoning traces into a smaller student (rejection sampling + SFT)."""
-    from nanoseek.model import ConfigError
-    from nanoseek.train.distill import TeacherError
-    from nanoseek.train.distill import distill as run
-
-    try:
-        train = _train_config(max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
-                              lr=2e-3, warmup_steps=20, schedule="cosine", eval_every=100, checkpoint_every=200)
-        result = run(teacher, student, out, [t.strip() for t in tasks.split(",")], traces,
-                     tokenizer=str(tokenizer) if tokenizer else None, kl_alpha=kl_alpha, teacher_model=teacher_model,
-                     api_key=api_key, train=train, console=console)
-    except (ConfigError, ValueError, FileNotFoundError, TeacherError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
+    with _reported():
+        result = run_distill(teacher, student, out, _names(tasks), traces,
+                             tokenizer=str(tokenizer) if tokenizer else None, kl_alpha=kl_alpha,
+                             teacher_model=teacher_model, api_key=api_key,
+                             train=_train(DISTILL_TRAIN, max_steps, time_budget), console=console)
     console.print(f"[green]done[/]: {result.get('verified', 0)} verified traces "
                   f"({result.get('acceptance', 0):.0%} accepted). Student: {out}/student/model")
 
@@ -533,36 +424,27 @@ def eval_(
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
-    import json as _json
-
-    from nanoseek.eval import evaluate_family, markdown_table
-    from nanoseek.eval.tasks import evaluate_remote
-    from nanoseek.train.distill import TeacherError, remote_teacher
-
-    families = [t.strip() for t in tasks.split(",") if t.strip()]
     remote = model.startswith(("http://", "https://"))
     if remote:
-        ask = remote_teacher(model, remote_model, api_key, temperature=temperature, log=console.print)
+        ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
-        engine, tok = _load_for_chat(Path(model), speculative=False, max_batch=64, quantize=quantize)
+        engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
     results = []
-    for family in families:
-        try:
+    for family in _names(tasks):
+        with _reported():
             if remote:
                 r, _ = evaluate_remote(ask, [(family, not varied)], n=n, samples=samples,
                                        max_new_tokens=max_tokens or 512)[0]
             else:
                 r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
                                        canonical=not varied, max_new_tokens=max_tokens or None)
-        except (ValueError, TeacherError) as e:
-            _fail(str(e))
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
     table = markdown_table(results)
     console.print(table)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_json.dumps([r.row() for r in results], indent=2))
+        out.write_text(json.dumps([r.row() for r in results], indent=2))
         out.with_suffix(".md").write_text(table + "\n")
 
 
@@ -570,7 +452,7 @@ def eval_(
 def speedrun(
     out: Path = typer.Option(Path("runs/speedrun"), help="Pipeline folder (rerun to resume after a crash)."),
     budget: str = typer.Option("30m", help="Time for the whole pipeline; stages get fixed shares of it."),
-    preset: str = typer.Option("cpu-tiny", help="The chat model's preset."),
+    preset: str = typer.Option(SpeedrunConfig.preset, help="The chat model's preset."),
     rl_tasks: str = typer.Option("", help="Families for the GRPO stage, comma-separated (default: the weakest "
                                  "family the SFT model solves 10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
@@ -580,22 +462,12 @@ def speedrun(
 
     Every stage is a run folder under OUT; the same stages are the commands pretrain, sft, rl,
     distill and eval, which run at any scale on your own data."""
-    from nanoseek.data.tasks import get_task
-    from nanoseek.model import ConfigError
-    from nanoseek.train.speedrun import SpeedrunConfig
-    from nanoseek.train.speedrun import ship as ship_model
-    from nanoseek.train.speedrun import speedrun as run
-
-    try:
-        tasks = [t.strip() for t in rl_tasks.split(",") if t.strip()] or None
-        for t in tasks or []:
+    with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"):
+        families = _names(rl_tasks) or None
+        for t in families or []:
             get_task(t)  # an unknown family is refused before any stage runs
-        run(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset, rl_tasks=tasks), console=console)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: rerun the same command to continue")
-        raise typer.Exit(130)
+        run_speedrun(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset, rl_tasks=families),
+                     console=console)
     if ship:
         ship_model(out, SHIPPED)
         console.print(f"[green]shipped[/] {SHIPPED}")
@@ -615,22 +487,22 @@ def serve(
     max_batch: int = typer.Option(16, help="Requests decoded together."),
     max_queue: int = typer.Option(64, help="Waiting requests before the server answers 503."),
     db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: <model>/chats.db)."),
-    speculative: bool = typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same "
-                                     "output; with --compile about 1.4x faster)."),
+    speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
-    import uvicorn
+    import uvicorn  # the server's dependencies, only for this command
 
-    from nanoseek.serve import create_app
-    from nanoseek.serve.store import ChatStore
+    from .serve import create_app
+    from .serve.store import ChatStore
 
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
         _fail(f"refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
               "--allow-open")
-    engine, tok = _load_for_chat(model, speculative, max_batch=max_batch, compile=compile, quantize=quantize)
+    engine, tok = _chat_engine(model, max_batch=max_batch, speculative=speculative, compile=compile,
+                               quantize=quantize)
     engine.max_queue = max_queue
     store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
     application = create_app(engine, tok, name=name, api_key=api_key, store=store)
@@ -648,12 +520,6 @@ def quantize(
     """Quantize every linear layer (attention, MLPs, each expert, the output head) and write a folder that
     loads quantized without re-quantizing. Tensors are converted one at a time while the shards stream
     by, so memory holds the quantized model plus one tensor."""
-    import shutil
-
-    from nanoseek import load_model, save_model
-    from nanoseek.checkpoint import CheckpointError
-    from nanoseek.model import ConfigError
-
     if bits not in (8, 4):
         _fail(f"--bits must be 8 or 4, got {bits}")
     if not (model / "config.json").is_file():
@@ -662,10 +528,8 @@ def quantize(
         _fail("OUT must be another folder than MODEL")
     t0 = time.perf_counter()
     with console.status(f"quantizing {model} to int{bits}"):
-        try:
+        with _reported():
             m = load_model(model, quantize=bits)
-        except (CheckpointError, ConfigError, ValueError) as e:
-            _fail(str(e))
         save_model(m, out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         if (model / name).is_file():

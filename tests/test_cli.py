@@ -85,7 +85,7 @@ def test_chat_commands_and_multiline_input(tmp_path):
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
     """Every stage for a few seconds on the tiny preset; a rerun skips what is done."""
-    from nanoseek.train.speedrun import SpeedrunConfig, ship, speedrun
+    from nanoseek.speedrun import SpeedrunConfig, ship, speedrun
 
     cfg = SpeedrunConfig(budget=40, preset="tiny", student="tiny", eval_n=3, traces=4, task_documents=1500,
                          code_chars=50_000, sft_conversations=600, seq_len=128, max_new_tokens=24)
@@ -96,7 +96,7 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
         assert part in text, (part, text)
     assert (tmp_path / "run" / "rl" / "model" / "config.json").is_file()
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
-    from nanoseek.train.speedrun import expected_durations
+    from nanoseek.speedrun import expected_durations
     assert list(timings) == list(expected_durations(cfg))  # every stage ran, in the order the ETA assumes
     again = runner.invoke(app, ["speedrun", "--out", str(tmp_path / "run"), "--budget", "40s", "--preset", "tiny"])
     assert again.exit_code == 0 and " ".join(again.output.split()).count("done earlier") == len(timings)

@@ -7,16 +7,17 @@ import torch
 
 from conftest import randomize_
 from nanoseek.checkpoint import load_model, save_model
-from nanoseek.data.builtin import task_texts
+from nanoseek.data.builtin import builtin_conversations, task_texts
 from nanoseek.data.shards import IGNORE
 from nanoseek.data.tasks import get_task
 from nanoseek.model import build_model, get_preset
+from nanoseek.remote import RemoteError, remote_chat
 from nanoseek.tokenizer import DeepSeekTokenizer
 from nanoseek.train import TrainConfig
-from nanoseek.train.distill import TeacherError, collect_traces, remote_teacher, verified_conversations
+from nanoseek.train.distill import collect_traces, verified_conversations
 from nanoseek.train.grpo import GRPOConfig, rl
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.sft import SFTConfig, SFTRows, builtin_conversations, sft, sft_example
+from nanoseek.train.sft import SFTConfig, SFTRows, sft, sft_example
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,9 @@ def test_traces_are_verified_appended_and_resumed(tmp_path):
     assert len(verified_conversations(out)) == 12
 
 
-def test_remote_teacher_retries_then_reports(tmp_path):
+def test_remote_chat_retries_then_reports(tmp_path):
     logs = []
-    ask = remote_teacher("http://127.0.0.1:9", "m", retries=2, timeout=1, log=logs.append, backoff=0.01)
-    with pytest.raises(TeacherError, match="after 2 attempts"):
+    ask = remote_chat("http://127.0.0.1:9", "m", retries=2, timeout=1, log=logs.append)
+    with pytest.raises(RemoteError, match="after 2 attempts"):
         ask(["1+1?"], 5, 0)
     assert len(logs) == 2 and "retry" in logs[0]

@@ -351,9 +351,9 @@ def test_eval_and_teacher_against_a_live_server(server):
 
     from nanoseek.cli import app
     from nanoseek.eval.tasks import evaluate_remote
-    from nanoseek.train.distill import remote_teacher
+    from nanoseek.remote import remote_chat
 
-    ask = remote_teacher(server + "/v1", "nanoseek-test", api_key=KEY, temperature=0.0, retries=1)
+    ask = remote_chat(server + "/v1", "nanoseek-test", api_key=KEY, temperature=0.0, retries=1)
     texts = ask(["What is 2 + 2?"], 8, 0)
     assert len(texts) == 1 and "</think>" in texts[0]
     (r, records), = evaluate_remote(ask, [("add", True)], n=3, max_new_tokens=8)

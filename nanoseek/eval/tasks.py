@@ -10,7 +10,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from ..data.tasks import get_task
+from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
 from ..inference import Engine, SamplingParams
 from ..tokenizer import DeepSeekTokenizer
@@ -29,13 +29,6 @@ class FamilyResult:
 
     def row(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def token_budget(tok: DeepSeekTokenizer, family: str, n: int = 50) -> int:
-    """A generation cap per family: 1.5x the longest worked solution among n held-out problems."""
-    task = get_task(family)
-    longest = max(len(tok.encode(task.solution(p) + p.answer)) for p in task.heldout(n))
-    return int(1.5 * longest) + 16
 
 
 def problems_for(family: str, n: int, canonical: bool, seed: int = 1234):
@@ -65,7 +58,7 @@ class _Answered:
 def evaluate_remote(ask, specs: list[tuple[str, bool]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
                     seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
     """The same evaluation against an OpenAI-compatible endpoint; ask(questions, max_tokens, seed) returns
-    'reasoning </think> answer' texts (see train/distill.remote_teacher)."""
+    'reasoning </think> answer' texts (see remote.remote_chat)."""
     out = []
     for family, canonical in specs:
         task, problems = problems_for(family, n, canonical)

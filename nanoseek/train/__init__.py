@@ -1,6 +1,7 @@
-"""Training: the one loop (loop.py) and the stages built on it."""
+"""Training: the one loop (loop.py), the run folder's lifecycle (runs.py) and the stages built on them."""
 
 from .loop import Objective, Trainer, TrainConfig, lr_multiplier
-from .pretrain import DataConfig, LMObjective, pretrain
+from .losses import LMObjective
+from .pretrain import DataConfig, pretrain
 
 __all__ = ["DataConfig", "LMObjective", "Objective", "TrainConfig", "Trainer", "lr_multiplier", "pretrain"]

@@ -1,8 +1,8 @@
 """Distillation into smaller "derivative" models, DeepSeek-R1 style.
 
 1. Traces: a teacher answers train-split problems: a local nanoseek model folder (through the
-   engine), or any OpenAI-compatible endpoint (DeepSeek's API, a nanoseek server), whose
-   `reasoning_content` is the trace. Only traces whose answers verify are kept (rejection
+   engine), or any OpenAI-compatible endpoint (DeepSeek's API, a nanoseek server; remote.py),
+   whose `reasoning_content` is the trace. Only traces whose answers verify are kept (rejection
    sampling). Each is appended to traces.jsonl as it arrives, so a crash or a failing endpoint
    loses nothing: rerunning continues where it stopped. Network errors are retried with
    backoff, reported, and never silently dropped.
@@ -15,76 +15,36 @@ from __future__ import annotations
 
 import json
 import random
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from ..data.tasks import get_task
+from ..checkpoint import load_model, save_model
+from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
-from ..inference import Engine, SamplingParams
+from ..inference import SamplingParams
+from ..loading import load_chat_engine
+from ..model import build_model
+from ..remote import remote_chat
 from ..tokenizer import DeepSeekTokenizer
 from .losses import distill_kl
+from .pretrain import model_config_for
+from .sft import SFT_TRAIN, SFTConfig, sft
 
-
-class TeacherError(RuntimeError):
-    """The teacher endpoint failed after all retries."""
+DISTILL_TRAIN = replace(SFT_TRAIN, lr=2e-3)  # `nanoseek distill` and the speedrun override it
 
 
 def local_teacher(model_dir: str | Path, temperature: float = 0.6, max_batch: int = 32):
     """A function questions -> completions (reasoning + answer text) from a local model folder."""
-    from ..checkpoint import load_model
-
-    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
-    engine = Engine(model, decode=tok.decode, max_batch=max_batch, eos_token_id=tok.eos_id)
+    engine, tok = load_chat_engine(model_dir, max_batch=max_batch, dtype=torch.float32)
 
     def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
         prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in questions]
         reqs = engine.generate(prompts, [SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                                                         seed=seed + i) for i in range(len(prompts))])
         return [r.text for r in reqs]
-
-    return ask
-
-
-def remote_teacher(url: str, model: str, api_key: str | None = None, temperature: float = 0.6, retries: int = 5,
-                   timeout: float = 120.0, log: Callable[[str], None] = print, backoff: float = 2.0,
-                   concurrency: int = 8):
-    """Questions -> completions from an OpenAI-compatible /v1/chat/completions endpoint, `concurrency`
-    requests in flight (a batching server answers them together). The completion is rebuilt as
-    `reasoning_content </think> content` so the same verifier applies."""
-    endpoint = url.rstrip("/") + ("/chat/completions" if url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
-
-    def one(question: str, max_tokens: int, seed: int) -> str:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
-                           "max_tokens": max_tokens, "temperature": temperature, "seed": seed}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-        for attempt in range(retries):
-            try:
-                req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    msg = json.loads(r.read())["choices"][0]["message"]
-                reasoning = msg.get("reasoning_content") or ""
-                return f"{reasoning}\n</think>\n\n{msg.get('content') or ''}"
-            except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code != 429:  # a client error will not fix itself
-                    raise TeacherError(f"{endpoint}: HTTP {e.code}: {e.read()[:300]!r}") from None
-                err = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, json.JSONDecodeError) as e:
-                err = str(e)
-            wait = min(30.0, backoff ** attempt) if backoff > 1 else backoff
-            log(f"teacher request failed ({err}); retry {attempt + 1}/{retries} in {wait:.0f}s")
-            time.sleep(wait)
-        raise TeacherError(f"{endpoint}: still failing after {retries} attempts ({err})")
-
-    def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:  # map keeps the questions' order
-            return list(pool.map(lambda iq: one(iq[1], max_tokens, seed + iq[0]), enumerate(questions)))
 
     return ask
 
@@ -135,10 +95,11 @@ def verified_conversations(path: Path) -> list[list[dict]]:
 
 class DistillObjective:
     """(1 - alpha) * cross-entropy + alpha * KL(teacher || student) at temperature T, on the
-    assistant tokens; the teacher is a local model with the same tokenizer."""
+    assistant tokens, + mtp_lambda * MTP loss; the teacher is a local model with the same tokenizer."""
 
-    def __init__(self, teacher, alpha: float = 0.5, temperature: float = 2.0, device="cpu"):
+    def __init__(self, teacher, alpha: float = 0.5, temperature: float = 2.0, mtp_lambda: float = 0.3, device="cpu"):
         self.teacher, self.alpha, self.t, self.device = teacher.eval(), alpha, temperature, torch.device(device)
+        self.mtp_lambda = mtp_lambda
 
     def weight(self, batch) -> int:
         return int((batch[1] != -100).sum())
@@ -154,32 +115,24 @@ class DistillObjective:
         ce_sum = out.loss * n
         loss = (1 - self.alpha) * ce_sum + self.alpha * kl_sum
         if out.mtp_loss is not None:
-            loss = loss + 0.3 * out.mtp_loss * n
+            loss = loss + self.mtp_lambda * out.mtp_loss * n
         return loss, {"loss": ce_sum.detach(), "kl": kl_sum.detach()}
 
 
 def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_traces: int = 2000,
             tokenizer: str | None = None, kl_alpha: float = 0.0, kl_temperature: float = 2.0,
             teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int | None = None,
-            sft_config=None, train=None, console: Console | None = None) -> dict:
+            sft_config: SFTConfig | None = None, train=None, console: Console | None = None) -> dict:
     """Traces from the teacher (folder or URL) -> verified -> SFT of the student (preset or folder).
     Writes out/traces.jsonl, out/student_init/ (a preset student), out/student/ (the SFT run)."""
-    from dataclasses import replace
-
-    from ..checkpoint import load_model, save_model
-    from ..model import build_model, get_preset
-    from .sft import SFTConfig, sft
-
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remote = teacher.startswith(("http://", "https://"))
     if kl_alpha > 0 and remote:
         raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
-    ask = (remote_teacher(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher))
+    ask = remote_chat(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher)
     if max_tokens is None:  # room for the longest worked solution (the teacher's tokenizer) or 512 for an endpoint
-        from ..eval.tasks import token_budget
-
         max_tokens = 512 if remote else max(token_budget(DeepSeekTokenizer.load(teacher), t) for t in tasks)
     stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console)
     if stats["verified"] == 0:
@@ -195,13 +148,12 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
         tok = DeepSeekTokenizer.load(tok_dir)
         student_dir = out / "student_init"
         if not (student_dir / "config.json").is_file():
-            vocab = -(-tok.vocab_size // 64) * 64
-            model = build_model(get_preset(student, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-            save_model(model, student_dir)
+            save_model(build_model(model_config_for(student, tok)), student_dir)
             tok.save(student_dir)
     cfg = replace(sft_config or SFTConfig(), data=str(out / "sft.jsonl"))
     objective = None
     if kl_alpha > 0:
-        objective = DistillObjective(load_model(teacher, dtype=torch.float32), kl_alpha, kl_temperature)
-    result = sft(student_dir, out / "student", cfg, train, console=console, objective=objective)
+        objective = DistillObjective(load_model(teacher, dtype=torch.float32), kl_alpha, kl_temperature,
+                                     cfg.mtp_lambda)
+    result = sft(student_dir, out / "student", cfg, train or DISTILL_TRAIN, console=console, objective=objective)
     return {**stats, **result}

@@ -4,6 +4,8 @@ FSDP2 sharding, and full (unsharded) state dicts so checkpoints move between wor
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,16 @@ def setup(device: str | None = None) -> DistInfo:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str | None = None) -> Iterator[DistInfo]:
+    """setup() for the block, teardown() however it ends."""
+    info = setup(device)
+    try:
+        yield info
+    finally:
+        teardown()
 
 
 def shard(model: nn.Module) -> None:

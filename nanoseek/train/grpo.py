@@ -13,7 +13,6 @@ from a pretrained base, with the R1-Zero prompt).
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,16 +23,15 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from ..checkpoint import load_model
-from ..data.tasks import get_task
-from ..data.tasks.rewards import accuracy_reward, format_reward
-from ..eval.tasks import token_budget
+from ..data.tasks import get_task, token_budget
+from ..data.tasks.rewards import accuracy_reward, format_reward, reward
 from ..inference import Engine, SamplingParams
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import TrainConfig, Trainer
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
-from .pretrain import check_same_run, export
+from .runs import run_stage
 
 R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves "
                     "it. The Assistant first thinks about the reasoning process and then gives the User the answer. "
@@ -133,17 +131,16 @@ class Rollouts:
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         rollout_time = time.perf_counter() - t0
-        acc, fmt = [], []
-        for j, r in enumerate(reqs):
-            name, p = problems[j // cfg.group_size]
-            acc.append(accuracy_reward(self.tasks[name], p, r.text))
-            fmt.append(format_reward(r.text))
-        acc_t, fmt_t = torch.tensor(acc), torch.tensor(fmt)
-        rewards = acc_t + cfg.format_weight * fmt_t
+        graded = [(self.tasks[name], p, r.text) for (name, p), r in
+                  zip((problem for problem in problems for _ in range(cfg.group_size)), reqs)]
+        rewards = torch.tensor([reward(task, p, text, cfg.format_weight) for task, p, text in graded])
+        accuracy = torch.tensor([accuracy_reward(task, p, text) for task, p, text in graded])
+        format_rate = torch.tensor([format_reward(r.text) for r in reqs])
         adv = group_advantages(rewards, cfg.group_size, scale=not cfg.dr_grpo)
         keep = varied_groups(rewards, cfg.group_size)
         lengths = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.float)
-        stats = {"reward": rewards.mean().item(), "accuracy": acc_t.mean().item(), "format_rate": fmt_t.mean().item(),
+        stats = {"reward": rewards.mean().item(), "accuracy": accuracy.mean().item(),
+                 "format_rate": format_rate.mean().item(),
                  "response_length": lengths.mean().item(), "groups_kept": keep.float().mean().item(),
                  "rollout_s": rollout_time}
         idx = keep.nonzero().flatten().tolist()
@@ -233,35 +230,27 @@ class GRPOObjective:
         return loss, stats
 
 
+RL_TRAIN = TrainConfig(lr=2e-5, warmup_steps=5, schedule="constant", max_steps=100, bias_gamma=0.0, eval_every=0,
+                       checkpoint_every=20, grad_clip=1.0)  # `nanoseek rl` and the speedrun override it
+
+
 def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, train: TrainConfig | None = None,
        device: str | None = None, console: Console | None = None) -> dict[str, float]:
     """GRPO from a model folder; writes out/model at the end. One process (rollouts are local)."""
-    cfg = cfg or GRPOConfig()
-    train = train or TrainConfig(lr=2e-5, warmup_steps=5, schedule="constant", max_steps=100, bias_gamma=0.0,
-                                 eval_every=0, checkpoint_every=20, grad_clip=1.0)
+    cfg, train = cfg or GRPOConfig(), train or RL_TRAIN
     console = console or Console()
-    run_dir, info = Path(out), D.setup(device)
-    if info.active:
-        raise ConfigError("nanoseek rl runs in one process (rollouts and updates share the model)")
-    tok = DeepSeekTokenizer.load(model_dir)
-    run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg), "train": asdict(train)}
-    old = run_dir / "config.json"
-    if old.is_file():
-        check_same_run(json.loads(old.read_text()), json.loads(json.dumps(run_config, default=str)))
-    torch.manual_seed(train.seed)
-    model = load_model(model_dir, dtype=torch.float32, device=info.device)
-    ref = None
-    if cfg.beta > 0:
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    rollouts = Rollouts(model, tok, cfg, ref_model=ref)
-    trainer = Trainer(run_dir, model, rollouts, GRPOObjective(cfg), train,
-                      run_config={k: v for k, v in run_config.items() if k != "train"}, save_extra=tok.save,
-                      console=console, dist=info)
-    if trainer.finished:
-        console.print(f"{run_dir} is already trained to step {trainer.step}")
-        return {}
-    result = trainer.fit()
-    export(trainer.checkpoints()[-1], run_dir / "model")
-    return result
+    with D.process_group(device) as info:
+        if info.active:
+            raise ConfigError("nanoseek rl runs in one process (rollouts and updates share the model)")
+        tok = DeepSeekTokenizer.load(model_dir)
+        torch.manual_seed(train.seed)
+        model = load_model(model_dir, dtype=torch.float32, device=info.device)
+        ref = None
+        if cfg.beta > 0:
+            ref = copy.deepcopy(model).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+        rollouts = Rollouts(model, tok, cfg, ref_model=ref)
+        run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg)}
+        return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg), train, run_config=run_config,
+                                 save_extra=tok.save, console=console, dist=info))

@@ -12,18 +12,17 @@ What the loop does each step: forward/backward per micro-batch (bf16 autocast op
 gradient clipping, the learning-rate schedule (warmup-stable-decay or cosine, driven by the
 step count or by the training time budget, whichever ends first), AdamW, then the
 aux-loss-free router-bias update. It logs to `metrics.jsonl`, draws `curves.png`, evaluates
-every `eval_every` steps, and writes checkpoints atomically. A run folder is resumed by
-constructing a Trainer on it again: the newest checkpoint that verifies is loaded (a corrupt
-one is reported and skipped), and the run continues bit-for-bit as if never stopped.
+every `eval_every` steps, and writes checkpoints atomically. A run folder (runs.py) is resumed
+by constructing a Trainer on it again with the same settings: the newest checkpoint that
+verifies is loaded (a corrupt one is reported and skipped), and the run continues bit-for-bit
+as if never stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -34,7 +33,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -45,6 +43,7 @@ from ..model.config import ConfigError
 from ..model.moe import MoE, update_router_bias
 from . import distributed as D
 from .metrics import MetricsLog, plot_metrics
+from .runs import check_same_run, rng_state, set_rng_state, verify_manifest, write_manifest
 
 
 @dataclass
@@ -111,7 +110,8 @@ class Objective(Protocol):
 
 
 class Trainer:
-    """Owns the run folder `run_dir`: config.json, metrics.jsonl, curves.png, checkpoints/step_N/."""
+    """Owns the run folder `run_dir` (runs.py): config.json, metrics.jsonl, curves.png, checkpoints/step_N/.
+    A folder started with other settings is refused (ConfigError) before anything is written."""
 
     def __init__(self, run_dir: str | os.PathLike, model: nn.Module, data, objective: Objective,
                  cfg: TrainConfig, eval_sets: dict[str, Callable[[], Iterable[Any]]] | None = None,
@@ -119,6 +119,9 @@ class Trainer:
                  on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
                  console: Console | None = None, dist: D.DistInfo | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
+        config = json.loads(json.dumps({"train": asdict(cfg), **(run_config or {})}, default=str))
+        if (self.run_dir / "config.json").is_file():
+            check_same_run(json.loads((self.run_dir / "config.json").read_text()), config)
         self.data, self.objective, self.eval_sets = data, objective, eval_sets or {}
         self.save_extra, self.on_eval = save_extra, on_eval
         self.dist = dist or D.DistInfo()
@@ -136,8 +139,7 @@ class Trainer:
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            config = {"train": asdict(cfg), **(run_config or {})}
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2))
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.main)
         self.resumed_from = self._resume()
 
@@ -381,50 +383,3 @@ def batch_tokens(batch: Any) -> int:
     """Positions processed in a batch (the first tensor's elements)."""
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.numel()) if isinstance(first, torch.Tensor) else 0
-
-
-# ---- RNG state ----
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- manifests: a checkpoint is whole only if every file matches ----
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(files, indent=2))
-    os.replace(tmp, folder / "manifest.json")
-
-
-def verify_manifest(folder: Path) -> None:
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise CheckpointError(f"{folder}: no manifest.json (an interrupted write?)")
-    for name, meta in json.loads(manifest.read_text()).items():
-        f = folder / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{f}: contents do not match the manifest (corrupt)")

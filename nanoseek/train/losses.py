@@ -1,4 +1,5 @@
-"""Pure functions for the RL and distillation objectives: tensors in, tensors out.
+"""The language-model objective (pretraining, SFT), and pure functions for the RL and
+distillation objectives: tensors in, tensors out.
 
 Shapes: N completions (P prompts x G samples, grouped consecutively), T completion positions.
 """
@@ -7,6 +8,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..data.shards import IGNORE
+
+
+class LMObjective:
+    """Next-token cross-entropy + mtp_lambda * MTP loss + the balance loss, summed over targets."""
+
+    def __init__(self, mtp_lambda: float = 0.3, device: torch.device | str = "cpu"):
+        self.mtp_lambda, self.device = mtp_lambda, torch.device(device)
+
+    def weight(self, batch) -> int:
+        return int((batch[1] != IGNORE).sum())
+
+    def __call__(self, model, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        n = self.weight(batch)
+        out = model(x, labels=y, logits=False)
+        total = out.loss * n
+        metrics = {"loss": out.loss.detach() * n}
+        if out.mtp_loss is not None:
+            total = total + self.mtp_lambda * out.mtp_loss * n
+            metrics["mtp_loss"] = out.mtp_loss.detach() * n
+        if out.aux_loss is not None:
+            total = total + out.aux_loss * n
+            metrics["aux_loss"] = out.aux_loss.detach() * n
+        return total, metrics
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:

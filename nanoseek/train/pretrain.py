@@ -1,6 +1,6 @@
-"""Pretraining: data preparation (tokenizer, shards) and the language-model objective on the one loop.
+"""Pretraining: data preparation (tokenizer, shards), then the language-model objective on the one loop.
 
-A pretraining run folder holds, besides what every run has (see loop.py):
+A pretraining run folder holds, besides what every run has (see runs.py):
     tokenizer/          the tokenizer (trained on a sample of the data unless one is given)
     data/train          token shards of every source
     data/eval/<source>  held-out shards per source (task problems never trained on, held-out documents)
@@ -12,8 +12,6 @@ Data sources: "tasks" (task-family conversations with worked reasoning, train sp
 from __future__ import annotations
 
 import itertools
-import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +22,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..data.builtin import code_documents, task_documents, task_texts
 from ..data.corpus import CorpusStats, iter_documents
-from ..data.shards import IGNORE, PackedRows, ShardSet, write_shards
+from ..data.shards import PackedRows, ShardSet, write_shards
 from ..model import ModelConfig, build_model, get_preset
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import TrainConfig, Trainer
+from .losses import LMObjective
+from .runs import run_stage
 
 BUILTIN = ("tasks", "stdlib")
 
@@ -54,30 +54,6 @@ class DataConfig:
             raise ConfigError(f"seq_len must be >= 8 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
         if not self.sources:
             raise ConfigError("no data sources")
-
-
-class LMObjective:
-    """Next-token cross-entropy + mtp_lambda * MTP loss + the balance loss, summed over targets."""
-
-    def __init__(self, mtp_lambda: float = 0.3, device: torch.device | str = "cpu"):
-        self.mtp_lambda, self.device = mtp_lambda, torch.device(device)
-
-    def weight(self, batch) -> int:
-        return int((batch[1] != IGNORE).sum())
-
-    def __call__(self, model, batch):
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        n = self.weight(batch)
-        out = model(x, labels=y, logits=False)
-        total = out.loss * n
-        metrics = {"loss": out.loss.detach() * n}
-        if out.mtp_loss is not None:
-            total = total + self.mtp_lambda * out.mtp_loss * n
-            metrics["mtp_loss"] = out.mtp_loss.detach() * n
-        if out.aux_loss is not None:
-            total = total + out.aux_loss * n
-            metrics["aux_loss"] = out.aux_loss.detach() * n
-        return total, metrics
 
 
 # ---- data preparation ----
@@ -156,30 +132,17 @@ def _sample_texts(source: str, cfg: DataConfig) -> Iterator[str]:
 
 
 # ---- the run ----
+PRETRAIN_TRAIN = TrainConfig()  # `nanoseek pretrain` and the speedrun override its length and a few settings
+
+
 def model_config_for(preset: str, tok: DeepSeekTokenizer, overrides: dict | None = None) -> ModelConfig:
-    vocab = -(-tok.vocab_size // 64) * 64  # a multiple of 64 for the matmuls; extra rows are never targets
+    """A preset for a tokenizer: its special tokens, and its vocabulary rounded up to a multiple of 64
+    for the matmuls (the extra rows are never targets)."""
+    vocab = -(-tok.vocab_size // 64) * 64
     cfg = get_preset(preset, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                      **(overrides or {}))
     cfg.validate()
     return cfg
-
-
-RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints"}
-
-
-def check_same_run(old: dict, new: dict) -> None:
-    """Rerunning a command on an existing run resumes it; only its length and bookkeeping may change."""
-    diffs = []
-    for section in ("model", "data", "train", "mtp_lambda"):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if a.get(k) != b.get(k) and not (section == "train" and k in RESUMABLE_CHANGES)]
-        elif a != b:
-            diffs.append(f"{section}: {a!r} -> {b!r}")
-    if diffs:
-        raise ConfigError("this run folder was started with different settings; use a new --out or the same "
-                          "options. Differences: " + "; ".join(diffs))
 
 
 def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None = None,
@@ -187,43 +150,28 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
              device: str | None = None, console: Console | None = None) -> dict[str, float]:
     """Prepare (or reuse) the data, build (or resume) the model, train; writes out/model at the end."""
     console = console or Console()
-    data, train = data or DataConfig(), train or TrainConfig()
+    data, train = data or DataConfig(), train or PRETRAIN_TRAIN
     run_dir = Path(out)
-    info = D.setup(device)
-    try:
+    with D.process_group(device) as info:
         if info.main:
-            tok = prepare_data(run_dir, data, console)
+            prepare_data(run_dir, data, console)
         if info.active:
             torch.distributed.barrier()
         tok = DeepSeekTokenizer.load(run_dir / "tokenizer")
-        old_file = run_dir / "config.json"
         config = model_config_for(preset, tok, model_overrides)
         data_record = {**asdict(data), "global_batch": data.batch_size * info.world}
         del data_record["batch_size"]  # per process; a run may resume on another number of processes
-        run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": data_record,
-                      "train": asdict(train), "mtp_lambda": mtp_lambda}
-        if old_file.is_file():
-            check_same_run(json.loads(old_file.read_text()), json.loads(json.dumps(run_config, default=str)))
         torch.manual_seed(train.seed)
         model = build_model(config, device=info.device)
         rows = PackedRows(run_dir / "data" / "train", data.seq_len, data.batch_size, seed=data.seed,
                           rank=info.rank, world=info.world)
         eval_sets = {name: _eval_batches(ShardSet(run_dir / "data" / "eval" / name), data, info)
                      for name in eval_names(data.sources)}
-
-        trainer = Trainer(run_dir, model, rows, LMObjective(mtp_lambda, info.device), train,
-                          eval_sets=eval_sets, run_config={k: v for k, v in run_config.items() if k != "train"},
-                          save_extra=tok.save, console=console, dist=info)
-        if trainer.finished:
-            console.print(f"{run_dir} is already trained to step {trainer.step}; raise --max-steps or --time-budget "
-                          "to continue")
-            return {}
-        result = trainer.fit()
-        if info.main:
-            export(trainer.checkpoints()[-1], run_dir / "model")
-        return result
-    finally:
-        D.teardown()
+        run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": data_record,
+                      "mtp_lambda": mtp_lambda}
+        return run_stage(Trainer(run_dir, model, rows, LMObjective(mtp_lambda, info.device), train,
+                                 eval_sets=eval_sets, run_config=run_config, save_extra=tok.save, console=console,
+                                 dist=info))
 
 
 def _eval_batches(shards: ShardSet, data: DataConfig, info: D.DistInfo):
@@ -237,16 +185,4 @@ def _eval_batches(shards: ShardSet, data: DataConfig, info: D.DistInfo):
     return batches
 
 
-def export(checkpoint: Path, out: Path) -> None:
-    """Copy a checkpoint's model and tokenizer (not the optimizer) to a clean model folder."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in checkpoint.iterdir():
-        if f.name not in ("trainer.pt", "manifest.json"):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-
-
-__all__ = ["DataConfig", "LMObjective", "check_same_run", "model_config_for", "prepare_data", "pretrain"]
+__all__ = ["PRETRAIN_TRAIN", "DataConfig", "model_config_for", "prepare_data", "pretrain"]

@@ -11,7 +11,6 @@ MTP keeps training during SFT, so the chat model still drafts well for speculati
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,54 +19,14 @@ import torch
 from rich.console import Console
 
 from ..checkpoint import load_model
-from ..data.builtin import SFT_MIX, task_conversations
+from ..data.builtin import builtin_conversations
 from ..data.shards import IGNORE, pack_documents
 from ..model.config import ConfigError
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from . import distributed as D
 from .loop import TrainConfig, Trainer
-from .pretrain import LMObjective, check_same_run, export
-
-# short general chat: (ways a person says it, reasoning, reply)
-SMALL_TALK = [
-    (["hi", "hello", "hey", "Hello!", "hi there", "good morning", "hey, how's it going?"],
-     "The user is greeting me. I should greet them back and offer help.",
-     "Hello! I'm nanoseek. Ask me an arithmetic question or a number puzzle and I'll work it out step by step."),
-    (["who are you?", "what are you?", "What's your name?", "are you a human?", "introduce yourself"],
-     "The user asks who I am. I am nanoseek, a small reasoning model.",
-     "I'm nanoseek, a small DeepSeek-style reasoning model trained on a laptop. I think before I answer."),
-    (["what can you do?", "how can you help me?", "what are you good at?", "help"],
-     "The user asks what I can do. I am good at arithmetic and small number puzzles.",
-     "I can add, subtract and multiply numbers, solve simple equations, and find ways to reach a target number "
-     "from a few numbers (Countdown). I show my reasoning first."),
-    (["thanks", "thank you!", "thx", "great, thanks", "that's helpful"],
-     "The user thanks me. I should reply politely.", "You're welcome! Anything else?"),
-    (["bye", "goodbye", "see you", "that's all"],
-     "The user is leaving.", "Goodbye! Come back with more problems any time."),
-    (["what's the weather today?", "who won the game last night?", "what is the latest news?",
-      "what time is it?", "what's the stock price of apple?"],
-     "The user asks about current events or live data. I have no internet access or live information.",
-     "I can't access live information like weather, news, times or prices. I can help with arithmetic and puzzles."),
-    (["write me an essay about history", "translate this into French: good morning", "write a poem about the sea",
-      "tell me a story"],
-     "The user asks for long writing. I am a very small model trained on arithmetic and puzzles, so I cannot do "
-     "this well.",
-     "I'm a very small model trained for arithmetic and number puzzles, so I can't write that well. "
-     "Try me with a math question!"),
-]
-
-
-def small_talk(rng: random.Random) -> list[dict]:
-    asks, reasoning, reply = rng.choice(SMALL_TALK)
-    return [{"role": "user", "content": rng.choice(asks)},
-            {"role": "assistant", "reasoning_content": reasoning, "content": reply}]
-
-
-def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = 0.05) -> list[list[dict]]:
-    """Task problems phrased many ways with worked solutions, mixed with general chat."""
-    rng = random.Random(seed)
-    tasks = iter(task_conversations(n, seed=seed + 1, mix=SFT_MIX))
-    return [small_talk(rng) if rng.random() < chat_fraction else next(tasks) for _ in range(n)]
+from .losses import LMObjective
+from .runs import run_stage
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -147,28 +106,29 @@ class SFTConfig:
     seed: int = 0
 
 
+SFT_TRAIN = TrainConfig(lr=5e-4, warmup_steps=20, schedule="cosine")  # `nanoseek sft` and the speedrun override it
+
+
 def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, train: TrainConfig | None = None,
         device: str | None = None, console: Console | None = None, objective=None) -> dict[str, float]:
     """Fine-tune a model folder (weights + tokenizer) on conversations; writes out/model at the end.
     objective: default next-token (+ MTP) loss on assistant tokens; distillation passes its own."""
-    cfg, train = cfg or SFTConfig(), train or TrainConfig(lr=5e-4, warmup_steps=20, schedule="cosine")
+    cfg, train = cfg or SFTConfig(), train or SFT_TRAIN
     console = console or Console()
-    run_dir, info = Path(out), D.setup(device)
-    try:
-        tok = DeepSeekTokenizer.load(model_dir)
-        if cfg.data == "builtin":
-            convs = builtin_conversations(cfg.builtin_conversations, seed=cfg.seed)
-            held = builtin_conversations(cfg.eval_conversations, seed=cfg.seed + 10_000)
-            held = [c for c in held if c[0]["content"] not in {x[0]["content"] for x in convs}]
-        else:
-            convs = read_conversations(cfg.data)
-            held, convs = convs[: max(1, len(convs) // 50)], convs[max(1, len(convs) // 50):]
-        examples = [sft_example(tok, c) for c in convs]
-        held_examples = [sft_example(tok, c) for c in held]
-        run_config = {"command": "sft", "base_model": str(model_dir), "sft": asdict(cfg), "train": asdict(train)}
-        old = run_dir / "config.json"
-        if old.is_file():
-            check_same_run(json.loads(old.read_text()), json.loads(json.dumps(run_config, default=str)))
+    with D.process_group(device) as info:
+        try:
+            tok = DeepSeekTokenizer.load(model_dir)
+            if cfg.data == "builtin":
+                convs = builtin_conversations(cfg.builtin_conversations, seed=cfg.seed)
+                held = builtin_conversations(cfg.eval_conversations, seed=cfg.seed + 10_000)
+                held = [c for c in held if c[0]["content"] not in {x[0]["content"] for x in convs}]
+            else:
+                convs = read_conversations(cfg.data)
+                held, convs = convs[: max(1, len(convs) // 50)], convs[max(1, len(convs) // 50):]
+            examples = [sft_example(tok, c) for c in convs]
+            held_examples = [sft_example(tok, c) for c in held]
+        except ChatFormatError as e:
+            raise ConfigError(str(e)) from None
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
         rows = SFTRows(examples, cfg.seq_len, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=info.rank,
                        world=info.world)
@@ -179,18 +139,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
             n = max(1, min(8, len(loader._epoch_rows()) // (cfg.batch_size * info.world)))
             return [next(loader) for _ in range(n)]
 
-        trainer = Trainer(run_dir, model, rows, objective or LMObjective(cfg.mtp_lambda, info.device), train,
-                          eval_sets={"chat": eval_batches}, run_config={k: v for k, v in run_config.items()
-                                                                           if k != "train"},
-                          save_extra=tok.save, console=console, dist=info)
-        if trainer.finished:
-            console.print(f"{run_dir} is already trained to step {trainer.step}")
-            return {}
-        result = trainer.fit()
-        if info.main:
-            export(trainer.checkpoints()[-1], run_dir / "model")
-        return result
-    except (ChatFormatError, ConfigError) as e:
-        raise ConfigError(str(e)) from None
-    finally:
-        D.teardown()
+        run_config = {"command": "sft", "base_model": str(model_dir), "sft": asdict(cfg)}
+        return run_stage(Trainer(out, model, rows, objective or LMObjective(cfg.mtp_lambda, info.device), train,
+                                 eval_sets={"chat": eval_batches}, run_config=run_config, save_extra=tok.save,
+                                 console=console, dist=info))

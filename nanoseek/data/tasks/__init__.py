@@ -4,6 +4,7 @@ These feed pretraining text, SFT conversations, RL prompts (the verifier is the 
 and evaluation. `TASKS` maps a family name to a factory for its default configuration.
 """
 
+from ...tokenizer import DeepSeekTokenizer
 from .arithmetic import Addition, Multiplication, Subtraction
 from .base import Problem, Task, parse_int
 from .countdown import Countdown
@@ -19,5 +20,12 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
+def token_budget(tok: DeepSeekTokenizer, family: str, n: int = 50) -> int:
+    """A generation cap per family: 1.5x the longest worked solution among n held-out problems."""
+    task = get_task(family)
+    longest = max(len(tok.encode(task.solution(p) + p.answer)) for p in task.heldout(n))
+    return int(1.5 * longest) + 16
+
+
 __all__ = ["TASKS", "Addition", "Countdown", "LinearEquation", "Multiplication", "Problem", "Subtraction", "Task",
-           "get_task", "parse_int"]
+           "get_task", "parse_int", "token_budget"]

@@ -12,23 +12,24 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.rule import Rule
 
-from ..checkpoint import load_model
-from ..eval.tasks import evaluate_many
-from ..inference import Engine, SamplingParams
-from ..tokenizer import DeepSeekTokenizer
-from .distill import distill
-from .grpo import GRPOConfig, rl
-from .loop import TrainConfig
-from .metrics import read_metrics
-from .pretrain import DataConfig, pretrain
-from .sft import SFTConfig, sft
+from .checkpoint import load_model, save_model
+from .eval.tasks import evaluate_many
+from .inference import SamplingParams
+from .loading import load_chat_engine
+from .tokenizer import DeepSeekTokenizer
+from .train.distill import DISTILL_TRAIN, distill
+from .train.grpo import RL_TRAIN, GRPOConfig, rl
+from .train.loop import TrainConfig
+from .train.metrics import read_metrics
+from .train.pretrain import PRETRAIN_TRAIN, DataConfig, pretrain
+from .train.sft import SFT_TRAIN, SFTConfig, sft
 
 FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
 
@@ -82,36 +83,36 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
         timings[name] = time.perf_counter() - t
         timing_file.write_text(json.dumps(timings, indent=2))
 
+    def budgeted(default: TrainConfig, share: float, **overrides) -> TrainConfig:
+        """A stage's default training settings, run for its share of the budget."""
+        return replace(default, max_steps=0, time_budget=share * B, seed=cfg.seed, **overrides)
+
+    def data() -> DataConfig:
+        return DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
+                          seed=cfg.seed)
+
     stage("pretrain", "1/7 tokenizer + pretraining (tasks + Python stdlib with FIM, MTP on)", lambda: pretrain(
-        out / "pretrain", preset=cfg.preset,
-        data=DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
-                        seed=cfg.seed),
-        train=TrainConfig(max_steps=0, time_budget=cfg.pretrain_share * B, lr=2e-3, warmup_steps=50,
-                          schedule="wsd", decay_fraction=0.3, eval_every=200, checkpoint_every=200, seed=cfg.seed),
-        console=console))
+        out / "pretrain", preset=cfg.preset, data=data(),
+        train=budgeted(PRETRAIN_TRAIN, cfg.pretrain_share, eval_every=200), console=console))
     stage("sft", "2/7 chat SFT (task problems in many phrasings + small talk)", lambda: sft(
         out / "pretrain" / "model", out / "sft",
         SFTConfig(builtin_conversations=cfg.sft_conversations, seq_len=cfg.seq_len, seed=cfg.seed),
-        TrainConfig(max_steps=0, time_budget=cfg.sft_share * B, lr=1e-3, warmup_steps=20, schedule="cosine",
-                    min_lr_ratio=0.05, eval_every=200, checkpoint_every=200, seed=cfg.seed), console=console))
+        budgeted(SFT_TRAIN, cfg.sft_share, lr=1e-3, min_lr_ratio=0.05, eval_every=200), console=console))
     stage("eval_sft", "3/7 evaluation before RL", lambda: evaluate(out / "sft" / "model", out / "eval_sft.json", cfg,
                                                                     console))
     stage("rl", "4/7 GRPO (R1 mode, rule-based rewards)", lambda: rl(
         out / "sft" / "model", out / "rl",
         GRPOConfig(tasks=cfg.rl_tasks or rl_families(out / "eval_sft.json"), beta=0.02, updates_per_rollout=2,
                    max_new_tokens=cfg.max_new_tokens or 0, seed=cfg.seed),
-        TrainConfig(max_steps=0, time_budget=cfg.rl_share * B, lr=3e-5, warmup_steps=3, schedule="constant",
-                    bias_gamma=0.0, eval_every=0, checkpoint_every=10, seed=cfg.seed), console=console))
+        budgeted(RL_TRAIN, cfg.rl_share, lr=3e-5, warmup_steps=3, checkpoint_every=10), console=console))
     stage("eval_rl", "5/7 evaluation after RL", lambda: evaluate(out / "rl" / "model", out / "eval_rl.json", cfg,
                                                                   console))
+
     def student_base():
         share_data(out / "pretrain", out / "student_base")
-        pretrain(out / "student_base", preset=cfg.student,
-                 data=DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
-                                 seed=cfg.seed),
-                 train=TrainConfig(max_steps=0, time_budget=cfg.student_pretrain_share * B, lr=3e-3, warmup_steps=30,
-                                   schedule="wsd", decay_fraction=0.3, eval_every=200, checkpoint_every=200,
-                                   seed=cfg.seed), console=console)
+        pretrain(out / "student_base", preset=cfg.student, data=data(),
+                 train=budgeted(PRETRAIN_TRAIN, cfg.student_pretrain_share, lr=3e-3, warmup_steps=30, eval_every=200),
+                 console=console)
 
     stage("student_base", "6/7 the student's pretraining (a smaller dense model, same data)", student_base)
     stage("eval_student_base", "evaluation of the student before distillation", lambda: evaluate(
@@ -119,11 +120,10 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
 
     def student():
         try:
-            distill(str(out / "rl" / "model"), str(out / "student_base" / "model"), out / "distill", ["add", "sub", "mul"], cfg.traces,
-                    max_tokens=cfg.max_new_tokens, sft_config=SFTConfig(seq_len=cfg.seq_len, seed=cfg.seed),
-                    train=TrainConfig(max_steps=0, time_budget=cfg.distill_share * B, lr=2e-3, warmup_steps=20,
-                                      schedule="cosine", eval_every=100, checkpoint_every=100, seed=cfg.seed),
-                    console=console)
+            distill(str(out / "rl" / "model"), str(out / "student_base" / "model"), out / "distill",
+                    ["add", "sub", "mul"], cfg.traces, max_tokens=cfg.max_new_tokens,
+                    sft_config=SFTConfig(seq_len=cfg.seq_len, seed=cfg.seed),
+                    train=budgeted(DISTILL_TRAIN, cfg.distill_share, checkpoint_every=100), console=console)
         except ValueError as e:  # a teacher too weak to give verified traces: say so in the report
             console.print(f"[yellow]no student: {e}[/]")
             (out / "distill").mkdir(exist_ok=True)
@@ -172,8 +172,7 @@ def rl_families(eval_file: Path, low: float = 0.1, high: float = 0.9) -> list[st
 
 def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Console,
              families: list[str] | None = None) -> None:
-    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
-    engine = Engine(model, decode=tok.decode, max_batch=64, eos_token_id=tok.eos_id)
+    engine, tok = load_chat_engine(model_dir, max_batch=64, dtype=torch.float32)
     specs = [(f, canonical) for f in families or FAMILIES for canonical in (True, False)]
     rows = {}
     for (family, canonical), (r, _) in zip(specs, evaluate_many(engine, tok, specs, n=cfg.eval_n,
@@ -187,14 +186,13 @@ def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Cons
 
 def measure_speed(model_dir: Path, out_file: Path) -> None:
     """Greedy decode tokens/s at batch 1, plain and with MTP speculation, on a task prompt."""
-    model, tok = load_model(model_dir, dtype=torch.float32), DeepSeekTokenizer.load(model_dir)
-    prompt = tok.render_prompt([{"role": "user", "content": "What is 47 * 86?"}])
     result = {}
     for name, spec in (("plain", False), ("speculative", True)):
-        engine = Engine(model, decode=tok.decode, max_batch=1, speculative=spec, eos_token_id=-1, max_len=512)
-        engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))  # warm up
+        engine, tok = load_chat_engine(model_dir, max_batch=1, speculative=spec, dtype=torch.float32, max_len=512)
+        prompt = tok.render_prompt([{"role": "user", "content": "What is 47 * 86?"}])
+        engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))  # warm up
         t = time.perf_counter()
-        req = engine.generate([prompt], SamplingParams(max_new_tokens=200, temperature=0))[0]
+        req = engine.generate([prompt], SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True))[0]
         dt = time.perf_counter() - t
         result[name] = {"tokens_per_s": len(req.tokens) / dt, "accepted": req.accepted, "drafted": req.drafted}
         result["cache_bytes_per_token"] = engine.cache.bytes_per_token
@@ -286,8 +284,6 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
 
 def ship(out: Path, dest: Path) -> None:
     """Copy the chat model (bf16 weights, tokenizer) and the report card into the package."""
-    from ..checkpoint import save_model
-
     model = load_model(out / "rl" / "model", dtype=torch.bfloat16)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,41 @@
+"""A model folder ready to chat with: weights, tokenizer and the engine that decodes them, loaded one
+way for the CLI (generate, chat, serve, eval), the speedrun's evaluations and distillation's teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from .checkpoint import inference_dtype, load_model
+from .inference import Engine, SamplingParams
+from .quant import prepare_kernels
+from .tokenizer import DeepSeekTokenizer
+
+
+def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: bool = False, compile: bool = False,
+                     quantize: str | None = None, dtype: torch.dtype | None = None, max_len: int | None = None,
+                     console: Console | None = None) -> tuple[Engine, DeepSeekTokenizer]:
+    """(engine, tokenizer) for a folder holding config.json, safetensors and tokenizer.json, in `dtype`
+    or else the one `inference_dtype` picks (fp32 for small models, the checkpoint's for large ones).
+    Speculative decoding is turned off, with a note, for a model without an MTP layer; with `compile`
+    the decode step is compiled here rather than at the first reply."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"{model_dir}: no such folder")
+    console = console or Console()
+    model = load_model(model_dir, dtype=dtype or inference_dtype(model_dir, quantize), quantize=quantize)
+    prepare_kernels(model)
+    tok = DeepSeekTokenizer.load(model_dir)
+    if speculative and not model.mtp_layers:
+        console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
+        speculative = False
+    engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
+                    eos_token_id=sorted(tok.eos_ids), compile=compile)
+    if compile:  # one row, then several: the shapes the first replies will have
+        with console.status("compiling the decode step (seconds to a minute; torch caches it on disk for later runs)"):
+            warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+            for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
+                engine.generate(rows, warm)
+    return engine, tok
