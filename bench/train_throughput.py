@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     ap.add_argument("--step", action="store_true", help="also time a fused AdamW step")
     ap.add_argument("--config", choices=["v3-tiny", "cpu-tiny"], default="v3-tiny",
-                    help="v3-tiny: the anchor-baseline shape; cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
+                    help="v3-tiny: a small DeepSeek-V3 (MLA, 16 routed experts, vocab 8K); cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile for nanoseek (as --compile in "
                     "nanoseek pretrain)")
     args = ap.parse_args()
