@@ -5,7 +5,9 @@ background thread (`start()`). Each step:
 1. drops cancelled requests (their cache row is freed at once);
 2. admits waiting requests into free cache rows: the longest cached prefix of the prompt (from a
    running request or a finished one kept in the prefix store) is copied instead of recomputed,
-   and only the rest of the prompt is prefilled;
+   and only the rest of the prompt is prefilled (all of it for a request that wants its prompt
+   logprobs, taken from the prefill's logits at every position; with max_new_tokens 0 the
+   request ends there);
 3. decodes one token for every running request together (continuous batching: rows join and
    leave between steps, each at its own length), or, with MTP speculation, verifies the draft
    token of every row and keeps 1 or 2 tokens per row.
@@ -64,6 +66,7 @@ class Request:
     params: SamplingParams
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)  # with params.prompt_logprobs: prompt tokens 1..T-1
     text: str = ""  # the output text (stop string excluded), when the engine can decode
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
@@ -338,18 +341,25 @@ class Engine:
                                 logits=False).hidden  # (1, S, D)
             self.cache.advance()
             last = start + len(piece) == len(rest)
+            following = rest[start + 1:start + len(piece) + 1]  # the prompt tokens after this chunk's positions
+            if req.params.prompt_logprobs and following:
+                req.prompt_logprobs += _logprob_entries(self.model.lm_head(hidden[0, :len(following)]), following,
+                                                        req.params.top_logprobs)
             if last:
                 raw = self.model.lm_head(hidden[:, -1]).float()
                 token = self._sample(raw, [req])[0]
             if self.speculative:
                 # MTP entries for these positions (each needs the token after it); the last one drafts token T+1
-                nxt = rest[start + 1:start + len(piece) + 1] + ([token] if last else [])
+                nxt = following + ([token] if last else [])
                 pos = self.cache.positions(len(piece), group=1)
                 drafts = self._draft_logits(hidden, torch.tensor([nxt], device=self.device), pos,
                                             torch.tensor([len(piece) - 1]))
                 if last:
                     self._set_drafts(drafts, [req])
                 self.cache.advance(1)
+        if req.params.max_new_tokens == 0:  # prefill only: the sampled token is dropped
+            self._release(row, "length")
+            return
         self._append(row, [token], raw)
 
     def _reuse_prefix(self, req: Request, row: int) -> int:
@@ -370,7 +380,7 @@ class Engine:
             if limit > best:
                 best, source = limit, ("store", latents)
         best = min(best, T - 1)  # at least one prompt token is prefilled, for the first logits
-        if best <= 0:
+        if best <= 0 or req.params.prompt_logprobs:  # prompt logprobs need the logits of every position
             self.cache.reset(row)
             return 0
         latents = self.cache.entries(source[1], best) if source[0] == "row" else source[1]
@@ -528,11 +538,8 @@ class Engine:
                 reason = "length"
             if reason:
                 break
-        lp = []
-        if p.logprobs:
-            chosen, top = sampled_logprobs(logits[: len(new)], torch.tensor(new, device=logits.device), p.top_logprobs)
-            lp = [{"token": t, "logprob": c, "top": a} for t, c, a in zip(new, chosen, top)]
-            req.logprobs.extend(lp)
+        lp = _logprob_entries(logits[: len(new)], new, p.top_logprobs) if p.logprobs else []
+        req.logprobs.extend(lp)
         text = ""
         if self.decode is not None:
             out_ids = [t for t in req.tokens if t not in stops]
@@ -588,6 +595,12 @@ _TAG_IDS = itertools.count()
 def _plain_greedy(rows: list[Request]) -> bool:
     """Greedy rows without penalties or grammars: no logit processing changes their argmax."""
     return all(r.params.temperature == 0 and not r.params.penalized and r._state.grammar is None for r in rows)
+
+
+def _logprob_entries(raw: torch.Tensor, tokens: list[int], k: int) -> list[dict]:
+    """{"token", "logprob", "top": [(id, logprob)] * k} for each token, from the raw logits [n, V] it followed."""
+    chosen, top = sampled_logprobs(raw, torch.tensor(tokens, device=raw.device), k)
+    return [{"token": t, "logprob": c, "top": a} for t, c, a in zip(tokens, chosen, top)]
 
 
 def _stops_from(text: str, ids: list[int], after: int | None, decode) -> int | None:

@@ -24,7 +24,7 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # 0: the prompt is only prefilled (for its prompt_logprobs, or the prefix cache)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -39,6 +39,8 @@ class SamplingParams:
     # reasoning) and its leading whitespace: they apply to the answer, not to the thinking
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (0-20)
+    prompt_logprobs: bool = False  # also the logprob of every prompt token after the first (with top_logprobs
+    # alternatives), computed in the prefill; such requests skip the prefix cache
     ignore_eos: bool = False
     grammar: Grammar | None = None  # the output must follow this grammar (JSON, a JSON schema, tool calls)
 
@@ -46,8 +48,8 @@ class SamplingParams:
         def bad(msg: str):
             raise InvalidRequest(msg)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not 0 <= self.temperature <= 100:
             bad(f"temperature must be in [0, 100], got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -164,10 +164,29 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: str | list  # a string, a list of strings, a list of token ids, or a list of token-id lists
     suffix: str | None = None
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 scores an echoed prompt
+    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy form: alternatives per token (OpenAI allows 5)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        def ids(p) -> bool:
+            return isinstance(p, list) and bool(p) and all(type(t) is int and t >= 0 for t in p)
+
+        if isinstance(v, str) or ids(v) or isinstance(v, list) and v and (all(isinstance(p, str) for p in v)
+                                                                           or all(ids(p) for p in v)):
+            return v
+        raise ValueError("must be a string, a list of strings, a list of token ids (integers >= 0) or a list of "
+                         "such lists, none of them empty")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else p
 
 
 # ---- responses ----

@@ -14,7 +14,9 @@ import asyncio
 import json
 import secrets
 from dataclasses import replace
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, reduce
+from itertools import accumulate
+from typing import NamedTuple
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -415,44 +417,136 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
 
 
 # ---- completions (with fill-in-the-middle) ----
+class _Prompt(NamedTuple):
+    ids: list[int]  # what the model reads
+    text: str  # what echo shows
+    hidden: int  # leading ids that are not in `text` (the BOS the server puts before a text prompt)
+
+
 async def complete(svc: Service, body: CompletionRequest, request: Request):
+    """Legacy completions: one prompt or several (text or token ids), n choices each (choice index =
+    prompt index * n + k); echo, and logprobs in OpenAI's legacy shape, over the prompt too with echo."""
     svc.thinking_default(body.model)  # checks the model name
-    tok = svc.tok
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    if body.suffix is not None:  # FIM, PSM order as in pretraining
-        if tok.fim_begin_id is None:
-            raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
-        prompt = bos + fim_arrange(tok.encode(body.prompt), [], tok.encode(body.suffix), tok)
-    else:
-        prompt = bos + tok.encode(body.prompt)
-    params = _sampling(svc, body, len(prompt), body.max_tokens)
-    jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 needs echo: true (the prompt is scored, nothing generated)",
+                       param="max_tokens")
+    if body.suffix is not None and body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs cannot be combined with suffix", param="suffix")
+    prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
+    jobs = _submit_prompts(svc, prompts, [_completion_params(svc, body, p) for p in prompts], body.n)
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name
-    echo = body.prompt if body.echo else ""
     if body.stream:
-        async def events():
-            if echo:
-                for i in range(len(jobs)):
-                    yield _completion_chunk(cid, created, model, i, echo, None)
-            async for i, ev in _merged_events(svc, jobs, request):
-                if ev.text:
-                    yield _completion_chunk(cid, created, model, i, ev.text, None)
-                if ev.finish_reason is not None:
-                    yield _completion_chunk(cid, created, model, i, "", _finish(jobs[i][0]))
-            if body.stream_options and body.stream_options.include_usage:
-                yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": _usage(svc, prompt, jobs)}
-        return _sse(events())
+        return _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
     await _wait_all(svc, jobs, request)
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": i, "text": echo + r.text, "finish_reason": _finish(r), "logprobs": None}
-                        for i, (r, _) in enumerate(jobs)],
-            "usage": _usage(svc, prompt, jobs)}
+    choices = []
+    for i, (req, _) in enumerate(jobs):
+        p = prompts[i // body.n]
+        entries, hidden = (_prompt_entries(p, req) + req.logprobs, p.hidden) if body.echo else (req.logprobs, 0)
+        choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req),
+                        "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden)})
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _completion_usage(svc, prompts, jobs, body.n)}
 
 
-def _completion_chunk(cid, created, model, index, text, finish) -> dict:
+def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list[int]) -> _Prompt:
+    """Token ids are read as given; text gets the BOS, and with `suffix` the FIM layout (PSM, as in pretraining)."""
+    tok, vocab = svc.tok, svc.engine.config.vocab_size
+    if isinstance(prompt, list):
+        if body.suffix is not None:
+            raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
+        if max(prompt) >= vocab:
+            raise APIError(400, f"prompt: token id {max(prompt)} is not in this model's vocabulary [0, {vocab})",
+                           param="prompt")
+        return _Prompt(prompt, tok.decode(prompt), 0)
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    if body.suffix is None:
+        return _Prompt(bos + tok.encode(prompt), prompt, len(bos))
+    if tok.fim_begin_id is None:
+        raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
+    return _Prompt(bos + fim_arrange(tok.encode(prompt), [], tok.encode(body.suffix), tok), prompt, 0)
+
+
+def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -> SamplingParams:
+    """_sampling with the legacy logprobs (an integer: alternatives per token), over the prompt too with echo."""
+    params = _sampling(svc, body, len(prompt.ids), body.max_tokens)
+    scored = body.logprobs is not None
+    return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo)
+
+
+def _submit_prompts(svc: Service, prompts: list[_Prompt], params: list[SamplingParams], n: int) -> list:
+    """n jobs per prompt, in order; if one is refused, the ones already queued are cancelled."""
+    jobs, loop = [], asyncio.get_running_loop()
+    try:
+        for p, sp in zip(prompts, params):
+            jobs += svc.submit(p.ids, sp, n, loop)
+    except APIError:
+        for req, _ in jobs:
+            svc.engine.cancel(req)
+        raise
+    return jobs
+
+
+def _prompt_entries(prompt: _Prompt, req) -> list[dict]:
+    """The prompt's logprob entries: the first token has none (nothing comes before it)."""
+    return [{"token": prompt.ids[0], "logprob": None, "top": None}] + req.prompt_logprobs
+
+
+def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int = 0) -> dict:
+    """OpenAI's legacy logprobs object over the engine's logprob entries; text offsets count from
+    `start`, and the first `hidden` tokens take no room in the text."""
+    tokens = [svc.tok.decode([e["token"]]) for e in entries]
+    widths = [0] * hidden + [len(t) for t in tokens[hidden:]]
+    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
+                             for e in entries],
+            "text_offset": list(accumulate(widths, initial=start))[:-1]}
+
+
+def _completion_usage(svc: Service, prompts: list[_Prompt], jobs, n: int) -> dict:
+    """_usage summed over the prompts (each with its n choices)."""
+    return reduce(_summed, (_usage(svc, p.ids, jobs[i * n:(i + 1) * n]) for i, p in enumerate(prompts)))
+
+
+def _summed(a: dict, b: dict) -> dict:
+    """Two usage objects added field by field."""
+    return {k: _summed(a[k], v) if isinstance(v, dict) else a[k] + v for k, v in b.items()}
+
+
+async def _completion_stream(svc: Service, body: CompletionRequest, prompts: list[_Prompt], jobs, request: Request,
+                             cid: str, created: int, model: str) -> AsyncIterator[dict]:
+    """With echo, each choice's prompt first (when its prefill is done); then the text of each event with
+    the logprobs of the tokens it holds (tokens whose text is held back go with the next text); then
+    the finish reason."""
+    shown, pending = [0] * len(jobs), [[] for _ in jobs]  # characters sent; logprob entries not yet sent
+
+    def chunk(i: int, text: str, finish: str | None = None, hidden: int = 0) -> dict:
+        lp = None
+        if body.logprobs is not None and pending[i]:
+            lp, pending[i] = _legacy_logprobs(svc, pending[i], shown[i], hidden), []
+        shown[i] += len(text)
+        return _completion_chunk(cid, created, model, i, text, finish, lp)
+
+    echoed = set()
+    async for i, ev in _merged_events(svc, jobs, request):
+        req = jobs[i][0]
+        if body.echo and i not in echoed:
+            echoed.add(i)
+            p = prompts[i // body.n]
+            pending[i] = _prompt_entries(p, req) if req.params.prompt_logprobs else []
+            yield chunk(i, p.text, hidden=p.hidden)
+        pending[i] += ev.logprobs
+        if ev.text:
+            yield chunk(i, ev.text)
+        if ev.finish_reason is not None:
+            yield chunk(i, "", _finish(req))
+    if body.stream_options and body.stream_options.include_usage:
+        yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": _completion_usage(svc, prompts, jobs, body.n)}
+
+
+def _completion_chunk(cid, created, model, index, text, finish, logprobs=None) -> dict:
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
 
 # ---- plumbing ----
