@@ -44,20 +44,37 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
+# DeepSeek-V3's tool tokens: a block of calls, one call, its name/arguments separator, and the results
+CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+                                                "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>")
+OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN, OUTPUT_END = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+                                                        "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>")
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_TOKENS = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN, OUTPUT_END,
+               TOOL_SEP]
 # control tokens (never produced by decoding with skip_special_tokens), then the think tags,
 # which are ordinary text the model writes and the API parses
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]
 TEXT_TOKENS = [THINK, END_THINK]
-ROLES = ("system", "user", "assistant")  # nanoseek's own format
-TEMPLATE_ROLES = ROLES + ("tool",)  # what chat templates may render besides (tool results)
+ROLES = ("system", "user", "assistant", "tool")
+NO_THINKING = f"{THINK}\n\n{END_THINK}\n\n"  # an empty reasoning block: the reply answers at once
 
+# nanoseek's own template: DeepSeek-V3's (tool calls and results in V3's tokens, no <｜Assistant｜>
+# after tool results: the reply goes on from them), R1's reasoning rules, and V3.1's hybrid
+# thinking: thinking=False opens the reply with an empty reasoning block
 CHAT_TEMPLATE = (
     "{%- if thinking is not defined %}{% set thinking = true %}{% endif -%}"
     "{{- bos_token -}}"
     "{{- messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\n\n') -}}"
+    "{%- set ns = namespace(after_tool=false) -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}"
-    "{{- '<｜User｜>' + m['content'] -}}"
+    "{{- '<｜User｜>' + m['content'] -}}{%- set ns.after_tool = false -%}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if not ns.after_tool %}{{- '<｜tool▁outputs▁begin｜>' -}}{% endif -%}"
+    "{{- '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<｜tool▁outputs▁end｜>' -}}{% endif -%}"
+    "{%- set ns.after_tool = true -%}"
     "{%- elif m['role'] == 'assistant' -%}"
     "{%- set content = m['content'] or '' -%}"
     "{%- if loop.last and m.get('reasoning_content') -%}"
@@ -65,10 +82,23 @@ CHAT_TEMPLATE = (
     "{%- elif not loop.last and '</think>' in content -%}"
     "{%- set content = content.split('</think>')[-1].lstrip() -%}"
     "{%- endif -%}"
-    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' -}}"
+    "{{- ('' if ns.after_tool else '<｜Assistant｜>') + content -}}"
+    "{%- if m.get('tool_calls') -%}"
+    "{{- '<｜tool▁calls▁begin｜>' -}}"
+    "{%- for c in m['tool_calls'] -%}"
+    "{%- if not loop.first %}{{- '\n' -}}{% endif -%}"
+    "{{- '<｜tool▁call▁begin｜>' + (c.get('type') or 'function') + '<｜tool▁sep｜>' + c['function']['name'] + "
+    "'\n```json\n' + c['function']['arguments'] + '\n```<｜tool▁call▁end｜>' -}}"
+    "{%- endfor -%}"
+    "{{- '<｜tool▁calls▁end｜>' -}}"
+    "{%- endif -%}"
+    "{{- '<｜end▁of▁sentence｜>' -}}"
+    "{%- set ns.after_tool = false -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' + ('<think>\n' if thinking else '') -}}{%- endif -%}"
+    "{%- if add_generation_prompt and not ns.after_tool -%}"
+    "{{- '<｜Assistant｜>' + ('<think>\n' if thinking else '<think>\n\n</think>\n\n') -}}"
+    "{%- endif -%}"
 )
 
 
@@ -137,7 +167,7 @@ class DeepSeekTokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "DeepSeekTokenizer":
         """Train byte-level BPE on an iterator of documents (streamed; memory stays bounded).
         The vocabulary is vocab_size ids at most: fewer when the corpus has too few pairs to merge."""
-        n_fixed = len(SPECIAL_TOKENS) + len(TEXT_TOKENS) + 256
+        n_fixed = len(SPECIAL_TOKENS) + len(TOOL_TOKENS) + len(TEXT_TOKENS) + 256
         if vocab_size < n_fixed:
             raise ValueError(f"vocab_size must be at least {n_fixed} (special tokens + 256 bytes), got {vocab_size}")
         tok = Tokenizer(models.BPE())
@@ -148,12 +178,20 @@ class DeepSeekTokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size - len(TEXT_TOKENS), min_frequency=min_frequency, show_progress=False,
-            special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + TOOL_TOKENS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(texts, trainer=trainer)
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_TOKENS])
         return cls(tok)
+
+    def with_tool_tokens(self) -> "DeepSeekTokenizer":
+        """This tokenizer (nanoseek's own) with DeepSeek-V3's tool tokens appended, if missing, and
+        the current chat template: how a model trained before tools existed learns them."""
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS
+                                if tok.token_to_id(t) is None])
+        return DeepSeekTokenizer(tok, {**self.config, "chat_template": CHAT_TEMPLATE}, self.generation)
 
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json + tokenizer_config.json (with the chat template) for AutoTokenizer, and
@@ -203,7 +241,7 @@ class DeepSeekTokenizer:
         """The conversation as text, rendered by the tokenizer's chat template the way transformers
         does (sandboxed Jinja, trim_blocks and lstrip_blocks, the special tokens as variables, extra
         template variables such as `thinking` passed through)."""
-        _check(messages, TEMPLATE_ROLES)
+        _check(messages, ROLES)
         if not self.chat_template:
             raise ChatFormatError("this tokenizer has no chat template (tokenizer_config.json chat_template)")
         specials = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
@@ -229,7 +267,8 @@ class DeepSeekTokenizer:
 
     def render_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
         """A conversation in nanoseek's own format -> (ids, loss_mask); the mask is 1 on
-        assistant-produced tokens."""
+        assistant-produced tokens. A last assistant message with `"thinking": False` is rendered
+        after the empty reasoning block that opens a reply with thinking off."""
         _check(messages)
         if not self.own_format:
             raise ChatFormatError("rendering for training needs nanoseek's chat tokens (<｜User｜>, <｜Assistant｜>, "
@@ -241,13 +280,24 @@ class DeepSeekTokenizer:
             ids.extend(piece)
             mask.extend([int(trainable)] * len(piece))
 
+        after_tool = False
         for i, m in enumerate(messages):
             last = i == len(messages) - 1
             if m["role"] == "user":
                 add([self.user_id] + self.encode(m["content"]), False)
+                after_tool = False
+            elif m["role"] == "tool":
+                first = i == 0 or messages[i - 1]["role"] != "tool"
+                close = last or messages[i + 1]["role"] != "tool"
+                add(self.encode((OUTPUTS_BEGIN if first else "") + OUTPUT_BEGIN + m["content"] + OUTPUT_END
+                                + (OUTPUTS_END if close else "")), False)
+                after_tool = True
             elif m["role"] == "assistant":
-                add([self.assistant_id], False)
-                add(self.encode(assistant_text(m, keep_reasoning=last)) + [self.eos_id], True)
+                head = "" if after_tool else ASSISTANT
+                head += NO_THINKING if last and m.get("thinking") is False else ""
+                add(self.encode(head), False)
+                add(self.encode(assistant_text(m, keep_reasoning=last) + calls_text(m)) + [self.eos_id], True)
+                after_tool = False
         return ids, mask
 
     def chat_text(self, messages: Sequence[dict]) -> str:
@@ -296,6 +346,15 @@ def assistant_text(message: dict, keep_reasoning: bool) -> str:
     if not keep_reasoning and END_THINK in content:
         return content.split(END_THINK)[-1].lstrip()
     return content
+
+
+def calls_text(message: dict) -> str:
+    """An assistant message's tool calls in DeepSeek-V3's tokens ('' without calls)."""
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return ""
+    return CALLS_BEGIN + "\n".join(f"{CALL_BEGIN}{c.get('type') or 'function'}{TOOL_SEP}{c['function']['name']}\n```json\n"
+                                   f"{c['function']['arguments']}\n```{CALL_END}" for c in calls) + CALLS_END
 
 
 def _check(messages: Sequence[dict], roles: tuple[str, ...] = ROLES) -> None:

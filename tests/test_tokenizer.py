@@ -1,5 +1,7 @@
 """Tokenizer: byte-level round trips, DeepSeek special tokens, chat rendering equal to AutoTokenizer's."""
 
+from pathlib import Path
+
 import pytest
 import transformers
 
@@ -71,6 +73,13 @@ CHATS = [
      {"role": "user", "content": "What's 17 times 3?"},
      {"role": "assistant", "content": "51", "reasoning_content": "17*3: 7*3=21 1*3+2=5 ->51"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    # tool calls (two, in one block), their results, the answer read from them
+    [{"role": "system", "content": "Tools: calculator"}, {"role": "user", "content": "123*45 and 6*7?"},
+     {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "a", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "123*45"}'}},
+         {"id": "b", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
+     {"role": "tool", "tool_call_id": "a", "content": "5535"}, {"role": "tool", "tool_call_id": "b", "content": "42"},
+     {"role": "assistant", "content": "5535 and 42"}, {"role": "user", "content": "thanks"}],
 ]
 
 
@@ -117,3 +126,35 @@ def test_history_reasoning_is_stripped(tok):
 def test_bad_conversations(tok, bad, match):
     with pytest.raises(ChatFormatError, match=match):
         tok.render_conversation(bad)
+
+
+def test_tool_turns_render_in_deepseek_v3_tokens(tok):
+    ids, mask = tok.render_conversation(CHATS[3][:-1])
+    text = tok.decode(ids)
+    assert ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>calculator\n```json\n"
+            '{"expression": "123*45"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>') in text
+    assert text.endswith("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>5535<｜tool▁output▁end｜><｜tool▁output▁begin｜>42"
+                         "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>5535 and 42<｜end▁of▁sentence｜>")
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert "5535<｜tool▁output▁end｜>" not in trained and trained.endswith("5535 and 42<｜end▁of▁sentence｜>")
+    # after tool results the reply goes on from them: no <｜Assistant｜>, no new reasoning block
+    assert tok.decode(tok.render_prompt(CHATS[3][:5])).endswith("<｜tool▁outputs▁end｜>")
+
+
+def test_thinking_off_is_trained_after_an_empty_reasoning_block(tok, hf_tok):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!", "thinking": False}]
+    ids, mask = tok.render_conversation(chat)
+    prompt = tok.render_prompt(chat[:1], thinking=False)
+    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])
+    assert tok.decode(prompt).endswith(f"{ASSISTANT}{THINK}\n\n{END_THINK}\n\n")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!" + tok.decode([tok.eos_id])
+
+
+def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path):
+    old = DeepSeekTokenizer.load(Path(__file__).parents[1] / "nanoseek" / "assets" / "model")
+    new = old.with_tool_tokens()
+    assert new.vocab_size == old.vocab_size + 9 and new.encode("What is 12 + 3?") == old.encode("What is 12 + 3?")
+    assert len(new.encode("<｜tool▁calls▁begin｜><｜tool▁sep｜>")) == 2
+    new.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(CHATS[3], tokenize=True, return_dict=False) == new.render_conversation(CHATS[3])[0]

@@ -79,6 +79,21 @@ class DeepseekForCausalLM(nn.Module):
             mtp.embed_tokens = self.model.embed_tokens
             mtp.shared_head.head = self.lm_head
 
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the embedding and the output head to vocab_size rows (a tokenizer gained tokens); new
+        rows start at the mean embedding, so new tokens start as an average token, not as noise."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"vocab_size can only grow ({old} -> {vocab_size})")
+        with torch.no_grad():
+            for module in (self.model.embed_tokens, self.lm_head):
+                w = module.weight
+                grown = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+                module.weight = nn.Parameter(grown)
+        self.model.embed_tokens.num_embeddings = self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
+        self.tie_weights()
+
     @property
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.model.layers[self.model.n_main:])

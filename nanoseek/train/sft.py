@@ -11,6 +11,7 @@ MTP keeps training during SFT, so the chat model still drafts well for speculati
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from rich.console import Console
 
 from ..checkpoint import load_model
 from ..data.builtin import builtin_conversations
+from ..data.tool_use import no_thinking_conversations, tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
 from ..model.config import ConfigError
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
+from ..tools import CALCULATOR, CallFormat, describe_tools
 from . import distributed as D
 from .loop import TrainConfig, Trainer
 from .losses import LMObjective
@@ -46,6 +49,18 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     if not out:
         raise ChatFormatError(f"{path}: no conversations")
     return out
+
+
+def builtin_mixture(tok: DeepSeekTokenizer, n: int, cfg: SFTConfig, seed: int) -> list[list[dict]]:
+    """The built-in conversations, a share answered with thinking off, and (when the tokenizer has
+    a tool-call format) calculator conversations on top, with the tools described as the server does."""
+    convs = no_thinking_conversations(builtin_conversations(n, seed=seed), cfg.no_thinking_share, seed=seed)
+    fmt = CallFormat.probe(tok)
+    if fmt is not None and cfg.tool_share > 0:
+        prompt = describe_tools([CALCULATOR], fmt)
+        convs += list(tool_use_conversations(int(n * cfg.tool_share), prompt, seed=seed))
+        random.Random(seed).shuffle(convs)
+    return convs
 
 
 def sft_example(tok: DeepSeekTokenizer, messages: list[dict]) -> np.ndarray:
@@ -104,6 +119,8 @@ class SFTConfig:
     eval_conversations: int = 300
     mtp_lambda: float = 0.3
     seed: int = 0
+    tool_share: float = 0.15  # builtin data: calculator conversations (data/tool_use.py) added on top
+    no_thinking_share: float = 0.15  # builtin data: answered with thinking off
 
 
 SFT_TRAIN = TrainConfig(lr=5e-4, warmup_steps=20, schedule="cosine")  # `nanoseek sft` and the speedrun override it
@@ -119,9 +136,10 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
         try:
             tok = DeepSeekTokenizer.load(model_dir)
             if cfg.data == "builtin":
-                convs = builtin_conversations(cfg.builtin_conversations, seed=cfg.seed)
-                held = builtin_conversations(cfg.eval_conversations, seed=cfg.seed + 10_000)
-                held = [c for c in held if c[0]["content"] not in {x[0]["content"] for x in convs}]
+                tok = tok.with_tool_tokens() if tok.own_format else tok
+                convs = builtin_mixture(tok, cfg.builtin_conversations, cfg, seed=cfg.seed)
+                held = builtin_mixture(tok, cfg.eval_conversations, cfg, seed=cfg.seed + 10_000)
+                held = [c for c in held if c[-2]["content"] not in {x[-2]["content"] for x in convs}]
             else:
                 convs = read_conversations(cfg.data)
                 held, convs = convs[: max(1, len(convs) // 50)], convs[max(1, len(convs) // 50):]
@@ -130,6 +148,8 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
         except ChatFormatError as e:
             raise ConfigError(str(e)) from None
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
+        if tok.vocab_size > model.config.vocab_size:  # the tokenizer gained tokens (tool calls)
+            model.resize_vocab(-(-tok.vocab_size // 64) * 64)
         rows = SFTRows(examples, cfg.seq_len, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=info.rank,
                        world=info.world)
 

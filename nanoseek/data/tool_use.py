@@ -1,0 +1,105 @@
+"""Conversations that teach a model when to call a calculator and when not to, and how to answer
+with thinking off.
+
+Hard problems (a multiplication beyond two digits by two, an expression of three or more numbers),
+with a calculator offered, are answered by calling it and reading its result back; without one the
+model works them out as before. Easy problems are answered without a call even when a calculator is
+offered. With thinking off the reply opens with an empty reasoning block (the tokenizer renders it)
+and answers at once. The tools' description (the system message) is the server's, passed in by the
+caller, so training sees exactly what serving sends. Held-out problems: seeds of the "test" split.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+
+from .tasks import get_task
+
+OPERATORS = {"+": ["+", "plus"], "-": ["-", "minus"], "*": ["*", "×", "x", "times"]}
+ASK = ["What is {e}?", "Compute {e}.", "Calculate {e}", "{e} = ?", "How much is {e}?", "what's {e}",
+       "Please work out {e}.", "Can you tell me what {e} equals?", "Find the value of {e}.", "{e}",
+       "I need the exact value of {e}, please.", "quick one: {e}?"]
+SPLIT_SEED = {"train": 0, "test": 1 << 20}
+
+
+def hard_problem(rng: random.Random) -> list[int | str]:
+    """[n, op, n, op, n, ...]: a big multiplication, or three to four numbers with + - *."""
+    if rng.random() < 0.5:
+        return [rng.randint(100, 9999), "*", rng.randint(10, 999)]
+    out = [rng.randint(2, 999)]
+    for _ in range(rng.randint(2, 3)):
+        out += [rng.choice("+-*"), rng.randint(2, 99)]
+    return out
+
+
+def expression(terms: list, rng: random.Random | None = None) -> str:
+    """The canonical text ('123 * 45 + 6'), or with rng a way a person might write it."""
+    ops = (lambda op: op) if rng is None else (lambda op: rng.choice(OPERATORS[op]))
+    return " ".join(str(t) if isinstance(t, int) else ops(t) for t in terms)
+
+
+def value(terms: list) -> int:
+    total, product, sign = 0, terms[0], 1
+    for op, n in zip(terms[1::2], terms[2::2]):  # * before + and -
+        if op == "*":
+            product *= n
+        else:
+            total += sign * product
+            product, sign = n, (1 if op == "+" else -1)
+    return total + sign * product
+
+
+def calculator_call(terms: list, call_id: str) -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression(terms)})}}
+
+
+def tool_conversations(tools_prompt: str, rng: random.Random) -> list[list[dict]]:
+    """One hard problem with the calculator offered: the turn that calls it (reasoning kept: it is
+    the last message) and the whole exchange up to the answer."""
+    terms = hard_problem(rng)
+    system = {"role": "system", "content": tools_prompt}
+    user = {"role": "user", "content": rng.choice(ASK).format(e=expression(terms, rng))}
+    call = calculator_call(terms, f"call_{rng.randrange(1 << 30):x}")
+    reasoning = (f"{expression(terms)} needs exact arithmetic on several or large numbers: "
+                 "I'll use the calculator.")
+    first = {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": reasoning}
+    if rng.random() < 0.3:  # thinking off: the call at once
+        first = {**first, "reasoning_content": None, "thinking": False}
+    rest = [{"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": str(value(terms))},
+            {"role": "assistant", "content": str(value(terms))}]
+    return [[system, user, first], [system, user, *rest]]
+
+
+def without_thinking(messages: list[dict]) -> list[dict]:
+    """A worked conversation answered with thinking off: the answer alone."""
+    *head, last = messages
+    return [*head, {"role": "assistant", "content": last["content"], "thinking": False}]
+
+
+def tool_use_conversations(n: int, tools_prompt: str, seed: int = 0, split: str = "train",
+                           no_thinking: float = 0.3) -> Iterator[list[dict]]:
+    """n conversations: half calculator calls on hard problems, half task problems with the
+    calculator offered and not needed (a share of all of them with thinking off)."""
+    rng = random.Random(seed + SPLIT_SEED[split])
+    tasks = [get_task(name) for name in ("add", "sub", "mul")]
+    made = 0
+    while made < n:
+        if rng.random() < 0.5:
+            for conv in tool_conversations(tools_prompt, rng):
+                yield conv
+                made += 1
+            continue
+        task = rng.choice(tasks)
+        conv = [{"role": "system", "content": tools_prompt}, *task.conversation(task.sample(rng, split))]
+        yield without_thinking(conv) if rng.random() < no_thinking else conv
+        made += 1
+
+
+def no_thinking_conversations(conversations: list[list[dict]], share: float, seed: int = 0) -> list[list[dict]]:
+    """The conversations with a share of them answered with thinking off."""
+    rng = random.Random(seed)
+    return [without_thinking(c) if c[-1]["role"] == "assistant" and rng.random() < share else c for c in conversations]

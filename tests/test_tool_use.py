@@ -1,0 +1,83 @@
+"""Teaching calculator use and thinking off: the problems and conversations (data/tool_use.py), a
+model gaining the tool tokens (resize_vocab), the SFT mixture, and the tool-use evaluation."""
+
+import random
+from pathlib import Path
+
+import torch
+
+from conftest import randomize_
+from nanoseek.data.tool_use import expression, hard_problem, tool_use_conversations, value
+from nanoseek.eval.tool_use import evaluate_tool_use
+from nanoseek.inference import Engine
+from nanoseek.model import build_model, get_preset
+from nanoseek.tokenizer import DeepSeekTokenizer
+from nanoseek.tools import CALCULATOR, CallFormat, calculate, describe_tools
+from nanoseek.train.sft import SFTConfig, builtin_mixture
+
+SHIPPED = Path(__file__).parents[1] / "nanoseek" / "assets" / "model"
+
+
+def test_problems_agree_with_the_calculator_and_are_hard():
+    rng = random.Random(0)
+    for _ in range(500):
+        terms = hard_problem(rng)
+        assert value(terms) == calculate(expression(terms))
+        assert len(terms) >= 5 or (terms[1] == "*" and terms[0] >= 100)
+        written = expression(terms, rng)  # "x", "times", "×" parse back to the same value once normalised
+        assert value(terms) == calculate(written.replace("times", "*").replace("plus", "+").replace("minus", "-")
+                                         .replace(" x ", " * "))
+
+
+def test_conversations_call_for_hard_problems_only_and_hold_out_by_seed():
+    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    prompt = describe_tools([CALCULATOR], CallFormat.probe(tok))
+    train = list(tool_use_conversations(200, prompt, split="train"))
+    test = list(tool_use_conversations(200, prompt, split="test"))
+    assert not {c[1]["content"] for c in train} & {c[1]["content"] for c in test if c[1]["role"] == "user"} - {""}
+    calls = [c for c in train if any(m.get("tool_calls") for m in c)]
+    assert 0.3 < len(calls) / len(train) < 0.8
+    for conv in train:
+        assert conv[0] == {"role": "system", "content": prompt}
+        ids, mask = tok.render_conversation(conv)  # every conversation renders, something is trained
+        assert any(mask)
+        if conv[-1]["role"] == "assistant" and conv[-2]["role"] == "tool":
+            assert conv[-1]["content"] == conv[-2]["content"]  # the answer is read from the result
+    assert any(c[-1].get("thinking") is False for c in train)
+
+
+def test_a_model_gains_rows_without_changing_old_logits():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=512)).eval()
+    randomize_(model)
+    ids = torch.randint(0, 512, (2, 9))
+    before = model(ids).logits
+    model.resize_vocab(576)
+    after = model(ids).logits
+    assert after.shape[-1] == 576 and torch.allclose(after[..., :512], before, atol=1e-5)
+    assert model.mtp_layers[0].shared_head.head is model.lm_head and model.config.vocab_size == 576
+    model(torch.full((1, 3), 570), labels=torch.full((1, 3), 571)).loss.backward()  # new rows train
+
+
+def test_sft_mixture_adds_tool_and_thinking_off_conversations():
+    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    convs = builtin_mixture(tok, 400, SFTConfig(), seed=0)
+    assert len(convs) == 400 + 60
+    assert sum(any(m.get("tool_calls") for m in c) for c in convs) > 10
+    assert sum(c[-1].get("thinking") is False for c in convs) > 40
+    plain = builtin_mixture(DeepSeekTokenizer.load(SHIPPED), 400, SFTConfig(), seed=0)  # no tool tokens: no tools
+    assert not any(m.get("tool_calls") for c in plain for m in c)
+
+
+def test_tool_use_evaluation_runs_the_calls():
+    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=2112, eos_token_id=tok.eos_id, max_position_embeddings=1024)).eval()
+    randomize_(model, std=0.05)
+    with torch.no_grad():  # make the random model open a block of calls whenever it may
+        model.lm_head.weight[tok.encode(CallFormat.probe(tok).opener)[0]] = 40 * model.model.norm.weight.sign()
+    engine = Engine(model, decode=tok.decode, max_batch=4, max_len=1024)
+    r = evaluate_tool_use(engine, tok, n=4, offered=True, thinking=False, max_new_tokens=60)
+    assert r.called == 1.0 and 0 <= r.accuracy <= 1
+    r = evaluate_tool_use(engine, tok, n=4, offered=False, thinking=True, max_new_tokens=20)
+    assert r.called == 0.0
