@@ -28,6 +28,7 @@ from .checkpoint import CheckpointError, load_config, load_model, save_model
 from .data import CorpusStats, iter_documents
 from .data.tasks import get_task
 from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
+from .eval.tool_use import evaluate_tool_use
 from .inference import KVCache, SamplingParams
 from .inference import generate as generate_ids
 from .loading import load_chat_engine
@@ -414,7 +415,8 @@ def eval_(
                               "http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model deepseek-reasoner)."),
     remote_model: str = typer.Option("nanoseek", help="Model name at a URL."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_EVAL_API_KEY", help="Key for a URL."),
-    tasks: str = typer.Option("add,sub,mul,countdown,linear", help="Comma-separated task families."),
+    tasks: str = typer.Option("add,sub,mul,countdown,linear", help="Comma-separated task families; 'calculator' "
+                              "scores hard arithmetic with the calculator tool offered and not offered."),
     n: int = typer.Option(100, help="Held-out problems per family."),
     samples: int = typer.Option(1, help="Samples per problem (k for pass@k and majority vote)."),
     temperature: float = typer.Option(0.0, help="0 = greedy (with samples > 1, 0.7 is used)."),
@@ -422,6 +424,8 @@ def eval_(
     max_tokens: int = typer.Option(0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a URL)."),
     out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    thinking: bool = typer.Option(True, help="Ask with thinking on (the reply reasons first) or off (it answers "
+                                  "at once)."),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     remote = model.startswith(("http://", "https://"))
@@ -431,13 +435,19 @@ def eval_(
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
     results = []
     for family in _names(tasks):
+        if family == "calculator" and not remote:
+            with _reported():
+                rows = [evaluate_tool_use(engine, tok, n=n, offered=o, thinking=thinking) for o in (True, False)]
+            console.print("| calculator offered | thinking | n | accuracy | called |\n|---|---|---|---|---|\n"
+                          + "\n".join(r.row() for r in rows))
+            continue
         with _reported():
             if remote:
                 r, _ = evaluate_remote(ask, [(family, not varied)], n=n, samples=samples,
                                        max_new_tokens=max_tokens or 512)[0]
             else:
                 r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
-                                       canonical=not varied, max_new_tokens=max_tokens or None)
+                                       canonical=not varied, max_new_tokens=max_tokens or None, thinking=thinking)
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
     table = markdown_table(results)

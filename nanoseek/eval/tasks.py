@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
 from ..inference import Engine, SamplingParams
-from ..tokenizer import DeepSeekTokenizer
+from ..tokenizer import END_THINK, DeepSeekTokenizer
 
 
 @dataclass
@@ -69,18 +69,20 @@ def evaluate_remote(ask, specs: list[tuple[str, bool]], n: int = 100, samples: i
 
 def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int = 100, samples: int = 1,
                     temperature: float = 0.0, canonical: bool = True, max_new_tokens: int | None = None,
-                    seed: int = 0) -> tuple[FamilyResult, list[dict]]:
-    return evaluate_many(engine, tok, [(family, canonical)], n, samples, temperature, max_new_tokens, seed)[0]
+                    seed: int = 0, thinking: bool = True) -> tuple[FamilyResult, list[dict]]:
+    return evaluate_many(engine, tok, [(family, canonical)], n, samples, temperature, max_new_tokens, seed,
+                         thinking)[0]
 
 
 def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str, bool]], n: int = 100,
                   samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
-                  seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
-    """Several (family, canonical wording?) evaluations in one batch through the engine."""
+                  seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
+    """Several (family, canonical wording?) evaluations in one batch through the engine. With
+    thinking off the prompt closes the reasoning block itself and the reply is scored as the answer."""
     temp = temperature if samples == 1 else (temperature or 0.7)
     jobs, prompts, params = [], [], []
     for family, canonical in specs:
-        task, problems, ids = prompts_for(tok, family, n, canonical)
+        task, problems, ids = prompts_for(tok, family, n, canonical, thinking)
         cap = max_new_tokens or token_budget(tok, family)
         jobs.append((family, task, problems, len(prompts)))
         for p in ids:
@@ -88,6 +90,8 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
                 params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts)))
                 prompts.append(p)
     reqs = engine.generate(prompts, params)
+    if not thinking:
+        reqs = [_Answered(f"{END_THINK}\n\n{r.text}", r.tokens) for r in reqs]
     return [_score(family, task, problems, reqs[start:start + len(problems) * samples], samples)
             for family, task, problems, start in jobs]
 

@@ -265,6 +265,12 @@ class ModelConfig:
         return d
 
 
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Rows of the embedding for a tokenizer of n ids: rounded up for the matmuls (the extra rows
+    are never targets)."""
+    return -(-n // multiple) * multiple
+
+
 def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not stretching)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

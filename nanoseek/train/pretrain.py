@@ -23,7 +23,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..data.builtin import code_documents, task_documents, task_texts
 from ..data.corpus import CorpusStats, iter_documents
 from ..data.shards import PackedRows, ShardSet, write_shards
-from ..model import ModelConfig, build_model, get_preset
+from ..model import ModelConfig, build_model, get_preset, padded_vocab
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
@@ -136,11 +136,9 @@ PRETRAIN_TRAIN = TrainConfig()  # `nanoseek pretrain` and the speedrun override 
 
 
 def model_config_for(preset: str, tok: DeepSeekTokenizer, overrides: dict | None = None) -> ModelConfig:
-    """A preset for a tokenizer: its special tokens, and its vocabulary rounded up to a multiple of 64
-    for the matmuls (the extra rows are never targets)."""
-    vocab = -(-tok.vocab_size // 64) * 64
-    cfg = get_preset(preset, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                     **(overrides or {}))
+    """A preset for a tokenizer: its special tokens and its vocabulary (padded_vocab)."""
+    cfg = get_preset(preset, vocab_size=padded_vocab(tok.vocab_size), bos_token_id=tok.bos_id,
+                     eos_token_id=tok.eos_id, **(overrides or {}))
     cfg.validate()
     return cfg
 

@@ -23,7 +23,7 @@ from ..checkpoint import load_model
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import no_thinking_conversations, tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
-from ..model.config import ConfigError
+from ..model.config import ConfigError, padded_vocab
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools
 from . import distributed as D
@@ -149,7 +149,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
             raise ConfigError(str(e)) from None
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
         if tok.vocab_size > model.config.vocab_size:  # the tokenizer gained tokens (tool calls)
-            model.resize_vocab(-(-tok.vocab_size // 64) * 64)
+            model.resize_vocab(padded_vocab(tok.vocab_size))
         rows = SFTRows(examples, cfg.seq_len, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=info.rank,
                        world=info.world)
 
