@@ -21,9 +21,11 @@ from rich.rule import Rule
 
 from .checkpoint import load_model, save_model
 from .eval.tasks import evaluate_many
+from .eval.tool_use import evaluate_tool_use
 from .inference import SamplingParams
 from .loading import load_chat_engine
 from .tokenizer import DeepSeekTokenizer
+from .tools import CallFormat
 from .train.distill import DISTILL_TRAIN, distill
 from .train.grpo import RL_TRAIN, GRPOConfig, rl
 from .train.loop import TrainConfig
@@ -32,6 +34,8 @@ from .train.pretrain import PRETRAIN_TRAIN, DataConfig, pretrain
 from .train.sft import SFT_TRAIN, SFTConfig, sft
 
 FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
+NO_THINKING_FAMILIES = ["add", "sub", "mul"]  # also asked with thinking off
+EXTRA_ROWS = ("thinking off", "offered", "not offered")  # evaluations besides the families' two wordings
 
 
 @dataclass
@@ -181,6 +185,18 @@ def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Cons
         rows[f"{family}/{phrasing}"] = r.row()
         console.print(f"  {family:10s} {phrasing:9s} accuracy {r.accuracy:6.1%}  format {r.format_rate:5.0%}  "
                       f"length {r.mean_length:5.0f}")
+    plain = [(f, False) for f in families or FAMILIES if f in NO_THINKING_FAMILIES]
+    for (family, _), (r, _) in zip(plain, evaluate_many(engine, tok, plain, n=cfg.eval_n, thinking=False,
+                                                         max_new_tokens=cfg.max_new_tokens)):
+        rows[f"{family}/thinking off"] = r.row()
+    if CallFormat.probe(tok) is not None:
+        for offered in (True, False):
+            r = evaluate_tool_use(engine, tok, n=cfg.eval_n, offered=offered,
+                                  max_new_tokens=cfg.max_new_tokens or 384)
+            rows[f"calculator/{'offered' if offered else 'not offered'}"] = {"accuracy": r.accuracy, "called": r.called}
+    for key in rows:
+        if key.split("/")[1] in EXTRA_ROWS:
+            console.print(f"  {key:28s} accuracy {rows[key]['accuracy']:6.1%}")
     out_file.write_text(json.dumps(rows, indent=2))
 
 
@@ -251,6 +267,17 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
         length = rl_eval.get(f"{fam}/canonical", {}).get("mean_length")
         lines.append(f"| {fam} | {cell(sft_eval)} | {cell(rl_eval)} | {cell(student_base)} | {cell(student)} | "
                      f"{'' if length is None else f'{length:.0f}'} |")
+    extra = [k for k in rl_eval if k.split("/")[1] in EXTRA_ROWS]
+    if extra:
+        lines += ["", "## Thinking off, and hard arithmetic with the calculator tool (held-out, greedy)", "",
+                  "| problems | after SFT | after RL |", "|---|---|---|"]
+        def extra_cell(d: dict, key: str) -> str:
+            if key not in d:
+                return "-"
+            called = f" ({d[key]['called']:.0%} called)" if "called" in d[key] else ""
+            return f"{d[key]['accuracy']:.0%}{called}"
+
+        lines += [f"| {k} | {extra_cell(sft_eval, k)} | {extra_cell(rl_eval, k)} |" for k in extra]
     skipped = out / "distill" / "skipped.txt"
     if skipped.exists():
         lines += ["", f"No distilled student: {skipped.read_text()}"]

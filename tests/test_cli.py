@@ -92,7 +92,7 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
     report = speedrun(tmp_path / "run", cfg)
     text = report.read_text()
     for part in ("pretrain", "sft", "rl", "distill", "GRPO trained on:", "Held-out accuracy", "tokens/s",
-                 "bytes per token"):
+                 "bytes per token", "| add/thinking off |", "| calculator/offered |", "called"):
         assert part in text, (part, text)
     assert (tmp_path / "run" / "rl" / "model" / "config.json").is_file()
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
