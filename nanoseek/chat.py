@@ -3,34 +3,89 @@
 End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
 /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
 current reply; Ctrl-D or /exit leaves.
+
+When the model's chat template writes tool calls, the model is offered the calculator (as the
+API's tool_choice "auto": a grammar keeps each call's arguments to the tool's schema once the
+reply opens a block of calls). Each call is printed dimmed with its result, the result goes back
+to the model, and the reply continues, for at most MAX_TOOL_ROUNDS rounds a message.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from rich.console import Console
+from rich.text import Text
 
 from .inference import Engine, EngineBusy, InvalidRequest, Request, SamplingParams
+from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
 from .tokenizer import ChatFormatError, DeepSeekTokenizer
+from .tools import CALCULATOR, CallFormat, CallStream, describe_tools, renders_tools, run_calculator
+
+MAX_TOOL_ROUNDS = 4  # rounds of calls per user message; the reply after the last may not call
 
 
-def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console) -> tuple[str, str]:
-    """Drive the engine until req ends, printing reasoning dimmed and the answer plainly; Ctrl-C
-    stops the reply. Returns (reasoning, answer)."""
+@dataclass(frozen=True)
+class Tools:
+    """The calculator for one model: its call format, the grammar of a reply that may call it, and
+    the grammar of one that may not (the opener banned)."""
+
+    fmt: CallFormat
+    calls: Grammar
+    no_calls: Grammar
+
+    @staticmethod
+    def offer(engine: Engine, tok: DeepSeekTokenizer) -> "Tools | None":
+        """None if the template has no tool calls, or opens them with more than one token."""
+        fmt = CallFormat.probe(tok)
+        opener = tok.encode(fmt.opener) if fmt is not None else []
+        if len(opener) != 1:
+            return None
+        vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
+        calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener[0])
+        return Tools(fmt, calls, Grammar.compile(vocab, None, banned={opener[0]}))
+
+    def prompt(self, tok: DeepSeekTokenizer, convo: list[dict], think: bool) -> list[int]:
+        """The prompt with the calculator described, by the template itself or in the system message."""
+        if renders_tools(tok):
+            return tok.render_prompt(convo, thinking=think, tools=[CALCULATOR])
+        note = describe_tools([CALCULATOR], self.fmt)
+        if convo and convo[0]["role"] == "system":
+            return tok.render_prompt([{**convo[0], "content": convo[0]["content"] + "\n\n" + note}, *convo[1:]],
+                                     thinking=think)
+        return tok.render_prompt([{"role": "system", "content": note}, *convo], thinking=think)
+
+
+def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
+                 calls: CallFormat | None = None) -> tuple[str, str]:
+    """Drive the engine until req ends, printing reasoning dimmed and the answer plainly (without
+    its block of tool calls, if `calls` is the format they come in); Ctrl-C stops the reply.
+    Returns (reasoning, answer), the answer with its calls."""
     splitter, parts, shown = ReasoningStream(started=thinking), {"reasoning": "", "answer": ""}, None
+    hidden = CallStream(calls) if calls is not None else None
+
+    def show(kind: str, text: str) -> None:
+        nonlocal shown
+        if not text:
+            return
+        if kind != shown:
+            console.print("[dim italic]Thinking...[/]\n" if kind == "reasoning" else "\n[bold]Answer:[/] ", end="")
+            shown = kind
+        console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False, highlight=False)
+
     try:
         while not req.finished:
             engine.step()
             while not req.events.empty():
                 ev = req.events.get()
-                for kind, text in splitter.feed(ev.text, final=ev.finish_reason is not None):
-                    if kind != shown:
-                        header = "[dim italic]Thinking...[/]\n" if kind == "reasoning" else "\n[bold]Answer:[/] "
-                        console.print(header, end="")
-                        shown = kind
+                final = ev.finish_reason is not None
+                for kind, text in splitter.feed(ev.text, final=final):
                     parts[kind] += text
-                    console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False,
-                                  highlight=False)
+                    if kind == "reasoning" or hidden is None:
+                        show(kind, text)
+                if hidden is not None:
+                    show("answer", hidden.feed(parts["answer"], final=final)[0])
     except KeyboardInterrupt:
         engine.cancel(req)
         while engine.has_work:
@@ -49,10 +104,53 @@ def read_message(prompt: str = "> ") -> str:
     return "\n".join(lines).strip()
 
 
+def run_tool(name: str, arguments: str) -> str:
+    """A call's result as text: the calculator's answer, or an error the model can read."""
+    if name != CALCULATOR["function"]["name"]:
+        return f"error: no tool {name!r}"
+    try:
+        return run_calculator(arguments)
+    except RecursionError:  # nested deeper than Python's parser or the calculator's walk goes
+        return "error: the expression is nested too deeply"
+
+
+def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: list[dict], params: SamplingParams,
+          system: str = "", think: bool = True, tools: Tools | None = None) -> None:
+    """One turn: the model answers `messages` (the user's message last) and the reply is appended.
+    With tools, a reply that calls the calculator is followed by the calls' results (printed, and
+    appended as `tool` messages) and another reply, until one makes no call or MAX_TOOL_ROUNDS
+    rounds are done. Raises InvalidRequest, EngineBusy or ChatFormatError if a prompt is refused."""
+    for round_ in range(MAX_TOOL_ROUNDS + 1):
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        ids = tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
+        grammar = None if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
+        req = engine.submit(ids, replace(params, grammar=grammar))
+        reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
+                                         tools.fmt if tools else None)
+        content, calls, complete = tools.fmt.split(answer) if tools is not None else (answer, [], True)
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        if not calls or not complete or req.finish_reason != "stop":  # no calls, or cut short: the turn ends
+            if calls:
+                console.print("[yellow](the reply ended inside a tool call)[/]")
+            messages.append(message)
+            return
+        messages.append({**message, "content": content or None, "tool_calls": calls})
+        for call in calls:
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            result = run_tool(name, arguments)
+            console.print(Text.assemble(("  ↳ ", "dim"), (name, "dim bold"), (" " + arguments, "dim")))
+            console.print(Text.assemble(("  = ", "dim"), (result, "dim italic")))
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+
+
 def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str = "", temperature: float = 0.6,
-         top_p: float = 0.95, max_tokens: int = 1024, think: bool = True) -> None:
-    """Talk with the model until /exit, Ctrl-D or Ctrl-C at the prompt."""
+         top_p: float = 0.95, max_tokens: int = 1024, think: bool = True, tools: bool = True) -> None:
+    """Talk with the model until /exit, Ctrl-D or Ctrl-C at the prompt; `tools`: offer the
+    calculator if the model's template can write tool calls."""
     messages: list[dict] = []
+    offered = Tools.offer(engine, tok) if tools else None
+    if offered is not None:
+        console.print("[dim](the model may use a calculator; --no-tools turns it off)[/]")
     while True:
         try:
             text = read_message()
@@ -80,14 +178,11 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
             else:
                 console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit)")
             continue
+        before = len(messages)
         messages.append({"role": "user", "content": text})
-        convo = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            ids = tok.render_prompt(convo, thinking=think)
-            req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p))
+            reply(engine, tok, console, messages, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                                                 top_p=top_p), system, think, offered)
         except (InvalidRequest, EngineBusy, ChatFormatError) as e:
-            messages.pop()
+            del messages[before:]
             console.print(f"[red]{e}[/] (try /reset)")
-            continue
-        reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console)
-        messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})

@@ -315,11 +315,14 @@ def chat(
     top_p: float = typer.Option(0.95),
     max_tokens: int = typer.Option(1024, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
+    tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
+                               "calls (calls and results are shown dimmed)."),
     speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
-    """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer.
+    """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
+    calculator calls (models whose template writes tool calls) with their results below it.
 
     End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
@@ -328,7 +331,7 @@ def chat(
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
     run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-             think=think)
+             think=think, tools=tools)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """The chat web app in headless Chromium (Debian's package, driven by Playwright)."""
 
+import json
 import os
 import shutil
 
@@ -126,4 +127,87 @@ def test_stop_regenerate_edit_and_phone_layout(server, browser):
     assert page.locator(".msg.user .body").first.inner_text() == "Edited question"
     assert page.locator(".msg").count() == 2
     assert page.is_visible("#input") and page.is_visible("#send")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """A model whose template writes DeepSeek's tool calls, biased to call a tool whenever it may."""
+    from test_app_tools import tool_calling_model
+
+    model, tok = tool_calling_model(tmp_path_factory.mktemp("v31"))
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=2048, eos_token_id=tok.eos_id)
+    db = tmp_path_factory.mktemp("web-tools") / "chats.db"
+    with LiveServer(create_app(engine, tok, api_key=KEY, store=ChatStore(db))) as url:
+        yield url
+
+
+def shown_rounds(page) -> tuple[list[tuple[str, str]], list[str]]:
+    """The tool calls on the page as (name, arguments), and the tool results, in order."""
+    calls = [(c.locator(".tool-name").inner_text(), c.locator(".tool-args").inner_text())
+             for c in page.locator(".msg.assistant .tool-call").all()]
+    return calls, [r.inner_text() for r in page.locator(".msg.tool .body").all()]
+
+
+def test_tool_calls_run_show_continue_and_persist(tool_server, browser):
+    from nanoseek.tools import run_calculator
+
+    page = browser.new_page()
+    settings = {"api_key": KEY, "thinking": "false", "max_tokens": "30"}  # thinking off: V3.1 calls tools without it
+    page.add_init_script("".join(f"localStorage.setItem('nanoseek.{k}', '{v}');" for k, v in settings.items()))
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.goto(tool_server)
+    page.wait_for_selector("#tools-toggle:not([hidden])")  # the server lists a tool: the toggle shows, on
+    assert page.is_checked("#tools") and "calculator" in page.inner_text("#tools-toggle")
+    page.click("#new-chat")
+    page.fill("#input", "What is 17 * 23?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.tool", timeout=120_000)  # a call ran and its result is shown
+    page.wait_for_selector("#send:not([hidden])", timeout=240_000)  # and the conversation went on to an answer
+    calls, results = shown_rounds(page)
+    rounds = page.locator(".msg.assistant:has(.tool-call)").count()
+    assert 1 <= rounds <= 4 and len(sent) == rounds + 1 and calls and len(results) == len(calls)
+    for (name, args), result in zip(calls, results):
+        assert name == "calculator" and result == run_calculator(args)  # the real calculator's answer
+    assert [b["tool_choice"] for b in sent] == ["auto"] * rounds + ["none" if rounds == 4 else "auto"]
+    assert sent[0]["tools"][0]["function"]["name"] == "calculator"
+    assert sent[1]["messages"][-1]["role"] == "tool" and sent[1]["messages"][-2]["tool_calls"]
+    last = page.locator(".msg").last
+    assert "assistant" in last.get_attribute("class") and last.locator(".tool-call").count() == 0
+    assert last.locator(".body").inner_text().strip()
+    # stored with the conversation: after a reload, the calls and results are shown again
+    page.reload()
+    page.wait_for_selector(".msg.tool")
+    assert shown_rounds(page) == (calls, results)
+    cid = page.evaluate("state.conv.id")
+    stored = httpx.get(f"{tool_server}/api/conversations/{cid}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    tool_msgs = [m for m in stored["messages"] if m["role"] == "tool"]
+    ids = [c["id"] for m in stored["messages"] for c in m.get("tool_calls", [])]
+    assert [m["tool_call_id"] for m in tool_msgs] == ids and len(ids) == len(calls)
+    # HTML in a call's arguments or a result is shown as text
+    msgs = stored["messages"] + [
+        {"role": "user", "content": "html"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_x", "type": "function", "function": {
+            "name": "calculator", "arguments": json.dumps({"expression": XSS})}}]},
+        {"role": "tool", "tool_call_id": "call_x", "content": XSS}, {"role": "assistant", "content": "done"}]
+    r = httpx.put(f"{tool_server}/api/conversations/{cid}/messages", json={"messages": msgs},
+                  headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    page.reload()
+    page.wait_for_selector(".msg.tool")
+    assert page.locator(".msg.tool .body").last.inner_text() == XSS
+    assert "<script>" in page.locator(".tool-call .tool-args").last.inner_text()
+    assert page.locator("#messages img, #messages script").count() == 0 and page.evaluate("window.__pwned") is None
+    # the toggle is remembered; off, no tools are sent
+    page.uncheck("#tools")
+    page.reload()
+    page.wait_for_selector("#tools-toggle:not([hidden])")
+    assert not page.is_checked("#tools")
+    page.evaluate("document.getElementById('max_tokens').value = '4'")
+    sent.clear()
+    page.fill("#input", "no tools now")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    assert len(sent) == 1 and "tools" not in sent[0]
     page.close()

@@ -1,4 +1,4 @@
-"""The chat web app's conversation routes, over the SQLite store (store.py).
+"""The chat web app's routes: its conversations, over the SQLite store (store.py), and its built-in tools.
 
     GET    /api/conversations             list (newest first)
     POST   /api/conversations             create {title?, system?, settings?}
@@ -6,20 +6,27 @@
     PATCH  /api/conversations/{id}        rename / change system prompt or settings
     PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
     DELETE /api/conversations/{id}
+    GET    /api/tools                     the built-in tools this model can call (none if its template has no calls)
+    POST   /api/tools/{name}              run one {arguments: "<JSON>"} -> {content: "<result text>"}
 
 The page sends the whole message list after each change, so editing and regenerating are just
-rewrites of the list. A missing conversation is a 404.
+rewrites of the list; a tool round is an assistant message with `tool_calls` followed by one
+`tool` message (with its `tool_call_id`) per call. A missing conversation is a 404. The page runs
+the calls its model makes through POST /api/tools/{name}: only the built-in tools below, which
+are pure functions (the calculator walks an AST, never `eval`), can run; any other name is a 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .protocol import APIError
+from ..tools import CALCULATOR, run_calculator
+from .protocol import APIError, ToolCall
 from .store import ChatStore, NotFound
 
 
@@ -40,13 +47,33 @@ class ConversationPatch(_Body):
 
 
 class StoredMessage(_Body):
-    role: str = Field(..., pattern="^(user|assistant)$")
-    content: str = Field(..., max_length=1_000_000)
+    role: str = Field(..., pattern="^(user|assistant|tool)$")
+    content: str | None = Field(..., max_length=1_000_000)  # None: an assistant turn with only tool calls
     reasoning_content: str | None = Field(None, max_length=1_000_000)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # assistant turns
+    tool_call_id: str | None = Field(None, max_length=200)  # tool turns: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"{self.role} messages need content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, have a tool_call_id")
+        return self
 
 
 class MessageList(_Body):
     messages: list[StoredMessage] = Field(..., max_length=10_000)
+
+
+class ToolRun(_Body):
+    arguments: str = Field(..., max_length=10_000)  # the call's arguments, a JSON object as text
+
+
+# name -> (the definition sent to the model, the function: JSON arguments as text -> the result as text)
+BUILTIN_TOOLS = {CALCULATOR["function"]["name"]: (CALCULATOR, run_calculator)}
 
 
 @contextmanager
@@ -90,5 +117,27 @@ def routes(store: ChatStore) -> APIRouter:
         with _found():
             store.delete(cid)
         return {"deleted": cid}
+
+    return r
+
+
+def tool_routes(usable: Callable[[], bool]) -> APIRouter:
+    """The built-in tool routes; `usable()` says whether the model can call tools at all."""
+    r = APIRouter(prefix="/api/tools")
+
+    @r.get("")
+    async def list_():
+        return {"data": [spec for spec, _ in BUILTIN_TOOLS.values()] if usable() else []}
+
+    @r.post("/{name}")
+    async def run(name: str, body: ToolRun):
+        if name not in BUILTIN_TOOLS:
+            raise APIError(404, f"no built-in tool {name!r}; the built-in tools are {sorted(BUILTIN_TOOLS)}",
+                           code="not_found")
+        try:
+            content = await asyncio.to_thread(BUILTIN_TOOLS[name][1], body.arguments)
+        except RecursionError:  # an expression nested deeper than Python's parser or walker goes
+            content = "error: the expression is nested too deeply"
+        return {"content": content}
 
     return r

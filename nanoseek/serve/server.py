@@ -1,7 +1,8 @@
 """The OpenAI- and DeepSeek-compatible API (FastAPI), over the one engine running in a background thread.
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (with
-`suffix` = fill-in-the-middle), the chat web app at / and its conversation store at /api/.
+`suffix` = fill-in-the-middle), the chat web app at / with its conversation store and built-in
+tools at /api/ (chats.py).
 The reasoning a model writes between <think> and </think> is returned as `reasoning_content`
 (`delta.reasoning_content` when streaming), never inside `content`. Model names: the served
 name, plus DeepSeek's `deepseek-reasoner` (thinking on) and `deepseek-chat` (thinking off), so
@@ -32,6 +33,7 @@ from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_r
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
 from ..tools import CallFormat, CallStream, describe_tools, renders_tools
+from .chats import routes, tool_routes
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
 WEB = Path(__file__).parent / "web"
@@ -167,9 +169,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         return await complete(svc, body, request)
 
     if store is not None:
-        from .chats import routes
-
         api.include_router(routes(store))
+    api.include_router(tool_routes(lambda: svc.call_format is not None))  # the web app's calculator
     app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")

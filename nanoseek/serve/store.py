@@ -1,7 +1,8 @@
 """Conversations of the chat web app, kept server-side in SQLite (WAL mode); their routes are in chats.py.
 
 Each write is one transaction; a server restart finds everything again. A missing conversation
-raises NotFound.
+raises NotFound. Messages keep what a tool round needs: an assistant turn's `tool_calls` (JSON)
+and a tool turn's `tool_call_id`; a database from before those columns gets them when it opens.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE TABLE IF NOT EXISTS messages (
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
-    reasoning TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
+    reasoning TEXT NOT NULL DEFAULT '', tool_calls TEXT NOT NULL DEFAULT '',
+    tool_call_id TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
 """
+ADDED = {"tool_calls": "TEXT NOT NULL DEFAULT ''", "tool_call_id": "TEXT NOT NULL DEFAULT ''"}  # columns newer than v1
 
 
 class NotFound(LookupError):
@@ -36,6 +39,10 @@ class ChatStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        for column, kind in ADDED.items():  # an older database: add the missing columns, keep every row
+            if column not in have:
+                self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def _tx(self, fn):
@@ -64,12 +71,10 @@ class ChatStore:
                                (cid,)).fetchone()
         if row is None:
             raise NotFound(f"no conversation {cid!r}")
-        msgs = self._db.execute("SELECT role, content, reasoning FROM messages WHERE conversation_id = ? "
-                                "ORDER BY position", (cid,)).fetchall()
+        msgs = self._db.execute("SELECT role, content, reasoning, tool_calls, tool_call_id FROM messages "
+                                "WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall()
         return {"id": row[0], "title": row[1], "system": row[2], "settings": json.loads(row[3]),
-                "created": row[4], "updated": row[5],
-                "messages": [{"role": r, "content": c, **({"reasoning_content": rs} if rs else {})}
-                             for r, c, rs in msgs]}
+                "created": row[4], "updated": row[5], "messages": [_message(*m) for m in msgs]}
 
     def update(self, cid: str, **fields) -> dict:
         self.get(cid)
@@ -84,8 +89,10 @@ class ChatStore:
 
         def write(db):
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (cid,))
-            db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
-                           [(cid, i, m["role"], m["content"], m.get("reasoning_content") or "")
+            db.executemany("INSERT INTO messages (conversation_id, position, role, content, reasoning, tool_calls, "
+                           "tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(cid, i, m["role"], m.get("content") or "", m.get("reasoning_content") or "",
+                             json.dumps(m["tool_calls"]) if m.get("tool_calls") else "", m.get("tool_call_id") or "")
                             for i, m in enumerate(messages)])
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
 
@@ -95,3 +102,15 @@ class ChatStore:
     def delete(self, cid: str) -> None:
         self.get(cid)
         self._tx(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))
+
+
+def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call_id: str) -> dict:
+    """A stored row as the message the page sends: optional fields only where set."""
+    m = {"role": role, "content": content}
+    if reasoning:
+        m["reasoning_content"] = reasoning
+    if tool_calls:
+        m["tool_calls"] = json.loads(tool_calls)
+    if tool_call_id:
+        m["tool_call_id"] = tool_call_id
+    return m

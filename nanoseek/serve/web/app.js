@@ -1,11 +1,14 @@
-// nanoseek chat: a static page over /v1/chat/completions (streaming) and /api/conversations.
+// nanoseek chat: a static page over /v1/chat/completions (streaming), /api/conversations and /api/tools.
 // All model and user text is inserted as text or through `markdown`, which escapes it first,
-// so a reply containing <script> or <img onerror=...> is shown, never run.
+// so a reply containing <script> or <img onerror=...> is shown, never run (tool calls and results too).
+// With tools on, a reply that calls the server's built-in tools is followed by their results
+// (run through POST /api/tools/{name}) and another reply, at most MAX_TOOL_ROUNDS rounds a message.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { list: [], conv: null, abort: null, busy: false };
-const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "api_key"];
+const state = { list: [], conv: null, abort: null, busy: false, tools: [] };
+const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "api_key"];
+const MAX_TOOL_ROUNDS = 4;
 
 // ---------- settings ----------
 function loadSettings() {
@@ -27,8 +30,8 @@ function headers() {
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
 }
-async function api(path, method = "GET", body) {
-  const r = await fetch(path, { method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) });
+async function api(path, method = "GET", body, signal) {
+  const r = await fetch(path, { method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body), signal });
   if (!r.ok) throw await apiError(r);
   return r.json();
 }
@@ -84,11 +87,25 @@ function el(tag, cls, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+function toolName(id, index) {  // the name of the function a tool message answers
+  for (let i = index - 1; i >= 0; i--) {
+    const call = (state.conv.messages[i].tool_calls || []).find((c) => c.id === id);
+    if (call) return call.function.name;
+  }
+  return "tool";
+}
+function renderCall(call) {
+  const box = el("div", "tool-call");
+  box.append(el("span", "tool-name", call.function.name), el("code", "tool-args", call.function.arguments));
+  return box;
+}
 function renderMessage(m, index) {
   const box = el("div", "msg " + m.role);
-  const who = el("div", "who", m.role === "user" ? "You" : "nanoseek");
+  const who = el("div", "who", m.role === "user" ? "You" : m.role === "tool" ? toolName(m.tool_call_id, index) + " result" : "nanoseek");
   box.appendChild(who);
-  if (m.role === "user") {
+  if (m.role === "tool") {
+    box.appendChild(el("pre", "body tool-result", m.content));
+  } else if (m.role === "user") {
     const edit = el("button", "edit", "Edit");
     edit.onclick = () => startEdit(box, index);
     who.appendChild(edit);
@@ -108,6 +125,9 @@ function renderMessage(m, index) {
     const body = el("div", "body");
     body.innerHTML = markdown(m.content || "");
     box.appendChild(body);
+    const calls = el("div", "tool-calls");
+    calls.append(...(m.tool_calls || []).map(renderCall));
+    box.appendChild(calls);
   }
   return box;
 }
@@ -129,6 +149,39 @@ function renderList() {
     return li;
   }));
   renderConversation();
+}
+
+// ---------- tools ----------
+async function loadTools() {  // the server's built-in tools this model can call (none: no toggle)
+  try { state.tools = (await api("/api/tools")).data; } catch (_) { state.tools = []; }
+  const names = state.tools.map((t) => t.function.name);
+  $("tools-toggle").hidden = !names.length;
+  $("tools-names").textContent = " (" + names.join(", ") + ")";
+}
+async function runTools(c, reply) {  // each call's result as a tool message; a stop answers the rest
+  const signal = state.abort.signal;
+  for (const call of reply.tool_calls) {
+    let content = "error: stopped before the tool ran";
+    if (!signal.aborted) {
+      try {
+        const path = "/api/tools/" + encodeURIComponent(call.function.name);
+        content = (await api(path, "POST", { arguments: call.function.arguments }, signal)).content;
+      } catch (e) {
+        if (e.name !== "AbortError") content = "error: " + e.message;
+      }
+    }
+    const msg = { role: "tool", tool_call_id: call.id, content };
+    c.messages.push(msg);
+    $("messages").appendChild(renderMessage(msg, c.messages.length - 1));
+    $("messages").scrollTop = $("messages").scrollHeight;
+  }
+  if (signal.aborted) throw new DOMException("stopped", "AbortError");
+}
+function wire(m) {  // a stored message as the API takes it
+  const out = { role: m.role, content: m.content };
+  if (m.tool_calls) Object.assign(out, { content: m.content || null, tool_calls: m.tool_calls });
+  if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
+  return out;
 }
 
 // ---------- conversations ----------
@@ -163,10 +216,10 @@ async function send(text) {
   state.conv.messages.push({ role: "user", content: text });
   await stream();
 }
-async function regenerate() {
+async function regenerate() {  // the whole turn again: replies and tool results after the last user message
   if (state.busy) return;
   const msgs = state.conv.messages;
-  if (msgs.length && msgs[msgs.length - 1].role === "assistant") msgs.pop();
+  while (msgs.length && msgs[msgs.length - 1].role !== "user") msgs.pop();
   await stream();
 }
 function startEdit(box, index) {
@@ -189,27 +242,47 @@ function startEdit(box, index) {
   area.focus();
 }
 
-async function stream() {
+async function stream() {  // one turn: replies, and the tools they call, until one calls none
   const c = state.conv;
   renderConversation();
+  const system = $("system").value.trim();
+  if (system !== c.system) { c.system = system; api("/api/conversations/" + c.id, "PATCH", { system }).catch(() => {}); }
+  const before = c.messages.length;
+  setBusy(true);
+  state.abort = new AbortController();
+  try {
+    for (let round = 0; ; round++) {
+      const reply = await streamReply(c, system, round < MAX_TOOL_ROUNDS);
+      if (!reply.tool_calls) break;
+      await runTools(c, reply);
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e);
+  } finally {
+    setBusy(false);
+    state.abort = null;
+    if (c.messages.length > before) await saveMessages().catch(showError);
+    renderConversation();
+  }
+}
+async function streamReply(c, system, mayCall) {  // one reply, streamed into a new message; empty: dropped
   const reply = { role: "assistant", content: "", reasoning_content: "" };
   c.messages.push(reply);
   const node = renderMessage(reply, c.messages.length - 1);
   $("messages").appendChild(node);
   const thinking = node.querySelector(".thinking"), reasoningEl = node.querySelector(".reasoning");
-  const bodyEl = node.querySelector(".body");
+  const bodyEl = node.querySelector(".body"), callsEl = node.querySelector(".tool-calls");
   const useThinking = $("thinking").checked;
   if (useThinking) { thinking.hidden = false; thinking.open = true; }
-  const system = $("system").value.trim();
-  const history = c.messages.slice(0, -1).map((m) => ({ role: m.role, content: m.content }));
+  const history = c.messages.slice(0, -1).map(wire);
   const body = {
     model: "nanoseek", stream: true, messages: (system ? [{ role: "system", content: system }] : []).concat(history),
     temperature: Number($("temperature").value), top_p: Number($("top_p").value),
     max_tokens: Number($("max_tokens").value), thinking: { type: useThinking ? "enabled" : "disabled" },
   };
-  if (system !== c.system) { c.system = system; api("/api/conversations/" + c.id, "PATCH", { system }).catch(() => {}); }
-  setBusy(true);
-  state.abort = new AbortController();
+  if ($("tools").checked && state.tools.length) Object.assign(body, { tools: state.tools, tool_choice: mayCall ? "auto" : "none" });
+  const calls = [];
+  let finish = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.abort.signal });
     if (!r.ok) throw await apiError(r);
@@ -235,21 +308,26 @@ async function stream() {
             reply.content += d.content;
             bodyEl.innerHTML = markdown(reply.content);
           }
+          for (const t of d.tool_calls || []) {  // OpenAI's deltas: id and name first, then the arguments in pieces
+            thinking.open = false;
+            const f = t.function || {};
+            if (!calls[t.index]) calls[t.index] = { id: t.id, type: "function", function: { name: f.name || "", arguments: "" } };
+            calls[t.index].function.arguments += f.arguments || "";
+            callsEl.replaceChildren(...calls.filter(Boolean).map(renderCall));
+          }
+          finish = ch.finish_reason || finish;
         }
         $("messages").scrollTop = $("messages").scrollHeight;
       }
     }
-  } catch (e) {
-    if (e.name !== "AbortError") showError(e);
   } finally {
     thinking.open = false;
     if (!reply.reasoning_content) thinking.hidden = true;
-    setBusy(false);
-    state.abort = null;
-    if (reply.content || reply.reasoning_content) await saveMessages().catch(showError);
-    else c.messages.pop();
-    renderConversation();
+    if (calls.length && finish === "tool_calls") Object.assign(reply, { content: reply.content || null, tool_calls: calls.filter(Boolean) });
+    else if (calls.length && finish) showError(new Error("The reply ended inside a tool call: raise Max tokens in Settings."));
+    if (!reply.content && !reply.reasoning_content && !reply.tool_calls) c.messages.pop();
   }
+  return reply;
 }
 function setBusy(b) {
   state.busy = b;
@@ -278,5 +356,7 @@ $("delete").onclick = async () => {
 $("open-side").onclick = openSide;
 $("close-side").onclick = closeSide;
 for (const k of SETTINGS) $(k).addEventListener("change", saveSetting);
+$("api_key").addEventListener("change", loadTools);
 loadSettings();
+loadTools();
 refreshList().then(() => { if (state.list.length) return openConversation(state.list[0].id); }).catch(showError);
