@@ -108,10 +108,7 @@ def run_tool(name: str, arguments: str) -> str:
     """A call's result as text: the calculator's answer, or an error the model can read."""
     if name != CALCULATOR["function"]["name"]:
         return f"error: no tool {name!r}"
-    try:
-        return run_calculator(arguments)
-    except RecursionError:  # nested deeper than Python's parser or the calculator's walk goes
-        return "error: the expression is nested too deeply"
+    return run_calculator(arguments)
 
 
 def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: list[dict], params: SamplingParams,

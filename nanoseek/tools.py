@@ -206,6 +206,8 @@ def calculate(expression: str) -> int | float:
         tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
     except SyntaxError:
         raise ValueError(f"not an arithmetic expression: {expression!r}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError("the expression is nested too deeply") from None
 
     def walk(node):
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -222,7 +224,10 @@ def calculate(expression: str) -> int | float:
                 raise ValueError("division by zero") from None
         raise ValueError(f"only numbers and + - * / // % ** are allowed, not {type(node).__name__}")
 
-    result = walk(tree.body)
+    try:
+        result = walk(tree.body)
+    except RecursionError:
+        raise ValueError("the expression is nested too deeply") from None
     if isinstance(result, float) and result.is_integer() and abs(result) < 2 ** 53:
         result = int(result)
     return result
