@@ -346,13 +346,19 @@ def sft(
     batch_size: int = typer.Option(SFTConfig.batch_size),
     seq_len: int = typer.Option(SFTConfig.seq_len),
     conversations: int = typer.Option(SFTConfig.builtin_conversations, help="Size of the built-in mixture."),
+    tool_share: float = typer.Option(SFTConfig.tool_share, help="Built-in mixture: calculator conversations added, "
+                                     "as a share of --conversations (0 = none). An older nanoseek tokenizer gains "
+                                     "DeepSeek-V3's tool tokens, and the model the rows for them."),
+    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, help="Built-in mixture: the share answered "
+                                            "with thinking off."),
     seed: int = typer.Option(0),
 ):
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
     with _reported():
         train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
         result = run_sft(model, out, SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len,
-                                               batch_size=batch_size, seed=seed), train, console=console)
+                                               batch_size=batch_size, seed=seed, tool_share=tool_share,
+                                               no_thinking_share=no_thinking_share), train, console=console)
     if result:
         console.print(f"[green]done[/]: loss {result.get('loss', float('nan')):.4g}. Model: {out}/model")
 

@@ -48,6 +48,9 @@ def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, th
                             for p in problems]
 
 
+THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off reply, which the scorer requires
+
+
 @dataclass
 class _Answered:
     """A remote model's completion, shaped like a finished engine request (length in words)."""
@@ -90,8 +93,8 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
                 params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts)))
                 prompts.append(p)
     reqs = engine.generate(prompts, params)
-    if not thinking:
-        reqs = [_Answered(f"{END_THINK}\n\n{r.text}", r.tokens) for r in reqs]
+    if not thinking:  # scored as a reply whose reasoning is the empty block the prompt opened and closed
+        reqs = [_Answered(f"{THINKING_OFF}\n{END_THINK}\n\n{r.text}", r.tokens) for r in reqs]
     return [_score(family, task, problems, reqs[start:start + len(problems) * samples], samples)
             for family, task, problems, start in jobs]
 
