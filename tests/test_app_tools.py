@@ -73,7 +73,9 @@ def test_tool_routes(caller):
 
 
 def test_no_tools_for_a_template_without_calls_and_stored_tool_fields_checked(tmp_path):
-    tok = DeepSeekTokenizer.train(list(task_texts(100)), vocab_size=300)
+    trained = DeepSeekTokenizer.train(list(task_texts(100)), vocab_size=300)
+    no_calls = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"  # V2-Chat-like
+    tok = DeepSeekTokenizer(trained.tok, {**trained.config, "chat_template": no_calls})
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)).eval()
     engine = Engine(model, decode=tok.decode, max_batch=1, max_len=64, eos_token_id=tok.eos_id)
     web = TestClient(create_app(engine, tok, store=ChatStore(tmp_path / "chats.db")))
