@@ -37,10 +37,11 @@ class Tools:
 
     @staticmethod
     def offer(engine: Engine, tok: DeepSeekTokenizer) -> "Tools | None":
-        """None if the template has no tool calls, or opens them with more than one token."""
+        """None if the template has no tool calls, opens them with more than one token, or the
+        calculator's description would take over a quarter of the context."""
         fmt = CallFormat.probe(tok)
         opener = tok.encode(fmt.opener) if fmt is not None else []
-        if len(opener) != 1:
+        if len(opener) != 1 or len(tok.encode(describe_tools([CALCULATOR], fmt))) > engine.max_len // 4:
             return None
         vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
         calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener[0])

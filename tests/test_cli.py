@@ -48,7 +48,7 @@ def _chat_model(tmp_path):
     from nanoseek.model import build_model, get_preset
 
     tok = DeepSeekTokenizer.train(task_texts(200), vocab_size=320)
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a random model whose greedy replies do not end at their first token
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
     save_model(model, tmp_path / "m")
     tok.save(tmp_path / "m")

@@ -222,3 +222,33 @@ def test_openai_agents_sdk_calls_a_local_tool(server):
     outputs = [item for item in result.new_items if isinstance(item, ToolCallOutputItem)]
     assert seen and outputs and str(outputs[0].output) == str(sum(seen[0]))  # the tool ran on the model's arguments
     assert isinstance(result.final_output, str)  # then the model answered (the SDK resets tool_choice to auto)
+
+
+def test_the_shipped_model_calls_the_calculator_and_answers_from_it():
+    """The shipped model, asked a multiplication beyond its head through the API with the calculator
+    offered, calls it with the right expression and answers with the result; offered nothing, or
+    under tool_choice "none", it calls nothing."""
+    from pathlib import Path
+
+    import nanoseek
+    from nanoseek.tools import CALCULATOR, run_calculator
+
+    folder = Path(nanoseek.__file__).parent / "assets" / "model"
+    model, tok = nanoseek.load_model(folder), DeepSeekTokenizer.load(folder)
+    engine = Engine(model, decode=tok.decode, max_batch=4)
+    with LiveServer(create_app(engine, tok, name="nanoseek")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ask = [{"role": "user", "content": "What is 8567 * 715?"}]
+        for model_name in ("deepseek-chat", "deepseek-reasoner"):
+            r = c.chat.completions.create(model=model_name, messages=ask, tools=[CALCULATOR], temperature=0)
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls" and json.loads(call.function.arguments) == {
+                "expression": "8567 * 715"}
+            result = run_calculator(call.function.arguments)
+            history = ask + [r.choices[0].message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": result}]
+            answer = c.chat.completions.create(model=model_name, messages=history, tools=[CALCULATOR], temperature=0)
+            assert answer.choices[0].message.content == result == "6125405"
+        for extra in ({}, {"tools": [CALCULATOR], "tool_choice": "none"}):
+            r = c.chat.completions.create(model="deepseek-chat", messages=ask, temperature=0, max_tokens=64, **extra)
+            assert not r.choices[0].message.tool_calls and "tool▁call" not in r.choices[0].message.content

@@ -98,6 +98,7 @@ def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
 def test_stop_regenerate_edit_and_phone_layout(server, browser):
     page = browser.new_page(viewport={"width": 390, "height": 800})
     page.add_init_script(f"localStorage.setItem('nanoseek.api_key', '{KEY}')")  # the key remembered from before
+    page.add_init_script("localStorage.setItem('nanoseek.tools', 'false')")  # plain replies (no calculator)
     page.goto(server)
     page.wait_for_load_state("networkidle")
     # phone-sized: the conversation list is off screen until opened
