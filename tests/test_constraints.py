@@ -11,10 +11,11 @@ import torch
 from conftest import randomize_
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.inference.constraints import Grammar, GrammarError, json_rule, unpack_bits, vocabulary
-from nanoseek.model import build_model, get_preset
+from nanoseek.model import build_model, get_preset, padded_vocab
 from nanoseek.tokenizer import DeepSeekTokenizer
 
 SHIPPED = Path(__file__).parents[1] / "nanoseek" / "assets" / "model"
+V = padded_vocab(DeepSeekTokenizer.load(SHIPPED).vocab_size)  # the model's rows for the shipped tokenizer
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags", "size", "ok"],
           "properties": {"name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"},
                          "size": {"type": "string", "enum": ["small", "large"]},
@@ -27,10 +28,10 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 def setup():
     tok = DeepSeekTokenizer.load(SHIPPED)
     torch.manual_seed(0)
-    model = build_model(get_preset("tiny", vocab_size=2048, eos_token_id=tok.eos_id)).eval()
+    model = build_model(get_preset("tiny", vocab_size=V, eos_token_id=tok.eos_id)).eval()
     randomize_(model, std=0.1)
     engine = Engine(model, decode=tok.decode, max_batch=4)
-    return tok, engine, vocabulary(tok.tok.to_str(), 2048, tok.eos_ids)
+    return tok, engine, vocabulary(tok.tok.to_str(), V, tok.eos_ids)
 
 
 def params(grammar, n=3, max_new=160):
@@ -70,11 +71,11 @@ def test_trigger_frees_the_reply_until_the_token_then_constrains(setup):
     end = tok.end_think_id
     g = Grammar.compile(vocab, f"start: <[{end}]> " + json_rule(None), trigger=end)
     state = g.start()
-    assert state.allowed(2048) is None  # free before the trigger
+    assert state.allowed(V) is None  # free before the trigger
     for t in tok.encode("thinking about it"):
         state.consume(t)
     state.consume(end)
-    allowed = state.allowed(2048)
+    allowed = state.allowed(V)
     assert allowed.sum() > 0 and all(allowed[t] for t in tok.encode("{"))
     assert not allowed[tok.encode("x")[0]]
     # through the engine: a random model that is made to write </think> then answers in JSON
@@ -87,7 +88,7 @@ def test_trigger_frees_the_reply_until_the_token_then_constrains(setup):
 
 def test_banned_tokens_never_appear(setup):
     tok, engine, vocab = setup
-    banned = set(range(100, 2048))
+    banned = set(range(100, V))
     g = Grammar.compile(vocab, None, banned=banned)
     for req in engine.generate([tok.encode("hi")] * 3, params(g, max_new=30)):
         assert not banned & set(req.tokens)

@@ -1,12 +1,14 @@
 """Tokenizer: byte-level round trips, DeepSeek special tokens, chat rendering equal to AutoTokenizer's."""
 
+import json
 from pathlib import Path
 
 import pytest
 import transformers
+from tokenizers import Tokenizer
 
-from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, PAD, THINK, USER,
-                                ChatFormatError, DeepSeekTokenizer)
+from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, PAD, THINK, TOOL_TOKENS,
+                                USER, ChatFormatError, DeepSeekTokenizer)
 
 CORPUS = [
     "What is 123 + 45? Let me think step by step.",
@@ -150,11 +152,20 @@ def test_thinking_off_is_trained_after_an_empty_reasoning_block(tok, hf_tok):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!" + tok.decode([tok.eos_id])
 
 
+def without_tool_tokens(tok: DeepSeekTokenizer) -> DeepSeekTokenizer:
+    """The tokenizer as nanoseek made them before tool calls (the tool tokens were appended last)."""
+    d = json.loads(tok.tok.to_str())
+    d["added_tokens"] = [a for a in d["added_tokens"] if a["content"] not in TOOL_TOKENS]
+    return DeepSeekTokenizer(Tokenizer.from_str(json.dumps(d)), tok.config)
+
+
 def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path):
-    old = DeepSeekTokenizer.load(Path(__file__).parents[1] / "nanoseek" / "assets" / "model")
+    old = without_tool_tokens(DeepSeekTokenizer.load(Path(__file__).parents[1] / "nanoseek" / "assets" / "model"))
+    assert len(old.encode("<｜tool▁calls▁begin｜>")) > 1
     new = old.with_tool_tokens()
     assert new.vocab_size == old.vocab_size + 9 and new.encode("What is 12 + 3?") == old.encode("What is 12 + 3?")
     assert len(new.encode("<｜tool▁calls▁begin｜><｜tool▁sep｜>")) == 2
+    assert new.with_tool_tokens().vocab_size == new.vocab_size  # once only
     new.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf.apply_chat_template(CHATS[3], tokenize=True, return_dict=False) == new.render_conversation(CHATS[3])[0]

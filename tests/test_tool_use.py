@@ -10,7 +10,7 @@ from conftest import randomize_
 from nanoseek.data.tool_use import expression, hard_problem, tool_use_conversations, value
 from nanoseek.eval.tool_use import evaluate_tool_use
 from nanoseek.inference import Engine
-from nanoseek.model import build_model, get_preset
+from nanoseek.model import build_model, get_preset, padded_vocab
 from nanoseek.tokenizer import DeepSeekTokenizer
 from nanoseek.tools import CALCULATOR, CallFormat, calculate, describe_tools
 from nanoseek.train.sft import SFTConfig, builtin_mixture
@@ -30,7 +30,7 @@ def test_problems_agree_with_the_calculator_and_are_hard():
 
 
 def test_conversations_call_for_hard_problems_only_and_hold_out_by_seed():
-    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    tok = DeepSeekTokenizer.load(SHIPPED)
     prompt = describe_tools([CALCULATOR], CallFormat.probe(tok))
     train = list(tool_use_conversations(200, prompt, split="train"))
     test = list(tool_use_conversations(200, prompt, split="test"))
@@ -60,19 +60,22 @@ def test_a_model_gains_rows_without_changing_old_logits():
 
 
 def test_sft_mixture_adds_tool_and_thinking_off_conversations():
-    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    tok = DeepSeekTokenizer.load(SHIPPED)
     convs = builtin_mixture(tok, 400, SFTConfig(), seed=0)
     assert len(convs) == 400 + 60
     assert sum(any(m.get("tool_calls") for m in c) for c in convs) > 10
     assert sum(c[-1].get("thinking") is False for c in convs) > 40
-    plain = builtin_mixture(DeepSeekTokenizer.load(SHIPPED), 400, SFTConfig(), seed=0)  # no tool tokens: no tools
+    no_calls = DeepSeekTokenizer(tok.tok, {**tok.config, "chat_template": "{% for m in messages %}{{ m['content'] }}"
+                                                                           "{% endfor %}"})
+    plain = builtin_mixture(no_calls, 400, SFTConfig(), seed=0)  # a template without tool calls: no tools
     assert not any(m.get("tool_calls") for c in plain for m in c)
 
 
 def test_tool_use_evaluation_runs_the_calls():
-    tok = DeepSeekTokenizer.load(SHIPPED).with_tool_tokens()
+    tok = DeepSeekTokenizer.load(SHIPPED)
     torch.manual_seed(0)
-    model = build_model(get_preset("tiny", vocab_size=2112, eos_token_id=tok.eos_id, max_position_embeddings=1024)).eval()
+    model = build_model(get_preset("tiny", vocab_size=padded_vocab(tok.vocab_size), eos_token_id=tok.eos_id,
+                                   max_position_embeddings=1024)).eval()
     randomize_(model, std=0.05)
     with torch.no_grad():  # make the random model open a block of calls whenever it may
         model.lm_head.weight[tok.encode(CallFormat.probe(tok).opener)[0]] = 40 * model.model.norm.weight.sign()
