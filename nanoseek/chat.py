@@ -21,7 +21,7 @@ from .inference import Engine, EngineBusy, InvalidRequest, Request, SamplingPara
 from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
 from .tokenizer import ChatFormatError, DeepSeekTokenizer
-from .tools import CALCULATOR, CallFormat, CallStream, describe_tools, renders_tools, run_calculator
+from .tools import CALCULATOR, CallFormat, CallStream, calculator_format, describe_tools, renders_tools, run_calculator
 
 MAX_TOOL_ROUNDS = 4  # rounds of calls per user message; the reply after the last may not call
 
@@ -37,12 +37,11 @@ class Tools:
 
     @staticmethod
     def offer(engine: Engine, tok: DeepSeekTokenizer) -> "Tools | None":
-        """None if the template has no tool calls, opens them with more than one token, or the
-        calculator's description would take over a quarter of the context."""
-        fmt = CallFormat.probe(tok)
-        opener = tok.encode(fmt.opener) if fmt is not None else []
-        if len(opener) != 1 or len(tok.encode(describe_tools([CALCULATOR], fmt))) > engine.max_len // 4:
+        """None unless the calculator is worth offering (tools.calculator_format)."""
+        fmt = calculator_format(tok, engine.max_len)
+        if fmt is None:
             return None
+        opener = tok.encode(fmt.opener)
         vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
         calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener[0])
         return Tools(fmt, calls, Grammar.compile(vocab, None, banned={opener[0]}))

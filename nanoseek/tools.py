@@ -181,6 +181,16 @@ def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
     return "\n".join(lines).rstrip()
 
 
+def calculator_format(tok: DeepSeekTokenizer, max_len: int) -> CallFormat | None:
+    """The call format, if the built-in calculator is worth offering to this model: its template writes
+    calls, opens them with one token (so a reply may call at any point), and the calculator's
+    description takes at most a quarter of the context."""
+    fmt = CallFormat.probe(tok)
+    if fmt is None or len(tok.encode(fmt.opener)) != 1:
+        return None
+    return fmt if len(tok.encode(describe_tools([CALCULATOR], fmt))) <= max_len // 4 else None
+
+
 def renders_tools(tok: DeepSeekTokenizer) -> bool:
     """Does the chat template render the `tools` variable itself?"""
     return bool(tok.chat_template) and re.search(r"\btools\b", tok.chat_template) is not None

@@ -32,7 +32,7 @@ from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Sam
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
-from ..tools import CallFormat, CallStream, describe_tools, renders_tools
+from ..tools import CallFormat, CallStream, calculator_format, describe_tools, renders_tools
 from .chats import routes, tool_routes
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
@@ -170,7 +170,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     if store is not None:
         api.include_router(routes(store))
-    api.include_router(tool_routes(lambda: svc.call_format is not None))  # the web app's calculator
+    calculator = calculator_format(tok, engine.max_len) is not None
+    api.include_router(tool_routes(lambda: calculator))  # the web app's calculator
     app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
