@@ -49,9 +49,12 @@ def caller(tmp_path_factory):
 
 def test_tool_routes(caller):
     model, tok = caller
-    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=1024, eos_token_id=tok.eos_id)
     web = TestClient(create_app(engine, tok, api_key=KEY))  # no lifespan: these routes never use the engine
     assert web.get("/api/tools", headers=AUTH).json() == {"data": [CALCULATOR]}
+    short = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    assert TestClient(create_app(short, tok, api_key=KEY)).get("/api/tools", headers=AUTH).json() == {"data": []}
+    # (describing the calculator would take over a quarter of a 256-token context)
 
     def run(arguments, name="calculator", **kw):
         return web.post(f"/api/tools/{name}", json={"arguments": arguments}, **{"headers": AUTH, **kw})
