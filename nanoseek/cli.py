@@ -444,7 +444,9 @@ def eval_(
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
     results = []
     for family in _names(tasks):
-        if family == "calculator" and not remote:
+        if family == "calculator":
+            if remote:
+                _fail("the 'calculator' family runs the model's calls locally: give a model folder, not a URL")
             with _reported():
                 rows = [evaluate_tool_use(engine, tok, n=n, offered=o, thinking=thinking) for o in (True, False)]
             console.print("| calculator offered | thinking | n | accuracy | called |\n|---|---|---|---|---|\n"

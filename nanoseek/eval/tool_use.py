@@ -8,7 +8,7 @@ The calls follow the same grammar and tool description as the server's `tool_cho
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..data.tool_use import ASK, expression, hard_problem, value
 from ..inference import Engine, SamplingParams
@@ -46,7 +46,7 @@ def evaluate_tool_use(engine: Engine, tok: DeepSeekTokenizer, n: int = 100, offe
         vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
         opener = tok.encode(fmt.opener)[0]
         grammar = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener)
-        params = SamplingParams(**{**params.__dict__, "grammar": grammar})
+        params = replace(params, grammar=grammar)
     prompts = [tok.render_prompt(chat, thinking=thinking) for chat in chats]
     first = engine.generate(prompts, [params] * n)
     answers, called = [], []

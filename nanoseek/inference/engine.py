@@ -80,6 +80,7 @@ class Request:
     _draft: int | None = field(default=None, repr=False)
     _draft_probs: torch.Tensor | None = field(default=None, repr=False)
     _shown: int = 0  # characters of text already sent in events
+    _reasoning_chars: int | None = None  # with params.stop_after: length of the text up to that token, once seen
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -544,7 +545,7 @@ class Engine:
         if self.decode is not None:
             out_ids = [t for t in req.tokens if t not in stops]
             full = self.decode(out_ids)
-            start = _stops_from(full, out_ids, p.stop_after, self.decode) if p.stop else None
+            start = self._stops_from(req, full, out_ids) if p.stop else None
             cut = None if start is None else _find_stop(full[start:], p.stop)
             if cut is not None:
                 full, reason = full[:start + cut], "stop"
@@ -558,6 +559,19 @@ class Engine:
         self._emit(req, Event(new, text, lp, reason))
         if reason:
             self._release(row, reason, emitted=True)
+
+    def _stops_from(self, req: Request, text: str, ids: list[int]) -> int | None:
+        """Where stop strings start to count in `text` (the decoded `ids`): 0, or with stop_after (the
+        end of the reasoning) past that token and the whitespace after it; None while it is not there.
+        The reasoning's length is decoded once, when the token appears."""
+        after = req.params.stop_after
+        if after is None:
+            return 0
+        if req._reasoning_chars is None:
+            if after not in ids:
+                return None
+            req._reasoning_chars = len(self.decode(ids[: ids.index(after) + 1]))
+        return len(text) - len(text[req._reasoning_chars:].lstrip())
 
     def _release(self, row: int, reason: str, emitted: bool = False) -> None:
         req = self.active[row]
@@ -601,17 +615,6 @@ def _logprob_entries(raw: torch.Tensor, tokens: list[int], k: int) -> list[dict]
     """{"token", "logprob", "top": [(id, logprob)] * k} for each token, from the raw logits [n, V] it followed."""
     chosen, top = sampled_logprobs(raw, torch.tensor(tokens, device=raw.device), k)
     return [{"token": t, "logprob": c, "top": a} for t, c, a in zip(tokens, chosen, top)]
-
-
-def _stops_from(text: str, ids: list[int], after: int | None, decode) -> int | None:
-    """Where stop strings start to count in `text` (the decoded `ids`): 0, or with `after` (the end of
-    the reasoning) past that token and the whitespace after it; None while the token is not there."""
-    if after is None:
-        return 0
-    if after not in ids:
-        return None
-    head = len(decode(ids[: ids.index(after) + 1]))
-    return len(text) - len(text[head:].lstrip())
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
