@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_write
 from .model import DeepseekForCausalLM, ModelConfig, build_model
 from .model.config import ARCHITECTURES, ConfigError
 from .quant import BITS, GROUP, QuantLinear, swap_linears
@@ -228,8 +229,8 @@ def _module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
 def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json + safetensors (sharded with an index above max_shard_bytes).
-    Files are written under temporary names and renamed into place, so a crash never leaves
-    a half-written checkpoint that loads. state_dict (default: the model's own) lets a
+    Each file is written whole or not at all (files.atomic_write), so a crash never leaves a
+    half-written checkpoint that loads. state_dict (default: the model's own) lets a
     distributed trainer pass the weights it gathered from the shards."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -250,12 +251,12 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     names = [SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     stale = [p for p in path.glob("model*.safetensors") if p.name not in names]
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        atomic_write(path / INDEX, json.dumps(index, indent=2))
     elif (path / INDEX).exists():
         (path / INDEX).unlink()
     for p in stale:
@@ -266,12 +267,4 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     if quantized:  # the widest bit width and its group; layers that could not take int4 are int8 (see swap_linears)
         cfg["quantization_config"] = {"quant_method": "nanoseek", "bits": min(m.bits for m in quantized),
                                       "group_size": quantized[0].group_size}
-    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    atomic_write(path / "config.json", json.dumps(cfg, indent=2))

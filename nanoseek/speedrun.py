@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from .checkpoint import load_model, save_model
+from .files import staged_dir
 from .eval.tasks import evaluate_many
 from .eval.tool_use import evaluate_tool_use
 from .inference import SamplingParams
@@ -312,12 +313,9 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
 def ship(out: Path, dest: Path) -> None:
     """Copy the chat model (bf16 weights, tokenizer) and the report card into the package."""
     model = load_model(out / "rl" / "model", dtype=torch.bfloat16)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    DeepSeekTokenizer.load(out / "rl" / "model").save(tmp)
-    for f in ("report.md", "curves.png"):
-        if (out / f).exists():
-            shutil.copy2(out / f, tmp / f)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with staged_dir(dest) as tmp:
+        save_model(model, tmp)
+        DeepSeekTokenizer.load(out / "rl" / "model").save(tmp)
+        for f in ("report.md", "curves.png"):
+            if (out / f).exists():
+                shutil.copy2(out / f, tmp / f)

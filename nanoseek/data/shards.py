@@ -5,8 +5,8 @@ On disk a shard set is a folder:
     shard_00000.bin      the token ids of whole documents back to back (uint16 or uint32)
     shard_00000.idx      int64 offsets: document d spans tokens [idx[d], idx[d + 1])
 Every document is stored as BOS + tokens + EOS. Writing streams the corpus in small batches
-(memory stays bounded whatever the corpus size) into `<folder>.tmp`, renamed into place when
-complete, so a crash never leaves a shard set that reads as whole.
+(memory stays bounded whatever the corpus size) into `<folder>.tmp`, moved into place when
+complete (files.staged_dir), so a crash never leaves a shard set that reads as whole.
 
 FIM (fill-in-the-middle) is applied per document while writing, at a configurable rate: the
 text is cut at two random character positions into prefix / middle / suffix, each piece is
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import staged_dir
 from ..tokenizer import DeepSeekTokenizer
 
 IGNORE = -100
@@ -91,53 +91,47 @@ def write_shards(documents: Iterable[str | tuple[str, float]], tok: DeepSeekToke
     if not 0 <= fim_rate <= 1 or not 0 <= spm_rate <= 1:
         raise ValueError(f"fim_rate and spm_rate must be in [0, 1], got {fim_rate}, {spm_rate}")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    rng, stats = random.Random(seed), ShardStats()
-    writer = _ShardWriter(tmp, dtype, shard_tokens, stats)
+    with staged_dir(out) as tmp:
+        dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        rng, stats = random.Random(seed), ShardStats()
+        writer = _ShardWriter(tmp, dtype, shard_tokens, stats)
 
-    def flush(batch: list[str]) -> None:
-        pieces, plan = [], []  # plan: (n pieces, spm or None)
-        for doc in batch:
-            text, rate = doc if isinstance(doc, tuple) else (doc, fim_rate)
-            if rate and rng.random() < rate:
-                pieces.extend(fim_split(text, rng))
-                plan.append((3, rng.random() < spm_rate))
-                stats.fim_documents += 1
-            else:
-                pieces.append(text)
-                plan.append((1, None))
-        encoded = [e.ids for e in tok.tok.encode_batch(pieces, add_special_tokens=False)]
-        i = 0
-        for n, spm in plan:
-            ids = encoded[i] if n == 1 else fim_arrange(*encoded[i:i + 3], tok=tok, spm=spm)
-            i += n
-            writer.add([tok.bos_id] + ids + [tok.eos_id])
-        if progress is not None:
-            progress(stats.documents, stats.tokens)
+        def flush(batch: list[str]) -> None:
+            pieces, plan = [], []  # plan: (n pieces, spm or None)
+            for doc in batch:
+                text, rate = doc if isinstance(doc, tuple) else (doc, fim_rate)
+                if rate and rng.random() < rate:
+                    pieces.extend(fim_split(text, rng))
+                    plan.append((3, rng.random() < spm_rate))
+                    stats.fim_documents += 1
+                else:
+                    pieces.append(text)
+                    plan.append((1, None))
+            encoded = [e.ids for e in tok.tok.encode_batch(pieces, add_special_tokens=False)]
+            i = 0
+            for n, spm in plan:
+                ids = encoded[i] if n == 1 else fim_arrange(*encoded[i:i + 3], tok=tok, spm=spm)
+                i += n
+                writer.add([tok.bos_id] + ids + [tok.eos_id])
+            if progress is not None:
+                progress(stats.documents, stats.tokens)
 
-    batch: list = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == batch_docs:
+        batch: list = []
+        for doc in documents:
+            batch.append(doc)
+            if len(batch) == batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
             flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    writer.close()
-    if stats.documents == 0:
-        shutil.rmtree(tmp)
-        raise ShardError("the corpus yielded no documents")
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id, "pad_id": tok.pad_id, "documents": stats.documents, "tokens": stats.tokens,
-            "fim_rate": fim_rate, "spm_rate": spm_rate, "fim_documents": stats.fim_documents, "seed": seed,
-            "shards": stats.shards}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        writer.close()
+        if stats.documents == 0:
+            raise ShardError("the corpus yielded no documents")
+        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id, "pad_id": tok.pad_id, "documents": stats.documents, "tokens": stats.tokens,
+                "fim_rate": fim_rate, "spm_rate": spm_rate, "fim_documents": stats.fim_documents, "seed": seed,
+                "shards": stats.shards}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return stats
 
 

@@ -4,8 +4,8 @@
    engine), or any OpenAI-compatible endpoint (DeepSeek's API, a nanoseek server; remote.py),
    whose `reasoning_content` is the trace. Only traces whose answers verify are kept (rejection
    sampling). Each is appended to traces.jsonl as it arrives, so a crash or a failing endpoint
-   loses nothing: rerunning continues where it stopped. Network errors are retried with
-   backoff, reported, and never silently dropped.
+   loses nothing: rerunning continues where it stopped (a last line a crash cut short is dropped
+   and asked again). Network errors are retried with backoff, reported, and never silently dropped.
 2. Student: SFT on the verified traces (the same SFT as `nanoseek sft`). With a local teacher
    that shares the tokenizer, the loss can also match the teacher's token distributions (KL at
    temperature T, mixed with cross-entropy: `DistillObjective`).
@@ -24,6 +24,7 @@ from rich.console import Console
 from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
+from ..files import drop_torn_tail
 from ..inference import SamplingParams
 from ..loading import load_chat_engine
 from ..model import build_model
@@ -56,8 +57,10 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
     console = console or Console()
     kept = rejected = 0
     if out.exists():
-        with open(out) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        torn = drop_torn_tail(out)
+        if torn:
+            console.print(f"[yellow]{out}[/]: dropped a half-written last line ({len(torn)} bytes) left by a crash")
+        lines = read_traces(out)
         kept = sum(1 for r in lines if r.get("verified"))
         rejected = sum(1 for r in lines if not r.get("verified"))
     rng = random.Random(seed)
@@ -88,9 +91,25 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
     return {"verified": kept, "rejected": rejected, "acceptance": kept / max(1, kept + rejected)}
 
 
-def verified_conversations(path: Path) -> list[list[dict]]:
+def read_traces(path: Path) -> list[dict]:
+    """The records of a traces file; ValueError naming the line that is not a JSON object."""
+    records = []
     with open(path) as f:
-        return [r["messages"] for r in (json.loads(line) for line in f if line.strip()) if r.get("verified")]
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not JSON ({e}); fix or delete that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {i}: not a JSON object; fix or delete that line")
+            records.append(record)
+    return records
+
+
+def verified_conversations(path: Path) -> list[list[dict]]:
+    return [r["messages"] for r in read_traces(path) if r.get("verified")]
 
 
 class DistillObjective:

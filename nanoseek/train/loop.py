@@ -39,11 +39,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_model, save_model
+from ..files import atomic_write, staged_dir
 from ..model.config import ConfigError
 from ..model.moe import MoE, update_router_bias
 from . import distributed as D
 from .metrics import MetricsLog, plot_metrics
-from .runs import check_same_run, rng_state, set_rng_state, verify_manifest, write_manifest
+from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rng_state, save_trainer_state,
+                   set_rng_state, verify_manifest, write_manifest)
 
 
 @dataclass
@@ -139,9 +141,10 @@ class Trainer:
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2))
+            atomic_write(self.run_dir / "config.json", json.dumps(config, indent=2))
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.main)
         self.resumed_from = self._resume()
+        self.latest_checkpoint = self.resumed_from  # the checkpoint holding the trainer's state (save() moves it)
 
     # ---- the loop ----
     def fit(self) -> dict[str, float]:
@@ -255,28 +258,25 @@ class Trainer:
     def save(self) -> Path:
         """checkpoints/step_N/: the model (HF format), trainer.pt (optimizer, data cursor, RNG,
         counters) and manifest.json (sizes and sha256 of every file), written in step_N.tmp and
-        renamed into place; older checkpoints beyond keep_checkpoints are removed."""
+        moved into place whole (files.staged_dir); older checkpoints beyond keep_checkpoints are removed."""
         state = D.full_model_state(self.model, self.dist)
         optim = D.full_optimizer_state(self.model, self.opt, self.dist)
         final = self.checkpoint_dir / f"step_{self.step:07d}"
         if self.dist.main:
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_model(self.model, tmp, state_dict=state)
-            trainer = {"step": self.step, "elapsed": self.elapsed, "tokens": self.tokens, "optimizer": optim,
-                       "data": self.data.state_dict(), "rng": rng_state(), "train_config": asdict(self.cfg)}
-            torch.save(trainer, tmp / "trainer.pt")
-            if self.save_extra is not None:
-                self.save_extra(tmp)
-            write_manifest(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            with staged_dir(final) as tmp:
+                save_model(self.model, tmp, state_dict=state)
+                save_trainer_state(tmp / "trainer.pt", {
+                    "step": self.step, "elapsed": self.elapsed, "tokens": self.tokens, "optimizer": optim,
+                    "data": self.data.state_dict(), "rng": rng_state(), "train_config": asdict(self.cfg)})
+                if self.save_extra is not None:
+                    self.save_extra(tmp)
+                write_manifest(tmp)
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             plot_metrics(self.run_dir)
         if self.dist.active:
             torch.distributed.barrier()
+        self.latest_checkpoint = final
         return final
 
     def checkpoints(self) -> list[Path]:
@@ -290,7 +290,9 @@ class Trainer:
             try:
                 verify_manifest(ckpt)
                 loaded = load_model(ckpt, dtype=torch.float32)
-                trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+                trainer = load_trainer_state(ckpt / "trainer.pt")
+            except UnsafeCheckpointError:
+                raise  # not a damaged checkpoint to skip: a foreign one, and the user must decide
             except (CheckpointError, ConfigError, OSError, RuntimeError, KeyError) as e:
                 if self.dist.main:
                     self.console.print(f"[yellow]skipping checkpoint {ckpt.name}[/]: {e}")

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from ..files import atomic_write
+
 # panels of curves.png: title -> which metric names it draws (those present in the log)
 PANELS = {
     "loss": lambda k: k == "loss" or (k.startswith("eval_") and k.endswith("_loss") and "mtp" not in k
@@ -39,9 +41,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in read_metrics(self.path) if line["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -92,8 +92,6 @@ def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Pa
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = run_dir / out_name
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -4,8 +4,9 @@
                          the run, and only RESUMABLE_CHANGES may differ: `check_same_run`)
     metrics.jsonl, curves.png
     checkpoints/step_N/  the model (HF format), trainer.pt (optimizer, data cursor, `rng_state`,
-                         counters) and manifest.json (size and sha256 of every file:
-                         `write_manifest`, `verify_manifest`)
+                         counters: tensors and plain values only, loaded with weights_only,
+                         `load_trainer_state`) and manifest.json (size and sha256 of every
+                         file: `write_manifest`, `verify_manifest`)
     model/               the final model, exported from the last checkpoint (`export`)
 
 The lifecycle: a stage builds its model, data and objective and constructs a `Trainer` on the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
+from ..files import atomic_write, staged_dir
 from ..model.config import ConfigError
 
 if TYPE_CHECKING:
@@ -52,33 +54,52 @@ def check_same_run(old: dict, new: dict) -> None:
 
 def run_stage(trainer: Trainer) -> dict[str, float]:
     """Fit a run folder's Trainer to its end and export model/; returns the last step's metrics,
-    or {} when the run had already reached its end."""
+    or {} when the run had already reached its end (model/ is exported again: the run that
+    reached the end may have been stopped while exporting it)."""
+    result = {}
     if trainer.finished:
         if trainer.dist.main:
             trainer.console.print(f"{trainer.run_dir} is already trained to step {trainer.step}; raise --max-steps "
                                   "or --time-budget to continue")
-        return {}
-    result = trainer.fit()
+    else:
+        result = trainer.fit()
     if trainer.dist.main:
-        export(trainer.checkpoints()[-1], trainer.run_dir / "model")
+        export(trainer.latest_checkpoint, trainer.run_dir / "model")
     return result
 
 
 def export(checkpoint: Path, out: Path) -> None:
     """Copy a checkpoint's model and tokenizer (not the optimizer) to a clean model folder."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in checkpoint.iterdir():
-        if f.name not in ("trainer.pt", "manifest.json"):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged_dir(out) as tmp:
+        for f in checkpoint.iterdir():
+            if f.name not in ("trainer.pt", "manifest.json"):
+                shutil.copy2(f, tmp / f.name)
+
+
+# ---- trainer.pt: the optimizer, data cursor, RNG and counters, as tensors and plain values only ----
+class UnsafeCheckpointError(CheckpointError):
+    """A trainer.pt that does not load as tensors and plain values: unpickling it could run code."""
+
+
+def save_trainer_state(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_trainer_state(path: Path) -> dict:
+    """torch.load with weights_only: a file someone else wrote into the run folder cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(f"{path} holds more than tensors and plain values, so nanoseek did not write it "
+                                    "and will not load it (unpickling it could run code); train into a new --out, "
+                                    "or delete that checkpoint") from None
 
 
 # ---- RNG state: a resumed run draws the same random numbers as one never stopped ----
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    numpy = np.random.get_state(legacy=False)  # {"state": {"key": uint32 array, "pos"}, "has_gauss", "gauss", ...}
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))  # a tensor: weights_only loads it
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -86,7 +107,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = {**state["numpy"], "state": {**state["numpy"]["state"]}}
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -104,16 +127,27 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(files, indent=2))
-    os.replace(tmp, folder / "manifest.json")
+    atomic_write(folder / "manifest.json", json.dumps(files, indent=2))
 
 
-def verify_manifest(folder: Path) -> None:
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """manifest.json: file name -> {"bytes", "sha256"}; CheckpointError if missing or not such a mapping."""
     manifest = folder / "manifest.json"
     if not manifest.is_file():
         raise CheckpointError(f"{folder}: no manifest.json (an interrupted write?)")
-    for name, meta in json.loads(manifest.read_text()).items():
+    try:
+        files = json.loads(manifest.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+    if not isinstance(files, dict) or not all(
+            Path(name).name == name and isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str) for name, meta in files.items()):
+        raise CheckpointError(f"{manifest}: not a list of this folder's files with their sizes and sha256")
+    return files
+
+
+def verify_manifest(folder: Path) -> None:
+    for name, meta in read_manifest(folder).items():
         f = folder / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")

@@ -1,0 +1,80 @@
+"""Files that survive a crash: a reader finds the old version or the new one, never a mix.
+
+- `atomic_write(target, content)`: a file, written beside its target, flushed to disk (fsync),
+  renamed over the target, and the rename itself flushed (fsync of the folder);
+- `staged_dir(final)`: a folder, written under `final.tmp` and moved into place whole (every file
+  and both folders fsynced) when the block ends without error;
+- `drop_torn_tail(path)`: an append-only log (jsonl) whose last write a crash cut short loses
+  that partial line, and only it.
+
+A process killed at any point leaves at most a stale `*.tmp` that the next write of the same
+target clears. Every durable write in nanoseek goes through here (checkpoints, manifests, run
+folders, token shards, the exported model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: str | os.PathLike, content: str | bytes | Callable[[Path], object]) -> None:
+    """Write target whole or not at all: content is text, bytes, or a function that writes the
+    file at the (temporary) path it is given."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    if callable(content):
+        content(tmp)
+    elif isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        tmp.write_bytes(content)
+    fsync_path(tmp)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+
+
+@contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """`with staged_dir(out) as tmp:` write the folder's files into tmp; at the end of the block
+    tmp replaces out (the old out is removed first: a crash between the two leaves no out and a
+    complete tmp). An exception removes tmp and leaves out as it was."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in sorted(tmp.rglob("*")):
+        fsync_path(f)
+    fsync_path(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def drop_torn_tail(path: str | os.PathLike) -> bytes:
+    """Cut an append-only text log after its last newline: a crash mid-append leaves a last line
+    without one, which is dropped. Returns the bytes dropped (b"" when the log was whole)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+            os.fsync(f.fileno())
+    return data[end:]
