@@ -12,9 +12,10 @@ What the loop does each step: forward/backward per micro-batch (bf16 autocast op
 gradient clipping, the learning-rate schedule (warmup-stable-decay or cosine, driven by the
 step count or by the training time budget, whichever ends first), AdamW, then the
 aux-loss-free router-bias update. It logs to `metrics.jsonl`, draws `curves.png`, evaluates
-every `eval_every` steps, and writes checkpoints atomically. A run folder (runs.py) is resumed
-by constructing a Trainer on it again with the same settings: the newest checkpoint that
-verifies is loaded (a corrupt one is reported and skipped), and the run continues bit-for-bit
+every `eval_every` steps, and writes checkpoints whole or not at all (files.staged_dir). A run
+folder (runs.py) is resumed by constructing a Trainer on it again with the same settings: the
+newest checkpoint that verifies is loaded (a corrupt one is reported and skipped; one whose
+trainer.pt is more than tensors and plain values is refused), and the run continues bit-for-bit
 as if never stopped.
 """
 
