@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.rule import Rule
 
 from .checkpoint import load_model, save_model
-from .files import staged_dir
 from .eval.tasks import evaluate_many
 from .eval.tool_use import evaluate_tool_use
+from .files import atomic_write, staged_dir
 from .inference import SamplingParams
 from .loading import load_chat_engine
 from .tokenizer import DeepSeekTokenizer
@@ -86,7 +86,7 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
         t = time.perf_counter()
         fn()
         timings[name] = time.perf_counter() - t
-        timing_file.write_text(json.dumps(timings, indent=2))
+        atomic_write(timing_file, json.dumps(timings, indent=2))
 
     def budgeted(default: TrainConfig, share: float, **overrides) -> TrainConfig:
         """A stage's default training settings, run for its share of the budget."""
@@ -198,7 +198,7 @@ def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Cons
     for key in rows:
         if key.split("/")[1] in EXTRA_ROWS:
             console.print(f"  {key:28s} accuracy {rows[key]['accuracy']:6.1%}")
-    out_file.write_text(json.dumps(rows, indent=2))
+    atomic_write(out_file, json.dumps(rows, indent=2))
 
 
 def measure_speed(model_dir: Path, out_file: Path) -> None:
@@ -215,7 +215,7 @@ def measure_speed(model_dir: Path, out_file: Path) -> None:
         result["cache_bytes_per_token"] = engine.cache.bytes_per_token
     result["speedup"] = result["speculative"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
     result["acceptance"] = result["speculative"]["accepted"] / max(1, result["speculative"]["drafted"])
-    out_file.write_text(json.dumps(result, indent=2))
+    atomic_write(out_file, json.dumps(result, indent=2))
 
 
 def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:

@@ -1,7 +1,7 @@
 """The crash campaign's runner (tests/test_crash_safety.py): `python tests/crash_points.py PLAN.json`
 runs a list of `nanoseek` commands in turn, each in its own child process, and SIGKILLs a child at
 a named point of a write. It prints one JSON list: {"exit": the child's exit code (-9 when
-killed), "output": its stdout and stderr} per command.
+killed), "output": its stdout and stderr, "seconds"} per command.
 
 PLAN.json: a list of {"args": [nanoseek arguments], "point": POINT or null, "where": WHERE}.
 Each child is forked from this process, which imported nanoseek once, so a command costs no
@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -101,6 +102,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "output.txt"
         for cmd in plan:
+            t = time.perf_counter()
             code = run(cmd["args"], cmd.get("point"), cmd.get("where"), log)
-            results.append({"exit": code, "output": log.read_text()})
+            results.append({"exit": code, "output": log.read_text(), "seconds": round(time.perf_counter() - t, 2)})
     print(json.dumps(results))

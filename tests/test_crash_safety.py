@@ -104,6 +104,7 @@ def test_a_torn_last_line_of_the_traces_is_dropped(tmp_path):
 
 # The crash campaign: one run killed at each point of a write in turn, each kill resumed by the next run.
 CAMPAIGN = [  # (point, where: see crash_points.py, the step this run resumes from: None if killed before)
+    ("before-replace", "killed/tokenizer", None),  # the run's tokenizer, trained and written, not yet renamed
     ("before-replace", "step_0000002.tmp/model.safetensors", 0),  # the weights, not yet renamed
     ("torn-replace", "step_0000004.tmp/trainer.pt", 0),  # trainer.pt cut short
     ("torn-replace", "step_0000006.tmp/manifest.json", 2),  # the manifest cut short
@@ -116,6 +117,7 @@ CAMPAIGN = [  # (point, where: see crash_points.py, the step this run resumes fr
 ]
 
 
+@pytest.mark.slow
 def test_sigkill_at_each_point_of_a_checkpoint_write_resumes_bit_exact(tmp_path):
     def args(out: str) -> list[str]:  # a tiny pretraining run, checkpointed every 2 steps
         return _nanoseek("--out", str(tmp_path / out), "--max-steps", "14", "--checkpoint-every", "2",

@@ -24,7 +24,7 @@ from rich.console import Console
 from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
-from ..files import drop_torn_tail
+from ..files import drop_torn_tail, staged_dir
 from ..inference import SamplingParams
 from ..loading import load_chat_engine
 from ..model import build_model
@@ -167,8 +167,9 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
         tok = DeepSeekTokenizer.load(tok_dir)
         student_dir = out / "student_init"
         if not (student_dir / "config.json").is_file():
-            save_model(build_model(model_config_for(student, tok)), student_dir)
-            tok.save(student_dir)
+            with staged_dir(student_dir) as tmp:
+                save_model(build_model(model_config_for(student, tok)), tmp)
+                tok.save(tmp)
     cfg = replace(sft_config or SFTConfig(), data=str(out / "sft.jsonl"))
     objective = None
     if kl_alpha > 0:

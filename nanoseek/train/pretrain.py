@@ -23,6 +23,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..data.builtin import code_documents, task_documents, task_texts
 from ..data.corpus import CorpusStats, iter_documents
 from ..data.shards import PackedRows, ShardSet, write_shards
+from ..files import staged_dir
 from ..model import ModelConfig, build_model, get_preset, padded_vocab
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
@@ -80,15 +81,16 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         tok = DeepSeekTokenizer.load(tok_dir)
-    elif cfg.tokenizer:
-        tok = DeepSeekTokenizer.load(cfg.tokenizer)
-        tok.save(tok_dir)
     else:
-        with console.status(f"training a {cfg.vocab_size}-token BPE tokenizer on a sample of {cfg.sources}"):
-            sample = itertools.chain.from_iterable(
-                itertools.islice(_sample_texts(s, cfg), 20_000) for s in cfg.sources)
-            tok = DeepSeekTokenizer.train(sample, vocab_size=cfg.vocab_size)
-        tok.save(tok_dir)
+        if cfg.tokenizer:
+            tok = DeepSeekTokenizer.load(cfg.tokenizer)
+        else:
+            with console.status(f"training a {cfg.vocab_size}-token BPE tokenizer on a sample of {cfg.sources}"):
+                sample = itertools.chain.from_iterable(
+                    itertools.islice(_sample_texts(s, cfg), 20_000) for s in cfg.sources)
+                tok = DeepSeekTokenizer.train(sample, vocab_size=cfg.vocab_size)
+        with staged_dir(tok_dir) as tmp:  # a crash never leaves a tokenizer folder that looks whole
+            tok.save(tmp)
     jobs = [("train", run_dir / "data" / "train", cfg.sources)]
     jobs += [("test", run_dir / "data" / "eval" / name, [s]) for name, s in eval_names(cfg.sources).items()]
     for split, out, sources in jobs:
