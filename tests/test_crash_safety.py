@@ -1,5 +1,6 @@
-"""Run folders survive crashes and strangers: SIGKILL at every point of a checkpoint write resumes bit
-for bit; every file and rename is fsynced; a trainer.pt that would run code is refused; a corrupt
+"""Run folders survive crashes and strangers: a run SIGKILLed at ten points of its writes (tokenizer,
+checkpoint files, manifest, renames, metrics, settings, export) resumes bit for bit; every file and
+rename of a checkpoint is fsynced; a trainer.pt that would run code is refused; a corrupt
 manifest falls back to the previous checkpoint; a torn last line of the traces file is dropped."""
 
 import json
