@@ -90,9 +90,9 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(f"{path} holds more than tensors and plain values, so nanoseek did not write it "
-                                    "and will not load it (unpickling it could run code); train into a new --out, "
-                                    "or delete that checkpoint") from None
+        raise UnsafeCheckpointError(f"{path} holds more than tensors and plain values, and unpickling it could run "
+                                    "code, so it is not loaded (someone else, or a nanoseek older than this one, "
+                                    "wrote it); train into a new --out, or delete that checkpoint") from None
 
 
 # ---- RNG state: a resumed run draws the same random numbers as one never stopped ----
