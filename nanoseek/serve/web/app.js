@@ -342,10 +342,12 @@ async function refreshList() {
   state.list = (await api("/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : ""))).data;
   renderList();
 }
+function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id : location.pathname); }  // a reload returns to it
 async function openConversation(id) {
   if (state.busy) return;
   clearError();
   state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
+  remember(state.conv);
   renderConversation();
 }
 function newChat() {  // stored only once it has a message
@@ -353,6 +355,7 @@ function newChat() {  // stored only once it has a message
   clearError();
   closeSide();
   state.conv = null;
+  remember(null);
   renderConversation();
   $("input").focus();
 }
@@ -366,7 +369,7 @@ async function rename(c) {
 async function remove(c) {
   if (state.busy || !confirm(`Delete "${c.title}"?`)) return;
   await api("/api/conversations/" + c.id, "DELETE");
-  if (state.conv && state.conv.id === c.id) { state.conv = null; clearError(); }
+  if (state.conv && state.conv.id === c.id) { state.conv = null; remember(null); clearError(); }
   await refreshList();
 }
 function titleOf(messages) {
@@ -378,6 +381,7 @@ async function save(c) {  // idempotent: the create names its id, the messages r
     if (!c.saved) {
       await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
       Object.assign(c, { saved: true, title: titleOf(c.messages) });
+      if (state.conv === c) remember(c);
     }
     await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
     await refreshList();
@@ -576,4 +580,5 @@ applyTheme();
 loadSettings();
 renderConversation();
 loadServer();
-refreshList().then(() => { if (state.list.length) return openConversation(state.list[0].id); }).catch(showError);
+refreshList().catch(showError);
+if (location.hash.length > 1) openConversation(location.hash.slice(1)).catch(() => remember(null));
