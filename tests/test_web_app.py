@@ -110,6 +110,14 @@ def stored(url, cid) -> list[dict]:
     return r.json()["messages"] if r.status_code == 200 else []
 
 
+def stored_once_saved(url, cid, count: int) -> list[dict]:
+    """The stored messages once there are `count` of them (the page saves after the reply has finished)."""
+    deadline = time.time() + 10
+    while len(msgs := stored(url, cid)) < count and time.time() < deadline:
+        time.sleep(0.1)
+    return msgs
+
+
 def conversations(url) -> list[dict]:
     return httpx.get(f"{url}/api/conversations", headers=AUTH).json()["data"]
 
@@ -173,7 +181,7 @@ def test_a_message_over_the_context_does_not_lock_the_conversation(live, browser
     ask(page, "What is 4 + 4?")  # and the conversation goes on
     assert page.is_hidden("#error")
     cid = page.evaluate("state.conv.id")
-    users = [m["content"] for m in stored(live.url, cid) if m["role"] == "user"]
+    users = [m["content"] for m in stored_once_saved(live.url, cid, 4) if m["role"] == "user"]
     assert users == ["What is 2 + 3?", "What is 4 + 4?"]
     page.context.close()
 
@@ -182,6 +190,7 @@ def test_server_down_keeps_the_message_and_retry_saves_it_once(live, browser):
     page = open_page(browser, live.url)
     ask(page, "What is 2 + 3?")
     cid = page.evaluate("state.conv.id")
+    assert len(stored_once_saved(live.url, cid, 2)) == 2
     live.stop()
     try:
         page.fill("#input", "What is 7 + 1?")
@@ -197,7 +206,7 @@ def test_server_down_keeps_the_message_and_retry_saves_it_once(live, browser):
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     page.wait_for_function("document.getElementById('error').hidden")
     assert page.input_value("#input") == ""
-    users = [m["content"] for m in stored(live.url, cid) if m["role"] == "user"]
+    users = [m["content"] for m in stored_once_saved(live.url, cid, 4) if m["role"] == "user"]
     assert users == ["What is 2 + 3?", "What is 7 + 1?"]  # once
     page.reload()
     page.wait_for_selector(".msg.user")
@@ -231,8 +240,8 @@ def test_a_stream_that_ends_in_an_error_is_not_saved_as_a_reply(live, browser, e
     page.unroute("**/v1/chat/completions")
     page.click("#retry")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
-    roles = [m["role"] for m in stored(live.url, cid)]
-    assert roles == ["user", "assistant"] and "a partial rep" not in json.dumps(stored(live.url, cid))
+    msgs = stored_once_saved(live.url, cid, 2)
+    assert [m["role"] for m in msgs] == ["user", "assistant"] and "a partial rep" not in json.dumps(msgs)
     page.context.close()
 
 
@@ -252,7 +261,8 @@ def test_new_chat_menus_banners_streaming_and_stopped_notes(live, browser):
     page.keyboard.press("Escape")  # stops it
     page.wait_for_selector("#send:not([hidden])", timeout=20_000)
     assert "stopped" in page.inner_text(".msg.assistant .notes")
-    assert page.locator(".msg.assistant button.regenerate").count() == 1 and page.is_visible("#conv-menu")
+    page.wait_for_selector("#conv-menu:not([hidden])")  # stored: now it can be renamed or deleted
+    assert page.locator(".msg.assistant button.regenerate").count() == 1
     assert len(conversations(live.url)) == before + 1
     page.reload()
     page.wait_for_selector(".msg.assistant")
