@@ -6,7 +6,8 @@
 // (run through POST /api/tools/{name}) and another reply, at most MAX_TOOL_ROUNDS rounds a message.
 // A turn (a message and its replies) that fails leaves no trace: the conversation is as before, the
 // message goes back to the input box, and Retry sends it again. A new conversation is stored with
-// its first reply, under an id the page picks, so saving it twice stores it once.
+// its first reply, under an id the page picks, so saving it twice stores it once; the open one's id
+// is in the address (#id), so a reload returns to it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
