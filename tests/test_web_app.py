@@ -394,4 +394,12 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     assert page.is_visible("#welcome") and page.evaluate("state.conv") is None
     page.keyboard.press("Control+/")
     assert page.is_visible("#help") and "Esc" in page.inner_text("#help")
+    page.keyboard.press("Escape")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/chat/completions") else None)
+    page.click("#input")
+    page.keyboard.type("two")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("lines")
+    assert page.input_value("#input") == "two\nlines" and not sent  # Shift+Enter: a new line, not a send
     page.context.close()

@@ -153,11 +153,12 @@ async function copyText(text) {  // the clipboard API needs a secure context (lo
     area.remove();
   }
 }
-function copyButton(text, title) {
-  const b = el("button", "copy", "Copy");
-  b.type = "button";
-  b.title = title;
-  b.onclick = async () => { await copyText(text()); b.textContent = "Copied"; setTimeout(() => { b.textContent = "Copy"; }, 1500); };
+function copyButton(text, title) {  // text: a function, read when clicked
+  const b = button("copy", "Copy", async () => {
+    await copyText(text());
+    b.textContent = "Copied";
+    setTimeout(() => { b.textContent = "Copy"; }, 1500);
+  }, title);
   return b;
 }
 function speaker(m, i, messages) {
@@ -466,21 +467,25 @@ function requestBody(c, mayCall) {
   if ($("tools").checked && state.tools.length) Object.assign(body, { tools: state.tools, tool_choice: mayCall ? "auto" : "none" });
   return body;
 }
-async function* events(r) {  // the parsed chunks of a server-sent event stream
+async function* events(r) {  // the parsed chunks of a server-sent event stream; leaving early closes it
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
-  for (;;) {
-    let part;
-    try { part = await reader.read(); } catch (e) { throw e.name === "AbortError" ? e : new Error(OFFLINE); }
-    if (part.done) return;
-    buf += decoder.decode(part.value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const line = buf.slice(0, cut).trim();
-      buf = buf.slice(cut + 2);
-      if (line.startsWith("data: ") && line !== "data: [DONE]") yield JSON.parse(line.slice(6));
+  try {
+    for (;;) {
+      let part;
+      try { part = await reader.read(); } catch (e) { throw e.name === "AbortError" ? e : new Error(OFFLINE); }
+      if (part.done) return;
+      buf += decoder.decode(part.value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const line = buf.slice(0, cut).trim();
+        buf = buf.slice(cut + 2);
+        if (line.startsWith("data: ") && line !== "data: [DONE]") yield JSON.parse(line.slice(6));
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {});  // the server stops generating for a reader that went away
   }
 }
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
