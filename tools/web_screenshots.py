@@ -3,8 +3,7 @@ conversation, at desktop (1280x800) and phone (390x844) sizes, light and dark, p
 
     python tools/web_screenshots.py [--model DIR] [--out docs/screenshots]
 
-Starts `nanoseek serve`'s app in this process (a fresh conversation store in a temporary folder),
-asks the questions below in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright),
+Starts `nanoseek serve` (with a fresh conversation store in a temporary folder), asks the questions below in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright),
 and photographs the page. Replies are greedy (temperature 0), so a rerun shows the same answers."""
 
 from __future__ import annotations
@@ -12,18 +11,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
+import httpx
 from playwright.sync_api import sync_playwright
-
-from nanoseek.loading import load_chat_engine
-from nanoseek.serve import create_app
-from nanoseek.serve.chats import read_examples
-from nanoseek.serve.store import ChatStore
 
 SHIPPED = Path(__file__).parents[1] / "nanoseek" / "assets" / "model"
 QUESTIONS = ["what's 58 times 23?", "What is 4821 * 37?"]  # the second one goes to the calculator
@@ -31,18 +27,29 @@ SIZES = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "hei
 SETTINGS = "localStorage.setItem('nanoseek.temperature', '0');"
 
 
-def serve(model: Path, db: Path) -> tuple[str, uvicorn.Server, threading.Thread]:
-    engine, tok = load_chat_engine(model, max_batch=2)
-    app = create_app(engine, tok, store=ChatStore(db), examples=read_examples(model))
+@contextmanager
+def serve(model: Path, db: Path):
+    """`nanoseek serve` in its own process (so the speeds the page shows are the server's) -> its address."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
+                             "--db", str(db)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit("nanoseek serve did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def converse(browser, url: str, out: Path) -> str:
@@ -85,17 +92,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "screenshots")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        url, server, thread = serve(args.model, Path(tmp) / "chats.db")
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                            headless=True, args=["--no-sandbox"])
-                shots = photograph(browser, converse(browser, url, args.out), args.out)
-                browser.close()
-        finally:
-            server.should_exit = True
-            thread.join(10)
+    with tempfile.TemporaryDirectory() as tmp, serve(args.model, Path(tmp) / "chats.db") as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                    headless=True, args=["--no-sandbox"])
+        shots = photograph(browser, converse(browser, url, args.out), args.out)
+        browser.close()
     for s in [args.out / "welcome-desktop-light.png", *shots]:
         print(s)
 
