@@ -165,6 +165,7 @@ def read_examples(folder: Path) -> dict:
 
 
 def example_routes(examples: dict) -> APIRouter:
+    """GET /api/examples: `examples` (read_examples' dict) as they are."""
     r = APIRouter()
 
     @r.get("/api/examples")

@@ -304,7 +304,8 @@ async function loadServer() {  // what the server serves: models (a picker when 
   state.examples = examples.status === "fulfilled" ? examples.value : null;
   const picker = $("model");
   picker.replaceChildren(...state.models.map((id) => el("option", "", id)));
-  picker.value = localStorage.getItem("nanoseek.model") || state.models[0] || "";
+  picker.value = localStorage.getItem("nanoseek.model");
+  if (!picker.value) picker.value = state.models[0] || "";  // none remembered, or no longer served
   picker.hidden = state.models.length < 2;
   const names = state.tools.map((t) => t.function.name);
   $("tools-toggle").hidden = !names.length;
