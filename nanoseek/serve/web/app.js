@@ -242,6 +242,7 @@ function renderMessage(m, index, messages, streaming = false) {  // actions only
   if (m.role === "user") {
     box.append(el("div", "body", m.content));
     if (actions) who.append(copyButton(() => m.content, "Copy this message"), button("edit", "Edit", () => startEdit(box, index)));
+    if (actions && index === messages.length - 1) who.append(button("regenerate", "Answer", regenerate, "Stopped before a reply: ask again"));
     return box;
   }
   const details = el("details", "thinking");
