@@ -268,18 +268,22 @@ function renderWelcome() {  // what this model does well, from its folder (examp
     return b;
   }));
 }
+function renderHeader() {  // the title, the conversation's menu (once it is stored), its place in the list
+  const c = state.conv;
+  $("title").textContent = c && c.saved ? c.title : "New chat";
+  $("conv-menu").hidden = !(c && c.saved);
+  for (const li of $("conversations").children) li.classList.toggle("active", !!c && li.dataset.id === c.id);
+}
 function renderConversation() {
   const c = state.conv;
   const empty = !c || !c.messages.length;
-  $("title").textContent = c && c.saved ? c.title : "New chat";
+  renderHeader();
   if (c) $("system").value = c.system;
-  $("conv-menu").hidden = !(c && c.saved);
   $("welcome").hidden = !empty;
   $("messages").hidden = empty;
   const box = $("messages");
   box.replaceChildren(...(empty ? [] : c.messages.map((m, i) => renderMessage(m, i, c.messages))));
   box.scrollTop = box.scrollHeight;
-  for (const li of $("conversations").children) li.classList.toggle("active", !!c && li.dataset.id === c.id);
 }
 function renderList() {
   $("conversations").replaceChildren(...state.list.map((c) => {
@@ -294,7 +298,7 @@ function renderList() {
     return li;
   }));
   $("no-match").hidden = !!state.list.length || !$("search").value;
-  renderConversation();
+  renderHeader();  // not the messages: a reply may be streaming into them
 }
 
 // ---------- the model, its tools and examples ----------
@@ -373,7 +377,7 @@ async function rename(c) {
 async function remove(c) {
   if (state.busy || !confirm(`Delete "${c.title}"?`)) return;
   await api("/api/conversations/" + c.id, "DELETE");
-  if (state.conv && state.conv.id === c.id) { state.conv = null; remember(null); clearError(); }
+  if (state.conv && state.conv.id === c.id) { state.conv = null; remember(null); clearError(); renderConversation(); }
   await refreshList();
 }
 function titleOf(messages) {
