@@ -517,6 +517,7 @@ def serve(
     import uvicorn  # the server's dependencies, only for this command
 
     from .serve import create_app
+    from .serve.chats import read_examples
     from .serve.store import ChatStore
 
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
@@ -526,7 +527,9 @@ def serve(
                                quantize=quantize)
     engine.max_queue = max_queue
     store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
-    application = create_app(engine, tok, name=name, api_key=api_key, store=store)
+    with _reported():
+        examples = read_examples(model or SHIPPED)  # the web app's welcome screen
+    application = create_app(engine, tok, name=name, api_key=api_key, store=store, examples=examples)
     console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     uvicorn.run(application, host=host, port=port, log_level="warning")

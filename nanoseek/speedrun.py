@@ -319,3 +319,5 @@ def ship(out: Path, dest: Path) -> None:
         for f in ("report.md", "curves.png"):
             if (out / f).exists():
                 shutil.copy2(out / f, tmp / f)
+        if (dest / "examples.json").exists():  # the web app's examples: the same tasks, so they still fit
+            shutil.copy2(dest / "examples.json", tmp / "examples.json")

@@ -1,17 +1,19 @@
 """The chat web app's routes: its conversations, over the SQLite store (store.py), and its built-in tools.
 
-    GET    /api/conversations             list (newest first)
-    POST   /api/conversations             create {title?, system?, settings?}
+    GET    /api/conversations?q=text      list (newest first); with q, those whose title or messages hold it
+    POST   /api/conversations             create {id?, title?, system?, settings?} (an existing id: that one)
     GET    /api/conversations/{id}        one, with its messages
     PATCH  /api/conversations/{id}        rename / change system prompt or settings
     PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
     DELETE /api/conversations/{id}
     GET    /api/tools                     the built-in tools this model can call (none if its template has no calls)
     POST   /api/tools/{name}              run one {arguments: "<JSON>"} -> {content: "<result text>"}
+    GET    /api/examples                  what the model does well, from its folder's examples.json
 
 The page sends the whole message list after each change, so editing and regenerating are just
 rewrites of the list; a tool round is an assistant message with `tool_calls` followed by one
-`tool` message (with its `tool_call_id`) per call. A missing conversation is a 404. The page runs
+`tool` message (with its `tool_call_id`) per call. The page picks a new conversation's id, so
+creating it again after a lost answer is harmless. A missing conversation is a 404. The page runs
 the calls its model makes through POST /api/tools/{name}: only the built-in tools below, which
 are pure functions (the calculator walks an AST, never `eval`), can run; any other name is a 404.
 """
@@ -19,10 +21,12 @@ are pure functions (the calculator walks an AST, never `eval`), can run; any oth
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..tools import CALCULATOR, run_calculator
@@ -35,6 +39,7 @@ class _Body(BaseModel):
 
 
 class NewConversation(_Body):
+    id: str | None = Field(None, pattern="^[0-9a-f]{32}$")
     title: str = Field("New chat", max_length=200)
     system: str = Field("", max_length=20_000)
     settings: dict = Field(default_factory=dict)
@@ -52,6 +57,7 @@ class StoredMessage(_Body):
     reasoning_content: str | None = Field(None, max_length=1_000_000)
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # assistant turns
     tool_call_id: str | None = Field(None, max_length=200)  # tool turns: the call answered
+    info: dict[str, str | int | float | bool] | None = Field(None, max_length=16)  # the page's note on a reply
 
     @model_validator(mode="after")
     def _tool_fields(self):
@@ -90,12 +96,12 @@ def routes(store: ChatStore) -> APIRouter:
     r = APIRouter(prefix="/api/conversations")
 
     @r.get("")
-    async def list_():
-        return {"data": store.list()}
+    async def list_(q: str = Query("", max_length=200)):
+        return {"data": store.list(q)}
 
     @r.post("")
     async def create(body: NewConversation):
-        return store.create(body.title, body.system, body.settings)
+        return store.create(body.title, body.system, body.settings, cid=body.id)
 
     @r.get("/{cid}")
     async def get(cid: str):
@@ -135,5 +141,35 @@ def tool_routes(usable: Callable[[], bool]) -> APIRouter:
             raise APIError(404, f"no built-in tool {name!r}; the built-in tools are {sorted(BUILTIN_TOOLS)}",
                            code="not_found")
         return {"content": await asyncio.to_thread(BUILTIN_TOOLS[name][1], body.arguments)}
+
+    return r
+
+
+EXAMPLES_FILE = "examples.json"  # in a model folder: {"about": "...", "examples": [{"title": ..., "prompt": ...}]}
+NO_EXAMPLES = {"about": "", "examples": []}
+
+
+def read_examples(folder: Path) -> dict:
+    """What a model folder says its model does well, for the web app's welcome screen (none without
+    the file: the page then shows a generic welcome); a malformed file is a ValueError naming it."""
+    path = Path(folder) / EXAMPLES_FILE
+    if not path.is_file():
+        return NO_EXAMPLES
+    try:
+        data = json.loads(path.read_text())
+        examples = [{"title": str(e["title"]), "prompt": str(e["prompt"])} for e in data.get("examples", [])]
+        return {"about": str(data.get("about", "")), "examples": examples}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f'{path}: expected {{"about": "...", "examples": [{{"title": "...", "prompt": "..."}}]}} '
+                         f"({type(e).__name__}: {e})") from None
+
+
+def example_routes(examples: dict) -> APIRouter:
+    """GET /api/examples: `examples` (read_examples' dict) as they are."""
+    r = APIRouter()
+
+    @r.get("/api/examples")
+    async def list_():
+        return examples
 
     return r

@@ -33,7 +33,7 @@ from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_r
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
 from ..tools import CallFormat, CallStream, calculator_format, describe_tools, renders_tools
-from .chats import routes, tool_routes
+from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
 WEB = Path(__file__).parent / "web"
@@ -99,15 +99,18 @@ def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
     if not isinstance(e, ContextOverflow):
         return APIError(400, str(e), param="messages" if "prompt" in str(e) else None)
     n, m, ctx = e.prompt_tokens, e.max_new_tokens, e.context
-    if n >= ctx:
-        return APIError(400, f"the prompt is {n} tokens, over this model's context of {ctx} tokens by {n - ctx + 1}",
-                        param="messages", code="context_length_exceeded")
+    if n >= ctx:  # the reply needs at least one token of room
+        over = f"over this model's context of {ctx} tokens by {n - ctx}" if n > ctx else \
+            f"as long as this model's context of {ctx} tokens"
+        return APIError(400, f"the prompt is {n} tokens, {over}: shorten it by at least {n - ctx + 1} to leave room "
+                             "for a reply", param="messages", code="context_length_exceeded")
     return APIError(400, f"the prompt ({n} tokens) plus max_tokens ({m}) exceeds this model's context of {ctx} "
                          f"tokens by {n + m - ctx}", param="max_tokens", code="context_length_exceeded")
 
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
-               store=None) -> FastAPI:
+               store=None, examples: dict = NO_EXAMPLES) -> FastAPI:
+    """The app; `examples` (chats.read_examples of the model folder) fill the web app's welcome screen."""
     svc = Service(engine, tok, name, api_key)
 
     @asynccontextmanager
@@ -148,8 +151,9 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     api = APIRouter(dependencies=[Depends(svc.check_key)])
 
-    def card(model: str) -> dict:
-        return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek"}
+    def card(model: str) -> dict:  # DeepSeek's names are aliases of the served model: `parent` says so
+        return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek",
+                **({"parent": name} if model != name else {})}
 
     @api.get("/v1/models")
     async def models():
@@ -172,6 +176,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         api.include_router(routes(store))
     calculator = calculator_format(tok, engine.max_len) is not None
     api.include_router(tool_routes(lambda: calculator))  # the web app's calculator
+    api.include_router(example_routes(examples))
     app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
@@ -179,6 +184,10 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         @app.get("/", include_in_schema=False)
         async def index():
             return FileResponse(WEB / "index.html")
+
+        @app.get("/favicon.ico", include_in_schema=False)
+        async def favicon():
+            return FileResponse(WEB / "icon.svg", media_type="image/svg+xml")
 
     return app
 

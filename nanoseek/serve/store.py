@@ -2,7 +2,8 @@
 
 Each write is one transaction; a server restart finds everything again. A missing conversation
 raises NotFound. Messages keep what a tool round needs: an assistant turn's `tool_calls` (JSON)
-and a tool turn's `tool_call_id`; a database from before those columns gets them when it opens.
+and a tool turn's `tool_call_id`, plus the page's note on a reply (`info`: its thinking time, speed,
+whether it was stopped); a database from before those columns gets them when it opens.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ CREATE TABLE IF NOT EXISTS messages (
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
     reasoning TEXT NOT NULL DEFAULT '', tool_calls TEXT NOT NULL DEFAULT '',
-    tool_call_id TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
+    tool_call_id TEXT NOT NULL DEFAULT '', info TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
 """
-ADDED = {"tool_calls": "TEXT NOT NULL DEFAULT ''", "tool_call_id": "TEXT NOT NULL DEFAULT ''"}  # columns newer than v1
+ADDED = {"tool_calls": "TEXT NOT NULL DEFAULT ''", "tool_call_id": "TEXT NOT NULL DEFAULT ''",
+         "info": "TEXT NOT NULL DEFAULT ''"}  # columns newer than v1
 
 
 class NotFound(LookupError):
@@ -56,13 +58,20 @@ class ChatStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def list(self) -> list[dict]:
-        rows = self._db.execute("SELECT id, title, updated FROM conversations ORDER BY updated DESC").fetchall()
+    def list(self, query: str = "") -> list[dict]:
+        """Newest first; with a query, those whose title or a message holds it (case-insensitive for ASCII)."""
+        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._db.execute(
+            "SELECT id, title, updated FROM conversations WHERE ? = '' OR title LIKE ? ESCAPE '\\' OR id IN "
+            "(SELECT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\') ORDER BY updated DESC",
+            (query, like, like)).fetchall()
         return [{"id": i, "title": t, "updated": u} for i, t, u in rows]
 
-    def create(self, title: str = "New chat", system: str = "", settings: dict | None = None) -> dict:
-        cid, t = uuid.uuid4().hex, time.time()
-        self._tx(lambda db: db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+    def create(self, title: str = "New chat", system: str = "", settings: dict | None = None,
+               cid: str | None = None) -> dict:
+        """A new conversation; given an id that exists already, that one (so a repeated create is harmless)."""
+        cid, t = cid or uuid.uuid4().hex, time.time()
+        self._tx(lambda db: db.execute("INSERT OR IGNORE INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
                                        (cid, title, system, json.dumps(settings or {}), t, t)))
         return self.get(cid)
 
@@ -71,7 +80,7 @@ class ChatStore:
                                (cid,)).fetchone()
         if row is None:
             raise NotFound(f"no conversation {cid!r}")
-        msgs = self._db.execute("SELECT role, content, reasoning, tool_calls, tool_call_id FROM messages "
+        msgs = self._db.execute("SELECT role, content, reasoning, tool_calls, tool_call_id, info FROM messages "
                                 "WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall()
         return {"id": row[0], "title": row[1], "system": row[2], "settings": json.loads(row[3]),
                 "created": row[4], "updated": row[5], "messages": [_message(*m) for m in msgs]}
@@ -90,9 +99,10 @@ class ChatStore:
         def write(db):
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (cid,))
             db.executemany("INSERT INTO messages (conversation_id, position, role, content, reasoning, tool_calls, "
-                           "tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           "tool_call_id, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            [(cid, i, m["role"], m.get("content") or "", m.get("reasoning_content") or "",
-                             json.dumps(m["tool_calls"]) if m.get("tool_calls") else "", m.get("tool_call_id") or "")
+                             json.dumps(m["tool_calls"]) if m.get("tool_calls") else "", m.get("tool_call_id") or "",
+                             json.dumps(m["info"]) if m.get("info") else "")
                             for i, m in enumerate(messages)])
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
 
@@ -104,7 +114,7 @@ class ChatStore:
         self._tx(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))
 
 
-def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call_id: str) -> dict:
+def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call_id: str, info: str) -> dict:
     """A stored row as the message the page sends: optional fields only where set."""
     m = {"role": role, "content": content}
     if reasoning:
@@ -113,4 +123,6 @@ def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call
         m["tool_calls"] = json.loads(tool_calls)
     if tool_call_id:
         m["tool_call_id"] = tool_call_id
+    if info:
+        m["info"] = json.loads(info)
     return m

@@ -1,16 +1,23 @@
-// nanoseek chat: a static page over /v1/chat/completions (streaming), /api/conversations and /api/tools.
-// All model and user text is inserted as text or through `markdown`, which escapes it first,
-// so a reply containing <script> or <img onerror=...> is shown, never run (tool calls and results too).
+// nanoseek chat: a static page over /v1/chat/completions (streaming), /v1/models, /api/conversations,
+// /api/tools and /api/examples. No dependencies, nothing from the internet.
+// All model and user text is inserted with textContent (markdown builds elements, never HTML), so a
+// reply containing <script> or <img onerror=...> is shown, never run (tool calls and results too).
 // With tools on, a reply that calls the server's built-in tools is followed by their results
 // (run through POST /api/tools/{name}) and another reply, at most MAX_TOOL_ROUNDS rounds a message.
+// A turn (a message and its replies) that fails leaves no trace: the conversation is as before, the
+// message goes back to the input box, and Retry sends it again. A new conversation is stored with
+// its first reply, under an id the page picks, so saving it twice stores it once; the open one's id
+// is in the address (#id), so a reload returns to it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { list: [], conv: null, abort: null, busy: false, tools: [] };
+const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], examples: null, retry: null };
 const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "api_key"];
 const MAX_TOOL_ROUNDS = 4;
+const FINISHED = ["stop", "length", "tool_calls"];  // the finish reasons of a reply that ended well
+const OFFLINE = "Can't reach the nanoseek server: it may be stopped or restarting.";
 
-// ---------- settings ----------
+// ---------- settings and theme ----------
 function loadSettings() {
   for (const k of SETTINGS) {
     const v = localStorage.getItem("nanoseek." + k);
@@ -22,6 +29,14 @@ function saveSetting(e) {
   const el = e.target;
   localStorage.setItem("nanoseek." + el.id, el.type === "checkbox" ? el.checked : el.value);
 }
+const systemDark = matchMedia("(prefers-color-scheme: dark)");
+function theme() { return localStorage.getItem("nanoseek.theme") || (systemDark.matches ? "dark" : "light"); }
+function applyTheme() {  // the system's preference until the toggle picks one
+  const t = theme();
+  document.documentElement.dataset.theme = t;
+  $("theme").textContent = t === "dark" ? "\u2600" : "\u263E";
+  $("theme").title = t === "dark" ? "Light mode" : "Dark mode";
+}
 
 // ---------- server calls ----------
 function headers() {
@@ -30,8 +45,15 @@ function headers() {
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
 }
+async function request(path, options) {  // fetch, with a network failure said plainly
+  try {
+    return await fetch(path, { headers: headers(), ...options });
+  } catch (e) {
+    throw e.name === "AbortError" ? e : new Error(OFFLINE);
+  }
+}
 async function api(path, method = "GET", body, signal) {
-  const r = await fetch(path, { method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body), signal });
+  const r = await request(path, { method, body: body === undefined ? undefined : JSON.stringify(body), signal });
   if (!r.ok) throw await apiError(r);
   return r.json();
 }
@@ -41,55 +63,146 @@ async function apiError(r) {
   if (r.status === 401) { msg += " — enter the server's API key in Settings."; $("settings").open = true; openSide(); }
   return new Error(msg);
 }
-function showError(e) { $("error").textContent = e.message || String(e); $("error").hidden = false; }
-function clearError() { $("error").hidden = true; }
+function showError(e, retry) {  // retry: what the Retry button does (none: no button)
+  $("error-text").textContent = e.message || String(e);
+  state.retry = retry || null;
+  $("retry").hidden = !retry;
+  $("error").hidden = false;
+}
+function clearError() { $("error").hidden = true; state.retry = null; }
 
-// ---------- markdown (escape first, then a small safe subset) ----------
-function escapeHtml(s) {
-  return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;").replace(/'/g, "&#39;");
-}
-function inline(s) {  // s is already escaped
-  return s.replace(/`([^`]+)`/g, "<code>$1</code>")
-          .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>")
-          .replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>");
-}
-function markdown(text) {
-  const out = [];
-  const parts = text.split(/```/);
-  parts.forEach((part, i) => {
-    if (i % 2 === 1) {  // a code block: first line may name the language
-      const nl = part.indexOf("\n");
-      const code = nl >= 0 ? part.slice(nl + 1) : part;
-      out.push("<pre><code>" + escapeHtml(code.replace(/\n$/, "")) + "</code></pre>");
-      return;
-    }
-    for (const block of escapeHtml(part).split(/\n{2,}/)) {
-      if (!block.trim()) continue;
-      const lines = block.split("\n");
-      if (lines.every((l) => /^\s*([-*]|\d+\.)\s+/.test(l))) {
-        const tag = /^\s*\d+\./.test(lines[0]) ? "ol" : "ul";
-        out.push(`<${tag}>` + lines.map((l) => "<li>" + inline(l.replace(/^\s*([-*]|\d+\.)\s+/, "")) + "</li>").join("") + `</${tag}>`);
-      } else if (/^#{1,6}\s/.test(block)) {
-        const level = block.match(/^#+/)[0].length;
-        out.push(`<h${level + 2 > 6 ? 6 : level + 2}>` + inline(block.replace(/^#+\s/, "")) + `</h${level + 2 > 6 ? 6 : level + 2}>`);
-      } else {
-        out.push("<p>" + inline(block).replace(/\n/g, "<br>") + "</p>");
-      }
-    }
-  });
-  return out.join("");
-}
-
-// ---------- rendering ----------
+// ---------- markdown: elements built from text, never HTML ----------
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function toolName(id, index) {  // the name of the function a tool message answers
+// `code`, **bold** and *italic*, where the stars open after a space or punctuation and close before
+// one: maths such as 58*3*2, a*b, 2 * 3 or 2**10 is left as written.
+const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2/g;
+const WORDLIKE = /[\p{L}\p{N}*]/u;
+function inline(s) {  // -> nodes (strings and elements)
+  const nodes = [];
+  const re = new RegExp(INLINE);
+  let last = 0, m;
+  while ((m = re.exec(s))) {
+    const end = m.index + m[0].length;
+    if (m[2] && (WORDLIKE.test(s[m.index - 1] || " ") || WORDLIKE.test(s[end] || " "))) {
+      re.lastIndex = m.index + 1;  // not emphasis: look again one character on
+      continue;
+    }
+    nodes.push(s.slice(last, m.index));
+    if (m[1] !== undefined) nodes.push(el("code", "", m[1]));
+    else { const e = el(m[2] === "**" ? "strong" : "em"); e.append(...inline(m[3])); nodes.push(e); }
+    last = end;
+  }
+  nodes.push(s.slice(last));
+  return nodes;
+}
+function withInline(tag, text) { const e = el(tag); e.append(...inline(text)); return e; }
+function lines(tag, text) {  // a paragraph: its lines, with line breaks
+  const e = el(tag);
+  text.split("\n").forEach((line, i) => { if (i) e.append(el("br")); e.append(...inline(line)); });
+  return e;
+}
+function codeBlock(part) {  // the text between ``` fences; its first line may name the language
+  const nl = part.indexOf("\n");
+  const code = (nl >= 0 ? part.slice(nl + 1) : part).replace(/\n$/, "");
+  const box = el("div", "code");
+  const bar = el("div", "code-bar", nl >= 0 ? part.slice(0, nl).trim() : "");
+  bar.append(copyButton(() => code, "Copy code"));
+  const pre = el("pre");
+  pre.append(el("code", "", code));
+  box.append(bar, pre);
+  return box;
+}
+const LIST_ITEM = /^\s*([-*]|\d+\.)\s+/;
+function markdown(text) {  // -> a DocumentFragment
+  const out = document.createDocumentFragment();
+  text.split(/```/).forEach((part, i) => {
+    if (i % 2 === 1) { out.append(codeBlock(part)); return; }
+    for (const block of part.split(/\n{2,}/)) {
+      if (!block.trim()) continue;
+      const rows = block.split("\n");
+      const heading = block.match(/^(#{1,6})\s+/);
+      if (rows.every((l) => LIST_ITEM.test(l))) {
+        const list = el(/^\s*\d+\./.test(rows[0]) ? "ol" : "ul");
+        list.append(...rows.map((l) => withInline("li", l.replace(LIST_ITEM, ""))));
+        out.append(list);
+      } else if (heading) {
+        out.append(lines("h" + Math.min(6, heading[1].length + 2), block.slice(heading[0].length)));
+      } else {
+        out.append(lines("p", block));
+      }
+    }
+  });
+  return out;
+}
+
+// ---------- copying and exporting ----------
+async function copyText(text) {  // the clipboard API needs a secure context (localhost, https); else the old way
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (_) {
+    const area = el("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+}
+function copyButton(text, title) {  // text: a function, read when clicked
+  const b = button("copy", "Copy", async () => {
+    await copyText(text());
+    b.textContent = "Copied";
+    setTimeout(() => { b.textContent = "Copy"; }, 1500);
+  }, title);
+  return b;
+}
+function speaker(m, i, messages) {
+  if (m.role === "user") return "You";
+  if (m.role === "tool") return toolName(messages, m.tool_call_id, i) + " result";
+  return "nanoseek";
+}
+function asMarkdown(c) {
+  const out = ["# " + c.title, ""];
+  if (c.system) out.push("> System: " + c.system, "");
+  c.messages.forEach((m, i) => {
+    out.push("**" + speaker(m, i, c.messages) + "**", "");
+    if (m.reasoning_content) out.push("<details><summary>Thinking</summary>", "", m.reasoning_content, "", "</details>", "");
+    if (m.role === "tool") out.push("```", m.content, "```", "");
+    else if (m.content) out.push(m.content, "");
+    for (const call of m.tool_calls || []) out.push("`" + call.function.name + "(" + call.function.arguments + ")`", "");
+  });
+  return out.join("\n");
+}
+function download(name, text, type) {
+  const a = el("a");
+  a.href = URL.createObjectURL(new Blob([text], { type }));
+  a.download = name;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+function exportConversation(kind) {
+  const c = state.conv;
+  const name = (c.title.replace(/[^\p{L}\p{N}]+/gu, "-").replace(/^-|-$/g, "") || "conversation").slice(0, 60);
+  if (kind === "json") {
+    const data = { title: c.title, system: c.system, messages: c.messages };
+    download(name + ".json", JSON.stringify(data, null, 2), "application/json");
+  } else {
+    download(name + ".md", asMarkdown(c), "text/markdown");
+  }
+  $("conv-menu").open = false;
+}
+
+// ---------- rendering ----------
+function toolName(messages, id, index) {  // the name of the function a tool message answers
   for (let i = index - 1; i >= 0; i--) {
-    const call = (state.conv.messages[i].tool_calls || []).find((c) => c.id === id);
+    const call = (messages[i].tool_calls || []).find((c) => c.id === id);
     if (call) return call.function.name;
   }
   return "tool";
@@ -99,67 +212,113 @@ function renderCall(call) {
   box.append(el("span", "tool-name", call.function.name), el("code", "tool-args", call.function.arguments));
   return box;
 }
-function renderMessage(m, index) {
+function button(cls, text, onclick, title) {
+  const b = el("button", cls, text);
+  b.type = "button";
+  b.onclick = onclick;
+  if (title) b.title = title;
+  return b;
+}
+function notes(info) {  // under a reply: stopped or cut off, its length and speed
+  const parts = [];
+  if (info.stopped) parts.push("stopped");
+  if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
+  if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${info.tok_s.toFixed(0)} tokens/s` : ""));
+  return parts.join(" · ");
+}
+function thinkingLabel(m, streaming) {
+  if (streaming) return "Thinking…";
+  return m.info && m.info.thought_s !== undefined ? `Thought for ${m.info.thought_s.toFixed(1)} s` : "Thinking";
+}
+function renderMessage(m, index, messages, streaming = false) {  // actions only on finished messages
   const box = el("div", "msg " + m.role);
-  const who = el("div", "who", m.role === "user" ? "You" : m.role === "tool" ? toolName(m.tool_call_id, index) + " result" : "nanoseek");
-  box.appendChild(who);
+  const who = el("div", "who", speaker(m, index, messages));
+  box.append(who);
+  const actions = !state.busy;
   if (m.role === "tool") {
-    box.appendChild(el("pre", "body tool-result", m.content));
-  } else if (m.role === "user") {
-    const edit = el("button", "edit", "Edit");
-    edit.onclick = () => startEdit(box, index);
-    who.appendChild(edit);
-    box.appendChild(el("div", "body", m.content));
-  } else {
-    if (index === state.conv.messages.length - 1) {
-      const regen = el("button", "regenerate", "Regenerate");
-      regen.onclick = () => regenerate();
-      who.appendChild(regen);
-    }
-    const details = el("details", "thinking");
-    details.appendChild(el("summary", "", "Thinking"));
-    const reasoning = el("div", "reasoning", m.reasoning_content || "");
-    details.appendChild(reasoning);
-    details.hidden = !m.reasoning_content;
-    box.appendChild(details);
-    const body = el("div", "body");
-    body.innerHTML = markdown(m.content || "");
-    box.appendChild(body);
-    const calls = el("div", "tool-calls");
-    calls.append(...(m.tool_calls || []).map(renderCall));
-    box.appendChild(calls);
+    box.append(el("pre", "body tool-result", m.content));
+    return box;
   }
+  if (m.role === "user") {
+    box.append(el("div", "body", m.content));
+    if (actions) who.append(copyButton(() => m.content, "Copy this message"), button("edit", "Edit", () => startEdit(box, index)));
+    if (actions && index === messages.length - 1) who.append(button("regenerate", "Answer", regenerate, "Stopped before a reply: ask again"));
+    return box;
+  }
+  const details = el("details", "thinking");
+  details.append(el("summary", "", thinkingLabel(m, streaming)), el("div", "reasoning", m.reasoning_content || ""));
+  details.hidden = !m.reasoning_content;
+  const body = el("div", "body");
+  body.append(markdown(m.content || ""));
+  const calls = el("div", "tool-calls");
+  calls.append(...(m.tool_calls || []).map(renderCall));
+  box.append(details, body, calls, el("div", "notes", notes(m.info || {})));
+  if (actions && m.content) who.append(copyButton(() => m.content, "Copy this reply"));
+  if (actions && index === messages.length - 1) who.append(button("regenerate", "Regenerate", regenerate));
   return box;
+}
+function renderWelcome() {  // what this model does well, from its folder (examples.json), or a generic welcome
+  const ex = state.examples || { about: "", examples: [] };
+  $("welcome-title").textContent = state.models[0] ? "Chat with " + state.models[0] : "nanoseek chat";
+  $("about").textContent = ex.about || "Ask anything. With thinking on, the model's reasoning streams into a panel first.";
+  const examples = ex.examples.length ? ex.examples : [{ title: "Say hello", prompt: "Hello! What can you do?" }];
+  $("examples").replaceChildren(...examples.map((e) => {
+    const b = button("example", "", () => send(e.prompt), "Send this");
+    b.append(el("strong", "", e.title), el("span", "", e.prompt));
+    return b;
+  }));
+}
+function renderHeader() {  // the title, the conversation's menu (once it is stored), its place in the list
+  const c = state.conv;
+  $("title").textContent = c && c.saved ? c.title : "New chat";
+  $("conv-menu").hidden = !(c && c.saved);
+  for (const li of $("conversations").children) li.classList.toggle("active", !!c && li.dataset.id === c.id);
 }
 function renderConversation() {
   const c = state.conv;
-  $("title").textContent = c ? c.title : "nanoseek";
-  $("system").value = c ? c.system : $("system").value;
+  const empty = !c || !c.messages.length;
+  renderHeader();
+  if (c) $("system").value = c.system;
+  $("welcome").hidden = !empty;
+  $("messages").hidden = empty;
   const box = $("messages");
-  box.replaceChildren(...(c ? c.messages.map(renderMessage) : []));
+  box.replaceChildren(...(empty ? [] : c.messages.map((m, i) => renderMessage(m, i, c.messages))));
   box.scrollTop = box.scrollHeight;
-  for (const li of $("conversations").children) li.classList.toggle("active", c && li.dataset.id === c.id);
 }
 function renderList() {
   $("conversations").replaceChildren(...state.list.map((c) => {
-    const li = el("li", "", c.title);
+    const li = el("li");
     li.dataset.id = c.id;
     li.title = c.title;
-    li.onclick = () => { openConversation(c.id); closeSide(); };
+    li.onclick = () => { openConversation(c.id).catch(showError); closeSide(); };
+    const stop = (fn) => (e) => { e.stopPropagation(); fn().catch(showError); };
+    li.append(el("span", "conv-title", c.title),
+              button("act rename", "\u270E", stop(() => rename(c)), "Rename"),
+              button("act delete", "\u00D7", stop(() => remove(c)), "Delete"));
     return li;
   }));
-  renderConversation();
+  $("no-match").hidden = !!state.list.length || !$("search").value;
+  renderHeader();  // not the messages: a reply may be streaming into them
 }
 
-// ---------- tools ----------
-async function loadTools() {  // the server's built-in tools this model can call (none: no toggle)
-  try { state.tools = (await api("/api/tools")).data; } catch (_) { state.tools = []; }
+// ---------- the model, its tools and examples ----------
+async function loadServer() {  // what the server serves: models (a picker when several), tools, examples
+  const [models, tools, examples] = await Promise.allSettled([api("/v1/models"), api("/api/tools"), api("/api/examples")]);
+  state.models = models.status === "fulfilled" ? models.value.data.filter((m) => !m.parent).map((m) => m.id) : [];
+  state.tools = tools.status === "fulfilled" ? tools.value.data : [];
+  state.examples = examples.status === "fulfilled" ? examples.value : null;
+  const picker = $("model");
+  picker.replaceChildren(...state.models.map((id) => el("option", "", id)));
+  picker.value = localStorage.getItem("nanoseek.model");
+  if (!picker.value) picker.value = state.models[0] || "";  // none remembered, or no longer served
+  picker.hidden = state.models.length < 2;
   const names = state.tools.map((t) => t.function.name);
   $("tools-toggle").hidden = !names.length;
   $("tools-names").textContent = " (" + names.join(", ") + ")";
+  renderWelcome();
 }
-async function runTools(c, reply) {  // each call's result as a tool message; a stop answers the rest
-  const signal = state.abort.signal;
+function chosenModel() { return $("model").value || undefined; }  // none: the server's own
+async function runTools(c, reply, signal) {  // each call's result as a tool message; a stop answers the rest
   for (const call of reply.tool_calls) {
     let content = "error: stopped before the tool ran";
     if (!signal.aborted) {
@@ -172,7 +331,7 @@ async function runTools(c, reply) {  // each call's result as a tool message; a 
     }
     const msg = { role: "tool", tool_call_id: call.id, content };
     c.messages.push(msg);
-    $("messages").appendChild(renderMessage(msg, c.messages.length - 1));
+    $("messages").append(renderMessage(msg, c.messages.length - 1, c.messages));
     $("messages").scrollTop = $("messages").scrollHeight;
   }
   if (signal.aborted) throw new DOMException("stopped", "AbortError");
@@ -185,144 +344,204 @@ function wire(m) {  // a stored message as the API takes it
 }
 
 // ---------- conversations ----------
-async function refreshList() { state.list = (await api("/api/conversations")).data; renderList(); }
+function newId() { return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join(""); }
+async function refreshList() {
+  const q = $("search").value.trim();
+  state.list = (await api("/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : ""))).data;
+  renderList();
+}
+function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id : location.pathname); }  // a reload returns to it
 async function openConversation(id) {
   if (state.busy) return;
   clearError();
-  state.conv = await api("/api/conversations/" + id);
+  state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
+  remember(state.conv);
   renderConversation();
 }
-async function newConversation() {
+function newChat() {  // stored only once it has a message
   if (state.busy) return;
-  state.conv = await api("/api/conversations", "POST", { title: "New chat", system: $("system").value });
+  clearError();
+  closeSide();
+  state.conv = null;
+  remember(null);
+  renderConversation();
+  $("input").focus();
+}
+async function rename(c) {
+  const t = prompt("Rename conversation", c.title);
+  if (!t || !t.trim()) return;
+  const updated = await api("/api/conversations/" + c.id, "PATCH", { title: t.trim() });
+  if (state.conv && state.conv.id === c.id) state.conv.title = updated.title;
   await refreshList();
 }
-async function saveMessages() {
-  const c = state.conv;
-  await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
-  if (c.title === "New chat" && c.messages.length) {
-    const first = c.messages[0].content.trim().replace(/\s+/g, " ");
-    c.title = first.length > 40 ? first.slice(0, 40) + "…" : first || "New chat";
-    await api("/api/conversations/" + c.id, "PATCH", { title: c.title });
-  }
+async function remove(c) {
+  if (state.busy || !confirm(`Delete "${c.title}"?`)) return;
+  await api("/api/conversations/" + c.id, "DELETE");
+  if (state.conv && state.conv.id === c.id) { state.conv = null; remember(null); clearError(); renderConversation(); }
   await refreshList();
+}
+function titleOf(messages) {
+  const first = messages.find((m) => m.role === "user").content.trim().replace(/\s+/g, " ");
+  return (first.length > 40 ? first.slice(0, 40) + "…" : first) || "New chat";
+}
+async function save(c) {  // idempotent: the create names its id, the messages replace the stored ones
+  try {
+    if (!c.saved) {
+      await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
+      Object.assign(c, { saved: true, title: titleOf(c.messages) });
+      if (state.conv === c) remember(c);
+    }
+    await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
+    await refreshList();
+  } catch (e) {
+    if (state.conv === c) showError(new Error("Not saved: " + e.message), () => { clearError(); return save(c); });
+  }
 }
 
 // ---------- talking to the model ----------
 async function send(text) {
   if (state.busy || !text.trim()) return;
-  clearError();
-  if (!state.conv) await newConversation();
-  state.conv.messages.push({ role: "user", content: text });
-  await stream();
+  if (!state.conv) state.conv = { id: newId(), title: "New chat", system: $("system").value.trim(), messages: [], saved: false };
+  const c = state.conv;
+  $("input").value = "";
+  await turn(c, c.messages.concat({ role: "user", content: text }), () => send($("input").value), text);
 }
 async function regenerate() {  // the whole turn again: replies and tool results after the last user message
-  if (state.busy) return;
-  const msgs = state.conv.messages;
-  while (msgs.length && msgs[msgs.length - 1].role !== "user") msgs.pop();
-  await stream();
+  const c = state.conv;
+  const last = c.messages.map((m) => m.role).lastIndexOf("user");
+  await turn(c, c.messages.slice(0, last + 1), regenerate);
 }
 function startEdit(box, index) {
   if (state.busy) return;
+  const c = state.conv;
   const body = box.querySelector(".body");
   const area = el("textarea", "edit-box");
-  area.value = state.conv.messages[index].content;
+  area.value = c.messages[index].content;
   area.rows = 3;
-  const ok = el("button", "", "Send");
-  const cancel = el("button", "", "Cancel");
-  ok.onclick = async () => {
-    state.conv.messages = state.conv.messages.slice(0, index);
-    state.conv.messages.push({ role: "user", content: area.value });
-    await stream();
-  };
-  cancel.onclick = renderConversation;
+  const resend = (text) => turn(c, c.messages.slice(0, index).concat({ role: "user", content: text }), () => resend(text));
   body.replaceWith(area);
-  box.appendChild(ok);
-  box.appendChild(cancel);
+  box.append(button("", "Send", () => resend(area.value)), button("", "Cancel", renderConversation));
   area.focus();
 }
-
-async function stream() {  // one turn: replies, and the tools they call, until one calls none
-  const c = state.conv;
+async function turn(c, messages, retry, text = "") {  // messages: the history with the new user message
+  if (state.busy) return;
+  clearError();
+  const before = c.messages;
+  c.messages = messages;
+  const failure = await stream(c);
+  if (failure) {  // nothing of a failed turn stays: the message goes back to the input box
+    c.messages = before;
+    if (text && !$("input").value) $("input").value = text;
+    if (state.conv === c) {
+      renderConversation();
+      showError(new Error(failure.message + (text ? " Your message is back in the input box." : "")), () => { clearError(); return retry(); });
+    }
+    return;
+  }
   renderConversation();
+  await save(c);
+}
+async function stream(c) {  // one turn: replies, and the tools they call, until one calls none -> null, or the error
   const system = $("system").value.trim();
-  if (system !== c.system) { c.system = system; api("/api/conversations/" + c.id, "PATCH", { system }).catch(() => {}); }
-  const before = c.messages.length;
+  if (c.saved && system !== c.system) api("/api/conversations/" + c.id, "PATCH", { system }).catch(() => {});
+  c.system = system;
   setBusy(true);
+  renderConversation();
   state.abort = new AbortController();
   try {
     for (let round = 0; ; round++) {
-      const reply = await streamReply(c, system, round < MAX_TOOL_ROUNDS);
-      if (!reply.tool_calls) break;
-      await runTools(c, reply);
+      const reply = await streamReply(c, round < MAX_TOOL_ROUNDS, state.abort.signal);
+      if (!reply.tool_calls) return null;
+      await runTools(c, reply, state.abort.signal);
     }
   } catch (e) {
-    if (e.name !== "AbortError") showError(e);
+    return e.name === "AbortError" ? null : e;  // a stop keeps what came
   } finally {
     setBusy(false);
     state.abort = null;
-    if (c.messages.length > before) await saveMessages().catch(showError);
-    renderConversation();
   }
 }
-async function streamReply(c, system, mayCall) {  // one reply, streamed into a new message; empty: dropped
-  const reply = { role: "assistant", content: "", reasoning_content: "" };
-  c.messages.push(reply);
-  const node = renderMessage(reply, c.messages.length - 1);
-  $("messages").appendChild(node);
-  const thinking = node.querySelector(".thinking"), reasoningEl = node.querySelector(".reasoning");
-  const bodyEl = node.querySelector(".body"), callsEl = node.querySelector(".tool-calls");
-  const useThinking = $("thinking").checked;
-  if (useThinking) { thinking.hidden = false; thinking.open = true; }
-  const history = c.messages.slice(0, -1).map(wire);
+function requestBody(c, mayCall) {
+  const history = c.messages.map(wire);
   const body = {
-    model: "nanoseek", stream: true, messages: (system ? [{ role: "system", content: system }] : []).concat(history),
+    stream: true, stream_options: { include_usage: true }, model: chosenModel(),
+    messages: (c.system ? [{ role: "system", content: c.system }] : []).concat(history),
     temperature: Number($("temperature").value), top_p: Number($("top_p").value),
-    max_tokens: Number($("max_tokens").value), thinking: { type: useThinking ? "enabled" : "disabled" },
+    thinking: { type: $("thinking").checked ? "enabled" : "disabled" },
   };
+  if ($("max_tokens").value) body.max_tokens = Number($("max_tokens").value);
   if ($("tools").checked && state.tools.length) Object.assign(body, { tools: state.tools, tool_choice: mayCall ? "auto" : "none" });
-  const calls = [];
-  let finish = null;
+  return body;
+}
+async function* events(r) {  // the parsed chunks of a server-sent event stream; leaving early closes it
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
   try {
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.abort.signal });
-    if (!r.ok) throw await apiError(r);
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
     for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
+      let part;
+      try { part = await reader.read(); } catch (e) { throw e.name === "AbortError" ? e : new Error(OFFLINE); }
+      if (part.done) return;
+      buf += decoder.decode(part.value, { stream: true });
       let cut;
       while ((cut = buf.indexOf("\n\n")) >= 0) {
         const line = buf.slice(0, cut).trim();
         buf = buf.slice(cut + 2);
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const chunk = JSON.parse(line.slice(6));
-        if (chunk.error) throw new Error(chunk.error.message);
-        for (const ch of chunk.choices || []) {
-          const d = ch.delta || {};
-          if (d.reasoning_content) { reply.reasoning_content += d.reasoning_content; reasoningEl.textContent = reply.reasoning_content; }
-          if (d.content) {
-            if (!reply.content) thinking.open = false;  // the answer starts: fold the thinking
-            reply.content += d.content;
-            bodyEl.innerHTML = markdown(reply.content);
-          }
-          for (const t of d.tool_calls || []) {  // OpenAI's deltas: id and name first, then the arguments in pieces
-            thinking.open = false;
-            const f = t.function || {};
-            if (!calls[t.index]) calls[t.index] = { id: t.id, type: "function", function: { name: f.name || "", arguments: "" } };
-            calls[t.index].function.arguments += f.arguments || "";
-            callsEl.replaceChildren(...calls.filter(Boolean).map(renderCall));
-          }
-          finish = ch.finish_reason || finish;
-        }
-        $("messages").scrollTop = $("messages").scrollHeight;
+        if (line.startsWith("data: ") && line !== "data: [DONE]") yield JSON.parse(line.slice(6));
       }
     }
   } finally {
-    thinking.open = false;
-    if (!reply.reasoning_content) thinking.hidden = true;
+    reader.cancel().catch(() => {});  // the server stops generating for a reader that went away
+  }
+}
+async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
+  const body = requestBody(c, mayCall);
+  const reply = { role: "assistant", content: "", reasoning_content: "", info: {} };
+  c.messages.push(reply);
+  const node = renderMessage(reply, c.messages.length - 1, c.messages, true);
+  $("messages").append(node);
+  const thinking = node.querySelector(".thinking"), reasoningEl = node.querySelector(".reasoning");
+  const bodyEl = node.querySelector(".body"), callsEl = node.querySelector(".tool-calls");
+  if (body.thinking.type === "enabled") { thinking.hidden = false; thinking.open = true; }
+  const calls = [];
+  let finish = null, usage = null, first = null, answer = null;  // first: the first token's time; answer: the answer's
+  try {
+    const r = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
+    if (!r.ok) throw await apiError(r);
+    for await (const chunk of events(r)) {
+      if (chunk.error) throw new Error(chunk.error.message || "the server failed while writing the reply");
+      usage = chunk.usage || usage;
+      for (const ch of chunk.choices || []) {
+        const d = ch.delta || {};
+        if ((d.reasoning_content || d.content || d.tool_calls) && first === null) first = performance.now();
+        if (d.reasoning_content) { reply.reasoning_content += d.reasoning_content; reasoningEl.textContent = reply.reasoning_content; }
+        if (d.content) {
+          if (answer === null) { answer = performance.now(); thinking.open = false; }  // the answer starts: fold the thinking
+          reply.content += d.content;
+          bodyEl.replaceChildren(markdown(reply.content));
+        }
+        for (const t of d.tool_calls || []) {  // OpenAI's deltas: id and name first, then the arguments in pieces
+          if (answer === null) { answer = performance.now(); thinking.open = false; }
+          const f = t.function || {};
+          if (!calls[t.index]) calls[t.index] = { id: t.id, type: "function", function: { name: f.name || "", arguments: "" } };
+          calls[t.index].function.arguments += f.arguments || "";
+          callsEl.replaceChildren(...calls.filter(Boolean).map(renderCall));
+        }
+        finish = ch.finish_reason || finish;
+      }
+      $("messages").scrollTop = $("messages").scrollHeight;
+    }
+    if (!finish) throw new Error("The connection closed before the reply was finished.");
+    if (!FINISHED.includes(finish)) throw new Error(`The server could not finish this reply (${finish}).`);
+  } catch (e) {
+    if (e.name === "AbortError") reply.info.stopped = true;
+    throw e;
+  } finally {
+    const end = performance.now();
+    if (reply.reasoning_content && first !== null) reply.info.thought_s = ((answer ?? end) - first) / 1000;
+    const tokens = usage && usage.completion_tokens;
+    if (tokens) Object.assign(reply.info, { tokens, tok_s: tokens > 1 && end > first ? (tokens - 1) / ((end - first) / 1000) : 0 });
+    if (finish === "length") reply.info.cut = true;
     if (calls.length && finish === "tool_calls") Object.assign(reply, { content: reply.content || null, tool_calls: calls.filter(Boolean) });
     else if (calls.length && finish) showError(new Error("The reply ended inside a tool call: raise Max tokens in Settings."));
     if (!reply.content && !reply.reasoning_content && !reply.tool_calls) c.messages.pop();
@@ -334,29 +553,44 @@ function setBusy(b) {
   $("send").hidden = b;
   $("stop").hidden = !b;
 }
+function stop() { if (state.abort) state.abort.abort(); }
 
 // ---------- wiring ----------
 function openSide() { $("sidebar").classList.add("open"); }
 function closeSide() { $("sidebar").classList.remove("open"); }
-$("composer").onsubmit = (e) => { e.preventDefault(); const t = $("input").value; $("input").value = ""; send(t); };
-$("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); } };
-$("stop").onclick = () => state.abort && state.abort.abort();
-$("new-chat").onclick = () => { closeSide(); newConversation().catch(showError); };
-$("rename").onclick = async () => {
-  if (!state.conv) return;
-  const t = prompt("Rename conversation", state.conv.title);
-  if (t && t.trim()) { state.conv = await api("/api/conversations/" + state.conv.id, "PATCH", { title: t.trim() }); await refreshList(); }
-};
-$("delete").onclick = async () => {
-  if (!state.conv || !confirm("Delete this conversation?")) return;
-  await api("/api/conversations/" + state.conv.id, "DELETE");
-  state.conv = null;
-  await refreshList();
-};
+function focusSearch() { openSide(); $("search").focus(); $("search").select(); }
+function shortcut(e) {  // the keys listed in the help dialog
+  const mod = e.ctrlKey || e.metaKey;
+  if (e.key === "Escape" && state.busy) { e.preventDefault(); stop(); }
+  else if (mod && e.key.toLowerCase() === "k") { e.preventDefault(); focusSearch(); }
+  else if (mod && e.shiftKey && e.key.toLowerCase() === "o") { e.preventDefault(); newChat(); }
+  else if (mod && e.key === "/") { e.preventDefault(); $("help").showModal(); }
+}
+let searchTimer = null;
+$("composer").onsubmit = (e) => { e.preventDefault(); send($("input").value); };
+$("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); } };
+$("stop").onclick = stop;
+$("new-chat").onclick = newChat;
+$("rename").onclick = () => { $("conv-menu").open = false; rename(state.conv).catch(showError); };
+$("delete").onclick = () => { $("conv-menu").open = false; remove(state.conv).catch(showError); };
+$("export-md").onclick = () => exportConversation("md");
+$("export-json").onclick = () => exportConversation("json");
+$("retry").onclick = () => state.retry && state.retry();
+$("dismiss").onclick = clearError;
+$("theme").onclick = () => { localStorage.setItem("nanoseek.theme", theme() === "dark" ? "light" : "dark"); applyTheme(); };
+$("help-open").onclick = () => $("help").showModal();
+$("model").onchange = () => localStorage.setItem("nanoseek.model", $("model").value);
+$("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => refreshList().catch(showError), 200); };
+$("search").onkeydown = (e) => { if (e.key === "Escape" && $("search").value) { e.stopPropagation(); $("search").value = ""; refreshList().catch(showError); } };
 $("open-side").onclick = openSide;
 $("close-side").onclick = closeSide;
+document.addEventListener("keydown", shortcut);
+systemDark.addEventListener("change", applyTheme);
 for (const k of SETTINGS) $(k).addEventListener("change", saveSetting);
-$("api_key").addEventListener("change", loadTools);
+$("api_key").addEventListener("change", () => { clearError(); loadServer(); refreshList().catch(showError); });
+applyTheme();
 loadSettings();
-loadTools();
-refreshList().then(() => { if (state.list.length) return openConversation(state.list[0].id); }).catch(showError);
+renderConversation();
+loadServer();
+refreshList().catch(showError);
+if (location.hash.length > 1) openConversation(location.hash.slice(1)).catch(() => remember(null));
