@@ -109,6 +109,8 @@ def _names(text: str) -> list[str]:
 
 
 def _known(names: list[str], known: list[str]) -> list[str]:
+    if not names:
+        raise typer.BadParameter(f"give at least one task family ({', '.join(known)})")
     for name in names:
         if name not in known:
             raise typer.BadParameter(f"unknown task family {name!r} (choose from: {', '.join(known)})")
@@ -117,6 +119,11 @@ def _known(names: list[str], known: list[str]) -> list[str]:
 
 def _families(text: str) -> list[str]:
     return _known(_names(text), list(TASKS))
+
+
+def _families_or_auto(text: str) -> list[str]:
+    """--rl-tasks: families, or none to let the speedrun pick."""
+    return _families(text) if text.strip() else []
 
 
 def _eval_families(text: str) -> list[str]:
@@ -700,7 +707,7 @@ def speedrun(
     budget: str = typer.Option("30m", callback=parse_duration, help="Time for the whole pipeline; stages get fixed "
                                "shares of it."),
     preset: Preset = typer.Option(SpeedrunConfig.preset, help="The chat model's preset."),
-    rl_tasks: str = typer.Option("", callback=_families, help="Families for the GRPO stage, comma-separated "
+    rl_tasks: str = typer.Option("", callback=_families_or_auto, help="Families for the GRPO stage, comma-separated "
                                  "(default: the weakest family the SFT model solves 10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
                               "(nanoseek/assets/model), where serve and chat find it by default."),
