@@ -730,14 +730,12 @@ def speedrun(
 
 def _check_port(host: str, port: int) -> None:
     """Fail with one line now, before the model loads, when the server could not bind host:port."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror:
-        _fail(f"--host: cannot resolve {host!r}")
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # the family uvicorn binds
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
         try:
-            s.bind(address)
+            s.bind((host, port))
+        except socket.gaierror:
+            _fail(f"--host: cannot resolve {host!r}")
         except OSError as e:
             _fail(f"--port: cannot listen on {host}:{port} ({e.strerror}); "
                   + ("another program is using it: pick another port with --port" if e.errno == errno.EADDRINUSE else
@@ -779,7 +777,8 @@ def serve(
     engine.max_queue = max_queue
     store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
     application = create_app(engine, tok, name=name, api_key=api_key, store=store)
-    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{address}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

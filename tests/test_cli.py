@@ -224,6 +224,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["serve", "--port", "70000"], "--port", ""),
         (["serve", "--host", "0.0.0.0"], "--host", "--allow-open"),
         (["serve", "--quantize", "int3"], "--quantize", "'int3'"),
+        (["serve", "--host", "no-such-host.invalid", "--api-key", "k"], "--host", "cannot resolve"),
         (["quantize", str(missing), str(out)], "MODEL", "does not exist"),
         (["quantize", m, str(out), "--bits", "3"], "--bits", "'3'"),
         (["quantize", m, m], "OUT", "MODEL"),
