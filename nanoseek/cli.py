@@ -359,7 +359,7 @@ def info(model: Path = typer.Argument(..., metavar="MODEL", callback=_model_fold
 
 
 tokenizer_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                            help="Train and inspect byte-level BPE tokenizers.")
+                            help="Train byte-level BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
