@@ -15,7 +15,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from nanoseek.train import DataConfig, TrainConfig, pretrain
+from nanoseek.train import DataConfig, TrainConfig
+from nanoseek.train.pretrain import pretrain
 from nanoseek.train.metrics import read_metrics
 
 

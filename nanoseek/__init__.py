@@ -1,8 +1,17 @@
-"""nanoseek: DeepSeek's whole system (V3 model, pretraining, SFT, GRPO, distillation, inference, API) in one small package."""
+"""nanoseek: DeepSeek's whole system (V3 model, pretraining, SFT, GRPO, distillation, inference, API) in one small package.
 
-from .checkpoint import CheckpointError, load_model, save_model
-from .model import ConfigError, DeepseekForCausalLM, ModelConfig, build_model, get_preset
+The public names load on first use, so `python -m nanoseek --help` does not import torch."""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "DeepseekForCausalLM", "ModelConfig", "build_model",
-           "get_preset", "load_model", "save_model"]
+_LAZY = {"CheckpointError": ".checkpoint", "load_model": ".checkpoint", "save_model": ".checkpoint",
+         "ConfigError": ".model", "DeepseekForCausalLM": ".model", "ModelConfig": ".model", "build_model": ".model",
+         "get_preset": ".model"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name], __name__), name)

@@ -1,97 +1,228 @@
 """The nanoseek command line: `nanoseek <command> --help` explains each command.
 
-Each command turns its options into a call of a function of the package. `_reported` is the one
-place user errors become `error: ...` (exit 2) and Ctrl-C becomes exit 130.
+Each command turns its options into a call of a function of the package. Every option is checked
+while the command line is parsed (types, ranges, choices, paths) or first thing in the command
+(options that need each other), and a bad one is answered with one line naming it (`error: ...`,
+exit 2) before any work. torch, the engine and the server load inside the commands that use
+them, so `--help` and those errors come at once. Ctrl-C during work exits 130.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import shutil
+import errno
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from .chat import chat as run_chat
-from .chat import stream_reply
-from .checkpoint import CheckpointError, load_config, load_model, save_model
-from .data import CorpusStats, iter_documents
-from .data.tasks import get_task
-from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
-from .eval.tool_use import evaluate_tool_use
-from .inference import KVCache, SamplingParams
-from .inference import generate as generate_ids
-from .loading import load_chat_engine
-from .model import DeepseekForCausalLM, build_model, get_preset
-from .remote import RemoteError, remote_chat
-from .speedrun import SpeedrunConfig
-from .speedrun import ship as ship_model
-from .speedrun import speedrun as run_speedrun
-from .tokenizer import DeepSeekTokenizer
-from .train.distill import DISTILL_TRAIN
-from .train.distill import distill as run_distill
-from .train.grpo import RL_TRAIN, GRPOConfig
-from .train.grpo import rl as run_rl
-from .train.loop import TrainConfig
-from .train.pretrain import PRETRAIN_TRAIN, DataConfig
-from .train.pretrain import pretrain as run_pretrain
-from .train.sft import SFT_TRAIN, SFTConfig
-from .train.sft import sft as run_sft
+from .data.corpus import corpus_files
+from .data.tasks import TASKS
+from .model.config import PRESETS
+from .remote import RemoteError
+from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
+                             SpeedrunConfig, TrainConfig)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
 console = Console()
+errors = Console(stderr=True)
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, RemoteError)  # ConfigError, CorpusError, ... are ValueErrors
+Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
+Quantize = Literal["int8", "int4"]
+UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
 
 
 def _fail(msg: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {msg}")
+    errors.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @contextmanager
-def _reported(interrupted: str = "") -> Iterator[None]:
-    """A user error (bad option, file, data, endpoint) -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
+def _one_line_errors() -> Iterator[None]:
+    """A usage error (bad value, unknown option, missing option) as one `error: ...` line, not
+    click's usage block."""
     try:
         yield
-    except USER_ERRORS as e:
-        _fail(str(e))
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `nanoseek` alone: the help, as asked
+            raise
+        _fail(e.format_message().replace("Value error, ", ""))  # typer's coercion prefixes choice errors with it
+
+
+class Commands(TyperGroup):
+    """nanoseek's command group: parsing and running a command under `_one_line_errors`."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+class WithArguments(TyperCommand):
+    """A command with positional arguments, shown in its usage line as `MODEL OUT` (typer writes
+    required ones as `{MODEL}`, which reads like a set of choices)."""
+
+    def collect_usage_pieces(self, ctx):
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
+
+
+def _user_error(e: Exception) -> bool:
+    """A bad option, file, data or endpoint (not a bug). A CheckpointError can only come from a
+    loaded checkpoint module, so it is looked up there rather than imported (torch) up front."""
+    checkpoint = sys.modules.get("nanoseek.checkpoint")
+    return isinstance(e, (ValueError, FileNotFoundError, RemoteError)) or (
+        checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
+
+
+@contextmanager
+def _reported(interrupted: str = "") -> Iterator[None]:
+    """A user error found during work -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
+    try:
+        yield
     except KeyboardInterrupt:
         if interrupted:
             console.print(interrupted)
         raise typer.Exit(130) from None
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        _fail(str(e))
 
 
+# ---- option values: each is checked while parsing, and a bad one names its option ----
 def _names(text: str) -> list[str]:
     """A comma-separated list: 'add, sub,' -> ['add', 'sub']."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _known(names: list[str], known: list[str]) -> list[str]:
+    if not names:
+        raise typer.BadParameter(f"give at least one task family ({', '.join(known)})")
+    for name in names:
+        if name not in known:
+            raise typer.BadParameter(f"unknown task family {name!r} (choose from: {', '.join(known)})")
+    return names
+
+
+def _families(text: str) -> list[str]:
+    return _known(_names(text), list(TASKS))
+
+
+def _families_or_auto(text: str) -> list[str]:
+    """--rl-tasks: families, or none to let the speedrun pick."""
+    return _families(text) if text.strip() else []
+
+
+def _eval_families(text: str) -> list[str]:
+    return _known(_names(text), [*TASKS, "calculator"])
+
+
 def parse_duration(text: str) -> float:
-    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0."""
+    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1.5h' -> 5400.0; '' -> 0 (none)."""
     units = {"s": 1, "m": 60, "h": 3600}
     t = text.strip().lower()
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t or 0)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a duration (examples: 90s, 10m, 1.5h)") from None
+    if seconds < 0:
+        raise typer.BadParameter(f"{text!r} is negative")
+    return seconds
 
 
-def _train(default: TrainConfig, max_steps: int, time_budget: str, **overrides) -> TrainConfig:
-    """A stage's default training settings with the command's length ('' = no time budget) and options."""
-    return replace(default, max_steps=max_steps, time_budget=parse_duration(time_budget) if time_budget else 0.0,
-                   **overrides)
+def _positive(x: float) -> float:
+    if x <= 0:
+        raise typer.BadParameter(f"must be > 0, got {x}")
+    return x
+
+
+def _model_folder(path: Path | None) -> Path | None:
+    """A model folder: it exists and holds config.json (None: the command's default model)."""
+    if path is not None:
+        if not path.exists():
+            raise typer.BadParameter(f"'{path}' does not exist")
+        if not (path / "config.json").is_file():
+            raise typer.BadParameter(f"'{path}' is not a model folder (no config.json in it)")
+    return path
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _model_or_url(text: str) -> str:
+    return text if _is_url(text) else str(_model_folder(Path(text)))
+
+
+def _preset_or_model(text: str) -> str:
+    if text in PRESETS or (Path(text) / "config.json").is_file():
+        return text
+    raise typer.BadParameter(f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+
+
+def _tokenizer_folder(path: Path | None) -> Path | None:
+    if path is not None and not (path / "tokenizer.json").is_file():
+        raise typer.BadParameter(f"'{path}' " + ("has no tokenizer.json" if path.exists() else "does not exist"))
+    return path
+
+
+def _corpus(sources: list[str], builtin: tuple[str, ...]) -> list[str]:
+    """Data sources: built-in names, or files and folders that exist in a readable format."""
+    files = [s for s in sources if s not in builtin]
+    try:
+        if files:
+            corpus_files(files)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return sources
+
+
+def _pretrain_data(sources: list[str]) -> list[str]:
+    return _corpus(sources, builtin=("tasks", "stdlib"))
+
+
+def _tokenizer_data(sources: list[str]) -> list[str]:
+    return _corpus(sources, builtin=("stdlib",))
+
+
+def _sft_data(text: str) -> str:
+    if text != "builtin" and not Path(text).is_file():
+        raise typer.BadParameter(f"'{text}' " + ("is not a file" if Path(text).exists() else "does not exist")
+                                 + " (give a .jsonl of conversations or 'builtin')")
+    return text
+
+
+def _device(text: str | None) -> str | None:
+    if text is not None and text != "cpu" and not (text == "cuda" or text.startswith("cuda:")
+                                                   and text[5:].isdigit()):
+        raise typer.BadParameter(f"{text!r}: give cpu, cuda or cuda:N")
+    return text
+
+
+def _out_folder(path: Path) -> Path:
+    if path.is_file():
+        raise typer.BadParameter(f"'{path}' is a file; give a folder")
+    return path
+
+
+def _train(default: TrainConfig, max_steps: int, time_budget: float, **overrides) -> TrainConfig:
+    """A stage's default training settings with the command's length and options."""
+    if max_steps == 0 and time_budget == 0:
+        _fail("give --max-steps N or --time-budget DURATION (e.g. 10m): either one ends the run")
+    return replace(default, max_steps=max_steps, time_budget=time_budget, **overrides)
 
 
 def _count(n: int) -> str:
@@ -101,18 +232,75 @@ def _count(n: int) -> str:
     return str(n)
 
 
+# ---- the options several commands share ----
+def _model_option(help: str = "Model folder (HF format with tokenizer.json); default: the chat model shipped "
+                              "with nanoseek.", default=None):
+    return typer.Option(default, help=help, callback=_model_folder)
+
+
+def _max_steps_option(help: str = "Optimizer steps (0 = until --time-budget; one of the two is needed)."):
+    return typer.Option(0, min=0, help=help)
+
+
+def _time_budget_option(help: str = "Training time, e.g. 10m or 1.5h (the schedule decays to fit it).",
+                        default: str = ""):
+    return typer.Option(default, help=help, callback=parse_duration)
+
+
+def _seed_option(help: str = "Random seed."):
+    return typer.Option(0, min=0, help=help)
+
+
+def _quantize_option():
+    return typer.Option(None, help="Quantize the weights while loading: int8 (per channel) or int4 (groups of 32); "
+                                   "about 2x / 3.5x less memory than bf16 and faster decoding on CPU. A folder "
+                                   "written by `nanoseek quantize` loads quantized without it.")
+
+
+def _compile_option():
+    return typer.Option(False, help="Decode through torch.compile: about 3x faster for small models on CPU, after "
+                                    "compiling at startup (30-40 s the first time; needs a C++ compiler, decodes "
+                                    "eagerly without one).")
+
+
+def _speculative_option():
+    return typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same output; with "
+                                    "--compile about 1.4x faster).")
+
+
+def _chat_engine(model: Path | None, **options):
+    """load_chat_engine on --model, or on the chat model shipped in the package when none is given."""
+    if model is None:
+        model = SHIPPED
+        if not (model / "config.json").is_file():
+            _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
+    from .loading import load_chat_engine
+
+    with _reported():
+        return load_chat_engine(model, console=console, **options)
+
+
+# ---- the commands ----
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Folder to save the demo model into (HF format)."),
-    preset: str = typer.Option("tiny", help="Model preset to build: tiny, cpu-tiny."),
-    tokens: int = typer.Option(16, help="How many tokens to generate."),
-    seed: int = typer.Option(0, help="Random seed for the weights and the prompt."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder to save the demo model into (HF format).",
+                             callback=_out_folder),
+    preset: Preset = typer.Option("tiny", help="Model preset to build."),
+    tokens: int = typer.Option(16, min=1, help="How many tokens to generate."),
+    seed: int = _seed_option("Random seed for the weights and the prompt."),
 ):
     """Build a randomly initialised preset, save it, load it back, check the logits survived the
     round trip, and generate a few tokens through the latent KV cache."""
+    import torch
+    from rich.table import Table
+
+    from .checkpoint import load_model, save_model
+    from .inference import KVCache
+    from .inference import generate as generate_ids
+    from .model import build_model, get_preset
+
     torch.manual_seed(seed)
-    with _reported():
-        config = get_preset(preset)
+    config = get_preset(preset)
     t0 = time.perf_counter()
     model = build_model(config).eval()
     save_model(model, out)
@@ -139,9 +327,17 @@ def demo(
         raise typer.Exit(1)
 
 
-@app.command()
-def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek model folder.")):
+@app.command(cls=WithArguments)
+def info(model: Path = typer.Argument(..., metavar="MODEL", callback=_model_folder,
+                                      help="A Hugging Face-format model folder.")):
     """Print a checkpoint's architecture, sizes and KV-cache cost without loading its weights."""
+    import torch
+    from rich.table import Table
+
+    from .checkpoint import load_config
+    from .inference import KVCache
+    from .model import DeepseekForCausalLM
+
     with _reported():
         config, raw = load_config(model)
     with torch.device("meta"):
@@ -162,20 +358,30 @@ def info(model: Path = typer.Argument(..., help="A Hugging Face-format DeepSeek 
     console.print(table)
 
 
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect byte-level BPE tokenizers.")
+tokenizer_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                            help="Train byte-level BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    data: list[str] = typer.Option(..., "--data", help="Corpus: .txt/.jsonl/.parquet files, folders of them, or "
-                                   "'stdlib' for the Python standard library's source. Repeatable."),
-    out: Path = typer.Option(..., "--out", help="Folder to write tokenizer.json + tokenizer_config.json into."),
-    vocab_size: int = typer.Option(4096, "--vocab-size", help="Vocabulary size, special tokens included."),
+    data: list[str] = typer.Option(..., "--data", callback=_tokenizer_data, help="Corpus: .txt/.jsonl/.parquet "
+                                   "files, folders of them, or 'stdlib' for the Python standard library's source. "
+                                   "Repeatable."),
+    out: Path = typer.Option(..., "--out", callback=_out_folder, help="Folder to write tokenizer.json + "
+                             "tokenizer_config.json into."),
+    vocab_size: int = typer.Option(4096, "--vocab-size", min=300, help="Vocabulary size, special tokens included."),
     skip_bad_records: bool = typer.Option(False, help="Skip and count malformed records instead of stopping."),
-    max_documents: int = typer.Option(0, help="Stop after this many documents (0 = the whole corpus)."),
+    max_documents: int = typer.Option(0, min=0, help="Stop after this many documents (0 = the whole corpus)."),
 ):
     """Train a byte-level BPE tokenizer with DeepSeek's special tokens (streams the corpus)."""
+    import itertools
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .data import CorpusStats, iter_documents
+    from .tokenizer import DeepSeekTokenizer
+
     stats = CorpusStats()
     docs = iter_documents(data, on_error="skip" if skip_bad_records else "stop", stats=stats)
     if max_documents > 0:
@@ -200,99 +406,90 @@ def tokenizer_train(
 
 @app.command()
 def pretrain(
-    out: Path = typer.Option(Path("runs/pretrain"), help="Run folder. Rerunning on an existing folder resumes it."),
-    preset: str = typer.Option("cpu-tiny", help="Model preset: tiny, cpu-tiny, deepseek-v3, deepseek-v2-lite."),
-    data: list[str] = typer.Option(["tasks", "stdlib"], "--data", help="Data sources, repeatable: 'tasks' (built-in "
-                                   "reasoning problems), 'stdlib' (Python's own source, with FIM), or .txt/.jsonl/"
-                                   ".parquet files or folders."),
-    max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget; one of the two is needed)."),
-    time_budget: str = typer.Option("", help="Training time, e.g. 10m or 1.5h; the schedule decays to fit it."),
-    seq_len: int = typer.Option(DataConfig.seq_len, help="Tokens per row."),
-    batch_size: int = typer.Option(DataConfig.batch_size, help="Rows per micro-batch per process."),
-    grad_accum: int = typer.Option(PRETRAIN_TRAIN.grad_accum, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(PRETRAIN_TRAIN.lr, help="Peak learning rate."),
-    schedule: str = typer.Option(PRETRAIN_TRAIN.schedule, help="wsd (warmup-stable-decay), cosine or constant."),
-    warmup_steps: int = typer.Option(PRETRAIN_TRAIN.warmup_steps, help="Linear warmup steps."),
+    out: Path = typer.Option(Path("runs/pretrain"), callback=_out_folder, help="Run folder. Rerunning on an existing "
+                             "folder resumes it."),
+    preset: Preset = typer.Option("cpu-tiny", help="Model preset."),
+    data: list[str] = typer.Option(DataConfig().sources, "--data", callback=_pretrain_data, help="Data sources, "
+                                   "repeatable: 'tasks' (built-in reasoning problems), 'stdlib' (Python's own source, "
+                                   "with FIM), or .txt/.jsonl/.parquet files or folders."),
+    max_steps: int = _max_steps_option(),
+    time_budget: str = _time_budget_option(),
+    seq_len: int = typer.Option(DataConfig.seq_len, min=8, help="Tokens per row."),
+    batch_size: int = typer.Option(DataConfig.batch_size, min=1, help="Rows per micro-batch per process."),
+    grad_accum: int = typer.Option(PRETRAIN_TRAIN.grad_accum, min=1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(PRETRAIN_TRAIN.lr, callback=_positive, help="Peak learning rate."),
+    schedule: Literal["wsd", "cosine", "constant"] = typer.Option(PRETRAIN_TRAIN.schedule, help="wsd (warmup-stable-"
+                                                                  "decay), cosine or constant."),
+    warmup_steps: int = typer.Option(PRETRAIN_TRAIN.warmup_steps, min=0, help="Linear warmup steps."),
     bf16: bool = typer.Option(None, help="bf16 autocast (weights and optimizer stay fp32). Default: on for CUDA, "
                               "off on CPU, where it measured 2x slower on a CPU without AMX."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile attention, norms and dense MLPs "
-                                 "(~5-15% faster after ~10 s of compiling)."),
-    mtp_lambda: float = typer.Option(0.3, help="Weight of the multi-token-prediction loss."),
-    bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, help="Router-bias update speed (aux-loss-free "
+    compile: bool = typer.Option(False, help="torch.compile attention, norms and dense MLPs (~5-15% faster after "
+                                 "~10 s of compiling)."),
+    mtp_lambda: float = typer.Option(0.3, min=0, help="Weight of the multi-token-prediction loss."),
+    bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, min=0, help="Router-bias update speed (aux-loss-free "
                                      "balancing; 0 = off)."),
-    aux_alpha: float = typer.Option(-1.0, help="Sequence-wise balance loss weight (-1 = the preset's)."),
-    vocab_size: int = typer.Option(DataConfig.vocab_size, help="Vocabulary of the tokenizer trained for the run."),
-    tokenizer: Path = typer.Option(None, help="Use this tokenizer folder instead of training one."),
-    task_documents: int = typer.Option(DataConfig.task_documents, help="Problems generated for the 'tasks' source."),
-    fim_rate: float = typer.Option(DataConfig.fim_rate, help="FIM rate for corpus documents (code from 'stdlib' "
-                                   "uses 0.5)."),
-    eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, help="Evaluate held-out loss every N steps."),
-    checkpoint_every: int = typer.Option(PRETRAIN_TRAIN.checkpoint_every, help="Write a checkpoint every N steps "
-                                         "(and always at the end)."),
+    aux_alpha: float = typer.Option(None, min=0, help="Sequence-wise balance loss weight. Default: the preset's."),
+    vocab_size: int = typer.Option(DataConfig.vocab_size, min=300, help="Vocabulary of the tokenizer trained for "
+                                   "the run."),
+    tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Use this tokenizer folder instead of "
+                                   "training one."),
+    task_documents: int = typer.Option(DataConfig.task_documents, min=1, help="Problems generated for the 'tasks' "
+                                       "source."),
+    fim_rate: float = typer.Option(DataConfig.fim_rate, min=0, max=1, help="FIM rate for corpus documents (code from "
+                                   "'stdlib' uses 0.5)."),
+    eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, min=0, help="Evaluate held-out loss every N steps "
+                                   "(0 = at the end only)."),
+    checkpoint_every: int = typer.Option(PRETRAIN_TRAIN.checkpoint_every, min=0, help="Write a checkpoint every N "
+                                         "steps (and always at the end)."),
     skip_bad_records: bool = typer.Option(False, help="Skip and count malformed corpus records instead of stopping."),
-    seed: int = typer.Option(0, help="Seed for weights, data order and FIM."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    seed: int = _seed_option("Seed for weights, data order and FIM."),
+    device: str = typer.Option(None, callback=_device, help="cpu, cuda or cuda:N (default: cuda when available)."),
 ):
     """Pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch: trains a tokenizer, tokenizes
     the data into shards, and runs the training loop with checkpoints, metrics.jsonl and curves.png.
 
     Also runs under torchrun: torchrun --nproc-per-node 2 -m nanoseek pretrain ..."""
+    train = _train(PRETRAIN_TRAIN, max_steps, time_budget, grad_accum=grad_accum, lr=lr, schedule=schedule,
+                   warmup_steps=warmup_steps, compile=compile, bias_gamma=bias_gamma, aux_alpha=aux_alpha,
+                   eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+    cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
+                     tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
+                     fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
+    import torch
+
+    from .train.pretrain import pretrain as run_pretrain
+
+    if (device or "").startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device: {device} asked for, but torch sees no CUDA device here")
     if bf16 is None:
         bf16 = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     with _reported():
-        train = _train(PRETRAIN_TRAIN, max_steps, time_budget, grad_accum=grad_accum, lr=lr, schedule=schedule,
-                       warmup_steps=warmup_steps, bf16=bf16, compile=compile, bias_gamma=bias_gamma,
-                       aux_alpha=None if aux_alpha < 0 else aux_alpha, eval_every=eval_every,
-                       checkpoint_every=checkpoint_every, seed=seed)
-        cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
-                         tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
-                         fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
-        result = run_pretrain(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device,
-                              console=console)
+        result = run_pretrain(out, preset=preset, data=cfg, train=replace(train, bf16=bf16), mtp_lambda=mtp_lambda,
+                              device=device, console=console)
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "mtp_loss", "eval_loss"))
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
 
 
-COMPILE_HELP = ("Decode through torch.compile: about 3x faster for small models on CPU, after compiling at "
-                "startup (30-40 s the first time; needs a C++ compiler, decodes eagerly without one).")
-
-
-SPECULATIVE_HELP = ("MTP speculative decoding when the model has an MTP layer (same output; with --compile about "
-                    "1.4x faster).")
-
-
-QUANTIZE_HELP = ("Quantize the weights while loading: int8 (per channel) or int4 (groups of 32); about 2x / 3.5x "
-                 "less memory than bf16 and faster decoding on CPU. A folder written by `nanoseek quantize` "
-                 "loads quantized without it.")
-
-
-def _chat_engine(model: Path | None, **options):
-    """load_chat_engine on --model, or on the chat model shipped in the package when none is given."""
-    if model is None:
-        model = SHIPPED
-        if not (model / "config.json").is_file():
-            _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
-    with _reported():
-        return load_chat_engine(model, console=console, **options)
-
-
 @app.command()
 def generate(
-    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
-                               "shipped with nanoseek."),
+    model: Path = _model_option(),
     prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue)."),
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
-    max_tokens: int = typer.Option(512, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
-    seed: int = typer.Option(None, help="Seed for reproducible sampling."),
-    speculative: bool = typer.Option(False, help="Draft with the model's MTP layer and verify (same output)."),
-    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, min=0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+                                "much probability."),
+    seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
+    speculative: bool = _speculative_option(),
+    compile: bool = _compile_option(),
+    quantize: Quantize = _quantize_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
+    from .chat import stream_reply
+    from .inference import SamplingParams
+
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize)
     ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
@@ -308,18 +505,18 @@ def generate(
 
 @app.command()
 def chat(
-    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
-                               "shipped with nanoseek."),
+    model: Path = _model_option(),
     system: str = typer.Option("", help="System prompt."),
-    temperature: float = typer.Option(0.6, help="Sampling temperature (0 = greedy); /temp changes it."),
-    top_p: float = typer.Option(0.95),
-    max_tokens: int = typer.Option(1024, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.6, min=0, help="Sampling temperature (0 = greedy); /temp changes it."),
+    top_p: float = typer.Option(0.95, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+                                "much probability."),
+    max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
     tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
                                "calls (calls and results are shown dimmed)."),
-    speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
-    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    speculative: bool = _speculative_option(),
+    compile: bool = _compile_option(),
+    quantize: Quantize = _quantize_option(),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
     calculator calls (models whose template writes tool calls) with their results below it.
@@ -327,6 +524,8 @@ def chat(
     End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
     current reply; Ctrl-D or /exit leaves."""
+    from .chat import chat as run_chat
+
     engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize)
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
@@ -336,58 +535,68 @@ def chat(
 
 @app.command()
 def sft(
-    model: Path = typer.Option(..., help="The model folder to fine-tune (e.g. runs/pretrain/model)."),
-    data: str = typer.Option(SFTConfig.data, help="A .jsonl of {\"messages\": [...]} conversations (assistant turns "
-                             "may carry reasoning_content), or 'builtin' (task problems phrased many ways + chat)."),
-    out: Path = typer.Option(Path("runs/sft"), help="Run folder (rerun to resume)."),
-    max_steps: int = typer.Option(0, help="Optimizer steps (0 = until the time budget)."),
-    time_budget: str = typer.Option("", help="Training time, e.g. 3m."),
-    lr: float = typer.Option(SFT_TRAIN.lr),
-    batch_size: int = typer.Option(SFTConfig.batch_size),
-    seq_len: int = typer.Option(SFTConfig.seq_len),
-    conversations: int = typer.Option(SFTConfig.builtin_conversations, help="Size of the built-in mixture."),
-    tool_share: float = typer.Option(SFTConfig.tool_share, help="Built-in mixture: calculator conversations added, "
-                                     "as a share of --conversations (0 = none). An older nanoseek tokenizer gains "
-                                     "DeepSeek-V3's tool tokens, and the model the rows for them."),
-    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, help="Built-in mixture: the share answered "
-                                            "with thinking off."),
-    seed: int = typer.Option(0),
+    model: Path = _model_option("The model folder to fine-tune (e.g. runs/pretrain/model).", default=...),
+    data: str = typer.Option(SFTConfig.data, callback=_sft_data, help="A .jsonl of {\"messages\": [...]} "
+                             "conversations (assistant turns may carry reasoning_content), or 'builtin' (task "
+                             "problems phrased many ways + chat)."),
+    out: Path = typer.Option(Path("runs/sft"), callback=_out_folder, help="Run folder (rerun to resume)."),
+    max_steps: int = _max_steps_option(),
+    time_budget: str = _time_budget_option("Training time, e.g. 3m."),
+    lr: float = typer.Option(SFT_TRAIN.lr, callback=_positive, help="Peak learning rate."),
+    batch_size: int = typer.Option(SFTConfig.batch_size, min=1, help="Rows per micro-batch."),
+    seq_len: int = typer.Option(SFTConfig.seq_len, min=8, help="Tokens per row."),
+    conversations: int = typer.Option(SFTConfig.builtin_conversations, min=1, help="Size of the built-in mixture."),
+    tool_share: float = typer.Option(SFTConfig.tool_share, min=0, max=1, help="Built-in mixture: calculator "
+                                     "conversations added, as a share of --conversations (0 = none). An older "
+                                     "nanoseek tokenizer gains DeepSeek-V3's tool tokens, and the model the rows "
+                                     "for them."),
+    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, min=0, max=1, help="Built-in mixture: the "
+                                            "share answered with thinking off."),
+    seed: int = _seed_option("Seed for the data order and the built-in mixture."),
 ):
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
+    train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
+    cfg = SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                    tool_share=tool_share, no_thinking_share=no_thinking_share)
+    from .train.sft import sft as run_sft
+
     with _reported():
-        train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
-        result = run_sft(model, out, SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len,
-                                               batch_size=batch_size, seed=seed, tool_share=tool_share,
-                                               no_thinking_share=no_thinking_share), train, console=console)
+        result = run_sft(model, out, cfg, train, console=console)
     if result:
         console.print(f"[green]done[/]: loss {result.get('loss', float('nan')):.4g}. Model: {out}/model")
 
 
 @app.command()
 def rl(
-    model: Path = typer.Option(..., help="The model folder to train (after SFT for R1 mode, a base for R1-Zero)."),
-    tasks: str = typer.Option("mul", help="Comma-separated task families: add, sub, mul, countdown, linear."),
-    out: Path = typer.Option(Path("runs/rl"), help="Run folder (rerun to resume)."),
-    max_steps: int = typer.Option(0, help="GRPO steps (0 = until the time budget)."),
-    time_budget: str = typer.Option("", help="Training time, e.g. 10m."),
-    lr: float = typer.Option(RL_TRAIN.lr, help="Learning rate (RL wants it small)."),
-    prompts: int = typer.Option(GRPOConfig.prompts_per_step, help="Problems per step."),
-    group: int = typer.Option(GRPOConfig.group_size, help="Samples per problem (G)."),
-    updates: int = typer.Option(GRPOConfig.updates_per_rollout, help="Optimizer steps per batch of rollouts "
+    model: Path = _model_option("The model folder to train (after SFT for R1 mode, a base for R1-Zero).",
+                                default=...),
+    tasks: str = typer.Option("mul", callback=_families, help=f"Comma-separated task families: {', '.join(TASKS)}."),
+    out: Path = typer.Option(Path("runs/rl"), callback=_out_folder, help="Run folder (rerun to resume)."),
+    max_steps: int = _max_steps_option("GRPO steps (0 = until --time-budget; one of the two is needed)."),
+    time_budget: str = _time_budget_option("Training time, e.g. 10m."),
+    lr: float = typer.Option(RL_TRAIN.lr, callback=_positive, help="Learning rate (RL wants it small)."),
+    prompts: int = typer.Option(GRPOConfig.prompts_per_step, min=1, help="Problems per step."),
+    group: int = typer.Option(GRPOConfig.group_size, min=2, help="Samples per problem (G)."),
+    updates: int = typer.Option(GRPOConfig.updates_per_rollout, min=1, help="Optimizer steps per batch of rollouts "
                                 "(GRPO's mu)."),
-    temperature: float = typer.Option(GRPOConfig.temperature, help="Rollout temperature."),
-    beta: float = typer.Option(GRPOConfig.beta, help="KL (k3) to the starting model; 0 = no reference model."),
-    loss_norm: str = typer.Option(GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token "
-                                  "(DAPO) or dr_grpo (sum over tokens / (completions x max length))."),
+    temperature: float = typer.Option(GRPOConfig.temperature, min=0, help="Rollout temperature."),
+    beta: float = typer.Option(GRPOConfig.beta, min=0, help="KL (k3) to the starting model; 0 = no reference model."),
+    loss_norm: Literal["sequence", "token", "dr_grpo"] = typer.Option(
+        GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token (DAPO) or dr_grpo (sum over "
+                                   "tokens / (completions x max length))."),
     dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
-    mode: str = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero prompt on a base model)."),
-    seed: int = typer.Option(0),
+    mode: Literal["r1", "r1-zero"] = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero "
+                                                  "prompt on a base model)."),
+    seed: int = _seed_option("Seed for problems and sampling."),
 ):
     """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
+    train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
+    cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
+                     temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
+    from .train.grpo import rl as run_rl
+
     with _reported():
-        cfg = GRPOConfig(tasks=_names(tasks), prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
-                         temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
-        result = run_rl(model, out, cfg, _train(RL_TRAIN, max_steps, time_budget, lr=lr, seed=seed), console=console)
+        result = run_rl(model, out, cfg, train, console=console)
     if result:
         console.print(f"[green]done[/]: reward {result.get('reward', 0):.3f}, accuracy {result.get('accuracy', 0):.1%}. "
                       f"Model: {out}/model  Curves: {out}/curves.png")
@@ -395,58 +604,80 @@ def rl(
 
 @app.command()
 def distill(
-    teacher: str = typer.Option(..., help="A model folder, or an OpenAI-compatible URL (DeepSeek's API, a nanoseek "
-                                "server) whose reasoning_content is the trace."),
-    student: str = typer.Option("cpu-dense-small", help="A preset (a fresh smaller model) or a model folder."),
-    out: Path = typer.Option(Path("runs/distill")),
-    tasks: str = typer.Option("add,sub,mul", help="Comma-separated task families to distill."),
-    traces: int = typer.Option(2000, help="Verified traces to collect (rerunning continues)."),
-    tokenizer: Path = typer.Option(None, help="Tokenizer for a preset student with a remote teacher."),
+    teacher: str = typer.Option(..., callback=_model_or_url, help="A model folder, or an OpenAI-compatible URL "
+                                "(DeepSeek's API, a nanoseek server) whose reasoning_content is the trace."),
+    student: str = typer.Option("cpu-dense-small", callback=_preset_or_model, help="A preset (a fresh smaller "
+                                f"model: {', '.join(PRESETS)}) or a model folder."),
+    out: Path = typer.Option(Path("runs/distill"), callback=_out_folder, help="Run folder (rerun to continue)."),
+    tasks: str = typer.Option("add,sub,mul", callback=_families, help="Comma-separated task families to distill."),
+    traces: int = typer.Option(2000, min=1, help="Verified traces to collect (rerunning continues)."),
+    tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Tokenizer for a preset student with a "
+                                   "remote teacher."),
     teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_TEACHER_API_KEY", help="Key for a remote teacher."),
-    kl_alpha: float = typer.Option(0.0, help="Weight of logit-level KL to a local teacher (0 = traces only)."),
-    max_steps: int = typer.Option(0),
-    time_budget: str = typer.Option("3m"),
+    kl_alpha: float = typer.Option(0.0, min=0, help="Weight of logit-level KL to a local teacher (0 = traces only)."),
+    max_steps: int = _max_steps_option("Student SFT steps (0 = until --time-budget; one of the two is needed)."),
+    time_budget: str = _time_budget_option("Student SFT time, e.g. 3m.", default="3m"),
 ):
     """Distill a teacher's verified reasoning traces into a smaller student (rejection sampling + SFT)."""
+    remote = _is_url(teacher)
+    if remote and kl_alpha > 0:
+        _fail("--kl-alpha needs a local teacher (a model folder): a URL gives no logits")
+    if remote and student in PRESETS and tokenizer is None:
+        _fail("--tokenizer: a preset student with a remote teacher needs a tokenizer folder")
+    train = _train(DISTILL_TRAIN, max_steps, time_budget)
+    from .train.distill import distill as run_distill
+
     with _reported():
-        result = run_distill(teacher, student, out, _names(tasks), traces,
-                             tokenizer=str(tokenizer) if tokenizer else None, kl_alpha=kl_alpha,
-                             teacher_model=teacher_model, api_key=api_key,
-                             train=_train(DISTILL_TRAIN, max_steps, time_budget), console=console)
+        result = run_distill(teacher, student, out, tasks, traces, tokenizer=str(tokenizer) if tokenizer else None,
+                             kl_alpha=kl_alpha, teacher_model=teacher_model, api_key=api_key, train=train,
+                             console=console)
     console.print(f"[green]done[/]: {result.get('verified', 0)} verified traces "
                   f"({result.get('acceptance', 0):.0%} accepted). Student: {out}/student/model")
 
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option(..., help="A model folder, or an OpenAI-compatible URL (e.g. a nanoseek server's "
-                              "http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model deepseek-reasoner)."),
+    model: str = typer.Option(..., callback=_model_or_url, help="A model folder, or an OpenAI-compatible URL (e.g. a "
+                              "nanoseek server's http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model "
+                              "deepseek-reasoner)."),
     remote_model: str = typer.Option("nanoseek", help="Model name at a URL."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_EVAL_API_KEY", help="Key for a URL."),
-    tasks: str = typer.Option("add,sub,mul,countdown,linear", help="Comma-separated task families; 'calculator' "
-                              "scores hard arithmetic with the calculator tool offered and not offered."),
-    n: int = typer.Option(100, help="Held-out problems per family."),
-    samples: int = typer.Option(1, help="Samples per problem (k for pass@k and majority vote)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy (with samples > 1, 0.7 is used)."),
+    tasks: str = typer.Option("add,sub,mul,countdown,linear", callback=_eval_families, help="Comma-separated task "
+                              "families; 'calculator' scores hard arithmetic with the calculator tool offered and "
+                              "not offered (a model folder only)."),
+    n: int = typer.Option(100, min=1, help="Held-out problems per family."),
+    samples: int = typer.Option(1, min=1, help="Samples per problem (k for pass@k and majority vote)."),
+    temperature: float = typer.Option(0.0, min=0, help="0 = greedy (with samples > 1, 0.7 is used)."),
     varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
-    max_tokens: int = typer.Option(0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a URL)."),
+    max_tokens: int = typer.Option(0, min=0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a "
+                                   "URL)."),
     out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
-    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    quantize: Quantize = _quantize_option(),
     thinking: bool = typer.Option(True, help="Ask with thinking on (the reply reasons first) or off (it answers "
                                   "at once)."),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
-    remote = model.startswith(("http://", "https://"))
+    remote = _is_url(model)
+    if remote and "calculator" in tasks:
+        _fail("--tasks: the 'calculator' family runs the model's calls locally: give a model folder, not a URL")
+    if remote and quantize:
+        _fail("--quantize: applies to a model folder, not to a URL")
+    if out is not None and out.is_dir():
+        _fail(f"--out: '{out}' is a folder; give a file name (e.g. {out}/eval.json)")
+    import json
+
+    from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
+    from .eval.tool_use import evaluate_tool_use
+    from .remote import remote_chat
+
     if remote:
         ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
     results = []
-    for family in _names(tasks):
+    for family in tasks:
         if family == "calculator":
-            if remote:
-                _fail("the 'calculator' family runs the model's calls locally: give a model folder, not a URL")
             with _reported():
                 rows = [evaluate_tool_use(engine, tok, n=n, offered=o, thinking=thinking) for o in (True, False)]
             console.print("| calculator offered | thinking | n | accuracy | called |\n|---|---|---|---|---|\n"
@@ -471,11 +702,13 @@ def eval_(
 
 @app.command()
 def speedrun(
-    out: Path = typer.Option(Path("runs/speedrun"), help="Pipeline folder (rerun to resume after a crash)."),
-    budget: str = typer.Option("30m", help="Time for the whole pipeline; stages get fixed shares of it."),
-    preset: str = typer.Option(SpeedrunConfig.preset, help="The chat model's preset."),
-    rl_tasks: str = typer.Option("", help="Families for the GRPO stage, comma-separated (default: the weakest "
-                                 "family the SFT model solves 10-90% of the time)."),
+    out: Path = typer.Option(Path("runs/speedrun"), callback=_out_folder, help="Pipeline folder (rerun to resume "
+                             "after a crash)."),
+    budget: str = typer.Option("30m", callback=parse_duration, help="Time for the whole pipeline; stages get fixed "
+                               "shares of it."),
+    preset: Preset = typer.Option(SpeedrunConfig.preset, help="The chat model's preset."),
+    rl_tasks: str = typer.Option("", callback=_families_or_auto, help="Families for the GRPO stage, comma-separated "
+                                 "(default: the weakest family the SFT model solves 10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
                               "(nanoseek/assets/model), where serve and chat find it by default."),
 ):
@@ -483,46 +716,63 @@ def speedrun(
 
     Every stage is a run folder under OUT; the same stages are the commands pretrain, sft, rl,
     distill and eval, which run at any scale on your own data."""
+    if budget == 0:
+        _fail("--budget: give a time for the pipeline, e.g. 30m")
+    from .speedrun import ship as ship_model
+    from .speedrun import speedrun as run_speedrun
+
     with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"):
-        families = _names(rl_tasks) or None
-        for t in families or []:
-            get_task(t)  # an unknown family is refused before any stage runs
-        run_speedrun(out, SpeedrunConfig(budget=parse_duration(budget), preset=preset, rl_tasks=families),
-                     console=console)
+        run_speedrun(out, SpeedrunConfig(budget=budget, preset=preset, rl_tasks=rl_tasks or None), console=console)
     if ship:
         ship_model(out, SHIPPED)
         console.print(f"[green]shipped[/] {SHIPPED}")
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line now, before the model loads, when the server could not bind host:port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # the family uvicorn binds
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except socket.gaierror:
+            _fail(f"--host: cannot resolve {host!r}")
+        except OSError as e:
+            _fail(f"--port: cannot listen on {host}:{port} ({e.strerror}); "
+                  + ("another program is using it: pick another port with --port" if e.errno == errno.EADDRINUSE else
+                     "pick another port with --port or another interface with --host"))
+
+
 @app.command()
 def serve(
-    model: Path = typer.Option(None, help="Model folder (HF format with tokenizer.json); default: the chat model "
-                               "shipped with nanoseek."),
+    model: Path = _model_option(),
     host: str = typer.Option("127.0.0.1", help="Interface to bind. Without an API key only loopback is allowed "
                              "unless --allow-open is given."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_API_KEY", help="Require 'Authorization: Bearer KEY' "
                                 "(also read from NANOSEEK_API_KEY)."),
     allow_open: bool = typer.Option(False, help="Serve without an API key on a non-loopback interface."),
     name: str = typer.Option("nanoseek", help="The model name clients use."),
-    max_batch: int = typer.Option(16, help="Requests decoded together."),
-    max_queue: int = typer.Option(64, help="Waiting requests before the server answers 503."),
+    max_batch: int = typer.Option(16, min=1, help="Requests decoded together."),
+    max_queue: int = typer.Option(64, min=0, help="Waiting requests before the server answers 503."),
     db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: <model>/chats.db)."),
-    speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
-    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    speculative: bool = _speculative_option(),
+    compile: bool = _compile_option(),
+    quantize: Quantize = _quantize_option(),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
+    if not name.strip():
+        _fail("--name: give the model a name clients can use")
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
+        _fail(f"--host: refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
+              "--allow-open")
+    _check_port(host, port)
     import uvicorn  # the server's dependencies, only for this command
 
     from .serve import create_app
     from .serve.chats import read_examples
     from .serve.store import ChatStore
 
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
-        _fail(f"refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
-              "--allow-open")
     engine, tok = _chat_engine(model, max_batch=max_batch, speculative=speculative, compile=compile,
                                quantize=quantize)
     engine.max_queue = max_queue
@@ -530,26 +780,29 @@ def serve(
     with _reported():
         examples = read_examples(model or SHIPPED)  # the web app's welcome screen
     application = create_app(engine, tok, name=name, api_key=api_key, store=store, examples=examples)
-    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{address}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
-@app.command()
+@app.command(cls=WithArguments)
 def quantize(
-    model: Path = typer.Argument(..., help="A model folder (HF format: DeepSeek V2/V3 incl. FP8, R1-Distill Qwen2/Llama)."),
-    out: Path = typer.Argument(..., help="Folder to write the quantized model (and the tokenizer files) into."),
-    bits: int = typer.Option(8, help="8: int8 per output channel; 4: int4 in groups of 32 inputs."),
+    model: Path = typer.Argument(..., metavar="MODEL", callback=_model_folder, help="A model folder (HF format: "
+                                 "DeepSeek V2/V3 incl. FP8, R1-Distill Qwen2/Llama)."),
+    out: Path = typer.Argument(..., metavar="OUT", callback=_out_folder, help="Folder to write the quantized model "
+                               "(and the tokenizer files) into."),
+    bits: Literal[8, 4] = typer.Option(8, help="8: int8 per output channel; 4: int4 in groups of 32 inputs."),
 ):
     """Quantize every linear layer (attention, MLPs, each expert, the output head) and write a folder that
     loads quantized without re-quantizing. Tensors are converted one at a time while the shards stream
     by, so memory holds the quantized model plus one tensor."""
-    if bits not in (8, 4):
-        _fail(f"--bits must be 8 or 4, got {bits}")
-    if not (model / "config.json").is_file():
-        _fail(f"{model}: not a model folder (no config.json)")
     if out.resolve() == model.resolve():
         _fail("OUT must be another folder than MODEL")
+    import shutil
+
+    from .checkpoint import load_model, save_model
+
     t0 = time.perf_counter()
     with console.status(f"quantizing {model} to int{bits}"):
         with _reported():

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,38 +27,17 @@ from .inference import SamplingParams
 from .loading import load_chat_engine
 from .tokenizer import DeepSeekTokenizer
 from .tools import CallFormat
-from .train.distill import DISTILL_TRAIN, distill
-from .train.grpo import RL_TRAIN, GRPOConfig, rl
-from .train.loop import TrainConfig
+from .train.distill import distill
+from .train.grpo import rl
 from .train.metrics import read_metrics
-from .train.pretrain import PRETRAIN_TRAIN, DataConfig, pretrain
-from .train.sft import SFT_TRAIN, SFTConfig, sft
+from .train.pretrain import pretrain
+from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
+                             SpeedrunConfig, TrainConfig)
+from .train.sft import sft
 
 FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
 NO_THINKING_FAMILIES = ["add", "sub", "mul"]  # also asked with thinking off
 EXTRA_ROWS = ("thinking off", "offered", "not offered")  # evaluations besides the families' two wordings
-
-
-@dataclass
-class SpeedrunConfig:
-    budget: float = 30 * 60  # seconds for the whole pipeline
-    # shares of the budget per training stage (the rest goes to data, rollouts of traces, evaluation)
-    pretrain_share: float = 0.44
-    sft_share: float = 0.12
-    rl_share: float = 0.14
-    student_pretrain_share: float = 0.07  # the student's own pretraining on the same data, before distillation
-    distill_share: float = 0.06
-    preset: str = "cpu-tiny"
-    student: str = "cpu-dense-small"
-    rl_tasks: list[str] | None = None  # None: the families the SFT model solves 10-90% of (where groups vary)
-    eval_n: int = 40  # held-out problems per family
-    traces: int = 600  # verified teacher traces for the student
-    task_documents: int = 100_000
-    code_chars: int = 1_000_000  # standard-library source in the pretraining mix
-    sft_conversations: int = 40_000
-    seq_len: int = 512
-    max_new_tokens: int | None = None  # generation cap for evaluation, RL and traces (None = per-family budget)
-    seed: int = 0
 
 
 def _minutes(s: float) -> str:

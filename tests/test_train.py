@@ -177,4 +177,4 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # a different global batch is refused
     r = subprocess.run(_nanoseek("--out", str(tmp_path / "one"), "--batch-size", "2", *more), env=env,
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "global_batch" in r.stdout
+    assert r.returncode != 0 and "global_batch" in r.stderr  # errors go to stderr

@@ -32,9 +32,8 @@ from ..remote import remote_chat
 from ..tokenizer import DeepSeekTokenizer
 from .losses import distill_kl
 from .pretrain import model_config_for
-from .sft import SFT_TRAIN, SFTConfig, sft
-
-DISTILL_TRAIN = replace(SFT_TRAIN, lr=2e-3)  # `nanoseek distill` and the speedrun override it
+from .settings import DISTILL_TRAIN, SFTConfig
+from .sft import sft
 
 
 def local_teacher(model_dir: str | Path, temperature: float = 0.6, max_batch: int = 32):

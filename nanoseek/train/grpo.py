@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,43 +29,14 @@ from ..inference import Engine, SamplingParams
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import Trainer
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
 from .runs import run_stage
+from .settings import RL_TRAIN, GRPOConfig, TrainConfig
 
 R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves "
                     "it. The Assistant first thinks about the reasoning process and then gives the User the answer. "
                     "The reasoning ends with </think>, followed by the answer.\nUser: {question}\nAssistant: <think>\n")
-
-
-@dataclass
-class GRPOConfig:
-    tasks: list[str] = field(default_factory=lambda: ["mul"])
-    prompts_per_step: int = 16
-    group_size: int = 8
-    updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu; > 1 makes the clip matter)
-    temperature: float = 0.7  # rollouts near the greedy policy: at 1.0 a tiny model samples too many slips
-    top_p: float = 1.0
-    max_new_tokens: int = 0  # 0 = 1.5x the longest worked solution of the family
-    beta: float = 0.02  # KL to the reference model (0 = no reference model kept)
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # clip-higher (DAPO)
-    loss_norm: str = "sequence"  # sequence (GRPO) | token (DAPO) | dr_grpo
-    dr_grpo: bool = False  # no std division in the advantages
-    format_weight: float = 0.1
-    mode: str = "r1"  # r1 (chat template, after SFT) | r1-zero (R1-Zero prompt on a base model)
-    canonical: bool = False  # train prompts in the canonical wording only
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mode not in ("r1", "r1-zero"):
-            raise ConfigError(f"mode must be r1 or r1-zero, got {self.mode!r}")
-        if self.group_size < 2:
-            raise ConfigError("group_size must be >= 2 (advantages are relative within a group)")
-        if self.updates_per_rollout < 1:
-            raise ConfigError("updates_per_rollout must be >= 1")
-        for t in self.tasks:
-            get_task(t)
 
 
 def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
@@ -228,10 +199,6 @@ class GRPOObjective:
         stats.update({"kl": (kl.detach() * m).sum() * scale, "clip_fraction": (clipped.float() * m).sum() * scale,
                       "entropy_proxy": (-logp.detach() * m).sum() * scale})
         return loss, stats
-
-
-RL_TRAIN = TrainConfig(lr=2e-5, warmup_steps=5, schedule="constant", max_steps=100, bias_gamma=0.0, eval_every=0,
-                       checkpoint_every=20, grad_clip=1.0)  # `nanoseek rl` and the speedrun override it
 
 
 def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, train: TrainConfig | None = None,

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,50 +47,7 @@ from . import distributed as D
 from .metrics import MetricsLog, plot_metrics
 from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rng_state, save_trainer_state,
                    set_rng_state, verify_manifest, write_manifest)
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 1000  # optimizer steps (the schedule's length unless time_budget ends first)
-    time_budget: float = 0.0  # seconds of training (evaluation and checkpoints excluded); 0 = none
-    grad_accum: int = 1  # micro-batches per optimizer step (per process)
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    schedule: str = "wsd"  # "wsd" (warmup, constant, linear decay) | "cosine" | "constant"
-    decay_fraction: float = 0.3  # wsd: the last fraction of training that decays
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    bf16: bool = False  # bf16 autocast for forward/backward; weights and optimizer stay fp32
-    compile: bool = False  # torch.compile the fixed-shape parts of each layer (compile_regions)
-    bias_gamma: float = 0.001  # aux-loss-free router bias update speed (0 = off)
-    aux_alpha: float | None = None  # sequence-wise balance loss weight (None = the model config's)
-    eval_every: int = 100  # steps (0 = only at the end)
-    checkpoint_every: int = 200  # steps (a checkpoint is always written at the end)
-    keep_checkpoints: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        for f in ("max_steps", "grad_accum", "warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if self.max_steps == 0 and self.time_budget <= 0:
-            raise ConfigError("give max_steps or a time_budget")
-        if self.grad_accum < 1 or self.keep_checkpoints < 1:
-            raise ConfigError("grad_accum and keep_checkpoints must be >= 1")
-        if self.schedule not in ("wsd", "cosine", "constant"):
-            raise ConfigError(f"schedule must be wsd, cosine or constant, got {self.schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
-            raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from .settings import TrainConfig
 
 
 def lr_multiplier(step: int, progress: float, cfg: TrainConfig) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,36 +25,14 @@ from ..data.corpus import CorpusStats, iter_documents
 from ..data.shards import PackedRows, ShardSet, write_shards
 from ..files import staged_dir
 from ..model import ModelConfig, build_model, get_preset, padded_vocab
-from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import Trainer
 from .losses import LMObjective
 from .runs import run_stage
+from .settings import PRETRAIN_TRAIN, DataConfig, TrainConfig
 
 BUILTIN = ("tasks", "stdlib")
-
-
-@dataclass
-class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["tasks", "stdlib"])
-    seq_len: int = 512
-    batch_size: int = 8  # rows per micro-batch per process
-    vocab_size: int = 2048  # when a tokenizer is trained for the run
-    tokenizer: str | None = None  # a tokenizer folder to use instead of training one
-    task_documents: int = 100_000  # "tasks": conversations generated for the train split
-    code_chars: int = 2_000_000  # "stdlib": characters of standard-library source
-    fim_rate: float = 0.1  # FIM rate for corpus documents (DeepSeek-V3: 0.1)
-    code_fim_rate: float = 0.5  # FIM rate for code (DeepSeek-Coder: 0.5)
-    eval_documents: int = 1000  # held-out documents per source
-    skip_bad_records: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.seq_len < 8 or self.batch_size < 1:
-            raise ConfigError(f"seq_len must be >= 8 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
-        if not self.sources:
-            raise ConfigError("no data sources")
 
 
 # ---- data preparation ----
@@ -134,7 +112,6 @@ def _sample_texts(source: str, cfg: DataConfig) -> Iterator[str]:
 
 
 # ---- the run ----
-PRETRAIN_TRAIN = TrainConfig()  # `nanoseek pretrain` and the speedrun override its length and a few settings
 
 
 def model_config_for(preset: str, tok: DeepSeekTokenizer, overrides: dict | None = None) -> ModelConfig:

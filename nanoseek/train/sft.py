@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,10 @@ from ..model.config import ConfigError, padded_vocab
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import Trainer
 from .losses import LMObjective
 from .runs import run_stage
+from .settings import SFT_TRAIN, SFTConfig, TrainConfig
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -108,22 +109,6 @@ class SFTRows:
             self.row += 1
         batch = torch.from_numpy(np.stack(picked[self.rank::self.world]))  # (B, 2, T)
         return batch[:, 0], batch[:, 1]
-
-
-@dataclass
-class SFTConfig:
-    data: str = "builtin"  # a .jsonl of conversations, or "builtin"
-    builtin_conversations: int = 30_000
-    seq_len: int = 512
-    batch_size: int = 8
-    eval_conversations: int = 300
-    mtp_lambda: float = 0.3
-    seed: int = 0
-    tool_share: float = 0.15  # builtin data: calculator conversations (data/tool_use.py) added on top
-    no_thinking_share: float = 0.15  # builtin data: answered with thinking off
-
-
-SFT_TRAIN = TrainConfig(lr=5e-4, warmup_steps=20, schedule="cosine")  # `nanoseek sft` and the speedrun override it
 
 
 def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, train: TrainConfig | None = None,
