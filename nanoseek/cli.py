@@ -507,17 +507,19 @@ def serve(
     name: str = typer.Option("nanoseek", help="The model name clients use."),
     max_batch: int = typer.Option(16, help="Requests decoded together."),
     max_queue: int = typer.Option(64, help="Waiting requests before the server answers 503."),
-    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: <model>/chats.db)."),
+    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
+                            "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
+    allowed_host: list[str] = typer.Option([], help="Without an API key, also answer requests for this Host name "
+                                           "(repeatable; loopback names and --host are always allowed)."),
     speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
-    import uvicorn  # the server's dependencies, only for this command
-
-    from .serve import create_app
-    from .serve.store import ChatStore
+    from .serve import create_app  # the server's dependencies, only for this command
+    from .serve.guard import allowed_hosts, run
+    from .serve.store import ChatStore, default_path
 
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
         _fail(f"refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
@@ -525,11 +527,15 @@ def serve(
     engine, tok = _chat_engine(model, max_batch=max_batch, speculative=speculative, compile=compile,
                                quantize=quantize)
     engine.max_queue = max_queue
-    store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
-    application = create_app(engine, tok, name=name, api_key=api_key, store=store)
+    if db is None and model is not None and (model / "chats.db").is_file():
+        console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db {model / 'chats.db'} "
+                      f"to keep using that file, or move it to {default_path()}")
+    store = ChatStore(db or default_path())
+    application = create_app(engine, tok, name=name, api_key=api_key, store=store,
+                             allowed_hosts=allowed_hosts(host, allowed_host))
     console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{host}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    run(application, host, port)
 
 
 @app.command()

@@ -37,7 +37,8 @@ def lone_surrogate(value, path: str = "") -> str | None:
         return (path or "body") if _SURROGATE.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        here = f"{path}.{k}" if path else str(k)
+        key = str(k).encode("utf-8", "backslashreplace").decode()  # the path is shown: surrogates escaped
+        here = f"{path}.{key}" if path else key
         if isinstance(k, str) and _SURROGATE.search(k):
             return here
         if (found := lone_surrogate(v, here)) is not None:

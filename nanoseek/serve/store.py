@@ -10,6 +10,7 @@ one call at a time (a lock), so the server can run store calls off its event loo
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -28,6 +29,15 @@ CREATE TABLE IF NOT EXISTS messages (
     tool_call_id TEXT NOT NULL DEFAULT '', PRIMARY KEY (conversation_id, position));
 """
 ADDED = {"tool_calls": "TEXT NOT NULL DEFAULT ''", "tool_call_id": "TEXT NOT NULL DEFAULT ''"}  # columns newer than v1
+
+
+def default_path() -> Path:
+    """Where `nanoseek serve` keeps chats: the user's data folder ($XDG_DATA_HOME, else ~/.local/share)
+    /nanoseek/chats.db, never a model folder (a model folder is re-exported, shared, uploaded).
+    An older nanoseek kept them in ~/.nanoseek/chats.db: that file is used while no new one exists."""
+    new = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "nanoseek" / "chats.db"
+    old = Path.home() / ".nanoseek" / "chats.db"
+    return old if old.is_file() and not new.exists() else new
 
 
 class NotFound(LookupError):
