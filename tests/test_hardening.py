@@ -135,6 +135,15 @@ def test_without_a_key_only_this_machines_names_are_answered(open_server, host, 
             assert openai_error(r, 403)["code"] == "host_not_allowed"
 
 
+def test_without_a_key_serve_binds_only_to_loopback():
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"], env={"NANOSEEK_API_KEY": ""})
+    assert out.exit_code != 0 and "refusing to serve without an API key on 0.0.0.0" in out.output
+
+
 def test_with_a_key_any_host_is_answered(keyed):
     assert httpx.get(keyed + "/v1/models", headers={**AUTH, "Host": "chat.example.com"}, timeout=30).status_code == 200
 
