@@ -4,7 +4,9 @@ Starts `nanoseek serve` in a subprocess (the shipped model unless --model), then
 asyncio clients, each streaming chat completions back to back (random questions and lengths);
 a fraction --hangup of the streams is dropped after a random number of chunks, and a fraction of
 finished replies is saved to the chat store. Every few seconds it samples the server's resident
-memory (/proc, so Linux) and its /health counters (running and waiting requests, cache rows in use).
+memory (/proc, so Linux) and its /health counters (running and waiting requests, cache rows in
+use, the prefix cache's size: finished sequences kept for reuse, bounded, 100 MiB for the shipped
+model, so resident memory rises while it fills; the rest is reported apart).
 
 It reports: requests done / hung up / failed (a non-200, an error event, a stream that ended
 without [DONE]), the memory curve (printed, and plotted to --plot), the growth after warm-up,
@@ -108,7 +110,7 @@ async def sampler(http: httpx.AsyncClient, url: str, pid: int, t0: float, until:
                   samples: list) -> None:
     while time.time() < until:
         h = (await http.get(url + "/health")).json()
-        samples.append((time.time() - t0, rss_mb(pid), h["running"], h["waiting"], h["cache_rows_in_use"]))
+        samples.append((time.time() - t0, rss_mb(pid), h["running"], h["waiting"], h["prefix_cache_mib"]))
         await asyncio.sleep(every)
 
 
@@ -134,31 +136,33 @@ async def run(url: str, pid: int, args) -> tuple[dict, list, dict]:
                                for i in range(args.clients)))
         await watch
         end = await drained(http, url)
-        samples.append((time.time() - t0, rss_mb(pid), end["running"], end["waiting"], end["cache_rows_in_use"]))
+        samples.append((time.time() - t0, rss_mb(pid), end["running"], end["waiting"], end["prefix_cache_mib"]))
     return counts, samples, end
 
 
-def growth(samples: list, warmup: float) -> tuple[float, float]:
-    """(resident MiB at the end of warm-up, MiB gained from there to the end)."""
+def growth(samples: list, warmup: float, apart: bool = False) -> tuple[float, float]:
+    """(resident MiB at the end of warm-up, MiB gained from there to the end); apart: less the prefix cache."""
     after = [s for s in samples if s[0] >= warmup] or samples
-    return after[0][1], samples[-1][1] - after[0][1]
+    mib = (lambda s: s[1] - s[4]) if apart else (lambda s: s[1])
+    return mib(after[0]), mib(samples[-1]) - mib(after[0])
 
 
 def plot(samples: list, path: Path, title: str) -> None:
+    """Resident memory over time: all of it, the prefix cache's part, the rest."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = [s[0] / 60 for s in samples]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(t, [s[1] for s in samples], label="resident memory (MiB)")
+    ax.plot(t, [s[1] for s in samples], label="resident memory")
+    ax.plot(t, [s[1] - s[4] for s in samples], label="resident memory less the prefix cache")
+    ax.plot(t, [s[4] for s in samples], label="the prefix cache (bounded)")
     ax.set_xlabel("minutes")
     ax.set_ylabel("MiB")
-    ax2 = ax.twinx()
-    ax2.plot(t, [s[2] + s[3] for s in samples], color="tab:orange", alpha=0.5, label="requests running + waiting")
-    ax2.set_ylabel("requests")
+    ax.set_ylim(bottom=0)
     ax.set_title(title)
-    fig.legend(loc="lower right")
+    ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -184,14 +188,18 @@ def main():
             proc.terminate()
             proc.wait(30)
     start, gained = growth(samples, args.warmup)
+    rest, rest_gained = growth(samples, args.warmup, apart=True)
     print(f"{args.clients} clients, {args.minutes:g} min, {args.hangup:.0%} hung up on purpose")
     print(f"requests: {counts['done']} done, {counts['hung up']} hung up, {counts['failed']} failed, "
           f"{counts['saved']} replies saved to the store")
     for why in sorted(set(counts["why"]))[:10]:
         print(f"  failure: {why}")
-    print("resident memory (MiB) over time (s): " + ", ".join(f"{t:.0f}:{m:.0f}" for t, m, *_ in samples))
+    print("time (s): resident MiB / of which the prefix cache: " + ", ".join(
+        f"{t:.0f}: {m:.0f}/{p:.0f}" for t, m, _, _, p in samples))
     print(f"after {args.warmup:g} s of warm-up: {start:.0f} MiB; at the end {samples[-1][1]:.0f} MiB "
-          f"({gained:+.0f} MiB); peak {max(s[1] for s in samples):.0f} MiB")
+          f"({gained:+.0f} MiB, the prefix cache {samples[-1][4]:.0f} MiB of its bound); peak "
+          f"{max(s[1] for s in samples):.0f} MiB; less the prefix cache: {rest:.0f} -> {rest + rest_gained:.0f} MiB "
+          f"({rest_gained:+.0f} MiB)")
     print(f"at the end: {end['running']} running, {end['waiting']} waiting, {end['cache_rows_in_use']} cache rows in use")
     plot(samples, args.plot, f"nanoseek serve: {args.clients} streaming clients, {args.hangup:.0%} hang up")
     print(f"plot: {args.plot}")

@@ -88,6 +88,15 @@ def test_no_key_is_401_before_the_body_is_validated(keyed, method, path, body):
     assert err["code"] == "invalid_api_key" and "messages" not in err["message"]
 
 
+def test_no_key_is_401_without_reading_the_body(keyed):
+    """Headers promising 100 MB, no key, no body sent: the answer comes at once (nothing waits for the body)."""
+    port = int(keyed.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 401")
+
+
 def test_a_non_ascii_key_is_401(keyed):
     r = httpx.get(keyed + "/v1/models", headers={"Authorization": "Bearer clé-ключ".encode()}, timeout=30)
     assert openai_error(r, 401)["message"] == "incorrect API key"

@@ -142,7 +142,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     async def health():
         return {"status": "ok" if engine.error is None else "degraded", "model": name,
                 "running": len(engine.active), "waiting": len(engine.waiting),
-                "cache_rows_in_use": int((engine.cache.lengths[0] > 0).sum())}
+                "cache_rows_in_use": int((engine.cache.lengths[0] > 0).sum()),
+                "prefix_cache_mib": round(engine.prefixes.tokens * engine.cache.bytes_per_token / 2**20, 1)}
 
     api = APIRouter()  # the key is checked by the Guard, before the body is read
 
