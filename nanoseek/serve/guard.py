@@ -71,18 +71,17 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _with_headers(send)
+        send, headers = _with_headers(send), dict(scope["headers"])
         try:
-            self.check(scope)
-            body = await self.read_body(scope, receive)
+            self.check(scope["path"], headers)
+            body = await self.read_body(headers, receive)
         except APIError as e:
             return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
         if body is not None:  # None: the client went away
             await self.app(scope, _replay(body, receive), send)
 
-    def check(self, scope) -> None:
+    def check(self, path: str, headers: dict[bytes, bytes]) -> None:
         """The Host check (without a key), then the key (on protected paths)."""
-        headers = dict(scope["headers"])
         if self.key is None:
             host = host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.hosts:
@@ -90,7 +89,7 @@ class Guard:
                                     f"{sorted(self.hosts)} (serve --allowed-host adds names)",
                                "permission_error", code="host_not_allowed")
             return
-        if not scope["path"].startswith(PROTECTED):
+        if not path.startswith(PROTECTED):
             return
         auth = headers.get(b"authorization", b"")
         given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
@@ -100,10 +99,10 @@ class Guard:
         if not secrets.compare_digest(given, self.key):
             raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
 
-    async def read_body(self, scope, receive) -> bytes | None:
+    async def read_body(self, headers: dict[bytes, bytes], receive) -> bytes | None:
         """The whole body, refused past max_body bytes (a declared Content-Length over it at once)
         or BODY_TIMEOUT seconds; None if the client disconnects first."""
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = headers.get(b"content-length", b"")
         too_big = APIError(413, f"the request body is over the limit of {self.max_body} bytes",
                            code="request_too_large")
         if declared.isdigit() and int(declared) > self.max_body:
