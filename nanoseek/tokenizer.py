@@ -242,7 +242,7 @@ class DeepSeekTokenizer:
         """Text a client sent to ids: control-token strings inside it (`<｜User｜>`, `<｜end▁of▁sentence｜>`,
         FIM and tool tokens...) stay plain text, so no one forges a turn by typing one. The think
         tags, which models write as text, stay tags."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return _ids(self._plain, text)
 
     @cached_property
     def control_tokens(self) -> tuple[str, ...]:
@@ -288,7 +288,7 @@ class DeepSeekTokenizer:
             if i % 2:  # a placeholder
                 ids += self.encode_text(self.control_tokens[ord(piece) - PLACEHOLDER])
             elif piece:
-                ids += self.encode(piece)
+                ids += _ids(self.tok, piece)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -371,6 +371,12 @@ class DeepSeekTokenizer:
         ids, _ = self.render_conversation(messages)
         return self.decode(ids[1:-1] if ids[-1] == self.eos_id else ids[1:])
 
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """tokenizer.encode(text).ids through encode_batch, which lets other Python threads run meanwhile
+    (encode holds the GIL): a server tokenizing a long prompt in a thread keeps answering."""
+    return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def _token_text(value) -> str | None:

@@ -388,6 +388,24 @@ def test_store_routes_answer_quotas_and_never_block_the_event_loop(parts, tmp_pa
     assert store.get(cid)["messages"] == [{"role": "user", "content": "hi"}]
 
 
+def test_a_long_prompt_never_stalls_the_server(parts):
+    """Rendering and tokenizing a 3 MB message takes seconds: meanwhile the server answers."""
+    with LiveServer(create_app(engine_for(parts), parts[1], name="m")) as url:
+        big = threading.Thread(target=httpx.post, args=(url + "/v1/chat/completions",),
+                               kwargs={"json": {"messages": ask("What is 1 + 2? " * 200_000)}, "timeout": 60})
+        t = time.time()
+        big.start()
+        time.sleep(0.3)
+        waits = []
+        while big.is_alive():
+            s = time.time()
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            waits.append(time.time() - s)
+            time.sleep(0.1)
+        took = time.time() - t
+    assert took > 1.5 and max(waits) < 1.0, (took, max(waits))
+
+
 def test_store_calls_from_many_threads_see_whole_writes(tmp_path):
     store = ChatStore(tmp_path / "chats.db")
     cid = store.create()["id"]
@@ -396,7 +414,7 @@ def test_store_calls_from_many_threads_see_whole_writes(tmp_path):
 
     def work(v):
         try:
-            for _ in range(15):
+            for _ in range(60):  # reads without the lock saw half a write in 5 runs of 5
                 store.set_messages(cid, versions[v])
                 seen.append(store.get(cid)["messages"])
         except Exception as e:  # noqa: BLE001 (reported below)

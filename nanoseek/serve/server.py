@@ -349,16 +349,23 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     return msg, finish
 
 
-async def chat(svc: Service, body: ChatRequest, request: Request):
+def _chat_job(svc: Service, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:
+    """The request as the engine's job: (prompt ids, sampling parameters, whether the reply starts
+    inside its reasoning, whether it may call tools). Run off the event loop: rendering and
+    tokenizing a long prompt takes seconds."""
     thinking = _thinking(svc, body)
     tools, choice = _tools(svc, body)
-    prompt, started, prefix = _chat_prompt(svc, body, thinking, tools)
+    prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
     params = replace(params, grammar=_grammar(svc, body, thinking, started, tools, choice),
                      stop_after=svc.tok.end_think_id if started else None)
+    return prompt, params, started, choice is not None
+
+
+async def chat(svc: Service, body: ChatRequest, request: Request):
+    prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
-    with_calls = choice is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
@@ -430,8 +437,8 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
                        param="max_tokens")
     if body.suffix is not None and body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs cannot be combined with suffix", param="suffix")
-    prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
-    jobs = _submit_prompts(svc, prompts, [_completion_params(svc, body, p) for p in prompts], body.n)
+    prompts, params = await asyncio.to_thread(_completion_jobs, svc, body)
+    jobs = _submit_prompts(svc, prompts, params, body.n)
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name
     if body.stream:
         return _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
@@ -444,6 +451,12 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
                         "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden)})
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": _completion_usage(svc, prompts, jobs, body.n)}
+
+
+def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Prompt], list[SamplingParams]]:
+    """Each prompt ready for the engine, with its sampling parameters (off the event loop, like _chat_job)."""
+    prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
+    return prompts, [_completion_params(svc, body, p) for p in prompts]
 
 
 def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list[int]) -> _Prompt:
