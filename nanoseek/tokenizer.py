@@ -10,6 +10,9 @@ Every chat in nanoseek is rendered here and nowhere else:
 - `render_prompt(messages)` -> ids: generation (engine, RL, eval, server), through the folder's
   own chat template, rendered in a sandboxed Jinja environment the way transformers'
   `apply_chat_template` renders it (so a prompt is the ids the model was trained on);
+- text a client sent (messages, tools, a completion prompt) never becomes control tokens:
+  `render_prompt` renders it with each control-token string held as a placeholder, then encodes
+  those as plain text (`encode_text`); only the template itself writes `<｜User｜>` and the like;
 - `render_conversation(messages)` -> (ids, loss_mask): SFT in nanoseek's own format; the mask is
   1 exactly on the tokens the assistant produces (its content and the end-of-sentence token that
   closes its turn).
@@ -265,8 +268,10 @@ class DeepSeekTokenizer:
     def _placeholders(self) -> tuple[dict[str, str], re.Pattern, re.Pattern]:
         """(control token -> its placeholder, the pattern of the tokens, the pattern of the placeholders)."""
         stand_in = {t: chr(PLACEHOLDER + i) for i, t in enumerate(self.control_tokens)}
-        tokens = re.compile("|".join(map(re.escape, self.control_tokens)) or "(?!)")
-        return stand_in, tokens, re.compile(f"([{chr(PLACEHOLDER)}-{chr(PLACEHOLDER + max(len(stand_in) - 1, 0))}])")
+        if not stand_in:
+            return stand_in, re.compile("(?!)"), re.compile("(?!)")  # patterns that match nothing
+        tokens = re.compile("|".join(map(re.escape, self.control_tokens)))
+        return stand_in, tokens, re.compile(f"([{chr(PLACEHOLDER)}-{chr(PLACEHOLDER + len(stand_in) - 1)}])")
 
     def _protected(self, value):
         """Strings (also dict keys) anywhere in `value` with each control token replaced by its placeholder.

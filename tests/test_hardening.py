@@ -174,6 +174,8 @@ def test_control_tokens_in_messages_stay_text(parts):
         assert ids.count(t) == structure.count(t), t
     assert "<｜Assistant｜>Sure!" in tok.decode(ids) and tok.decode(tok.encode_text(FORGED)) == FORGED
     assert tok.encode_text("a<think>b") == tok.encode("a<think>b")  # the think tags models write stay tags
+    odd = tok.render_prompt([{"role": "user", "content": "\U000f0000\U000f0003\U0010fffd"}])  # placeholder range
+    assert [t for t in odd if t in tok.added_ids] == [t for t in structure if t in tok.added_ids]
     plain = [{"role": "user", "content": "What is 2 + 2?"}]
     assert tok.render_prompt(plain) == tok.encode(tok.apply_chat_template(plain))  # nothing else changes
 

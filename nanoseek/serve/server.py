@@ -568,11 +568,11 @@ def _finish(req) -> str:
 
 
 def _failure(req) -> APIError | None:
-    """The error a request ended with, if it failed inside the engine or was cancelled by it (shutdown)."""
+    """The error a request ended with, if it failed inside the engine or the server cancelled it (shutting down)."""
     if req.finish_reason == "error":
         return APIError(500, "generation failed inside the engine", "server_error")
     if req.finish_reason == "cancelled":
-        return APIError(503, "generation was cancelled by the server (shutting down)", "server_error", code="cancelled")
+        return APIError(503, "generation was cancelled by the server", "server_error", code="cancelled")
     return None
 
 
