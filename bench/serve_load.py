@@ -60,11 +60,12 @@ def start_server(model: Path, port: int, db: Path) -> subprocess.Popen:
 
 
 async def client(http: httpx.AsyncClient, url: str, rng: random.Random, until: float, counts: dict,
-                 hangup: float) -> None:
+                 hangup: float, filler: int) -> None:
     """Stream chat completions back to back until `until`."""
     while time.time() < until:
         a, b = rng.randrange(100, 1000), rng.randrange(10, 100)
-        msgs = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        notes = " ".join(str(rng.randrange(1000, 10000)) for _ in range(filler))
+        msgs = [{"role": "user", "content": (f"Notes: {notes}\n" if filler else "") + f"What is {a} + {b}?"}]
         body = {"messages": msgs, "max_tokens": rng.randrange(16, 256), "temperature": 1.0, "stream": True}
         cut = rng.randrange(1, 30) if rng.random() < hangup else None
         chunks, done, reply = 0, False, ""
@@ -132,7 +133,7 @@ async def run(url: str, pid: int, args) -> tuple[dict, list, dict]:
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         samples: list = []
         watch = asyncio.create_task(sampler(http, url, pid, t0, until, args.every, samples))
-        await asyncio.gather(*(client(http, url, random.Random(i), until, counts, args.hangup)
+        await asyncio.gather(*(client(http, url, random.Random(i), until, counts, args.hangup, args.filler)
                                for i in range(args.clients)))
         await watch
         end = await drained(http, url)
@@ -174,6 +175,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--hangup", type=float, default=0.3, help="fraction of streams dropped mid-reply")
+    ap.add_argument("--filler", type=int, default=0, help="random 4-digit numbers before each question (longer "
+                    "prompts: the prefix cache reaches its bound sooner)")
     ap.add_argument("--every", type=float, default=5.0, help="seconds between memory samples")
     ap.add_argument("--warmup", type=float, default=30.0, help="seconds before memory growth is counted")
     ap.add_argument("--plot", type=Path, default=Path("docs/serve_load.png"))
