@@ -509,8 +509,8 @@ def serve(
     max_queue: int = typer.Option(64, help="Waiting requests before the server answers 503."),
     db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
                             "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
-    allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests for this Host name "
-                                           "(repeatable; loopback names and --host are always allowed)."),
+    allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "
+                                           "for this Host name (repeatable; loopback names and --host always are)."),
     speculative: bool = typer.Option(False, help=SPECULATIVE_HELP),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     quantize: str = typer.Option(None, help=QUANTIZE_HELP),
