@@ -754,7 +754,10 @@ def serve(
     name: str = typer.Option("nanoseek", help="The model name clients use."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together."),
     max_queue: int = typer.Option(64, min=0, help="Waiting requests before the server answers 503."),
-    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: <model>/chats.db)."),
+    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
+                            "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
+    allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "
+                                           "for this Host name (repeatable; loopback names and --host always are)."),
     speculative: bool = _speculative_option(),
     compile: bool = _compile_option(),
     quantize: Quantize = _quantize_option(),
@@ -767,23 +770,26 @@ def serve(
         _fail(f"--host: refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
               "--allow-open")
     _check_port(host, port)
-    import uvicorn  # the server's dependencies, only for this command
-
-    from .serve import create_app
+    from .serve import create_app  # the server's dependencies, only for this command
     from .serve.chats import read_examples
-    from .serve.store import ChatStore
+    from .serve.guard import allowed_hosts, run
+    from .serve.store import ChatStore, default_path
 
     engine, tok = _chat_engine(model, max_batch=max_batch, speculative=speculative, compile=compile,
                                quantize=quantize)
     engine.max_queue = max_queue
-    store = ChatStore(db or (Path.home() / ".nanoseek" / "chats.db" if model is None else model / "chats.db"))
+    if db is None and model is not None and (model / "chats.db").is_file():
+        console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db {model / 'chats.db'} "
+                      f"to keep using that file, or move it to {default_path()}")
+    store = ChatStore(db or default_path())
     with _reported():
         examples = read_examples(model or SHIPPED)  # the web app's welcome screen
-    application = create_app(engine, tok, name=name, api_key=api_key, store=store, examples=examples)
+    application = create_app(engine, tok, name=name, api_key=api_key, store=store, examples=examples,
+                             allowed_hosts=allowed_hosts(host, allowed_host))
     address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
     console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{address}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    run(application, host, port)
 
 
 @app.command(cls=WithArguments)

@@ -10,6 +10,9 @@ Every chat in nanoseek is rendered here and nowhere else:
 - `render_prompt(messages)` -> ids: generation (engine, RL, eval, server), through the folder's
   own chat template, rendered in a sandboxed Jinja environment the way transformers'
   `apply_chat_template` renders it (so a prompt is the ids the model was trained on);
+- text a client sent (messages, tools, a completion prompt) never becomes control tokens:
+  `render_prompt` renders it with each control-token string held as a placeholder, then encodes
+  those as plain text (`encode_text`); only the template itself writes `<｜User｜>` and the like;
 - `render_conversation(messages)` -> (ids, loss_mask): SFT in nanoseek's own format; the mask is
   1 exactly on the tokens the assistant produces (its content and the end-of-sentence token that
   closes its turn).
@@ -27,9 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -57,6 +61,10 @@ TOOL_TOKENS = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, OUTPUTS_BEGIN, OUTP
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]
 TEXT_TOKENS = [THINK, END_THINK]
 ROLES = ("system", "user", "assistant", "tool")
+# While a chat template renders, the control tokens written inside message text stand as
+# characters of Unicode's Supplementary Private Use Area-A (the i-th control token as PLACEHOLDER + i),
+# so the rendered prompt tells them apart from the template's own control tokens.
+PLACEHOLDER = 0xF0000
 NO_THINKING = f"{THINK}\n\n{END_THINK}\n\n"  # an empty reasoning block: the reply answers at once
 
 # nanoseek's own template: DeepSeek-V3's (tool calls and results in V3's tokens, no <｜Assistant｜>
@@ -229,8 +237,64 @@ class DeepSeekTokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Text to ids; special-token strings inside the text become their single ids."""
+        """Text to ids; special-token strings inside the text become their single ids (for text
+        nanoseek writes: rendered prompts, training documents)."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text a client sent to ids: control-token strings inside it (`<｜User｜>`, `<｜end▁of▁sentence｜>`,
+        FIM and tool tokens...) stay plain text, so no one forges a turn by typing one. The think
+        tags, which models write as text, stay tags."""
+        return _ids(self._plain, text)
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The added tokens that structure a prompt (every one but the think tags), longest first."""
+        added = (t.content for t in self.tok.get_added_tokens_decoder().values())
+        return tuple(sorted({t for t in added if t not in TEXT_TOKENS}, key=len, reverse=True))
+
+    @cached_property
+    def _plain(self) -> Tokenizer:
+        """This tokenizer with its control tokens never matched in text (`encode_special_tokens`
+        skips the tokens marked special, so every control token is marked special)."""
+        spec = json.loads(self.tok.to_str())
+        for t in spec["added_tokens"]:
+            t["special"] = t["special"] or t["content"] in self.control_tokens
+        plain = Tokenizer.from_str(json.dumps(spec))
+        plain.encode_special_tokens = True
+        return plain
+
+    @cached_property
+    def _placeholders(self) -> tuple[dict[str, str], re.Pattern, re.Pattern]:
+        """(control token -> its placeholder, the pattern of the tokens, the pattern of the placeholders)."""
+        stand_in = {t: chr(PLACEHOLDER + i) for i, t in enumerate(self.control_tokens)}
+        if not stand_in:
+            return stand_in, re.compile("(?!)"), re.compile("(?!)")  # patterns that match nothing
+        tokens = re.compile("|".join(map(re.escape, self.control_tokens)))
+        return stand_in, tokens, re.compile(f"([{chr(PLACEHOLDER)}-{chr(PLACEHOLDER + len(stand_in) - 1)}])")
+
+    def _protected(self, value):
+        """Strings (also dict keys) anywhere in `value` with each control token replaced by its placeholder.
+        (A client's own character in that range reads as the placeholder: as that token's text, still plain text.)"""
+        if isinstance(value, str):
+            stand_in, tokens, _ = self._placeholders
+            return tokens.sub(lambda m: stand_in[m.group()], value)
+        if isinstance(value, dict):
+            return {self._protected(k): self._protected(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._protected(v) for v in value]
+        return value
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """A prompt rendered from protected messages to ids: the template's control tokens are
+        tokens, the placeholders their token's text."""
+        ids = []
+        for i, piece in enumerate(self._placeholders[2].split(text)):
+            if i % 2:  # a placeholder
+                ids += self.encode_text(self.control_tokens[ord(piece) - PLACEHOLDER])
+            elif piece:
+                ids += _ids(self.tok, piece)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -252,14 +316,20 @@ class DeepSeekTokenizer:
         except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             raise ChatFormatError(f"the chat template refused the conversation: {e}") from None  # e.g. content None
 
-    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
+    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None,
+                      prefix: str | None = None) -> list[int]:
         """The ids a model continues to answer the conversation's last turn. thinking=False asks the
         template not to open a reasoning block (`thinking` variable); a template that opens one anyway
-        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly."""
-        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, thinking=thinking)
-        if not thinking and text.rstrip().endswith(THINK):
+        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly. With
+        `prefix`, the reply starts with that text (which replaces a reasoning block the template opens).
+        Control tokens inside the messages, tools and prefix are read as text (see encode_text)."""
+        text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
+                                        tools=self._protected(tools), thinking=thinking)
+        if prefix is not None:
+            text = (text.rstrip()[: -len(THINK)] if text.rstrip().endswith(THINK) else text) + self._protected(prefix)
+        elif not thinking and text.rstrip().endswith(THINK):
             text = text.rstrip() + "\n\n" + END_THINK + "\n\n"
-        return self.encode(text)
+        return self._encode_rendered(text)
 
     def opens_thinking(self, prompt: Sequence[int]) -> bool:
         """Does the prompt end inside an open <think> block (the reply starts with reasoning)?"""
@@ -306,6 +376,12 @@ class DeepSeekTokenizer:
         ids, _ = self.render_conversation(messages)
         return self.decode(ids[1:-1] if ids[-1] == self.eos_id else ids[1:])
 
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """tokenizer.encode(text).ids through encode_batch, which lets other Python threads run meanwhile
+    (encode holds the GIL): a server tokenizing a long prompt in a thread keeps answering."""
+    return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def _token_text(value) -> str | None:

@@ -81,7 +81,7 @@ def test_no_tools_for_a_template_without_calls_and_stored_tool_fields_checked(tm
     tok = DeepSeekTokenizer(trained.tok, {**trained.config, "chat_template": no_calls})
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)).eval()
     engine = Engine(model, decode=tok.decode, max_batch=1, max_len=64, eos_token_id=tok.eos_id)
-    web = TestClient(create_app(engine, tok, store=ChatStore(tmp_path / "chats.db")))
+    web = TestClient(create_app(engine, tok, store=ChatStore(tmp_path / "chats.db")), base_url="http://localhost")
     assert web.get("/api/tools").json() == {"data": []}
     assert Tools.offer(engine, tok) is None
     cid = web.post("/api/conversations", json={}).json()["id"]

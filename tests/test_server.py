@@ -17,6 +17,7 @@ from nanoseek.data.builtin import task_texts
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
+from nanoseek.serve.guard import uvicorn_config
 from nanoseek.serve.store import ChatStore
 from nanoseek.tokenizer import DeepSeekTokenizer
 
@@ -30,9 +31,11 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app):
+    """The app on 127.0.0.1 with nanoseek's uvicorn settings (guard.uvicorn_config), in a thread."""
+
+    def __init__(self, app, **settings):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, **{"log_level": "error", **settings}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

@@ -15,7 +15,10 @@ Running requests occupy cache rows 0..B-1 contiguously (a finishing row is fille
 one), so a decode step reads the cache without gathering.
 
 Each request streams `Event`s (new token ids, their text with stop strings held back, logprobs)
-into its own queue; `Request.result()` waits for the end. The engine never sees chat templates
+into its own queue; `Request.result()` waits for the end.
+A failure that belongs to one request (its grammar, its stop strings, its prefill, its listener)
+fails that request only (finish_reason "error", the exception in `Request.error`); only a failure
+of the batch's own forward pass fails every request in the engine. The engine never sees chat templates
 or HTTP; text only appears through the optional `decode` function (for stop strings).
 """
 
@@ -56,7 +59,7 @@ class Event:
     token_ids: list[int]
     text: str = ""  # new text, safe to show (never part of a stop string)
     logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last event
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Request:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     on_event: Callable[[Event], None] | None = field(default=None, repr=False)  # called from the engine thread
     cancelled: bool = False
+    error: BaseException | None = None  # why it failed (finish_reason "error")
     _state: RowState | None = field(default=None, repr=False)
     _draft: int | None = field(default=None, repr=False)
     _draft_probs: torch.Tensor | None = field(default=None, repr=False)
@@ -267,11 +271,13 @@ class Engine:
             self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the background thread; requests still running or waiting end "cancelled"."""
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._drop_all("cancelled")
 
     def _loop(self) -> None:
         while not self._stop:
@@ -281,11 +287,17 @@ class Engine:
                 continue
             try:
                 self.step()
-            except BaseException as e:  # never leave clients hanging: fail every request, keep serving
+            except BaseException as e:  # the batch itself failed: never leave clients hanging, keep serving
                 self.error = e
-                for req in list(self.active) + list(self.waiting):
-                    self._finish(req, "error")
-                self.active, self.waiting = [], deque()
+                self._drop_all("error")
+
+    def _drop_all(self, reason: str) -> None:
+        """End every running and waiting request with `reason`, and free their cache rows."""
+        with self._lock:
+            reqs, self.active, self.waiting = list(self.active) + list(self.waiting), [], deque()
+        self.cache.lengths.zero_()
+        for req in reqs:
+            self._finish(req, reason)
 
     # ---- one scheduling iteration ----
     @torch.no_grad()
@@ -304,7 +316,10 @@ class Engine:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
-            self._prefill(req)
+            try:
+                self._prefill(req)
+            except Exception as e:  # this request's own failure (its grammar, say): it alone fails
+                self._fail(req, e)
         if self.active:
             constrained = any(r.params.grammar is not None for r in self.active)  # constrained rows decode one token at a time
             self._decode_speculative() if self.speculative and not constrained else self._decode()
@@ -507,7 +522,24 @@ class Engine:
                 r._draft = int(torch.multinomial(probs, 1, generator=r._state.generator))
                 r._draft_probs = probs
 
-    def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
+    def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int | None]:
+        """One token per row from the raw logits [B, V]. If sampling the batch raises (a row's grammar,
+        say), each row is sampled alone; a row that raises alone gets None (_append fails it)."""
+        try:
+            return self._sample_rows(raw, rows)
+        except Exception:
+            if len(rows) == 1:
+                raise
+        return [self._sample_alone(raw[i:i + 1], r) for i, r in enumerate(rows)]
+
+    def _sample_alone(self, raw: torch.Tensor, req: Request) -> int | None:
+        try:
+            return self._sample_rows(raw, [req])[0]
+        except Exception as e:
+            req.error = e
+            return None
+
+    def _sample_rows(self, raw: torch.Tensor, rows: list[Request]) -> list[int]:
         if _plain_greedy(rows):
             return raw.argmax(dim=-1).tolist()
         states = [r._state for r in rows]
@@ -519,10 +551,28 @@ class Engine:
         return tokens
 
     # ---- bookkeeping ----
-    def _append(self, row: int, tokens: list[int], logits: torch.Tensor) -> None:
+    def _append(self, row: int, tokens: list[int | None], logits: torch.Tensor) -> None:
         """Add sampled tokens (drawn from the raw logits [n, V]) to the request in `row`, emit an
-        event, and finish the request if a stop rule fires."""
+        event, and finish the request if a stop rule fires; a token None (its sampling failed), or
+        a failure here, fails the request."""
         req = self.active[row]
+        try:
+            if None in tokens:
+                raise req.error or RuntimeError("sampling failed")
+            self._add_tokens(row, req, tokens, logits)
+        except Exception as e:
+            self._fail(req, e)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        """End one request with "error" (freeing its cache row if it has one)."""
+        req.error = e
+        row = next((i for i, r in enumerate(self.active) if r is req), None)
+        if row is not None:
+            self._release(row, "error")
+        else:
+            self._finish(req, "error")
+
+    def _add_tokens(self, row: int, req: Request, tokens: list[int], logits: torch.Tensor) -> None:
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         new, reason = [], None
@@ -576,7 +626,7 @@ class Engine:
     def _release(self, row: int, reason: str, emitted: bool = False) -> None:
         req = self.active[row]
         n = int(self.cache.lengths[0, row])
-        if n > 0 and reason != "cancelled":
+        if n > 0 and reason in ("stop", "length"):  # a cancelled or failed request's latents are not kept
             seq = (req.prompt + req.tokens)[:n]
             self.prefixes.add(seq, self.cache.read(row, n), self.cache.lengths[:, row].clone())
         last = len(self.active) - 1
@@ -599,7 +649,10 @@ class Engine:
     def _emit(req: Request, ev: Event) -> None:
         req.events.put(ev)
         if req.on_event is not None:
-            req.on_event(ev)
+            try:
+                req.on_event(ev)
+            except Exception:  # its listener is gone (a closed event loop, say): stop the request
+                req.cancelled = True
 
 
 _MODEL_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the tag its compiled graphs check

@@ -11,9 +11,10 @@
     GET    /api/examples                  what the model does well, from its folder's examples.json
 
 The page sends the whole message list after each change, so editing and regenerating are just
-rewrites of the list; a tool round is an assistant message with `tool_calls` followed by one
-`tool` message (with its `tool_call_id`) per call. The page picks a new conversation's id, so
-creating it again after a lost answer is harmless. A missing conversation is a 404. The page runs
+rewrites of the list (a write past the store's limits is a 413, code "quota_exceeded"); a tool
+round is an assistant message with `tool_calls` followed by one `tool` message (with its
+`tool_call_id`) per call. The page picks a new conversation's id, so creating it again after a
+lost answer is harmless. A missing conversation is a 404. The page runs
 the calls its model makes through POST /api/tools/{name}: only the built-in tools below, which
 are pure functions (the calculator walks an AST, never `eval`), can run; any other name is a 404.
 """
@@ -27,31 +28,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..tools import CALCULATOR, run_calculator
-from .protocol import APIError, ToolCall
-from .store import ChatStore, NotFound
+from .protocol import APIError, StrictBody, ToolCall
+from .store import ChatStore, NotFound, QuotaExceeded
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class NewConversation(_Body):
+class NewConversation(StrictBody):
     id: str | None = Field(None, pattern="^[0-9a-f]{32}$")
     title: str = Field("New chat", max_length=200)
     system: str = Field("", max_length=20_000)
     settings: dict = Field(default_factory=dict)
 
 
-class ConversationPatch(_Body):
+class ConversationPatch(StrictBody):
     title: str | None = Field(None, min_length=1, max_length=200)
     system: str | None = Field(None, max_length=20_000)
     settings: dict | None = None
 
 
-class StoredMessage(_Body):
+class StoredMessage(StrictBody):
     role: str = Field(..., pattern="^(user|assistant|tool)$")
     content: str | None = Field(..., max_length=1_000_000)  # None: an assistant turn with only tool calls
     reasoning_content: str | None = Field(None, max_length=1_000_000)
@@ -70,11 +67,11 @@ class StoredMessage(_Body):
         return self
 
 
-class MessageList(_Body):
-    messages: list[StoredMessage] = Field(..., max_length=10_000)
+class MessageList(StrictBody):
+    messages: list[StoredMessage]  # how many: the store's limit
 
 
-class ToolRun(_Body):
+class ToolRun(StrictBody):
     arguments: str = Field(..., max_length=10_000)  # the call's arguments, a JSON object as text
 
 
@@ -83,44 +80,48 @@ BUILTIN_TOOLS = {CALCULATOR["function"]["name"]: (CALCULATOR, run_calculator)}
 
 
 @contextmanager
-def _found() -> Iterator[None]:
-    """The store's NotFound as the API's 404."""
+def _store_errors() -> Iterator[None]:
+    """The store's NotFound as the API's 404, QuotaExceeded as a 413."""
     try:
         yield
     except NotFound as e:
         raise APIError(404, str(e), code="not_found") from None
+    except QuotaExceeded as e:
+        raise APIError(413, str(e), code="quota_exceeded") from None
 
 
 def routes(store: ChatStore) -> APIRouter:
-    """The conversation routes over `store` (the API key is checked by the router they are included in)."""
+    """The conversation routes over `store` (the API key is checked by the server's Guard). They are
+    plain functions, which FastAPI runs in its thread pool: SQLite never blocks the event loop."""
     r = APIRouter(prefix="/api/conversations")
 
     @r.get("")
-    async def list_(q: str = Query("", max_length=200)):
+    def list_(q: str = Query("", max_length=200)):
         return {"data": store.list(q)}
 
     @r.post("")
-    async def create(body: NewConversation):
-        return store.create(body.title, body.system, body.settings, cid=body.id)
+    def create(body: NewConversation):
+        with _store_errors():
+            return store.create(body.title, body.system, body.settings, cid=body.id)
 
     @r.get("/{cid}")
-    async def get(cid: str):
-        with _found():
+    def get(cid: str):
+        with _store_errors():
             return store.get(cid)
 
     @r.patch("/{cid}")
-    async def patch(cid: str, body: ConversationPatch):
-        with _found():
+    def patch(cid: str, body: ConversationPatch):
+        with _store_errors():
             return store.update(cid, title=body.title, system=body.system, settings=body.settings)
 
     @r.put("/{cid}/messages")
-    async def put_messages(cid: str, body: MessageList):
-        with _found():
+    def put_messages(cid: str, body: MessageList):
+        with _store_errors():
             return store.set_messages(cid, [m.model_dump() for m in body.messages])
 
     @r.delete("/{cid}")
-    async def delete(cid: str):
-        with _found():
+    def delete(cid: str):
+        with _store_errors():
             store.delete(cid)
         return {"deleted": cid}
 

@@ -1,12 +1,14 @@
 """Request and response shapes of the OpenAI / DeepSeek API (pydantic), and OpenAI-style errors.
 
 Unknown request fields are ignored (clients send many optional ones); known fields are
-validated with ranges, and every failure becomes a 400 with a message naming the field, never
-pydantic's own error dump.
+validated strictly (a JSON string is no number or boolean: `"stream": "yes"` is refused) with
+ranges, text must be valid Unicode (no lone UTF-16 surrogate such as `"\\ud800"`), and every
+failure becomes a 400 with a message naming the field, never pydantic's own error dump.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
@@ -26,22 +28,48 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can write one alone ("\\ud800"); no UTF-8 text can hold it
 
 
-class FunctionCall(_Request):
+def lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string (or object key) in a JSON value that holds a lone surrogate; None if none."""
+    if isinstance(value, str):
+        return (path or "body") if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        key = str(k).encode("utf-8", "backslashreplace").decode()  # the path is shown: surrogates escaped
+        here = f"{path}.{key}" if path else key
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return here
+        if (found := lone_surrogate(v, here)) is not None:
+            return found
+    return None
+
+
+class StrictBody(BaseModel):
+    """A JSON request body: unknown fields ignored, known ones strictly typed, only valid Unicode."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if (where := lone_surrogate(data)) is not None:
+            raise ValueError(f"{where}: the text holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
+
+
+class FunctionCall(StrictBody):
     name: str
     arguments: str
 
 
-class ToolCall(_Request):
+class ToolCall(StrictBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Request):
+class Message(StrictBody):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
     reasoning_content: str | None = None
@@ -64,18 +92,18 @@ class Message(_Request):
         return v
 
 
-class StreamOptions(_Request):
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class JsonSchema(_Request):
+class JsonSchema(StrictBody):
     name: str = Field("response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchema | None = None
 
@@ -86,7 +114,7 @@ class ResponseFormat(_Request):
         return self
 
 
-class Function(_Request):
+class Function(StrictBody):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None  # a JSON schema for the arguments (an object)
@@ -100,25 +128,25 @@ class Function(_Request):
         return v
 
 
-class Tool(_Request):
+class Tool(StrictBody):
     type: Literal["function"]
     function: Function
 
 
-class NamedFunction(_Request):
+class NamedFunction(StrictBody):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: NamedFunction
 
 
-class Thinking(_Request):
+class Thinking(StrictBody):
     type: Literal["enabled", "disabled"] = "enabled"
 
 
-class Sampling(_Request):
+class Sampling(StrictBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # None: the model's generation_config.json, else 1

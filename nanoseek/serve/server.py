@@ -7,13 +7,17 @@ The reasoning a model writes between <think> and </think> is returned as `reason
 (`delta.reasoning_content` when streaming), never inside `content`. Model names: the served
 name, plus DeepSeek's `deepseek-reasoner` (thinking on) and `deepseek-chat` (thinking off), so
 DeepSeek API clients work unchanged.
+Before any route, `guard.Guard` checks the Host (without a key), the key and the body's size.
+Every failure is one OpenAI-shaped error: the response's status and body, or, once a stream has
+started, a last `data: {"error": ...}` event (no `[DONE]`): a stream never ends looking complete
+when its generation failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property, lru_cache, reduce
 from itertools import accumulate
@@ -22,10 +26,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from ..data.shards import fim_arrange
 from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
@@ -34,6 +39,7 @@ from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
 from ..tools import CallFormat, CallStream, calculator_format, describe_tools, renders_tools
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
+from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
 WEB = Path(__file__).parent / "web"
@@ -41,22 +47,10 @@ DEFAULT_MAX_TOKENS = 4096
 
 
 class Service:
-    """What the routes share: the engine, the tokenizer, the served name, the key."""
+    """What the routes share: the engine, the tokenizer, the served name."""
 
-    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, api_key: str | None):
-        self.engine, self.tok, self.name, self.api_key = engine, tok, name, api_key
-
-    async def check_key(self, request: Request) -> None:
-        """The API key check of every route but /health and the web page (a router dependency)."""
-        if not self.api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if not given:
-            raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", "authentication_error",
-                           code="invalid_api_key")
-        if not secrets.compare_digest(given, self.api_key):
-            raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
+    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str):
+        self.engine, self.tok, self.name = engine, tok, name
 
     @cached_property
     def call_format(self) -> CallFormat | None:
@@ -109,9 +103,12 @@ def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
 
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
-               store=None, examples: dict = NO_EXAMPLES) -> FastAPI:
-    """The app; `examples` (chats.read_examples of the model folder) fill the web app's welcome screen."""
-    svc = Service(engine, tok, name, api_key)
+               store=None, examples: dict = NO_EXAMPLES, allowed_hosts: Sequence[str] = LOOPBACK,
+               max_body: int = MAX_BODY) -> FastAPI:
+    """The app; without `api_key` it answers only requests whose Host is in `allowed_hosts`
+    (guard.allowed_hosts gives them for a bound address); bodies over `max_body` bytes are refused.
+    `examples` (chats.read_examples of the model folder) fill the web app's welcome screen."""
+    svc = Service(engine, tok, name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -121,6 +118,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
+    app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts, max_body=max_body)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -131,14 +129,14 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         msg, param = validation_message(e.errors())
         return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, e):
-        return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
-
-    @app.exception_handler(405)
-    async def _bad_method(request: Request, e):
-        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(),
-                            status_code=405)
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):  # routing, and a body FastAPI cannot parse
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
+                   400: "the request body is not valid JSON (or holds a number too long to read)"}.get(
+            e.status_code, str(e.detail))
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):  # a bug, never a client mistake: no traceback leaves
@@ -147,9 +145,11 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     @app.get("/health")
     async def health():
         return {"status": "ok" if engine.error is None else "degraded", "model": name,
-                "running": len(engine.active), "waiting": len(engine.waiting)}
+                "running": len(engine.active), "waiting": len(engine.waiting),
+                "cache_rows_in_use": int((engine.cache.lengths[0] > 0).sum()),
+                "prefix_cache_mib": round(engine.prefixes.tokens * engine.cache.bytes_per_token / 2**20, 1)}
 
-    api = APIRouter(dependencies=[Depends(svc.check_key)])
+    api = APIRouter()  # the key is checked by the Guard, before the body is read
 
     def card(model: str) -> dict:  # DeepSeek's names are aliases of the served model: `parent` says so
         return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek",
@@ -251,12 +251,9 @@ def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[di
     template_tools = tools if tools and renders_tools(svc.tok) else None
     try:
         if body.messages[-1].prefix:  # the reply opened by the generation prompt, then the given start
-            head = svc.tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tools=template_tools,
-                                               thinking=thinking)
-            if head.rstrip().endswith(THINK):  # R1 templates open the reasoning: the given start replaces it
-                head = head.rstrip()[: -len(THINK)]
             start = msgs[-1]["content"] or ""
-            return svc.tok.encode(head + start), start.rfind(THINK) > start.rfind(END_THINK), True
+            ids = svc.tok.render_prompt(msgs[:-1], thinking=thinking, tools=template_tools, prefix=start)
+            return ids, start.rfind(THINK) > start.rfind(END_THINK), True
         ids = svc.tok.render_prompt(msgs, thinking=thinking, tools=template_tools)
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -362,16 +359,23 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     return msg, finish
 
 
-async def chat(svc: Service, body: ChatRequest, request: Request):
+def _chat_job(svc: Service, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:
+    """The request as the engine's job: (prompt ids, sampling parameters, whether the reply starts
+    inside its reasoning, whether it may call tools). Run off the event loop: rendering and
+    tokenizing a long prompt takes seconds."""
     thinking = _thinking(svc, body)
     tools, choice = _tools(svc, body)
-    prompt, started, prefix = _chat_prompt(svc, body, thinking, tools)
+    prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
     params = replace(params, grammar=_grammar(svc, body, thinking, started, tools, choice),
                      stop_after=svc.tok.end_think_id if started else None)
+    return prompt, params, started, choice is not None
+
+
+async def chat(svc: Service, body: ChatRequest, request: Request):
+    prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
-    with_calls = choice is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
@@ -443,8 +447,8 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
                        param="max_tokens")
     if body.suffix is not None and body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs cannot be combined with suffix", param="suffix")
-    prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
-    jobs = _submit_prompts(svc, prompts, [_completion_params(svc, body, p) for p in prompts], body.n)
+    prompts, params = await asyncio.to_thread(_completion_jobs, svc, body)
+    jobs = _submit_prompts(svc, prompts, params, body.n)
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name
     if body.stream:
         return _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
@@ -459,8 +463,15 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
             "usage": _completion_usage(svc, prompts, jobs, body.n)}
 
 
+def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Prompt], list[SamplingParams]]:
+    """Each prompt ready for the engine, with its sampling parameters (off the event loop, like _chat_job)."""
+    prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
+    return prompts, [_completion_params(svc, body, p) for p in prompts]
+
+
 def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list[int]) -> _Prompt:
-    """Token ids are read as given; text gets the BOS, and with `suffix` the FIM layout (PSM, as in pretraining)."""
+    """Token ids are read as given; text gets the BOS, and with `suffix` the FIM layout (PSM, as in pretraining).
+    Text is text: control-token strings in it are not control tokens (send token ids for those)."""
     tok, vocab = svc.tok, svc.engine.config.vocab_size
     if isinstance(prompt, list):
         if body.suffix is not None:
@@ -471,10 +482,10 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
         return _Prompt(prompt, tok.decode(prompt), 0)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is None:
-        return _Prompt(bos + tok.encode(prompt), prompt, len(bos))
+        return _Prompt(bos + tok.encode_text(prompt), prompt, len(bos))
     if tok.fim_begin_id is None:
         raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
-    return _Prompt(bos + fim_arrange(tok.encode(prompt), [], tok.encode(body.suffix), tok), prompt, 0)
+    return _Prompt(bos + fim_arrange(tok.encode_text(prompt), [], tok.encode_text(body.suffix), tok), prompt, 0)
 
 
 def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -> SamplingParams:
@@ -562,7 +573,17 @@ def _completion_chunk(cid, created, model, index, text, finish, logprobs=None) -
 
 # ---- plumbing ----
 def _finish(req) -> str:
+    """The finish_reason of a request that ended well (a failed one is an error instead: _failure)."""
     return "length" if req.finish_reason == "length" else "stop"
+
+
+def _failure(req) -> APIError | None:
+    """The error a request ended with, if it failed inside the engine or the server cancelled it (shutting down)."""
+    if req.finish_reason == "error":
+        return APIError(500, "generation failed inside the engine", "server_error")
+    if req.finish_reason == "cancelled":
+        return APIError(503, "generation was cancelled by the server", "server_error", code="cancelled")
+    return None
 
 
 async def _wait_all(svc: Service, jobs, request: Request) -> None:
@@ -581,20 +602,18 @@ async def _wait_all(svc: Service, jobs, request: Request) -> None:
                     checked = loop.time()
                     if await request.is_disconnected():
                         raise asyncio.CancelledError
-        _raise_engine_failure(svc, jobs)
     except asyncio.CancelledError:
         for req, _ in jobs:
             svc.engine.cancel(req)
         raise
-
-
-def _raise_engine_failure(svc: Service, jobs) -> None:
-    if any(req.finish_reason == "error" for req, _ in jobs):
-        raise APIError(500, "generation failed inside the engine", "server_error")
+    for req, _ in jobs:
+        if (e := _failure(req)) is not None:
+            raise e
 
 
 async def _merged_events(svc: Service, jobs, request: Request) -> AsyncIterator[tuple[int, object]]:
-    """(choice index, event) from all jobs as they arrive, until every job has finished."""
+    """(choice index, event) from all jobs as they arrive, until every job has finished; a job that
+    failed raises its API error."""
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, q):
@@ -611,6 +630,8 @@ async def _merged_events(svc: Service, jobs, request: Request) -> AsyncIterator[
             i, ev = await merged.get()
             if ev.finish_reason is not None:
                 left -= 1
+                if (e := _failure(jobs[i][0])) is not None:
+                    raise e
             yield i, ev
     finally:
         for t in tasks:
@@ -621,9 +642,17 @@ async def _merged_events(svc: Service, jobs, request: Request) -> AsyncIterator[
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events, then `[DONE]`; a failure ends the stream with an error event instead."""
     async def body():
-        async for e in events:
-            yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
+        try:
+            async for e in events:
+                yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        except Exception:  # a bug: the client learns the stream failed, never a traceback
+            yield f"data: {json.dumps(APIError(500, 'internal error', 'server_error').body())}\n\n"
+            return
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
