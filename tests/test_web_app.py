@@ -14,6 +14,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from playwright.sync_api import expect
 
 from conftest import randomize_
 from nanoseek.data.builtin import task_texts
@@ -204,7 +205,7 @@ def test_server_down_keeps_the_message_and_retry_saves_it_once(live, browser):
         live.start()
     page.click("#retry")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
-    page.wait_for_function("document.getElementById('error').hidden")
+    expect(page.locator("#error")).to_be_hidden()
     assert page.input_value("#input") == ""
     users = [m["content"] for m in stored_once_saved(live.url, cid, 4) if m["role"] == "user"]
     assert users == ["What is 2 + 3?", "What is 7 + 1?"]  # once
@@ -356,14 +357,15 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     page.keyboard.press("Control+k")
     assert page.evaluate("document.activeElement.id") == "search"
     page.keyboard.type("quokka")
-    page.wait_for_function("document.querySelectorAll('#conversations li').length === 1")
+    expect(page.locator("#conversations li")).to_have_count(1)
     assert page.inner_text("#conversations li .conv-title") == "Sums"
     page.fill("#search", "zebra")
-    page.wait_for_function("document.querySelector('#conversations li .conv-title').textContent === 'Zebra facts'")
+    expect(page.locator("#conversations li .conv-title")).to_have_text(["Zebra facts"])
     page.fill("#search", "no such words")
     page.wait_for_selector("#no-match:not([hidden])")
     page.press("#search", "Escape")
-    page.wait_for_function("document.querySelectorAll('#conversations li').length >= 2")
+    expect(page.locator("#conversations li:has-text('Zebra facts')")).to_have_count(1)
+    expect(page.locator("#conversations li:has-text('Sums')")).to_have_count(1)
     # rename and delete from the list
     page.once("dialog", lambda d: d.accept("Quokkas"))
     page.hover("#conversations li:has-text('Sums')")  # a conversation's actions show on hover
@@ -385,7 +387,7 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     page.once("dialog", lambda d: d.accept())
     page.hover("#conversations li:has-text('Quokkas')")
     page.click("#conversations li:has-text('Quokkas') button.delete")
-    page.wait_for_function("![...document.querySelectorAll('#conversations li')].some((li) => li.textContent.includes('Quokkas'))")
+    expect(page.locator("#conversations li:has-text('Quokkas')")).to_have_count(0)
     assert page.is_visible("#welcome") and page.is_hidden("#conv-menu")
     # the other shortcuts
     page.click("#conversations li:has-text('Zebra')")
