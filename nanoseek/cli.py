@@ -744,14 +744,18 @@ def _check_port(host: str, port: int) -> None:
 
 @app.command()
 def serve(
-    model: Path = _model_option(),
+    model: list[Path] = typer.Option([], metavar="DIR", callback=lambda paths: [_model_folder(p) for p in paths],
+                                     help="Model folder (HF format with tokenizer.json); repeat to serve several, "
+                                     "which the web app offers in a picker; default: the chat model shipped with "
+                                     "nanoseek."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind. Without an API key only loopback is allowed "
                              "unless --allow-open is given."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_API_KEY", help="Require 'Authorization: Bearer KEY' "
                                 "(also read from NANOSEEK_API_KEY)."),
     allow_open: bool = typer.Option(False, help="Serve without an API key on a non-loopback interface."),
-    name: str = typer.Option("nanoseek", help="The model name clients use."),
+    name: list[str] = typer.Option([], metavar="NAME", help="The model name clients use (repeat, in --model's order, for "
+                                   "several; default: 'nanoseek' for one model, each folder's name for several)."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together."),
     max_queue: int = typer.Option(64, min=0, help="Waiting requests before the server answers 503."),
     db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
@@ -764,32 +768,52 @@ def serve(
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
-    if not name.strip():
-        _fail("--name: give the model a name clients can use")
+    names = _served_names(model, name)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
         _fail(f"--host: refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
               "--allow-open")
     _check_port(host, port)
-    from .serve import create_app  # the server's dependencies, only for this command
+    from .serve import Service, create_app  # the server's dependencies, only for this command
     from .serve.chats import read_examples
     from .serve.guard import allowed_hosts, run
     from .serve.store import ChatStore, default_path
 
-    engine, tok = _chat_engine(model, max_batch=max_batch, speculative=speculative, compile=compile,
-                               quantize=quantize)
-    engine.max_queue = max_queue
-    if db is None and model is not None and (model / "chats.db").is_file():
-        console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db {model / 'chats.db'} "
-                      f"to keep using that file, or move it to {default_path()}")
+    served = []
+    for folder, served_name in zip(model or [None], names):
+        engine, tok = _chat_engine(folder, max_batch=max_batch, speculative=speculative, compile=compile,
+                                   quantize=quantize)
+        engine.max_queue = max_queue
+        with _reported():
+            served.append(Service(engine, tok, served_name, read_examples(folder or SHIPPED)))  # + the welcome screen
+        if db is None and folder is not None and (folder / "chats.db").is_file():
+            console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db "
+                          f"{folder / 'chats.db'} to keep using that file, or move it to {default_path()}")
     store = ChatStore(db or default_path())
-    with _reported():
-        examples = read_examples(model or SHIPPED)  # the web app's welcome screen
-    application = create_app(engine, tok, name=name, api_key=api_key, store=store, examples=examples,
-                             allowed_hosts=allowed_hosts(host, allowed_host))
+    first = served[0]
+    application = create_app(first.engine, first.tok, name=first.name, api_key=api_key, store=store,
+                             examples=first.examples, allowed_hosts=allowed_hosts(host, allowed_host), also=served[1:])
     address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
-    console.print(f"[bold]nanoseek[/] serving {model or 'the shipped chat model'} as '{name}' on http://{address}:{port}  "
+    what = ", ".join(f"{f or 'the shipped chat model'} as '{n}'" for f, n in zip(model or [None], names))
+    console.print(f"[bold]nanoseek[/] serving {what} on http://{address}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''})")
     run(application, host, port)
+
+
+def _served_names(folders: list[Path], names: list[str]) -> list[str]:
+    """serve's model names, one per --model (the shipped model when none): those given with --name
+    in order, then each folder's name (for one model: 'nanoseek')."""
+    count = max(len(folders), 1)
+    names = list(names)
+    if len(names) > count:
+        _fail(f"--name: {len(names)} names for {count} model{'s' * (count > 1)}; give at most one --name per --model")
+    if any(not n.strip() for n in names):
+        _fail("--name: give each model a name clients can use")
+    defaults = ["nanoseek"] if count == 1 else [f.resolve().name for f in folders]
+    names += defaults[len(names):]
+    if len(set(names)) < len(names) or {"deepseek-reasoner", "deepseek-chat"} & set(names):
+        _fail(f"--name: the served models need distinct names other than deepseek-reasoner and deepseek-chat "
+              f"(got {', '.join(names)}); name them with --name")
+    return names
 
 
 @app.command(cls=WithArguments)

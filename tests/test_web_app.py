@@ -21,7 +21,7 @@ from nanoseek.data.builtin import task_texts
 from nanoseek.inference import Engine
 from nanoseek.loading import load_chat_engine
 from nanoseek.model import build_model, get_preset
-from nanoseek.serve import create_app
+from nanoseek.serve import Service, create_app
 from nanoseek.serve.chats import read_examples
 from nanoseek.serve.store import ChatStore
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -319,22 +319,57 @@ def test_welcome_examples_markdown_thinking_time_speed_and_thinking_off(shipped,
     page.context.close()
 
 
-def test_generic_welcome_and_the_model_picker(live, browser):
+def test_generic_welcome_and_no_picker_for_one_model(live, browser):
     page = open_page(browser, live.url)
     page.wait_for_selector("#examples .example")
     assert page.locator("#examples .example").count() == 1 and "Ask anything" in page.inner_text("#about")
     assert page.is_hidden("#model")  # one model (DeepSeek's names are its aliases): no picker
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny, tmp_path_factory):
+    """One server, two models: the tiny random one (no examples) first, the shipped one as 'shipped'."""
+    model, tok = tiny
+    first = Engine(model, decode=tok.decode, max_batch=2, max_len=CONTEXT, eos_token_id=tok.eos_id)
+    engine, shipped_tok = load_chat_engine(SHIPPED, max_batch=2)
+    asked = []  # the prompts the shipped model's engine was given
+    submit = engine.submit
+    engine.submit = lambda prompt, *a, **k: (asked.append(prompt), submit(prompt, *a, **k))[1]
+    also = [Service(engine, shipped_tok, "shipped", read_examples(SHIPPED))]
+    srv = Restartable(create_app(first, tok, api_key=KEY, store=ChatStore(tmp_path_factory.mktemp("two") / "c.db"),
+                                 also=also))
+    srv.start()
+    yield srv, asked
+    srv.stop()
+
+
+def test_two_models_a_picker_each_with_its_examples_tools_and_engine(two_models, browser):
+    srv, asked = two_models
+    models = httpx.get(f"{srv.url}/v1/models", headers=AUTH).json()["data"]
+    assert [m["id"] for m in models if "parent" not in m] == ["nanoseek", "shipped"]
+    assert httpx.get(f"{srv.url}/v1/models/shipped", headers=AUTH).status_code == 200
+    missing = httpx.post(f"{srv.url}/v1/chat/completions", headers=AUTH,
+                         json={"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]})
+    assert missing.status_code == 404 and "'shipped'" in missing.json()["error"]["message"]
+    shipped_examples = read_examples(SHIPPED)["examples"]
+    page = open_page(browser, srv.url)
+    page.wait_for_selector("#model:not([hidden])")
+    assert page.locator("#model option").all_inner_texts() == ["nanoseek", "shipped"]
+    assert page.locator("#examples .example").count() == 1  # the first model has no examples.json
+    page.select_option("#model", "shipped")
+    expect(page.locator("#examples .example")).to_have_count(len(shipped_examples))
+    assert page.inner_text("#welcome-title") == "Chat with shipped"
+    assert page.is_visible("#tools-toggle")  # the shipped model can call the calculator
     sent = []
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
-    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
-        {"id": "nanoseek", "object": "model"}, {"id": "other", "object": "model"},
-        {"id": "deepseek-chat", "object": "model", "parent": "nanoseek"}]}))
-    page.reload()
-    page.wait_for_selector("#model:not([hidden])")
-    assert page.locator("#model option").all_inner_texts() == ["nanoseek", "other"]
-    page.click("#examples .example")
+    with page.expect_response("**/v1/chat/completions", timeout=60_000):
+        page.click("#examples .example >> nth=0")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
-    assert sent[-1]["model"] == "nanoseek"
+    assert sent[0]["model"] == "shipped" and asked  # the shipped model's engine answered
+    page.reload()  # the choice is remembered
+    page.wait_for_selector("#model:not([hidden])")
+    assert page.input_value("#model") == "shipped"
     page.context.close()
 
 

@@ -1,5 +1,5 @@
 """The API server (OpenAI/DeepSeek-compatible) and the chat web app."""
 
-from .server import create_app
+from .server import Service, create_app
 
-__all__ = ["create_app"]
+__all__ = ["Service", "create_app"]

@@ -6,9 +6,9 @@
     PATCH  /api/conversations/{id}        rename / change system prompt or settings
     PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
     DELETE /api/conversations/{id}
-    GET    /api/tools                     the built-in tools this model can call (none if its template has no calls)
+    GET    /api/tools?model=name          the built-in tools a model can call (none if its template has no calls)
     POST   /api/tools/{name}              run one {arguments: "<JSON>"} -> {content: "<result text>"}
-    GET    /api/examples                  what the model does well, from its folder's examples.json
+    GET    /api/examples?model=name       what a model does well, from its folder's examples.json
 
 The page sends the whole message list after each change, so editing and regenerating are just
 rewrites of the list (a write past the store's limits is a 413, code "quota_exceeded"); a tool
@@ -128,13 +128,13 @@ def routes(store: ChatStore) -> APIRouter:
     return r
 
 
-def tool_routes(usable: Callable[[], bool]) -> APIRouter:
-    """The built-in tool routes; `usable()` says whether the model can call tools at all."""
+def tool_routes(usable: Callable[[str | None], bool]) -> APIRouter:
+    """The built-in tool routes; `usable(model)` says whether a served model (None: the first) can call them."""
     r = APIRouter(prefix="/api/tools")
 
     @r.get("")
-    async def list_():
-        return {"data": [spec for spec, _ in BUILTIN_TOOLS.values()] if usable() else []}
+    async def list_(model: str | None = Query(None, max_length=200)):
+        return {"data": [spec for spec, _ in BUILTIN_TOOLS.values()] if usable(model) else []}
 
     @r.post("/{name}")
     async def run(name: str, body: ToolRun):
@@ -165,12 +165,12 @@ def read_examples(folder: Path) -> dict:
                          f"({type(e).__name__}: {e})") from None
 
 
-def example_routes(examples: dict) -> APIRouter:
-    """GET /api/examples: `examples` (read_examples' dict) as they are."""
+def example_routes(examples: Callable[[str | None], dict]) -> APIRouter:
+    """GET /api/examples?model=name: a served model's (None: the first) `examples` (read_examples' dict)."""
     r = APIRouter()
 
     @r.get("/api/examples")
-    async def list_():
-        return examples
+    async def list_(model: str | None = Query(None, max_length=200)):
+        return examples(model)
 
     return r

@@ -47,10 +47,15 @@ DEFAULT_MAX_TOKENS = 4096
 
 
 class Service:
-    """What the routes share: the engine, the tokenizer, the served name."""
+    """One served model: its engine, tokenizer, name and the web app's examples for it."""
 
-    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str):
-        self.engine, self.tok, self.name = engine, tok, name
+    def __init__(self, engine: Engine, tok: DeepSeekTokenizer, name: str, examples: dict = NO_EXAMPLES):
+        self.engine, self.tok, self.name, self.examples = engine, tok, name, examples
+
+    @cached_property
+    def calculator(self) -> bool:
+        """Whether the web app may offer this model its built-in calculator."""
+        return calculator_format(self.tok, self.engine.max_len) is not None
 
     @cached_property
     def call_format(self) -> CallFormat | None:
@@ -61,14 +66,6 @@ class Service:
     def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool) -> Grammar:
         vocab = vocabulary(self.tok.tok.to_str(), self.engine.config.vocab_size, self.tok.eos_ids)
         return Grammar.compile(vocab, lark, trigger, banned, required)
-
-    def thinking_default(self, model: str | None) -> bool:
-        if model in (None, self.name, "deepseek-reasoner"):
-            return True
-        if model == "deepseek-chat":
-            return False
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r} "
-                            "(also as 'deepseek-reasoner' and 'deepseek-chat')", code="model_not_found", param="model")
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop):
         """n requests with their asyncio event queues; refused requests become API errors."""
@@ -84,6 +81,31 @@ class Service:
                 self.engine.cancel(req)
             raise _refusal(e) from None
         return jobs
+
+
+ALIASES = {"deepseek-reasoner": True, "deepseek-chat": False}  # DeepSeek's names -> thinking on/off
+
+
+class Models:
+    """The models a server serves, by the names clients use: each model's own name, and DeepSeek's
+    names (ALIASES) for the first, so DeepSeek API clients work unchanged."""
+
+    def __init__(self, services: Sequence[Service]):
+        self.all = list(services)
+        self.by_name = {s.name: s for s in self.all}
+        if len(self.by_name) < len(self.all) or set(self.by_name) & set(ALIASES):
+            raise ValueError(f"served models need distinct names other than {sorted(ALIASES)}: "
+                             f"{[s.name for s in self.all]}")
+
+    def pick(self, model: str | None) -> tuple[Service, bool]:
+        """The model a request names (None: the first) and whether it thinks by default."""
+        if model is None or model in self.by_name:
+            return self.by_name.get(model, self.all[0]), True
+        if model in ALIASES:
+            return self.all[0], ALIASES[model]
+        served = ", ".join(repr(n) for n in self.by_name)
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served} (the first also as "
+                            "'deepseek-reasoner' and 'deepseek-chat')", code="model_not_found", param="model")
 
 
 def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
@@ -104,20 +126,23 @@ def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
                store=None, examples: dict = NO_EXAMPLES, allowed_hosts: Sequence[str] = LOOPBACK,
-               max_body: int = MAX_BODY) -> FastAPI:
-    """The app; without `api_key` it answers only requests whose Host is in `allowed_hosts`
-    (guard.allowed_hosts gives them for a bound address); bodies over `max_body` bytes are refused.
-    `examples` (chats.read_examples of the model folder) fill the web app's welcome screen."""
-    svc = Service(engine, tok, name)
+               max_body: int = MAX_BODY, also: Sequence[Service] = ()) -> FastAPI:
+    """The app serving `name` (engine, tok) and the models in `also`, each under its own name;
+    without `api_key` it answers only requests whose Host is in `allowed_hosts` (guard.allowed_hosts
+    gives them for a bound address); bodies over `max_body` bytes are refused. `examples`
+    (chats.read_examples of the model folder) fill the web app's welcome screen."""
+    models = Models([Service(engine, tok, name, examples), *also])
+    engines = [s.engine for s in models.all]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        for e in engines:
+            e.start()
         yield
-        engine.shutdown()
+        for e in engines:
+            e.shutdown()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.service = svc
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts, max_body=max_body)
 
     @app.exception_handler(APIError)
@@ -143,40 +168,40 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok" if engine.error is None else "degraded", "model": name,
-                "running": len(engine.active), "waiting": len(engine.waiting),
-                "cache_rows_in_use": int((engine.cache.lengths[0] > 0).sum()),
-                "prefix_cache_mib": round(engine.prefixes.tokens * engine.cache.bytes_per_token / 2**20, 1)}
+    async def health():  # the counts are summed over the served models
+        return {"status": "ok" if all(e.error is None for e in engines) else "degraded", "model": name,
+                "models": list(models.by_name),
+                "running": sum(len(e.active) for e in engines), "waiting": sum(len(e.waiting) for e in engines),
+                "cache_rows_in_use": sum(int((e.cache.lengths[0] > 0).sum()) for e in engines),
+                "prefix_cache_mib": round(sum(e.prefixes.tokens * e.cache.bytes_per_token for e in engines) / 2**20, 1)}
 
     api = APIRouter()  # the key is checked by the Guard, before the body is read
 
-    def card(model: str) -> dict:  # DeepSeek's names are aliases of the served model: `parent` says so
+    def card(model: str) -> dict:  # DeepSeek's names are aliases of the first model: `parent` says so
         return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek",
-                **({"parent": name} if model != name else {})}
+                **({"parent": name} if model in ALIASES else {})}
 
     @api.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [card(m) for m in (name, "deepseek-reasoner", "deepseek-chat")]}
+    async def list_models():
+        return {"object": "list", "data": [card(m) for m in (*models.by_name, *ALIASES)]}
 
     @api.get("/v1/models/{model:path}")
     async def model_card(model: str):
-        svc.thinking_default(model)  # 404 for a name this server does not serve
+        models.pick(model)  # 404 for a name this server does not serve
         return card(model)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await chat(svc, body, request)
+        return await chat(*models.pick(body.model), body, request)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await complete(svc, body, request)
+        return await complete(models.pick(body.model)[0], body, request)
 
     if store is not None:
         api.include_router(routes(store))
-    calculator = calculator_format(tok, engine.max_len) is not None
-    api.include_router(tool_routes(lambda: calculator))  # the web app's calculator
-    api.include_router(example_routes(examples))
+    api.include_router(tool_routes(lambda model: models.pick(model)[0].calculator))  # the web app's calculator
+    api.include_router(example_routes(lambda model: models.pick(model)[0].examples))
     app.include_router(api)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
@@ -193,9 +218,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
 
 # ---- chat completions ----
-def _thinking(svc: Service, body: ChatRequest) -> bool:
-    thinking = svc.thinking_default(body.model)
-    return thinking if body.thinking is None else body.thinking.type == "enabled"
+def _thinking(default: bool, body: ChatRequest) -> bool:
+    return default if body.thinking is None else body.thinking.type == "enabled"
 
 
 def _messages(body: ChatRequest) -> list[dict]:
@@ -359,11 +383,11 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     return msg, finish
 
 
-def _chat_job(svc: Service, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:
+def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:
     """The request as the engine's job: (prompt ids, sampling parameters, whether the reply starts
     inside its reasoning, whether it may call tools). Run off the event loop: rendering and
     tokenizing a long prompt takes seconds."""
-    thinking = _thinking(svc, body)
+    thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
     prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
@@ -372,8 +396,9 @@ def _chat_job(svc: Service, body: ChatRequest) -> tuple[list[int], SamplingParam
     return prompt, params, started, choice is not None
 
 
-async def chat(svc: Service, body: ChatRequest, request: Request):
-    prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, body)
+async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
+    """A chat completion by `svc`'s model, thinking by default when `thinks`."""
+    prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
     if body.stream:
@@ -441,7 +466,6 @@ class _Prompt(NamedTuple):
 async def complete(svc: Service, body: CompletionRequest, request: Request):
     """Legacy completions: one prompt or several (text or token ids), n choices each (choice index =
     prompt index * n + k); echo, and logprobs in OpenAI's legacy shape, over the prompt too with echo."""
-    svc.thinking_default(body.model)  # checks the model name
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 needs echo: true (the prompt is scored, nothing generated)",
                        param="max_tokens")

@@ -259,7 +259,7 @@ function renderMessage(m, index, messages, streaming = false) {  // actions only
 }
 function renderWelcome() {  // what this model does well, from its folder (examples.json), or a generic welcome
   const ex = state.examples || { about: "", examples: [] };
-  $("welcome-title").textContent = state.models[0] ? "Chat with " + state.models[0] : "nanoseek chat";
+  $("welcome-title").textContent = chosenModel() ? "Chat with " + chosenModel() : "nanoseek chat";
   $("about").textContent = ex.about || "Ask anything. With thinking on, the model's reasoning streams into a panel first.";
   const examples = ex.examples.length ? ex.examples : [{ title: "Say hello", prompt: "Hello! What can you do?" }];
   $("examples").replaceChildren(...examples.map((e) => {
@@ -302,16 +302,21 @@ function renderList() {
 }
 
 // ---------- the model, its tools and examples ----------
-async function loadServer() {  // what the server serves: models (a picker when several), tools, examples
-  const [models, tools, examples] = await Promise.allSettled([api("/v1/models"), api("/api/tools"), api("/api/examples")]);
-  state.models = models.status === "fulfilled" ? models.value.data.filter((m) => !m.parent).map((m) => m.id) : [];
-  state.tools = tools.status === "fulfilled" ? tools.value.data : [];
-  state.examples = examples.status === "fulfilled" ? examples.value : null;
+async function loadServer() {  // what the server serves: models (a picker when several), then the chosen one's
+  const models = await api("/v1/models").catch(() => ({ data: [] }));
+  state.models = models.data.filter((m) => !m.parent).map((m) => m.id);
   const picker = $("model");
   picker.replaceChildren(...state.models.map((id) => el("option", "", id)));
   picker.value = localStorage.getItem("nanoseek.model");
   if (!picker.value) picker.value = state.models[0] || "";  // none remembered, or no longer served
   picker.hidden = state.models.length < 2;
+  await loadModel();
+}
+async function loadModel() {  // the chosen model's built-in tools and examples
+  const query = chosenModel() ? "?model=" + encodeURIComponent(chosenModel()) : "";
+  const [tools, examples] = await Promise.allSettled([api("/api/tools" + query), api("/api/examples" + query)]);
+  state.tools = tools.status === "fulfilled" ? tools.value.data : [];
+  state.examples = examples.status === "fulfilled" ? examples.value : null;
   const names = state.tools.map((t) => t.function.name);
   $("tools-toggle").hidden = !names.length;
   $("tools-names").textContent = " (" + names.join(", ") + ")";
@@ -579,7 +584,7 @@ $("retry").onclick = () => state.retry && state.retry();
 $("dismiss").onclick = clearError;
 $("theme").onclick = () => { localStorage.setItem("nanoseek.theme", theme() === "dark" ? "light" : "dark"); applyTheme(); };
 $("help-open").onclick = () => $("help").showModal();
-$("model").onchange = () => localStorage.setItem("nanoseek.model", $("model").value);
+$("model").onchange = () => { localStorage.setItem("nanoseek.model", $("model").value); loadModel(); };
 $("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => refreshList().catch(showError), 200); };
 $("search").onkeydown = (e) => { if (e.key === "Escape" && $("search").value) { e.stopPropagation(); $("search").value = ""; refreshList().catch(showError); } };
 $("open-side").onclick = openSide;
