@@ -53,6 +53,12 @@ def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
     assert "API key" in page.inner_text("#error")
     page.fill("#api_key", KEY)
     page.dispatch_event("#api_key", "change")
+    kept = "[localStorage.getItem('nanoseek.api_key'), sessionStorage.getItem('nanoseek.api_key')]"
+    assert page.evaluate(kept) == [None, KEY]  # not remembered: kept only while the tab is open
+    page.check("#remember_key")
+    assert page.evaluate(kept) == [KEY, None]
+    page.uncheck("#remember_key")
+    assert page.evaluate(kept) == [None, KEY]
     page.fill("#max_tokens", "40")
     page.dispatch_event("#max_tokens", "change")
     page.click("#new-chat")
@@ -97,7 +103,8 @@ def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
 
 def test_stop_regenerate_edit_and_phone_layout(server, browser):
     page = browser.new_page(viewport={"width": 390, "height": 800})
-    page.add_init_script(f"localStorage.setItem('nanoseek.api_key', '{KEY}')")  # the key remembered from before
+    page.add_init_script(f"localStorage.setItem('nanoseek.api_key', '{KEY}'); "  # the key remembered from before
+                         "localStorage.setItem('nanoseek.remember_key', 'true')")
     page.add_init_script("localStorage.setItem('nanoseek.tools', 'false')")  # plain replies (no calculator)
     page.goto(server)
     page.wait_for_load_state("networkidle")
@@ -154,7 +161,7 @@ def test_tool_calls_run_show_continue_and_persist(tool_server, browser):
     from nanoseek.tools import run_calculator
 
     page = browser.new_page()
-    settings = {"api_key": KEY, "thinking": "false", "max_tokens": "30"}  # thinking off: V3.1 calls tools without it
+    settings = {"api_key": KEY, "remember_key": "true", "thinking": "false", "max_tokens": "30"}  # thinking off: V3.1 calls tools without it
     page.add_init_script("".join(f"localStorage.setItem('nanoseek.{k}', '{v}');" for k, v in settings.items()))
     sent = []
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)

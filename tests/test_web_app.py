@@ -89,7 +89,7 @@ def shipped(tmp_path_factory):
 
 def open_page(browser, url, settings=None, **context):
     """A new page on `url` with these settings remembered (as a returning user has them)."""
-    settings = {"api_key": KEY, "max_tokens": "20", "tools": "false", **(settings or {})}
+    settings = {"api_key": KEY, "remember_key": "true", "max_tokens": "20", "tools": "false", **(settings or {})}
     ctx = browser.new_context(**context)
     ctx.add_init_script("".join(f"localStorage.setItem('nanoseek.{k}', {json.dumps(v)});" for k, v in settings.items()))
     page = ctx.new_page()

@@ -12,22 +12,29 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], examples: null, retry: null };
-const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "api_key"];
+const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "remember_key", "api_key"];
 const MAX_TOOL_ROUNDS = 4;
 const FINISHED = ["stop", "length", "tool_calls"];  // the finish reasons of a reply that ended well
 const OFFLINE = "Can't reach the nanoseek server: it may be stopped or restarting.";
 
 // ---------- settings and theme ----------
+function storage(k) {  // the API key stays in this tab (sessionStorage) unless "remember" is ticked
+  return k === "api_key" && !$("remember_key").checked ? sessionStorage : localStorage;
+}
 function loadSettings() {
   for (const k of SETTINGS) {
-    const v = localStorage.getItem("nanoseek." + k);
+    const v = storage(k).getItem("nanoseek." + k);
     if (v === null) continue;
     if ($(k).type === "checkbox") $(k).checked = v === "true"; else $(k).value = v;
   }
 }
 function saveSetting(e) {
   const el = e.target;
-  localStorage.setItem("nanoseek." + el.id, el.type === "checkbox" ? el.checked : el.value);
+  storage(el.id).setItem("nanoseek." + el.id, el.type === "checkbox" ? el.checked : el.value);
+  if (el.id === "remember_key") {  // move the key to where it now belongs
+    (el.checked ? sessionStorage : localStorage).removeItem("nanoseek.api_key");
+    storage("api_key").setItem("nanoseek.api_key", $("api_key").value);
+  }
 }
 const systemDark = matchMedia("(prefers-color-scheme: dark)");
 function theme() { return localStorage.getItem("nanoseek.theme") || (systemDark.matches ? "dark" : "light"); }
