@@ -23,13 +23,15 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_hardening import serve  # noqa: E402  (`nanoseek serve` in a subprocess, once it answers)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "nanoseek" / "assets" / "model"
 
@@ -40,23 +42,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def start_server(model: Path, port: int, db: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
-                             "--db", str(db), "--max-batch", "16", "--max-queue", "64"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("the server did not start")
 
 
 async def client(http: httpx.AsyncClient, url: str, rng: random.Random, until: float, counts: dict,
@@ -184,7 +169,7 @@ def main():
 
     port = 8800 + os.getpid() % 1000
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(args.model, port, Path(tmp) / "chats.db")
+        proc = serve(args.model, Path(tmp) / "chats.db", port)
         try:
             counts, samples, end = asyncio.run(run(f"http://127.0.0.1:{port}", proc.pid, args))
         finally:

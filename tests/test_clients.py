@@ -9,7 +9,6 @@ calls and JSON valid, which is what these tests check."""
 import asyncio
 import json
 import os
-import shutil
 
 import jsonschema
 import openai
@@ -22,7 +21,7 @@ from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
 from nanoseek.tokenizer import DeepSeekTokenizer
-from test_chat_templates import REAL, TEMPLATES, model_folder
+from test_chat_templates import model_folder
 from test_server import KEY, LiveServer
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price table from the network

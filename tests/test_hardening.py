@@ -582,12 +582,12 @@ def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
 
 
 # ---- crash campaign ----
-def serve(model: Path, db: Path, port: int) -> subprocess.Popen:
-    """`nanoseek serve` in a subprocess, once it answers /health."""
+def serve(model: Path, db: Path, port: int, **env: str) -> subprocess.Popen:
+    """`nanoseek serve` in a subprocess (with `env` added to its environment), once it answers /health."""
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
                              "--db", str(db), "--max-batch", "16", "--max-queue", "64"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, **env})
     deadline = time.time() + 120
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
@@ -603,7 +603,7 @@ def serve(model: Path, db: Path, port: int) -> subprocess.Popen:
 def test_sigkill_during_streams_and_writes_loses_nothing_acknowledged(tmp_path):
     db, port = tmp_path / "chats.db", free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve(SHIPPED, db, port)
+    proc = serve(SHIPPED, db, port, OMP_NUM_THREADS="1")
     acked, pending, streamed, stop = {}, {}, [], threading.Event()  # cid -> last acknowledged / in-flight messages
 
     def stream(i):
@@ -644,7 +644,7 @@ def test_sigkill_during_streams_and_writes_loses_nothing_acknowledged(tmp_path):
         t.join(60)
     assert len(streamed) >= 200 and len(acked) >= 8
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    proc = serve(SHIPPED, db, port)
+    proc = serve(SHIPPED, db, port, OMP_NUM_THREADS="1")
     try:
         stored = {c["id"] for c in httpx.get(url + "/api/conversations", timeout=30).json()["data"]}
         assert set(acked) <= stored
