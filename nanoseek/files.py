@@ -5,7 +5,7 @@
 - `staged_dir(final)`: a folder, written under `final.tmp` and moved into place whole (every file
   and both folders fsynced) when the block ends without error;
 - `drop_torn_tail(path)`: an append-only log (jsonl) whose last write a crash cut short loses
-  that partial line, and only it.
+  that partial line, and only it; `read_jsonl(path)` reads such a log back.
 
 A process killed at any point leaves at most a stale `*.tmp` that the next write of the same
 target clears. Every durable write in nanoseek goes through here (checkpoints, manifests, run
@@ -14,6 +14,7 @@ folders, token shards, the exported model).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -78,3 +79,21 @@ def drop_torn_tail(path: str | os.PathLike) -> bytes:
             f.truncate(end)
             os.fsync(f.fileno())
     return data[end:]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a jsonl file (blank lines skipped); a ValueError names the first line
+    that is not a JSON object."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object; fix or delete that line")
+            records.append(record)
+    return records

@@ -99,7 +99,7 @@ def test_a_torn_last_line_of_the_traces_is_dropped(tmp_path):
     assert stats["rejected"] == 8 and len(records) == 8 and out.read_text().startswith(whole)
     assert len({r["question"] for r in records}) == 8  # the torn problem was asked again, nothing twice
     out.write_text(whole + "{oops\n" + whole)  # a bad line in the middle is not a crash's: it is reported
-    with pytest.raises(ValueError, match="line 5: not JSON"):
+    with pytest.raises(ValueError, match=":5: invalid JSON"):
         collect_traces(ask, ["add"], n=1, out=out, batch=4, max_asked=8)
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
-from ..files import drop_torn_tail, staged_dir
+from ..files import drop_torn_tail, read_jsonl, staged_dir
 from ..inference import SamplingParams
 from ..loading import load_chat_engine
 from ..model import build_model
@@ -59,7 +59,7 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
         torn = drop_torn_tail(out)
         if torn:
             console.print(f"[yellow]{out}[/]: dropped a half-written last line ({len(torn)} bytes) left by a crash")
-        lines = read_traces(out)
+        lines = read_jsonl(out)
         kept = sum(1 for r in lines if r.get("verified"))
         rejected = sum(1 for r in lines if not r.get("verified"))
     rng = random.Random(seed)
@@ -90,25 +90,8 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
     return {"verified": kept, "rejected": rejected, "acceptance": kept / max(1, kept + rejected)}
 
 
-def read_traces(path: Path) -> list[dict]:
-    """The records of a traces file; ValueError naming the line that is not a JSON object."""
-    records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {i}: not JSON ({e}); fix or delete that line") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {i}: not a JSON object; fix or delete that line")
-            records.append(record)
-    return records
-
-
 def verified_conversations(path: Path) -> list[list[dict]]:
-    return [r["messages"] for r in read_traces(path) if r.get("verified")]
+    return [r["messages"] for r in read_jsonl(path) if r.get("verified")]
 
 
 class DistillObjective:

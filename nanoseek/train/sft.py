@@ -10,7 +10,6 @@ MTP keeps training during SFT, so the chat model still drafts well for speculati
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..checkpoint import load_model
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import no_thinking_conversations, tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
+from ..files import read_jsonl
 from ..model.config import ConfigError, padded_vocab
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools
@@ -35,18 +35,15 @@ from .settings import SFT_TRAIN, SFTConfig, TrainConfig
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
     """A jsonl file of {"messages": [...]} lines; a malformed line stops with its file and line."""
+    try:
+        records = read_jsonl(path)
+    except ValueError as e:
+        raise ChatFormatError(str(e)) from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatFormatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise ChatFormatError(f"{path}:{n}: expected an object with a 'messages' list")
-            out.append(record["messages"])
+    for n, record in enumerate(records, start=1):
+        if not isinstance(record.get("messages"), list):
+            raise ChatFormatError(f"{path}: conversation {n}: expected an object with a 'messages' list")
+        out.append(record["messages"])
     if not out:
         raise ChatFormatError(f"{path}: no conversations")
     return out
