@@ -140,6 +140,8 @@ def parse_duration(text: str) -> float:
         raise typer.BadParameter(f"{text!r} is not a duration (examples: 90s, 10m, 1.5h)") from None
     if seconds < 0:
         raise typer.BadParameter(f"{text!r} is negative")
+    if not seconds < float("inf"):  # inf, nan
+        raise typer.BadParameter(f"{text!r} is not a finite duration")
     return seconds
 
 
@@ -478,8 +480,8 @@ def generate(
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, min=0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+    temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, max=1, callback=_positive, help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
@@ -507,8 +509,8 @@ def generate(
 def chat(
     model: Path = _model_option(),
     system: str = typer.Option("", help="System prompt."),
-    temperature: float = typer.Option(0.6, min=0, help="Sampling temperature (0 = greedy); /temp changes it."),
-    top_p: float = typer.Option(0.95, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+    temperature: float = typer.Option(0.6, min=0, max=100, help="Sampling temperature (0 = greedy); /temp changes it."),
+    top_p: float = typer.Option(0.95, max=1, callback=_positive, help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability."),
     max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
@@ -579,7 +581,7 @@ def rl(
     group: int = typer.Option(GRPOConfig.group_size, min=2, help="Samples per problem (G)."),
     updates: int = typer.Option(GRPOConfig.updates_per_rollout, min=1, help="Optimizer steps per batch of rollouts "
                                 "(GRPO's mu)."),
-    temperature: float = typer.Option(GRPOConfig.temperature, min=0, help="Rollout temperature."),
+    temperature: float = typer.Option(GRPOConfig.temperature, min=0, max=100, help="Rollout temperature."),
     beta: float = typer.Option(GRPOConfig.beta, min=0, help="KL (k3) to the starting model; 0 = no reference model."),
     loss_norm: Literal["sequence", "token", "dr_grpo"] = typer.Option(
         GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token (DAPO) or dr_grpo (sum over "
@@ -648,7 +650,7 @@ def eval_(
                               "not offered (a model folder only)."),
     n: int = typer.Option(100, min=1, help="Held-out problems per family."),
     samples: int = typer.Option(1, min=1, help="Samples per problem (k for pass@k and majority vote)."),
-    temperature: float = typer.Option(0.0, min=0, help="0 = greedy (with samples > 1, 0.7 is used)."),
+    temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy (with samples > 1, 0.7 is used)."),
     varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
     max_tokens: int = typer.Option(0, min=0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a "
                                    "URL)."),
@@ -757,7 +759,7 @@ def serve(
     name: list[str] = typer.Option([], metavar="NAME", help="The model name clients use (repeat, in --model's order, for "
                                    "several; default: 'nanoseek' for one model, each folder's name for several)."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together."),
-    max_queue: int = typer.Option(64, min=0, help="Waiting requests before the server answers 503."),
+    max_queue: int = typer.Option(64, min=1, help="Waiting requests before the server answers 503."),
     db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
                             "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
     allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "

@@ -229,9 +229,12 @@ def calculate(expression: str) -> int | float:
             if isinstance(node.op, ast.Pow) and abs(right) * math.log10(max(abs(left), 2)) > MAX_DIGITS:
                 raise ValueError("the result is too large")
             try:
-                return _OPS[type(node.op)](left, right)
+                result = _OPS[type(node.op)](left, right)
             except ZeroDivisionError:
                 raise ValueError("division by zero") from None
+            if isinstance(result, int) and result.bit_length() > MAX_DIGITS * 3.33:  # a product chain grows too
+                raise ValueError("the result is too large")
+            return result
         raise ValueError(f"only numbers and + - * / // % ** are allowed, not {type(node).__name__}")
 
     try:

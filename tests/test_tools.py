@@ -3,6 +3,7 @@ parsing and streaming a reply's calls, and the AST calculator."""
 
 import json
 import random
+import time
 
 import jsonschema
 import pytest
@@ -106,6 +107,11 @@ def test_calculator():
                 "-" * 5000 + "1", "(" * 300 + "1" + ")" * 300):
         with pytest.raises(ValueError):
             calculate(bad)
+    product = "*".join(["9**1000"] * 400)  # each factor is small; the product is not (quadratic time)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="too large"):
+        calculate(product)
+    assert time.perf_counter() - start < 0.5  # refused as soon as a partial product is too large
     assert run_calculator('{"expression": "40 + 2"}') == "42"
     assert run_calculator('{"expression": "1/0"}').startswith("error")
     assert run_calculator("not json").startswith("error")

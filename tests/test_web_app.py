@@ -319,6 +319,22 @@ def test_welcome_examples_markdown_thinking_time_speed_and_thinking_off(shipped,
     page.context.close()
 
 
+def test_an_emoji_at_the_title_cut_and_emptied_settings_still_send_and_save(live, browser):
+    """The title (the first 40 characters) once cut an emoji in half: the lone surrogate was refused,
+    and the conversation was never saved. An emptied Top p (sent as 0) or Max tokens 0 was a 400."""
+    page = open_page(browser, live.url, settings={"top_p": "", "max_tokens": "0", "temperature": "abc"})
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    text = "x" * 39 + "\U0001F600 and more words after it"
+    ask(page, text)
+    assert page.is_hidden("#error")
+    assert not {"top_p", "max_tokens", "temperature"} & set(sent[-1])  # left to the server's defaults
+    expect(page.locator("#conversations li .conv-title")).to_have_text(["x" * 39 + "\U0001F600…"])
+    cid = page.evaluate("location.hash").lstrip("#")
+    assert stored_once_saved(live.url, cid, 2)[0]["content"] == text
+    page.context.close()
+
+
 def test_generic_welcome_and_no_picker_for_one_model(live, browser):
     page = open_page(browser, live.url)
     page.wait_for_selector("#examples .example")

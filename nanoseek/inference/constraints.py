@@ -48,6 +48,8 @@ def vocabulary(tokenizer_json: str, n_vocab: int, eos_ids) -> llguidance.LLToken
 def json_rule(schema: dict | None) -> str:
     """A Lark expression for one JSON value following `schema` (None: any JSON object)."""
     schema = dict(schema if schema is not None else ANY_OBJECT)
+    if not isinstance(schema.get("x-guidance", {}), dict):
+        raise GrammarError("the schema's 'x-guidance' must be an object")
     schema["x-guidance"] = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field, model_validator
 
 from ..tools import CALCULATOR, run_calculator
-from .protocol import APIError, StrictBody, ToolCall
+from .protocol import MAX_MESSAGES, APIError, StrictBody, ToolCall
 from .store import ChatStore, NotFound, QuotaExceeded
 
 
@@ -68,7 +68,7 @@ class StoredMessage(StrictBody):
 
 
 class MessageList(StrictBody):
-    messages: list[StoredMessage]  # how many: the store's limit
+    messages: list[StoredMessage] = Field(..., max_length=MAX_MESSAGES)  # fewer may fit: the store's limit
 
 
 class ToolRun(StrictBody):

@@ -49,7 +49,7 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
     """The Host names a server bound to `host` answers without a key: loopback, the bound address
     (unless it is a wildcard), and `extra`."""
     bound = () if host in ("0.0.0.0", "::", "") else (host,)
-    return tuple(dict.fromkeys(h.lower().strip("[]") for h in (*LOOPBACK, *bound, *extra)))
+    return tuple(dict.fromkeys(host_name(h) for h in (*LOOPBACK, *bound, *extra)))  # a name given with its port too
 
 
 def host_name(header: str) -> str:

@@ -8,6 +8,7 @@ failure becomes a 400 with a message naming the field, never pydantic's own erro
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -28,6 +29,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_MESSAGES = 10_000  # in one request's list of messages (chat completions, a stored conversation)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can write one alone ("\\ud800"); no UTF-8 text can hold it
 
 
@@ -53,6 +55,11 @@ class StrictBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
+        try:  # the common case at C speed: a body of valid Unicode encodes as UTF-8
+            json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+            return data
+        except UnicodeEncodeError:
+            pass
         if (where := lone_surrogate(data)) is not None:
             raise ValueError(f"{where}: the text holds a lone UTF-16 surrogate, which is not valid Unicode")
         return data
@@ -171,7 +178,7 @@ class Sampling(StrictBody):
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = Field(..., min_length=1)
+    messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     thinking: Thinking | None = None

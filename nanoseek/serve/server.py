@@ -142,7 +142,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         for e in engines:
             e.shutdown()
 
-    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts, max_body=max_body)
 
     @app.exception_handler(APIError)
@@ -301,7 +301,7 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
             if len(opener) != 1:
                 raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
                                     "or a named function", param="tool_choice")
-            return _compiled(svc, "start: answer\n" + answer, opener[0], banned, False, "tools")
+            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False)
     elif tools and fmt is not None and len(opener := tok.encode(fmt.opener)) == 1:
         banned.add(opener[0])  # tool_choice 'none'
     rf = body.response_format
@@ -309,19 +309,12 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
         schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
         answer = "answer: " + json_rule(schema if schema is not None else {"type": "object"}) + "\n"
     if answer is None:
-        return _compiled(svc, None, None, banned, False, "") if banned else None
+        return svc.grammar(None, None, frozenset(banned), False) if banned else None
     start = "start: answer\n"
     if thinking and started and tok.end_think_id is not None:  # free reasoning; the grammar starts where it ends
         trigger = tok.end_think_id
         start = f"start: <[{trigger}]> {LEADING_SPACE} answer\n"
-    return _compiled(svc, start + answer, trigger, banned, True, "tools" if choice is not None else "response_format")
-
-
-def _compiled(svc: Service, lark: str | None, trigger: int | None, banned: set, required: bool, param: str) -> Grammar:
-    try:
-        return svc.grammar(lark, trigger, frozenset(banned), required)
-    except GrammarError as e:
-        raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
+    return svc.grammar(start + answer, trigger, frozenset(banned), True)
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
@@ -391,8 +384,12 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     tools, choice = _tools(svc, body)
     prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
-    params = replace(params, grammar=_grammar(svc, body, thinking, started, tools, choice),
-                     stop_after=svc.tok.end_think_id if started else None)
+    try:
+        grammar = _grammar(svc, body, thinking, started, tools, choice)
+    except GrammarError as e:  # a schema (of a tool's parameters or the response format) llguidance refuses
+        param = "tools" if choice is not None else "response_format"
+        raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
+    params = replace(params, grammar=grammar, stop_after=svc.tok.end_think_id if started else None)
     return prompt, params, started, choice is not None
 
 

@@ -139,7 +139,7 @@ class ChatStore:
                 for i, m in enumerate(messages)]
         if len(rows) > self.limits.messages:
             raise QuotaExceeded(f"{len(rows)} messages is over the limit of {self.limits.messages} in one conversation")
-        chars = sum(len(r[3]) + len(r[4]) + len(r[5]) for r in rows)
+        chars = sum(len(text) for r in rows for text in r[3:])  # content, reasoning, tool calls, call id, info
         if chars > self.limits.chars:
             raise QuotaExceeded(f"the messages hold {chars} characters, over the limit of {self.limits.chars} "
                                 "in one conversation")
@@ -159,9 +159,11 @@ class ChatStore:
 
     def _check_room(self, db) -> None:
         (pages,), = db.execute("PRAGMA page_count").fetchall()
+        (free,), = db.execute("PRAGMA freelist_count").fetchall()  # pages deleted rows left: reused first
         (size,), = db.execute("PRAGMA page_size").fetchall()
-        if pages * size >= self.limits.bytes:
-            raise QuotaExceeded(f"the store is full ({pages * size >> 20} MiB of {self.limits.bytes >> 20} MiB); "
+        used = (pages - free) * size
+        if used >= self.limits.bytes:
+            raise QuotaExceeded(f"the store is full ({used >> 20} MiB of {self.limits.bytes >> 20} MiB); "
                                 "delete conversations first")
 
 

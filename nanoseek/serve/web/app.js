@@ -394,7 +394,8 @@ async function remove(c) {
 }
 function titleOf(messages) {
   const first = messages.find((m) => m.role === "user").content.trim().replace(/\s+/g, " ");
-  return (first.length > 40 ? first.slice(0, 40) + "…" : first) || "New chat";
+  const chars = Array.from(first);  // characters, not UTF-16 units: an emoji is never cut in half
+  return (chars.length > 40 ? chars.slice(0, 40).join("") + "…" : first) || "New chat";
 }
 async function save(c) {  // idempotent: the create names its id, the messages replace the stored ones
   try {
@@ -478,12 +479,17 @@ function requestBody(c, mayCall) {
   const body = {
     stream: true, stream_options: { include_usage: true }, model: chosenModel(),
     messages: (c.system ? [{ role: "system", content: c.system }] : []).concat(history),
-    temperature: Number($("temperature").value), top_p: Number($("top_p").value),
+    temperature: numberSetting("temperature", 0, 100), top_p: numberSetting("top_p", 1e-9, 1),
+    max_tokens: numberSetting("max_tokens", 1, Infinity, true),
     thinking: { type: $("thinking").checked ? "enabled" : "disabled" },
   };
-  if ($("max_tokens").value) body.max_tokens = Number($("max_tokens").value);
   if ($("tools").checked && state.tools.length) Object.assign(body, { tools: state.tools, tool_choice: mayCall ? "auto" : "none" });
   return body;
+}
+function numberSetting(id, min, max, integer = false) {  // the field's number; undefined (the server's default) if empty or out of range
+  const text = $(id).value.trim();
+  const v = integer ? Math.floor(Number(text)) : Number(text);
+  return text && v >= min && v <= max ? v : undefined;
 }
 async function* events(r) {  // the parsed chunks of a server-sent event stream; leaving early closes it
   const reader = r.body.getReader();
