@@ -277,6 +277,33 @@ def test_one_requests_failure_fails_only_that_request(parts):
     assert alone.tokens == reqs[0].tokens  # the failures did not disturb it
 
 
+def test_one_requests_failure_fails_only_it_while_decoding_speculatively(parts):
+    """The speculative (MTP) path too: a row whose sampling raises fails alone, and the rows beside
+    it, greedy and sampled, finish as they would have."""
+    model, tok, _ = parts
+    engine = engine_for(parts, eos_token_id=-1, speculative=True)
+    prompts = [tok.encode(q) for q in ("1 + 1", "2 + 5", "3 * 4")]
+    params = [SamplingParams(max_new_tokens=10, temperature=0), SamplingParams(max_new_tokens=10, temperature=1.0,
+                                                                               seed=1)]
+    sample_rows = engine._sample_rows
+    bad = engine.submit(prompts[2], SamplingParams(max_new_tokens=10, temperature=1.0, seed=2))
+
+    def failing(raw, rows):  # once decoding, the bad row's sampling raises (as NaN logits would)
+        if bad in rows and len(bad.tokens) >= 2:
+            raise RuntimeError("this row cannot be sampled")
+        return sample_rows(raw, rows)
+
+    engine._sample_rows = failing
+    good = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+    while engine.has_work:
+        engine.step()
+    assert bad.finish_reason == "error" and "cannot be sampled" in str(bad.error) and engine.error is None
+    assert [r.finish_reason for r in good] == ["length", "length"]
+    alone = engine_for(parts, eos_token_id=-1, speculative=True).generate(prompts[:2], params)
+    assert [r.tokens for r in good] == [r.tokens for r in alone]  # undisturbed by the failure beside them
+    assert not engine.active and int(engine.cache.lengths.sum()) == 0
+
+
 def sse(url: str, body: dict, on_first_text=None) -> list[str]:
     """The data lines of a streamed request; on_first_text() runs when the first text arrives."""
     lines = []

@@ -482,21 +482,29 @@ class Engine:
         self.cache.advance(0, accepted + 1)
         # the token after the verified part: from position 1 if the draft stood, else a correction at 0
         second = self._sample(raw[:, 1], rows)
-        firsts = []
-        for i, r in enumerate(rows):
-            if ok[i]:
-                firsts.append(r._draft)
-            elif r.params.temperature == 0:
-                firsts.append(int(p0[i].argmax()))
-            else:
-                resid = (p0[i].softmax(-1) - r._draft_probs).clamp(min=0)
-                firsts.append(int(torch.multinomial(resid / resid.sum(), 1, generator=r._state.generator)))
-        new = [[f, s] if ok[i] else [f] for i, (f, s) in enumerate(zip(firsts, second))]
+        firsts = [self._first_token(r, p0[i], ok[i]) for i, r in enumerate(rows)]
+        # a row whose sampling failed gets [None]: _append fails it alone
+        new = [[None] if f is None or s is None else [f, s] if ok[i] else [f]
+               for i, (f, s) in enumerate(zip(firsts, second))]
         # MTP: entries at the verified positions (h_last with the first new token, h_draft with the second)
-        nxt = torch.tensor([[n[0], n[1] if len(n) > 1 else n[0]] for n in new], device=self.device)
+        nxt = torch.tensor([[t or 0 for t in (n * 2)[:2]] for n in new], device=self.device)
         self._set_drafts(self._step_draft(hidden, nxt, self.cache.positions(2, group=1), accepted), rows)
         self.cache.advance(1, accepted + 1)
         self._after_speculation(rows, new, ok, raw)
+
+    def _first_token(self, r: Request, p0: torch.Tensor, ok: bool) -> int | None:
+        """A verified row's first new token: its draft if it stood, else the main model's correction
+        from its processed logits p0 [V]; None if that fails (the row then fails alone)."""
+        if ok:
+            return r._draft
+        try:
+            if r.params.temperature == 0:
+                return int(p0.argmax())
+            resid = (p0.softmax(-1) - r._draft_probs).clamp(min=0)
+            return int(torch.multinomial(resid / resid.sum(), 1, generator=r._state.generator))
+        except Exception as e:
+            r.error = e
+            return None
 
     def _after_speculation(self, rows: list[Request], new: list[list[int]], ok: list[bool], raw: torch.Tensor) -> None:
         for i in reversed(range(len(rows))):
