@@ -16,7 +16,7 @@ one), so a decode step reads the cache without gathering.
 
 Each request streams `Event`s (new token ids, their text with stop strings held back, logprobs)
 into its own queue; `Request.result()` waits for the end.
-A failure that belongs to one request (its grammar, its stop strings, its prefill, its listener)
+A failure that belongs to one request (its grammar, its sampling, its stop strings, its prefill, its listener)
 fails that request only (finish_reason "error", the exception in `Request.error`); only a failure
 of the batch's own forward pass fails every request in the engine. The engine never sees chat templates
 or HTTP; text only appears through the optional `decode` function (for stop strings).
