@@ -104,7 +104,8 @@ class Models:
         if model in ALIASES:
             return self.all[0], ALIASES[model]
         served = ", ".join(repr(n) for n in self.by_name)
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served} (the first also as "
+        first = "the first " if len(self.all) > 1 else ""
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served} ({first}also as "
                             "'deepseek-reasoner' and 'deepseek-chat')", code="model_not_found", param="model")
 
 
