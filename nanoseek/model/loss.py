@@ -30,20 +30,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
         for s in range(0, N, chunk):
             h = hidden[s:s + chunk].to(mm_dtype)
-            y, ok = labels[s:s + chunk], valid[s:s + chunk]
+            y, ok = labels[s:s + chunk].clamp(min=0), valid[s:s + chunk]
             logits = (h @ w.t()).float()  # (c, V)
-            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+            target = logits.gather(1, y.unsqueeze(1)).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
             e = logits.sub_(top).exp_()  # in place: exp(logit - max), no second (c, V) tensor
             z = e.sum(dim=1, keepdim=True)
             total += ((top.squeeze(1) + z.squeeze(1).log() - target) * ok).sum()
             if want_grad:
-                g = e.div_(z)  # softmax
-                g[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
-                g *= (ok / max(n, 1)).unsqueeze(1)
+                row_weight = ok / max(n, 1)  # (c,): each row's share of the mean
+                g = e.mul_((row_weight.unsqueeze(1) / z))  # softmax times the row's weight, in place
+                g[torch.arange(len(y), device=y.device), y] -= row_weight  # minus the weighted one-hot
                 g = g.to(mm_dtype)
                 grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
-                grad_w += (g.t() @ h).float()
+                if grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.t(), h)  # accumulated in place: no (V, D) temporary per chunk
+                else:
+                    grad_w += (g.t() @ h).float()
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / max(n, 1)
