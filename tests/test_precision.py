@@ -8,7 +8,7 @@ import torch
 
 from nanoseek.model import build_model, get_preset
 from nanoseek.model.config import ConfigError
-from nanoseek.train import LMObjective, Trainer, TrainConfig, loop, machine
+from nanoseek.train import LMObjective, TrainConfig, Trainer, loop, machine
 from nanoseek.train.machine import BF16_MARGIN, choose_precision, measure_rates
 from nanoseek.train.metrics import read_metrics
 
@@ -36,7 +36,7 @@ def test_a_set_precision_and_cuda_need_no_measurement(tmp_path, monkeypatch):
         assert choose_precision(name, CPU, measure=never, cache_file=tmp_path / "m.json").name == name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H200")
     for supported, picked in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         p = choose_precision("auto", torch.device("cuda"), measure=never, cache_file=tmp_path / "m.json")
         assert p.name == picked and "H200" in p.reason
     assert not (tmp_path / "m.json").exists()

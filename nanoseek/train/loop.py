@@ -138,7 +138,7 @@ class Trainer:
                 weights = [self.objective.weight(b) for b in batches]
                 total = D.all_reduce_sum([sum(weights)], self.dist).item()
                 per_rank = max(total, 1.0) / self.dist.world  # FSDP averages gradients over ranks
-                sums = self._eager_if_compiling_fails(lambda: self._forward_backward(batches, total, per_rank))
+                sums = self._eager_if_compiling_fails(self._forward_backward, batches, total, per_rank)
                 lr = cfg.lr * lr_multiplier(self.step, self.progress, cfg)
                 grad_norm = 0.0
                 if total > 0:  # a step without targets (e.g. RL rollouts that all scored alike) updates nothing
@@ -190,11 +190,11 @@ class Trainer:
                 "precision": self.precision.name, "precision_reason": self.precision.reason,
                 "gflops": self.precision.rates, "compile": self.compiled, "compile_reason": compile_reason}
 
-    def _eager_if_compiling_fails(self, fn: Callable[[], Any]) -> Any:
-        """fn(); if compiling fails in it, a warning, the compiled regions go back to eager, and fn runs
-        again from zeroed gradients (its micro-batches are already drawn, so the step is the same)."""
+    def _eager_if_compiling_fails(self, fn: Callable[..., Any], *args) -> Any:
+        """fn(*args); if compiling fails in it, a warning, the compiled regions go back to eager, and fn
+        runs again from zeroed gradients (a step's micro-batches are already drawn: the step is the same)."""
         try:
-            return fn()
+            return fn(*args)
         except COMPILE_ERRORS as e:
             if not self.compiled:
                 raise
@@ -204,7 +204,7 @@ class Trainer:
             uncompile_regions(self.model)
             self.compiled = False
             self.opt.zero_grad(set_to_none=True)
-            return fn()
+            return fn(*args)
 
     @property
     def progress(self) -> float:

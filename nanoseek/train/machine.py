@@ -1,13 +1,15 @@
 """What this machine trains fastest with: the precision (fp32 or bf16 autocast) and whether to compile.
 
 No fixed choice is right everywhere. bf16 autocast is ~3.4x faster than fp32 for a CPU matmul
-with AMX (recent Intel), ~2x with AVX-512 bf16 (AMD Zen4), and ~100x *slower* on a CPU with AVX2
-only (AMD Zen3: 1-2 GFLOP/s against ~100), where bf16 matmuls have no kernel of their own. So
+with AMX (recent Intel), ~2x with AVX-512 bf16 (AMD Zen4), and 20-100x *slower* on a CPU with
+AVX2 only, where bf16 matmuls have no fast kernel (an AMD EPYC Zen3: 1.5 against 34 GFLOP/s on one
+thread, measured here). So
 `choose_precision` times a training-like forward+backward (a small MLP, casts included) in both
 precisions, well under a second, and picks bf16 only when it wins by BF16_MARGIN. On CUDA, bf16
 is taken wherever the device supports it. The result is cached per machine in
 $XDG_CACHE_HOME/nanoseek/machine.json, keyed by the CPU model, its bf16-relevant flags, torch's
-version and the thread count (`machine_key`), with the measured rates, so later runs pay nothing.
+version and the thread count (`machine_key`), with the measured rates, so later runs pay nothing
+(deleting the file measures again).
 
 Compiling (`compile_problem`) is on where a toolchain inductor can use is present: a C++
 compiler on CPU, triton on CUDA. `use_disk_cache` points inductor's caches (FX graphs,
@@ -178,7 +180,7 @@ def compile_problem(device: torch.device) -> str | None:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
-    except Exception as e:  # InvalidCxxCompiler, or whatever this torch raises instead
+    except (RuntimeError, OSError, ImportError) as e:  # InvalidCxxCompiler is a RuntimeError
         return f"no C++ compiler for inductor ({type(e).__name__})"
     return None
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields, replace
 from ..data.tasks import get_task
 from ..model.config import ConfigError
 
-
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: what trains fastest on this machine (train/machine.py)
 
 
