@@ -27,14 +27,15 @@ from .data.corpus import corpus_files
 from .data.tasks import TASKS
 from .model.config import PRESETS
 from .remote import RemoteError
-from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
-                             SpeedrunConfig, TrainConfig)
+from .train.settings import (DISTILL_TRAIN, PRECISIONS, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig,
+                             SFTConfig, SpeedrunConfig, TrainConfig)
 
 console = Console()
 errors = Console(stderr=True)
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
+Precision = Literal[PRECISIONS]
 UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
 
 
@@ -259,6 +260,21 @@ def _quantize_option():
                                    "written by `nanoseek quantize` loads quantized without it.")
 
 
+def _precision_option():
+    return typer.Option("auto", help="Training precision: fp32, bf16 (autocast; weights and optimizer stay fp32) or "
+                                     "auto: bf16 on CUDA, and on a CPU whichever measured faster here (bf16 is ~3x "
+                                     "faster with AMX, 20-100x slower with AVX2 only; measured once per machine, "
+                                     "cached in ~/.cache/nanoseek/machine.json).")
+
+
+def _train_compile_option():
+    return typer.Option(None, "--compile/--no-compile", help="torch.compile attention, norms and dense MLPs (GRPO: "
+                                                             "the rollouts' decoding). Default: on where a C++ "
+                                                             "compiler (CPU) or triton (CUDA) is present, eager if "
+                                                             "compiling fails; graphs are cached in "
+                                                             "~/.cache/nanoseek/inductor, so later runs start faster.")
+
+
 def _compile_option():
     return typer.Option(False, help="Decode through torch.compile: about 3x faster for small models on CPU, after "
                                     "compiling at startup (30-40 s the first time; needs a C++ compiler, decodes "
@@ -423,10 +439,8 @@ def pretrain(
     schedule: Literal["wsd", "cosine", "constant"] = typer.Option(PRETRAIN_TRAIN.schedule, help="wsd (warmup-stable-"
                                                                   "decay), cosine or constant."),
     warmup_steps: int = typer.Option(PRETRAIN_TRAIN.warmup_steps, min=0, help="Linear warmup steps."),
-    bf16: bool = typer.Option(None, help="bf16 autocast (weights and optimizer stay fp32). Default: on for CUDA, "
-                              "off on CPU, where it measured 2x slower on a CPU without AMX."),
-    compile: bool = typer.Option(False, help="torch.compile attention, norms and dense MLPs (~5-15% faster after "
-                                 "~10 s of compiling)."),
+    precision: Precision = _precision_option(),
+    compile: bool = _train_compile_option(),
     mtp_lambda: float = typer.Option(0.3, min=0, help="Weight of the multi-token-prediction loss."),
     bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, min=0, help="Router-bias update speed (aux-loss-free "
                                      "balancing; 0 = off)."),
@@ -452,8 +466,8 @@ def pretrain(
 
     Also runs under torchrun: torchrun --nproc-per-node 2 -m nanoseek pretrain ..."""
     train = _train(PRETRAIN_TRAIN, max_steps, time_budget, grad_accum=grad_accum, lr=lr, schedule=schedule,
-                   warmup_steps=warmup_steps, compile=compile, bias_gamma=bias_gamma, aux_alpha=aux_alpha,
-                   eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+                   warmup_steps=warmup_steps, precision=precision, compile=compile, bias_gamma=bias_gamma,
+                   aux_alpha=aux_alpha, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
     cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
                      tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
                      fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
@@ -463,11 +477,9 @@ def pretrain(
 
     if (device or "").startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device: {device} asked for, but torch sees no CUDA device here")
-    if bf16 is None:
-        bf16 = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     with _reported():
-        result = run_pretrain(out, preset=preset, data=cfg, train=replace(train, bf16=bf16), mtp_lambda=mtp_lambda,
-                              device=device, console=console)
+        result = run_pretrain(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device,
+                              console=console)
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "mtp_loss", "eval_loss"))
         console.print(f"[green]done[/]: {shown}. Model: {out}/model  Curves: {out}/curves.png")
@@ -554,10 +566,12 @@ def sft(
                                      "for them."),
     no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, min=0, max=1, help="Built-in mixture: the "
                                             "share answered with thinking off."),
+    precision: Precision = _precision_option(),
+    compile: bool = _train_compile_option(),
     seed: int = _seed_option("Seed for the data order and the built-in mixture."),
 ):
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
-    train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
+    train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed)
     cfg = SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len, batch_size=batch_size, seed=seed,
                     tool_share=tool_share, no_thinking_share=no_thinking_share)
     from .train.sft import sft as run_sft
@@ -589,10 +603,12 @@ def rl(
     dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
     mode: Literal["r1", "r1-zero"] = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero "
                                                   "prompt on a base model)."),
+    precision: Precision = _precision_option(),
+    compile: bool = _train_compile_option(),
     seed: int = _seed_option("Seed for problems and sampling."),
 ):
     """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
-    train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, seed=seed)
+    train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed)
     cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
                      temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
     from .train.grpo import rl as run_rl
@@ -620,6 +636,8 @@ def distill(
     kl_alpha: float = typer.Option(0.0, min=0, help="Weight of logit-level KL to a local teacher (0 = traces only)."),
     max_steps: int = _max_steps_option("Student SFT steps (0 = until --time-budget; one of the two is needed)."),
     time_budget: str = _time_budget_option("Student SFT time, e.g. 3m.", default="3m"),
+    precision: Precision = _precision_option(),
+    compile: bool = _train_compile_option(),
 ):
     """Distill a teacher's verified reasoning traces into a smaller student (rejection sampling + SFT)."""
     remote = _is_url(teacher)
@@ -627,7 +645,7 @@ def distill(
         _fail("--kl-alpha needs a local teacher (a model folder): a URL gives no logits")
     if remote and student in PRESETS and tokenizer is None:
         _fail("--tokenizer: a preset student with a remote teacher needs a tokenizer folder")
-    train = _train(DISTILL_TRAIN, max_steps, time_budget)
+    train = _train(DISTILL_TRAIN, max_steps, time_budget, precision=precision, compile=compile)
     from .train.distill import distill as run_distill
 
     with _reported():
@@ -713,6 +731,8 @@ def speedrun(
                                  "(default: the weakest family the SFT model solves 10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
                               "(nanoseek/assets/model), where serve and chat find it by default."),
+    precision: Precision = _precision_option(),
+    compile: bool = _train_compile_option(),
 ):
     """Tokenizer -> pretraining -> SFT -> GRPO -> distillation -> evaluation -> report card, on this machine.
 
@@ -724,7 +744,8 @@ def speedrun(
     from .speedrun import speedrun as run_speedrun
 
     with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"):
-        run_speedrun(out, SpeedrunConfig(budget=budget, preset=preset, rl_tasks=rl_tasks or None), console=console)
+        run_speedrun(out, SpeedrunConfig(budget=budget, preset=preset, rl_tasks=rl_tasks or None, precision=precision,
+                                         compile=compile), console=console)
     if ship:
         ship_model(out, SHIPPED)
         console.print(f"[green]shipped[/] {SHIPPED}")

@@ -29,6 +29,7 @@ from .tokenizer import DeepSeekTokenizer
 from .tools import CallFormat
 from .train.distill import distill
 from .train.grpo import rl
+from .train.machine import cpu_info
 from .train.metrics import read_metrics
 from .train.pretrain import pretrain
 from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
@@ -69,7 +70,8 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
 
     def budgeted(default: TrainConfig, share: float, **overrides) -> TrainConfig:
         """A stage's default training settings, run for its share of the budget."""
-        return replace(default, max_steps=0, time_budget=share * B, seed=cfg.seed, **overrides)
+        return replace(default, max_steps=0, time_budget=share * B, seed=cfg.seed, precision=cfg.precision,
+                       compile=cfg.compile, **overrides)
 
     def data() -> DataConfig:
         return DataConfig(task_documents=cfg.task_documents, code_chars=cfg.code_chars, seq_len=cfg.seq_len,
@@ -214,19 +216,33 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
     teacher = load_model(out / "rl" / "model") if (out / "rl" / "model").exists() else None
     lines = ["# nanoseek speedrun report card", ""]
     total = sum(timings.values())
-    lines += [f"Whole pipeline: **{_minutes(total)}** (budget {_minutes(cfg.budget)}) on "
-              f"{torch.get_num_threads()} CPU threads.", "", "| stage | wall time | steps | tokens |", "|---|---|---|---|"]
+    cpu = cpu_info()
+    machine = load("pretrain/config.json").get("machine") or {"cpu": cpu.model, "cpu_flags": cpu.flags,
+                                                              "threads": torch.get_num_threads()}
+    flags = ", ".join(f"{name} {'yes' if flag in machine['cpu_flags'] else 'no'}" for flag, name in
+                      (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 bf16"), ("avx2", "AVX2")))
+    lines += [f"Machine: {machine['cpu']} ({flags}), {machine['threads']} CPU threads.", "",
+              f"Whole pipeline: **{_minutes(total)}** (budget {_minutes(cfg.budget)}).", "",
+              "| stage | wall time | steps | tokens | tokens/s | precision | compile |",
+              "|---|---|---|---|---|---|---|"]
     for name, run in (("pretrain", "pretrain"), ("sft", "sft"), ("eval_sft", None), ("rl", "rl"),
                       ("eval_rl", None), ("student_base", "student_base"), ("eval_student_base", None),
                       ("distill", "distill/student"), ("eval_student", None), ("speed", None)):
         if name not in timings:
             continue
-        steps = tokens = ""
+        steps = tokens = rate = precision = compiled = ""
         if run and (out / run / "metrics.jsonl").exists():
             rec = [r for r in read_metrics(out / run / "metrics.jsonl") if "lr" in r]
             if rec:
                 steps, tokens = str(rec[-1]["step"]), f"{rec[-1]['tokens']:,}"
-        lines.append(f"| {name} | {_minutes(timings[name])} | {steps} | {tokens} |")
+                rate = f"{rec[-1]['tokens'] / max(rec[-1]['time'], 1e-9):,.0f}"  # over training time alone
+        if run and (out / run / "config.json").exists():
+            config = load(f"{run}/config.json")
+            used = config.get("machine", {})  # what the stage's latest start trained with (loop.Trainer)
+            precision = used.get("precision", "")
+            compiled = "rollouts" if config.get("rollouts_compiled") else "on" if used.get("compile") else "off"
+        lines.append(f"| {name} | {_minutes(timings[name])} | {steps} | {tokens} | {rate} | {precision} "
+                     f"| {compiled} |")
     if teacher is not None:
         lines += ["", f"Chat model: {teacher.num_params() / 1e6:.2f}M parameters ({teacher.num_params(active=True) / 1e6:.2f}M "
                       f"active per token) + {len(teacher.mtp_layers)} MTP layer."]

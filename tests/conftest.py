@@ -11,6 +11,17 @@ def tiny_gqa_config(**overrides) -> ModelConfig:
                                   "max_position_embeddings": 512, "rope_theta": 10000.0, **overrides})
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory):
+    """The precision measurement's cache and inductor's graphs in a folder of the test session's own."""
+    from nanoseek.train import machine
+
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(machine, "cache_home", lambda: folder)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 it imports matters)."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -86,12 +87,14 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
     from nanoseek.speedrun import SpeedrunConfig, ship, speedrun
 
     cfg = SpeedrunConfig(budget=40, preset="tiny", student="tiny", eval_n=3, traces=4, task_documents=1500,
-                         code_chars=50_000, sft_conversations=600, seq_len=128, max_new_tokens=24)
+                         code_chars=50_000, sft_conversations=600, seq_len=128, max_new_tokens=24, compile=False)
     report = speedrun(tmp_path / "run", cfg)
     text = report.read_text()
     for part in ("pretrain", "sft", "rl", "distill", "GRPO trained on:", "Held-out accuracy", "tokens/s",
-                 "bytes per token", "| add/thinking off |", "| calculator/offered |", "called"):
+                 "bytes per token", "| add/thinking off |", "| calculator/offered |", "called", "Machine: ",
+                 "AVX2 ", "| precision | compile |"):
         assert part in text, (part, text)
+    assert re.search(r"\| pretrain \| [^\n]* \| [\d,]+ \| (fp32|bf16) \| off \|\n", text), text  # tokens/s, settings
     assert (tmp_path / "run" / "rl" / "model" / "config.json").is_file()
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     from nanoseek.speedrun import expected_durations
@@ -180,6 +183,8 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["pretrain", *o, "--seq-len", "4", "--max-steps", "1"], "--seq-len", ""),
         (["pretrain", *o, "--device", "gpu", "--max-steps", "1"], "--device", "cuda"),
         (["pretrain", *o, "--aux-alpha", "-1", "--max-steps", "1"], "--aux-alpha", ""),
+        (["pretrain", *o, "--precision", "nosuch", "--max-steps", "1"], "--precision", "'nosuch'"),
+        (["sft", "--model", m, *o, "--precision", "fp16", "--max-steps", "1"], "--precision", "'fp16'"),
         (["pretrain", *o, "--nosuch"], "--nosuch", "No such option"),
         (["pretrain", "--out", str(model / "config.json"), "--max-steps", "1"], "--out", "is a file"),
         (["demo", *o, "--preset", "huge"], "--preset", "'huge'"),

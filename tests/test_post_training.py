@@ -65,13 +65,13 @@ def test_sft_rows_resume(model_dir):
 
 def test_sft_and_grpo_runs(model_dir, tmp_path):
     sft(model_dir, tmp_path / "sft", SFTConfig(builtin_conversations=300, seq_len=96, batch_size=4),
-        TrainConfig(max_steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3))
+        TrainConfig(max_steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3, compile=False))
     assert (tmp_path / "sft" / "model" / "tokenizer.json").is_file()
     load_model(tmp_path / "sft" / "model")
     rl(tmp_path / "sft" / "model", tmp_path / "rl",
        GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=24, temperature=1.0),
        TrainConfig(max_steps=2, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0, checkpoint_every=2,
-                   lr=1e-4))
+                   lr=1e-4, compile=False))
     rec = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "reward" in r]
     assert len(rec) == 2
     for key in ("reward", "accuracy", "format_rate", "response_length", "rollout_s", "lr", "grad_norm"):
@@ -83,10 +83,28 @@ def test_grpo_reuses_each_batch_of_rollouts_for_mu_updates(model_dir, tmp_path):
     rl(model_dir, tmp_path / "rl", GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=16,
                                                temperature=1.0, updates_per_rollout=2),
        TrainConfig(max_steps=4, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0, checkpoint_every=4,
-                   lr=1e-3))
+                   lr=1e-3, compile=False))
     rec = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "lr" in r]
     assert [r["step"] for r in rec] == [1, 2, 3, 4]
     assert ["reward" in r for r in rec] == [True, False, True, False]  # rollouts at steps 1 and 3, logged once
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:torch.compile failed")  # no silent fallback to eager decoding
+def test_grpo_compiles_its_rollouts_and_they_follow_the_updated_weights(model_dir, tmp_path):
+    """compile unset = compiled where a C++ compiler is: the rollouts after an update come from the
+    updated policy (the engine rebuilds its stacked expert weights), as in an eager run."""
+    def run(name, compile):
+        rl(model_dir, tmp_path / name, GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=16,
+                                                   temperature=1.0),
+           TrainConfig(max_steps=3, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0,
+                       checkpoint_every=3, lr=1e-2, compile=compile))
+        return [(r["reward"], r["response_length"]) for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                if "reward" in r]
+
+    compiled = run("compiled", None)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["rollouts_compiled"] is True
+    assert compiled == run("eager", False)
 
 
 def test_traces_are_verified_appended_and_resumed(tmp_path):

@@ -31,13 +31,13 @@ def data(tmp_path_factory):
     return tok, d
 
 
-def make_trainer(run, data, steps=8, seed=0, batch=4, accum=1, rows_cls=PackedRows, **kw):
+def make_trainer(run, data, steps=8, seed=0, batch=4, accum=1, rows_cls=PackedRows, compile=False, **kw):
     tok, d = data
     torch.manual_seed(seed)
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size))
     rows = rows_cls(d / "train", seq_len=48, batch_size=batch, seed=0)
     cfg = TrainConfig(max_steps=steps, warmup_steps=2, lr=3e-3, eval_every=0, checkpoint_every=4,
-                      grad_accum=accum, **kw)
+                      grad_accum=accum, compile=compile, **kw)
     return Trainer(run, model, rows, LMObjective(0.3), cfg, save_extra=tok.save)
 
 
@@ -116,14 +116,14 @@ def test_gradient_accumulation_matches_a_larger_batch(data, tmp_path):
 
 
 def test_run_folder_contents_and_bias_balancing(data, tmp_path):
-    t = make_trainer(tmp_path / "run", data, steps=4, bf16=True, bias_gamma=0.01)
+    t = make_trainer(tmp_path / "run", data, steps=4, precision="bf16", bias_gamma=0.01)
     before = [g.e_score_correction_bias.clone() for g in t.model.modules() if hasattr(g, "e_score_correction_bias")]
     t.fit()
     after = [g.e_score_correction_bias for g in t.model.modules() if hasattr(g, "e_score_correction_bias")]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the bias moved
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["bf16"] is True
+    assert config["train"]["precision"] == "bf16" and config["machine"]["precision"] == "bf16"
     records = read_metrics(run / "metrics.jsonl")
     for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "expert_imbalance"):
         assert all(key in r for r in records if "eval_loss" not in r), key
@@ -136,8 +136,8 @@ def test_run_folder_contents_and_bias_balancing(data, tmp_path):
 
 def _nanoseek(*args):
     return [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--data", "tasks",
-            "--task-documents", "300", "--vocab-size", "320", "--seq-len", "48", "--no-bf16", "--eval-every", "0",
-            *args]
+            "--task-documents", "300", "--vocab-size", "320", "--seq-len", "48", "--precision", "fp32", "--no-compile",
+            "--eval-every", "0", *args]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
+from .machine import decide_compile, use_disk_cache
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
 from .runs import run_stage
 from .settings import RL_TRAIN, GRPOConfig, TrainConfig
@@ -48,13 +49,15 @@ def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
 class Rollouts:
     """The RL 'data source': each next() samples, scores and packs one step of rollouts."""
 
-    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 256):
+    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 256,
+                 compile: bool = False):
         self.model, self.tok, self.cfg, self.ref = model, tok, cfg, ref_model
         self.tasks = {t: get_task(t) for t in cfg.tasks}
         self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
-        # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers)
+        # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers);
+        # compiled, the engine notices the weights changed between rollouts (Engine._check_weights)
         self.engine = Engine(model, decode=tok.decode, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
-                             max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id)
+                             max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id, compile=compile)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
         self._last: dict | None = None  # the latest rollouts, reused for updates_per_rollout steps
@@ -217,7 +220,14 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
             ref = copy.deepcopy(model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
-        rollouts = Rollouts(model, tok, cfg, ref_model=ref)
-        run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg)}
-        return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg), train, run_config=run_config,
-                                 save_extra=tok.save, console=console, dist=info))
+        # `compile` applies to the rollouts (decoding is most of a GRPO step); the policy's layers stay
+        # eager, since the engine's prefill and compiled decode call them at ever-changing shapes
+        compile_rollouts, why = decide_compile(train.compile, info.device)
+        console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy trains eagerly")
+        if compile_rollouts:
+            use_disk_cache()
+        rollouts = Rollouts(model, tok, cfg, ref_model=ref, compile=compile_rollouts)
+        run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg),
+                      "rollouts_compiled": compile_rollouts}
+        return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg), replace(train, compile=False),
+                                 run_config=run_config, save_extra=tok.save, console=console, dist=info))

@@ -8,7 +8,7 @@ What a stage supplies:
   the step's total weight over all micro-batches and processes, so a step's gradient is the
   same mean whatever the accumulation or the number of processes.
 
-What the loop does each step: forward/backward per micro-batch (bf16 autocast optional),
+What the loop does each step: forward/backward per micro-batch (in fp32 or under bf16 autocast),
 gradient clipping, the learning-rate schedule (warmup-stable-decay or cosine, driven by the
 step count or by the training time budget, whichever ends first), AdamW, then the
 aux-loss-free router-bias update. It logs to `metrics.jsonl`, draws `curves.png`, evaluates
@@ -17,6 +17,13 @@ folder (runs.py) is resumed by constructing a Trainer on it again with the same 
 newest checkpoint that verifies is loaded (a corrupt one is reported and skipped; one whose
 trainer.pt is more than tensors and plain values is refused), and the run continues bit-for-bit
 as if never stopped.
+
+How fast it computes is decided at startup, per machine (machine.py), and printed: the precision
+(`precision="auto"`: bf16 autocast where it measured faster than fp32, cached per machine) and
+compiling (`compile=None`: on where inductor has a toolchain; if compiling fails anyway the run
+warns once and goes on eagerly). A resumed "auto" run decides again on the machine it resumes on
+(weights and optimizer are fp32 either way, so switching only changes speed and rounding noise);
+config.json's "machine" section holds the latest start's choice, its reason and measured rates.
 """
 
 from __future__ import annotations
@@ -29,8 +36,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +50,7 @@ from ..files import atomic_write, staged_dir
 from ..model.config import ConfigError
 from ..model.moe import MoE, update_router_bias
 from . import distributed as D
+from .machine import COMPILE_ERRORS, choose_precision, cpu_info, decide_compile, use_disk_cache
 from .metrics import MetricsLog, plot_metrics
 from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rng_state, save_trainer_state,
                    set_rng_state, verify_manifest, write_manifest)
@@ -87,13 +94,23 @@ class Trainer:
         self.dist = dist or D.DistInfo()
         self.console = console or Console()
         self.model = model
+        self.precision = choose_precision(cfg.precision, self.dist.device)
+        fp32_ranks = D.all_reduce_sum([self.precision.name == "fp32"], self.dist).item()  # every rank takes part
+        if self.precision.name == "bf16" and fp32_ranks:  # all processes train in the same precision
+            self.precision = replace(self.precision, name="fp32", reason="another process picked fp32")
+        self.compiled, compile_reason = decide_compile(cfg.compile, self.dist.device)
+        config["machine"] = self._machine(compile_reason)
+        if self.dist.main:
+            self.console.print(f"precision: {self.precision.name} ({self.precision.reason})")
+            self.console.print(f"compile: {'on' if self.compiled else 'off'} ({compile_reason})")
         if cfg.aux_alpha is not None:
             for m in model.modules():
                 if isinstance(m, MoE):
                     m.aux_alpha = cfg.aux_alpha
         if self.dist.active:
             D.shard(model)
-        if cfg.compile:
+        if self.compiled:
+            use_disk_cache()
             compile_regions(model)
         self.opt = make_optimizer(model, cfg, fused=not self.dist.active)
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
@@ -121,14 +138,7 @@ class Trainer:
                 weights = [self.objective.weight(b) for b in batches]
                 total = D.all_reduce_sum([sum(weights)], self.dist).item()
                 per_rank = max(total, 1.0) / self.dist.world  # FSDP averages gradients over ranks
-                sums: dict[str, float] = {}
-                for batch in batches:
-                    with self._autocast():
-                        loss, metrics = self.objective(model, batch)
-                    if total > 0:
-                        (loss / per_rank).backward()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                sums = self._eager_if_compiling_fails(self._forward_backward, batches, total, per_rank)
                 lr = cfg.lr * lr_multiplier(self.step, self.progress, cfg)
                 grad_norm = 0.0
                 if total > 0:  # a step without targets (e.g. RL rollouts that all scored alike) updates nothing
@@ -159,10 +169,42 @@ class Trainer:
                 progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
         return last
 
-    def _autocast(self):
-        if self.cfg.bf16:
-            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+    def _forward_backward(self, batches: list, total: float, per_rank: float) -> dict[str, float]:
+        """Gradients of a step's micro-batches (accumulated); returns the objective's metric sums."""
+        sums: dict[str, float] = {}
+        for batch in batches:
+            with self.precision.autocast(self.dist.device):
+                loss, metrics = self.objective(self.model, batch)
+            if total > 0:
+                (loss / per_rank).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return sums
+
+    def _machine(self, compile_reason: str) -> dict:
+        """What this start of the run computes on and with, for config.json (reports show it)."""
+        device = self.dist.device
+        cpu = cpu_info()
+        return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu.model,
+                "cpu": cpu.model, "cpu_flags": cpu.flags, "threads": torch.get_num_threads(),
+                "precision": self.precision.name, "precision_reason": self.precision.reason,
+                "gflops": self.precision.rates, "compile": self.compiled, "compile_reason": compile_reason}
+
+    def _eager_if_compiling_fails(self, fn: Callable[..., Any], *args) -> Any:
+        """fn(*args); if compiling fails in it, a warning, the compiled regions go back to eager, and fn
+        runs again from zeroed gradients (a step's micro-batches are already drawn: the step is the same)."""
+        try:
+            return fn(*args)
+        except COMPILE_ERRORS as e:
+            if not self.compiled:
+                raise
+            if self.dist.main:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.console.print(f"[yellow]torch.compile failed, training without it[/]: {type(e).__name__}: {first}")
+            uncompile_regions(self.model)
+            self.compiled = False
+            self.opt.zero_grad(set_to_none=True)
+            return fn(*args)
 
     @property
     def progress(self) -> float:
@@ -174,16 +216,19 @@ class Trainer:
     def finished(self) -> bool:
         return self.progress >= 1.0
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics per eval set (eval_<set>_<metric>) and over all sets (eval_<metric>)."""
+        return self._eager_if_compiling_fails(self._evaluate)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
         out: dict[str, float] = {}
         self.model.eval()
         overall: dict[str, float] = {}
         for set_name, batches in self.eval_sets.items():
             sums, total = {}, 0.0
             for batch in batches():
-                with self._autocast():
+                with self.precision.autocast(self.dist.device):
                     _, metrics = self.objective(self.model, batch)
                 total += self.objective.weight(batch)
                 for k, v in metrics.items():
@@ -308,13 +353,26 @@ class _StopFlag:
         return False
 
 
-def compile_regions(model: nn.Module) -> None:
-    """torch.compile the fixed-shape parts of every layer (attention, norms, dense MLP, router); the
-    routed experts, whose batch changes every step, stay eager. Compiling takes seconds per layer."""
+def compiled_regions(model: nn.Module) -> list[nn.Module]:
+    """The fixed-shape parts of every layer (attention, norms, dense MLP, router); the routed
+    experts, whose batch changes every step, stay eager."""
+    parts = []
     for layer in model.model.layers:
-        for part in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm):
-            part.compile()
-        (layer.mlp.gate if layer.is_moe else layer.mlp).compile()
+        parts += [layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm]
+        parts.append(layer.mlp.gate if layer.is_moe else layer.mlp)
+    return parts
+
+
+def compile_regions(model: nn.Module) -> None:
+    """torch.compile each region's forward (compiled at its first call: seconds per layer, less
+    when inductor's disk cache has the graphs)."""
+    for part in compiled_regions(model):
+        part.forward = torch.compile(part.forward)
+
+
+def uncompile_regions(model: nn.Module) -> None:
+    for part in compiled_regions(model):
+        part.__dict__.pop("forward", None)  # the class's forward again
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:

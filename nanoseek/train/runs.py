@@ -34,11 +34,14 @@ from ..model.config import ConfigError
 if TYPE_CHECKING:
     from .loop import Trainer
 
-RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints"}
+# a run's length and bookkeeping, and how fast it computes (weights and optimizer are fp32 in either precision)
+RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints", "precision",
+                     "compile"}
 
 
 def check_same_run(old: dict, new: dict) -> None:
-    """Rerunning a command on an existing run resumes it; only its length and bookkeeping may change."""
+    """Rerunning a command on an existing run resumes it; only its length, bookkeeping, precision and
+    compiling may change."""
     diffs = []
     for section in ("model", "data", "train", "mtp_lambda"):
         a, b = old.get(section), new.get(section)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from ..data.tasks import get_task
 from ..model.config import ConfigError
 
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: what trains fastest on this machine (train/machine.py)
+
 
 @dataclass
 class TrainConfig:
@@ -23,8 +25,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    bf16: bool = False  # bf16 autocast for forward/backward; weights and optimizer stay fp32
-    compile: bool = False  # torch.compile the fixed-shape parts of each layer (compile_regions)
+    precision: str = "auto"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (measured per machine)
+    compile: bool | None = None  # torch.compile the fixed-shape parts of each layer; None = where a toolchain is
     bias_gamma: float = 0.001  # aux-loss-free router bias update speed (0 = off)
     aux_alpha: float | None = None  # sequence-wise balance loss weight (None = the model config's)
     eval_every: int = 100  # steps (0 = only at the end)
@@ -44,6 +46,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be wsd, cosine or constant, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -137,6 +141,8 @@ class SpeedrunConfig:
     sft_conversations: int = 40_000
     seq_len: int = 512
     max_new_tokens: int | None = None  # generation cap for evaluation, RL and traces (None = per-family budget)
+    precision: str = "auto"  # every training stage's (TrainConfig.precision)
+    compile: bool | None = None  # every training stage's (TrainConfig.compile)
     seed: int = 0
 
 

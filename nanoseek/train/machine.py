@@ -1,0 +1,208 @@
+"""What this machine trains fastest with: the precision (fp32 or bf16 autocast) and whether to compile.
+
+No fixed choice is right everywhere. bf16 autocast is ~3.4x faster than fp32 for a CPU matmul
+with AMX (recent Intel), ~2x with AVX-512 bf16 (AMD Zen4), and 20-100x *slower* on a CPU with
+AVX2 only, where bf16 matmuls have no fast kernel (an AMD EPYC Zen3: 1.5 against 34 GFLOP/s on one
+thread, measured here). So
+`choose_precision` times a training-like forward+backward (a small MLP, casts included) in both
+precisions, well under a second, and picks bf16 only when it wins by BF16_MARGIN. On CUDA, bf16
+is taken wherever the device supports it. The result is cached per machine in
+$XDG_CACHE_HOME/nanoseek/machine.json, keyed by the CPU model, its bf16-relevant flags, torch's
+version and the thread count (`machine_key`), with the measured rates, so later runs pay nothing
+(deleting the file measures again).
+
+Compiling (`compile_problem`) is on where a toolchain inductor can use is present: a C++
+compiler on CPU, triton on CUDA. `use_disk_cache` points inductor's caches (FX graphs,
+AOTAutograd) at $XDG_CACHE_HOME/nanoseek/inductor, so a second run reuses the first's graphs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch._dynamo.exc
+import torch._functorch.config
+import torch._inductor.config
+import torch._inductor.exc
+import torch.nn.functional as F
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from ..files import atomic_write
+from .settings import PRECISIONS
+
+BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
+CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
+PROBE_ROWS, PROBE_HIDDEN, PROBE_INNER = 512, 256, 768  # x [512, 256] @ [256, 768] @ [768, 256]
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek"
+
+
+@dataclass
+class CPU:
+    model: str
+    flags: list[str]  # those of CPU_FLAGS it has
+
+    def describe(self) -> str:
+        names = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 bf16", "avx512f": "AVX-512", "avx2": "AVX2"}
+        return f"{self.model} ({', '.join(names[f] for f in self.flags) or 'no AVX2'})"
+
+
+def cpu_info() -> CPU:
+    """The CPU's model name and bf16-relevant flags (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return CPU(model, [f for f in CPU_FLAGS if f in flags])
+
+
+def machine_key() -> str:
+    """What a precision measurement holds for: the CPU, its flags, torch's version, the threads."""
+    cpu = cpu_info()
+    return f"{cpu.model} | {' '.join(cpu.flags)} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+# ---- precision ----
+@dataclass
+class Precision:
+    name: str  # "fp32" | "bf16"
+    reason: str  # why, for the one line the trainer prints
+    rates: dict[str, float] = field(default_factory=dict)  # measured GFLOP/s: {"fp32": ..., "bf16": ...}
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.name == "bf16")
+
+
+def _probe_step(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bf16: bool) -> None:
+    """A training step of a small MLP on the CPU: forward (under autocast, so its casts count), loss, backward."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = F.silu(x @ w1) @ w2  # [rows, hidden]
+    y.float().square().mean().backward()
+
+
+def measure_rates(budget: float = 0.15) -> dict[str, float]:
+    """GFLOP/s of the probe step on the CPU in fp32 and under bf16 autocast: each is run once to warm
+    up, then repeated for about `budget` seconds (a warm-up that alone took longer is the
+    measurement, so a slow precision costs one step)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_ROWS, PROBE_HIDDEN, generator=gen)
+    w1 = (torch.randn(PROBE_HIDDEN, PROBE_INNER, generator=gen) / 16).requires_grad_()
+    w2 = (torch.randn(PROBE_INNER, PROBE_HIDDEN, generator=gen) / 28).requires_grad_()
+    flops = 6 * PROBE_ROWS * PROBE_HIDDEN * PROBE_INNER  # two matmuls, forward (2 per MAC) and backward (twice that)
+    rates = {}
+    for name in ("fp32", "bf16"):
+        times = []
+        while not times or (sum(times) < budget and len(times) < 20):
+            t = time.perf_counter()
+            _probe_step(x, w1, w2, bf16=name == "bf16")
+            times.append(time.perf_counter() - t)
+        per_step = min(times[1:]) if len(times) > 1 else times[0]
+        rates[name] = flops / per_step / 1e9
+    return rates
+
+
+def choose_precision(setting: str, device: torch.device,
+                     measure: Callable[[], dict[str, float]] | None = None,
+                     cache_file: Path | None = None) -> Precision:
+    """The precision to train in: `setting` itself unless it is "auto"; on CUDA bf16 where supported;
+    on CPU the faster of the two by `measure` (measure_rates; cached per `machine_key` in
+    cache_file, by default $XDG_CACHE_HOME/nanoseek/machine.json; an unreadable cache is measured
+    anew and rewritten)."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting != "auto":
+        return Precision(setting, "as set")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", f"{torch.cuda.get_device_name(device)} supports bf16")
+        return Precision("fp32", f"{torch.cuda.get_device_name(device)} has no bf16")
+    if device.type != "cpu":
+        return Precision("fp32", f"no bf16 measurement for {device.type}")
+    cache_file = cache_file or cache_home() / "machine.json"
+    key = machine_key()
+    cache = _read_cache(cache_file)
+    rates = _cached_rates(cache.get(key))
+    if rates is None:
+        rates = (measure or measure_rates)()
+        cache[key] = {"rates": rates, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_file, json.dumps(cache, indent=2))
+        except OSError:  # a read-only home, or another process writing it now: measured again next time
+            pass
+    speedup = rates["bf16"] / rates["fp32"]
+    name = "bf16" if speedup >= BF16_MARGIN else "fp32"
+    reason = (f"bf16 autocast measured {speedup:.2f}x fp32 ({rates['bf16']:.1f} vs {rates['fp32']:.1f} GFLOP/s) "
+              f"on {cpu_info().describe()}, {torch.get_num_threads()} threads; cached in {cache_file}")
+    return Precision(name, reason, rates)
+
+
+def _cached_rates(entry) -> dict[str, float] | None:
+    """An entry's {"fp32", "bf16"} GFLOP/s, or None if it is missing or not such a pair."""
+    rates = entry.get("rates") if isinstance(entry, dict) else None
+    if isinstance(rates, dict) and all(isinstance(rates.get(p), (int, float)) and rates[p] > 0 for p in ("fp32", "bf16")):
+        return rates
+    return None
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+# ---- compile ----
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot work here (no C++ compiler for inductor on CPU, no triton on CUDA),
+    or None when the toolchain is present."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "triton is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except (RuntimeError, OSError, ImportError) as e:  # InvalidCxxCompiler is a RuntimeError
+        return f"no C++ compiler for inductor ({type(e).__name__})"
+    return None
+
+
+def decide_compile(setting: bool | None, device: torch.device) -> tuple[bool, str]:
+    """Whether to compile, and why: `setting` when given, else where the toolchain is present."""
+    if setting is not None:
+        return setting, "as set"
+    problem = compile_problem(device)
+    return problem is None, problem or "a compiler toolchain is present"
+
+
+def use_disk_cache() -> Path:
+    """Keep inductor's compiled graphs (FX graph cache, AOTAutograd cache) under
+    $XDG_CACHE_HOME/nanoseek/inductor, unless the user's TORCHINDUCTOR_CACHE_DIR says where; returns
+    the folder. (Importing inductor sets that variable to its default, a folder in /tmp that a
+    reboot may clear, so the default counts as unset.)"""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_home() / "inductor")
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
