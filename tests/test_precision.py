@@ -152,10 +152,21 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_step(tmp_path, monk
     assert all("forward" not in part.__dict__ for part in loop.compiled_regions(trainer.model))
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
-def test_compile_by_default_where_a_compiler_is_present(monkeypatch):
+def test_compile_by_default_on_cuda_only(monkeypatch):
     assert machine.decide_compile(False, CPU) == (False, "as set")
-    assert machine.decide_compile(None, CPU) == (True, "a compiler toolchain is present")
+    assert machine.decide_compile(True, CPU) == (True, "as set")
+    on, why = machine.decide_compile(None, CPU)
+    assert not on and "CPU" in why
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(machine.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert machine.decide_compile(None, cuda) == (True, "triton is present")
+    monkeypatch.setattr(machine.importlib.util, "find_spec", lambda name: None)
+    assert machine.decide_compile(None, cuda) == (False, "triton is not installed")
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")
+def test_compile_problem_names_a_missing_compiler(monkeypatch):
+    assert machine.compile_problem(CPU) is None
 
     def no_compiler():
         raise RuntimeError("no working C++ compiler found")
@@ -163,8 +174,7 @@ def test_compile_by_default_where_a_compiler_is_present(monkeypatch):
     import torch._inductor.cpp_builder
 
     monkeypatch.setattr(torch._inductor.cpp_builder, "get_cpp_compiler", no_compiler)
-    on, why = machine.decide_compile(None, CPU)
-    assert not on and "no C++ compiler" in why
+    assert "no C++ compiler" in machine.compile_problem(CPU)
 
 
 @pytest.mark.slow
