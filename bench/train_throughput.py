@@ -4,10 +4,13 @@ Runs both in one process, interleaved (A, B, A, B, ...), because this machine's 
 up to 20% between minutes; prints min/median seconds per step, tokens/s, the ratio, and the
 fraction of the machine's measured matmul peak (6 * active params * tokens + attention FLOPs).
 
-    python bench/train_throughput.py                 # fp32, forward + backward
-    python bench/train_throughput.py --step          # include the AdamW step
-    python bench/train_throughput.py --bf16          # bf16 autocast for both
-    python bench/train_throughput.py --config cpu-tiny --seq 512   # the pretraining shape
+Each side trains in its best precision on this machine by default: nanoseek in the one its trainer
+picks (`--precision auto`: bf16 autocast where a short measurement finds it faster, else fp32),
+transformers in whichever of fp32 and bf16 autocast is faster for its own step here (timed first).
+
+    python bench/train_throughput.py --step          # V3-tiny 8x256, forward + backward + AdamW
+    python bench/train_throughput.py --config cpu-tiny --seq 512 --step   # the pretraining shape
+    python bench/train_throughput.py --precision fp32 --hf-precision fp32  # force both
     python bench/train_throughput.py --compile       # nanoseek with regional torch.compile
 """
 
@@ -23,6 +26,7 @@ import torch
 import nanoseek
 from nanoseek.model import ModelConfig, get_preset
 from nanoseek.train.loop import compile_regions
+from nanoseek.train.machine import choose_precision, cpu_info
 
 # "V3-tiny": the 10M-parameter DeepSeek-V3 shape (4 layers, 16 routed experts) of the README's throughput table
 V3_TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
@@ -56,7 +60,10 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=12, help="timed steps per implementation")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="nanoseek's precision (auto: the one its trainer picks on this machine)")
+    ap.add_argument("--hf-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="transformers' precision (auto: the faster of the two for its step, timed here first)")
     ap.add_argument("--step", action="store_true", help="also time a fused AdamW step")
     ap.add_argument("--config", choices=["v3-tiny", "cpu-tiny"], default="v3-tiny",
                     help="v3-tiny: a small DeepSeek-V3 (MLA, 16 routed experts, vocab 8K); cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
@@ -89,30 +96,48 @@ def main():
 
     runs = {"transformers": (hf, hf_step), "nanoseek": (ours, our_step)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in runs.items()}
+
+    def train_step(name: str, bf16: bool) -> float:
+        model, step = runs[name]
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = step()
+        loss.backward()
+        if args.step:
+            opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    ours_prec = choose_precision(args.precision, torch.device("cpu"))
+    print(f"nanoseek precision: {ours_prec.name} ({ours_prec.reason})")
+    hf_bf16 = args.hf_precision == "bf16"
+    if args.hf_precision == "auto":  # one warm-up and one timed step each; bf16 stops early if already slower
+        fp32_t = min(train_step("transformers", False) for _ in range(2))
+        train_step("transformers", True)
+        bf16_t = train_step("transformers", True)
+        hf_bf16 = bf16_t < fp32_t
+        print(f"transformers precision: {'bf16' if hf_bf16 else 'fp32'} (step {fp32_t * 1e3:.0f} ms fp32, "
+              f"{bf16_t * 1e3:.0f} ms bf16 autocast)")
+    bf16 = {"transformers": hf_bf16, "nanoseek": ours_prec.name == "bf16"}
     times = {k: [] for k in runs}
     for i in range(args.rounds + 2):  # 2 warm-up rounds
-        for name, (model, step) in runs.items():
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = step()
-            loss.backward()
-            if args.step:
-                opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
+        for name in runs:
+            t = train_step(name, bf16[name])
             if i >= 2:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(t)
 
-    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
+    peaks = {b: matmul_peak(torch.bfloat16 if b else torch.float32) for b in set(bf16.values())}
     flops = train_flops(cfg, ours.num_params(active=True), B, T)
     print(f"config {args.config}: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active; "
-          f"batch {B}x{T}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-          f"{'fwd+bwd+AdamW' if args.step else 'fwd+bwd'}, {torch.get_num_threads()} threads")
-    print(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s")
+          f"batch {B}x{T}, {'fwd+bwd+AdamW' if args.step else 'fwd+bwd'}, {torch.get_num_threads()} threads, "
+          f"{cpu_info().describe()}")
+    print("measured matmul peak: " + ", ".join(f"{'bf16' if b else 'fp32'} {p / 1e9:.0f} GFLOP/s" for b, p in peaks.items()))
     med = {}
     for name, ts in times.items():
         med[name] = statistics.median(ts)
         print(f"{name:>13}: min {min(ts) * 1e3:7.1f} ms  median {med[name] * 1e3:7.1f} ms  "
-              f"{B * T / med[name]:8.0f} tok/s  {flops / med[name] / peak:5.1%} of peak")
+              f"{B * T / med[name]:8.0f} tok/s  {flops / med[name] / peaks[bf16[name]]:5.1%} of the "
+              f"{'bf16' if bf16[name] else 'fp32'} peak")
     print(f"ratio nanoseek / transformers (median): {med['transformers'] / med['nanoseek']:.2f}x  "
           f"(min: {min(times['transformers']) / min(times['nanoseek']):.2f}x)")
 
