@@ -92,7 +92,7 @@ def test_grpo_reuses_each_batch_of_rollouts_for_mu_updates(model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:torch.compile failed")  # no silent fallback to eager decoding
 def test_grpo_compiles_its_rollouts_and_they_follow_the_updated_weights(model_dir, tmp_path):
-    """compile unset = compiled where a C++ compiler is: the rollouts after an update come from the
+    """Compiled rollouts (--compile; the default on CUDA): the rollouts after an update come from the
     updated policy (the engine rebuilds its stacked expert weights), as in an eager run."""
     def run(name, compile):
         rl(model_dir, tmp_path / name, GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=16,
@@ -102,7 +102,7 @@ def test_grpo_compiles_its_rollouts_and_they_follow_the_updated_weights(model_di
         return [(r["reward"], r["response_length"]) for r in read_metrics(tmp_path / name / "metrics.jsonl")
                 if "reward" in r]
 
-    compiled = run("compiled", None)
+    compiled = run("compiled", True)
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["rollouts_compiled"] is True
     assert compiled == run("eager", False)
 
