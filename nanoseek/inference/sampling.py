@@ -136,11 +136,13 @@ def draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     G = -log(-log U), U uniform from the row's own generator, is such a draw. So each sampled row
     costs one uniform vector and the whole batch one argmax (a multinomial call per row cost ~30x
     more at batch 64). U is drawn in fp64, where U = 0 (a token never drawn) has odds 2^-53."""
+    sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    if not sampled:
+        return logits.argmax(dim=-1)
+    u = torch.stack([torch.rand(logits.shape[-1], generator=rows[i].generator, device=logits.device,
+                                dtype=torch.float64) for i in sampled])  # (sampled rows, V)
     noise = torch.zeros_like(logits)  # greedy rows: no noise, plain argmax
-    for i, r in enumerate(rows):
-        if r.params.temperature > 0:
-            u = torch.rand(logits.shape[-1], generator=r.generator, device=logits.device, dtype=torch.float64)
-            noise[i] = -(-u.log()).log()
+    noise[sampled] = (-(-u.log()).log()).to(logits.dtype)
     return (logits + noise).argmax(dim=-1)
 
 

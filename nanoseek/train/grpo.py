@@ -56,7 +56,9 @@ class Rollouts:
         self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
         # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers);
         # compiled, the engine notices the weights changed between rollouts (Engine._check_weights)
-        self.engine = Engine(model, decode=tok.decode, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
+        # no decode function: the engine would decode every row's text at every step; the texts are
+        # decoded once, when the rollouts are done
+        self.engine = Engine(model, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
                              max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id, compile=compile)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
@@ -105,11 +107,12 @@ class Rollouts:
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         rollout_time = time.perf_counter() - t0
-        graded = [(self.tasks[name], p, r.text) for (name, p), r in
-                  zip((problem for problem in problems for _ in range(cfg.group_size)), reqs)]
+        texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them
+        graded = [(self.tasks[name], p, text) for (name, p), text in
+                  zip((problem for problem in problems for _ in range(cfg.group_size)), texts)]
         rewards = torch.tensor([reward(task, p, text, cfg.format_weight) for task, p, text in graded])
         accuracy = torch.tensor([accuracy_reward(task, p, text) for task, p, text in graded])
-        format_rate = torch.tensor([format_reward(r.text) for r in reqs])
+        format_rate = torch.tensor([format_reward(text) for text in texts])
         adv = group_advantages(rewards, cfg.group_size, scale=not cfg.dr_grpo)
         keep = varied_groups(rewards, cfg.group_size)
         lengths = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.float)
