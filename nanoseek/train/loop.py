@@ -20,9 +20,10 @@ as if never stopped.
 
 How fast it computes is decided at startup, per machine (machine.py), and printed: the precision
 (`precision="auto"`: bf16 autocast where it measured faster than fp32, cached per machine) and
-compiling (`compile=None`: on where inductor has a toolchain; if compiling fails anyway the run
-warns once and goes on eagerly). A resumed "auto" run decides again on the machine it resumes on
-(weights and optimizer are fp32 either way, so switching only changes speed and rounding noise);
+compiling (`compile=None`: on for CUDA with triton, off on a CPU, where it measured no faster;
+if compiling fails the run warns once and goes on eagerly). A resumed "auto" run decides again
+on the machine it resumes on (weights and optimizer are fp32 either way, so switching only
+changes speed and rounding noise);
 config.json's "machine" section holds the latest start's choice, its reason and measured rates.
 """
 
