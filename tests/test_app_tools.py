@@ -146,7 +146,7 @@ def test_nanoseek_chat_offers_the_calculator_unless_no_tools(caller, tmp_path):
     model, tok = caller
     folder = model_folder(tmp_path, "deepseek-v3.1")
     save_model(model, folder)
-    base = ["chat", "--model", str(folder), "--max-tokens", "12", "--no-think"]
+    base = ["chat", "--model", str(folder), "--max-tokens", "24", "--no-think"]
     with_tools = CliRunner().invoke(app, base, input="What is 2 + 2?\n/exit\n")
     assert with_tools.exit_code == 0, with_tools.output
     out = with_tools.output
