@@ -26,7 +26,7 @@ import torch
 import nanoseek
 from nanoseek.model import ModelConfig, get_preset
 from nanoseek.train.loop import compile_regions
-from nanoseek.train.machine import choose_precision, cpu_info
+from nanoseek.machine import choose_precision, cpu_info
 
 # "V3-tiny": the 10M-parameter DeepSeek-V3 shape (4 layers, 16 routed experts) of the README's throughput table
 V3_TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,

@@ -74,11 +74,49 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def inference_dtype(path: str | os.PathLike, quantize: str | int | None = None) -> torch.dtype | None:
-    """The dtype to serve a folder in: fp32 for models under 1 GB of weights (a small model's step is
-    many small operations, which run faster in fp32 on CPU: the shipped model decodes 2.3x faster
-    than in bf16, measured), the checkpoint's own (None) for larger or quantized ones."""
-    return torch.float32 if checkpoint_bytes(path) < 1e9 and not parse_bits(quantize) else None
+def inference_dtype(path: str | os.PathLike, quantize: str | int | None = None,
+                    fast_bf16: bool | None = None) -> torch.dtype | None:
+    """The dtype to compute a folder's model in on the CPU (None: the checkpoint's own).
+
+    - fp32 for models under 1 GB of weights (a small model's step is many small operations, which run
+      faster in fp32: the shipped model decodes 2.3x faster than in bf16, measured);
+    - the checkpoint's own (bf16) where this CPU multiplies in bf16 faster than in fp32 (AMX, AVX-512
+      bf16: `fast_bf16`, by default measured once per machine and cached, see machine.py);
+    - fp32 otherwise, because a CPU with AVX2 only multiplies bf16 20-100x slower than fp32 (a 512-token
+      prompt to a 1.5B model would take minutes): quantized weights stay integers (their kernels take
+      the activations in bf16) and only the float remainder (embeddings, norms) doubles; a bf16 or FP8
+      checkpoint is widened to fp32 when it fits in the memory available that way, and is otherwise
+      kept in bf16 with a warning to quantize it.
+    """
+    size, bits = checkpoint_bytes(path), parse_bits(quantize)
+    if size < 1e9 and not bits:
+        return torch.float32
+    if fast_bf16 is None:
+        from .machine import choose_precision
+
+        fast_bf16 = choose_precision("auto", torch.device("cpu")).name == "bf16"
+    if fast_bf16:
+        return None
+    _, raw = load_config(path)
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if bits or method == "nanoseek":
+        return torch.float32
+    if (4 if method == "fp8" else 2) * size < 0.8 * available_memory():
+        return torch.float32
+    warnings.warn(f"{path}: this CPU multiplies bf16 slowly and the model does not fit in memory in fp32: prompts "
+                  "will be slow; quantize it (--quantize int8) for speed")
+    return None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _open(file: Path):

@@ -29,7 +29,7 @@ from .tokenizer import DeepSeekTokenizer
 from .tools import CallFormat
 from .train.distill import distill
 from .train.grpo import rl
-from .train.machine import cpu_info
+from .machine import cpu_info
 from .train.metrics import read_metrics
 from .train.pretrain import pretrain
 from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,

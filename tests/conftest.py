@@ -14,7 +14,7 @@ def tiny_gqa_config(**overrides) -> ModelConfig:
 @pytest.fixture(autouse=True, scope="session")
 def _own_cache_folder(tmp_path_factory):
     """The precision measurement's cache and inductor's graphs in a folder of the test session's own."""
-    from nanoseek.train import machine
+    from nanoseek import machine
 
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import nanoseek
 from conftest import randomize_
-from nanoseek import CheckpointError, ConfigError
+from nanoseek import CheckpointError, ConfigError, checkpoint
 from nanoseek.checkpoint import dequantize_fp8
 from nanoseek.model import build_model, get_preset
 
@@ -52,6 +52,30 @@ def test_dtype_on_load(saved):
     model = nanoseek.load_model(path, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_the_compute_dtype_follows_the_machine(saved, monkeypatch):
+    """Small models compute in fp32; larger ones in the checkpoint's bf16 only where this CPU multiplies bf16
+    fast, else in fp32 (quantized: always; float: if the fp32 copy fits in memory, else bf16 with a warning)."""
+    _, path = saved
+    bf16 = nanoseek.load_model(path, dtype=torch.bfloat16)
+    nanoseek.save_model(bf16, path)
+    assert checkpoint.inference_dtype(path) == torch.float32  # under 1 GB
+    size = checkpoint.checkpoint_bytes(path)
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))  # as large as R1-Distill-1.5B
+    for quantize in (None, "int8", "int4"):
+        assert checkpoint.inference_dtype(path, quantize, fast_bf16=True) is None  # AMX / AVX-512 bf16
+    assert checkpoint.inference_dtype(path, "int4", fast_bf16=False) == torch.float32  # AVX2 only
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: int(8e9))
+    assert checkpoint.inference_dtype(path, fast_bf16=False) == torch.float32  # 6 GB in fp32 fits
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: int(6e9))
+    with pytest.warns(UserWarning, match="quantize"):
+        assert checkpoint.inference_dtype(path, fast_bf16=False) is None
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: size)
+    nanoseek.save_model(nanoseek.load_model(path, quantize="int8"), path)  # a quantized folder, stored
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))
+    assert checkpoint.inference_dtype(path, fast_bf16=False) == torch.float32
+    assert checkpoint.available_memory() > 0
 
 
 def quantize_fp8(w: torch.Tensor, block: int):

@@ -1,4 +1,4 @@
-"""Training precision and compiling per machine (train/machine.py, the Trainer's use of them)."""
+"""Training precision and compiling per machine (machine.py, the Trainer's use of them)."""
 
 import json
 import shutil
@@ -8,8 +8,9 @@ import torch
 
 from nanoseek.model import build_model, get_preset
 from nanoseek.model.config import ConfigError
-from nanoseek.train import LMObjective, TrainConfig, Trainer, loop, machine
-from nanoseek.train.machine import BF16_MARGIN, choose_precision, measure_rates
+from nanoseek import machine
+from nanoseek.train import LMObjective, TrainConfig, Trainer, loop
+from nanoseek.machine import BF16_MARGIN, choose_precision, measure_rates
 from nanoseek.train.metrics import read_metrics
 
 CPU = torch.device("cpu")
@@ -40,7 +41,7 @@ def test_a_set_precision_and_cuda_need_no_measurement(tmp_path, monkeypatch):
         p = choose_precision("auto", torch.device("cuda"), measure=never, cache_file=tmp_path / "m.json")
         assert p.name == picked and "H200" in p.reason
     assert not (tmp_path / "m.json").exists()
-    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
         choose_precision("fp16", CPU)
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp16")

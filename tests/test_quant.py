@@ -14,6 +14,7 @@ from conftest import randomize_, tiny_gqa_config
 from nanoseek.cli import SHIPPED, app
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
+from nanoseek import quant
 from nanoseek.quant import KERNEL_ROWS, QuantLinear
 from nanoseek.tokenizer import DeepSeekTokenizer
 
@@ -36,6 +37,25 @@ def test_kernels_equal_the_dequantized_reference(bits, rows):
     # rounding to the nearest code is at most half a step off; the bf16 scales and zeros add a little
     assert (err <= 0.75 * step + w.abs().amax() / 256).all()
     assert err.mean() < 0.3 * step.mean()
+
+
+@pytest.mark.parametrize("bits, out_features, packed", [(8, 200, False), (4, 200, False), (4, 192, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_features, packed, dtype):
+    """Prompts (more rows than the kernels take) multiply by the weight converted 64 output channels at a
+    time here (a last, partial block too; int4 also read out of the kernel's layout): the same as the
+    whole dequantized weight."""
+    monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
+    layer = QuantLinear(256, out_features, bits, dtype=dtype)
+    layer.quantize_(torch.randn(out_features, 256) * 0.05)
+    if packed:
+        layer(torch.randn(1, 256, dtype=dtype))  # a kernel call puts the codes in the kernel's layout
+        assert layer._kernel_layout
+    x = torch.randn(3, 70, 256, dtype=dtype)
+    out = layer(x)
+    assert out.shape == (3, 70, out_features) and out.dtype == dtype and out.is_contiguous()
+    ref = x.float() @ layer.dequantize().t()
+    torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)))
 
 
 def test_int4_codes_round_trip_through_the_packed_bytes():

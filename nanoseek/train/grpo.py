@@ -30,7 +30,7 @@ from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
-from .machine import decide_compile, use_disk_cache
+from ..machine import decide_compile, use_disk_cache
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
 from .runs import run_stage
 from .settings import RL_TRAIN, GRPOConfig, TrainConfig

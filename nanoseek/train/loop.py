@@ -51,7 +51,7 @@ from ..files import atomic_write, staged_dir
 from ..model.config import ConfigError
 from ..model.moe import MoE, update_router_bias
 from . import distributed as D
-from .machine import COMPILE_ERRORS, choose_precision, cpu_info, decide_compile, use_disk_cache
+from ..machine import COMPILE_ERRORS, choose_precision, cpu_info, decide_compile, use_disk_cache
 from .metrics import MetricsLog, plot_metrics
 from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rng_state, save_trainer_state,
                    set_rng_state, verify_manifest, write_manifest)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from ..data.tasks import get_task
 from ..model.config import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: what trains fastest on this machine (train/machine.py)
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: what trains fastest on this machine (machine.py)
 
 
 @dataclass

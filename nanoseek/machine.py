@@ -40,8 +40,7 @@ import torch._inductor.exc
 import torch.nn.functional as F
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from ..files import atomic_write
-from .settings import PRECISIONS
+from .files import atomic_write
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -129,10 +128,10 @@ def choose_precision(setting: str, device: torch.device,
     on CPU the faster of the two by `measure` (measure_rates; cached per `machine_key` in
     cache_file, by default $XDG_CACHE_HOME/nanoseek/machine.json; an unreadable cache is measured
     anew and rewritten)."""
-    if setting not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
-    if setting != "auto":
+    if setting in ("fp32", "bf16"):
         return Precision(setting, "as set")
+    if setting != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {setting!r}")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", f"{torch.cuda.get_device_name(device)} supports bf16")
