@@ -55,7 +55,7 @@ def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_feat
     out = layer(x)
     assert out.shape == (3, 70, out_features) and out.dtype == dtype and out.is_contiguous()
     ref = x.float() @ layer.dequantize().t()
-    torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)))
+    torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}))
 
 
 def test_int4_codes_round_trip_through_the_packed_bytes():
