@@ -33,10 +33,10 @@ speedrun: $(STAMP)  ## reproduce the shipped model: the whole pipeline in about 
 	$(BIN)/nanoseek speedrun --rl-tasks add,countdown --ship
 
 test: $(TEST_STAMP)  ## the whole suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: $(TEST_STAMP)  ## skip tests marked slow
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 bench: $(TEST_STAMP)  ## training and generation speed against transformers, interleaved in one process
 	$(BIN)/python bench/train_throughput.py --step --config cpu-tiny --seq 512

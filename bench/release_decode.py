@@ -148,10 +148,11 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     import nanoseek
     from nanoseek.inference import Engine, SamplingParams
 
-    from nanoseek.checkpoint import inference_dtype
+    from nanoseek.checkpoint import inference_dtypes
 
     t = time.perf_counter()
-    model = nanoseek.load_model(folder, dtype=inference_dtype(folder))  # the dtype `nanoseek serve` picks
+    dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
+    model = nanoseek.load_model(folder, dtype=dtype, weight_dtype=weight_dtype)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,

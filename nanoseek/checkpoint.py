@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .files import atomic_write
 from .model import DeepseekForCausalLM, ModelConfig, build_model
 from .model.config import ARCHITECTURES, ConfigError
-from .quant import BITS, GROUP, QuantLinear, swap_linears
+from .quant import BITS, GROUP, QuantLinear, narrow_linears, swap_linears
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -74,49 +74,33 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def inference_dtype(path: str | os.PathLike, quantize: str | int | None = None,
-                    fast_bf16: bool | None = None) -> torch.dtype | None:
-    """The dtype to compute a folder's model in on the CPU (None: the checkpoint's own).
+def inference_dtypes(path: str | os.PathLike, quantize: str | int | None = None,
+                     fast_bf16: bool | None = None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(dtype, weight_dtype) to load a folder's model in for the CPU (see `load_model`; None: the checkpoint's own).
 
     - fp32 for models under 1 GB of weights (a small model's step is many small operations, which run
       faster in fp32: the shipped model decodes 2.3x faster than in bf16, measured);
     - the checkpoint's own (bf16) where this CPU multiplies in bf16 faster than in fp32 (AMX, AVX-512
       bf16: `fast_bf16`, by default measured once per machine and cached, see machine.py);
-    - fp32 otherwise, because a CPU with AVX2 only multiplies bf16 20-100x slower than fp32 (a 512-token
-      prompt to a 1.5B model would take minutes): quantized weights stay integers (their kernels take
-      the activations in bf16) and only the float remainder (embeddings, norms) doubles; a bf16 or FP8
-      checkpoint is widened to fp32 when it fits in the memory available that way, and is otherwise
-      kept in bf16 with a warning to quantize it.
+    - fp32 activations otherwise, because a CPU with AVX2 only multiplies bf16 20-100x slower than fp32
+      (a 512-token prompt to a 1.5B model would take minutes): quantized weights stay integers (their
+      kernels take the activations in bf16), a bf16 or FP8 checkpoint keeps its linear layers' weights in
+      bf16 (`weight_dtype`, NarrowLinear: decoding reads 2 bytes per weight), and only the rest
+      (embeddings, norms) is widened.
     """
     size, bits = checkpoint_bytes(path), parse_bits(quantize)
     if size < 1e9 and not bits:
-        return torch.float32
+        return torch.float32, None
     if fast_bf16 is None:
         from .machine import choose_precision
 
         fast_bf16 = choose_precision("auto", torch.device("cpu")).name == "bf16"
     if fast_bf16:
-        return None
+        return None, None
     _, raw = load_config(path)
-    method = (raw.get("quantization_config") or {}).get("quant_method")
-    if bits or method == "nanoseek":
-        return torch.float32
-    if (4 if method == "fp8" else 2) * size < 0.8 * available_memory():
-        return torch.float32
-    warnings.warn(f"{path}: this CPU multiplies bf16 slowly and the model does not fit in memory in fp32: prompts "
-                  "will be slow; quantize it (--quantize int8) for speed")
-    return None
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable; free pages elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    stored = raw.get("torch_dtype") or raw.get("dtype")
+    quantized = bits or (raw.get("quantization_config") or {}).get("quant_method") == "nanoseek"
+    return torch.float32, None if quantized or stored == "float32" else torch.bfloat16
 
 
 def _open(file: Path):
@@ -139,13 +123,15 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None, quantize: str | int | None = None) -> DeepseekForCausalLM:
+               device: str | torch.device | None = None, quantize: str | int | None = None,
+               weight_dtype: torch.dtype | None = None) -> DeepseekForCausalLM:
     """Load a model folder (HF format: DeepSeek-V2/V3, their Qwen2/Llama derivatives, or a folder that
     `nanoseek quantize` wrote). dtype defaults to the checkpoint's (FP8 weights are dequantized to bf16
     unless a dtype is given); device defaults to CPU.
 
     quantize = "int8" | "int4" (or 8 | 4) quantizes every linear layer while loading (see quant.py);
-    the other tensors keep `dtype`. Shards are read one at a time and each tensor is converted (FP8
+    the other tensors keep `dtype`. weight_dtype (bf16, with dtype fp32), when not quantizing, keeps the
+    linear layers' weights in that dtype while computing in `dtype` (quant.NarrowLinear). Shards are read one at a time and each tensor is converted (FP8
     dequantized, then quantized) on its own, so memory holds the (quantized) model plus one tensor
     being converted, never two full copies: an FP8 checkpoint goes to int8 without a bf16 copy.
     """
@@ -172,8 +158,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
-    model = build_model(config, device=device, dtype=dtype, init=False,
-                        edit=(lambda m: swap_linears(m, bits, group, dtype)) if bits else None)
+    if bits:
+        edit = lambda m: swap_linears(m, bits, group, dtype)  # noqa: E731
+    elif weight_dtype is not None and weight_dtype != dtype:
+        edit = lambda m: narrow_linears(m, weight_dtype)  # noqa: E731
+    else:
+        edit = None
+    model = build_model(config, device=device, dtype=dtype, init=False, edit=edit)
     state = model.state_dict(keep_vars=True)
     expected = set(state)
     unexpected, seen = [], set()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .checkpoint import inference_dtype, load_model
+from .checkpoint import inference_dtypes, load_model
 from .inference import Engine, SamplingParams
 from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
@@ -18,14 +18,16 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
                      quantize: str | None = None, dtype: torch.dtype | None = None, max_len: int | None = None,
                      console: Console | None = None) -> tuple[Engine, DeepSeekTokenizer]:
     """(engine, tokenizer) for a folder holding config.json, safetensors and tokenizer.json, in `dtype`
-    or else the one `inference_dtype` picks (fp32 for small models, the checkpoint's for large ones).
+    or else the ones `inference_dtypes` picks for this machine (fp32 for small models; for large ones the
+    checkpoint's bf16 where the CPU multiplies bf16 fast, else fp32 activations over bf16 or integer weights).
     Speculative decoding is turned off, with a note, for a model without an MTP layer; with `compile`
     the decode step is compiled here rather than at the first reply."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise FileNotFoundError(f"{model_dir}: no such folder")
     console = console or Console()
-    model = load_model(model_dir, dtype=dtype or inference_dtype(model_dir, quantize), quantize=quantize)
+    chosen, weight_dtype = (dtype, None) if dtype else inference_dtypes(model_dir, quantize)
+    model = load_model(model_dir, dtype=chosen, quantize=quantize, weight_dtype=weight_dtype)
     prepare_kernels(model)
     tok = DeepSeekTokenizer.load(model_dir)
     if speculative and not model.mtp_layers:

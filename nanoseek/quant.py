@@ -32,6 +32,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BITS = (8, 4)
@@ -40,6 +41,7 @@ GROUP = 32
 # [8960, 1536] weight: int8 kernel 3.3 ms at 8 rows vs 3.8 ms converted, int4 kernel 13.6 ms at 64 rows vs 13.4
 KERNEL_ROWS = {8: 8, 4: 48}
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
+NARROW_ROWS = 4  # NarrowLinear: bf16 products up to this many rows (an AVX2 Zen3: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
 CONVERT_WEIGHTS = 2**20  # many rows: the weight is converted in blocks of about this many weights (4 MB in fp32)
 
 
@@ -114,21 +116,9 @@ class QuantLinear(nn.Module):
         if x.device.type == "cpu" and rows <= self.kernel_rows and self._kernel_ready():
             y = self._kernel(x2.to(torch.bfloat16)).to(x.dtype)
         else:
-            y = self._converted(x2)
+            y = converted_matmul(x2, self._dequantize_rows, self.out_features)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def _converted(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, K] @ W.T for many rows: W converted to x's dtype one block of output channels at a
-        time, each block multiplied while it is in cache. No float copy of the whole weight is made
-        (an R1-Distill head would be 0.9 GB in fp32 per prompt chunk), and on a CPU this is 1.3-6x
-        faster than converting it whole (fresh memory for the copy faults in page by page; measured
-        for an [8960, 1536] int8/int4 weight and 16-512 rows on an AMD EPYC Zen3)."""
-        block = max(KERNEL_BLOCK, CONVERT_WEIGHTS // self.in_features // KERNEL_BLOCK * KERNEL_BLOCK)
-        out = x.new_empty(self.out_features, x.shape[0])  # [N, rows]: each block of channels fills contiguous rows
-        for start in range(0, self.out_features, block):
-            torch.mm(self._dequantize_rows(start, start + block, x.dtype), x.t(), out=out[start:start + block])
-        return out.t().contiguous()
 
     def _dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Output channels start..end of the weight, [end - start, K] in dtype (start a multiple of 64)."""
@@ -183,6 +173,61 @@ class QuantLinear(nn.Module):
                 self.qweight.copy_(self.standard_qweight())
             self._kernel_layout, self._scales_zeros = False, None
         return super()._apply(fn, recurse)
+
+
+def converted_matmul(x: torch.Tensor, weight_rows, out_features: int) -> torch.Tensor:
+    """x [rows, K] @ W.T for many rows, W given by `weight_rows(start, end, dtype)` (its output channels
+    start..end in x's dtype) and converted one block of about CONVERT_WEIGHTS weights at a time, each
+    block multiplied while it is in cache. No float copy of the whole weight is made (an R1-Distill
+    head would be 0.9 GB in fp32 per prompt chunk), and on a CPU this is 1.1-4x faster than converting
+    it whole (fresh memory for the copy faults in page by page; measured for [8960, 1536] and [1536, 8960]
+    int8/int4 weights and 16-512 rows on an AMD EPYC Zen3)."""
+    K = x.shape[1]
+    block = max(KERNEL_BLOCK, CONVERT_WEIGHTS // K // KERNEL_BLOCK * KERNEL_BLOCK)
+    out = x.new_empty(out_features, x.shape[0])  # [N, rows]: each block of channels fills contiguous rows
+    for start in range(0, out_features, block):
+        torch.mm(weight_rows(start, start + block, x.dtype), x.t(), out=out[start:start + block])
+    return out.t().contiguous()
+
+
+class NarrowLinear(nn.Linear):
+    """A linear layer whose weight (and bias) stay in bf16 while the activations are fp32: a bf16
+    checkpoint computed in fp32 at bf16's memory, for CPUs that multiply bf16 slowly (AVX2 only). A few
+    rows (decoding) multiply in bf16 as they are (matrix-vector products in bf16 are fast there and read
+    2 bytes per weight); more rows (prompts) convert the weight to fp32 a block at a time. The state
+    dict is nn.Linear's, so checkpoints load and save unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        if torch.is_grad_enabled() and self.weight.requires_grad:  # training through it: plain autograd
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(rows, self.in_features)
+        if rows <= NARROW_ROWS:
+            y = F.linear(x2.to(self.weight.dtype), self.weight).to(x.dtype)
+        else:
+            y = converted_matmul(x2, lambda start, end, dtype: self.weight[start:end].to(dtype), self.out_features)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Make every quantizable Linear a NarrowLinear with its weight in `dtype`, in place (meant for a
+    model built on the meta device, before its weights are loaded). A head tied to the embedding stays
+    as it is (one tensor, in the model's dtype)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    new: dict[int, NarrowLinear] = {}
+    for name in quantizable(model):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, child)
+        if id(old.weight) in embeddings:
+            continue
+        if id(old) not in new:
+            new[id(old)] = NarrowLinear(old.in_features, old.out_features, old.bias is not None,
+                                        device=old.weight.device, dtype=dtype)
+        setattr(owner, child, new[id(old)])
 
 
 @lru_cache(maxsize=None)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,13 @@ def tiny_gqa_config(**overrides) -> ModelConfig:
     return ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                   "max_position_embeddings": 512, "rope_theta": 10000.0, **overrides})
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`) the CPU's cores are shared out between the workers."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,6 +11,7 @@ import nanoseek
 from conftest import randomize_
 from nanoseek import CheckpointError, ConfigError, checkpoint
 from nanoseek.checkpoint import dequantize_fp8
+from nanoseek.quant import NarrowLinear
 from nanoseek.model import build_model, get_preset
 
 
@@ -56,26 +57,35 @@ def test_dtype_on_load(saved):
 
 def test_the_compute_dtype_follows_the_machine(saved, monkeypatch):
     """Small models compute in fp32; larger ones in the checkpoint's bf16 only where this CPU multiplies bf16
-    fast, else in fp32 (quantized: always; float: if the fp32 copy fits in memory, else bf16 with a warning)."""
+    fast, else in fp32: quantized weights stay integers, a bf16 model's linear weights stay bf16 (NarrowLinear),
+    with logits that match the same weights widened to fp32."""
     _, path = saved
-    bf16 = nanoseek.load_model(path, dtype=torch.bfloat16)
-    nanoseek.save_model(bf16, path)
-    assert checkpoint.inference_dtype(path) == torch.float32  # under 1 GB
+    nanoseek.save_model(nanoseek.load_model(path, dtype=torch.bfloat16), path)
+    assert checkpoint.inference_dtypes(path) == (torch.float32, None)  # under 1 GB
     size = checkpoint.checkpoint_bytes(path)
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))  # as large as R1-Distill-1.5B
     for quantize in (None, "int8", "int4"):
-        assert checkpoint.inference_dtype(path, quantize, fast_bf16=True) is None  # AMX / AVX-512 bf16
-    assert checkpoint.inference_dtype(path, "int4", fast_bf16=False) == torch.float32  # AVX2 only
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: int(8e9))
-    assert checkpoint.inference_dtype(path, fast_bf16=False) == torch.float32  # 6 GB in fp32 fits
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: int(6e9))
-    with pytest.warns(UserWarning, match="quantize"):
-        assert checkpoint.inference_dtype(path, fast_bf16=False) is None
+        assert checkpoint.inference_dtypes(path, quantize, fast_bf16=True) == (None, None)  # AMX / AVX-512 bf16
+    assert checkpoint.inference_dtypes(path, "int4", fast_bf16=False) == (torch.float32, None)  # AVX2 only
+    dtype, weight_dtype = checkpoint.inference_dtypes(path, fast_bf16=False)
+    assert (dtype, weight_dtype) == (torch.float32, torch.bfloat16)
+    narrow = nanoseek.load_model(path, dtype=dtype, weight_dtype=weight_dtype)
+    wide = nanoseek.load_model(path, dtype=torch.float32)
+    layers = [m for m in narrow.modules() if isinstance(m, NarrowLinear)]
+    assert narrow.lm_head in layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    assert narrow.model.embed_tokens.weight.dtype == torch.float32
+    x = torch.randint(0, narrow.config.vocab_size, (2, 12))
+    with torch.no_grad():  # (experts that get a few tokens multiply them in bf16)
+        torch.testing.assert_close(narrow(x).logits, wide(x).logits, atol=0.05, rtol=0.05)
+        for row in x:  # one token: bf16 products everywhere
+            torch.testing.assert_close(narrow(row[None, :1]).logits, wide(row[None, :1]).logits, atol=0.05, rtol=0.05)
+    nanoseek.save_model(narrow, path / "again")
+    assert all(torch.equal(a, b.float()) for a, b in zip(wide.state_dict().values(),
+                                                        nanoseek.load_model(path / "again").state_dict().values()))
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: size)
     nanoseek.save_model(nanoseek.load_model(path, quantize="int8"), path)  # a quantized folder, stored
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))
-    assert checkpoint.inference_dtype(path, fast_bf16=False) == torch.float32
-    assert checkpoint.available_memory() > 0
+    assert checkpoint.inference_dtypes(path, fast_bf16=False) == (torch.float32, None)
 
 
 def quantize_fp8(w: torch.Tensor, block: int):

@@ -17,7 +17,7 @@ import torch
 
 from conftest import randomize_
 from nanoseek import load_model
-from nanoseek.checkpoint import inference_dtype
+from nanoseek.checkpoint import inference_dtypes
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
@@ -199,7 +199,7 @@ def test_lm_eval_loglikelihoods_are_the_engines(lm_eval_run):
     each choice's loglikelihood is the sum of the continuation's logprobs in a direct forward."""
     out = lm_eval_run("local-completions", "completions", ["nano_mc"],
                       f",tokenizer_backend=huggingface,tokenizer={SHIPPED},batch_size=2")
-    model, tok = load_model(SHIPPED, dtype=inference_dtype(SHIPPED)), DeepSeekTokenizer.load(SHIPPED)
+    model, tok = load_model(SHIPPED, dtype=inference_dtypes(SHIPPED)[0]), DeepSeekTokenizer.load(SHIPPED)
     scored = 0
     for sample in out["samples"]["nano_mc"]:
         for (context, continuation), (resp,) in zip(sample["arguments"], sample["resps"]):

@@ -15,7 +15,7 @@ from nanoseek.cli import SHIPPED, app
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
 from nanoseek import quant
-from nanoseek.quant import KERNEL_ROWS, QuantLinear
+from nanoseek.quant import KERNEL_ROWS, NARROW_ROWS, NarrowLinear, QuantLinear
 from nanoseek.tokenizer import DeepSeekTokenizer
 
 
@@ -56,6 +56,22 @@ def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_feat
     assert out.shape == (3, 70, out_features) and out.dtype == dtype and out.is_contiguous()
     ref = x.float() @ layer.dequantize().t()
     torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}))
+
+
+@pytest.mark.parametrize("rows", [1, NARROW_ROWS, NARROW_ROWS + 1, 70])
+def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, rows):
+    """A few rows multiply in bf16; more convert the bf16 weight to fp32 block by block: exactly the fp32 product."""
+    monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
+    layer = NarrowLinear(256, 200, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, 256)
+    out = layer(x)
+    ref = x @ layer.weight.float().t() + layer.bias.float()
+    assert out.dtype == torch.float32 and out.shape == (2, rows, 200) and layer.weight.dtype == torch.bfloat16
+    if 2 * rows <= NARROW_ROWS:
+        torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
+    else:
+        torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.weight.t() + layer.bias, atol=0.02, rtol=0.02)
 
 
 def test_int4_codes_round_trip_through_the_packed_bytes():

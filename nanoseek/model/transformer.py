@@ -185,10 +185,10 @@ def build_model(config: ModelConfig, device: str | torch.device | None = None,
     `edit` changes the model while it is still on the meta device (the loader swaps in quantized layers)."""
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
-        if edit is not None:
-            edit(model)
         if dtype is not None:
             model.to(dtype)
+        if edit is not None:  # after the cast: the layers it swaps in keep the dtypes they were made with
+            edit(model)
     model.to_empty(device=device or "cpu")  # untouched pages: memory is taken as tensors are written
     model.tie_weights()
     if init:
