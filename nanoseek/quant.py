@@ -11,10 +11,12 @@ hold its weight W [N out, K in] as integers plus scales:
 `QuantLinear.forward` multiplies with torch's CPU kernels that read the integers directly
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations): a decode step reads 1 or
 0.5 bytes per weight instead of 2 or 4. For many rows at once (prefill) those kernels are slower
-than converting the weight to the activations' dtype and running one matmul (the oneDNN/AMX bf16
-path), so above `KERNEL_ROWS[bits]` rows that is what happens, and on other devices (CUDA) always:
-int8 as one conversion with the per-channel scale applied to the output, int4 unpacked in four
-whole-tensor operations. `dequantize()` is the plain reference path.
+than converting the weight to the activations' dtype and multiplying, so above `KERNEL_ROWS[bits]`
+rows that is what happens, and on other devices (CUDA) always, one block of output channels at a
+time (`converted_matmul`). `dequantize()` is the plain reference path.
+
+`NarrowLinear` is the float counterpart for CPUs without fast bf16 matmuls: linear weights kept in
+bf16 under fp32 activations (see checkpoint.inference_dtypes).
 (torchao's CPU weight-only configs call the same two aten kernels; its wheel carries no other CPU
 kernels, so nanoseek calls them directly.)
 
