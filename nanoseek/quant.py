@@ -151,8 +151,9 @@ class QuantLinear(nn.Module):
     def _to_kernel_layout(self, chunk: int = 16 * KERNEL_BLOCK) -> None:
         """Rewrite qweight in place in the CPU kernel's layout, a chunk of rows at a time (the int32 codes
         the conversion takes never exist for the whole matrix; 1024 rows took 23% less time than 4096 for
-        DeepSeek-V2-Lite's expert shapes on a Zen3: ~22 ms per expert, ~37 s for its 1664 at start-up), and build the kernel's [K/g, N, 2] scales
-        and offsets: it computes (q - 8) * scale + offset, so offset = zero + 8 * scale."""
+        DeepSeek-V2-Lite's expert shapes on a Zen3: ~22 ms per expert, ~37 s for its 1664 at start-up),
+        and build the kernel's [K/g, N, 2] scales and offsets: it computes (q - 8) * scale + offset, so
+        offset = zero + 8 * scale."""
         for s in range(0, self.out_features, chunk):
             rows = self.qweight[s:s + chunk]
             codes = torch.stack([rows & 15, rows >> 4], dim=-1).flatten(1).to(torch.int32)
