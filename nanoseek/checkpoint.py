@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,12 +159,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    edit = None  # what replaces the linear layers before the weights are read
     if bits:
-        edit = lambda m: swap_linears(m, bits, group, dtype)  # noqa: E731
+        edit = partial(swap_linears, bits=bits, group_size=group, dtype=dtype)
     elif weight_dtype is not None and weight_dtype != dtype:
-        edit = lambda m: narrow_linears(m, weight_dtype)  # noqa: E731
-    else:
-        edit = None
+        edit = partial(narrow_linears, dtype=weight_dtype)
     model = build_model(config, device=device, dtype=dtype, init=False, edit=edit)
     state = model.state_dict(keep_vars=True)
     expected = set(state)
