@@ -14,6 +14,7 @@ from conftest import randomize_, tiny_gqa_config
 from nanoseek.cli import SHIPPED, app
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
+from nanoseek.model.moe import MoE
 from nanoseek import quant
 from nanoseek.quant import KERNEL_ROWS, NARROW_ROWS, NarrowLinear, QuantLinear
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -72,6 +73,24 @@ def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, ro
     else:
         torch.testing.assert_close(out, ref)
     torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.weight.t() + layer.bias, atol=0.02, rtol=0.02)
+
+
+def test_the_compiled_moe_path_takes_narrow_weights(tmp_path):
+    """The compiled decode step's MoE (every expert as one wide MLP over stacked weights) on a model whose
+    linear weights stay bf16 under fp32 activations: the same as the routed experts."""
+    model = build_model(get_preset("tiny")).eval()
+    randomize_(model)
+    nanoseek.save_model(model.to(torch.bfloat16), tmp_path)
+    narrow = nanoseek.load_model(tmp_path, dtype=torch.float32, weight_dtype=torch.bfloat16)
+    moe = next(m for m in narrow.modules() if isinstance(m, MoE))
+    moe.stack_experts()
+    x = torch.randn(16, narrow.config.hidden_size)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        wide = moe.all_experts(x, weights, indices)
+        routed = moe.routed(x, weights, indices) + moe.shared_experts(x)
+    assert wide.dtype == torch.float32
+    torch.testing.assert_close(wide, routed, atol=0.02, rtol=0.02)  # the routed experts see few rows: bf16
 
 
 def test_int4_codes_round_trip_through_the_packed_bytes():

@@ -124,7 +124,7 @@ class MoE(nn.Module):
         n_routed_experts / num_experts_per_tok times the routed FLOPs, which only pays for small
         models, where launching operations costs more than the arithmetic. Reads `stacked`."""
         N, E = x.shape[0], len(self.experts)
-        w_gate_up, w_down = self.stacked
+        w_gate_up, w_down = (w.to(x.dtype) for w in self.stacked)  # (bf16 weights under fp32 activations: NarrowLinear)
         scale = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
         scale = torch.cat([scale, scale.new_ones(N, self.n_shared)], dim=1)  # (N, E + shared chunks)
         g, u = (x @ w_gate_up.t()).chunk(2, dim=-1)  # (N, chunks * I) each
