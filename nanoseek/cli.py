@@ -352,7 +352,7 @@ def info(model: Path = typer.Argument(..., metavar="MODEL", callback=_model_fold
     import torch
     from rich.table import Table
 
-    from .checkpoint import load_config
+    from .checkpoint import inference_dtypes, load_config
     from .inference import KVCache
     from .model import DeepseekForCausalLM
 
@@ -373,6 +373,10 @@ def info(model: Path = typer.Argument(..., metavar="MODEL", callback=_model_fold
                                  f"{config.scoring_func}/{config.topk_method}) + {config.n_shared_experts} shared")
     table.add_row("parameters", f"{_count(m.num_params())} total, {_count(m.num_params(active=True))} active per token")
     table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
+    dtype, weight_dtype = inference_dtypes(model)  # what serve/chat/generate load it as on this machine
+    compute = str(dtype).removeprefix("torch.") if dtype else raw.get("torch_dtype", "bfloat16")
+    table.add_row("on this CPU", f"computes in {compute}"
+                  + (f", linear weights kept in {str(weight_dtype).removeprefix('torch.')}" if weight_dtype else ""))
     console.print(table)
 
 

@@ -23,6 +23,7 @@ def test_demo_round_trips_and_generates(tmp_path):
     assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "model.safetensors").is_file()
     info = runner.invoke(app, ["info", str(tmp_path / "demo")])
     assert info.exit_code == 0 and "deepseek_v3" in info.output
+    assert "on this CPU" in info.output and "computes in float32" in info.output  # a small model: fp32
 
 
 def test_tokenizer_train(tmp_path):
