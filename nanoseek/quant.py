@@ -221,17 +221,8 @@ def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Non
     model built on the meta device, before its weights are loaded). A head tied to the embedding stays
     as it is (one tensor, in the model's dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    new: dict[int, NarrowLinear] = {}
-    for name in quantizable(model):
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        old = getattr(owner, child)
-        if id(old.weight) in embeddings:
-            continue
-        if id(old) not in new:
-            new[id(old)] = NarrowLinear(old.in_features, old.out_features, old.bias is not None,
-                                        device=old.weight.device, dtype=dtype)
-        setattr(owner, child, new[id(old)])
+    replace_linears(model, lambda old: None if id(old.weight) in embeddings else NarrowLinear(
+        old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype))
 
 
 @lru_cache(maxsize=None)
@@ -295,15 +286,24 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
-    are untied: the embedding stays float, the head is quantized; a module shared under two names
-    (MTP's head is lm_head) stays one module."""
-    new: dict[int, QuantLinear] = {}
+    are untied: the embedding stays float, the head is quantized."""
+    def make(old: nn.Linear) -> QuantLinear:
+        b = bits if bits == 8 or old.in_features % group_size == 0 else 8
+        with torch.device(old.weight.device):
+            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
+
+    replace_linears(model, make)
+
+
+def replace_linears(model: nn.Module, make) -> None:
+    """Put `make(old)` in place of every quantizable Linear (where it returns a module, not None), in
+    place; a module shared under two names (MTP's head is lm_head) is replaced once, by one module."""
+    new: dict[int, nn.Module | None] = {}
     for name in quantizable(model):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         old = getattr(owner, child)
         if id(old) not in new:
-            b = bits if bits == 8 or old.in_features % group_size == 0 else 8
-            with torch.device(old.weight.device):
-                new[id(old)] = QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
-        setattr(owner, child, new[id(old)])
+            new[id(old)] = make(old)
+        if new[id(old)] is not None:
+            setattr(owner, child, new[id(old)])
