@@ -10,7 +10,8 @@ from conftest import randomize_
 from nanoseek.inference import KVCache
 from nanoseek.model import ConfigError, build_model, get_preset, update_router_bias
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.moe import Gate, MoE, sequence_balance_loss
+from nanoseek.model import moe as moe_module
+from nanoseek.model.moe import Gate, MoE, pads_expert_rows, row_bucket, sequence_balance_loss
 
 
 @pytest.mark.parametrize("q_lora_rank", [32, None])
@@ -65,6 +66,34 @@ def test_moe_dispatch_equals_per_token_loop(preset_kw):
                 y = y + moe.shared_experts(token)
             ref.append(y)
     torch.testing.assert_close(got.view(-1, cfg.hidden_size), torch.stack(ref), atol=1e-4, rtol=1e-5)
+
+
+def test_bucketed_expert_slices_change_nothing(monkeypatch):
+    """Padding each expert's slice to a bucketed row count (done for bf16 on a CPU) gives the
+    unpadded outputs and gradients exactly: padding rows are computed and dropped."""
+    assert [row_bucket(n) for n in (0, 1, 32, 33, 36, 37, 500, 512, 513, 4097)] == [0, 1, 32, 36, 36, 40, 512, 512, 576, 4608]
+    assert all(n <= row_bucket(n) <= n * 9 / 8 for n in range(20000))
+    assert len({row_bucket(n) for n in range(4096)}) < 100
+    cfg = get_preset("tiny", n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    randomize_(moe, std=0.3)
+    x = torch.randn(3, 70, cfg.hidden_size)
+    runs = []
+    for pad in (False, True):
+        monkeypatch.setattr(moe_module, "pads_expert_rows", lambda x, pad=pad: pad)
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = moe(xg)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs.append([y, xg.grad] + [p.grad for p in moe.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert pads_expert_rows(x.bfloat16()) and not pads_expert_rows(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pads_expert_rows(x)
+    counts = torch.bincount(moe.gate(x.view(-1, cfg.hidden_size))[1].flatten(), minlength=8).tolist()
+    assert sum(map(row_bucket, counts)) > sum(counts)  # padding rows were there to drop
 
 
 def test_experts_without_tokens_do_no_work(monkeypatch):

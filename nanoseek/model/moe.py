@@ -19,6 +19,8 @@ Letters: N tokens, D hidden, E routed experts, K experts per token, G groups.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -106,16 +108,30 @@ class MoE(nn.Module):
         """Sort the N*K (token, expert) pairs by expert, run each expert that got tokens on its
         contiguous slice, and scatter-add the weighted outputs back to their tokens. In training
         an expert without tokens still runs on its empty slice, so every expert has a gradient
-        (zero when unused): data-parallel reduction needs the same gradients on every process."""
-        K = indices.shape[1]
+        (zero when unused): data-parallel reduction needs the same gradients on every process.
+        Where a new matrix shape is expensive (see `row_bucket`) each slice is padded with unused
+        rows up to a bucketed size, so the experts' matrix products keep a few shapes."""
+        K, E = indices.shape[1], len(self.experts)
         flat_idx = indices.flatten()  # (N*K,)
         order = flat_idx.argsort(stable=True)
         token_of = order // K  # token behind each sorted pair
-        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
-        chunks = x.index_select(0, token_of).split(counts)  # index_select: its backward is a fast index_add
-        gates = weights.flatten().index_select(0, order).unsqueeze(1).to(x.dtype).split(counts)  # (n_e, 1) each
-        outs = [self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks) if counts[e] > 0 or self.training]
-        return torch.zeros_like(x).index_add_(0, token_of, torch.cat(outs).to(x.dtype))
+        gate_of = weights.flatten().index_select(0, order).to(x.dtype)  # (N*K,)
+        counts = torch.bincount(flat_idx, minlength=E).tolist()
+        sizes = counts
+        if pads_expert_rows(x):
+            sizes = [row_bucket(c) for c in counts]
+            # where each sorted pair sits among the padded slices: shifted by the padding of the experts before it
+            shift = torch.tensor(list(accumulate((s - c for s, c in zip(sizes, counts)), initial=0))[:-1], device=x.device)
+            slot = torch.arange(len(order), device=x.device) + shift.repeat_interleave(torch.tensor(counts, device=x.device))
+            token_of = token_of.new_zeros(sum(sizes)).index_copy_(0, slot, token_of)  # padding rows read token 0...
+            gate_of = gate_of.new_zeros(sum(sizes)).index_copy_(0, slot, gate_of)
+        chunks = x.index_select(0, token_of).split(sizes)  # index_select: its backward is a fast index_add
+        gates = gate_of.unsqueeze(1).split(sizes)  # (n_e, 1) each
+        outs = torch.cat([self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks)
+                          if counts[e] > 0 or self.training]).to(x.dtype)
+        if sizes is not counts:  # ...and their outputs are dropped
+            token_of, outs = token_of.index_select(0, slot), outs.index_select(0, slot)
+        return torch.zeros_like(x).index_add_(0, token_of, outs)
 
     def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Routed and shared experts as one wide MLP over every token, each expert's slice of the
@@ -144,6 +160,26 @@ class MoE(nn.Module):
             self.stacked[1].copy_(down)
         else:
             self.stacked = (gate_up, down)
+
+
+def pads_expert_rows(x: torch.Tensor) -> bool:
+    """Whether expert slices are padded to bucketed row counts: for reduced-precision matrix
+    products on a CPU, where oneDNN generates a kernel for each new shape (about 1 ms each, 10-20x
+    the product itself at an expert's size: measured on a Xeon with AMX), and the row count of an
+    expert's slice changes with every batch."""
+    if x.device.type != "cpu":
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def row_bucket(n: int) -> int:
+    """n rounded up to one of 8 sizes per power of two above 32 (at most 1/8 more rows), so the
+    row counts an expert sees in a run fall into a few dozen shapes."""
+    if n <= 32:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
