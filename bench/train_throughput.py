@@ -11,12 +11,19 @@ transformers in whichever of fp32 and bf16 autocast is faster for its own step h
     python bench/train_throughput.py --step          # V3-tiny 8x256, forward + backward + AdamW
     python bench/train_throughput.py --config cpu-tiny --seq 512 --step   # the pretraining shape
     python bench/train_throughput.py --precision fp32 --hf-precision fp32  # force both
-    python bench/train_throughput.py --compile       # nanoseek with regional torch.compile
+    python bench/train_throughput.py --compile       # also nanoseek with regional torch.compile
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# oneDNN keeps 1024 generated matmul kernels by default; transformers' MoE runs each expert at a new row
+# count every step (about 1 ms to generate one in bf16 on an AMX Xeon), and in one process its new
+# shapes evicted nanoseek's. A larger cache makes both sides faster; set before torch loads oneDNN.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
+import argparse  # noqa: E402
 import statistics
 import tempfile
 import time
@@ -67,8 +74,8 @@ def main():
     ap.add_argument("--step", action="store_true", help="also time a fused AdamW step")
     ap.add_argument("--config", choices=["v3-tiny", "cpu-tiny"], default="v3-tiny",
                     help="v3-tiny: a small DeepSeek-V3 (MLA, 16 routed experts, vocab 8K); cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
-    ap.add_argument("--compile", action="store_true", help="regional torch.compile for nanoseek (as --compile in "
-                    "nanoseek pretrain)")
+    ap.add_argument("--compile", action="store_true", help="also time nanoseek with regional torch.compile (as "
+                    "--compile in nanoseek pretrain), interleaved with the other two")
     args = ap.parse_args()
 
     import transformers
@@ -80,9 +87,11 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = nanoseek.load_model(d)
+        compiled = nanoseek.load_model(d) if args.compile else None
     hf.train(), ours.train()
-    if args.compile:
-        compile_regions(ours)
+    if compiled is not None:
+        compiled.train()
+        compile_regions(compiled)
     cfg = ours.config
     B, T = args.batch, args.seq
     x = torch.randint(0, cfg.vocab_size, (B, T + 1))
@@ -91,10 +100,12 @@ def main():
     def hf_step():
         return hf(input_ids=inp, labels=x[:, :-1]).loss  # HF shifts labels internally
 
-    def our_step():
-        return ours(inp, labels=tgt, logits=False).loss
+    def our_step(model=ours):
+        return model(inp, labels=tgt, logits=False).loss
 
     runs = {"transformers": (hf, hf_step), "nanoseek": (ours, our_step)}
+    if compiled is not None:
+        runs["compiled"] = (compiled, lambda: our_step(compiled))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in runs.items()}
 
     def train_step(name: str, bf16: bool) -> float:
@@ -118,8 +129,12 @@ def main():
         hf_bf16 = bf16_t < fp32_t
         print(f"transformers precision: {'bf16' if hf_bf16 else 'fp32'} (step {fp32_t * 1e3:.0f} ms fp32, "
               f"{bf16_t * 1e3:.0f} ms bf16 autocast)")
-    bf16 = {"transformers": hf_bf16, "nanoseek": ours_prec.name == "bf16"}
+    bf16 = {"transformers": hf_bf16, "nanoseek": ours_prec.name == "bf16", "compiled": ours_prec.name == "bf16"}
     times = {k: [] for k in runs}
+    if compiled is not None:
+        t = time.perf_counter()
+        train_step("compiled", bf16["compiled"])
+        print(f"compiling nanoseek's regions and its first step: {time.perf_counter() - t:.1f} s")
     for i in range(args.rounds + 2):  # 2 warm-up rounds
         for name in runs:
             t = train_step(name, bf16[name])
@@ -138,8 +153,9 @@ def main():
         print(f"{name:>13}: min {min(ts) * 1e3:7.1f} ms  median {med[name] * 1e3:7.1f} ms  "
               f"{B * T / med[name]:8.0f} tok/s  {flops / med[name] / peaks[bf16[name]]:5.1%} of the "
               f"{'bf16' if bf16[name] else 'fp32'} peak")
-    print(f"ratio nanoseek / transformers (median): {med['transformers'] / med['nanoseek']:.2f}x  "
-          f"(min: {min(times['transformers']) / min(times['nanoseek']):.2f}x)")
+    for name in [n for n in runs if n != "transformers"]:
+        print(f"ratio {name} / transformers (median): {med['transformers'] / med[name]:.2f}x  "
+              f"(min: {min(times['transformers']) / min(times[name]):.2f}x)")
 
 
 if __name__ == "__main__":

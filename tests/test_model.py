@@ -271,9 +271,14 @@ def test_input_validation():
         model(torch.randn(1, 4))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_equals_the_plain_loss_and_gradients(dtype):
+@pytest.mark.parametrize("dtype, group_bytes", [(torch.float32, None), (torch.bfloat16, None),
+                                                (torch.bfloat16, 128 * 97 * 2)])  # groups of 2 chunks, the last partial
+def test_linear_cross_entropy_equals_the_plain_loss_and_gradients(dtype, group_bytes, monkeypatch):
+    from nanoseek.model import loss
     from nanoseek.model.loss import linear_cross_entropy
+
+    if group_bytes:
+        monkeypatch.setattr(loss, "GROUP_BYTES", group_bytes)
 
     N, D, V = 300, 32, 97
     h = torch.randn(N, D, requires_grad=True)

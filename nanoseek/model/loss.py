@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100
+GROUP_BYTES = 32 << 20  # see _LinearCrossEntropy.forward
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk, mm_dtype):
-        N = hidden.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE
         n = int(valid.sum())
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -28,25 +29,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
-        for s in range(0, N, chunk):
-            h = hidden[s:s + chunk].to(mm_dtype)
-            y, ok = labels[s:s + chunk].clamp(min=0), valid[s:s + chunk]
-            logits = (h @ w.t()).float()  # (c, V)
-            target = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-            top = logits.amax(dim=1, keepdim=True)
-            e = logits.sub_(top).exp_()  # in place: exp(logit - max), no second (c, V) tensor
-            z = e.sum(dim=1, keepdim=True)
-            total += ((top.squeeze(1) + z.squeeze(1).log() - target) * ok).sum()
-            if want_grad:
-                row_weight = ok / max(n, 1)  # (c,): each row's share of the mean
-                g = e.mul_((row_weight.unsqueeze(1) / z))  # softmax times the row's weight, in place
-                g[torch.arange(len(y), device=y.device), y] -= row_weight  # minus the weighted one-hot
-                g = g.to(mm_dtype)
-                grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
-                if grad_w.dtype == g.dtype:
-                    grad_w.addmm_(g.t(), h)  # accumulated in place: no (V, D) temporary per chunk
-                else:
-                    grad_w += (g.t() @ h).float()
+        # A narrower matmul dtype adds each product into the fp32 grad_w with a pass over [V, D]: done once
+        # per group of chunks (their gradients kept in `g_rows`, up to GROUP_BYTES), not once per chunk.
+        group = chunk if mm_dtype == torch.float32 else max(chunk, GROUP_BYTES // (V * w.element_size()) // chunk * chunk)
+        if want_grad:
+            g_rows = torch.empty(min(group, N), V, dtype=mm_dtype, device=hidden.device)
+        for g0 in range(0, N, group):
+            h_group = hidden[g0:g0 + group].to(mm_dtype)
+            for s in range(0, len(h_group), chunk):
+                h = h_group[s:s + chunk]
+                y, ok = labels[g0 + s:g0 + s + chunk].clamp(min=0), valid[g0 + s:g0 + s + chunk]
+                logits = (h @ w.t()).float()  # (c, V)
+                target = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                e = logits.sub_(top).exp_()  # in place: exp(logit - max), no second (c, V) tensor
+                z = e.sum(dim=1, keepdim=True)
+                total += ((top.squeeze(1) + z.squeeze(1).log() - target) * ok).sum()
+                if want_grad:
+                    row_weight = ok / max(n, 1)  # (c,): each row's share of the mean
+                    g = e.mul_((row_weight.unsqueeze(1) / z))  # softmax times the row's weight, in place
+                    g[torch.arange(len(y), device=y.device), y] -= row_weight  # minus the weighted one-hot
+                    g = g_rows[s:s + len(h)].copy_(g) if mm_dtype != torch.float32 else g
+                    grad_h[g0 + s:g0 + s + len(h)] = (g @ w).to(hidden.dtype)
+                    if mm_dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h)  # accumulated in place: no (V, D) temporary per chunk
+            if want_grad and mm_dtype != torch.float32:
+                grad_w += g_rows[:len(h_group)].t() @ h_group
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / max(n, 1)

@@ -112,26 +112,27 @@ class MoE(nn.Module):
         Where a new matrix shape is expensive (see `row_bucket`) each slice is padded with unused
         rows up to a bucketed size, so the experts' matrix products keep a few shapes."""
         K, E = indices.shape[1], len(self.experts)
+        xm = x.to(matmul_dtype(x))  # under autocast: cast once here, not each expert's slice in each projection
         flat_idx = indices.flatten()  # (N*K,)
         order = flat_idx.argsort(stable=True)
         token_of = order // K  # token behind each sorted pair
-        gate_of = weights.flatten().index_select(0, order).to(x.dtype)  # (N*K,)
+        gate_of = weights.flatten().index_select(0, order).to(xm.dtype)  # (N*K,)
         counts = torch.bincount(flat_idx, minlength=E).tolist()
         sizes = counts
-        if pads_expert_rows(x):
+        if pads_expert_rows(xm):
             sizes = [row_bucket(c) for c in counts]
             # where each sorted pair sits among the padded slices: shifted by the padding of the experts before it
             shift = torch.tensor(list(accumulate((s - c for s, c in zip(sizes, counts)), initial=0))[:-1], device=x.device)
             slot = torch.arange(len(order), device=x.device) + shift.repeat_interleave(torch.tensor(counts, device=x.device))
             token_of = token_of.new_zeros(sum(sizes)).index_copy_(0, slot, token_of)  # padding rows read token 0...
             gate_of = gate_of.new_zeros(sum(sizes)).index_copy_(0, slot, gate_of)
-        chunks = x.index_select(0, token_of).split(sizes)  # index_select: its backward is a fast index_add
+        chunks = xm.index_select(0, token_of).split(sizes)  # index_select: its backward is a fast index_add
         gates = gate_of.unsqueeze(1).split(sizes)  # (n_e, 1) each
         outs = torch.cat([self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks)
-                          if counts[e] > 0 or self.training]).to(x.dtype)
+                          if counts[e] > 0 or self.training])
         if sizes is not counts:  # ...and their outputs are dropped
             token_of, outs = token_of.index_select(0, slot), outs.index_select(0, slot)
-        return torch.zeros_like(x).index_add_(0, token_of, outs)
+        return torch.zeros_like(x).index_add_(0, token_of, outs.to(x.dtype))
 
     def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Routed and shared experts as one wide MLP over every token, each expert's slice of the
@@ -162,15 +163,18 @@ class MoE(nn.Module):
             self.stacked = (gate_up, down)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def pads_expert_rows(x: torch.Tensor) -> bool:
     """Whether expert slices are padded to bucketed row counts: for reduced-precision matrix
     products on a CPU, where oneDNN generates a kernel for each new shape (about 1 ms each, 10-20x
     the product itself at an expert's size: measured on a Xeon with AMX), and the row count of an
     expert's slice changes with every batch."""
-    if x.device.type != "cpu":
-        return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype in (torch.bfloat16, torch.float16)
+    return x.device.type == "cpu" and matmul_dtype(x) in (torch.bfloat16, torch.float16)
 
 
 def row_bucket(n: int) -> int:
