@@ -122,10 +122,10 @@ def main():
     ours_prec = choose_precision(args.precision, torch.device("cpu"))
     print(f"nanoseek precision: {ours_prec.name} ({ours_prec.reason})")
     hf_bf16 = args.hf_precision == "bf16"
-    if args.hf_precision == "auto":  # one warm-up and one timed step each; bf16 stops early if already slower
-        fp32_t = min(train_step("transformers", False) for _ in range(2))
+    if args.hf_precision == "auto":  # the best of 3 steps each, after a warm-up step in bf16
+        fp32_t = min(train_step("transformers", False) for _ in range(3))
         train_step("transformers", True)
-        bf16_t = train_step("transformers", True)
+        bf16_t = min(train_step("transformers", True) for _ in range(3))
         hf_bf16 = bf16_t < fp32_t
         print(f"transformers precision: {'bf16' if hf_bf16 else 'fp32'} (step {fp32_t * 1e3:.0f} ms fp32, "
               f"{bf16_t * 1e3:.0f} ms bf16 autocast)")

@@ -32,6 +32,16 @@ def _own_cache_folder(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _train_eagerly_unless_asked(monkeypatch):
+    """Training compiles by default in bf16 on a CPU (half a minute of compiling per run); tests that
+    do not ask for it train eagerly, in whichever precision this machine picks."""
+    from nanoseek.train import loop
+
+    decide = loop.decide_compile
+    monkeypatch.setattr(loop, "decide_compile", lambda setting, device, precision="fp32": decide(setting, device))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 

@@ -153,11 +153,17 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_step(tmp_path, monk
     assert all("forward" not in part.__dict__ for part in loop.compiled_regions(trainer.model))
 
 
-def test_compile_by_default_on_cuda_only(monkeypatch):
+def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
     assert machine.decide_compile(False, CPU) == (False, "as set")
     assert machine.decide_compile(True, CPU) == (True, "as set")
+    assert machine.decide_compile(False, CPU, "bf16") == (False, "as set")
     on, why = machine.decide_compile(None, CPU)
-    assert not on and "CPU" in why
+    assert not on and "fp32 on a CPU" in why
+    on, why = machine.decide_compile(None, CPU, "bf16")
+    assert on == (machine.compile_problem(CPU) is None) and ("bf16" in why or "compiler" in why)
+    monkeypatch.setattr(machine, "compile_problem", lambda device: "no C++ compiler for inductor (RuntimeError)")
+    assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
+    monkeypatch.undo()
     cuda = torch.device("cuda")
     monkeypatch.setattr(machine.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
     assert machine.decide_compile(None, cuda) == (True, "triton is present")

@@ -10,10 +10,11 @@ from torch import nn
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that multiplies a single row as a matrix-vector product: on
     CPU, torch.mv streams the weight faster than the matrix-matrix kernel does for one row (bf16: 1.4x
-    for an 8960 x 1536 weight, measured), which is every linear layer of a batch-1 decode step."""
+    for an 8960 x 1536 weight, measured), which is every linear layer of a batch-1 decode step. Under
+    autocast (training) every row goes through F.linear, which autocast casts."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == self.in_features:
+        if x.device.type == "cpu" and x.numel() == self.in_features and not torch.is_autocast_enabled("cpu"):
             y = torch.mv(self.weight, x.reshape(-1))
             return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

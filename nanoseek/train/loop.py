@@ -99,7 +99,7 @@ class Trainer:
         fp32_ranks = D.all_reduce_sum([self.precision.name == "fp32"], self.dist).item()  # every rank takes part
         if self.precision.name == "bf16" and fp32_ranks:  # all processes train in the same precision
             self.precision = replace(self.precision, name="fp32", reason="another process picked fp32")
-        self.compiled, compile_reason = decide_compile(cfg.compile, self.dist.device)
+        self.compiled, compile_reason = decide_compile(cfg.compile, self.dist.device, self.precision.name)
         config["machine"] = self._machine(compile_reason)
         if self.dist.main:
             self.console.print(f"precision: {self.precision.name} ({self.precision.reason})")

@@ -26,7 +26,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
     precision: str = "auto"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (measured per machine)
-    compile: bool | None = None  # torch.compile each layer's fixed-shape parts; None: on CUDA only (decide_compile)
+    compile: bool | None = None  # torch.compile each layer's fixed-shape parts; None: on CUDA and for bf16 on a CPU (decide_compile)
     bias_gamma: float = 0.001  # aux-loss-free router bias update speed (0 = off)
     aux_alpha: float | None = None  # sequence-wise balance loss weight (None = the model config's)
     eval_every: int = 100  # steps (0 = only at the end)
