@@ -102,7 +102,9 @@ class NanoseekGRPO:
                                      max_len=rollouts.engine.max_len, eos_token_id=tok.eos_id, compile=True)
         self.data = CountedRollouts(rollouts)
         self.budget = rollouts.budget
-        self.trainer = Trainer(run_dir, model, self.data, GRPOObjective(cfg), train,
+        # as `nanoseek rl`: the policy trains eagerly (the engine calls its layers at ever-changing shapes),
+        # in the precision the trainer picks for this machine
+        self.trainer = Trainer(run_dir, model, self.data, GRPOObjective(cfg), replace(train, compile=False),
                                console=Console(file=io.StringIO()))
 
     def run(self, steps: int) -> None:
@@ -233,7 +235,8 @@ def main():
               f"transformers {transformers.__version__}, trl {sys.modules['trl'].__version__}")
         print(f"task {args.task}: {args.prompts} prompts x {args.group} = {args.prompts * args.group} completions "
               f"per step, max {budget} new tokens, temperature {cfg.temperature}, beta {cfg.beta}, lr {train.lr}, "
-              f"fp32; nanoseek engine {'compiled' if args.compile else 'eager'}; {args.rounds} rounds of "
+              f"fp32 weights (nanoseek's update in {ours.trainer.precision.name}, TRL's in fp32); nanoseek engine "
+              f"{'compiled' if args.compile else 'eager'}; {args.rounds} rounds of "
               f"{args.block} steps each after {args.warmup} warm-up; same model (max logit diff {diff:.1e})")
         theirs.train()
         our_times = ours.step_times()[args.warmup:]

@@ -270,8 +270,8 @@ def _precision_option():
 def _train_compile_option():
     return typer.Option(None, "--compile/--no-compile", help="torch.compile attention, norms and dense MLPs (GRPO: "
                                                              "the rollouts' decoding). Default: on for CUDA with "
-                                                             "triton and for training in bf16 on a CPU; off in fp32 "
-                                                             "on a CPU and for GRPO's rollouts on a CPU, where it "
+                                                             "triton, for training in bf16 on a CPU and for GRPO's "
+                                                             "rollouts; off for training in fp32 on a CPU, where it "
                                                              "measured no faster. "
                                                              "Eager if compiling fails; graphs are cached in "
                                                              "~/.cache/nanoseek/inductor, so later runs start faster.")

@@ -33,12 +33,14 @@ def _own_cache_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _train_eagerly_unless_asked(monkeypatch):
-    """Training compiles by default in bf16 on a CPU (half a minute of compiling per run); tests that
-    do not ask for it train eagerly, in whichever precision this machine picks."""
-    from nanoseek.train import loop
+    """Training in bf16 and GRPO's rollouts compile by default (half a minute of compiling per run);
+    tests that do not ask for it run eagerly, in whichever precision this machine picks."""
+    from nanoseek.train import grpo, loop
 
     decide = loop.decide_compile
     monkeypatch.setattr(loop, "decide_compile", lambda setting, device, precision="fp32": decide(setting, device))
+    monkeypatch.setattr(grpo, "decide_rollout_compile",
+                        lambda setting, device: (bool(setting), "as set" if setting is not None else "tests run eagerly"))
 
 
 @pytest.fixture(autouse=True)

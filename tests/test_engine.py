@@ -260,6 +260,23 @@ def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(mod
     assert check() != before
 
 
+def test_a_decode_step_leaves_the_cache_write_to_advance(model):
+    """The (compiled) step function only stages the new latents; `cache.advance` writes them, in eager
+    code: written inside the graph, inductor rewrote the whole allocated cache at every step, which
+    made compiled decoding 10x slower than eager at 64 rows of a 256-row engine."""
+    engine = Engine(model, max_batch=2, max_len=64)
+    engine.generate([[3, 4, 5, 6]], SamplingParams(max_new_tokens=2, temperature=0))
+    cache = engine.cache
+    cache.lengths[:, 0] = 4
+    cache.select(0, 1)
+    pos = cache.positions(1)
+    before = cache.kv.clone()
+    engine._logits(torch.tensor([[7]]), pos)
+    assert torch.equal(cache.kv, before) and cache._staged
+    cache.advance()
+    assert not torch.equal(cache.kv, before) and not cache._staged
+
+
 def test_compiled_graphs_are_not_shared_between_models(mtp_model):
     """Compiled graphs are cached per process; a second model with another routing (V2's softmax
     top-k) must compile its own rather than run the first model's routing."""

@@ -161,14 +161,22 @@ def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
     assert not on and "fp32 on a CPU" in why
     on, why = machine.decide_compile(None, CPU, "bf16")
     assert on == (machine.compile_problem(CPU) is None) and ("bf16" in why or "compiler" in why)
-    monkeypatch.setattr(machine, "compile_problem", lambda device: "no C++ compiler for inductor (RuntimeError)")
-    assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
-    monkeypatch.undo()
     cuda = torch.device("cuda")
     monkeypatch.setattr(machine.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
     assert machine.decide_compile(None, cuda) == (True, "triton is present")
     monkeypatch.setattr(machine.importlib.util, "find_spec", lambda name: None)
     assert machine.decide_compile(None, cuda) == (False, "triton is not installed")
+    monkeypatch.setattr(machine, "compile_problem", lambda device: "no C++ compiler for inductor (RuntimeError)")
+    assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
+
+
+def test_rollouts_compile_wherever_a_compiler_is(monkeypatch):
+    assert machine.decide_rollout_compile(False, CPU) == (False, "as set")
+    assert machine.decide_rollout_compile(True, CPU) == (True, "as set")
+    monkeypatch.setattr(machine, "compile_problem", lambda device: None)
+    assert machine.decide_rollout_compile(None, CPU)[0]
+    monkeypatch.setattr(machine, "compile_problem", lambda device: "triton is not installed")
+    assert machine.decide_rollout_compile(None, torch.device("cuda")) == (False, "triton is not installed")
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler here")

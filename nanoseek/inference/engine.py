@@ -405,10 +405,10 @@ class Engine:
 
     def _logits(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected rows' next tokens ids [B, S] at positions pos -> final hidden states [B, S, D]
-        and logits [B, S, V] (fp32). Compiled for decoding when the engine is built with compile=True."""
+        and logits [B, S, V] (fp32). Compiled for decoding when the engine is built with compile=True. The
+        new latents stay staged in the cache; the caller's `cache.advance` writes them, outside the graph."""
         self._check_model()
         hidden = self.model(ids, position_ids=pos, cache=self.cache, logits=False).hidden
-        self.cache.store()
         return hidden, self.model.lm_head(hidden).float()
 
     def _draft_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor,
@@ -419,7 +419,6 @@ class Engine:
         mtp = self.model.mtp_layers[0]
         cos, sin = self.model.model.rotary_emb(pos)
         h = mtp.predict(hidden, next_ids, cos, sin, self.cache)
-        self.cache.store(1)
         h = h[torch.arange(h.shape[0], device=h.device), take]  # (B, D)
         return mtp.shared_head(h).float()
 

@@ -30,7 +30,7 @@ from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
-from ..machine import decide_compile, use_disk_cache
+from ..machine import decide_rollout_compile, use_disk_cache
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
 from .runs import run_stage
 from .settings import RL_TRAIN, GRPOConfig, TrainConfig
@@ -225,7 +225,7 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
                 p.requires_grad_(False)
         # `compile` applies to the rollouts (decoding is most of a GRPO step); the policy's layers stay
         # eager, since the engine's prefill and compiled decode call them at ever-changing shapes
-        compile_rollouts, why = decide_compile(train.compile, info.device)
+        compile_rollouts, why = decide_rollout_compile(train.compile, info.device)
         console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy trains eagerly")
         if compile_rollouts:
             use_disk_cache()
