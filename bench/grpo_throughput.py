@@ -16,7 +16,7 @@ before the update, and resamples if every group is uniform: generated samples ar
     python bench/grpo_throughput.py                        # countdown, 8 prompts x 8, 3 timed rounds (~6 min)
     python bench/grpo_throughput.py --prompts 16 --rounds 4   # the speedrun's 16 x 8 = 128 completions a step
     python bench/grpo_throughput.py --prompts 2 --rounds 1 --warmup 0   # a quick end-to-end check
-    python bench/grpo_throughput.py --task mul --compile   # the mul family; nanoseek's compiled rollout engine
+    python bench/grpo_throughput.py --task mul --eager     # the mul family; nanoseek's rollouts decoding eagerly
     OMP_NUM_THREADS=1 python bench/grpo_throughput.py      # on a shared machine: two threads on two busy cores
                                                            # run many times slower (threads wait on each other)
 """
@@ -45,6 +45,7 @@ import nanoseek
 from nanoseek.data.tasks import TASKS, Problem, get_task
 from nanoseek.data.tasks.rewards import reward
 from nanoseek.inference import Engine
+from nanoseek.machine import decide_rollout_compile
 from nanoseek.tokenizer import DeepSeekTokenizer
 from nanoseek.train.grpo import GRPOObjective, Rollouts, prompt_ids
 from nanoseek.train.loop import Trainer
@@ -199,7 +200,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs --block steps of TRL, then of nanoseek")
     ap.add_argument("--block", type=int, default=1, help="steps per implementation per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the rounds")
-    ap.add_argument("--compile", action="store_true", help="nanoseek's rollout engine with compiled decode steps")
+    ap.add_argument("--eager", action="store_true", help="nanoseek's rollouts decode eagerly (by default they compile "
+                    "where `nanoseek rl` would: wherever a compiler is)")
     args = ap.parse_args()
     for flag in ("prompts", "rounds", "block"):
         if getattr(args, flag) < 1:
@@ -219,7 +221,8 @@ def main():
     total = args.warmup + args.rounds * args.block
     problems = rollout_problems(cfg, total * args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = NanoseekGRPO(MODEL, cfg, train, Path(tmp) / "nanoseek", args.compile)
+        compiled = decide_rollout_compile(False if args.eager else None, torch.device("cpu"))[0]
+        ours = NanoseekGRPO(MODEL, cfg, train, Path(tmp) / "nanoseek", compiled)
         budget = ours.budget[args.task]
         trl_times: list[float] = []
 
@@ -236,7 +239,7 @@ def main():
         print(f"task {args.task}: {args.prompts} prompts x {args.group} = {args.prompts * args.group} completions "
               f"per step, max {budget} new tokens, temperature {cfg.temperature}, beta {cfg.beta}, lr {train.lr}, "
               f"fp32 weights (nanoseek's update in {ours.trainer.precision.name}, TRL's in fp32); nanoseek engine "
-              f"{'compiled' if args.compile else 'eager'}; {args.rounds} rounds of "
+              f"{'compiled' if compiled else 'eager'}; {args.rounds} rounds of "
               f"{args.block} steps each after {args.warmup} warm-up; same model (max logit diff {diff:.1e})")
         theirs.train()
         our_times = ours.step_times()[args.warmup:]

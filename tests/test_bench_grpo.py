@@ -49,7 +49,7 @@ def test_rollout_problems_are_the_ones_rollouts_draws():
 @pytest.mark.slow
 def test_bench_runs_end_to_end():
     out = subprocess.run([sys.executable, str(BENCH), "--task", "add", "--prompts", "1", "--group", "2",
-                          "--rounds", "1", "--warmup", "0"], check=False, capture_output=True, text=True,
+                          "--rounds", "1", "--warmup", "0", "--eager"], check=False, capture_output=True, text=True,
                          timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
