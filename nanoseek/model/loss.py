@@ -31,7 +31,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
         # A narrower matmul dtype adds each product into the fp32 grad_w with a pass over [V, D]: done once
         # per group of chunks (their gradients kept in `g_rows`, up to GROUP_BYTES), not once per chunk.
-        group = chunk if mm_dtype == torch.float32 else max(chunk, GROUP_BYTES // (V * w.element_size()) // chunk * chunk)
+        narrow = mm_dtype != torch.float32
+        group = max(chunk, GROUP_BYTES // (V * w.element_size()) // chunk * chunk) if narrow else chunk
         if want_grad:
             g_rows = torch.empty(min(group, N), V, dtype=mm_dtype, device=hidden.device)
         for g0 in range(0, N, group):
@@ -49,11 +50,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     row_weight = ok / max(n, 1)  # (c,): each row's share of the mean
                     g = e.mul_((row_weight.unsqueeze(1) / z))  # softmax times the row's weight, in place
                     g[torch.arange(len(y), device=y.device), y] -= row_weight  # minus the weighted one-hot
-                    g = g_rows[s:s + len(h)].copy_(g) if mm_dtype != torch.float32 else g
+                    g = g_rows[s:s + len(h)].copy_(g) if narrow else g
                     grad_h[g0 + s:g0 + s + len(h)] = (g @ w).to(hidden.dtype)
-                    if mm_dtype == torch.float32:
+                    if not narrow:
                         grad_w.addmm_(g.t(), h)  # accumulated in place: no (V, D) temporary per chunk
-            if want_grad and mm_dtype != torch.float32:
+            if want_grad and narrow:
                 grad_w += g_rows[:len(h_group)].t() @ h_group
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

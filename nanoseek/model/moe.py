@@ -118,8 +118,9 @@ class MoE(nn.Module):
         token_of = order // K  # token behind each sorted pair
         gate_of = weights.flatten().index_select(0, order).to(xm.dtype)  # (N*K,)
         counts = torch.bincount(flat_idx, minlength=E).tolist()
+        padded = pads_expert_rows(xm)
         sizes = counts
-        if pads_expert_rows(xm):
+        if padded:
             sizes = [row_bucket(c) for c in counts]
             # where each sorted pair sits among the padded slices: shifted by the padding of the experts before it
             shift = torch.tensor(list(accumulate((s - c for s, c in zip(sizes, counts)), initial=0))[:-1], device=x.device)
@@ -130,7 +131,7 @@ class MoE(nn.Module):
         gates = gate_of.unsqueeze(1).split(sizes)  # (n_e, 1) each
         outs = torch.cat([self.experts[e](chunk, gates[e]) for e, chunk in enumerate(chunks)
                           if counts[e] > 0 or self.training])
-        if sizes is not counts:  # ...and their outputs are dropped
+        if padded:  # ...and their outputs are dropped
             token_of, outs = token_of.index_select(0, slot), outs.index_select(0, slot)
         return torch.zeros_like(x).index_add_(0, token_of, outs.to(x.dtype))
 
