@@ -109,8 +109,9 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsy
 
 
 def test_gradient_accumulation_matches_a_larger_batch(data, tmp_path):
-    make_trainer(tmp_path / "big", data, steps=3, batch=4).fit()
-    make_trainer(tmp_path / "acc", data, steps=3, batch=2, accum=2).fit()
+    # fp32: the claim is exact arithmetic; bf16 rounds two half-batches differently from one batch
+    make_trainer(tmp_path / "big", data, steps=3, batch=4, precision="fp32").fit()
+    make_trainer(tmp_path / "acc", data, steps=3, batch=2, accum=2, precision="fp32").fit()
     for (s1, l1, m1, g1), (s2, l2, m2, g2) in zip(losses(tmp_path / "big"), losses(tmp_path / "acc")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and g1 == pytest.approx(g2, rel=1e-3)
 
