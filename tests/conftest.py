@@ -33,14 +33,16 @@ def _own_cache_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _train_eagerly_unless_asked(monkeypatch):
-    """Training in bf16 and GRPO's rollouts compile by default (half a minute of compiling per run);
-    tests that do not ask for it run eagerly, in whichever precision this machine picks."""
+    """Training in bf16, GRPO's rollouts, chat and serve compile by default (half a minute of compiling
+    per run); tests that do not ask for it run eagerly, in whichever precision this machine picks."""
+    from nanoseek import loading
     from nanoseek.train import grpo, loop
 
     decide = loop.decide_compile
     monkeypatch.setattr(loop, "decide_compile", lambda setting, device, precision="fp32": decide(setting, device))
-    monkeypatch.setattr(grpo, "decide_rollout_compile",
-                        lambda setting, device: (bool(setting), "as set" if setting is not None else "tests run eagerly"))
+    eager = lambda setting, *_: (bool(setting), "as set" if setting is not None else "tests run eagerly")  # noqa: E731
+    monkeypatch.setattr(grpo, "decide_rollout_compile", eager)
+    monkeypatch.setattr(loading, "decide_decode_compile", eager)
 
 
 @pytest.fixture(autouse=True)

@@ -652,7 +652,7 @@ def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
 def serve(model: Path, db: Path, port: int, **env: str) -> subprocess.Popen:
     """`nanoseek serve` in a subprocess (with `env` added to its environment), once it answers /health."""
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
-                             "--db", str(db), "--max-batch", "16", "--max-queue", "64"],
+                             "--db", str(db), "--max-batch", "16", "--max-queue", "64", "--no-compile"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
     deadline = time.time() + 120

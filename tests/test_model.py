@@ -96,6 +96,27 @@ def test_bucketed_expert_slices_change_nothing(monkeypatch):
     assert sum(map(row_bucket, counts)) > sum(counts)  # padding rows were there to drop
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_compiled_moe_reads_the_chosen_or_all_experts_and_matches_the_routed_path(monkeypatch, tokens):
+    """Compiled for inference the MoE has no data-dependent shapes: a few tokens read their chosen
+    experts' weights by index (`selected_experts`), many run every expert masked (`all_experts`);
+    either gives what the routed experts give eagerly."""
+    cfg = get_preset("tiny", n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    randomize_(moe, std=0.3)
+    moe.stack_experts()
+    calls = []
+    for name in ("selected_experts", "all_experts"):
+        run = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, run=run, name=name: calls.append(name) or run(*a))
+    x = torch.randn(1, tokens, cfg.hidden_size)
+    with torch.no_grad():
+        compiled = torch.compile(moe, fullgraph=True, dynamic=False)(x)
+        torch.testing.assert_close(compiled, moe(x), atol=1e-5, rtol=1e-5)
+    assert calls == ["selected_experts" if tokens * 3 <= 4 * 9 else "all_experts"]
+
+
 def test_experts_without_tokens_do_no_work(monkeypatch):
     cfg = get_preset("tiny")
     moe = MoE(cfg)

@@ -76,8 +76,9 @@ def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, ro
 
 
 def test_the_compiled_moe_path_takes_narrow_weights(tmp_path):
-    """The compiled decode step's MoE (every expert as one wide MLP over stacked weights) on a model whose
-    linear weights stay bf16 under fp32 activations: the same as the routed experts."""
+    """The compiled decode step's MoE (every expert as one wide MLP over stacked weights, or each token's
+    chosen experts picked from them) on a model whose linear weights stay bf16 under fp32 activations:
+    the same as the routed experts."""
     model = build_model(get_preset("tiny")).eval()
     randomize_(model)
     nanoseek.save_model(model.to(torch.bfloat16), tmp_path)
@@ -87,10 +88,11 @@ def test_the_compiled_moe_path_takes_narrow_weights(tmp_path):
     x = torch.randn(16, narrow.config.hidden_size)
     with torch.no_grad():
         weights, indices, _ = moe.gate(x)
-        wide = moe.all_experts(x, weights, indices)
         routed = moe.routed(x, weights, indices) + moe.shared_experts(x)
-    assert wide.dtype == torch.float32
-    torch.testing.assert_close(wide, routed, atol=0.02, rtol=0.02)  # the routed experts see few rows: bf16
+        for run in (moe.all_experts, moe.selected_experts):
+            out = run(x, weights, indices)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, routed, atol=0.02, rtol=0.02)  # the routed experts see few rows: bf16
 
 
 def test_int4_codes_round_trip_through_the_packed_bytes():

@@ -95,7 +95,10 @@ class MoE(nn.Module):
         flat = x.view(-1, D)  # (N, D)
         weights, indices, scores = self.gate(flat)
         if self.stacked is not None and not self.training and torch.compiler.is_compiling():
-            return self.all_experts(flat, weights, indices).view(B, S, D)
+            N, K = indices.shape
+            few = N * (K + self.n_shared) <= 4 * (self.gate.n_experts + self.n_shared)  # measured: see selected_experts
+            run = self.selected_experts if few else self.all_experts
+            return run(flat, weights, indices).view(B, S, D)
         y = self.routed(flat, weights, indices).view(B, S, D)
         self.aux_loss = None
         if self.training and self.aux_alpha > 0:
@@ -148,6 +151,26 @@ class MoE(nn.Module):
         g, u = (x @ w_gate_up.t()).chunk(2, dim=-1)  # (N, chunks * I) each
         h = (F.silu(g) * u).view(N, scale.shape[1], -1) * scale[:, :, None]  # (N, chunks, I)
         return h.view(N, -1) @ w_down.t()
+
+    def selected_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The same as `all_experts`, reading only the experts each token chose (and the shared ones):
+        each product is written as multiply-and-sum over weights picked by index, which inductor
+        compiles to one reduction loading the chosen rows where they lie (eagerly it would copy them;
+        it runs only compiled). For a few tokens this reads K + shared of the E + shared experts'
+        weights: on the shipped model's shape at one token 3x faster than `all_experts`, still ahead
+        at 16 tokens, behind from about 32 (one Xeon, compiled, interleaved)."""
+        N, K = indices.shape
+        C = len(self.experts) + self.n_shared  # chunks of moe_intermediate_size in `stacked`
+        shared = torch.arange(len(self.experts), C, device=x.device).expand(N, self.n_shared)
+        chunk = torch.cat([indices, shared], dim=1)  # (N, K + shared): the chunks each token reads
+        scale = torch.cat([weights, weights.new_ones(N, self.n_shared)], dim=1).to(x.dtype)
+        w_gate_up, w_down = self.stacked
+        gate_up = w_gate_up.view(2, C, -1, x.shape[1])  # (gate | up, chunk, I, D)
+        g = (x[:, None, None, :] * gate_up[0][chunk]).sum(-1)  # (N, K + shared, I)
+        u = (x[:, None, None, :] * gate_up[1][chunk]).sum(-1)
+        h = F.silu(g) * u * scale[:, :, None]  # (N, K + shared, I)
+        down = w_down.view(w_down.shape[0], C, -1)  # (D, chunk, I)
+        return (down[:, chunk] * h[None]).sum((-1, -2)).t().to(x.dtype)  # (D, N) -> (N, D)
 
     @torch.no_grad()
     def stack_experts(self) -> None:
