@@ -277,12 +277,15 @@ def _train_compile_option():
                                                              "~/.cache/nanoseek/inductor, so later runs start faster.")
 
 
-def _compile_option(default: bool | None = None):
-    when = ("Default: on for models of up to 256 MiB of weights, off for larger ones (their steps are matrix "
-            "products)." if default is None else "Default: off (one reply does not pay for compiling).")
-    return typer.Option(default, "--compile/--no-compile", help="Decode through torch.compile: about 4x faster for "
-                        "small models on a CPU, after compiling at startup (30-60 s the first time, seconds once "
-                        f"cached on disk; needs a C++ compiler, decodes eagerly without one). {when}")
+def _compile_option(off_because: str | None = None):
+    """--compile/--no-compile for decoding: decided by the model's size (`decide_decode_compile`), or
+    off by default where compiling at startup does not pay (`off_because`)."""
+    when = (f"Default: off ({off_because})." if off_because else
+            "Default: on for models of up to 256 MiB of weights, off for larger ones (their steps are matrix products).")
+    return typer.Option(False if off_because else None, "--compile/--no-compile", help="Decode through torch.compile: "
+                        "about 4x faster for small models on a CPU, after compiling at startup (30-90 s the first "
+                        "time on 2 cores, less once cached on disk; needs a C++ compiler, decodes eagerly without "
+                        f"one). {when}")
 
 
 def _speculative_option():
@@ -505,7 +508,7 @@ def generate(
                                 "much probability."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
-    compile: bool = _compile_option(False),
+    compile: bool = _compile_option("one reply does not pay for compiling"),
     quantize: Quantize = _quantize_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
@@ -537,7 +540,7 @@ def chat(
     tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
                                "calls (calls and results are shown dimmed)."),
     speculative: bool = _speculative_option(),
-    compile: bool | None = _compile_option(),
+    compile: bool = _compile_option("chat starts at once; eager decoding outruns reading"),
     quantize: Quantize = _quantize_option(),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and

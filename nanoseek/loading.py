@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from .checkpoint import inference_dtypes, load_model
-from .machine import decide_decode_compile
+from .machine import decide_decode_compile, use_disk_cache
 from .inference import Engine, SamplingParams
 from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
@@ -41,7 +41,8 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
                     eos_token_id=sorted(tok.eos_ids), compile=compile)
     if compile:  # one row, then several: the shapes the first replies will have
-        with console.status("compiling the decode step (seconds to a minute; torch caches it on disk for later runs)"):
+        use_disk_cache()
+        with console.status("compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"):
             warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
             for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
                 engine.generate(rows, warm)

@@ -197,6 +197,9 @@ class Engine:
             return fn
         torch._dynamo.config.specialize_float = True  # the model's float attributes (scales, eps) are constants
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # graphs per model
+        # no "duck sizing": sizes that happen to be equal at the first call (the cache's layers and the
+        # attended length, say) would be assumed equal, and the graph compiled again when they part
+        torch.fx.experimental._config.use_duck_shape = False
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp_wrapper": True, "size_asserts": False,  # no Python between the graph's kernels
             # the engine never swaps a model's modules or parameters, only their values change

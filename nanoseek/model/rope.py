@@ -90,9 +90,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> cos, sin [B, S, d/2], in fp32."""
-        with torch.autocast(position_ids.device.type, enabled=False):
-            angles = position_ids.float()[..., None] * self.inv_freq  # (B, S, d/2)
-            return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        device = position_ids.device.type
+        if torch.is_autocast_enabled(device):  # fp32 under autocast too (entered only then: a compiled
+            with torch.autocast(device, enabled=False):  # graph holding an autocast region is never
+                return self(position_ids)  # taken from torch's disk cache)
+        angles = position_ids.float()[..., None] * self.inv_freq  # (B, S, d/2)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
