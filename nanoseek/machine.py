@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from .files import atomic_write
+from .quant import QuantLinear
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -215,13 +216,18 @@ def decide_rollout_compile(setting: bool | None, device: torch.device) -> tuple[
 
 
 def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple[bool, str]:
-    """Whether chat and serve decode through compiled steps, and why: `setting` when given, else for
-    models of up to DECODE_COMPILE_MAX_BYTES of weights wherever the compiler is. A small model's
-    eager decode step is hundreds of operations dispatched from Python around little arithmetic;
-    compiled it is one graph (the shipped model at batch 1: ~4x the eager tokens per second, see the
-    README). Larger models' steps are their matrix products, which compiling does not speed up."""
-    if setting is not None:
-        return setting, "as set"
+    """Whether chat and serve decode through compiled steps, and why: never for quantized weights, else
+    `setting` when given, else for models of up to DECODE_COMPILE_MAX_BYTES of weights wherever the
+    compiler is. A small model's eager decode step is hundreds of operations dispatched from Python
+    around little arithmetic; compiled it is one graph (the shipped model at batch 1: 4-5x the eager
+    tokens per second, see the README). A large model's step is mostly its matrix products; compiling
+    those was not measured to pay, so it stays a choice (`--compile`)."""
+    if setting is False:
+        return False, "as set"
+    if any(isinstance(m, QuantLinear) for m in model.modules()):  # asked for or not
+        return False, "quantized weights decode through torch's integer kernels (the compiled step takes float weights)"
+    if setting:
+        return True, "as set"
     params = list(model.parameters())
     size = sum(p.numel() * p.element_size() for p in params)
     if size > DECODE_COMPILE_MAX_BYTES:

@@ -170,6 +170,24 @@ def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
     assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
 
 
+def test_serve_compiles_decoding_for_small_float_models(monkeypatch):
+    from nanoseek.model import build_model, get_preset
+    from nanoseek.quant import swap_linears
+
+    model = build_model(get_preset("tiny"))
+    assert machine.decide_decode_compile(False, model) == (False, "as set")
+    on, why = machine.decide_decode_compile(None, model)
+    assert on == (machine.compile_problem(CPU) is None) and ("small model" in why or "compiler" in why)
+    monkeypatch.setattr(machine, "DECODE_COMPILE_MAX_BYTES", 1000)
+    on, why = machine.decide_decode_compile(None, model)
+    assert not on and "MiB of weights" in why
+    monkeypatch.setattr(machine, "DECODE_COMPILE_MAX_BYTES", 256 * 2**20)
+    swap_linears(model, 8)
+    for setting in (None, True):  # the compiled step takes float weights only
+        on, why = machine.decide_decode_compile(setting, model)
+        assert not on and "quantized" in why
+
+
 def test_rollouts_compile_wherever_a_compiler_is(monkeypatch):
     assert machine.decide_rollout_compile(False, CPU) == (False, "as set")
     assert machine.decide_rollout_compile(True, CPU) == (True, "as set")
