@@ -151,13 +151,15 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
 
     from nanoseek.checkpoint import inference_dtypes
     from nanoseek.machine import decide_decode_compile
+    from nanoseek.quant import QuantLinear
 
     t = time.perf_counter()
     dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
     model = nanoseek.load_model(folder, dtype=dtype, weight_dtype=weight_dtype)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
-    compile, _ = decide_decode_compile(None, model)  # as `nanoseek serve` decides
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    compile, _ = decide_decode_compile(None, model, quantized=quantized)  # as `nanoseek serve` decides
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
                     prefix_cache_tokens=0, compile=compile)
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from rich.console import Console
 from .checkpoint import inference_dtypes, load_model
 from .machine import decide_decode_compile, use_disk_cache
 from .inference import Engine, SamplingParams
-from .quant import prepare_kernels
+from .quant import QuantLinear, prepare_kernels
 from .tokenizer import DeepSeekTokenizer
 
 
@@ -35,7 +35,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     if speculative and not model.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
-    compile, why = decide_decode_compile(compile, model)
+    compile, why = decide_decode_compile(compile, model, quantized=any(isinstance(m, QuantLinear) for m in model.modules()))
     if why != "as set":
         console.print(f"[dim]compiled decoding: {'on' if compile else 'off'} ({why})[/]")
     engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,

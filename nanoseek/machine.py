@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from .files import atomic_write
-from .quant import QuantLinear
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -215,7 +214,7 @@ def decide_rollout_compile(setting: bool | None, device: torch.device) -> tuple[
     return _where_compilable(device, "compiled decode steps measured faster")
 
 
-def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple[bool, str]:
+def decide_decode_compile(setting: bool | None, model: torch.nn.Module, quantized: bool = False) -> tuple[bool, str]:
     """Whether chat and serve decode through compiled steps, and why: never for quantized weights, else
     `setting` when given, else for models of up to DECODE_COMPILE_MAX_BYTES of weights wherever the
     compiler is. A small model's eager decode step is hundreds of operations dispatched from Python
@@ -224,7 +223,7 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple
     those was not measured to pay, so it stays a choice (`--compile`)."""
     if setting is False:
         return False, "as set"
-    if any(isinstance(m, QuantLinear) for m in model.modules()):  # asked for or not
+    if quantized:  # asked for or not
         return False, "quantized weights decode through torch's integer kernels (the compiled step takes float weights)"
     if setting:
         return True, "as set"

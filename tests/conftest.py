@@ -40,7 +40,7 @@ def _train_eagerly_unless_asked(monkeypatch):
 
     decide = loop.decide_compile
     monkeypatch.setattr(loop, "decide_compile", lambda setting, device, precision="fp32": decide(setting, device))
-    eager = lambda setting, *_: (bool(setting), "as set" if setting is not None else "tests run eagerly")  # noqa: E731
+    eager = lambda setting, *_, **__: (bool(setting), "as set" if setting is not None else "tests run eagerly")  # noqa: E731
     monkeypatch.setattr(grpo, "decide_rollout_compile", eager)
     monkeypatch.setattr(loading, "decide_decode_compile", eager)
 

@@ -172,7 +172,6 @@ def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
 
 def test_serve_compiles_decoding_for_small_float_models(monkeypatch):
     from nanoseek.model import build_model, get_preset
-    from nanoseek.quant import swap_linears
 
     model = build_model(get_preset("tiny"))
     assert machine.decide_decode_compile(False, model) == (False, "as set")
@@ -182,9 +181,8 @@ def test_serve_compiles_decoding_for_small_float_models(monkeypatch):
     on, why = machine.decide_decode_compile(None, model)
     assert not on and "MiB of weights" in why
     monkeypatch.setattr(machine, "DECODE_COMPILE_MAX_BYTES", 256 * 2**20)
-    swap_linears(model, 8)
     for setting in (None, True):  # the compiled step takes float weights only
-        on, why = machine.decide_decode_compile(setting, model)
+        on, why = machine.decide_decode_compile(setting, model, quantized=True)
         assert not on and "quantized" in why
 
 
