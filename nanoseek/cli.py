@@ -36,6 +36,7 @@ SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat mode
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
 Precision = Literal[PRECISIONS]
+Wording = Literal["canonical", "varied", "held-out"]  # eval.tasks.WORDINGS
 UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
 
 
@@ -680,7 +681,11 @@ def eval_(
     n: int = typer.Option(100, min=1, help="Held-out problems per family."),
     samples: int = typer.Option(1, min=1, help="Samples per problem (k for pass@k and majority vote)."),
     temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy (with samples > 1, 0.7 is used)."),
-    varied: bool = typer.Option(False, help="Ask in random phrasings instead of the canonical one."),
+    wording: Wording = typer.Option("canonical",
+                                help="How each question is asked: the family's canonical wording, a random wording "
+                                "from the templates training draws from, or from the held-out templates training "
+                                "never sees."),
+    varied: bool = typer.Option(False, hidden=True, help="Same as --wording varied."),
     max_tokens: int = typer.Option(0, min=0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a "
                                    "URL)."),
     out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
@@ -690,6 +695,7 @@ def eval_(
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     remote = _is_url(model)
+    wording = "varied" if varied else wording
     if remote and "calculator" in tasks:
         _fail("--tasks: the 'calculator' family runs the model's calls locally: give a model folder, not a URL")
     if remote and quantize:
@@ -716,11 +722,11 @@ def eval_(
             continue
         with _reported():
             if remote:
-                r, _ = evaluate_remote(ask, [(family, not varied)], n=n, samples=samples,
+                r, _ = evaluate_remote(ask, [(family, wording)], n=n, samples=samples,
                                        max_new_tokens=max_tokens or 512)[0]
             else:
                 r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
-                                       canonical=not varied, max_new_tokens=max_tokens or None, thinking=thinking)
+                                       wording=wording, max_new_tokens=max_tokens or None, thinking=thinking)
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
     table = markdown_table(results)

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.rule import Rule
 
 from .checkpoint import load_model, save_model
-from .eval.tasks import evaluate_many
+from .eval.small_talk import evaluate_small_talk
+from .eval.tasks import WORDINGS, evaluate_many, wilson
 from .eval.tool_use import evaluate_tool_use
 from .files import atomic_write, staged_dir
 from .inference import SamplingParams
@@ -38,7 +39,11 @@ from .train.sft import sft
 
 FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
 NO_THINKING_FAMILIES = ["add", "sub", "mul"]  # also asked with thinking off
-EXTRA_ROWS = ("thinking off", "offered", "not offered")  # evaluations besides the families' two wordings
+SMALL_TALK_ROWS = {"alone": {}, "after a task": {"after_task": True},
+                   "sampled at 0.6": {"temperature": 0.6, "samples": 3}}
+EXTRA_ROWS = ("thinking off", "offered", "not offered", *SMALL_TALK_ROWS)  # evaluations besides the wordings
+TARGETS = {"add": 0.98, "sub": 0.98, "mul": 0.95, "countdown": 0.5}  # on trained and on held-out templates
+TEMPLATE_GAP = 0.05  # held-out templates within this of trained ones
 
 
 def _minutes(s: float) -> str:
@@ -159,15 +164,14 @@ def rl_families(eval_file: Path, low: float = 0.1, high: float = 0.9) -> list[st
 def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Console,
              families: list[str] | None = None) -> None:
     engine, tok = load_chat_engine(model_dir, max_batch=64, dtype=torch.float32)
-    specs = [(f, canonical) for f in families or FAMILIES for canonical in (True, False)]
+    specs = [(f, wording) for f in families or FAMILIES for wording in WORDINGS]
     rows = {}
-    for (family, canonical), (r, _) in zip(specs, evaluate_many(engine, tok, specs, n=cfg.eval_n,
-                                                                 max_new_tokens=cfg.max_new_tokens)):
-        phrasing = "canonical" if canonical else "varied"
-        rows[f"{family}/{phrasing}"] = r.row()
-        console.print(f"  {family:10s} {phrasing:9s} accuracy {r.accuracy:6.1%}  format {r.format_rate:5.0%}  "
+    for (family, wording), (r, _) in zip(specs, evaluate_many(engine, tok, specs, n=cfg.eval_n,
+                                                               max_new_tokens=cfg.max_new_tokens)):
+        rows[f"{family}/{wording}"] = r.row()
+        console.print(f"  {family:10s} {wording:9s} accuracy {r.accuracy:6.1%}  format {r.format_rate:5.0%}  "
                       f"length {r.mean_length:5.0f}")
-    plain = [(f, False) for f in families or FAMILIES if f in NO_THINKING_FAMILIES]
+    plain = [(f, "varied") for f in families or FAMILIES if f in NO_THINKING_FAMILIES]
     for (family, _), (r, _) in zip(plain, evaluate_many(engine, tok, plain, n=cfg.eval_n, thinking=False,
                                                          max_new_tokens=cfg.max_new_tokens)):
         rows[f"{family}/thinking off"] = r.row()
@@ -176,6 +180,9 @@ def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Cons
             r = evaluate_tool_use(engine, tok, n=cfg.eval_n, offered=offered,
                                   max_new_tokens=cfg.max_new_tokens or 384)
             rows[f"calculator/{'offered' if offered else 'not offered'}"] = {"accuracy": r.accuracy, "called": r.called}
+    if families is None:  # the chat model: small talk too
+        for name, how in SMALL_TALK_ROWS.items():
+            rows[f"small talk/{name}"] = evaluate_small_talk(engine, tok, **how).row()
     for key in rows:
         if key.split("/")[1] in EXTRA_ROWS:
             console.print(f"  {key:28s} accuracy {rows[key]['accuracy']:6.1%}")
@@ -253,19 +260,35 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
     rl_config = out / "rl" / "config.json"
     if rl_config.exists():
         lines += [f"GRPO trained on: {', '.join(json.loads(rl_config.read_text())['grpo']['tasks'])}."]
-    lines += ["", "## Held-out accuracy (greedy; canonical wording / random wordings)", "",
+    lines += ["", f"Seed: {cfg.seed}.", "",
+              f"## Held-out accuracy (greedy, {cfg.eval_n} held-out problems per family; canonical wording / "
+              "trained templates / held-out templates)", "",
               "| family | after SFT | after RL | student, pretrained only | student, distilled "
               "| mean response length after RL |", "|---|---|---|---|---|---|"]
     for fam in FAMILIES:
         def cell(d, fam=fam):
-            a, b = d.get(f"{fam}/canonical"), d.get(f"{fam}/varied")
-            return f"{a['accuracy']:.0%} / {b['accuracy']:.0%}" if a and b else "-"
+            got = [d.get(f"{fam}/{w}") for w in WORDINGS]
+            return " / ".join(f"{g['accuracy']:.0%}" for g in got) if all(got) else "-"
         length = rl_eval.get(f"{fam}/canonical", {}).get("mean_length")
         lines.append(f"| {fam} | {cell(sft_eval)} | {cell(rl_eval)} | {cell(student_base)} | {cell(student)} | "
                      f"{'' if length is None else f'{length:.0f}'} |")
+    if rl_eval:
+        lines += ["", "## Targets (after RL; 95% Wilson intervals)", "",
+                  "| family | trained templates | held-out templates | target | gap <= 5 points | met |",
+                  "|---|---|---|---|---|---|"]
+        for fam, target in TARGETS.items():
+            trained, held = rl_eval.get(f"{fam}/varied"), rl_eval.get(f"{fam}/held-out")
+            if not (trained and held):
+                continue
+            a, b = trained["accuracy"], held["accuracy"]
+            ok_gap = a - b <= TEMPLATE_GAP + 1e-9
+            interval = lambda r: "{:.0%} [{:.0%}, {:.0%}]".format(r["accuracy"], *wilson(r["accuracy"], r["n"]))  # noqa: E731
+            lines.append(f"| {fam} | {interval(trained)} | {interval(held)} | >= {target:.0%} | "
+                         f"{'yes' if ok_gap else 'no'} ({(a - b) * 100:+.1f}) | "
+                         f"{'yes' if min(a, b) >= target and ok_gap else 'no'} |")
     extra = [k for k in rl_eval if k.split("/")[1] in EXTRA_ROWS]
     if extra:
-        lines += ["", "## Thinking off, and hard arithmetic with the calculator tool (held-out, greedy)", "",
+        lines += ["", "## Thinking off, the calculator tool, small talk (held-out, greedy unless said)", "",
                   "| problems | after SFT | after RL |", "|---|---|---|"]
         def extra_cell(d: dict, key: str) -> str:
             if key not in d:

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from nanoseek.data.builtin import task_conversations, task_documents, task_texts
+from nanoseek.data.builtin import builtin_conversations, task_conversations, task_documents, task_texts
 from nanoseek.data.shards import (IGNORE, PackedRows, ShardError, ShardSet, fim_restore, pack_documents,
                                   rows_to_batch, write_shards)
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -114,7 +114,7 @@ def test_two_ranks_split_the_rows_of_one_process(tok, tmp_path):
 
 
 def test_task_documents_render_like_the_chat_template(tok):
-    conv = next(task_conversations(1, seed=7))
+    conv = builtin_conversations(1, seed=7)[0]
     doc = next(task_documents(tok, 1, seed=7))
     ids, _ = tok.render_conversation(conv)
     assert [tok.bos_id] + tok.encode(doc) + [tok.eos_id] == ids

@@ -37,12 +37,21 @@ def test_arithmetic_answers_are_exact(name):
         assert not task.verify(p, str(expected + 1))
 
 
-def test_phrasings_vary_and_contain_the_operands():
+def test_phrasings_vary_and_contain_the_operands_in_digits_or_words():
+    from nanoseek.data.tasks.phrasing import number_words
+
     task, rng = get_task("add"), random.Random(2)
-    problems = [task.sample(rng) for _ in range(200)]
-    assert len({p.question.split(str(p.data["a"]))[0] for p in problems}) > 10
+    problems = [task.sample(rng) for _ in range(400)]
+    assert len({p.question.split(str(p.data["a"]))[0] for p in problems}) > 30
+    in_words = 0
     for p in problems:
-        assert str(p.data["a"]) in p.question and str(p.data["b"]) in p.question
+        a, b, q = p.data["a"], p.data["b"], p.question.lower()
+        if str(a) in q and str(b) in q:
+            continue
+        spelled = [number_words(n, hyphen, and_) for n in (a, b) for hyphen in (True, False) for and_ in (True, False)]
+        assert sum(w in q for w in spelled) >= 2, q
+        in_words += 1
+    assert 10 < in_words < 100  # some, not most
 
 
 @pytest.mark.parametrize("text,value", [
@@ -91,8 +100,8 @@ def test_addition_notes_unequal_lengths_before_the_column_steps(a, b, head, step
 def test_commutative_wordings_name_the_operands_in_the_order_the_solution_restates_them():
     # the worked solution starts with 'a+b' / 'a*b': a wording that says b first would ask the model
     # to reorder while copying, which it gets wrong ("If you add 18 to 99" -> "99+48")
-    from nanoseek.data.tasks.arithmetic import ADD_TEMPLATES, MUL_TEMPLATES
-    for t in ADD_TEMPLATES + MUL_TEMPLATES:
+    from nanoseek.data.tasks.arithmetic import ADD_FRAMES, MUL_FRAMES
+    for t in ADD_FRAMES + MUL_FRAMES:
         assert t.index("{a}") < t.index("{b}"), t
 
 

@@ -1,5 +1,5 @@
-"""The embedded default corpus: task-family conversations with worked reasoning, short general
-chat, and Python code.
+"""The embedded default corpus: task-family conversations with worked reasoning, small talk
+(small_talk.py), and Python code.
 
 Nothing is downloaded: task problems are generated (train split only; the held-out split feeds
 evaluation), and the code is the Python standard library's own source.
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from ..tokenizer import DeepSeekTokenizer
 from .corpus import iter_documents
+from .small_talk import exchange
 from .tasks import get_task
 
 # share of task documents per family: addition, which a small model learns first (a 4-layer
@@ -37,52 +38,32 @@ def task_conversations(n: int, seed: int = 0, split: str = "train",
         yield task.conversation(task.sample(rng, split))
 
 
-# short general chat: (ways a person says it, reasoning, reply)
-SMALL_TALK = [
-    (["hi", "hello", "hey", "Hello!", "hi there", "good morning", "hey, how's it going?"],
-     "The user is greeting me. I should greet them back and offer help.",
-     "Hello! I'm nanoseek. Ask me an arithmetic question or a number puzzle and I'll work it out step by step."),
-    (["who are you?", "what are you?", "What's your name?", "are you a human?", "introduce yourself"],
-     "The user asks who I am. I am nanoseek, a small reasoning model.",
-     "I'm nanoseek, a small DeepSeek-style reasoning model trained on a laptop. I think before I answer."),
-    (["what can you do?", "how can you help me?", "what are you good at?", "help"],
-     "The user asks what I can do. I am good at arithmetic and small number puzzles.",
-     "I can add, subtract and multiply numbers, solve simple equations, and find ways to reach a target number "
-     "from a few numbers (Countdown). I show my reasoning first."),
-    (["thanks", "thank you!", "thx", "great, thanks", "that's helpful"],
-     "The user thanks me. I should reply politely.", "You're welcome! Anything else?"),
-    (["bye", "goodbye", "see you", "that's all"],
-     "The user is leaving.", "Goodbye! Come back with more problems any time."),
-    (["what's the weather today?", "who won the game last night?", "what is the latest news?",
-      "what time is it?", "what's the stock price of apple?"],
-     "The user asks about current events or live data. I have no internet access or live information.",
-     "I can't access live information like weather, news, times or prices. I can help with arithmetic and puzzles."),
-    (["write me an essay about history", "translate this into French: good morning", "write a poem about the sea",
-      "tell me a story"],
-     "The user asks for long writing. I am a very small model trained on arithmetic and puzzles, so I cannot do "
-     "this well.",
-     "I'm a very small model trained for arithmetic and number puzzles, so I can't write that well. "
-     "Try me with a math question!"),
-]
+CHAT_FRACTION = 0.08  # of the built-in conversations: small talk
+EARLIER_TURN = 0.15  # of the others: opened by an earlier exchange (a task problem or small talk)
 
 
-def small_talk(rng: random.Random) -> list[dict]:
-    asks, reasoning, reply = rng.choice(SMALL_TALK)
-    return [{"role": "user", "content": rng.choice(asks)},
-            {"role": "assistant", "reasoning_content": reasoning, "content": reply}]
-
-
-def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = 0.05) -> list[list[dict]]:
-    """Task problems phrased many ways with worked solutions, mixed with general chat."""
+def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = CHAT_FRACTION, split: str = "train",
+                          mix: dict[str, float] | None = None) -> list[list[dict]]:
+    """Task problems phrased many ways with worked solutions, mixed with small talk; some of
+    either after an earlier exchange, so replies hold up after any previous turn. The earlier
+    turns' answers are trained too (without their reasoning, as the chat template renders history)."""
     rng = random.Random(seed)
-    tasks = iter(task_conversations(n, seed=seed + 1, mix=SFT_MIX))
-    return [small_talk(rng) if rng.random() < chat_fraction else next(tasks) for _ in range(n)]
+    tasks = task_conversations(n * 2, seed=seed + 1, split=split, mix=mix or SFT_MIX)
+    out = []
+    for _ in range(n):
+        talk = rng.random() < chat_fraction
+        conv = exchange(rng, split) if talk else next(tasks)
+        if rng.random() < (0.5 if talk else EARLIER_TURN):
+            earlier = exchange(rng, split) if rng.random() < 0.5 else next(tasks)
+            conv = [*earlier, *conv]
+        out.append(conv)
+    return out
 
 
 def task_documents(tok: DeepSeekTokenizer, n: int, seed: int = 0, split: str = "train",
                    mix: dict[str, float] | None = None) -> Iterator[str]:
-    """The conversations as chat-formatted documents (special tokens included) for the shards."""
-    for messages in task_conversations(n, seed, split, mix):
+    """The built-in conversations as chat-formatted documents (special tokens included) for the shards."""
+    for messages in builtin_conversations(n, seed, split=split, mix=mix or DEFAULT_MIX):
         yield tok.chat_text(messages)
 
 

@@ -6,11 +6,12 @@ optimises and what evaluation reports cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 
-from ..data.tasks import get_task, token_budget
+from ..data.tasks import Problem, get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
 from ..inference import Engine, SamplingParams
 from ..tokenizer import END_THINK, DeepSeekTokenizer
@@ -31,19 +32,27 @@ class FamilyResult:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def problems_for(family: str, n: int, canonical: bool, seed: int = 1234):
-    """n held-out problems of a family (canonical wording, or each in a random wording)."""
+WORDINGS = ("canonical", "varied", "held-out")  # how evaluation asks: see problems_for
+
+
+def problems_for(family: str, n: int, wording: str = "canonical", seed: int = 1234):
+    """n held-out problems of a family, each asked in the canonical wording, in a random wording
+    from the trained templates ("varied"), or from the templates training never sees ("held-out")."""
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
     task = get_task(family)
     problems = task.heldout(n, seed=seed, canonical=True)
-    if not canonical:  # reword each held-out problem with a random phrasing
+    if wording != "canonical":  # reword each held-out problem
         rng = random.Random(seed)
-        problems = [type(p)(p.family, task.phrase(p.data, rng), p.answer, p.data) for p in problems]
+        templates = "test" if wording == "held-out" else "train"
+        problems = [Problem(p.family, question, p.answer, p.data, frame)
+                    for p in problems for question, frame in [task.ask(p.data, rng, templates)]]
     return task, problems
 
 
-def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, canonical: bool, thinking: bool = True, seed: int = 1234):
+def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, wording: str, thinking: bool = True, seed: int = 1234):
     """n held-out problems of a family and their prompt ids."""
-    task, problems = problems_for(family, n, canonical, seed)
+    task, problems = problems_for(family, n, wording, seed)
     return task, problems, [tok.render_prompt([{"role": "user", "content": p.question}], thinking=thinking)
                             for p in problems]
 
@@ -58,34 +67,34 @@ class _Answered:
     tokens: list
 
 
-def evaluate_remote(ask, specs: list[tuple[str, bool]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
+def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
                     seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
     """The same evaluation against an OpenAI-compatible endpoint; ask(questions, max_tokens, seed) returns
     'reasoning </think> answer' texts (see remote.remote_chat)."""
     out = []
-    for family, canonical in specs:
-        task, problems = problems_for(family, n, canonical)
+    for family, wording in specs:
+        task, problems = problems_for(family, n, wording)
         texts = ask([p.question for p in problems for _ in range(samples)], max_new_tokens, seed)
         out.append(_score(family, task, problems, [_Answered(t, t.split()) for t in texts], samples))
     return out
 
 
 def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int = 100, samples: int = 1,
-                    temperature: float = 0.0, canonical: bool = True, max_new_tokens: int | None = None,
+                    temperature: float = 0.0, wording: str = "canonical", max_new_tokens: int | None = None,
                     seed: int = 0, thinking: bool = True) -> tuple[FamilyResult, list[dict]]:
-    return evaluate_many(engine, tok, [(family, canonical)], n, samples, temperature, max_new_tokens, seed,
+    return evaluate_many(engine, tok, [(family, wording)], n, samples, temperature, max_new_tokens, seed,
                          thinking)[0]
 
 
-def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str, bool]], n: int = 100,
+def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str, str]], n: int = 100,
                   samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
                   seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
-    """Several (family, canonical wording?) evaluations in one batch through the engine. With
+    """Several (family, wording) evaluations in one batch through the engine. With
     thinking off the prompt closes the reasoning block itself and the reply is scored as the answer."""
     temp = temperature if samples == 1 else (temperature or 0.7)
     jobs, prompts, params = [], [], []
-    for family, canonical in specs:
-        task, problems, ids = prompts_for(tok, family, n, canonical, thinking)
+    for family, wording in specs:
+        task, problems, ids = prompts_for(tok, family, n, wording, thinking)
         cap = max_new_tokens or token_budget(tok, family)
         jobs.append((family, task, problems, len(prompts)))
         for p in ids:
@@ -118,6 +127,15 @@ def _score(family, task, problems, reqs, samples) -> tuple[FamilyResult, list[di
     total = len(problems) * samples
     return FamilyResult(family, len(problems), samples, correct / total, passk / len(problems),
                         majority / len(problems), fmt / total, length / total), records
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion p measured on n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def markdown_table(results: list[FamilyResult]) -> str:

@@ -14,30 +14,61 @@ sign is settled by a written comparison, and a result with leading zeros is read
 from __future__ import annotations
 
 import random
+import re
 
-from .base import Task, surface
+from .base import Task
+from .phrasing import Phrasing
 
-ADD_TEMPLATES = [
-    "What is {a} + {b}?", "What's {a} plus {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "{a}+{b}",
-    "Add {a} and {b}.", "What is the sum of {a} and {b}?", "Calculate {a} plus {b}.", "{a} plus {b}",
-    "How much is {a} + {b}?", "If you add {a} to {b}, what do you get?", "Find the total of {a} and {b}.",
-    "what is {a}+{b}", "Please add {a} to {b}.", "Sum {a} and {b}.", "{a} + {b}?", "Can you add {a} and {b}?",
-    "I have {a} apples and get {b} more. How many do I have?", "Evaluate {a} + {b}.", "{a} and {b} added together?",
+# frames (see phrasing.py); the first is the canonical wording. Commutative families name the
+# operands in the order the worked solution restates them ({a} before {b}).
+ADD_FRAMES = [
+    "what is {a} + {b}?", "{what} {a} {plus} {b}?", "{pre}{calc} {a} {plus} {b}.", "{a} {plus} {b}", "{a} {plus} {b} = ?",
+    "{a}+{b}", "{a}+{b}=", "{pre}add {a} and {b}.", "{pre}add {a} to {b}.", "what is the sum of {a} and {b}?",
+    "{tell} what {a} {plus} {b} is.", "how much is {a} {plus} {b}?", "what do you get when you add {a} and {b}?",
+    "{a} {plus} {b} equals what?", "{pre}find the total of {a} and {b}.", "sum of {a} and {b}?",
+    "what does {a} {plus} {b} equal?", "{a} {plus} {b} is how much?",
+    "i have {a} {things} and get {b} more. how many {things} do i have now?",
+    "there are {a} {things} in one box and {b} in another. how many {things} are there altogether?",
+    "a shop sold {a} {things} on monday and {b} on tuesday. how many did it sell in total?",
+    "{pre}add together {a} and {b}.", "what's {a} and {b} added together?", "{a} {plus} {b}, what's the answer?",
+    "if i add {a} and {b}, what do i get?", "what's the total when you combine {a} and {b}?",
+    "{a} {plus} {b} = ?? i keep getting different answers", "increase {a} by {b}. what is the result?",
+    "{pre}give me the sum of {a} and {b}.", "what is the result of {a} {plus} {b}?", "{a} and {b} added up is what?",
+    "quick maths: {a} {plus} {b}",
 ]
-SUB_TEMPLATES = [
-    "What is {a} - {b}?", "What's {a} minus {b}?", "Compute {a} - {b}.", "{a} - {b} = ?", "{a}-{b}",
-    "Subtract {b} from {a}.", "What is the difference {a} - {b}?", "Calculate {a} minus {b}.", "{a} minus {b}",
-    "How much is {a} - {b}?", "Take {b} away from {a}.", "What do you get if you subtract {b} from {a}?",
-    "what is {a}-{b}", "{a} - {b}?", "Evaluate {a} - {b}.", "If I have {a} and spend {b}, what is left?",
-    "Can you subtract {b} from {a}?", "{a} take away {b}", "Find {a} - {b}.", "What is {b} less than {a}?",
+SUB_FRAMES = [
+    "what is {a} - {b}?", "{what} {a} {minus} {b}?", "{pre}{calc} {a} {minus} {b}.", "{a} {minus} {b}",
+    "{a} {minus} {b} = ?", "{a}-{b}", "{a}-{b}=", "{pre}subtract {b} from {a}.", "what is the difference {a} - {b}?",
+    "{tell} what {a} {minus} {b} is.", "how much is {a} {minus} {b}?", "{pre}take {b} away from {a}.",
+    "what do you get if you subtract {b} from {a}?", "{a} {minus} {b} equals what?", "what does {a} {minus} {b} equal?",
+    "{a} take away {b}", "what is {b} less than {a}?", "if i have {a} and spend {b}, what is left?",
+    "my balance was {a} dollars and i spent {b}. what is my balance now?",
+    "the temperature was {a} degrees and it fell by {b} degrees. what is it now?",
+    "{a} {minus} {b}, what's the answer?", "what's the result of {a} {minus} {b}?", "{pre}find {a} {minus} {b}.",
+    "decrease {a} by {b}. what do you get?", "start at {a} and count down {b}. where do you end up?",
+    "{a} minus {b} is what?", "how much is left if you take {b} from {a}?", "quick maths: {a} {minus} {b}",
+    "what is {a} reduced by {b}?", "{a} {minus} {b} = ?? not sure about this one",
 ]
-MUL_TEMPLATES = [
-    "What is {a} * {b}?", "What's {a} times {b}?", "Compute {a} * {b}.", "{a} * {b} = ?", "{a}*{b}", "{a} x {b}",
-    "Multiply {a} by {b}.", "What is the product of {a} and {b}?", "Calculate {a} times {b}.", "{a} × {b}",
-    "How much is {a} * {b}?", "What is {a} multiplied by {b}?", "what is {a}x{b}", "{a} times {b}?",
-    "Evaluate {a} * {b}.", "Can you multiply {a} and {b}?", "Find the product {a} × {b}.",
-    "{a} boxes with {b} items each: how many items?", "What is {a} x {b}?", "Work out {a}*{b}.",
+MUL_FRAMES = [
+    "what is {a} * {b}?", "{what} {a} {times} {b}?", "{pre}{calc} {a} {times} {b}.", "{a} {times} {b}",
+    "{a} {times} {b} = ?", "{a}*{b}", "{a}x{b}", "{pre}multiply {a} by {b}.", "what is the product of {a} and {b}?",
+    "{tell} what {a} {times} {b} is.", "how much is {a} {times} {b}?", "{a} {times} {b} equals what?",
+    "what does {a} {times} {b} equal?", "{a} boxes with {b} {things} each: how many {things}?",
+    "there are {a} rows of {b} chairs. how many chairs in total?",
+    "{a} packs hold {b} {things} each. how many {things} is that?", "{pre}multiply {a} and {b} together.",
+    "what's {a} multiplied by {b}?", "{a} {times} {b}, what's the answer?", "what's the result of {a} {times} {b}?",
+    "{pre}find the product {a} × {b}.", "{a} lots of {b}?", "{a} groups of {b} make how many?",
+    "if you multiply {a} by {b}, what do you get?", "quick maths: {a} {times} {b}",
+    "{a} {times} {b} = ?? my calculator is broken", "what is {a} times {b} exactly?",
+    "each of {a} students brings {b} {things}. how many {things} altogether?", "{a} multiplied by {b} is how much?",
+    "{pre}work out the product of {a} and {b}.",
 ]
+OPERATOR_WORDS = {"plus": ["+", "plus"], "minus": ["-", "minus"], "times": ["*", "x", "×", "times", "multiplied by"]}
+
+
+def prose_frames(frames: list[str]) -> frozenset[str]:
+    """Frames where numbers in words read naturally: no operator symbol or '=' beside a value."""
+    return frozenset(f for f in frames if not re.search(r"\}[+\-*x=]|[+\-*×x=]\{| [+\-*×=] ", f))
 
 
 def _digits(n: int) -> list[int]:
@@ -121,9 +152,8 @@ def mul_digit_trace(a: int, digit: int) -> tuple[list[str], int]:
 
 
 class TwoNumbers(Task):
-    """Two operands of given digit counts, phrased from `templates`; subclasses write the solution."""
+    """Two operands of given digit counts; subclasses set the phrasing and write the solution."""
 
-    templates: list[str] = []
     commutative = False
 
     def __init__(self, min_digits: int = 2, max_digits: int = 3):
@@ -136,12 +166,13 @@ class TwoNumbers(Task):
         a, b = sorted((d["a"], d["b"])) if self.commutative else (d["a"], d["b"])
         return f"{self.name}:{a},{b}"
 
-    def phrase(self, d, rng):
-        return surface((self.templates[0] if rng is None else rng.choice(self.templates)).format(**d), rng)
+    def values(self, d, rng):
+        return {"a": d["a"], "b": d["b"]}
 
 
 class Addition(TwoNumbers):
-    name, templates, commutative = "add", ADD_TEMPLATES, True
+    name, commutative = "add", True
+    phrasing = Phrasing("add", ADD_FRAMES, {"plus": OPERATOR_WORDS["plus"]}, prose_frames(ADD_FRAMES))
 
     def answer(self, d):
         return str(d["a"] + d["b"])
@@ -153,7 +184,8 @@ class Addition(TwoNumbers):
 
 
 class Subtraction(TwoNumbers):
-    name, templates = "sub", SUB_TEMPLATES
+    name = "sub"
+    phrasing = Phrasing("sub", SUB_FRAMES, {"minus": OPERATOR_WORDS["minus"]}, prose_frames(SUB_FRAMES))
 
     def answer(self, d):
         return str(d["a"] - d["b"])
@@ -168,7 +200,8 @@ class Subtraction(TwoNumbers):
 class Multiplication(TwoNumbers):
     """2-digit by 2-digit by default: one partial product per digit of b, then their column sum."""
 
-    name, templates, commutative = "mul", MUL_TEMPLATES, True
+    name, commutative = "mul", True
+    phrasing = Phrasing("mul", MUL_FRAMES, {"times": OPERATOR_WORDS["times"]}, prose_frames(MUL_FRAMES))
 
     def __init__(self, min_digits: int = 2, max_digits: int = 2):
         super().__init__(min_digits, max_digits)

@@ -4,8 +4,10 @@ solutions, and a verifier.
 A family draws a problem's *content* (operands, target) and a *phrasing* separately. The
 held-out split is decided by a hash of the content key alone (`key`), so a test problem is
 never trained on in any wording: `sample(rng, split="train")` rejects test keys and
-`sample(rng, split="test")` rejects train keys. The worked solution always opens by restating
-the problem in one canonical form, so the many wordings all lead into the same reasoning.
+`sample(rng, split="test")` rejects train keys. Wordings come from the family's phrasing
+grammar (phrasing.py), whose held-out templates are never trained on either (`templates`). The
+worked solution always opens by restating the problem in one canonical form, so the many
+wordings all lead into the same reasoning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
+
+from .phrasing import Phrasing
 
 TEST_FRACTION = 0.05  # share of problem contents held out for evaluation
 
@@ -24,12 +28,15 @@ class Problem:
     question: str  # as a user would type it
     answer: str  # the canonical final answer
     data: dict = field(default_factory=dict, compare=False)  # operands etc., for the solution writer
+    template: str = ""  # the phrasing frame the question was written from
 
 
 class Task:
-    """Subclasses set `name` and implement draw(), key(), phrase(), solution(), verify()."""
+    """Subclasses set `name` and `phrasing` and implement draw(), key(), values(), answer(), solution()
+    (and verify() when the answer is not one integer)."""
 
     name = "task"
+    phrasing: Phrasing
 
     def draw(self, rng: random.Random) -> dict:
         """Random problem content."""
@@ -39,9 +46,17 @@ class Task:
         """Canonical identity of the content (e.g. the unordered operands of a sum)."""
         raise NotImplementedError
 
-    def phrase(self, data: dict, rng: random.Random | None) -> str:
-        """The question in a random wording (the canonical one when rng is None)."""
+    def values(self, data: dict, rng: random.Random | None) -> dict:
+        """What the phrasing's value slots are filled with ({a}, {nums}, ...)."""
         raise NotImplementedError
+
+    def ask(self, data: dict, rng: random.Random | None, templates: str = "train") -> tuple[str, str]:
+        """(question, frame): the problem in a random wording from the templates' split (the
+        canonical wording when rng is None)."""
+        return self.phrasing.compose(self.values(data, rng), rng, templates)
+
+    def phrase(self, data: dict, rng: random.Random | None, templates: str = "train") -> str:
+        return self.ask(data, rng, templates)[0]
 
     def answer(self, data: dict) -> str:
         raise NotImplementedError
@@ -65,21 +80,24 @@ class Task:
         digest = hashlib.sha256(f"{self.name}:{self.key(data)}".encode()).digest()
         return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION else "train"
 
-    def sample(self, rng: random.Random, split: str = "train", canonical: bool = False) -> Problem:
+    def sample(self, rng: random.Random, split: str = "train", canonical: bool = False,
+               templates: str | None = None) -> Problem:
+        """A problem of the split, worded from the trained templates or, with templates="test", the held-out ones."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         while True:
             data = self.draw(rng)
             if self.split_of(data) == split:
                 break
-        question = self.phrase(data, None if canonical else rng)
-        return Problem(self.name, question, self.answer(data), data)
+        question, frame = self.ask(data, None if canonical else rng, templates or "train")
+        return Problem(self.name, question, self.answer(data), data, frame)
 
-    def heldout(self, n: int, seed: int = 1234, canonical: bool = True) -> list[Problem]:
-        """n distinct held-out problems, the same for every caller with the same seed."""
+    def heldout(self, n: int, seed: int = 1234, canonical: bool = True, templates: str = "train") -> list[Problem]:
+        """n distinct held-out problems, the same for every caller with the same seed, worded
+        canonically or from the trained (`templates="train"`) or held-out ("test") templates."""
         rng, seen, out = random.Random(seed), set(), []
         for _ in range(n * 1000):
-            p = self.sample(rng, "test", canonical=canonical)
+            p = self.sample(rng, "test", canonical=canonical, templates=templates)
             k = self.key(p.data)
             if k not in seen:
                 seen.add(k)
@@ -103,19 +121,3 @@ def parse_int(text: str) -> int | None:
         return int(digits)
     except ValueError:
         return None
-
-
-def surface(text: str, rng: random.Random | None) -> str:
-    """Random surface noise people add: case, trailing punctuation, extra spaces."""
-    if rng is None:
-        return text
-    r = rng.random()
-    if r < 0.15:
-        text = text.lower()
-    elif r < 0.2:
-        text = text.rstrip("?.!")
-    if rng.random() < 0.1:
-        text = text.replace(" ", "  ", 1)
-    if rng.random() < 0.1:
-        text = text + rng.choice([" Show your work.", " Explain.", " Thanks!", " Please."])
-    return text

@@ -21,15 +21,28 @@ import itertools
 import operator
 from fractions import Fraction
 
-from .base import Task, surface
+from .base import Task
+from .phrasing import Phrasing
 
-TEMPLATES = [
-    "Use {nums} to make {t}.", "How can you get {t} using {nums}?", "Make {t} from {nums}.",
-    "Using {nums} exactly once each, reach {t}.", "Countdown: numbers {nums}, target {t}.",
-    "Can you make {t} out of {nums}?", "Combine {nums} with + - * / to get {t}.", "Reach {t} with {nums}.",
-    "Target {t}. Numbers: {nums}. Use each once.", "Find an expression equal to {t} using {nums}.",
-    "With the numbers {nums}, how do you get {t}?", "Get {t} from {nums} using +, -, * and /.",
+FRAMES = [  # see phrasing.py; the first is the canonical wording
+    "use {nums} to make {t}.", "how can you {make} {t} using {nums}?", "{make} {t} from {nums}.",
+    "using {nums} exactly once each, {make} {t}.", "countdown: numbers {nums}, target {t}.",
+    "can you make {t} out of {nums}?", "combine {nums} with {ops} to {make} {t}.", "reach {t} with {nums}.",
+    "target {t}. numbers: {nums}. use each once.", "find an expression equal to {t} using {nums}.",
+    "with the numbers {nums}, how do you {make} {t}?", "{make} {t} from {nums} using {ops}.",
+    "numbers: {nums}\ntarget: {t}", "i have the numbers {nums}. how do i {make} {t}?",
+    "write an expression that equals {t} using {nums}, each exactly once.",
+    "is it possible to make {t} with {nums}? show me how.", "using {ops}, turn {nums} into {t}.", "{nums} -> {t}",
+    "what expression with {nums} gives {t}?", "puzzle: {make} {t} using {nums}.", "using each of {nums} once, make {t}.",
+    "i want to {make} {t}. i can use {nums}, once each.", "make the number {t} using {nums} and {ops}.",
+    "how do i {make} {t} out of {nums}?", "can {nums} make {t}?", "arrange {nums} with {ops} to equal {t}.",
+    "you have {nums}. {make} {t}.", "numbers game: {nums}, target {t}", "combine the numbers {nums} to total {t}.",
+    "build {t} from {nums}.", "from {nums}, produce {t} using {ops}, each number once.",
+    "the target is {t} and the numbers are {nums}. go!",
 ]
+SLOTS = {"make": ["make", "get", "reach", "hit", "end up with", "get to"],
+         "ops": ["+ - * /", "+, -, * and /", "+ - *", "addition, subtraction and multiplication", "basic arithmetic",
+                 "the usual operations", "plus, minus and times"]}
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
@@ -107,6 +120,7 @@ def evaluate(expr: str, allowed: list[int]) -> Fraction | None:
 
 class Countdown(Task):
     name = "countdown"
+    phrasing = Phrasing("countdown", FRAMES, SLOTS, frozenset(f for f in FRAMES if "->" not in f), core=4)
 
     def __init__(self, n_numbers: int = 3, max_number: int = 20, max_target: int = 100, division: bool = False):
         if n_numbers != 3:
@@ -128,11 +142,8 @@ class Countdown(Task):
     def key(self, d):
         return f"{sorted(d['nums'])}->{d['target']}"
 
-    def phrase(self, d, rng):
-        nums = d["nums"]
-        listed = f"{nums[0]}, {nums[1]} and {nums[2]}" if rng is None or rng.random() < 0.6 else " ".join(map(str, nums))
-        template = TEMPLATES[0] if rng is None else rng.choice(TEMPLATES)
-        return surface(template.format(nums=listed, t=d["target"]), rng)
+    def values(self, d, rng):
+        return {"nums": d["nums"], "t": d["target"]}
 
     def answer(self, d):
         _, expr = solve(d["nums"], d["target"], self.division)
