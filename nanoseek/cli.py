@@ -750,6 +750,8 @@ def speedrun(
                               "(nanoseek/assets/model), where serve and chat find it by default."),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
+    seed: int = typer.Option(SpeedrunConfig.seed, help="Seeds every stage's data and initialisation; the report "
+                             "card states it. A folder resumes only with the seed it was started with."),
 ):
     """Tokenizer -> pretraining -> SFT -> GRPO -> distillation -> evaluation -> report card, on this machine.
 
@@ -762,7 +764,7 @@ def speedrun(
 
     with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"):
         run_speedrun(out, SpeedrunConfig(budget=budget, preset=preset, rl_tasks=rl_tasks or None, precision=precision,
-                                         compile=compile), console=console)
+                                         compile=compile, seed=seed), console=console)
     if ship:
         ship_model(out, SHIPPED)
         console.print(f"[green]shipped[/] {SHIPPED}")

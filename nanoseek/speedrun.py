@@ -31,6 +31,7 @@ from .tools import CallFormat
 from .train.distill import distill
 from .train.grpo import rl
 from .machine import cpu_info
+from .model.config import ConfigError
 from .train.metrics import read_metrics
 from .train.pretrain import pretrain
 from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
@@ -55,6 +56,11 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
     cfg, console = cfg or SpeedrunConfig(), console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "speedrun.json"  # the seed the folder's stages were started with
+    if settings_file.exists() and json.loads(settings_file.read_text())["seed"] != cfg.seed:
+        raise ConfigError(f"{out} was started with seed {json.loads(settings_file.read_text())['seed']}: resume it "
+                          f"with that seed, or use a new folder for seed {cfg.seed}")
+    atomic_write(settings_file, json.dumps({"seed": cfg.seed}))
     timing_file = out / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     t_start = time.perf_counter() - sum(timings.values())
