@@ -16,8 +16,8 @@ where the compiled layers fuse autocast's casts with the elementwise work around
 step on a 2-core Xeon with AMX (V3-tiny and cpu-tiny shapes, interleaved with the eager step), after a
 first step of 30 s (5 s once the disk cache holds the graphs). Training in fp32 on a CPU it stays off
 unless asked for (`--compile`): measured on a 2-core AMD EPYC (Zen3), a compiled fp32 step was
-0.9-1.1x the eager one. GRPO's rollouts decode through compiled steps wherever a compiler is
-(`decide_rollout_compile`): at 64 rows a compiled decode step of the shipped model took 8 ms against
+0.9-1.1x the eager one. GRPO's rollouts decode through compiled steps wherever a compiler is, unless
+the run's time budget is under 15 minutes (`decide_rollout_compile`; a cold compile took 227 s): at 64 rows a compiled decode step of the shipped model took 8 ms against
 13 ms eager, and a GRPO step of 64 countdown samples took 9.2 s, 3.5x TRL's (2-core Xeon with AMX).
 Chat and serve decode through compiled steps by default for small models (`decide_decode_compile`).
 `compile_problem` says why compiling cannot work (no C++ compiler, no triton). `use_disk_cache` points inductor's caches (FX graphs,
@@ -49,6 +49,9 @@ from .files import atomic_write
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
 DECODE_COMPILE_MAX_BYTES = 256 * 2**20  # compiled decoding by default up to this much weight (decide_decode_compile)
+# compiled rollouts by default only for GRPO runs without a time budget or with at least this much: a cold
+# compile of the rollout graphs took 227 s of a 256 s speedrun stage on the AMX Xeon (5 updates)
+ROLLOUT_COMPILE_MIN_BUDGET = 15 * 60
 PROBE_ROWS, PROBE_HIDDEN, PROBE_INNER = 512, 256, 768  # x [512, 256] @ [256, 768] @ [768, 256]
 
 
@@ -206,11 +209,15 @@ def decide_compile(setting: bool | None, device: torch.device, precision: str = 
     return False, "in fp32 on a CPU compiling measured no faster (--compile to try it)"
 
 
-def decide_rollout_compile(setting: bool | None, device: torch.device) -> tuple[bool, str]:
+def decide_rollout_compile(setting: bool | None, device: torch.device, time_budget: float = 0.0) -> tuple[bool, str]:
     """Whether GRPO's rollout engine decodes through compiled steps, and why: `setting` when given,
-    else wherever the compiler is (see the module docstring)."""
+    else wherever the compiler is (see the module docstring), unless the run's time budget is too short
+    to pay for compiling (ROLLOUT_COMPILE_MIN_BUDGET)."""
     if setting is not None:
         return setting, "as set"
+    if 0 < time_budget < ROLLOUT_COMPILE_MIN_BUDGET:
+        return False, (f"a {time_budget / 60:.1f}-minute budget: compiling the decode graphs can take most of it "
+                       "(--compile to compile anyway)")
     return _where_compilable(device, "compiled decode steps measured faster")
 
 

@@ -40,8 +40,10 @@ from .train.sft import sft
 
 FAMILIES = ["add", "sub", "mul", "countdown", "linear"]
 NO_THINKING_FAMILIES = ["add", "sub", "mul"]  # also asked with thinking off
-SMALL_TALK_ROWS = {"alone": {}, "after a task": {"after_task": True},
-                   "sampled at 0.6": {"temperature": 0.6, "samples": 3}}
+SMALL_TALK_ROWS = {"trained phrasings": {"templates": "train"},
+                   "trained, after a task": {"templates": "train", "after_task": True},
+                   "trained, sampled at 0.6": {"templates": "train", "temperature": 0.6, "samples": 3},
+                   "held-out phrasings": {}, "held-out, after a task": {"after_task": True}}
 EXTRA_ROWS = ("thinking off", "offered", "not offered", *SMALL_TALK_ROWS)  # evaluations besides the wordings
 TARGETS = {"add": 0.98, "sub": 0.98, "mul": 0.95, "countdown": 0.5}  # on trained and on held-out templates
 TEMPLATE_GAP = 0.05  # held-out templates within this of trained ones

@@ -186,11 +186,15 @@ def test_serve_compiles_decoding_for_small_float_models(monkeypatch):
         assert not on and "quantized" in why
 
 
-def test_rollouts_compile_wherever_a_compiler_is(monkeypatch):
+def test_rollouts_compile_wherever_a_compiler_is_unless_the_budget_is_short(monkeypatch):
     assert machine.decide_rollout_compile(False, CPU) == (False, "as set")
     assert machine.decide_rollout_compile(True, CPU) == (True, "as set")
+    assert machine.decide_rollout_compile(True, CPU, time_budget=60) == (True, "as set")
     monkeypatch.setattr(machine, "compile_problem", lambda device: None)
     assert machine.decide_rollout_compile(None, CPU)[0]
+    assert machine.decide_rollout_compile(None, CPU, time_budget=machine.ROLLOUT_COMPILE_MIN_BUDGET)[0]
+    on, why = machine.decide_rollout_compile(None, CPU, time_budget=256)
+    assert not on and "4.3-minute budget" in why
     monkeypatch.setattr(machine, "compile_problem", lambda device: "triton is not installed")
     assert machine.decide_rollout_compile(None, torch.device("cuda")) == (False, "triton is not installed")
 

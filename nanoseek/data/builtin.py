@@ -26,11 +26,16 @@ DEFAULT_MIX = {"add": 0.15, "sub": 0.25, "mul": 0.25, "countdown": 0.3, "linear"
 SFT_MIX = {"add": 0.2, "sub": 0.25, "mul": 0.2, "countdown": 0.3, "linear": 0.05}
 
 
+# training also asks with a single-digit operand now and then (people ask "7 plus 8"); evaluation
+# keeps to the families' defaults (2-3 digits, 2x2 for multiplication)
+TRAINING_OPTIONS = {"add": {"small_share": 0.1}, "sub": {"small_share": 0.1}, "mul": {"small_share": 0.1}}
+
+
 def task_conversations(n: int, seed: int = 0, split: str = "train",
                        mix: dict[str, float] | None = None) -> Iterator[list[dict]]:
     """n conversations (question, worked reasoning, answer), families drawn by `mix`."""
     mix = mix or DEFAULT_MIX
-    tasks = {name: get_task(name) for name in mix}
+    tasks = {name: get_task(name, **TRAINING_OPTIONS.get(name, {})) for name in mix}
     names, weights = list(mix), list(mix.values())
     rng = random.Random(seed)
     for _ in range(n):

@@ -1,6 +1,6 @@
-"""Is small talk answered, and answered the same way every time? Held-out phrasings of each intent
-(data/small_talk.py, never trained on), asked on their own or right after a task problem and its
-answer; a reply counts when it is the intent's reply exactly. Sampling at a temperature shows the
+"""Is small talk answered, and answered the same way every time? Phrasings of each intent
+(data/small_talk.py) from the trained ones or the held-out ones (never trained on), asked on their
+own or right after a task problem and its answer; a reply counts when it is the intent's reply exactly. Sampling at a temperature shows the
 stability a chat user sees (several samples per question, each scored)."""
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ class SmallTalkResult:
         return {"accuracy": round(self.accuracy, 4), "n": self.n, "misses": self.misses[:5]}
 
 
-def small_talk_chats(n: int, after_task: bool, seed: int = 1234) -> list[tuple[list[dict], str]]:
-    """n (messages, expected reply): held-out phrasings, the intents in turn; after_task puts a
-    held-out arithmetic problem and its answer first."""
+def small_talk_chats(n: int, after_task: bool, seed: int = 1234, templates: str = "test") -> list[tuple[list[dict], str]]:
+    """n (messages, expected reply): phrasings of the templates' split, the intents in turn; after_task
+    puts a held-out task problem and its answer first."""
     rng, out = random.Random(seed), []
     families = [get_task(f) for f in ("add", "sub", "mul", "countdown")]
     for i in range(n):
         intent = INTENTS[i % len(INTENTS)]
-        chat = [{"role": "user", "content": say(intent, rng, "test")}]
+        chat = [{"role": "user", "content": say(intent, rng, templates)}]
         if after_task:
             task = families[i % len(families)]
             p = task.sample(rng, "test")
@@ -44,9 +44,9 @@ def small_talk_chats(n: int, after_task: bool, seed: int = 1234) -> list[tuple[l
 
 
 def evaluate_small_talk(engine: Engine, tok: DeepSeekTokenizer, n: int = 54, after_task: bool = False,
-                        temperature: float = 0.0, samples: int = 1, seed: int = 1234,
+                        temperature: float = 0.0, samples: int = 1, seed: int = 1234, templates: str = "test",
                         max_new_tokens: int = 96) -> SmallTalkResult:
-    chats = small_talk_chats(n, after_task, seed)
+    chats = small_talk_chats(n, after_task, seed, templates)
     prompts = [tok.render_prompt(chat) for chat, _ in chats for _ in range(samples)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
                              stop_token_ids=tuple(tok.eos_ids)) for i in range(len(prompts))]

@@ -225,7 +225,7 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
                 p.requires_grad_(False)
         # `compile` applies to the rollouts (decoding is most of a GRPO step); the policy's layers stay
         # eager, since the engine's prefill and compiled decode call them at ever-changing shapes
-        compile_rollouts, why = decide_rollout_compile(train.compile, info.device)
+        compile_rollouts, why = decide_rollout_compile(train.compile, info.device, train.time_budget)
         console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy trains eagerly")
         if compile_rollouts:
             use_disk_cache()

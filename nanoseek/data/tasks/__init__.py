@@ -14,10 +14,11 @@ TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "countdown"
          "linear": LinearEquation}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, **options) -> Task:
+    """A family in its default configuration (the one evaluation asks), or with `options`."""
     if name not in TASKS:
         raise ValueError(f"unknown task family {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name]()
+    return TASKS[name](**options)
 
 
 def token_budget(tok: DeepSeekTokenizer, family: str, n: int = 50) -> int:

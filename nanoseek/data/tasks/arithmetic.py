@@ -156,11 +156,14 @@ class TwoNumbers(Task):
 
     commutative = False
 
-    def __init__(self, min_digits: int = 2, max_digits: int = 3):
-        self.lo, self.hi = min_digits, max_digits
+    def __init__(self, min_digits: int = 2, max_digits: int = 3, small_share: float = 0.0):
+        self.lo, self.hi, self.small_share = min_digits, max_digits, small_share
 
     def draw(self, rng):
-        return {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
+        d = {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
+        if rng.random() < self.small_share:  # one operand a single digit ("what's 7 plus 18?")
+            d[rng.choice("ab")] = rng.randint(1, 9)
+        return d
 
     def key(self, d):
         a, b = sorted((d["a"], d["b"])) if self.commutative else (d["a"], d["b"])
@@ -203,8 +206,8 @@ class Multiplication(TwoNumbers):
     name, commutative = "mul", True
     phrasing = Phrasing("mul", MUL_FRAMES, {"times": OPERATOR_WORDS["times"]}, prose_frames(MUL_FRAMES))
 
-    def __init__(self, min_digits: int = 2, max_digits: int = 2):
-        super().__init__(min_digits, max_digits)
+    def __init__(self, min_digits: int = 2, max_digits: int = 2, small_share: float = 0.0):
+        super().__init__(min_digits, max_digits, small_share)
 
     def answer(self, d):
         return str(d["a"] * d["b"])
