@@ -34,7 +34,8 @@ ADD_FRAMES = [
     "if i add {a} and {b}, what do i get?", "what's the total when you combine {a} and {b}?",
     "{a} {plus} {b} = ?? i keep getting different answers", "increase {a} by {b}. what is the result?",
     "{pre}give me the sum of {a} and {b}.", "what is the result of {a} {plus} {b}?", "{a} and {b} added up is what?",
-    "quick maths: {a} {plus} {b}",
+    "quick maths: {a} {plus} {b}", "the temperature was {a} degrees and it rose by {b} degrees. what is it now?",
+    "i had {a} dollars and earned {b} more. how much do i have now?", "{a} rose by {b}. what is the new value?",
 ]
 SUB_FRAMES = [
     "what is {a} - {b}?", "{what} {a} {minus} {b}?", "{pre}{calc} {a} {minus} {b}.", "{a} {minus} {b}",
@@ -48,6 +49,9 @@ SUB_FRAMES = [
     "decrease {a} by {b}. what do you get?", "start at {a} and count down {b}. where do you end up?",
     "{a} minus {b} is what?", "how much is left if you take {b} from {a}?", "quick maths: {a} {minus} {b}",
     "what is {a} reduced by {b}?", "{a} {minus} {b} = ?? not sure about this one",
+    "i had {a} dollars and spent {b}. how much do i have left?", "it was {a} degrees, then it fell {b} degrees. "
+    "how warm is it now?", "{a} fell by {b}. what is the new value?", "i have {a} {things} and give away {b}. "
+    "how many are left?",
 ]
 MUL_FRAMES = [
     "what is {a} * {b}?", "{what} {a} {times} {b}?", "{pre}{calc} {a} {times} {b}.", "{a} {times} {b}",
