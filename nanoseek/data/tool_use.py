@@ -89,7 +89,7 @@ def tool_use_conversations(n: int, tools_prompt: str, seed: int = 0, split: str 
     made = 0
     while made < n:
         if rng.random() < 0.5:
-            for conv in tool_conversations(tools_prompt, rng):
+            for conv in tool_conversations(tools_prompt, rng)[: n - made]:  # a pair; the last may not fit
                 yield conv
                 made += 1
             continue
