@@ -70,7 +70,7 @@ def rollout_problems(cfg: GRPOConfig, n: int) -> list[Problem]:
 
 class CountedRollouts:
     """nanoseek's Rollouts, recording for each step the completions generated (retries included) and
-    the seconds taken by the rollouts (sampling, rewards, reference log-probs)."""
+    the seconds taken by the rollouts (sampling and rewards)."""
 
     def __init__(self, rollouts: Rollouts):
         self.rollouts, self.samples, self.rollout_s = rollouts, [], []
@@ -97,7 +97,7 @@ class NanoseekGRPO:
         torch.manual_seed(train.seed)
         model = nanoseek.load_model(model_dir, dtype=torch.float32)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        rollouts = Rollouts(model, tok, cfg, ref_model=ref)
+        rollouts = Rollouts(model, tok, cfg)
         if compile:  # the same engine, with compiled decode steps
             rollouts.engine = Engine(model, decode=tok.decode, max_batch=rollouts.engine.max_batch,
                                      max_len=rollouts.engine.max_len, eos_token_id=tok.eos_id, compile=True)
@@ -105,7 +105,7 @@ class NanoseekGRPO:
         self.budget = rollouts.budget
         # as `nanoseek rl`: the policy trains eagerly (the engine calls its layers at ever-changing shapes),
         # in the precision the trainer picks for this machine
-        self.trainer = Trainer(run_dir, model, self.data, GRPOObjective(cfg), replace(train, compile=False),
+        self.trainer = Trainer(run_dir, model, self.data, GRPOObjective(cfg, ref), replace(train, compile=False),
                                console=Console(file=io.StringIO()))
 
     def run(self, steps: int) -> None:
@@ -248,8 +248,8 @@ def main():
     trl_rate = summary("TRL", trl_times, [args.prompts * args.group] * len(trl_times))
     our_rate = summary("nanoseek", our_times, our_samples)
     rollout = statistics.median(ours.data.rollout_s[args.warmup:])
-    print(f"nanoseek median step: {rollout:.2f} s rollouts (sampling, rewards, reference log-probs), "
-          f"{statistics.median(our_times) - rollout:.2f} s update")
+    print(f"nanoseek median step: {rollout:.2f} s rollouts (sampling, rewards), "
+          f"{statistics.median(our_times) - rollout:.2f} s update (reference and policy log-probs, backward, optimizer)")
     print(f"ratio nanoseek / TRL samples/s (median): {our_rate / trl_rate:.2f}x;  updates/s: "
           f"{statistics.median(trl_times) / statistics.median(our_times):.2f}x")
 

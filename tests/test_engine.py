@@ -8,7 +8,7 @@ import torch
 
 from conftest import randomize_, tiny_gqa_config
 from nanoseek.inference import Engine, EngineBusy, InvalidRequest, SamplingParams
-from nanoseek.inference.sampling import filter_logits
+from nanoseek.inference.sampling import RowState, draw, filter_logits
 from nanoseek.model import build_model, get_preset
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -78,7 +78,8 @@ def test_prefix_sharing_prefills_once_and_changes_nothing(model):
     reqs = engine.generate(group, GREEDY)
     assert [r.tokens for r in reqs] == plain
     assert reqs[0].cached_tokens == 0
-    assert all(r.cached_tokens == len(base) - 1 for r in reqs[1:4])  # the last token is prefilled for logits
+    # admitted together with the same prompt: its cache entries and its next-token logits serve whole
+    assert all(r.cached_tokens == len(base) for r in reqs[1:4])
     assert reqs[4].cached_tokens == len(base)
     # a follow-up turn hits the finished conversation in the prefix store
     follow = base + reqs[0].tokens + [5, 6]
@@ -190,6 +191,25 @@ def test_filters_keep_what_they_should():
     assert f(p=0.76) == [True, True, True, False]
     assert f(m=0.4) == [True, True, False, False]  # below 0.4 * 0.5 = 0.2 is dropped
     assert f(p=0.01) == [True, False, False, False]
+
+
+def test_draws_follow_the_distribution_and_never_take_an_excluded_token():
+    """Sampled rows draw from softmax(logits) (20,000 rows of the same logits, each its own draw); a
+    token at -inf (filtered out) is never drawn; a greedy row takes the argmax."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    n = 20_000
+    logits = torch.log(probs).expand(n + 1, -1).clone()
+    rows = [RowState(SamplingParams(temperature=1.0)) for _ in range(n)] + [RowState(SamplingParams(temperature=0))]
+    logits[-1] = torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0])
+    tokens = draw(logits, rows)
+    assert tokens[-1] == 2
+    freq = torch.bincount(tokens[:-1], minlength=5).double() / n
+    assert freq[1] == 0
+    assert (freq - probs.double()).abs().max() < 0.015, freq  # 4 standard errors at p = 0.5
+    again = [RowState(SamplingParams(temperature=1.0, seed=7), generator=torch.Generator().manual_seed(7))]
+    first = [int(draw(logits[:1], again)) for _ in range(30)]
+    again = [RowState(SamplingParams(temperature=1.0, seed=7), generator=torch.Generator().manual_seed(7))]
+    assert first == [int(draw(logits[:1], again)) for _ in range(30)]  # a seed reproduces its draws
 
 
 def test_penalties_discourage_repeats(model):

@@ -125,15 +125,16 @@ def test_a_grpo_step_raises_the_rewarded_sample():
 
 
 def test_log_probs_in_length_chunks_equal_one_padded_batch():
-    """Rows sorted longest first run in chunks at their chunk's length; each row's log-probs (up to its
-    length) are those of the whole padded batch; past the chunk's length they are 0."""
+    """Rows sorted longest first run in chunks at their chunk's length (within a token budget, and only
+    rows at least 85% of the chunk's longest: 5 is not padded to 9, nor 3 to 5); each row's log-probs (up
+    to its length) are those of the whole padded batch; past the chunk's length they are 0."""
     torch.manual_seed(0)
     model = build_model(get_preset("tiny")).eval()
     randomize_(model, std=0.05)
     lengths = [12, 9, 9, 5, 3]
     ids = torch.randint(0, model.config.vocab_size, (len(lengths), lengths[0]))
     chunks = length_chunks(lengths, max_tokens=20)
-    assert [(c.start, c.stop, w) for c, w in chunks] == [(0, 1, 12), (1, 3, 9), (3, 5, 5)]
+    assert [(c.start, c.stop, w) for c, w in chunks] == [(0, 1, 12), (1, 3, 9), (3, 4, 5), (4, 5, 3)]
     with torch.no_grad():
         whole = sequence_logprobs(model, ids)
         chunked = sequence_logprobs(model, ids, lengths, max_tokens=20)
@@ -142,3 +143,38 @@ def test_log_probs_in_length_chunks_equal_one_padded_batch():
             n = lengths[i]
             torch.testing.assert_close(chunked[i, : n - 1], whole[i, : n - 1], atol=1e-5, rtol=1e-5)
             assert (chunked[i, width - 1:] == 0).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_log_probs_come_from_the_updates_precision_once_per_batch(monkeypatch, autocast):
+    """The behaviour and reference log-probs are computed at a batch's first update, under the update's
+    own autocast (bf16 here): with the policy still equal to the reference, the ratio is exactly 1 (nothing
+    clipped) and KL exactly 0. A second update on the same rollouts reuses them."""
+    import copy
+
+    from nanoseek.train import grpo
+    from nanoseek.train.settings import GRPOConfig
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).train()
+    randomize_(model, std=0.05)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    lengths = [9, 7, 6, 4]
+    ids = torch.randint(0, model.config.vocab_size, (4, 9))
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, 2:n - 1] = True
+    batch = {"n": 4, "ids": ids, "mask": mask, "lengths": lengths, "adv": torch.tensor([1.0, -1.0, 0.5, -0.5]),
+             "frozen": {}, "max_len": 8, "stats": {}}
+    objective = grpo.GRPOObjective(GRPOConfig(tasks=["add"], updates_per_rollout=2, beta=0.1), ref)
+    calls = []
+    real = grpo.sequence_logprobs
+    monkeypatch.setattr(grpo, "sequence_logprobs", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, stats = objective(model, batch)
+        assert float(stats["kl"]) == 0 and float(stats["clip_fraction"]) == 0
+        assert len(calls) == 3  # behaviour, reference, the update's own
+        objective(model, {**batch, "stats": {}})  # the batch's second update: only its own forward
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="reference model"):
+        grpo.GRPOObjective(GRPOConfig(tasks=["add"], beta=0.1))

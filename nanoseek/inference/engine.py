@@ -83,6 +83,7 @@ class Request:
     _state: RowState | None = field(default=None, repr=False)
     _draft: int | None = field(default=None, repr=False)
     _draft_probs: torch.Tensor | None = field(default=None, repr=False)
+    _prompt_raw: torch.Tensor | None = field(default=None, repr=False)  # logits after the prompt, while admitting
     _shown: int = 0  # characters of text already sent in events
     _reasoning_chars: int | None = None  # with params.stop_after: length of the text up to that token, once seen
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -323,6 +324,8 @@ class Engine:
                 self._prefill(req)
             except Exception as e:  # this request's own failure (its grammar, say): it alone fails
                 self._fail(req, e)
+        for r in self.active:  # identical prompts admitted together have shared them (see _reuse_prefix)
+            r._prompt_raw = None
         if self.active:
             constrained = any(r.params.grammar is not None for r in self.active)  # constrained rows decode one token at a time
             self._decode_speculative() if self.speculative and not constrained else self._decode()
@@ -349,9 +352,11 @@ class Engine:
             req._state.counts = torch.zeros(self.config.vocab_size, device=self.device)
         if req.params.grammar is not None:
             req._state.grammar = req.params.grammar.start()
-        n = self._reuse_prefix(req, row)
+        n, raw = self._reuse_prefix(req, row)
         req.cached_tokens = n
         rest = req.prompt[n:]
+        if not rest:  # an identical prompt was just prefilled: its cache entries and its logits serve
+            token = self._sample(raw, [req])[0]
         for start in range(0, len(rest), self.prefill_chunk):  # chunks bound the activations of long prompts
             piece = rest[start:start + self.prefill_chunk]
             self.cache.select(row, row + 1)
@@ -379,11 +384,24 @@ class Engine:
         if req.params.max_new_tokens == 0:  # prefill only: the sampled token is dropped
             self._release(row, "length")
             return
+        req._prompt_raw = raw
         self._append(row, [token], raw)
 
-    def _reuse_prefix(self, req: Request, row: int) -> int:
-        """Copy the longest usable cached prefix into `row`; returns its length (0 = none)."""
+    def _reuse_prefix(self, req: Request, row: int) -> tuple[int, torch.Tensor | None]:
+        """Copy the longest usable cached prefix into `row`; returns its length (0 = none) and, when
+        it is the whole prompt, the logits that follow it. The whole prompt serves only from a row
+        admitted in this same step with the very same prompt (a GRPO group, n completions of one
+        request: each would otherwise prefill its last prompt token again, eagerly, for the same
+        logits); otherwise at least the last prompt token is prefilled, for the first logits."""
         T, spec = len(req.prompt), self.speculative
+        if req.params.prompt_logprobs:  # they need the logits of every position
+            self.cache.reset(row)
+            return 0, None
+        twin = next((i for i, o in enumerate(self.active[:-1]) if o._prompt_raw is not None and o.prompt == req.prompt),
+                    None)
+        if twin is not None and not spec:  # (speculative rows also need the MTP entries of the last position)
+            self.cache.write(row, self.cache.entries(twin, T), T)
+            return T, self.active[twin]._prompt_raw
         best, source = 0, None
         for i, other in enumerate(self.active[:-1]):
             seq = other.prompt + other.tokens
@@ -399,12 +417,12 @@ class Engine:
             if limit > best:
                 best, source = limit, ("store", latents)
         best = min(best, T - 1)  # at least one prompt token is prefilled, for the first logits
-        if best <= 0 or req.params.prompt_logprobs:  # prompt logprobs need the logits of every position
+        if best <= 0:
             self.cache.reset(row)
-            return 0
+            return 0, None
         latents = self.cache.entries(source[1], best) if source[0] == "row" else source[1]
         self.cache.write(row, latents, best)
-        return best
+        return best, None
 
     def _logits(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected rows' next tokens ids [B, S] at positions pos -> final hidden states [B, S, D]

@@ -5,8 +5,9 @@ P train-split problems, G samples each through the engine (the prompt is prefill
 shared by its G samples), scored by the task's rewards (accuracy from after </think>, plus a
 format bonus), turned into group-normalised advantages. Groups whose rewards are all equal
 carry no signal and are dropped. The behaviour policy's log-probabilities (and the reference
-model's, when beta > 0) are computed right after sampling; `GRPOObjective` is the clipped
-surrogate plus beta * KL (k3). Modes: R1 (after SFT, the chat template) and R1-Zero (straight
+model's, when beta > 0) are computed by `GRPOObjective` at the batch's first update, in the precision
+the update runs in (so the first update's ratio is exactly 1 and KL to an unchanged policy 0);
+the objective is the clipped surrogate plus beta * KL (k3). Modes: R1 (after SFT, the chat template) and R1-Zero (straight
 from a pretrained base, with the R1-Zero prompt).
 """
 
@@ -49,9 +50,8 @@ def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
 class Rollouts:
     """The RL 'data source': each next() samples, scores and packs one step of rollouts."""
 
-    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, ref_model=None, max_batch: int = 256,
-                 compile: bool = False):
-        self.model, self.tok, self.cfg, self.ref = model, tok, cfg, ref_model
+    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, max_batch: int = 256, compile: bool = False):
+        self.model, self.tok, self.cfg = model, tok, cfg
         self.tasks = {t: get_task(t) for t in cfg.tasks}
         self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
         # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers);
@@ -128,8 +128,9 @@ class Rollouts:
         return batch
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], adv: torch.Tensor) -> dict:
-        """Right-padded prompt+completion rows, longest first, the completion mask, and the
-        behaviour/reference log-probs."""
+        """Right-padded prompt+completion rows, longest first, and the completion mask. `frozen` holds
+        the behaviour and reference log-probs once the objective has computed them (shared by every
+        update on these rollouts)."""
         order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
         prompts, completions, adv = [prompts[i] for i in order], [completions[i] for i in order], adv[order]
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
@@ -140,29 +141,28 @@ class Rollouts:
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             mask[i, len(p) - 1: len(p) + len(c) - 1] = True
         device = next(self.model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        # the behaviour policy's log-probs: with one update per rollout batch they are the update's own
-        # (detached), so the extra forward is only paid when the batch is reused
-        old = sequence_logprobs(self.model, ids, lengths) if self.cfg.updates_per_rollout > 1 else None
-        ref = sequence_logprobs(self.ref, ids, lengths) if self.ref is not None else None
-        return {"ids": ids, "mask": mask, "lengths": lengths, "adv": adv.to(device), "old_logp": old,
-                "ref_logp": ref, "max_len": max(self.budget.values())}
+        return {"ids": ids.to(device), "mask": mask.to(device), "lengths": lengths, "adv": adv.to(device),
+                "frozen": {}, "max_len": max(self.budget.values())}
 
 
-def length_chunks(lengths: list[int], max_tokens: int = 16384) -> list[tuple[slice, int]]:
-    """Consecutive rows of a longest-first batch in chunks of about max_tokens padded tokens:
-    (rows, the chunk's own padded length). A short completion is not padded to the longest."""
+def length_chunks(lengths: list[int], max_tokens: int = 8192, slack: float = 0.15) -> list[tuple[slice, int]]:
+    """Consecutive rows of a longest-first batch in chunks: (rows, the chunk's own padded length).
+    A chunk holds at most about max_tokens padded tokens, and only rows at least (1 - slack) of its
+    longest, so padding stays under slack of the tokens computed (a batch of one long completion
+    and many short ones was padded to the longest: twice the tokens a GRPO step needed)."""
     out, start = [], 0
     while start < len(lengths):
-        width = lengths[start]
-        stop = min(len(lengths), start + max(1, max_tokens // width))
+        width, stop = lengths[start], start + 1
+        while (stop < len(lengths) and lengths[stop] >= (1 - slack) * width
+               and (stop - start + 1) * width <= max_tokens):
+            stop += 1
         out.append((slice(start, stop), width))
         start = stop
     return out
 
 
 def sequence_logprobs(model, ids: torch.Tensor, lengths: list[int] | None = None,
-                      max_tokens: int = 16384) -> torch.Tensor:
+                      max_tokens: int = 8192) -> torch.Tensor:
     """log p(ids[:, t + 1] | ids[:, :t + 1]) for every position -> [N, L - 1]. With the rows' lengths
     (longest first) each chunk of rows runs at its longest row's length (0 beyond it)."""
     N, L = ids.shape
@@ -175,8 +175,27 @@ def sequence_logprobs(model, ids: torch.Tensor, lengths: list[int] | None = None
 
 
 class GRPOObjective:
-    def __init__(self, cfg: GRPOConfig):
-        self.cfg = cfg
+    """The clipped surrogate + beta * KL to `ref_model` (the frozen starting policy; needed when beta > 0)."""
+
+    def __init__(self, cfg: GRPOConfig, ref_model=None):
+        if cfg.beta > 0 and ref_model is None:
+            raise ValueError("a KL penalty (beta > 0) needs the reference model")
+        self.cfg, self.ref = cfg, ref_model
+
+    @torch.no_grad()
+    def frozen_logprobs(self, model, batch: dict) -> dict:
+        """The behaviour policy's log-probs (only when the rollouts serve several updates: with one, they
+        are the update's own, detached) and the reference model's, computed at the batch's first update
+        under the same autocast as the update, and kept for the batch's later updates."""
+        frozen = batch["frozen"]
+        if not frozen:
+            ids, lengths = batch["ids"], batch["lengths"]
+            was_training = model.training
+            model.eval()
+            frozen["old"] = sequence_logprobs(model, ids, lengths) if self.cfg.updates_per_rollout > 1 else None
+            model.train(was_training)
+            frozen["ref"] = sequence_logprobs(self.ref, ids, lengths) if self.cfg.beta > 0 else None
+        return frozen
 
     def weight(self, batch: dict) -> float:
         if batch["n"] == 0:
@@ -191,11 +210,12 @@ class GRPOObjective:
             zero = sum(p.sum() * 0 for p in model.parameters())
             return zero, stats
         ids, mask = batch["ids"], batch["mask"]
+        frozen = self.frozen_logprobs(model, batch)
         logp = sequence_logprobs(model, ids, batch["lengths"])
-        old_logp = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
+        old_logp = frozen["old"] if frozen["old"] is not None else logp.detach()
         per_token, clipped = clipped_policy_loss(logp, old_logp, batch["adv"], self.cfg.eps_low,
                                                  self.cfg.eps_high)
-        kl = kl_k3(logp, batch["ref_logp"]) if batch["ref_logp"] is not None else torch.zeros_like(logp)
+        kl = kl_k3(logp, frozen["ref"]) if frozen["ref"] is not None else torch.zeros_like(logp)
         if self.cfg.beta > 0:
             per_token = per_token + self.cfg.beta * kl
         loss, weight = reduce_loss(per_token, mask, self.cfg.loss_norm, batch["max_len"])
@@ -229,8 +249,8 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
         console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy trains eagerly")
         if compile_rollouts:
             use_disk_cache()
-        rollouts = Rollouts(model, tok, cfg, ref_model=ref, compile=compile_rollouts)
+        rollouts = Rollouts(model, tok, cfg, compile=compile_rollouts)
         run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg),
                       "rollouts_compiled": compile_rollouts}
-        return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg), replace(train, compile=False),
+        return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg, ref), replace(train, compile=False),
                                  run_config=run_config, save_extra=tok.save, console=console, dist=info))
