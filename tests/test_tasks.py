@@ -76,8 +76,9 @@ def test_countdown_verifier_is_strict():
 
 
 @pytest.mark.parametrize("a,b,relation,readback", [
-    (461, 463, "4=4 6=6 1<3 so 461<463", "-> 002 -> 2 -> -2"), (166, 85, "3 digits vs 2 so 166>85", "-> 081 -> 81"),
-    (500, 500, "5=5 0=0 0=0 so 500=500", "-> 000 -> 0"), (52, 38, "5>3 so 52>38", "-> 14"),
+    (461, 463, "4 vs 4 =, 6 vs 6 =, 1 vs 3 < so 461<463", "-> 002 -> 2 -> -2"),
+    (166, 85, "3 digits vs 2 so 166>85", "-> 081 -> 81"),
+    (500, 500, "5 vs 5 =, 0 vs 0 =, 0 vs 0 = so 500=500", "-> 000 -> 0"), (52, 38, "5 vs 3 > so 52>38", "-> 14"),
 ])
 def test_subtraction_trace_settles_the_sign_by_a_written_comparison(a, b, relation, readback):
     from nanoseek.data.tasks.base import Problem

@@ -157,11 +157,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for (s1, l1, m1, g1), (s2, l2, m2, g2) in zip(one, two):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4) and m1 == pytest.approx(m2, rel=1e-4)
         assert g1 == pytest.approx(g2, rel=1e-3)
-    # the distributed checkpoint loads in one process and equals the single-process weights closely
+    # the distributed checkpoint loads in one process and equals the single-process model closely: its
+    # outputs, and its weights up to Adam's amplification of summation-order noise (a rarely seen token's
+    # embedding gradient is near 0, and Adam's update normalises its sign: a few rows differ by ~5e-4)
     a = load_model(tmp_path / "one" / "model")
     b = load_model(tmp_path / "two" / "model")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.allclose(x, y, atol=1e-4), k
+        assert torch.allclose(x, y, atol=2e-3), (k, (x - y).abs().max().item())
+    ids = torch.randint(0, a.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=5e-3, rtol=1e-2)
     # and vice versa: a single-process run resumes in two processes, a distributed one in one process
     more = ["--max-steps", "8", "--checkpoint-every", "6"]
     cmd = _nanoseek("--out", str(tmp_path / "one"), "--batch-size", "2", *more)

@@ -37,6 +37,21 @@ from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """Causal SDPA over q/k/v [B, H, S, d]. In training on a CPU in bf16 (or fp16) it runs in fp32:
+    there the fused kernel's reduced-precision backward is about 3x its fp32 backward (Xeon with AMX,
+    2 threads: [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x,
+    so the layer is faster in fp32 and more exact; the output comes back in q's dtype."""
+    narrow = q.dtype in (torch.bfloat16, torch.float16)
+    if not (narrow and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale,
+                                             enable_gqa=enable_gqa)
+    return out.to(q.dtype)
+
+
 class KVCache(Protocol):
     """What attention needs from a KV cache (the engine's cache implements it)."""
 
@@ -103,9 +118,7 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim  # fused SDPA kernels want v as wide as q/k: pad, then slice
         if pad > 0:
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )  # (B, H, S, dqk)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)  # (B, H, S, dqk)
         return out.transpose(1, 2)[..., : self.v_dim]
 
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
@@ -151,8 +164,8 @@ class GQA(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, S, Hkv, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
         v = self.v_proj(x).view(B, S, Hkv, d)
         if cache is None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=self.softmax_scale, enable_gqa=H != Hkv)
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale,
+                                   enable_gqa=H != Hkv)
             out = out.transpose(1, 2)  # (B, S, H, d)
         else:
             new = torch.stack([k, v], dim=3).view(B, S, 2 * Hkv, d)  # what the cache keeps: k_0, v_0, k_1, ...

@@ -3,11 +3,13 @@
 Traces (least significant digit first, carries and borrows written out, the result read back):
     876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
     934+48: 3 digits vs 2 | 4+8+0=12 c1 | 3+4+1=8 c0 | 9+0+0=9 c0 -> 982
-    52-38: 5>3 so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
+    52-38: 5 vs 3 > so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
     37-388: 2 digits vs 3 so 37<388 | -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
-    463-461: 4=4 6=6 3>1 so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
+    463-461: 4 vs 4 =, 6 vs 6 =, 3 vs 1 > so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
 Subtraction first decides which operand is larger (lengths, then digits from the top), so the
-sign is settled by a written comparison, and a result with leading zeros is read back twice.
+sign is settled by a written comparison, and a result with leading zeros is read back twice. Each
+digit pair is written before its relation, so the relation follows from the two digits just written
+(written between them, `6>7`, it had to be looked up in the question: the misses of two runs).
     22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: ... -> 1958
 """
 
@@ -94,17 +96,17 @@ def add_trace(a: int, b: int) -> tuple[list[str], int]:
 
 
 def compare_trace(a: int, b: int) -> str:
-    """'4=4 6=6 3>1 so 463>461': lengths first, then digits from the most significant."""
+    """'4 vs 4 =, 6 vs 6 =, 3 vs 1 > so 463>461': lengths first, then digits from the most significant."""
     sa, sb = str(a), str(b)
     rel = "<" if a < b else (">" if a > b else "=")
     if len(sa) != len(sb):
         return f"{_lengths(a, b)} so {a}{rel}{b}"
     steps = []
     for x, y in zip(sa, sb):
-        steps.append(f"{x}{'<' if x < y else ('>' if x > y else '=')}{y}")
+        steps.append(f"{x} vs {y} {'<' if x < y else ('>' if x > y else '=')}")
         if x != y:
             break
-    return " ".join(steps) + f" so {a}{rel}{b}"
+    return ", ".join(steps) + f" so {a}{rel}{b}"
 
 
 def length_note(a: int, b: int) -> str:
