@@ -39,12 +39,14 @@ from .rope import apply_rope
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      enable_gqa: bool = False) -> torch.Tensor:
-    """Causal SDPA over q/k/v [B, H, S, d]. In training on a CPU in bf16 (or fp16) it runs in fp32:
-    there the fused kernel's reduced-precision backward is about 3x its fp32 backward (Xeon with AMX,
-    2 threads: [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x,
-    so the layer is faster in fp32 and more exact; the output comes back in q's dtype."""
+    """Causal SDPA over q/k/v [B, H, S, d]. On a CPU in bf16 (or fp16) it runs in fp32: there the fused
+    kernel's reduced-precision backward is about 3x its fp32 backward (Xeon with AMX, 2 threads:
+    [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x, so training is
+    faster in fp32 and more exact. Forwards without gradients run the same way, so they compute exactly
+    what the training forward does (GRPO's reference and behaviour log-probs against the update's; the
+    engine's decoding never comes here). The output comes back in q's dtype."""
     narrow = q.dtype in (torch.bfloat16, torch.float16)
-    if not (narrow and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
+    if not (narrow and q.device.type == "cpu"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale,
