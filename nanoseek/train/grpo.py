@@ -5,10 +5,10 @@ P train-split problems, G samples each through the engine (the prompt is prefill
 shared by its G samples), scored by the task's rewards (accuracy from after </think>, plus a
 format bonus), turned into group-normalised advantages. Groups whose rewards are all equal
 carry no signal and are dropped. The behaviour policy's log-probabilities (and the reference
-model's, when beta > 0) are computed by `GRPOObjective` at the batch's first update, in the precision
-the update runs in (so the first update's ratio is exactly 1 and KL to an unchanged policy 0);
-the objective is the clipped surrogate plus beta * KL (k3). Modes: R1 (after SFT, the chat template) and R1-Zero (straight
-from a pretrained base, with the R1-Zero prompt).
+model's, when beta > 0) are computed by `GRPOObjective` at the batch's first update, in the
+precision the update runs in (so the first update's ratio is exactly 1 and KL to an unchanged
+policy 0); the objective is the clipped surrogate plus beta * KL (k3). Modes: R1 (after SFT, the
+chat template) and R1-Zero (straight from a pretrained base, with the R1-Zero prompt).
 """
 
 from __future__ import annotations
