@@ -194,8 +194,10 @@ def test_filters_keep_what_they_should():
 
 
 def test_draws_follow_the_distribution_and_never_take_an_excluded_token():
-    """Sampled rows draw from softmax(logits) (20,000 rows of the same logits, each its own draw); a
-    token at -inf (filtered out) is never drawn; a greedy row takes the argmax."""
+    """Sampled rows draw from softmax(logits), both across rows (20,000 rows of the same logits,
+    each its own stream) and along one row's stream (20,000 steps of one seeded row); a token at
+    -inf (filtered out) is never drawn; a greedy row takes the argmax; a seeded row draws the same
+    tokens whatever else is in the batch."""
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
     n = 20_000
     logits = torch.log(probs).expand(n + 1, -1).clone()
@@ -203,13 +205,16 @@ def test_draws_follow_the_distribution_and_never_take_an_excluded_token():
     logits[-1] = torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0])
     tokens = draw(logits, rows)
     assert tokens[-1] == 2
-    freq = torch.bincount(tokens[:-1], minlength=5).double() / n
-    assert freq[1] == 0
-    assert (freq - probs.double()).abs().max() < 0.015, freq  # 4 standard errors at p = 0.5
-    again = [RowState(SamplingParams(temperature=1.0, seed=7), generator=torch.Generator().manual_seed(7))]
-    first = [int(draw(logits[:1], again)) for _ in range(30)]
-    again = [RowState(SamplingParams(temperature=1.0, seed=7), generator=torch.Generator().manual_seed(7))]
-    assert first == [int(draw(logits[:1], again)) for _ in range(30)]  # a seed reproduces its draws
+    one = RowState(SamplingParams(temperature=1.0, seed=3))
+    along = torch.cat([draw(logits[:1], [one]) for _ in range(n)])
+    for sample in (tokens[:-1], along):
+        freq = torch.bincount(sample, minlength=5).double() / n
+        assert freq[1] == 0
+        assert (freq - probs.double()).abs().max() < 0.015, freq  # 4 standard errors at p = 0.5
+    alone = RowState(SamplingParams(temperature=1.0, seed=7))
+    first = [int(draw(logits[:1], [alone])) for _ in range(30)]
+    batched, others = RowState(SamplingParams(temperature=1.0, seed=7)), [RowState(SamplingParams()) for _ in range(3)]
+    assert first == [int(draw(logits[:4], [others[0], batched, *others[1:]])[1]) for _ in range(30)]
 
 
 def test_penalties_discourage_repeats(model):
