@@ -74,9 +74,10 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
 
 
 def test_chat_commands_and_multiline_input(tmp_path):
+    """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)
     script = "hello \\\nthere\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/reset\n/exit\n"
-    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8"], input=script)
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8", "--temperature", "0"], input=script)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "(temperature 0.0)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
