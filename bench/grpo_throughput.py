@@ -42,7 +42,6 @@ import torch
 from rich.console import Console
 
 import nanoseek
-from nanoseek import malloc
 from nanoseek.data.tasks import TASKS, Problem, get_task
 from nanoseek.data.tasks.rewards import reward
 from nanoseek.inference import Engine
@@ -203,7 +202,6 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the rounds")
     ap.add_argument("--eager", action="store_true", help="nanoseek's rollouts decode eagerly (by default they compile "
                     "where `nanoseek rl` would: wherever a compiler is)")
-    malloc.add_option(ap)
     args = ap.parse_args()
     for flag in ("prompts", "rounds", "block"):
         if getattr(args, flag) < 1:
@@ -212,7 +210,6 @@ def main():
         ap.error("--group must be >= 2 (advantages are relative within a group)")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
-    print(malloc.apply_option(args.malloc))
 
     import transformers
 

@@ -31,7 +31,6 @@ import time
 import torch
 
 import nanoseek
-from nanoseek import malloc
 from nanoseek.model import ModelConfig, get_preset
 from nanoseek.train.loop import compile_regions
 from nanoseek.machine import choose_precision, cpu_info
@@ -77,11 +76,9 @@ def main():
                     help="v3-tiny: a small DeepSeek-V3 (MLA, 16 routed experts, vocab 8K); cpu-tiny: nanoseek's pretraining preset (vocab 2048)")
     ap.add_argument("--compile", action="store_true", help="also time nanoseek with regional torch.compile (as "
                     "--compile in nanoseek pretrain), interleaved with the other two")
-    malloc.add_option(ap)
     args = ap.parse_args()
 
     import transformers
-    print(malloc.apply_option(args.malloc))
 
     torch.manual_seed(0)
     shape = V3_TINY if args.config == "v3-tiny" else {

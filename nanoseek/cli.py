@@ -25,7 +25,6 @@ from typer.core import TyperCommand, TyperGroup
 
 from .data.corpus import corpus_files
 from .data.tasks import TASKS
-from .malloc import keep_freed_memory
 from .model.config import PRESETS
 from .remote import RemoteError
 from .train.settings import (DISTILL_TRAIN, PRECISIONS, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig,
@@ -59,15 +58,13 @@ def _one_line_errors() -> Iterator[None]:
 
 
 class Commands(TyperGroup):
-    """nanoseek's command group: parsing and running a command under `_one_line_errors`, with
-    glibc's malloc keeping freed memory for reuse (`keep_freed_memory`)."""
+    """nanoseek's command group: parsing and running a command under `_one_line_errors`."""
 
     def make_context(self, *args, **kwargs):
         with _one_line_errors():
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
-        keep_freed_memory()  # every command: see nanoseek/malloc.py
         with _one_line_errors():
             return super().invoke(ctx)
 
