@@ -187,7 +187,7 @@ def draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         return logits.argmax(dim=-1)
     noise = gumbel_noise([rows[i] for i in sampled], logits.shape[-1], logits.device)
     if len(sampled) < len(rows):  # greedy rows: no noise, plain argmax
-        noise = torch.zeros_like(logits).index_copy_(0, torch.tensor(sampled, device=logits.device), noise)
+        noise = noise.new_zeros(logits.shape).index_copy_(0, torch.tensor(sampled, device=logits.device), noise)
     return (logits + noise).argmax(dim=-1)
 
 
