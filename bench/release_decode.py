@@ -128,9 +128,12 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decoded token reads: every linear layer (its integers and scales, or its float
     weight), MoE experts counted for the k routed (and the shared) ones only; one embedding row."""
     from nanoseek.model.moe import MoE
+    from nanoseek.quant import QuantLinear
 
-    def size(module) -> int:
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    def size(module) -> int:  # a quantized layer's codes counted at their bits (they may be packed away)
+        own = lambda m: [*m.parameters(recurse=False), *m.buffers(recurse=False)]  # noqa: E731
+        return sum(m.in_features * m.out_features * m.bits // 8 if t is getattr(m, "qweight", None)
+                   else t.numel() * t.element_size() for m in module.modules() for t in own(m))
 
     total = 0
     for name, m in model.named_modules():
@@ -151,11 +154,12 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
 
     from nanoseek.checkpoint import inference_dtypes
     from nanoseek.machine import decide_decode_compile
-    from nanoseek.quant import QuantLinear
+    from nanoseek.quant import QuantLinear, prepare_kernels
 
     t = time.perf_counter()
     dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
     model = nanoseek.load_model(folder, dtype=dtype, weight_dtype=weight_dtype)
+    prepare_kernels(model)  # as serve does at start-up (int8 packs for fbgemm, int4 takes its kernel's layout)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
@@ -312,7 +316,8 @@ def main():
     work = args.workdir / args.shape
     work.mkdir(parents=True, exist_ok=True)
     folders = {}
-    for b in bits:
+    # llama.cpp's converter starts from the bf16 folder, so it is written (first) whatever bits are measured
+    for b in sorted(set(bits) | ({16} if args.llama_cpp and args.shape != "shipped" else set()), reverse=True):
         folders[b] = SHIPPED if args.shape == "shipped" else work / ("bf16" if b == 16 else f"int{b}")
         if (folders[b] / "config.json").exists():
             continue

@@ -45,8 +45,9 @@ def test_kernels_equal_the_dequantized_reference(bits, rows):
 def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_features, packed, dtype):
     """Prompts (more rows than the kernels take) multiply by the weight converted 64 output channels at a
     time here (a last, partial block too; int4 also read out of the kernel's layout): the same as the
-    whole dequantized weight."""
+    whole dequantized weight. (int8 as where fbgemm is missing: with it every row takes its kernel.)"""
     monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
+    monkeypatch.setattr(quant, "int8_activation_levels", lambda: None)
     layer = QuantLinear(256, out_features, bits, dtype=dtype)
     layer.quantize_(torch.randn(out_features, 256) * 0.05)
     if packed:
@@ -131,7 +132,8 @@ def test_quantized_random_models_stay_close_to_float(tmp_path, family):
 
 def test_the_shipped_model_quantized_keeps_its_predictions():
     """On trained weights (the shipped chat model, on held-out task conversations): measured int8 KL
-    1.5e-5 with every greedy token the same, int4 KL 0.0023 with 97% the same."""
+    4.7e-4 with 98% of greedy tokens the same where its activations are quantized too (fbgemm, x86;
+    1.5e-5 and all the same with weight-only int8), int4 KL 0.0023 with 97% the same."""
     from nanoseek.data.tasks import get_task
 
     tok = DeepSeekTokenizer.load(SHIPPED)
@@ -139,7 +141,7 @@ def test_the_shipped_model_quantized_keeps_its_predictions():
     ids = [tok.render_conversation(c)[0] for c in chats]
     x = torch.tensor([i[: min(map(len, ids))] for i in ids])
     model = nanoseek.load_model(SHIPPED, dtype=torch.float32)
-    for bits, max_kl, min_agree in ((8, 1e-3, 0.99), (4, 0.02, 0.9)):
+    for bits, max_kl, min_agree in ((8, 2e-3, 0.96), (4, 0.02, 0.9)):
         kl, agree = kl_and_agreement(model, nanoseek.load_model(SHIPPED, dtype=torch.float32, quantize=bits), x)
         assert kl < max_kl and agree >= min_agree, (bits, kl, agree)
 
@@ -189,7 +191,7 @@ def test_fp8_checkpoint_goes_straight_to_int8(tmp_path):
     got = quant.model.layers[1].mlp.experts[3].up_proj
     expected = QuantLinear(w.shape[1], w.shape[0], 8, dtype=got.scales.dtype)
     expected.quantize_(dequantize_fp8(state[name], scale))
-    assert torch.equal(got.qweight, expected.qweight) and torch.equal(got.scales, expected.scales)
+    assert torch.equal(got.codes(), expected.codes()) and torch.equal(got.scales, expected.scales)
 
 
 @pytest.mark.parametrize("family", ["mla", "gqa"])
@@ -257,3 +259,51 @@ def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one(
     again = QuantLinear(96, 192, 4)
     again.load_state_dict(layer.state_dict())
     assert torch.equal(again.dequantize(), reference)
+
+
+needs_fbgemm = pytest.mark.skipif(quant.int8_activation_levels() is None, reason="no fbgemm int8 kernels (not x86)")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 2, 9, 300])
+def test_int8_products_quantize_each_row_on_its_own(rows):
+    """fbgemm's int8 x int8 products with activations quantized per row: close to the dequantized weight's
+    product for every row count (the kernel takes them all), and a row with massive activations (like a
+    first token's) neither coarsens the other rows nor changes their results."""
+    layer = QuantLinear(512, 320, 8, bias=True)
+    layer.quantize_(torch.randn(320, 512) * 0.05)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(rows, 512)
+    ref = x @ layer.dequantize().t() + layer.bias.float()
+    out = layer(x)
+    assert layer._packed is not None and layer.qweight.numel() == 0  # held once, packed
+    err = (out - ref).norm(dim=1) / ref.norm(dim=1)
+    assert err.max() < 0.02, err.max()  # 8-bit activations (7-bit on AVX2): about 0.4-0.9% per row
+    if rows > 1:
+        loud = x.clone()
+        loud[0, :8] = 300.0
+        out_loud = layer(loud)
+        assert torch.equal(out_loud[1:], out[1:])
+        assert ((out_loud[0] - (loud[0] @ layer.dequantize().t() + layer.bias)).norm() / out_loud[0].norm()) < 0.05
+
+
+@needs_fbgemm
+def test_int8_is_held_once_packed_and_saved_moved_and_reloaded_in_the_documented_layout():
+    layer = QuantLinear(96, 130, 8)
+    layer.quantize_(torch.randn(130, 96))
+    documented, reference = layer.qweight.clone(), layer.dequantize()
+    quant.prepare_kernels(layer)
+    assert layer._packed is not None and layer.qweight.numel() == 0
+    assert torch.equal(layer.codes(), documented) and torch.equal(layer.dequantize(), reference)
+    assert torch.equal(layer.state_dict()["qweight"], documented)
+    again = QuantLinear(96, 130, 8)
+    quant.prepare_kernels(again)  # packed (empty) codes, then a checkpoint loads into it
+    again.load_state_dict(layer.state_dict())
+    assert again._packed is None and torch.equal(again.dequantize(), reference)
+    layer.to(torch.float32)  # moved or cast: the codes come back out of the packed weight
+    assert layer._packed is None and torch.equal(layer.qweight, documented)
+    layer.quantize_(torch.randn(130, 96))  # re-quantizing a packed layer starts from its documented codes
+    quant.prepare_kernels(layer)
+    layer.quantize_(reference)
+    assert layer._packed is None and torch.equal(layer.qweight, documented)
