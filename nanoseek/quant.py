@@ -17,7 +17,8 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   Measured on a 2-core Xeon (AMX) for an [8960, 1536] weight: 0.46-0.54 ms at one row (25-30 GB/s,
   the memory's speed) against 0.78-1.15 ms for torch's weight-only int8 kernel, 0.63-0.76 ms against
   2.7-3.2 ms at 8 rows, and as fast as the converted bf16 product at 512 rows, so every row count
-  takes it. Elsewhere (no fbgemm): `_weight_int8pack_mm`, bf16 activations, up to `KERNEL_ROWS[8]`.
+  takes it. Routed experts, and everything where torch has no fbgemm, take `_weight_int8pack_mm`
+  (bf16 activations) up to `KERNEL_ROWS[8]` rows (see swap_linears for why experts do).
 - int4: `_weight_int4pack_mm_for_cpu` (bf16 activations) up to `KERNEL_ROWS[4]` rows.
 Above those rows the kernels are slower than converting the weight to the activations' dtype and
 multiplying, so that is what happens, and on other devices (CUDA) always, one block of output
@@ -59,6 +60,7 @@ GROUP = 32
 KERNEL_ROWS = {8: 8, 4: 48}
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
 NARROW_ROWS = 4  # NarrowLinear: bf16 products up to this many rows (an AVX2 Zen3: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
+PACK_TRIM_BYTES = 256 * 2**20  # prepare_kernels hands freed memory back after packing this many bytes of codes
 CONVERT_WEIGHTS = 2**20  # many rows: the weight is converted in blocks of about this many weights (4 MB in fp32)
 
 
@@ -83,7 +85,7 @@ def int8_activation_levels() -> int | None:
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False, group_size: int = GROUP,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, int8_products: bool = True):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -105,6 +107,7 @@ class QuantLinear(nn.Module):
         self._kernel_layout = False
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
+        self.int8_products = int8_products  # int8: may take fbgemm's int8 x int8 kernel (routed experts do not)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -175,7 +178,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
-            if self._packed is None and int8_activation_levels():
+            if self._packed is None and self.int8_products and int8_activation_levels():
                 self._pack_int8()
             return True
         if not self._kernel_layout:
@@ -301,7 +304,7 @@ def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Non
     model built on the meta device, before its weights are loaded). A head tied to the embedding stays
     as it is (one tensor, in the model's dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    replace_linears(model, lambda old: None if id(old.weight) in embeddings else NarrowLinear(
+    replace_linears(model, lambda name, old: None if id(old.weight) in embeddings else NarrowLinear(
         old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype))
 
 
@@ -350,12 +353,22 @@ def prepare_kernels(model: nn.Module) -> None:
     """Put every quantized layer of a CPU model in its kernel's layout now (a serving process does this at
     startup, so its first request does not pay for it), several layers at once (torch's packing runs
     outside the GIL, mostly on one core). Packing frees each layer's codes as it goes; the freed memory is
-    handed back to the system at the end (glibc keeps it otherwise: 2.5x the int8 weights measured)."""
+    handed back to the system every PACK_TRIM_BYTES of codes (glibc keeps it otherwise: a DeepSeek-V2-Lite
+    int8 model peaked at 23.2 GB with one hand-back at the end, against 15 GB of codes)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"]
-    if not layers:
-        return
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(QuantLinear._kernel_ready, layers))
+        batch, size = [], 0
+        for i, layer in enumerate(layers):
+            batch.append(layer)
+            size += layer.in_features * layer.out_features * layer.bits // 8
+            if size >= PACK_TRIM_BYTES or i == len(layers) - 1:
+                list(pool.map(QuantLinear._kernel_ready, batch))
+                give_back_freed_memory()
+                batch, size = [], 0
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim; nothing elsewhere)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -375,17 +388,23 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
-    are untied: the embedding stays float, the head is quantized."""
-    def make(old: nn.Linear) -> QuantLinear:
+    are untied: the embedding stays float, the head is quantized.
+
+    Routed experts keep torch's weight-only int8 kernel rather than fbgemm's: packing them for fbgemm
+    costs start-up time (DeepSeek-V2-Lite int8: 104-121 s to load against 20 s, on a 2-core Xeon) for a
+    decode that measured no faster at one row (2.24-2.49 tok/s against 2.33; each expert sees a token or
+    two, and the step is mostly routing around the products) and 14-20% faster at eight."""
+    def make(name: str, old: nn.Linear) -> QuantLinear:
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
-            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
+            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype,
+                               int8_products=".experts." not in name)
 
     replace_linears(model, make)
 
 
 def replace_linears(model: nn.Module, make) -> None:
-    """Put `make(old)` in place of every quantizable Linear (where it returns a module, not None), in
+    """Put `make(name, old)` in place of every quantizable Linear (where it returns a module, not None), in
     place; a module shared under two names (MTP's head is lm_head) is replaced once, by one module."""
     new: dict[int, nn.Module | None] = {}
     for name in quantizable(model):
@@ -393,6 +412,6 @@ def replace_linears(model: nn.Module, make) -> None:
         owner = model.get_submodule(parent) if parent else model
         old = getattr(owner, child)
         if id(old) not in new:
-            new[id(old)] = make(old)
+            new[id(old)] = make(name, old)
         if new[id(old)] is not None:
             setattr(owner, child, new[id(old)])

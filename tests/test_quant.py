@@ -307,3 +307,19 @@ def test_int8_is_held_once_packed_and_saved_moved_and_reloaded_in_the_documented
     quant.prepare_kernels(layer)
     layer.quantize_(reference)
     assert layer._packed is None and torch.equal(layer.qweight, documented)
+
+
+@needs_fbgemm
+def test_int8_routed_experts_keep_the_weight_only_kernel(tmp_path):
+    """Loaded int8 and prepared as serve does: attention, shared experts and the head are packed for fbgemm,
+    routed experts keep their codes (packing them costs start-up time for no faster decode, measured)."""
+    model = build_model(get_preset("tiny")).eval()
+    randomize_(model)
+    nanoseek.save_model(model, tmp_path)
+    quantized = nanoseek.load_model(tmp_path, quantize="int8", dtype=torch.float32)
+    quant.prepare_kernels(quantized)
+    layers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    routed = [name for name in layers if ".experts." in name]
+    assert routed and all(layers[name]._packed is None and layers[name].qweight.numel() for name in routed)
+    assert all(m._packed is not None for name, m in layers.items() if name not in routed)
+    assert any(".shared_experts." in name for name in layers)
