@@ -85,7 +85,7 @@ def int8_activation_levels() -> int | None:
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False, group_size: int = GROUP,
-                 dtype: torch.dtype = torch.bfloat16, int8_products: bool = True):
+                 dtype: torch.dtype = torch.bfloat16, packable: bool = True):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -107,7 +107,7 @@ class QuantLinear(nn.Module):
         self._kernel_layout = False
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
-        self.int8_products = int8_products  # int8: may take fbgemm's int8 x int8 kernel (routed experts do not)
+        self.packable = packable  # int8: may be packed for fbgemm's int8 x int8 kernel (routed experts do not)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
-            if self._packed is None and self.int8_products and int8_activation_levels():
+            if self._packed is None and self.packable and int8_activation_levels():
                 self._pack_int8()
             return True
         if not self._kernel_layout:
@@ -398,7 +398,7 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
             return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype,
-                               int8_products=".experts." not in name)
+                               packable=".experts." not in name)
 
     replace_linears(model, make)
 
