@@ -47,7 +47,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from .files import atomic_write
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
-CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2")  # what decides bf16 and int8 speed
+CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
 DECODE_COMPILE_MAX_BYTES = 256 * 2**20  # compiled decoding by default up to this much weight (decide_decode_compile)
 # compiled rollouts by default only for GRPO runs without a time budget or with at least this much: a cold
 # compile of the rollout graphs took 227 s of a 256 s speedrun stage on the AMX Xeon (5 updates)
@@ -65,8 +65,7 @@ class CPU:
     flags: list[str]  # those of CPU_FLAGS it has
 
     def describe(self) -> str:
-        names = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 bf16", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
-                 "avx_vnni": "AVX-VNNI", "avx2": "AVX2"}
+        names = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 bf16", "avx512f": "AVX-512", "avx2": "AVX2"}
         return f"{self.model} ({', '.join(names[f] for f in self.flags) or 'no AVX2'})"
 
 

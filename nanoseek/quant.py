@@ -10,8 +10,8 @@ hold its weight W [N out, K in] as integers plus scales:
 
 `QuantLinear.forward` multiplies with torch's CPU kernels that read the integers directly: a decode
 step reads 1 or 0.5 bytes per weight instead of 2 or 4.
-- int8 on x86: fbgemm's int8 x int8 products (`quantized::linear_dynamic` and
-  `linear_with_input_q_dq_qweight_dq_output_fp32`, AVX-512-VNNI or AVX2), the activations quantized
+- int8 on x86 CPUs with VNNI (see fbgemm_int8): fbgemm's int8 x int8 products (`quantized::linear_dynamic`
+  and `linear_with_input_q_dq_qweight_dq_output_fp32`), the activations quantized
   on the fly with one symmetric scale per row (a row with outliers, such as a first token's massive
   activations, does not coarsen the others). The weight is held once, in fbgemm's packed layout.
   Measured on a 2-core Xeon (AMX) for an [8960, 1536] weight: 0.46-0.54 ms at one row (25-30 GB/s,
@@ -70,17 +70,27 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 
 
 @lru_cache(maxsize=None)
-def int8_activation_levels() -> int | None:
-    """The largest activation code fbgemm's int8 x int8 products take on this CPU, or None where torch has
-    no fbgemm (not x86). With VNNI the u8 x s8 products accumulate in int32 and activations use the full
-    [-127, 127]; with AVX2 alone fbgemm sums pairs of them in int16, which saturates unless the u8 codes
-    stay within 7 bits, so activations take [-63, 63]."""
+def fbgemm_int8() -> bool:
+    """Whether int8 layers multiply through fbgemm's int8 x int8 kernels on this CPU: where torch has fbgemm
+    (x86) and its products of full-range 8-bit activations come out exact. With VNNI the u8 x s8 products
+    accumulate in int32; with AVX2 (or AVX-512 without VNNI) alone fbgemm sums pairs of them in int16,
+    which saturates unless activations keep to 7 bits, and 7-bit activations cost too much (forced to its
+    AVX2 path on the Xeon: a random model's greedy agreement 0.87, the shipped model's KL 2.0e-3 against
+    4.7e-4), so such CPUs keep the weight-only kernel. Found by trying: codes whose pairwise products
+    overflow int16."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    from .machine import cpu_info
+        return False
+    K = 64
+    packed = fbgemm_pack(torch.full((8, K), 127, dtype=torch.int8), torch.ones(8))
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.full((2, K), 127.0), 1.0, 128, packed)
+    return bool((y == 127 * 127 * K).all())
 
-    flags = cpu_info().flags
-    return 127 if "avx512_vnni" in flags or "avx_vnni" in flags else 63
+
+def fbgemm_pack(codes: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed weight for int8 codes [N, K] with one scale per output channel."""
+    zero_points = torch.zeros(codes.shape[0], dtype=torch.long)
+    weight = torch._make_per_channel_quantized_tensor(codes, scales.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(weight, None)
 
 
 class QuantLinear(nn.Module):
@@ -178,7 +188,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
-            if self._packed is None and self.packable and int8_activation_levels():
+            if self._packed is None and self.packable and fbgemm_int8():
                 self._pack_int8()
             return True
         if not self._kernel_layout:
@@ -190,7 +200,7 @@ class QuantLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, K] (any float dtype) -> [rows, N] through the CPU kernel."""
         if self._packed is not None:
-            return int8_products(x.float(), self._packed, int8_activation_levels())
+            return int8_products(x.float(), self._packed)
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, self.group_size,
@@ -199,9 +209,7 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def _pack_int8(self) -> None:
         """Move the int8 codes into fbgemm's packed weight (one scale per output channel), freeing qweight."""
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero_points, 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        self._packed = fbgemm_pack(self.qweight, self.scales)
         self.qweight = self.qweight.new_empty(0)
 
     def _drop_packed(self) -> None:
@@ -250,15 +258,15 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def int8_products(x: torch.Tensor, packed, levels: int) -> torch.Tensor:
+def int8_products(x: torch.Tensor, packed) -> torch.Tensor:
     """x [rows, K] fp32 @ W.T through fbgemm's int8 x int8 kernel, the activations quantized to
-    [-levels, levels] with one scale per row: x ~ s_row * q_row, so the products are
-    s_row * (q_row @ W.T). One row quantizes itself (asymmetric, one fbgemm call)."""
+    [-127, 127] with one scale per row: x ~ s_row * q_row, so the products are s_row * (q_row @ W.T).
+    One row quantizes itself (asymmetric over its min..max, one fbgemm call)."""
     if x.shape[0] == 1:
-        return torch.ops.quantized.linear_dynamic(x, packed, levels < 127)
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(levels)  # (rows, 1)
-    # codes q + zero point in u8: levels + 1 keeps them in [1, 2 * levels + 1]
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / scale, 1.0, levels + 1, packed)
+        return torch.ops.quantized.linear_dynamic(x, packed, False)
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # (rows, 1)
+    # the codes q go to fbgemm as the u8 q + 128
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / scale, 1.0, 128, packed)
     return y.mul_(scale)
 
 
