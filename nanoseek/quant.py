@@ -221,7 +221,7 @@ class QuantLinear(nn.Module):
     def _unpack_int8(self) -> None:
         """Back from fbgemm's packed weight to the documented qweight [N, K] (no-op where not packed)."""
         if self._packed is not None:
-            self.qweight = self.codes().clone()
+            self.qweight = self.codes()  # int_repr of a fresh unpacked tensor: already a copy
             self._packed = None
 
     @torch.no_grad()
