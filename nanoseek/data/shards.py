@@ -17,7 +17,7 @@ tokenized on its own (as a FIM request will be at inference), and arranged as
 
 `PackedRows` reads documents in a seeded random order per epoch and best-fit packs whole
 documents into rows of seq_len + 1 tokens (a document longer than a row is cut into row-sized
-pieces; no document is split across rows otherwise). The remainder of a row is padding with no
+pieces; no document is split across rows otherwise), then shuffles the rows of each window. The remainder of a row is padding with no
 loss, and the position after each document's EOS is never a target, so nothing is learned
 across a document boundary. Its state (epoch, window, row) makes the stream resumable exactly.
 """
@@ -227,9 +227,14 @@ class PackedRows:
         return self._order
 
     def _pack_window(self) -> list[np.ndarray]:
+        """The window's packed rows in a seeded random order: a long document's pieces fill consecutive
+        rows when packed, and a batch made of one source file's pieces measured as a loss spike (to 5-7
+        from 0.7) with a gradient 3-6x the usual norm; shuffled, every batch mixes the window's documents."""
         order = self._epoch_order()
         docs = order[self.window * self.window_docs:(self.window + 1) * self.window_docs]
-        return pack_documents([self.shards.document(int(d)) for d in docs], self.row_len, self.shards.pad_id)
+        rows = pack_documents([self.shards.document(int(d)) for d in docs], self.row_len, self.shards.pad_id)
+        shuffled = np.random.default_rng([self.seed, self.epoch, self.window]).permutation(len(rows))
+        return [rows[i] for i in shuffled]
 
     def _next_row(self) -> np.ndarray:
         while True:
