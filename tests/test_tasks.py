@@ -88,11 +88,12 @@ def test_subtraction_trace_settles_the_sign_by_a_written_comparison(a, b, relati
 
 
 @pytest.mark.parametrize("a,b,head,steps", [
-    (934, 48, "934+48: 3 digits vs 2 | ", ["4+8+0=12 c1", "3+4+1=8 c0", "9+0+0=9 c0"]),
-    (48, 934, "48+934: 2 digits vs 3 | ", ["8+4+0=12 c1", "4+3+1=8 c0", "0+9+0=9 c0"]),
+    (934, 48, "934+48: 934+048 | ", ["4+8+0=12 c1", "3+4+1=8 c0", "9+0+0=9 c0"]),
+    (48, 934, "48+934: 048+934 | ", ["8+4+0=12 c1", "4+3+1=8 c0", "0+9+0=9 c0"]),
+    (7, 95, "7+95: 07+95 | ", ["7+5+0=12 c1", "0+9+1=10 c1"]),
     (876, 141, "876+141: ", ["6+1+0=7 c0", "7+4+0=11 c1", "8+1+1=10 c1"]),
 ])
-def test_addition_notes_unequal_lengths_before_the_column_steps(a, b, head, steps):
+def test_addition_restates_unequal_lengths_zero_padded_before_the_column_steps(a, b, head, steps):
     from nanoseek.data.tasks.base import Problem
     trace = get_task("add").solution(Problem("add", "", str(a + b), {"a": a, "b": b}))
     assert trace == head + " | ".join(steps) + f" -> {a + b}"

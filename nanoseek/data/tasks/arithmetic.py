@@ -2,14 +2,17 @@
 
 Traces (least significant digit first, carries and borrows written out, the result read back):
     876+141: 6+1+0=7 c0 | 7+4+0=11 c1 | 8+1+1=10 c1 -> 1017
-    934+48: 3 digits vs 2 | 4+8+0=12 c1 | 3+4+1=8 c0 | 9+0+0=9 c0 -> 982
+    48+934: 048+934 | 8+4+0=12 c1 | 4+3+1=8 c0 | 0+9+0=9 c0 -> 982
     52-38: 5 vs 3 > so 52>38 | 2-8-0 -> 12-8-0=4 b1 | 5-3-1=1 b0 -> 14
     37-388: 2 digits vs 3 so 37<388 | -(388-37) | 8-7-0=1 b0 | 8-3-0=5 b0 | 3-0-0=3 b0 -> 351 -> -351
     463-461: 4 vs 4 =, 6 vs 6 =, 3 vs 1 > so 463>461 | 3-1-0=2 b0 | 6-6-0=0 b0 | 4-4-0=0 b0 -> 002 -> 2
 Subtraction first decides which operand is larger (lengths, then digits from the top), so the
 sign is settled by a written comparison, and a result with leading zeros is read back twice. Each
 digit pair is written before its relation, so the relation follows from the two digits just written
-(written between them, `6>7`, it had to be looked up in the question: the misses of two runs).
+(written between them, `6>7`, it had to be looked up in the question: the misses of two runs). Addition
+restates operands of unequal lengths zero-padded to the same length, so every column step reads its
+digits at the same place from the right in both numbers (with only a note of the lengths, `2 digits
+vs 3`, fresh runs kept taking the shorter first operand's tens digit from the wrong column).
     22*89: 22*9: 2*9+0=18 c1 | 2*9+1=19 c1 -> 198 ; 22*8: ... -> 176 -> 1760 ; 198+1760: ... -> 1958
 """
 
@@ -109,10 +112,10 @@ def compare_trace(a: int, b: int) -> str:
     return ", ".join(steps) + f" so {a}{rel}{b}"
 
 
-def length_note(a: int, b: int) -> str:
-    """'3 digits vs 2 | ' when the operands' lengths differ (as subtraction's comparison writes them),
-    so the column steps that follow know which operand runs out first; '' otherwise."""
-    return "" if len(str(a)) == len(str(b)) else f"{_lengths(a, b)} | "
+def aligned(a: int, b: int, op: str) -> str:
+    """'048+934 | ' when the operands' lengths differ (both zero-padded to the longer one), '' otherwise."""
+    width = max(len(str(a)), len(str(b)))
+    return "" if len(str(a)) == len(str(b)) else f"{a:0{width}d}{op}{b:0{width}d} | "
 
 
 def _lengths(a: int, b: int) -> str:
@@ -189,7 +192,7 @@ class Addition(TwoNumbers):
     def solution(self, p):
         a, b = p.data["a"], p.data["b"]
         steps, result = add_trace(a, b)
-        return f"{a}+{b}: " + length_note(a, b) + " | ".join(steps) + f" -> {result}"
+        return f"{a}+{b}: " + aligned(a, b, "+") + " | ".join(steps) + f" -> {result}"
 
 
 class Subtraction(TwoNumbers):
