@@ -113,3 +113,24 @@ def test_countdown_trace_names_the_pair_and_never_multiplies_two_big_numbers():
     assert lines[0].startswith("keep 4 (13 16): need") and "13*16 big" in lines[0] and lines[0].endswith(" no")
     assert lines[1].startswith("keep 16 (13 4): need") and lines[1].endswith("13*4=52 ok") and expr == "(13*4)+16"
     assert evaluate(expr, [13, 16, 4]) == 68
+
+
+@pytest.mark.parametrize("family", ["add", "sub", "mul"])
+def test_training_asks_with_one_or_both_operands_single_digits(family):
+    """People ask "what's 7 plus 8?": training draws one single-digit operand, and sometimes two, and
+    their worked solutions are right; the evaluation's default draws keep to the family's sizes."""
+    import random
+
+    from nanoseek.data.builtin import TRAINING_OPTIONS
+    from nanoseek.data.tasks.base import Problem
+
+    task, rng = get_task(family, **TRAINING_OPTIONS[family]), random.Random(0)
+    draws = [task.draw(rng) for _ in range(3000)]
+    small = [sum(d[k] < 10 for k in "ab") for d in draws]
+    assert 0.05 < small.count(1) / len(draws) < 0.1 and 0.02 < small.count(2) / len(draws) < 0.05
+    for d in (d for d, n in zip(draws, small) if n == 2):
+        problem = Problem(family, "", task.answer(d), d)
+        assert task.solution(problem).endswith(f"-> {task.answer(d)}") or task.solution(problem).endswith(
+            f" {task.answer(d)}"), task.solution(problem)
+    default = get_task(family)
+    assert all(min(d["a"], d["b"]) >= 10 for d in (default.draw(rng) for _ in range(500)))

@@ -160,6 +160,9 @@ def mul_digit_trace(a: int, digit: int) -> tuple[list[str], int]:
     return steps, int("".join(map(str, reversed(out))))
 
 
+BOTH_SMALL = 1 / 3  # of the problems drawn with a small operand: both operands single digits
+
+
 class TwoNumbers(Task):
     """Two operands of given digit counts; subclasses set the phrasing and write the solution."""
 
@@ -170,8 +173,10 @@ class TwoNumbers(Task):
 
     def draw(self, rng):
         d = {"a": _number(rng, self.lo, self.hi), "b": _number(rng, self.lo, self.hi)}
-        if rng.random() < self.small_share:  # one operand a single digit ("what's 7 plus 18?")
-            d[rng.choice("ab")] = rng.randint(1, 9)
+        if rng.random() < self.small_share:  # one operand a single digit ("what's 7 plus 18?"), a third of
+            # the time both ("what's 7 plus 8?", which a run that never saw it added as 7+0, 0+8, 0+9 -> 987)
+            for name in ("ab" if rng.random() < BOTH_SMALL else rng.choice("ab")):
+                d[name] = rng.randint(1, 9)
         return d
 
     def key(self, d):
