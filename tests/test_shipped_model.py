@@ -1,8 +1,7 @@
 """The shipped chat model asked the way people type, in wordings written apart from the task code's
 phrasing grammar (some, such as `what's 7 plus 8?` or `use 3, 5 and 7 to make 22`, are forms it
 makes too): it must tell which task it is asked (Countdown vs an equation vs arithmetic) from the
-content, and get the arithmetic right. Greedy, through the chat
-template, as the API asks it."""
+content, and get the arithmetic right. Greedy, through the chat template, as the API asks it."""
 
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ CASES = [
     ("63 multiplied by 19 equals?", "mul", "1197"),
     ("Use 3, 5 and 7 to make 22 with + - * /", "countdown", None), ("Using the numbers 4, 9, 12 make 33", "countdown", None),
     ("Can you get 24 from 2, 3 and 4?", "countdown", None), ("Make 10 with 2, 5 and 1. Each number once.", "countdown", None),
-    ("Combine 7, 2 and 9 to get 23", "countdown", None),
+    ("Numbers 6 8 3, target 42", "countdown", None), ("Combine 7, 2 and 9 to get 23", "countdown", None),
     ("Solve 3x + 5 = 20", "linear", None), ("Find x: 2x - 4 = 10", "linear", None),
     ("what is x if 5x + 1 = 26?", "linear", None),
 ]

@@ -136,10 +136,10 @@ class SpeedrunConfig:
     rl_tasks: list[str] | None = None  # None: the families the SFT model solves 10-90% of (where groups vary)
     eval_n: int = 40  # held-out problems per family
     traces: int = 600  # verified teacher traces for the student
-    # pretraining reads 3.1-6.7M tokens in its share of the budget on a 2-core Xeon (AMX; 4,065-8,394 tokens/s
+    # pretraining reads 3.1-7.2M tokens in its share of the budget on a 2-core Xeon (AMX; 4,065-9,073 tokens/s
     # between runs), in a random order over the whole corpus: 50,000 conversations + 0.5M characters of code
-    # (6.1M tokens, ~5% code; tokenized in 21 s) where 100,000 + 1M (12.2M) took 102 s to generate and
-    # tokenize for a quarter to a third of them to be read. The fastest run read them 1.09 times.
+    # (6.1-6.6M tokens as the traces grew, ~5% code; tokenized in 21 s) where 100,000 + 1M (12.2M) took 102 s
+    # to generate and tokenize for a quarter to a third of them to be read. The fastest run read them 1.09 times.
     task_documents: int = 50_000
     code_chars: int = 500_000  # standard-library source in the pretraining mix
     sft_conversations: int = 40_000
