@@ -1,11 +1,7 @@
 """Tokenizer: byte-level round trips, DeepSeek special tokens, chat rendering equal to AutoTokenizer's."""
 
-import json
-from pathlib import Path
-
 import pytest
 import transformers
-from tokenizers import Tokenizer
 
 from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, PAD, THINK, TOOL_TOKENS,
                                 USER, ChatFormatError, DeepSeekTokenizer)
@@ -152,18 +148,14 @@ def test_thinking_off_is_trained_after_an_empty_reasoning_block(tok, hf_tok):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!" + tok.decode([tok.eos_id])
 
 
-def without_tool_tokens(tok: DeepSeekTokenizer) -> DeepSeekTokenizer:
-    """The tokenizer as nanoseek made them before tool calls (the tool tokens were appended last)."""
-    d = json.loads(tok.tok.to_str())
-    d["added_tokens"] = [a for a in d["added_tokens"] if a["content"] not in TOOL_TOKENS]
-    return DeepSeekTokenizer(Tokenizer.from_str(json.dumps(d)), tok.config)
-
-
-def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path):
-    old = without_tool_tokens(DeepSeekTokenizer.load(Path(__file__).parents[1] / "nanoseek" / "assets" / "model"))
+def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path, monkeypatch):
+    """A tokenizer nanoseek trained before tool calls existed (no tool tokens: trained here with none)."""
+    with monkeypatch.context() as m:
+        m.setattr("nanoseek.tokenizer.TOOL_TOKENS", [])
+        old = DeepSeekTokenizer.train(CORPUS, vocab_size=400)
     assert len(old.encode("<｜tool▁calls▁begin｜>")) > 1
     new = old.with_tool_tokens()
-    assert new.vocab_size == old.vocab_size + 9 and new.encode("What is 12 + 3?") == old.encode("What is 12 + 3?")
+    assert new.vocab_size == old.vocab_size + len(TOOL_TOKENS) and new.encode("What is 12 + 3?") == old.encode("What is 12 + 3?")
     assert len(new.encode("<｜tool▁calls▁begin｜><｜tool▁sep｜>")) == 2
     assert new.with_tool_tokens().vocab_size == new.vocab_size  # once only
     new.save(tmp_path)
