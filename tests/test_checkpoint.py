@@ -11,7 +11,7 @@ import nanoseek
 from conftest import randomize_
 from nanoseek import CheckpointError, ConfigError, checkpoint
 from nanoseek.checkpoint import dequantize_fp8
-from nanoseek.quant import NarrowLinear
+from nanoseek.quant import NarrowLinear, fbgemm_int8
 from nanoseek.model import build_model, get_preset
 
 
@@ -64,8 +64,11 @@ def test_the_compute_dtype_follows_the_machine(saved, monkeypatch):
     assert checkpoint.inference_dtypes(path) == (torch.float32, None)  # under 1 GB
     size = checkpoint.checkpoint_bytes(path)
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))  # as large as R1-Distill-1.5B
-    for quantize in (None, "int8", "int4"):
+    for quantize in (None, "int4"):
         assert checkpoint.inference_dtypes(path, quantize, fast_bf16=True) == (None, None)  # AMX / AVX-512 bf16
+    # int8 through fbgemm computes in fp32 (its kernels' own dtype) even there
+    int8 = (torch.float32, None) if fbgemm_int8() else (None, None)
+    assert checkpoint.inference_dtypes(path, "int8", fast_bf16=True) == int8
     assert checkpoint.inference_dtypes(path, "int4", fast_bf16=False) == (torch.float32, None)  # AVX2 only
     dtype, weight_dtype = checkpoint.inference_dtypes(path, fast_bf16=False)
     assert (dtype, weight_dtype) == (torch.float32, torch.bfloat16)
@@ -86,6 +89,7 @@ def test_the_compute_dtype_follows_the_machine(saved, monkeypatch):
     nanoseek.save_model(nanoseek.load_model(path, quantize="int8"), path)  # a quantized folder, stored
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))
     assert checkpoint.inference_dtypes(path, fast_bf16=False) == (torch.float32, None)
+    assert checkpoint.inference_dtypes(path, fast_bf16=True) == int8  # the folder says int8
 
 
 def quantize_fp8(w: torch.Tensor, block: int):

@@ -213,6 +213,31 @@ def test_the_engine_decodes_quantized_models(tmp_path, family):
     assert agree >= 7  # kernel (bf16 activations) and dequantized fp32 paths may part at a near tie
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_decoding_of_a_quantized_model_equals_eager(tmp_path, bits):
+    """A quantized dense model decodes through one compiled graph (fbgemm's packed int8 product reached
+    through the `nanoseek::int8_linear` operator, torch's int4 kernel directly) with eager's tokens and
+    log-probabilities, at one row and at several."""
+    model = build_model(tiny_gqa_config(hidden_size=128, intermediate_size=256)).eval()
+    randomize_(model, std=0.15)
+    nanoseek.save_model(model, tmp_path)
+    quantized = nanoseek.load_model(tmp_path, quantize=f"int{bits}", dtype=torch.float32)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    results = {}
+    for compile in (False, True):
+        engine = Engine(quantized, max_batch=2, eos_token_id=-1, compile=compile)
+        results[compile] = [engine.generate(p, params) for p in (prompts[:1], prompts)]
+        assert engine.compiled == compile  # (a failed compile falls back to eager with a warning)
+    if bits == 8 and quant.fbgemm_int8():
+        assert all(m._packed is not None for m in quantized.modules() if isinstance(m, QuantLinear))
+    for eager, compiled in zip(results[False], results[True]):
+        for a, b in zip(eager, compiled):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor([x["logprob"] for x in a.logprobs]),
+                                       torch.tensor([x["logprob"] for x in b.logprobs]), atol=2e-3, rtol=0)
+
+
 @pytest.mark.slow
 def test_the_shipped_model_answers_the_same_quantized_to_int8():
     """The shipped chat model, greedy, on held-out task questions: int8 gives the float model's answers."""

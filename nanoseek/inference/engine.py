@@ -37,6 +37,7 @@ import torch
 
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
+from ..quant import prepare_kernels
 from .cache import KVCache
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
@@ -179,6 +180,8 @@ class Engine:
         # Prefill stays eager. Inside the graphs the MoE layers run every expert (MoE.all_experts),
         # so this pays for small models; the first steps of each shape take seconds to compile.
         self.compiled = compile
+        if compile:  # quantized layers take their kernels' layouts now: a traced graph must not see them change
+            prepare_kernels(model)
         self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile else []
         self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
         self._model_tag = _MODEL_TAGS.setdefault(model, f"model {next(_TAG_IDS)}")
