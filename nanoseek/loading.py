@@ -11,7 +11,7 @@ from rich.console import Console
 from .checkpoint import inference_dtypes, load_model
 from .machine import decide_decode_compile, use_disk_cache
 from .inference import Engine, SamplingParams
-from .quant import QuantLinear, prepare_kernels
+from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
 
 
@@ -22,7 +22,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     or else the ones `inference_dtypes` picks for this machine (fp32 for small models; for large ones the
     checkpoint's bf16 where the CPU multiplies bf16 fast, else fp32 activations over bf16 or integer weights).
     Speculative decoding is turned off, with a note, for a model without an MTP layer. `compile` None
-    decides by the model's size (`decide_decode_compile`); a compiled decode step is compiled here
+    decides by the model (`decide_decode_compile`); a compiled decode step is compiled here
     rather than at the first reply."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
@@ -35,7 +35,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     if speculative and not model.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
-    compile, why = decide_decode_compile(compile, model, quantized=any(isinstance(m, QuantLinear) for m in model.modules()))
+    compile, why = decide_decode_compile(compile, model)
     if why != "as set":
         console.print(f"[dim]compiled decoding: {'on' if compile else 'off'} ({why})[/]")
     engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,

@@ -19,7 +19,7 @@ unless asked for (`--compile`): measured on a 2-core AMD EPYC (Zen3), a compiled
 0.9-1.1x the eager one. GRPO's rollouts decode through compiled steps wherever a compiler is, unless
 the run's time budget is under 15 minutes (`decide_rollout_compile`; a cold compile took 227 s): at 64 rows a compiled decode step of the shipped model took 8 ms against
 13 ms eager, and a GRPO step of 64 countdown samples took 9.2 s, 3.5x TRL's (2-core Xeon with AMX).
-Chat and serve decode through compiled steps by default for small models and quantized dense ones (`decide_decode_compile`).
+Chat and serve decode through compiled steps by default for small models and for dense ones on a CPU (`decide_decode_compile`).
 `compile_problem` says why compiling cannot work (no C++ compiler, no triton). `use_disk_cache` points inductor's caches (FX graphs,
 AOTAutograd) at $XDG_CACHE_HOME/nanoseek/inductor, so a second run reuses the first's graphs.
 """
@@ -221,17 +221,17 @@ def decide_rollout_compile(setting: bool | None, device: torch.device, time_budg
     return _where_compilable(device, "compiled decode steps measured faster")
 
 
-def decide_decode_compile(setting: bool | None, model: torch.nn.Module, quantized: bool = False) -> tuple[bool, str]:
+def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple[bool, str]:
     """Whether chat and serve decode through compiled steps, and why: `setting` when given, else wherever
     the compiler is for
     - models of up to DECODE_COMPILE_MAX_BYTES of weights: a small model's eager decode step is hundreds
       of operations dispatched from Python around little arithmetic; compiled it is one graph (the
       shipped model at batch 1: 4-5x the eager tokens per second, see the README);
-    - quantized dense models on a CPU: their integer products are called from one graph, and what lies
-      between them (norms, RoPE, attention, the activations' conversions) is fused (R1-Distill-1.5B on
-      a 2-core Xeon with AMX: int8 84 -> 73 ms a token, int4 84 -> 67-74).
-    Not for larger float models (bf16 weights at one row measured slower compiled: 172 against 146 ms
-    a token for the 1.5B) nor for large MoE models, whose compiled step runs every expert."""
+    - dense models on a CPU: their products are called from one graph (fbgemm's and torch.mv through
+      custom operators, see quant.int8_linear and layers.opaque_mv) and what lies between them (norms,
+      RoPE, attention, conversions) is fused. R1-Distill-1.5B on a 2-core Xeon with AMX: int8 84 -> 73 ms
+      a token, int4 84 -> 67-76, bf16 146 -> 126.
+    Not for large MoE models, whose compiled step runs every expert, nor elsewhere (not measured)."""
     if setting is not None:
         return setting, "as set"
     params = list(model.parameters())
@@ -243,9 +243,9 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module, quantize
 
     if any(isinstance(m, MoE) for m in model.modules()):
         return False, f"{size / 2**20:,.0f} MiB of weights in experts: a compiled step would run every expert"
-    if quantized and params[0].device.type == "cpu":
-        return _where_compilable(params[0].device, "the integer products called from one graph, what lies between them fused")
-    return False, f"{size / 2**20:,.0f} MiB of weights: the step is its matrix products (--compile to try it)"
+    if params[0].device.type == "cpu":
+        return _where_compilable(params[0].device, "the products called from one graph, what lies between them fused")
+    return False, f"{size / 2**20:,.0f} MiB of weights on {params[0].device.type}: not measured to pay (--compile to try it)"
 
 
 def _where_compilable(device: torch.device, why: str) -> tuple[bool, str]:

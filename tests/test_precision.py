@@ -170,25 +170,22 @@ def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
     assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
 
 
-def test_serve_compiles_decoding_for_small_and_quantized_dense_models(monkeypatch):
+def test_serve_compiles_decoding_for_small_models_and_dense_ones_on_a_cpu(monkeypatch):
     from conftest import tiny_gqa_config
     from nanoseek.model import build_model, get_preset
 
     moe, dense = build_model(get_preset("tiny")), build_model(tiny_gqa_config())
     assert machine.decide_decode_compile(False, moe) == (False, "as set")
-    assert machine.decide_decode_compile(True, dense, quantized=True) == (True, "as set")
+    assert machine.decide_decode_compile(True, dense) == (True, "as set")
     on, why = machine.decide_decode_compile(None, moe)
     assert on == (machine.compile_problem(CPU) is None) and ("small model" in why or "compiler" in why)
     monkeypatch.setattr(machine, "DECODE_COMPILE_MAX_BYTES", 1000)  # both are large now
-    for quantized in (False, True):  # a compiled MoE step runs every expert
-        on, why = machine.decide_decode_compile(None, moe, quantized=quantized)
-        assert not on and "every expert" in why
-    on, why = machine.decide_decode_compile(None, dense)  # float: its step is its products
-    assert not on and "MiB of weights" in why
+    on, why = machine.decide_decode_compile(None, moe)  # a compiled MoE step runs every expert
+    assert not on and "every expert" in why
     monkeypatch.setattr(machine, "compile_problem", lambda device: None)
-    assert machine.decide_decode_compile(None, dense, quantized=True)[0]  # integer products from one graph
+    assert machine.decide_decode_compile(None, dense)[0]  # products called from one graph, the rest fused
     monkeypatch.setattr(machine, "compile_problem", lambda device: "no C++ compiler for inductor (RuntimeError)")
-    assert machine.decide_decode_compile(None, dense, quantized=True) == (False, "no C++ compiler for inductor (RuntimeError)")
+    assert machine.decide_decode_compile(None, dense) == (False, "no C++ compiler for inductor (RuntimeError)")
 
 
 def test_rollouts_compile_wherever_a_compiler_is_unless_the_budget_is_short(monkeypatch):
