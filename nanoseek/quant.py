@@ -31,7 +31,7 @@ kernels, so nanoseek calls them directly. fbgemm's int8 products come with torch
 `quantized` operators, which torch has deprecated without a replacement yet: where they are missing the
 weight-only kernel takes over.)
 
-A compiled decode step (`Engine(compile=True)`, the default for quantized dense models on a CPU) calls
+A compiled decode step (`Engine(compile=True)`, the default for dense models on a CPU) calls
 the same kernels from its graph: torch's weight-only ones directly, fbgemm's through the `nanoseek::int8_linear`
 operator (its packed weight is a TorchScript object, which a graph cannot take as an input).
 
