@@ -7,8 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1] / "nanoseek"
 # layer of each part (a subpackage or a top-level module); a part may import parts of lower layers
 LAYERS = {
-    "model": 0, "tokenizer": 0, "files": 0,
-    "machine": 1, "quant": 1, "reasoning": 1, "data": 1, "inference": 1, "remote": 1,
+    "model": 0, "tokenizer": 0, "files": 0, "quant": 0,
+    "machine": 1, "reasoning": 1, "data": 1, "inference": 1, "remote": 1,
     "checkpoint": 2, "tools": 2,
     "loading": 3, "eval": 3, "chat": 3,
     "train": 4, "serve": 4,
