@@ -102,8 +102,8 @@ def inference_dtypes(path: str | os.PathLike, quantize: str | int | None = None,
 
         fast_bf16 = choose_precision("auto", torch.device("cpu")).name == "bf16"
     _, raw = load_config(path)
-    stored = raw.get("quantization_config") or {}
-    bits = bits or (stored.get("bits") if stored.get("quant_method") == "nanoseek" else None)
+    quantized = raw.get("quantization_config") or {}
+    bits = bits or (quantized.get("bits") if quantized.get("quant_method") == "nanoseek" else None)
     if fast_bf16:
         from .quant import fbgemm_int8
 

@@ -175,8 +175,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
-        if x.device.type == "cpu" and (self._packed is not None or self._kernel_ready() and (
-                rows <= self.kernel_rows or self._packed is not None)):
+        if x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
             y = self._kernel(x2).to(x.dtype)
         else:
             y = converted_matmul(x2, self._dequantize_rows, self.out_features)

@@ -178,7 +178,8 @@ class Engine:
         # compile=True: decode steps (and MTP drafts) run as compiled graphs, one call per step instead
         # of hundreds of small operations, which are most of a small model's step time on a CPU.
         # Prefill stays eager. Inside the graphs the MoE layers run every expert (MoE.all_experts),
-        # so this pays for small models; the first steps of each shape take seconds to compile.
+        # so this pays for small models and dense large ones (whose products the graph calls as they are);
+        # the first steps of each shape take seconds to compile.
         self.compiled = compile
         if compile:  # quantized layers take their kernels' layouts now: a traced graph must not see them change
             prepare_kernels(model)
