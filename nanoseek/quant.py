@@ -17,8 +17,10 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   Measured on a 2-core Xeon (AMX) for an [8960, 1536] weight: 0.46-0.54 ms at one row (25-30 GB/s,
   the memory's speed) against 0.78-1.15 ms for torch's weight-only int8 kernel, 0.63-0.76 ms against
   2.7-3.2 ms at 8 rows, and as fast as the converted bf16 product at 512 rows, so every row count
-  takes it. Routed experts, and everything where torch has no fbgemm, take `_weight_int8pack_mm`
-  (bf16 activations) up to `KERNEL_ROWS[8]` rows (see swap_linears for why experts do).
+  takes it; so do routed experts (DeepSeek-V2-Lite's [1408, 2048] at one row, 400 of them in random
+  order: 144-154 us, 19-20 GB/s, against 236-240 us, 12 GB/s, for the weight-only kernel), though packing
+  them lengthens start-up (fbgemm packs ~160 M weights a second per core). Where torch has no fbgemm,
+  int8 takes `_weight_int8pack_mm` (bf16 activations) up to `KERNEL_ROWS[8]` rows.
 - int4: `_weight_int4pack_mm_for_cpu` (bf16 activations) up to `KERNEL_ROWS[4]` rows.
 Above those rows the kernels are slower than converting the weight to the activations' dtype and
 multiplying, so that is what happens, and on other devices (CUDA) always, one block of output
@@ -101,7 +103,7 @@ def fbgemm_pack(codes: torch.Tensor, scales: torch.Tensor):
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False, group_size: int = GROUP,
-                 dtype: torch.dtype = torch.bfloat16, packable: bool = True):
+                 dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -124,7 +126,6 @@ class QuantLinear(nn.Module):
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
         self._handle = next(_HANDLES)  # how a compiled graph names this layer to `int8_linear` (see there)
-        self.packable = packable  # int8: may be packed for fbgemm's int8 x int8 kernel (routed experts do not)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -196,7 +197,7 @@ class QuantLinear(nn.Module):
     def _kernel_ready(self) -> bool:
         if self.bits == 8:
             # (a compiled graph never packs: an engine that compiles prepares the kernels before tracing)
-            if self._packed is None and self.packable and not torch.compiler.is_compiling() and fbgemm_int8():
+            if self._packed is None and not torch.compiler.is_compiling() and fbgemm_int8():
                 self._pack_int8()
             return True
         if not self._kernel_layout:
@@ -424,17 +425,11 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
-    are untied: the embedding stays float, the head is quantized.
-
-    Routed experts keep torch's weight-only int8 kernel rather than fbgemm's: packing them for fbgemm
-    costs start-up time (DeepSeek-V2-Lite int8: 104-121 s to load against 20 s, on a 2-core Xeon) for a
-    decode that measured no faster at one row (2.24-2.49 tok/s against 2.33; each expert sees a token or
-    two, and the step is mostly routing around the products) and 14-20% faster at eight."""
+    are untied: the embedding stays float, the head is quantized."""
     def make(name: str, old: nn.Linear) -> QuantLinear:
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
-            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype,
-                               packable=".experts." not in name)
+            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
 
     replace_linears(model, make)
 

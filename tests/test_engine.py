@@ -260,7 +260,7 @@ def test_speculative_sampling_keeps_the_distribution(mtp_model):
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(model):
-    """compile=True (each decode step one compiled graph, MoE layers running every expert masked)
+    """compile=True (each decode step one compiled graph, the tiny MoE's experts read stacked)
     decodes exactly what the eager engine does, plain and speculative, with rows joining and leaving;
     and engines kept across an in-place weight change (GRPO trains the model between rollouts) decode
     with the new weights, cached prefixes included."""

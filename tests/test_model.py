@@ -105,7 +105,7 @@ def test_compiled_moe_reads_the_chosen_or_all_experts_and_matches_the_routed_pat
     torch.manual_seed(0)
     moe = MoE(cfg).eval()
     randomize_(moe, std=0.3)
-    moe.stack_experts()
+    moe.prepare_compiled_decode()
     calls = []
     for name in ("selected_experts", "all_experts"):
         run = getattr(moe, name)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import nanoseek
@@ -85,7 +86,7 @@ def test_the_compiled_moe_path_takes_narrow_weights(tmp_path):
     nanoseek.save_model(model.to(torch.bfloat16), tmp_path)
     narrow = nanoseek.load_model(tmp_path, dtype=torch.float32, weight_dtype=torch.bfloat16)
     moe = next(m for m in narrow.modules() if isinstance(m, MoE))
-    moe.stack_experts()
+    moe.prepare_compiled_decode()
     x = torch.randn(16, narrow.config.hidden_size)
     with torch.no_grad():
         weights, indices, _ = moe.gate(x)
@@ -213,23 +214,30 @@ def test_the_engine_decodes_quantized_models(tmp_path, family):
     assert agree >= 7  # kernel (bf16 activations) and dequantized fp32 paths may part at a near tie
 
 
-@pytest.mark.parametrize("bits", [8, 4, 16])
-def test_compiled_decoding_of_a_dense_model_equals_eager(tmp_path, bits):
-    """A quantized (or bf16) dense model decodes through one compiled graph (fbgemm's packed int8 product
+@pytest.mark.parametrize("arch,bits", [("dense", 8), ("dense", 4), ("dense", 16), ("moe", 8), ("moe", 4)])
+def test_compiled_decoding_of_a_quantized_model_equals_eager(tmp_path, arch, bits):
+    """A quantized (or bf16) model decodes through one compiled graph (fbgemm's packed int8 product
     reached through the `nanoseek::int8_linear` operator, torch's int4 kernel directly, bf16 one-row
-    products through `nanoseek::mv`) with eager's tokens and log-probabilities, at one row and at several."""
-    model = build_model(tiny_gqa_config(hidden_size=128, intermediate_size=256)).eval()
+    products through `nanoseek::mv`, an MoE's quantized routed experts through `nanoseek::routed_experts`)
+    with eager's tokens and log-probabilities, at one row and at several."""
+    config = (tiny_gqa_config(hidden_size=128, intermediate_size=256) if arch == "dense" else
+              get_preset("tiny", hidden_size=128, moe_intermediate_size=64))
+    model = build_model(config).eval()
     randomize_(model, std=0.15)
     nanoseek.save_model(model, tmp_path)
     quantized = (nanoseek.load_model(tmp_path, dtype=torch.bfloat16) if bits == 16 else
                  nanoseek.load_model(tmp_path, quantize=f"int{bits}", dtype=torch.float32))
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
-    results = {}
+    results, routed = {}, []
+    for moe in (m for m in quantized.modules() if isinstance(m, MoE)):
+        moe.routed = lambda *a, moe=moe, run=moe.routed: routed.append(moe) or run(*a)
     for compile in (False, True):
         engine = Engine(quantized, max_batch=2, eos_token_id=-1, compile=compile)
+        routed.clear()
         results[compile] = [engine.generate(p, params) for p in (prompts[:1], prompts)]
         assert engine.compiled == compile  # (a failed compile falls back to eager with a warning)
+    assert (len(routed) > 0) == (arch == "moe")  # the graphs called the routed experts as they are
     if bits == 8 and quant.fbgemm_int8():
         assert all(m._packed is not None for m in quantized.modules() if isinstance(m, QuantLinear))
     for eager, compiled in zip(results[False], results[True]):
@@ -337,16 +345,26 @@ def test_int8_is_held_once_packed_and_saved_moved_and_reloaded_in_the_documented
 
 
 @needs_fbgemm
-def test_int8_routed_experts_keep_the_weight_only_kernel(tmp_path):
-    """Loaded int8 and prepared as serve does: attention, shared experts and the head are packed for fbgemm,
-    routed experts keep their codes (packing them costs start-up time for no faster decode, measured)."""
+def test_int8_layers_all_pack_for_fbgemm_routed_experts_too(tmp_path):
+    """Loaded int8 and prepared as serve does, every layer (attention, routed and shared experts, the head)
+    is packed for fbgemm, and the MoE's routed experts then give what their dequantized weights give."""
     model = build_model(get_preset("tiny")).eval()
     randomize_(model)
     nanoseek.save_model(model, tmp_path)
     quantized = nanoseek.load_model(tmp_path, quantize="int8", dtype=torch.float32)
-    quant.prepare_kernels(quantized)
-    layers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
-    routed = [name for name in layers if ".experts." in name]
-    assert routed and all(layers[name]._packed is None and layers[name].qweight.numel() for name in routed)
-    assert all(m._packed is not None for name, m in layers.items() if name not in routed)
-    assert any(".shared_experts." in name for name in layers)
+    moe = next(m for m in quantized.modules() if isinstance(m, MoE))
+    x = torch.randn(5, quantized.config.hidden_size)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        reference = torch.zeros_like(x)
+        for n, (w, e) in enumerate(zip(weights, indices)):
+            for g, k in zip(w.tolist(), e.tolist()):
+                expert = moe.experts[k]
+                h = F.silu(x[n] @ expert.gate_proj.dequantize().t()) * (x[n] @ expert.up_proj.dequantize().t())
+                reference[n] += g * (h @ expert.down_proj.dequantize().t())
+        quant.prepare_kernels(quantized)
+        layers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+        assert any(".experts." in name for name in layers) and any(".shared_experts." in name for name in layers)
+        assert all(m._packed is not None and m.qweight.numel() == 0 for m in layers.values())
+        # (outputs up to ~1.2; fbgemm quantizes the activations too: ~1% apart)
+        torch.testing.assert_close(moe.routed(x, weights, indices), reference, atol=0.03, rtol=0)

@@ -177,9 +177,9 @@ class Engine:
         self.error: BaseException | None = None
         # compile=True: decode steps (and MTP drafts) run as compiled graphs, one call per step instead
         # of hundreds of small operations, which are most of a small model's step time on a CPU.
-        # Prefill stays eager. Inside the graphs the MoE layers run every expert (MoE.all_experts),
-        # so this pays for small models and dense large ones (whose products the graph calls as they are);
-        # the first steps of each shape take seconds to compile.
+        # Prefill stays eager. Inside the graphs a small MoE reads its experts' weights stacked, a large
+        # or quantized one calls its routed experts eagerly (MoE.prepare_compiled_decode); the first
+        # steps of each shape take seconds to compile.
         self.compiled = compile
         if compile:  # quantized layers take their kernels' layouts now: a traced graph must not see them change
             prepare_kernels(model)
@@ -336,14 +336,14 @@ class Engine:
 
     def _check_weights(self) -> None:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
-        it between rollouts), cached prefixes hold stale latents (dropped) and the compiled MoE's
+        it between rollouts), cached prefixes hold stale latents (dropped) and the compiled MoE layers'
         stacked expert weights are rebuilt. Parameters' versions count their in-place updates."""
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._weights_key:
             if self._weights_key is not None:
                 self.prefixes = PrefixStore(self.prefixes.max_tokens)
             for m in self._moes:
-                m.stack_experts()
+                m.prepare_compiled_decode()
             self._weights_key = key
 
     def _prefill(self, req: Request) -> None:

@@ -19,6 +19,7 @@ Letters: N tokens, D hidden, E routed experts, K experts per token, G groups.
 
 from __future__ import annotations
 
+import weakref
 from itertools import accumulate
 
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
+
+# stacking copies the experts' weights (see MoE.prepare_compiled_decode): done up to this many bytes of them
+STACK_MAX_BYTES = 256 * 2**20
 
 
 class Gate(nn.Module):
@@ -88,23 +92,27 @@ class MoE(nn.Module):
         self.aux_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.aux_loss: torch.Tensor | None = None  # set by forward in training when aux_alpha > 0
         self.n_shared = config.n_shared_experts if self.shared_experts is not None else 0
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stack_experts
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_compiled_decode
+        self.handle: int | None = None  # likewise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         flat = x.view(-1, D)  # (N, D)
         weights, indices, scores = self.gate(flat)
-        if self.stacked is not None and not self.training and torch.compiler.is_compiling():
-            N, K = indices.shape
-            few = N * (K + self.n_shared) <= 4 * (self.gate.n_experts + self.n_shared)  # measured: see selected_experts
-            run = self.selected_experts if few else self.all_experts
-            return run(flat, weights, indices).view(B, S, D)
-        y = self.routed(flat, weights, indices).view(B, S, D)
-        self.aux_loss = None
-        if self.training and self.aux_alpha > 0:
-            self.aux_loss = self.aux_alpha * sequence_balance_loss(
-                scores.view(B, S, -1), indices.view(B, S, -1), self.gate.n_experts
-            )
+        if not self.training and torch.compiler.is_compiling():
+            if self.stacked is not None:
+                N, K = indices.shape
+                few = N * (K + self.n_shared) <= 4 * (self.gate.n_experts + self.n_shared)  # measured: see selected_experts
+                run = self.selected_experts if few else self.all_experts
+                return run(flat, weights, indices).view(B, S, D)
+            y = torch.ops.nanoseek.routed_experts(flat, weights, indices, self.handle).view(B, S, D)
+        else:
+            y = self.routed(flat, weights, indices).view(B, S, D)
+            self.aux_loss = None
+            if self.training and self.aux_alpha > 0:
+                self.aux_loss = self.aux_alpha * sequence_balance_loss(
+                    scores.view(B, S, -1), indices.view(B, S, -1), self.gate.n_experts
+                )
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -173,11 +181,22 @@ class MoE(nn.Module):
         return (down[:, chunk] * h[None]).sum((-1, -2)).t().to(x.dtype)  # (D, N) -> (N, D)
 
     @torch.no_grad()
-    def stack_experts(self) -> None:
-        """(Re)build `stacked` from the current weights: [gate_proj; up_proj] of every expert, shared
-        last: [2 * chunks * I, D], and down_proj side by side: [D, chunks * I]. Written in place when
-        the shapes allow, so a compiled graph that reads it stays valid."""
+    def prepare_compiled_decode(self) -> None:
+        """Make ready (again, after the weights changed) what a compiled decode step reads. Small float
+        experts are stacked (`stacked`: [gate_proj; up_proj] of every expert, shared last: [2 * chunks * I, D],
+        and down_proj side by side: [D, chunks * I]; written in place when the shapes allow, so a compiled
+        graph that reads it stays valid), for `selected_experts` and `all_experts`. Larger or quantized
+        experts stay as they are: the graph calls `routed` as one opaque operator (`nanoseek::routed_experts`,
+        which finds this module by `handle`), so only the chosen experts' weights are read, through their
+        own kernels, while the attention, norms and shared experts around them are compiled. (Stacking
+        copies the weights, and `all_experts` runs every expert: both pay only for small models.)"""
         mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
+        layers = [layer for m in mlps for layer in (m.gate_proj, m.up_proj, m.down_proj)]
+        if not all(isinstance(layer, nn.Linear) for layer in layers) or \
+                sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) > STACK_MAX_BYTES:
+            self.stacked, self.handle = None, id(self)
+            _ROUTED_EXPERTS[self.handle] = self
+            return
         gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])
         down = torch.cat([m.down_proj.weight for m in mlps], dim=1)
         if self.stacked is not None and self.stacked[0].shape == gate_up.shape and self.stacked[0].dtype == gate_up.dtype:
@@ -185,6 +204,21 @@ class MoE(nn.Module):
             self.stacked[1].copy_(down)
         else:
             self.stacked = (gate_up, down)
+
+
+# the MoE layers whose compiled decode steps call their routed experts eagerly, by handle
+_ROUTED_EXPERTS: weakref.WeakValueDictionary[int, MoE] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("nanoseek::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, moe: int) -> torch.Tensor:
+    """`MoE.routed` of the layer whose handle is `moe`: x [N, D], weights and indices [N, K] -> [N, D]."""
+    return _ROUTED_EXPERTS[moe].routed(x, weights, indices)
+
+
+@routed_experts.register_fake
+def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, moe: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
