@@ -14,27 +14,30 @@ from nanoseek.model import moe as moe_module
 from nanoseek.model.moe import Gate, MoE, pads_expert_rows, row_bucket, sequence_balance_loss
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, None])
+@pytest.mark.parametrize("q_lora_rank,dtype", [(32, torch.float32), (None, torch.float32), (None, torch.bfloat16)])
 @pytest.mark.parametrize("rope_interleave", [True, False])
-def test_absorbed_decode_equals_full_forward(q_lora_rank, rope_interleave):
+def test_absorbed_decode_equals_full_forward(q_lora_rank, dtype, rope_interleave):
+    """(bf16 reads kv_b_proj whole where fp32 reads its halves: see MLA.absorbed_attention)"""
     cfg = get_preset("tiny", q_lora_rank=q_lora_rank, rope_interleave=rope_interleave,
                      rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
                                    "mscale": 1.0, "mscale_all_dim": 1.0})
     model = build_model(cfg).eval()
     randomize_(model)
     x = torch.randint(0, cfg.vocab_size, (3, 20))
+    model.to(dtype)
+    atol = 1e-4 if dtype == torch.float32 else 0.1
     with torch.no_grad():
-        full = model(x).logits
-        cache = KVCache(cfg, rows=3, max_len=32)
+        full = model(x).logits.float()
+        cache = KVCache(cfg, rows=3, max_len=32, dtype=dtype)
         prefill = 7  # a prompt through the absorbed path, then one token at a time
         out = model(x[:, :prefill], position_ids=cache.positions(prefill), cache=cache).logits
         cache.advance()
-        torch.testing.assert_close(out, full[:, :prefill], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.float(), full[:, :prefill], atol=atol, rtol=0)
         for t in range(prefill, 20):
             step = model(x[:, t:t + 1], position_ids=cache.positions(1), cache=cache).logits
             cache.advance()
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
-    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * (cfg.num_hidden_layers + 1)
+            torch.testing.assert_close(step[:, 0].float(), full[:, t], atol=atol, rtol=0)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize * (cfg.num_hidden_layers + 1)
     assert cache.bytes_per_token == per_token
 
 
