@@ -336,8 +336,8 @@ class Engine:
 
     def _check_weights(self) -> None:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
-        it between rollouts), cached prefixes hold stale latents (dropped) and the compiled MoE layers'
-        stacked expert weights are rebuilt. Parameters' versions count their in-place updates."""
+        it between rollouts), cached prefixes hold stale latents (dropped) and the MoE layers prepare
+        their compiled decoding again (stacked expert weights rebuilt). Parameters' versions count their in-place updates."""
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._weights_key:
             if self._weights_key is not None:

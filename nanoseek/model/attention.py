@@ -131,8 +131,7 @@ class MLA(nn.Module):
         the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, d, c), (H, dv, c)
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)  # key half w_uk (H, d, c), value half w_uv (H, dv, c)
         # a bf16 batched product on a CPU copies operands whose batches are not evenly spaced, as these
         # halves of w are, so there w is read whole (twice the reads, no copies: DeepSeek-V2-Lite's shape
         # on a 2-core Xeon with AMX, both products 488 us a layer against 954); fp32 takes the halves (340)
@@ -141,7 +140,7 @@ class MLA(nn.Module):
         if whole:  # zero query channels against w's value half
             q_latent = F.pad(q_rows, (0, self.v_dim)) @ w  # (H, B*S, c)
         else:
-            q_latent = q_rows @ w_uk
+            q_latent = q_rows @ w[:, : self.nope_dim]
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
         scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
         scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask[:, :, None], float("-inf"))
@@ -151,7 +150,7 @@ class MLA(nn.Module):
         if whole:
             out = (w @ out_rows.transpose(1, 2))[:, self.nope_dim:].transpose(1, 2)  # (H, d + dv, B*S) -> (H, B*S, dv)
         else:
-            out = out_rows @ w_uv.transpose(1, 2)  # (H, B*S, dv)
+            out = out_rows @ w[:, self.nope_dim:].transpose(1, 2)  # (H, B*S, dv)
         return out.transpose(0, 1).reshape(B, S, H, self.v_dim)
 
 
