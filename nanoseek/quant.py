@@ -174,6 +174,10 @@ class QuantLinear(nn.Module):
         return self._dequantize_rows(0, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.numel() == self.in_features and x.dim() > 1 and x.dtype == torch.float32 \
+                and self.bias is None and not torch.compiler.is_compiling():
+            # one row (decoding one sequence) straight to fbgemm: DeepSeek-V2-Lite calls this 630 times a token
+            return torch.ops.quantized.linear_dynamic(x, self._packed, False)
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):

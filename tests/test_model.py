@@ -54,11 +54,16 @@ def test_cache_holds_only_the_latent():
     dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy", n_group=4,
          topk_group=2, n_shared_experts=0),
 ])
-def test_moe_dispatch_equals_per_token_loop(preset_kw):
+@pytest.mark.parametrize("shape, training", [((2, 9), True), ((2, 9), False), ((1, 1), False)])
+def test_moe_dispatch_equals_per_token_loop(preset_kw, shape, training, monkeypatch):
+    """Grouped by expert (many tokens) or one token's experts in turn (decoding one sequence), the
+    routed experts give what a loop over tokens gives."""
     cfg = get_preset("tiny", **preset_kw)
-    moe = MoE(cfg)
+    moe = MoE(cfg).train(training)
     randomize_(moe, std=0.3)
-    x = torch.randn(2, 9, cfg.hidden_size)
+    calls = []
+    monkeypatch.setattr(moe, "one_token", lambda *a, f=moe.one_token: calls.append(1) or f(*a))
+    x = torch.randn(*shape, cfg.hidden_size)
     with torch.no_grad():
         got = moe(x)
         weights, idx, _ = moe.gate(x.view(-1, cfg.hidden_size))
@@ -69,6 +74,7 @@ def test_moe_dispatch_equals_per_token_loop(preset_kw):
                 y = y + moe.shared_experts(token)
             ref.append(y)
     torch.testing.assert_close(got.view(-1, cfg.hidden_size), torch.stack(ref), atol=1e-4, rtol=1e-5)
+    assert len(calls) == (shape == (1, 1))
 
 
 def test_bucketed_expert_slices_change_nothing(monkeypatch):

