@@ -16,7 +16,7 @@ Each variant is measured in a fresh process, decoding as `nanoseek serve` would 
 peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
 steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
-measured in the same run, and the decode limit it implies (bytes of weights one token reads /
+measured just before each run (medians of the per-run figures), and the decode limit it implies (bytes of weights one token reads /
 bandwidth; for an MoE only the shared and the routed experts a token uses).
 
 With --llama-cpp DIR (a llama.cpp source folder with convert_hf_to_gguf.py, its binaries llama-bench,
@@ -428,12 +428,12 @@ def main():
         if 4 in bits:
             llama.quantize(ggufs[8], ggufs[4], "q4_0", requantize=True)
 
-    bw = bandwidth_gbs()
-    print(f"{args.shape}; CPU: {cpu_name()}, {torch.get_num_threads()} threads; memory bandwidth {bw:.1f} GB/s", flush=True)
+    print(f"{args.shape}; CPU: {cpu_name()}, {torch.get_num_threads()} threads", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.rounds):
         for b in bits:
-            results.setdefault(("nanoseek", b), []).append(nanoseek_run(folders[b], args.new, args.context))
+            bw = bandwidth_gbs()  # beside each run: a shared machine's bandwidth drifts (22-33 GB/s within an hour)
+            results.setdefault(("nanoseek", b), []).append({"bandwidth_gbs": bw, **nanoseek_run(folders[b], args.new, args.context)})
             print(f"round {r + 1} nanoseek {b}: {results[('nanoseek', b)][-1]}", flush=True)
             if llama:
                 results.setdefault(("llama.cpp", b), []).append(llama.run(ggufs[b], args.new, args.batch, args.context))
@@ -443,15 +443,22 @@ def main():
         vals = [x[field] for x in results.get(key, []) if field in x and x[field] == x[field]]  # nan: no result
         return statistics.median(vals) if vals else float("nan")
 
+    bws = [x["bandwidth_gbs"] for key, runs in results.items() if key[0] == "nanoseek" for x in runs]
+    if bws:
+        print(f"\nmemory bandwidth measured before each nanoseek run: {min(bws):.1f}-{max(bws):.1f} GB/s")
+    for runs in results.values():  # each run's decode limit at the bandwidth measured beside it
+        for x in runs:
+            if "bytes_per_token" in x:
+                x["limit_b1"] = x["bandwidth_gbs"] * 1e9 / x["bytes_per_token"]
+                x["pct_of_limit"] = 100 * x["decode_b1"] / x["limit_b1"]
     names = {32: "fp32", 16: "bf16", 8: "int8 / q8_0", 4: "int4 / q4_0"}
     print(f"\n| {args.shape} | load s | peak RSS GB | prefill tok/s | decode b1 tok/s | limit b1 | % of limit "
           f"| decode b{args.batch} tok/s |" + (" llama.cpp prefill | llama.cpp b1 | llama.cpp b8 | b1 ratio | prefill ratio |" if llama else ""))
     print("|---" * (8 + (5 if llama else 0)) + "|")
     for b in bits:
         n = ("nanoseek", b)
-        limit = bw * 1e9 / med(n, "bytes_per_token")
         row = (f"| {names[b]} | {med(n, 'load_s'):.1f} | {med(n, 'peak_rss_gb'):.2f} | {med(n, 'prefill'):.1f} | "
-               f"{med(n, 'decode_b1'):.2f} | {limit:.2f} | {100 * med(n, 'decode_b1') / limit:.0f}% | "
+               f"{med(n, 'decode_b1'):.2f} | {med(n, 'limit_b1'):.2f} | {med(n, 'pct_of_limit'):.0f}% | "
                f"{med(n, 'decode_b8'):.2f} |")
         if llama:
             L = ("llama.cpp", b)
