@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import httpx
 import pytest
@@ -63,9 +64,16 @@ def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
     page.dispatch_event("#max_tokens", "change")
     page.click("#new-chat")
     page.fill("#input", "What is 2 + 3?")
+    # a store slow to answer: Send comes back only once the turn is stored, so a reload finds it
+    page.route("**/api/conversations/*/messages", lambda route: time.sleep(1.0) or route.continue_())
     with page.expect_response("**/v1/chat/completions"):  # (a 40-token reply can be over before #stop is polled)
         page.press("#input", "Enter")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)  # done
+    auth = {"Authorization": f"Bearer {KEY}"}
+    stored = httpx.get(f"{server}/api/conversations", headers=auth).json()["data"]
+    messages = httpx.get(f"{server}/api/conversations/{stored[0]['id']}", headers=auth).json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "What is 2 + 3?"
+    page.unroute("**/api/conversations/*/messages")
     reply = page.locator(".msg.assistant").last
     reasoning = reply.locator(".reasoning").text_content()
     assert reasoning.strip(), "the Thinking panel shows the streamed reasoning"

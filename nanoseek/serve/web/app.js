@@ -442,6 +442,8 @@ async function turn(c, messages, retry, text = "") {  // messages: the history w
   const before = c.messages;
   c.messages = messages;
   const failure = await stream(c);
+  if (!failure) await save(c);  // before Send comes back: a reload or a closed tab then finds the turn stored
+  setBusy(false);
   if (failure) {  // nothing of a failed turn stays: the message goes back to the input box
     c.messages = before;
     if (text && !$("input").value) $("input").value = text;
@@ -452,9 +454,8 @@ async function turn(c, messages, retry, text = "") {  // messages: the history w
     return;
   }
   renderConversation();
-  await save(c);
 }
-async function stream(c) {  // one turn: replies, and the tools they call, until one calls none -> null, or the error
+async function stream(c) {  // one turn: replies, and the tools they call, until one calls none -> null, or the error; leaves busy set
   const system = $("system").value.trim();
   if (c.saved && system !== c.system) api("/api/conversations/" + c.id, "PATCH", { system }).catch(() => {});
   c.system = system;
@@ -470,8 +471,7 @@ async function stream(c) {  // one turn: replies, and the tools they call, until
   } catch (e) {
     return e.name === "AbortError" ? null : e;  // a stop keeps what came
   } finally {
-    setBusy(false);
-    state.abort = null;
+    state.abort = null;  // (busy until the caller has stored the turn)
   }
 }
 function requestBody(c, mayCall) {
