@@ -124,11 +124,11 @@ def _families(text: str) -> list[str]:
 
 
 def _families_or_auto(text: str) -> list[str]:
-    """--rl-tasks: families, or none to let the speedrun pick."""
-    return _families(text) if text.strip() else []
+    """--rl-tasks: families (the calculator too), or none to let the speedrun pick."""
+    return _families_and_calculator(text) if text.strip() else []
 
 
-def _eval_families(text: str) -> list[str]:
+def _families_and_calculator(text: str) -> list[str]:
     return _known(_names(text), [*TASKS, "calculator"])
 
 
@@ -599,7 +599,9 @@ def sft(
 def rl(
     model: Path = _model_option("The model folder to train (after SFT for R1 mode, a base for R1-Zero).",
                                 default=...),
-    tasks: str = typer.Option("mul", callback=_families, help=f"Comma-separated task families: {', '.join(TASKS)}."),
+    tasks: str = typer.Option("mul", callback=_families_and_calculator, help=f"Comma-separated task families: "
+                              f"{', '.join(TASKS)}, or calculator (hard arithmetic with the calculator offered: its "
+                              "calls run, and the model answers from the result)."),
     out: Path = typer.Option(Path("runs/rl"), callback=_out_folder, help="Run folder (rerun to resume)."),
     max_steps: int = _max_steps_option("GRPO steps (0 = until --time-budget; one of the two is needed)."),
     time_budget: str = _time_budget_option("Training time, e.g. 10m."),
@@ -622,6 +624,8 @@ def rl(
 ):
     """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
     train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed)
+    if mode == "r1-zero" and "calculator" in tasks:
+        _fail("--mode: r1-zero asks with R1-Zero's prompt, which offers no tools; the calculator family needs r1")
     cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
                      temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
     from .train.grpo import rl as run_rl
@@ -676,7 +680,7 @@ def eval_(
                               "deepseek-reasoner)."),
     remote_model: str = typer.Option("nanoseek", help="Model name at a URL."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_EVAL_API_KEY", help="Key for a URL."),
-    tasks: str = typer.Option("add,sub,mul,countdown,linear", callback=_eval_families, help="Comma-separated task "
+    tasks: str = typer.Option("add,sub,mul,countdown,linear", callback=_families_and_calculator, help="Comma-separated task "
                               "families; 'calculator' scores hard arithmetic with the calculator tool offered and "
                               "not offered (a model folder only)."),
     n: int = typer.Option(100, min=1, help="Held-out problems per family."),

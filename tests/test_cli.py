@@ -211,6 +211,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["rl", "--model", m, *o, "--group", "1", "--max-steps", "1"], "--group", ""),
         (["rl", "--model", m, *o, "--tasks", ",", "--max-steps", "1"], "--tasks", "at least one"),
         (["rl", "--model", m, *o, "--mode", "r2", "--max-steps", "1"], "--mode", "'r2'"),
+        (["rl", "--model", m, *o, "--tasks", "calculator", "--mode", "r1-zero", "--max-steps", "1"], "--mode", "no tools"),
         (["rl", "--model", m, *o, "--loss-norm", "mean", "--max-steps", "1"], "--loss-norm", "'mean'"),
         (["rl", "--model", m, *o], "--max-steps", "--time-budget"),
         (["distill", "--teacher", str(missing), *o], "--teacher", "does not exist"),

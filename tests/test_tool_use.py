@@ -1,6 +1,7 @@
 """Teaching calculator use and thinking off: the problems and conversations (data/tool_use.py), a
 model gaining the tool tokens (resize_vocab), the SFT mixture, and the tool-use evaluation."""
 
+import json
 import random
 from pathlib import Path
 
@@ -84,3 +85,61 @@ def test_tool_use_evaluation_runs_the_calls():
     assert r.called == 1.0 and 0 <= r.accuracy <= 1
     r = evaluate_tool_use(engine, tok, n=4, offered=False, thinking=True, max_new_tokens=20)
     assert r.called == 0.0
+
+
+def test_grpo_calculator_rollouts_run_the_calls_and_train_both_turns():
+    """Scripted replies (a random model does not call on cue): sample 1 calls with a wrong expression and
+    answers from its result; samples 0, 2 and 3 call with the question's expression, and 2 answers 0."""
+    from types import SimpleNamespace
+
+    from nanoseek.tokenizer import END_THINK, OUTPUT_BEGIN, OUTPUT_END
+    from nanoseek.train.grpo import GRPOConfig, Rollouts
+
+    tok = DeepSeekTokenizer.load(SHIPPED)
+    fmt = CallFormat.probe(tok)
+    model = build_model(get_preset("tiny", vocab_size=padded_vocab(tok.vocab_size), eos_token_id=tok.eos_id,
+                                   max_position_embeddings=1024))
+    rollouts = Rollouts(model, tok, GRPOConfig(tasks=["calculator"], prompts_per_step=2, group_size=2,
+                                               max_new_tokens=60, beta=0, canonical=True))
+    seen = []
+
+    def call(text, i):  # the canonical question: "What is <expression>?"
+        e = "1 + 1" if i == 1 else text.rsplit("What is ", 1)[1].split("?")[0]
+        return "It needs the calculator." + END_THINK + "\n\n" + fmt.render([("calculator", json.dumps({"expression": e}))])
+
+    def answer(text, i):
+        return "0" if i == 2 else text.rsplit(OUTPUT_BEGIN, 1)[1].split(OUTPUT_END)[0]
+
+    def generate(prompts, params):
+        texts = [tok.decode(p) for p in prompts]
+        seen.append(texts)
+        replies = [(call if len(seen) == 1 else answer)(t, i) for i, t in enumerate(texts)]
+        return [SimpleNamespace(tokens=tok.encode(r) + [tok.eos_id]) for r in replies]
+
+    rollouts.engine = SimpleNamespace(generate=generate, max_len=rollouts.engine.max_len)
+    batch = rollouts._sample()
+    assert len(seen) == 2 and batch["stats"]["calculator_calls"] == 1.0
+    for text in seen[1]:  # the calls ran: each answer's prompt holds the expression's value
+        e = json.loads(text.rsplit("```json\n", 1)[1].split("\n```")[0])["expression"]
+        assert f"{OUTPUT_BEGIN}{calculate(e)}{OUTPUT_END}" in text
+    assert batch["stats"]["accuracy"] == 0.5  # graded on the answer after the result
+    # 4 samples, each trained on its call, and on its answer unless the call was wrong (sample 1)
+    assert batch["n"] == 7
+    answers = 0
+    for ids, mask, length in zip(batch["ids"], batch["mask"], batch["lengths"]):
+        ids = ids[:length].tolist()
+        first = mask.tolist().index(True) + 1  # the first trained token
+        prompt, completion = tok.decode(ids[:first]), tok.decode(ids[first:])
+        assert all(mask[first - 1:length - 1]) and not any(mask[length - 1:])
+        assert "calculator" in prompt  # the tool's description, as the server sends it
+        if OUTPUT_BEGIN in prompt:  # the answer's turn: the call and its result are context, not trained
+            answers += 1
+            assert fmt.opener in prompt and OUTPUT_BEGIN not in completion and "1 + 1" not in prompt
+        else:
+            assert fmt.opener in completion
+    assert answers == 3
+    chat = rollouts.offer.chat("What is 9 ** 999?")  # a result too long to leave room for an answer: unanswered
+    call = {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "9 ** 999"}'}}
+    huge = chat + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "c", "content": str(calculate("9 ** 999"))}]
+    assert rollouts.offer.answer_prompts({0: huge, 1: huge[:-1]}, rollouts.engine.max_len).keys() == {1}

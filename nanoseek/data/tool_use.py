@@ -15,7 +15,7 @@ import json
 import random
 from collections.abc import Iterator
 
-from .tasks import get_task
+from .tasks import Task, get_task
 
 OPERATORS = {"+": ["+", "plus"], "-": ["-", "minus"], "*": ["*", "×", "x", "times"]}
 ASK = ["What is {e}?", "Compute {e}.", "Calculate {e}", "{e} = ?", "How much is {e}?", "what's {e}",
@@ -51,17 +51,44 @@ def value(terms: list) -> int:
     return total + sign * product
 
 
+class Calculator(Task):
+    """The hard problems as a family RL and evaluation ask with the calculator offered: content held out
+    by hash like every family's (`Task.split_of`), worded from ASK, verified as one integer. It has no
+    worked solution: the model is meant to call the calculator (or may work it out)."""
+
+    name = "calculator"
+
+    def draw(self, rng: random.Random) -> dict:
+        return {"terms": hard_problem(rng)}
+
+    def key(self, data: dict) -> str:
+        return expression(data["terms"])
+
+    def ask(self, data: dict, rng: random.Random | None, templates: str = "train") -> tuple[str, str]:
+        frame = ASK[0] if rng is None else rng.choice(ASK)
+        return frame.format(e=expression(data["terms"], rng)), frame
+
+    def answer(self, data: dict) -> str:
+        return str(value(data["terms"]))
+
+
+def rl_task(name: str) -> Task:
+    """A task family by name, or the calculator family (asked with the calculator offered)."""
+    return Calculator() if name == Calculator.name else get_task(name)
+
+
 def calculator_call(terms: list, call_id: str) -> dict:
     return {"id": call_id, "type": "function",
             "function": {"name": "calculator", "arguments": json.dumps({"expression": expression(terms)})}}
 
 
-def tool_conversations(tools_prompt: str, rng: random.Random) -> list[list[dict]]:
+def tool_conversations(tools_prompt: str, rng: random.Random, split: str = "train") -> list[list[dict]]:
     """One hard problem with the calculator offered: the turn that calls it (reasoning kept: it is
     the last message) and the whole exchange up to the answer."""
-    terms = hard_problem(rng)
+    problem = Calculator().sample(rng, split)
+    terms = problem.data["terms"]
     system = {"role": "system", "content": tools_prompt}
-    user = {"role": "user", "content": rng.choice(ASK).format(e=expression(terms, rng))}
+    user = {"role": "user", "content": problem.question}
     call = calculator_call(terms, f"call_{rng.randrange(1 << 30):x}")
     reasoning = (f"{expression(terms)} needs exact arithmetic on several or large numbers: "
                  "I'll use the calculator.")
@@ -89,7 +116,7 @@ def tool_use_conversations(n: int, tools_prompt: str, seed: int = 0, split: str 
     made = 0
     while made < n:
         if rng.random() < 0.5:
-            for conv in tool_conversations(tools_prompt, rng)[: n - made]:  # a pair; the last may not fit
+            for conv in tool_conversations(tools_prompt, rng, split)[: n - made]:  # a pair; the last may not fit
                 yield conv
                 made += 1
             continue

@@ -1,21 +1,59 @@
-"""Held-out accuracy of calculator use: hard problems (data/tool_use.py, test split) asked with the
-calculator offered (the model may call it; calls run for real, and the model answers from the
-result) or not offered (it must work them out), with thinking on or off.
+"""Held-out accuracy of calculator use: hard problems (data/tool_use.py's Calculator family, test
+split) asked with the calculator offered (the model may call it; calls run for real, and the model
+answers from the result) or not offered (it must work them out), with thinking on or off.
 
-The calls follow the same grammar and tool description as the server's `tool_choice: "auto"`.
+`CalculatorOffer` is the calculator offered the way the server offers it under `tool_choice: "auto"`
+(the same tool description and call grammar); GRPO's rollouts offer it the same way.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from ..data.tool_use import ASK, expression, hard_problem, value
+from ..data.tasks import Problem
+from ..data.tool_use import Calculator
 from ..inference import Engine, SamplingParams
 from ..inference.constraints import Grammar, vocabulary
 from ..reasoning import split_reasoning
 from ..tokenizer import DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools, run_calculator
+
+ANSWER_TOKENS = 64  # the reply after the calculator's result: the answer alone
+
+
+class CalculatorOffer:
+    """The calculator offered to a model: the tools' description as a system message, and a grammar
+    under which a reply is free text until it opens a block of calls, each valid for the calculator."""
+
+    def __init__(self, tok: DeepSeekTokenizer, n_vocab: int):
+        fmt = CallFormat.probe(tok)
+        if fmt is None:
+            raise ValueError("this model's chat template has no tool-call format")
+        self.tok, self.fmt = tok, fmt
+        self.system = describe_tools([CALCULATOR], fmt)
+        vocab = vocabulary(tok.tok.to_str(), n_vocab, tok.eos_ids)
+        self.grammar = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"),
+                                       tok.encode(fmt.opener)[0])
+
+    def chat(self, question: str) -> list[dict]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
+
+    def follow_up(self, chat: list[dict], prompt: list[int], reply: str) -> tuple[str, list[dict] | None]:
+        """(the reply's answer text, the conversation continued with the calls and their results, or None
+        when the reply called nothing). The calls run for real."""
+        _, answer = split_reasoning(reply, started=self.tok.opens_thinking(prompt))
+        content, calls, _ = self.fmt.split(answer)
+        if not calls:
+            return content, None
+        return content, chat + [{"role": "assistant", "content": content or None, "tool_calls": calls}] + [
+            {"role": "tool", "tool_call_id": c["id"], "content": run_calculator(c["function"]["arguments"])}
+            for c in calls]
+
+    def answer_prompts(self, continued: dict[int, list[dict]], max_len: int) -> dict[int, list[int]]:
+        """The conversations continued after their calls, rendered for the answer; one with no room left
+        for it within max_len tokens (a result thousands of digits long) is left out: unanswered."""
+        prompts = {i: self.tok.render_prompt(chat) for i, chat in continued.items()}
+        return {i: p for i, p in prompts.items() if len(p) + ANSWER_TOKENS <= max_len}
 
 
 @dataclass
@@ -33,35 +71,26 @@ class ToolUseResult:
 
 def evaluate_tool_use(engine: Engine, tok: DeepSeekTokenizer, n: int = 100, offered: bool = True,
                       thinking: bool = True, max_new_tokens: int = 384, seed: int = 1234) -> ToolUseResult:
-    fmt = CallFormat.probe(tok)
-    if offered and fmt is None:
-        raise ValueError("this model's chat template has no tool-call format")
-    rng = random.Random(seed + (1 << 20))  # the held-out split's seeds
-    problems = [hard_problem(rng) for _ in range(n)]
-    chats = [[{"role": "user", "content": rng.choice(ASK).format(e=expression(t, rng))}] for t in problems]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(tok.eos_ids))
-    if offered:
-        for chat in chats:
-            chat.insert(0, {"role": "system", "content": describe_tools([CALCULATOR], fmt)})
-        vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
-        opener = tok.encode(fmt.opener)[0]
-        grammar = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener)
-        params = replace(params, grammar=grammar)
+    task = Calculator()
+    problems: list[Problem] = task.heldout(n, seed, canonical=False)
+    offer = CalculatorOffer(tok, engine.config.vocab_size) if offered else None
+    chats = [offer.chat(p.question) if offer else [{"role": "user", "content": p.question}] for p in problems]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(tok.eos_ids),
+                            grammar=offer.grammar if offer else None)
     prompts = [tok.render_prompt(chat, thinking=thinking) for chat in chats]
-    first = engine.generate(prompts, [params] * n)
-    answers, called = [], []
-    for chat, prompt, req in zip(chats, prompts, first):
-        _, answer = split_reasoning(req.text, started=tok.opens_thinking(prompt))
-        content, calls, _ = fmt.split(answer) if offered else (answer, [], True)
-        called.append(bool(calls))
-        if calls:  # run them and let the model answer from the results
-            chat += [{"role": "assistant", "content": content or None, "tool_calls": calls}]
-            chat += [{"role": "tool", "tool_call_id": c["id"], "content": run_calculator(c["function"]["arguments"])}
-                     for c in calls]
-        answers.append(content)
-    again = [i for i, c in enumerate(called) if c]
-    plain = SamplingParams(max_new_tokens=64, temperature=0.0, stop_token_ids=tuple(tok.eos_ids))
-    for i, req in zip(again, engine.generate([tok.render_prompt(chats[i]) for i in again], [plain] * len(again))):
-        answers[i] = req.text
-    correct = [a.strip().rstrip(".").replace(",", "") == str(value(t)) for a, t in zip(answers, problems)]
-    return ToolUseResult(offered, thinking, n, sum(correct) / n, sum(called) / n)
+    answers, follow = [], {}
+    for i, (chat, prompt, req) in enumerate(zip(chats, prompts, engine.generate(prompts, [params] * n))):
+        if offer:
+            answer, continued = offer.follow_up(chat, prompt, req.text)
+            if continued:
+                follow[i] = continued
+        else:
+            answer = split_reasoning(req.text, started=tok.opens_thinking(prompt))[1]
+        answers.append(answer)
+    plain = SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop_token_ids=tuple(tok.eos_ids))
+    if follow:
+        again = offer.answer_prompts(follow, engine.max_len)
+        for i, req in zip(again, engine.generate(list(again.values()), [plain] * len(again))):
+            answers[i] = req.text
+    correct = sum(task.verify(p, a) for p, a in zip(problems, answers))
+    return ToolUseResult(offered, thinking, n, correct / n, len(follow) / n)

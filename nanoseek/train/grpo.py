@@ -4,7 +4,9 @@ Each training step's "batch" is a fresh set of rollouts (`Rollouts`, the loop's 
 P train-split problems, G samples each through the engine (the prompt is prefilled once and
 shared by its G samples), scored by the task's rewards (accuracy from after </think>, plus a
 format bonus), turned into group-normalised advantages. Groups whose rewards are all equal
-carry no signal and are dropped. The behaviour policy's log-probabilities (and the reference
+carry no signal and are dropped. The calculator family is asked with the calculator offered (as
+the server offers it): a reply that calls it gets the result back, the model answers from it, and
+the sample trains on both of its turns (the call, and the answer after the result). The behaviour policy's log-probabilities (and the reference
 model's, when beta > 0) are computed by `GRPOObjective` at the batch's first update, in the
 precision the update runs in (so the first update's ratio is exactly 1 and KL to an unchanged
 policy 0); the objective is the clipped surrogate plus beta * KL (k3). Modes: R1 (after SFT, the
@@ -24,8 +26,10 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from ..checkpoint import load_model
-from ..data.tasks import get_task, token_budget
+from ..data.tasks import token_budget
 from ..data.tasks.rewards import accuracy_reward, format_reward, reward
+from ..data.tool_use import Calculator, rl_task
+from ..eval.tool_use import ANSWER_TOKENS, CalculatorOffer
 from ..inference import Engine, SamplingParams
 from ..model.config import ConfigError
 from ..tokenizer import DeepSeekTokenizer
@@ -52,14 +56,20 @@ class Rollouts:
 
     def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, max_batch: int = 256, compile: bool = False):
         self.model, self.tok, self.cfg = model, tok, cfg
-        self.tasks = {t: get_task(t) for t in cfg.tasks}
-        self.budget = {t: cfg.max_new_tokens or token_budget(tok, t) for t in cfg.tasks}
+        self.tasks = {t: rl_task(t) for t in cfg.tasks}
+        # the calculator family: hard problems with the calculator offered, its calls run for real
+        self.offer = CalculatorOffer(tok, model.config.vocab_size) if Calculator.name in cfg.tasks else None
+        # without a call the model works a big multiplication out: mul's budget
+        self.budget = {t: cfg.max_new_tokens or token_budget(tok, "mul" if t == Calculator.name else t)
+                       for t in cfg.tasks}
+        system = len(tok.encode(self.offer.system)) if self.offer else 0
         # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers);
         # compiled, the engine notices the weights changed between rollouts (Engine._check_weights)
         # no decode function: the engine would decode every row's text at every step; the texts are
         # decoded once, when the rollouts are done
         self.engine = Engine(model, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
-                             max_len=max(self.budget.values()) + 256, eos_token_id=tok.eos_id, compile=compile)
+                             max_len=max(self.budget.values()) + 256 + system, eos_token_id=tok.eos_id,
+                             compile=compile)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
         self._last: dict | None = None  # the latest rollouts, reused for updates_per_rollout steps
@@ -96,36 +106,74 @@ class Rollouts:
         for _ in range(cfg.prompts_per_step):
             name = self.rng.choice(cfg.tasks)
             problems.append((name, self.tasks[name].sample(self.rng, "train", canonical=cfg.canonical)))
-        prompts, params = [], []
-        for i, (name, p) in enumerate(problems):
-            ids = prompt_ids(tok, p.question, cfg.mode)
-            for g in range(cfg.group_size):
+        samples, prompts, params = [], [], []  # samples: (task, problem, chat when the calculator is offered)
+        for name, p in problems:
+            chat = self.offer.chat(p.question) if name == Calculator.name else None
+            ids = tok.render_prompt(chat, thinking=True) if chat else prompt_ids(tok, p.question, cfg.mode)
+            for _ in range(cfg.group_size):
+                samples.append((self.tasks[name], p, chat))
                 prompts.append(ids)
-                params.append(SamplingParams(max_new_tokens=self.budget[name], temperature=cfg.temperature,
-                                             top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + self.draws))
-                self.draws += 1
+                params.append(self._params(self.budget[name], self.offer.grammar if chat else None))
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
-        rollout_time = time.perf_counter() - t0
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them
-        graded = [(self.tasks[name], p, text) for (name, p), text in
-                  zip((problem for problem in problems for _ in range(cfg.group_size)), texts)]
-        rewards = torch.tensor([reward(task, p, text, cfg.format_weight) for task, p, text in graded])
-        accuracy = torch.tensor([accuracy_reward(task, p, text) for task, p, text in graded])
+        rows = [[(prompt, r.tokens)] for prompt, r in zip(prompts, reqs)]  # each sample's (prompt, completion)s
+        answers, calls = self._follow_calls(samples, prompts, texts, rows)
+        rollout_time = time.perf_counter() - t0
+        rewards = torch.tensor([reward(task, p, text, cfg.format_weight, answer)
+                                for (task, p, _), text, answer in zip(samples, texts, answers)])
+        accuracy = torch.tensor([accuracy_reward(task, p, text, answer)
+                                 for (task, p, _), text, answer in zip(samples, texts, answers)])
         format_rate = torch.tensor([format_reward(text) for text in texts])
         adv = group_advantages(rewards, cfg.group_size, scale=not cfg.dr_grpo)
         keep = varied_groups(rewards, cfg.group_size)
-        lengths = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.float)
+        lengths = torch.tensor([sum(len(c) for _, c in r) for r in rows], dtype=torch.float)
         stats = {"reward": rewards.mean().item(), "accuracy": accuracy.mean().item(),
                  "format_rate": format_rate.mean().item(),
                  "response_length": lengths.mean().item(), "groups_kept": keep.float().mean().item(),
                  "rollout_s": rollout_time}
-        idx = keep.nonzero().flatten().tolist()
-        batch = {"stats": stats, "n": len(idx)}
-        if idx:
-            batch.update(self._pack([prompts[i] for i in idx], [reqs[i].tokens for i in idx], adv[idx]))
+        offered = [i for i, s in enumerate(samples) if s[2] is not None]
+        if offered:
+            stats["calculator_calls"] = calls / len(offered)
+        # a sample that called the calculator trains on both of its turns, each with the sample's advantage
+        picked = [(prompt, completion, adv[i]) for i in keep.nonzero().flatten().tolist() for prompt, completion in rows[i]]
+        batch = {"stats": stats, "n": len(picked)}
+        if picked:
+            batch.update(self._pack([p for p, _, _ in picked], [c for _, c, _ in picked],
+                                    torch.stack([a for _, _, a in picked])))
         self.model.train()
         return batch
+
+    def _params(self, max_new_tokens: int, grammar=None) -> SamplingParams:
+        self.draws += 1
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                              seed=self.cfg.seed * 1_000_003 + self.draws - 1, grammar=grammar)
+
+    def _follow_calls(self, samples, prompts, texts, rows) -> tuple[list[str | None], int]:
+        """Run the calculator calls the replies made and sample each caller's answer from the results (the
+        conversation rendered as serving renders it: the calls, then their results). The answer's (prompt,
+        completion) joins the sample's rows when the results hold the right answer: after a wrong call the
+        sample's reward says nothing of the answer turn (a faithful answer from a wrong result would be
+        punished, and measured so: answers from right results got worse). -> (each sample's answer when it
+        came after a call, else None: the answer is the one after the reasoning; the number of samples
+        that called). A call whose result leaves no room for an answer is graded on that: wrong."""
+        answers: list[str | None] = [None] * len(samples)
+        follow = {}
+        for i, ((_, _, chat), prompt, text) in enumerate(zip(samples, prompts, texts)):
+            if chat is not None:
+                continued = self.offer.follow_up(chat, prompt, text)[1]
+                if continued is not None:
+                    follow[i] = continued
+        calls, continued_chats = len(follow), follow
+        follow = self.offer.answer_prompts(follow, self.engine.max_len) if follow else {}
+        if follow:
+            reqs = self.engine.generate(list(follow.values()), [self._params(ANSWER_TOKENS) for _ in follow])
+            for (i, prompt), r in zip(follow.items(), reqs):
+                answers[i] = self.tok.decode([t for t in r.tokens if t != self.tok.eos_id])
+                task, problem, _ = samples[i]
+                if any(task.verify(problem, m["content"]) for m in continued_chats[i] if m["role"] == "tool"):
+                    rows[i].append((prompt, r.tokens))
+        return answers, calls
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], adv: torch.Tensor) -> dict:
         """Right-padded prompt+completion rows, longest first, and the completion mask. `frozen` holds

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from ..data.tasks import get_task
+from ..data.tool_use import rl_task
 from ..model.config import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: what trains fastest on this machine (machine.py)
@@ -119,7 +119,9 @@ class GRPOConfig:
         if self.updates_per_rollout < 1:
             raise ConfigError("updates_per_rollout must be >= 1")
         for t in self.tasks:
-            get_task(t)
+            rl_task(t)
+        if self.mode == "r1-zero" and "calculator" in self.tasks:
+            raise ConfigError("the calculator family needs the chat template (mode r1): R1-Zero's prompt offers no tools")
 
 
 @dataclass

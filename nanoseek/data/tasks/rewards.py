@@ -45,10 +45,11 @@ def final_answer(completion: str) -> str | None:
     return answer
 
 
-def accuracy_reward(task: Task, problem: Problem, completion: str) -> float:
+def accuracy_reward(task: Task, problem: Problem, completion: str, answer: str | None = None) -> float:
     """1 if the final answer (after </think>) verifies, else 0. Numeric answers are also checked
-    with math-verify when it is installed (it accepts forms like 1,017 or \\boxed{1017})."""
-    answer = final_answer(completion)
+    with math-verify when it is installed (it accepts forms like 1,017 or \\boxed{1017}).
+    `answer`: the answer given in a later turn instead (after a tool's result)."""
+    answer = final_answer(completion) if answer is None else _MATH_TAIL.sub("", answer.strip()).strip().rstrip(".")
     if answer is None:
         return 0.0
     if task.verify(problem, answer):
@@ -70,6 +71,6 @@ def _math_verify(gold: str, answer: str) -> bool:
         return False
 
 
-def reward(task: Task, problem: Problem, completion: str, format_weight: float = 0.1) -> float:
-    """accuracy + format_weight * format (the R1 recipe's rule-based reward)."""
-    return accuracy_reward(task, problem, completion) + format_weight * format_reward(completion)
+def reward(task: Task, problem: Problem, completion: str, format_weight: float = 0.1, answer: str | None = None) -> float:
+    """accuracy + format_weight * format (the R1 recipe's rule-based reward); `answer` as in accuracy_reward."""
+    return accuracy_reward(task, problem, completion, answer) + format_weight * format_reward(completion)
