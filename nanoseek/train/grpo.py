@@ -6,11 +6,12 @@ shared by its G samples), scored by the task's rewards (accuracy from after </th
 format bonus), turned into group-normalised advantages. Groups whose rewards are all equal
 carry no signal and are dropped. The calculator family is asked with the calculator offered (as
 the server offers it): a reply that calls it gets the result back, the model answers from it, and
-the sample trains on both of its turns (the call, and the answer after the result). The behaviour policy's log-probabilities (and the reference
-model's, when beta > 0) are computed by `GRPOObjective` at the batch's first update, in the
-precision the update runs in (so the first update's ratio is exactly 1 and KL to an unchanged
-policy 0); the objective is the clipped surrogate plus beta * KL (k3). Modes: R1 (after SFT, the
-chat template) and R1-Zero (straight from a pretrained base, with the R1-Zero prompt).
+the sample trains on both of its turns (the call, and the answer after a right result). The
+behaviour policy's log-probabilities (and the reference model's, when beta > 0) are computed by
+`GRPOObjective` at the batch's first update, in the precision the update runs in (so the first
+update's ratio is exactly 1 and KL to an unchanged policy 0); the objective is the clipped
+surrogate plus beta * KL (k3). Modes: R1 (after SFT, the chat template) and R1-Zero (straight
+from a pretrained base, with the R1-Zero prompt).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Rollouts:
         offered = [i for i, s in enumerate(samples) if s[2] is not None]
         if offered:
             stats["calculator_calls"] = calls / len(offered)
-        # a sample that called the calculator trains on both of its turns, each with the sample's advantage
+        # a sample that called the calculator trains on its turns (see _follow_calls), each with its advantage
         picked = [(prompt, completion, adv[i]) for i in keep.nonzero().flatten().tolist() for prompt, completion in rows[i]]
         batch = {"stats": stats, "n": len(picked)}
         if picked:
@@ -158,22 +159,19 @@ class Rollouts:
         came after a call, else None: the answer is the one after the reasoning; the number of samples
         that called). A call whose result leaves no room for an answer is graded on that: wrong."""
         answers: list[str | None] = [None] * len(samples)
-        follow = {}
+        continued = {}  # sample -> its conversation with the calls and their results
         for i, ((_, _, chat), prompt, text) in enumerate(zip(samples, prompts, texts)):
-            if chat is not None:
-                continued = self.offer.follow_up(chat, prompt, text)[1]
-                if continued is not None:
-                    follow[i] = continued
-        calls, continued_chats = len(follow), follow
-        follow = self.offer.answer_prompts(follow, self.engine.max_len) if follow else {}
+            if chat is not None and (after := self.offer.follow_up(chat, prompt, text)[1]) is not None:
+                continued[i] = after
+        follow = self.offer.answer_prompts(continued, self.engine.max_len) if continued else {}
         if follow:
             reqs = self.engine.generate(list(follow.values()), [self._params(ANSWER_TOKENS) for _ in follow])
             for (i, prompt), r in zip(follow.items(), reqs):
                 answers[i] = self.tok.decode([t for t in r.tokens if t != self.tok.eos_id])
                 task, problem, _ = samples[i]
-                if any(task.verify(problem, m["content"]) for m in continued_chats[i] if m["role"] == "tool"):
+                if any(task.verify(problem, m["content"]) for m in continued[i] if m["role"] == "tool"):
                     rows[i].append((prompt, r.tokens))
-        return answers, calls
+        return answers, len(continued)
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], adv: torch.Tensor) -> dict:
         """Right-padded prompt+completion rows, longest first, and the completion mask. `frozen` holds
