@@ -47,6 +47,7 @@ SMALL_TALK_ROWS = {"trained phrasings": {"templates": "train"},
 EXTRA_ROWS = ("thinking off", "offered", "not offered", *SMALL_TALK_ROWS)  # evaluations besides the wordings
 TARGETS = {"add": 0.98, "sub": 0.98, "mul": 0.95, "countdown": 0.5}  # on trained and on held-out templates
 TEMPLATE_GAP = 0.05  # held-out templates within this of trained ones
+TRACE_SHARE = 0.05  # of the budget: the most collecting the student's traces may take (a full run took 0.023)
 
 
 def _minutes(s: float) -> str:
@@ -122,7 +123,8 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
             distill(str(out / "rl" / "model"), str(out / "student_base" / "model"), out / "distill",
                     ["add", "sub", "mul"], cfg.traces, max_tokens=cfg.max_new_tokens,
                     sft_config=SFTConfig(seq_len=cfg.seq_len, seed=cfg.seed),
-                    train=budgeted(DISTILL_TRAIN, cfg.distill_share, checkpoint_every=100), console=console)
+                    train=budgeted(DISTILL_TRAIN, cfg.distill_share, checkpoint_every=100), console=console,
+                    trace_seconds=TRACE_SHARE * B)  # a teacher that verifies little must not hold the run
         except ValueError as e:  # a teacher too weak to give verified traces: say so in the report
             console.print(f"[yellow]no student: {e}[/]")
             (out / "distill").mkdir(exist_ok=True)

@@ -79,6 +79,12 @@ def test_sft_and_grpo_runs(model_dir, tmp_path):
     for key in ("reward", "accuracy", "format_rate", "response_length", "rollout_s", "lr", "grad_norm"):
         assert key in rec[-1], key
     assert (tmp_path / "rl" / "curves.png").is_file() and (tmp_path / "rl" / "model" / "config.json").is_file()
+    # resumed for a third step: GRPO never trains the MTP layer, whose missing optimizer state once failed it
+    rl(tmp_path / "sft" / "model", tmp_path / "rl",
+       GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=24, temperature=1.0),
+       TrainConfig(max_steps=3, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0, checkpoint_every=2,
+                   lr=1e-4, compile=False))
+    assert [r["step"] for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "reward" in r] == [1, 2, 3]
 
 
 def test_grpo_reuses_each_batch_of_rollouts_for_mu_updates(model_dir, tmp_path):
@@ -136,6 +142,20 @@ def test_traces_are_verified_appended_and_resumed(tmp_path):
     assert len({r["question"] for r in lines}) == len(lines)  # the rerun continued, nothing asked twice
     assert all(r["verified"] == ("messages" in r) for r in lines)
     assert len(verified_conversations(out)) == 12
+
+
+def test_trace_collection_stops_at_its_time_limit(tmp_path):
+    """A teacher that verifies nothing (an untrained model in a short speedrun) once asked 20 x n
+    problems before giving up, minutes past the run's budget; a time limit ends it."""
+    import time
+
+    def ask(questions, max_tokens, seed):
+        time.sleep(0.05)
+        return ["thinking\n</think>\n\nno idea"] * len(questions)
+
+    start = time.perf_counter()
+    stats = collect_traces(ask, ["add"], n=12, out=tmp_path / "t.jsonl", batch=4, time_limit=0.3)
+    assert time.perf_counter() - start < 2 and stats["verified"] == 0 and 0 < stats["rejected"] < 240
 
 
 def test_remote_chat_retries_then_reports(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,9 +51,10 @@ def local_teacher(model_dir: str | Path, temperature: float = 0.6, max_batch: in
 
 
 def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 512, batch: int = 32,
-                   seed: int = 0, console: Console | None = None, max_asked: int | None = None) -> dict:
-    """Append verified teacher traces to out (jsonl) until n are there, or until max_asked problems
-    (default 20 n) were asked; resumes from what the file holds."""
+                   seed: int = 0, console: Console | None = None, max_asked: int | None = None,
+                   time_limit: float | None = None) -> dict:
+    """Append verified teacher traces to out (jsonl) until n are there, until max_asked problems
+    (default 20 n) were asked, or once time_limit seconds have passed; resumes from what the file holds."""
     console = console or Console()
     kept = rejected = 0
     if out.exists():
@@ -68,8 +70,9 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
         get_task(name).sample(rng, "train")
     families = {t: get_task(t) for t in tasks}
     max_asked = max_asked or 20 * n
+    start = time.perf_counter()
     with open(out, "a") as f:
-        while kept < n and kept + rejected < max_asked:
+        while kept < n and kept + rejected < max_asked and (time_limit is None or time.perf_counter() - start < time_limit):
             picked = [(name, families[name].sample(rng, "train")) for name in (rng.choice(tasks) for _ in range(batch))]
             completions = ask([p.question for _, p in picked], max_tokens, seed + kept + rejected)
             for (name, p), text in zip(picked, completions):
@@ -123,9 +126,11 @@ class DistillObjective:
 def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_traces: int = 2000,
             tokenizer: str | None = None, kl_alpha: float = 0.0, kl_temperature: float = 2.0,
             teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int | None = None,
-            sft_config: SFTConfig | None = None, train=None, console: Console | None = None) -> dict:
+            sft_config: SFTConfig | None = None, train=None, console: Console | None = None,
+            trace_seconds: float | None = None) -> dict:
     """Traces from the teacher (folder or URL) -> verified -> SFT of the student (preset or folder).
-    Writes out/traces.jsonl, out/student_init/ (a preset student), out/student/ (the SFT run)."""
+    Writes out/traces.jsonl, out/student_init/ (a preset student), out/student/ (the SFT run).
+    trace_seconds bounds the time spent collecting traces (the speedrun's share for them)."""
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +140,8 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     ask = remote_chat(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher)
     if max_tokens is None:  # room for the longest worked solution (the teacher's tokenizer) or 512 for an endpoint
         max_tokens = 512 if remote else max(token_budget(DeepSeekTokenizer.load(teacher), t) for t in tasks)
-    stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console)
+    stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console,
+                           time_limit=trace_seconds)
     if stats["verified"] == 0:
         raise ValueError(f"the teacher produced no verified traces in {stats['rejected']} tries; nothing to distill")
     with open(out / "sft.jsonl", "w") as f:

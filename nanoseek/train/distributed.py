@@ -105,6 +105,8 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, info: Dis
 
 
 def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
+    """Not strict: a parameter that never had a gradient has no state to restore (GRPO never trains the MTP
+    layer; resuming a GRPO run failed on it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True, strict=False))
