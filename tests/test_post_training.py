@@ -78,6 +78,8 @@ def test_sft_and_grpo_runs(model_dir, tmp_path):
     assert len(rec) == 2
     for key in ("reward", "accuracy", "format_rate", "response_length", "rollout_s", "lr", "grad_norm"):
         assert key in rec[-1], key
+    # positions the updates processed (the report's tokens/s), none when every group scored alike
+    assert all((r["tokens"] > 0) == (r["groups_kept"] > 0) for r in rec) and rec[-1]["tokens"] > 0
     assert (tmp_path / "rl" / "curves.png").is_file() and (tmp_path / "rl" / "model" / "config.json").is_file()
     # resumed for a third step: GRPO never trains the MTP layer, whose missing optimizer state once failed it
     rl(tmp_path / "sft" / "model", tmp_path / "rl",

@@ -75,9 +75,12 @@ def evaluate_tool_use(engine: Engine, tok: DeepSeekTokenizer, n: int = 100, offe
     problems: list[Problem] = task.heldout(n, seed, canonical=False)
     offer = CalculatorOffer(tok, engine.config.vocab_size) if offered else None
     chats = [offer.chat(p.question) if offer else [{"role": "user", "content": p.question}] for p in problems]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(tok.eos_ids),
-                            grammar=offer.grammar if offer else None)
     prompts = [tok.render_prompt(chat, thinking=thinking) for chat in chats]
+    room = engine.max_len - max(map(len, prompts))  # a small model's context may not hold max_new_tokens more
+    if room < 1:
+        raise ValueError(f"the questions fill this engine's {engine.max_len}-token context: no room to answer")
+    params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0,
+                            stop_token_ids=tuple(tok.eos_ids), grammar=offer.grammar if offer else None)
     answers, follow = [], {}
     for i, (chat, prompt, req) in enumerate(zip(chats, prompts, engine.generate(prompts, [params] * n))):
         if offer:

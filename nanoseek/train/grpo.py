@@ -111,10 +111,14 @@ class Rollouts:
         for name, p in problems:
             chat = self.offer.chat(p.question) if name == Calculator.name else None
             ids = tok.render_prompt(chat, thinking=True) if chat else prompt_ids(tok, p.question, cfg.mode)
+            room = self.engine.max_len - len(ids)  # a small model's context may not hold the whole budget
+            if room < 1:
+                raise ConfigError(f"{name}: a prompt of {len(ids)} tokens fills the model's {self.engine.max_len}-token "
+                                  "context")
             for _ in range(cfg.group_size):
                 samples.append((self.tasks[name], p, chat))
                 prompts.append(ids)
-                params.append(self._params(self.budget[name], self.offer.grammar if chat else None))
+                params.append(self._params(min(self.budget[name], room), self.offer.grammar if chat else None))
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them

@@ -399,6 +399,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 
 def batch_tokens(batch: Any) -> int:
-    """Positions processed in a batch (the first tensor's elements)."""
+    """Positions processed in a batch (the first tensor's elements; a GRPO batch's rows, padding included)."""
+    if isinstance(batch, dict):
+        batch = batch.get("ids")
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.numel()) if isinstance(first, torch.Tensor) else 0
