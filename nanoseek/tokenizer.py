@@ -152,6 +152,8 @@ class DeepSeekTokenizer:
         self.eos_ids = frozenset([self.eos_id] + ([] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int)
                                                   else list(gen_eos)))
         self.chat_template = _pick_template(self.config.get("chat_template"))
+        # DeepSeek's tool-call and tool-output tokens this vocabulary has (V3's, R1's and nanoseek's own)
+        self.tool_ids = frozenset(i for t in TOOL_TOKENS if (i := tokenizer.token_to_id(t)) is not None)
 
     @property
     def added_ids(self) -> frozenset[int]:

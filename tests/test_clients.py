@@ -248,6 +248,10 @@ def test_the_shipped_model_calls_the_calculator_and_answers_from_it():
                              {"role": "tool", "tool_call_id": call.id, "content": result}]
             answer = c.chat.completions.create(model=model_name, messages=history, tools=[CALCULATOR], temperature=0)
             assert answer.choices[0].message.content == result == "6125405"
-        for extra in ({}, {"tools": [CALCULATOR], "tool_choice": "none"}):
-            r = c.chat.completions.create(model="deepseek-chat", messages=ask, temperature=0, max_tokens=64, **extra)
-            assert not r.choices[0].message.tool_calls and "tool▁call" not in r.choices[0].message.content
+        # thinking on, this question once got a raw call written into the reply of a request without tools
+        for question, model_name in (("What is 8567 * 715?", "deepseek-chat"), ("What is 4821 * 37?", "nanoseek")):
+            for extra in ({}, {"tools": [CALCULATOR], "tool_choice": "none"}):
+                r = c.chat.completions.create(model=model_name, messages=[{"role": "user", "content": question}],
+                                              temperature=0, max_tokens=96, **extra)
+                m = r.choices[0].message
+                assert not m.tool_calls and "tool▁" not in m.content + (getattr(m, "reasoning_content", "") or "")

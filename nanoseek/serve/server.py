@@ -289,8 +289,9 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
              choice: str | None) -> Grammar | None:
     """What the reply must follow: tool calls (anywhere once it opens them under 'auto', at once under
     'required' or a named function), the response format's JSON, neither; with thinking on, the
-    forced part comes after the reasoning. Without thinking the think tags are banned; under
-    tool_choice 'none' so is the token that opens calls."""
+    forced part comes after the reasoning. Without thinking the think tags are banned; where no tool
+    may be called (none offered, or tool_choice 'none') so are the tokens of calls and tool outputs (a
+    model taught to call a calculator once wrote a raw call into a reply to a request without tools)."""
     tok, fmt = svc.tok, svc.call_format
     banned = set() if thinking else {tok.think_id, tok.end_think_id} - {None}
     answer, trigger = None, None  # Lark rules whose top rule is `answer`; the token that opens them
@@ -303,8 +304,10 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
                 raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
                                     "or a named function", param="tool_choice")
             return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False)
-    elif tools and fmt is not None and len(opener := tok.encode(fmt.opener)) == 1:
-        banned.add(opener[0])  # tool_choice 'none'
+    elif fmt is not None:
+        banned |= tok.tool_ids
+        if len(opener := tok.encode(fmt.opener)) == 1:
+            banned.add(opener[0])
     rf = body.response_format
     if answer is None and rf is not None and rf.type != "text":
         schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
