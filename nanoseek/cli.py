@@ -710,20 +710,21 @@ def eval_(
     import json
 
     from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
-    from .eval.tool_use import evaluate_tool_use
+    from dataclasses import asdict
+
+    from .eval.tool_use import evaluate_tool_use, tool_table
     from .remote import remote_chat
 
     if remote:
         ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
-    results = []
+    results, tool_rows = [], []
     for family in tasks:
         if family == "calculator":
             with _reported():
-                rows = [evaluate_tool_use(engine, tok, n=n, offered=o, thinking=thinking) for o in (True, False)]
-            console.print("| calculator offered | thinking | n | accuracy | called |\n|---|---|---|---|---|\n"
-                          + "\n".join(r.row() for r in rows))
+                tool_rows = [evaluate_tool_use(engine, tok, n=n, offered=o, thinking=thinking) for o in (True, False)]
+            console.print(tool_table(tool_rows))
             continue
         with _reported():
             if remote:
@@ -734,12 +735,15 @@ def eval_(
                                        wording=wording, max_new_tokens=max_tokens or None, thinking=thinking)
         results.append(r)
         console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
-    table = markdown_table(results)
-    console.print(table)
-    if out:
+    table = markdown_table(results) if results else ""
+    if results:
+        console.print(table)
+    if out:  # the families' rows, then the calculator's (family "calculator")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps([r.row() for r in results], indent=2))
-        out.with_suffix(".md").write_text(table + "\n")
+        out.write_text(json.dumps([r.row() for r in results] + [{"family": "calculator", **asdict(r)} for r in tool_rows],
+                                  indent=2))
+        out.with_suffix(".md").write_text("\n\n".join(t for t in (table, tool_rows and tool_table(tool_rows)) if t)
+                                          + "\n")
 
 
 @app.command()
@@ -749,8 +753,9 @@ def speedrun(
     budget: str = typer.Option("30m", callback=parse_duration, help="Time for the whole pipeline; stages get fixed "
                                "shares of it."),
     preset: Preset = typer.Option(SpeedrunConfig.preset, help="The chat model's preset."),
-    rl_tasks: str = typer.Option("", callback=_families_or_auto, help="Families for the GRPO stage, comma-separated "
-                                 "(default: the weakest family the SFT model solves 10-90% of the time)."),
+    rl_tasks: str = typer.Option("", callback=_families_or_auto, help=f"Families for the GRPO stage, comma-separated: "
+                                 f"{', '.join(TASKS)}, calculator (default: the weakest family the SFT model solves "
+                                 "10-90% of the time)."),
     ship: bool = typer.Option(False, help="Copy the resulting chat model and report into the package "
                               "(nanoseek/assets/model), where serve and chat find it by default."),
     precision: Precision = _precision_option(),

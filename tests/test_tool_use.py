@@ -143,3 +143,18 @@ def test_grpo_calculator_rollouts_run_the_calls_and_train_both_turns():
     huge = chat + [{"role": "assistant", "content": None, "tool_calls": [call]},
                    {"role": "tool", "tool_call_id": "c", "content": str(calculate("9 ** 999"))}]
     assert rollouts.offer.answer_prompts({0: huge, 1: huge[:-1]}, rollouts.engine.max_len).keys() == {1}
+
+
+def test_eval_cli_writes_the_calculator_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    out = tmp_path / "ev.json"
+    r = CliRunner().invoke(app, ["eval", "--model", str(SHIPPED), "--tasks", "calculator,add", "--n", "3",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert [row["family"] for row in rows] == ["add", "calculator", "calculator"]
+    assert [row["offered"] for row in rows[1:]] == [True, False] and all(0 <= row["accuracy"] <= 1 for row in rows)
+    assert "| calculator offered |" in out.with_suffix(".md").read_text()

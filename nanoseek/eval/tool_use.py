@@ -69,6 +69,11 @@ class ToolUseResult:
                 f"{self.accuracy:.1%} | {self.called:.0%} |")
 
 
+def tool_table(results: list[ToolUseResult]) -> str:
+    return ("| calculator offered | thinking | n | accuracy | called |\n|---|---|---|---|---|\n"
+            + "\n".join(r.row() for r in results))
+
+
 def evaluate_tool_use(engine: Engine, tok: DeepSeekTokenizer, n: int = 100, offered: bool = True,
                       thinking: bool = True, max_new_tokens: int = 384, seed: int = 1234) -> ToolUseResult:
     task = Calculator()
