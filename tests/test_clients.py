@@ -162,6 +162,19 @@ def test_unknown_named_tool_choice_is_400(client):
                                        tool_choice={"type": "function", "function": {"name": "nosuch"}})
 
 
+def test_bad_tool_choices_and_tool_turns_are_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice="sometimes")
+    assert e.value.body["param"] == "tool_choice", e.value.body  # not pydantic's union member
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    for turn, text in (({"role": "tool", "content": "3"}, "tool_call_id"),
+                       ({"role": "tool", "tool_call_id": "call_9", "content": "3"}, "'call_9' answers no call")):
+        history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}, turn]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="deepseek-chat", messages=history, tools=[ADD])
+        assert text in e.value.body["message"], e.value.body
+
+
 def test_langchain_deepseek(server):
     from langchain_core.tools import tool
     from langchain_deepseek import ChatDeepSeek

@@ -85,6 +85,12 @@ class Message(StrictBody):
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
+    @model_validator(mode="after")
+    def _tool_turn_answers_a_call(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message must name the call it answers")
+        return self
+
     @field_validator("content")
     @classmethod
     def _text_parts(cls, v):
@@ -195,6 +201,12 @@ class ChatRequest(Sampling):
             raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
         if self.tool_choice in ("required",) and not names:
             raise ValueError("tool_choice: 'required' needs tools")
+        called = set()
+        for i, m in enumerate(self.messages):
+            called |= {c.id for c in m.tool_calls or []}
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise ValueError(f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no call an earlier assistant "
+                                 "message made")
         return self
 
 
@@ -233,10 +245,15 @@ def now() -> int:
     return int(time.time())
 
 
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """pydantic's error list -> one readable sentence and the offending parameter."""
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    # not the union members pydantic tried ("tool_choice.literal['auto','none','required']", "content.str")
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", p))
+           and p not in UNION_TAGS]
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value").removeprefix("Value error, ")
     kind = e.get("type", "")
