@@ -27,7 +27,7 @@ from .files import atomic_write, staged_dir
 from .inference import SamplingParams
 from .loading import load_chat_engine
 from .tokenizer import DeepSeekTokenizer
-from .tools import calculator_format
+from .tools import CallFormat
 from .train.distill import distill
 from .train.grpo import rl
 from .machine import cpu_info
@@ -185,7 +185,7 @@ def evaluate(model_dir: Path, out_file: Path, cfg: SpeedrunConfig, console: Cons
     for (family, _), (r, _) in zip(plain, evaluate_many(engine, tok, plain, n=cfg.eval_n, thinking=False,
                                                          max_new_tokens=cfg.max_new_tokens)):
         rows[f"{family}/thinking off"] = r.row()
-    if calculator_format(tok, engine.max_len) is not None:  # offered as the web app offers it
+    if CallFormat.probe(tok) is not None:  # (a small context caps the replies: evaluate_tool_use)
         for offered in (True, False):
             r = evaluate_tool_use(engine, tok, n=cfg.eval_n, offered=offered,
                                   max_new_tokens=cfg.max_new_tokens or 384)
