@@ -158,3 +158,22 @@ def test_eval_cli_writes_the_calculator_rows(tmp_path):
     assert [row["family"] for row in rows] == ["add", "calculator", "calculator"]
     assert [row["offered"] for row in rows[1:]] == [True, False] and all(0 <= row["accuracy"] <= 1 for row in rows)
     assert "| calculator offered |" in out.with_suffix(".md").read_text()
+
+
+def test_the_calculator_is_offered_as_the_server_offers_it():
+    """Described in a system message for a template that does not render tools (nanoseek's), given to
+    the template for one that does (as Qwen's and Llama's do)."""
+    from nanoseek.eval.tool_use import CalculatorOffer
+
+    tok = DeepSeekTokenizer.load(SHIPPED)
+    offer = CalculatorOffer(tok, padded_vocab(tok.vocab_size))
+    chat = offer.chat("What is 4821 * 37?")
+    assert chat[0] == {"role": "system", "content": describe_tools([CALCULATOR], CallFormat.probe(tok))}
+    assert offer.prompt(chat) == tok.render_prompt(chat)
+    renders = DeepSeekTokenizer(tok.tok, {**tok.config, "chat_template": "{% if tools %}TOOLS {{ tools | tojson }}\n"
+                                          "{% endif %}" + tok.chat_template})
+    offer = CalculatorOffer(renders, padded_vocab(tok.vocab_size))
+    chat = offer.chat("What is 4821 * 37?")
+    assert [m["role"] for m in chat] == ["user"]
+    text = renders.decode(offer.prompt(chat))
+    assert text.count('"name": "calculator"') == 1 and text.startswith("TOOLS ")

@@ -16,27 +16,33 @@ from ..inference import Engine, SamplingParams
 from ..inference.constraints import Grammar, vocabulary
 from ..reasoning import split_reasoning
 from ..tokenizer import DeepSeekTokenizer
-from ..tools import CALCULATOR, CallFormat, describe_tools, run_calculator
+from ..tools import CALCULATOR, CallFormat, describe_tools, renders_tools, run_calculator
 
 ANSWER_TOKENS = 64  # the reply after the calculator's result: the answer alone
 
 
 class CalculatorOffer:
-    """The calculator offered to a model: the tools' description as a system message, and a grammar
-    under which a reply is free text until it opens a block of calls, each valid for the calculator."""
+    """The calculator offered to a model as the server offers it: described by the chat template if it
+    renders tools, else in a system message; and a grammar under which a reply is free text until it
+    opens a block of calls, each valid for the calculator."""
 
     def __init__(self, tok: DeepSeekTokenizer, n_vocab: int):
         fmt = CallFormat.probe(tok)
         if fmt is None:
             raise ValueError("this model's chat template has no tool-call format")
         self.tok, self.fmt = tok, fmt
-        self.system = describe_tools([CALCULATOR], fmt)
+        self.tools = [CALCULATOR] if renders_tools(tok) else None  # what the template is given
+        self.system = None if self.tools else describe_tools([CALCULATOR], fmt)
         vocab = vocabulary(tok.tok.to_str(), n_vocab, tok.eos_ids)
         self.grammar = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"),
                                        tok.encode(fmt.opener)[0])
 
     def chat(self, question: str) -> list[dict]:
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": question}]
+
+    def prompt(self, chat: list[dict], thinking: bool = True) -> list[int]:
+        return self.tok.render_prompt(chat, thinking=thinking, tools=self.tools)
 
     def follow_up(self, chat: list[dict], prompt: list[int], reply: str) -> tuple[str, list[dict] | None]:
         """(the reply's answer text, the conversation continued with the calls and their results, or None
@@ -52,7 +58,7 @@ class CalculatorOffer:
     def answer_prompts(self, continued: dict[int, list[dict]], max_len: int) -> dict[int, list[int]]:
         """The conversations continued after their calls, rendered for the answer; one with no room left
         for it within max_len tokens (a result thousands of digits long) is left out: unanswered."""
-        prompts = {i: self.tok.render_prompt(chat) for i, chat in continued.items()}
+        prompts = {i: self.prompt(chat) for i, chat in continued.items()}
         return {i: p for i, p in prompts.items() if len(p) + ANSWER_TOKENS <= max_len}
 
 
@@ -80,7 +86,7 @@ def evaluate_tool_use(engine: Engine, tok: DeepSeekTokenizer, n: int = 100, offe
     problems: list[Problem] = task.heldout(n, seed, canonical=False)
     offer = CalculatorOffer(tok, engine.config.vocab_size) if offered else None
     chats = [offer.chat(p.question) if offer else [{"role": "user", "content": p.question}] for p in problems]
-    prompts = [tok.render_prompt(chat, thinking=thinking) for chat in chats]
+    prompts = [offer.prompt(chat, thinking) if offer else tok.render_prompt(chat, thinking=thinking) for chat in chats]
     room = engine.max_len - max(map(len, prompts))  # a small model's context may not hold max_new_tokens more
     if room < 1:
         raise ValueError(f"the questions fill this engine's {engine.max_len}-token context: no room to answer")

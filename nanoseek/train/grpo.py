@@ -63,13 +63,13 @@ class Rollouts:
         # without a call the model works a big multiplication out: mul's budget
         self.budget = {t: cfg.max_new_tokens or token_budget(tok, "mul" if t == Calculator.name else t)
                        for t in cfg.tasks}
-        system = len(tok.encode(self.offer.system)) if self.offer else 0
+        tools_prompt = len(self.offer.prompt(self.offer.chat(""))) if self.offer else 0  # the tools' description
         # every sample of a step decodes in one batch (a second wave would wait on the first's stragglers);
         # compiled, the engine notices the weights changed between rollouts (Engine._check_weights)
         # no decode function: the engine would decode every row's text at every step; the texts are
         # decoded once, when the rollouts are done
         self.engine = Engine(model, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
-                             max_len=max(self.budget.values()) + 256 + system, eos_token_id=tok.eos_id,
+                             max_len=max(self.budget.values()) + 256 + tools_prompt, eos_token_id=tok.eos_id,
                              compile=compile)
         self.rng = random.Random(cfg.seed)
         self.draws = 0
@@ -110,7 +110,7 @@ class Rollouts:
         samples, prompts, params = [], [], []  # samples: (task, problem, chat when the calculator is offered)
         for name, p in problems:
             chat = self.offer.chat(p.question) if name == Calculator.name else None
-            ids = tok.render_prompt(chat, thinking=True) if chat else prompt_ids(tok, p.question, cfg.mode)
+            ids = self.offer.prompt(chat) if chat else prompt_ids(tok, p.question, cfg.mode)
             room = self.engine.max_len - len(ids)  # a small model's context may not hold the whole budget
             if room < 1:
                 raise ConfigError(f"{name}: a prompt of {len(ids)} tokens fills the model's {self.engine.max_len}-token "
