@@ -113,6 +113,25 @@ def test_chat_streaming_equals_non_streaming(client):
     assert usage is not None and usage.completion_tokens > 0 and finish in ("stop", "length")
 
 
+def test_streams_end_with_the_finish_reason_of_the_whole_reply(client):
+    """A reply cut at max_tokens ends its stream with "length" (streams once said "stop": the request's
+    reason is set a moment after its last event is sent)."""
+    seen = set()
+    for max_tokens in (2, 3, 5):
+        kw = dict(model="nanoseek-test", messages=ask("Compute 40 - 13."), max_tokens=max_tokens, temperature=0)
+        whole = client.chat.completions.create(**kw).choices[0].finish_reason
+        streamed = [c.finish_reason for chunk in client.chat.completions.create(**kw, stream=True)
+                    for c in chunk.choices if c.finish_reason]
+        assert streamed == [whole]
+        kw = dict(model="nanoseek-test", prompt="12 + 30 =", max_tokens=max_tokens, temperature=0)
+        plain = client.completions.create(**kw).choices[0].finish_reason
+        streamed = [c.finish_reason for chunk in client.completions.create(**kw, stream=True)
+                    for c in chunk.choices if c.finish_reason]
+        assert streamed == [plain]
+        seen |= {whole, plain}
+    assert "length" in seen
+
+
 def test_n_choices_share_the_prompt_prefill(client):
     r = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=10, n=3,
                                        temperature=1.0, seed=5)

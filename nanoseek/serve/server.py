@@ -369,7 +369,7 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
 def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     """A finished choice -> (its message, its finish_reason)."""
     reasoning, content = split_reasoning(req.text, started=thinking)  # a reply may open <think> itself
-    msg, finish = {"role": "assistant", "content": content}, _finish(req)
+    msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
     if thinking or reasoning:
         msg["reasoning_content"] = reasoning
     if tools:
@@ -449,7 +449,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
                 lp, pending[i] = _logprobs_json(svc, pending[i]), []
             yield chunk(i, delta, logprobs=lp)
         if final:
-            finish = _finish(jobs[i][0])
+            finish = _finish(ev.finish_reason)
             if calls[i] is not None and calls[i].calls and finish == "stop":
                 finish = "tool_calls"
             yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, pending[i]) if pending[i] else None)
@@ -482,7 +482,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     for i, (req, _) in enumerate(jobs):
         p = prompts[i // body.n]
         entries, hidden = (_prompt_entries(p, req) + req.logprobs, p.hidden) if body.echo else (req.logprobs, 0)
-        choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req),
+        choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req.finish_reason),
                         "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden)})
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": _completion_usage(svc, prompts, jobs, body.n)}
@@ -585,7 +585,7 @@ async def _completion_stream(svc: Service, body: CompletionRequest, prompts: lis
         if ev.text:
             yield chunk(i, ev.text)
         if ev.finish_reason is not None:
-            yield chunk(i, "", _finish(req))
+            yield chunk(i, "", _finish(ev.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
                "usage": _completion_usage(svc, prompts, jobs, body.n)}
@@ -597,9 +597,11 @@ def _completion_chunk(cid, created, model, index, text, finish, logprobs=None) -
 
 
 # ---- plumbing ----
-def _finish(req) -> str:
-    """The finish_reason of a request that ended well (a failed one is an error instead: _failure)."""
-    return "length" if req.finish_reason == "length" else "stop"
+def _finish(reason: str | None) -> str:
+    """The finish_reason of a request that ended well (a failed one is an error instead: _failure). A
+    stream takes it from its last event: the request's own is set by the engine a moment after that
+    event is sent (streams said "stop" for replies cut at max_tokens)."""
+    return "length" if reason == "length" else "stop"
 
 
 def _failure(req) -> APIError | None:
