@@ -168,10 +168,14 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
                 console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
             elif cmd == "/temp":
                 try:
-                    temperature = float(arg)
-                    console.print(f"[dim](temperature {temperature})[/]")
+                    value = float(arg)
                 except ValueError:
-                    console.print("[red]usage: /temp 0.7[/]")
+                    value = -1.0
+                if 0 <= value <= 100:  # what --temperature takes (nan and inf are not in it)
+                    temperature = value
+                    console.print(f"[dim](temperature {temperature})[/]")
+                else:
+                    console.print("[red]usage: /temp T, with T from 0 to 100 (e.g. /temp 0.7)[/]")
             else:
                 console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit)")
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -219,6 +220,20 @@ def _device(text: str | None) -> str | None:
 def _out_folder(path: Path) -> Path:
     if path.is_file():
         raise typer.BadParameter(f"'{path}' is a file; give a folder")
+    return path
+
+
+def _db_file(path: Path | None) -> Path | None:
+    """--db: a file that can be made (not a folder, not under a file); checked before anything loads."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"'{path}' is a folder; give a file name (e.g. {path / 'chats.db'})")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise typer.BadParameter(f"cannot open '{path}': '{parent}' is a file")
     return path
 
 
@@ -810,7 +825,7 @@ def serve(
                                    "several; default: 'nanoseek' for one model, each folder's name for several)."),
     max_batch: int = typer.Option(16, min=1, help="Requests decoded together."),
     max_queue: int = typer.Option(64, min=1, help="Waiting requests before the server answers 503."),
-    db: Path = typer.Option(None, help="SQLite file for the web app's conversations (default: per user, "
+    db: Path = typer.Option(None, callback=_db_file, help="SQLite file for the web app's conversations (default: per user, "
                             "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
     allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "
                                            "for this Host name (repeatable; loopback names and --host always are)."),
@@ -830,6 +845,10 @@ def serve(
     from .serve.guard import allowed_hosts, run
     from .serve.store import ChatStore, default_path
 
+    try:  # before any model loads: a --db that cannot be opened is a usage error
+        store = ChatStore(db or default_path())
+    except (OSError, sqlite3.Error) as e:
+        _fail(f"--db: cannot open '{db or default_path()}': {getattr(e, 'strerror', None) or e}")
     served = []
     for folder, served_name in zip(model or [None], names):
         engine, tok = _chat_engine(folder, max_batch=max_batch, speculative=speculative, compile=compile,
@@ -840,7 +859,6 @@ def serve(
         if db is None and folder is not None and (folder / "chats.db").is_file():
             console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db "
                           f"{folder / 'chats.db'} to keep using that file, or move it to {default_path()}")
-    store = ChatStore(db or default_path())
     first = served[0]
     application = create_app(first.engine, first.tok, name=first.name, api_key=api_key, store=store,
                              examples=first.examples, allowed_hosts=allowed_hosts(host, allowed_host), also=served[1:])
@@ -889,10 +907,13 @@ def quantize(
     with console.status(f"quantizing {model} to int{bits}"):
         with _reported():
             m = load_model(model, quantize=bits)
-        save_model(m, out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
-        if (model / name).is_file():
-            shutil.copy(model / name, out / name)
+        try:
+            save_model(m, out)
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+                if (model / name).is_file():
+                    shutil.copy(model / name, out / name)
+        except OSError as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
+            _fail(f"OUT: cannot write '{out}': {e.strerror or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     console.print(f"[green]wrote[/] {out} (int{bits}, {size / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
 

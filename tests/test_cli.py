@@ -76,12 +76,13 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
 def test_chat_commands_and_multiline_input(tmp_path):
     """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)
-    script = "hello \\\nthere\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/reset\n/exit\n"
+    script = "hello \\\nthere\n/temp -1\n/temp nan\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/reset\n/exit\n"
     r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8", "--temperature", "0"], input=script)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "(temperature 0.0)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
     assert "(new conversation)" in out and out.count("Thinking") == 2
+    assert out.count("usage: /temp T") == 2 and "temperature -1" not in out and "temperature nan" not in out
 
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
@@ -235,6 +236,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["serve", "--host", "no-such-host.invalid", "--api-key", "k"], "--host", "cannot resolve"),
         (["serve", "--model", m, "--model", m], "--name", "distinct names"),
         (["serve", "--max-queue", "0"], "--max-queue", ""),
+        (["serve", "--port", "8779", "--db", str(model / "config.json" / "c.db")], "--db", "cannot open"),
         (["pretrain", *o, "--time-budget", "nan"], "--time-budget", "'nan'"),
         (["speedrun", *o, "--budget", "inf"], "--budget", "'inf'"),
         (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p", "> 0"),
