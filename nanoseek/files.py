@@ -31,6 +31,10 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+UMASK = os.umask(0o022)  # read once, at import (os.umask only reads it by setting it)
+os.umask(UMASK)
+
+
 def atomic_write(target: str | os.PathLike, content: str | bytes | Callable[[Path], object]) -> None:
     """Write target whole or not at all: content is text, bytes, or a function that writes the
     file at the (temporary) path it is given."""
@@ -38,6 +42,7 @@ def atomic_write(target: str | os.PathLike, content: str | bytes | Callable[[Pat
     tmp = target.with_name(target.name + ".tmp")
     if callable(content):
         content(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # as a plain open() would make it (safetensors writes 0600 files)
     elif isinstance(content, str):
         tmp.write_text(content)
     else:

@@ -32,6 +32,8 @@ def logits(model, seed=1):
 def test_round_trip_single_file(saved):
     model, path = saved
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.tmp"))
+    # readable as the config beside it is (safetensors itself writes 0600: others could not read a model)
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == (path / "config.json").stat().st_mode & 0o777
     torch.testing.assert_close(logits(nanoseek.load_model(path)), logits(model), atol=0, rtol=0)
 
 
