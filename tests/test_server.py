@@ -393,3 +393,21 @@ def test_eval_and_teacher_against_a_live_server(server):
                              env={"NANOSEEK_EVAL_API_KEY": KEY})
     assert out.exit_code == 0, out.output
     assert "| add | 2 |" in out.output
+
+
+def test_logit_bias_moves_tokens_and_bad_biases_are_400(client, server, parts):
+    """OpenAI's logit_bias (token id -> bias in [-100, 100]): +100 on a token makes a greedy reply that
+    token alone; a bias out of range, a key that is no token id, an id past the vocabulary are 400s."""
+    r = client.completions.create(model="nanoseek-test", prompt="12 + 30 =", max_tokens=4, temperature=0,
+                                  logit_bias={"65": 100}, logprobs=1)
+    token = parts[1].decode([65])
+    assert r.choices[0].logprobs.tokens == [token] * 4, r.choices[0]
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask("Compute 40 - 13."), max_tokens=4,
+                                       temperature=0, logit_bias={"65": 100})
+    m = r.choices[0].message
+    assert (m.model_extra.get("reasoning_content") or "") + (m.content or "") == token * 4
+    for bias, text in (({"65": 1000}, "[-100, 100]"), ({"abc": 5}, "token ids"), ({"99999999": 5}, "vocabulary")):
+        h = {"Authorization": f"Bearer {KEY}"}
+        resp = httpx.post(server + "/v1/chat/completions", json={"messages": ask(), "logit_bias": bias}, headers=h,
+                          timeout=30)
+        assert resp.status_code == 400 and text in resp.json()["error"]["message"], resp.text

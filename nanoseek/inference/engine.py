@@ -692,8 +692,9 @@ _TAG_IDS = itertools.count()
 
 
 def _plain_greedy(rows: list[Request]) -> bool:
-    """Greedy rows without penalties or grammars: no logit processing changes their argmax."""
-    return all(r.params.temperature == 0 and not r.params.penalized and r._state.grammar is None for r in rows)
+    """Greedy rows without penalties, biases or grammars: no logit processing changes their argmax."""
+    return all(r.params.temperature == 0 and not r.params.penalized and not r.params.logit_bias
+               and r._state.grammar is None for r in rows)
 
 
 def _logprob_entries(raw: torch.Tensor, tokens: list[int], k: int) -> list[dict]:

@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtract once from every token already generated
     frequency_penalty: float = 0.0  # subtract per occurrence
     repetition_penalty: float = 1.0  # divide positive / multiply negative logits of seen tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings (need the engine's decode function)
     stop_after: int | None = None  # stop strings match only in the text after this token (the end of the
@@ -68,6 +69,11 @@ class SamplingParams:
             bad(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             bad(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for t, b in self.logit_bias:
+            if not isinstance(t, int) or not 0 <= t < vocab_size:
+                bad(f"logit_bias: token id {t!r} is not in the vocabulary [0, {vocab_size})")
+            if not -100 <= b <= 100:
+                bad(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or not 0 <= t < vocab_size:
                 bad(f"stop token id {t!r} is not in the vocabulary [0, {vocab_size})")
@@ -125,6 +131,9 @@ def processed_logits(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor
     for i, r in enumerate(rows):
         if r.params.penalized and r.counts is not None:
             logits[i] = apply_penalties(logits[i], r.counts, r.params)
+        if r.params.logit_bias:
+            ids, bias = zip(*r.params.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
         if r.grammar is not None and (allowed := r.grammar.allowed(logits.shape[-1], logits.device)) is not None:
             logits[i] = logits[i].masked_fill(~allowed, float("-inf"))
     temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)

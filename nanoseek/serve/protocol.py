@@ -171,8 +171,19 @@ class Sampling(StrictBody):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logprobs: bool | int | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)  # token id (as text) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v):
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} must be in [-100, 100], got {bias}")
+        return v
 
     @field_validator("stop")
     @classmethod

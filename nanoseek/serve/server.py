@@ -334,6 +334,7 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> Sa
                           top_p=defaults["top_p"] if body.top_p is None else body.top_p,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
+                          logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
                           stop_token_ids=tuple(sorted(svc.tok.eos_ids)))
 
 
