@@ -521,7 +521,7 @@ def generate(
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, max=1, callback=_positive, help="Nucleus sampling: the smallest set of tokens with this "
+    top_p: float = typer.Option(1.0, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
@@ -550,7 +550,7 @@ def chat(
     model: Path = _model_option(),
     system: str = typer.Option("", help="System prompt."),
     temperature: float = typer.Option(0.6, min=0, max=100, help="Sampling temperature (0 = greedy); /temp changes it."),
-    top_p: float = typer.Option(0.95, max=1, callback=_positive, help="Nucleus sampling: the smallest set of tokens with this "
+    top_p: float = typer.Option(0.95, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability."),
     max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),

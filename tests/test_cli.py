@@ -239,7 +239,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["serve", "--port", "8779", "--db", str(model / "config.json" / "c.db")], "--db", "cannot open"),
         (["pretrain", *o, "--time-budget", "nan"], "--time-budget", "'nan'"),
         (["speedrun", *o, "--budget", "inf"], "--budget", "'inf'"),
-        (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p", "> 0"),
+        (["generate", "--prompt", "hi", "--top-p", "-0.1"], "--top-p", ""),
         (["generate", "--prompt", "hi", "--temperature", "150"], "--temperature", ""),
         (["serve", "--name", "a", "--name", "b"], "--name", "2 names for 1 model"),
         (["serve", "--name", "deepseek-chat"], "--name", "distinct names"),

@@ -156,7 +156,7 @@ def test_cancel_frees_the_row_at_once(model):
     (dict(prompt=[1, 99999]), "token ids"),
     (dict(max_new_tokens=10_000), "exceeds the context of 256 tokens by"),
     (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"),
+    (dict(top_p=-0.1), "top_p"),
     (dict(top_logprobs=50), "top_logprobs"),
     (dict(stop_token_ids=(5000,)), "stop token"),
     (dict(stop=("x",)), "decode function"),

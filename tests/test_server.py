@@ -275,7 +275,7 @@ BAD = [
     ("only a system message", {"messages": [{"role": "system", "content": "x"}]}, None, 400, "user message"),
     ("temperature out of range", {"messages": ask(), "temperature": 5}, None, 400, "temperature"),
     ("temperature wrong type", {"messages": ask(), "temperature": "hot"}, None, 400, "temperature"),
-    ("top_p zero", {"messages": ask(), "top_p": 0}, None, 400, "top_p"),
+    ("top_p negative", {"messages": ask(), "top_p": -0.1}, None, 400, "top_p"),
     ("n too large", {"messages": ask(), "n": 1000}, None, 400, "n"),
     ("negative max_tokens", {"messages": ask(), "max_tokens": -1}, None, 400, "max_tokens"),
     ("huge max_tokens", {"messages": ask(), "max_tokens": 10**9}, None, 400, "exceeds this model's context"),
@@ -411,3 +411,13 @@ def test_logit_bias_moves_tokens_and_bad_biases_are_400(client, server, parts):
         resp = httpx.post(server + "/v1/chat/completions", json={"messages": ask(), "logit_bias": bias}, headers=h,
                           timeout=30)
         assert resp.status_code == 400 and text in resp.json()["error"]["message"], resp.text
+
+
+def test_top_p_zero_keeps_the_most_likely_token_alone(client):
+    """OpenAI's API takes top_p 0 (it was a 400 here): sampling at any temperature then gives the greedy reply."""
+    kw = dict(model="nanoseek-test", messages=ask("Compute 40 - 13."), max_tokens=12)
+    greedy = client.chat.completions.create(**kw, temperature=0).choices[0].message
+    for seed in (1, 2):
+        sampled = client.chat.completions.create(**kw, temperature=1.5, top_p=0, seed=seed).choices[0].message
+        assert (sampled.content, sampled.model_extra.get("reasoning_content")) == (
+            greedy.content, greedy.model_extra.get("reasoning_content"))

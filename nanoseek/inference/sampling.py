@@ -56,8 +56,8 @@ class SamplingParams:
             bad(f"temperature must be in [0, 100], got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone, as OpenAI's API takes it
+            bad(f"top_p must be in [0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
