@@ -79,7 +79,7 @@ def test_moe_dispatch_equals_per_token_loop(preset_kw, shape, training, monkeypa
 
 def test_bucketed_expert_slices_change_nothing(monkeypatch):
     """Padding each expert's slice to a bucketed row count (done for bf16 on a CPU) gives the
-    unpadded outputs and gradients exactly: padding rows are computed and dropped."""
+    unpadded outputs and gradients exactly: padding rows have gate weight 0, so they add exact zeros."""
     assert [row_bucket(n) for n in (0, 1, 32, 33, 36, 37, 500, 512, 513, 4097)] == [0, 1, 32, 36, 36, 40, 512, 512, 576, 4608]
     assert all(n <= row_bucket(n) <= n * 9 / 8 for n in range(20000))
     assert len({row_bucket(n) for n in range(4096)}) < 100
@@ -102,7 +102,7 @@ def test_bucketed_expert_slices_change_nothing(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert pads_expert_rows(x)
     counts = torch.bincount(moe.gate(x.view(-1, cfg.hidden_size))[1].flatten(), minlength=8).tolist()
-    assert sum(map(row_bucket, counts)) > sum(counts)  # padding rows were there to drop
+    assert sum(map(row_bucket, counts)) > sum(counts)  # padding rows were there
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])
