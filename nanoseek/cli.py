@@ -310,12 +310,16 @@ def _speculative_option():
                                     "--compile about 1.4x faster).")
 
 
+def _shipped_model() -> Path:
+    if not (SHIPPED / "config.json").is_file():
+        _fail("no chat model is shipped in this installation; pass a model folder or run `nanoseek speedrun --ship`")
+    return SHIPPED
+
+
 def _chat_engine(model: Path | None, **options):
     """load_chat_engine on --model, or on the chat model shipped in the package when none is given."""
     if model is None:
-        model = SHIPPED
-        if not (model / "config.json").is_file():
-            _fail("no chat model is shipped in this installation; pass --model DIR or run `nanoseek speedrun --ship`")
+        model = _shipped_model()
     from .loading import load_chat_engine
 
     with _reported():
@@ -370,9 +374,12 @@ def demo(
 
 
 @app.command(cls=WithArguments)
-def info(model: Path = typer.Argument(..., metavar="MODEL", callback=_model_folder,
-                                      help="A Hugging Face-format model folder.")):
+def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_folder, show_default=False,
+                                      help="A Hugging Face-format model folder (default: the chat model shipped "
+                                           "with nanoseek).")):
     """Print a checkpoint's architecture, sizes and KV-cache cost without loading its weights."""
+    if model is None:
+        model = _shipped_model()
     import torch
     from rich.table import Table
 

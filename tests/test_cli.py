@@ -24,6 +24,8 @@ def test_demo_round_trips_and_generates(tmp_path):
     info = runner.invoke(app, ["info", str(tmp_path / "demo")])
     assert info.exit_code == 0 and "deepseek_v3" in info.output
     assert "on this CPU" in info.output and "computes in float32" in info.output  # a small model: fp32
+    shipped = runner.invoke(app, ["info"])  # no folder: the shipped chat model, as chat and serve default to
+    assert shipped.exit_code == 0 and "assets" in shipped.output and "MLA" in shipped.output, shipped.output
 
 
 def test_tokenizer_train(tmp_path):
@@ -154,7 +156,7 @@ def test_help_is_tidy():
         out = runner.invoke(app, [*command, "--help"]).output
         assert "<bool>" not in out and "{" not in out.splitlines()[0], (command, out)
     assert "--compile / --no-compile" in runner.invoke(app, ["serve", "--help"]).output
-    assert "info [OPTIONS] MODEL\n" in runner.invoke(app, ["info", "--help"]).output
+    assert "info [OPTIONS] [MODEL]\n" in runner.invoke(app, ["info", "--help"]).output
     assert "quantize [OPTIONS] MODEL OUT\n" in runner.invoke(app, ["quantize", "--help"]).output
     for command in ("demo", "pretrain", "speedrun", "distill"):
         out = " ".join(runner.invoke(app, [command, "--help"]).output.split())

@@ -421,3 +421,24 @@ def test_top_p_zero_keeps_the_most_likely_token_alone(client):
         sampled = client.chat.completions.create(**kw, temperature=1.5, top_p=0, seed=seed).choices[0].message
         assert (sampled.content, sampled.model_extra.get("reasoning_content")) == (
             greedy.content, greedy.model_extra.get("reasoning_content"))
+
+
+def test_checks_across_fields_name_their_parameter(server):
+    """A tool_choice that asks for a call with no tools, a tool message answering no call, duplicate tool
+    names: 400s whose `param` names the field (it was null for checks across fields); "auto" and "none"
+    without tools (some clients send them) still answer."""
+    h = {"Authorization": f"Bearer {KEY}"}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    named = {"type": "function", "function": {"name": "f"}}
+    stray = [*ask(), {"role": "assistant", "content": "ok"}, {"role": "tool", "tool_call_id": "c9", "content": "1"},
+             {"role": "user", "content": "and?"}]
+    for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"tool_choice": named}, "tool_choice"),
+                         ({"tools": [tool, tool]}, "tools"), ({"messages": stray}, f"messages.{len(ask()) + 1}.tool_call_id")):
+        resp = httpx.post(server + "/v1/chat/completions", json={"messages": ask(), "max_tokens": 4, **extra}, headers=h,
+                          timeout=30)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+        assert resp.json()["error"]["message"].startswith(param + ":"), resp.text
+    for choice in ("auto", "none"):
+        resp = httpx.post(server + "/v1/chat/completions", headers=h, timeout=60,
+                          json={"messages": ask(), "max_tokens": 4, "tool_choice": choice})
+        assert resp.status_code == 200, resp.text

@@ -273,4 +273,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
         return "the request body must be a JSON object", None
+    named = re.match(r"([a-z_][a-z0-9_]*(?:\.(?:[a-z_][a-z0-9_]*|\d+))*): ", msg) if param is None else None
+    if named:  # a check across fields (a model validator) names its parameter at the start of its message
+        return msg, named.group(1)
     return (f"{param}: {msg}" if param else msg), param
