@@ -3,6 +3,7 @@ model gaining the tool tokens (resize_vocab), the SFT mixture, and the tool-use 
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ def test_problems_agree_with_the_calculator_and_are_hard():
         written = expression(terms, rng)  # "x", "times", "×" parse back to the same value once normalised
         assert value(terms) == calculate(written.replace("times", "*").replace("plus", "+").replace("minus", "-")
                                          .replace(" x ", " * "))
+
+
+def test_results_run_from_a_few_digits_to_ten():
+    """The answers copied from the calculator's results come in every length from 3 to 10 digits (a model
+    trained on 4-7 digit results cut 8-digit ones and padded 3-digit ones), none dominating."""
+    rng = random.Random(1)
+    lengths = Counter(len(str(abs(value(hard_problem(rng))))) for _ in range(3000))
+    assert all(lengths[n] >= 0.03 * 3000 for n in range(3, 11)), lengths
+    assert max(lengths.values()) < 0.25 * 3000, lengths
 
 
 def test_conversations_call_for_hard_problems_only_and_hold_out_by_seed():

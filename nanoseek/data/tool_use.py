@@ -25,13 +25,22 @@ SPLIT_SEED = {"train": 0, "test": 1 << 20}
 
 
 def hard_problem(rng: random.Random) -> list[int | str]:
-    """[n, op, n, op, n, ...]: a big multiplication, or three to four numbers with + - *."""
+    """[n, op, n, op, n, ...]: a big multiplication, or three to four numbers with + - *. Each number's
+    count of digits is drawn first, so the results run from one digit to ten: a model that only met
+    results of typical lengths learned those lengths and wrote other results cut or padded (the shipped
+    model copied 8-digit results right 0 times in 30, 3-digit ones 18 in 30)."""
     if rng.random() < 0.5:
-        return [rng.randint(100, 9999), "*", rng.randint(10, 999)]
-    out = [rng.randint(2, 999)]
+        return [digits(rng, 3, 6), "*", digits(rng, 2, 4)]
+    out = [digits(rng, 1, 6)]
     for _ in range(rng.randint(2, 3)):
-        out += [rng.choice("+-*"), rng.randint(2, 99)]
+        out += [rng.choice("+-*"), digits(rng, 1, 3)]
     return out
+
+
+def digits(rng: random.Random, low: int, high: int) -> int:
+    """A number of `low` to `high` digits, each count equally likely."""
+    n = rng.randint(low, high)
+    return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
 
 def expression(terms: list, rng: random.Random | None = None) -> str:
