@@ -43,6 +43,40 @@ def test_tokenizer_train(tmp_path):
     assert tok.decode(tok.encode("sample 3 of text")) == "sample 3 of text"
 
 
+def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
+    """A corpus too small to hold any document out trains with a note and no held-out loss for it (it was
+    a traceback); a single source whose name holds "_" still reports the overall eval_loss; data left by
+    an attempt that failed before training is prepared anew from the rerun's settings (it was reused,
+    tokenizer and all), while a run that trained refuses other data before writing anything."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "one.txt").write_text("a single text file is one document. " * 200)
+    (d / "my_notes.jsonl").write_text("".join(json.dumps({"text": f"note {i}: {'x y z ' * (i % 7 + 3)}"}) + "\n"
+                                              for i in range(120)))
+    o = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--max-steps", "2",
+         "--eval-every", "0"]
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["pretrain", *o, "--data", str(d / "one.txt"), "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "too few documents to hold any out" in " ".join(r.output.split())
+    assert not (run / "data" / "eval" / "one").exists()
+    bad = d / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json}\n')
+    failed = tmp_path / "failed"
+    r = runner.invoke(app, ["pretrain", *o, "--data", str(bad), "--out", str(failed)])
+    assert r.exit_code != 0 and not (failed / "config.json").exists()
+    r = runner.invoke(app, ["pretrain", *o, "--data", str(d / "my_notes.jsonl"), "--out", str(failed)])
+    assert r.exit_code == 0, r.output
+    prepared = json.loads((failed / "data" / "prepared.json").read_text())
+    assert prepared["settings"]["sources"] == [str(d / "my_notes.jsonl")]
+    assert json.loads((failed / "data" / "train" / "meta.json").read_text())["documents"] > 100  # my_notes', not bad's
+    last = [json.loads(line) for line in (failed / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "eval_loss" in last and "eval_my_notes_loss" in last, last
+    r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "3", "--data", str(d / "one.txt"), "--out", str(failed)])
+    assert r.exit_code == 2 and "data.sources" in r.output, r.output
+    assert not (failed / "data" / "eval" / "one").exists()  # refused before writing anything
+
+
 def _chat_model(tmp_path):
     """A tiny random model with a tokenizer, as `nanoseek pretrain` leaves in runs/<name>/model."""
     import torch

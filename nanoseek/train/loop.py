@@ -242,8 +242,9 @@ class Trainer:
                     overall[k] = overall.get(k, 0.0) + v
         if len(self.eval_sets) > 1 and overall.get("_weight"):
             out.update({f"eval_{k}": v / overall["_weight"] for k, v in overall.items() if k != "_weight"})
-        elif len(self.eval_sets) == 1:
-            out.update({f"eval_{k.split('_', 2)[2]}": v for k, v in list(out.items())})
+        elif len(self.eval_sets) == 1:  # the one set's metrics are the overall ones (its name may hold "_")
+            prefix = f"eval_{next(iter(self.eval_sets))}_"
+            out.update({"eval_" + k.removeprefix(prefix): v for k, v in list(out.items())})
         if self.on_eval is not None:
             out.update(self.on_eval(self.model))
         self.model.train()

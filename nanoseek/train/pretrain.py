@@ -4,6 +4,7 @@ A pretraining run folder holds, besides what every run has (see runs.py):
     tokenizer/          the tokenizer (trained on a sample of the data unless one is given)
     data/train          token shards of every source
     data/eval/<source>  held-out shards per source (task problems never trained on, held-out documents)
+    data/prepared.json  the settings the data was prepared from, and the sources too small to hold any out
     model/              the final model (HF format + tokenizer), what `nanoseek sft --model` takes
 Data sources: "tasks" (task-family conversations with worked reasoning, train split), "stdlib"
 (the Python standard library's source, with FIM), or corpus files/folders (.txt/.jsonl/.parquet).
@@ -12,6 +13,8 @@ Data sources: "tasks" (task-family conversations with worked reasoning, train sp
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -22,14 +25,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..data.builtin import code_documents, task_documents, task_texts
 from ..data.corpus import CorpusStats, iter_documents
-from ..data.shards import PackedRows, ShardSet, write_shards
-from ..files import staged_dir
+from ..data.shards import PackedRows, ShardError, ShardSet, write_shards
+from ..files import atomic_write, staged_dir
 from ..model import ModelConfig, build_model, get_preset, padded_vocab
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
 from .losses import LMObjective
-from .runs import run_stage
+from .runs import check_same_run, run_stage
 from .settings import PRETRAIN_TRAIN, DataConfig, TrainConfig
 
 BUILTIN = ("tasks", "stdlib")
@@ -54,8 +57,26 @@ def _documents(source: str, tok: DeepSeekTokenizer, cfg: DataConfig, split: str,
         yield from (itertools.islice(held, cfg.eval_documents) if split == "test" else held)
 
 
+PREPARED = "prepared.json"  # in run_dir/data: the settings the data was prepared from, and its held-out sets
+
+
 def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTokenizer:
-    """Tokenizer and shards in run_dir (reused when already there)."""
+    """Tokenizer and shards in run_dir (reused when already there and prepared from the same settings).
+    Data left by an attempt that never started training, from other settings, is discarded; a run that
+    trained on other data is refused before anything is written."""
+    settings = _data_settings(cfg)
+    stamp_file = run_dir / "data" / PREPARED
+    stamp = _read_json(stamp_file)
+    if stamp is not None and stamp.get("settings") != settings:
+        if (run_dir / "config.json").is_file():  # it trained on that data: refused as a resume with other settings
+            check_same_run({"data": stamp.get("settings")}, {"data": settings})
+        for stale in (run_dir / "data", run_dir / "tokenizer"):  # a failed attempt's: never trained on
+            shutil.rmtree(stale, ignore_errors=True)
+        stamp = None
+    if stamp is None and not (run_dir / "tokenizer").exists():  # a new run: record what it is prepared from
+        stamp = {"settings": settings}
+        stamp_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(stamp_file, json.dumps(stamp, indent=2))
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         tok = DeepSeekTokenizer.load(tok_dir)
@@ -72,22 +93,58 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
     jobs = [("train", run_dir / "data" / "train", cfg.sources)]
     jobs += [("test", run_dir / "data" / "eval" / name, [s]) for name, s in eval_names(cfg.sources).items()]
     for split, out, sources in jobs:
-        if (out / "meta.json").is_file():
+        if split == "test" and stamp is not None and out.name in stamp.get("too_few", []):
             continue
-        stats = CorpusStats()
-        label = "train" if split == "train" else f"held-out {out.name}"
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console) as bar:
-            task = bar.add_task(f"tokenizing {label} data")
-
-            def show(docs, tokens, task=task, bar=bar, label=label):
-                bar.update(task, description=f"tokenizing {label} data: {docs:,} documents, {tokens:,} tokens")
-
-            docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
-            write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
-        if stats.skipped:
-            console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g. {stats.problems[:3]}")
+        if not (out / "meta.json").is_file():
+            try:
+                _tokenize(split, out, sources, tok, cfg, console)
+            except ShardError:
+                if split == "train":
+                    raise
+                console.print(f"[yellow]{sources[0]}: too few documents to hold any out[/] (every 50th is held "
+                              "out): no held-out loss for it")
+                if stamp is not None:
+                    stamp["too_few"] = [*stamp.get("too_few", []), out.name]
+                    atomic_write(stamp_file, json.dumps(stamp, indent=2))
     return tok
+
+
+def held_out_sets(run_dir: Path, cfg: DataConfig) -> list[str]:
+    """The names of the run's held-out sets that have data (a source too small to hold any out has none)."""
+    stamp = _read_json(run_dir / "data" / PREPARED) or {}
+    return [name for name in eval_names(cfg.sources) if name not in stamp.get("too_few", [])]
+
+
+def _tokenize(split: str, out: Path, sources: list[str], tok: DeepSeekTokenizer, cfg: DataConfig,
+              console: Console) -> None:
+    stats = CorpusStats()
+    label = "train" if split == "train" else f"held-out {out.name}"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"tokenizing {label} data")
+
+        def show(docs, tokens):
+            bar.update(task, description=f"tokenizing {label} data: {docs:,} documents, {tokens:,} tokens")
+
+        docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
+        write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
+    if stats.skipped:
+        console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g. {stats.problems[:3]}")
+
+
+def _data_settings(cfg: DataConfig) -> dict:
+    """The settings that decide the tokenizer and the shards (not the batch shape)."""
+    settings = asdict(cfg)
+    for k in ("seq_len", "batch_size"):
+        del settings[k]
+    return settings
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def eval_names(sources: list[str]) -> dict[str, str]:
@@ -143,7 +200,7 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
         rows = PackedRows(run_dir / "data" / "train", data.seq_len, data.batch_size, seed=data.seed,
                           rank=info.rank, world=info.world)
         eval_sets = {name: _eval_batches(ShardSet(run_dir / "data" / "eval" / name), data, info)
-                     for name in eval_names(data.sources)}
+                     for name in held_out_sets(run_dir, data)}
         run_config = {"command": "pretrain", "preset": preset, "model": config.to_dict(), "data": data_record,
                       "mtp_lambda": mtp_lambda}
         return run_stage(Trainer(run_dir, model, rows, LMObjective(mtp_lambda, info.device), train,
