@@ -77,6 +77,28 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
     assert not (failed / "data" / "eval" / "one").exists()  # refused before writing anything
 
 
+def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):
+    """A conversation that does not render names its file and number (the error named neither); rerunning a
+    run folder on other data is refused with the difference, as pretraining's is (it resumed and rewrote
+    the recorded data)."""
+    model = _chat_model(tmp_path)
+    good = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": str(i + 1)}]} for i in range(60)]
+    data, other = tmp_path / "chats.jsonl", tmp_path / "other.jsonl"
+    lines = [json.dumps(g) for g in good]
+    lines[40] = json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})
+    data.write_text("\n".join(lines) + "\n")
+    o = ["--model", str(model), "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--out", str(tmp_path / "r")]
+    r = runner.invoke(app, ["sft", *o, "--data", str(data)])
+    assert r.exit_code == 2 and "chats.jsonl: conversation 41" in " ".join(r.output.split()) and "wizard" in r.output, r.output
+    data.write_text("\n".join(json.dumps(g) for g in good) + "\n")
+    other.write_text("\n".join(json.dumps(g) for g in good[:30]) + "\n")
+    assert runner.invoke(app, ["sft", *o, "--data", str(data)]).exit_code == 0
+    r = runner.invoke(app, ["sft", *o[:-4], "--max-steps", "2", *o[-2:], "--data", str(other)])
+    assert r.exit_code == 2 and "sft.data" in r.output, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["sft"]["data"] == str(data)
+
+
 def _chat_model(tmp_path):
     """A tiny random model with a tokenizer, as `nanoseek pretrain` leaves in runs/<name>/model."""
     import torch

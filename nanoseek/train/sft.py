@@ -49,6 +49,13 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return out
 
 
+def _user_example(tok: DeepSeekTokenizer, messages: list[dict], path: str, n: int) -> np.ndarray:
+    try:
+        return sft_example(tok, messages)
+    except ChatFormatError as e:
+        raise ChatFormatError(f"{path}: conversation {n}: {e}") from None
+
+
 def builtin_mixture(tok: DeepSeekTokenizer, n: int, cfg: SFTConfig, seed: int) -> list[list[dict]]:
     """The built-in conversations, a share answered with thinking off, and (when the tokenizer has
     a tool-call format) calculator conversations on top, with the tools described as the server does."""
@@ -122,11 +129,11 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
                 convs = builtin_mixture(tok, cfg.builtin_conversations, cfg, seed=cfg.seed)
                 held = builtin_mixture(tok, cfg.eval_conversations, cfg, seed=cfg.seed + 10_000)
                 held = [c for c in held if c[-2]["content"] not in {x[-2]["content"] for x in convs}]
+                examples, held_examples = [sft_example(tok, c) for c in convs], [sft_example(tok, c) for c in held]
             else:
-                convs = read_conversations(cfg.data)
-                held, convs = convs[: max(1, len(convs) // 50)], convs[max(1, len(convs) // 50):]
-            examples = [sft_example(tok, c) for c in convs]
-            held_examples = [sft_example(tok, c) for c in held]
+                examples = [_user_example(tok, c, cfg.data, n) for n, c in enumerate(read_conversations(cfg.data), 1)]
+                cut = max(1, len(examples) // 50)
+                held_examples, examples = examples[:cut], examples[cut:]
         except ChatFormatError as e:
             raise ConfigError(str(e)) from None
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
