@@ -159,6 +159,8 @@ def _model_folder(path: Path | None) -> Path | None:
     if path is not None:
         if not path.exists():
             raise typer.BadParameter(f"'{path}' does not exist")
+        if (path / "model" / "config.json").is_file() and (path / "metrics.jsonl").exists():
+            raise typer.BadParameter(f"'{path}' is a run folder; its model is '{path / 'model'}'")
         if not (path / "config.json").is_file():
             raise typer.BadParameter(f"'{path}' is not a model folder (no config.json in it)")
     return path
@@ -756,7 +758,8 @@ def eval_(
                 r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
                                        wording=wording, max_new_tokens=max_tokens or None, thinking=thinking)
         results.append(r)
-        console.print(f"{family}: pass@1 {r.accuracy:.1%}, pass@{samples} {r.pass_at_k:.1%}, format {r.format_rate:.0%}")
+        at_k = f", pass@{samples} {r.pass_at_k:.1%}" if samples > 1 else ""
+        console.print(f"{family}: pass@1 {r.accuracy:.1%}{at_k}, format {r.format_rate:.0%}")
     table = markdown_table(results) if results else ""
     if results:
         console.print(table)

@@ -227,8 +227,14 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
     out, missing, url, m = tmp_path / "out", tmp_path / "missing", "http://127.0.0.1:9/v1", str(model)
+    run = tmp_path / "run"  # a run folder, given where its model/ was meant
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
     o = ["--out", str(out)]
     cases = [  # (command line, what the one line must name, text it must hold)
+        (["generate", "--model", str(run), "--prompt", "hi"], "--model", "is a run folder"),
+        (["info", str(run)], "MODEL", "is a run folder"),
         (["pretrain", *o, "--preset", "nosuch", "--max-steps", "1"], "--preset", "'nosuch'"),
         (["pretrain", *o], "--max-steps", "--time-budget"),
         (["pretrain", *o, "--max-steps", "-1"], "--max-steps", ""),

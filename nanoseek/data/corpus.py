@@ -75,7 +75,7 @@ def iter_documents(sources: list[str | Path], on_error: str = "stop",
 
     def bad(where: str, why: str) -> None:
         if on_error == "stop":
-            raise CorpusError(f"{where}: {why} (pass on_error='skip' / --skip-bad-records to skip such records)")
+            raise CorpusError(f"{where}: {why} (--skip-bad-records, or on_error='skip', skips such records)")
         stats.skip(f"{where}: {why}")
 
     for f in corpus_files(sources):
@@ -123,7 +123,7 @@ def _jsonl(f: Path, text_field: str, bad) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                bad(where, f"invalid JSON ({e.msg} at column {e.colno})")
+                bad(where, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")  # some messages end in "at"
                 continue
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 bad(where, f"no string field {text_field!r}")

@@ -127,8 +127,8 @@ def _tokenize(split: str, out: Path, sources: list[str], tok: DeepSeekTokenizer,
 
         docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
         write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
-    if stats.skipped:
-        console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g. {stats.problems[:3]}")
+    if stats.skipped and split == "train":  # (the held-out pass reads the same records again)
+        console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g.:\n  " + "\n  ".join(stats.problems[:3]))
 
 
 def _data_settings(cfg: DataConfig) -> dict:
