@@ -59,6 +59,7 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
     r = runner.invoke(app, ["pretrain", *o, "--data", str(d / "one.txt"), "--out", str(run)])
     assert r.exit_code == 0, r.output
     assert "too few documents to hold any out" in " ".join(r.output.split())
+    assert "warmup (50 steps) is longer than the run (2)" in " ".join(r.output.split())
     assert not (run / "data" / "eval" / "one").exists()
     bad = d / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{not json}\n')

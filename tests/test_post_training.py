@@ -140,10 +140,13 @@ def test_traces_are_verified_appended_and_resumed(tmp_path):
     assert len(out.read_text().splitlines()) == 4  # the first batch was on disk before the failure
     stats = collect_traces(ask, ["add"], n=12, out=out, batch=4)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert stats["verified"] == 12 and stats["rejected"] == 12
+    assert stats["verified"] == 12 and stats["rejected"] == 11  # the 12th came third in its batch: the rest unrecorded
     assert len({r["question"] for r in lines}) == len(lines)  # the rerun continued, nothing asked twice
     assert all(r["verified"] == ("messages" in r) for r in lines)
     assert len(verified_conversations(out)) == 12
+    exact = collect_traces(lambda qs, m, s: [f"t\n</think>\n\n{answers[q]}" for q in qs], ["add"], n=6,
+                           out=tmp_path / "exact.jsonl", batch=4)
+    assert exact["verified"] == 6 == len(verified_conversations(tmp_path / "exact.jsonl"))  # not 8: no overshoot
 
 
 def test_trace_collection_stops_at_its_time_limit(tmp_path):

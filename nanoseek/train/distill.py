@@ -86,6 +86,8 @@ def collect_traces(ask, tasks: list[str], n: int, out: Path, max_tokens: int = 5
                 else:
                     rejected += 1
                 f.write(json.dumps(record) + "\n")
+                if kept == n:  # the rest of the batch goes unrecorded (a rerun asks those problems again)
+                    break
             f.flush()
             console.print(f"traces: {kept}/{n} verified, {rejected} rejected")
     if kept < n:

@@ -104,6 +104,9 @@ class Trainer:
         if self.dist.main:
             self.console.print(f"precision: {self.precision.name} ({self.precision.reason})")
             self.console.print(f"compile: {'on' if self.compiled else 'off'} ({compile_reason})")
+            if cfg.max_steps and cfg.warmup_steps > cfg.max_steps:
+                self.console.print(f"[yellow]warmup ({cfg.warmup_steps} steps) is longer than the run "
+                                   f"({cfg.max_steps}): the learning rate never reaches its peak[/] (--warmup-steps)")
         if cfg.aux_alpha is not None:
             for m in model.modules():
                 if isinstance(m, MoE):
