@@ -58,10 +58,11 @@ class Tools:
 
 
 def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
-                 calls: CallFormat | None = None) -> tuple[str, str]:
+                 calls: CallFormat | None = None, answer_label: str | None = "Answer:") -> tuple[str, str]:
     """Drive the engine until req ends, printing reasoning dimmed and the answer plainly (without
-    its block of tool calls, if `calls` is the format they come in); Ctrl-C stops the reply.
-    Returns (reasoning, answer), the answer with its calls."""
+    its block of tool calls, if `calls` is the format they come in) after `answer_label` (None: no
+    label, for a raw continuation); Ctrl-C stops the reply. Returns (reasoning, answer), the answer with
+    its calls."""
     splitter, parts, shown = ReasoningStream(started=thinking), {"reasoning": "", "answer": ""}, None
     hidden = CallStream(calls) if calls is not None else None
 
@@ -70,7 +71,10 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
         if not text:
             return
         if kind != shown:
-            console.print("[dim italic]Thinking...[/]\n" if kind == "reasoning" else "\n[bold]Answer:[/] ", end="")
+            if kind == "reasoning":
+                console.print("[dim italic]Thinking...[/]\n", end="")
+            elif answer_label:
+                console.print(f"\n[bold]{answer_label}[/] ", end="")
             shown = kind
         console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False, highlight=False)
 

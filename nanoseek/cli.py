@@ -547,7 +547,7 @@ def generate(
     with _reported():
         req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                 seed=seed))
-    stream_reply(engine, req, not raw and tok.opens_thinking(ids), console)
+    stream_reply(engine, req, not raw and tok.opens_thinking(ids), console, answer_label=None if raw else "Answer:")
     dt = time.perf_counter() - t0
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
     console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "

@@ -92,6 +92,10 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     o = ["--model", str(model), "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--out", str(tmp_path / "r")]
     r = runner.invoke(app, ["sft", *o, "--data", str(data)])
     assert r.exit_code == 2 and "chats.jsonl: conversation 41" in " ".join(r.output.split()) and "wizard" in r.output, r.output
+    text = tmp_path / "notes.txt"
+    text.write_text("some prose, not conversations\n")
+    r = runner.invoke(app, ["sft", *o, "--data", str(text)])
+    assert r.exit_code == 2 and ".jsonl file of" in " ".join(r.output.split()), r.output
     data.write_text("\n".join(json.dumps(g) for g in good) + "\n")
     other.write_text("\n".join(json.dumps(g) for g in good[:30]) + "\n")
     assert runner.invoke(app, ["sft", *o, "--data", str(data)]).exit_code == 0
@@ -122,6 +126,8 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
                             "--speculative"])
     assert r.exit_code == 0, r.output
     assert "Thinking" in r.output and "tok/s" in r.output and "MTP drafts accepted" in r.output
+    raw = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "12 + 30 =", "--raw", "--max-tokens", "6"])
+    assert raw.exit_code == 0 and "Answer:" not in raw.output and "tok/s" in raw.output, raw.output  # a continuation
     bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "100000"])
     assert bad.exit_code == 2 and "exceeds the context" in bad.output
     for bits in ("int8", "int4"):

@@ -38,7 +38,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     try:
         records = read_jsonl(path)
     except ValueError as e:
-        raise ChatFormatError(str(e)) from None
+        hint = "" if str(path).endswith(".jsonl") else ' (conversations come as a .jsonl file of {"messages": [...]} lines)'
+        raise ChatFormatError(str(e) + hint) from None
     out = []
     for n, record in enumerate(records, start=1):
         if not isinstance(record.get("messages"), list):
