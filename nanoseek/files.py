@@ -86,6 +86,15 @@ def drop_torn_tail(path: str | os.PathLike) -> bytes:
     return data[end:]
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A file's JSON object, or {} when the file is missing, unreadable or holds something else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The JSON objects of a jsonl file (blank lines skipped); a ValueError names the first line
     that is not a JSON object."""

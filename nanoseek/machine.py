@@ -44,7 +44,7 @@ import torch._inductor.exc
 import torch.nn.functional as F
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from .files import atomic_write
+from .files import atomic_write, read_json_object
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -148,7 +148,7 @@ def choose_precision(setting: str, device: torch.device,
         return Precision("fp32", f"no bf16 measurement for {device.type}")
     cache_file = cache_file or cache_home() / "machine.json"
     key = machine_key()
-    cache = _read_cache(cache_file)
+    cache = read_json_object(cache_file)
     rates = _cached_rates(cache.get(key))
     if rates is None:
         rates = (measure or measure_rates)()
@@ -171,14 +171,6 @@ def _cached_rates(entry) -> dict[str, float] | None:
     if isinstance(rates, dict) and all(isinstance(rates.get(p), (int, float)) and rates[p] > 0 for p in ("fp32", "bf16")):
         return rates
     return None
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
 
 
 # ---- compile ----

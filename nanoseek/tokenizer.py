@@ -126,7 +126,7 @@ OWN_CONFIG = {  # tokenizer_config.json of nanoseek's own tokenizers
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields a server may default to
 
 
-_LONG_RUN = re.compile(r"\S{%d}" % 256)
+_LONG_RUN = re.compile(r"\S{256}")
 
 
 def _break_long_runs(text: str) -> str:

@@ -26,7 +26,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..data.builtin import code_documents, task_documents, task_texts
 from ..data.corpus import CorpusStats, iter_documents
 from ..data.shards import PackedRows, ShardError, ShardSet, write_shards
-from ..files import atomic_write, staged_dir
+from ..files import atomic_write, read_json_object, staged_dir
 from ..model import ModelConfig, build_model, get_preset, padded_vocab
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
@@ -66,7 +66,7 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
     trained on other data is refused before anything is written."""
     settings = _data_settings(cfg)
     stamp_file = run_dir / "data" / PREPARED
-    stamp = _read_json(stamp_file)
+    stamp = read_json_object(stamp_file) or None
     if stamp is not None and stamp.get("settings") != settings:
         if (run_dir / "config.json").is_file():  # it trained on that data: refused as a resume with other settings
             check_same_run({"data": stamp.get("settings")}, {"data": settings})
@@ -111,7 +111,7 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
 
 def held_out_sets(run_dir: Path, cfg: DataConfig) -> list[str]:
     """The names of the run's held-out sets that have data (a source too small to hold any out has none)."""
-    stamp = _read_json(run_dir / "data" / PREPARED) or {}
+    stamp = read_json_object(run_dir / "data" / PREPARED)
     return [name for name in eval_names(cfg.sources) if name not in stamp.get("too_few", [])]
 
 
@@ -137,14 +137,6 @@ def _data_settings(cfg: DataConfig) -> dict:
     for k in ("seq_len", "batch_size"):
         del settings[k]
     return settings
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def eval_names(sources: list[str]) -> dict[str, str]:
