@@ -238,7 +238,9 @@ def write_report(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
                                                               "threads": torch.get_num_threads()}
     flags = ", ".join(f"{name} {'yes' if flag in machine['cpu_flags'] else 'no'}" for flag, name in
                       (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 bf16"), ("avx2", "AVX2")))
-    lines += [f"Machine: {machine['cpu']} ({flags}), {machine['threads']} CPU threads.", "",
+    gpu = machine.get("device", machine["cpu"])  # training's device, where it was not the CPU
+    on = f"{gpu}, host CPU " if gpu != machine["cpu"] else ""
+    lines += [f"Machine: {on}{machine['cpu']} ({flags}), {machine['threads']} CPU threads.", "",
               f"Whole pipeline: **{_minutes(total)}** (budget {_minutes(cfg.budget)}).", "",
               "| stage | wall time | steps | tokens | tokens/s | precision | compile |",
               "|---|---|---|---|---|---|---|"]

@@ -167,6 +167,13 @@ def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     from nanoseek.speedrun import expected_durations
     assert list(timings) == list(expected_durations(cfg))  # every stage ran, in the order the ETA assumes
+    assert "host CPU" not in text  # trained on the CPU: the CPU is the machine
+    config_file = tmp_path / "run" / "pretrain" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["machine"]["device"] = "NVIDIA H200"  # as a run trained on a GPU records it
+    config_file.write_text(json.dumps(config))
+    from nanoseek.speedrun import write_report
+    assert "Machine: NVIDIA H200, host CPU " in write_report(tmp_path / "run", cfg, timings).read_text()
     again = runner.invoke(app, ["speedrun", "--out", str(tmp_path / "run"), "--budget", "40s", "--preset", "tiny"])
     assert again.exit_code == 0 and " ".join(again.output.split()).count("done earlier") == len(timings)
     ship(tmp_path / "run", tmp_path / "shipped")
