@@ -717,7 +717,8 @@ def eval_(
     varied: bool = typer.Option(False, hidden=True, help="Same as --wording varied."),
     max_tokens: int = typer.Option(0, min=0, help="Generation cap (0 = 1.5x the longest worked solution; 512 for a "
                                    "URL)."),
-    out: Path = typer.Option(None, help="Write results JSON here (and a .md table next to it)."),
+    out: Path = typer.Option(None, help="Write results JSON here, a .md table next to it, and every problem's "
+                             "question, answer, completions and verdicts as .samples.jsonl (what the model got wrong)."),
     quantize: Quantize = _quantize_option(),
     thinking: bool = typer.Option(True, help="Ask with thinking on (the reply reasons first) or off (it answers "
                                   "at once)."),
@@ -743,7 +744,7 @@ def eval_(
         ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
-    results, tool_rows = [], []
+    results, tool_rows, samples_log = [], [], []
     for family in tasks:
         if family == "calculator":
             with _reported():
@@ -752,12 +753,13 @@ def eval_(
             continue
         with _reported():
             if remote:
-                r, _ = evaluate_remote(ask, [(family, wording)], n=n, samples=samples,
-                                       max_new_tokens=max_tokens or 512)[0]
+                r, records = evaluate_remote(ask, [(family, wording)], n=n, samples=samples,
+                                             max_new_tokens=max_tokens or 512)[0]
             else:
-                r, _ = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
+                r, records = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
                                        wording=wording, max_new_tokens=max_tokens or None, thinking=thinking)
         results.append(r)
+        samples_log += [{"family": family, "wording": wording, **record} for record in records]
         at_k = f", pass@{samples} {r.pass_at_k:.1%}" if samples > 1 else ""
         console.print(f"{family}: pass@1 {r.accuracy:.1%}{at_k}, format {r.format_rate:.0%}")
     table = markdown_table(results) if results else ""
@@ -769,6 +771,8 @@ def eval_(
                                   indent=2))
         out.with_suffix(".md").write_text("\n\n".join(t for t in (table, tool_rows and tool_table(tool_rows)) if t)
                                           + "\n")
+        if samples_log:
+            out.with_suffix(".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples_log))
 
 
 @app.command()

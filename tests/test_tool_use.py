@@ -168,6 +168,10 @@ def test_eval_cli_writes_the_calculator_rows(tmp_path):
     assert [row["family"] for row in rows] == ["add", "calculator", "calculator"]
     assert [row["offered"] for row in rows[1:]] == [True, False] and all(0 <= row["accuracy"] <= 1 for row in rows)
     assert "| calculator offered |" in out.with_suffix(".md").read_text()
+    samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and {s["family"] for s in samples} == {"add"}  # each add problem, as asked and answered
+    assert all(len(s["completions"]) == len(s["correct"]) == 1 and s["correct"][0] == (
+        s["completions"][0].rsplit("</think>", 1)[-1].strip() == s["gold"]) for s in samples), samples
 
 
 def test_the_calculator_is_offered_as_the_server_offers_it():
