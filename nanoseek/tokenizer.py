@@ -328,20 +328,42 @@ class DeepSeekTokenizer:
         except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             raise ChatFormatError(f"the chat template refused the conversation: {e}") from None  # e.g. content None
 
-    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None,
-                      prefix: str | None = None) -> list[int]:
+    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The ids a model continues to answer the conversation's last turn. thinking=False asks the
         template not to open a reasoning block (`thinking` variable); a template that opens one anyway
-        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly. With
-        `prefix`, the reply starts with that text (which replaces a reasoning block the template opens).
-        Control tokens inside the messages, tools and prefix are read as text (see encode_text)."""
+        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly. Control
+        tokens inside the messages and tools are read as text (see encode_text)."""
         text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
                                         tools=self._protected(tools), thinking=thinking)
-        if prefix is not None:
-            text = (text.rstrip()[: -len(THINK)] if text.rstrip().endswith(THINK) else text) + self._protected(prefix)
-        elif not thinking and text.rstrip().endswith(THINK):
+        if not thinking and text.rstrip().endswith(THINK):
             text = text.rstrip() + "\n\n" + END_THINK + "\n\n"
         return self._encode_rendered(text)
+
+    def render_prefixed(self, messages: Sequence[dict], prefix: str, reasoning: str | None = None,
+                        thinking: bool = True, tools: list[dict] | None = None) -> tuple[list[int], bool]:
+        """Chat prefix completion: the ids of a reply that starts as given, and whether the model
+        continues inside its reasoning. Where the template opens a reasoning block and thinking is on,
+        `prefix` (the prefix message's content) starts the reasoning; with `reasoning` (its
+        reasoning_content) the reasoning starts with that instead, and a non-empty `prefix` then
+        starts the answer after it (`reasoning=""`: an answer that starts with `prefix`, no reasoning).
+        A prefix that opens with `<think>` writes the reply raw, tag included. With thinking off the
+        reasoning block is closed empty and `prefix` starts the answer."""
+        text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
+                                        tools=self._protected(tools), thinking=thinking)
+        prefix, reasoning = self._protected(prefix), self._protected(reasoning)
+        head = text.rstrip()
+        if not head.endswith(THINK):  # no reasoning block to open: the reply is the prefix onwards
+            return self._encode_rendered(text + prefix), prefix.rfind(THINK) > prefix.rfind(END_THINK)
+        if prefix.lstrip().startswith(THINK):
+            reply = prefix
+        elif not thinking:
+            reply = THINK + "\n\n" + END_THINK + "\n\n" + prefix
+        elif reasoning is None:
+            reply = text[len(head) - len(THINK):] + prefix
+        else:
+            reply = text[len(head) - len(THINK):] + reasoning + (f"\n{END_THINK}\n\n{prefix}" if prefix else "")
+        prompt = head[: -len(THINK)] + reply
+        return self._encode_rendered(prompt), reply.rfind(THINK) > reply.rfind(END_THINK)
 
     def opens_thinking(self, prompt: Sequence[int]) -> bool:
         """Does the prompt end inside an open <think> block (the reply starts with reasoning)?"""

@@ -161,7 +161,11 @@ class CallStream:
                 deltas.append({"index": i, "id": self.calls[i][0], "type": "function",
                                "function": {"name": name, "arguments": ""}})
             if len(args) > self.calls[i][2]:
-                deltas.append({"index": i, "function": {"arguments": args[self.calls[i][2]:]}})
+                more = args[self.calls[i][2]:]
+                if deltas and deltas[-1]["index"] == i:  # one entry per call in a delta, as OpenAI sends them
+                    deltas[-1]["function"]["arguments"] += more
+                else:
+                    deltas.append({"index": i, "function": {"arguments": more}})
                 self.calls[i][2] = len(args)
         return content, deltas
 

@@ -32,14 +32,16 @@ OPENER = "<｜tool▁calls▁begin｜>"
 
 
 def tool_calling_model(folder):
-    """(model, tokenizer): V3.1's template and tokenizer, the model biased to open tool calls."""
+    """(model, tokenizer): V3.1's template and tokenizer, the model biased to open tool calls, to close
+    a string as soon as it may and to end a block after one call (so its calls end before a budget of
+    30 tokens does: a call the budget closes is not run)."""
     tok = DeepSeekTokenizer.load(model_folder(folder, "deepseek-v3.1"))
     torch.manual_seed(0)
     model = build_model(get_preset("tiny", vocab_size=129280, eos_token_id=tok.eos_id,
                                    max_position_embeddings=2048)).eval()
     randomize_(model, std=0.05)
-    (opener,) = tok.encode(OPENER)
-    return biased(model, opener), tok
+    (opener,), (quote,), (end,) = tok.encode(OPENER), tok.encode('"'), tok.encode("<｜tool▁calls▁end｜>")
+    return biased(model, opener, quote, end), tok
 
 
 @pytest.fixture(scope="module")

@@ -173,3 +173,24 @@ def test_a_served_r1_distill_model_returns_its_reasoning_apart(folders):
             for key in parts:
                 parts[key] += getattr(chunk.choices[0].delta, key, None) or "" if chunk.choices else ""
         assert parts == {"reasoning_content": "Adding them", "content": "42"}
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1", "deepseek-v3.1", "deepseek-v2-lite-chat"])
+def test_chat_prefix_completion_continues_the_reasoning_or_the_answer(folders, name):
+    """A prefix (thinking on) starts the reasoning where the template opens one; a reasoning_content
+    starts it instead, and the prefix then starts the answer after it; thinking off closes the block
+    empty; a template with no reasoning block continues the prefix as the reply."""
+    tok = DeepSeekTokenizer.load(folders[name])
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    gen, off = (tok.decode(tok.render_prompt(msgs, thinking=t)) for t in (True, False))
+    opens = gen.rstrip().endswith("<think>")
+    assert opens == (name != "deepseek-v2-lite-chat")
+    cases = [(("Let me see", None, True), gen + "Let me see", opens),
+             (("The answer is", "2 + 3 = 5.", True), gen + ("2 + 3 = 5.\n</think>\n\n" if opens else "") + "The answer is", False),
+             (("", "2 + 3", True), gen + ("2 + 3" if opens else ""), opens),
+             (("The answer is", None, False), off + "The answer is", False)]
+    if opens:  # a prefix that writes the tag itself replaces the template's
+        cases.append((("<think>\nraw", None, True), gen.rstrip()[: -len("<think>")] + "<think>\nraw", True))
+    for (prefix, reasoning, thinking), want, started in cases:
+        ids, inside = tok.render_prefixed(msgs, prefix, reasoning, thinking=thinking)
+        assert (tok.decode(ids), inside) == (want, started), (prefix, reasoning, thinking)

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from conftest import randomize_
 from nanoseek.inference import Engine
@@ -41,6 +41,12 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what is 2 
 class City(BaseModel):
     name: str
     population: int
+    coastal: bool
+
+
+class Town(BaseModel):  # bounded: the random model's reply ends before the budget does
+    name: str = Field(max_length=12)
+    population: int = Field(ge=0, le=10**6)
     coastal: bool
 
 
@@ -105,7 +111,7 @@ def test_openai_streamed_tool_calls(client):
                 else:
                     calls[d.index]["args"] += d.function.arguments or ""
             finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and calls
+    assert finish in ("tool_calls", "length") and calls  # "length": the budget closed the block
     for c in calls.values():
         jsonschema.validate(json.loads(c["args"]), SCHEMAS[c["name"]])
 
@@ -135,11 +141,63 @@ def test_openai_async_tools(server):
     asyncio.run(main())
 
 
+def parsed_city(client, **request) -> City:
+    """The City of a structured reply. The random model's strings run on until the budget closes them,
+    which finish_reason reports as "length" and the SDK's parse() then raises: the reply still validates."""
+    try:
+        return client.chat.completions.parse(response_format=City, **request).choices[0].message.parsed
+    except openai.LengthFinishReasonError as e:
+        return City.model_validate_json(e.completion.choices[0].message.content)
+
+
 def test_openai_json_schema_strict(client):
     for model in ("deepseek-chat", "tiny-v3"):  # thinking off, and on (the JSON follows the reasoning)
-        r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": "A city?"}],
-                                          response_format=City, max_tokens=120, seed=1)
-        assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
+        assert isinstance(parsed_city(client=client, model=model, messages=[{"role": "user", "content": "A city?"}],
+                                      max_tokens=120, seed=1), City)
+
+
+def test_stop_strings_never_cut_a_call_or_json(client):
+    """Stop strings apply to free text, not inside the call block or JSON the grammar writes (agent
+    frameworks send stop ["\n"]; a stop inside the block left raw call tokens in content)."""
+    common = dict(model="deepseek-chat", messages=ASK, tools=[WEATHER, ADD], tool_choice="required", max_tokens=80,
+                  seed=0, temperature=1.0, stop=["\n", "weather", "{", '"', "add"])
+    r = client.chat.completions.create(**common)
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    check_calls(r.choices[0].message.tool_calls)
+    streamed = {}
+    for chunk in client.chat.completions.create(stream=True, **common):
+        for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            streamed[d.index] = streamed.get(d.index, "") + (d.function.arguments or "")
+    assert list(streamed.values()) == [c.function.arguments for c in r.choices[0].message.tool_calls]
+    assert isinstance(parsed_city(client, model="deepseek-chat", messages=[{"role": "user", "content": "A city?"}],
+                                  max_tokens=120, seed=1, stop=['"', ","]), City)
+
+
+def test_a_budget_that_ends_a_call_says_length(client):
+    """A call (or JSON) the budget closed is complete and parses, but its finish_reason is "length":
+    an agent must not run arguments that were cut short as if the model had finished them."""
+    for max_tokens, finish in ((20, "length"), (40, "tool_calls")):  # the random model's calls take 22-23 tokens
+        for seed in range(3):
+            r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER], seed=seed,
+                                               tool_choice="required", max_tokens=max_tokens, temperature=1.0)
+            check_calls(r.choices[0].message.tool_calls)
+            assert r.choices[0].finish_reason == finish
+    r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=12)  # too few for any call: cut, and no call tokens in content
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    assert "tool▁call" not in (r.choices[0].message.content or "")
+
+
+def test_json_response_format_with_tools_is_json_or_calls(client):
+    """tool_choice "auto" with a response format: the answer is the JSON asked for, or calls."""
+    for seed in range(3):
+        r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER, ADD], max_tokens=120,
+                                           seed=seed, temperature=1.0, response_format={"type": "json_object"})
+        msg = r.choices[0].message
+        if msg.tool_calls:
+            check_calls(msg.tool_calls)
+        else:
+            assert isinstance(json.loads(msg.content), dict), msg.content
 
 
 @pytest.mark.parametrize("tools,param", [
@@ -199,7 +257,7 @@ def test_langchain_openai_structured_output(server):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(model="deepseek-chat", base_url=server + "/v1", api_key=KEY, max_tokens=120, max_retries=0)
-    assert isinstance(llm.with_structured_output(City).invoke("A city?"), City)  # json_schema, strict
+    assert isinstance(llm.with_structured_output(Town).invoke("A town?"), Town)  # json_schema, strict
 
 
 def test_litellm_deepseek_provider(server):

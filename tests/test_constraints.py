@@ -41,14 +41,18 @@ def params(grammar, n=3, max_new=160):
 
 def test_json_schema_output_always_parses_and_validates(setup):
     """A random model writes anything the grammar allows; as its budget runs out the reply is
-    completed the short way, so it still validates."""
+    completed the short way, so it still validates, and says "length": the budget ended it, not the
+    model (a client can tell a string or a tool call's arguments were cut)."""
     tok, engine, vocab = setup
     g = Grammar.compile(vocab, "start: " + json_rule(SCHEMA))
+    reasons = []
     for max_new in (40, 160):
         for req in engine.generate([tok.encode("<｜User｜>give me json<｜Assistant｜>")] * 3, params(g, max_new=max_new)):
-            assert req.finish_reason == "stop" and len(req.tokens) <= max_new, req.text
+            reasons.append(req.finish_reason)
+            assert req.finish_reason == ("length" if len(req.tokens) == max_new else "stop"), req.text
             jsonschema.validate(json.loads(req.text), SCHEMA)
             assert "  " not in req.text and "\n" not in req.text  # bounded whitespace: ", " and ": " only
+    assert {"stop", "length"} <= set(reasons)  # both kinds of ending were seen
 
 
 def test_json_object_mode_parses_at_any_budget(setup):

@@ -239,7 +239,7 @@ class Failing:
 
 
 class FailingState:
-    finished = False
+    finished, active, cut_short = False, False, False
 
     def __init__(self, at: int):
         self.at, self.seen = at, 0

@@ -174,13 +174,33 @@ def test_fim_completion_with_suffix(client):
     assert plain.choices[0].text.startswith("1 + 1 =")
 
 
-def test_prefix_completion_and_logprobs(client):
+def test_prefix_completion_and_logprobs(client, parts):
+    """A prefix starts the reasoning (thinking on): the reply is split at its </think>, never leaving
+    the tag in content, and a second </think> is banned once the reasoning has ended; logprobs cover
+    the content's tokens alone (OpenAI's logprobs.content), streamed or not."""
+    _, tok, _ = parts
+    seven = tok.encode("7")
+    assert len(seven) == 1
+    bias = {str(tok.end_think_id): 100, str(seven[0]): 50}  # </think> at once, then (the tag banned) 7s
     msgs = ask() + [{"role": "assistant", "content": "The answer is", "prefix": True}]
-    r = client.chat.completions.create(model="nanoseek-test", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=2)
-    lp = r.choices[0].logprobs.content
-    assert len(lp) == r.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in lp)
+    common = dict(model="nanoseek-test", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                  logit_bias=bias)
+    r = client.chat.completions.create(**common)
+    m, lp = r.choices[0].message, r.choices[0].logprobs.content
+    assert (m.content, m.model_extra["reasoning_content"], r.choices[0].finish_reason) == ("77777", "", "length")
+    assert [e.token for e in lp] == ["7"] * 5 and all(len(e.top_logprobs) == 2 for e in lp)
     assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in lp)
+    streamed, tokens = "", []
+    for chunk in client.chat.completions.create(stream=True, **common):
+        for c in chunk.choices:
+            streamed += c.delta.content or ""
+            tokens += [e.token for e in (c.logprobs.content or [])] if c.logprobs else []
+    assert streamed == "77777" and tokens == ["7"] * 5
+    # a reasoning_content in the prefix message is the reasoning, and the content then starts the answer
+    msgs[-1] = {"role": "assistant", "reasoning_content": "12 + 7 = 19", "content": "The answer is", "prefix": True}
+    r = client.chat.completions.create(model="nanoseek-test", messages=msgs, max_tokens=3, temperature=0,
+                                       logit_bias={str(seven[0]): 50})
+    assert r.choices[0].message.content == "777" and not r.choices[0].message.model_extra.get("reasoning_content")
 
 
 def test_prefix_inside_the_reasoning_is_split_out(client):
@@ -209,13 +229,14 @@ def test_tools_need_a_template_with_calls(parts):
     assert e.value.body["param"] == "tools" and "tool-call format" in e.value.body["message"]
 
 
-def biased(model, token: int):
-    """The model with `token`'s logit raised far above the rest: it writes that token when it may."""
+def biased(model, *tokens: int):
+    """The model with each token's logit raised far above the rest, the first most: it writes the first
+    of them that it may."""
     import copy
     m = copy.deepcopy(model)
     with torch.no_grad():
-        m.lm_head.weight[token] = 0
-        m.lm_head.weight[token, :] = 50 * m.model.norm.weight.sign()
+        for rank, token in enumerate(tokens):
+            m.lm_head.weight[token, :] = (50 - 10 * rank) * m.model.norm.weight.sign()
     return m
 
 
@@ -231,20 +252,36 @@ def test_thinking_off_never_writes_think_tags(parts):
             assert "think>" not in r.choices[0].message.content and not r.choices[0].message.model_extra.get("reasoning_content")
 
 
+def scripted(engine, tokens: list[int]) -> None:
+    """The engine samples `tokens` in order (then the last one again), whatever the model says."""
+    script = iter(tokens)
+    engine._sample_rows = lambda raw, rows: [next(script, tokens[-1]) for _ in rows]
+
+
 def test_stop_strings_apply_to_the_answer_not_the_reasoning(parts):
-    """Forced by a grammar, the reply is `a\n\nb</think>\n\nc\n\nd`: stop "\n\n" cuts after c."""
+    """The reply `a\n\nb</think>\n\nc\n\nd`: stop "\n\n" cuts after c; a grammar's part is never cut."""
     from nanoseek.inference import SamplingParams
-    from nanoseek.inference.constraints import Grammar, vocabulary
+    from nanoseek.inference.constraints import Grammar, json_rule, vocabulary
 
     model, tok, db = parts
     engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
-    vocab = vocabulary(tok.tok.to_str(), model.config.vocab_size, tok.eos_ids)
-    forced = Grammar.compile(vocab, f'start: "a\\n\\nb" <[{tok.end_think_id}]> "\\n\\nc\\n\\nd"')
-    params = SamplingParams(max_new_tokens=40, grammar=forced, stop=("\n\n",), stop_after=tok.end_think_id)
+    reply = tok.encode("a\n\nb") + [tok.end_think_id] + tok.encode("\n\nc\n\nd")
+    scripted(engine, reply)
+    params = SamplingParams(max_new_tokens=len(reply), stop=("\n\n",), stop_after=tok.end_think_id)
     req = engine.generate([tok.encode("<｜User｜>q<｜Assistant｜><think>\n")], [params])[0]
     assert req.text == "a\n\nb</think>\n\nc" and req.finish_reason == "stop"
-    plain = engine.generate([tok.encode("q")], [SamplingParams(max_new_tokens=40, grammar=forced, stop=("\n\n",))])[0]
+    scripted(engine, reply)
+    plain = engine.generate([tok.encode("q")], [SamplingParams(max_new_tokens=len(reply), stop=("\n\n",))])[0]
     assert plain.text == "a"  # without stop_after, the first match counts
+    # JSON after the reasoning (as a response format asks): a stop string inside it does not cut it
+    vocab = vocabulary(tok.tok.to_str(), model.config.vocab_size, tok.eos_ids)
+    end = tok.end_think_id
+    grammar = Grammar.compile(vocab, f"start: <[{end}]> " + json_rule(None), trigger=end, required=True)
+    reply = tok.encode("a b") + [end] + tok.encode('{"a": "b"}') + [tok.eos_id]
+    scripted(engine, reply)
+    params = SamplingParams(max_new_tokens=40, stop=('"', "b"), stop_after=end, grammar=grammar)
+    req = engine.generate([tok.encode("<｜User｜>q<｜Assistant｜><think>\n")], [params])[0]
+    assert req.text == 'a b</think>{"a": "b"}' and req.finish_reason == "stop"
 
 
 def test_non_streaming_client_that_hangs_up_cancels(parts):

@@ -91,7 +91,7 @@ def test_random_model_under_the_call_grammar_writes_valid_calls(formats, name):
     params = [SamplingParams(max_new_tokens=120, temperature=t, seed=s, grammar=grammar) for t, s in ((0, None), (1, 1), (1, 2))]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CALCULATOR)}
     for req in engine.generate([prompt] * 3, params):
-        assert req.finish_reason == "stop", req.text
+        assert req.finish_reason == ("length" if len(req.tokens) == 120 else "stop"), req.text  # closed by the budget
         content, calls, complete = fmt.split(req.text)
         assert content == "" and complete and calls
         for c in calls:

@@ -61,25 +61,27 @@ def literal(text: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Grammar:
-    """A compiled grammar: `lark` (rule `start`), the optional trigger token it waits for, and
-    tokens banned throughout. Build with `Grammar.compile`."""
+    """A compiled grammar: `lark` (rule `start`), the optional trigger token it waits for, tokens
+    banned throughout, and tokens banned once a given token has been generated (the think tags
+    after the reasoning's end). Build with `Grammar.compile`."""
 
     matcher: llguidance.LLMatcher | None  # in its start state; never advanced itself
     vocab: llguidance.LLTokenizer | None
     trigger: int | None = None
     banned: frozenset[int] = field(default_factory=frozenset)
     required: bool = False  # the reply must reach the grammar: the trigger is forced as the budget runs out
+    banned_after: tuple[int, frozenset[int]] | None = None  # (token, banned once it has been generated)
 
     @staticmethod
     def compile(vocab: llguidance.LLTokenizer, lark: str | None, trigger: int | None = None,
-                banned=(), required: bool = False) -> "Grammar":
+                banned=(), required: bool = False, banned_after: tuple[int, frozenset[int]] | None = None) -> "Grammar":
         """Raises GrammarError if llguidance rejects the grammar (e.g. an invalid JSON schema)."""
         matcher = None
         if lark is not None:
             matcher = llguidance.LLMatcher(vocab, lark, log_level=0)
             if matcher.is_error():
                 raise GrammarError(matcher.get_error())
-        return Grammar(matcher, vocab, trigger, frozenset(banned), required)
+        return Grammar(matcher, vocab, trigger, frozenset(banned), required, banned_after)
 
     @cached_property
     def entry_cost(self) -> int:
@@ -99,10 +101,12 @@ class GrammarState:
         self.grammar = grammar
         self.matcher = grammar.matcher.deep_copy() if grammar.matcher is not None else None
         self.active = grammar.trigger is None and self.matcher is not None
+        self.after = False  # grammar.banned_after's token has been generated
+        self.cut_short = False  # closing() ended the output early: the budget ran out, not the reply
 
     def allowed(self, n_vocab: int, device=None) -> torch.Tensor | None:
         """A bool mask [n_vocab] of the tokens allowed next, or None when every token is."""
-        banned = self.grammar.banned
+        banned = self.grammar.banned | (self.grammar.banned_after[1] if self.after else frozenset())
         if not self.active and not banned:
             return None
         if self.active:
@@ -116,6 +120,8 @@ class GrammarState:
         return mask.to(device) if device is not None else mask
 
     def consume(self, token: int) -> None:
+        if self.grammar.banned_after is not None and token == self.grammar.banned_after[0]:
+            self.after = True
         if not self.active and self.matcher is not None and token == self.grammar.trigger:
             self.active = True
         if self.active and not self.matcher.is_stopped():
@@ -129,12 +135,17 @@ class GrammarState:
         if budget > CLOSE_WITHIN or self.matcher is None or self.matcher.is_stopped():
             return proposed
         if not self.active:  # a required grammar not entered yet: enter it while it still fits
-            return g.trigger if g.required and proposed != g.trigger and g.entry_cost >= budget else proposed
+            if g.required and proposed != g.trigger and g.entry_cost >= budget:
+                self.cut_short = True
+                return g.trigger
+            return proposed
         after = self.matcher.deep_copy()
         if after.consume_token(proposed) and (rest := completion(after, g.vocab)) is not None \
                 and len(rest) < budget:
             return proposed
         path = completion(self.matcher, g.vocab, tries=len(CLOSERS))
+        if path and path[0] != proposed:
+            self.cut_short = True
         return path[0] if path else proposed
 
     @property

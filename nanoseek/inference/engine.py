@@ -87,6 +87,8 @@ class Request:
     _prompt_raw: torch.Tensor | None = field(default=None, repr=False)  # logits after the prompt, while admitting
     _shown: int = 0  # characters of text already sent in events
     _reasoning_chars: int | None = None  # with params.stop_after: length of the text up to that token, once seen
+    _constrained_at: int | None = None  # index in tokens where the grammar took over (stop strings end there)
+    _constrained_chars: int | None = None  # length of the text before that token, once decoded
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -606,17 +608,19 @@ class Engine:
 
     def _add_tokens(self, row: int, req: Request, tokens: list[int], logits: torch.Tensor) -> None:
         p = req.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        stops = self._stop_ids(req)
         new, reason = [], None
         for t in tokens:
             new.append(t)
             req.tokens.append(t)
             if req._state.counts is not None:
                 req._state.counts[t] += 1
-            if req._state.grammar is not None:
-                req._state.grammar.consume(t)
-            if t in stops or (req._state.grammar is not None and req._state.grammar.finished):
-                reason = "stop"
+            if (g := req._state.grammar) is not None:
+                g.consume(t)
+                if g.active and req._constrained_at is None:
+                    req._constrained_at = len(req.tokens) - 1
+            if t in stops or (g is not None and g.finished):
+                reason = "length" if g is not None and g.cut_short else "stop"  # closed early: the budget ended it
             elif len(req.tokens) >= p.max_new_tokens:
                 reason = "length"
             if reason:
@@ -628,11 +632,12 @@ class Engine:
             out_ids = [t for t in req.tokens if t not in stops]
             full = self.decode(out_ids)
             start = self._stops_from(req, full, out_ids) if p.stop else None
-            cut = None if start is None else _find_stop(full[start:], p.stop)
+            end = self._stops_until(req) if p.stop else None
+            cut = None if start is None else _find_stop(full[start:end], p.stop)
             if cut is not None:
                 full, reason = full[:start + cut], "stop"
             req.text = full
-            hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+            hold = 0 if reason or end is not None else max((len(s) - 1 for s in p.stop), default=0)
             safe = len(full) - hold
             while not reason and safe > req._shown and full[safe - 1] == "\ufffd":  # an incomplete UTF-8
                 safe -= 1  # character may complete with the next token; at the end it is sent as it decodes
@@ -654,6 +659,17 @@ class Engine:
                 return None
             req._reasoning_chars = len(self.decode(ids[: ids.index(after) + 1]))
         return len(text) - len(text[req._reasoning_chars:].lstrip())
+
+    def _stops_until(self, req: Request) -> int | None:
+        """Where stop strings stop counting in the text: where the grammar took over (a JSON answer or a
+        block of tool calls must parse whole; a stop string inside it would break it), else None."""
+        if req._constrained_at is not None and req._constrained_chars is None:
+            stops = self._stop_ids(req)
+            req._constrained_chars = len(self.decode([t for t in req.tokens[:req._constrained_at] if t not in stops]))
+        return req._constrained_chars
+
+    def _stop_ids(self, req: Request) -> set[int]:
+        return set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_ids)
 
     def _release(self, row: int, reason: str, emitted: bool = False) -> None:
         req = self.active[row]

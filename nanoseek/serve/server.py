@@ -36,7 +36,7 @@ from ..data.shards import fim_arrange
 from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
-from ..tokenizer import END_THINK, THINK, ChatFormatError, DeepSeekTokenizer
+from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CallFormat, CallStream, calculator_format, describe_tools, renders_tools
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
@@ -63,9 +63,10 @@ class Service:
         return CallFormat.probe(self.tok)
 
     @lru_cache(maxsize=64)
-    def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool) -> Grammar:
+    def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool,
+                banned_after: tuple[int, frozenset] | None = None) -> Grammar:
         vocab = vocabulary(self.tok.tok.to_str(), self.engine.config.vocab_size, self.tok.eos_ids)
-        return Grammar.compile(vocab, lark, trigger, banned, required)
+        return Grammar.compile(vocab, lark, trigger, banned, required, banned_after)
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop):
         """n requests with their asyncio event queues; refused requests become API errors."""
@@ -275,10 +276,10 @@ def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[di
             msgs.insert(0, {"role": "system", "content": note})
     template_tools = tools if tools and renders_tools(svc.tok) else None
     try:
-        if body.messages[-1].prefix:  # the reply opened by the generation prompt, then the given start
-            start = msgs[-1]["content"] or ""
-            ids = svc.tok.render_prompt(msgs[:-1], thinking=thinking, tools=template_tools, prefix=start)
-            return ids, start.rfind(THINK) > start.rfind(END_THINK), True
+        if (last := body.messages[-1]).prefix:  # the reply starts as given (see render_prefixed)
+            ids, started = svc.tok.render_prefixed(msgs[:-1], last.content or "", last.reasoning_content,
+                                                   thinking=thinking, tools=template_tools)
+            return ids, started, True
         ids = svc.tok.render_prompt(msgs, thinking=thinking, tools=template_tools)
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -288,37 +289,48 @@ def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[di
 def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, tools: list[dict],
              choice: str | None) -> Grammar | None:
     """What the reply must follow: tool calls (anywhere once it opens them under 'auto', at once under
-    'required' or a named function), the response format's JSON, neither; with thinking on, the
-    forced part comes after the reasoning. Without thinking the think tags are banned; where no tool
-    may be called (none offered, or tool_choice 'none') so are the tokens of calls and tool outputs (a
-    model taught to call a calculator once wrote a raw call into a reply to a request without tools)."""
+    'required' or a named function), the response format's JSON (under 'auto' with a response format:
+    the answer is either that JSON or a block of calls), neither; with thinking on, the forced part
+    comes after the reasoning. Without thinking the think tags are banned, and with it once the
+    reasoning has ended (a second `</think>` would land in the answer); where no tool may be called
+    (none offered, or tool_choice 'none') so are the tokens of calls and tool outputs (a model taught
+    to call a calculator once wrote a raw call into a reply to a request without tools)."""
     tok, fmt = svc.tok, svc.call_format
-    banned = set() if thinking else {tok.think_id, tok.end_think_id} - {None}
+    tags = frozenset({tok.think_id, tok.end_think_id} - {None})
+    banned = set() if thinking else set(tags)
+    reasoning_end = tok.end_think_id if thinking and started and tok.end_think_id is not None else None
+    after = (reasoning_end, tags) if reasoning_end is not None else None
+    rf = body.response_format
+    json_answer = None
+    if rf is not None and rf.type != "text":
+        schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+        json_answer = json_rule(schema if schema is not None else {"type": "object"})
     answer, trigger = None, None  # Lark rules whose top rule is `answer`; the token that opens them
     if choice is not None:
         chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
-        answer = fmt.grammar(chosen, tok, rule="answer", single=not body.parallel_tool_calls)
-        if choice == "auto":  # free text until the model opens a block of calls
+        calls = fmt.grammar(chosen, tok, rule="calls", single=not body.parallel_tool_calls)
+        answer = "answer: calls\n" + calls
+        if choice == "auto" and json_answer is not None:  # the JSON asked for, or calls
+            answer = f"answer: calls | json_answer\njson_answer: {json_answer}\n" + calls
+        elif choice == "auto":  # free text until the model opens a block of calls
             opener = tok.encode(fmt.opener)
             if len(opener) != 1:
                 raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
                                     "or a named function", param="tool_choice")
-            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False)
+            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False, after)
     elif fmt is not None:
         banned |= tok.tool_ids
         if len(opener := tok.encode(fmt.opener)) == 1:
             banned.add(opener[0])
-    rf = body.response_format
-    if answer is None and rf is not None and rf.type != "text":
-        schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
-        answer = "answer: " + json_rule(schema if schema is not None else {"type": "object"}) + "\n"
+    if answer is None and json_answer is not None:
+        answer = f"answer: {json_answer}\n"
     if answer is None:
-        return svc.grammar(None, None, frozenset(banned), False) if banned else None
+        return svc.grammar(None, None, frozenset(banned), False, after) if banned or after else None
     start = "start: answer\n"
-    if thinking and started and tok.end_think_id is not None:  # free reasoning; the grammar starts where it ends
-        trigger = tok.end_think_id
+    if reasoning_end is not None:  # free reasoning; the grammar starts where it ends
+        trigger = reasoning_end
         start = f"start: <[{trigger}]> {LEADING_SPACE} answer\n"
-    return svc.grammar(start + answer, trigger, frozenset(banned), True)
+    return svc.grammar(start + answer, trigger, frozenset(banned), True, after)
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
@@ -336,6 +348,33 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> Sa
                           stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
                           logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
                           stop_token_ids=tuple(sorted(svc.tok.eos_ids)))
+
+
+class _AnswerLogprobs:
+    """The logprob entries of the answer alone, as OpenAI's `logprobs.content` covers the message's
+    content: those of the reasoning and the `</think>` that ends it, of the whitespace before the
+    answer and of stop tokens are left out. Fed a reply's entries in order, whole or as they stream."""
+
+    def __init__(self, svc: Service, started: bool):
+        self.tok, self.stops = svc.tok, svc.tok.eos_ids
+        self.reasoning = started and svc.tok.end_think_id is not None  # the reply opens inside its reasoning
+        self.leading = True
+
+    def feed(self, entries: list[dict]) -> list[dict]:
+        out = []
+        for e in entries:
+            if self.reasoning:
+                self.reasoning = e["token"] != self.tok.end_think_id
+            elif e["token"] not in self.stops and not (self.leading and not self.tok.decode([e["token"]]).strip()):
+                self.leading = False
+                out.append(e)
+        return out
+
+    def whole(self, entries: list[dict]) -> list[dict]:
+        out = self.feed(entries)
+        while out and not self.tok.decode([out[-1]["token"]]).strip():  # the content's trailing whitespace
+            out.pop()
+        return out
 
 
 def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
@@ -373,8 +412,9 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
     if thinking or reasoning:
         msg["reasoning_content"] = reasoning
-    if tools:
+    if tools:  # the calls apart; a block cut short (no whole call in it) is left out of the content too
         content, calls, _ = svc.call_format.split(content)
+        msg["content"] = content
         if calls:
             msg.update(content=content or None, tool_calls=calls)
             finish = "tool_calls" if finish == "stop" else finish
@@ -411,7 +451,8 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     for i, (req, _) in enumerate(jobs):
         msg, finish = _reply(svc, req, started, with_calls)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
-                        "logprobs": _logprobs_json(svc, req.logprobs) if body.logprobs else None})
+                        "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started).whole(req.logprobs))
+                        if body.logprobs else None})
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(svc, prompt, jobs, started), "system_fingerprint": "nanoseek"}
 
@@ -430,10 +471,11 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     splitters = [ReasoningStream(started=thinking) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
+    answer_logprobs = [_AnswerLogprobs(svc, thinking) for _ in jobs]
     async for i, ev in _merged_events(svc, jobs, request):
         final = ev.finish_reason is not None
         if jobs[i][0].params.logprobs:
-            pending[i] += ev.logprobs
+            pending[i] += answer_logprobs[i].feed(ev.logprobs)
         deltas = []
         for kind, text in splitters[i].feed(ev.text, final=final):
             if kind == "reasoning" or calls[i] is None:
