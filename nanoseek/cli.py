@@ -318,6 +318,11 @@ def _shipped_model() -> Path:
     return SHIPPED
 
 
+def _no_template(model: Path | None) -> str:
+    return (f"{model}: the model folder has no chat template (tokenizer_config.json's chat_template, or "
+            "chat_template.jinja): it is a base model, or its tokenizer files are missing")
+
+
 def _chat_engine(model: Path | None, **options):
     """load_chat_engine on --model, or on the chat model shipped in the package when none is given."""
     if model is None:
@@ -542,7 +547,10 @@ def generate(
     from .inference import SamplingParams
 
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize)
-    ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
+    if not raw and not tok.chat_template:
+        _fail(f"{_no_template(model)}; --raw continues the prompt as plain text")
+    with _reported():
+        ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     with _reported():
         req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -578,6 +586,8 @@ def chat(
     from .chat import chat as run_chat
 
     engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize)
+    if not tok.chat_template:
+        _fail(f"{_no_template(model)}; chatting needs one (`nanoseek generate --raw` continues plain text)")
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
     run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -870,6 +880,9 @@ def serve(
         engine.max_queue = max_queue
         with _reported():
             served.append(Service(engine, tok, served_name, read_examples(folder or SHIPPED)))  # + the welcome screen
+        if not tok.chat_template:
+            console.print(f"[yellow]note[/] {_no_template(folder)}: '{served_name}' answers /v1/completions only "
+                          "(chat requests get a 400 saying so)")
         if db is None and folder is not None and (folder / "chats.db").is_file():
             console.print(f"[yellow]note[/] chats are no longer kept in the model folder: pass --db "
                           f"{folder / 'chats.db'} to keep using that file, or move it to {default_path()}")

@@ -312,6 +312,8 @@ def converted_matmul(x: torch.Tensor, weight_rows, out_features: int) -> torch.T
     int8/int4 weights and 16-512 rows on an AMD EPYC Zen3)."""
     K = x.shape[1]
     block = max(KERNEL_BLOCK, CONVERT_WEIGHTS // K // KERNEL_BLOCK * KERNEL_BLOCK)
+    if torch.is_grad_enabled() and x.requires_grad:  # a product autograd records (written out= it could not)
+        return torch.cat([x @ weight_rows(s, s + block, x.dtype).t() for s in range(0, out_features, block)], dim=1)
     out = x.new_empty(out_features, x.shape[0])  # [N, rows]: each block of channels fills contiguous rows
     for start in range(0, out_features, block):
         torch.mm(weight_rows(start, start + block, x.dtype), x.t(), out=out[start:start + block])

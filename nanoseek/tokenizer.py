@@ -239,7 +239,9 @@ class DeepSeekTokenizer:
                 raise ValueError(f"{f}: invalid JSON ({e})") from None
 
         config = read("tokenizer_config.json")
-        if config is not None and not config.get("chat_template") and (d / "chat_template.jinja").is_file():
+        if config is None:  # nanoseek always writes one: a folder without it is another's, its chat format unknown
+            config = {k: v for k, v in OWN_CONFIG.items() if k != "chat_template"}
+        if not config.get("chat_template") and (d / "chat_template.jinja").is_file():
             config["chat_template"] = (d / "chat_template.jinja").read_text()  # transformers v5 keeps it apart
         return cls(Tokenizer.from_file(str(d / "tokenizer.json")), config, read("generation_config.json"))
 

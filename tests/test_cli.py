@@ -138,6 +138,18 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
     assert bad_bits.exit_code == 2 and "'--quantize'" in bad_bits.output and "'int8', 'int4'" in bad_bits.output
 
 
+def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
+    """A base model (no chat template): generate and chat say so and what works instead; --raw works."""
+    model = _chat_model(tmp_path)
+    (model / "tokenizer_config.json").unlink()
+    for cmd in (["generate", "--prompt", "hi"], ["chat"]):
+        r = runner.invoke(app, [*cmd, "--model", str(model)], input="hi\n")
+        assert r.exit_code == 2 and "has no chat template" in r.output and "--raw" in r.output, r.output
+        assert "Traceback" not in r.output
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "12 + 30 =", "--raw", "--max-tokens", "4"])
+    assert r.exit_code == 0 and "tok/s" in r.output, r.output
+
+
 def test_chat_commands_and_multiline_input(tmp_path):
     """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)

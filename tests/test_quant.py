@@ -129,6 +129,10 @@ def test_quantized_random_models_stay_close_to_float(tmp_path, family):
         assert layers and quant.lm_head in layers and all(m.bits == bits for m in layers)
         kl, agree = kl_and_agreement(model, quant, x)
         assert kl < max_kl and agree >= min_agree, (bits, kl, agree)
+        # called as `nanoseek.load_model(...)(ids)` is, outside no_grad (a long prompt takes the converted path)
+        with torch.no_grad():
+            want = quant(x).logits
+        assert torch.equal(quant(x).logits.detach(), want)
 
 
 def test_the_shipped_model_quantized_keeps_its_predictions():

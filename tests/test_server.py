@@ -240,6 +240,18 @@ def biased(model, *tokens: int):
     return m
 
 
+def test_a_base_model_answers_completions_and_refuses_chat_naming_the_model(parts):
+    model, tok, db = parts
+    base = DeepSeekTokenizer(tok.tok, {k: v for k, v in tok.config.items() if k != "chat_template"})
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, base, name="base")) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "base", "messages": ask(), "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+        assert "no chat template" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "1 + 1 =", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_thinking_off_never_writes_think_tags(parts):
     model, tok, db = parts
     engine = Engine(biased(model, tok.think_id), decode=tok.decode, max_batch=2, max_len=256, eos_token_id=tok.eos_id)

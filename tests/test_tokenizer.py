@@ -72,6 +72,14 @@ def test_save_load(tok, tmp_path):
     tok.save(tmp_path)
     again = DeepSeekTokenizer.load(tmp_path)
     assert again.encode("What is 12 + 3?") == tok.encode("What is 12 + 3?")
+    assert again.chat_template == tok.chat_template
+    # a folder without tokenizer_config.json is not nanoseek's (it always writes one): no chat format is
+    # assumed for it, unless a chat_template.jinja says which
+    (tmp_path / "tokenizer_config.json").unlink()
+    bare = DeepSeekTokenizer.load(tmp_path)
+    assert bare.chat_template is None and bare.eos_id == tok.eos_id
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}|{% endfor %}")
+    assert DeepSeekTokenizer.load(tmp_path).render_prompt([{"role": "user", "content": "hi"}]) == tok.encode("hi|")
 
 
 CHATS = [

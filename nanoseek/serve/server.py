@@ -267,6 +267,9 @@ def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[di
     """-> (prompt ids, whether the reply starts inside its reasoning, prefix mode). The prompt is
     rendered by the model's own chat template; tools are described by the template if it renders
     them, else in a system message."""
+    if not svc.tok.chat_template:
+        raise APIError(400, f"the model '{svc.name}' has no chat template (a base model): use /v1/completions",
+                       param="model")
     msgs = _messages(body)
     if tools and not renders_tools(svc.tok) and svc.call_format is not None:
         note = describe_tools(tools, svc.call_format)
