@@ -296,6 +296,27 @@ def test_stop_strings_apply_to_the_answer_not_the_reasoning(parts):
     assert req.text == 'a b</think>{"a": "b"}' and req.finish_reason == "stop"
 
 
+def test_logprobs_carry_each_tokens_own_bytes_and_offsets(parts):
+    """Byte-level pieces of one character: each entry's bytes are the piece's bytes (joined, the
+    character), not U+FFFD's; legacy text offsets stay inside the text."""
+    model, tok, db = parts
+    pieces = tok.encode("🦜")
+    assert len(pieces) > 1  # the test tokenizer has no token for it
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    scripted(engine, pieces + [tok.eos_id])
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": ask(), "logprobs": True, "max_tokens": 8,
+                                                           "thinking": {"type": "disabled"}}).json()
+        entries = r["choices"][0]["logprobs"]["content"]
+        assert r["choices"][0]["message"]["content"] == "🦜" and len(entries) == len(pieces)
+        assert b"".join(bytes(e["bytes"]) for e in entries).decode() == "🦜"
+        text = "a🦜b"
+        lp = httpx.post(url + "/v1/completions", json={"prompt": text, "max_tokens": 0, "echo": True,
+                                                      "logprobs": 0}).json()["choices"][0]["logprobs"]
+        n = len(tok.encode("a🦜b"))
+        assert lp["text_offset"][-n:] == [0, 1] + [1] * (len(pieces) - 1) + [2] and max(lp["text_offset"]) < len(text)
+
+
 def test_non_streaming_client_that_hangs_up_cancels(parts):
     model, tok, db = parts
     engine = Engine(model, decode=tok.decode, max_batch=2, max_len=256, eos_token_id=-1)
@@ -334,6 +355,16 @@ BAD = [
     ("bad stop", {"messages": ask(), "stop": [""]}, None, 400, "stop"),
     ("prefix not last", {"messages": [{"role": "assistant", "content": "a", "prefix": True}] + ask()}, None, 400,
      "prefix"),
+    ("empty body", b"", None, 400, "the request body is empty"),
+    ("JSON sent as a form", json.dumps({"messages": ask()}).encode(),
+     {"Content-Type": "application/x-www-form-urlencoded"}, 400, "Content-Type: application/json"),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, 400,
+     "temperature: Input should be a finite number"),
+    ("logprobs as a number", {"messages": ask(), "logprobs": 3}, None, 400, "logprobs"),
+    ("logit_bias id outside the vocabulary", {"messages": ask(), "logit_bias": {"99999": 1}}, None, 400, "logit_bias"),
+    ("a schema that cannot compile", {"messages": ask(), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}, None, 400,
+     "minimum (5) is greater than maximum (1)"),
 ]
 
 
@@ -346,6 +377,9 @@ def test_bad_requests_get_openai_errors(server, name, body, headers, status, tex
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and text in err["message"], err
     assert "Traceback" not in r.text and "pydantic" not in r.text and "loc" not in err
+    assert "start:" not in err["message"] and "%json" not in err["message"]  # none of nanoseek's grammar
+    if name.startswith(("logprobs", "logit_bias", "a schema")):
+        assert err["param"] == {"a": "response_format"}.get(name[0], name.split()[0]), err
 
 
 def test_context_overflow_names_the_parameter(server):
@@ -357,6 +391,7 @@ def test_context_overflow_names_the_parameter(server):
         assert r.json()["error"]["code"] == "context_length_exceeded"
     r = httpx.post(server + "/v1/completions", json={"prompt": "word " * 400}, headers=h, timeout=30)
     assert r.status_code == 400 and "over this model's context of 256 tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
 
 
 def test_api_key_guards_the_api_but_not_the_page(server):

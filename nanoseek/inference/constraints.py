@@ -17,6 +17,7 @@ calls), which is also the grammar's first token; from then on every token is mas
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -32,6 +33,17 @@ LEADING_SPACE = r"/[ \n]{0,2}/"  # what may stand between a trigger (e.g. </thin
 
 class GrammarError(ValueError):
     """A grammar or schema llguidance cannot compile (the message says where)."""
+
+
+def _readable(error: str) -> str:
+    """llguidance's error without the position and the listing of nanoseek's grammar that follow it
+    ("at 2(9): failed to compile JSON schema: Invalid type: nosuch\n   1 | start: ...")."""
+    lines = []
+    for line in error.splitlines():
+        if re.match(r"\s*\d+ \| ", line):
+            break
+        lines.append(line)
+    return re.sub(r"^at \d+\(\d+\): ", "", "\n".join(lines).strip())
 
 
 @lru_cache(maxsize=4)
@@ -80,7 +92,7 @@ class Grammar:
         if lark is not None:
             matcher = llguidance.LLMatcher(vocab, lark, log_level=0)
             if matcher.is_error():
-                raise GrammarError(matcher.get_error())
+                raise GrammarError(_readable(matcher.get_error()))
         return Grammar(matcher, vocab, trigger, frozenset(banned), required, banned_after)
 
     @cached_property

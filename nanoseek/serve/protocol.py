@@ -50,7 +50,7 @@ def lone_surrogate(value, path: str = "") -> str | None:
 
 class StrictBody(BaseModel):
     """A JSON request body: unknown fields ignored, known ones strictly typed, only valid Unicode."""
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -169,7 +169,7 @@ class Sampling(StrictBody):
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logprobs: bool | int | None = None
+    logprobs: bool | None = None  # chat's; the legacy completions take an integer (CompletionRequest)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = Field(None, max_length=300)  # token id (as text) -> bias in [-100, 100]
     stream: bool = False

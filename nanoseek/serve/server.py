@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property, lru_cache, reduce
@@ -62,14 +63,25 @@ class Service:
         """How this model's chat template writes tool calls (None: it has no tool calls)."""
         return CallFormat.probe(self.tok)
 
+    @cached_property
+    def vocab(self):
+        """The vocabulary as llguidance reads it (grammars; each token's bytes)."""
+        return vocabulary(self.tok.tok.to_str(), self.engine.config.vocab_size, self.tok.eos_ids)
+
     @lru_cache(maxsize=64)
     def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool,
                 banned_after: tuple[int, frozenset] | None = None) -> Grammar:
-        vocab = vocabulary(self.tok.tok.to_str(), self.engine.config.vocab_size, self.tok.eos_ids)
-        return Grammar.compile(vocab, lark, trigger, banned, required, banned_after)
+        return Grammar.compile(self.vocab, lark, trigger, banned, required, banned_after)
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop):
-        """n requests with their asyncio event queues; refused requests become API errors."""
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes: a piece of a character (byte-level BPE splits emoji and CJK) is its byte(s),
+        not the replacement character its text decodes to; a control token is its text."""
+        return self.vocab.decode_bytes([token]) or self.tok.decode([token]).encode("utf-8")
+
+    def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop,
+               prompt_param: str = "messages"):
+        """n requests with their asyncio event queues; refused requests become API errors (a prompt
+        over the context names `prompt_param`)."""
         jobs = []
         try:
             for i in range(n):
@@ -80,7 +92,7 @@ class Service:
         except (InvalidRequest, EngineBusy) as e:
             for req, _ in jobs:
                 self.engine.cancel(req)
-            raise _refusal(e) from None
+            raise _refusal(e, prompt_param) from None
         return jobs
 
 
@@ -110,18 +122,20 @@ class Models:
                             "'deepseek-reasoner' and 'deepseek-chat')", code="model_not_found", param="model")
 
 
-def _refusal(e: InvalidRequest | EngineBusy) -> APIError:
-    """The API error for a request the engine refused."""
+def _refusal(e: InvalidRequest | EngineBusy, prompt_param: str = "messages") -> APIError:
+    """The API error for a request the engine refused; the prompt's parameter is `prompt_param`."""
     if isinstance(e, EngineBusy):
         return APIError(503, f"the server is busy ({e}); retry shortly", "server_busy", code="overloaded")
-    if not isinstance(e, ContextOverflow):
-        return APIError(400, str(e), param="messages" if "prompt" in str(e) else None)
+    if not isinstance(e, ContextOverflow):  # a message that starts with a parameter's name names it
+        named = re.match(r"(logit_bias|max_new_tokens|temperature|top_p|top_k|seed|stop|top_logprobs)\b", str(e))
+        param = {"max_new_tokens": "max_tokens"}.get(named.group(1), named.group(1)) if named else None
+        return APIError(400, str(e), param=param or (prompt_param if "prompt" in str(e) else None))
     n, m, ctx = e.prompt_tokens, e.max_new_tokens, e.context
     if n >= ctx:  # the reply needs at least one token of room
         over = f"over this model's context of {ctx} tokens by {n - ctx}" if n > ctx else \
             f"as long as this model's context of {ctx} tokens"
         return APIError(400, f"the prompt is {n} tokens, {over}: shorten it by at least {n - ctx + 1} to leave room "
-                             "for a reply", param="messages", code="context_length_exceeded")
+                             "for a reply", param=prompt_param, code="context_length_exceeded")
     return APIError(400, f"the prompt ({n} tokens) plus max_tokens ({m}) exceeds this model's context of {ctx} "
                          f"tokens by {n + m - ctx}", param="max_tokens", code="context_length_exceeded")
 
@@ -154,6 +168,13 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         msg, param = validation_message(e.errors())
+        if param is None and not msg.startswith("the request body is not valid JSON"):  # the body as a whole
+            ctype = request.headers.get("content-type", "")
+            if not await request.body():
+                msg = "the request body is empty: send a JSON object (Content-Type: application/json)"
+            elif "json" not in ctype.lower():  # curl -d sends a form's type unless told
+                msg = (f"the request body must be sent as JSON, with the header Content-Type: application/json "
+                       f"(it came as {ctype or 'no content type'})")
         return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -382,8 +403,7 @@ class _AnswerLogprobs:
 
 def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = svc.tok.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": svc.tok.decode([token]), "logprob": logprob, "bytes": list(svc.token_bytes(token))}
 
     return {"content": [{**entry(lp["token"], lp["logprob"]), "top_logprobs": [entry(t, v) for t, v in lp["top"]]}
                         for lp in lps]}
@@ -571,7 +591,7 @@ def _submit_prompts(svc: Service, prompts: list[_Prompt], params: list[SamplingP
     jobs, loop = [], asyncio.get_running_loop()
     try:
         for p, sp in zip(prompts, params):
-            jobs += svc.submit(p.ids, sp, n, loop)
+            jobs += svc.submit(p.ids, sp, n, loop, prompt_param="prompt")
     except APIError:
         for req, _ in jobs:
             svc.engine.cancel(req)
@@ -588,11 +608,15 @@ def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int 
     """OpenAI's legacy logprobs object over the engine's logprob entries; text offsets count from
     `start`, and the first `hidden` tokens take no room in the text."""
     tokens = [svc.tok.decode([e["token"]]) for e in entries]
-    widths = [0] * hidden + [len(t) for t in tokens[hidden:]]
+    # a token's offset: the whole characters before it (pieces of one character share its offset)
+    pieces = [svc.token_bytes(e["token"]) for e in entries[hidden:]]
+    text = b"".join(pieces)
+    offsets = [start] * hidden + [start + len(text[:b].decode("utf-8", "ignore"))
+                                  for b in accumulate((len(p) for p in pieces[:-1]), initial=0)]
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
                              for e in entries],
-            "text_offset": list(accumulate(widths, initial=start))[:-1]}
+            "text_offset": offsets}
 
 
 def _completion_usage(svc: Service, prompts: list[_Prompt], jobs, n: int) -> dict:
