@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -185,6 +185,10 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         code = "not_found" if e.status_code == 404 else None
         return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
                             headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone):  # an ordinary hang-up, not an error to log
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):  # a bug, never a client mistake: no traceback leaves
@@ -674,6 +678,10 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+class ClientGone(Exception):
+    """The client hung up before its reply was ready (its requests are cancelled; nothing to answer)."""
+
+
 def _failure(req) -> APIError | None:
     """The error a request ended with, if it failed inside the engine or the server cancelled it (shutting down)."""
     if req.finish_reason == "error":
@@ -698,8 +706,8 @@ async def _wait_all(svc: Service, jobs, request: Request) -> None:
                 if loop.time() - checked >= 0.5:
                     checked = loop.time()
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError
-    except asyncio.CancelledError:
+                        raise ClientGone
+    except (asyncio.CancelledError, ClientGone):
         for req, _ in jobs:
             svc.engine.cancel(req)
         raise
