@@ -216,8 +216,9 @@ MAX_DIGITS = 1000
 def calculate(expression: str) -> int | float:
     """Evaluates arithmetic by walking Python's AST (numbers and operators only, never `eval`).
     Raises ValueError with a reason for anything else, division by zero, or huge numbers."""
+    source = expression.replace("^", "**").replace("×", "*").replace("÷", "/")
     try:
-        tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError:
         raise ValueError(f"not an arithmetic expression: {expression!r}") from None
     except (RecursionError, MemoryError):
@@ -239,7 +240,8 @@ def calculate(expression: str) -> int | float:
             if isinstance(result, int) and result.bit_length() > MAX_DIGITS * 3.33:  # a product chain grows too
                 raise ValueError("the result is too large")
             return result
-        raise ValueError(f"only numbers and + - * / // % ** are allowed, not {type(node).__name__}")
+        what = ast.get_source_segment(source, node) or type(node).__name__.lower()
+        raise ValueError(f"only numbers, + - * / // % ** and parentheses are allowed, not {what!r}")
 
     try:
         result = walk(tree.body)
@@ -251,8 +253,15 @@ def calculate(expression: str) -> int | float:
 
 
 def run_calculator(arguments: str) -> str:
-    """The calculator as a tool: JSON arguments in, the result (or the error) as text out."""
+    """The calculator as a tool: JSON arguments in, the result (or the error, said for the model to
+    read: it may try again) as text out."""
     try:
-        return str(calculate(str(json.loads(arguments)["expression"])))
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, OverflowError) as e:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        return 'error: the arguments are not JSON; call with {"expression": "..."}'
+    if not isinstance(args, dict) or not isinstance(args.get("expression"), (str, int, float)):
+        return 'error: the arguments need an "expression": a string such as "17 * 23"'
+    try:
+        return str(calculate(str(args["expression"])))
+    except (ValueError, OverflowError) as e:
         return f"error: {e}"

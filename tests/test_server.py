@@ -423,6 +423,16 @@ def test_conversation_routes_and_missing_ones(server):
             "code": "not_found"}, (method, path, r.text)
 
 
+def test_conversation_settings_are_a_few_small_values(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    ok = httpx.post(server + "/api/conversations", json={"settings": {"temperature": 0.2, "model": "m"}}, headers=h)
+    assert ok.status_code == 200 and ok.json()["settings"] == {"temperature": 0.2, "model": "m"}
+    for settings in ({"blob": "x" * 100_000}, {f"k{i}": i for i in range(100)}, {"nested": {"a": 1}}):
+        for method, path in (("POST", "/api/conversations"), ("PATCH", f"/api/conversations/{ok.json()['id']}")):
+            r = httpx.request(method, server + path, json={"settings": settings}, headers=h)
+            assert r.status_code == 400 and r.json()["error"]["param"].startswith("settings"), r.text
+
+
 def test_busy_server_answers_503(parts):
     model, tok, db = parts
     engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, max_queue=1, eos_token_id=tok.eos_id)

@@ -37,7 +37,7 @@ def call(cid: str, expression: str) -> dict:
 
 TOOL_ROUND = [
     {"role": "user", "content": "What is 17 * 23?"},
-    {"role": "assistant", "content": "", "tool_calls": [call("call_1", "17 * 23"), call("call_2", "1/0")]},
+    {"role": "assistant", "content": None, "tool_calls": [call("call_1", "17 * 23"), call("call_2", "1/0")]},
     {"role": "tool", "tool_call_id": "call_1", "content": "391"},
     {"role": "tool", "tool_call_id": "call_2", "content": "error: division by zero"},
     {"role": "assistant", "content": "391", "reasoning_content": "the calculator says so"}]

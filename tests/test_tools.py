@@ -111,6 +111,11 @@ def test_calculator():
     assert run_calculator('{"expression": "40 + 2"}') == "42"
     assert run_calculator('{"expression": "1/0"}').startswith("error")
     assert run_calculator("not json").startswith("error")
+    # errors the model can act on, never Python's internals ("error: 'expression'", "not BinOp")
+    for args, says in (('{"expr": "1+1"}', 'need an "expression"'), ("[1]", 'need an "expression"'),
+                       ('{"expression": "1 << 5"}', "not '1 << 5'"), ('{"expression": "x + 1"}', "not 'x'"),
+                       ("{", "not JSON")):
+        assert run_calculator(args).startswith("error: ") and says in run_calculator(args), run_calculator(args)
     jsonschema.Draft202012Validator.check_schema(CALCULATOR["function"]["parameters"])
 
 

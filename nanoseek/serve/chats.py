@@ -26,26 +26,39 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ..tools import CALCULATOR, run_calculator
 from .protocol import MAX_MESSAGES, APIError, StrictBody, ToolCall
 from .store import ChatStore, NotFound, QuotaExceeded
 
 
+def _small_settings(settings: dict) -> dict:
+    if any(isinstance(v, str) and len(v) > SETTING_CHARS for v in settings.values()):
+        raise ValueError(f"each value of settings holds at most {SETTING_CHARS} characters")
+    return settings
+
+
+SETTINGS_ITEMS, SETTING_CHARS = 32, 1000
+# a conversation's settings: a few named values (a temperature, a model), not a store for anything
+Settings = Annotated[dict[Annotated[str, Field(max_length=64)], str | int | float | bool | None],
+                     Field(max_length=SETTINGS_ITEMS), AfterValidator(_small_settings)]
+
+
 class NewConversation(StrictBody):
     id: str | None = Field(None, pattern="^[0-9a-f]{32}$")
     title: str = Field("New chat", max_length=200)
     system: str = Field("", max_length=20_000)
-    settings: dict = Field(default_factory=dict)
+    settings: Settings = Field(default_factory=dict)
 
 
 class ConversationPatch(StrictBody):
     title: str | None = Field(None, min_length=1, max_length=200)
     system: str | None = Field(None, max_length=20_000)
-    settings: dict | None = None
+    settings: Settings | None = None
 
 
 class StoredMessage(StrictBody):

@@ -175,7 +175,7 @@ def _found(cursor: sqlite3.Cursor, cid: str) -> None:
 
 def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call_id: str, info: str) -> dict:
     """A stored row as the message the page sends: optional fields only where set."""
-    m = {"role": role, "content": content}
+    m = {"role": role, "content": content if content or not tool_calls else None}  # a turn of calls alone: null
     if reasoning:
         m["reasoning_content"] = reasoning
     if tool_calls:
