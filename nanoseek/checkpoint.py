@@ -33,6 +33,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or does not fit the model it describes."""
 
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # every config.json has them
+
+
 def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """-> (ModelConfig, the raw config.json dict)."""
     f = Path(path) / "config.json"
@@ -49,6 +52,9 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     if raw["model_type"] not in ARCHITECTURES:
         raise ConfigError(f"{f}: unknown architecture (model_type={raw.get('model_type')!r}, "
                           f"architectures={raw.get('architectures')}); nanoseek loads {', '.join(ARCHITECTURES)}")
+    missing = [k for k in SHAPE_FIELDS if k not in raw]
+    if missing:  # a default (DeepSeek-V3's 61 layers) would describe some other model
+        raise ConfigError(f"{f}: {', '.join(missing)} missing: the model's shape cannot be known without it")
     return ModelConfig.from_dict(raw), raw
 
 

@@ -400,7 +400,8 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
         m = DeepseekForCausalLM(config)
     table = Table(title=str(model), show_header=False)
     quant = raw.get("quantization_config") or {}
-    weights = {"fp8": "FP8", "nanoseek": f"int{quant.get('bits')}"}.get(quant.get("quant_method"), raw.get("torch_dtype", "?"))
+    stored = raw.get("torch_dtype") or raw.get("dtype")  # transformers 5 writes "dtype"
+    weights = {"fp8": "FP8", "nanoseek": f"int{quant.get('bits')}"}.get(quant.get("quant_method"), stored or "?")
     table.add_row("architecture", f"{config.model_type} ({weights} weights)")
     table.add_row("attention", f"GQA, {config.num_attention_heads} heads over {config.num_key_value_heads} key-value heads"
                   if config.is_gqa else f"MLA, {config.num_attention_heads} heads, latent {config.kv_lora_rank}")
@@ -412,7 +413,7 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
     table.add_row("parameters", f"{_count(m.num_params())} total, {_count(m.num_params(active=True))} active per token")
     table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
     dtype, weight_dtype = inference_dtypes(model)  # what serve/chat/generate load it as on this machine
-    compute = str(dtype).removeprefix("torch.") if dtype else raw.get("torch_dtype", "bfloat16")
+    compute = str(dtype).removeprefix("torch.") if dtype else stored or "bfloat16"
     table.add_row("on this CPU", f"computes in {compute}"
                   + (f", linear weights kept in {str(weight_dtype).removeprefix('torch.')}" if weight_dtype else ""))
     console.print(table)
@@ -920,12 +921,15 @@ def quantize(
     out: Path = typer.Argument(..., metavar="OUT", callback=_out_folder, help="Folder to write the quantized model "
                                "(and the tokenizer files) into."),
     bits: Literal[8, 4] = typer.Option(8, help="8: int8 per output channel; 4: int4 in groups of 32 inputs."),
+    force: bool = typer.Option(False, "--force", help="Replace a model OUT already holds."),
 ):
     """Quantize every linear layer (attention, MLPs, each expert, the output head) and write a folder that
     loads quantized without re-quantizing. Tensors are converted one at a time while the shards stream
     by, so memory holds the quantized model plus one tensor."""
     if out.resolve() == model.resolve():
         _fail("OUT must be another folder than MODEL")
+    if not force and ((out / "config.json").is_file() or any(out.glob("*.safetensors"))):
+        _fail(f"OUT: '{out}' already holds a model: choose another folder, or --force to replace it")
     import shutil
 
     from .checkpoint import load_model, save_model
@@ -943,6 +947,9 @@ def quantize(
             _fail(f"OUT: cannot write '{out}': {e.strerror or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     console.print(f"[green]wrote[/] {out} (int{bits}, {size / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
+    if not (model / "tokenizer.json").is_file():
+        console.print(f"[yellow]note[/] {model} has no tokenizer.json, so neither has {out}: chat, generate and serve "
+                      "need one (copy the tokenizer files of the model's release into it)")
 
 
 def main():

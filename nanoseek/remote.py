@@ -14,6 +14,12 @@ class RemoteError(RuntimeError):
     """The endpoint refused a request, or still failed after all attempts."""
 
 
+class RemoteReply(str):
+    """A remote completion's text, with the tokens its server counted (usage.completion_tokens; None
+    from a server that reports no usage)."""
+    completion_tokens: int | None = None
+
+
 def remote_chat(url: str, model: str, api_key: str | None = None, temperature: float = 0.6, retries: int = 5,
                 timeout: float = 120.0, log: Callable[[str], None] = print, concurrency: int = 8):
     """A function (questions, max_tokens, seed) -> completions from an OpenAI-compatible endpoint's
@@ -59,7 +65,9 @@ def remote_chat(url: str, model: str, api_key: str | None = None, temperature: f
         except openai.APIError as e:  # e.g. a reply that is not a chat completion
             raise RemoteError(f"{endpoint}: {e}") from None
         msg = reply.choices[0].message
-        return f"{getattr(msg, 'reasoning_content', None) or ''}\n</think>\n\n{msg.content or ''}"
+        text = RemoteReply(f"{getattr(msg, 'reasoning_content', None) or ''}\n</think>\n\n{msg.content or ''}")
+        text.completion_tokens = reply.usage.completion_tokens if reply.usage else None
+        return text
 
     def ask(questions: list[str], max_tokens: int, seed: int) -> list[str]:
         with ThreadPoolExecutor(max_workers=concurrency) as pool:  # map keeps the questions' order

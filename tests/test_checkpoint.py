@@ -204,6 +204,27 @@ def test_unknown_architecture(saved):
         nanoseek.load_model(path)
 
 
+def test_a_missing_shape_field_is_named_and_a_dtype_key_of_either_name_is_read(saved):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    _, path = saved
+    raw = json.loads((path / "config.json").read_text())
+    dtype = raw.pop("torch_dtype")
+    (path / "config.json").write_text(json.dumps({**raw, "dtype": dtype}))  # as transformers 5 writes it
+    r = CliRunner().invoke(app, ["info", str(path)])
+    assert r.exit_code == 0 and f"({dtype} weights)" in r.output, r.output
+    del raw["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="num_hidden_layers missing"):
+        nanoseek.load_model(path)
+    r = CliRunner().invoke(app, ["info", str(path)])
+    assert r.exit_code == 2 and "num_hidden_layers missing" in r.output, r.output
+
+
 def test_config_field_out_of_range(saved):
     _, path = saved
     edit_config(path, topk_group=7)

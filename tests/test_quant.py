@@ -284,6 +284,14 @@ def test_quantize_command_writes_a_loadable_folder(tmp_path):
     assert isinstance(nanoseek.load_model(tmp_path / "out").lm_head, QuantLinear)
     bad = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "x"), "--bits", "3"])
     assert bad.exit_code == 2 and "'--bits'" in bad.output and "'8', '4'" in bad.output
+    again = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--bits", "8"])
+    assert again.exit_code == 2 and "already holds a model" in again.output and "--force" in again.output
+    assert nanoseek.load_model(tmp_path / "out").lm_head.bits == 4  # untouched
+    forced = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--bits", "8", "--force"])
+    assert forced.exit_code == 0 and nanoseek.load_model(tmp_path / "out").lm_head.bits == 8, forced.output
+    (tmp_path / "in" / "tokenizer.json").unlink()
+    bare = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "bare")])
+    assert bare.exit_code == 0 and "has no tokenizer.json" in " ".join(bare.output.split()), bare.output
 
 
 def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one():

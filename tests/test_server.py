@@ -484,8 +484,9 @@ def test_eval_and_teacher_against_a_live_server(server):
     ask = remote_chat(server + "/v1", "nanoseek-test", api_key=KEY, temperature=0.0, retries=1)
     texts = ask(["What is 2 + 2?"], 8, 0)
     assert len(texts) == 1 and "</think>" in texts[0]
+    assert texts[0].completion_tokens == 8  # the server's count: mean lengths are in tokens, as for a folder
     (r, records), = evaluate_remote(ask, [("add", "canonical")], n=3, max_new_tokens=8)
-    assert r.n == 3 and 0 <= r.accuracy <= 1 and len(records) == 3
+    assert r.n == 3 and 0 <= r.accuracy <= 1 and len(records) == 3 and r.mean_length <= 8
     out = CliRunner().invoke(app, ["eval", "--model", server + "/v1", "--remote-model", "nanoseek-test",
                                    "--tasks", "add", "--n", "2", "--max-tokens", "16"],
                              env={"NANOSEEK_EVAL_API_KEY": KEY})

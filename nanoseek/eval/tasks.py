@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data.tasks import Problem, get_task, token_budget
@@ -62,9 +63,15 @@ THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off re
 
 @dataclass
 class _Answered:
-    """A remote model's completion, shaped like a finished engine request (length in words)."""
+    """A remote model's completion, shaped like a finished engine request (`tokens`: as many as it had)."""
     text: str
-    tokens: list
+    tokens: Sequence
+
+
+def _counted(reply: str) -> Sequence:
+    """A remote reply's tokens as many as the server counted (its words where it reported no usage)."""
+    n = getattr(reply, "completion_tokens", None)
+    return range(n) if n is not None else reply.split()
 
 
 def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
@@ -75,7 +82,7 @@ def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: in
     for family, wording in specs:
         task, problems = problems_for(family, n, wording)
         texts = ask([p.question for p in problems for _ in range(samples)], max_new_tokens, seed)
-        out.append(_score(family, task, problems, [_Answered(t, t.split()) for t in texts], samples))
+        out.append(_score(family, task, problems, [_Answered(t, _counted(t)) for t in texts], samples))
     return out
 
 
