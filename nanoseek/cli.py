@@ -318,6 +318,14 @@ def _shipped_model() -> Path:
     return SHIPPED
 
 
+def _sampling(tok, temperature: float | None, top_p: float | None, temperature_else: float,
+              top_p_else: float) -> tuple[float, float]:
+    """The temperature and top_p given, else the model's generation_config.json defaults, else these."""
+    defaults = tok.sampling_defaults
+    return (temperature if temperature is not None else defaults.get("temperature", temperature_else),
+            top_p if top_p is not None else defaults.get("top_p", top_p_else))
+
+
 def _no_template(model: Path | None) -> str:
     return (f"{model}: the model folder has no chat template (tokenizer_config.json's chat_template, or "
             "chat_template.jinja): it is a base model, or its tokenizer files are missing")
@@ -535,9 +543,10 @@ def generate(
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
-                                "much probability."),
+    temperature: float = typer.Option(None, min=0, max=100, help="0 = greedy. Default: the model's "
+                                      "generation_config.json (R1-Distill: 0.6), else 0."),
+    top_p: float = typer.Option(None, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+                                "much probability. Default: the model's generation_config.json, else 1."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
     compile: bool = _compile_option("one reply does not pay for compiling"),
@@ -553,6 +562,7 @@ def generate(
     with _reported():
         ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
+    temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
     with _reported():
         req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                 seed=seed))
@@ -567,9 +577,10 @@ def generate(
 def chat(
     model: Path = _model_option(),
     system: str = typer.Option("", help="System prompt."),
-    temperature: float = typer.Option(0.6, min=0, max=100, help="Sampling temperature (0 = greedy); /temp changes it."),
-    top_p: float = typer.Option(0.95, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
-                                "much probability."),
+    temperature: float = typer.Option(None, min=0, max=100, help="Sampling temperature (0 = greedy); /temp changes "
+                                      "it. Default: the model's generation_config.json, else 0.6."),
+    top_p: float = typer.Option(None, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+                                "much probability. Default: the model's generation_config.json, else 0.95."),
     max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
     tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
@@ -591,6 +602,7 @@ def chat(
         _fail(f"{_no_template(model)}; chatting needs one (`nanoseek generate --raw` continues plain text)")
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
+    temperature, top_p = _sampling(tok, temperature, top_p, 0.6, 0.95)
     run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
              think=think, tools=tools)
 

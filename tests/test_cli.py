@@ -150,6 +150,26 @@ def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
     assert r.exit_code == 0 and "tok/s" in r.output, r.output
 
 
+def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path, monkeypatch):
+    from nanoseek.inference import Engine
+
+    model, asked = _chat_model(tmp_path), []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, ids, params, **kw: asked.append(params) or submit(self, ids, params, **kw))
+    runs = [["generate", "--prompt", "hi", "--max-tokens", "2"], ["chat", "--max-tokens", "2", "--no-tools"],
+            ["generate", "--prompt", "hi", "--max-tokens", "2", "--temperature", "0.3"]]
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))  # R1-Distill's way
+    for args in runs:
+        r = runner.invoke(app, [*args, "--model", str(model)], input="hi\n/exit\n")
+        assert r.exit_code == 0, r.output
+    assert [(p.temperature, p.top_p) for p in asked] == [(0.6, 0.9), (0.6, 0.9), (0.3, 0.9)]
+    (model / "generation_config.json").unlink()  # none: generate is greedy, chat samples at 0.6 / 0.95
+    asked.clear()
+    for args in runs[:2]:
+        assert runner.invoke(app, [*args, "--model", str(model)], input="hi\n/exit\n").exit_code == 0
+    assert [(p.temperature, p.top_p) for p in asked] == [(0.0, 1.0), (0.6, 0.95)]
+
+
 def test_chat_commands_and_multiline_input(tmp_path):
     """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)
