@@ -329,3 +329,27 @@ def test_prefill_in_chunks_changes_nothing(model):
         for a, b in zip(chunked, whole):
             assert [lp["logprob"] for lp in a.logprobs] == pytest.approx([lp["logprob"] for lp in b.logprobs], abs=1e-4)
         assert [r.accepted for r in chunked] == [r.accepted for r in whole]
+
+
+def test_streamed_text_is_the_whole_decode_for_any_decoder(model):
+    """The engine decodes only the tokens since the last settled character; the text and what streams
+    equal decoding the whole reply: byte-level pieces of a character (held until it completes) and a
+    SentencePiece-style decoder that drops a sequence's leading space (Llama 2, Mistral)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from nanoseek.tokenizer import DeepSeekTokenizer
+    from test_server import scripted
+
+    byte_level = DeepSeekTokenizer.train(["a b c", "hello world"] * 20, vocab_size=300)
+    words = Tokenizer(models.WordLevel({"▁hello": 0, "▁world": 1, "!": 2, "▁again": 3, "<unk>": 4}, unk_token="<unk>"))
+    words.decoder = decoders.Metaspace()
+    cases = [(byte_level.decode, byte_level.encode("hi 🦜 ok é 😀😀 end")), (words.decode, [0, 1, 2, 3, 2, 0])]
+    for decode, tokens in cases:
+        assert max(tokens) < model.config.vocab_size
+        engine = Engine(model, decode=decode, max_batch=1, max_len=64)
+        scripted(engine, tokens)
+        streamed = []
+        req = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=len(tokens)), on_event=lambda ev: streamed.append(ev.text))
+        while engine.has_work:
+            engine.step()
+        assert req.tokens == tokens and req.text == decode(tokens) and "".join(streamed) == req.text, (req.text, streamed)

@@ -89,6 +89,10 @@ class Request:
     _reasoning_chars: int | None = None  # with params.stop_after: length of the text up to that token, once seen
     _constrained_at: int | None = None  # index in tokens where the grammar took over (stop strings end there)
     _constrained_chars: int | None = None  # length of the text before that token, once decoded
+    _ids: list[int] = field(default_factory=list, repr=False)  # the tokens that make the text (stop tokens left out)
+    _text: str = ""  # the text of _ids[:_read], settled: no character of it waits for a later token
+    _window: int = 0  # _ids[_window:_read] is decoded again with each new token (see Engine._text)
+    _read: int = 0
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -629,9 +633,8 @@ class Engine:
         req.logprobs.extend(lp)
         text = ""
         if self.decode is not None:
-            out_ids = [t for t in req.tokens if t not in stops]
-            full = self.decode(out_ids)
-            start = self._stops_from(req, full, out_ids) if p.stop else None
+            full = self._text(req, [t for t in new if t not in stops])
+            start = self._stops_from(req, full, req._ids) if p.stop else None
             end = self._stops_until(req) if p.stop else None
             cut = None if start is None else _find_stop(full[start:end], p.stop)
             if cut is not None:
@@ -646,6 +649,25 @@ class Engine:
         self._emit(req, Event(new, text, lp, reason))
         if reason:
             self._release(row, reason, emitted=True)
+
+    def _text(self, req: Request, new: list[int]) -> str:
+        """The reply's text with `new` tokens added, decoding only the tokens since the last settled
+        character (decoding the whole reply at each token cost 0.24 ms a token by 1,500 tokens, 10% of a
+        small model's decode): the text of _ids[_window:] minus that of _ids[_window:_read], so a
+        decoder that treats a sequence's first token apart (a leading space) gives the same text as the
+        whole. A tail that ends inside a character stays unsettled and is decoded again next time."""
+        req._ids += new
+        before = self.decode(req._ids[req._window:req._read])
+        now = self.decode(req._ids[req._window:])
+        if not now.startswith(before):  # not a prefix (no known decoder does this): decode the whole
+            req._text, req._window, req._read = self.decode(req._ids), len(req._ids), len(req._ids)
+            return req._text
+        tail = now[len(before):]
+        if tail.endswith("\ufffd"):
+            return req._text + tail
+        req._text += tail
+        req._window, req._read = req._read, len(req._ids)
+        return req._text
 
     def _stops_from(self, req: Request, text: str, ids: list[int]) -> int | None:
         """Where stop strings start to count in `text` (the decoded `ids`): 0, or with stop_after (the
