@@ -146,6 +146,46 @@ def test_stop_regenerate_edit_and_phone_layout(server, browser):
     page.close()
 
 
+def test_a_reload_mid_reply_keeps_the_question_and_what_came(server, browser):
+    """A message is stored before its reply streams, and leaving the page mid-reply stores the reply so
+    far, marked stopped (the question vanished with the reload); a new chat does not inherit the last
+    conversation's system prompt; the Markdown export shows reasoning and titles as written."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    page = browser.new_page()
+    page.add_init_script(f"localStorage.setItem('nanoseek.api_key', '{KEY}'); localStorage.setItem('nanoseek.remember_key', 'true');"
+                         "localStorage.setItem('nanoseek.tools', 'false')")
+    french = httpx.post(f"{server}/api/conversations", json={"title": "fr", "system": "Answer in French."},
+                        headers=auth).json()["id"]
+    page.goto(f"{server}/#{french}")
+    page.wait_for_load_state("networkidle")
+    assert page.input_value("#system") == "Answer in French."
+    page.click("#new-chat")
+    assert page.input_value("#system") == ""  # the new chat's own, empty
+    page.evaluate("document.getElementById('max_tokens').value = '900'")
+    page.fill("#input", "Tell me a long story")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_timeout(300)
+    assert page.evaluate("state.busy")  # mid-reply
+    cid = page.evaluate("state.conv.id")
+    page.reload()
+    for _ in range(50):  # the page's last request arrives as it goes
+        got = httpx.get(f"{server}/api/conversations/{cid}", headers=auth).json()
+        assert "messages" in got, got
+        messages = got["messages"]
+        if len(messages) == 2:
+            break
+        time.sleep(0.1)
+    assert messages[0] == {"role": "user", "content": "Tell me a long story"}, messages
+    assert messages[1]["role"] == "assistant" and messages[1]["info"]["stopped"], messages[1]
+    page.wait_for_selector(".msg.assistant")  # the reload opened it (#id), the reply shown as stopped
+    assert "stopped" in page.locator(".msg.assistant .notes").inner_text()
+    md = page.evaluate("""asMarkdown({title: 'Sums <b>& more</b>', system: '', messages: [
+        {role: 'user', content: 'q'}, {role: 'assistant', reasoning_content: '2*3=6 no\\nkeep 4 ```', content: '**6**'}]})""")
+    assert "# Sums \\<b\\>& more\\</b\\>" in md and "````text\n2*3=6 no\nkeep 4 ```\n````" in md and "**6**" in md
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
     """A model whose template writes DeepSeek's tool calls, biased to call a tool whenever it may."""

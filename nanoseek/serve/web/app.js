@@ -5,13 +5,15 @@
 // With tools on, a reply that calls the server's built-in tools is followed by their results
 // (run through POST /api/tools/{name}) and another reply, at most MAX_TOOL_ROUNDS rounds a message.
 // A turn (a message and its replies) that fails leaves no trace: the conversation is as before, the
-// message goes back to the input box, and Retry sends it again. A new conversation is stored with
-// its first reply, under an id the page picks, so saving it twice stores it once; the open one's id
-// is in the address (#id), so a reload returns to it.
+// message goes back to the input box, and Retry sends it again. A message is stored before its reply
+// streams (a new conversation with its first message, under an id the page picks, so saving it twice
+// stores it once), and a reload or a closed tab mid-reply stores what came, marked stopped, as Stop
+// does; the open conversation's id is in the address (#id), so a reload returns to it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], examples: null, retry: null };
+const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], examples: null, retry: null,
+  leaving: false };
 const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "remember_key", "api_key"];
 const MAX_TOOL_ROUNDS = 4;
 const FINISHED = ["stop", "length", "tool_calls"];  // the finish reasons of a reply that ended well
@@ -173,13 +175,21 @@ function speaker(m, i, messages) {
   if (m.role === "tool") return toolName(messages, m.tool_call_id, i) + " result";
   return "nanoseek";
 }
-function asMarkdown(c) {
-  const out = ["# " + c.title, ""];
-  if (c.system) out.push("> System: " + c.system, "");
+function fenced(text, info = "") {  // a code block that holds any text: its fence is longer than any run of ` in it
+  const longest = Math.max(2, ...Array.from(text.matchAll(/`+/g), (m) => m[0].length));
+  const fence = "`".repeat(longest + 1);
+  return [fence + info, text, fence];
+}
+function plain(text) {  // text as Markdown shows it: no emphasis from 2*3*4, no HTML
+  return text.replace(/[\\`*_<>#[\]]/g, "\\$&");
+}
+function asMarkdown(c) {  // replies stay Markdown (as the page renders them); reasoning and results are shown as written
+  const out = ["# " + plain(c.title), ""];
+  if (c.system) out.push("> System: " + plain(c.system), "");
   c.messages.forEach((m, i) => {
     out.push("**" + speaker(m, i, c.messages) + "**", "");
-    if (m.reasoning_content) out.push("<details><summary>Thinking</summary>", "", m.reasoning_content, "", "</details>", "");
-    if (m.role === "tool") out.push("```", m.content, "```", "");
+    if (m.reasoning_content) out.push("<details><summary>Thinking</summary>", "", ...fenced(m.reasoning_content, "text"), "", "</details>", "");
+    if (m.role === "tool") out.push(...fenced(m.content), "");
     else if (m.content) out.push(m.content, "");
     for (const call of m.tool_calls || []) out.push("`" + call.function.name + "(" + call.function.arguments + ")`", "");
   });
@@ -362,6 +372,7 @@ async function refreshList() {
   state.list = (await api("/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : ""))).data;
   renderList();
 }
+addEventListener("pagehide", keepOnLeaving);
 function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id : location.pathname); }  // a reload returns to it
 async function openConversation(id) {
   if (state.busy) return;
@@ -375,6 +386,7 @@ function newChat() {  // stored only once it has a message
   clearError();
   closeSide();
   state.conv = null;
+  $("system").value = "";  // the last conversation's system prompt is its own, not the new one's
   remember(null);
   renderConversation();
   $("input").focus();
@@ -397,18 +409,42 @@ function titleOf(messages) {
   const chars = Array.from(first);  // characters, not UTF-16 units: an emoji is never cut in half
   return (chars.length > 40 ? chars.slice(0, 40).join("") + "…" : first) || "New chat";
 }
-async function save(c) {  // idempotent: the create names its id, the messages replace the stored ones
+async function store(c) {  // idempotent: the create names its id, the messages replace the stored ones
+  if (!c.saved) {
+    await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
+    Object.assign(c, { saved: true, title: titleOf(c.messages) });
+    if (state.conv === c) remember(c);
+  }
+  await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
+  await refreshList();
+}
+async function save(c) {
   try {
-    if (!c.saved) {
-      await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
-      Object.assign(c, { saved: true, title: titleOf(c.messages) });
-      if (state.conv === c) remember(c);
-    }
-    await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
-    await refreshList();
+    await store(c);
   } catch (e) {
     if (state.conv === c) showError(new Error("Not saved: " + e.message), () => { clearError(); return save(c); });
   }
+}
+async function unstore(c, before, wasSaved) {  // a failed turn: the stored conversation as it was (a new one: gone)
+  c.messages = before;
+  try {
+    if (wasSaved) await store(c);
+    else if (c.saved) {
+      await api("/api/conversations/" + c.id, "DELETE");
+      c.saved = false;
+      if (state.conv === c) remember(null);
+      await refreshList();
+    }
+  } catch (_) { /* the server is gone: the turn was never answered there either */ }
+}
+function keepOnLeaving() {  // a reload or a closed tab mid-reply: the reply so far is stored, stopped
+  const c = state.conv;
+  if (!state.busy || !c || !c.saved) return;
+  state.leaving = true;  // the reply's request is about to fail: that is not the turn failing
+  const last = c.messages[c.messages.length - 1];
+  if (last.role === "assistant") last.info = { ...last.info, stopped: true };
+  fetch(`/api/conversations/${c.id}/messages`, { method: "PUT", headers: headers(), keepalive: true,
+    body: JSON.stringify({ messages: c.messages }) }).catch(() => {});
 }
 
 // ---------- talking to the model ----------
@@ -439,10 +475,14 @@ function startEdit(box, index) {
 async function turn(c, messages, retry, text = "") {  // messages: the history with the new user message
   if (state.busy) return;
   clearError();
-  const before = c.messages;
+  const before = c.messages, wasSaved = c.saved;
   c.messages = messages;
+  setBusy(true);
+  try { await store(c); } catch (_) { /* the reply's request will say what is wrong */ }  // the question first
   const failure = await stream(c);
+  if (state.leaving) return;
   if (!failure) await save(c);  // before Send comes back: a reload or a closed tab then finds the turn stored
+  if (failure) await unstore(c, before, wasSaved);
   setBusy(false);
   if (failure) {  // nothing of a failed turn stays: the message goes back to the input box
     c.messages = before;
@@ -512,6 +552,15 @@ async function* events(r) {  // the parsed chunks of a server-sent event stream;
     reader.cancel().catch(() => {});  // the server stops generating for a reader that went away
   }
 }
+function foldThinking(details, reply, first) {  // -> now; the panel folds and says how long the thinking took
+  const now = performance.now();
+  details.open = false;
+  if (reply.reasoning_content && first !== null) {
+    reply.info.thought_s = (now - first) / 1000;
+    details.querySelector("summary").textContent = thinkingLabel(reply, false);
+  }
+  return now;
+}
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
   const body = requestBody(c, mayCall);
   const reply = { role: "assistant", content: "", reasoning_content: "", info: {} };
@@ -534,12 +583,12 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
         if ((d.reasoning_content || d.content || d.tool_calls) && first === null) first = performance.now();
         if (d.reasoning_content) { reply.reasoning_content += d.reasoning_content; reasoningEl.textContent = reply.reasoning_content; }
         if (d.content) {
-          if (answer === null) { answer = performance.now(); thinking.open = false; }  // the answer starts: fold the thinking
+          if (answer === null) answer = foldThinking(thinking, reply, first);  // the answer starts: fold the thinking
           reply.content += d.content;
           bodyEl.replaceChildren(markdown(reply.content));
         }
         for (const t of d.tool_calls || []) {  // OpenAI's deltas: id and name first, then the arguments in pieces
-          if (answer === null) { answer = performance.now(); thinking.open = false; }
+          if (answer === null) answer = foldThinking(thinking, reply, first);
           const f = t.function || {};
           if (!calls[t.index]) calls[t.index] = { id: t.id, type: "function", function: { name: f.name || "", arguments: "" } };
           calls[t.index].function.arguments += f.arguments || "";
