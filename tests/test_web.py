@@ -137,12 +137,21 @@ def test_stop_regenerate_edit_and_phone_layout(server, browser):
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     assert page.locator(".msg.assistant").count() == 1
     page.click(".msg.user button.edit")
-    page.fill(".edit-box", "Edited question")
-    page.click(".msg.user button:has-text('Send')")
+    page.fill(".edit-box", "draft")
+    page.press(".edit-box", "Escape")  # cancels, as Esc does in the message box
+    assert page.locator(".edit-box").count() == 0 and page.locator(".msg.user .body").first.inner_text() != "draft"
+    page.click(".msg.user button.edit")
+    page.fill(".edit-box", "Edited question \n")
+    page.press(".edit-box", "Enter")  # sends, trimmed
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     assert page.locator(".msg.user .body").first.inner_text() == "Edited question"
     assert page.locator(".msg").count() == 2
     assert page.is_visible("#input") and page.is_visible("#send")
+    assert page.evaluate("state.conv.messages[0].content") == "Edited question"
+    page.click("#open-side")  # each conversation in the list is a button: reachable from the keyboard
+    first = page.locator("#conversations li button.conv-title").first
+    first.focus()
+    assert page.evaluate("document.activeElement.classList.contains('conv-title')")
     page.close()
 
 

@@ -69,7 +69,11 @@ async function api(path, method = "GET", body, signal) {
 async function apiError(r) {
   let msg = r.status + " " + r.statusText;
   try { msg = (await r.json()).error.message; } catch (_) { /* not JSON */ }
-  if (r.status === 401) { msg += " — enter the server's API key in Settings."; $("settings").open = true; openSide(); }
+  if (r.status === 401) {  // the server's wording is for API clients (an Authorization header)
+    msg = "This server needs its API key (the one `nanoseek serve` was started with): enter it in Settings.";
+    $("settings").open = true;
+    openSide();
+  }
   return new Error(msg);
 }
 function showError(e, retry) {  // retry: what the Retry button does (none: no button)
@@ -307,9 +311,11 @@ function renderList() {
     const li = el("li");
     li.dataset.id = c.id;
     li.title = c.title;
-    li.onclick = () => { openConversation(c.id).catch(showError); closeSide(); };
+    const open = () => { openConversation(c.id).catch(showError); closeSide(); };
+    li.onclick = open;
     const stop = (fn) => (e) => { e.stopPropagation(); fn().catch(showError); };
-    li.append(el("span", "conv-title", c.title),
+    const title = button("conv-title", c.title, (e) => { e.stopPropagation(); open(); }, "Open this conversation");
+    li.append(title,
               button("act rename", "\u270E", stop(() => rename(c)), "Rename"),
               button("act delete", "\u00D7", stop(() => remove(c)), "Delete"));
     return li;
@@ -373,6 +379,10 @@ async function refreshList() {
   renderList();
 }
 addEventListener("pagehide", keepOnLeaving);
+addEventListener("hashchange", () => {  // a conversation's link pasted into the address bar
+  const id = location.hash.slice(1);
+  if (id && !state.busy && (!state.conv || state.conv.id !== id)) openConversation(id).catch(showError);
+});
 function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id : location.pathname); }  // a reload returns to it
 async function openConversation(id) {
   if (state.busy) return;
@@ -467,7 +477,15 @@ function startEdit(box, index) {
   const area = el("textarea", "edit-box");
   area.value = c.messages[index].content;
   area.rows = 3;
-  const resend = (text) => turn(c, c.messages.slice(0, index).concat({ role: "user", content: text }), () => resend(text));
+  const later = c.messages.length - index - 1;  // the turns after it, which the edit replaces
+  const resend = (text) => {
+    if (!text.trim() || (later > 1 && !confirm(`Send the edited message? The ${later} messages after it will be replaced.`))) return;
+    turn(c, c.messages.slice(0, index).concat({ role: "user", content: text.trim() }), () => resend(text));
+  };
+  area.addEventListener("keydown", (e) => {  // as in the message box: Enter sends, Shift+Enter a new line, Esc cancels
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); resend(area.value); }
+    if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); renderConversation(); }
+  });
   body.replaceWith(area);
   box.append(button("", "Send", () => resend(area.value)), button("", "Cancel", renderConversation));
   area.focus();
@@ -489,7 +507,8 @@ async function turn(c, messages, retry, text = "") {  // messages: the history w
     if (text && !$("input").value) $("input").value = text;
     if (state.conv === c) {
       renderConversation();
-      showError(new Error(failure.message + (text ? " Your message is back in the input box." : "")), () => { clearError(); return retry(); });
+      const said = /[.!?)]$/.test(failure.message) ? failure.message : failure.message + ".";
+      showError(new Error(said + (text ? " Your message is back in the input box." : "")), () => { clearError(); return retry(); });
     }
     return;
   }
@@ -519,7 +538,7 @@ function requestBody(c, mayCall) {
   const body = {
     stream: true, stream_options: { include_usage: true }, model: chosenModel(),
     messages: (c.system ? [{ role: "system", content: c.system }] : []).concat(history),
-    temperature: numberSetting("temperature", 0, 100), top_p: numberSetting("top_p", 1e-9, 1),
+    temperature: numberSetting("temperature", 0, 2), top_p: numberSetting("top_p", 1e-9, 1),
     max_tokens: numberSetting("max_tokens", 1, Infinity, true),
     thinking: { type: $("thinking").checked ? "enabled" : "disabled" },
   };
