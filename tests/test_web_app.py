@@ -310,6 +310,11 @@ def test_welcome_examples_markdown_thinking_time_speed_and_thinking_off(shipped,
                           "58*3*2 = 348, a*b, 2 * 3 * 4 and 2**10; (1*12)+9; *really* **sure** `x*y`")
     assert shown == ["58*3*2 = 348, a*b, 2 * 3 * 4 and 2**10; (1*12)+9; really sure x*y",
                      ["EM:really", "STRONG:sure", "CODE:x*y"]]
+    # a heading is one line; list items right under a paragraph are a list; -824 is a number, not an item
+    blocks = page.evaluate("""(text) => { const d = document.createElement('div'); d.append(markdown(text));
+        return [...d.children].map((e) => e.tagName + ':' + e.textContent); }""",
+                           "# Steps\nFirst line\nthen:\n- one\n- two\n  more\n-824 is the answer")
+    assert blocks == ["H3:Steps", "P:First linethen:", "UL:onetwo more", "P:-824 is the answer"], blocks  # (a <br>)
     page.evaluate("""() => { state.conv.messages.push({role: 'user', content: 'code'},
         {role: 'assistant', content: 'Here:\\n\\n```python\\nprint(58*23)\\n```'}); renderConversation(); }""")
     block = page.locator(".msg.assistant .code").last

@@ -135,19 +135,32 @@ function markdown(text) {  // -> a DocumentFragment
   const out = document.createDocumentFragment();
   text.split(/```/).forEach((part, i) => {
     if (i % 2 === 1) { out.append(codeBlock(part)); return; }
-    for (const block of part.split(/\n{2,}/)) {
-      if (!block.trim()) continue;
-      const rows = block.split("\n");
-      const heading = block.match(/^(#{1,6})\s+/);
-      if (rows.every((l) => LIST_ITEM.test(l))) {
-        const list = el(/^\s*\d+\./.test(rows[0]) ? "ol" : "ul");
-        list.append(...rows.map((l) => withInline("li", l.replace(LIST_ITEM, ""))));
+    for (const block of part.split(/\n{2,}/)) {  // line by line: a heading is one line, list items may follow a paragraph
+      let para = [], items = [];
+      const endPara = () => { if (para.length) out.append(lines("p", para.join("\n"))); para = []; };
+      const endList = () => {
+        if (!items.length) return;
+        const list = el(/^\s*\d+\./.test(items[0]) ? "ol" : "ul");
+        list.append(...items.map((l) => withInline("li", l.replace(LIST_ITEM, ""))));
         out.append(list);
-      } else if (heading) {
-        out.append(lines("h" + Math.min(6, heading[1].length + 2), block.slice(heading[0].length)));
-      } else {
-        out.append(lines("p", block));
+        items = [];
+      };
+      for (const row of block.split("\n")) {
+        const heading = row.match(/^(#{1,6})\s+/);
+        if (heading) {
+          endPara(); endList();
+          out.append(lines("h" + Math.min(6, heading[1].length + 2), row.slice(heading[0].length)));
+        } else if (LIST_ITEM.test(row)) {
+          endPara();
+          items.push(row);
+        } else if (items.length && /^\s+\S/.test(row)) {
+          items[items.length - 1] += " " + row.trim();  // an item's continued line
+        } else if (row.trim()) {
+          endList();
+          para.push(row);
+        }
       }
+      endPara(); endList();
     }
   });
   return out;
@@ -589,7 +602,7 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
   const thinking = node.querySelector(".thinking"), reasoningEl = node.querySelector(".reasoning");
   const bodyEl = node.querySelector(".body"), callsEl = node.querySelector(".tool-calls");
   if (body.thinking.type === "enabled") { thinking.hidden = false; thinking.open = true; }
-  const calls = [];
+  const calls = [], sent = performance.now();
   let finish = null, usage = null, first = null, answer = null;  // first: the first token's time; answer: the answer's
   try {
     const r = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
@@ -626,7 +639,9 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
     const end = performance.now();
     if (reply.reasoning_content && first !== null) reply.info.thought_s = ((answer ?? end) - first) / 1000;
     const tokens = usage && usage.completion_tokens;
-    if (tokens) Object.assign(reply.info, { tokens, tok_s: tokens > 1 && end > first ? (tokens - 1) / ((end - first) / 1000) : 0 });
+    // tokens/s from the first token on; a reply whose tokens arrived bunched (a busy machine) is timed from the request
+    const span = first !== null && end - first >= 250 ? [tokens - 1, end - first] : [tokens, end - sent];
+    if (tokens) Object.assign(reply.info, { tokens, tok_s: span[1] > 0 ? span[0] / (span[1] / 1000) : 0 });
     if (finish === "length") reply.info.cut = true;
     if (calls.length && finish === "tool_calls") Object.assign(reply, { content: reply.content || null, tool_calls: calls.filter(Boolean) });
     else if (calls.length && finish) showError(new Error("The reply ended inside a tool call: raise Max tokens in Settings."));
