@@ -278,6 +278,14 @@ def _quantize_option():
                                    "written by `nanoseek quantize` loads quantized without it.")
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _device_option():
+    return typer.Option("auto", help="Where the model runs: auto (a CUDA GPU where torch sees one, else the CPU), "
+                                     "cpu or cuda.")
+
+
 def _precision_option():
     return typer.Option("auto", help="Training precision: fp32, bf16 (autocast; weights and optimizer stay fp32) or "
                                      "auto: bf16 on CUDA, and on a CPU whichever measured faster here (bf16 is ~3x "
@@ -551,12 +559,14 @@ def generate(
     speculative: bool = _speculative_option(),
     compile: bool = _compile_option("one reply does not pay for compiling"),
     quantize: Quantize = _quantize_option(),
+    device: Device = _device_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
     from .chat import stream_reply
     from .inference import SamplingParams
 
-    engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize)
+    engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize,
+                               device=device)
     if not raw and not tok.chat_template:
         _fail(f"{_no_template(model)}; --raw continues the prompt as plain text")
     with _reported():
@@ -588,6 +598,7 @@ def chat(
     speculative: bool = _speculative_option(),
     compile: bool = _compile_option("chat starts at once; eager decoding outruns reading"),
     quantize: Quantize = _quantize_option(),
+    device: Device = _device_option(),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
     calculator calls (models whose template writes tool calls) with their results below it.
@@ -597,7 +608,7 @@ def chat(
     current reply; Ctrl-D or /exit leaves."""
     from .chat import chat as run_chat
 
-    engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize)
+    engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device)
     if not tok.chat_template:
         _fail(f"{_no_template(model)}; chatting needs one (`nanoseek generate --raw` continues plain text)")
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
@@ -745,6 +756,7 @@ def eval_(
     quantize: Quantize = _quantize_option(),
     thinking: bool = typer.Option(True, help="Ask with thinking on (the reply reasons first) or off (it answers "
                                   "at once)."),
+    device: Device = _device_option(),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     remote = _is_url(model)
@@ -766,7 +778,7 @@ def eval_(
     if remote:
         ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
     else:
-        engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize)
+        engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device)
     results, tool_rows, samples_log = [], [], []
     for family in tasks:
         if family == "calculator":
@@ -869,6 +881,7 @@ def serve(
     speculative: bool = _speculative_option(),
     compile: bool | None = _compile_option(),
     quantize: Quantize = _quantize_option(),
+    device: Device = _device_option(),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
     web app (/) on one port."""
@@ -889,7 +902,7 @@ def serve(
     served = []
     for folder, served_name in zip(model or [None], names):
         engine, tok = _chat_engine(folder, max_batch=max_batch, speculative=speculative, compile=compile,
-                                   quantize=quantize)
+                                   quantize=quantize, device=device)
         engine.max_queue = max_queue
         with _reported():
             served.append(Service(engine, tok, served_name, read_examples(folder or SHIPPED)))  # + the welcome screen

@@ -8,19 +8,32 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .checkpoint import inference_dtypes, load_model
+from .checkpoint import checkpoint_bytes, inference_dtypes, load_model
 from .machine import decide_decode_compile, use_disk_cache
 from .inference import Engine, SamplingParams
 from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
 
 
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto' (or None): the GPU where torch sees one, else the CPU; 'cuda' without one is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
+    return device
+
+
 def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: bool = False, compile: bool | None = False,
                      quantize: str | None = None, dtype: torch.dtype | None = None, max_len: int | None = None,
-                     console: Console | None = None) -> tuple[Engine, DeepSeekTokenizer]:
-    """(engine, tokenizer) for a folder holding config.json, safetensors and tokenizer.json, in `dtype`
-    or else the ones `inference_dtypes` picks for this machine (fp32 for small models; for large ones the
-    checkpoint's bf16 where the CPU multiplies bf16 fast, else fp32 activations over bf16 or integer weights).
+                     console: Console | None = None,
+                     device: str | torch.device | None = None) -> tuple[Engine, DeepSeekTokenizer]:
+    """(engine, tokenizer) for a folder holding config.json, safetensors and tokenizer.json, on `device`
+    (`pick_device`: a GPU where there is one), in `dtype` or else, on a CPU, the ones `inference_dtypes` picks
+    for it (fp32 for small models; for large ones the checkpoint's bf16 where the CPU multiplies bf16 fast,
+    else fp32 activations over bf16 or integer weights), on a GPU fp32 for small models and the checkpoint's
+    own (bf16) for the rest.
     Speculative decoding is turned off, with a note, for a model without an MTP layer. `compile` None
     decides by the model (`decide_decode_compile`); a compiled decode step is compiled here
     rather than at the first reply."""
@@ -28,8 +41,13 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     if not model_dir.exists():
         raise FileNotFoundError(f"{model_dir}: no such folder")
     console = console or Console()
-    chosen, weight_dtype = (dtype, None) if dtype else inference_dtypes(model_dir, quantize)
-    model = load_model(model_dir, dtype=chosen, quantize=quantize, weight_dtype=weight_dtype)
+    device = pick_device(device)
+    if dtype or device.type != "cpu":
+        small = checkpoint_bytes(model_dir) < 1e9 and not quantize
+        chosen, weight_dtype = dtype or (torch.float32 if small else None), None
+    else:
+        chosen, weight_dtype = inference_dtypes(model_dir, quantize)
+    model = load_model(model_dir, dtype=chosen, quantize=quantize, weight_dtype=weight_dtype, device=device)
     prepare_kernels(model)
     tok = DeepSeekTokenizer.load(model_dir)
     if speculative and not model.mtp_layers:

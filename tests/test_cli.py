@@ -134,6 +134,13 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
         q = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "6",
                                 "--quantize", bits])
         assert q.exit_code == 0 and "tok/s" in q.output, q.output
+    on_cpu = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "4", "--device", "cpu"])
+    assert on_cpu.exit_code == 0 and "tok/s" in on_cpu.output, on_cpu.output
+    import torch
+
+    if not torch.cuda.is_available():  # asked for a GPU torch does not see: one line, no traceback
+        gpu = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--device", "cuda"])
+        assert gpu.exit_code == 2 and "torch sees no CUDA GPU" in gpu.output, gpu.output
     bad_bits = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--quantize", "int5"])
     assert bad_bits.exit_code == 2 and "'--quantize'" in bad_bits.output and "'int8', 'int4'" in bad_bits.output
 
