@@ -149,8 +149,14 @@ def parse_duration(text: str) -> float:
 
 
 def _positive(x: float) -> float:
-    if x <= 0:
-        raise typer.BadParameter(f"must be > 0, got {x}")
+    if not x > 0 or x == float("inf"):  # nan compares false; inf trains the model into NaN
+        raise typer.BadParameter(f"must be a finite number > 0, got {x}")
+    return x
+
+
+def _finite(x: float) -> float:
+    if x != x or x in (float("inf"), float("-inf")):
+        raise typer.BadParameter(f"must be a finite number, got {x}")
     return x
 
 
@@ -669,7 +675,8 @@ def rl(
     updates: int = typer.Option(GRPOConfig.updates_per_rollout, min=1, help="Optimizer steps per batch of rollouts "
                                 "(GRPO's mu)."),
     temperature: float = typer.Option(GRPOConfig.temperature, min=0, max=100, help="Rollout temperature."),
-    beta: float = typer.Option(GRPOConfig.beta, min=0, help="KL (k3) to the starting model; 0 = no reference model."),
+    beta: float = typer.Option(GRPOConfig.beta, min=0, callback=_finite, help="KL (k3) to the starting model; 0 = no "
+                               "reference model."),
     loss_norm: Literal["sequence", "token", "dr_grpo"] = typer.Option(
         GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token (DAPO) or dr_grpo (sum over "
                                    "tokens / (completions x max length))."),
@@ -767,6 +774,15 @@ def eval_(
         _fail("--quantize: applies to a model folder, not to a URL")
     if out is not None and out.is_dir():
         _fail(f"--out: '{out}' is a folder; give a file name (e.g. {out}/eval.json)")
+    if out is not None and out.suffix in (".md", ".jsonl"):
+        _fail(f"--out: give the results' .json file name ('{out.with_suffix('.json')}'): the table goes beside it as "
+              ".md, every problem as .samples.jsonl")
+    if out is not None:  # before the evaluation, not after it
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.touch()
+        except OSError as e:
+            _fail(f"--out: cannot write '{out}': {e.strerror or e}")
     import json
 
     from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
@@ -776,7 +792,8 @@ def eval_(
     from .remote import remote_chat
 
     if remote:
-        ask = remote_chat(model, remote_model, api_key, temperature=temperature, log=console.print)
+        ask = remote_chat(model, remote_model, api_key, temperature=temperature if samples == 1 else (temperature or 0.7),
+                          thinking=None if thinking else False, log=console.print)  # sampled when samples > 1
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device)
     results, tool_rows, samples_log = [], [], []
@@ -789,7 +806,7 @@ def eval_(
         with _reported():
             if remote:
                 r, records = evaluate_remote(ask, [(family, wording)], n=n, samples=samples,
-                                             max_new_tokens=max_tokens or 512)[0]
+                                             max_new_tokens=max_tokens or 512, thinking=thinking)[0]
             else:
                 r, records = evaluate_family(engine, tok, family, n=n, samples=samples, temperature=temperature,
                                        wording=wording, max_new_tokens=max_tokens or None, thinking=thinking)
@@ -801,13 +818,15 @@ def eval_(
     if results:
         console.print(table)
     if out:  # the families' rows, then the calculator's (family "calculator")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps([r.row() for r in results] + [{"family": "calculator", **asdict(r)} for r in tool_rows],
-                                  indent=2))
-        out.with_suffix(".md").write_text("\n\n".join(t for t in (table, tool_rows and tool_table(tool_rows)) if t)
-                                          + "\n")
-        if samples_log:
-            out.with_suffix(".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples_log))
+        try:
+            out.write_text(json.dumps([r.row() for r in results] + [{"family": "calculator", **asdict(r)}
+                                                                    for r in tool_rows], indent=2))
+            out.with_suffix(".md").write_text("\n\n".join(t for t in (table, tool_rows and tool_table(tool_rows)) if t)
+                                              + "\n")
+            if samples_log:
+                out.with_suffix(".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples_log))
+        except OSError as e:  # the disk filled, or the folder went away, during the evaluation
+            _fail(f"--out: cannot write '{out}': {e.strerror or e}")
 
 
 @app.command()

@@ -21,11 +21,13 @@ class RemoteReply(str):
 
 
 def remote_chat(url: str, model: str, api_key: str | None = None, temperature: float = 0.6, retries: int = 5,
-                timeout: float = 120.0, log: Callable[[str], None] = print, concurrency: int = 8):
+                timeout: float = 120.0, log: Callable[[str], None] = print, concurrency: int = 8,
+                thinking: bool | None = None):
     """A function (questions, max_tokens, seed) -> completions from an OpenAI-compatible endpoint's
     /v1/chat/completions, each question tried up to `retries` times, `concurrency` requests in flight
     (a batching server answers them together). A completion is rebuilt as
-    `reasoning_content </think> content` so the task verifiers apply to it."""
+    `reasoning_content </think> content` so the task verifiers apply to it. `thinking` True/False asks for
+    reasoning on or off (DeepSeek's `thinking` parameter); None leaves it to the model."""
     import openai  # here, not at the top: the SDK takes a second to import and most commands never need it
 
     base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
@@ -52,10 +54,13 @@ def remote_chat(url: str, model: str, api_key: str | None = None, temperature: f
     client = openai.OpenAI(base_url=base, api_key=api_key or "none", max_retries=retries - 1, timeout=timeout,
                            http_client=ReportingClient())
 
+    switch = None if thinking is None else {"thinking": {"type": "enabled" if thinking else "disabled"}}
+
     def one(question: str, max_tokens: int, seed: int) -> str:
         try:
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                                   max_tokens=max_tokens, temperature=temperature, seed=seed)
+                                                   max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                                   extra_body=switch)
         except openai.APIStatusError as e:
             if e.status_code < 500 and e.status_code != 429:  # a client error will not fix itself
                 raise RemoteError(f"{endpoint}: HTTP {e.status_code}: {e.response.content[:300]!r}") from None

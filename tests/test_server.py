@@ -485,6 +485,8 @@ def test_eval_and_teacher_against_a_live_server(server):
     texts = ask(["What is 2 + 2?"], 8, 0)
     assert len(texts) == 1 and "</think>" in texts[0]
     assert texts[0].completion_tokens == 8  # the server's count: mean lengths are in tokens, as for a folder
+    off = remote_chat(server + "/v1", "nanoseek-test", api_key=KEY, temperature=0.0, retries=1, thinking=False)
+    assert off(["What is 2 + 2?"], 8, 0)[0].startswith("\n</think>")  # asked without reasoning: none came
     (r, records), = evaluate_remote(ask, [("add", "canonical")], n=3, max_new_tokens=8)
     assert r.n == 3 and 0 <= r.accuracy <= 1 and len(records) == 3 and r.mean_length <= 8
     out = CliRunner().invoke(app, ["eval", "--model", server + "/v1", "--remote-model", "nanoseek-test",

@@ -75,14 +75,15 @@ def _counted(reply: str) -> Sequence:
 
 
 def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
-                    seed: int = 0) -> list[tuple[FamilyResult, list[dict]]]:
+                    seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
     """The same evaluation against an OpenAI-compatible endpoint; ask(questions, max_tokens, seed) returns
     'reasoning </think> answer' texts (see remote.remote_chat)."""
     out = []
     for family, wording in specs:
         task, problems = problems_for(family, n, wording)
         texts = ask([p.question for p in problems for _ in range(samples)], max_new_tokens, seed)
-        out.append(_score(family, task, problems, [_Answered(t, _counted(t)) for t in texts], samples))
+        answered = [_Answered(t if thinking else THINKING_OFF + t, _counted(t)) for t in texts]  # as evaluate_many
+        out.append(_score(family, task, problems, answered, samples))
     return out
 
 

@@ -106,7 +106,7 @@ class Trainer:
             self.console.print(f"compile: {'on' if self.compiled else 'off'} ({compile_reason})")
             if cfg.max_steps and cfg.warmup_steps > cfg.max_steps:
                 self.console.print(f"[yellow]warmup ({cfg.warmup_steps} steps) is longer than the run "
-                                   f"({cfg.max_steps}): the learning rate never reaches its peak[/] (--warmup-steps)")
+                                   f"({cfg.max_steps}): the learning rate never reaches its peak[/]")
         if cfg.aux_alpha is not None:
             for m in model.modules():
                 if isinstance(m, MoE):
