@@ -184,3 +184,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     r = subprocess.run(_nanoseek("--out", str(tmp_path / "one"), "--batch-size", "2", *more), env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "global_batch" in r.stderr  # errors go to stderr
+
+
+def test_the_first_ctrl_c_is_answered_at_once_and_the_second_stops_now(capsys):
+    """A GRPO step can take a minute: the first Ctrl-C says at once that the run stops after the step,
+    with a checkpoint (silence invited a second Ctrl-C, which loses the step)."""
+    import os
+    import signal
+
+    from nanoseek.train.loop import _StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and "stopping after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # restored

@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -345,6 +346,9 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        # said at once: a step (a GRPO step's rollouts) can take a minute, and silence invites a second Ctrl-C
+        print("\nstopping after this step, with a checkpoint (Ctrl-C again: stop now, losing this step)",
+              file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
