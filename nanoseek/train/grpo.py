@@ -296,7 +296,8 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
         # `compile` applies to the rollouts (decoding is most of a GRPO step); the policy's layers stay
         # eager, since the engine's prefill and compiled decode call them at ever-changing shapes
         compile_rollouts, why = decide_rollout_compile(train.compile, info.device, train.time_budget)
-        console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy trains eagerly")
+        console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy's updates stay "
+                      "eager (the 'compile: off' below is theirs)")
         if compile_rollouts:
             use_disk_cache()
         rollouts = Rollouts(model, tok, cfg, compile=compile_rollouts)
