@@ -160,8 +160,13 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
             return
         if not text:
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):  # a message that starts with "/": typed with two
+            text = text[1:]
+        elif text.startswith("/"):
             cmd, _, arg = text.partition(" ")
+            if cmd in ("/exit", "/reset") and arg.strip():
+                console.print(f"[red]{cmd} takes nothing after it[/] (a message starting with / is typed //...)")
+                continue
             if cmd == "/exit":
                 return
             if cmd == "/reset":
@@ -181,7 +186,8 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
                 else:
                     console.print("[red]usage: /temp T, with T from 0 to 100 (e.g. /temp 0.7)[/]")
             else:
-                console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit)")
+                console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit; a message starting with / "
+                              "is typed //...)")
             continue
         before = len(messages)
         messages.append({"role": "user", "content": text})

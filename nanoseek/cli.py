@@ -610,8 +610,8 @@ def chat(
     calculator calls (models whose template writes tool calls) with their results below it.
 
     End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
-    /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
-    current reply; Ctrl-D or /exit leaves."""
+    /system TEXT (set the system prompt), /temp T (set the temperature), /exit; a message that starts
+    with / is typed with two (//...). Ctrl-C stops the current reply; Ctrl-D or /exit leaves."""
     from .chat import chat as run_chat
 
     engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device)

@@ -180,12 +180,14 @@ def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path,
 def test_chat_commands_and_multiline_input(tmp_path):
     """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)
-    script = "hello \\\nthere\n/temp -1\n/temp nan\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/reset\n/exit\n"
+    script = ("hello \\\nthere\n/temp -1\n/temp nan\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/exit now\n"
+              "//2 + 3\n/reset\n/exit\n")
     r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8", "--temperature", "0"], input=script)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "(temperature 0.0)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
-    assert "(new conversation)" in out and out.count("Thinking") == 2
+    assert "(new conversation)" in out and out.count("Thinking") == 3  # "//2 + 3" was sent as "/2 + 3"
+    assert "/exit takes nothing after it" in out
     assert out.count("usage: /temp T") == 2 and "temperature -1" not in out and "temperature nan" not in out
 
 
