@@ -579,6 +579,10 @@ def generate(
         ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
+    if len(ids) + max_tokens > engine.max_len:  # said in the command's own terms (the engine's are max_new_tokens)
+        room = engine.max_len - len(ids)
+        _fail(f"--max-tokens: the prompt ({len(ids)} tokens) plus {max_tokens} exceeds the model's context of "
+              f"{engine.max_len} tokens" + (f": use --max-tokens {room} or less" if room > 0 else ": shorten the prompt"))
     with _reported():
         req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                 seed=seed))
