@@ -825,8 +825,11 @@ def eval_(
         try:
             out.write_text(json.dumps([r.row() for r in results] + [{"family": "calculator", **asdict(r)}
                                                                     for r in tool_rows], indent=2))
-            out.with_suffix(".md").write_text("\n\n".join(t for t in (table, tool_rows and tool_table(tool_rows)) if t)
-                                              + "\n")
+            how = (f"`{model}`{f' ({remote_model})' if remote else ''}, {wording} wording, thinking "
+                   f"{'on' if thinking else 'off'}, {samples} sample(s) per problem at temperature "
+                   f"{temperature if samples == 1 else (temperature or 0.7)}{f', {quantize}' if quantize else ''}")
+            out.with_suffix(".md").write_text("\n\n".join(t for t in (how, table, tool_rows and tool_table(tool_rows))
+                                                            if t) + "\n")
             if samples_log:
                 out.with_suffix(".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples_log))
         except OSError as e:  # the disk filled, or the folder went away, during the evaluation

@@ -167,7 +167,8 @@ def test_eval_cli_writes_the_calculator_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["family"] for row in rows] == ["add", "calculator", "calculator"]
     assert [row["offered"] for row in rows[1:]] == [True, False] and all(0 <= row["accuracy"] <= 1 for row in rows)
-    assert "| calculator offered |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| calculator offered |" in table and "canonical wording, thinking on, 1 sample(s)" in table  # how it was run
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and {s["family"] for s in samples} == {"add"}  # each add problem, as asked and answered
     assert all(len(s["completions"]) == len(s["correct"]) == 1 and s["correct"][0] == (
