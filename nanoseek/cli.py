@@ -569,7 +569,7 @@ def generate(
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
     from .chat import stream_reply
-    from .inference import SamplingParams
+    from .inference import ContextOverflow, SamplingParams
 
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize,
                                device=device)
@@ -579,13 +579,14 @@ def generate(
         ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
-    if len(ids) + max_tokens > engine.max_len:  # said in the command's own terms (the engine's are max_new_tokens)
-        room = engine.max_len - len(ids)
-        _fail(f"--max-tokens: the prompt ({len(ids)} tokens) plus {max_tokens} exceeds the model's context of "
-              f"{engine.max_len} tokens" + (f": use --max-tokens {room} or less" if room > 0 else ": shorten the prompt"))
     with _reported():
-        req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                seed=seed))
+        try:
+            req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                    seed=seed))
+        except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
+            room = e.context - e.prompt_tokens
+            _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {max_tokens} exceeds the model's context "
+                  f"of {e.context} tokens" + (f": use --max-tokens {room} or less" if room > 0 else ": shorten the prompt"))
     stream_reply(engine, req, not raw and tok.opens_thinking(ids), console, answer_label=None if raw else "Answer:")
     dt = time.perf_counter() - t0
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
@@ -789,15 +790,15 @@ def eval_(
             _fail(f"--out: cannot write '{out}': {e.strerror or e}")
     import json
 
-    from .eval.tasks import evaluate_family, evaluate_remote, markdown_table
+    from .eval.tasks import evaluate_family, evaluate_remote, markdown_table, sampling_temperature
     from dataclasses import asdict
 
     from .eval.tool_use import evaluate_tool_use, tool_table
     from .remote import remote_chat
 
     if remote:
-        ask = remote_chat(model, remote_model, api_key, temperature=temperature if samples == 1 else (temperature or 0.7),
-                          thinking=None if thinking else False, log=console.print)  # sampled when samples > 1
+        ask = remote_chat(model, remote_model, api_key, temperature=sampling_temperature(temperature, samples),
+                          thinking=None if thinking else False, log=console.print)
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device)
     results, tool_rows, samples_log = [], [], []
@@ -827,7 +828,7 @@ def eval_(
                                                                     for r in tool_rows], indent=2))
             how = (f"`{model}`{f' ({remote_model})' if remote else ''}, {wording} wording, thinking "
                    f"{'on' if thinking else 'off'}, {samples} sample(s) per problem at temperature "
-                   f"{temperature if samples == 1 else (temperature or 0.7)}{f', {quantize}' if quantize else ''}")
+                   f"{sampling_temperature(temperature, samples)}{f', {quantize}' if quantize else ''}")
             out.with_suffix(".md").write_text("\n\n".join(t for t in (how, table, tool_rows and tool_table(tool_rows))
                                                             if t) + "\n")
             if samples_log:

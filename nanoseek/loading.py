@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .checkpoint import checkpoint_bytes, inference_dtypes, load_model
+from .checkpoint import inference_dtypes, load_model
 from .machine import decide_decode_compile, use_disk_cache
 from .inference import Engine, SamplingParams
 from .quant import prepare_kernels
@@ -42,11 +42,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
         raise FileNotFoundError(f"{model_dir}: no such folder")
     console = console or Console()
     device = pick_device(device)
-    if dtype or device.type != "cpu":
-        small = checkpoint_bytes(model_dir) < 1e9 and not quantize
-        chosen, weight_dtype = dtype or (torch.float32 if small else None), None
-    else:
-        chosen, weight_dtype = inference_dtypes(model_dir, quantize)
+    chosen, weight_dtype = (dtype, None) if dtype else inference_dtypes(model_dir, quantize, device=device)
     model = load_model(model_dir, dtype=chosen, quantize=quantize, weight_dtype=weight_dtype, device=device)
     prepare_kernels(model)
     tok = DeepSeekTokenizer.load(model_dir)

@@ -74,6 +74,12 @@ def _counted(reply: str) -> Sequence:
     return range(n) if n is not None else reply.split()
 
 
+def sampling_temperature(temperature: float, samples: int) -> float:
+    """The temperature an evaluation samples at: as given, but 0.7 where several samples of a problem
+    would otherwise all be the same greedy reply."""
+    return temperature if samples == 1 else (temperature or 0.7)
+
+
 def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: int = 1, max_new_tokens: int = 512,
                     seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
     """The same evaluation against an OpenAI-compatible endpoint; ask(questions, max_tokens, seed) returns
@@ -99,7 +105,7 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
                   seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
     """Several (family, wording) evaluations in one batch through the engine. With
     thinking off the prompt closes the reasoning block itself and the reply is scored as the answer."""
-    temp = temperature if samples == 1 else (temperature or 0.7)
+    temp = sampling_temperature(temperature, samples)
     jobs, prompts, params = [], [], []
     for family, wording in specs:
         task, problems, ids = prompts_for(tok, family, n, wording, thinking)

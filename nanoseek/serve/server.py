@@ -16,12 +16,12 @@ when its generation failed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property, lru_cache, reduce
-from itertools import accumulate
 from typing import NamedTuple
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -613,10 +613,10 @@ def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int 
     `start`, and the first `hidden` tokens take no room in the text."""
     tokens = [svc.tok.decode([e["token"]]) for e in entries]
     # a token's offset: the whole characters before it (pieces of one character share its offset)
-    pieces = [svc.token_bytes(e["token"]) for e in entries[hidden:]]
-    text = b"".join(pieces)
-    offsets = [start] * hidden + [start + len(text[:b].decode("utf-8", "ignore"))
-                                  for b in accumulate((len(p) for p in pieces[:-1]), initial=0)]
+    utf8, chars, offsets = codecs.getincrementaldecoder("utf-8")("ignore"), start, [start] * hidden
+    for e in entries[hidden:]:
+        offsets.append(chars)
+        chars += len(utf8.decode(svc.token_bytes(e["token"])))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
                              for e in entries],
