@@ -22,12 +22,13 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True, scope="session")
 def _own_cache_folder(tmp_path_factory):
-    """The precision measurement's cache and inductor's graphs in a folder of the test session's own."""
-    from nanoseek import machine
-
+    """The precision measurement's cache and inductor's graphs, the tests' own and their subprocesses',
+    in a folder of the test session's: pytest keeps the last three sessions' folders, so nothing piles up
+    run after run (inductor's default folder in /tmp is never cleaned)."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(machine, "cache_home", lambda: folder)
+        mp.setenv("XDG_CACHE_HOME", str(folder))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "nanoseek" / "inductor"))
         yield
 
 

@@ -177,6 +177,12 @@ def test_a_reload_mid_reply_keeps_the_question_and_what_came(server, browser):
     page.wait_for_timeout(300)
     assert page.evaluate("state.busy")  # mid-reply
     cid = page.evaluate("state.conv.id")
+    # the reloaded page reads the conversation before the save made as the old one left has landed
+    before = httpx.get(f"{server}/api/conversations/{cid}", headers=auth).json()
+    assert [m["role"] for m in before["messages"]] == ["user"]
+    stale = [before]
+    page.route(f"**/api/conversations/{cid}", lambda route: route.fulfill(json=stale.pop()) if stale and
+               route.request.method == "GET" else route.continue_())
     page.reload()
     for _ in range(50):  # the page's last request arrives as it goes
         got = httpx.get(f"{server}/api/conversations/{cid}", headers=auth).json()
@@ -187,7 +193,7 @@ def test_a_reload_mid_reply_keeps_the_question_and_what_came(server, browser):
         time.sleep(0.1)
     assert messages[0] == {"role": "user", "content": "Tell me a long story"}, messages
     assert messages[1]["role"] == "assistant" and messages[1]["info"]["stopped"], messages[1]
-    page.wait_for_selector(".msg.assistant")  # the reload opened it (#id), the reply shown as stopped
+    page.wait_for_selector(".msg.assistant", timeout=10_000)  # the reload opened it (#id), the reply shown as stopped
     assert "stopped" in page.locator(".msg.assistant .notes").inner_text()
     md = page.evaluate("""asMarkdown({title: 'Sums <b>& more</b>', system: '', messages: [
         {role: 'user', content: 'q'}, {role: 'assistant', reasoning_content: '2*3=6 no\\nkeep 4 ```', content: '**6**'}]})""")

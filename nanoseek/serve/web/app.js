@@ -403,6 +403,19 @@ async function openConversation(id) {
   state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
   remember(state.conv);
   renderConversation();
+  if (sessionStorage.getItem("nanoseek.left_mid_reply") === id) await awaitLeftReply(id);
+}
+async function awaitLeftReply(id) {  // the reply the page before a reload was writing, stored as it left
+  sessionStorage.removeItem("nanoseek.left_mid_reply");
+  for (let i = 0; i < 20 && state.conv && state.conv.id === id && !state.busy; i++) {
+    const stored = await api("/api/conversations/" + id);
+    if (stored.messages.length > state.conv.messages.length) {
+      state.conv = { ...stored, saved: true };
+      renderConversation();
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 150));
+  }
 }
 function newChat() {  // stored only once it has a message
   if (state.busy) return;
@@ -468,6 +481,7 @@ function keepOnLeaving() {  // a reload or a closed tab mid-reply: the reply so 
   if (last.role === "assistant") last.info = { ...last.info, stopped: true };
   fetch(`/api/conversations/${c.id}/messages`, { method: "PUT", headers: headers(), keepalive: true,
     body: JSON.stringify({ messages: c.messages }) }).catch(() => {});
+  sessionStorage.setItem("nanoseek.left_mid_reply", c.id);  // a reload may open it before that save lands
 }
 
 // ---------- talking to the model ----------
