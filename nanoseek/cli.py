@@ -456,9 +456,14 @@ def tokenizer_train(
     vocab_size: int = typer.Option(4096, "--vocab-size", min=300, help="Vocabulary size, special tokens included."),
     skip_bad_records: bool = typer.Option(False, help="Skip and count malformed records instead of stopping."),
     max_documents: int = typer.Option(0, min=0, help="Stop after this many documents (0 = the whole corpus)."),
+    force: bool = typer.Option(False, "--force", help="Replace a tokenizer OUT already holds."),
 ):
     """Train a byte-level BPE tokenizer with DeepSeek's special tokens (streams the corpus)."""
     import itertools
+
+    if not force and (out / "tokenizer.json").is_file():
+        _fail(f"--out: '{out}' already holds a tokenizer (a model trained with it would no longer read its ids): "
+              "choose another folder, or --force to replace it")
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

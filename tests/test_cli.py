@@ -41,6 +41,17 @@ def test_tokenizer_train(tmp_path):
     assert "1 malformed records skipped" in ok.output
     tok = DeepSeekTokenizer.load(out)
     assert tok.decode(tok.encode("sample 3 of text")) == "sample 3 of text"
+    # a second training into the same folder would change the ids a model trained with the first reads
+    before = (out / "tokenizer.json").read_text()
+    again = runner.invoke(app, ["tokenizer", "train", "--data", str(data), "--out", str(out), "--vocab-size", "400",
+                                "--skip-bad-records"])
+    assert again.exit_code != 0 and "already holds a tokenizer" in again.output and "--force" in again.output
+    assert (out / "tokenizer.json").read_text() == before
+    other = tmp_path / "other.txt"
+    other.write_text("quokkas and wombats " * 50)
+    forced = runner.invoke(app, ["tokenizer", "train", "--data", str(other), "--out", str(out), "--vocab-size", "400",
+                                 "--force"])
+    assert forced.exit_code == 0 and (out / "tokenizer.json").read_text() != before, forced.output
 
 
 def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
