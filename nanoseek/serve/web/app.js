@@ -92,8 +92,9 @@ function el(tag, cls, text) {
   return e;
 }
 // `code`, **bold** and *italic*, where the stars open after a space or punctuation and close before
-// one: maths such as 58*3*2, a*b, 2 * 3 or 2**10 is left as written.
-const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2/g;
+// one: maths such as 58*3*2, a*b, 2 * 3 or 2**10 is left as written; [links](https://...) and bare
+// http(s) addresses (never ending in the punctuation after them), opened in a new tab.
+const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2|\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)|(https?:\/\/[^\s<>()"']*[^\s<>()"'.,;:!?])/g;
 const WORDLIKE = /[\p{L}\p{N}*]/u;
 function inline(s) {  // -> nodes (strings and elements)
   const nodes = [];
@@ -107,11 +108,19 @@ function inline(s) {  // -> nodes (strings and elements)
     }
     nodes.push(s.slice(last, m.index));
     if (m[1] !== undefined) nodes.push(el("code", "", m[1]));
+    else if (m[5] !== undefined || m[6] !== undefined) nodes.push(link(m[5] || m[6], m[4] || m[6]));
     else { const e = el(m[2] === "**" ? "strong" : "em"); e.append(...inline(m[3])); nodes.push(e); }
     last = end;
   }
   nodes.push(s.slice(last));
   return nodes;
+}
+function link(url, text) {  // only http(s) reaches here: no javascript: or data: addresses
+  const a = el("a", "", text);
+  a.href = url;
+  a.target = "_blank";
+  a.rel = "noopener noreferrer nofollow";
+  return a;
 }
 function withInline(tag, text) { const e = el(tag); e.append(...inline(text)); return e; }
 function lines(tag, text) {  // a paragraph: its lines, with line breaks
