@@ -444,6 +444,14 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
         page.click("#export-md")
     text = Path(md.value.path()).read_text()
     assert text.startswith("# Quokkas") and "a quokka question" in text and "x*y" in text
+    # the menu closes on a click elsewhere, and on Esc (focus back on its button)
+    page.click("#conv-menu summary")
+    assert page.is_visible("#export-json")
+    page.click(".msg.user .body")
+    assert page.is_hidden("#export-json")
+    page.click("#conv-menu summary")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#export-json") and page.evaluate("document.activeElement.parentElement.id") == "conv-menu"
     page.click("#conv-menu summary")
     with page.expect_download() as js:
         page.click("#export-json")

@@ -684,8 +684,9 @@ function openSide() { $("sidebar").classList.add("open"); }
 function closeSide() { $("sidebar").classList.remove("open"); }
 function focusSearch() { openSide(); $("search").focus(); $("search").select(); }
 function shortcut(e) {  // the keys listed in the help dialog
-  const mod = e.ctrlKey || e.metaKey;
-  if (e.key === "Escape" && state.busy) { e.preventDefault(); stop(); }
+  const mod = e.ctrlKey || e.metaKey, menu = $("conv-menu");
+  if (e.key === "Escape" && menu.open) { e.preventDefault(); menu.open = false; menu.querySelector("summary").focus(); }
+  else if (e.key === "Escape" && state.busy) { e.preventDefault(); stop(); }
   else if (mod && e.key.toLowerCase() === "k") { e.preventDefault(); focusSearch(); }
   else if (mod && e.shiftKey && e.key.toLowerCase() === "o") { e.preventDefault(); newChat(); }
   else if (mod && e.key === "/") { e.preventDefault(); $("help").showModal(); }
@@ -709,6 +710,9 @@ $("search").onkeydown = (e) => { if (e.key === "Escape" && $("search").value) { 
 $("open-side").onclick = openSide;
 $("close-side").onclick = closeSide;
 document.addEventListener("keydown", shortcut);
+document.addEventListener("click", (e) => {  // a click anywhere else closes the conversation's menu
+  if ($("conv-menu").open && !$("conv-menu").contains(e.target)) $("conv-menu").open = false;
+});
 systemDark.addEventListener("change", applyTheme);
 for (const k of SETTINGS) $(k).addEventListener("change", saveSetting);
 $("api_key").addEventListener("change", () => { clearError(); loadServer(); refreshList().catch(showError); });
