@@ -69,6 +69,7 @@ def test_chat_flow_thinking_panel_history_and_escaping(server, browser):
     with page.expect_response("**/v1/chat/completions"):  # (a 40-token reply can be over before #stop is polled)
         page.press("#input", "Enter")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)  # done
+    assert page.get_attribute("#messages", "aria-busy") == "false"  # and read out
     auth = {"Authorization": f"Bearer {KEY}"}
     stored = httpx.get(f"{server}/api/conversations", headers=auth).json()["data"]
     messages = httpx.get(f"{server}/api/conversations/{stored[0]['id']}", headers=auth).json()["messages"]
@@ -176,6 +177,7 @@ def test_a_reload_mid_reply_keeps_the_question_and_what_came(server, browser):
     page.wait_for_selector("#stop:not([hidden])")
     page.wait_for_timeout(300)
     assert page.evaluate("state.busy")  # mid-reply
+    assert page.get_attribute("#messages", "aria-busy") == "true"  # a screen reader waits for the whole reply
     cid = page.evaluate("state.conv.id")
     # the reloaded page reads the conversation before the save made as the old one left has landed
     before = httpx.get(f"{server}/api/conversations/{cid}", headers=auth).json()

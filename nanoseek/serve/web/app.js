@@ -674,6 +674,7 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
 }
 function setBusy(b) {
   state.busy = b;
+  $("messages").setAttribute("aria-busy", String(b));  // a screen reader reads the reply once, when it is done, not every token
   $("send").hidden = b;
   $("stop").hidden = !b;
 }
