@@ -90,13 +90,18 @@ def test_sft_and_grpo_runs(model_dir, tmp_path):
 
 
 def test_grpo_reuses_each_batch_of_rollouts_for_mu_updates(model_dir, tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
     rl(model_dir, tmp_path / "rl", GRPOConfig(tasks=["add"], prompts_per_step=2, group_size=4, max_new_tokens=16,
                                                temperature=1.0, updates_per_rollout=2),
        TrainConfig(max_steps=4, warmup_steps=1, schedule="constant", bias_gamma=0.0, eval_every=0, checkpoint_every=4,
-                   lr=1e-3, compile=False))
+                   lr=1e-3, compile=False), console=console)
     rec = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "lr" in r]
     assert [r["step"] for r in rec] == [1, 2, 3, 4]
     assert ["reward" in r for r in rec] == [True, False, True, False]  # rollouts at steps 1 and 3, logged once
+    # a model that never wrote the format (this one is random, as a base model is to the chat format): a hint, once
+    assert rec[0]["format_rate"] == 0 and console.export_text().count("--mode r1-zero") == 1
 
 
 @pytest.mark.slow

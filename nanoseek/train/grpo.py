@@ -55,8 +55,9 @@ def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
 class Rollouts:
     """The RL 'data source': each next() samples, scores and packs one step of rollouts."""
 
-    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, max_batch: int = 256, compile: bool = False):
-        self.model, self.tok, self.cfg = model, tok, cfg
+    def __init__(self, model, tok: DeepSeekTokenizer, cfg: GRPOConfig, max_batch: int = 256, compile: bool = False,
+                 console: Console | None = None):
+        self.model, self.tok, self.cfg, self.console = model, tok, cfg, console
         self.tasks = {t: rl_task(t) for t in cfg.tasks}
         # the calculator family: hard problems with the calculator offered, its calls run for real
         self.offer = CalculatorOffer(tok, model.config.vocab_size) if Calculator.name in cfg.tasks else None
@@ -96,6 +97,10 @@ class Rollouts:
             batch = self._sample()
             if batch["n"]:
                 break
+        if self.console is not None and self._last is None and self.cfg.mode == "r1" and not batch["stats"]["format_rate"]:
+            self.console.print("[yellow]no rollout closed its reasoning with </think> and answered[/]: R1 mode asks "
+                               "through the chat template, which a base model (pretrained, no SFT) has not learned: "
+                               "train it with --mode r1-zero, or run `nanoseek sft` on it first")
         self._last, self._uses = batch, 1
         return batch
 
@@ -300,7 +305,7 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
                       "eager (the 'compile: off' below is theirs)")
         if compile_rollouts:
             use_disk_cache()
-        rollouts = Rollouts(model, tok, cfg, compile=compile_rollouts)
+        rollouts = Rollouts(model, tok, cfg, compile=compile_rollouts, console=console)
         run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg),
                       "rollouts_compiled": compile_rollouts}
         return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg, ref), replace(train, compile=False),
