@@ -45,6 +45,8 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raw = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: a JSON object of the model's settings expected, not a {type(raw).__name__}")
     if "model_type" not in raw:
         archs = raw.get("architectures") or []
         guess = {arch: model_type for model_type, arch in ARCHITECTURES.items()}

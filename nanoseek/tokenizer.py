@@ -234,16 +234,23 @@ class DeepSeekTokenizer:
             if not f.is_file():
                 return None
             try:
-                return json.loads(f.read_text())
+                value = json.loads(f.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{f}: invalid JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{f}: a JSON object expected, not a {type(value).__name__}")
+            return value
 
         config = read("tokenizer_config.json")
         if config is None:  # nanoseek always writes one: a folder without it is another's, its chat format unknown
             config = {k: v for k, v in OWN_CONFIG.items() if k != "chat_template"}
         if not config.get("chat_template") and (d / "chat_template.jinja").is_file():
             config["chat_template"] = (d / "chat_template.jinja").read_text()  # transformers v5 keeps it apart
-        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), config, read("generation_config.json"))
+        try:
+            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{d / 'tokenizer.json'}: not a tokenizer the tokenizers library can read ({e})") from None
+        return cls(tok, config, read("generation_config.json"))
 
     # ---- text <-> ids ----
     @property

@@ -238,3 +238,26 @@ def test_not_a_model_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny").to_dict()))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         nanoseek.load_model(tmp_path)
+    # JSON, but not an object of settings: said in one line (it was an AttributeError)
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    for value in ([1, 2], "a string"):
+        (tmp_path / "config.json").write_text(json.dumps(value))
+        r = CliRunner().invoke(app, ["info", str(tmp_path)])
+        assert r.exit_code == 2 and "a JSON object of the model's settings expected" in " ".join(r.output.split()), r.output
+
+
+def test_unreadable_tokenizer_files_are_named(tmp_path):
+    """A corrupt tokenizer.json (it was the tokenizers library's bare Exception) or a tokenizer_config.json
+    that is not an object: one line naming the file."""
+    from nanoseek.tokenizer import DeepSeekTokenizer
+
+    (tmp_path / "tokenizer.json").write_text("garbage")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer"):
+        DeepSeekTokenizer.load(tmp_path)
+    DeepSeekTokenizer.train(["some text to learn from, some text"], vocab_size=300).save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match="tokenizer_config.json: a JSON object expected, not a list"):
+        DeepSeekTokenizer.load(tmp_path)

@@ -107,6 +107,16 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     text.write_text("some prose, not conversations\n")
     r = runner.invoke(app, ["sft", *o, "--data", str(text)])
     assert r.exit_code == 2 and ".jsonl file of" in " ".join(r.output.split()), r.output
+    # a conversation without an assistant turn teaches nothing (it was an IndexError once training began)
+    asks = tmp_path / "asks.jsonl"
+    asks.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    r = runner.invoke(app, ["sft", *o, "--data", str(asks)])
+    assert r.exit_code == 2 and "no assistant message" in " ".join(r.output.split()), r.output
+    # one conversation is enough to train on (nothing to hold out: it was all held out, and nothing trained)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(good[0]) + "\n")
+    r = runner.invoke(app, ["sft", *o[:-1], str(tmp_path / "r1"), "--data", str(one)])
+    assert r.exit_code == 0, r.output
     data.write_text("\n".join(json.dumps(g) for g in good) + "\n")
     other.write_text("\n".join(json.dumps(g) for g in good[:30]) + "\n")
     assert runner.invoke(app, ["sft", *o, "--data", str(data)]).exit_code == 0

@@ -52,9 +52,12 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
 
 def _user_example(tok: DeepSeekTokenizer, messages: list[dict], path: str, n: int) -> np.ndarray:
     try:
-        return sft_example(tok, messages)
+        example = sft_example(tok, messages)
     except ChatFormatError as e:
         raise ChatFormatError(f"{path}: conversation {n}: {e}") from None
+    if (example[1] == IGNORE).all():  # SFT learns only what the assistant writes
+        raise ChatFormatError(f"{path}: conversation {n}: no assistant message to learn from")
+    return example
 
 
 def builtin_mixture(tok: DeepSeekTokenizer, n: int, cfg: SFTConfig, seed: int) -> list[list[dict]]:
@@ -133,8 +136,11 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
                 examples, held_examples = [sft_example(tok, c) for c in convs], [sft_example(tok, c) for c in held]
             else:
                 examples = [_user_example(tok, c, cfg.data, n) for n, c in enumerate(read_conversations(cfg.data), 1)]
-                cut = max(1, len(examples) // 50)
-                held_examples, examples = examples[:cut], examples[cut:]
+                if len(examples) > 1:  # 2% held out, at least one
+                    cut = max(1, len(examples) // 50)
+                    held_examples, examples = examples[:cut], examples[cut:]
+                else:  # one conversation: nothing to hold out, its loss is the training loss
+                    held_examples = examples
         except ChatFormatError as e:
             raise ConfigError(str(e)) from None
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
