@@ -365,6 +365,13 @@ BAD = [
     ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, 400,
      "temperature: Input should be a finite number"),
     ("logprobs as a number", {"messages": ask(), "logprobs": 3}, None, 400, "logprobs"),
+    # a field that should be an object, given something else: the field is named (the message blamed the body)
+    ("message not an object", {"messages": ["hi"]}, None, 400, "messages.0: should be a JSON object"),
+    ("response_format as a string", {"messages": ask(), "response_format": "json"}, None, 400,
+     "response_format: should be a JSON object"),
+    ("tool not an object", {"messages": ask(), "tools": [5]}, None, 400, "tools.0: should be a JSON object"),
+    ("stream_options not an object", {"messages": ask(), "stream": True, "stream_options": "x"}, None, 400,
+     "stream_options: should be a JSON object"),
     ("logit_bias id outside the vocabulary", {"messages": ask(), "logit_bias": {"99999": 1}}, None, 400, "logit_bias"),
     ("a schema that cannot compile", {"messages": ask(), "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}, None, 400,

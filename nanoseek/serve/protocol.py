@@ -271,8 +271,10 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         msg = "is required"
     elif kind == "json_invalid":
         return "the request body is not valid JSON", None
-    elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
-        return "the request body must be a JSON object", None
+    elif kind in ("model_attributes_type", "dict_type"):  # an object expected: the body's or a field's
+        if not loc:
+            return "the request body must be a JSON object", None
+        msg = "should be a JSON object"
     named = re.match(r"([a-z_][a-z0-9_]*(?:\.(?:[a-z_][a-z0-9_]*|\d+))*): ", msg) if param is None else None
     if named:  # a check across fields (a model validator) names its parameter at the start of its message
         return msg, named.group(1)
