@@ -252,6 +252,11 @@ def _train(default: TrainConfig, max_steps: int, time_budget: float, **overrides
     return replace(default, max_steps=max_steps, time_budget=time_budget, **overrides)
 
 
+def _many(n: int, noun: str) -> str:
+    """'1 document', '2,000 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -485,9 +490,15 @@ def tokenizer_train(
 
         with _reported():
             tok = DeepSeekTokenizer.train(counted(), vocab_size=vocab_size)
+    if not stats.documents:
+        _fail(f"--data: no documents in {', '.join(data)}" + (f" ({stats.skipped:,} malformed records skipped)"
+                                                               if stats.skipped else ""))
     tok.save(out)
-    console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {stats.documents:,} documents"
-                  + (f", {stats.skipped:,} malformed records skipped" if stats.skipped else ""))
+    console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {_many(stats.documents, 'document')}"
+                  + (f", {_many(stats.skipped, 'malformed record')} skipped" if stats.skipped else ""))
+    if tok.vocab_size < vocab_size:
+        console.print(f"[yellow]note[/]: {vocab_size:,} tokens were asked for; the corpus holds too little text for "
+                      f"more than {tok.vocab_size:,} (every pair of tokens seen twice or more is already merged)")
     for problem in stats.problems[:5]:
         console.print(f"  [yellow]skipped[/] {problem}")
 

@@ -38,7 +38,13 @@ def test_tokenizer_train(tmp_path):
     ok = runner.invoke(app, ["tokenizer", "train", "--data", str(data), "--out", str(out), "--vocab-size", "300",
                              "--skip-bad-records"])
     assert ok.exit_code == 0, ok.output
-    assert "1 malformed records skipped" in ok.output
+    assert "1 malformed record skipped" in ok.output
+    # fewer tokens than asked (too little text): said
+    assert "300 tokens were asked for" in " ".join(ok.output.split()), ok.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = runner.invoke(app, ["tokenizer", "train", "--data", str(empty), "--out", str(tmp_path / "t2")])
+    assert r.exit_code == 2 and "no documents" in r.output and not (tmp_path / "t2" / "tokenizer.json").exists(), r.output
     tok = DeepSeekTokenizer.load(out)
     assert tok.decode(tok.encode("sample 3 of text")) == "sample 3 of text"
     # a second training into the same folder would change the ids a model trained with the first reads

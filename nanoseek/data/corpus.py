@@ -75,7 +75,7 @@ def iter_documents(sources: list[str | Path], on_error: str = "stop",
 
     def bad(where: str, why: str) -> None:
         if on_error == "stop":
-            raise CorpusError(f"{where}: {why} (--skip-bad-records, or on_error='skip', skips such records)")
+            raise CorpusError(f"{where}: {why} (--skip-bad-records skips and counts such records)")
         stats.skip(f"{where}: {why}")
 
     for f in corpus_files(sources):
