@@ -1001,6 +1001,7 @@ def quantize(
     import shutil
 
     from .checkpoint import load_model, save_model
+    from .serve.chats import EXAMPLES_FILE
 
     t0 = time.perf_counter()
     with console.status(f"quantizing {model} to int{bits}"):
@@ -1008,7 +1009,8 @@ def quantize(
             m = load_model(model, quantize=bits)
         try:
             save_model(m, out)
-            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                         EXAMPLES_FILE):  # (the web app's examples: the same model answers them)
                 if (model / name).is_file():
                     shutil.copy(model / name, out / name)
         except OSError as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)

@@ -3,6 +3,7 @@ logits against the float model's (KL, greedy agreement) on random models and the
 quantized folders that load without re-quantizing."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -276,9 +277,11 @@ def test_quantize_command_writes_a_loadable_folder(tmp_path):
     randomize_(model)
     nanoseek.save_model(model, tmp_path / "in")
     DeepSeekTokenizer.load(SHIPPED).save(tmp_path / "in")
+    shutil.copy(SHIPPED / "examples.json", tmp_path / "in")
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--bits", "4"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert (tmp_path / "out" / "examples.json").read_text() == (SHIPPED / "examples.json").read_text()  # the web app's
     out = Path(tmp_path / "out" / "model.safetensors").stat().st_size
     assert out < 0.6 * (tmp_path / "in" / "model.safetensors").stat().st_size
     assert isinstance(nanoseek.load_model(tmp_path / "out").lm_head, QuantLinear)
