@@ -82,6 +82,20 @@ app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich
                   help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"nanoseek {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                           help="Print nanoseek's version and exit.")) -> None:
+    pass
+
+
 def _user_error(e: Exception) -> bool:
     """A bad option, file, data or endpoint (not a bug). A CheckpointError can only come from a
     loaded checkpoint module, so it is looked up there rather than imported (torch) up front."""
