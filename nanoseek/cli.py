@@ -10,6 +10,7 @@ them, so `--help` and those errors come at once. Ctrl-C during work exits 130.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sqlite3
 import sys
@@ -809,13 +810,17 @@ def eval_(
         _fail("--quantize: applies to a model folder, not to a URL")
     if out is not None and out.is_dir():
         _fail(f"--out: '{out}' is a folder; give a file name (e.g. {out}/eval.json)")
-    if out is not None and out.suffix in (".md", ".jsonl"):
+    if out is not None and out.suffix != ".json":  # (a .txt of the user's would be overwritten with JSON)
         _fail(f"--out: give the results' .json file name ('{out.with_suffix('.json')}'): the table goes beside it as "
               ".md, every problem as .samples.jsonl")
-    if out is not None:  # before the evaluation, not after it
+    if out is not None:  # before the evaluation, not after it; nothing is left there if it never ends
+        import tempfile
+
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.touch()
+            tempfile.TemporaryFile(dir=out.parent).close()
+            if out.exists() and not os.access(out, os.W_OK):
+                raise PermissionError(13, "Permission denied")
         except OSError as e:
             _fail(f"--out: cannot write '{out}': {e.strerror or e}")
     import json

@@ -375,6 +375,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["eval", "--model", url, "--quantize", "int8"], "--quantize", "URL"),
         (["eval", "--model", m, "--out", str(tmp_path)], "--out", "folder"),
         (["eval", "--model", m, "--out", str(tmp_path / "r.md")], "--out", ".json file name"),
+        (["eval", "--model", m, "--out", str(tmp_path / "notes.txt")], "--out", ".json file name"),  # not overwritten
         (["eval", "--model", m, "--out", str(model / "config.json" / "r.json")], "--out", "cannot write"),
         (["rl", "--model", m, *o, "--beta", "inf", "--max-steps", "1"], "--beta", "finite"),
         (["rl", "--model", m, *o, "--lr", "inf", "--max-steps", "1"], "--lr", "finite"),
@@ -408,6 +409,9 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         assert flag in output and text in output, (args, flag, text, output)
     assert not out.exists()  # no run folder was started
     assert loaded == [], f"the refusals imported {loaded}: work had started"
+    # an evaluation that never ends (here: nothing answers at the URL) leaves no empty results file behind
+    r = runner.invoke(app, ["eval", "--model", url, "--tasks", "add", "--n", "1", "--out", str(tmp_path / "ev" / "r.json")])
+    assert r.exit_code == 2 and not (tmp_path / "ev" / "r.json").exists(), r.output
 
 
 def test_serve_on_a_busy_port_says_so_before_loading_the_model():
