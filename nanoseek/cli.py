@@ -980,7 +980,7 @@ def serve(
     address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
     what = ", ".join(f"{f or 'the shipped chat model'} as '{n}'" for f, n in zip(model or [None], names))
     console.print(f"[bold]nanoseek[/] serving {what} on http://{address}:{port}  "
-                  f"(web app at /, API at /v1{', key required' if api_key else ''})")
+                  f"(web app at /, API at /v1{', key required' if api_key else ''}; conversations kept in {store.path})")
     run(application, host, port)
 
 
