@@ -217,6 +217,21 @@ def test_draws_follow_the_distribution_and_never_take_an_excluded_token():
     assert first == [int(draw(logits[:4], [others[0], batched, *others[1:]])[1]) for _ in range(30)]
 
 
+def test_the_noise_is_finite_for_every_draw_so_masked_tokens_stay_out():
+    """The highest of the 2^24 noise values was +inf (fp32 rounded U to 1): once in 16M entries a token
+    won whatever its logit, even one a grammar had masked to -inf (a JSON answer broke off mid-number)."""
+    from nanoseek.inference.sampling import gumbel_of_bits
+
+    extremes = gumbel_of_bits(torch.tensor([0, 1, 0xFFFFFE, 0xFFFFFF]))
+    assert torch.isfinite(extremes).all() and (extremes.diff() > 0).all(), extremes
+    # 16M entries, one allowed token per row: it is always the one drawn
+    V = 1 << 22
+    logits = torch.full((4, V), float("-inf"))
+    logits[torch.arange(4), torch.tensor([5, 77, V - 1, 0])] = 0.0
+    rows = [RowState(SamplingParams(temperature=1.0, seed=s)) for s in range(4)]
+    assert draw(logits, rows).tolist() == [5, 77, V - 1, 0]
+
+
 def test_penalties_discourage_repeats(model):
     p = prompts(1, seed=9)[0]
     plain = Engine(model, max_batch=1).generate([p], SamplingParams(max_new_tokens=30, temperature=0))[0].tokens

@@ -175,7 +175,15 @@ def gumbel_noise(rows: list[RowState], vocab_size: int, device: torch.device | s
     x ^= (x >> 15) & 0x1FFFF
     x *= 0x846CA68B - 2**32  # the multiplier's bits as an int32
     x ^= (x >> 16) & 0xFFFF
-    u = ((x >> 8) & 0xFFFFFF).float().add_(0.5).mul_(2.0**-24)  # the top 24 bits, in (0, 1)
+    return gumbel_of_bits((x >> 8) & 0xFFFFFF)  # the top 24 bits
+
+
+def gumbel_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """24 random bits per entry (int) -> Gumbel noise -log(-log(U)), U = (bits + 0.5) / 2^24 in (0, 1).
+    In fp32, 2^24 - 1 + 0.5 rounds to 2^24: that U would be 1 and its noise +inf, a token drawn whatever
+    its logit, even one masked to -inf (a grammar's, top-p's), about once in 16M entries (every ~120
+    draws at a 128K vocabulary); U stops at the largest fp32 below 1."""
+    u = bits.float().add_(0.5).mul_(2.0**-24).clamp_(max=1 - 2.0**-24)
     return u.log_().neg_().log_().neg_()
 
 
