@@ -63,7 +63,27 @@ def json_rule(schema: dict | None) -> str:
     if not isinstance(schema.get("x-guidance", {}), dict):
         raise GrammarError("the schema's 'x-guidance' must be an object")
     schema["x-guidance"] = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps(schema, ensure_ascii=False)
+    return "%json " + json.dumps(bounded_integers(schema), ensure_ascii=False)
+
+
+SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader keeps exactly (JavaScript's Number)
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const")
+VALUES = ("enum", "const", "default", "examples")  # keywords whose values are JSON data, not schemas
+
+
+def bounded_integers(node):
+    """The schema with every integer that has no bounds of its own kept within +-(2^53 - 1): an
+    unbounded integer let a small model write digits until its budget ran out (thousands of tokens,
+    then no JSON at all)."""
+    if isinstance(node, list):
+        return [bounded_integers(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in VALUES else bounded_integers(v) for k, v in node.items()}
+    kind = node.get("type")
+    if (kind == "integer" or isinstance(kind, list) and "integer" in kind) and not any(b in node for b in BOUNDS):
+        out.update(minimum=-SAFE_INTEGER, maximum=SAFE_INTEGER)
+    return out
 
 
 def literal(text: str) -> str:
