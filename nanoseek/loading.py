@@ -3,6 +3,7 @@ way for the CLI (generate, chat, serve, eval), the speedrun's evaluations and di
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -56,8 +57,13 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
                     eos_token_id=sorted(tok.eos_ids), compile=compile)
     if compile:  # one row, then several: the shapes the first replies will have
         use_disk_cache()
-        with console.status("compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"):
+        what = "compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"
+        if not console.is_terminal:  # (a status line shows only on a terminal: a log would say nothing for minutes)
+            console.print(what + "...")
+        t = time.perf_counter()
+        with console.status(what):
             warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
             for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
                 engine.generate(rows, warm)
+        console.print(f"[dim]decode step compiled in {time.perf_counter() - t:.0f} s (--no-compile skips this)[/]")
     return engine, tok
