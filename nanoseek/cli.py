@@ -986,19 +986,28 @@ def serve(
 
 def _served_names(folders: list[Path], names: list[str]) -> list[str]:
     """serve's model names, one per --model (the shipped model when none): those given with --name
-    in order, then each folder's name (for one model: 'nanoseek')."""
+    in order, then each folder's name (for one model: 'nanoseek'; a run's model/ folder, the shipped one
+    included, by its run's name)."""
     count = max(len(folders), 1)
     names = list(names)
     if len(names) > count:
         _fail(f"--name: {len(names)} names for {count} model{'s' * (count > 1)}; give at most one --name per --model")
     if any(not n.strip() for n in names):
         _fail("--name: give each model a name clients can use")
-    defaults = ["nanoseek"] if count == 1 else [f.resolve().name for f in folders]
+    defaults = ["nanoseek"] if count == 1 else [_model_name(f) for f in folders]
     names += defaults[len(names):]
     if len(set(names)) < len(names) or {"deepseek-reasoner", "deepseek-chat"} & set(names):
         _fail(f"--name: the served models need distinct names other than deepseek-reasoner and deepseek-chat "
               f"(got {', '.join(names)}); name them with --name")
     return names
+
+
+def _model_name(folder: Path) -> str:
+    """A model folder's name; for a run's `model/` (runs/NAME/model, and the shipped assets/model) the run's."""
+    folder = folder.resolve()
+    if folder.name != "model":
+        return folder.name
+    return "nanoseek" if folder == SHIPPED.resolve() else folder.parent.name
 
 
 @app.command(cls=WithArguments)

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -422,3 +423,11 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model():
         r = runner.invoke(app, ["serve", "--port", str(port)])
     assert r.exit_code == 2 and "serving" not in r.output, r.output
     assert r.output.startswith("error: --port:") and f":{port}" in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_served_models_are_named_by_their_folder_or_their_run():
+    """Several models: each by its folder's name, a run's model/ folder by its run's (it was 'model')."""
+    from nanoseek.cli import SHIPPED, _served_names
+
+    assert _served_names([Path("q8"), Path("runs/sft/model"), SHIPPED], []) == ["q8", "sft", "nanoseek"]
+    assert _served_names([Path("q8"), SHIPPED], ["mine"]) == ["mine", "nanoseek"]
