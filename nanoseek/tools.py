@@ -26,6 +26,17 @@ from .tokenizer import ChatFormatError, DeepSeekTokenizer
 _NAMES, _ARGS = ("nanoseek_probe_a", "nanoseek_probe_b"), ('{"probe": 1}', '{"probe": 2}')
 
 
+def declared_arguments(parameters: dict | None) -> dict:
+    """A function's parameters schema as its calls follow it: where it declares its arguments and says
+    nothing of others, only those (JSON Schema would allow any other key, and a model wrote made-up ones
+    that the function cannot take); an object of any keys when it declares none."""
+    if not parameters:
+        return {"type": "object"}
+    if "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
 @dataclass(frozen=True)
 class CallFormat:
     """The text of a block of calls: begin, then per call `before NAME between ARGS after`, `sep`
@@ -87,7 +98,7 @@ class CallFormat:
         for i, t in enumerate(tools):
             f = t["function"]
             rules.append(f"call_{i}: {lit(self.before + f['name'] + self.between)} "
-                         f"{json_rule(f.get('parameters') or {'type': 'object'})} {lit(self.after)}")
+                         f"{json_rule(declared_arguments(f.get('parameters')))} {lit(self.after)}")
         return "\n".join(rules) + "\n"
 
     def split(self, text: str) -> tuple[str, list[dict], bool]:
