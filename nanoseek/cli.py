@@ -820,7 +820,7 @@ def eval_(
             out.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=out.parent).close()
             if out.exists() and not os.access(out, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as e:
             _fail(f"--out: cannot write '{out}': {e.strerror or e}")
     import json
