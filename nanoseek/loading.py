@@ -11,6 +11,7 @@ from rich.console import Console
 
 from .checkpoint import inference_dtypes, load_model
 from .machine import decide_decode_compile, use_disk_cache
+from .model.moe import MoE
 from .inference import Engine, SamplingParams
 from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
@@ -55,7 +56,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
         console.print(f"[dim]compiled decoding: {'on' if compile else 'off'} ({why})[/]")
     engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
                     eos_token_id=sorted(tok.eos_ids), compile=compile)
-    if compile:  # one row, then several: the shapes the first replies will have
+    if compile:  # the shapes the first replies will have
         use_disk_cache()
         what = "compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"
         if not console.is_terminal:  # (a status line shows only on a terminal: a log would say nothing for minutes)
@@ -63,7 +64,12 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
         t = time.perf_counter()
         with console.status(what):
             warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-            for rows in ([[0] * 4], [[0] * 4, [0] * 3]) if max_batch > 1 else ([[0] * 4],):
-                engine.generate(rows, warm)
+            engine.generate([[0] * 4], warm)
+            # then several rows, and (a small MoE model, its experts stacked by now) as many as run its
+            # experts as one wide product
+            many = {min(m.many_tokens(), max_batch) for m in model.modules()
+                    if isinstance(m, MoE) and m.stacked is not None}
+            for rows in sorted({min(2, max_batch), *many} - {1}):
+                engine.generate([[0] * 4] + [[0] * 3] * (rows - 1), warm)
         console.print(f"[dim]decode step compiled in {time.perf_counter() - t:.0f} s (--no-compile skips this)[/]")
     return engine, tok

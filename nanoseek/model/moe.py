@@ -101,9 +101,7 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(flat)
         if not self.training and torch.compiler.is_compiling():
             if self.stacked is not None:
-                N, K = indices.shape
-                few = N * (K + self.n_shared) <= 4 * (self.gate.n_experts + self.n_shared)  # measured: see selected_experts
-                run = self.selected_experts if few else self.all_experts
+                run = self.selected_experts if indices.shape[0] < self.many_tokens() else self.all_experts
                 return run(flat, weights, indices).view(B, S, D)
             y = torch.ops.nanoseek.routed_experts(flat, weights, indices, self.handle).view(B, S, D)
         else:
@@ -159,6 +157,12 @@ class MoE(nn.Module):
             out = self.experts[e](xm, gates[k])
             y = out if y is None else y.add_(out)
         return y.to(x.dtype)
+
+    def many_tokens(self) -> int:
+        """The fewest tokens a compiled decode step runs through `all_experts` rather than
+        `selected_experts`: where the chosen experts' rows, read per token, outnumber four times every
+        expert's (measured: see selected_experts)."""
+        return 4 * (self.gate.n_experts + self.n_shared) // (self.gate.top_k + self.n_shared) + 1
 
     def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Routed and shared experts as one wide MLP over every token, each expert's slice of the
