@@ -212,6 +212,7 @@ def test_prefix_inside_the_reasoning_is_split_out(client):
 
 def test_model_card_by_id(client):
     assert client.models.retrieve("deepseek-chat").id == "deepseek-chat"
+    assert abs(client.models.retrieve("deepseek-chat").created - time.time()) < 24 * 3600  # a date, not 1970
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-nothing")
 

@@ -149,6 +149,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     (chats.read_examples of the model folder) fill the web app's welcome screen."""
     models = Models([Service(engine, tok, name, examples), *also])
     engines = [s.engine for s in models.all]
+    started = now()  # the models' `created` (they came into being, for this API, when it started)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -205,7 +206,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     api = APIRouter()  # the key is checked by the Guard, before the body is read
 
     def card(model: str) -> dict:  # DeepSeek's names are aliases of the first model: `parent` says so
-        return {"id": model, "object": "model", "created": 0, "owned_by": "nanoseek",
+        return {"id": model, "object": "model", "created": started, "owned_by": "nanoseek",
                 **({"parent": name} if model in ALIASES else {})}
 
     @api.get("/v1/models")
