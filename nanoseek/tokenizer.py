@@ -275,6 +275,11 @@ class DeepSeekTokenizer:
         return tuple(sorted({t for t in added if t not in TEXT_TOKENS}, key=len, reverse=True))
 
     @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the tokens this tokenizer marks special: what decoding with skip_special_tokens leaves out."""
+        return frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+
+    @cached_property
     def _plain(self) -> Tokenizer:
         """This tokenizer with its control tokens never matched in text (`encode_special_tokens`
         skips the tokens marked special, so every control token is marked special)."""

@@ -318,6 +318,28 @@ def test_logprobs_carry_each_tokens_own_bytes_and_offsets(parts):
         assert lp["text_offset"][-n:] == [0, 1] + [1] * (len(pieces) - 1) + [2] and max(lp["text_offset"]) < len(text)
 
 
+def test_completions_leave_control_tokens_out_of_the_text(parts):
+    """A raw completion that writes the chat template's control tokens returns the text around them (as
+    vLLM does), streamed and not, with offsets that skip them; skip_special_tokens: false keeps them."""
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    a, b = tok.encode_text("ab"), tok.encode_text(" cd")
+    reply = a + [tok.encode("<｜User｜>")[0]] + b + [tok.encode("<｜tool▁sep｜>")[0], tok.eos_id]
+    body = {"prompt": "x", "max_tokens": 12, "logprobs": 0}
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        scripted(engine, reply)
+        r = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]
+        assert r["text"] == "ab cd" and r["finish_reason"] == "stop"
+        assert r["logprobs"]["tokens"][len(a)] == "<｜User｜>"  # still reported, taking no room
+        assert r["logprobs"]["text_offset"][len(a):len(a) + 2] == [2, 2]
+        scripted(engine, reply)
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "ab cd"
+        scripted(engine, reply)
+        kept = httpx.post(url + "/v1/completions", json={**body, "skip_special_tokens": False}).json()
+        assert kept["choices"][0]["text"] == "ab<｜User｜> cd<｜tool▁sep｜>"
+
 def test_non_streaming_client_that_hangs_up_cancels(parts, capfd):
     model, tok, db = parts
     engine = Engine(model, decode=tok.decode, max_batch=2, max_len=256, eos_token_id=-1)

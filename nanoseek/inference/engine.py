@@ -633,7 +633,7 @@ class Engine:
         req.logprobs.extend(lp)
         text = ""
         if self.decode is not None:
-            full = self._text(req, [t for t in new if t not in stops])
+            full = self._text(req, [t for t in new if t not in stops and t not in p.skip_token_ids])
             start = self._stops_from(req, full, req._ids) if p.stop else None
             end = self._stops_until(req) if p.stop else None
             cut = None if start is None else _find_stop(full[start:end], p.stop)
@@ -687,7 +687,8 @@ class Engine:
         block of tool calls must parse whole; a stop string inside it would break it), else None."""
         if req._constrained_at is not None and req._constrained_chars is None:
             stops = self._stop_ids(req)
-            req._constrained_chars = len(self.decode([t for t in req.tokens[:req._constrained_at] if t not in stops]))
+            skip = stops | set(req.params.skip_token_ids)
+            req._constrained_chars = len(self.decode([t for t in req.tokens[:req._constrained_at] if t not in skip]))
         return req._constrained_chars
 
     def _stop_ids(self, req: Request) -> set[int]:

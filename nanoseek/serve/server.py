@@ -554,7 +554,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
         p = prompts[i // body.n]
         entries, hidden = (_prompt_entries(p, req) + req.logprobs, p.hidden) if body.echo else (req.logprobs, 0)
         choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req.finish_reason),
-                        "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden)})
+                        "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden, req.params.skip_token_ids)})
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": _completion_usage(svc, prompts, jobs, body.n)}
 
@@ -575,7 +575,7 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
         if max(prompt) >= vocab:
             raise APIError(400, f"prompt: token id {max(prompt)} is not in this model's vocabulary [0, {vocab})",
                            param="prompt")
-        return _Prompt(prompt, tok.decode(prompt), 0)
+        return _Prompt(prompt, tok.decode(prompt, skip_special_tokens=body.skip_special_tokens), 0)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is None:
         return _Prompt(bos + tok.encode_text(prompt), prompt, len(bos))
@@ -588,7 +588,9 @@ def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -
     """_sampling with the legacy logprobs (an integer: alternatives per token), over the prompt too with echo."""
     params = _sampling(svc, body, len(prompt.ids), body.max_tokens)
     scored = body.logprobs is not None
-    return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo)
+    skip = tuple(sorted(svc.tok.special_ids)) if body.skip_special_tokens else ()
+    return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo,
+                   skip_token_ids=skip)
 
 
 def _submit_prompts(svc: Service, prompts: list[_Prompt], params: list[SamplingParams], n: int) -> list:
@@ -609,15 +611,15 @@ def _prompt_entries(prompt: _Prompt, req) -> list[dict]:
     return [{"token": prompt.ids[0], "logprob": None, "top": None}] + req.prompt_logprobs
 
 
-def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int = 0) -> dict:
+def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int = 0, skip=()) -> dict:
     """OpenAI's legacy logprobs object over the engine's logprob entries; text offsets count from
-    `start`, and the first `hidden` tokens take no room in the text."""
+    `start`, and the first `hidden` tokens and those in `skip` (left out of the text) take no room in it."""
     tokens = [svc.tok.decode([e["token"]]) for e in entries]
     # a token's offset: the whole characters before it (pieces of one character share its offset)
     utf8, chars, offsets = codecs.getincrementaldecoder("utf-8")("ignore"), start, [start] * hidden
     for e in entries[hidden:]:
         offsets.append(chars)
-        chars += len(utf8.decode(svc.token_bytes(e["token"])))
+        chars += 0 if e["token"] in skip else len(utf8.decode(svc.token_bytes(e["token"])))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
                              for e in entries],
@@ -644,7 +646,7 @@ async def _completion_stream(svc: Service, body: CompletionRequest, prompts: lis
     def chunk(i: int, text: str, finish: str | None = None, hidden: int = 0) -> dict:
         lp = None
         if body.logprobs is not None and pending[i]:
-            lp, pending[i] = _legacy_logprobs(svc, pending[i], shown[i], hidden), []
+            lp, pending[i] = _legacy_logprobs(svc, pending[i], shown[i], hidden, jobs[i][0].params.skip_token_ids), []
         shown[i] += len(text)
         return _completion_chunk(cid, created, model, i, text, finish, lp)
 
