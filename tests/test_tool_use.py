@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 
 from conftest import randomize_
+from nanoseek.data.builtin import builtin_conversations
+from nanoseek.data.small_talk import INTENTS
+from nanoseek.data.tasks import get_task
+from nanoseek.data.tasks.rewards import accuracy_reward
 from nanoseek.data.tool_use import expression, hard_problem, tool_use_conversations, value
+from nanoseek.eval.tasks import without_thinking
 from nanoseek.eval.tool_use import evaluate_tool_use
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset, padded_vocab
@@ -80,6 +85,39 @@ def test_sft_mixture_adds_tool_and_thinking_off_conversations():
                                                                            "{% endfor %}"})
     plain = builtin_mixture(no_calls, 400, SFTConfig(), seed=0)  # a template without tool calls: no tools
     assert not any(m.get("tool_calls") for c in plain for m in c)
+
+
+def test_thinking_off_task_replies_show_their_working_above_the_answer():
+    """A task problem answered with thinking off writes the worked solution in the reply, then its answer
+    alone after a blank line (what the thinking-off scorer reads); small talk gives its reply alone; the
+    problems drawn do not depend on the share answered with thinking off."""
+    on, off = builtin_conversations(300, seed=3), builtin_conversations(300, seed=3, no_thinking=0.5)
+    assert [c[-2]["content"] for c in on] == [c[-2]["content"] for c in off]  # the same questions
+    shown = 0
+    for plain, c in zip(on, off):
+        reply = c[-1]
+        if reply.get("thinking") is not False:
+            assert reply == plain[-1]
+            continue
+        assert "reasoning_content" not in reply
+        if plain[-1]["reasoning_content"] in (i.reasoning for i in INTENTS):  # small talk
+            assert reply["content"] == plain[-1]["content"]
+            continue
+        shown += 1
+        assert reply["content"] == f"{plain[-1]['reasoning_content']}\n\n{plain[-1]['content']}"
+        assert without_thinking(reply["content"]).endswith(f"\n\n{plain[-1]['content']}")
+    assert 100 < shown < 200
+    assert not any(c[-1].get("thinking") is False for c in on)
+
+
+def test_thinking_off_replies_are_scored_by_their_last_paragraph():
+    task = get_task("add")
+    problem = task.heldout(1)[0]
+    worked = task.conversation(problem, thinking=False)[-1]["content"]
+    assert accuracy_reward(task, problem, without_thinking(worked)) == 1.0
+    assert accuracy_reward(task, problem, without_thinking(problem.answer)) == 1.0  # an answer alone
+    assert accuracy_reward(task, problem, without_thinking(f"{problem.answer}\n\n{int(problem.answer) + 1}")) == 0
+    assert accuracy_reward(task, problem, without_thinking(f"{task.solution(problem)} {problem.answer}")) == 0
 
 
 def test_tool_use_evaluation_runs_the_calls():

@@ -31,16 +31,17 @@ SFT_MIX = {"add": 0.2, "sub": 0.25, "mul": 0.2, "countdown": 0.3, "linear": 0.05
 TRAINING_OPTIONS = {"add": {"small_share": 0.1}, "sub": {"small_share": 0.1}, "mul": {"small_share": 0.1}}
 
 
-def task_conversations(n: int, seed: int = 0, split: str = "train",
-                       mix: dict[str, float] | None = None) -> Iterator[list[dict]]:
-    """n conversations (question, worked reasoning, answer), families drawn by `mix`."""
+def task_conversations(n: int, seed: int = 0, split: str = "train", mix: dict[str, float] | None = None,
+                       no_thinking: float = 0.0) -> Iterator[list[dict]]:
+    """n conversations (question, worked reasoning, answer), families drawn by `mix`, a share
+    `no_thinking` of them answered with thinking off (Task.conversation)."""
     mix = mix or DEFAULT_MIX
     tasks = {name: get_task(name, **TRAINING_OPTIONS.get(name, {})) for name in mix}
     names, weights = list(mix), list(mix.values())
-    rng = random.Random(seed)
+    rng, off = random.Random(seed), random.Random(seed + 1)  # the problems drawn do not depend on the share
     for _ in range(n):
         task = tasks[rng.choices(names, weights)[0]]
-        yield task.conversation(task.sample(rng, split))
+        yield task.conversation(task.sample(rng, split), thinking=off.random() >= no_thinking)
 
 
 CHAT_FRACTION = 0.08  # of the built-in conversations: small talk
@@ -48,16 +49,19 @@ EARLIER_TURN = 0.15  # of the others: opened by an earlier exchange (a task prob
 
 
 def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = CHAT_FRACTION, split: str = "train",
-                          mix: dict[str, float] | None = None) -> list[list[dict]]:
+                          mix: dict[str, float] | None = None, no_thinking: float = 0.0) -> list[list[dict]]:
     """Task problems phrased many ways with worked solutions, mixed with small talk; some of
     either after an earlier exchange, so replies hold up after any previous turn. The earlier
-    turns' answers are trained too (without their reasoning, as the chat template renders history)."""
-    rng = random.Random(seed)
-    tasks = task_conversations(n * 2, seed=seed + 1, split=split, mix=mix or SFT_MIX)
+    turns' answers are trained too (without their reasoning, as the chat template renders history).
+    A share `no_thinking` of the replies is given with thinking off (small talk: the reply alone)."""
+    rng, off = random.Random(seed), random.Random(seed + 2)
+    tasks = task_conversations(n * 2, seed=seed + 1, split=split, mix=mix or SFT_MIX, no_thinking=no_thinking)
     out = []
     for _ in range(n):
         talk = rng.random() < chat_fraction
         conv = exchange(rng, split) if talk else next(tasks)
+        if talk and off.random() < no_thinking:
+            conv = [conv[0], {"role": "assistant", "content": conv[1]["content"], "thinking": False}]
         if rng.random() < (0.5 if talk else EARLIER_TURN):
             earlier = exchange(rng, split) if rng.random() < 0.5 else next(tasks)
             conv = [*earlier, *conv]

@@ -5,7 +5,7 @@ Hard problems (a multiplication beyond two digits by two, an expression of three
 with a calculator offered, are answered by calling it and reading its result back; without one the
 model works them out as before. Easy problems are answered without a call even when a calculator is
 offered. With thinking off the reply opens with an empty reasoning block (the tokenizer renders it)
-and answers at once. The tools' description (the system message) is the server's, passed in by the
+and calls at once, or shows its working above the answer (Task.conversation). The tools' description (the system message) is the server's, passed in by the
 caller, so training sees exactly what serving sends. Held-out problems: seeds of the "test" split.
 """
 
@@ -110,12 +110,6 @@ def tool_conversations(tools_prompt: str, rng: random.Random, split: str = "trai
     return [[system, user, first], [system, user, *rest]]
 
 
-def without_thinking(messages: list[dict]) -> list[dict]:
-    """A worked conversation answered with thinking off: the answer alone."""
-    *head, last = messages
-    return [*head, {"role": "assistant", "content": last["content"], "thinking": False}]
-
-
 def tool_use_conversations(n: int, tools_prompt: str, seed: int = 0, split: str = "train",
                            no_thinking: float = 0.3) -> Iterator[list[dict]]:
     """n conversations: half calculator calls on hard problems, half task problems with the
@@ -130,12 +124,7 @@ def tool_use_conversations(n: int, tools_prompt: str, seed: int = 0, split: str 
                 made += 1
             continue
         task = rng.choice(tasks)
-        conv = [{"role": "system", "content": tools_prompt}, *task.conversation(task.sample(rng, split))]
-        yield without_thinking(conv) if rng.random() < no_thinking else conv
+        problem = task.sample(rng, split)
+        yield [{"role": "system", "content": tools_prompt},
+               *task.conversation(problem, thinking=rng.random() >= no_thinking)]
         made += 1
-
-
-def no_thinking_conversations(conversations: list[list[dict]], share: float, seed: int = 0) -> list[list[dict]]:
-    """The conversations with a share of them answered with thinking off."""
-    rng = random.Random(seed)
-    return [without_thinking(c) if c[-1]["role"] == "assistant" and rng.random() < share else c for c in conversations]

@@ -61,6 +61,13 @@ def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, wording: str, think
 THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off reply, which the scorer requires
 
 
+def without_thinking(reply: str) -> str:
+    """A thinking-off reply in the scorer's `reasoning </think> answer` shape: its last paragraph is the
+    answer, the working shown above it (Task.conversation) stands as the reasoning."""
+    work, _, answer = reply.strip().rpartition("\n\n")
+    return f"{THINKING_OFF} {work}\n{END_THINK}\n\n{answer}"
+
+
 @dataclass
 class _Answered:
     """A remote model's completion, shaped like a finished engine request (`tokens`: as many as it had)."""
@@ -88,7 +95,8 @@ def evaluate_remote(ask, specs: list[tuple[str, str]], n: int = 100, samples: in
     for family, wording in specs:
         task, problems = problems_for(family, n, wording)
         texts = ask([p.question for p in problems for _ in range(samples)], max_new_tokens, seed)
-        answered = [_Answered(t if thinking else THINKING_OFF + t, _counted(t)) for t in texts]  # as evaluate_many
+        answered = [_Answered(t if thinking else without_thinking(t.partition(END_THINK)[2]), _counted(t))
+                    for t in texts]  # as evaluate_many
         out.append(_score(family, task, problems, answered, samples))
     return out
 
@@ -104,7 +112,7 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
                   samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
                   seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
     """Several (family, wording) evaluations in one batch through the engine. With
-    thinking off the prompt closes the reasoning block itself and the reply is scored as the answer."""
+    thinking off the prompt closes the reasoning block itself and the reply is scored by without_thinking."""
     temp = sampling_temperature(temperature, samples)
     jobs, prompts, params = [], [], []
     for family, wording in specs:
@@ -116,8 +124,8 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
                 params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts)))
                 prompts.append(p)
     reqs = engine.generate(prompts, params)
-    if not thinking:  # scored as a reply whose reasoning is the empty block the prompt opened and closed
-        reqs = [_Answered(f"{THINKING_OFF}\n{END_THINK}\n\n{r.text}", r.tokens) for r in reqs]
+    if not thinking:
+        reqs = [_Answered(without_thinking(r.text), r.tokens) for r in reqs]
     return [_score(family, task, problems, reqs[start:start + len(problems) * samples], samples)
             for family, task, problems, start in jobs]
 

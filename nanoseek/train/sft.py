@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ..checkpoint import load_model
 from ..data.builtin import builtin_conversations
-from ..data.tool_use import no_thinking_conversations, tool_use_conversations
+from ..data.tool_use import tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
 from ..files import read_jsonl
 from ..model.config import ConfigError, padded_vocab
@@ -63,7 +63,7 @@ def _user_example(tok: DeepSeekTokenizer, messages: list[dict], path: str, n: in
 def builtin_mixture(tok: DeepSeekTokenizer, n: int, cfg: SFTConfig, seed: int) -> list[list[dict]]:
     """The built-in conversations, a share answered with thinking off, and (when the tokenizer has
     a tool-call format) calculator conversations on top, with the tools described as the server does."""
-    convs = no_thinking_conversations(builtin_conversations(n, seed=seed), cfg.no_thinking_share, seed=seed)
+    convs = builtin_conversations(n, seed=seed, no_thinking=cfg.no_thinking_share)
     fmt = CallFormat.probe(tok)
     if fmt is not None and cfg.tool_share > 0:
         prompt = describe_tools([CALCULATOR], fmt)

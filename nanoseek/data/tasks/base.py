@@ -70,10 +70,16 @@ class Task:
         got = parse_int(answer)
         return got is not None and str(got) == problem.answer
 
-    def conversation(self, problem: Problem) -> list[dict]:
-        """The problem as a chat: the user's question, the worked reasoning, the final answer."""
-        return [{"role": "user", "content": problem.question},
-                {"role": "assistant", "reasoning_content": self.solution(problem), "content": problem.answer}]
+    def conversation(self, problem: Problem, thinking: bool = True) -> list[dict]:
+        """The problem as a chat: the user's question, the worked reasoning, the final answer. With
+        thinking off the reply shows the same working above the answer, a blank line between: a model
+        this small answers wrong at once (trained on the answer alone, the shipped model's thinking-off
+        replies scored 0% on every arithmetic family)."""
+        question = {"role": "user", "content": problem.question}
+        if not thinking:
+            return [question, {"role": "assistant", "content": f"{self.solution(problem)}\n\n{problem.answer}",
+                               "thinking": False}]
+        return [question, {"role": "assistant", "reasoning_content": self.solution(problem), "content": problem.answer}]
 
     # ---- shared machinery ----
     def split_of(self, data: dict) -> str:
