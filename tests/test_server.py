@@ -17,6 +17,7 @@ from nanoseek.data.builtin import task_texts
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
+from nanoseek.serve.server import Service
 from nanoseek.serve.guard import uvicorn_config
 from nanoseek.serve.store import ChatStore
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -97,6 +98,20 @@ def test_chat_non_streaming_separates_reasoning_and_reports_usage(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_short_reply_comes_back_at_once(client):
+    """A non-streamed reply is sent as soon as its last token is: waiting for the engine to mark the request
+    finished once cost every reply a 0.5 s poll."""
+    for create in (lambda: client.completions.create(model="nanoseek-test", prompt="hi", max_tokens=1),
+                   lambda: client.chat.completions.create(model="nanoseek-test", messages=ask(), max_tokens=1)):
+        create()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            create()
+            times.append(time.perf_counter() - t)
+        assert sorted(times)[1] < 0.3, times
+
+
 def test_chat_streaming_equals_non_streaming(client):
     kw = dict(model="nanoseek-test", messages=ask("Compute 40 - 13."), max_tokens=20, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0].message
@@ -164,6 +179,17 @@ def test_json_mode_never_writes_chat_template_tokens(client):
                                            response_format={"type": "json_object"}, temperature=1.0)
         text = r.choices[0].message.content
         assert isinstance(json.loads(text), dict) and "\uff5c" not in text and "think>" not in text
+
+
+def test_a_schema_no_finite_reply_satisfies_is_a_400_not_broken_json(client):
+    """A required property of the object's own type: llguidance gives up after the first token, and the
+    reply must not end there as if it were complete (it said `{"` with finish_reason stop)."""
+    schema = {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}},
+                                                   "required": ["c"]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=20, response_format=fmt)
+    assert "cannot be followed" in e.value.body["message"]
 
 
 def test_fim_completion_with_suffix(client):
@@ -339,6 +365,30 @@ def test_completions_leave_control_tokens_out_of_the_text(parts):
         scripted(engine, reply)
         kept = httpx.post(url + "/v1/completions", json={**body, "skip_special_tokens": False}).json()
         assert kept["choices"][0]["text"] == "ab<｜User｜> cd<｜tool▁sep｜>"
+
+
+def test_chat_leaves_control_tokens_out_but_keeps_what_writes_tool_calls(parts):
+    """Control tokens in a chat reply (reasoning or answer) are left out of its text and its logprobs,
+    streamed and not; the tokens that write a tool call still make the call."""
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    user, fim = tok.encode("<｜User｜>")[0], tok.encode("<｜fim▁hole｜>")[0]
+    reply = tok.encode_text("why") + [fim, tok.end_think_id] + tok.encode_text("\n\nab") + [user] + tok.encode_text(" cd")
+    body = {"messages": ask(), "max_tokens": len(reply), "logprobs": True}
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        scripted(engine, reply + [tok.eos_id])
+        r = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+        assert r["message"]["content"] == "ab cd" and r["message"]["reasoning_content"] == "why"
+        assert user not in [tok.encode(e["token"])[0] for e in r["logprobs"]["content"]]
+        scripted(engine, reply + [tok.eos_id])
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+            deltas = [json.loads(line[6:])["choices"] for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == "ab cd"
+        scripted(engine, reply + [tok.eos_id])
+        kept = httpx.post(url + "/v1/chat/completions", json={**body, "skip_special_tokens": False}).json()
+        assert kept["choices"][0]["message"]["content"] == "ab<｜User｜> cd"
+    hidden = {tok.decode([t]) for t in Service(engine, tok, "m").hidden_in_chat}  # (calls: test_tools.py)
+    assert {"<｜User｜>", "<｜fim▁hole｜>"} <= hidden and not hidden & {"<｜tool▁sep｜>", "<｜tool▁calls▁begin｜>", "</think>"}
 
 def test_non_streaming_client_that_hangs_up_cancels(parts, capfd):
     model, tok, db = parts

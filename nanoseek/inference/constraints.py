@@ -144,6 +144,7 @@ class GrammarState:
         if self.active:
             words = torch.zeros((n_vocab + 31) // 32, dtype=torch.int32)
             self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+            self._check()
             mask = unpack_bits(words, n_vocab)
         else:
             mask = torch.ones(n_vocab, dtype=torch.bool)
@@ -158,6 +159,14 @@ class GrammarState:
             self.active = True
         if self.active and not self.matcher.is_stopped():
             self.matcher.consume_token(token)
+            self._check()
+
+    def _check(self) -> None:
+        """Raise if the matcher failed: a schema no finite reply satisfies (a required property that holds
+        its own type) runs into llguidance's limits and leaves only the end of the reply allowed."""
+        if self.matcher.is_error():
+            error = self.matcher.get_error().splitlines()[0]
+            raise GrammarError(f"the reply cannot follow the grammar: {error}")
 
     def closing(self, budget: int, proposed: int) -> int:
         """The token to emit with `budget` tokens left, given the sampled one: `proposed` if a

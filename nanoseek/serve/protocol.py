@@ -174,6 +174,7 @@ class Sampling(StrictBody):
     logit_bias: dict[str, float] | None = Field(None, max_length=300)  # token id (as text) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
+    skip_special_tokens: bool = True  # control tokens the model writes are left out of the text (vLLM's field)
 
     @field_validator("logit_bias")
     @classmethod
@@ -226,7 +227,6 @@ class CompletionRequest(Sampling):
     echo: bool = False
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 scores an echoed prompt
     logprobs: int | None = Field(None, ge=0, le=20)  # the legacy form: alternatives per token (OpenAI allows 5)
-    skip_special_tokens: bool = True  # control tokens the model writes are left out of the text (vLLM's field)
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ import codecs
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import astuple, replace
 from functools import cached_property, lru_cache, reduce
 from typing import NamedTuple
 from collections.abc import AsyncIterator
@@ -62,6 +62,16 @@ class Service:
     def call_format(self) -> CallFormat | None:
         """How this model's chat template writes tool calls (None: it has no tool calls)."""
         return CallFormat.probe(self.tok)
+
+    @cached_property
+    def hidden_in_chat(self) -> tuple[int, ...]:
+        """The control tokens a chat reply's text leaves out, as vLLM's skip_special_tokens does: every token
+        the tokenizer marks special but the think tags and those that write tool calls, which the reply's
+        parser reads (a random model wrote image and file placeholders into one reply in eight)."""
+        fmt = self.call_format
+        kept = set(self.tok.encode("".join(astuple(fmt)))) if fmt else set()
+        kept |= {self.tok.think_id, self.tok.end_think_id}
+        return tuple(sorted(self.tok.special_ids - kept))
 
     @cached_property
     def vocab(self):
@@ -362,8 +372,9 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     return svc.grammar(start + answer, trigger, frozenset(banned), True, after)
 
 
-def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-    """The request's sampling parameters; whether the prompt and max_tokens fit is the engine's check."""
+def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: Sequence[int]) -> SamplingParams:
+    """The request's sampling parameters, the `hidden` tokens left out of the text unless the request keeps
+    them (skip_special_tokens: false); whether the prompt and max_tokens fit is the engine's check."""
     if max_tokens is None:  # at least 1: a prompt that fills the context is refused by the engine
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, svc.engine.max_len - prompt_len))
     top = body.top_logprobs or 0
@@ -376,7 +387,8 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None) -> Sa
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
                           logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
-                          stop_token_ids=tuple(sorted(svc.tok.eos_ids)))
+                          stop_token_ids=tuple(sorted(svc.tok.eos_ids)),
+                          skip_token_ids=tuple(hidden) if body.skip_special_tokens else ())
 
 
 class _AnswerLogprobs:
@@ -384,8 +396,8 @@ class _AnswerLogprobs:
     content: those of the reasoning and the `</think>` that ends it, of the whitespace before the
     answer and of stop tokens are left out. Fed a reply's entries in order, whole or as they stream."""
 
-    def __init__(self, svc: Service, started: bool):
-        self.tok, self.stops = svc.tok, svc.tok.eos_ids
+    def __init__(self, svc: Service, started: bool, hidden: Sequence[int] = ()):
+        self.tok, self.stops = svc.tok, svc.tok.eos_ids | set(hidden)  # tokens left out of the text, too
         self.reasoning = started and svc.tok.end_think_id is not None  # the reply opens inside its reasoning
         self.leading = True
 
@@ -456,7 +468,7 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
     prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
-    params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens)
+    params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens, svc.hidden_in_chat)
     try:
         grammar = _grammar(svc, body, thinking, started, tools, choice)
     except GrammarError as e:  # a schema (of a tool's parameters or the response format) llguidance refuses
@@ -479,7 +491,7 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     for i, (req, _) in enumerate(jobs):
         msg, finish = _reply(svc, req, started, with_calls)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
-                        "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started).whole(req.logprobs))
+                        "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(req.logprobs))
                         if body.logprobs else None})
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(svc, prompt, jobs, started), "system_fingerprint": "nanoseek"}
@@ -499,7 +511,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     splitters = [ReasoningStream(started=thinking) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
-    answer_logprobs = [_AnswerLogprobs(svc, thinking) for _ in jobs]
+    answer_logprobs = [_AnswerLogprobs(svc, thinking, req.params.skip_token_ids) for req, _ in jobs]
     async for i, ev in _merged_events(svc, jobs, request):
         final = ev.finish_reason is not None
         if jobs[i][0].params.logprobs:
@@ -586,11 +598,9 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
 
 def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -> SamplingParams:
     """_sampling with the legacy logprobs (an integer: alternatives per token), over the prompt too with echo."""
-    params = _sampling(svc, body, len(prompt.ids), body.max_tokens)
+    params = _sampling(svc, body, len(prompt.ids), body.max_tokens, sorted(svc.tok.special_ids))
     scored = body.logprobs is not None
-    skip = tuple(sorted(svc.tok.special_ids)) if body.skip_special_tokens else ()
-    return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo,
-                   skip_token_ids=skip)
+    return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo)
 
 
 def _submit_prompts(svc: Service, prompts: list[_Prompt], params: list[SamplingParams], n: int) -> list:
@@ -687,6 +697,8 @@ class ClientGone(Exception):
 
 def _failure(req) -> APIError | None:
     """The error a request ended with, if it failed inside the engine or the server cancelled it (shutting down)."""
+    if req.finish_reason == "error" and isinstance(req.error, GrammarError):  # the request's schema: its fault
+        return APIError(400, f"the JSON schema asked for (response_format or tools) cannot be followed: {req.error}")
     if req.finish_reason == "error":
         return APIError(500, "generation failed inside the engine", "server_error")
     if req.finish_reason == "cancelled":
@@ -703,7 +715,9 @@ async def _wait_all(svc: Service, jobs, request: Request) -> None:
         for req, q in jobs:
             while not req.finished:
                 try:
-                    await asyncio.wait_for(q.get(), timeout=0.5)
+                    if (await asyncio.wait_for(q.get(), timeout=0.5)).finish_reason is not None:
+                        while not req.finished:  # the engine marks it finished right after its last event
+                            await asyncio.sleep(0.001)  # (waiting out the timeout added 0.5 s to every reply)
                 except asyncio.TimeoutError:
                     pass
                 if loop.time() - checked >= 0.5:
