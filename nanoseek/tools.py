@@ -237,6 +237,8 @@ def calculate(expression: str) -> int | float:
 
     def walk(node):
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if not math.isfinite(node.value):  # 1e999
+                raise ValueError("the number is too large")
             return node.value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.operand))
@@ -248,7 +250,13 @@ def calculate(expression: str) -> int | float:
                 result = _OPS[type(node.op)](left, right)
             except ZeroDivisionError:
                 raise ValueError("division by zero") from None
+            except OverflowError:  # a float power past 1.8e308
+                raise ValueError("the result is too large") from None
+            if isinstance(result, complex):  # a fractional power of a negative number
+                raise ValueError("the result is not a real number")
             if isinstance(result, int) and result.bit_length() > MAX_DIGITS * 3.33:  # a product chain grows too
+                raise ValueError("the result is too large")
+            if isinstance(result, float) and not math.isfinite(result):
                 raise ValueError("the result is too large")
             return result
         what = ast.get_source_segment(source, node) or type(node).__name__.lower()
