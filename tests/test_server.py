@@ -367,6 +367,18 @@ def test_completions_leave_control_tokens_out_of_the_text(parts):
         assert kept["choices"][0]["text"] == "ab<｜User｜> cd<｜tool▁sep｜>"
 
 
+def test_a_reply_that_ends_at_once_counts_no_reasoning(parts):
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        for reply, reasoning in (([tok.eos_id], 0), (tok.encode_text("ab") + [tok.eos_id], 2),
+                                 ([tok.end_think_id, tok.eos_id], 0)):
+            scripted(engine, reply)
+            u = httpx.post(url + "/v1/chat/completions", json={"messages": ask()}).json()["usage"]
+            assert u["completion_tokens"] == len(reply), u
+            assert u["completion_tokens_details"]["reasoning_tokens"] == reasoning, (reply, u)
+
+
 def test_chat_leaves_control_tokens_out_but_keeps_what_writes_tool_calls(parts):
     """Control tokens in a chat reply (reasoning or answer) are left out of its text and its logprobs,
     streamed and not; the tokens that write a tool call still make the call."""

@@ -443,7 +443,9 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     if not thinking:
         return 0
     end = svc.tok.end_think_id
-    return tokens.index(end) if end is not None and end in tokens else len(tokens)
+    if end is not None and end in tokens:
+        return tokens.index(end)
+    return sum(t not in svc.tok.eos_ids for t in tokens)  # reasoning cut short: the end-of-sentence is not reasoning
 
 
 def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
