@@ -270,12 +270,29 @@ def test_real_presets_have_the_published_sizes(name, params, active, embedding_c
 
 @pytest.mark.parametrize("field,value", [
     ("n_group", 3), ("topk_group", 5), ("num_experts_per_tok", 99), ("hidden_size", 0), ("qk_rope_head_dim", 7),
-    ("num_key_value_heads", 2), ("scoring_func", "relu"), ("topk_method", "greedy"), ("hidden_act", "gelu"),
+    ("mlp_bias", True), ("scoring_func", "relu"), ("topk_method", "greedy"), ("hidden_act", "gelu"),
     ("rope_scaling", {"type": "longrope", "factor": 2.0}), ("vocab_size", -5),
 ])
 def test_config_out_of_range_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field.split("_")[0]):
         get_preset("tiny", **{field: value})
+
+
+def test_config_reads_fields_as_transformers_does():
+    """Fields transformers ignores or fills in, read the same way (each was a refusal or a silent difference)."""
+    v3 = ModelConfig.from_dict({"model_type": "deepseek_v3"})  # no num_key_value_heads: DeepseekV3Config's 128
+    assert v3.num_key_value_heads == v3.num_attention_heads  # unused by MLA, not a refusal
+    v2 = ModelConfig.from_dict({"model_type": "deepseek_v2", "norm_topk_prob": True, "rope_interleave": False})
+    assert (v2.norm_topk_prob, v2.rope_interleave) == (False, True)  # HF's V2 never renormalises, always interleaves
+    qwen = {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 96, "vocab_size": 300}
+    full = ModelConfig.from_dict({**qwen, "use_sliding_window": True, "max_window_layers": 4, "mlp_bias": True})
+    assert full.sliding_layers == [] and not full.mlp_bias  # every layer full; Qwen2 has no MLP biases
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_dict({**qwen, "use_sliding_window": True, "max_window_layers": 2})
+    yarn = ModelConfig.from_dict({**qwen, "max_position_embeddings": 4096,
+                                  "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    assert yarn.rope_scaling["original_max_position_embeddings"] == 4096
 
 
 def test_config_from_hf_v5_and_legacy_spellings():

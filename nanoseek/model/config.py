@@ -89,8 +89,12 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # fields we carry but do not use
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads is None or not self.is_gqa:  # MLA has no key-value heads (transformers'
+            self.num_key_value_heads = self.num_attention_heads  # DeepseekV3Config defaults the unused field to 128)
+        if self.model_type == "qwen2":
+            self.mlp_bias = False  # Qwen2 has no such field: transformers' Qwen2 MLP never has biases
+        if self.model_type == "deepseek_v2":  # transformers' DeepseekV2 rotates interleaved pairs and never
+            self.rope_interleave, self.norm_topk_prob = True, False  # renormalises (false in every V2 release)
         if self.is_gqa:
             if self.head_dim is None and self.num_attention_heads:
                 self.head_dim = self.hidden_size // self.num_attention_heads
@@ -105,7 +109,11 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind in (None, "default"):
                 self.rope_scaling = None
-            elif not self.rope_scaling.get("factor") and self.rope_scaling.get("original_max_position_embeddings"):
+            elif kind in ("yarn", "llama3") and not self.rope_scaling.get("original_max_position_embeddings"):
+                # transformers' fallback: the config's own field, else the context length
+                self.rope_scaling["original_max_position_embeddings"] = self.extra.get(
+                    "original_max_position_embeddings") or self.max_position_embeddings
+            if self.rope_scaling is not None and not self.rope_scaling.get("factor") and self.rope_scaling.get("original_max_position_embeddings"):
                 # transformers derives a missing factor from the context lengths
                 self.rope_scaling["factor"] = (self.max_position_embeddings
                                                / self.rope_scaling["original_max_position_embeddings"])
@@ -135,6 +143,17 @@ class ModelConfig:
             return 2 * self.num_key_value_heads, self.head_dim
         return 1, self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def sliding_layers(self) -> list[int]:
+        """The layers a Qwen2 config gives sliding-window attention, as transformers reads it: with
+        use_sliding_window, those its layer_types name, else those from max_window_layers on."""
+        e = self.extra
+        if self.model_type != "qwen2" or not e.get("use_sliding_window") or e.get("sliding_window", 4096) is None:
+            return []
+        kinds = e.get("layer_types") or ["sliding_attention" if i >= e.get("max_window_layers", 28) else "full"
+                                         for i in range(self.num_hidden_layers)]
+        return [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
             self.n_routed_experts > 0
@@ -162,7 +181,7 @@ class ModelConfig:
                  and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                  f"must divide num_attention_heads={self.num_attention_heads}")
             need(self.intermediate_size > 0, "intermediate_size", "must be > 0")
-            if self.extra.get("use_sliding_window"):
+            if self.sliding_layers:
                 raise ConfigError("config field 'use_sliding_window' = true: sliding-window attention is not "
                                   "supported (the R1-Distill models do not use it)")
         else:
@@ -172,8 +191,7 @@ class ModelConfig:
             need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
                  "q_lora_rank", "must be null or a positive integer")
             need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotation pairs)")
-            need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
-                 "MLA needs num_key_value_heads == num_attention_heads")
+            need(not self.mlp_bias, "mlp_bias", "DeepSeek's MLPs and experts have no biases here")
         for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
                      "num_nextn_predict_layers"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
