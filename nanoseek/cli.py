@@ -10,12 +10,13 @@ them, so `--help` and those errors come at once. Ctrl-C during work exits 130.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -169,10 +170,16 @@ def _positive(x: float) -> float:
     return x
 
 
-def _finite(x: float) -> float:
-    if x != x or x in (float("inf"), float("-inf")):
-        raise typer.BadParameter(f"must be a finite number, got {x}")
-    return x
+def _within(low: float, high: float | None = None, above: bool = False) -> Callable[[float | None], float | None]:
+    """A float option's check: a finite number from `low` (or above it) up to `high` (None: not given)."""
+    def check(x: float | None) -> float | None:
+        if x is None:
+            return x
+        top = "" if high is None else f" and <= {high:g}"
+        if not math.isfinite(x) or (x <= low if above else x < low) or (high is not None and x > high):
+            raise typer.BadParameter(f"must be a finite number {'>' if above else '>='} {low:g}{top}, got {x}")
+        return x
+    return check
 
 
 def _model_folder(path: Path | None) -> Path | None:
@@ -537,17 +544,17 @@ def pretrain(
     warmup_steps: int = typer.Option(PRETRAIN_TRAIN.warmup_steps, min=0, help="Linear warmup steps."),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
-    mtp_lambda: float = typer.Option(0.3, min=0, help="Weight of the multi-token-prediction loss."),
-    bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, min=0, help="Router-bias update speed (aux-loss-free "
+    mtp_lambda: float = typer.Option(0.3, callback=_within(0), help="Weight of the multi-token-prediction loss."),
+    bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, callback=_within(0), help="Router-bias update speed (aux-loss-free "
                                      "balancing; 0 = off)."),
-    aux_alpha: float = typer.Option(None, min=0, help="Sequence-wise balance loss weight. Default: the preset's."),
+    aux_alpha: float = typer.Option(None, callback=_within(0), help="Sequence-wise balance loss weight. Default: the preset's."),
     vocab_size: int = typer.Option(DataConfig.vocab_size, min=300, help="Vocabulary of the tokenizer trained for "
                                    "the run."),
     tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Use this tokenizer folder instead of "
                                    "training one."),
     task_documents: int = typer.Option(DataConfig.task_documents, min=1, help="Problems generated for the 'tasks' "
                                        "source."),
-    fim_rate: float = typer.Option(DataConfig.fim_rate, min=0, max=1, help="FIM rate for corpus documents (code from "
+    fim_rate: float = typer.Option(DataConfig.fim_rate, callback=_within(0, 1), help="FIM rate for corpus documents (code from "
                                    "'stdlib' uses 0.5)."),
     eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, min=0, help="Evaluate held-out loss every N steps "
                                    "(0 = at the end only)."),
@@ -588,9 +595,9 @@ def generate(
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(None, min=0, max=100, help="0 = greedy. Default: the model's "
+    temperature: float = typer.Option(None, callback=_within(0, 100), help="0 = greedy. Default: the model's "
                                       "generation_config.json (R1-Distill: 0.6), else 0."),
-    top_p: float = typer.Option(None, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+    top_p: float = typer.Option(None, callback=_within(0, 1), help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability. Default: the model's generation_config.json, else 1."),
     seed: int = typer.Option(None, min=0, help="Seed for reproducible sampling."),
     speculative: bool = _speculative_option(),
@@ -629,9 +636,9 @@ def generate(
 def chat(
     model: Path = _model_option(),
     system: str = typer.Option("", help="System prompt."),
-    temperature: float = typer.Option(None, min=0, max=100, help="Sampling temperature (0 = greedy); /temp changes "
+    temperature: float = typer.Option(None, callback=_within(0, 100), help="Sampling temperature (0 = greedy); /temp changes "
                                       "it. Default: the model's generation_config.json, else 0.6."),
-    top_p: float = typer.Option(None, min=0, max=1, help="Nucleus sampling: the smallest set of tokens with this "
+    top_p: float = typer.Option(None, callback=_within(0, 1), help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability. Default: the model's generation_config.json, else 0.95."),
     max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
@@ -673,11 +680,11 @@ def sft(
     batch_size: int = typer.Option(SFTConfig.batch_size, min=1, help="Rows per micro-batch."),
     seq_len: int = typer.Option(SFTConfig.seq_len, min=8, help="Tokens per row."),
     conversations: int = typer.Option(SFTConfig.builtin_conversations, min=1, help="Size of the built-in mixture."),
-    tool_share: float = typer.Option(SFTConfig.tool_share, min=0, max=1, help="Built-in mixture: calculator "
+    tool_share: float = typer.Option(SFTConfig.tool_share, callback=_within(0, 1), help="Built-in mixture: calculator "
                                      "conversations added, as a share of --conversations (0 = none). An older "
                                      "nanoseek tokenizer gains DeepSeek-V3's tool tokens, and the model the rows "
                                      "for them."),
-    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, min=0, max=1, help="Built-in mixture: the "
+    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, callback=_within(0, 1), help="Built-in mixture: the "
                                             "share answered with thinking off."),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
@@ -710,8 +717,9 @@ def rl(
     group: int = typer.Option(GRPOConfig.group_size, min=2, help="Samples per problem (G)."),
     updates: int = typer.Option(GRPOConfig.updates_per_rollout, min=1, help="Optimizer steps per batch of rollouts "
                                 "(GRPO's mu)."),
-    temperature: float = typer.Option(GRPOConfig.temperature, min=0, max=100, help="Rollout temperature."),
-    beta: float = typer.Option(GRPOConfig.beta, min=0, callback=_finite, help="KL (k3) to the starting model; 0 = no "
+    temperature: float = typer.Option(GRPOConfig.temperature, callback=_within(0, 100, above=True),
+                                     help="Rollout temperature (> 0: GRPO learns from how a prompt's samples differ)."),
+    beta: float = typer.Option(GRPOConfig.beta, callback=_within(0), help="KL (k3) to the starting model; 0 = no "
                                "reference model."),
     loss_norm: Literal["sequence", "token", "dr_grpo"] = typer.Option(
         GRPOConfig.loss_norm, help="sequence (each completion weighs the same), token (DAPO) or dr_grpo (sum over "
@@ -751,7 +759,7 @@ def distill(
                                    "remote teacher."),
     teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_TEACHER_API_KEY", help="Key for a remote teacher."),
-    kl_alpha: float = typer.Option(0.0, min=0, help="Weight of logit-level KL to a local teacher (0 = traces only)."),
+    kl_alpha: float = typer.Option(0.0, callback=_within(0), help="Weight of logit-level KL to a local teacher (0 = traces only)."),
     max_steps: int = _max_steps_option("Student SFT steps (0 = until --time-budget; one of the two is needed)."),
     time_budget: str = _time_budget_option("Student SFT time, e.g. 3m.", default="3m"),
     precision: Precision = _precision_option(),
@@ -786,7 +794,7 @@ def eval_(
                               "not offered (a model folder only)."),
     n: int = typer.Option(100, min=1, help="Held-out problems per family."),
     samples: int = typer.Option(1, min=1, help="Samples per problem (k for pass@k and majority vote)."),
-    temperature: float = typer.Option(0.0, min=0, max=100, help="0 = greedy (with samples > 1, 0.7 is used)."),
+    temperature: float = typer.Option(0.0, callback=_within(0, 100), help="0 = greedy (with samples > 1, 0.7 is used)."),
     wording: Wording = typer.Option("canonical",
                                 help="How each question is asked: the family's canonical wording, a random wording "
                                 "from the templates training draws from, or from the held-out templates training "

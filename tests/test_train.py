@@ -17,6 +17,8 @@ from nanoseek.data.shards import PackedRows, write_shards
 from nanoseek.model import build_model, get_preset
 from nanoseek.tokenizer import DeepSeekTokenizer
 from nanoseek.train import LMObjective, Trainer, TrainConfig, lr_multiplier
+from nanoseek.train.loop import Diverged
+from safetensors.torch import load_file
 from nanoseek.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +38,8 @@ def make_trainer(run, data, steps=8, seed=0, batch=4, accum=1, rows_cls=PackedRo
     torch.manual_seed(seed)
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size))
     rows = rows_cls(d / "train", seq_len=48, batch_size=batch, seed=0)
-    cfg = TrainConfig(max_steps=steps, warmup_steps=2, lr=3e-3, eval_every=0, checkpoint_every=4,
-                      grad_accum=accum, compile=compile, **kw)
+    cfg = TrainConfig(**{"max_steps": steps, "warmup_steps": 2, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 4,
+                         "grad_accum": accum, "compile": compile, **kw})
     return Trainer(run, model, rows, LMObjective(0.3), cfg, save_extra=tok.save)
 
 
@@ -106,6 +108,19 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsy
     shutil.rmtree(ckpts[-1])
     t = make_trainer(tmp_path / "run", data)
     assert t.step == 0 and "do not match the manifest" in capsys.readouterr().out
+
+
+def test_a_diverging_run_stops_keeping_its_last_good_checkpoint(data, tmp_path, capsys):
+    """A learning rate that blows the weights up: the non-finite updates are skipped, and three in a row
+    stop the run with an error instead of saving a NaN model as finished."""
+    t = make_trainer(tmp_path / "run", data, steps=40, precision="fp32", lr=1e30, checkpoint_every=1)
+    with pytest.raises(Diverged, match="not finite for 3 steps"):
+        t.fit()
+    assert "is skipped" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "model").exists()
+    for ckpt in (tmp_path / "run" / "checkpoints").iterdir():
+        weights = load_file(ckpt / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), ckpt.name
 
 
 def test_gradient_accumulation_matches_a_larger_batch(data, tmp_path):

@@ -59,6 +59,10 @@ from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rn
 from .settings import TrainConfig
 
 
+class Diverged(ValueError):
+    """The loss or gradient stopped being a finite number."""
+
+
 def lr_multiplier(step: int, progress: float, cfg: TrainConfig) -> float:
     """The schedule: linear warmup over warmup_steps, then by progress in [0, 1] (the larger of
     the step and time fractions): wsd holds 1 and decays linearly to min_lr_ratio over the last
@@ -119,6 +123,7 @@ class Trainer:
             compile_regions(model)
         self.opt = make_optimizer(model, cfg, fused=not self.dist.active)
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
+        self.bad_steps = 0  # updates skipped in a row for a non-finite gradient
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.json", json.dumps(config, indent=2))
@@ -148,9 +153,11 @@ class Trainer:
                 grad_norm = 0.0
                 if total > 0:  # a step without targets (e.g. RL rollouts that all scored alike) updates nothing
                     grad_norm = clip_grad_norm(model, cfg.grad_clip)
+                    self._check_finite(grad_norm)
                     for group in self.opt.param_groups:
                         group["lr"] = lr
-                    self.opt.step()
+                    if math.isfinite(grad_norm):  # (a non-finite one is skipped: it would poison every weight)
+                        self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 balance = update_router_bias(model, cfg.bias_gamma)
                 names = sorted(sums)
@@ -173,6 +180,19 @@ class Trainer:
                     self.save()
                 progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
         return last
+
+    def _check_finite(self, grad_norm: float, patience: int = 3) -> None:
+        """Counts non-finite gradients in a row; at `patience` the run has diverged: it stops with the last
+        checkpoint kept (a NaN model was saved as a finished run)."""
+        self.bad_steps = 0 if math.isfinite(grad_norm) else self.bad_steps + 1
+        if self.bad_steps == 1 and self.dist.main:
+            self.console.print(f"[yellow]step {self.step + 1}: the gradient is not finite ({grad_norm}); "
+                               "its update is skipped[/]")
+        if self.bad_steps >= patience:
+            kept = f"the last checkpoint ({self.latest_checkpoint.name}) is kept" if self.latest_checkpoint else \
+                "no checkpoint was written"
+            raise Diverged(f"training diverged: the gradient was not finite for {patience} steps in a row "
+                           f"(step {self.step + 1}); {kept}. Lower --lr (it is {self.cfg.lr:g}) and start a new run")
 
     def _forward_backward(self, batches: list, total: float, per_rank: float) -> dict[str, float]:
         """Gradients of a step's micro-batches (accumulated); returns the objective's metric sums."""
