@@ -174,3 +174,18 @@ def test_remote_chat_retries_then_reports(tmp_path):
     with pytest.raises(RemoteError, match="after 2 attempts"):
         ask(["1+1?"], 5, 0)
     assert len(logs) == 2 and "retry" in logs[0]
+
+
+def test_a_distill_rerun_with_other_settings_is_refused_before_any_work(tmp_path):
+    """Its traces and student belong to the settings the folder was started with (a rerun with another
+    --student kept training the first one; other --tasks collected nothing)."""
+    from nanoseek.model.config import ConfigError
+    from nanoseek.train.distill import distill
+
+    first = {"teacher": "t", "student": "tiny", "tasks": ["add"], "traces": 10, "tokenizer": None, "kl_alpha": 0.0,
+             "kl_temperature": 2.0, "teacher_model": "deepseek-reasoner"}
+    (tmp_path / "distill.json").write_text(json.dumps({"distill": first}))
+    for change in ({"student": "cpu-dense-small"}, {"tasks": ["add", "sub"]}):
+        with pytest.raises(ConfigError, match="different settings") as e:
+            distill(**{"teacher": "t", "student": "tiny", "tasks": ["add"], "n_traces": 10, "out": tmp_path, **change})
+        assert next(iter(change)) in str(e.value)

@@ -25,7 +25,7 @@ from rich.console import Console
 from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
-from ..files import drop_torn_tail, read_jsonl, staged_dir
+from ..files import atomic_write, drop_torn_tail, read_jsonl, staged_dir
 from ..inference import SamplingParams
 from ..loading import load_chat_engine
 from ..model import build_model
@@ -33,6 +33,7 @@ from ..remote import remote_chat
 from ..tokenizer import DeepSeekTokenizer
 from .losses import distill_kl
 from .pretrain import model_config_for
+from .runs import check_same_run
 from .settings import DISTILL_TRAIN, SFTConfig
 from .sft import sft
 
@@ -136,6 +137,12 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"distill": {"teacher": teacher, "student": student, "tasks": sorted(tasks), "traces": n_traces,
+                            "tokenizer": tokenizer, "kl_alpha": kl_alpha, "kl_temperature": kl_temperature,
+                            "teacher_model": teacher_model}}
+    if (out / "distill.json").is_file():  # a rerun resumes: its traces and student are for these settings only
+        check_same_run(json.loads((out / "distill.json").read_text()), settings)
+    atomic_write(out / "distill.json", json.dumps(settings, indent=2))
     remote = teacher.startswith(("http://", "https://"))
     if kl_alpha > 0 and remote:
         raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")

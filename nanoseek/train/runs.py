@@ -43,7 +43,7 @@ def check_same_run(old: dict, new: dict) -> None:
     """Rerunning a command on an existing run resumes it; only its length, bookkeeping, precision and
     compiling may change."""
     diffs = []
-    for section in ("model", "data", "sft", "grpo", "train", "mtp_lambda"):
+    for section in ("model", "data", "sft", "grpo", "distill", "train", "mtp_lambda"):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
