@@ -16,7 +16,7 @@ import itertools
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -185,6 +185,8 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
             torch.distributed.barrier()
         tok = DeepSeekTokenizer.load(run_dir / "tokenizer")
         config = model_config_for(preset, tok, model_overrides)
+        if data.seq_len > config.max_position_embeddings:  # the model's context covers what it trains on
+            config = replace(config, max_position_embeddings=data.seq_len)
         data_record = {**asdict(data), "global_batch": data.batch_size * info.world}
         del data_record["batch_size"]  # per process; a run may resume on another number of processes
         torch.manual_seed(train.seed)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_model
+from ..checkpoint import load_config, load_model
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
@@ -125,6 +125,10 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
     objective: default next-token (+ MTP) loss on assistant tokens; distillation passes its own."""
     cfg, train = cfg or SFTConfig(), train or SFT_TRAIN
     console = console or Console()
+    context = load_config(model_dir)[0].max_position_embeddings
+    if cfg.seq_len > context:  # (refused before the conversations are read: a huge one packed for minutes)
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} tokens, "
+                          "max_position_embeddings): give at most that")
     with D.process_group(device) as info:
         try:
             tok = DeepSeekTokenizer.load(model_dir)
