@@ -548,8 +548,8 @@ def pretrain(
     bias_gamma: float = typer.Option(PRETRAIN_TRAIN.bias_gamma, callback=_within(0), help="Router-bias update speed (aux-loss-free "
                                      "balancing; 0 = off)."),
     aux_alpha: float = typer.Option(None, callback=_within(0), help="Sequence-wise balance loss weight. Default: the preset's."),
-    vocab_size: int = typer.Option(DataConfig.vocab_size, min=300, help="Vocabulary of the tokenizer trained for "
-                                   "the run."),
+    vocab_size: int = typer.Option(None, min=300, help="Vocabulary of the tokenizer trained for the run "
+                                   f"(default {DataConfig.vocab_size}; not with --tokenizer, which has its own)."),
     tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Use this tokenizer folder instead of "
                                    "training one."),
     task_documents: int = typer.Option(DataConfig.task_documents, min=1, help="Problems generated for the 'tasks' "
@@ -571,7 +571,11 @@ def pretrain(
     train = _train(PRETRAIN_TRAIN, max_steps, time_budget, grad_accum=grad_accum, lr=lr, schedule=schedule,
                    warmup_steps=warmup_steps, precision=precision, compile=compile, bias_gamma=bias_gamma,
                    aux_alpha=aux_alpha, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
-    cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size,
+    if tokenizer and vocab_size is not None:
+        _fail("--vocab-size: the tokenizer given by --tokenizer has its own vocabulary (--vocab-size sizes one "
+              "trained for the run)")
+    cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size,
+                     vocab_size=None if tokenizer else vocab_size or DataConfig.vocab_size,
                      tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
                      fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
     import torch
@@ -1052,7 +1056,8 @@ def quantize(
         except OSError as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
             _fail(f"OUT: cannot write '{out}': {e.strerror or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    console.print(f"[green]wrote[/] {out} (int{bits}, {size / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
+    weights = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"  # (a small model said 0.00 GB)
+    console.print(f"[green]wrote[/] {out} (int{bits}, {weights} of weights) in {time.perf_counter() - t0:.0f} s")
     if not (model / "tokenizer.json").is_file():
         console.print(f"[yellow]note[/] {model} has no tokenizer.json, so neither has {out}: chat, generate and serve "
                       "need one (copy the tokenizer files of the model's release into it)")

@@ -338,6 +338,8 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["pretrain", *o, "--device", "gpu", "--max-steps", "1"], "--device", "cuda"),
         (["pretrain", *o, "--aux-alpha", "-1", "--max-steps", "1"], "--aux-alpha", ""),
         (["pretrain", *o, "--bias-gamma", "inf", "--max-steps", "1"], "--bias-gamma", "finite number >= 0"),
+        (["pretrain", *o, "--tokenizer", str(tok), "--vocab-size", "4096", "--max-steps", "1"], "--vocab-size",
+         "its own vocabulary"),
         (["pretrain", *o, "--mtp-lambda", "nan", "--max-steps", "1"], "--mtp-lambda", "finite number >= 0, got nan"),
         (["generate", "--temperature", "nan", "--prompt", "hi"], "--temperature", "finite number >= 0 and <= 100"),
         (["rl", "--model", m, *o, "--temperature", "0", "--max-steps", "1"], "--temperature", "> 0"),

@@ -62,7 +62,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["tasks", "stdlib"])
     seq_len: int = 512
     batch_size: int = 8  # rows per micro-batch per process
-    vocab_size: int = 2048  # when a tokenizer is trained for the run
+    vocab_size: int | None = 2048  # when a tokenizer is trained for the run (None with `tokenizer`)
     tokenizer: str | None = None  # a tokenizer folder to use instead of training one
     task_documents: int = 100_000  # "tasks": conversations generated for the train split
     code_chars: int = 2_000_000  # "stdlib": characters of standard-library source
