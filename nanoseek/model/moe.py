@@ -285,7 +285,8 @@ def update_router_bias(model: nn.Module, gamma: float) -> dict[str, float]:
     For every gate with a correction bias: load = tokens each expert received since the last
     call (summed over data-parallel ranks); bias += gamma * sign(mean load - load), i.e.
     overloaded experts become less attractive, underloaded ones more. Resets the counts and
-    returns the worst max/mean load ratio seen, for logging (1.0 = perfectly balanced).
+    returns the worst max/mean load ratio seen, for logging (1.0 = perfectly balanced; nothing when no
+    expert saw a token: a GRPO step whose groups all scored alike).
     """
     worst = 0.0
     for gate in (m for m in model.modules() if isinstance(m, Gate)):
@@ -298,4 +299,4 @@ def update_router_bias(model: nn.Module, gamma: float) -> dict[str, float]:
         if gate.has_bias and gamma > 0:
             gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         load.zero_()
-    return {"expert_imbalance": worst}
+    return {"expert_imbalance": worst} if worst else {}

@@ -166,7 +166,8 @@ class Trainer:
                 tokens = sum(batch_tokens(b) for b in batches) * self.dist.world
                 self.step, self.elapsed, self.tokens = self.step + 1, self.elapsed + dt, self.tokens + tokens
                 last = {k: v / max(total, 1.0) for k, v in zip(names, reduced)}
-                last.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / dt, **balance)
+                last.update(lr=lr, **balance)  # a step that updated nothing has no gradient norm or speed to plot
+                last.update({"grad_norm": grad_norm} if total > 0 else {}, **({"tokens_per_s": tokens / dt} if tokens else {}))
                 self.log.write(self.step, self.elapsed, self.tokens, last)
                 if reduced[-1] > 0:  # some process was asked to stop
                     if self.dist.main:
