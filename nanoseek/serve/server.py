@@ -568,7 +568,8 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
         p = prompts[i // body.n]
         entries, hidden = (_prompt_entries(p, req) + req.logprobs, p.hidden) if body.echo else (req.logprobs, 0)
         choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req.finish_reason),
-                        "logprobs": None if body.logprobs is None else _legacy_logprobs(svc, entries, 0, hidden, req.params.skip_token_ids)})
+                        "logprobs": None if body.logprobs is None else _legacy_logprobs(
+                            svc, entries, 0, hidden, req.params.skip_token_ids, len(entries) - len(req.logprobs))})
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": _completion_usage(svc, prompts, jobs, body.n)}
 
@@ -589,7 +590,7 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
         if max(prompt) >= vocab:
             raise APIError(400, f"prompt: token id {max(prompt)} is not in this model's vocabulary [0, {vocab})",
                            param="prompt")
-        return _Prompt(prompt, tok.decode(prompt, skip_special_tokens=body.skip_special_tokens), 0)
+        return _Prompt(prompt, tok.decode(prompt), 0)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is None:
         return _Prompt(bos + tok.encode_text(prompt), prompt, len(bos))
@@ -623,15 +624,16 @@ def _prompt_entries(prompt: _Prompt, req) -> list[dict]:
     return [{"token": prompt.ids[0], "logprob": None, "top": None}] + req.prompt_logprobs
 
 
-def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int = 0, skip=()) -> dict:
+def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int = 0, skip=(), generated: int = 0) -> dict:
     """OpenAI's legacy logprobs object over the engine's logprob entries; text offsets count from
-    `start`, and the first `hidden` tokens and those in `skip` (left out of the text) take no room in it."""
+    `start`, and the first `hidden` tokens and the generated ones (from entry `generated` on) in `skip`
+    (left out of the reply's text; an echoed prompt shows all of its tokens) take no room in it."""
     tokens = [svc.tok.decode([e["token"]]) for e in entries]
     # a token's offset: the whole characters before it (pieces of one character share its offset)
     utf8, chars, offsets = codecs.getincrementaldecoder("utf-8")("ignore"), start, [start] * hidden
-    for e in entries[hidden:]:
+    for k, e in enumerate(entries[hidden:], hidden):
         offsets.append(chars)
-        chars += 0 if e["token"] in skip else len(utf8.decode(svc.token_bytes(e["token"])))
+        chars += 0 if k >= generated and e["token"] in skip else len(utf8.decode(svc.token_bytes(e["token"])))
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
                              for e in entries],
@@ -655,10 +657,11 @@ async def _completion_stream(svc: Service, body: CompletionRequest, prompts: lis
     the finish reason."""
     shown, pending = [0] * len(jobs), [[] for _ in jobs]  # characters sent; logprob entries not yet sent
 
-    def chunk(i: int, text: str, finish: str | None = None, hidden: int = 0) -> dict:
+    def chunk(i: int, text: str, finish: str | None = None, hidden: int = 0, echo: bool = False) -> dict:
         lp = None
         if body.logprobs is not None and pending[i]:
-            lp, pending[i] = _legacy_logprobs(svc, pending[i], shown[i], hidden, jobs[i][0].params.skip_token_ids), []
+            skip = () if echo else jobs[i][0].params.skip_token_ids
+            lp, pending[i] = _legacy_logprobs(svc, pending[i], shown[i], hidden, skip), []
         shown[i] += len(text)
         return _completion_chunk(cid, created, model, i, text, finish, lp)
 
@@ -669,7 +672,7 @@ async def _completion_stream(svc: Service, body: CompletionRequest, prompts: lis
             echoed.add(i)
             p = prompts[i // body.n]
             pending[i] = _prompt_entries(p, req) if req.params.prompt_logprobs else []
-            yield chunk(i, p.text, hidden=p.hidden)
+            yield chunk(i, p.text, hidden=p.hidden, echo=True)
         pending[i] += ev.logprobs
         if ev.text:
             yield chunk(i, ev.text)
