@@ -216,3 +216,23 @@ def test_the_first_ctrl_c_is_answered_at_once_and_the_second_stops_now(capsys):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_a_stopped_run_shows_the_step_it_saved(data, tmp_path, capsys):
+    """Ctrl-C during step 3: the progress line left on screen is step 3's, the one saved (it was step 2's)."""
+    import os
+    import signal
+
+    t = make_trainer(tmp_path / "run", data, steps=6)
+    step = t._forward_backward
+
+    def interrupted(*args):
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+
+    t._forward_backward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    out = capsys.readouterr().out
+    assert "saving step 3" in out and "step 3/6" in out and "step 2/6" not in out, out

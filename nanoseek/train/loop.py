@@ -170,6 +170,7 @@ class Trainer:
                 last.update({"grad_norm": grad_norm} if total > 0 else {}, **({"tokens_per_s": tokens / dt} if tokens else {}))
                 self.log.write(self.step, self.elapsed, self.tokens, last)
                 if reduced[-1] > 0:  # some process was asked to stop
+                    progress.update(bar, description=self._describe(last))  # the step saved, not the one before
                     if self.dist.main:
                         self.console.print(f"[yellow]stopping[/]: saving step {self.step}; rerun the same command "
                                            "to resume")
