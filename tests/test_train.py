@@ -236,3 +236,17 @@ def test_a_stopped_run_shows_the_step_it_saved(data, tmp_path, capsys):
         t.fit()
     out = capsys.readouterr().out
     assert "saving step 3" in out and "step 3/6" in out and "step 2/6" not in out, out
+
+
+def test_a_data_file_named_another_way_is_the_same_run(tmp_path, monkeypatch):
+    from nanoseek.model.config import ConfigError
+    from nanoseek.train.runs import check_same_run
+
+    (tmp_path / "c.jsonl").write_text("{}\n")
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    old = {"data": {"sources": ["c.jsonl", "tasks"], "seq_len": 64}}
+    check_same_run(old, {"data": {"sources": [str(tmp_path / "c.jsonl"), "tasks"], "seq_len": 64}})
+    check_same_run(old, {"data": {"sources": ["./c.jsonl", "tasks"], "seq_len": 64}})
+    with pytest.raises(ConfigError, match="sources"):
+        check_same_run(old, {"data": {"sources": ["d.jsonl", "tasks"], "seq_len": 64}})

@@ -47,12 +47,20 @@ def check_same_run(old: dict, new: dict) -> None:
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if a.get(k) != b.get(k) and not (section == "train" and k in RESUMABLE_CHANGES)]
+                      if _files(a.get(k)) != _files(b.get(k)) and not (section == "train" and k in RESUMABLE_CHANGES)]
         elif a != b:
             diffs.append(f"{section}: {a!r} -> {b!r}")
     if diffs:
         raise ConfigError("this run folder was started with different settings; use a new --out or the same "
                           "options. Differences: " + "; ".join(diffs))
+
+
+def _files(value):
+    """A recorded setting with the data files in it named by their absolute paths: `data/c.jsonl` and
+    `/home/me/data/c.jsonl` are the same file (a resume from another spelling was refused)."""
+    if isinstance(value, list):
+        return [_files(v) for v in value]
+    return str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).is_file() else value
 
 
 def run_stage(trainer: Trainer) -> dict[str, float]:
