@@ -228,7 +228,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     quantize_into(module, prefix, float_weight(name))
                     continue
                 if name not in expected:
-                    unexpected.append(name)
+                    if get(name).numel():  # (transformers saves zero-width shared experts when there are none)
+                        unexpected.append(name)
                     continue
                 t = float_weight(name)
                 target = state[name]

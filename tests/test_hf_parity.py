@@ -26,6 +26,8 @@ V3_CASES = {
                               first_k_dense_replace=2, rope_parameters=YARN, routed_scaling_factor=1.5),
     "noqlora-yarn-groups": dict(q_lora_rank=None, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                                 topk_group=2, first_k_dense_replace=1, rope_parameters=dict(YARN, mscale=0.9)),
+    "no-shared-experts": dict(q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                              first_k_dense_replace=1, n_shared_experts=0),
     "tied-embeddings-halfsplit-rope": dict(q_lora_rank=24, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
                                            topk_group=2, first_k_dense_replace=1, tie_word_embeddings=True,
                                            rope_interleave=False),
