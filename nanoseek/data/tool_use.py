@@ -5,8 +5,9 @@ Hard problems (a multiplication beyond two digits by two, an expression of three
 with a calculator offered, are answered by calling it and reading its result back; without one the
 model works them out as before. Easy problems are answered without a call even when a calculator is
 offered. With thinking off the reply opens with an empty reasoning block (the tokenizer renders it)
-and calls at once, or shows its working above the answer (Task.conversation). The tools' description (the system message) is the server's, passed in by the
-caller, so training sees exactly what serving sends. Held-out problems: seeds of the "test" split.
+and calls at once, or shows its working above the answer (Task.conversation). The tools' description
+(the system message) is the server's, passed in by the caller, so training sees exactly what serving
+sends. Held-out problems: seeds of the "test" split.
 """
 
 from __future__ import annotations

@@ -687,7 +687,7 @@ class Engine:
         block of tool calls must parse whole; a stop string inside it would break it), else None."""
         if req._constrained_at is not None and req._constrained_chars is None:
             stops = self._stop_ids(req)
-            skip = stops | set(req.params.skip_token_ids)
+            skip = stops | req.params.skip_token_ids
             req._constrained_chars = len(self.decode([t for t in req.tokens[:req._constrained_at] if t not in skip]))
         return req._constrained_chars
 

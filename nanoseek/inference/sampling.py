@@ -37,8 +37,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings (need the engine's decode function)
-    skip_token_ids: tuple[int, ...] = ()  # generated, but left out of the text (control tokens, as
-    # decoding with skip_special_tokens leaves them out)
+    skip_token_ids: frozenset[int] = frozenset()  # generated, but left out of the text (control tokens,
+    # as decoding with skip_special_tokens leaves them out)
     stop_after: int | None = None  # stop strings match only in the text after this token (the end of the
     # reasoning) and its leading whitespace: they apply to the answer, not to the thinking
     logprobs: bool = False

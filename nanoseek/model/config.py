@@ -113,10 +113,10 @@ class ModelConfig:
                 # transformers' fallback: the config's own field, else the context length
                 self.rope_scaling["original_max_position_embeddings"] = self.extra.get(
                     "original_max_position_embeddings") or self.max_position_embeddings
-            if self.rope_scaling is not None and not self.rope_scaling.get("factor") and self.rope_scaling.get("original_max_position_embeddings"):
+            rs = self.rope_scaling
+            if rs is not None and not rs.get("factor") and rs.get("original_max_position_embeddings"):
                 # transformers derives a missing factor from the context lengths
-                self.rope_scaling["factor"] = (self.max_position_embeddings
-                                               / self.rope_scaling["original_max_position_embeddings"])
+                rs["factor"] = self.max_position_embeddings / rs["original_max_position_embeddings"]
         self.validate()
 
     # ---- derived sizes ----

@@ -64,14 +64,14 @@ class Service:
         return CallFormat.probe(self.tok)
 
     @cached_property
-    def hidden_in_chat(self) -> tuple[int, ...]:
+    def hidden_in_chat(self) -> frozenset[int]:
         """The control tokens a chat reply's text leaves out, as vLLM's skip_special_tokens does: every token
         the tokenizer marks special but the think tags and those that write tool calls, which the reply's
         parser reads (a random model wrote image and file placeholders into one reply in eight)."""
         fmt = self.call_format
         kept = set(self.tok.encode("".join(astuple(fmt)))) if fmt else set()
         kept |= {self.tok.think_id, self.tok.end_think_id}
-        return tuple(sorted(self.tok.special_ids - kept))
+        return self.tok.special_ids - kept
 
     @cached_property
     def vocab(self):
@@ -372,7 +372,7 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     return svc.grammar(start + answer, trigger, frozenset(banned), True, after)
 
 
-def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: Sequence[int]) -> SamplingParams:
+def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: frozenset[int]) -> SamplingParams:
     """The request's sampling parameters, the `hidden` tokens left out of the text unless the request keeps
     them (skip_special_tokens: false); whether the prompt and max_tokens fit is the engine's check."""
     if max_tokens is None:  # at least 1: a prompt that fills the context is refused by the engine
@@ -388,7 +388,7 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidde
                           stop=tuple(body.stop or ()), logprobs=bool(body.logprobs), top_logprobs=top,
                           logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
                           stop_token_ids=tuple(sorted(svc.tok.eos_ids)),
-                          skip_token_ids=tuple(hidden) if body.skip_special_tokens else ())
+                          skip_token_ids=hidden if body.skip_special_tokens else frozenset())
 
 
 class _AnswerLogprobs:
@@ -396,8 +396,8 @@ class _AnswerLogprobs:
     content: those of the reasoning and the `</think>` that ends it, of the whitespace before the
     answer and of stop tokens are left out. Fed a reply's entries in order, whole or as they stream."""
 
-    def __init__(self, svc: Service, started: bool, hidden: Sequence[int] = ()):
-        self.tok, self.stops = svc.tok, svc.tok.eos_ids | set(hidden)  # tokens left out of the text, too
+    def __init__(self, svc: Service, started: bool, hidden: frozenset[int] = frozenset()):
+        self.tok, self.stops = svc.tok, svc.tok.eos_ids | hidden  # tokens left out of the text, too
         self.reasoning = started and svc.tok.end_think_id is not None  # the reply opens inside its reasoning
         self.leading = True
 
@@ -601,7 +601,7 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
 
 def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -> SamplingParams:
     """_sampling with the legacy logprobs (an integer: alternatives per token), over the prompt too with echo."""
-    params = _sampling(svc, body, len(prompt.ids), body.max_tokens, sorted(svc.tok.special_ids))
+    params = _sampling(svc, body, len(prompt.ids), body.max_tokens, svc.tok.special_ids)
     scored = body.logprobs is not None
     return replace(params, logprobs=scored, top_logprobs=body.logprobs or 0, prompt_logprobs=scored and body.echo)
 

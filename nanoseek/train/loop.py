@@ -153,10 +153,9 @@ class Trainer:
                 grad_norm = 0.0
                 if total > 0:  # a step without targets (e.g. RL rollouts that all scored alike) updates nothing
                     grad_norm = clip_grad_norm(model, cfg.grad_clip)
-                    self._check_finite(grad_norm)
                     for group in self.opt.param_groups:
                         group["lr"] = lr
-                    if math.isfinite(grad_norm):  # (a non-finite one is skipped: it would poison every weight)
+                    if self._finite(grad_norm):  # (a non-finite one is skipped: it would poison every weight)
                         self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 balance = update_router_bias(model, cfg.bias_gamma)
@@ -167,7 +166,10 @@ class Trainer:
                 self.step, self.elapsed, self.tokens = self.step + 1, self.elapsed + dt, self.tokens + tokens
                 last = {k: v / max(total, 1.0) for k, v in zip(names, reduced)}
                 last.update(lr=lr, **balance)  # a step that updated nothing has no gradient norm or speed to plot
-                last.update({"grad_norm": grad_norm} if total > 0 else {}, **({"tokens_per_s": tokens / dt} if tokens else {}))
+                if total > 0:
+                    last["grad_norm"] = grad_norm
+                if tokens:
+                    last["tokens_per_s"] = tokens / dt
                 self.log.write(self.step, self.elapsed, self.tokens, last)
                 if reduced[-1] > 0:  # some process was asked to stop
                     progress.update(bar, description=self._describe(last))  # the step saved, not the one before
@@ -183,9 +185,9 @@ class Trainer:
                 progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
         return last
 
-    def _check_finite(self, grad_norm: float, patience: int = 3) -> None:
-        """Counts non-finite gradients in a row; at `patience` the run has diverged: it stops with the last
-        checkpoint kept (a NaN model was saved as a finished run)."""
+    def _finite(self, grad_norm: float, patience: int = 3) -> bool:
+        """Whether the gradient is finite, counting non-finite ones in a row; at `patience` the run has
+        diverged: it stops with the last checkpoint kept (a NaN model was saved as a finished run)."""
         self.bad_steps = 0 if math.isfinite(grad_norm) else self.bad_steps + 1
         if self.bad_steps == 1 and self.dist.main:
             self.console.print(f"[yellow]step {self.step + 1}: the gradient is not finite ({grad_norm}); "
@@ -195,6 +197,7 @@ class Trainer:
                 "no checkpoint was written"
             raise Diverged(f"training diverged: the gradient was not finite for {patience} steps in a row "
                            f"(step {self.step + 1}); {kept}. Lower --lr (it is {self.cfg.lr:g}) and start a new run")
+        return self.bad_steps == 0
 
     def _forward_backward(self, batches: list, total: float, per_rank: float) -> dict[str, float]:
         """Gradients of a step's micro-batches (accumulated); returns the objective's metric sums."""

@@ -9,7 +9,8 @@ tries the pair's results against that list, stopping at the first hit:
     (3*7)+12
 Every step writes its operands before its result: trained on needs written result first
 (`need 26 (33-7)`), the shipped model got a need wrong in 71 of 100 held-out puzzles' traces, while
-a pair's result, written operands first, was the first mistake in 1. The pair is written out before it is used, and a product of two numbers above 10 is written
+a pair's result, written operands first, was the first mistake in 1. The pair is written out
+before it is used, and a product of two numbers above 10 is written
 `big` (it exceeds every value the search can need), so the trace never asks for a 2-digit by
 2-digit product.
 The answer is an expression; `verify` parses it safely, checks it uses exactly the given
