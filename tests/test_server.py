@@ -344,6 +344,28 @@ def test_logprobs_carry_each_tokens_own_bytes_and_offsets(parts):
         assert lp["text_offset"][-n:] == [0, 1] + [1] * (len(pieces) - 1) + [2] and max(lp["text_offset"]) < len(text)
 
 
+def test_answer_logprobs_join_to_the_content(parts):
+    """The content leaves out the whitespace before the answer, inside its first token too (` ab`): that
+    entry's text and bytes leave it out as well, so the entries join to the content, streamed or not."""
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    answer = tok.encode_text(" ab") + tok.encode_text("x cd \n")
+    assert tok.decode(answer[:1]) == " a"  # the first token carries the space
+    reply = tok.encode_text("why") + [tok.end_think_id] + tok.encode_text("\n") + answer + [tok.eos_id]
+    body = {"messages": ask(), "max_tokens": len(reply), "logprobs": True, "top_logprobs": 1}
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        scripted(engine, reply)
+        r = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+        entries = r["logprobs"]["content"]
+        assert r["message"]["content"] == "abx cd" == "".join(e["token"] for e in entries)
+        assert b"".join(bytes(e["bytes"]) for e in entries) == b"abx cd"
+        scripted(engine, reply)
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+            deltas = [json.loads(line[6:])["choices"] for line in s.iter_lines() if line.startswith("data: {")]
+        streamed = [e for c in deltas if c and c[0].get("logprobs") for e in c[0]["logprobs"]["content"]]
+        assert "".join(e["token"] for e in streamed) == "abx cd" and bytes(streamed[0]["bytes"]) == b"a"
+
+
 def test_completions_leave_control_tokens_out_of_the_text(parts):
     """A raw completion that writes the chat template's control tokens returns the text around them (as
     vLLM does), streamed and not, with offsets that skip them; skip_special_tokens: false keeps them."""

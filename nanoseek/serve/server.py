@@ -394,7 +394,9 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidde
 class _AnswerLogprobs:
     """The logprob entries of the answer alone, as OpenAI's `logprobs.content` covers the message's
     content: those of the reasoning and the `</think>` that ends it, of the whitespace before the
-    answer and of stop tokens are left out. Fed a reply's entries in order, whole or as they stream."""
+    answer and of stop tokens are left out. Fed a reply's entries in order, whole or as they stream. The
+    first entry's `text` leaves out the whitespace before the answer that it carries (` The`), as the content
+    does, so the entries' texts join to the content (tokenizers keep trailing whitespace apart)."""
 
     def __init__(self, svc: Service, started: bool, hidden: frozenset[int] = frozenset()):
         self.tok, self.stops = svc.tok, svc.tok.eos_ids | hidden  # tokens left out of the text, too
@@ -406,24 +408,37 @@ class _AnswerLogprobs:
         for e in entries:
             if self.reasoning:
                 self.reasoning = e["token"] != self.tok.end_think_id
-            elif e["token"] not in self.stops and not (self.leading and not self.tok.decode([e["token"]]).strip()):
-                self.leading = False
-                out.append(e)
+            elif e["token"] not in self.stops:
+                text = self.tok.decode([e["token"]])
+                if self.leading and text.strip():
+                    self.leading = False
+                    out.append({**e, "text": text.lstrip()})
+                elif not self.leading:
+                    out.append(e)
         return out
 
     def whole(self, entries: list[dict]) -> list[dict]:
-        out = self.feed(entries)
-        while out and not self.tok.decode([out[-1]["token"]]).strip():  # the content's trailing whitespace
+        return self.trim(self.feed(entries))
+
+    def trim(self, out: list[dict]) -> list[dict]:
+        """The entries without the content's trailing whitespace (at the end of a reply: streamed, the
+        entries not sent yet, which hold it back as the text does)."""
+        while out and not self.tok.decode([out[-1]["token"]]).strip():
             out.pop()
         return out
 
 
 def _logprobs_json(svc: Service, lps: list[dict]) -> dict:
-    def entry(token: int, logprob: float) -> dict:
-        return {"token": svc.tok.decode([token]), "logprob": logprob, "bytes": list(svc.token_bytes(token))}
+    def entry(token: int, logprob: float, text: str | None = None) -> dict:
+        full, raw = svc.tok.decode([token]), svc.token_bytes(token)
+        if text is not None and text != full:  # whitespace trimmed off the token's ends: off its bytes too
+            start = full.find(text)
+            head, tail = full[:start].encode(), full[start + len(text):].encode()
+            raw = raw[len(head):len(raw) - len(tail)] if raw.startswith(head) and raw.endswith(tail) else text.encode()
+        return {"token": full if text is None else text, "logprob": logprob, "bytes": list(raw)}
 
-    return {"content": [{**entry(lp["token"], lp["logprob"]), "top_logprobs": [entry(t, v) for t, v in lp["top"]]}
-                        for lp in lps]}
+    return {"content": [{**entry(lp["token"], lp["logprob"], lp.get("text")),
+                         "top_logprobs": [entry(t, v) for t, v in lp["top"]]} for lp in lps]}
 
 
 def _usage(svc: Service, prompt: list[int], jobs, thinking: bool | None = None) -> dict:
@@ -537,7 +552,8 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
             finish = _finish(ev.finish_reason)
             if calls[i] is not None and calls[i].calls and finish == "stop":
                 finish = "tool_calls"
-            yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, pending[i]) if pending[i] else None)
+            rest = answer_logprobs[i].trim(pending[i])
+            yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, rest) if rest else None)
     if include_usage:
         yield chunk(-1, {}, usage=_usage(svc, prompt, jobs, thinking))
 
