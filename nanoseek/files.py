@@ -98,6 +98,11 @@ def read_json_object(path: str | os.PathLike) -> dict:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The JSON objects of a jsonl file (blank lines skipped); a ValueError names the first line
     that is not a JSON object."""
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """`read_jsonl` with each object's line number (from 1), for errors that point into the file."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -109,5 +114,5 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); fix or delete that line") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{n}: not a JSON object; fix or delete that line")
-            records.append(record)
+            records.append((n, record))
     return records

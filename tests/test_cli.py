@@ -98,7 +98,7 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
 
 
 def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):
-    """A conversation that does not render names its file and number (the error named neither); rerunning a
+    """A conversation that does not render names its file and line (the error named neither); rerunning a
     run folder on other data is refused with the difference, as pretraining's is (it resumed and rewrote
     the recorded data)."""
     model = _chat_model(tmp_path)
@@ -107,10 +107,11 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     data, other = tmp_path / "chats.jsonl", tmp_path / "other.jsonl"
     lines = [json.dumps(g) for g in good]
     lines[40] = json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})
+    lines.insert(10, "")  # a blank line: skipped, and counted in the line the error names
     data.write_text("\n".join(lines) + "\n")
     o = ["--model", str(model), "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--out", str(tmp_path / "r")]
     r = runner.invoke(app, ["sft", *o, "--data", str(data)])
-    assert r.exit_code == 2 and "chats.jsonl: conversation 41" in " ".join(r.output.split()) and "wizard" in r.output, r.output
+    assert r.exit_code == 2 and "chats.jsonl:42: message 0: unknown role" in " ".join(r.output.split()) and "wizard" in r.output, r.output
     text = tmp_path / "notes.txt"
     text.write_text("some prose, not conversations\n")
     r = runner.invoke(app, ["sft", *o, "--data", str(text)])

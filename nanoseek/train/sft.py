@@ -22,7 +22,7 @@ from ..checkpoint import load_config, load_model
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
-from ..files import read_jsonl
+from ..files import numbered_jsonl
 from ..model.config import ConfigError, padded_vocab
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools
@@ -33,30 +33,29 @@ from .runs import run_stage
 from .settings import SFT_TRAIN, SFTConfig, TrainConfig
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """A jsonl file of {"messages": [...]} lines; a malformed line stops with its file and line."""
+def read_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """A jsonl file of {"messages": [...]} lines -> (line number, messages) pairs; a malformed line
+    stops with its file and line."""
     try:
-        records = read_jsonl(path)
+        records = numbered_jsonl(path)
     except ValueError as e:
         hint = "" if str(path).endswith(".jsonl") else ' (conversations come as a .jsonl file of {"messages": [...]} lines)'
         raise ChatFormatError(str(e) + hint) from None
-    out = []
-    for n, record in enumerate(records, start=1):
+    for n, record in records:
         if not isinstance(record.get("messages"), list):
-            raise ChatFormatError(f"{path}: conversation {n}: expected an object with a 'messages' list")
-        out.append(record["messages"])
-    if not out:
+            raise ChatFormatError(f"{path}:{n}: expected an object with a 'messages' list")
+    if not records:
         raise ChatFormatError(f"{path}: no conversations")
-    return out
+    return [(n, record["messages"]) for n, record in records]
 
 
-def _user_example(tok: DeepSeekTokenizer, messages: list[dict], path: str, n: int) -> np.ndarray:
+def _user_example(tok: DeepSeekTokenizer, messages: list[dict], path: str, line: int) -> np.ndarray:
     try:
         example = sft_example(tok, messages)
     except ChatFormatError as e:
-        raise ChatFormatError(f"{path}: conversation {n}: {e}") from None
+        raise ChatFormatError(f"{path}:{line}: {e}") from None
     if (example[1] == IGNORE).all():  # SFT learns only what the assistant writes
-        raise ChatFormatError(f"{path}: conversation {n}: no assistant message to learn from")
+        raise ChatFormatError(f"{path}:{line}: no assistant message to learn from")
     return example
 
 
@@ -139,7 +138,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
                 held = [c for c in held if c[-2]["content"] not in {x[-2]["content"] for x in convs}]
                 examples, held_examples = [sft_example(tok, c) for c in convs], [sft_example(tok, c) for c in held]
             else:
-                examples = [_user_example(tok, c, cfg.data, n) for n, c in enumerate(read_conversations(cfg.data), 1)]
+                examples = [_user_example(tok, c, cfg.data, n) for n, c in read_conversations(cfg.data)]
                 if len(examples) > 1:  # 2% held out, at least one
                     cut = max(1, len(examples) // 50)
                     held_examples, examples = examples[:cut], examples[cut:]
