@@ -26,12 +26,17 @@ from .tokenizer import ChatFormatError, DeepSeekTokenizer
 _NAMES, _ARGS = ("nanoseek_probe_a", "nanoseek_probe_b"), ('{"probe": 1}', '{"probe": 2}')
 
 
+ANNOTATIONS = {"type", "title", "description", "required", "$schema"}  # keys that declare no argument
+
+
 def declared_arguments(parameters: dict | None) -> dict:
     """A function's parameters schema as its calls follow it: where it declares its arguments and says
     nothing of others, only those (JSON Schema would allow any other key, and a model wrote made-up ones
-    that the function cannot take); an object of any keys when it declares none."""
-    if not parameters:
-        return {"type": "object"}
+    that the function cannot take); none when it declares none (no `parameters`, `{}`, a bare object:
+    OpenAI's empty parameter list; a model called a clock with `{"expression": ...}`)."""
+    if not parameters or (set(parameters) <= ANNOTATIONS and parameters.get("type", "object") == "object"
+                          and not parameters.get("required")):
+        return {"type": "object", "properties": {}, "additionalProperties": False}
     if "properties" in parameters and "additionalProperties" not in parameters:
         return {**parameters, "additionalProperties": False}
     return parameters

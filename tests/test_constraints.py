@@ -63,25 +63,33 @@ def test_json_object_mode_parses_at_any_budget(setup):
             assert isinstance(json.loads(req.text), dict) and len(req.tokens) <= max_new, (max_new, req.text)
 
 
-def test_an_integer_without_bounds_ends_within_what_json_readers_keep(setup):
-    """A model that would write 9s forever (here: biased to) closes an unbounded integer after 16 digits
-    (it wrote digits until its budget ran out); bounds of the schema's own, and values, are left alone."""
-    from nanoseek.inference.constraints import SAFE_INTEGER, bounded_integers
+@pytest.mark.parametrize("kind", ["integer", "number"])
+def test_a_number_without_bounds_ends_within_what_json_readers_keep(setup, kind):
+    """A model that would write 9s forever (here: biased to) closes an unbounded integer or number after
+    15 digits (it wrote digits until its budget ran out), a number's decimals after 10; bounds of the
+    schema's own, and values, are left alone."""
+    from nanoseek.inference.constraints import NUMBER_STEP, SAFE_INTEGER, bounded_numbers
 
     tok, engine, vocab = setup
-    schema = {"type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"v": {"type": kind}}, "required": ["v"], "additionalProperties": False}
     g = Grammar.compile(vocab, "start: " + json_rule(schema))
-    nine = tok.encode("9")
-    assert len(nine) == 1
-    req = engine.generate([tok.encode("<｜User｜>a number<｜Assistant｜>")], [SamplingParams(
-        max_new_tokens=200, temperature=0, grammar=g, logit_bias=((nine[0], 100.0),))])[0]
-    assert req.finish_reason == "stop" and abs(json.loads(req.text)["v"]) == int("9" * 15), req.text
+    for bias in ("9", ".9"):  # 9s forever; for a number, decimals forever too
+        ids = tok.encode(bias)
+        req = engine.generate([tok.encode("<｜User｜>a number<｜Assistant｜>")], [SamplingParams(
+            max_new_tokens=200, temperature=0, grammar=g, logit_bias=tuple((t, 100.0 - 10 * i) for i, t in enumerate(ids)))])[0]
+        assert req.finish_reason == "stop" and abs(json.loads(req.text)["v"]) <= SAFE_INTEGER, req.text
+        whole, _, decimals = req.text.removeprefix('{"v": ').removesuffix("}").lstrip("-").partition(".")
+        assert (whole, decimals) == ("9" * 15, "") or (kind, bias, whole, decimals) == ("number", ".9", "9", "9" * 10), req.text
     own = {"type": "object", "default": {"type": "integer"}, "properties": {
         "a": {"type": ["integer", "null"]}, "b": {"type": "integer", "maximum": 10**30},
-        "c": {"type": "integer", "enum": [10**20]}, "d": {"type": "array", "items": {"type": "integer"}}}}
-    got = bounded_integers(own)
+        "c": {"type": "integer", "enum": [10**20]}, "d": {"type": "array", "items": {"type": "integer"}},
+        "e": {"type": "number"}, "f": {"type": "number", "multipleOf": 0.5}}}
+    got = bounded_numbers(own)
     assert got["properties"]["a"]["maximum"] == got["properties"]["d"]["items"]["maximum"] == SAFE_INTEGER
     assert got["properties"]["b"] == own["properties"]["b"] and got["properties"]["c"] == own["properties"]["c"]
+    assert got["properties"]["e"] == {"type": "number", "minimum": -SAFE_INTEGER, "maximum": SAFE_INTEGER,
+                                      "multipleOf": NUMBER_STEP}
+    assert got["properties"]["f"]["multipleOf"] == 0.5 and "multipleOf" not in got["properties"]["a"]
     assert got["default"] == {"type": "integer"} and "maximum" not in own["properties"]["a"]  # not changed in place
 
 

@@ -131,11 +131,14 @@ def test_calculator_refuses_a_growing_product_early(monkeypatch):
 
 def test_calls_take_the_declared_arguments_only_unless_the_schema_allows_more():
     """A schema that declares its arguments and says nothing of others: calls carry those only (a model
-    added made-up keys, which JSON Schema allows by default); said otherwise, or none declared, as given."""
+    added made-up keys, which JSON Schema allows by default); said otherwise, as given; none declared, none."""
     declared = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     assert tools.declared_arguments(declared) == {**declared, "additionalProperties": False}
     assert "additionalProperties" not in declared  # the caller's schema is not changed
     loose = {**declared, "additionalProperties": True}
     assert tools.declared_arguments(loose) == loose
-    assert tools.declared_arguments(None) == tools.declared_arguments({}) == {"type": "object"}
-    assert tools.declared_arguments({"type": "object"}) == {"type": "object"}
+    none = {"type": "object", "properties": {}, "additionalProperties": False}  # OpenAI: no parameters, no arguments
+    assert tools.declared_arguments(None) == tools.declared_arguments({}) == none
+    assert tools.declared_arguments({"type": "object", "description": "no arguments"}) == none
+    assert tools.declared_arguments({"type": "object", "additionalProperties": True}) == {"type": "object", "additionalProperties": True}
+    assert tools.declared_arguments({"anyOf": [declared, loose]}) == {"anyOf": [declared, loose]}

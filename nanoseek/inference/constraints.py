@@ -63,26 +63,30 @@ def json_rule(schema: dict | None) -> str:
     if not isinstance(schema.get("x-guidance", {}), dict):
         raise GrammarError("the schema's 'x-guidance' must be an object")
     schema["x-guidance"] = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps(bounded_integers(schema), ensure_ascii=False)
+    return "%json " + json.dumps(bounded_numbers(schema), ensure_ascii=False)
 
 
 SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader keeps exactly (JavaScript's Number)
+NUMBER_STEP = 1e-10  # an unbounded number's decimals: at most 10
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const")
 VALUES = ("enum", "const", "default", "examples")  # keywords whose values are JSON data, not schemas
 
 
-def bounded_integers(node):
-    """The schema with every integer that has no bounds of its own kept within +-(2^53 - 1): an
-    unbounded integer let a small model write digits until its budget ran out (thousands of tokens,
-    then no JSON at all)."""
+def bounded_numbers(node):
+    """The schema with every integer and number that has no bounds of its own kept within +-(2^53 - 1),
+    and a number's decimals to 10 unless it has a multipleOf: an unbounded integer or number let a small
+    model write digits until its budget ran out (thousands of tokens, then no JSON at all; a pydantic
+    float field is an unbounded number). Bounds leave out exponents (1e5) too."""
     if isinstance(node, list):
-        return [bounded_integers(x) for x in node]
+        return [bounded_numbers(x) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: v if k in VALUES else bounded_integers(v) for k, v in node.items()}
-    kind = node.get("type")
-    if (kind == "integer" or isinstance(kind, list) and "integer" in kind) and not any(b in node for b in BOUNDS):
+    out = {k: v if k in VALUES else bounded_numbers(v) for k, v in node.items()}
+    kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+    if ("integer" in kinds or "number" in kinds) and not any(b in node for b in BOUNDS):
         out.update(minimum=-SAFE_INTEGER, maximum=SAFE_INTEGER)
+    if "number" in kinds and not any(b in node for b in ("enum", "const", "multipleOf")):
+        out["multipleOf"] = NUMBER_STEP
     return out
 
 
