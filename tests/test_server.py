@@ -23,6 +23,7 @@ from nanoseek.serve.store import ChatStore
 from nanoseek.tokenizer import DeepSeekTokenizer
 
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -657,3 +658,15 @@ def test_checks_across_fields_name_their_parameter(server):
         resp = httpx.post(server + "/v1/chat/completions", headers=h, timeout=60,
                           json={"messages": ask(), "max_tokens": 4, "tool_choice": choice})
         assert resp.status_code == 200, resp.text
+
+
+def test_null_means_the_default_where_openai_takes_null(client, server):
+    """n, penalties and stream sent as null (the openai SDK sends `n=None` so) are their defaults, not 400s."""
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask(), max_tokens=3, n=None, stream=None,
+                                       presence_penalty=None, frequency_penalty=None, parallel_tool_calls=None)
+    assert len(r.choices) == 1 and r.usage.completion_tokens >= 1
+    r = httpx.post(server + "/v1/completions", json={"prompt": "1 +", "max_tokens": 2, "n": None, "echo": None,
+                                                      "stream": None, "skip_special_tokens": None}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
+    r = httpx.post(server + "/v1/completions", json={"prompt": None, "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 400 and "prompt" in r.text  # a required field stays required

@@ -159,6 +159,10 @@ class Thinking(StrictBody):
     type: Literal["enabled", "disabled"] = "enabled"
 
 
+NULL_MEANS_DEFAULT = {"n", "presence_penalty", "frequency_penalty", "stream", "skip_special_tokens",
+                      "parallel_tool_calls", "echo"}
+
+
 class Sampling(StrictBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -175,6 +179,15 @@ class Sampling(StrictBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True  # control tokens the model writes are left out of the text (vLLM's field)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """null for these fields means their default, as OpenAI's API takes it (the openai SDK sends
+        `n=None` as null)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_MEANS_DEFAULT}
+        return data
 
     @field_validator("logit_bias")
     @classmethod
