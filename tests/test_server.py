@@ -228,6 +228,15 @@ def test_prefix_completion_and_logprobs(client, parts):
     r = client.chat.completions.create(model="nanoseek-test", messages=msgs, max_tokens=3, temperature=0,
                                        logit_bias={str(seven[0]): 50})
     assert r.choices[0].message.content == "777" and not r.choices[0].message.model_extra.get("reasoning_content")
+    # a prefix that begins the answer outside any reasoning (reasoning_content "": none): a model that would close
+    # a reasoning block goes on with the answer instead, streamed or not (the tag and the text before it landed in
+    # content, as after a tool result, whose template opens no reasoning)
+    msgs[-1] = {"role": "assistant", "reasoning_content": "", "content": "The answer is", "prefix": True}
+    common = dict(model="nanoseek-test", messages=msgs, max_tokens=3, temperature=0, logit_bias=bias)
+    m = client.chat.completions.create(**common).choices[0].message
+    assert (m.content, m.model_extra.get("reasoning_content")) == ("777", None)
+    deltas = [c.delta for chunk in client.chat.completions.create(stream=True, **common) for c in chunk.choices]
+    assert "".join(d.content or "" for d in deltas) == "777"
 
 
 def test_prefix_inside_the_reasoning_is_split_out(client):

@@ -484,10 +484,13 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     tokenizing a long prompt takes seconds."""
     thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
-    prompt, started, _ = _chat_prompt(svc, body, thinking, tools)
+    prompt, started, prefixed = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens, svc.hidden_in_chat)
+    # a prefix that began the answer (outside any reasoning): the reply goes on with it, no think tags in it
+    # (after a tool result, where the template opens no reasoning, a model closed one and the tag landed in content)
+    answering = prefixed and not started and bool((body.messages[-1].content or "").strip())
     try:
-        grammar = _grammar(svc, body, thinking, started, tools, choice)
+        grammar = _grammar(svc, body, thinking and not answering, started, tools, choice)
     except GrammarError as e:  # a schema (of a tool's parameters or the response format) llguidance refuses
         param = "tools" if choice is not None else "response_format"
         raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
