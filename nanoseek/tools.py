@@ -281,7 +281,7 @@ def run_calculator(arguments: str) -> str:
     read: it may try again) as text out."""
     try:
         args = json.loads(arguments)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or JSON Python cannot read (digits past its limit, deep nesting)
         return 'error: the arguments are not JSON; call with {"expression": "..."}'
     if not isinstance(args, dict) or not isinstance(args.get("expression"), (str, int, float)):
         return 'error: the arguments need an "expression": a string such as "17 * 23"'

@@ -81,7 +81,7 @@ def test_a_number_without_bounds_ends_within_what_json_readers_keep(setup, kind)
         whole, _, decimals = req.text.removeprefix('{"v": ').removesuffix("}").lstrip("-").partition(".")
         assert (whole, decimals) == ("9" * 15, "") or (kind, bias, whole, decimals) == ("number", ".9", "9", "9" * 10), req.text
     own = {"type": "object", "default": {"type": "integer"}, "properties": {
-        "a": {"type": ["integer", "null"]}, "b": {"type": "integer", "maximum": 10**30},
+        "a": {"type": ["integer", "null"]}, "b": {"type": "integer", "maximum": 10**17},
         "c": {"type": "integer", "enum": [10**20]}, "d": {"type": "array", "items": {"type": "integer"}},
         "e": {"type": "number"}, "f": {"type": "number", "multipleOf": 0.5}}}
     got = bounded_numbers(own)

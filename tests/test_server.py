@@ -490,9 +490,14 @@ BAD = [
     ("stream_options not an object", {"messages": ask(), "stream": True, "stream_options": "x"}, None, 400,
      "stream_options: should be a JSON object"),
     ("logit_bias id outside the vocabulary", {"messages": ask(), "logit_bias": {"99999": 1}}, None, 400, "logit_bias"),
+    ("logit_bias key a digit int() refuses", {"messages": ask(), "logit_bias": {"①": 1}}, None, 400, "token ids"),
+    ("logit_bias key past int()'s digits", {"messages": ask(), "logit_bias": {"0" * 5000 + "5": 1}}, None, 400,
+     "token ids"),
     ("a schema that cannot compile", {"messages": ask(), "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}, None, 400,
      "minimum (5) is greater than maximum (1)"),
+    ("a schema of integers past 64 bits", {"messages": ask(), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 10**30, "maximum": 10**31}}}}, None, 400, "64 bits"),
 ]
 
 
@@ -577,6 +582,12 @@ def test_busy_server_answers_503(parts):
         for t in threads:
             t.join()
         assert 503 in results and 200 in results
+        # more completions in one request than the queue holds never fit: a 400, not a 503 clients retry
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="busy", messages=ask(), max_tokens=2, n=2)
+        assert e.value.body["param"] == "n" and "at most 1" in e.value.body["message"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
 def test_disconnected_stream_cancels_its_generation(parts):

@@ -114,7 +114,8 @@ def test_calculator():
     # errors the model can act on, never Python's internals ("error: 'expression'", "not BinOp")
     for args, says in (('{"expr": "1+1"}', 'need an "expression"'), ("[1]", 'need an "expression"'),
                        ('{"expression": "1 << 5"}', "not '1 << 5'"), ('{"expression": "x + 1"}', "not 'x'"),
-                       ("{", "not JSON")):
+                       ("{", "not JSON"), ("[" * 5000 + "]" * 5000, "not JSON"),
+                       ('{"expression": ' + "9" * 5000 + "}", "not JSON")):  # JSON that Python cannot read
         assert run_calculator(args).startswith("error: ") and says in run_calculator(args), run_calculator(args)
     jsonschema.Draft202012Validator.check_schema(CALCULATOR["function"]["parameters"])
 

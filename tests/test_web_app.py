@@ -153,6 +153,7 @@ def test_create_is_idempotent_search_and_reply_notes(tmp_path, tiny):
 
     assert found("ZEBRA") == [cid] and found("apples") == [cid] and found("pear") == [other]
     assert found("100%") == [cid] and found("%") == [cid] and found("_") == [] and found("nothing") == []
+    assert found("\x00") == found("zebra\x00zzz") == []  # SQLite's LIKE ends a pattern at NUL
     assert len(found("")) == 2
 
 

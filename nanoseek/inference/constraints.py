@@ -67,6 +67,7 @@ def json_rule(schema: dict | None) -> str:
 
 
 SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader keeps exactly (JavaScript's Number)
+INT64_MAX = 2**63 - 1  # llguidance's integers
 NUMBER_STEP = 1e-10  # an unbounded number's decimals: at most 10
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const")
 VALUES = ("enum", "const", "default", "examples")  # keywords whose values are JSON data, not schemas
@@ -83,6 +84,9 @@ def bounded_numbers(node):
         return node
     out = {k: v if k in VALUES else bounded_numbers(v) for k, v in node.items()}
     kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+    beyond = [b for b in BOUNDS[:4] if isinstance(node.get(b), (int, float)) and abs(node[b]) > INT64_MAX]
+    if "integer" in kinds and beyond:  # llguidance narrows a range with both ends past int64 and breaks it
+        raise GrammarError(f"an integer's {beyond[0]} ({node[beyond[0]]}) is beyond what 64 bits hold (+-{INT64_MAX})")
     if ("integer" in kinds or "number" in kinds) and not any(b in node for b in BOUNDS):
         out.update(minimum=-SAFE_INTEGER, maximum=SAFE_INTEGER)
     if "number" in kinds and not any(b in node for b in ("enum", "const", "multipleOf")):

@@ -194,8 +194,8 @@ class Sampling(StrictBody):
     def _biases(cls, v):
         """Keys are token ids; the ids and the biases' range are the engine's check (SamplingParams.check)."""
         for token in v or {}:
-            if not token.isdigit():
-                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not (token.isascii() and token.isdigit() and len(token) <= 10):  # "²".isdigit(), but int() refuses it
+                raise ValueError(f"keys must be token ids, got {token[:20]!r}")
         return v
 
     @field_validator("stop")

@@ -88,10 +88,18 @@ class Service:
         not the replacement character its text decodes to; a control token is its text."""
         return self.vocab.decode_bytes([token]) or self.tok.decode([token]).encode("utf-8")
 
+    def check_fits(self, jobs: int, param: str) -> None:
+        """A request of more jobs than the engine's queue holds never fits, even when idle: a 400 naming
+        `param`, not a 503 that clients retry."""
+        if jobs > self.engine.max_queue:
+            raise APIError(400, f"this request asks for {jobs} completions (prompts x n); this server takes at most "
+                                f"{self.engine.max_queue} at once", param=param)
+
     def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop,
                prompt_param: str = "messages"):
         """n requests with their asyncio event queues; refused requests become API errors (a prompt
         over the context names `prompt_param`)."""
+        self.check_fits(n, "n")
         jobs = []
         try:
             for i in range(n):
@@ -582,6 +590,12 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     if body.stream:
         return _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
     await _wait_all(svc, jobs, request)
+    # built and encoded off the event loop: echoed prompts' logprobs run to millions of entries (seconds of work)
+    return await asyncio.to_thread(_completion_response, svc, body, prompts, jobs, cid, created, model)
+
+
+def _completion_response(svc: Service, body: CompletionRequest, prompts: list[_Prompt], jobs, cid: str,
+                         created: int, model: str) -> JSONResponse:
     choices = []
     for i, (req, _) in enumerate(jobs):
         p = prompts[i // body.n]
@@ -589,8 +603,8 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
         choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req.finish_reason),
                         "logprobs": None if body.logprobs is None else _legacy_logprobs(
                             svc, entries, 0, hidden, req.params.skip_token_ids, len(entries) - len(req.logprobs))})
-    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _completion_usage(svc, prompts, jobs, body.n)}
+    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                         "usage": _completion_usage(svc, prompts, jobs, body.n)})
 
 
 def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Prompt], list[SamplingParams]]:
@@ -627,6 +641,7 @@ def _completion_params(svc: Service, body: CompletionRequest, prompt: _Prompt) -
 
 def _submit_prompts(svc: Service, prompts: list[_Prompt], params: list[SamplingParams], n: int) -> list:
     """n jobs per prompt, in order; if one is refused, the ones already queued are cancelled."""
+    svc.check_fits(len(prompts) * n, "n" if n > 1 else "prompt")
     jobs, loop = [], asyncio.get_running_loop()
     try:
         for p, sp in zip(prompts, params):

@@ -85,7 +85,10 @@ class ChatStore:
                 raise
 
     def list(self, query: str = "") -> list[dict]:
-        """Newest first; with a query, those whose title or a message holds it (case-insensitive for ASCII)."""
+        """Newest first; with a query, those whose title or a message holds it (case-insensitive for ASCII).
+        A query with a NUL matches nothing (SQLite's LIKE would end the pattern there and match its start)."""
+        if "\x00" in query:
+            return []
         like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with self._lock:
             rows = self._db.execute(
