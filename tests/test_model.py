@@ -343,3 +343,33 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_gradients(dtype, group_b
     torch.testing.assert_close(gw, gw_ref, **tol)
     with torch.no_grad():  # forward only, and no targets at all
         assert linear_cross_entropy(h, w, torch.full((N,), -100)).item() == 0.0
+
+
+@pytest.mark.parametrize("heads, kv_heads, dv", [(4, 4, 32), (4, 2, 48)])
+def test_compiled_bf16_attention_on_a_cpu_equals_the_fused_kernel(heads, kv_heads, dv):
+    """Compiled, in bf16 on a CPU, small attention runs as products and a softmax (faster there than the
+    fused kernel): its output and gradients match SDPA's in fp32, with a v narrower than q/k and with GQA."""
+    from nanoseek.model.attention import causal_attention
+
+    torch.manual_seed(0)
+    B, S, d = 2, 24, 48
+    q, k, v = (torch.randn(B, h, S, w, requires_grad=True) for h, w in ((heads, d), (kv_heads, d), (kv_heads, dv)))
+    gqa = heads != kv_heads
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.2, gqa)
+        out.float().square().sum().backward()
+        return out.float(), [t.grad.clone() for t in (q, k, v)]
+
+    graphs = []
+    run(torch.compile(causal_attention, fullgraph=True, backend=lambda gm, _: graphs.append(gm.code) or gm.forward))
+    assert "scaled_dot_product" not in graphs[0] and "softmax" in graphs[0]  # the products, not the fused kernel
+    out, grads = run(torch.compile(causal_attention, fullgraph=True))
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True, scale=0.2, enable_gqa=gqa)
+    assert out.shape == (B, heads, S, dv) and torch.allclose(out, ref, atol=0.03), (out - ref).abs().max()
+    _, ref_grads = run(lambda *a: torch.compiler.disable(causal_attention)(*a))  # eager: the fused kernel in fp32
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=0.05 * r.abs().max()), (g - r).abs().max()

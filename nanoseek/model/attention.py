@@ -36,22 +36,38 @@ from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
+MATH_SCORES_BYTES = 16 << 20  # see causal_attention: the largest fp32 scores [B, H, S, S] computed as products
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      enable_gqa: bool = False) -> torch.Tensor:
-    """Causal SDPA over q/k/v [B, H, S, d]. On a CPU in bf16 (or fp16) it runs in fp32: there the fused
-    kernel's reduced-precision backward is about 3x its fp32 backward (Xeon with AMX, 2 threads:
-    [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x, so training is
-    faster in fp32 and more exact. Forwards without gradients run the same way, so they compute exactly
-    what the training forward does (GRPO's reference and behaviour log-probs against the update's; the
-    engine's decoding never comes here). The output comes back in q's dtype."""
+    """Causal attention over q/k [B, H, S, d] and v [B, H, S, dv] (k and v with H / g heads under
+    enable_gqa) -> [B, H, S, dv]. On a CPU in bf16 (or fp16), inside a compiled region and where the
+    scores are small (`MATH_SCORES_BYTES`), as products and a softmax that inductor fuses: a V3-tiny
+    layer's forward and backward (8 x 4 x 256 x 48) took 9.8 ms against the fused kernel's 15.3 in fp32
+    (AMD Zen4, 2 threads); larger, and eagerly, it is slower. Elsewhere on a CPU in bf16 the fused
+    kernel runs in fp32: its reduced-precision backward is about 3x its fp32 backward (Xeon with AMX,
+    2 threads: [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x.
+    Forwards without gradients run the same way, so they compute exactly what the training forward
+    does (GRPO's reference and behaviour log-probs against the update's; the engine's decoding never
+    comes here). The output comes back in q's dtype."""
     narrow = q.dtype in (torch.bfloat16, torch.float16)
+    B, H, S, _ = q.shape
+    if narrow and q.device.type == "cpu" and torch.compiler.is_compiling() and B * H * S * S * 4 <= MATH_SCORES_BYTES:
+        if enable_gqa:  # each kv head serves H / Hkv query heads
+            k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, S, S)
+        future = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
+    pad = q.shape[-1] - v.shape[-1]  # fused kernels want v as wide as q and k: pad, then slice
+    v_wide = F.pad(v, (0, pad)) if pad > 0 else v
     if not (narrow and q.device.type == "cpu"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale,
-                                             enable_gqa=enable_gqa)
-    return out.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v_wide, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    else:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v_wide.float(), is_causal=True, scale=scale,
+                                                 enable_gqa=enable_gqa).to(q.dtype)
+    return out[..., : v.shape[-1]]
 
 
 class KVCache(Protocol):
@@ -117,11 +133,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, dqk)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
-        pad = q.shape[-1] - self.v_dim  # fused SDPA kernels want v as wide as q/k: pad, then slice
-        if pad > 0:
-            v = F.pad(v, (0, pad))
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)  # (B, H, S, dqk)
-        return out.transpose(1, 2)[..., : self.v_dim]
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)  # (B, H, S, dv)
+        return out.transpose(1, 2)
 
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
         """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
