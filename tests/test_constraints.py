@@ -55,6 +55,25 @@ def test_json_schema_output_always_parses_and_validates(setup):
     assert {"stop", "length"} <= set(reasons)  # both kinds of ending were seen
 
 
+@pytest.mark.parametrize("string", [{"pattern": "^[a-z0-9]+@x\\.com$"}, {"format": "email"}, {"pattern": "^[0-9]+X$"},
+                                    {"format": "uuid", "minLength": 36}])
+def test_a_patterned_string_is_completed_when_the_budget_runs_out(setup, string):
+    """A model that would write one allowed character forever (here: biased to `0`) inside a string with a
+    pattern or format: as the budget runs out the string is completed into one that matches (the search
+    looped on `0` and never reached the `@`, so the reply, or a tool call in it, was lost)."""
+    tok, engine, vocab = setup
+    schema = {"type": "object", "properties": {"to": {"type": "string", **string}}, "required": ["to"]}
+    g = Grammar.compile(vocab, "start: " + json_rule(schema))
+    zero = tok.encode("0")
+    assert len(zero) == 1
+    for max_new in (50, 80):  # (a uuid's shortest reply takes 43)
+        req = engine.generate([tok.encode("<｜User｜>mail<｜Assistant｜>")], [SamplingParams(
+            max_new_tokens=max_new, temperature=0, grammar=g, logit_bias=((zero[0], 100.0),))])[0]
+        assert req.finish_reason == "length" and len(req.tokens) <= max_new, req.text
+        jsonschema.validate(json.loads(req.text), schema, format_checker=jsonschema.FormatChecker())
+        assert req.text.startswith('{"to": "000'), req.text  # the model's own text up to where the budget ran out
+
+
 def test_json_object_mode_parses_at_any_budget(setup):
     tok, engine, vocab = setup
     g = Grammar.compile(vocab, "start: " + json_rule(None))

@@ -143,6 +143,7 @@ class GrammarState:
         self.active = grammar.trigger is None and self.matcher is not None
         self.after = False  # grammar.banned_after's token has been generated
         self.cut_short = False  # closing() ended the output early: the budget ran out, not the reply
+        self.plan: list[int] = []  # the rest of the completion closing() follows once it has begun it
 
     def allowed(self, n_vocab: int, device=None) -> torch.Tensor | None:
         """A bool mask [n_vocab] of the tokens allowed next, or None when every token is."""
@@ -183,6 +184,12 @@ class GrammarState:
         g = self.grammar
         if budget > CLOSE_WITHIN or self.matcher is None or self.matcher.is_stopped():
             return proposed
+        if self.plan:  # closing already: the rest of the completion found then
+            token = self.plan.pop(0)
+            if self.matcher.validate_tokens([token]) == 1:  # (still where it was found)
+                self.cut_short |= token != proposed
+                return token
+            self.plan = []
         if not self.active:  # a required grammar not entered yet: enter it while it still fits
             if g.required and proposed != g.trigger and g.entry_cost >= budget:
                 self.cut_short = True
@@ -193,9 +200,11 @@ class GrammarState:
                 and len(rest) < budget:
             return proposed
         path = completion(self.matcher, g.vocab, tries=len(CLOSERS))
-        if path and path[0] != proposed:
-            self.cut_short = True
-        return path[0] if path else proposed
+        if not path:
+            return proposed
+        self.cut_short |= path[0] != proposed
+        self.plan = path[1:]
+        return path[0]
 
     @property
     def finished(self) -> bool:
@@ -224,29 +233,62 @@ def _allowed_in_order(m: llguidance.LLMatcher, vocab: llguidance.LLTokenizer) ->
 
 
 LOOKAHEAD = 4  # allowed tokens checked at each step for one that completes the grammar at once
+SCAN = 32  # allowed tokens checked at each step for one that leads somewhere new (see completion)
+MAX_CHECKS = 128  # such checks in one completion at most (each computes a mask: ~4 ms for an e-mail address's grammar)
 
 
 def completion(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tries: int = 1) -> list[int] | None:
     """A short sequence of tokens that takes `matcher` to an accepting state, or None if none is
     found within CLOSE_WITHIN tokens: forced tokens where the grammar forces them, else of the first
-    few allowed in `closing_order` one that completes the grammar at once, or the first. With
-    tries > 1 the first free step tries that many candidates and keeps the shortest completion."""
+    few allowed in `closing_order` one that completes the grammar at once, else the first of the next
+    few that leads to a state not met before on the way (told apart by what each allows next), else the
+    first. Without that, a pattern such as an e-mail address looped on its first allowed character
+    (`0000...`) and never reached its `@`. With tries > 1 the first free step tries that many
+    candidates and keeps the shortest completion."""
     m, path = matcher.deep_copy(), []
+    here = _state(m)
+    seen, stuck, checks = {here}, set(), 0  # states met on the way; states whose next SCAN tokens lead nowhere new
     while not m.is_accepting():
         if len(path) >= CLOSE_WITHIN or m.is_error():
             return None
         step = m.compute_ff_tokens()
         if not step:
-            allowed = _allowed_in_order(m, vocab)[: max(tries, LOOKAHEAD)].tolist()
+            allowed = _allowed_in_order(m, vocab)[:SCAN].tolist()
             if not allowed:
                 return None
+            new = None
+            if here not in stuck and checks < MAX_CHECKS:
+                for new in allowed:
+                    checks += 1
+                    if _state_after(m, new) not in seen:
+                        break
+                else:  # (a string of a minimum length: every character leads to the same mask)
+                    new = None
+                    stuck.add(here)
             if tries > 1:
-                options = [[t] + rest for t in allowed[:tries] if (rest := _rest_after(m, vocab, t)) is not None]
+                firsts = allowed[:tries] + ([new] if new is not None and new not in allowed[:tries] else [])
+                options = [[t] + rest for t in firsts if (rest := _rest_after(m, vocab, t)) is not None]
                 return min((path + o for o in options), key=len, default=None)
-            step = [next((t for t in allowed if _rest_after(m, vocab, t, depth=0) == []), allowed[0])]
+            step = [next((t for t in allowed[:LOOKAHEAD] if _rest_after(m, vocab, t, depth=0) == []), None)
+                    or new or allowed[0]]
         m.consume_tokens(step)
+        here = _state(m)
+        seen.add(here)
         path += step
     return path
+
+
+def _state(m: llguidance.LLMatcher) -> bytes:
+    """What the matcher allows next (its mask) and whether it may stop: the same for the same state."""
+    return bytes([m.is_accepting()]) + m.compute_bitmask()
+
+
+def _state_after(m: llguidance.LLMatcher, token: int) -> bytes | None:
+    if not m.consume_token(token):
+        return None
+    state = _state(m)
+    m.rollback(1)
+    return state
 
 
 def _rest_after(m: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, token: int, depth: int = 1) -> list[int] | None:
