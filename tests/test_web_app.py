@@ -155,6 +155,15 @@ def test_create_is_idempotent_search_and_reply_notes(tmp_path, tiny):
     assert found("100%") == [cid] and found("%") == [cid] and found("_") == [] and found("nothing") == []
     assert found("\x00") == found("zebra\x00zzz") == []  # SQLite's LIKE ends a pattern at NUL
     assert len(found("")) == 2
+    # two tabs on one conversation: a write over messages the writer had not read is refused (409), not lost
+    read = web.get(f"/api/conversations/{cid}", headers=AUTH).json()
+    url = f"/api/conversations/{cid}/messages"
+    mine = web.put(url, json={"messages": msgs[:1], "base": read["revision"]}, headers=AUTH)
+    assert mine.status_code == 200 and mine.json()["revision"] != read["revision"]
+    theirs = web.put(url, json={"messages": msgs + msgs, "base": read["revision"]}, headers=AUTH)
+    assert theirs.status_code == 409 and theirs.json()["error"]["code"] == "conflict", theirs.text
+    assert web.get(f"/api/conversations/{cid}", headers=AUTH).json()["messages"] == msgs[:1]
+    assert web.put(url, json={"messages": msgs}, headers=AUTH).status_code == 200  # no base: written as before
 
 
 def test_examples_come_from_the_model_folder(tmp_path):
@@ -414,10 +423,12 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     page.reload()
     assert page.evaluate("document.documentElement.dataset.theme") == "light"  # remembered
     # two conversations: one found by its title, one by a word only in its messages
-    for title, text in (("Zebra facts", "What is 1 + 1?"), ("Sums", "a quokka question")):
+    hostile = "x*y <img src=x onerror=alert(1)> `<b>kept</b>`"  # raw HTML: text in the page and in its export
+    for title, text in (("Zebra facts", "What is 1 + 1?"), ("Sums", "a quokka question <script>alert(2)</script>")):
         cid = httpx.post(f"{live.url}/api/conversations", json={"title": title}, headers=AUTH).json()["id"]
+        reply = {"role": "assistant", "content": hostile, "info": {"tokens": 3, "tok_s": "12"}}  # a note stored as text
         httpx.put(f"{live.url}/api/conversations/{cid}/messages", headers=AUTH,
-                  json={"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x*y"}]})
+                  json={"messages": [{"role": "user", "content": text}, reply]})
     page.reload()
     page.wait_for_selector("#conversations li")
     page.keyboard.press("Control+k")
@@ -439,12 +450,16 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     page.wait_for_selector("#conversations li:has-text('Quokkas')")
     page.click("#conversations li:has-text('Quokkas')")
     page.wait_for_selector(".msg.user")
+    assert page.inner_text(".msg.assistant .notes") == "3 tokens, 12 tokens/s"  # (it blanked the conversation)
+    assert page.get_attribute(".msg.user .body", "dir") == page.get_attribute(".msg.assistant .body", "dir") == "auto"
     # export
     page.click("#conv-menu summary")
     with page.expect_download() as md:
         page.click("#export-md")
     text = Path(md.value.path()).read_text()
-    assert text.startswith("# Quokkas") and "a quokka question" in text and "x*y" in text
+    assert text.startswith("# Quokkas") and "a quokka question" in text and "x\\*y" not in text
+    assert "\\<img src=x" in text and "\\<script\\>" in text and "`<b>kept</b>`" in text  # inert, code as written
+    assert "<img" not in text.replace("\\<img", "") and "<script" not in text.replace("\\<script", "")
     # the menu closes on a click elsewhere, and on Esc (focus back on its button)
     page.click("#conv-menu summary")
     assert page.is_visible("#export-json")
@@ -457,7 +472,8 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     with page.expect_download() as js:
         page.click("#export-json")
     data = json.loads(Path(js.value.path()).read_text())
-    assert data["title"] == "Quokkas" and [m["content"] for m in data["messages"]] == ["a quokka question", "x*y"]
+    assert data["title"] == "Quokkas" and [m["content"] for m in data["messages"]] == [
+        "a quokka question <script>alert(2)</script>", hostile]
     page.once("dialog", lambda d: d.accept())
     page.hover("#conversations li:has-text('Quokkas')")
     page.click("#conversations li:has-text('Quokkas') button.delete")
@@ -478,4 +494,31 @@ def test_dark_mode_search_list_actions_export_and_shortcuts(live, browser):
     page.keyboard.press("Shift+Enter")
     page.keyboard.type("lines")
     assert page.input_value("#input") == "two\nlines" and not sent  # Shift+Enter: a new line, not a send
+    page.context.close()
+
+
+def test_a_chat_changed_in_another_tab_is_never_written_over(live, browser):
+    """Two tabs on one conversation: the second tab's save is refused (it overwrote the first tab's turn), and
+    Retry keeps its version as a new chat; a chat deleted in another tab is kept the same way."""
+    page = open_page(browser, live.url)
+    ask(page, "What is 1 + 1?")
+    cid = page.evaluate("state.conv.id")
+    first = stored_once_saved(live.url, cid, 2)
+    other = first + [{"role": "user", "content": "from the other tab"}, {"role": "assistant", "content": "ok"}]
+    assert httpx.put(f"{live.url}/api/conversations/{cid}/messages", headers=AUTH, json={"messages": other}).status_code == 200
+    ask(page, "What is 2 + 2?")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "another tab changed this chat" in page.inner_text("#error-text")
+    assert stored(live.url, cid) == other  # the other tab's turn is still there
+    page.click("#retry")
+    page.wait_for_selector("#error", state="hidden")
+    copy = page.evaluate("state.conv.id")
+    assert copy != cid and [m["content"] for m in stored_once_saved(live.url, copy, 4)][::2] == ["What is 1 + 1?", "What is 2 + 2?"]
+    httpx.delete(f"{live.url}/api/conversations/{copy}", headers=AUTH)
+    ask(page, "What is 3 + 3?")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "deleted" in page.inner_text("#error-text")
+    page.click("#retry")
+    page.wait_for_selector("#error", state="hidden")
+    assert len(stored_once_saved(live.url, page.evaluate("state.conv.id"), 6)) == 6
     page.context.close()

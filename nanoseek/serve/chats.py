@@ -4,7 +4,9 @@
     POST   /api/conversations             create {id?, title?, system?, settings?} (an existing id: that one)
     GET    /api/conversations/{id}        one, with its messages
     PATCH  /api/conversations/{id}        rename / change system prompt or settings
-    PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate)
+    PUT    /api/conversations/{id}/messages   replace the messages (after a reply, an edit, a regenerate);
+                                               {messages, base?}: base, the `revision` read, refuses (409)
+                                               if another tab changed them since
     DELETE /api/conversations/{id}
     GET    /api/tools?model=name          the built-in tools a model can call (none if its template has no calls)
     POST   /api/tools/{name}              run one {arguments: "<JSON>"} -> {content: "<result text>"}
@@ -33,7 +35,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..tools import CALCULATOR, run_calculator
 from .protocol import MAX_MESSAGES, APIError, StrictBody, ToolCall
-from .store import ChatStore, NotFound, QuotaExceeded
+from .store import ChatStore, Conflict, NotFound, QuotaExceeded
 
 
 def _small_settings(settings: dict) -> dict:
@@ -82,6 +84,7 @@ class StoredMessage(StrictBody):
 
 class MessageList(StrictBody):
     messages: list[StoredMessage] = Field(..., max_length=MAX_MESSAGES)  # fewer may fit: the store's limit
+    base: str | None = Field(None, max_length=64)  # the `revision` the page read: changed since, a 409
 
 
 class ToolRun(StrictBody):
@@ -94,9 +97,11 @@ BUILTIN_TOOLS = {CALCULATOR["function"]["name"]: (CALCULATOR, run_calculator)}
 
 @contextmanager
 def _store_errors() -> Iterator[None]:
-    """The store's NotFound as the API's 404, QuotaExceeded as a 413."""
+    """The store's NotFound as the API's 404, QuotaExceeded as a 413, Conflict as a 409."""
     try:
         yield
+    except Conflict as e:
+        raise APIError(409, str(e), code="conflict") from None
     except NotFound as e:
         raise APIError(404, str(e), code="not_found") from None
     except QuotaExceeded as e:
@@ -130,7 +135,7 @@ def routes(store: ChatStore) -> APIRouter:
     @r.put("/{cid}/messages")
     def put_messages(cid: str, body: MessageList):
         with _store_errors():
-            return store.set_messages(cid, [m.model_dump() for m in body.messages])
+            return store.set_messages(cid, [m.model_dump() for m in body.messages], body.base)
 
     @r.delete("/{cid}")
     def delete(cid: str):

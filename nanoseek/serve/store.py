@@ -1,7 +1,8 @@
 """Conversations of the chat web app, kept server-side in SQLite (WAL mode); their routes are in chats.py.
 
 Each write is one transaction; a server restart finds everything again. A missing conversation
-raises NotFound; a write past the store's `Limits` raises QuotaExceeded. Messages keep what a
+raises NotFound; a write past the store's `Limits` raises QuotaExceeded; messages written over ones the
+writer had not read (`revision`) raise Conflict. Messages keep what a
 tool round needs: an assistant turn's `tool_calls` (JSON) and a tool turn's `tool_call_id`, plus
 the page's note on a reply (`info`: its thinking time, speed, whether it was stopped); a database
 from before those columns gets them when it opens. One connection serves every thread,
@@ -10,6 +11,7 @@ one call at a time (a lock), so the server can run store calls off its event loo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -48,6 +50,10 @@ class NotFound(LookupError):
 
 class QuotaExceeded(ValueError):
     """A write that would take the store past its limits."""
+
+
+class Conflict(ValueError):
+    """Messages written over a version of them the writer had not seen (another tab changed them)."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +128,9 @@ class ChatStore:
                                    "WHERE id = ?", (cid,)).fetchone()
             if row is None:
                 raise NotFound(f"no conversation {cid!r}")
-            msgs = self._db.execute("SELECT role, content, reasoning, tool_calls, tool_call_id, info FROM messages "
-                                    "WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall()
+            messages = _messages(self._db, cid)
         return {"id": row[0], "title": row[1], "system": row[2], "settings": json.loads(row[3]),
-                "created": row[4], "updated": row[5], "messages": [_message(*m) for m in msgs]}
+                "created": row[4], "updated": row[5], "messages": messages, "revision": revision(messages)}
 
     def update(self, cid: str, **fields) -> dict:
         sets = {k: (json.dumps(v) if k == "settings" else v) for k, v in fields.items() if v is not None}
@@ -135,7 +140,10 @@ class ChatStore:
                                    cid))
         return self.get(cid)
 
-    def set_messages(self, cid: str, messages: list[dict]) -> dict:
+    def set_messages(self, cid: str, messages: list[dict], base: str | None = None) -> dict:
+        """Replace the messages; with `base` (the `revision` the writer last read) only if they are still
+        those: else Conflict, and nothing is written (two tabs on one conversation each wrote theirs over
+        the other's)."""
         rows = [(cid, i, m["role"], m.get("content") or "", m.get("reasoning_content") or "",
                  json.dumps(m["tool_calls"]) if m.get("tool_calls") else "", m.get("tool_call_id") or "",
                  json.dumps(m["info"]) if m.get("info") else "")
@@ -150,6 +158,9 @@ class ChatStore:
         def write(db):
             self._check_room(db)
             _found(db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid)), cid)
+            if base is not None and revision(_messages(db, cid)) != base:
+                raise Conflict("this conversation's messages were changed elsewhere (another tab?) since they were "
+                               "read; reload it")
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (cid,))
             db.executemany("INSERT INTO messages (conversation_id, position, role, content, reasoning, tool_calls, "
                            "tool_call_id, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -174,6 +185,17 @@ def _found(cursor: sqlite3.Cursor, cid: str) -> None:
     """A statement on one conversation changed it, else NotFound."""
     if cursor.rowcount == 0:
         raise NotFound(f"no conversation {cid!r}")
+
+
+def revision(messages: list[dict]) -> str:
+    """A short fingerprint of a conversation's messages: what a writer read, to check they are unchanged."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _messages(db, cid: str) -> list[dict]:
+    rows = db.execute("SELECT role, content, reasoning, tool_calls, tool_call_id, info FROM messages "
+                      "WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall()
+    return [_message(*m) for m in rows]
 
 
 def _message(role: str, content: str, reasoning: str, tool_calls: str, tool_call_id: str, info: str) -> dict:

@@ -74,7 +74,7 @@ async function apiError(r) {
     $("settings").open = true;
     openSide();
   }
-  return new Error(msg);
+  return Object.assign(new Error(msg), { status: r.status });
 }
 function showError(e, retry) {  // retry: what the Retry button does (none: no button)
   $("error-text").textContent = e.message || String(e);
@@ -209,6 +209,18 @@ function fenced(text, info = "") {  // a code block that holds any text: its fen
 function plain(text) {  // text as Markdown shows it: no emphasis from 2*3*4, no HTML
   return text.replace(/[\\`*_<>#[\]]/g, "\\$&");
 }
+function inert(md) {  // a reply's Markdown with its raw HTML as text, as the page shows it: < escaped outside code
+  let fence = null;
+  return md.split("\n").map((line) => {
+    const f = line.match(/^ {0,3}(`{3,}|~{3,})(.*)$/);
+    if (fence) {  // inside a fenced block: as written, until a fence as long that closes it
+      if (f && f[1][0] === fence[0] && f[1].length >= fence.length && !f[2].trim()) fence = null;
+      return line;
+    }
+    if (f) { fence = f[1]; return line; }
+    return line.replace(/(`+)[^`]*?\1(?!`)|</g, (m) => (m === "<" ? "\\<" : m));  // code spans kept
+  }).join("\n");
+}
 function asMarkdown(c) {  // replies stay Markdown (as the page renders them); reasoning and results are shown as written
   const out = ["# " + plain(c.title), ""];
   if (c.system) out.push("> System: " + plain(c.system), "");
@@ -216,8 +228,9 @@ function asMarkdown(c) {  // replies stay Markdown (as the page renders them); r
     out.push("**" + speaker(m, i, c.messages) + "**", "");
     if (m.reasoning_content) out.push("<details><summary>Thinking</summary>", "", ...fenced(m.reasoning_content, "text"), "", "</details>", "");
     if (m.role === "tool") out.push(...fenced(m.content), "");
-    else if (m.content) out.push(m.content, "");
-    for (const call of m.tool_calls || []) out.push("`" + call.function.name + "(" + call.function.arguments + ")`", "");
+    else if (m.role === "user") out.push(plain(m.content), "");  // the page shows it as written, not as Markdown
+    else if (m.content) out.push(inert(m.content), "");
+    for (const call of m.tool_calls || []) out.push(...fenced(call.function.name + "(" + call.function.arguments + ")"), "");
   });
   return out.join("\n");
 }
@@ -266,12 +279,15 @@ function notes(info) {  // under a reply: stopped or cut off, its length and spe
   const parts = [];
   if (info.stopped) parts.push("stopped");
   if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
-  if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${info.tok_s.toFixed(0)} tokens/s` : ""));
+  if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${fixed(info.tok_s, 0)} tokens/s` : ""));
   return parts.join(" · ");
 }
 function thinkingLabel(m, streaming) {
   if (streaming) return "Thinking…";
-  return m.info && m.info.thought_s !== undefined ? `Thought for ${m.info.thought_s.toFixed(1)} s` : "Thinking";
+  return m.info && m.info.thought_s !== undefined ? `Thought for ${fixed(m.info.thought_s, 1)} s` : "Thinking";
+}
+function fixed(v, digits) {  // a stored note's number (one stored through the API may be text: shown as it is)
+  return Number.isFinite(Number(v)) ? Number(v).toFixed(digits) : String(v);
 }
 function renderMessage(m, index, messages, streaming = false) {  // actions only on finished messages
   const box = el("div", "msg " + m.role);
@@ -283,15 +299,16 @@ function renderMessage(m, index, messages, streaming = false) {  // actions only
     return box;
   }
   if (m.role === "user") {
-    box.append(el("div", "body", m.content));
+    box.append(Object.assign(el("div", "body", m.content), { dir: "auto" }));  // right-to-left text laid out so
     if (actions) who.append(copyButton(() => m.content, "Copy this message"), button("edit", "Edit", () => startEdit(box, index)));
     if (actions && index === messages.length - 1) who.append(button("regenerate", "Answer", regenerate, "Stopped before a reply: ask again"));
     return box;
   }
   const details = el("details", "thinking");
-  details.append(el("summary", "", thinkingLabel(m, streaming)), el("div", "reasoning", m.reasoning_content || ""));
+  details.append(el("summary", "", thinkingLabel(m, streaming)),
+    Object.assign(el("div", "reasoning", m.reasoning_content || ""), { dir: "auto" }));
   details.hidden = !m.reasoning_content;
-  const body = el("div", "body");
+  const body = Object.assign(el("div", "body"), { dir: "auto" });
   body.append(markdown(m.content || ""));
   const calls = el("div", "tool-calls");
   calls.append(...(m.tool_calls || []).map(renderCall));
@@ -337,6 +354,7 @@ function renderList() {
     li.onclick = open;
     const stop = (fn) => (e) => { e.stopPropagation(); fn().catch(showError); };
     const title = button("conv-title", c.title, (e) => { e.stopPropagation(); open(); }, "Open this conversation");
+    title.dir = "auto";
     li.append(title,
               button("act rename", "\u270E", stop(() => rename(c)), "Rename"),
               button("act delete", "\u00D7", stop(() => remove(c)), "Delete"));
@@ -456,18 +474,28 @@ function titleOf(messages) {
 }
 async function store(c) {  // idempotent: the create names its id, the messages replace the stored ones
   if (!c.saved) {
-    await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
-    Object.assign(c, { saved: true, title: titleOf(c.messages) });
+    const created = await api("/api/conversations", "POST", { id: c.id, title: titleOf(c.messages), system: c.system });
+    Object.assign(c, { saved: true, title: titleOf(c.messages), revision: created.revision });
     if (state.conv === c) remember(c);
   }
-  await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages });
+  // base: the messages this tab last read; changed since (another tab), the server refuses with a 409
+  const stored = await api(`/api/conversations/${c.id}/messages`, "PUT", { messages: c.messages, base: c.revision });
+  c.revision = stored.revision;
   await refreshList();
 }
 async function save(c) {
   try {
     await store(c);
   } catch (e) {
-    if (state.conv === c) showError(new Error("Not saved: " + e.message), () => { clearError(); return save(c); });
+    if (state.conv !== c) return;
+    const elsewhere = { 404: "this chat was deleted (in another tab?)", 409: "another tab changed this chat" }[e.status];
+    if (elsewhere) {  // never written over the other tab's turn, never lost: kept as a new chat
+      showError(new Error(`Not saved: ${elsewhere}. Retry keeps this tab's version as a new chat.`), () => {
+        clearError();
+        Object.assign(c, { id: newId(), saved: false, revision: undefined });
+        return save(c);
+      });
+    } else showError(new Error("Not saved: " + e.message), () => { clearError(); return save(c); });
   }
 }
 async function unstore(c, before, wasSaved) {  // a failed turn: the stored conversation as it was (a new one: gone)
@@ -489,7 +517,7 @@ function keepOnLeaving() {  // a reload or a closed tab mid-reply: the reply so 
   const last = c.messages[c.messages.length - 1];
   if (last.role === "assistant") last.info = { ...last.info, stopped: true };
   fetch(`/api/conversations/${c.id}/messages`, { method: "PUT", headers: headers(), keepalive: true,
-    body: JSON.stringify({ messages: c.messages }) }).catch(() => {});
+    body: JSON.stringify({ messages: c.messages, base: c.revision }) }).catch(() => {});
   sessionStorage.setItem("nanoseek.left_mid_reply", c.id);  // a reload may open it before that save lands
 }
 
