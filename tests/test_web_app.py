@@ -197,6 +197,27 @@ def test_a_message_over_the_context_does_not_lock_the_conversation(live, browser
     page.context.close()
 
 
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(live, browser):
+    """A long conversation goes on: the request leaves out as few of the oldest turns as it must (each failed
+    with "over this model's context" however short the new message), and the reply says so."""
+    turns = [{"role": r, "content": f"turn {i}: " + "word " * 120} for i in range(8) for r in ("user", "assistant")]
+    cid = httpx.post(f"{live.url}/api/conversations", json={"title": "long"}, headers=AUTH).json()["id"]
+    httpx.put(f"{live.url}/api/conversations/{cid}/messages", json={"messages": turns}, headers=AUTH)
+    page = open_page(browser, live.url)
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.click("#conversations li:has-text('long')")
+    page.wait_for_selector(".msg.user")
+    ask(page, "What is 2 + 3?")
+    assert page.is_hidden("#error")
+    kept = sent[-1]["messages"]
+    assert kept[0]["role"] == "user" and kept[-1]["content"] == "What is 2 + 3?" and 3 <= len(kept) < len(turns)
+    assert kept[0]["content"].startswith(f"turn {8 - len(kept) // 2}:")  # the newest turns that fit
+    assert "oldest messages left out" in page.inner_text(".msg.assistant >> nth=-1")
+    assert len(stored_once_saved(live.url, cid, len(turns) + 2)) == len(turns) + 2  # nothing dropped from the chat
+    page.context.close()
+
+
 def test_server_down_keeps_the_message_and_retry_saves_it_once(live, browser):
     page = open_page(browser, live.url)
     ask(page, "What is 2 + 3?")

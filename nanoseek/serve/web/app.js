@@ -67,14 +67,14 @@ async function api(path, method = "GET", body, signal) {
   return r.json();
 }
 async function apiError(r) {
-  let msg = r.status + " " + r.statusText;
-  try { msg = (await r.json()).error.message; } catch (_) { /* not JSON */ }
+  let msg = r.status + " " + r.statusText, error = {};
+  try { error = (await r.json()).error; msg = error.message; } catch (_) { /* not JSON */ }
   if (r.status === 401) {  // the server's wording is for API clients (an Authorization header)
     msg = "This server needs its API key (the one `nanoseek serve` was started with): enter it in Settings.";
     $("settings").open = true;
     openSide();
   }
-  return Object.assign(new Error(msg), { status: r.status });
+  return Object.assign(new Error(msg), { status: r.status, code: error.code, param: error.param });
 }
 function showError(e, retry) {  // retry: what the Retry button does (none: no button)
   $("error-text").textContent = e.message || String(e);
@@ -279,6 +279,7 @@ function notes(info) {  // under a reply: stopped or cut off, its length and spe
   const parts = [];
   if (info.stopped) parts.push("stopped");
   if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
+  if (info.left_out) parts.push(`the ${info.left_out} oldest messages left out (past the model's context)`);
   if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${fixed(info.tok_s, 0)} tokens/s` : ""));
   return parts.join(" · ");
 }
@@ -644,8 +645,25 @@ function foldThinking(details, reply, first) {  // -> now; the panel folds and s
   }
   return now;
 }
+async function fitted(c, history, mayCall, signal, reply) {  // the reply's request; past the model's context, without the oldest turns
+  const last = history.findLastIndex((m) => m.role === "user");
+  // where the history may start: at a user message (never inside a turn), from where the last reply's did on
+  const starts = [0, ...history.map((m, i) => i).filter((i) => i > 0 && i <= last && history[i].role === "user")]
+    .filter((i) => i >= ((c.skip || 0) <= last ? c.skip || 0 : 0));
+  for (const [k, skip] of starts.entries()) {
+    const body = JSON.stringify(requestBody({ ...c, messages: history.slice(skip) }, mayCall));
+    const r = await request("/v1/chat/completions", { method: "POST", body, signal });
+    if (r.ok) {
+      c.skip = skip;
+      if (skip) reply.info.left_out = skip;
+      return r;
+    }
+    const e = await apiError(r);  // a refusal before any generation: cheap to try again with less
+    if (!(e.code === "context_length_exceeded" && e.param === "messages" && k < starts.length - 1)) throw e;
+  }
+}
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
-  const body = requestBody(c, mayCall);
+  const body = requestBody(c, mayCall), history = c.messages.slice();
   const reply = { role: "assistant", content: "", reasoning_content: "", info: {} };
   c.messages.push(reply);
   const node = renderMessage(reply, c.messages.length - 1, c.messages, true);
@@ -656,8 +674,7 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
   const calls = [], sent = performance.now();
   let finish = null, usage = null, first = null, answer = null;  // first: the first token's time; answer: the answer's
   try {
-    const r = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
-    if (!r.ok) throw await apiError(r);
+    const r = await fitted(c, history, mayCall, signal, reply);
     for await (const chunk of events(r)) {
       if (chunk.error) throw new Error(chunk.error.message || "the server failed while writing the reply");
       usage = chunk.usage || usage;
