@@ -218,6 +218,43 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(live, brows
     page.context.close()
 
 
+def test_a_failed_turn_the_server_could_not_forget_is_undone_at_the_next_start(live, browser):
+    """The server went away mid-turn: the question was stored, and the page could not take it back; the next
+    time the page starts, the conversation is as it was before the turn (a new one: gone)."""
+    page = open_page(browser, live.url)
+    ask(page, "What is 2 + 3?")
+    cid = page.evaluate("state.conv.id")
+    assert len(stored_once_saved(live.url, cid, 2)) == 2
+    down = []  # from the failed reply on, the server is unreachable
+
+    def reply(route):
+        down.append(True)
+        route.abort()
+
+    page.route("**/v1/chat/completions", reply)
+    page.route("**/api/conversations**", lambda route: route.abort() if down else route.continue_())
+    for text in ("What is 7 + 1?", None):
+        if text is None:  # a new chat whose first turn fails the same way
+            page.keyboard.press("Control+Shift+O")
+            down.clear()
+            text = "What is 9 + 9?"
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    new = page.evaluate("state.conv.id")
+    assert len(stored(live.url, cid)) == 3 and len(stored(live.url, new)) == 1  # the questions the server kept
+    page.unroute_all()
+    page.reload()
+    page.wait_for_selector("#conversations li")
+    deadline = time.time() + 10
+    while (len(stored(live.url, cid)) != 2 or stored(live.url, new)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [m["content"] for m in stored(live.url, cid)][0] == "What is 2 + 3?" and len(stored(live.url, cid)) == 2
+    assert new not in [c["id"] for c in conversations(live.url)]
+    assert page.evaluate("localStorage.getItem('nanoseek.undo')") == "[]"
+    page.context.close()
+
+
 def test_server_down_keeps_the_message_and_retry_saves_it_once(live, browser):
     page = open_page(browser, live.url)
     ask(page, "What is 2 + 3?")

@@ -500,6 +500,7 @@ async function save(c) {
   }
 }
 async function unstore(c, before, wasSaved) {  // a failed turn: the stored conversation as it was (a new one: gone)
+  const asked = c.revision;  // the stored conversation with the failed turn's question
   c.messages = before;
   try {
     if (wasSaved) await store(c);
@@ -509,7 +510,28 @@ async function unstore(c, before, wasSaved) {  // a failed turn: the stored conv
       if (state.conv === c) remember(null);
       await refreshList();
     }
-  } catch (_) { /* the server is gone: the turn was never answered there either */ }
+  } catch (_) {  // the server is gone: the turn was never answered there either, and is undone when the page next starts
+    if (c.saved) undoLater({ id: c.id, revision: asked, keep: before.length, wasSaved });
+  }
+}
+const UNDO = "nanoseek.undo";  // failed turns whose question the server could not be told to forget
+function undoLater(u) {
+  const pending = JSON.parse(localStorage.getItem(UNDO) || "[]").filter((p) => p.id !== u.id);
+  localStorage.setItem(UNDO, JSON.stringify([...pending, u]));
+}
+async function settleUndone() {  // at start: forget those questions, where the conversation is still as the turn left it
+  const left = [];
+  for (const u of JSON.parse(localStorage.getItem(UNDO) || "[]")) {
+    try {
+      const stored = await api("/api/conversations/" + u.id);
+      if (stored.revision !== u.revision) continue;  // changed since (answered, edited): kept as it is
+      if (u.wasSaved) await api(`/api/conversations/${u.id}/messages`, "PUT", { messages: stored.messages.slice(0, u.keep), base: u.revision });
+      else await api("/api/conversations/" + u.id, "DELETE");
+    } catch (e) {
+      if (e.status === undefined || e.status >= 500) left.push(u);  // still unreachable: next time
+    }
+  }
+  localStorage.setItem(UNDO, JSON.stringify(left));
 }
 function keepOnLeaving() {  // a reload or a closed tab mid-reply: the reply so far is stored, stopped
   const c = state.conv;
@@ -766,5 +788,7 @@ applyTheme();
 loadSettings();
 renderConversation();
 loadServer();
-refreshList().catch(showError);
-if (location.hash.length > 1) openConversation(location.hash.slice(1)).catch(() => remember(null));
+settleUndone().catch(() => {}).then(() => {
+  refreshList().catch(showError);
+  if (location.hash.length > 1) openConversation(location.hash.slice(1)).catch(() => remember(null));
+});
