@@ -44,7 +44,7 @@ class Tools:
         opener = tok.encode(fmt.opener)
         vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
         calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener[0])
-        return Tools(fmt, calls, Grammar.compile(vocab, None, banned={opener[0]}))
+        return Tools(fmt, calls, no_calls(tok, fmt))
 
     def prompt(self, tok: DeepSeekTokenizer, convo: list[dict], think: bool) -> list[int]:
         """The prompt with the calculator described, by the template itself or in the system message."""
@@ -55,6 +55,15 @@ class Tools:
             return tok.render_prompt([{**convo[0], "content": convo[0]["content"] + "\n\n" + note}, *convo[1:]],
                                      thinking=think)
         return tok.render_prompt([{"role": "system", "content": note}, *convo], thinking=think)
+
+
+def no_calls(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> Grammar | None:
+    """What a reply that may call no tool follows: the tokens that write calls and tool outputs banned, as
+    the server bans them (a model taught to call the calculator wrote a raw call where none was offered)."""
+    if fmt is None:
+        return None
+    opener = tok.encode(fmt.opener)
+    return Grammar.compile(None, None, banned=tok.tool_ids | ({opener[0]} if len(opener) == 1 else set()))
 
 
 def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
@@ -124,7 +133,7 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
     for round_ in range(MAX_TOOL_ROUNDS + 1):
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         ids = tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
-        grammar = None if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
+        grammar = params.grammar if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
         req = engine.submit(ids, replace(params, grammar=grammar))
         reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
                                          tools.fmt if tools else None)
@@ -150,6 +159,8 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
     calculator if the model's template can write tool calls."""
     messages: list[dict] = []
     offered = Tools.offer(engine, tok) if tools else None
+    # no tools: no raw calls either (unless speculating: drafts are verified without a token ban)
+    plain = None if offered is not None or engine.speculative else no_calls(tok, CallFormat.probe(tok))
     if offered is not None:
         console.print("[dim](the model may use a calculator; --no-tools turns it off)[/]")
     while True:
@@ -193,7 +204,7 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
         messages.append({"role": "user", "content": text})
         try:
             reply(engine, tok, console, messages, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                                                 top_p=top_p), system, think, offered)
+                                                                 top_p=top_p, grammar=plain), system, think, offered)
         except (InvalidRequest, EngineBusy, ChatFormatError) as e:
             del messages[before:]
             console.print(f"[red]{e}[/] (try /reset)")

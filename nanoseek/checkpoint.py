@@ -142,6 +142,14 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return weight.float() * scale
 
 
+def refuse_quantized(path: str | os.PathLike, what: str = "training") -> None:
+    """A CheckpointError if the folder holds `nanoseek quantize` weights, which `what` cannot use."""
+    quant = load_config(path)[1].get("quantization_config") or {}
+    if quant.get("quant_method") == "nanoseek":
+        raise CheckpointError(f"{path} holds int{quant.get('bits')} weights (nanoseek quantize): {what} needs the "
+                              "float model it was quantized from")
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None, quantize: str | int | None = None,
                weight_dtype: torch.dtype | None = None) -> DeepseekForCausalLM:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -40,6 +41,7 @@ Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the on
 Quantize = Literal["int8", "int4"]
 Precision = Literal[PRECISIONS]
 Wording = Literal["canonical", "varied", "held-out"]  # eval.tasks.WORDINGS
+MIN_SPEEDRUN_BUDGET = 30  # seconds
 UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
 
 
@@ -99,11 +101,12 @@ def _options(_version: bool = typer.Option(False, "--version", is_eager=True, ca
 
 
 def _user_error(e: Exception) -> bool:
-    """A bad option, file, data or endpoint (not a bug). A CheckpointError can only come from a
-    loaded checkpoint module, so it is looked up there rather than imported (torch) up front."""
-    checkpoint = sys.modules.get("nanoseek.checkpoint")
-    return isinstance(e, (ValueError, FileNotFoundError, RemoteError)) or (
-        checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
+    """A bad option, file, data or endpoint, or a folder that cannot be written (read-only, a full disk):
+    not a bug. Errors of modules that import torch are looked up where they are loaded, not imported up front."""
+    loaded = [getattr(sys.modules.get(module), name, None) for module, name in (
+        ("nanoseek.checkpoint", "CheckpointError"), ("nanoseek.data.shards", "ShardError"),
+        ("safetensors", "SafetensorError"))]  # (safetensors' errors on write: a read-only or full disk)
+    return isinstance(e, (ValueError, OSError, RemoteError, *(t for t in loaded if t is not None)))
 
 
 @contextmanager
@@ -116,6 +119,9 @@ def _reported(interrupted: str = "") -> Iterator[None]:
             console.print(interrupted)
         raise typer.Exit(130) from None
     except Exception as e:
+        if isinstance(e, RuntimeError) and (asked := re.search(r"allocate (\d+) bytes", str(e))):  # torch's allocator
+            _fail(f"out of memory: {int(asked.group(1)) / 2**30:,.0f} GiB asked for at once, on a machine of "
+                  f"{_memory_bytes() / 2**30:.0f} GiB (check the model's sizes in config.json, or the batch)")
         if not _user_error(e):
             raise
         _fail(str(e))
@@ -248,8 +254,13 @@ def _device(text: str | None) -> str | None:
 
 
 def _out_folder(path: Path) -> Path:
+    """An output folder: not a file, and writable (or, not there yet, creatable): checked before any work."""
     if path.is_file():
         raise typer.BadParameter(f"'{path}' is a file; give a folder")
+    there = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot write to '{there}'" + (" (a file)" if there.is_file() else
+                                                                 " (read-only, or no permission)"))
     return path
 
 
@@ -353,6 +364,14 @@ def _speculative_option():
                                     "--compile about 1.4x faster).")
 
 
+def _memory_bytes() -> float:
+    """This machine's physical memory (unknown: unlimited)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def _shipped_model() -> Path:
     if not (SHIPPED / "config.json").is_file():
         _fail("no chat model is shipped in this installation; pass a model folder or run `nanoseek speedrun --ship`")
@@ -390,22 +409,31 @@ def demo(
     preset: Preset = typer.Option("tiny", help="Model preset to build."),
     tokens: int = typer.Option(16, min=1, help="How many tokens to generate."),
     seed: int = _seed_option("Random seed for the weights and the prompt."),
+    force: bool = typer.Option(False, "--force", help="Replace a model OUT already holds."),
 ):
     """Build a randomly initialised preset, save it, load it back, check the logits survived the
     round trip, and generate a few tokens through the latent KV cache."""
+    if not force and ((out / "config.json").is_file() or any(out.glob("*.safetensors"))):
+        _fail(f"--out: '{out}' already holds a model: choose another folder, or --force to replace it")
     import torch
     from rich.table import Table
 
     from .checkpoint import load_model, save_model
     from .inference import KVCache
     from .inference import generate as generate_ids
-    from .model import build_model, get_preset
+    from .model import DeepseekForCausalLM, build_model, get_preset
 
     torch.manual_seed(seed)
     config = get_preset(preset)
+    with torch.device("meta"):  # the size, without allocating it (the class alone: build_model initialises weights)
+        params = DeepseekForCausalLM(config).num_params()
+    if params * 4 > 0.8 * _memory_bytes():  # fp32 weights: a 671B preset allocated until the machine ran out
+        _fail(f"--preset: '{preset}' has {_count(params)} parameters ({params * 4 / 2**30:.0f} GiB in fp32), more "
+              f"than this machine's memory ({_memory_bytes() / 2**30:.0f} GiB); pick a smaller one")
     t0 = time.perf_counter()
     model = build_model(config).eval()
-    save_model(model, out)
+    with _reported():
+        save_model(model, out)
     loaded = load_model(out)
     prompt = torch.randint(0, config.vocab_size, (1, 8))
     with torch.no_grad():
@@ -515,7 +543,8 @@ def tokenizer_train(
     if not stats.documents:
         _fail(f"--data: no documents in {', '.join(data)}" + (f" ({stats.skipped:,} malformed records skipped)"
                                                                if stats.skipped else ""))
-    tok.save(out)
+    with _reported():
+        tok.save(out)
     console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {_many(stats.documents, 'document')}"
                   + (f", {_many(stats.skipped, 'malformed record')} skipped" if stats.skipped else ""))
     if tok.vocab_size < vocab_size:
@@ -581,10 +610,11 @@ def pretrain(
     import torch
 
     from .train.pretrain import pretrain as run_pretrain
+    from .train.runs import exclusive
 
     if (device or "").startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device: {device} asked for, but torch sees no CUDA device here")
-    with _reported():
+    with _reported(), exclusive(out):
         result = run_pretrain(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device,
                               console=console)
     if result:
@@ -610,8 +640,9 @@ def generate(
     device: Device = _device_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
-    from .chat import stream_reply
+    from .chat import no_calls, stream_reply
     from .inference import ContextOverflow, SamplingParams
+    from .tools import CallFormat
 
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize,
                                device=device)
@@ -623,8 +654,10 @@ def generate(
     temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
     with _reported():
         try:
+            # no tools offered: no raw calls (unless speculating: drafts are verified without a token ban)
+            grammar = None if raw or engine.speculative else no_calls(tok, CallFormat.probe(tok))
             req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                    seed=seed))
+                                                    seed=seed, grammar=grammar))
         except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
             room = e.context - e.prompt_tokens
             _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {max_tokens} exceeds the model's context "
@@ -699,8 +732,9 @@ def sft(
     cfg = SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len, batch_size=batch_size, seed=seed,
                     tool_share=tool_share, no_thinking_share=no_thinking_share)
     from .train.sft import sft as run_sft
+    from .train.runs import exclusive
 
-    with _reported():
+    with _reported(), exclusive(out):
         result = run_sft(model, out, cfg, train, console=console)
     if result:
         console.print(f"[green]done[/]: loss {result.get('loss', float('nan')):.4g}. Model: {out}/model")
@@ -742,8 +776,9 @@ def rl(
     cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
                      temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
     from .train.grpo import rl as run_rl
+    from .train.runs import exclusive
 
-    with _reported():
+    with _reported(), exclusive(out):
         result = run_rl(model, out, cfg, train, console=console)
     if result:
         console.print(f"[green]done[/]: reward {result.get('reward', 0):.3f}, accuracy {result.get('accuracy', 0):.1%}. "
@@ -777,8 +812,9 @@ def distill(
         _fail("--tokenizer: a preset student with a remote teacher needs a tokenizer folder")
     train = _train(DISTILL_TRAIN, max_steps, time_budget, precision=precision, compile=compile)
     from .train.distill import distill as run_distill
+    from .train.runs import exclusive
 
-    with _reported():
+    with _reported(), exclusive(out):
         result = run_distill(teacher, student, out, tasks, traces, tokenizer=str(tokenizer) if tokenizer else None,
                              kl_alpha=kl_alpha, teacher_model=teacher_model, api_key=api_key, train=train,
                              console=console)
@@ -796,7 +832,7 @@ def eval_(
     tasks: str = typer.Option("add,sub,mul,countdown,linear", callback=_families_and_calculator, help="Comma-separated task "
                               "families; 'calculator' scores hard arithmetic with the calculator tool offered and "
                               "not offered (a model folder only)."),
-    n: int = typer.Option(100, min=1, help="Held-out problems per family."),
+    n: int = typer.Option(100, min=1, max=10_000, help="Held-out problems per family."),
     samples: int = typer.Option(1, min=1, help="Samples per problem (k for pass@k and majority vote)."),
     temperature: float = typer.Option(0.0, callback=_within(0, 100), help="0 = greedy (with samples > 1, 0.7 is used)."),
     wording: Wording = typer.Option("canonical",
@@ -898,19 +934,23 @@ def speedrun(
                               "(nanoseek/assets/model), where serve and chat find it by default."),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
-    seed: int = typer.Option(SpeedrunConfig.seed, help="Seeds every stage's data and initialisation; the report "
-                             "card states it. A folder resumes only with the seed it was started with."),
+    seed: int = typer.Option(SpeedrunConfig.seed, min=0, help="Seeds every stage's data and initialisation; the "
+                             "report card states it. A folder resumes only with the seed and preset it was started with."),
 ):
     """Tokenizer -> pretraining -> SFT -> GRPO -> distillation -> evaluation -> report card, on this machine.
 
     Every stage is a run folder under OUT; the same stages are the commands pretrain, sft, rl,
     distill and eval, which run at any scale on your own data."""
-    if budget == 0:
-        _fail("--budget: give a time for the pipeline, e.g. 30m")
+    if budget < MIN_SPEEDRUN_BUDGET:  # (a budget of 1s was taken, and run past for minutes)
+        _fail(f"--budget: give the pipeline at least {MIN_SPEEDRUN_BUDGET:.0f}s, e.g. 30m (what it was made for)")
+    if budget < 10 * 60:
+        console.print("[yellow]note[/]: under 10 minutes the stages' fixed work (tokenizing, evaluating, the report) "
+                      "takes longer than their shares: the run will overrun --budget")
     from .speedrun import ship as ship_model
     from .speedrun import speedrun as run_speedrun
+    from .train.runs import exclusive
 
-    with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"):
+    with _reported(interrupted="[yellow]interrupted[/]: rerun the same command to continue"), exclusive(out):
         run_speedrun(out, SpeedrunConfig(budget=budget, preset=preset, rl_tasks=rl_tasks or None, precision=precision,
                                          compile=compile, seed=seed), console=console)
     if ship:
@@ -1040,6 +1080,8 @@ def quantize(
         _fail(f"OUT: '{out}' already holds a model: choose another folder, or --force to replace it")
     import shutil
 
+    from safetensors import SafetensorError
+
     from .checkpoint import load_model, save_model
     from .serve.chats import EXAMPLES_FILE
 
@@ -1053,8 +1095,8 @@ def quantize(
                          EXAMPLES_FILE):  # (the web app's examples: the same model answers them)
                 if (model / name).is_file():
                     shutil.copy(model / name, out / name)
-        except OSError as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
-            _fail(f"OUT: cannot write '{out}': {e.strerror or e}")
+        except (OSError, SafetensorError) as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
+            _fail(f"OUT: cannot write '{out}': {getattr(e, 'strerror', None) or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     weights = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"  # (a small model said 0.00 GB)
     console.print(f"[green]wrote[/] {out} (int{bits}, {weights} of weights) in {time.perf_counter() - t0:.0f} s")

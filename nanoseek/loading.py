@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .checkpoint import inference_dtypes, load_model
+from .checkpoint import CheckpointError, inference_dtypes, load_config, load_model
 from .machine import decide_decode_compile, use_disk_cache
 from .model.moe import MoE
 from .inference import Engine, SamplingParams
@@ -44,10 +44,14 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
         raise FileNotFoundError(f"{model_dir}: no such folder")
     console = console or Console()
     device = pick_device(device)
+    tok = DeepSeekTokenizer.load(model_dir)
+    rows = load_config(model_dir)[0].vocab_size
+    if tok.vocab_size > rows:  # every reply would fail (token ids past the embedding), or the server answer 500s
+        raise CheckpointError(f"{model_dir}: its tokenizer has {tok.vocab_size} tokens, more than the model's "
+                              f"{rows}: they do not belong together")
     chosen, weight_dtype = (dtype, None) if dtype else inference_dtypes(model_dir, quantize, device=device)
     model = load_model(model_dir, dtype=chosen, quantize=quantize, weight_dtype=weight_dtype, device=device)
     prepare_kernels(model)
-    tok = DeepSeekTokenizer.load(model_dir)
     if speculative and not model.mtp_layers:
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False

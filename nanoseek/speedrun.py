@@ -59,11 +59,14 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
     cfg, console = cfg or SpeedrunConfig(), console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "speedrun.json"  # the seed the folder's stages were started with
-    if settings_file.exists() and json.loads(settings_file.read_text())["seed"] != cfg.seed:
-        raise ConfigError(f"{out} was started with seed {json.loads(settings_file.read_text())['seed']}: resume it "
-                          f"with that seed, or use a new folder for seed {cfg.seed}")
-    atomic_write(settings_file, json.dumps({"seed": cfg.seed}))
+    settings_file = out / "speedrun.json"  # the seed and preset the folder's stages were started with
+    settings = {"seed": cfg.seed, "preset": cfg.preset}
+    started = json.loads(settings_file.read_text()) if settings_file.exists() else settings
+    for key, value in settings.items():  # (a folder from before presets were recorded has no preset: any resumes)
+        if started.get(key, value) != value:
+            raise ConfigError(f"{out} was started with {key} {started[key]}: resume it with that {key}, or use a new "
+                              f"folder for {key} {value}")
+    atomic_write(settings_file, json.dumps(settings))
     timing_file = out / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     t_start = time.perf_counter() - sum(timings.values())

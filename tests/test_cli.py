@@ -412,6 +412,11 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["quantize", str(missing), str(out)], "MODEL", "does not exist"),
         (["quantize", m, str(out), "--bits", "3"], "--bits", "'3'"),
         (["quantize", m, m], "OUT", "MODEL"),
+        (["speedrun", *o, "--budget", "1s"], "--budget", "at least 30s"),
+        (["speedrun", *o, "--seed", "-1"], "--seed", ""),
+        (["eval", "--model", m, "--n", "100000000"], "--n", ""),
+        (["demo", "--out", m], "--out", "already holds a model"),
+        (["pretrain", "--out", str(model / "config.json" / "run"), "--max-steps", "1"], "--out", "cannot write"),
     ]
     results, loaded = _in_a_fresh_process([args for args, _, _ in cases])
     for (args, flag, text), (code, output) in zip(cases, results):
@@ -440,3 +445,43 @@ def test_served_models_are_named_by_their_folder_or_their_run():
 
     assert _served_names([Path("q8"), Path("runs/sft/model"), SHIPPED], []) == ["q8", "sft", "nanoseek"]
     assert _served_names([Path("q8"), SHIPPED], ["mine"]) == ["mine", "nanoseek"]
+
+
+def test_folders_that_cannot_work_are_refused_in_one_line_before_the_work(tmp_path):
+    """Training a quantized folder (it crashed mid-run, or after minutes of rollouts), a tokenizer larger than the
+    model (every reply failed, the server answered 500s), a run folder another command holds (both wrote into
+    it), an empty corpus and an eval asking more problems than exist (a minute of silence, or a hang)."""
+    from nanoseek.train.runs import exclusive
+
+    model = _chat_model(tmp_path)
+    assert runner.invoke(app, ["quantize", str(model), str(tmp_path / "q8")]).exit_code == 0
+    out = ["--out", str(tmp_path / "run"), "--max-steps", "1"]
+    for args in (["sft", "--model", str(tmp_path / "q8")], ["rl", "--model", str(tmp_path / "q8")],
+                 ["distill", "--teacher", str(model), "--student", str(tmp_path / "q8"), "--traces", "2"]):
+        r = runner.invoke(app, [*args, *out])
+        assert r.exit_code == 2 and "int8 weights" in r.output and r.output.count("\n") <= 2, (args, r.output)
+    small = tmp_path / "small"
+    assert runner.invoke(app, ["demo", "--out", str(small)]).exit_code == 0
+    from nanoseek.cli import SHIPPED
+
+    DeepSeekTokenizer.load(SHIPPED).save(small)  # 2K tokens beside the demo model's 512 rows
+    r = runner.invoke(app, ["generate", "--model", str(small), "--prompt", "hi"])
+    assert r.exit_code == 2 and "do not belong together" in r.output, r.output
+    with exclusive(tmp_path / "held"):
+        r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "held")])
+        assert r.exit_code == 2 and "in use by another nanoseek command (process" in r.output, r.output
+    (tmp_path / "empty.txt").write_text("")
+    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--max-steps", "1", "--data", str(tmp_path / "empty.txt"),
+                            "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "error: " in r.output and "empty.txt: no documents" in r.output, r.output
+    r = runner.invoke(app, ["eval", "--model", str(model), "--tasks", "linear", "--n", "5000"])
+    assert r.exit_code == 2 and "distinct held-out problems exist (asked for 5000)" in r.output, r.output
+
+
+def test_terminal_replies_without_tools_write_no_raw_calls():
+    """Asked a big product with no tools offered, the shipped model (taught to call its calculator) wrote the
+    call's control tokens into generate's and chat --no-tools' answers; they are banned, as the server bans them."""
+    r = runner.invoke(app, ["generate", "--prompt", "what is 4821 times 37?", "--temperature", "0"])
+    assert r.exit_code == 0 and "Answer:" in r.output and "tool▁" not in r.output, r.output
+    r = runner.invoke(app, ["chat", "--no-tools", "--temperature", "0"], input="what is 4821 times 37?\n")
+    assert r.exit_code == 0 and "tool▁" not in r.output, r.output

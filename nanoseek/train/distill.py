@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, refuse_quantized, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
 from ..files import atomic_write, drop_torn_tail, read_jsonl, staged_dir
@@ -136,6 +136,10 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     trace_seconds bounds the time spent collecting traces (the speedrun's share for them)."""
     console = console or Console()
     out = Path(out)
+    if kl_alpha > 0 and (Path(teacher) / "config.json").is_file():  # (a quantized teacher may write the traces)
+        refuse_quantized(teacher, "logit distillation (--kl-alpha)")
+    if (Path(student) / "config.json").is_file():
+        refuse_quantized(student, "the student")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"distill": {"teacher": teacher, "student": student, "tasks": sorted(tasks), "traces": n_traces,
                             "tokenizer": tokenizer, "kl_alpha": kl_alpha, "kl_temperature": kl_temperature,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, refuse_quantized
 from ..data.tasks import token_budget
 from ..data.tasks.rewards import accuracy_reward, format_reward, reward
 from ..data.tool_use import Calculator, rl_task
@@ -290,6 +290,7 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
     with D.process_group(device) as info:
         if info.active:
             raise ConfigError("nanoseek rl runs in one process (rollouts and updates share the model)")
+        refuse_quantized(model_dir)
         tok = DeepSeekTokenizer.load(model_dir)
         torch.manual_seed(train.seed)
         model = load_model(model_dir, dtype=torch.float32, device=info.device)

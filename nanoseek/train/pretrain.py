@@ -100,7 +100,7 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
                 _tokenize(split, out, sources, tok, cfg, console)
             except ShardError:
                 if split == "train":
-                    raise
+                    raise ShardError(f"{', '.join(map(str, sources))}: no documents to train on") from None
                 console.print(f"[yellow]{sources[0]}: too few documents to hold any out[/] (every 50th is held "
                               "out): no held-out loss for it")
                 if stamp is not None:

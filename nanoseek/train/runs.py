@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no advisory locks; runs are not guarded there)
+    fcntl = None
 
 import numpy as np
 import torch
@@ -61,6 +69,30 @@ def _files(value):
     if isinstance(value, list):
         return [_files(v) for v in value]
     return str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).is_file() else value
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold the run folder for this command: a second command on it is refused (two runs on one folder
+    wrote each other's steps, shards and checkpoints). An advisory lock on folder/.lock, released when the
+    process ends however it ends; taken by the first process of a distributed run only."""
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"'{folder}' is in use by another nanoseek command ({holder}): wait for it to end, or "
+                             "use another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        yield
 
 
 def run_stage(trainer: Trainer) -> dict[str, float]:

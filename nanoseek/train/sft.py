@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_config, load_model
+from ..checkpoint import load_config, load_model, refuse_quantized
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
@@ -124,6 +124,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
     objective: default next-token (+ MTP) loss on assistant tokens; distillation passes its own."""
     cfg, train = cfg or SFTConfig(), train or SFT_TRAIN
     console = console or Console()
+    refuse_quantized(model_dir)
     context = load_config(model_dir)[0].max_position_embeddings
     if cfg.seq_len > context:  # (refused before the conversations are read: a huge one packed for minutes)
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} tokens, "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .phrasing import Phrasing
 
 TEST_FRACTION = 0.05  # share of problem contents held out for evaluation
+HELDOUT_PATIENCE = 2000  # draws in a row without a new held-out problem before `heldout` says the pool is spent
 
 
 @dataclass(frozen=True)
@@ -101,16 +102,18 @@ class Task:
     def heldout(self, n: int, seed: int = 1234, canonical: bool = True, templates: str = "train") -> list[Problem]:
         """n distinct held-out problems, the same for every caller with the same seed, worded
         canonically or from the trained (`templates="train"`) or held-out ("test") templates."""
-        rng, seen, out = random.Random(seed), set(), []
-        for _ in range(n * 1000):
+        rng, seen, out, misses = random.Random(seed), set(), [], 0
+        while misses < HELDOUT_PATIENCE:  # this many draws in a row found nothing new: the pool is spent
             p = self.sample(rng, "test", canonical=canonical, templates=templates)
             k = self.key(p.data)
+            misses += 1
             if k not in seen:
                 seen.add(k)
                 out.append(p)
+                misses = 0
                 if len(out) == n:
                     return out
-        raise ValueError(f"{self.name}: fewer than {n} distinct held-out problems exist")
+        raise ValueError(f"{self.name}: only {len(out)} distinct held-out problems exist (asked for {n})")
 
 
 _INT = re.compile(r"^[^\d-]*(-?\s*[\d,]+)\D*$")
