@@ -142,6 +142,8 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
         if not calls or not complete or req.finish_reason != "stop":  # no calls, or cut short: the turn ends
             if calls:
                 console.print("[yellow](the reply ended inside a tool call)[/]")
+            elif req.finish_reason == "length":
+                console.print(f"[yellow](cut off at {params.max_new_tokens} tokens: --max-tokens)[/]")
             messages.append(message)
             return
         messages.append({**message, "content": content or None, "tool_calls": calls})
@@ -186,6 +188,12 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
             elif cmd == "/system":
                 system = arg.strip()
                 console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
+            elif cmd == "/help":
+                console.print(f"[dim]/reset new conversation · /system TEXT system prompt · /temp T temperature (now "
+                              f"{temperature}) · /exit (or Ctrl-D) · a line ending in \\ continues on the next · a "
+                              "message starting with / is typed //...[/]")
+            elif cmd == "/temp" and not arg.strip():
+                console.print(f"[dim](temperature {temperature}; /temp T sets it)[/]")
             elif cmd == "/temp":
                 try:
                     value = float(arg)
@@ -197,8 +205,8 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
                 else:
                     console.print("[red]usage: /temp T, with T from 0 to 100 (e.g. /temp 0.7)[/]")
             else:
-                console.print(f"[red]unknown command {cmd}[/] (/reset /system /temp /exit; a message starting with / "
-                              "is typed //...)")
+                console.print(f"[red]unknown command {cmd}[/] (/help /reset /system /temp /exit; a message starting "
+                              "with / is typed //...)")
             continue
         before = len(messages)
         messages.append({"role": "user", "content": text})

@@ -129,8 +129,8 @@ def _reported(interrupted: str = "") -> Iterator[None]:
 
 # ---- option values: each is checked while parsing, and a bad one names its option ----
 def _names(text: str) -> list[str]:
-    """A comma-separated list: 'add, sub,' -> ['add', 'sub']."""
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """A comma-separated list, each name once: 'add, sub,add' -> ['add', 'sub']."""
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
 
 
 def _known(names: list[str], known: list[str]) -> list[str]:

@@ -213,7 +213,7 @@ def test_chat_commands_and_multiline_input(tmp_path):
     """Greedy from the start: whether a random model reasons first must not depend on a draw."""
     model = _chat_model(tmp_path)
     script = ("hello \\\nthere\n/temp -1\n/temp nan\n/temp 0\n/system Be brief.\nWhat is 2+2?\n/bogus\n/exit now\n"
-              "//2 + 3\n/reset\n/exit\n")
+              "//2 + 3\n/reset\n/temp\n/help\n/exit\n")
     r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "8", "--temperature", "0"], input=script)
     assert r.exit_code == 0, r.output
     out = r.output
@@ -221,6 +221,8 @@ def test_chat_commands_and_multiline_input(tmp_path):
     assert "(new conversation)" in out and out.count("Thinking") == 3  # "//2 + 3" was sent as "/2 + 3"
     assert "/exit takes nothing after it" in out
     assert out.count("usage: /temp T") == 2 and "temperature -1" not in out and "temperature nan" not in out
+    assert "(temperature 0.0; /temp T sets it)" in out and "/system TEXT system prompt" in out  # /temp alone, /help
+    assert "cut off at 8 tokens" in out  # a reply that ran out of --max-tokens says so
 
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
