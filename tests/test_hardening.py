@@ -411,9 +411,9 @@ def test_deleting_conversations_makes_room_again(tmp_path):
 class SlowStore(ChatStore):
     """A store whose writes take three seconds (a big write on a slow disk)."""
 
-    def set_messages(self, cid, messages):
+    def set_messages(self, cid, messages, base=None):
         time.sleep(3.0)
-        return super().set_messages(cid, messages)
+        return super().set_messages(cid, messages, base)
 
 
 def test_store_routes_answer_quotas_and_never_block_the_event_loop(parts, tmp_path):
