@@ -244,7 +244,7 @@ def completion(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tri
     few that leads to a state not met before on the way (told apart by what each allows next), else the
     first. Without that, a pattern such as an e-mail address looped on its first allowed character
     (`0000...`) and never reached its `@`. With tries > 1 the first free step tries that many
-    candidates and keeps the shortest completion."""
+    candidates, and the one that leads somewhere new, and keeps the shortest completion."""
     m, path = matcher.deep_copy(), []
     here = _state(m)
     seen, stuck, checks = {here}, set(), 0  # states met on the way; states whose next SCAN tokens lead nowhere new
@@ -269,8 +269,8 @@ def completion(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tri
                 firsts = allowed[:tries] + ([new] if new is not None and new not in allowed[:tries] else [])
                 options = [[t] + rest for t in firsts if (rest := _rest_after(m, vocab, t)) is not None]
                 return min((path + o for o in options), key=len, default=None)
-            step = [next((t for t in allowed[:LOOKAHEAD] if _rest_after(m, vocab, t, depth=0) == []), None)
-                    or new or allowed[0]]
+            done = next((t for t in allowed[:LOOKAHEAD] if _rest_after(m, vocab, t, depth=0) == []), None)
+            step = [done if done is not None else new if new is not None else allowed[0]]  # (token 0 is a token)
         m.consume_tokens(step)
         here = _state(m)
         seen.add(here)
