@@ -84,9 +84,9 @@ def bounded_numbers(node):
         return node
     out = {k: v if k in VALUES else bounded_numbers(v) for k, v in node.items()}
     kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
-    beyond = [b for b in BOUNDS[:4] if isinstance(node.get(b), (int, float)) and abs(node[b]) > INT64_MAX]
+    beyond = [b for b in BOUNDS[:4] if isinstance(node.get(b), (int, float)) and not -INT64_MAX - 1 <= node[b] <= INT64_MAX]
     if "integer" in kinds and beyond:  # llguidance narrows a range with both ends past int64 and breaks it
-        raise GrammarError(f"an integer's {beyond[0]} ({node[beyond[0]]}) is beyond what 64 bits hold (+-{INT64_MAX})")
+        raise GrammarError(f"an integer's {beyond[0]} ({node[beyond[0]]}) is beyond what 64 bits hold ({-INT64_MAX - 1} to {INT64_MAX})")
     if ("integer" in kinds or "number" in kinds) and not any(b in node for b in BOUNDS):
         out.update(minimum=-SAFE_INTEGER, maximum=SAFE_INTEGER)
     if "number" in kinds and not any(b in node for b in ("enum", "const", "multipleOf")):
@@ -124,11 +124,16 @@ class Grammar:
         return Grammar(matcher, vocab, trigger, frozenset(banned), required, banned_after)
 
     @cached_property
-    def entry_cost(self) -> int:
-        """Tokens from the trigger to a complete grammar, the short way (the trigger included)."""
+    def entry_path(self) -> tuple[int, ...]:
+        """The tokens after the trigger to a complete grammar, the short way."""
         m = self.matcher.deep_copy()
         m.consume_token(self.trigger)
-        return 1 + len(completion(m, self.vocab, tries=len(CLOSERS)) or [])
+        return tuple(completion(m, self.vocab, tries=len(CLOSERS)) or ())
+
+    @property
+    def entry_cost(self) -> int:
+        """Tokens from the trigger to a complete grammar, the short way (the trigger included)."""
+        return 1 + len(self.entry_path)
 
     def start(self) -> "GrammarState":
         return GrammarState(self)
@@ -143,7 +148,8 @@ class GrammarState:
         self.active = grammar.trigger is None and self.matcher is not None
         self.after = False  # grammar.banned_after's token has been generated
         self.cut_short = False  # closing() ended the output early: the budget ran out, not the reply
-        self.plan: list[int] = []  # the rest of the completion closing() follows once it has begun it
+        self.plan: list[int] = []  # the completion closing() last found from here (see closing)
+        self.costly = False  # a completion here took the costly search: closing follows its plan
 
     def allowed(self, n_vocab: int, device=None) -> torch.Tensor | None:
         """A bool mask [n_vocab] of the tokens allowed next, or None when every token is."""
@@ -179,32 +185,39 @@ class GrammarState:
 
     def closing(self, budget: int, proposed: int) -> int:
         """The token to emit with `budget` tokens left, given the sampled one: `proposed` if a
-        completion of the grammar still fits in the budget after it, else the first token of the
-        shortest completion found from here (so the output parses when the budget runs out)."""
+        completion of the grammar still fits in the budget after it, else the next token of the
+        shortest completion found (so the output parses when the budget runs out). The completion
+        last found is kept (`plan`): a later search, a heuristic, may find only a longer way, and then
+        the kept one is followed; one that took the costly search is followed to the end."""
         g = self.grammar
         if budget > CLOSE_WITHIN or self.matcher is None or self.matcher.is_stopped():
             return proposed
-        if self.plan:  # closing already: the rest of the completion found then
-            token = self.plan.pop(0)
-            if self.matcher.validate_tokens([token]) == 1:  # (still where it was found)
-                self.cut_short |= token != proposed
-                return token
-            self.plan = []
         if not self.active:  # a required grammar not entered yet: enter it while it still fits
             if g.required and proposed != g.trigger and g.entry_cost >= budget:
-                self.cut_short = True
+                self.cut_short, self.plan = True, list(g.entry_path)
                 return g.trigger
             return proposed
-        after = self.matcher.deep_copy()
-        if after.consume_token(proposed) and (rest := completion(after, g.vocab)) is not None \
-                and len(rest) < budget:
+        if self.plan and self.matcher.validate_tokens(self.plan[:1]) != 1:
+            self.plan = []  # (not where it was found)
+        if self.costly and self.plan and len(self.plan) < budget and _state_after(self.matcher, proposed) == _state(self.matcher):
+            return proposed  # a token that leaves the matcher where it was (`0` in an e-mail's name): the same way out
+        if not (self.costly and self.plan):
+            after = self.matcher.deep_copy()
+            if after.consume_token(proposed):
+                rest, costly = _search(after, g.vocab, 1)
+                self.costly |= costly
+                if rest is not None and len(rest) < budget:
+                    self.plan = rest
+                    return proposed
+            path, costly = _search(self.matcher, g.vocab, len(CLOSERS))
+            self.costly |= costly
+            if path and (not self.plan or len(path) <= len(self.plan)):
+                self.plan = path
+        if not self.plan:
             return proposed
-        path = completion(self.matcher, g.vocab, tries=len(CLOSERS))
-        if not path:
-            return proposed
-        self.cut_short |= path[0] != proposed
-        self.plan = path[1:]
-        return path[0]
+        token = self.plan.pop(0)
+        self.cut_short |= token != proposed
+        return token
 
     @property
     def finished(self) -> bool:
@@ -240,24 +253,36 @@ MAX_CHECKS = 128  # such checks in one completion at most (each computes a mask:
 def completion(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tries: int = 1) -> list[int] | None:
     """A short sequence of tokens that takes `matcher` to an accepting state, or None if none is
     found within CLOSE_WITHIN tokens: forced tokens where the grammar forces them, else of the first
-    few allowed in `closing_order` one that completes the grammar at once, else the first of the next
-    few that leads to a state not met before on the way (told apart by what each allows next), else the
-    first. Without that, a pattern such as an e-mail address looped on its first allowed character
-    (`0000...`) and never reached its `@`. With tries > 1 the first free step tries that many
-    candidates, and the one that leads somewhere new, and keeps the shortest completion."""
+    few allowed in `closing_order` one that completes the grammar at once, or the first. With
+    tries > 1 the first free step tries that many candidates, and the one that leads somewhere new
+    (below), and keeps the shortest completion. Where that finds none, the search is made again preferring, at each step, a token that leads to a
+    state not met before on the way (told apart by what each allows next): a pattern such as an e-mail
+    address looped on its first allowed character (`0000...`) and never reached its `@`. (Preferred
+    always, it filled arrays and took detours through strings whose masks repeat.)"""
+    return _search(matcher, vocab, tries)[0]
+
+
+def _search(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tries: int) -> tuple[list[int] | None, bool]:
+    """`completion`, and whether it took the second search (the one preferring new states)."""
+    path = _complete(matcher, vocab, tries, novel=False)
+    return (path, False) if path is not None else (_complete(matcher, vocab, tries, novel=True), True)
+
+
+def _complete(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tries: int, novel: bool) -> list[int] | None:
     m, path = matcher.deep_copy(), []
-    here = _state(m)
+    scan = novel or tries > 1  # (the first free step of a search with tries: its candidates include the new way)
+    here = _state(m) if scan else b""
     seen, stuck, checks = {here}, set(), 0  # states met on the way; states whose next SCAN tokens lead nowhere new
     while not m.is_accepting():
         if len(path) >= CLOSE_WITHIN or m.is_error():
             return None
         step = m.compute_ff_tokens()
         if not step:
-            allowed = _allowed_in_order(m, vocab)[:SCAN].tolist()
+            allowed = _allowed_in_order(m, vocab)[:SCAN if scan else LOOKAHEAD].tolist()
             if not allowed:
                 return None
             new = None
-            if here not in stuck and checks < MAX_CHECKS:
+            if scan and here not in stuck and checks < MAX_CHECKS:
                 for new in allowed:
                     checks += 1
                     if _state_after(m, new) not in seen:
@@ -272,8 +297,9 @@ def completion(matcher: llguidance.LLMatcher, vocab: llguidance.LLTokenizer, tri
             done = next((t for t in allowed[:LOOKAHEAD] if _rest_after(m, vocab, t, depth=0) == []), None)
             step = [done if done is not None else new if new is not None else allowed[0]]  # (token 0 is a token)
         m.consume_tokens(step)
-        here = _state(m)
-        seen.add(here)
+        if scan:
+            here = _state(m)
+            seen.add(here)
         path += step
     return path
 
