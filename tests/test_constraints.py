@@ -134,6 +134,10 @@ def test_a_number_without_bounds_ends_within_what_json_readers_keep(setup, kind)
                                       "multipleOf": NUMBER_STEP}
     assert got["properties"]["f"]["multipleOf"] == 0.5 and "multipleOf" not in got["properties"]["a"]
     assert got["default"] == {"type": "integer"} and "maximum" not in own["properties"]["a"]  # not changed in place
+    long = {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}  # a Java long, an i64: the whole range
+    assert bounded_numbers(long) == long
+    with pytest.raises(GrammarError, match="64 bits"):
+        bounded_numbers({"type": "integer", "maximum": 2**63})
 
 
 def test_budget_too_small_ends_with_length(setup):
