@@ -82,6 +82,7 @@ def ask(text="What is 12 + 7?"):
 
 def test_models_and_health(client, server):
     assert "nanoseek-test" in [m.id for m in client.models.list().data]
+    assert client.models.retrieve("deepseek-chat").model_extra["max_model_len"] == 256  # the context (vLLM's field)
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 

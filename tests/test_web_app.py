@@ -203,7 +203,7 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(live, brows
     turns = [{"role": r, "content": f"turn {i}: " + "word " * 120} for i in range(8) for r in ("user", "assistant")]
     cid = httpx.post(f"{live.url}/api/conversations", json={"title": "long"}, headers=AUTH).json()["id"]
     httpx.put(f"{live.url}/api/conversations/{cid}/messages", json={"messages": turns}, headers=AUTH)
-    page = open_page(browser, live.url)
+    page = open_page(browser, live.url, settings={"max_tokens": ""})  # Max tokens unset: the server's default
     sent = []
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
     page.click("#conversations li:has-text('long')")
@@ -214,6 +214,7 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(live, brows
     assert kept[0]["role"] == "user" and kept[-1]["content"] == "What is 2 + 3?" and 3 <= len(kept) < len(turns)
     assert kept[0]["content"].startswith(f"turn {8 - len(kept) // 2}:")  # the newest turns that fit
     assert "oldest messages left out" in page.inner_text(".msg.assistant >> nth=-1")
+    assert sent[-1]["max_tokens"] == CONTEXT // 4  # room left for the reply (it was cut off at once)
     assert len(stored_once_saved(live.url, cid, len(turns) + 2)) == len(turns) + 2  # nothing dropped from the chat
     page.context.close()
 

@@ -225,6 +225,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     def card(model: str) -> dict:  # DeepSeek's names are aliases of the first model: `parent` says so
         return {"id": model, "object": "model", "created": started, "owned_by": "nanoseek",
+                "max_model_len": models.pick(model)[0].engine.max_len,  # its context, in tokens (vLLM's field)
                 **({"parent": name} if model in ALIASES else {})}
 
     @api.get("/v1/models")

@@ -12,7 +12,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], examples: null, retry: null,
+const state = { list: [], conv: null, abort: null, busy: false, tools: [], models: [], contexts: {}, examples: null, retry: null,
   leaving: false };
 const SETTINGS = ["temperature", "top_p", "max_tokens", "thinking", "tools", "remember_key", "api_key"];
 const MAX_TOOL_ROUNDS = 4;
@@ -369,6 +369,7 @@ function renderList() {
 async function loadServer() {  // what the server serves: models (a picker when several), then the chosen one's
   const models = await api("/v1/models").catch(() => ({ data: [] }));
   state.models = models.data.filter((m) => !m.parent).map((m) => m.id);
+  state.contexts = Object.fromEntries(models.data.map((m) => [m.id, m.max_model_len]));
   const picker = $("model");
   picker.replaceChildren(...state.models.map((id) => el("option", "", id)));
   picker.value = localStorage.getItem("nanoseek.model");
@@ -672,16 +673,23 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
   // where the history may start: at a user message (never inside a turn), from where the last reply's did on
   const starts = [0, ...history.map((m, i) => i).filter((i) => i > 0 && i <= last && history[i].role === "user")]
     .filter((i) => i >= ((c.skip || 0) <= last ? c.skip || 0 : 0));
+  // once turns are left out, as many more as leave the reply room (else it was cut off at once): a quarter of
+  // the model's context, at most 1024 tokens, unless Max tokens is set
+  const context = state.contexts[chosenModel() || state.models[0]] || 2048;
+  let room = starts[0] > 0 ? Math.min(1024, Math.floor(context / 4)) : undefined;
   for (const [k, skip] of starts.entries()) {
-    const body = JSON.stringify(requestBody({ ...c, messages: history.slice(skip) }, mayCall));
-    const r = await request("/v1/chat/completions", { method: "POST", body, signal });
+    const body = requestBody({ ...c, messages: history.slice(skip) }, mayCall);
+    if (skip && body.max_tokens === undefined) body.max_tokens = room;
+    const r = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
     if (r.ok) {
       c.skip = skip;
       if (skip) reply.info.left_out = skip;
       return r;
     }
     const e = await apiError(r);  // a refusal before any generation: cheap to try again with less
-    if (!(e.code === "context_length_exceeded" && e.param === "messages" && k < starts.length - 1)) throw e;
+    const full = e.code === "context_length_exceeded" && (e.param === "messages" || (room && e.param === "max_tokens"));
+    if (!full || k === starts.length - 1) throw e;
+    room = Math.min(1024, Math.floor(context / 4));
   }
 }
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
