@@ -205,6 +205,8 @@ def _is_url(text: str) -> bool:
 
 
 def _model_or_url(text: str) -> str:
+    if "://" in text and not _is_url(text):  # (a path would have read ftp://x as ftp:/x)
+        raise typer.BadParameter(f"{text!r}: a model folder, or an http(s):// address of an OpenAI-compatible server")
     return text if _is_url(text) else str(_model_folder(Path(text)))
 
 
@@ -467,12 +469,13 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
     import torch
     from rich.table import Table
 
-    from .checkpoint import inference_dtypes, load_config
+    from .checkpoint import inference_dtypes, load_config, shard_map
     from .inference import KVCache
     from .model import DeepseekForCausalLM
 
     with _reported():
         config, raw = load_config(model)
+        shard_map(model)  # the weights are there and their headers read (a folder without them said nothing)
     with torch.device("meta"):
         m = DeepseekForCausalLM(config)
     table = Table(title=str(model), show_header=False)
@@ -870,7 +873,8 @@ def eval_(
             if out.exists() and not os.access(out, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as e:
-            _fail(f"--out: cannot write '{out}': {e.strerror or e}")
+            under = next((p for p in out.parents if p.is_file()), None)  # (mkdir says "File exists" under a file)
+            _fail(f"--out: cannot write '{out}': " + (f"'{under}' is a file" if under else e.strerror or str(e)))
     import json
 
     from .eval.tasks import evaluate_family, evaluate_remote, markdown_table, sampling_temperature

@@ -418,6 +418,9 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["speedrun", *o, "--seed", "-1"], "--seed", ""),
         (["eval", "--model", m, "--n", "100000000"], "--n", ""),
         (["demo", "--out", m], "--out", "already holds a model"),
+        (["eval", "--model", "ftp://host/v1"], "--model", "http(s)://"),
+        (["eval", "--model", m, "--out", str(model / "config.json" / "r.json")], "--out", "config.json' is a file"),
+        (["info", str(missing)], "MODEL", "does not exist"),
         (["pretrain", "--out", str(model / "config.json" / "run"), "--max-steps", "1"], "--out", "cannot write"),
     ]
     results, loaded = _in_a_fresh_process([args for args, _, _ in cases])
@@ -478,6 +481,10 @@ def test_folders_that_cannot_work_are_refused_in_one_line_before_the_work(tmp_pa
     assert r.exit_code == 2 and "error: " in r.output and "empty.txt: no documents" in r.output, r.output
     r = runner.invoke(app, ["eval", "--model", str(model), "--tasks", "linear", "--n", "5000"])
     assert r.exit_code == 2 and "distinct held-out problems exist (asked for 5000)" in r.output, r.output
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((model / "config.json").read_text())
+    r = runner.invoke(app, ["info", str(tmp_path / "bare")])  # a config without weights (info said nothing)
+    assert r.exit_code == 2 and "no model.safetensors" in r.output, r.output
 
 
 def test_terminal_replies_without_tools_write_no_raw_calls():
