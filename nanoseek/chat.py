@@ -109,11 +109,15 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
 
 
 def read_message(prompt: str = "> ") -> str:
-    """One message from the terminal; a line ending in \\ continues on the next."""
+    """One message from the terminal; a line ending in \\ continues on the next (the input ending there
+    sends what came: the next read ends the chat)."""
     lines = [input(prompt)]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(input("... "))
+        try:
+            lines.append(input("... "))
+        except EOFError:
+            break
     return "\n".join(lines).strip()
 
 

@@ -223,6 +223,8 @@ def test_chat_commands_and_multiline_input(tmp_path):
     assert out.count("usage: /temp T") == 2 and "temperature -1" not in out and "temperature nan" not in out
     assert "(temperature 0.0; /temp T sets it)" in out and "/system TEXT system prompt" in out  # /temp alone, /help
     assert "cut off at 8 tokens" in out  # a reply that ran out of --max-tokens says so
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "4", "--temperature", "0"], input="hi \\")
+    assert r.exit_code == 0 and "Thinking" in r.output, r.output  # input ending inside a continued line: sent
 
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
