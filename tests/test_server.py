@@ -689,5 +689,8 @@ def test_null_means_the_default_where_openai_takes_null(client, server):
     r = httpx.post(server + "/v1/completions", json={"prompt": "1 +", "max_tokens": 2, "n": None, "echo": None,
                                                       "stream": None, "skip_special_tokens": None}, headers=AUTH)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, json={"max_tokens": 2, "messages": [
+        *ask(), {"role": "assistant", "content": "x", "prefix": None}, {"role": "user", "content": "again"}]})
+    assert r.status_code == 200, r.text  # a message's prefix null: not a prefix
     r = httpx.post(server + "/v1/completions", json={"prompt": None, "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 400 and "prompt" in r.text  # a required field stays required

@@ -82,6 +82,11 @@ class Message(StrictBody):
     reasoning_content: str | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: the model continues this assistant message
     name: str | None = None
+
+    @field_validator("prefix", mode="before")
+    @classmethod
+    def _null_prefix(cls, v):
+        return False if v is None else v  # null: not a prefix (as the request's nullable fields)
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
