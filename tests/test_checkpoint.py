@@ -197,6 +197,18 @@ def test_missing_tensor_is_reported(tmp_path, saved):
         nanoseek.load_model(path)
 
 
+def test_a_layer_count_that_disagrees_with_the_checkpoint_is_named(saved):
+    """num_hidden_layers raised by one reads the MTP layer as a main layer: the error says so (it warned that the
+    checkpoint had no MTP weights, then listed missing tensors)."""
+    model, path = saved
+    assert model.config.num_nextn_predict_layers > 0
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"num_hidden_layers {config['num_hidden_layers']}.*MTP layer"):
+        nanoseek.load_model(path)
+
+
 def test_unknown_architecture(saved):
     _, path = saved
     edit_config(path, model_type="mistral", architectures=["MistralForCausalLM"])
