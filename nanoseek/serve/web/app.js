@@ -81,6 +81,7 @@ function showError(e, retry) {  // retry: what the Retry button does (none: no b
   state.retry = retry || null;
   $("retry").hidden = !retry;
   $("error").hidden = false;
+  requestAnimationFrame(() => { $("messages").scrollTop = $("messages").scrollHeight; });  // the banner hid the end
 }
 function clearError() { $("error").hidden = true; state.retry = null; }
 
