@@ -68,7 +68,7 @@ async function api(path, method = "GET", body, signal) {
 }
 async function apiError(r) {
   let msg = r.status + " " + r.statusText, error = {};
-  try { error = (await r.json()).error; msg = error.message; } catch (_) { /* not JSON */ }
+  try { error = (await r.json()).error || {}; msg = error.message || msg; } catch (_) { /* not JSON */ }
   if (r.status === 401) {  // the server's wording is for API clients (an Authorization header)
     msg = "This server needs its API key (the one `nanoseek serve` was started with): enter it in Settings.";
     $("settings").open = true;
@@ -676,8 +676,8 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
     .filter((i) => i >= ((c.skip || 0) <= last ? c.skip || 0 : 0));
   // once turns are left out, as many more as leave the reply room (else it was cut off at once): a quarter of
   // the model's context, at most 1024 tokens, unless Max tokens is set
-  const context = state.contexts[chosenModel() || state.models[0]] || 2048;
-  let room = starts[0] > 0 ? Math.min(1024, Math.floor(context / 4)) : undefined;
+  const roomy = Math.min(1024, Math.floor((state.contexts[chosenModel() || state.models[0]] || 2048) / 4));
+  let room = starts[0] > 0 ? roomy : undefined;
   for (const [k, skip] of starts.entries()) {
     const body = requestBody({ ...c, messages: history.slice(skip) }, mayCall);
     if (skip && body.max_tokens === undefined) body.max_tokens = room;
@@ -690,7 +690,7 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
     const e = await apiError(r);  // a refusal before any generation: cheap to try again with less
     const full = e.code === "context_length_exceeded" && (e.param === "messages" || (room && e.param === "max_tokens"));
     if (!full || k === starts.length - 1) throw e;
-    room = Math.min(1024, Math.floor(context / 4));
+    room = roomy;
   }
 }
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
