@@ -21,7 +21,8 @@ from .inference import Engine, EngineBusy, InvalidRequest, Request, SamplingPara
 from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
 from .tokenizer import ChatFormatError, DeepSeekTokenizer
-from .tools import CALCULATOR, CallFormat, CallStream, calculator_format, describe_tools, renders_tools, run_calculator
+from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, describe_tools, renders_tools,
+                    run_calculator)
 
 MAX_TOOL_ROUNDS = 4  # rounds of calls per user message; the reply after the last may not call
 
@@ -58,12 +59,9 @@ class Tools:
 
 
 def no_calls(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> Grammar | None:
-    """What a reply that may call no tool follows: the tokens that write calls and tool outputs banned, as
-    the server bans them (a model taught to call the calculator wrote a raw call where none was offered)."""
-    if fmt is None:
-        return None
-    opener = tok.encode(fmt.opener)
-    return Grammar.compile(None, None, banned=tok.tool_ids | ({opener[0]} if len(opener) == 1 else set()))
+    """What a reply that may call no tool follows: `call_tokens` banned, as the server bans them."""
+    banned = call_tokens(tok, fmt)
+    return Grammar.compile(None, None, banned=banned) if banned else None
 
 
 def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,

@@ -42,6 +42,16 @@ def declared_arguments(parameters: dict | None) -> dict:
     return parameters
 
 
+def call_tokens(tok: DeepSeekTokenizer, fmt: "CallFormat | None") -> frozenset[int]:
+    """The tokens that write tool calls and tool outputs, the format's opener among them where it is one
+    token: what a reply that may call no tool is kept from writing (a model taught to call the calculator
+    wrote a raw call into a reply to a request without tools). None without a call format."""
+    if fmt is None:
+        return frozenset()
+    opener = tok.encode(fmt.opener)
+    return tok.tool_ids | ({opener[0]} if len(opener) == 1 else frozenset())
+
+
 @dataclass(frozen=True)
 class CallFormat:
     """The text of a block of calls: begin, then per call `before NAME between ARGS after`, `sep`

@@ -38,7 +38,7 @@ from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Sam
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
-from ..tools import CallFormat, CallStream, calculator_format, describe_tools, renders_tools
+from ..tools import CallFormat, CallStream, calculator_format, call_tokens, describe_tools, renders_tools
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
@@ -366,10 +366,8 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
                 raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
                                     "or a named function", param="tool_choice")
             return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False, after)
-    elif fmt is not None:
-        banned |= tok.tool_ids
-        if len(opener := tok.encode(fmt.opener)) == 1:
-            banned.add(opener[0])
+    else:
+        banned |= call_tokens(tok, fmt)
     if answer is None and json_answer is not None:
         answer = f"answer: {json_answer}\n"
     if answer is None:
@@ -417,13 +415,11 @@ class _AnswerLogprobs:
         for e in entries:
             if self.reasoning:
                 self.reasoning = e["token"] != self.tok.end_think_id
-            elif e["token"] not in self.stops:
-                text = self.tok.decode([e["token"]])
-                if self.leading and text.strip():
-                    self.leading = False
-                    out.append({**e, "text": text.lstrip()})
-                elif not self.leading:
-                    out.append(e)
+            elif e["token"] not in self.stops and not self.leading:
+                out.append(e)
+            elif e["token"] not in self.stops and (text := self.tok.decode([e["token"]])).strip():
+                self.leading = False
+                out.append({**e, "text": text.lstrip()})
         return out
 
     def whole(self, entries: list[dict]) -> list[dict]:
