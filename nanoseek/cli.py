@@ -411,11 +411,13 @@ def demo(
     preset: Preset = typer.Option("tiny", help="Model preset to build."),
     tokens: int = typer.Option(16, min=1, help="How many tokens to generate."),
     seed: int = _seed_option("Random seed for the weights and the prompt."),
-    force: bool = typer.Option(False, "--force", help="Replace a model OUT already holds."),
+    force: bool = typer.Option(False, "--force", help="Replace a model (one with a tokenizer) --out already holds; "
+                               "an earlier demo's is replaced anyway."),
 ):
     """Build a randomly initialised preset, save it, load it back, check the logits survived the
     round trip, and generate a few tokens through the latent KV cache."""
-    if not force and ((out / "config.json").is_file() or any(out.glob("*.safetensors"))):
+    # a model with a tokenizer is not an earlier demo's (those have none: rerunning replaces them)
+    if not force and (out / "tokenizer.json").is_file() and (out / "config.json").is_file():
         _fail(f"--out: '{out}' already holds a model: choose another folder, or --force to replace it")
     import torch
     from rich.table import Table

@@ -23,6 +23,8 @@ def test_demo_round_trips_and_generates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "logits identical" in result.output
     assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "model.safetensors").is_file()
+    again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--tokens", "5"])  # an earlier demo: replaced
+    assert again.exit_code == 0, again.output
     info = runner.invoke(app, ["info", str(tmp_path / "demo")])
     assert info.exit_code == 0 and "deepseek_v3" in info.output
     assert "on this CPU" in info.output and "computes in float32" in info.output  # a small model: fp32
@@ -318,6 +320,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
+    (tok / "config.json").write_text("{}")  # with its tokenizer: a model, not an earlier demo's output
     out, missing, url, m = tmp_path / "out", tmp_path / "missing", "http://127.0.0.1:9/v1", str(model)
     run = tmp_path / "run"  # a run folder, given where its model/ was meant
     (run / "model").mkdir(parents=True)
@@ -419,7 +422,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["speedrun", *o, "--budget", "1s"], "--budget", "at least 30s"),
         (["speedrun", *o, "--seed", "-1"], "--seed", ""),
         (["eval", "--model", m, "--n", "100000000"], "--n", ""),
-        (["demo", "--out", m], "--out", "already holds a model"),
+        (["demo", "--out", str(tok)], "--out", "already holds a model"),
         (["eval", "--model", "ftp://host/v1"], "--model", "http(s)://"),
         (["eval", "--model", m, "--out", str(model / "config.json" / "r.json")], "--out", "config.json' is a file"),
         (["info", str(missing)], "MODEL", "does not exist"),
