@@ -33,6 +33,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,18 +70,25 @@ class CPU:
         return f"{self.model} ({', '.join(names[f] for f in self.flags) or 'no AVX2'})"
 
 
-def cpu_info() -> CPU:
-    """The CPU's model name and bf16-relevant flags (from /proc/cpuinfo on Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
+@lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and every flag it reports (from /proc/cpuinfo on Linux; no flags elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
             elif key.strip() == "flags":
-                flags = set(value.split())
+                flags = frozenset(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_info() -> CPU:
+    """The CPU's model name and bf16-relevant flags."""
+    model, flags = cpu_model_and_flags()
     return CPU(model, [f for f in CPU_FLAGS if f in flags])
 
 

@@ -61,11 +61,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import int4_available, int4_products
+
 BITS = (8, 4)
 GROUP = 32
 # at most this many rows multiply through the integer kernels; measured on a 2-core Xeon (AMX) for an
 # [8960, 1536] weight: int8 kernel 3.3 ms at 8 rows vs 3.8 ms converted, int4 kernel 13.6 ms at 64 rows vs 13.4
 KERNEL_ROWS = {8: 8, 4: 48}
+# nanoseek's own int4 kernel (kernels.int4_linear, where it builds) takes up to this many rows, 8 at a time: on a
+# 2-vCPU Zen4 ahead of torch's int4 kernel and of converting the weight at every row count to 64 ([8960, 1536]:
+# 8.3 against 11.0 and 14.8 ms at 64 rows, 1.0 against 1.4 and 10.0 at 8)
+FAST_INT4_ROWS = 64
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
 NARROW_ROWS = 4  # NarrowLinear: bf16 products up to this many rows (an AVX2 Zen3: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
 PACK_TRIM_BYTES = 256 * 2**20  # prepare_kernels hands freed memory back after packing this many bytes of codes
@@ -115,9 +121,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8))
             self.register_buffer("scales", torch.empty(N, dtype=dtype))
         else:
+            # bf16 whatever the model's dtype: what both int4 kernels read (and what checkpoints hold)
             self.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(N, K // group_size, dtype=dtype))
-            self.register_buffer("zeros", torch.empty(N, K // group_size, dtype=dtype))
+            self.register_buffer("scales", torch.empty(N, K // group_size, dtype=torch.bfloat16))
+            self.register_buffer("zeros", torch.empty(N, K // group_size, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype)) if bias else None
         self.kernel_rows = KERNEL_ROWS[bits]
         # int4 on CPU: qweight is rewritten in place in the kernel's own (tiled) layout at the first kernel
@@ -125,6 +132,7 @@ class QuantLinear(nn.Module):
         self._kernel_layout = False
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
+        self._fast: bool | None = None  # int4: whether nanoseek's own kernel takes this layer (see _fast_int4)
         self._handle = next(_HANDLES)  # how a compiled graph names this layer to `int8_linear` (see there)
 
     def extra_repr(self) -> str:
@@ -180,7 +188,13 @@ class QuantLinear(nn.Module):
             return torch.ops.quantized.linear_dynamic(x, self._packed, False)
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
-        if x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
+        if self.bits == 4 and self._fast_int4():
+            if rows <= FAST_INT4_ROWS:  # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
+                product = torch.ops.nanoseek.int4_linear if torch.compiler.is_compiling() else int4_products
+                y = product(x2.float(), self.qweight, self.scales, self.zeros).to(x.dtype)
+            else:
+                y = converted_matmul(x2, self._dequantize_rows, self.out_features)
+        elif x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
             y = self._kernel(x2).to(x.dtype)
         else:
             y = converted_matmul(x2, self._dequantize_rows, self.out_features)
@@ -198,7 +212,18 @@ class QuantLinear(nn.Module):
             return int4_affine(codes, scales, zeros, self.group_size)
         return int4_weight(self.qweight[start:end], scales, zeros, self.group_size, dtype)
 
+    def _fast_int4(self) -> bool:
+        """Whether this int4 layer multiplies through nanoseek's own kernel (on a CPU with AVX2 or AVX-512 VNNI
+        where the kernel builds, for groups of 32), reading the codes in the documented layout: then it never
+        takes torch's layout."""
+        if self._fast is None:
+            self._fast = (self.qweight.device.type == "cpu" and not self._kernel_layout
+                          and self.scales.dtype == torch.bfloat16 and int4_available(self.in_features, self.group_size))
+        return self._fast
+
     def _kernel_ready(self) -> bool:
+        if self.bits == 4 and self._fast_int4():
+            return True
         if self.bits == 8:
             # (a compiled graph never packs: an engine that compiles prepares the kernels before tracing)
             if self._packed is None and not torch.compiler.is_compiling() and fbgemm_int8():
@@ -261,7 +286,7 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self.standard_qweight()
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_layout, self._scales_zeros = False, None
+        self._kernel_layout, self._scales_zeros, self._fast = False, None, None
         self._drop_packed()
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -271,7 +296,13 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 self.qweight.copy_(self.standard_qweight())
             self._kernel_layout, self._scales_zeros = False, None
-        return super()._apply(fn, recurse)
+        self._fast = None
+        if self.bits == 8:
+            return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.bfloat16:  # cast with the model: int4's scales and zeros stay bf16
+            self.scales, self.zeros = self.scales.bfloat16(), self.zeros.bfloat16()
+        return self
 
 
 # fbgemm's packed weight is a TorchScript object, which a compiled graph cannot take as an input; the graph

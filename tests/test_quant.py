@@ -50,6 +50,7 @@ def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_feat
     whole dequantized weight. (int8 as where fbgemm is missing: with it every row takes its kernel.)"""
     monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
     monkeypatch.setattr(quant, "fbgemm_int8", lambda: False)
+    monkeypatch.setattr(quant, "int4_available", lambda *args: False)  # torch's int4 kernel and its layout
     layer = QuantLinear(256, out_features, bits, dtype=dtype)
     layer.quantize_(torch.randn(out_features, 256) * 0.05)
     if packed:
@@ -297,7 +298,8 @@ def test_quantize_command_writes_a_loadable_folder(tmp_path):
     assert bare.exit_code == 0 and "has no tokenizer.json" in " ".join(bare.output.split()), bare.output
 
 
-def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one():
+def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one(monkeypatch):
+    monkeypatch.setattr(quant, "int4_available", lambda *args: False)  # torch's int4 kernel, as without nanoseek's
     layer = QuantLinear(96, 192, 4)
     layer.quantize_(torch.randn(192, 96))
     documented, reference = layer.qweight.clone(), layer.dequantize()

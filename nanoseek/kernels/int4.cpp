@@ -1,0 +1,208 @@
+// int4 x int8 products for decoding on x86 CPUs: y [M, N] = x [M, K] @ W.T, M <= 8, where W is held as
+// nanoseek's int4 layer holds it (see nanoseek/quant.py): codes [N, K/2] (byte j of a row: input 2j in the
+// low nibble, 2j+1 in the high one), bf16 scales and zeros [N, K/32], W[n, k] = zero + code * scale.
+//
+// The activations are quantized to int8 per block of 32 inputs (d = max|x| / 127, as llama.cpp's q8_0),
+// split by nibble position so that a byte's two codes meet their own inputs, and each block's sum is
+// kept in fp32. The codes count as centred (c - 8), so the activations' rounding errors meet weights
+// around zero rather than all of one sign (half the error of uncentred codes):
+//   y[m, n] = sum_g scale[n, g] * d[m, g] * ((codes - 8) . xq)[g] + (zero + 8 * scale)[n, g] * sum(x[m, g])
+//           = sum_g scale * d * (codes . xq) + zero * sum(x) + 8 * scale * (sum(x) - d * sum(xq)),
+// the last two per group and row, after the products. The integer dot products are unsigned (codes
+// 0..15) times signed (xq) bytes, summed in int32:
+// AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd (their int16 pairs reach at most
+// 2 * 15 * 127, no saturation). Rows of W are split between OpenMP threads (torch's own runtime: the
+// same libgomp.so.1 is already loaded when this library is).
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// one block of 32 inputs of row m: its int8 codes split by nibble position, its scale d (written 4 times:
+// one per int32 lane of the group's dot product), its sum and what rounding left of it (sum - d * sum(xq))
+static void quantize_block(const float* v, int8_t* lo, int8_t* hi, float* d, float* sum, float* resid) {
+    float amax = 0.f, s = 0.f;
+    for (int i = 0; i < 32; i++) {
+        amax = fmaxf(amax, fabsf(v[i]));
+        s += v[i];
+    }
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int codes = 0;
+    for (int i = 0; i < 16; i++) {
+        lo[i] = (int8_t)lrintf(v[2 * i] * inv);
+        hi[i] = (int8_t)lrintf(v[2 * i + 1] * inv);
+        codes += lo[i] + hi[i];
+    }
+    for (int i = 0; i < 4; i++) d[i] = amax / 127.f;
+    *sum = s;
+    *resid = s - amax / 127.f * codes;
+}
+
+struct Acts {  // the quantized activations of M rows
+    const int8_t *lo, *hi;  // [M, K/2] each
+    const float* d;                   // [M, K/8]: each block's scale, once per lane
+    const float *sum, *resid;         // [M, K/32]
+};
+
+// the offsets' share of y[m, n]: sum_g zero[n, g] * sum(x[m, g]) + 8 * scale[n, g] * resid[m, g]
+static inline float offset_part(const uint16_t* sr, const uint16_t* zr, const float* sum, const float* resid,
+                                int64_t g, int64_t G) {
+    float t = 0.f;
+    for (; g < G; g++) t += bf16_to_float(zr[g]) * sum[g] + 8.f * bf16_to_float(sr[g]) * resid[g];
+    return t;
+}
+
+VNNI static inline __m512 bf16x16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+VNNI static inline float offset_part_avx512(const uint16_t* sr, const uint16_t* zr, const float* sum,
+                                            const float* resid, int64_t G) {
+    __m512 acc = _mm512_setzero_ps(), racc = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) {
+        acc = _mm512_fmadd_ps(bf16x16(zr + g), _mm512_loadu_ps(sum + g), acc);
+        racc = _mm512_fmadd_ps(bf16x16(sr + g), _mm512_loadu_ps(resid + g), racc);
+    }
+    return _mm512_reduce_add_ps(acc) + 8.f * _mm512_reduce_add_ps(racc) + offset_part(sr, zr, sum, resid, g, G);
+}
+
+template <int M>
+VNNI static void rows_avx512(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t n0, int64_t n1,
+                             int64_t N, int64_t K, Acts a, float* y) {
+    const int64_t G = K / 32, KB = K / 2;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // group of each lane
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* wr = w + n * KB;
+        const uint16_t* sr = s + n * G;
+        __m512 acc[M];
+        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < KB; c += 64) {  // 64 bytes of codes: 4 groups, 4 int32 lanes each
+            __m512i b = _mm512_loadu_si512(wr + c);
+            __m512i lo = _mm512_and_si512(b, nibble);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+            __m128i s4 = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(sr + c / 16)));
+            __m512 sv = _mm512_permutexvar_ps(spread, _mm512_zextps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(s4, 16))));
+            for (int m = 0; m < M; m++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo + m * KB + c));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(a.hi + m * KB + c));
+                __m512 dv = _mm512_loadu_ps(a.d + m * 4 * G + c / 4);
+                acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dv), sv, acc[m]);
+            }
+        }
+        for (int m = 0; m < M; m++)
+            y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + offset_part_avx512(sr, z + n * G, a.sum + m * G, a.resid + m * G, G);
+    }
+}
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+AVX2 static inline __m256 bf16x8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+AVX2 static inline float offset_part_avx2(const uint16_t* sr, const uint16_t* zr, const float* sum,
+                                          const float* resid, int64_t G) {
+    __m256 acc = _mm256_setzero_ps(), racc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        acc = _mm256_fmadd_ps(bf16x8(zr + g), _mm256_loadu_ps(sum + g), acc);
+        racc = _mm256_fmadd_ps(bf16x8(sr + g), _mm256_loadu_ps(resid + g), racc);
+    }
+    return hsum256(acc) + 8.f * hsum256(racc) + offset_part(sr, zr, sum, resid, g, G);
+}
+
+template <int M>
+AVX2 static void rows_avx2(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t n0, int64_t n1,
+                           int64_t N, int64_t K, Acts a, float* y) {
+    const int64_t G = K / 32, KB = K / 2;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* wr = w + n * KB;
+        const uint16_t* sr = s + n * G;
+        __m256 acc[M];
+        for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < KB; c += 32) {  // 32 bytes of codes: 2 groups, 4 int32 lanes each
+            __m256i b = _mm256_loadu_si256((const __m256i*)(wr + c));
+            __m256i lo = _mm256_and_si256(b, nibble);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+            uint32_t s2;
+            memcpy(&s2, sr + c / 16, 4);
+            __m128i s2i = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_cvtsi32_si128((int)s2)), 16);
+            __m256 sv = _mm256_permutevar8x32_ps(_mm256_zextps128_ps256(_mm_castsi128_ps(s2i)), spread);
+            for (int m = 0; m < M; m++) {
+                __m256i p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(a.lo + m * KB + c))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a.hi + m * KB + c))));
+                __m256i dot = _mm256_madd_epi16(p, ones);
+                __m256 dv = _mm256_loadu_ps(a.d + m * 4 * G + c / 4);
+                acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), dv), sv, acc[m]);
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * N + n] = hsum256(acc[m]) + offset_part_avx2(sr, z + n * G, a.sum + m * G, a.resid + m * G, G);
+    }
+}
+
+typedef void (*RowsFn)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, Acts, float*);
+
+template <template <int> class Pick>
+static RowsFn pick(int M) {
+    switch (M) {
+        case 1: return Pick<1>::fn;
+        case 2: return Pick<2>::fn;
+        case 3: return Pick<3>::fn;
+        case 4: return Pick<4>::fn;
+        case 5: return Pick<5>::fn;
+        case 6: return Pick<6>::fn;
+        case 7: return Pick<7>::fn;
+        default: return Pick<8>::fn;
+    }
+}
+template <int M> struct Avx512 { static constexpr RowsFn fn = rows_avx512<M>; };
+template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
+
+// isa: 2 = AVX-512 VNNI (K a multiple of 128), 1 = AVX2 (K a multiple of 64). Returns 0, or 1 for
+// arguments it does not take (the caller checks them first), 2 when out of memory.
+extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                                    const uint16_t* z, int64_t N, float* y, int isa) {
+    if (M < 1 || M > 8 || N < 1 || (isa == 2 ? K % 128 : isa == 1 ? K % 64 : 1)) return 1;
+    const int64_t G = K / 32, KB = K / 2;
+    char* buf = (char*)malloc(M * K + 6 * M * G * sizeof(float));
+    if (!buf) return 2;
+    int8_t *lo = (int8_t*)buf, *hi = lo + M * KB;
+    float *d = (float*)(buf + M * K), *sum = d + 4 * M * G;
+    float* resid = sum + M * G;
+    Acts a = {lo, hi, d, sum, resid};
+    RowsFn rows = isa == 2 ? pick<Avx512>((int)M) : pick<Avx2>((int)M);
+#pragma omp parallel
+    {
+#pragma omp for
+        for (int64_t i = 0; i < M * G; i++) {
+            int64_t m = i / G, g = i % G;
+            quantize_block(x + m * K + g * 32, lo + m * KB + g * 16, hi + m * KB + g * 16, d + 4 * i, sum + i, resid + i);
+        }
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < n1) rows(w, s, z, n0, n1, N, K, a, y);
+    }
+    free(buf);
+    return 0;
+}
