@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import int4_available, int4_products
+from .kernels import cpu_operator, int4_available, int4_products
 
 BITS = (8, 4)
 GROUP = 32
@@ -311,15 +311,10 @@ _HANDLES = itertools.count()
 _PACKED_LAYERS: weakref.WeakValueDictionary[int, QuantLinear] = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("nanoseek::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
-    """`int8_products` of x [rows, K] (fp32) with the packed weight of the layer whose handle is `layer`."""
-    return int8_products(x, _PACKED_LAYERS[layer]._packed)
-
-
-@int8_linear.register_fake
-def _(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], _PACKED_LAYERS[layer].out_features)
+# `int8_products` of x [rows, K] (fp32) with the packed weight of the layer whose handle is `layer`
+int8_linear = cpu_operator(
+    "int8_linear(Tensor x, int layer) -> Tensor", lambda x, layer: int8_products(x, _PACKED_LAYERS[layer]._packed),
+    lambda x, layer: x.new_empty(x.shape[0], _PACKED_LAYERS[layer].out_features))
 
 
 def int8_products(x: torch.Tensor, packed) -> torch.Tensor:

@@ -118,12 +118,21 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return y
 
 
-@torch.library.custom_op("nanoseek::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """`int4_products` as an operator a compiled graph can call."""
-    return int4_products(x, qweight, scales, zeros)
+_OPERATORS = torch.library.Library("nanoseek", "FRAGMENT")
 
 
-@int4_linear.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qweight.shape[0])
+def cpu_operator(schema: str, impl, fake):
+    """Define the operator nanoseek::<schema> with a CPU implementation and a fake (shapes only, for
+    tracing), for a compiled graph to call a kernel it cannot trace. Registered plainly: a call from a
+    graph costs about 2 us more than calling `impl`, against 10 through torch.library.custom_op's wrapper
+    (measured on a 2-vCPU Zen4; a 1.5B model's decode step makes ~200 such calls)."""
+    name = schema.split("(")[0]
+    _OPERATORS.define(schema)
+    _OPERATORS.impl(name, impl, "CPU")
+    torch.library.register_fake(f"nanoseek::{name}", fake, lib=_OPERATORS)
+    return getattr(torch.ops.nanoseek, name)
+
+
+int4_linear = cpu_operator(
+    "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor", int4_products,
+    lambda x, qweight, scales, zeros: x.new_empty(x.shape[0], qweight.shape[0]))

@@ -21,6 +21,11 @@
 #include <string.h>
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+// Streaming the codes from memory, one core keeps too few cache lines in flight on its own: the codes
+// PREFETCH bytes ahead (and the scales and zeros a few rows ahead) are asked into L2 early. On a 2-vCPU
+// Zen4, 24 [8960, 1536] weights in turn: 266-271 us each against 303 without (28 -> 32 GB/s).
+#define PREFETCH 4096
+#define PREFETCH_ROWS 4
 #define AVX2 __attribute__((target("avx2,fma")))
 
 static inline float bf16_to_float(uint16_t h) {
@@ -90,7 +95,10 @@ VNNI static void rows_avx512(const uint8_t* w, const uint16_t* s, const uint16_t
         const uint16_t* sr = s + n * G;
         __m512 acc[M];
         for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        _mm_prefetch((const char*)(sr + PREFETCH_ROWS * G), _MM_HINT_T1);
+        _mm_prefetch((const char*)(z + (n + PREFETCH_ROWS) * G), _MM_HINT_T1);
         for (int64_t c = 0; c < KB; c += 64) {  // 64 bytes of codes: 4 groups, 4 int32 lanes each
+            _mm_prefetch((const char*)(wr + c + PREFETCH), _MM_HINT_T1);
             __m512i b = _mm512_loadu_si512(wr + c);
             __m512i lo = _mm512_and_si512(b, nibble);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
@@ -140,7 +148,10 @@ AVX2 static void rows_avx2(const uint8_t* w, const uint16_t* s, const uint16_t* 
         const uint16_t* sr = s + n * G;
         __m256 acc[M];
         for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        _mm_prefetch((const char*)(sr + PREFETCH_ROWS * G), _MM_HINT_T1);
+        _mm_prefetch((const char*)(z + (n + PREFETCH_ROWS) * G), _MM_HINT_T1);
         for (int64_t c = 0; c < KB; c += 32) {  // 32 bytes of codes: 2 groups, 4 int32 lanes each
+            if (c % 64 == 0) _mm_prefetch((const char*)(wr + c + PREFETCH), _MM_HINT_T1);
             __m256i b = _mm256_loadu_si256((const __m256i*)(wr + c));
             __m256i lo = _mm256_and_si256(b, nibble);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_operator
+
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that multiplies a single row as a matrix-vector product: on
@@ -22,17 +24,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-@torch.library.custom_op("nanoseek::mv", mutates_args=())
-def opaque_mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """torch.mv, kept whole in compiled graphs: inductor would lower it to a loop of its own, which for a
-    bf16 weight on a CPU reads it more slowly (R1-Distill-1.5B in bf16 at batch 1, 2-core Xeon with AMX:
-    172 ms a compiled token that way, 126 with this, 146 eager)."""
-    return torch.mv(weight, x)
-
-
-@opaque_mv.register_fake
-def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(weight.shape[0])
+# torch.mv, kept whole in compiled graphs: inductor would lower it to a loop of its own, which for a bf16
+# weight on a CPU reads it more slowly (R1-Distill-1.5B in bf16 at batch 1, 2-core Xeon with AMX: 172 ms a
+# compiled token that way, 126 with this, 146 eager)
+opaque_mv = cpu_operator("mv(Tensor weight, Tensor x) -> Tensor", torch.mv, lambda weight, x: x.new_empty(weight.shape[0]))
 
 
 class RMSNorm(nn.Module):
