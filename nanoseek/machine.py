@@ -29,11 +29,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from .files import atomic_write, read_json_object
+from .kernels import cache_home, cpu_model_and_flags
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -56,10 +55,6 @@ ROLLOUT_COMPILE_MIN_BUDGET = 15 * 60
 PROBE_ROWS, PROBE_HIDDEN, PROBE_INNER = 512, 256, 768  # x [512, 256] @ [256, 768] @ [768, 256]
 
 
-def cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek"
-
-
 @dataclass
 class CPU:
     model: str
@@ -68,22 +63,6 @@ class CPU:
     def describe(self) -> str:
         names = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 bf16", "avx512f": "AVX-512", "avx2": "AVX2"}
         return f"{self.model} ({', '.join(names[f] for f in self.flags) or 'no AVX2'})"
-
-
-@lru_cache(maxsize=1)
-def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
-    """The CPU's model name and every flag it reports (from /proc/cpuinfo on Linux; no flags elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = frozenset(value.split())
-    except OSError:
-        pass
-    return model, flags
 
 
 def cpu_info() -> CPU:

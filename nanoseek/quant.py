@@ -55,7 +55,7 @@ import sys
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ CONVERT_WEIGHTS = 2**20  # many rows: the weight is converted in blocks of about
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fbgemm_int8() -> bool:
     """Whether int8 layers multiply through fbgemm's int8 x int8 kernels on this CPU: where torch has fbgemm
     (x86) and its products of full-range 8-bit activations come out exact. With VNNI the u8 x s8 products
@@ -377,7 +377,7 @@ def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Non
         old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _kernel_layout_index(K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each code of a block of 64 rows x K inputs lies in the int4 CPU kernel's layout: the byte
     (within the block's 64 * K / 2) and the shift of its nibble (0 or 4). Found by converting the

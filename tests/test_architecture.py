@@ -7,14 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1] / "nanoseek"
 # layer of each part (a subpackage or a top-level module); a part may import parts of lower layers
 LAYERS = {
-    "model": 0, "tokenizer": 0, "files": 0, "quant": 0,
-    "machine": 1, "reasoning": 1, "data": 1, "inference": 1, "remote": 1,
-    "checkpoint": 2, "tools": 2,
-    "loading": 3, "eval": 3, "chat": 3,
-    "train": 4, "serve": 4,
-    "speedrun": 5,
-    "cli": 6, "__init__": 6,
-    "__main__": 7,  # python -m nanoseek: the CLI
+    "kernels": 0,
+    "model": 1, "tokenizer": 1, "files": 1, "quant": 1,
+    "machine": 2, "reasoning": 2, "data": 2, "inference": 2, "remote": 2,
+    "checkpoint": 3, "tools": 3,
+    "loading": 4, "eval": 4, "chat": 4,
+    "train": 5, "serve": 5,
+    "speedrun": 6,
+    "cli": 7, "__init__": 7,
+    "__main__": 8,  # python -m nanoseek: the CLI
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,14 +29,33 @@ from pathlib import Path
 
 import torch
 
-from ..machine import cache_home, cpu_model_and_flags
-
 SOURCE = Path(__file__).with_name("int4.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
 GROUP = 32  # the group size the kernel reads
 MAX_ROWS = 8  # rows per call; more go through in chunks
 ISA_AVX512, ISA_AVX2 = 2, 1
 ISA_K_MULTIPLE = {ISA_AVX512: 128, ISA_AVX2: 64}  # each loop step reads this many inputs of a row
+
+
+def cache_home() -> Path:
+    """Where nanoseek keeps what it builds or measures once per machine ($XDG_CACHE_HOME/nanoseek)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoseek"
+
+
+@lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and every flag it reports (from /proc/cpuinfo on Linux; no flags elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
 
 
 def int4_isa() -> int:
