@@ -21,7 +21,10 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   order: 144-154 us, 19-20 GB/s, against 236-240 us, 12 GB/s, for the weight-only kernel), though packing
   them lengthens start-up (fbgemm packs ~160 M weights a second per core). Where torch has no fbgemm,
   int8 takes `_weight_int8pack_mm` (bf16 activations) up to `KERNEL_ROWS[8]` rows.
-- int4: `_weight_int4pack_mm_for_cpu` (bf16 activations) up to `KERNEL_ROWS[4]` rows.
+- int4: nanoseek's own kernel (`kernels.int4_products`: the codes times the activations quantized to int8
+  per block of 32, with AVX-512 VNNI or AVX2; 2.3-2.8x torch's kernel at one row on a Zen4) up to
+  `FAST_INT4_ROWS` rows, reading the documented layout; where it cannot be built (no compiler, no AVX2)
+  or for other group sizes, `_weight_int4pack_mm_for_cpu` (bf16 activations) up to `KERNEL_ROWS[4]` rows.
 Above those rows the kernels are slower than converting the weight to the activations' dtype and
 multiplying, so that is what happens, and on other devices (CUDA) always, one block of output
 channels at a time (`converted_matmul`). `dequantize()` is the plain reference path.
@@ -34,14 +37,15 @@ kernels, so nanoseek calls them directly. fbgemm's int8 products come with torch
 weight-only kernel takes over.)
 
 A compiled decode step (`Engine(compile=True)`, the default for dense models on a CPU) calls
-the same kernels from its graph: torch's weight-only ones directly, fbgemm's through the `nanoseek::int8_linear`
-operator (its packed weight is a TorchScript object, which a graph cannot take as an input).
+the same kernels from its graph: torch's weight-only ones directly, nanoseek's int4 kernel through the
+`nanoseek::int4_linear` operator, fbgemm's through `nanoseek::int8_linear` (its packed weight is a
+TorchScript object, which a graph cannot take as an input).
 
 On disk (`save_model` of a quantized model; `quantization_config.quant_method = "nanoseek"` in
 config.json) a quantized weight `X.weight` is stored as `X.qweight` (int8 [N, K], or uint8
 [N, K / 2] with two int4 codes per byte, the even input in the low nibble), `X.scales` and, for
 int4, `X.zeros` (bf16 [N, K / g]); loading copies them without re-quantizing. In memory, an int4
-layer on CPU rewrites its codes in place in the int4 kernel's tiled layout at its first kernel call
+layer on CPU that takes torch's kernel rewrites its codes in place in that kernel's tiled layout at its first call
 (so they are held once) and reads them back through that layout's inverse when it needs them in
 order (prefill, checkpoints). An int8 layer on x86 likewise moves its codes into fbgemm's packed
 weight (qweight becomes empty) and unpacks them when they are needed in order.
