@@ -67,8 +67,10 @@ def int4_isa() -> int:
 
 
 def compiler() -> str | None:
-    found = os.environ.get("CXX") or "c++"
-    return shutil.which(found)
+    """The C++ compiler to build with: $CXX if set, else the first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
 _BUILD = threading.Lock()
