@@ -193,7 +193,7 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if self.bits == 4 and self._fast_int4():
-            if rows <= FAST_INT4_ROWS:  # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
+            if rows <= FAST_INT4_ROWS and not (x.requires_grad and torch.is_grad_enabled()):  # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
                 product = torch.ops.nanoseek.int4_linear if torch.compiler.is_compiling() else int4_products
                 y = product(x2.float(), self.qweight, self.scales, self.zeros).to(x.dtype)
             else:
@@ -221,8 +221,11 @@ class QuantLinear(nn.Module):
         where the kernel builds, for groups of 32), reading the codes in the documented layout: then it never
         takes torch's layout."""
         if self._fast is None:
+            buffers = (self.qweight, self.scales, self.zeros)
             self._fast = (self.qweight.device.type == "cpu" and not self._kernel_layout
-                          and self.scales.dtype == torch.bfloat16 and int4_available(self.in_features, self.group_size))
+                          and self.scales.dtype == self.zeros.dtype == torch.bfloat16
+                          and all(t.is_contiguous() for t in buffers)
+                          and int4_available(self.in_features, self.group_size))
         return self._fast
 
     def _kernel_ready(self) -> bool:
@@ -303,9 +306,10 @@ class QuantLinear(nn.Module):
         self._fast = None
         if self.bits == 8:
             return super()._apply(fn, recurse)
+        scales, zeros = self.scales, self.zeros
         super()._apply(fn, recurse)
-        if self.scales.dtype != torch.bfloat16:  # cast with the model: int4's scales and zeros stay bf16
-            self.scales, self.zeros = self.scales.bfloat16(), self.zeros.bfloat16()
+        if self.scales.dtype != scales.dtype:  # cast with the model: int4's scales and zeros keep theirs (bf16)
+            self.scales, self.zeros = scales.to(self.scales.device), zeros.to(self.zeros.device)
         return self
 
 

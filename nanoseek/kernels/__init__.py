@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -66,11 +67,17 @@ def int4_isa() -> int:
     return ISA_AVX2 if {"avx2", "fma"} <= flags else 0
 
 
-def compiler() -> str | None:
-    """The C++ compiler to build with: $CXX if set, else the first of c++, g++, clang++ on the PATH."""
+def compiler() -> list[str] | None:
+    """The C++ compiler command to build with: $CXX if set (it may carry flags), else the first of c++, g++,
+    clang++ on the PATH."""
     if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"])
-    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+        command = shlex.split(os.environ["CXX"])
+        found = shutil.which(command[0]) if command else None
+        if found is None:
+            warnings.warn(f"CXX={os.environ['CXX']!r} is not a command here; int4 layers use torch's kernel", stacklevel=3)
+        return [found, *command[1:]] if found else None
+    found = next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+    return [found] if found else None
 
 
 _BUILD = threading.Lock()
@@ -90,20 +97,25 @@ def _library() -> ctypes.CDLL | None:
     if cxx is None:
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([*cxx, *FLAGS]).encode()).hexdigest()[:16]
     target = cache_home() / "kernels" / f"int4-{key}.so"
     try:
-        if not target.exists():
+        try:
+            lib = ctypes.CDLL(str(target)) if target.exists() else None
+        except OSError:  # a damaged copy (a full disk, say): built again
+            target.unlink()
+            lib = None
+        if lib is None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+                subprocess.run([*cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
                 os.replace(built, target)  # atomic: a process building at the same time writes its own copy
-        lib = ctypes.CDLL(str(target))
+            lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(f"nanoseek's int4 CPU kernel could not be built ({detail.strip()[:300]}); "
-                      "int4 layers use torch's kernel", stacklevel=2)
+                      "int4 layers use torch's kernel", stacklevel=3)
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
@@ -111,7 +123,8 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-@torch.compiler.disable  # builds or loads the library: not traceable (layers decide before a graph is traced)
+# dynamo calls it while tracing and keeps the answer as a constant of the graph (it cannot trace the build)
+@torch._dynamo.assume_constant_result
 def int4_available(in_features: int, group_size: int) -> bool:
     """Whether `int4_linear` takes a layer of this shape on this machine (building the kernel if needed)."""
     return group_size == GROUP and int4_isa() > 0 and in_features % ISA_K_MULTIPLE[ISA_AVX2] == 0 \
@@ -120,23 +133,34 @@ def int4_available(in_features: int, group_size: int) -> bool:
 
 def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   isa: int | None = None) -> torch.Tensor:
-    """x [rows, K] (fp32, CPU) @ W.T -> [rows, N] fp32, W held as qweight uint8 [N, K/2] (input 2j in the low
-    nibble of byte j, 2j+1 in the high one), scales and zeros bf16 [N, K/32]: W = zero + code * scale.
+    """x [rows, K] (any float dtype, CPU) @ W.T -> [rows, N] fp32, W held as qweight uint8 [N, K/2] (input 2j in
+    the low nibble of byte j, 2j+1 in the high one), scales and zeros bf16 [N, K/32]: W = zero + code * scale.
     The activations are quantized to int8 per block of 32 inputs on the way in (see int4.cpp).
     isa: the instruction set to run (default: this CPU's best; AVX2 where K is not a multiple of 128)."""
-    x = x.contiguous()
+    lib, here = library(), int4_isa()
+    isa = isa or here
+    if lib is None or not 0 < isa <= here:
+        raise RuntimeError(f"nanoseek's int4 kernel is not available here (instruction set {isa}, this CPU's {here})")
     rows, K = x.shape
     N = qweight.shape[0]
-    y = x.new_empty(rows, N)
-    lib, isa = library(), isa or int4_isa()
+    group = (N, K // GROUP)
+    if x.device.type != "cpu" or not x.is_floating_point() or K % ISA_K_MULTIPLE[ISA_AVX2] \
+            or qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or not qweight.is_contiguous() \
+            or any(t.dtype != torch.bfloat16 or t.shape != group or not t.is_contiguous() for t in (scales, zeros)):
+        raise ValueError(f"int4 kernel: x {x.dtype} {tuple(x.shape)} on {x.device}, qweight {qweight.dtype} "
+                         f"{tuple(qweight.shape)}, scales {scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} "
+                         f"{tuple(zeros.shape)}: wants x float [rows, K] on the CPU, K a multiple of 64, uint8 "
+                         f"[N, K/2] codes, bf16 [N, K/32] scales and zeros, all contiguous")
     if K % ISA_K_MULTIPLE[isa]:
         isa = ISA_AVX2
+    x = x.to(torch.float32).contiguous()
+    y = x.new_empty(rows, N)
     for start in range(0, rows, MAX_ROWS):
         part = x[start:start + MAX_ROWS]
         code = lib.nanoseek_int4_linear(part.data_ptr(), part.shape[0], K, qweight.data_ptr(), scales.data_ptr(),
                                         zeros.data_ptr(), N, y[start:].data_ptr(), isa)
         if code:
-            raise RuntimeError(f"int4 kernel refused x {tuple(part.shape)}, weight [{N}, {K}] (code {code})")
+            raise RuntimeError(f"int4 kernel failed on x {tuple(part.shape)}, weight [{N}, {K}] (code {code})")
     return y
 
 
@@ -157,4 +181,4 @@ def cpu_operator(schema: str, impl, fake):
 
 int4_linear = cpu_operator(
     "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor", int4_products,
-    lambda x, qweight, scales, zeros: x.new_empty(x.shape[0], qweight.shape[0]))
+    lambda x, qweight, scales, zeros: x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32))
