@@ -193,9 +193,11 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if self.bits == 4 and self._fast_int4():
-            if rows <= FAST_INT4_ROWS and not (x.requires_grad and torch.is_grad_enabled()):  # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
+            # (the kernel has no backward; eagerly it is called without the operator's dispatch: V2-Lite makes
+            # 630 calls a token)
+            if rows <= FAST_INT4_ROWS and not (x.requires_grad and torch.is_grad_enabled()):
                 product = torch.ops.nanoseek.int4_linear if torch.compiler.is_compiling() else int4_products
-                y = product(x2.float(), self.qweight, self.scales, self.zeros).to(x.dtype)
+                y = product(x2, self.qweight, self.scales, self.zeros).to(x.dtype)
             else:
                 y = converted_matmul(x2, self._dequantize_rows, self.out_features)
         elif x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):

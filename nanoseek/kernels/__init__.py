@@ -7,10 +7,13 @@ few rows (decoding), with AVX-512 VNNI or AVX2 (see int4.cpp). torch's int4 kern
 wheels. Measured on a 2-vCPU AMD EPYC Zen4, one row: 33 against 82 us for an [1408, 2048] expert of
 DeepSeek-V2-Lite, 143 against 384 us for R1-Distill-Qwen-1.5B's [8960, 1536] (8 rows: 698 against 1,336).
 
-The source is compiled at first use with the C++ compiler inductor uses (`CXX`, else c++) into
-$XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the source and the flags, and loaded with ctypes
-(no torch headers: a second or two to build). Where there is no compiler, no AVX2, or the build fails,
-`int4_available()` is False and quantized layers keep torch's kernel.
+The source is compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
+one torch.compile needs) into $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the source, compiler
+and flags, and loaded with ctypes (no torch headers: a second or two to build). Where there is no
+compiler, no AVX2, or the build fails, `int4_available()` is False and quantized layers keep torch's kernel.
+
+Also here, as the package's lowest layer: what this CPU is (`cpu_model_and_flags`) and where per-machine
+caches live (`cache_home`), and `cpu_operator`, how compiled graphs call nanoseek's CPU kernels.
 """
 
 from __future__ import annotations
