@@ -193,11 +193,15 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if self.bits == 4 and self._fast_int4():
-            # (the kernel has no backward; eagerly it is called without the operator's dispatch: V2-Lite makes
-            # 630 calls a token)
-            if rows <= FAST_INT4_ROWS and not (x.requires_grad and torch.is_grad_enabled()):
-                product = torch.ops.nanoseek.int4_linear if torch.compiler.is_compiling() else int4_products
-                y = product(x2, self.qweight, self.scales, self.zeros).to(x.dtype)
+            # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
+            if rows <= FAST_INT4_ROWS:
+                if torch.compiler.is_compiling():
+                    y = torch.ops.nanoseek.int4_linear(x2, self.qweight, self.scales, self.zeros)
+                elif x.requires_grad and torch.is_grad_enabled():
+                    y = Int4Product.apply(x2, self)
+                else:
+                    y = int4_products(x2, self.qweight, self.scales, self.zeros)
+                y = y.to(x.dtype)
             else:
                 y = converted_matmul(x2, self._dequantize_rows, self.out_features)
         elif x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
@@ -313,6 +317,20 @@ class QuantLinear(nn.Module):
         if self.scales.dtype != scales.dtype:  # cast with the model: int4's scales and zeros keep theirs (bf16)
             self.scales, self.zeros = scales.to(self.scales.device), zeros.to(self.zeros.device)
         return self
+
+
+class Int4Product(torch.autograd.Function):
+    """nanoseek's int4 kernel with a backward to the activations (through the dequantized weight), so the
+    same products come out whether or not autograd records them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return int4_products(x, layer.qweight, layer.scales, layer.zeros)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 # fbgemm's packed weight is a TorchScript object, which a compiled graph cannot take as an input; the graph

@@ -133,12 +133,15 @@ def test_a_compiled_graph_calls_the_kernel():
 
 @needs_kernel
 def test_gradients_reach_the_activations_and_casts_keep_the_scales():
-    """(Training refuses quantized models, but a gradient asked for is not dropped.) The kernel has no
-    backward: activations that need one take the converted weight."""
+    """(Training refuses quantized models, but a gradient asked for is not dropped.) The same products come
+    out with autograd recording them; the gradient goes through the dequantized weight."""
     layer = int4_layer(256, 64)
     x = torch.randn(2, 256, requires_grad=True)
-    layer(x).sum().backward()
+    out = layer(x)
+    out.sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(2, -1))
+    with torch.no_grad():
+        assert torch.equal(layer(x), out.detach())
     scales, zeros = layer.scales.clone(), layer.zeros.clone()
     layer.half()
     assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)  # not rounded through fp16
