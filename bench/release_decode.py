@@ -203,7 +203,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     t = time.perf_counter()
     dtype, weight_dtype = inference_dtypes(folder)  # what `nanoseek serve` picks on this machine
     model = nanoseek.load_model(folder, dtype=dtype, weight_dtype=weight_dtype)
-    prepare_kernels(model)  # as serve does at start-up (int8 packs for fbgemm, int4 takes its kernel's layout)
+    prepare_kernels(model)  # as serve does at start-up (int8 packs for fbgemm, int4 picks its kernel)
     load_s = time.perf_counter() - t
     V = model.config.vocab_size
     compile, _ = decide_decode_compile(None, model)  # as `nanoseek serve` decides

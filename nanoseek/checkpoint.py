@@ -95,8 +95,11 @@ def inference_dtypes(path: str | os.PathLike, quantize: str | int | None = None,
       activations for int8 weights that multiply through fbgemm (`quant.fbgemm_int8`): its kernels take
       and give fp32, so bf16 activations only add two conversions to every product, and attention's
       small products at one row run several times faster in fp32 (R1-Distill-1.5B int8 on a 2-core Xeon
-      with AMX: 82 against 92 ms a token, eager; prompts as fast). int4 keeps bf16, whose products
-      over many rows (prompts) run 1.7x faster there;
+      with AMX: 82 against 92 ms a token, eager; prompts as fast). Likewise fp32 for int4 where nanoseek's
+      int4 kernel runs (it takes fp32), prompts multiplying in bf16 (`weight_dtype`): DeepSeek-V2-Lite int4,
+      decoded eagerly on a 2-vCPU Zen4, 8.3-9.4 against 6.5-7.2 tok/s in bf16 (its MLA's small bf16
+      products took 28 ms of a 125 ms token, conversions 13), prompts 0.75x; R1-Distill-1.5B int4, decoded
+      compiled, level, prompts 0.92x (in fp32 they took twice as long). Elsewhere int4 keeps bf16;
     - fp32 activations otherwise, because a CPU with AVX2 only multiplies bf16 20-100x slower than fp32
       (a 512-token prompt to a 1.5B model would take minutes): quantized weights stay integers (their
       kernels take the activations in bf16), a bf16 or FP8 checkpoint keeps its linear layers' weights in
@@ -116,9 +119,14 @@ def inference_dtypes(path: str | os.PathLike, quantize: str | int | None = None,
     quantized = raw.get("quantization_config") or {}
     bits = bits or (quantized.get("bits") if quantized.get("quant_method") == "nanoseek" else None)
     if fast_bf16:
+        from .kernels import int4_isa, library
         from .quant import fbgemm_int8
 
-        return (torch.float32, None) if bits == 8 and fbgemm_int8() else (None, None)
+        if bits == 8 and fbgemm_int8():
+            return torch.float32, None
+        if bits == 4 and int4_isa() and library() is not None:
+            return torch.float32, torch.bfloat16
+        return None, None
     stored = raw.get("torch_dtype") or raw.get("dtype")
     return torch.float32, None if bits or stored == "float32" else torch.bfloat16
 
@@ -159,7 +167,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     quantize = "int8" | "int4" (or 8 | 4) quantizes every linear layer while loading (see quant.py);
     the other tensors keep `dtype`. weight_dtype (bf16, with dtype fp32), when not quantizing, keeps the
-    linear layers' weights in that dtype while computing in `dtype` (quant.NarrowLinear). Shards are read one at a time and each tensor is converted (FP8
+    linear layers' weights in that dtype while computing in `dtype` (quant.NarrowLinear); for a quantized
+    model it is what prompts multiply in (the weights converted to it a block at a time). Shards are read one at a time and each tensor is converted (FP8
     dequantized, then quantized) on its own, so memory holds the (quantized) model plus one tensor
     being converted, never two full copies: an FP8 checkpoint goes to int8 without a bf16 copy.
     """
@@ -191,8 +200,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     edit = None  # what replaces the linear layers before the weights are read
-    if bits:
-        edit = partial(swap_linears, bits=bits, group_size=group, dtype=dtype)
+    if bits:  # (weight_dtype: what prompts multiply in, the weights converted a block at a time)
+        edit = partial(swap_linears, bits=bits, group_size=group, dtype=dtype, convert_dtype=weight_dtype)
     elif weight_dtype is not None and weight_dtype != dtype:
         edit = partial(narrow_linears, dtype=weight_dtype)
     model = build_model(config, device=device, dtype=dtype, init=False, edit=edit)

@@ -496,8 +496,9 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
     table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
     dtype, weight_dtype = inference_dtypes(model)  # what serve/chat/generate load it as on this machine
     compute = str(dtype).removeprefix("torch.") if dtype else stored or "bfloat16"
-    table.add_row("on this CPU", f"computes in {compute}"
-                  + (f", linear weights kept in {str(weight_dtype).removeprefix('torch.')}" if weight_dtype else ""))
+    kept, quantized = str(weight_dtype).removeprefix("torch."), quant.get("quant_method") == "nanoseek"
+    table.add_row("on this CPU", f"computes in {compute}" + ("" if not weight_dtype else f", prompts multiplied in {kept}"
+                                                            if quantized else f", linear weights kept in {kept}"))
     console.print(table)
 
 

@@ -113,7 +113,10 @@ def fbgemm_pack(codes: torch.Tensor, scales: torch.Tensor):
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False, group_size: int = GROUP,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, convert_dtype: torch.dtype | None = None):
+        """convert_dtype: what prompts (more rows than the integer kernels take) multiply in, the weight
+        converted to it a block at a time (default: the activations' dtype; bf16 where a CPU multiplies bf16
+        fast while decoding computes in fp32)."""
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -131,6 +134,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(N, K // group_size, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype)) if bias else None
         self.kernel_rows = KERNEL_ROWS[bits]
+        self.convert_dtype = convert_dtype
         # int4 on CPU: qweight is rewritten in place in the kernel's own (tiled) layout at the first kernel
         # call, so the codes are held once; everything else reads them back through `standard_qweight`
         self._kernel_layout = False
@@ -203,13 +207,18 @@ class QuantLinear(nn.Module):
                     y = int4_products(x2, self.qweight, self.scales, self.zeros)
                 y = y.to(x.dtype)
             else:
-                y = converted_matmul(x2, self._dequantize_rows, self.out_features)
+                y = self._converted(x2)
         elif x.device.type == "cpu" and self._kernel_ready() and (rows <= self.kernel_rows or self._packed is not None):
             y = self._kernel(x2).to(x.dtype)
         else:
-            y = converted_matmul(x2, self._dequantize_rows, self.out_features)
+            y = self._converted(x2)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _converted(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, K] @ W.T through the weight converted a block at a time, in convert_dtype (else x's)."""
+        dtype = self.convert_dtype or x.dtype
+        return converted_matmul(x.to(dtype), self._dequantize_rows, self.out_features).to(x.dtype)
 
     def _dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Output channels start..end of the weight, [end - start, K] in dtype (start a multiple of 64)."""
@@ -481,7 +490,8 @@ def quantizable(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and not name.endswith("kv_b_proj")]
 
 
-def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: torch.dtype = torch.bfloat16) -> None:
+def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: torch.dtype = torch.bfloat16,
+                 convert_dtype: torch.dtype | None = None) -> None:
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
@@ -489,7 +499,7 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     def make(name: str, old: nn.Linear) -> QuantLinear:
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
-            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype)
+            return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype, convert_dtype)
 
     replace_linears(model, make)
 

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 import nanoseek
 from conftest import randomize_
-from nanoseek import CheckpointError, ConfigError, checkpoint
+from nanoseek import CheckpointError, ConfigError, checkpoint, kernels
 from nanoseek.checkpoint import dequantize_fp8
-from nanoseek.quant import NarrowLinear, fbgemm_int8
+from nanoseek.quant import FAST_INT4_ROWS, NarrowLinear, fbgemm_int8
 from nanoseek.model import build_model, get_preset
 
 
@@ -66,11 +66,23 @@ def test_the_compute_dtype_follows_the_machine(saved, monkeypatch):
     assert checkpoint.inference_dtypes(path) == (torch.float32, None)  # under 1 GB
     size = checkpoint.checkpoint_bytes(path)
     monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda p: int(3e9))  # as large as R1-Distill-1.5B
-    for quantize in (None, "int4"):
-        assert checkpoint.inference_dtypes(path, quantize, fast_bf16=True) == (None, None)  # AMX / AVX-512 bf16
-    # int8 through fbgemm computes in fp32 (its kernels' own dtype) even there
+    assert checkpoint.inference_dtypes(path, None, fast_bf16=True) == (None, None)  # AMX / AVX-512 bf16
+    # int8 through fbgemm computes in fp32 (its kernels' own dtype) even there; so does int4 through nanoseek's
+    # kernel, its prompts multiplying in bf16
     int8 = (torch.float32, None) if fbgemm_int8() else (None, None)
     assert checkpoint.inference_dtypes(path, "int8", fast_bf16=True) == int8
+    own_int4 = kernels.int4_isa() > 0 and kernels.library() is not None
+    int4 = (torch.float32, torch.bfloat16) if own_int4 else (None, None)
+    assert checkpoint.inference_dtypes(path, "int4", fast_bf16=True) == int4
+    if own_int4:
+        model = nanoseek.load_model(path, dtype=torch.float32, quantize="int4", weight_dtype=torch.bfloat16)
+        layer = model.lm_head
+        assert layer.bits == 4 and layer.convert_dtype == torch.bfloat16
+        x = torch.randn(FAST_INT4_ROWS + 1, layer.in_features)  # a prompt: the weight converted, in bf16
+        with torch.no_grad():
+            want = (x.bfloat16() @ layer.dequantize(torch.bfloat16).t()).float()
+            assert layer(x).dtype == torch.float32
+            torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     assert checkpoint.inference_dtypes(path, "int4", fast_bf16=False) == (torch.float32, None)  # AVX2 only
     dtype, weight_dtype = checkpoint.inference_dtypes(path, fast_bf16=False)
     assert (dtype, weight_dtype) == (torch.float32, torch.bfloat16)
