@@ -65,7 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import cpu_operator, int4_available, int4_products
+from .kernels import (
+    cpu_operator,
+    int4_available,
+    int4_products,
+    int4_products_unchecked,
+)
 
 BITS = (8, 4)
 GROUP = 32
@@ -204,7 +209,7 @@ class QuantLinear(nn.Module):
                 elif x.requires_grad and torch.is_grad_enabled():
                     y = Int4Product.apply(x2, self)
                 else:
-                    y = int4_products(x2, self.qweight, self.scales, self.zeros)
+                    y = int4_products_unchecked(x2, self.qweight, self.scales, self.zeros)
                 y = y.to(x.dtype)
             else:
                 y = self._converted(x2)

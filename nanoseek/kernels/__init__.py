@@ -144,7 +144,7 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     isa = isa or here
     if lib is None or not 0 < isa <= here:
         raise RuntimeError(f"nanoseek's int4 kernel is not available here (instruction set {isa}, this CPU's {here})")
-    rows, K = x.shape
+    _, K = x.shape
     N = qweight.shape[0]
     group = (N, K // GROUP)
     if x.device.type != "cpu" or not x.is_floating_point() or K % ISA_K_MULTIPLE[ISA_AVX2] \
@@ -154,16 +154,25 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                          f"{tuple(qweight.shape)}, scales {scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} "
                          f"{tuple(zeros.shape)}: wants x float [rows, K] on the CPU, K a multiple of 64, uint8 "
                          f"[N, K/2] codes, bf16 [N, K/32] scales and zeros, all contiguous")
+    return int4_products_unchecked(x, qweight, scales, zeros, isa)
+
+
+def int4_products_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            isa: int | None = None) -> torch.Tensor:
+    """`int4_products` without its checks, for a caller that made them once (a layer that took the kernel:
+    QuantLinear._fast_int4; they cost ~4 us a call, and DeepSeek-V2-Lite makes 630 calls a token)."""
+    isa, K = isa or int4_isa(), x.shape[1]
     if K % ISA_K_MULTIPLE[isa]:
         isa = ISA_AVX2
+    lib = _library()  # (built by then: the caller's check asked for it)
     x = x.to(torch.float32).contiguous()
-    y = x.new_empty(rows, N)
-    for start in range(0, rows, MAX_ROWS):
+    y = x.new_empty(x.shape[0], qweight.shape[0])
+    for start in range(0, x.shape[0], MAX_ROWS):
         part = x[start:start + MAX_ROWS]
         code = lib.nanoseek_int4_linear(part.data_ptr(), part.shape[0], K, qweight.data_ptr(), scales.data_ptr(),
-                                        zeros.data_ptr(), N, y[start:].data_ptr(), isa)
+                                        zeros.data_ptr(), y.shape[1], y[start:].data_ptr(), isa)
         if code:
-            raise RuntimeError(f"int4 kernel failed on x {tuple(part.shape)}, weight [{N}, {K}] (code {code})")
+            raise RuntimeError(f"int4 kernel failed on x {tuple(part.shape)}, weight [{y.shape[1]}, {K}] (code {code})")
     return y
 
 
