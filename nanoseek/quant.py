@@ -146,6 +146,7 @@ class QuantLinear(nn.Module):
         self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
         self._fast: bool | None = None  # int4: whether nanoseek's own kernel takes this layer (see _fast_int4)
+        self._operands: tuple[torch.Tensor, ...] | None = None  # likewise: see int4_operands
         self._handle = next(_HANDLES)  # how a compiled graph names this layer to `int8_linear` (see there)
 
     def extra_repr(self) -> str:
@@ -246,7 +247,15 @@ class QuantLinear(nn.Module):
                           and self.scales.dtype == self.zeros.dtype == torch.bfloat16
                           and all(t.is_contiguous() for t in buffers)
                           and int4_available(self.in_features, self.group_size))
+            self._operands = (self.qweight, self.scales, self.zeros) if self._fast and self.bias is None else None
         return self._fast
+
+    def int4_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(qweight, scales, zeros) where this layer multiplies through nanoseek's int4 kernel (for callers that
+        group several layers' products into one kernel call: kernels.int4_grouped), else None."""
+        if self.bits == 4 and self._fast is None:
+            self._fast_int4()
+        return self._operands
 
     def _kernel_ready(self) -> bool:
         if self.bits == 4 and self._fast_int4():

@@ -9,7 +9,11 @@ import sys
 import pytest
 import torch
 
+from conftest import randomize_
 from nanoseek import kernels, quant
+from nanoseek.model import get_preset
+from nanoseek.model import moe as moe_module
+from nanoseek.model.moe import MoE
 from nanoseek.quant import FAST_INT4_ROWS, QuantLinear
 
 HERE = kernels.int4_isa()
@@ -58,6 +62,92 @@ def test_the_kernel_computes_what_it_says_on_each_instruction_set(isa, K, N, row
     assert got.shape == (rows, N) and got.dtype == torch.float32
     size = (x.abs().double() @ layer.dequantize().abs().double().t())  # each output's scale: sum |x| |W|
     assert ((got.double() - want).abs() <= 1e-5 * size).all(), ((got.double() - want).abs() / size).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_grouped_products_equal_each_product_alone(isa, threads):
+    """int4_grouped: several weights of different shapes in one call (the rows of all of them split between the
+    threads together), products sharing their activations, row offsets into larger tensors, more than 8 rows:
+    each output exactly what the product alone gives."""
+    layers = [int4_layer(K, N, seed=i) for i, (K, N) in enumerate([(256, 70), (256, 3), (192, 130), (640, 64), (256, 9)])]
+    xa, xb, xc = torch.randn(20, 256), torch.randn(5, 192), torch.randn(4, 640)
+    ya, yb, yc = torch.full((30, 70), 7.0), torch.full((17, 3), 7.0), torch.full((5, 130), 7.0)
+    yd, ye = torch.full((4, 64), 7.0), torch.full((2, 9), 7.0)
+    # (x, x_row, layer, y, y_row, rows): two weights read the same rows of xa, one reads other rows of it
+    plan = [(xa, 2, layers[0], ya, 5, 17), (xa, 2, layers[1], yb, 0, 17), (xa, 0, layers[4], ye, 0, 2),
+            (xb, 1, layers[2], yc, 1, 4), (xc, 0, layers[3], yd, 0, 4)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernels.int4_grouped([(x, xr, layer.qweight, layer.scales, layer.zeros, y, yr, n)
+                              for x, xr, layer, y, yr, n in plan], isa=isa)
+    finally:
+        torch.set_num_threads(before)
+    for x, xr, layer, y, yr, n in plan:
+        alone = kernels.int4_products(x[xr:xr + n], layer.qweight, layer.scales, layer.zeros, isa=isa)
+        assert torch.equal(y[yr:yr + n], alone)
+    assert (ya[:5] == 7).all() and (ya[22:] == 7).all() and (yc[0] == 7).all()  # nothing written outside
+
+
+def int4_moe(seed: int = 0) -> MoE:
+    """A routed MoE layer (16 experts, 4 a token, 2 shared) whose experts are int4 layers the kernel takes."""
+    torch.manual_seed(seed)
+    moe = MoE(get_preset("tiny", hidden_size=128, moe_intermediate_size=64, n_routed_experts=16,
+                         num_experts_per_tok=4, n_group=1, topk_group=1)).eval()
+    randomize_(moe)
+    float_weights = {name: m.weight.detach().clone() for name, m in moe.named_modules() if isinstance(m, torch.nn.Linear)}
+    quant.swap_linears(moe, 4)
+    for name, m in moe.named_modules():
+        if isinstance(m, QuantLinear):
+            m.quantize_(float_weights[name])
+    return moe
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+def test_an_moe_layer_calls_the_kernel_once_for_gate_and_up_and_once_for_down(monkeypatch, tokens):
+    """Decoding int4 experts: every chosen expert's gate and up products in one kernel call, their down
+    products in a second (experts chosen by several tokens read once), giving what each expert's own layers give."""
+    moe = int4_moe()
+    x = torch.randn(tokens, 128)
+    calls = []
+    grouped = moe_module.int4_grouped
+    monkeypatch.setattr(moe_module, "int4_grouped", lambda products: calls.append(products) or grouped(products))
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        got = moe.routed(x, weights, indices)
+        assert len(calls) == 2
+        chosen = indices.unique().numel()
+        assert len(calls[0]) == 2 * chosen and len(calls[1]) == chosen  # one product per expert and weight
+        monkeypatch.setattr(moe_module, "INT4_GROUPED_TOKENS", 0)  # each expert's layers in turn
+        want = moe.routed(x, weights, indices)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # (the same products, summed in another order)
+    # under autograd the experts' own layers run (the grouped call has no backward): the same outputs, a gradient
+    monkeypatch.setattr(moe_module, "INT4_GROUPED_TOKENS", 64)
+    x.requires_grad_(True)
+    out = moe.routed(x, weights, indices)
+    torch.testing.assert_close(out.detach(), got, atol=1e-6, rtol=1e-5)
+    out.sum().backward()
+    assert len(calls) == 2 and x.grad is not None and x.grad.abs().sum() > 0
+
+
+@needs_kernel
+def test_experts_the_kernel_does_not_take_are_not_grouped():
+    moe = int4_moe()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        assert moe.int4_routed(x, weights, indices) is not None
+        assert moe.int4_routed(torch.randn(65, 128), *moe.gate(torch.randn(65, 128))[:2]) is None  # a prompt
+        expert = moe.experts[int(indices[0, 0])]
+        expert.up_proj._fast, expert.up_proj._operands = False, None  # as if the kernel did not take this layer
+        assert moe.int4_routed(x, weights, indices) is None
+        float_moe = MoE(get_preset("tiny", hidden_size=128, moe_intermediate_size=64)).eval()
+        w, i, _ = float_moe.gate(x)
+        assert float_moe.int4_routed(x, w, i) is None
 
 
 @needs_kernel

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -121,8 +122,8 @@ def _library() -> ctypes.CDLL | None:
                       "int4 layers use torch's kernel", stacklevel=3)
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
-    lib.nanoseek_int4_linear.restype = ctypes.c_int
+    lib.nanoseek_int4_linear_many.argtypes = [P, I, ctypes.c_int]
+    lib.nanoseek_int4_linear_many.restype = ctypes.c_int
     return lib
 
 
@@ -161,19 +162,30 @@ def int4_products_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torc
                             isa: int | None = None) -> torch.Tensor:
     """`int4_products` without its checks, for a caller that made them once (a layer that took the kernel:
     QuantLinear._fast_int4; they cost ~4 us a call, and DeepSeek-V2-Lite makes 630 calls a token)."""
-    isa, K = isa or int4_isa(), x.shape[1]
-    if K % ISA_K_MULTIPLE[isa]:
-        isa = ISA_AVX2
-    lib = _library()  # (built by then: the caller's check asked for it)
     x = x.to(torch.float32).contiguous()
     y = x.new_empty(x.shape[0], qweight.shape[0])
-    for start in range(0, x.shape[0], MAX_ROWS):
-        part = x[start:start + MAX_ROWS]
-        code = lib.nanoseek_int4_linear(part.data_ptr(), part.shape[0], K, qweight.data_ptr(), scales.data_ptr(),
-                                        zeros.data_ptr(), y.shape[1], y[start:].data_ptr(), isa)
-        if code:
-            raise RuntimeError(f"int4 kernel failed on x {tuple(part.shape)}, weight [{y.shape[1]}, {K}] (code {code})")
+    int4_grouped([(x, 0, qweight, scales, zeros, y, 0, x.shape[0])], isa)
     return y
+
+
+def int4_grouped(products: Sequence[tuple], isa: int | None = None) -> None:
+    """For each (x, x_row, qweight, scales, zeros, y, y_row, rows) of `products`: rows y_row.. of y = rows
+    x_row.. of x @ W.T, all in one call of the kernel (their rows split between the threads together, so a
+    thread runs on from one weight into the next, and products reading the same rows of x quantize them
+    once): a mixture-of-experts layer's chosen experts in one call rather than a call per weight. x fp32
+    [*, K] and y fp32 [*, N] contiguous on the CPU, rows any number; the weights as `int4_products` takes
+    them. Unchecked: for callers that checked each weight once (`int4_products` checks)."""
+    table = []  # one row per product of up to MAX_ROWS rows: the kernel's Int4Product (x, M, K, w, s, z, N, y)
+    for x, x_row, qweight, scales, zeros, y, y_row, rows in products:
+        K, N = x.shape[1], qweight.shape[0]
+        w, s, z, xp, yp = qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr()
+        for start in range(0, rows, MAX_ROWS):
+            table.append((xp + 4 * K * (x_row + start), min(MAX_ROWS, rows - start), K, w, s, z, N,
+                          yp + 4 * N * (y_row + start)))
+    fields = torch.tensor(table, dtype=torch.int64)  # (products, 8): the structs' memory, field by field
+    code = _library().nanoseek_int4_linear_many(fields.data_ptr(), len(table), isa or int4_isa())  # (built: the caller's check asked)
+    if code:
+        raise RuntimeError(f"int4 kernel failed (code {code}) on products [M, K, N] {[[r[1], r[2], r[6]] for r in table]}")
 
 
 _OPERATORS = torch.library.Library("nanoseek", "FRAGMENT")

@@ -191,30 +191,95 @@ static RowsFn pick(int M) {
 template <int M> struct Avx512 { static constexpr RowsFn fn = rows_avx512<M>; };
 template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
 
-// isa: 2 = AVX-512 VNNI (K a multiple of 128), 1 = AVX2 (K a multiple of 64). Returns 0, or 1 for
-// arguments it does not take (the caller checks them first), 2 when out of memory.
-extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-                                    const uint16_t* z, int64_t N, float* y, int isa) {
-    if (M < 1 || M > 8 || N < 1 || (isa == 2 ? K % 128 : isa == 1 ? K % 64 : 1)) return 1;
-    const int64_t G = K / 32, KB = K / 2;
-    char* buf = (char*)malloc(M * K + 6 * M * G * sizeof(float));
-    if (!buf) return 2;
-    int8_t *lo = (int8_t*)buf, *hi = lo + M * KB;
-    float *d = (float*)(buf + M * K), *sum = d + 4 * M * G;
-    float* resid = sum + M * G;
-    Acts a = {lo, hi, d, sum, resid};
-    RowsFn rows = isa == 2 ? pick<Avx512>((int)M) : pick<Avx2>((int)M);
+// One product of a call: y [M, N] = x [M, K] @ W.T, M <= 8 (the layout above).
+struct Int4Product {
+    const float* x;
+    int64_t M, K;
+    const uint8_t* w;
+    const uint16_t *s, *z;
+    int64_t N;
+    float* y;
+};
+
+// Several products in one parallel region (a mixture-of-experts layer's chosen experts: one call for all
+// their gate and up projections, one for their down projections, rather than a call and a fork of the
+// threads per weight). Products with the same x, M and K share its quantized activations. The rows of
+// all the weights, weighed by K (the bytes each reads), are split evenly between the threads, so a
+// thread's rows run on from one weight into the next.
+// isa: 2 = AVX-512 VNNI (used where K is a multiple of 128), 1 = AVX2 (K a multiple of 64). Returns 0, or
+// 1 for arguments it does not take (the caller checks them first), 2 when out of memory.
+extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, int isa) {
+    if (count < 1) return 0;
+    // per product: the product whose activations it uses (itself, or an earlier one with the same x), where
+    // those lie in buf, and the cost (inputs read) of the rows before its own; per product that owns its
+    // activations, in order: its index and its first block to quantize
+    int64_t* first = (int64_t*)malloc(count * 5 * sizeof(int64_t));
+    if (!first) return 2;
+    int64_t *offset = first + count, *cost = offset + count, *owner = cost + count, *start = owner + count;
+    int64_t bytes = 0, nblocks = 0, total = 0, owners = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const Int4Product& q = p[i];
+        if (q.M < 1 || q.M > 8 || q.N < 1 || q.K < 64 || q.K % 64 || (isa != 1 && isa != 2)) {
+            free(first);
+            return 1;
+        }
+        first[i] = i;
+        for (int64_t j = 0; j < i; j++)
+            if (p[j].x == q.x && p[j].M == q.M && p[j].K == q.K) {
+                first[i] = j;
+                break;
+            }
+        if (first[i] == i) {
+            offset[i] = bytes;
+            bytes += q.M * q.K + 6 * q.M * (q.K / 32) * (int64_t)sizeof(float);
+            owner[owners] = i;
+            start[owners++] = nblocks;
+            nblocks += q.M * (q.K / 32);
+        }
+        cost[i] = total;
+        total += q.N * q.K;
+    }
+    char* buf = (char*)malloc(bytes);
+    if (!buf) {
+        free(first);
+        return 2;
+    }
 #pragma omp parallel
     {
 #pragma omp for
-        for (int64_t i = 0; i < M * G; i++) {
-            int64_t m = i / G, g = i % G;
-            quantize_block(x + m * K + g * 32, lo + m * KB + g * 16, hi + m * KB + g * 16, d + 4 * i, sum + i, resid + i);
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t lo_o = 0, hi_o = owners - 1;  // the last owner whose first block is <= b
+            while (lo_o < hi_o) {
+                int64_t mid = (lo_o + hi_o + 1) / 2;
+                if (start[mid] <= b) lo_o = mid; else hi_o = mid - 1;
+            }
+            const int64_t i = owner[lo_o];
+            const Int4Product& q = p[i];
+            int64_t G = q.K / 32, KB = q.K / 2, r = b - start[lo_o], m = r / G, g = r % G;
+            char* at = buf + offset[i];
+            int8_t *lo = (int8_t*)at, *hi = lo + q.M * KB;
+            float *d = (float*)(at + q.M * q.K), *sum = d + 4 * q.M * G, *resid = sum + q.M * G;
+            quantize_block(q.x + m * q.K + g * 32, lo + m * KB + g * 16, hi + m * KB + g * 16, d + 4 * r, sum + r, resid + r);
         }
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-        if (n0 < n1) rows(w, s, z, n0, n1, N, K, a, y);
+        int64_t from = total / nt * t + (t < total % nt ? t : total % nt);
+        int64_t to = from + total / nt + (t < total % nt);
+        for (int64_t i = 0; i < count; i++) {
+            const Int4Product& q = p[i];
+            int64_t K = q.K, G = K / 32, KB = K / 2, c0 = cost[i];
+            int64_t n0 = from > c0 ? (from - c0 + K - 1) / K : 0, n1 = to > c0 ? (to - c0 + K - 1) / K : 0;
+            n0 = n0 < q.N ? n0 : q.N;
+            n1 = n1 < q.N ? n1 : q.N;
+            if (n0 >= n1) continue;
+            char* at = buf + offset[first[i]];
+            Acts a = {(int8_t*)at, (int8_t*)at + q.M * KB, (float*)(at + q.M * K), 0, 0};
+            a.sum = a.d + 4 * q.M * G;
+            a.resid = a.sum + q.M * G;
+            RowsFn rows = isa == 2 && K % 128 == 0 ? pick<Avx512>((int)q.M) : pick<Avx2>((int)q.M);
+            rows(q.w, q.s, q.z, n0, n1, q.N, K, a, q.y);
+        }
     }
     free(buf);
+    free(first);
     return 0;
 }

@@ -162,8 +162,9 @@ class MLA(nn.Module):
         out_rows = out_latent.view(B * S, H, c).transpose(0, 1)  # (H, B*S, c)
         if whole:
             out = (w @ out_rows.transpose(1, 2))[:, self.nope_dim:].transpose(1, 2)  # (H, d + dv, B*S) -> (H, B*S, dv)
-        else:
-            out = out_rows @ w[:, self.nope_dim:].transpose(1, 2)  # (H, B*S, dv)
+        else:  # w_uv [H, dv, c] times the rows, not the rows times its transpose: DeepSeek-V2-Lite's
+            # shape at one row, streamed from memory on a 2-vCPU Zen4, 120-140 us against 220-270
+            out = (w[:, self.nope_dim:] @ out_rows.transpose(1, 2)).transpose(1, 2)  # (H, dv, B*S) -> (H, B*S, dv)
         return out.transpose(0, 1).reshape(B, S, H, self.v_dim)
 
 

@@ -20,18 +20,22 @@ Letters: N tokens, D hidden, E routed experts, K experts per token, G groups.
 from __future__ import annotations
 
 import weakref
-from itertools import accumulate
+from itertools import accumulate, groupby
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import int4_grouped
 from .config import ModelConfig
 from .layers import MLP
 
 # stacking copies the experts' weights (see MoE.prepare_compiled_decode): done up to this many bytes of them
 STACK_MAX_BYTES = 256 * 2**20
+# MoE.int4_routed takes up to this many tokens (as many rows as an int4 layer multiplies through the kernel:
+# quant.FAST_INT4_ROWS; more are a prompt, whose experts convert their weights)
+INT4_GROUPED_TOKENS = 64
 
 
 class Gate(nn.Module):
@@ -120,6 +124,10 @@ class MoE(nn.Module):
         (zero when unused): data-parallel reduction needs the same gradients on every process.
         Where a new matrix shape is expensive (see `row_bucket`) each slice is padded with unused
         rows up to a bucketed size, so the experts' matrix products keep a few shapes."""
+        if not self.training and not (x.requires_grad and torch.is_grad_enabled()):
+            y = self.int4_routed(x, weights, indices)
+            if y is not None:
+                return y
         if x.shape[0] == 1 and not self.training:
             return self.one_token(x, weights, indices)
         K, E = indices.shape[1], len(self.experts)
@@ -145,6 +153,40 @@ class MoE(nn.Module):
         # ...and add exact zeros to it: their gate weight 0 scales the intermediate activation, and experts
         # have no bias (dropping those rows instead took two more passes over the pairs, and two in backward)
         return torch.zeros_like(x).index_add_(0, token_of, outs.to(x.dtype))
+
+    def int4_routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """`routed` where the chosen experts' layers all multiply through nanoseek's int4 kernel (quantized
+        experts on a CPU; `int4_operands` says), outside autograd, for up to INT4_GROUPED_TOKENS tokens: every chosen
+        expert's gate and up projections in one kernel call, their down projections in a second, instead
+        of three calls (each splitting its weight between the threads) per expert. None otherwise."""
+        N, K = indices.shape
+        if N > INT4_GROUPED_TOKENS:
+            return None
+        chosen = indices.flatten().tolist()  # (N*K pairs of token and expert, token-major)
+        order = sorted(range(N * K), key=chosen.__getitem__)  # the pairs grouped by expert
+        runs = []  # per chosen expert: its first pair in `order`, its pairs, its three layers' operands
+        start = 0
+        for e, pairs in groupby(order, key=chosen.__getitem__):
+            mlp, n = self.experts[e], len(list(pairs))
+            ops = [getattr(layer, "int4_operands", lambda: None)() for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            if None in ops:
+                return None
+            runs.append((start, n, *ops))
+            start += n
+        order_t = torch.tensor(order, device=x.device)
+        token_of = order_t // K
+        # each pair's token, grouped by expert (one token: its pairs are distinct experts, each reading row 0)
+        xs, row_of = (x.float(), lambda a: 0) if N == 1 else (x.float().index_select(0, token_of), lambda a: a)
+        I = runs[0][2][0].shape[0]  # the experts' intermediate size (gate_proj's output)
+        gate_out, up_out = xs.new_empty(2, N * K, I)
+        int4_grouped([(xs, row_of(a), *op, out, a, n) for a, n, gate, up, _ in runs for op, out in ((gate, gate_out), (up, up_out))])
+        gate = weights.flatten().index_select(0, order_t).float()  # (N*K,)
+        h = F.silu(gate_out).mul_(up_out).mul_(gate[:, None])  # (N*K, I)
+        out = xs.new_empty(N * K, x.shape[1])
+        int4_grouped([(h, a, *down, out, a, n) for a, n, _, _, down in runs])
+        if N == 1:
+            return out.sum(0, keepdim=True).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
     def one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`routed` for one token (decoding a single sequence): its K experts one after the other, with
