@@ -396,9 +396,12 @@ def main():
             llama.quantize(ggufs[16], ggufs[b], "q8_0" if b == 8 else "q4_0")
     elif llama:  # FP8 goes to q8_0 in the converter; q4_0 is requantized from that (a bf16 GGUF would be 31 GB)
         ggufs = {8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
-        llama.convert(source, ggufs[8], "q8_0")
+        if 8 in bits or not ggufs[4].exists():
+            llama.convert(source, ggufs[8], "q8_0")
         if 4 in bits:
             llama.quantize(ggufs[8], ggufs[4], "q4_0", requantize=True)
+            if 8 not in bits:  # (16.7 GB that only led to q4_0 here)
+                ggufs[8].unlink(missing_ok=True)
 
     print(f"{args.shape}; CPU: {cpu_name()}, {torch.get_num_threads()} threads", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}

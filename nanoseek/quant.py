@@ -222,8 +222,10 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _converted(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, K] @ W.T through the weight converted a block at a time, in convert_dtype (else x's)."""
-        dtype = self.convert_dtype or x.dtype
+        """x [rows, K] @ W.T through the weight converted a block at a time, in convert_dtype for a prompt (more
+        rows than the integer kernels take), else in x's dtype (a few rows of a layer no kernel takes: decoding
+        in bf16 would round its outputs, and a compiled graph, which keeps them in fp32, would part from eager)."""
+        dtype = self.convert_dtype if self.convert_dtype is not None and x.shape[0] > FAST_INT4_ROWS else x.dtype
         return converted_matmul(x.to(dtype), self._dequantize_rows, self.out_features).to(x.dtype)
 
     def _dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -424,8 +426,24 @@ def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Non
     model built on the meta device, before its weights are loaded). A head tied to the embedding stays
     as it is (one tensor, in the model's dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    replace_linears(model, lambda name, old: None if id(old.weight) in embeddings else NarrowLinear(
-        old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype))
+    replace_linears(model, lambda name, old: None if id(old.weight) in embeddings else narrow(old, dtype))
+    narrow_latent_projections(model, dtype)
+
+
+def narrow(old: nn.Linear, dtype: torch.dtype) -> NarrowLinear:
+    """An (empty) NarrowLinear of old's shape with its weight in dtype."""
+    return NarrowLinear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype)
+
+
+def narrow_latent_projections(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Make MLA's kv_b_proj layers (never quantized, see `quantizable`) NarrowLinear with weights in `dtype`, in
+    place, for models that compute in fp32 holding their other weights narrower: decoding reads them through
+    nanoseek's kernel for fp32 activations against bf16 weights (kernels.mla_product; DeepSeek-V2-Lite reads
+    113 MB of them a token in bf16 against 226 in fp32)."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child == "kv_b_proj" and isinstance(module, nn.Linear) and not isinstance(module, NarrowLinear):
+            setattr(model.get_submodule(parent) if parent else model, child, narrow(module, dtype))
 
 
 @cache
@@ -509,13 +527,16 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
-    are untied: the embedding stays float, the head is quantized."""
+    are untied: the embedding stays float, the head is quantized. With a convert_dtype narrower than
+    dtype (bf16 prompts under fp32 decoding), MLA's kv_b_proj is kept in it (narrow_latent_projections)."""
     def make(name: str, old: nn.Linear) -> QuantLinear:
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
             return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype, convert_dtype)
 
     replace_linears(model, make)
+    if convert_dtype is not None and convert_dtype != dtype:
+        narrow_latent_projections(model, convert_dtype)
 
 
 def replace_linears(model: nn.Module, make) -> None:

@@ -151,6 +151,60 @@ def test_experts_the_kernel_does_not_take_are_not_grouped():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_mla_kernel_products_equal_the_float_products(monkeypatch, isa, rows):
+    """MLA's absorbed products with kv_b_proj's weight in bf16 and fp32 activations (kernels.mla_product)."""
+    monkeypatch.setattr(kernels, "int4_isa", lambda: isa)
+    H, d, dv, c = 3, 48, 40, 80
+    w = torch.randn(H, d + dv, c).bfloat16()
+    q, o = torch.randn(H, rows, d), torch.randn(H, rows, c)
+    torch.testing.assert_close(kernels.mla_product(q, w, d, False), q @ w[:, :d].float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernels.mla_product(o, w, d, True), o @ w[:, d:].float().transpose(1, 2), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernels.mla_product(q.transpose(0, 1).contiguous().transpose(0, 1), w, d, False),
+                               q @ w[:, :d].float(), atol=1e-4, rtol=1e-5)  # strided activations are read right
+    for bad in [(q, w.float(), d, False), (q.double(), w, d, False), (o, w, d, False), (q, w, d, True),
+                (torch.randn(H, 9, d), w, d, False), (q, w.transpose(1, 2).contiguous().transpose(1, 2), d, False)]:
+        with pytest.raises(ValueError, match="mla_product"):
+            kernels.mla_product(*bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("compile", [False, True])
+def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_path, monkeypatch, compile):
+    """An int4 MLA model loaded to compute in fp32 with bf16 prompts (as on CPUs that multiply bf16 fast) keeps
+    kv_b_proj in bf16; decoding reads it through the MLA kernel (eagerly and from a compiled graph) with the
+    tokens and log-probabilities of the same weights widened to fp32."""
+    import nanoseek
+    from nanoseek.inference import Engine, SamplingParams
+    from nanoseek.model import build_model
+    from nanoseek.quant import NarrowLinear
+
+    model = build_model(get_preset("tiny", hidden_size=128, moe_intermediate_size=64)).eval()
+    randomize_(model, std=0.15)
+    nanoseek.save_model(model, tmp_path)
+    narrow = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32, weight_dtype=torch.bfloat16)
+    layers = [m.self_attn.kv_b_proj for m in narrow.model.layers]
+    assert all(isinstance(m, NarrowLinear) and m.weight.dtype == torch.bfloat16 for m in layers)
+    calls = []
+    monkeypatch.setattr(kernels, "mla_product", lambda *a, run=kernels.mla_product: calls.append(a) or run(*a))
+    from nanoseek.model import attention
+    monkeypatch.setattr(attention, "mla_product", kernels.mla_product)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    got = Engine(narrow, max_batch=2, eos_token_id=-1, compile=compile).generate(prompts, params)
+    assert calls or compile  # (a compiled graph calls the operator, which holds the function it was made with)
+    wide = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32, weight_dtype=torch.bfloat16)
+    for m in wide.model.layers:
+        m.self_attn.kv_b_proj.weight.data = m.self_attn.kv_b_proj.weight.data.float()
+    want = Engine(wide, max_batch=2, eos_token_id=-1).generate(prompts, params)
+    for a, b in zip(got, want):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor([x["logprob"] for x in a.logprobs]),
+                                   torch.tensor([x["logprob"] for x in b.logprobs]), atol=1e-3, rtol=0)
+
+
+@needs_kernel
 def test_the_kernel_refuses_what_it_cannot_read():
     layer = int4_layer(256, 64)
     x = torch.randn(3, 256)
@@ -261,7 +315,7 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     check = [sys.executable, "-c", "from nanoseek import kernels; assert kernels.library() is not None"]
     subprocess.run(check, env=env, check=True)
-    (built,) = (tmp_path / "nanoseek" / "kernels").glob("int4-*.so")
+    (built,) = (tmp_path / "nanoseek" / "kernels").glob("kernels-*.so")
     built.write_bytes(b"not a shared library")  # (in another process: dlopen reuses a path it has loaded)
     subprocess.run(check, env=env, check=True)
     assert built.stat().st_size > 1000

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp")]  # built into one library
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
 GROUP = 32  # the group size the kernel reads
 MAX_ROWS = 8  # rows per call; more go through in chunks
@@ -100,9 +100,9 @@ def _library() -> ctypes.CDLL | None:
     cxx = compiler()
     if cxx is None:
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join([*cxx, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"int4-{key}.so"
+    target = cache_home() / "kernels" / f"kernels-{key}.so"
     try:
         try:
             lib = ctypes.CDLL(str(target)) if target.exists() else None
@@ -113,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([*cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+                subprocess.run([*cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], check=True, capture_output=True, text=True)
                 os.replace(built, target)  # atomic: a process building at the same time writes its own copy
             lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
@@ -124,6 +124,8 @@ def _library() -> ctypes.CDLL | None:
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.nanoseek_int4_linear_many.argtypes = [P, I, ctypes.c_int]
     lib.nanoseek_int4_linear_many.restype = ctypes.c_int
+    lib.nanoseek_mla_product.argtypes = [ctypes.c_int, P, P, P, I, I, I, I, I, ctypes.c_int]
+    lib.nanoseek_mla_product.restype = ctypes.c_int
     return lib
 
 
@@ -188,6 +190,36 @@ def int4_grouped(products: Sequence[tuple], isa: int | None = None) -> None:
         raise RuntimeError(f"int4 kernel failed (code {code}) on products [M, K, N] {[[r[1], r[2], r[6]] for r in table]}")
 
 
+MLA_MAX_ROWS, MLA_MAX_LATENT = 8, 1024  # what mla.cpp takes
+
+
+@torch._dynamo.assume_constant_result
+def mla_available() -> bool:
+    """Whether `mla_product` runs here (AVX2 or AVX-512, the library built)."""
+    return int4_isa() > 0 and library() is not None
+
+
+def mla_product(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value: bool) -> torch.Tensor:
+    """MLA's absorbed products for a few rows (see mla.cpp) with kv_b_proj's weight in bf16, [H, d + dv, c]
+    (d = key_dim): the key product (value=False) x = q [H, M, d] -> [H, M, c], or the value product x = o
+    [H, M, c] -> [H, M, dv]; x fp32, M <= MLA_MAX_ROWS, fp32 out."""
+    H, width, c = weight.shape
+    dv, M = width - key_dim, x.shape[1]
+    if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.dtype != torch.float32 \
+            or x.shape != (H, M, c if value else key_dim) or not 0 < M <= MLA_MAX_ROWS or c > MLA_MAX_LATENT \
+            or not 0 < key_dim < width or x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"mla_product: x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, "
+                         f"key_dim {key_dim}: wants a contiguous bf16 [H, d + dv, c] weight (c <= {MLA_MAX_LATENT}) "
+                         f"and fp32 x [H, M <= {MLA_MAX_ROWS}, {'c' if value else 'd'}] on the CPU")
+    x = x.contiguous()
+    y = x.new_empty(H, M, dv if value else c)
+    code = library().nanoseek_mla_product(int(value), x.data_ptr(), weight.data_ptr(), y.data_ptr(), H, M, key_dim,
+                                          dv, c, int4_isa())
+    if code:
+        raise RuntimeError(f"MLA kernel failed (code {code})")
+    return y
+
+
 _OPERATORS = torch.library.Library("nanoseek", "FRAGMENT")
 
 
@@ -206,3 +238,7 @@ def cpu_operator(schema: str, impl, fake):
 int4_linear = cpu_operator(
     "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor", int4_products,
     lambda x, qweight, scales, zeros: x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32))
+
+mla_operator = cpu_operator(
+    "mla_product(Tensor x, Tensor weight, int key_dim, bool value) -> Tensor", mla_product,
+    lambda x, weight, key_dim, value: x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - key_dim if value else weight.shape[2]))
