@@ -192,6 +192,10 @@ def test_a_schema_no_finite_reply_satisfies_is_a_400_not_broken_json(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=20, response_format=fmt)
     assert "cannot be followed" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # streamed too: the error before the stream opens
+        list(client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=20,
+                                            response_format=fmt, stream=True))
+    assert "cannot be followed" in e.value.body["message"]
 
 
 def test_fim_completion_with_suffix(client):

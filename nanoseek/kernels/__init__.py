@@ -6,11 +6,16 @@ few rows (decoding), with AVX-512 VNNI or AVX2 (see int4.cpp). torch's int4 kern
 2 cores at about half the memory's speed; torchao's int8 x int4 CPU kernel is not in its published
 wheels. Measured on a 2-vCPU AMD EPYC Zen4, one row: 33 against 82 us for an [1408, 2048] expert of
 DeepSeek-V2-Lite, 143 against 384 us for R1-Distill-Qwen-1.5B's [8960, 1536] (8 rows: 698 against 1,336).
+`int4_grouped`: several such products in one call (a mixture-of-experts layer's chosen experts).
 
-The source is compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
-one torch.compile needs) into $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the source, compiler
+`mla_product`: MLA's absorbed products for a few rows of fp32 activations against kv_b_proj's weight in
+bf16 (see mla.cpp), which torch has no CPU product for.
+
+The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
+one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
 and flags, and loaded with ctypes (no torch headers: a second or two to build). Where there is no
-compiler, no AVX2, or the build fails, `int4_available()` is False and quantized layers keep torch's kernel.
+compiler, no AVX2, or the build fails, `int4_available()` and `mla_available()` are False: quantized layers
+keep torch's kernel, MLA converts its bf16 weight.
 
 Also here, as the package's lowest layer: what this CPU is (`cpu_model_and_flags`) and where per-machine
 caches live (`cache_home`), and `cpu_operator`, how compiled graphs call nanoseek's CPU kernels.

@@ -510,7 +510,7 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
+        return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
@@ -531,13 +531,17 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": "nanoseek", "choices": choices, **extra}
 
+    events = aiter(_merged_events(svc, jobs, request))
+    # the first event before any chunk: a request that fails at once (a schema no reply can follow) is answered
+    # with its HTTP error (see _sse), not a stream that opens and then reports it
+    first = await anext(events)
     for i in range(len(jobs)):
         yield chunk(i, {"role": "assistant", "content": ""})
     splitters = [ReasoningStream(started=thinking) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
     answer_logprobs = [_AnswerLogprobs(svc, thinking, req.params.skip_token_ids) for req, _ in jobs]
-    async for i, ev in _merged_events(svc, jobs, request):
+    async for i, ev in _prepend(first, events):
         final = ev.finish_reason is not None
         if jobs[i][0].params.logprobs:
             pending[i] += answer_logprobs[i].feed(ev.logprobs)
@@ -585,7 +589,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     jobs = _submit_prompts(svc, prompts, params, body.n)
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name
     if body.stream:
-        return _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
+        return await _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
     await _wait_all(svc, jobs, request)
     # built and encoded off the event loop: echoed prompts' logprobs run to millions of entries (seconds of work)
     return await asyncio.to_thread(_completion_response, svc, body, prompts, jobs, cid, created, model)
@@ -799,11 +803,23 @@ async def _merged_events(svc: Service, jobs, request: Request) -> AsyncIterator[
                 svc.engine.cancel(req)
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events, then `[DONE]`; a failure ends the stream with an error event instead."""
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    """first, then what rest yields."""
+    yield first
+    async for x in rest:
+        yield x
+
+
+async def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events, then `[DONE]`. The first event is awaited before the response starts, so a request
+    that fails before it is answered with its HTTP error (an APIError raised here); a later failure ends the
+    stream with an error event instead."""
+    events = aiter(events)
+    first = await anext(events, None)
+
     async def body():
         try:
-            async for e in events:
+            async for e in events if first is None else _prepend(first, events):
                 yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
