@@ -324,7 +324,7 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self.standard_qweight()
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_layout, self._scales_zeros, self._fast = False, None, None
+        self._kernel_layout, self._scales_zeros, self._fast, self._operands = False, None, None, None
         self._drop_packed()
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -334,7 +334,7 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 self.qweight.copy_(self.standard_qweight())
             self._kernel_layout, self._scales_zeros = False, None
-        self._fast = None
+        self._fast, self._operands = None, None
         if self.bits == 8:
             return super()._apply(fn, recurse)
         scales, zeros = self.scales, self.zeros
@@ -426,8 +426,10 @@ def narrow_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Non
     model built on the meta device, before its weights are loaded). A head tied to the embedding stays
     as it is (one tensor, in the model's dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    fp32 = all(p.dtype == torch.float32 for p in model.parameters())
     replace_linears(model, lambda name, old: None if id(old.weight) in embeddings else narrow(old, dtype))
-    narrow_latent_projections(model, dtype)
+    if dtype == torch.bfloat16 and fp32:  # (kv_b_proj too, read by the MLA kernel)
+        narrow_latent_projections(model)
 
 
 def narrow(old: nn.Linear, dtype: torch.dtype) -> NarrowLinear:
@@ -435,15 +437,15 @@ def narrow(old: nn.Linear, dtype: torch.dtype) -> NarrowLinear:
     return NarrowLinear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device, dtype=dtype)
 
 
-def narrow_latent_projections(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Make MLA's kv_b_proj layers (never quantized, see `quantizable`) NarrowLinear with weights in `dtype`, in
-    place, for models that compute in fp32 holding their other weights narrower: decoding reads them through
-    nanoseek's kernel for fp32 activations against bf16 weights (kernels.mla_product; DeepSeek-V2-Lite reads
-    113 MB of them a token in bf16 against 226 in fp32)."""
+def narrow_latent_projections(model: nn.Module) -> None:
+    """Make MLA's kv_b_proj layers (never quantized, see `quantizable`) NarrowLinear with bf16 weights, in place,
+    for fp32 models that hold their other weights narrower: decoding reads them through nanoseek's kernel for
+    fp32 activations against bf16 weights (kernels.mla_product; DeepSeek-V2-Lite reads 113 MB of them a token in
+    bf16 against 226 in fp32)."""
     for name, module in list(model.named_modules()):
         parent, _, child = name.rpartition(".")
         if child == "kv_b_proj" and isinstance(module, nn.Linear) and not isinstance(module, NarrowLinear):
-            setattr(model.get_submodule(parent) if parent else model, child, narrow(module, dtype))
+            setattr(model.get_submodule(parent) if parent else model, child, narrow(module, torch.bfloat16))
 
 
 @cache
@@ -535,8 +537,8 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
             return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype, convert_dtype)
 
     replace_linears(model, make)
-    if convert_dtype is not None and convert_dtype != dtype:
-        narrow_latent_projections(model, convert_dtype)
+    if convert_dtype == torch.bfloat16 and dtype == torch.float32:
+        narrow_latent_projections(model)
 
 
 def replace_linears(model: nn.Module, make) -> None:

@@ -135,6 +135,21 @@ def test_an_moe_layer_calls_the_kernel_once_for_gate_and_up_and_once_for_down(mo
 
 
 @needs_kernel
+def test_grouped_experts_read_strided_tokens_and_leave_router_gradients_to_autograd():
+    moe = int4_moe()
+    wide = torch.randn(1, 256)
+    x = wide[:, ::2]  # one token, not contiguous
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed(x.contiguous(), weights, indices))
+    weights, indices, _ = moe.gate(x)  # the router's weights need a gradient: the experts' own layers run
+    out = moe.routed(x, weights, indices)
+    assert out.requires_grad
+    out.sum().backward()
+    assert moe.gate.weight.grad is not None
+
+
+@needs_kernel
 def test_experts_the_kernel_does_not_take_are_not_grouped():
     moe = int4_moe()
     x = torch.randn(2, 128)
@@ -202,6 +217,25 @@ def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_pat
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor([x["logprob"] for x in a.logprobs]),
                                    torch.tensor([x["logprob"] for x in b.logprobs]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("load", [dict(quantize="int4", dtype=torch.float32, weight_dtype=torch.float16),
+                                  dict(dtype=torch.float32, weight_dtype=torch.float16),
+                                  dict(quantize="int4", dtype=torch.bfloat16, weight_dtype=torch.float32)])
+def test_mla_models_whose_kv_b_the_kernel_does_not_take_still_decode(tmp_path, load):
+    """Only bf16 kv_b_proj under fp32 activations is narrowed and read by the MLA kernel; other dtype pairs keep
+    kv_b_proj in the model's dtype and decode as before (fp16 weights under fp32, fp32 prompts under bf16)."""
+    import nanoseek
+    from nanoseek.inference import Engine, SamplingParams
+    from nanoseek.model import build_model
+
+    model = build_model(get_preset("tiny", hidden_size=128, moe_intermediate_size=64)).eval()
+    randomize_(model, std=0.15)
+    nanoseek.save_model(model, tmp_path)
+    loaded = nanoseek.load_model(tmp_path, **load)
+    assert all(m.self_attn.kv_b_proj.weight.dtype == load["dtype"] for m in loaded.model.layers)
+    out = Engine(loaded, max_batch=2, eos_token_id=-1).generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=3, temperature=0))
+    assert [len(r.tokens) for r in out] == [3, 3]
 
 
 @needs_kernel

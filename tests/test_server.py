@@ -17,6 +17,7 @@ from nanoseek.data.builtin import task_texts
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
+from nanoseek.serve import server as server_module
 from nanoseek.serve.server import Service
 from nanoseek.serve.guard import uvicorn_config
 from nanoseek.serve.store import ChatStore
@@ -196,6 +197,18 @@ def test_a_schema_no_finite_reply_satisfies_is_a_400_not_broken_json(client):
         list(client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=20,
                                             response_format=fmt, stream=True))
     assert "cannot be followed" in e.value.body["message"]
+
+
+def test_a_stream_whose_first_event_is_slow_opens_and_reports_a_later_error(client, monkeypatch):
+    """Past FIRST_EVENT_WAIT the stream opens (headers out, as for a request queued behind others) and a
+    failure then comes as an error event in it."""
+    monkeypatch.setattr(server_module, "FIRST_EVENT_WAIT", 0.0)
+    schema = {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}},
+                                                   "required": ["c"]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}
+    with pytest.raises(openai.APIError, match="cannot be followed"):
+        list(client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=20,
+                                            response_format=fmt, stream=True))
 
 
 def test_fim_completion_with_suffix(client):

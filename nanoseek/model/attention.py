@@ -149,7 +149,8 @@ class MLA(nn.Module):
         q_rows = q_nope.reshape(B * S, H, d).transpose(0, 1)  # (H, B*S, d)
         # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections): nanoseek's kernel for
         # a few rows (half the bytes of an fp32 weight, read at the memory's speed), else the weight converted
-        kernel = w.dtype != q_nope.dtype and B * S <= MLA_MAX_ROWS and w.device.type == "cpu" and mla_available()
+        kernel = (w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_MAX_ROWS
+                  and w.device.type == "cpu" and mla_available())
         if w.dtype != q_nope.dtype and not kernel:
             w = w.to(q_nope.dtype)
         # a bf16 batched product on a CPU copies operands whose batches are not evenly spaced, as these

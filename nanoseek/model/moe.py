@@ -124,7 +124,7 @@ class MoE(nn.Module):
         (zero when unused): data-parallel reduction needs the same gradients on every process.
         Where a new matrix shape is expensive (see `row_bucket`) each slice is padded with unused
         rows up to a bucketed size, so the experts' matrix products keep a few shapes."""
-        if not self.training and not (x.requires_grad and torch.is_grad_enabled()):
+        if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)):
             y = self.int4_routed(x, weights, indices)
             if y is not None:
                 return y
@@ -176,7 +176,7 @@ class MoE(nn.Module):
         order_t = torch.tensor(order, device=x.device)
         token_of = order_t // K
         # each pair's token, grouped by expert (one token: its pairs are distinct experts, each reading row 0)
-        xs, row_of = (x.float(), lambda a: 0) if N == 1 else (x.float().index_select(0, token_of), lambda a: a)
+        xs, row_of = (x.float().contiguous(), lambda a: 0) if N == 1 else (x.float().index_select(0, token_of), lambda a: a)
         I = runs[0][2][0].shape[0]  # the experts' intermediate size (gate_proj's output)
         gate_out, up_out = xs.new_empty(2, N * K, I)
         int4_grouped([(xs, row_of(a), *op, out, a, n) for a, n, gate, up, _ in runs for op, out in ((gate, gate_out), (up, up_out))])

@@ -45,6 +45,8 @@ from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice,
 
 WEB = Path(__file__).parent / "web"
 DEFAULT_MAX_TOKENS = 4096
+# a stream's response waits this many seconds at most for its first event (see _sse)
+FIRST_EVENT_WAIT = 10.0
 
 
 class Service:
@@ -510,7 +512,7 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls))
+        return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls), request)
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
@@ -589,7 +591,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     jobs = _submit_prompts(svc, prompts, params, body.n)
     cid, created, model = new_id("cmpl"), now(), body.model or svc.name
     if body.stream:
-        return await _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model))
+        return await _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model), request)
     await _wait_all(svc, jobs, request)
     # built and encoded off the event loop: echoed prompts' logprobs run to millions of entries (seconds of work)
     return await asyncio.to_thread(_completion_response, svc, body, prompts, jobs, cid, created, model)
@@ -810,16 +812,27 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         yield x
 
 
-async def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events, then `[DONE]`. The first event is awaited before the response starts, so a request
-    that fails before it is answered with its HTTP error (an APIError raised here); a later failure ends the
-    stream with an error event instead."""
+async def _sse(events: AsyncIterator[dict], request: Request) -> StreamingResponse:
+    """Server-sent events, then `[DONE]`. The first event is awaited (up to FIRST_EVENT_WAIT seconds, the client
+    checked twice a second) before the response starts, so a request that fails at once (a schema no reply can
+    follow) is answered with its HTTP error rather than a stream that opens and reports it; a later failure ends
+    the stream with an error event. A request still queued or prefilling by then streams as usual (headers go
+    out: proxies with a time-to-first-byte limit keep the connection)."""
     events = aiter(events)
-    first = await anext(events, None)
+    first = asyncio.ensure_future(anext(events, None))
+    deadline = asyncio.get_running_loop().time() + FIRST_EVENT_WAIT
+    while not first.done() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.wait({first}, timeout=0.5)
+        if not first.done() and await request.is_disconnected():
+            first.cancel()  # (the generator's cleanup cancels its generations)
+            raise ClientGone
+    if first.done():
+        first.result()  # an error before the first event: raised here, answered with its status
 
     async def body():
         try:
-            async for e in events if first is None else _prepend(first, events):
+            head = await first
+            async for e in events if head is None else _prepend(head, events):
                 yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
