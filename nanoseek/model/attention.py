@@ -82,8 +82,9 @@ class KVCache(Protocol):
 
 # the MLA kernel (bf16 kv_b_proj, fp32 activations) for up to this many rows; more convert the weight to fp32 and
 # take torch's product. DeepSeek-V2-Lite's shape, 27 layers streamed, 2-vCPU Zen4, both products a layer: 1 row
-# 251-272 us against 329-413 converting, 4 rows 332 against 419-428, 8 rows 568-586 against 525-528
-MLA_KERNEL_ROWS = 4
+# 251-272 us against 329-413 converting, 4 rows 332 against 419-428, 8 rows 568-586 against 525-528 alone, but
+# the whole model decoding 8 sequences took 7% longer converting (22.7-25.7 tok/s against 25.7-27.6)
+MLA_KERNEL_ROWS = 8
 
 
 class MLA(nn.Module):
