@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import mla_available, mla_product
+from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available, mla_product
 from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -78,13 +78,6 @@ class KVCache(Protocol):
         """Take the new tokens' entries [B, S, heads, width] (the cache stores them after the forward);
         return the cached ones [B, heads, T, width] and a bool mask [B, S, T + S] over the cached
         then the new positions (True = may attend)."""
-
-
-# the MLA kernel (bf16 kv_b_proj, fp32 activations) for up to this many rows; more convert the weight to fp32 and
-# take torch's product. DeepSeek-V2-Lite's shape, 27 layers streamed, 2-vCPU Zen4, both products a layer: 1 row
-# 251-272 us against 329-413 converting, 4 rows 332 against 419-428, 8 rows 568-586 against 525-528 alone, but
-# the whole model decoding 8 sequences took 7% longer converting (22.7-25.7 tok/s against 25.7-27.6)
-MLA_KERNEL_ROWS = 8
 
 
 class MLA(nn.Module):
@@ -156,7 +149,7 @@ class MLA(nn.Module):
         q_rows = q_nope.reshape(B * S, H, d).transpose(0, 1)  # (H, B*S, d)
         # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections): nanoseek's kernel for
         # a few rows (half the bytes of an fp32 weight, read at the memory's speed), else the weight converted
-        kernel = (w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_KERNEL_ROWS
+        kernel = (w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT
                   and w.device.type == "cpu" and mla_available())
         if w.dtype != q_nope.dtype and not kernel:
             w = w.to(q_nope.dtype)
