@@ -283,3 +283,21 @@ extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, in
     free(first);
     return 0;
 }
+
+// One product of any number of rows (in runs of 8, each quantizing its own rows), without the caller
+// building a table: a decode step's every other int4 layer (a 1.5B model makes ~200 such calls a token).
+extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                                    const uint16_t* z, int64_t N, float* y, int isa) {
+    if (M < 1) return M == 0 ? 0 : 1;
+    const int64_t count = (M + 7) / 8;
+    Int4Product one[8];
+    Int4Product* p = count <= 8 ? one : (Int4Product*)malloc(count * sizeof(Int4Product));
+    if (!p) return 2;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t m0 = 8 * i;
+        p[i] = {x + m0 * K, M - m0 < 8 ? M - m0 : 8, K, w, s, z, N, y + m0 * N};
+    }
+    int code = nanoseek_int4_linear_many(p, count, isa);
+    if (p != one) free(p);
+    return code;
+}
