@@ -27,9 +27,11 @@ converter's Python), the same
 weights go to GGUF (bf16, then q8_0 and q4_0 with --pure: every tensor at the bit width; from FP8, q8_0 in
 the converter and q4_0 requantized from it) and
 llama-bench (prefill pp512, decode tg64) and llama-batched-bench (8 sequences) run interleaved with
-nanoseek, round after round.
+nanoseek, round after round. q4_0 keeps one scale per 32 weights (4.5 bits a weight); nanoseek's int4 keeps a
+scale and a minimum (5 bits), as llama.cpp's q4_1 does: --q4-1 runs that too, the same bits and scheme.
 
     python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 16,8,4 --llama-cpp ~/llama.cpp
+    python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 4 --q4-1 --llama-cpp ~/llama.cpp
     python bench/release_decode.py --shape v2-lite --bits 8,4 --serve
     python bench/release_decode.py --shape v2-lite --bits 8 --llama-cpp ~/llama.cpp   # ~50 GB of disk
     python bench/release_decode.py --shape shipped --bits 32 --context 2000 --llama-cpp ~/llama.cpp
@@ -349,6 +351,9 @@ def main():
     ap.add_argument("--llama-bin", type=Path, help="folder of the llama.cpp binaries (default: LLAMA_CPP/build/bin)")
     ap.add_argument("--context", type=int, default=0, help="also decode at batch 8 after this many tokens of context")
     ap.add_argument("--serve", action="store_true", help="also start `nanoseek serve` on each folder")
+    ap.add_argument("--q4-1", action="store_true", help="with --bits 4: also run llama.cpp's q4_1, the bit width and "
+                    "scheme of nanoseek's int4 (per group of 32 weights a scale and a minimum: 5 bits a weight; q4_0 "
+                    "keeps a scale only, 4.5 bits)")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -394,12 +399,19 @@ def main():
         llama.convert(source, ggufs[16], "bf16")
         for b in {8, 4} & set(bits):
             llama.quantize(ggufs[16], ggufs[b], "q8_0" if b == 8 else "q4_0")
+        if args.q4_1 and 4 in bits:
+            ggufs["q4_1"] = work / "model-q4_1.gguf"
+            llama.quantize(ggufs[16], ggufs["q4_1"], "q4_1")
     elif llama:  # FP8 goes to q8_0 in the converter; q4_0 is requantized from that (a bf16 GGUF would be 31 GB)
         ggufs = {8: work / "model-q8_0.gguf", 4: work / "model-q4_0.gguf"}
-        if 8 in bits or not ggufs[4].exists():
+        if args.q4_1 and 4 in bits:
+            ggufs["q4_1"] = work / "model-q4_1.gguf"
+        if 8 in bits or not ggufs[4].exists() or not ggufs.get("q4_1", ggufs[4]).exists():
             llama.convert(source, ggufs[8], "q8_0")
         if 4 in bits:
             llama.quantize(ggufs[8], ggufs[4], "q4_0", requantize=True)
+            if "q4_1" in ggufs:
+                llama.quantize(ggufs[8], ggufs["q4_1"], "q4_1", requantize=True)
             if 8 not in bits:  # (16.7 GB that only led to q4_0 here)
                 ggufs[8].unlink(missing_ok=True)
 
@@ -413,6 +425,9 @@ def main():
             if llama:
                 results.setdefault(("llama.cpp", b), []).append(llama.run(ggufs[b], args.new, args.batch, args.context))
                 print(f"round {r + 1} llama.cpp {b}: {results[('llama.cpp', b)][-1]}", flush=True)
+            if llama and b == 4 and "q4_1" in ggufs:
+                results.setdefault(("llama.cpp q4_1", b), []).append(llama.run(ggufs["q4_1"], args.new, args.batch, args.context))
+                print(f"round {r + 1} llama.cpp q4_1: {results[('llama.cpp q4_1', b)][-1]}", flush=True)
 
     def med(key, field):
         vals = [x[field] for x in results.get(key, []) if field in x and x[field] == x[field]]  # nan: no result
@@ -440,6 +455,11 @@ def main():
             row += (f" {med(L, 'prefill'):.1f} | {med(L, 'decode_b1'):.2f} | {med(L, 'decode_b8'):.2f} | "
                     f"{med(n, 'decode_b1') / med(L, 'decode_b1'):.2f}x | {med(n, 'prefill') / med(L, 'prefill'):.2f}x |")
         print(row)
+        Q = ("llama.cpp q4_1", b)
+        if Q in results:
+            print(f"  against llama.cpp's q4_1 (5 bits, as int4): prefill {med(Q, 'prefill'):.1f}, b1 {med(Q, 'decode_b1'):.2f}, "
+                  f"b{args.batch} {med(Q, 'decode_b8'):.2f} tok/s; nanoseek / q4_1: b1 {med(n, 'decode_b1') / med(Q, 'decode_b1'):.2f}x, "
+                  f"b{args.batch} {med(n, 'decode_b8') / med(Q, 'decode_b8'):.2f}x, prefill {med(n, 'prefill') / med(Q, 'prefill'):.2f}x")
         if args.context:
             print(f"  decode b{args.batch} after {args.context} tokens of context: nanoseek {med(n, 'decode_b8_context'):.1f}"
                   + (f", llama.cpp {med(('llama.cpp', b), 'decode_b8_context'):.1f} tok/s" if llama else " tok/s"))
