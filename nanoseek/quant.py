@@ -69,7 +69,6 @@ from .kernels import (
     cpu_operator,
     int4_available,
     int4_products,
-    int4_products_unchecked,
 )
 
 BITS = (8, 4)
@@ -203,14 +202,11 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
         if self.bits == 4 and self._fast_int4():
-            # (eagerly without the operator's dispatch: V2-Lite makes 630 calls a token)
             if rows <= FAST_INT4_ROWS:
-                if torch.compiler.is_compiling():
-                    y = torch.ops.nanoseek.int4_linear(x2, self.qweight, self.scales, self.zeros)
-                elif x.requires_grad and torch.is_grad_enabled():
+                if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
                     y = Int4Product.apply(x2, self)
-                else:
-                    y = int4_products_unchecked(x2, self.qweight, self.scales, self.zeros)
+                else:  # the operator: C++ from end to end where the library carries it (see kernels/ops.cpp)
+                    y = torch.ops.nanoseek.int4_linear(x2, self.qweight, self.scales, self.zeros)
                 y = y.to(x.dtype)
             else:
                 y = self._converted(x2)

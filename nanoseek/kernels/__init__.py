@@ -6,14 +6,18 @@ few rows (decoding), with AVX-512 VNNI or AVX2 (see int4.cpp). torch's int4 kern
 2 cores at about half the memory's speed; torchao's int8 x int4 CPU kernel is not in its published
 wheels. Measured on a 2-vCPU AMD EPYC Zen4, one row: 33 against 82 us for an [1408, 2048] expert of
 DeepSeek-V2-Lite, 143 against 384 us for R1-Distill-Qwen-1.5B's [8960, 1536] (8 rows: 698 against 1,336).
-`int4_grouped`: several such products in one call (a mixture-of-experts layer's chosen experts).
+`int4_grouped`: several such products in one call (a mixture-of-experts layer's chosen experts). The
+operator `nanoseek::int4_linear` (how quantized layers call the kernel, eagerly and from compiled graphs)
+has its CPU implementation in C++ (ops.cpp), so a call never passes through Python.
 
 `mla_product`: MLA's absorbed products for a few rows of fp32 activations against kv_b_proj's weight in
 bf16 (see mla.cpp), which torch has no CPU product for.
 
 The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
 one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
-and flags, and loaded with ctypes (no torch headers: a second or two to build). Where there is no
+and flags, and loaded with ctypes; ops.cpp, the one source that includes torch's headers, makes the build take
+~7 s on 2 cores (without it, where torch's headers do not compile here, a second or two, and the operator gets
+a Python implementation: ~10 us more a call than ~2). Where there is no
 compiler, no AVX2, or the build fails, `int4_available()` and `mla_available()` are False: quantized layers
 keep torch's kernel, MLA converts its bf16 weight.
 
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp")]  # built into one library
+OPERATOR_SOURCE = Path(__file__).with_name("ops.cpp")  # and, against torch's headers, the int4_linear operator's C++
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
 GROUP = 32  # the group size the kernel reads
 MAX_ROWS = 8  # rows per call; more go through in chunks
@@ -100,40 +105,58 @@ def library() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    lib, native = _build()
+    if lib is not None:
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        lib.nanoseek_int4_linear_many.argtypes = [P, I, ctypes.c_int]
+        lib.nanoseek_int4_linear_many.restype = ctypes.c_int
+        lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
+        lib.nanoseek_int4_linear.restype = ctypes.c_int
+        lib.nanoseek_mla_product.argtypes = [ctypes.c_int, P, P, P, I, I, I, I, I, ctypes.c_int]
+        lib.nanoseek_mla_product.restype = ctypes.c_int
+    if native:  # loading it registered the operator's C++ implementation
+        lib.nanoseek_set_isa(int4_isa())
+    elif not torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_linear", "CPU"):  # (once a process)
+        _OPERATORS.impl("int4_linear", int4_products, "CPU")
+    return lib
+
+
+def _build() -> tuple[ctypes.CDLL | None, bool]:
+    """The library and whether it carries the int4_linear operator's C++ implementation: built with it where
+    torch's headers compile here (a few seconds, once), else from the kernels alone (a second or two)."""
     if int4_isa() == 0 or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return None
+        return None, False
     cxx = compiler()
     if cxx is None:
-        return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join([*cxx, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"kernels-{key}.so"
-    try:
+        return None, False
+    root = Path(torch.__file__).parent
+    with_torch = ["-std=c++17", f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                  f"-L{root / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
+    failure = None
+    for sources, flags in (([*SOURCES, OPERATOR_SOURCE], [*FLAGS, *with_torch]), (SOURCES, FLAGS)):
+        source = b"".join(path.read_bytes() for path in sources)
+        key = hashlib.sha256(source + " ".join([*cxx, *flags]).encode()).hexdigest()[:16]
+        target = cache_home() / "kernels" / f"kernels-{key}.so"
         try:
-            lib = ctypes.CDLL(str(target)) if target.exists() else None
-        except OSError:  # a damaged copy (a full disk, say): built again
-            target.unlink()
-            lib = None
-        if lib is None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                subprocess.run([*cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], check=True, capture_output=True, text=True)
-                os.replace(built, target)  # atomic: a process building at the same time writes its own copy
-            lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"nanoseek's int4 CPU kernel could not be built ({detail.strip()[:300]}); "
-                      "int4 layers use torch's kernel", stacklevel=3)
-        return None
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.nanoseek_int4_linear_many.argtypes = [P, I, ctypes.c_int]
-    lib.nanoseek_int4_linear_many.restype = ctypes.c_int
-    lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
-    lib.nanoseek_int4_linear.restype = ctypes.c_int
-    lib.nanoseek_mla_product.argtypes = [ctypes.c_int, P, P, P, I, I, I, I, I, ctypes.c_int]
-    lib.nanoseek_mla_product.restype = ctypes.c_int
-    return lib
+            try:
+                lib = ctypes.CDLL(str(target)) if target.exists() else None
+            except OSError:  # a damaged copy (a full disk, say): built again
+                target.unlink()
+                lib = None
+            if lib is None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    built = Path(tmp) / target.name
+                    subprocess.run([*cxx, *map(str, sources), *flags, "-o", str(built)], check=True, capture_output=True,
+                                   text=True)
+                    os.replace(built, target)  # atomic: a process building at the same time writes its own copy
+                lib = ctypes.CDLL(str(target))
+            return lib, OPERATOR_SOURCE in sources
+        except (OSError, subprocess.CalledProcessError) as e:
+            failure = getattr(e, "stderr", None) or str(e)
+    warnings.warn(f"nanoseek's int4 CPU kernel could not be built ({failure.strip()[:300]}); "
+                  "int4 layers use torch's kernel", stacklevel=4)
+    return None, False
 
 
 # dynamo calls it while tracing and keeps the answer as a constant of the graph (it cannot trace the build)
@@ -149,7 +172,8 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     """x [rows, K] (any float dtype, CPU) @ W.T -> [rows, N] fp32, W held as qweight uint8 [N, K/2] (input 2j in
     the low nibble of byte j, 2j+1 in the high one), scales and zeros bf16 [N, K/32]: W = zero + code * scale.
     The activations are quantized to int8 per block of 32 inputs on the way in (see int4.cpp).
-    isa: the instruction set to run (default: this CPU's best; AVX2 where K is not a multiple of 128)."""
+    isa: the instruction set to run (default: this CPU's best; AVX2 where K is not a multiple of 128).
+    The operator nanoseek::int4_linear is this, in C++ where the library carries it (ops.cpp)."""
     lib, here = library(), int4_isa()
     isa = isa or here
     if lib is None or not 0 < isa <= here:
@@ -164,20 +188,11 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                          f"{tuple(qweight.shape)}, scales {scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} "
                          f"{tuple(zeros.shape)}: wants x float [rows, K] on the CPU, K a multiple of 64, uint8 "
                          f"[N, K/2] codes, bf16 [N, K/32] scales and zeros, all contiguous")
-    return int4_products_unchecked(x, qweight, scales, zeros, isa)
-
-
-def int4_products_unchecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            isa: int | None = None) -> torch.Tensor:
-    """`int4_products` without its checks, for a caller that made them once (a layer that took the kernel:
-    QuantLinear._fast_int4; they cost ~4 us a call, and DeepSeek-V2-Lite makes 630 calls a token). One call
-    into the kernel with its arguments as they are (no table to build: 13 us over the kernel's own time
-    rather than 25 for a [256, 1536] weight, measured on a 2-vCPU Zen4)."""
     x = x.to(torch.float32).contiguous()
     M, K = x.shape
     y = x.new_empty(M, qweight.shape[0])
     code = _library().nanoseek_int4_linear(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                                           qweight.shape[0], y.data_ptr(), isa or int4_isa())
+                                           qweight.shape[0], y.data_ptr(), isa)
     if code:
         raise RuntimeError(f"int4 kernel failed (code {code}) on a product [M, K, N] {[M, K, qweight.shape[0]]}")
     return y
@@ -251,9 +266,11 @@ def cpu_operator(schema: str, impl, fake):
     return getattr(torch.ops.nanoseek, name)
 
 
-int4_linear = cpu_operator(
-    "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor", int4_products,
-    lambda x, qweight, scales, zeros: x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32))
+# int4_products as an operator: its CPU implementation is registered with the library (`_library`: ops.cpp's
+# C++ where it builds against torch's headers, else int4_products itself)
+_OPERATORS.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor")
+torch.library.register_fake("nanoseek::int4_linear", lambda x, qweight, scales, zeros: x.new_empty(
+    x.shape[0], qweight.shape[0], dtype=torch.float32), lib=_OPERATORS)
 
 mla_operator = cpu_operator(
     "mla_product(Tensor x, Tensor weight, int key_dim, bool value) -> Tensor", mla_product,
