@@ -17,14 +17,15 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.text import Text
 
-from .inference import Engine, EngineBusy, InvalidRequest, Request, SamplingParams
+from .inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Request, SamplingParams
 from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
 from .tokenizer import ChatFormatError, DeepSeekTokenizer
-from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, describe_tools, renders_tools,
-                    run_calculator)
+from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
+                    renders_tools, run_calculator)
 
 MAX_TOOL_ROUNDS = 4  # rounds of calls per user message; the reply after the last may not call
+REPLY_TOKENS = 1024  # a reply's most tokens when --max-tokens is not given (or what the context leaves)
 
 
 @dataclass(frozen=True)
@@ -127,16 +128,19 @@ def run_tool(name: str, arguments: str) -> str:
 
 
 def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: list[dict], params: SamplingParams,
-          system: str = "", think: bool = True, tools: Tools | None = None) -> None:
+          system: str = "", think: bool = True, tools: Tools | None = None, fit: bool = False) -> None:
     """One turn: the model answers `messages` (the user's message last) and the reply is appended.
     With tools, a reply that calls the calculator is followed by the calls' results (printed, and
     appended as `tool` messages) and another reply, until one makes no call or MAX_TOOL_ROUNDS
-    rounds are done. Raises InvalidRequest, EngineBusy or ChatFormatError if a prompt is refused."""
+    rounds are done. `fit`: params.max_new_tokens is a default, cut to what the context leaves after
+    the prompt. Raises InvalidRequest, EngineBusy or ChatFormatError if a prompt is refused."""
     for round_ in range(MAX_TOOL_ROUNDS + 1):
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         ids = tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
         grammar = params.grammar if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
-        req = engine.submit(ids, replace(params, grammar=grammar))
+        room = engine.max_len - len(ids)
+        new = max(1, min(params.max_new_tokens, room)) if fit else params.max_new_tokens
+        req = engine.submit(ids, replace(params, grammar=grammar, max_new_tokens=new))
         reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
                                          tools.fmt if tools else None)
         content, calls, complete = tools.fmt.split(answer) if tools is not None else (answer, [], True)
@@ -145,7 +149,8 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
             if calls:
                 console.print("[yellow](the reply ended inside a tool call)[/]")
             elif req.finish_reason == "length":
-                console.print(f"[yellow](cut off at {params.max_new_tokens} tokens: --max-tokens)[/]")
+                console.print(f"[yellow](cut off at {new} tokens: " + ("the model's context is full: /reset starts "
+                              "anew)[/]" if new == room else "--max-tokens)[/]"))
             messages.append(message)
             return
         messages.append({**message, "content": content or None, "tool_calls": calls})
@@ -158,13 +163,15 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
 
 
 def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str = "", temperature: float = 0.6,
-         top_p: float = 0.95, max_tokens: int = 1024, think: bool = True, tools: bool = True) -> None:
+         top_p: float = 0.95, max_tokens: int | None = None, think: bool = True, tools: bool = True) -> None:
     """Talk with the model until /exit, Ctrl-D or Ctrl-C at the prompt; `tools`: offer the
-    calculator if the model's template can write tool calls."""
+    calculator if the model's template can write tool calls. max_tokens None: REPLY_TOKENS, or what the
+    context leaves."""
     messages: list[dict] = []
     offered = Tools.offer(engine, tok) if tools else None
     # no tools: no raw calls either (unless speculating: drafts are verified without a token ban)
-    plain = None if offered is not None or engine.speculative else no_calls(tok, CallFormat.probe(tok))
+    fmt = CallFormat.probe(tok)
+    plain = None if offered is not None or engine.speculative else no_calls(tok, fmt)
     if offered is not None:
         console.print("[dim](the model may use a calculator; --no-tools turns it off)[/]")
     while True:
@@ -213,8 +220,16 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
         before = len(messages)
         messages.append({"role": "user", "content": text})
         try:
-            reply(engine, tok, console, messages, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                                                 top_p=top_p, grammar=plain), system, think, offered)
+            reply(engine, tok, console, messages, SamplingParams(max_new_tokens=max_tokens or REPLY_TOKENS,
+                                                                 temperature=temperature, top_p=top_p, grammar=plain,
+                                                                 skip_token_ids=hidden_in_chat(tok, fmt)),
+                  system, think, offered, fit=max_tokens is None)
+        except ContextOverflow as e:  # in the command's terms (the engine's are max_new_tokens)
+            del messages[before:]
+            room = e.context - e.prompt_tokens
+            console.print(f"[red]the conversation ({e.prompt_tokens} tokens) leaves " + (
+                f"{room} of the model's {e.context} tokens of context, fewer than --max-tokens {e.max_new_tokens}[/]"
+                if room > 0 else f"no room in the model's {e.context} tokens of context[/]") + " (/reset starts anew)")
         except (InvalidRequest, EngineBusy, ChatFormatError) as e:
             del messages[before:]
             console.print(f"[red]{e}[/] (try /reset)")

@@ -60,6 +60,12 @@ def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_dict(raw), raw
 
 
+def has_mtp_weights(config: ModelConfig, weight_map: dict[str, str]) -> bool:
+    """Whether the checkpoint holds the MTP layer its config declares (transformers writes none: such a model
+    loads without MTP)."""
+    return any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in weight_map)
+
+
 def shard_map(path: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index or the single file."""
     index = path / INDEX
@@ -189,12 +195,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         dtype = getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
         if dtype in FP8_DTYPES:
             dtype = torch.bfloat16
-    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
     mtp_at = sorted({int(k.split(".")[2]) for k in weight_map if k.startswith("model.layers.") and ".eh_proj." in k})
     if mtp_at and mtp_at[0] != config.num_hidden_layers:  # (else: a misleading "no MTP weights", then missing tensors)
         raise CheckpointError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}, but the "
                               f"checkpoint's MTP layer, which follows the last main layer, is model.layers.{mtp_at[0]}")
-    if config.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in weight_map):
+    if config.num_nextn_predict_layers and not has_mtp_weights(config, weight_map):
         # transformers writes no MTP weights even when the config declares them: load the main model
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")

@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,6 +26,7 @@ from typing import Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from .data.corpus import corpus_files
@@ -42,6 +44,7 @@ Quantize = Literal["int8", "int4"]
 Precision = Literal[PRECISIONS]
 Wording = Literal["canonical", "varied", "held-out"]  # eval.tasks.WORDINGS
 MIN_SPEEDRUN_BUDGET = 30  # seconds
+GENERATE_TOKENS = 512  # generate's --max-tokens when not given (or what the context leaves); chat's: chat.REPLY_TOKENS
 UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
 
 
@@ -95,9 +98,18 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                           help="Print nanoseek's version and exit.")) -> None:
-    pass
+def _options(ctx: typer.Context, _version: bool = typer.Option(False, "--version", is_eager=True,
+                                                               callback=_print_version,
+                                                               help="Print nanoseek's version and exit.")) -> None:
+    shown = warnings.showwarning
+    warnings.showwarning = _note  # warnings to a person at a terminal: one line each, no source line
+    ctx.call_on_close(lambda: setattr(warnings, "showwarning", shown))
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (a library's own, from outside nanoseek, keeps its name)."""
+    origin = "" if "nanoseek" in Path(filename).parts else f" ({category.__name__})"
+    errors.print(Text.assemble(("note: ", "yellow"), str(message) + origin))
 
 
 def _user_error(e: Exception) -> bool:
@@ -471,13 +483,15 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
     import torch
     from rich.table import Table
 
-    from .checkpoint import inference_dtypes, load_config, shard_map
+    from .checkpoint import has_mtp_weights, inference_dtypes, load_config, shard_map
     from .inference import KVCache
     from .model import DeepseekForCausalLM
 
     with _reported():
         config, raw = load_config(model)
-        shard_map(model)  # the weights are there and their headers read (a folder without them said nothing)
+        weight_map = shard_map(model)  # the weights are there and their headers read (a folder without them said nothing)
+    if not has_mtp_weights(config, weight_map):
+        config = replace(config, num_nextn_predict_layers=0)  # as loading does: no MTP weights, no MTP layer
     with torch.device("meta"):
         m = DeepseekForCausalLM(config)
     table = Table(title=str(model), show_header=False)
@@ -634,7 +648,8 @@ def generate(
     prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue)."),
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
-    max_tokens: int = typer.Option(512, min=1, help="Most tokens to generate."),
+    max_tokens: int = typer.Option(None, min=1, help="Most tokens to generate. Default: 512, or what the model's context "
+                                   "leaves after the prompt."),
     temperature: float = typer.Option(None, callback=_within(0, 100), help="0 = greedy. Default: the model's "
                                       "generation_config.json (R1-Distill: 0.6), else 0."),
     top_p: float = typer.Option(None, callback=_within(0, 1), help="Nucleus sampling: the smallest set of tokens with this "
@@ -648,7 +663,7 @@ def generate(
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
     from .chat import no_calls, stream_reply
     from .inference import ContextOverflow, SamplingParams
-    from .tools import CallFormat
+    from .tools import CallFormat, hidden_in_chat
 
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize,
                                device=device)
@@ -661,12 +676,14 @@ def generate(
     with _reported():
         try:
             # no tools offered: no raw calls (unless speculating: drafts are verified without a token ban)
-            grammar = None if raw or engine.speculative else no_calls(tok, CallFormat.probe(tok))
-            req = engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                    seed=seed, grammar=grammar))
+            fmt = CallFormat.probe(tok)
+            grammar = None if raw or engine.speculative else no_calls(tok, fmt)
+            new = max_tokens or max(1, min(GENERATE_TOKENS, engine.max_len - len(ids)))
+            req = engine.submit(ids, SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
+                                                    seed=seed, grammar=grammar, skip_token_ids=hidden_in_chat(tok, fmt)))
         except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
             room = e.context - e.prompt_tokens
-            _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {max_tokens} exceeds the model's context "
+            _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {new} exceeds the model's context "
                   f"of {e.context} tokens" + (f": use --max-tokens {room} or less" if room > 0 else ": shorten the prompt"))
     stream_reply(engine, req, not raw and tok.opens_thinking(ids), console, answer_label=None if raw else "Answer:")
     dt = time.perf_counter() - t0
@@ -683,7 +700,8 @@ def chat(
                                       "it. Default: the model's generation_config.json, else 0.6."),
     top_p: float = typer.Option(None, callback=_within(0, 1), help="Nucleus sampling: the smallest set of tokens with this "
                                 "much probability. Default: the model's generation_config.json, else 0.95."),
-    max_tokens: int = typer.Option(1024, min=1, help="Most tokens per reply."),
+    max_tokens: int = typer.Option(None, min=1, help="Most tokens per reply. Default: 1024, or what the model's context "
+                                   "leaves after the conversation so far."),
     think: bool = typer.Option(True, help="Let the model reason first (shown dimmed)."),
     tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool "
                                "calls (calls and results are shown dimmed)."),

@@ -367,7 +367,8 @@ class DeepSeekTokenizer:
         prefix, reasoning = self._protected(prefix), self._protected(reasoning)
         head = text.rstrip()
         if not head.endswith(THINK):  # no reasoning block to open: the reply is the prefix onwards
-            return self._encode_rendered(text + prefix), prefix.rfind(THINK) > prefix.rfind(END_THINK)
+            return self._encode_rendered(self._continued(messages, prefix, text, tools, thinking)), \
+                prefix.rfind(THINK) > prefix.rfind(END_THINK)
         if prefix.lstrip().startswith(THINK):
             reply = prefix
         elif not thinking:
@@ -378,6 +379,21 @@ class DeepSeekTokenizer:
             reply = text[len(head) - len(THINK):] + reasoning + (f"\n{END_THINK}\n\n{prefix}" if prefix else "")
         prompt = head[: -len(THINK)] + reply
         return self._encode_rendered(prompt), reply.rfind(THINK) > reply.rfind(END_THINK)
+
+    def _continued(self, messages: Sequence[dict], prefix: str, prompt: str, tools: list[dict] | None,
+                   thinking: bool) -> str:
+        """The rendered conversation up to the end of `prefix` as the content of a last assistant message, as
+        transformers' continue_final_message cuts it (DeepSeek-V2's template writes `Assistant: ` before a
+        reply's content where its generation prompt ends at `Assistant:`); `prompt` + `prefix` where the
+        template changes the content or puts more than spaces between the generation prompt and it."""
+        if not prefix:
+            return prompt
+        final = self.apply_chat_template(self._protected([*messages, {"role": "assistant", "content": prefix}]),
+                                         add_generation_prompt=False, tools=self._protected(tools), thinking=thinking)
+        at = final.rfind(prefix)
+        if at < 0 or final[:at].rstrip() != prompt.rstrip() or not final[:at].startswith(prompt):
+            return prompt + prefix
+        return final[:at + len(prefix)]
 
     def opens_thinking(self, prompt: Sequence[int]) -> bool:
         """Does the prompt end inside an open <think> block (the reply starts with reasoning)?"""

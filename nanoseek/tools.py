@@ -17,7 +17,7 @@ import math
 import operator
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from .inference.constraints import json_rule, literal
 from .reasoning import partial_suffix
@@ -194,6 +194,28 @@ class CallStream:
                     deltas.append({"index": i, "function": {"arguments": more}})
                 self.calls[i][2] = len(args)
         return content, deltas
+
+
+def hidden_in_chat(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> frozenset[int]:
+    """The control tokens a reply's text leaves out, as vLLM's skip_special_tokens does: every added token but
+    the think tags and those that write tool calls (`fmt`), which the reply's parser reads. Added tokens, not
+    only those marked special: DeepSeek's tokenizer marks its role tokens (`<｜User｜>`) plain. (A random model
+    wrote image and file placeholders into one reply in eight.)"""
+    kept = set(tok.encode("".join(astuple(fmt)))) if fmt else set()
+    kept |= {tok.think_id, tok.end_think_id}
+    return tok.added_ids - kept
+
+
+def calls_so_far(fmt: CallFormat, text: str) -> list[dict]:
+    """The tool calls of an answer that ended inside its block (cut short), the last one as far as it got: what a
+    stream of the same answer sent (CallStream's deltas, put together), so both ways answer alike."""
+    calls = []
+    for delta in CallStream(fmt).feed(text, final=True)[1]:
+        if "id" in delta:
+            calls.append({"id": delta["id"], "type": "function", "function": {"name": delta["function"]["name"],
+                                                                              "arguments": ""}})
+        calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+    return calls
 
 
 def describe_tools(tools: list[dict], fmt: CallFormat) -> str:

@@ -191,6 +191,25 @@ def test_chat_prefix_completion_continues_the_reasoning_or_the_answer(folders, n
              (("The answer is", None, False), off + "The answer is", False)]
     if opens:  # a prefix that writes the tag itself replaces the template's
         cases.append((("<think>\nraw", None, True), gen.rstrip()[: -len("<think>")] + "<think>\nraw", True))
+    if not opens:  # the reply's content where the template puts it, as transformers' continue_final_message cuts it
+        hf = transformers.AutoTokenizer.from_pretrained(folders[name])
+        cases = [((prefix, reasoning, thinking), hf.apply_chat_template(
+            [*msgs, {"role": "assistant", "content": prefix}], continue_final_message=True, tokenize=False) if prefix
+            else want, started) for (prefix, reasoning, thinking), want, started in cases]
     for (prefix, reasoning, thinking), want, started in cases:
         ids, inside = tok.render_prefixed(msgs, prefix, reasoning, thinking=thinking)
         assert (tok.decode(ids), inside) == (want, started), (prefix, reasoning, thinking)
+
+
+def test_replies_leave_out_deepseeks_role_tokens_though_its_tokenizer_marks_them_plain(folders):
+    """DeepSeek's tokenizer.json marks `<｜User｜>` and `<｜Assistant｜>` not special: a reply's text (server, chat,
+    generate) leaves them out all the same; the think tags and the tokens that write tool calls stay."""
+    from nanoseek.tools import CallFormat, hidden_in_chat
+
+    tok = DeepSeekTokenizer.load(folders["deepseek-v3"])
+    roles = [tok.encode(t) for t in ("<｜User｜>", "<｜Assistant｜>")]
+    assert all(len(r) == 1 and r[0] not in tok.special_ids for r in roles)  # as DeepSeek's tokenizer.json has them
+    fmt = CallFormat.probe(tok)
+    hidden = hidden_in_chat(tok, fmt)
+    assert {r[0] for r in roles} <= hidden and not hidden & {tok.think_id, tok.end_think_id}
+    assert not hidden & set(tok.encode("".join([fmt.begin, fmt.before, fmt.between, fmt.after, fmt.end])))

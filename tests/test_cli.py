@@ -138,7 +138,7 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     assert json.loads((tmp_path / "r" / "config.json").read_text())["sft"]["data"] == str(data)
 
 
-def _chat_model(tmp_path):
+def _chat_model(tmp_path, **config):
     """A tiny random model with a tokenizer, as `nanoseek pretrain` leaves in runs/<name>/model."""
     import torch
 
@@ -148,7 +148,7 @@ def _chat_model(tmp_path):
 
     tok = DeepSeekTokenizer.train(task_texts(200), vocab_size=320)
     torch.manual_seed(1)  # a random model whose greedy replies do not end at their first token
-    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, **config))
     save_model(model, tmp_path / "m")
     tok.save(tmp_path / "m")
     return tmp_path / "m"
@@ -177,6 +177,28 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
         assert gpu.exit_code == 2 and "torch sees no CUDA GPU" in gpu.output, gpu.output
     bad_bits = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--quantize", "int5"])
     assert bad_bits.exit_code == 2 and "'--quantize'" in bad_bits.output and "'int8', 'int4'" in bad_bits.output
+
+
+def test_without_max_tokens_a_reply_takes_what_a_small_context_leaves(tmp_path, monkeypatch):
+    """A model whose context is shorter than the default reply (512 tokens for generate, 1024 for chat): the
+    reply gets what the context leaves; a conversation that fills it says so in the command's terms."""
+    from nanoseek.inference import Engine
+
+    model, asked = _chat_model(tmp_path, max_position_embeddings=64), []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, ids, params, **kw: asked.append((len(ids), params.max_new_tokens))
+                        or submit(self, ids, params, **kw))
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--temperature", "0"])
+    assert r.exit_code == 0 and "tok/s" in r.output, r.output
+    assert sum(asked[-1]) == 64  # the prompt and the longest reply the context holds
+    asked.clear()
+    r = runner.invoke(app, ["chat", "--model", str(model), "--temperature", "0", "--no-tools"],
+                      input="What is 2 + 3?\nAnd 4 + 5?\n/exit\n")
+    assert r.exit_code == 0 and "Traceback" not in r.output and "max_new_tokens" not in r.output, r.output
+    assert asked and all(n + new == 64 for n, new in asked if n < 64), asked  # (a full context: refused, said)
+    assert "the model's context is full" in r.output or "/reset starts anew" in r.output, r.output
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "60", "--no-tools"], input="What is 2 + 3?\n")
+    assert "fewer than --max-tokens 60" in r.output and "/reset starts anew" in r.output, r.output
 
 
 def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):

@@ -115,3 +115,19 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_a_transformers_v3_folder_without_mtp_weights_is_described_and_noted_as_it_loads(tmp_path):
+    """transformers saves no MTP weights for a config that declares them: `info` shows the model as it loads
+    (no MTP layer, the KV cache without it), and the CLI says so in one line, not as a Python warning."""
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    hf_model("v3", {}).save_pretrained(tmp_path / "v3")
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", str(tmp_path / "v3")])
+    assert r.exit_code == 0 and "+ 0 MTP" in r.output, r.output
+    r = runner.invoke(app, ["quantize", str(tmp_path / "v3"), str(tmp_path / "q"), "--bits", "8"])
+    assert r.exit_code == 0, r.output
+    assert "note: " in r.output and "no MTP weights" in r.output and "warnings.warn" not in r.output, r.output

@@ -20,7 +20,7 @@ import codecs
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import astuple, replace
+from dataclasses import replace
 from functools import cached_property, lru_cache, reduce
 from typing import NamedTuple
 from collections.abc import AsyncIterator
@@ -38,7 +38,8 @@ from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Sam
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
-from ..tools import CallFormat, CallStream, calculator_format, call_tokens, describe_tools, renders_tools
+from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, calls_so_far, describe_tools,
+                     hidden_in_chat, renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
@@ -67,13 +68,8 @@ class Service:
 
     @cached_property
     def hidden_in_chat(self) -> frozenset[int]:
-        """The control tokens a chat reply's text leaves out, as vLLM's skip_special_tokens does: every token
-        the tokenizer marks special but the think tags and those that write tool calls, which the reply's
-        parser reads (a random model wrote image and file placeholders into one reply in eight)."""
-        fmt = self.call_format
-        kept = set(self.tok.encode("".join(astuple(fmt)))) if fmt else set()
-        kept |= {self.tok.think_id, self.tok.end_think_id}
-        return self.tok.special_ids - kept
+        """The control tokens a chat reply's text leaves out (`tools.hidden_in_chat`)."""
+        return hidden_in_chat(self.tok, self.call_format)
 
     @cached_property
     def vocab(self):
@@ -476,8 +472,10 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
     if thinking or reasoning:
         msg["reasoning_content"] = reasoning
-    if tools:  # the calls apart; a block cut short (no whole call in it) is left out of the content too
-        content, calls, _ = svc.call_format.split(content)
+    if tools:  # the calls apart; a block cut short by max_tokens keeps its last call as far as it got (as a stream)
+        content, calls, complete = svc.call_format.split(answer := content)
+        if not complete and finish == "length":
+            calls = calls_so_far(svc.call_format, answer)
         msg["content"] = content
         if calls:
             msg.update(content=content or None, tool_calls=calls)
