@@ -207,6 +207,9 @@ def _model_folder(path: Path | None) -> Path | None:
             raise typer.BadParameter(f"'{path}' does not exist")
         if (path / "model" / "config.json").is_file() and (path / "metrics.jsonl").exists():
             raise typer.BadParameter(f"'{path}' is a run folder; its model is '{path / 'model'}'")
+        if path.is_file():
+            raise typer.BadParameter(f"'{path}' is a file; give the model folder that holds config.json"
+                                     + (f" ('{path.parent}')" if path.name == "config.json" else ""))
         if not (path / "config.json").is_file():
             raise typer.BadParameter(f"'{path}' is not a model folder (no config.json in it)")
     return path
@@ -909,6 +912,8 @@ def eval_(
                           thinking=None if thinking else False, log=console.print)
     else:
         engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device)
+        if not tok.chat_template:
+            _fail(f"{_no_template(model)}; eval asks its questions through the chat template")
     results, tool_rows, samples_log = [], [], []
     for family in tasks:
         if family == "calculator":

@@ -211,6 +211,10 @@ def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
         assert "Traceback" not in r.output
     r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "12 + 30 =", "--raw", "--max-tokens", "4"])
     assert r.exit_code == 0 and "tok/s" in r.output, r.output
+    r = runner.invoke(app, ["eval", "--model", str(model), "--tasks", "add", "--n", "2"])
+    assert r.exit_code == 2 and f"{model}: the model folder has no chat template" in r.output, r.output
+    r = runner.invoke(app, ["info", str(model / "config.json")])  # the file, not its folder
+    assert r.exit_code == 2 and "is a file" in r.output and f"'{model}'" in r.output, r.output
 
 
 def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path, monkeypatch):
