@@ -206,18 +206,6 @@ def hidden_in_chat(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> frozenset[
     return tok.added_ids - kept
 
 
-def calls_so_far(fmt: CallFormat, text: str) -> list[dict]:
-    """The tool calls of an answer that ended inside its block (cut short), the last one as far as it got: what a
-    stream of the same answer sent (CallStream's deltas, put together), so both ways answer alike."""
-    calls = []
-    for delta in CallStream(fmt).feed(text, final=True)[1]:
-        if "id" in delta:
-            calls.append({"id": delta["id"], "type": "function", "function": {"name": delta["function"]["name"],
-                                                                              "arguments": ""}})
-        calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
-    return calls
-
-
 def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
     """A system-prompt section that lists the tools and shows the call format, for chat templates
     that do not render `tools` themselves (DeepSeek-V3's and V3.1's do not)."""

@@ -15,7 +15,7 @@ from nanoseek.inference import Engine, SamplingParams
 from nanoseek.inference.constraints import Grammar, vocabulary
 from nanoseek.model import build_model, get_preset
 from nanoseek.tokenizer import DeepSeekTokenizer
-from nanoseek.tools import CALCULATOR, CallFormat, CallStream, calculate, calls_so_far, run_calculator
+from nanoseek.tools import CALCULATOR, CallFormat, CallStream, calculate, run_calculator
 from test_chat_templates import NAMES, folders  # noqa: F401  (fixture)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -75,26 +75,6 @@ def test_cut_short_block_keeps_complete_calls(formats):
     text = fmt.render(CALLS)
     content, calls, complete = fmt.split(text[: text.find("calculator") + 5])
     assert content == "" and len(calls) == 1 and not complete
-
-
-@pytest.mark.parametrize("name", sorted(WITH_CALLS))
-def test_an_answer_cut_inside_its_calls_gives_what_a_stream_sent(formats, name):
-    """calls_so_far (a non-streamed reply cut short by max_tokens): the complete calls and the last one as far as
-    it got, exactly what CallStream sent of the same text, at every cut."""
-    _, fmt = formats[name]
-    text = "Let me look.\n" + fmt.render(CALLS)
-    for cut in range(len(text) + 1):
-        stream, got = CallStream(fmt), {}
-        for d in stream.feed(text[:cut], final=True)[1]:
-            entry = got.setdefault(d["index"], [d["function"].get("name"), ""])
-            entry[1] += d["function"]["arguments"]
-        calls = calls_so_far(fmt, text[:cut])
-        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [tuple(got[i]) for i in sorted(got)]
-        assert all(c["type"] == "function" and c["id"] for c in calls)
-        complete = fmt.split(text[:cut])[1]
-        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls[:len(complete)]] == \
-            [(c["function"]["name"], c["function"]["arguments"]) for c in complete]  # the whole calls as split has them
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls_so_far(fmt, text)] == CALLS
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v3.1"])

@@ -38,8 +38,8 @@ from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Sam
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
-from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, calls_so_far, describe_tools,
-                     hidden_in_chat, renders_tools)
+from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
+                     renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
@@ -472,10 +472,8 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
     if thinking or reasoning:
         msg["reasoning_content"] = reasoning
-    if tools:  # the calls apart; a block cut short by max_tokens keeps its last call as far as it got (as a stream)
-        content, calls, complete = svc.call_format.split(answer := content)
-        if not complete and finish == "length":
-            calls = calls_so_far(svc.call_format, answer)
+    if tools:  # the calls apart; a block cut short (no whole call in it) is left out of the content too
+        content, calls, _ = svc.call_format.split(content)
         msg["content"] = content
         if calls:
             msg.update(content=content or None, tool_calls=calls)
