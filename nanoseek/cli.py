@@ -716,7 +716,7 @@ def chat(
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
     calculator calls (models whose template writes tool calls) with their results below it.
 
-    End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
+    End a line with \\ to continue typing on the next line. Commands: /help, /reset (new conversation),
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit; a message that starts
     with / is typed with two (//...). Ctrl-C stops the current reply; Ctrl-D or /exit leaves."""
     from .chat import chat as run_chat
@@ -724,7 +724,7 @@ def chat(
     engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device)
     if not tok.chat_template:
         _fail(f"{_no_template(model)}; chatting needs one (`nanoseek generate --raw` continues plain text)")
-    console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/reset /system /temp /exit; "
+    console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/help /reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
     temperature, top_p = _sampling(tok, temperature, top_p, 0.6, 0.95)
     run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
