@@ -138,8 +138,7 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         ids = tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
         grammar = params.grammar if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
-        room = engine.max_len - len(ids)
-        new = max(1, min(params.max_new_tokens, room)) if fit else params.max_new_tokens
+        new = engine.fitting(len(ids), params.max_new_tokens) if fit else params.max_new_tokens
         req = engine.submit(ids, replace(params, grammar=grammar, max_new_tokens=new))
         reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
                                          tools.fmt if tools else None)
@@ -149,8 +148,9 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
             if calls:
                 console.print("[yellow](the reply ended inside a tool call)[/]")
             elif req.finish_reason == "length":
+                full = len(ids) + new == engine.max_len
                 console.print(f"[yellow](cut off at {new} tokens: " + ("the model's context is full: /reset starts "
-                              "anew)[/]" if new == room else "--max-tokens)[/]"))
+                              "anew)[/]" if full else "--max-tokens)[/]"))
             messages.append(message)
             return
         messages.append({**message, "content": content or None, "tool_calls": calls})
@@ -172,6 +172,7 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
     # no tools: no raw calls either (unless speculating: drafts are verified without a token ban)
     fmt = CallFormat.probe(tok)
     plain = None if offered is not None or engine.speculative else no_calls(tok, fmt)
+    hidden = hidden_in_chat(tok, fmt)
     if offered is not None:
         console.print("[dim](the model may use a calculator; --no-tools turns it off)[/]")
     while True:
@@ -222,7 +223,7 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
         try:
             reply(engine, tok, console, messages, SamplingParams(max_new_tokens=max_tokens or REPLY_TOKENS,
                                                                  temperature=temperature, top_p=top_p, grammar=plain,
-                                                                 skip_token_ids=hidden_in_chat(tok, fmt)),
+                                                                 skip_token_ids=hidden),
                   system, think, offered, fit=max_tokens is None)
         except ContextOverflow as e:  # in the command's terms (the engine's are max_new_tokens)
             del messages[before:]

@@ -681,9 +681,10 @@ def generate(
             # no tools offered: no raw calls (unless speculating: drafts are verified without a token ban)
             fmt = CallFormat.probe(tok)
             grammar = None if raw or engine.speculative else no_calls(tok, fmt)
-            new = max_tokens or max(1, min(GENERATE_TOKENS, engine.max_len - len(ids)))
+            new = max_tokens or engine.fitting(len(ids), GENERATE_TOKENS)
+            hidden = tok.special_ids if raw else hidden_in_chat(tok, fmt)  # as /v1/completions and a chat reply
             req = engine.submit(ids, SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
-                                                    seed=seed, grammar=grammar, skip_token_ids=hidden_in_chat(tok, fmt)))
+                                                    seed=seed, grammar=grammar, skip_token_ids=hidden))
         except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
             room = e.context - e.prompt_tokens
             _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {new} exceeds the model's context "

@@ -391,7 +391,7 @@ class DeepSeekTokenizer:
         final = self.apply_chat_template(self._protected([*messages, {"role": "assistant", "content": prefix}]),
                                          add_generation_prompt=False, tools=self._protected(tools), thinking=thinking)
         at = final.rfind(prefix)
-        if at < 0 or final[:at].rstrip() != prompt.rstrip() or not final[:at].startswith(prompt):
+        if at < len(prompt) or not final.startswith(prompt) or final[len(prompt):at].strip():  # (at -1: not found)
             return prompt + prefix
         return final[:at + len(prefix)]
 

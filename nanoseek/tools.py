@@ -197,10 +197,10 @@ class CallStream:
 
 
 def hidden_in_chat(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> frozenset[int]:
-    """The control tokens a reply's text leaves out, as vLLM's skip_special_tokens does: every added token but
-    the think tags and those that write tool calls (`fmt`), which the reply's parser reads. Added tokens, not
-    only those marked special: DeepSeek's tokenizer marks its role tokens (`<｜User｜>`) plain. (A random model
-    wrote image and file placeholders into one reply in eight.)"""
+    """The control tokens a chat reply's text leaves out: every token the tokenizer adds but the think tags and
+    those that write tool calls (`fmt`), which the reply's parser reads. vLLM's skip_special_tokens leaves out
+    only the tokens marked special, and DeepSeek's tokenizer marks its role tokens (`<｜User｜>`) plain. (A random
+    model wrote image and file placeholders into one reply in eight.)"""
     kept = set(tok.encode("".join(astuple(fmt)))) if fmt else set()
     kept |= {tok.think_id, tok.end_think_id}
     return tok.added_ids - kept

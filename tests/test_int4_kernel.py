@@ -3,6 +3,7 @@ instruction set this CPU has, at every row count and in chunks; its error agains
 QuantLinear takes it (decoding rows, in and out of compiled graphs); and the fallback where it cannot be built."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,29 @@ def test_the_kernel_computes_what_it_says_on_each_instruction_set(isa, K, N, row
     assert got.shape == (rows, N) and got.dtype == torch.float32
     size = (x.abs().double() @ layer.dequantize().abs().double().t())  # each output's scale: sum |x| |W|
     assert ((got.double() - want).abs() <= 1e-5 * size).all(), ((got.double() - want).abs() / size).max()
+
+
+@needs_kernel
+def test_the_operator_is_cpp_and_gives_the_kernels_products():
+    """nanoseek::int4_linear, which int4 layers call eagerly and from compiled graphs: its C++ implementation
+    (ops.cpp) where this machine builds it against torch's headers, the same products as int4_products at every
+    row count and input dtype, and the same refusals (a ValueError naming the operands)."""
+    if shutil.which("c++") or shutil.which("g++"):  # (the toolchain torch.compile needs compiles ops.cpp too)
+        assert "ops.cpp" in torch._C._dispatch_dump("nanoseek::int4_linear").split("CPU: registered at ")[1].split()[0]
+    layer = int4_layer(256, 70)
+    for rows in (1, 3, 8, 9, 17):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, 256).to(dtype)
+            got = torch.ops.nanoseek.int4_linear(x, layer.qweight, layer.scales, layer.zeros)
+            assert got.dtype == torch.float32 and torch.equal(got, kernels.int4_products(x, layer.qweight, layer.scales,
+                                                                                          layer.zeros))
+    x = torch.randn(2, 256)
+    args = (layer.qweight, layer.scales, layer.zeros)
+    for bad in ((x[:, :192], *args), (x, layer.qweight[:, :64], *args[1:]), (x, layer.qweight.int(), *args[1:]),
+                (x, layer.qweight, layer.scales.float(), layer.zeros), (x, layer.qweight, layer.scales, layer.zeros[:5]),
+                (x, layer.qweight.t().contiguous().t(), *args[1:]), (x[0], *args), (x.long(), *args)):
+        with pytest.raises(ValueError, match="int4 kernel"):
+            torch.ops.nanoseek.int4_linear(*bad)
 
 
 @needs_kernel

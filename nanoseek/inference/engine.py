@@ -277,6 +277,11 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)
 
+    def fitting(self, prompt_tokens: int, most: int) -> int:
+        """A reply's default length: `most` tokens, or what the context leaves after the prompt (at least 1: a
+        prompt that fills the context is refused by `submit`, in its terms)."""
+        return max(1, min(most, self.max_len - prompt_tokens))
+
     # ---- background thread (the server) ----
     def start(self) -> None:
         if self._thread is None:

@@ -380,8 +380,8 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: frozenset[int]) -> SamplingParams:
     """The request's sampling parameters, the `hidden` tokens left out of the text unless the request keeps
     them (skip_special_tokens: false); whether the prompt and max_tokens fit is the engine's check."""
-    if max_tokens is None:  # at least 1: a prompt that fills the context is refused by the engine
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, svc.engine.max_len - prompt_len))
+    if max_tokens is None:
+        max_tokens = svc.engine.fitting(prompt_len, DEFAULT_MAX_TOKENS)
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
