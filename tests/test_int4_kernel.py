@@ -115,11 +115,11 @@ def test_grouped_products_equal_each_product_alone(isa, threads):
     assert (ya[:5] == 7).all() and (ya[22:] == 7).all() and (yc[0] == 7).all()  # nothing written outside
 
 
-def int4_moe(seed: int = 0) -> MoE:
+def int4_moe(seed: int = 0, **config) -> MoE:
     """A routed MoE layer (16 experts, 4 a token, 2 shared) whose experts are int4 layers the kernel takes."""
     torch.manual_seed(seed)
-    moe = MoE(get_preset("tiny", hidden_size=128, moe_intermediate_size=64, n_routed_experts=16,
-                         num_experts_per_tok=4, n_group=1, topk_group=1)).eval()
+    moe = MoE(get_preset("tiny", **{**dict(hidden_size=128, moe_intermediate_size=64, n_routed_experts=16,
+                                           num_experts_per_tok=4, n_group=1, topk_group=1), **config})).eval()
     randomize_(moe)
     float_weights = {name: m.weight.detach().clone() for name, m in moe.named_modules() if isinstance(m, torch.nn.Linear)}
     quant.swap_linears(moe, 4)
@@ -189,6 +189,78 @@ def test_experts_the_kernel_does_not_take_are_not_grouped():
         assert float_moe.int4_routed(x, w, i) is None
 
 
+def operator_calls(run) -> dict[str, int]:
+    """How many times run() called each nanoseek operator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("nanoseek::")}
+
+
+needs_operators = pytest.mark.skipif(not kernels.int4_experts_available(), reason="the library's operators did not build here")
+
+
+@needs_operators
+@pytest.mark.parametrize("shared", [2, 0])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20, 64])
+def test_an_int4_moe_layer_is_one_operator_call_giving_each_experts_own_products(tokens, shared):
+    """Decoding a layer whose experts are all int4: routed and shared experts in one call of nanoseek::int4_experts
+    (ops.cpp), equal to grouping in Python (int4_routed) plus the shared experts' own layers."""
+    moe = int4_moe(n_shared_experts=shared)
+    x = torch.randn(1, tokens, 128)
+    with torch.no_grad():
+        calls = operator_calls(lambda: moe(x))
+        got = moe(x)
+        table = moe._int4
+        moe._int4 = False  # as where the library has no operators
+        want = moe(x)
+    assert isinstance(table, torch.Tensor) and table.shape == (16 + (shared > 0), 10)
+    assert calls == {"nanoseek::int4_experts": 1}
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_operators
+def test_the_experts_table_follows_the_weights_and_is_left_out_where_it_does_not_apply():
+    moe, other = int4_moe(seed=0), int4_moe(seed=1)
+    x = torch.randn(1, 2, 128)
+    with torch.no_grad():
+        moe(x)
+        assert isinstance(moe._int4, torch.Tensor)
+        moe.load_state_dict(other.state_dict(), assign=True)  # new tensors: the old addresses are stale
+        torch.testing.assert_close(moe(x), other(x))
+        moe.to(torch.float32)  # moved or cast: built again
+        assert moe._int4 is None
+        torch.testing.assert_close(moe(x), other(x))
+        weights, indices, _ = moe.gate(x[0])
+        assert moe.int4_table(torch.randn(65, 128), weights) is None  # a prompt: the experts convert their weights
+        grad = x.clone().requires_grad_(True)
+    assert moe.int4_table(grad[0], weights) is None  # autograd: each expert's own layers
+    moe.train()
+    assert moe.int4_table(x[0], weights) is None
+    moe.eval()
+    moe.experts[3].down_proj._fast, moe.experts[3].down_proj._operands = False, None  # as if the kernel did not take it
+    moe._int4 = None
+    assert moe.int4_table(x[0], weights) is None and moe._int4 is False
+    assert moe.int4_table(x[0], weights) is None  # (known: not looked at again)
+
+
+@needs_operators
+def test_the_experts_operator_refuses_what_it_cannot_read():
+    moe = int4_moe()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        table = moe.int4_table(x, weights)
+    op = torch.ops.nanoseek.int4_experts
+    with pytest.raises(ValueError, match="expert 16 of 16"):
+        op(x, weights, torch.full_like(indices, 16), table, 16)
+    with pytest.raises(ValueError, match="wants x float"):
+        op(x, weights, indices, table[:, :9].contiguous(), 16)
+    with pytest.raises(ValueError, match="wants x float"):
+        op(x[:, :100], weights, indices, table, 16)
+    with pytest.raises(ValueError, match="wants x float"):
+        op(x, weights, indices, table, 18)
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -212,8 +284,8 @@ def test_mla_kernel_products_equal_the_float_products(monkeypatch, isa, rows):
 @pytest.mark.parametrize("compile", [False, True])
 def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_path, monkeypatch, compile):
     """An int4 MLA model loaded to compute in fp32 with bf16 prompts (as on CPUs that multiply bf16 fast) keeps
-    kv_b_proj in bf16; decoding reads it through the MLA kernel (eagerly and from a compiled graph) with the
-    tokens and log-probabilities of the same weights widened to fp32."""
+    kv_b_proj in bf16; decoding reads it through the MLA kernel (eagerly and from a compiled graph), its MoE
+    layers through nanoseek::int4_experts, with the tokens and log-probabilities of the same weights widened to fp32."""
     import nanoseek
     from nanoseek.inference import Engine, SamplingParams
     from nanoseek.model import build_model
@@ -231,8 +303,11 @@ def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_pat
     monkeypatch.setattr(attention, "mla_product", kernels.mla_product)
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
-    got = Engine(narrow, max_batch=2, eos_token_id=-1, compile=compile).generate(prompts, params)
+    engine = Engine(narrow, max_batch=2, eos_token_id=-1, compile=compile)
+    got = engine.generate(prompts, params)
     assert calls or compile  # (a compiled graph calls the operator, which holds the function it was made with)
+    if kernels.int4_experts_available():  # the MoE layers: one operator call each
+        assert operator_calls(lambda: engine.generate(prompts, params)).get("nanoseek::int4_experts")
     wide = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32, weight_dtype=torch.bfloat16)
     for m in wide.model.layers:
         m.self_attn.kv_b_proj.weight.data = m.self_attn.kv_b_proj.weight.data.float()

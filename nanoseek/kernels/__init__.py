@@ -8,7 +8,9 @@ wheels. Measured on a 2-vCPU AMD EPYC Zen4, one row: 33 against 82 us for an [14
 DeepSeek-V2-Lite, 143 against 384 us for R1-Distill-Qwen-1.5B's [8960, 1536] (8 rows: 698 against 1,336).
 `int4_grouped`: several such products in one call (a mixture-of-experts layer's chosen experts). The
 operator `nanoseek::int4_linear` (how quantized layers call the kernel, eagerly and from compiled graphs)
-has its CPU implementation in C++ (ops.cpp), so a call never passes through Python.
+has its CPU implementation in C++ (ops.cpp), so a call never passes through Python; so has
+`nanoseek::int4_experts`, a whole int4 mixture-of-experts layer for a few tokens (routing done: the chosen
+experts' and the shared ones' products in two grouped calls, their activation and weighted sum between).
 
 `mla_product`: MLA's absorbed products for a few rows of fp32 activations against kv_b_proj's weight in
 bf16 (see mla.cpp), which torch has no CPU product for.
@@ -271,6 +273,20 @@ def cpu_operator(schema: str, impl, fake):
 _OPERATORS.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor")
 torch.library.register_fake("nanoseek::int4_linear", lambda x, qweight, scales, zeros: x.new_empty(
     x.shape[0], qweight.shape[0], dtype=torch.float32), lib=_OPERATORS)
+
+# an int4 mixture-of-experts layer for a few tokens in one call (MoE.int4_table describes the table); C++ only
+# (ops.cpp): where the library does not carry it, `int4_experts_available` is False and MoE groups in Python
+_OPERATORS.define("int4_experts(Tensor x, Tensor weights, Tensor indices, Tensor table, int routed) -> Tensor")
+torch.library.register_fake("nanoseek::int4_experts", lambda x, weights, indices, table, routed: torch.empty_like(x),
+                            lib=_OPERATORS)
+
+
+@torch._dynamo.assume_constant_result
+def int4_experts_available() -> bool:
+    """Whether the operator nanoseek::int4_experts runs here (the library built with ops.cpp)."""
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_experts", "CPU")
+
 
 mla_operator = cpu_operator(
     "mla_product(Tensor x, Tensor weight, int key_dim, bool value) -> Tensor", mla_product,

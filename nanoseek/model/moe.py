@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import int4_grouped
+from ..kernels import int4_experts_available, int4_grouped
 from .config import ModelConfig
 from .layers import MLP
 
@@ -98,11 +98,16 @@ class MoE(nn.Module):
         self.n_shared = config.n_shared_experts if self.shared_experts is not None else 0
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_compiled_decode
         self.handle: int | None = None  # likewise
+        self._int4: torch.Tensor | bool | None = None  # see int4_table (None: not looked at yet)
+        self._int4_kept: list = []  # what its addresses point to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         flat = x.view(-1, D)  # (N, D)
         weights, indices, scores = self.gate(flat)
+        table = self.int4_table(flat, weights)
+        if table is not None:  # routed and shared experts in one call
+            return torch.ops.nanoseek.int4_experts(flat, weights, indices, table, len(self.experts)).view(B, S, D)
         if not self.training and torch.compiler.is_compiling():
             if self.stacked is not None:
                 run = self.selected_experts if indices.shape[0] < self.many_tokens() else self.all_experts
@@ -153,6 +158,40 @@ class MoE(nn.Module):
         # ...and add exact zeros to it: their gate weight 0 scales the intermediate activation, and experts
         # have no bias (dropping those rows instead took two more passes over the pairs, and two in backward)
         return torch.zeros_like(x).index_add_(0, token_of, outs.to(x.dtype))
+
+    def int4_table(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """What the operator nanoseek::int4_experts (kernels/ops.cpp) reads to run this layer for x (decoding,
+        outside autograd, up to INT4_GROUPED_TOKENS tokens eagerly) where every expert, routed and shared, is an
+        int4 layer nanoseek's kernel takes and the library carries the operator, else None (see `_int4_experts`)."""
+        compiling = torch.compiler.is_compiling()
+        if self.training or x.device.type != "cpu" or (x.shape[0] > INT4_GROUPED_TOKENS and not compiling) or \
+                (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)):
+            return None
+        if self._int4 is None and not compiling:  # (prepare_compiled_decode builds it before a graph is traced)
+            self._int4 = self._int4_experts()
+        return self._int4 if isinstance(self._int4, torch.Tensor) else None
+
+    def _int4_experts(self) -> torch.Tensor | bool:
+        """int64 [experts, 10]: a row per expert (routed, then the shared ones as one) with the addresses of its
+        gate, up and down projections' codes, scales and zeros, then its intermediate size; False where an
+        expert is not an int4 layer nanoseek's kernel takes, or the library does not carry the operator. Keeps
+        the tensors it points to alive (`_int4_kept`); made anew after the module is moved, cast or loaded."""
+        mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
+        operands = [[getattr(layer, "int4_operands", lambda: None)() for layer in (m.gate_proj, m.up_proj, m.down_proj)]
+                    for m in mlps]
+        if any(None in expert for expert in operands) or not int4_experts_available():
+            return False
+        self._int4_kept = operands
+        return torch.tensor([[t.data_ptr() for layer in expert for t in layer] + [m.gate_proj.out_features]
+                             for expert, m in zip(operands, mlps)], dtype=torch.int64)
+
+    def _apply(self, fn, recurse=True):
+        self._int4 = None  # the experts' tensors may move: the table is built anew
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int4 = None  # loading may replace them
+        super()._load_from_state_dict(*args, **kwargs)
 
     def int4_routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """`routed` where the chosen experts' layers all multiply through nanoseek's int4 kernel (quantized
@@ -250,6 +289,7 @@ class MoE(nn.Module):
         which finds this module by `handle`), so only the chosen experts' weights are read, through their
         own kernels, while the attention, norms and shared experts around them are compiled. (Stacking
         copies the weights, and `all_experts` runs every expert: both pay only for small models.)"""
+        self._int4 = self._int4_experts()
         mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
         layers = [layer for m in mlps for layer in (m.gate_proj, m.up_proj, m.down_proj)]
         if not all(isinstance(layer, nn.Linear) for layer in layers) or \
