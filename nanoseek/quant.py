@@ -436,7 +436,7 @@ def narrow(old: nn.Linear, dtype: torch.dtype) -> NarrowLinear:
 def narrow_latent_projections(model: nn.Module) -> None:
     """Make MLA's kv_b_proj layers (never quantized, see `quantizable`) NarrowLinear with bf16 weights, in place,
     for fp32 models that hold their other weights narrower: decoding reads them through nanoseek's kernel for
-    fp32 activations against bf16 weights (kernels.mla_product; DeepSeek-V2-Lite reads 113 MB of them a token in
+    fp32 activations against bf16 weights (the operator nanoseek::mla_attention; DeepSeek-V2-Lite reads 113 MB of them a token in
     bf16 against 226 in fp32)."""
     for name, module in list(model.named_modules()):
         parent, _, child = name.rpartition(".")

@@ -261,28 +261,50 @@ def test_the_experts_operator_refuses_what_it_cannot_read():
         op(x, weights, indices, table, 18)
 
 
-@needs_kernel
+@needs_operators
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_mla_kernel_products_equal_the_float_products(monkeypatch, isa, rows):
-    """MLA's absorbed products with kv_b_proj's weight in bf16 and fp32 activations (kernels.mla_product)."""
-    monkeypatch.setattr(kernels, "int4_isa", lambda: isa)
-    H, d, dv, c = 3, 48, 40, 80
-    w = torch.randn(H, d + dv, c).bfloat16()
-    q, o = torch.randn(H, rows, d), torch.randn(H, rows, c)
-    torch.testing.assert_close(kernels.mla_product(q, w, d, False), q @ w[:, :d].float(), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(kernels.mla_product(o, w, d, True), o @ w[:, d:].float().transpose(1, 2), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(kernels.mla_product(q.transpose(0, 1).contiguous().transpose(0, 1), w, d, False),
-                               q @ w[:, :d].float(), atol=1e-4, rtol=1e-5)  # strided activations are read right
-    for bad in [(q, w.float(), d, False), (q.double(), w, d, False), (o, w, d, False), (q, w, d, True),
-                (torch.randn(H, 9, d), w, d, False), (q, w.transpose(1, 2).contiguous().transpose(1, 2), d, False)]:
-        with pytest.raises(ValueError, match="mla_product"):
-            kernels.mla_product(*bad)
+@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4)])
+def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S):
+    """nanoseek::mla_attention (MLA's absorbed attention in C++, mla.cpp's products against kv_b_proj's weight in
+    bf16) gives what the attention in Python gives with that weight widened to fp32: past read in place from a
+    cache, masked positions left out, on each instruction set."""
+    from nanoseek.model.attention import MLA
+
+    config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
+                        qk_rope_head_dim=16, kv_lora_rank=80)
+    mla = MLA(config, 0)
+    torch.manual_seed(0)
+    mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight).bfloat16()
+    H, d, r, c, T = 3, 48, 16, 80, 21
+    q_nope, q_pe = torch.randn(B, S, H, d), torch.randn(B, S, H, r)
+    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]  # (B, T, c + r): rows spaced apart, as in the cache
+    new = torch.randn(B, S, c + r)
+    mask = torch.rand(B, S, T + S) > 0.3
+    mask[..., T] = True  # (every query sees something)
+    lib = kernels._library()
+    lib.nanoseek_set_isa(isa)
+    try:
+        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
+        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    finally:
+        lib.nanoseek_set_isa(HERE)
+    assert calls == {"nanoseek::mla_attention": 1}
+    assert got.is_contiguous()  # as its fake says (a compiled graph reads it so)
+    mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.float()
+    torch.testing.assert_close(got, mla.absorbed_attention(q_nope, q_pe, past, new, mask), atol=1e-4, rtol=1e-4)
+    w = mla.kv_b_proj.weight.data.bfloat16().view(H, d + 40, c)
+    op = torch.ops.nanoseek.mla_attention
+    for bad in [(q_nope, q_pe, past, new, mask, w.float()), (q_nope.double(), q_pe, past, new, mask, w),
+                (q_nope, q_pe, past, new, mask[..., 1:], w), (q_nope, q_pe, past[..., 1:], new, mask, w),
+                (torch.randn(1, 9, H, d), torch.randn(1, 9, H, r), past[:1], torch.randn(1, 9, c + r),
+                 torch.ones(1, 9, T + 9, dtype=torch.bool), w)]:  # 9 query rows
+        with pytest.raises(ValueError, match="mla_attention"):
+            op(*bad, 0.1)
 
 
 @needs_kernel
 @pytest.mark.parametrize("compile", [False, True])
-def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_path, monkeypatch, compile):
+def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_path, compile):
     """An int4 MLA model loaded to compute in fp32 with bf16 prompts (as on CPUs that multiply bf16 fast) keeps
     kv_b_proj in bf16; decoding reads it through the MLA kernel (eagerly and from a compiled graph), its MoE
     layers through nanoseek::int4_experts, with the tokens and log-probabilities of the same weights widened to fp32."""
@@ -297,17 +319,13 @@ def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_pat
     narrow = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32, weight_dtype=torch.bfloat16)
     layers = [m.self_attn.kv_b_proj for m in narrow.model.layers]
     assert all(isinstance(m, NarrowLinear) and m.weight.dtype == torch.bfloat16 for m in layers)
-    calls = []
-    monkeypatch.setattr(kernels, "mla_product", lambda *a, run=kernels.mla_product: calls.append(a) or run(*a))
-    from nanoseek.model import attention
-    monkeypatch.setattr(attention, "mla_product", kernels.mla_product)
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
     engine = Engine(narrow, max_batch=2, eos_token_id=-1, compile=compile)
     got = engine.generate(prompts, params)
-    assert calls or compile  # (a compiled graph calls the operator, which holds the function it was made with)
-    if kernels.int4_experts_available():  # the MoE layers: one operator call each
-        assert operator_calls(lambda: engine.generate(prompts, params)).get("nanoseek::int4_experts")
+    if kernels.int4_experts_available():  # attention and MoE layers: one operator call each
+        calls = operator_calls(lambda: engine.generate(prompts, params))
+        assert calls.get("nanoseek::mla_attention") and calls.get("nanoseek::int4_experts")
     wide = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32, weight_dtype=torch.bfloat16)
     for m in wide.model.layers:
         m.self_attn.kv_b_proj.weight.data = m.self_attn.kv_b_proj.weight.data.float()

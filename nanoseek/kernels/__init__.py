@@ -114,8 +114,6 @@ def _library() -> ctypes.CDLL | None:
         lib.nanoseek_int4_linear_many.restype = ctypes.c_int
         lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
         lib.nanoseek_int4_linear.restype = ctypes.c_int
-        lib.nanoseek_mla_product.argtypes = [ctypes.c_int, P, P, P, I, I, I, I, I, ctypes.c_int]
-        lib.nanoseek_mla_product.restype = ctypes.c_int
     if native:  # loading it registered the operator's C++ implementation
         lib.nanoseek_set_isa(int4_isa())
     elif not torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_linear", "CPU"):  # (once a process)
@@ -228,29 +226,9 @@ MLA_MAX_ROWS, MLA_MAX_LATENT = 8, 1024
 
 @torch._dynamo.assume_constant_result
 def mla_available() -> bool:
-    """Whether `mla_product` runs here (AVX2 or AVX-512, the library built)."""
-    return int4_isa() > 0 and library() is not None
-
-
-def mla_product(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value: bool) -> torch.Tensor:
-    """MLA's absorbed products for a few rows (see mla.cpp) with kv_b_proj's weight in bf16, [H, d + dv, c]
-    (d = key_dim): the key product (value=False) x = q [H, M, d] -> [H, M, c], or the value product x = o
-    [H, M, c] -> [H, M, dv]; x fp32, M <= MLA_MAX_ROWS, fp32 out."""
-    H, width, c = weight.shape
-    dv, M = width - key_dim, x.shape[1]
-    if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or x.dtype != torch.float32 \
-            or x.shape != (H, M, c if value else key_dim) or not 0 < M <= MLA_MAX_ROWS or c > MLA_MAX_LATENT \
-            or not 0 < key_dim < width or x.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(f"mla_product: x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, "
-                         f"key_dim {key_dim}: wants a contiguous bf16 [H, d + dv, c] weight (c <= {MLA_MAX_LATENT}) "
-                         f"and fp32 x [H, M <= {MLA_MAX_ROWS}, {'c' if value else 'd'}] on the CPU")
-    x = x.contiguous()
-    y = x.new_empty(H, M, dv if value else c)
-    code = library().nanoseek_mla_product(int(value), x.data_ptr(), weight.data_ptr(), y.data_ptr(), H, M, key_dim,
-                                          dv, c, int4_isa())
-    if code:
-        raise RuntimeError(f"MLA kernel failed (code {code})")
-    return y
+    """Whether the operator nanoseek::mla_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::mla_attention", "CPU")
 
 
 _OPERATORS = torch.library.Library("nanoseek", "FRAGMENT")
@@ -288,6 +266,8 @@ def int4_experts_available() -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_experts", "CPU")
 
 
-mla_operator = cpu_operator(
-    "mla_product(Tensor x, Tensor weight, int key_dim, bool value) -> Tensor", mla_product,
-    lambda x, weight, key_dim, value: x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - key_dim if value else weight.shape[2]))
+# MLA's attention over its latents while decoding, with kv_b_proj's weight in bf16 (MLA.absorbed_attention); C++ only
+_OPERATORS.define("mla_attention(Tensor q_nope, Tensor q_pe, Tensor past, Tensor fresh, Tensor mask, Tensor w, "
+                  "float scale) -> Tensor")
+torch.library.register_fake("nanoseek::mla_attention", lambda q_nope, q_pe, past, fresh, mask, w, scale: q_nope.new_empty(
+    *q_nope.shape[:3], w.shape[1] - q_nope.shape[3]), lib=_OPERATORS)

@@ -8,6 +8,10 @@
 // The one source built against torch's headers; without them the library is built from the others,
 // int4_linear gets its Python implementation (kernels.int4_products) and int4_experts none.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
@@ -16,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
@@ -156,7 +161,52 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     return y.to(x.scalar_type());
 }
 
+extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w, float* y, int64_t H, int64_t M,
+                                    int64_t d, int64_t dv, int64_t c, int isa);
+
+// MLA's attention over its cached latents while decoding (MLA.absorbed_attention in nanoseek/model/attention.py
+// says what it computes) with kv_b_proj's weight in bf16 and fp32 activations, for at most 8 query rows (B * S):
+// mla.cpp's products turn each query into the latent space and each latent output back to the head's values;
+// torch's batched products score and weigh the latents. q_nope [B, S, H, d] and q_pe [B, S, H, r] (rotated),
+// past [B, T, c + r] (rows may be spaced apart) and fresh [B, S, c + r] (the new tokens' latents), mask
+// [B, S, T + S] (true: may attend), w [H, d + dv, c]. Returns [B, S, H, dv] fp32.
+static at::Tensor mla_attention(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
+                                const at::Tensor& fresh, const at::Tensor& mask, const at::Tensor& w, double scale) {
+    TORCH_CHECK(isa_here > 0, "nanoseek's MLA kernel is not available here");
+    const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), d = q_nope.size(3), r = q_pe.size(-1);
+    const int64_t c = w.size(2), dv = w.size(1) - d, T = past.size(1), M = B * S;
+    bool ok = q_nope.dim() == 4 && q_pe.dim() == 4 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 &&
+              w.dim() == 3 && w.size(0) == H && dv > 0 && 0 < M && M <= 8 && c <= 1024 && w.is_contiguous() &&
+              w.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool;
+    for (const at::Tensor* t : {&q_nope, &q_pe, &past, &fresh})
+        ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu();
+    ok = ok && q_pe.sizes() == at::IntArrayRef({B, S, H, r}) && past.size(0) == B && past.size(2) == c + r &&
+         fresh.sizes() == at::IntArrayRef({B, S, c + r}) && mask.sizes() == at::IntArrayRef({B, S, T + S});
+    TORCH_CHECK_VALUE(ok, "mla_attention: q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", past ", past.sizes(),
+                      ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ", w ", w.scalar_type(), " ", w.sizes(),
+                      ": wants fp32 [B, S, H, d], [B, S, H, r], [B, T, c + r], [B, S, c + r] on the CPU (B * S <= 8), ",
+                      "a bool mask [B, S, T + S], a contiguous bf16 w [H, d + dv, c] (c <= 1024)");
+    const at::Tensor q_rows = q_nope.reshape({M, H, d}).transpose(0, 1).contiguous();  // (H, M, d)
+    at::Tensor q_latent = at::empty({H, M, c}, q_rows.options());
+    int code = nanoseek_mla_product(0, q_rows.data_ptr<float>(), (const uint16_t*)w.data_ptr(),
+                                    q_latent.data_ptr<float>(), H, M, d, dv, c, isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
+    const at::Tensor q = at::cat({q_latent.transpose(0, 1).reshape({B, S * H, c}), q_pe.reshape({B, S * H, r})}, -1);
+    at::Tensor scores = at::cat({at::bmm(q, past.transpose(1, 2)), at::bmm(q, fresh.transpose(1, 2))}, -1);
+    scores = scores.view({B, S, H, T + S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
+    const at::Tensor probs = at::_softmax(scores, -1, false).view({B, S * H, T + S});
+    const at::Tensor out_latent = at::baddbmm(at::bmm(probs.narrow(-1, T, S), fresh.narrow(-1, 0, c)),
+                                              probs.narrow(-1, 0, T), past.narrow(-1, 0, c));  // (B, S*H, c)
+    const at::Tensor out_rows = out_latent.view({M, H, c}).transpose(0, 1).contiguous();  // (H, M, c)
+    at::Tensor out = at::empty({H, M, dv}, q_rows.options());
+    code = nanoseek_mla_product(1, out_rows.data_ptr<float>(), (const uint16_t*)w.data_ptr(), out.data_ptr<float>(),
+                                H, M, d, dv, c, isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
+    return out.transpose(0, 1).reshape({B, S, H, dv}).contiguous();  // (as the fake says: a compiled graph reads it so)
+}
+
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("int4_linear", &int4_linear);
     m.impl("int4_experts", &int4_experts);
+    m.impl("mla_attention", &mla_attention);
 }

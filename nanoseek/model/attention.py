@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available, mla_product
+from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available
 from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -146,20 +146,19 @@ class MLA(nn.Module):
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)  # key half w_uk (H, d, c), value half w_uv (H, dv, c)
-        q_rows = q_nope.reshape(B * S, H, d).transpose(0, 1)  # (H, B*S, d)
-        # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections): nanoseek's kernel for
-        # a few rows (half the bytes of an fp32 weight, read at the memory's speed), else the weight converted
-        kernel = (w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT
-                  and w.device.type == "cpu" and mla_available())
-        if w.dtype != q_nope.dtype and not kernel:
+        # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections), a few rows: all of this in
+        # one C++ operator, whose products read the bf16 weight at the memory's speed (kernels/ops.cpp, mla.cpp)
+        if w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
+                and w.device.type == "cpu" and mla_available():
+            return torch.ops.nanoseek.mla_attention(q_nope, q_pe, past, new, mask, w, self.softmax_scale)
+        if w.dtype != q_nope.dtype:
             w = w.to(q_nope.dtype)
+        q_rows = q_nope.reshape(B * S, H, d).transpose(0, 1)  # (H, B*S, d)
         # a bf16 batched product on a CPU copies operands whose batches are not evenly spaced, as these
         # halves of w are, so there w is read whole (twice the reads, no copies: DeepSeek-V2-Lite's shape
         # on a 2-core Xeon with AMX, both products 488 us a layer against 954); fp32 takes the halves (340)
-        whole = not kernel and w.dtype != torch.float32 and w.device.type == "cpu"
-        if kernel:
-            q_latent = mla_latent_product(q_rows, w, d, False)  # (H, B*S, c)
-        elif whole:  # zero query channels against w's value half
+        whole = w.dtype != torch.float32 and w.device.type == "cpu"
+        if whole:  # zero query channels against w's value half
             q_latent = F.pad(q_rows, (0, self.v_dim)) @ w  # (H, B*S, c)
         else:
             q_latent = q_rows @ w[:, : self.nope_dim]
@@ -169,9 +168,7 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
         out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
         out_rows = out_latent.view(B * S, H, c).transpose(0, 1)  # (H, B*S, c)
-        if kernel:
-            out = mla_latent_product(out_rows, w, d, True)  # (H, B*S, dv)
-        elif whole:
+        if whole:
             out = (w @ out_rows.transpose(1, 2))[:, self.nope_dim:].transpose(1, 2)  # (H, d + dv, B*S) -> (H, B*S, dv)
         elif B * S == 1:  # w_uv [H, dv, c] times the row, not the row times its transpose: DeepSeek-V2-Lite's
             # shape streamed from memory on a 2-vCPU Zen4, 120-140 us against 220-270 (at 8 rows 355 against 330)
@@ -179,13 +176,6 @@ class MLA(nn.Module):
         else:
             out = out_rows @ w[:, self.nope_dim:].transpose(1, 2)  # (H, B*S, dv)
         return out.transpose(0, 1).reshape(B, S, H, self.v_dim)
-
-
-def mla_latent_product(x: torch.Tensor, weight: torch.Tensor, key_dim: int, value: bool) -> torch.Tensor:
-    """kernels.mla_product (a compiled graph calls it as the operator `nanoseek::mla_product`)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.nanoseek.mla_product(x, weight, key_dim, value)
-    return mla_product(x, weight, key_dim, value)
 
 
 class GQA(nn.Module):
