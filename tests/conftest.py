@@ -56,6 +56,13 @@ def tiny_config():
     return get_preset("tiny")
 
 
+def operator_calls(run) -> dict[str, int]:
+    """How many times run() called each of nanoseek's operators (eagerly or from a compiled graph)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("nanoseek::")}
+
+
 def randomize_(model: torch.nn.Module, std: float = 0.1) -> None:
     """Fill every parameter and float buffer with noise, so norms, biases and routing all matter."""
     with torch.no_grad():

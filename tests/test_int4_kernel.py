@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import operator_calls, randomize_
 from nanoseek import kernels, quant
 from nanoseek.model import get_preset
 from nanoseek.model import moe as moe_module
@@ -187,13 +187,6 @@ def test_experts_the_kernel_does_not_take_are_not_grouped():
         float_moe = MoE(get_preset("tiny", hidden_size=128, moe_intermediate_size=64)).eval()
         w, i, _ = float_moe.gate(x)
         assert float_moe.int4_routed(x, w, i) is None
-
-
-def operator_calls(run) -> dict[str, int]:
-    """How many times run() called each nanoseek operator."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("nanoseek::")}
 
 
 needs_operators = pytest.mark.skipif(not kernels.int4_experts_available(), reason="the library's operators did not build here")

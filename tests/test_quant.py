@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import nanoseek
-from conftest import randomize_, tiny_gqa_config
+from conftest import operator_calls, randomize_, tiny_gqa_config
 from nanoseek.cli import SHIPPED, app
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
 from nanoseek.model.moe import MoE
-from nanoseek import quant
+from nanoseek import kernels, quant
 from nanoseek.quant import KERNEL_ROWS, NARROW_ROWS, NarrowLinear, QuantLinear
 from nanoseek.tokenizer import DeepSeekTokenizer
 
@@ -224,7 +224,8 @@ def test_the_engine_decodes_quantized_models(tmp_path, family):
 def test_compiled_decoding_of_a_quantized_model_equals_eager(tmp_path, arch, bits):
     """A quantized (or bf16) model decodes through one compiled graph (fbgemm's packed int8 product
     reached through the `nanoseek::int8_linear` operator, torch's int4 kernel directly, bf16 one-row
-    products through `nanoseek::mv`, an MoE's quantized routed experts through `nanoseek::routed_experts`)
+    products through `nanoseek::mv`, an MoE's quantized routed experts through `nanoseek::routed_experts`, or
+    int4 ones through `nanoseek::int4_experts`)
     with eager's tokens and log-probabilities, at one row and at several."""
     config = (tiny_gqa_config(hidden_size=128, intermediate_size=256) if arch == "dense" else
               get_preset("tiny", hidden_size=128, moe_intermediate_size=64))
@@ -243,7 +244,11 @@ def test_compiled_decoding_of_a_quantized_model_equals_eager(tmp_path, arch, bit
         routed.clear()
         results[compile] = [engine.generate(p, params) for p in (prompts[:1], prompts)]
         assert engine.compiled == compile  # (a failed compile falls back to eager with a warning)
-    assert (len(routed) > 0) == (arch == "moe")  # the graphs called the routed experts as they are
+    # the graphs called the routed experts as they are: int4 ones with the shared ones in one C++ operator
+    one_operator = arch == "moe" and bits == 4 and kernels.int4_experts_available()
+    assert (len(routed) > 0) == (arch == "moe" and not one_operator)
+    if one_operator:
+        assert operator_calls(lambda: engine.generate(prompts, params)).get("nanoseek::int4_experts")
     if bits == 8 and quant.fbgemm_int8():
         assert all(m._packed is not None for m in quantized.modules() if isinstance(m, QuantLinear))
     for eager, compiled in zip(results[False], results[True]):
