@@ -210,10 +210,11 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple
       custom operators, see quant.int8_linear and layers.opaque_mv) and what lies between them (norms,
       RoPE, attention, conversions) is fused. R1-Distill-1.5B on a 2-core Xeon with AMX: int8 84 -> 73 ms
       a token, int4 84 -> 67-76, bf16 146 -> 126.
-    Not for large MoE models: their routed experts run eagerly either way (a graph calls them as one
-    operator, see MoE.prepare_compiled_decode), and compiling what lies around them measured 2% faster
-    (DeepSeek-V2-Lite int8 at batch 1 on the same Xeon, interleaved: 176 ms a token compiled, 180 eager),
-    not worth minutes of compiling at start-up; nor elsewhere (not measured)."""
+    Not for large MoE models: their routed experts run as one operator either way (see
+    MoE.prepare_compiled_decode), and compiling what lies around them measured 2% faster for DeepSeek-V2-Lite
+    int8 (batch 1 on the same Xeon, interleaved: 176 ms a token compiled, 180 eager) and 7-15% for its int4
+    (2-vCPU Zen4) after ~3.5 minutes of compiling at the first start: not worth it by default; nor elsewhere
+    (not measured)."""
     if setting is not None:
         return setting, "as set"
     params = list(model.parameters())
@@ -224,7 +225,8 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple
     from .model.moe import MoE
 
     if any(isinstance(m, MoE) for m in model.modules()):
-        return False, f"{size / 2**20:,.0f} MiB of weights in experts, called eagerly from a compiled step too: 2% faster, not worth compiling"
+        return False, (f"{size / 2**20:,.0f} MiB of weights in experts, one operator in a compiled step too: 2-15% "
+                       "faster after minutes of compiling at the first start (--compile to take it)")
     if params[0].device.type == "cpu":
         return _where_compilable(params[0].device, "the products called from one graph, what lies between them fused")
     return False, f"{size / 2**20:,.0f} MiB of weights on {params[0].device.type}: not measured to pay (--compile to try it)"
