@@ -209,27 +209,37 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple
     - dense models on a CPU: their products are called from one graph (fbgemm's and torch.mv through
       custom operators, see quant.int8_linear and layers.opaque_mv) and what lies between them (norms,
       RoPE, attention, conversions) is fused. R1-Distill-1.5B on a 2-core Xeon with AMX: int8 84 -> 73 ms
-      a token, int4 84 -> 67-76, bf16 146 -> 126.
-    Not for large MoE models: their routed experts run as one operator either way (see
-    MoE.prepare_compiled_decode), and compiling what lies around them measured 2% faster for DeepSeek-V2-Lite
-    int8 (batch 1 on the same Xeon, interleaved: 176 ms a token compiled, 180 eager) and 7-15% for its int4
-    (2-vCPU Zen4) after ~3.5 minutes of compiling at the first start: not worth it by default; nor elsewhere
-    (not measured)."""
+      a token, int4 84 -> 67-76, bf16 146 -> 126;
+    - MoE models on a CPU whose every MoE layer is one operator (int4 experts: MoE.one_operator): the graph
+      holds a few operators and fused kernels a layer (DeepSeek-V2-Lite int4 on a 2-vCPU Zen4: 12.1-14.0
+      against 10.5-11.8 tok/s at batch 1, 18.0-18.6 against 16.0-16.6 at batch 8, for ~45 and ~60 s of
+      compiling the first time, ~13 s a graph from the disk cache after).
+    Not for other large MoE models: their routed experts run through Python by handle either way (see
+    MoE.prepare_compiled_decode), and compiling what lies around them measured 2% faster for
+    DeepSeek-V2-Lite int8 (batch 1 on the same Xeon, interleaved: 176 ms a token compiled, 180 eager), not
+    worth minutes of compiling at start-up; nor elsewhere (not measured)."""
     if setting is not None:
         return setting, "as set"
     params = list(model.parameters())
-    size = sum(p.numel() * p.element_size() for p in params) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+    size = weight_bytes(model)
     if size <= DECODE_COMPILE_MAX_BYTES:
         return _where_compilable(params[0].device, "a small model's step is one compiled graph instead of hundreds of operations")
     from .model.moe import MoE
 
-    if any(isinstance(m, MoE) for m in model.modules()):
-        return False, (f"{size / 2**20:,.0f} MiB of weights in experts, one operator in a compiled step too: 2-15% "
-                       "faster after minutes of compiling at the first start (--compile to take it)")
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if moes and params[0].device.type == "cpu" and all(m.one_operator() for m in moes):
+        return _where_compilable(params[0].device, "each MoE layer one operator, what lies between them fused")
+    if moes:
+        return False, (f"{size / 2**20:,.0f} MiB of weights in experts, called through Python from a compiled step "
+                       "too: 2% faster, not worth compiling")
     if params[0].device.type == "cpu":
         return _where_compilable(params[0].device, "the products called from one graph, what lies between them fused")
     return False, f"{size / 2**20:,.0f} MiB of weights on {params[0].device.type}: not measured to pay (--compile to try it)"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _where_compilable(device: torch.device, why: str) -> tuple[bool, str]:

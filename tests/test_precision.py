@@ -170,11 +170,15 @@ def test_compile_by_default_on_cuda_and_for_bf16_on_a_cpu(monkeypatch):
     assert machine.decide_compile(None, CPU, "bf16") == (False, "no C++ compiler for inductor (RuntimeError)")
 
 
-def test_serve_compiles_decoding_for_small_models_and_dense_ones_on_a_cpu(monkeypatch):
+def test_serve_compiles_decoding_for_small_models_and_dense_ones_on_a_cpu(monkeypatch, tmp_path):
+    import nanoseek
     from conftest import tiny_gqa_config
+    from nanoseek import kernels
     from nanoseek.model import build_model, get_preset
 
     moe, dense = build_model(get_preset("tiny")), build_model(tiny_gqa_config())
+    nanoseek.save_model(build_model(get_preset("tiny", hidden_size=128, moe_intermediate_size=64)), tmp_path)
+    int4_moe = nanoseek.load_model(tmp_path, quantize="int4", dtype=torch.float32)
     assert machine.decide_decode_compile(False, moe) == (False, "as set")
     assert machine.decide_decode_compile(True, dense) == (True, "as set")
     on, why = machine.decide_decode_compile(None, moe)
@@ -184,6 +188,8 @@ def test_serve_compiles_decoding_for_small_models_and_dense_ones_on_a_cpu(monkey
     assert not on and "experts" in why
     monkeypatch.setattr(machine, "compile_problem", lambda device: None)
     assert machine.decide_decode_compile(None, dense)[0]  # products called from one graph, the rest fused
+    on, why = machine.decide_decode_compile(None, int4_moe)  # every MoE layer one operator (int4 experts)
+    assert (on, "one operator" in why) == ((True, True) if kernels.int4_experts_available() else (False, False))
     monkeypatch.setattr(machine, "compile_problem", lambda device: "no C++ compiler for inductor (RuntimeError)")
     assert machine.decide_decode_compile(None, dense) == (False, "no C++ compiler for inductor (RuntimeError)")
 

@@ -167,9 +167,15 @@ class MoE(nn.Module):
         if self.training or x.device.type != "cpu" or (x.shape[0] > INT4_GROUPED_TOKENS and not compiling) or \
                 (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)):
             return None
-        if self._int4 is None and not compiling:  # (prepare_compiled_decode builds it before a graph is traced)
+        if compiling:  # (prepare_compiled_decode builds it before a graph is traced)
+            return self._int4 if isinstance(self._int4, torch.Tensor) else None
+        return self._int4 if self.one_operator() else None
+
+    def one_operator(self) -> bool:
+        """Whether this layer decodes as one call of nanoseek::int4_experts (see `int4_table`)."""
+        if self._int4 is None:
             self._int4 = self._int4_experts()
-        return self._int4 if isinstance(self._int4, torch.Tensor) else None
+        return isinstance(self._int4, torch.Tensor)
 
     def _int4_experts(self) -> torch.Tensor | bool:
         """int64 [experts, 10]: a row per expert (routed, then the shared ones as one) with the addresses of its
