@@ -98,8 +98,9 @@ class MoE(nn.Module):
         self.n_shared = config.n_shared_experts if self.shared_experts is not None else 0
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_compiled_decode
         self.handle: int | None = None  # likewise
-        self._int4: torch.Tensor | bool | None = None  # see int4_table (None: not looked at yet)
+        self._int4: torch.Tensor | bool = False  # see int4_table
         self._int4_kept: list = []  # what its addresses point to
+        self._int4_known = False  # whether _int4 says what the experts are now (see _refresh_int4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
@@ -173,30 +174,37 @@ class MoE(nn.Module):
 
     def one_operator(self) -> bool:
         """Whether this layer decodes as one call of nanoseek::int4_experts (see `int4_table`)."""
-        if self._int4 is None:
-            self._int4 = self._int4_experts()
+        if not self._int4_known:
+            self._refresh_int4()
         return isinstance(self._int4, torch.Tensor)
 
-    def _int4_experts(self) -> torch.Tensor | bool:
-        """int64 [experts, 10]: a row per expert (routed, then the shared ones as one) with the addresses of its
-        gate, up and down projections' codes, scales and zeros, then its intermediate size; False where an
-        expert is not an int4 layer nanoseek's kernel takes, or the library does not carry the operator. Keeps
-        the tensors it points to alive (`_int4_kept`); made anew after the module is moved, cast or loaded."""
+    def _refresh_int4(self) -> None:
+        """Make `_int4` say what the experts are now: int64 [experts, 10], a row per expert (routed, then the
+        shared ones as one) with the addresses of its gate, up and down projections' codes, scales and zeros,
+        then its intermediate size; False where an expert is not an int4 layer nanoseek's kernel takes, or the
+        library does not carry the operator. It keeps the tensors it points to alive (`_int4_kept`) and is
+        rewritten in place where it has the same shape, since a compiled graph holds the tensor it was traced with."""
         mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
         operands = [[getattr(layer, "int4_operands", lambda: None)() for layer in (m.gate_proj, m.up_proj, m.down_proj)]
                     for m in mlps]
+        self._int4_known = True
         if any(None in expert for expert in operands) or not int4_experts_available():
-            return False
-        self._int4_kept = operands
-        return torch.tensor([[t.data_ptr() for layer in expert for t in layer] + [m.gate_proj.out_features]
-                             for expert, m in zip(operands, mlps)], dtype=torch.int64)
+            self._int4 = False
+            return
+        table = torch.tensor([[t.data_ptr() for layer in expert for t in layer] + [m.gate_proj.out_features]
+                              for expert, m in zip(operands, mlps)], dtype=torch.int64)
+        if isinstance(self._int4, torch.Tensor) and self._int4.shape == table.shape:
+            self._int4.copy_(table)
+        else:
+            self._int4 = table
+        self._int4_kept = operands  # (only now are the tensors the table pointed to before let go)
 
     def _apply(self, fn, recurse=True):
-        self._int4 = None  # the experts' tensors may move: the table is built anew
+        self._int4_known = False  # the experts' tensors may move: the table is made again before its next use
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._int4 = None  # loading may replace them
+        self._int4_known = False  # loading may replace them
         super()._load_from_state_dict(*args, **kwargs)
 
     def int4_routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
@@ -295,7 +303,7 @@ class MoE(nn.Module):
         which finds this module by `handle`), so only the chosen experts' weights are read, through their
         own kernels, while the attention, norms and shared experts around them are compiled. (Stacking
         copies the weights, and `all_experts` runs every expert: both pay only for small models.)"""
-        self._int4 = self._int4_experts()
+        self._refresh_int4()
         mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
         layers = [layer for m in mlps for layer in (m.gate_proj, m.up_proj, m.down_proj)]
         if not all(isinstance(layer, nn.Linear) for layer in layers) or \
