@@ -211,7 +211,8 @@ class MoE(nn.Module):
         """`routed` where the chosen experts' layers all multiply through nanoseek's int4 kernel (quantized
         experts on a CPU; `int4_operands` says), outside autograd, for up to INT4_GROUPED_TOKENS tokens: every chosen
         expert's gate and up projections in one kernel call, their down projections in a second, instead
-        of three calls (each splitting its weight between the threads) per expert. None otherwise."""
+        of three calls (each splitting its weight between the threads) per expert. None otherwise. (Where the
+        library carries nanoseek::int4_experts, `forward` runs the whole layer through it instead; see int4_table.)"""
         N, K = indices.shape
         if N > INT4_GROUPED_TOKENS:
             return None
