@@ -42,6 +42,10 @@ from .cache import KVCache
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
 
+# a model of this many bytes or more whose every MoE layer is one operator compiles without the C++ wrapper (_compile)
+PYTHON_WRAPPER_MIN_BYTES = 256 * 2**20
+
+
 class EngineBusy(RuntimeError):
     """The waiting queue is full; try again later (the server answers 503)."""
 
@@ -211,12 +215,14 @@ class Engine:
         # no "duck sizing": sizes that happen to be equal at the first call (the cache's layers and the
         # attended length, say) would be assumed equal, and the graph compiled again when they part
         torch.fx.experimental._config.use_duck_shape = False
-        # the graph calls its kernels from C++ (no Python between them), but where every MoE layer is one operator
-        # (MoE.one_operator): such a graph launches few kernels a token, and the C++ wrapper only adds compiling
-        # (DeepSeek-V2-Lite int4 on a 2-vCPU Zen4: the batch-1 graph in 42 against 103 s, the batch-8 one in 59
-        # against 127 s, decoding as fast: 12.1-14.0 against 12.1-14.5 tok/s at batch 1, 18.0-18.6 against 17.4-17.6
-        # at batch 8)
-        in_cpp = not (self._moes and all(m.one_operator() for m in self._moes))
+        # the graph calls its kernels from C++ (no Python between them), but in a large model whose every MoE layer
+        # is one operator (MoE.one_operator): there a graph launches few kernels for a token's work, and the C++
+        # wrapper only adds compiling (DeepSeek-V2-Lite int4 on a 2-vCPU Zen4: the batch-1 graph in 42 against 103 s,
+        # the batch-8 one in 59 against 127 s, decoding as fast: 12.1-14.0 against 12.1-14.5 tok/s at batch 1,
+        # 18.0-18.6 against 17.4-17.6 at batch 8; the shipped model in int4, small, decoded
+        # 1,020-1,100 tok/s without it against 1,400-1,430 with it, one run each)
+        size = sum(t.numel() * t.element_size() for t in (*self._params, *self.model.buffers()))
+        in_cpp = size < PYTHON_WRAPPER_MIN_BYTES or not (self._moes and all(m.one_operator() for m in self._moes))
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp_wrapper": in_cpp, "size_asserts": False,
             # the engine never swaps a model's modules or parameters, only their values change
