@@ -2,6 +2,7 @@
 instruction set this CPU has, at every row count and in chunks; its error against the float product; how
 QuantLinear takes it (decoding rows, in and out of compiled graphs); and the fallback where it cannot be built."""
 
+import copy
 import os
 import shutil
 import subprocess
@@ -222,9 +223,19 @@ def test_the_experts_table_follows_the_weights_and_is_left_out_where_it_does_not
         moe.load_state_dict(other.state_dict(), assign=True)  # new tensors: the old addresses are stale
         torch.testing.assert_close(moe(x), other(x))
         assert moe._int4 is table  # rewritten in place (a compiled graph holds the tensor it was traced with)
-        moe.to(torch.float32)  # moved or cast: made again
-        assert not moe._int4_known
+        moe._apply(torch.clone)  # every tensor moved (as .to() does across devices): made again, in place
+        assert not moe._int4_known and not table.any()  # (forgotten: a graph still holding it fails, see below)
         torch.testing.assert_close(moe(x), other(x))
+        assert moe._int4 is table and table[0, 0] == moe.experts[0].gate_proj.qweight.data_ptr()
+        copied = copy.deepcopy(moe)  # a copy makes its own table, pointing to its own tensors
+        assert not copied._int4_known
+        torch.testing.assert_close(copied(x), other(x))
+        assert copied._int4[0, 0] == copied.experts[0].gate_proj.qweight.data_ptr() != table[0, 0]
+        with torch.inference_mode():  # made in inference mode, still rewritten outside it
+            copied._apply(torch.clone)
+            copied(x)
+        copied._apply(torch.clone)
+        torch.testing.assert_close(copied(x), other(x))
         weights, indices, _ = moe.gate(x[0])
         assert moe.int4_table(torch.randn(65, 128), weights) is None  # a prompt: the experts convert their weights
         grad = x.clone().requires_grad_(True)
@@ -253,6 +264,15 @@ def test_the_experts_operator_refuses_what_it_cannot_read():
         op(x[:, :100], weights, indices, table, 16)
     with pytest.raises(ValueError, match="wants x float"):
         op(x, weights, indices, table, 18)
+    moe._apply(torch.clone)  # the experts moved: the table it had is forgotten (zeroed), refused until made again
+    with pytest.raises(ValueError, match="out of date"):
+        op(x, weights, indices, table, 16)
+    one, repeated = x[:1], torch.tensor([[3, 3, 5, 3]])  # one token choosing an expert twice: each pair still counts
+    w = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    with torch.no_grad():
+        table = moe.int4_table(one, w)
+        want = sum(w[0, j] * moe.experts[int(e)](one) for j, e in enumerate(repeated[0])) + moe.shared_experts(one)
+        torch.testing.assert_close(op(one, w, repeated, table, 16), want, atol=1e-5, rtol=1e-5)
 
 
 @needs_operators

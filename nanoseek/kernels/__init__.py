@@ -255,7 +255,7 @@ torch.library.register_fake("nanoseek::int4_linear", lambda x, qweight, scales, 
 # an int4 mixture-of-experts layer for a few tokens in one call (MoE.int4_table describes the table); C++ only
 # (ops.cpp): where the library does not carry it, `int4_experts_available` is False and MoE groups in Python
 _OPERATORS.define("int4_experts(Tensor x, Tensor weights, Tensor indices, Tensor table, int routed) -> Tensor")
-torch.library.register_fake("nanoseek::int4_experts", lambda x, weights, indices, table, routed: torch.empty_like(x),
+torch.library.register_fake("nanoseek::int4_experts", lambda x, weights, indices, table, routed: x.new_empty(x.shape),
                             lib=_OPERATORS)
 
 

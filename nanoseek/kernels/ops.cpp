@@ -98,6 +98,8 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     std::vector<Run> runs;
     for (int64_t e = 0, slot = 0; e < routed; slot += count[e], e++)
         if (count[e]) runs.push_back({e, first[e] = slot, count[e]});
+    // one token whose experts are distinct (as a router picks them): every run reads x's one row
+    const bool one_row = T == 1 && *std::max_element(count.begin(), count.end()) <= 1;
     for (int64_t a = 0; a < shared; a++) runs.push_back({routed + a, T * k + a * T, T});
     const int64_t slots = T * (k + shared);
     std::vector<int64_t> token_of(slots);
@@ -111,12 +113,16 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     for (int64_t s = T * k; s < slots; s++) token_of[s] = (s - T * k) % T;
     // the inputs each routed run reads: a single token's row is every run's (its activations quantized once),
     // else the runs' tokens gathered in slot order; shared experts read x itself
-    at::Tensor gathered = T == 1 ? xf : xf.index_select(0, at::from_blob(token_of.data(), {T * k}, at::kLong));
+    at::Tensor gathered = one_row ? xf : xf.index_select(0, at::from_blob(token_of.data(), {T * k}, at::kLong));
     const float* xs = gathered.data_ptr<float>();
     std::vector<int64_t> offset;  // each run's place in the intermediate activations
     int64_t width = 0;
     for (const Run& r : runs) {
-        const int64_t I = rows[r.expert * 10 + 9];
+        const int64_t* row = rows + r.expert * 10;
+        for (int64_t j = 0; j < 9; j++)
+            TORCH_CHECK_VALUE(row[j] != 0, "int4_experts: the table is out of date (its experts moved or were loaded "
+                              "since it was made)");
+        const int64_t I = row[9];
         TORCH_CHECK_VALUE(I > 0 && I % 64 == 0, "int4_experts: intermediate size ", I, " (a multiple of 64)");
         offset.push_back(width);
         width += r.n * I;
@@ -134,7 +140,7 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     for (size_t i = 0; i < runs.size(); i++) {
         const Run& r = runs[i];
         const int64_t* row = rows + r.expert * 10;
-        const float* in = r.expert >= routed ? xf.data_ptr<float>() : T == 1 ? xs : xs + r.slot * D;
+        const float* in = r.expert >= routed ? xf.data_ptr<float>() : one_row ? xs : xs + r.slot * D;
         for (int64_t layer : {0, 1}) add(in, D, r.n, layer, row[9], (layer ? up_out : gate_out) + offset[i], row);
     }
     int code = nanoseek_int4_linear_many(products.data(), products.size(), isa_here);
@@ -173,10 +179,12 @@ extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w
 static at::Tensor mla_attention(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
                                 const at::Tensor& fresh, const at::Tensor& mask, const at::Tensor& w, double scale) {
     TORCH_CHECK(isa_here > 0, "nanoseek's MLA kernel is not available here");
-    const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), d = q_nope.size(3), r = q_pe.size(-1);
-    const int64_t c = w.size(2), dv = w.size(1) - d, T = past.size(1), M = B * S;
-    bool ok = q_nope.dim() == 4 && q_pe.dim() == 4 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 &&
-              w.dim() == 3 && w.size(0) == H && dv > 0 && 0 < M && M <= 8 && c <= 1024 && w.is_contiguous() &&
+    const bool ranks = q_nope.dim() == 4 && q_pe.dim() == 4 && past.dim() == 3 && fresh.dim() == 3 &&
+                       mask.dim() == 3 && w.dim() == 3;
+    const int64_t B = ranks ? q_nope.size(0) : 0, S = ranks ? q_nope.size(1) : 0, H = ranks ? q_nope.size(2) : 0,
+                  d = ranks ? q_nope.size(3) : 0, r = ranks ? q_pe.size(3) : 0, c = ranks ? w.size(2) : 0,
+                  dv = ranks ? w.size(1) - d : 0, T = ranks ? past.size(1) : 0, M = B * S;
+    bool ok = ranks && w.size(0) == H && dv > 0 && 0 < M && M <= 8 && c <= 1024 && w.is_contiguous() &&
               w.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool;
     for (const at::Tensor* t : {&q_nope, &q_pe, &past, &fresh})
         ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu();

@@ -148,7 +148,7 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)  # key half w_uk (H, d, c), value half w_uv (H, dv, c)
         # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections), a few rows: all of this in
         # one C++ operator, whose products read the bf16 weight at the memory's speed (kernels/ops.cpp, mla.cpp)
-        if w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
+        if w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
                 and w.device.type == "cpu" and mla_available():
             return torch.ops.nanoseek.mla_attention(q_nope, q_pe, past, new, mask, w, self.softmax_scale)
         if w.dtype != q_nope.dtype:

@@ -165,7 +165,7 @@ class MoE(nn.Module):
         outside autograd, up to INT4_GROUPED_TOKENS tokens eagerly) where every expert, routed and shared, is an
         int4 layer nanoseek's kernel takes and the library carries the operator, else None (see `_int4_experts`)."""
         compiling = torch.compiler.is_compiling()
-        if self.training or x.device.type != "cpu" or (x.shape[0] > INT4_GROUPED_TOKENS and not compiling) or \
+        if self.training or x.device.type != "cpu" or (not compiling and x.shape[0] > INT4_GROUPED_TOKENS) or \
                 (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)):
             return None
         if compiling:  # (prepare_compiled_decode builds it before a graph is traced)
@@ -189,23 +189,38 @@ class MoE(nn.Module):
                     for m in mlps]
         self._int4_known = True
         if any(None in expert for expert in operands) or not int4_experts_available():
+            self._forget_int4()
             self._int4 = False
             return
-        table = torch.tensor([[t.data_ptr() for layer in expert for t in layer] + [m.gate_proj.out_features]
-                              for expert, m in zip(operands, mlps)], dtype=torch.int64)
-        if isinstance(self._int4, torch.Tensor) and self._int4.shape == table.shape:
-            self._int4.copy_(table)
-        else:
-            self._int4 = table
+        with torch.inference_mode(False):  # (a table made in inference mode could not be rewritten outside it)
+            table = torch.tensor([[t.data_ptr() for layer in expert for t in layer] + [m.gate_proj.out_features]
+                                  for expert, m in zip(operands, mlps)], dtype=torch.int64)
+            if isinstance(self._int4, torch.Tensor) and self._int4.shape == table.shape:
+                self._int4.copy_(table)
+            else:
+                self._int4 = table
         self._int4_kept = operands  # (only now are the tensors the table pointed to before let go)
 
+    def _forget_int4(self) -> None:
+        """Let go of the tensors the table points to, its addresses zeroed first (the operator refuses a zero one:
+        a compiled graph still holding the table fails rather than read freed memory); made again at its next use."""
+        if isinstance(self._int4, torch.Tensor):
+            with torch.inference_mode(False):
+                self._int4.zero_()
+        self._int4_kept, self._int4_known = [], False
+
     def _apply(self, fn, recurse=True):
-        self._int4_known = False  # the experts' tensors may move: the table is made again before its next use
+        self._forget_int4()  # the experts' tensors may move
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._int4_known = False  # loading may replace them
+        self._forget_int4()  # loading may replace them
         super()._load_from_state_dict(*args, **kwargs)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a copy (deepcopy, pickle) has its own tensors: the table it was given points to the original's
+        self._int4, self._int4_kept, self._int4_known = False, [], False
 
     def int4_routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """`routed` where the chosen experts' layers all multiply through nanoseek's int4 kernel (quantized
