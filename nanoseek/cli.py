@@ -368,8 +368,8 @@ def _compile_option(off_because: str | None = None):
     """--compile/--no-compile for decoding: decided by the model's size (`decide_decode_compile`), or
     off by default where compiling at startup does not pay (`off_because`)."""
     when = (f"Default: off ({off_because})." if off_because else
-            "Default: on for models of up to 256 MiB of weights and for dense models on a CPU, off for larger "
-            "MoE models and on GPUs.")
+            "Default: on for models of up to 256 MiB of weights, for dense models on a CPU and for int4 MoE "
+            "models on a CPU (each MoE layer one operator), off for other larger MoE models and on GPUs.")
     return typer.Option(False if off_because else None, "--compile/--no-compile", help="Decode through torch.compile: "
                         "about 4x faster for small models on a CPU, after compiling at startup (30-90 s the first "
                         "time on 2 cores, less once cached on disk; needs a C++ compiler, decodes eagerly without "

@@ -19,7 +19,8 @@ unless asked for (`--compile`): measured on a 2-core AMD EPYC (Zen3), a compiled
 0.9-1.1x the eager one. GRPO's rollouts decode through compiled steps wherever a compiler is, unless
 the run's time budget is under 15 minutes (`decide_rollout_compile`; a cold compile took 227 s): at 64 rows a compiled decode step of the shipped model took 8 ms against
 13 ms eager, and a GRPO step of 64 countdown samples took 9.2 s, 3.5x TRL's (2-core Xeon with AMX).
-Chat and serve decode through compiled steps by default for small models and for dense ones on a CPU (`decide_decode_compile`).
+Chat and serve decode through compiled steps by default for small models, dense ones on a CPU and int4 MoE ones on a
+CPU (`decide_decode_compile`).
 `compile_problem` says why compiling cannot work (no C++ compiler, no triton). `use_disk_cache` points inductor's caches (FX graphs,
 AOTAutograd) at $XDG_CACHE_HOME/nanoseek/inductor, so a second run reuses the first's graphs.
 """
