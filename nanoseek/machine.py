@@ -46,6 +46,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from .files import atomic_write, read_json_object
 from .kernels import cache_home, cpu_model_and_flags
+from .quant import weight_bytes
 
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be picked
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what decides a CPU's bf16 speed
@@ -236,11 +237,6 @@ def decide_decode_compile(setting: bool | None, model: torch.nn.Module) -> tuple
     if params[0].device.type == "cpu":
         return _where_compilable(params[0].device, "the products called from one graph, what lies between them fused")
     return False, f"{size / 2**20:,.0f} MiB of weights on {params[0].device.type}: not measured to pay (--compile to try it)"
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """The bytes of a model's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _where_compilable(device: torch.device, why: str) -> tuple[bool, str]:

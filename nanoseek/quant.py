@@ -503,6 +503,11 @@ def prepare_kernels(model: nn.Module) -> None:
                 batch, size = [], 0
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of a model's parameters and buffers (a quantized layer's codes and scales are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def give_back_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc's malloc_trim; nothing elsewhere)."""
     if sys.platform.startswith("linux"):

@@ -37,7 +37,7 @@ import torch
 
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
-from ..quant import prepare_kernels
+from ..quant import prepare_kernels, weight_bytes
 from .cache import KVCache
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
@@ -221,8 +221,7 @@ class Engine:
         # the batch-8 one in 59 against 127 s, decoding as fast: 12.1-14.0 against 12.1-14.5 tok/s at batch 1,
         # 18.0-18.6 against 17.4-17.6 at batch 8; the shipped model in int4, small, decoded
         # 1,020-1,100 tok/s without it against 1,400-1,430 with it, one run each)
-        size = sum(t.numel() * t.element_size() for t in (*self._params, *self.model.buffers()))
-        in_cpp = size < PYTHON_WRAPPER_MIN_BYTES or not (self._moes and all(m.one_operator() for m in self._moes))
+        in_cpp = weight_bytes(self.model) < PYTHON_WRAPPER_MIN_BYTES or not (self._moes and all(m.one_operator() for m in self._moes))
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp_wrapper": in_cpp, "size_asserts": False,
             # the engine never swaps a model's modules or parameters, only their values change

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp")]  # built into one library
+HEADER = Path(__file__).with_name("kernels.h")  # what the sources share (part of the build's key)
 OPERATOR_SOURCE = Path(__file__).with_name("ops.cpp")  # and, against torch's headers, the int4_linear operator's C++
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
 GROUP = 32  # the group size the kernel reads
@@ -134,7 +135,7 @@ def _build() -> tuple[ctypes.CDLL | None, bool]:
                   f"-L{root / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
     failure = None
     for sources, flags in (([*SOURCES, OPERATOR_SOURCE], [*FLAGS, *with_torch]), (SOURCES, FLAGS)):
-        source = b"".join(path.read_bytes() for path in sources)
+        source = b"".join(path.read_bytes() for path in [*sources, HEADER])
         key = hashlib.sha256(source + " ".join([*cxx, *flags]).encode()).hexdigest()[:16]
         target = cache_home() / "kernels" / f"kernels-{key}.so"
         try:

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"  // Int4Product: one product of a call
+
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 // Streaming the codes from memory, one core keeps too few cache lines in flight on its own: the codes
 // PREFETCH bytes ahead (and the scales and zeros a few rows ahead) are asked into L2 early. On a 2-vCPU
@@ -190,16 +192,6 @@ static RowsFn pick(int M) {
 }
 template <int M> struct Avx512 { static constexpr RowsFn fn = rows_avx512<M>; };
 template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
-
-// One product of a call: y [M, N] = x [M, K] @ W.T, M <= 8 (the layout above).
-struct Int4Product {
-    const float* x;
-    int64_t M, K;
-    const uint8_t* w;
-    const uint16_t *s, *z;
-    int64_t N;
-    float* y;
-};
 
 // Several products in one parallel region (a mixture-of-experts layer's chosen experts: one call for all
 // their gate and up projections, one for their down projections, rather than a call and a fork of the

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #define MAX_ROWS 8
 #define MAX_C 1024  // the latent width c (kv_lora_rank) at most: DeepSeek-V2/V3 have 512
 

@@ -23,8 +23,7 @@
 #include <cmath>
 #include <vector>
 
-extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-                                    const uint16_t* z, int64_t N, float* y, int isa);
+#include "kernels.h"
 
 static int isa_here = 0;  // the instruction set to run (kernels.int4_isa), told when the library is loaded
 extern "C" void nanoseek_set_isa(int isa) { isa_here = isa; }
@@ -53,16 +52,6 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
     return y;
 }
 
-
-struct Int4Product {  // int4.cpp's: one product y [M, N] = x [M, K] @ W.T, M <= 8
-    const float* x;
-    int64_t M, K;
-    const uint8_t* w;
-    const uint16_t *s, *z;
-    int64_t N;
-    float* y;
-};
-extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, int isa);
 
 // A mixture-of-experts layer whose experts are all int4 layers the kernel takes, for a few tokens (decoding),
 // in one call: x [T, D] float, each token's chosen experts `indices` [T, k] and their gate weights `weights`
@@ -166,9 +155,6 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     }
     return y.to(x.scalar_type());
 }
-
-extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w, float* y, int64_t H, int64_t M,
-                                    int64_t d, int64_t dv, int64_t c, int isa);
 
 // MLA's attention over its cached latents while decoding (MLA.absorbed_attention in nanoseek/model/attention.py
 // says what it computes) with kv_b_proj's weight in bf16 and fp32 activations, for at most 8 query rows (B * S):

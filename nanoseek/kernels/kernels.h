@@ -1,0 +1,19 @@
+// The C entries of nanoseek's kernels (int4.cpp, mla.cpp), as ops.cpp calls them; see each source for what they do.
+#pragma once
+#include <stdint.h>
+
+// One product of an int4 call: y [M, N] = x [M, K] @ W.T, M <= 8, W as int4.cpp describes it.
+struct Int4Product {
+    const float* x;
+    int64_t M, K;
+    const uint8_t* w;
+    const uint16_t *s, *z;
+    int64_t N;
+    float* y;
+};
+
+extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, int isa);
+extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                                    const uint16_t* z, int64_t N, float* y, int isa);
+extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w, float* y, int64_t H, int64_t M,
+                                    int64_t d, int64_t dv, int64_t c, int isa);
