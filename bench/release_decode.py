@@ -28,7 +28,8 @@ weights go to GGUF (bf16, then q8_0 and q4_0 with --pure: every tensor at the bi
 the converter and q4_0 requantized from it) and
 llama-bench (prefill pp512, decode tg64) and llama-batched-bench (8 sequences) run interleaved with
 nanoseek, round after round. q4_0 keeps one scale per 32 weights (4.5 bits a weight); nanoseek's int4 keeps a
-scale and a minimum (5 bits), as llama.cpp's q4_1 does: --q4-1 runs that too, the same bits and scheme.
+scale and a minimum per 32 weights as 8-bit codes (4.5 bits), the scheme of llama.cpp's q4_1 (5 bits: fp16 scale
+and minimum): --q4-1 runs that too.
 
     python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 16,8,4 --llama-cpp ~/llama.cpp
     python bench/release_decode.py --shape r1-distill-qwen-1.5b --bits 4 --q4-1 --llama-cpp ~/llama.cpp
@@ -351,9 +352,9 @@ def main():
     ap.add_argument("--llama-bin", type=Path, help="folder of the llama.cpp binaries (default: LLAMA_CPP/build/bin)")
     ap.add_argument("--context", type=int, default=0, help="also decode at batch 8 after this many tokens of context")
     ap.add_argument("--serve", action="store_true", help="also start `nanoseek serve` on each folder")
-    ap.add_argument("--q4-1", action="store_true", help="with --bits 4: also run llama.cpp's q4_1, the bit width and "
-                    "scheme of nanoseek's int4 (per group of 32 weights a scale and a minimum: 5 bits a weight; q4_0 "
-                    "keeps a scale only, 4.5 bits)")
+    ap.add_argument("--q4-1", action="store_true", help="with --bits 4: also run llama.cpp's q4_1, the scheme of "
+                    "nanoseek's int4 (per group of 32 weights a scale and a minimum; q4_1 holds them in fp16, 5 bits a "
+                    "weight, nanoseek as 8-bit codes, 4.5 bits; q4_0 keeps a scale only, 4.5 bits)")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

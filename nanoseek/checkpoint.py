@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .files import atomic_write
 from .model import DeepseekForCausalLM, ModelConfig, build_model
 from .model.config import ARCHITECTURES, ConfigError
-from .quant import BITS, GROUP, QuantLinear, narrow_linears, swap_linears
+from .quant import BITS, GROUP, INT4_FORMAT, QuantLinear, narrow_linears, swap_linears
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -187,6 +187,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if stored and bits and bits != stored:
         raise CheckpointError(f"{path} holds int{stored} weights; load it as it is, or quantize the original to "
                               f"int{bits}")
+    if stored == 4 and quant.get("int4_format", 1) != INT4_FORMAT:
+        raise CheckpointError(f"{path} holds int4 weights in an earlier nanoseek format (bf16 scales and zeros per "
+                              "group; int4_format 1, now 2: 8-bit codes of them); quantize the original model again "
+                              "with `nanoseek quantize`")
     bits = bits or stored
     group = quant.get("group_size", GROUP) if stored else GROUP
     block = tuple(quant.get("weight_block_size") or (128, 128))
@@ -340,6 +344,7 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     cfg["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if quantized:  # the widest bit width and its group; layers that could not take int4 are int8 (see swap_linears)
-        cfg["quantization_config"] = {"quant_method": "nanoseek", "bits": min(m.bits for m in quantized),
-                                      "group_size": quantized[0].group_size}
+        bits = min(m.bits for m in quantized)
+        cfg["quantization_config"] = {"quant_method": "nanoseek", "bits": bits, "group_size": quantized[0].group_size,
+                                      **({"int4_format": INT4_FORMAT} if bits == 4 else {})}
     atomic_write(path / "config.json", json.dumps(cfg, indent=2))

@@ -33,7 +33,8 @@ def int4_layer(K: int, N: int, group_size: int = 32, seed: int = 0) -> QuantLine
 def emulate(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     """The kernel's arithmetic, written plainly in float64: x quantized to int8 per block of 32 (d = max|x| / 127,
     rounded half to even), integer dot products with the codes, then
-    sum_g scale * d * (codes . xq) + zero * sum(x) + 8 * scale * (sum(x) - d * sum(xq))."""
+    sum_g scale * d * (codes . xq) + zero * sum(x) + 8 * scale * (sum(x) - d * sum(xq)), where a group's scale
+    and zero are its codes times the row's units."""
     M, K = x.shape
     blocks = x.view(M, K // 32, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
@@ -41,7 +42,8 @@ def emulate(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     xq = (blocks * inv).round().double()  # (M, G, 32); the kernel multiplies in fp32 too, then rounds
     d = (amax / 127).double().squeeze(-1)  # (M, G)
     codes = layer.codes().double().view(layer.out_features, K // 32, 32)  # (N, G, 32)
-    s, z = layer.scales.double(), layer.zeros.double()  # (N, G)
+    units = layer.units.double()
+    s, z = layer.scales.double() * units[:, :1], layer.zeros.double() * units[:, 1:]  # (N, G)
     dot = torch.einsum("mgk,ngk->mng", xq, codes)
     xsum = blocks.double().sum(-1)  # (M, G)
     resid = xsum - d * xq.sum(-1)
@@ -59,7 +61,7 @@ def test_the_kernel_computes_what_it_says_on_each_instruction_set(isa, K, N, row
     layer = int4_layer(K, N, seed=rows)
     x = torch.randn(rows, K) * torch.logspace(-3, 2, rows)[:, None]  # rows of very different sizes
     x[0, :32] = 0  # a block of zeros (scale 0)
-    got = kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, isa=isa)
+    got = kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units, isa=isa)
     want = emulate(x, layer)
     assert got.shape == (rows, N) and got.dtype == torch.float32
     size = (x.abs().double() @ layer.dequantize().abs().double().t())  # each output's scale: sum |x| |W|
@@ -77,13 +79,13 @@ def test_the_operator_is_cpp_and_gives_the_kernels_products():
     for rows in (1, 3, 8, 9, 17):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 256).to(dtype)
-            got = torch.ops.nanoseek.int4_linear(x, layer.qweight, layer.scales, layer.zeros)
-            assert got.dtype == torch.float32 and torch.equal(got, kernels.int4_products(x, layer.qweight, layer.scales,
-                                                                                          layer.zeros))
+            got = torch.ops.nanoseek.int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.units)
+            assert got.dtype == torch.float32 and torch.equal(got, kernels.int4_products(x, *layer.int4_operands()))
     x = torch.randn(2, 256)
-    args = (layer.qweight, layer.scales, layer.zeros)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.units)
     for bad in ((x[:, :192], *args), (x, layer.qweight[:, :64], *args[1:]), (x, layer.qweight.int(), *args[1:]),
-                (x, layer.qweight, layer.scales.float(), layer.zeros), (x, layer.qweight, layer.scales, layer.zeros[:5]),
+                (x, layer.qweight, layer.scales.float(), *args[2:]), (x, *args[:2], layer.zeros[:5], layer.units),
+                (x, *args[:3], layer.units.double()), (x, *args[:3], layer.units.t()), (x, *args[:2], layer.zeros.byte(), layer.units),
                 (x, layer.qweight.t().contiguous().t(), *args[1:]), (x[0], *args), (x.long(), *args)):
         with pytest.raises(ValueError, match="int4 kernel"):
             torch.ops.nanoseek.int4_linear(*bad)
@@ -106,12 +108,12 @@ def test_grouped_products_equal_each_product_alone(isa, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        kernels.int4_grouped([(x, xr, layer.qweight, layer.scales, layer.zeros, y, yr, n)
+        kernels.int4_grouped([(x, xr, layer.qweight, layer.scales, layer.zeros, layer.units, y, yr, n)
                               for x, xr, layer, y, yr, n in plan], isa=isa)
     finally:
         torch.set_num_threads(before)
     for x, xr, layer, y, yr, n in plan:
-        alone = kernels.int4_products(x[xr:xr + n], layer.qweight, layer.scales, layer.zeros, isa=isa)
+        alone = kernels.int4_products(x[xr:xr + n], layer.qweight, layer.scales, layer.zeros, layer.units, isa=isa)
         assert torch.equal(y[yr:yr + n], alone)
     assert (ya[:5] == 7).all() and (ya[22:] == 7).all() and (yc[0] == 7).all()  # nothing written outside
 
@@ -207,7 +209,7 @@ def test_an_int4_moe_layer_is_one_operator_call_giving_each_experts_own_products
         table = moe._int4
         moe._int4 = False  # as where the library has no operators (known: not looked at again)
         want = moe(x)
-    assert isinstance(table, torch.Tensor) and table.shape == (16 + (shared > 0), 10)
+    assert isinstance(table, torch.Tensor) and table.shape == (16 + (shared > 0), 13)
     assert calls == {"nanoseek::int4_experts": 1}
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
@@ -259,7 +261,7 @@ def test_the_experts_operator_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="expert 16 of 16"):
         op(x, weights, torch.full_like(indices, 16), table, 16)
     with pytest.raises(ValueError, match="wants x float"):
-        op(x, weights, indices, table[:, :9].contiguous(), 16)
+        op(x, weights, indices, table[:, :12].contiguous(), 16)
     with pytest.raises(ValueError, match="wants x float"):
         op(x[:, :100], weights, indices, table, 16)
     with pytest.raises(ValueError, match="wants x float"):
@@ -374,19 +376,21 @@ def test_the_kernel_refuses_what_it_cannot_read():
     layer = int4_layer(256, 64)
     x = torch.randn(3, 256)
     # any float activations: converted to fp32 on the way in, fp32 out
-    torch.testing.assert_close(kernels.int4_products(x.bfloat16(), layer.qweight, layer.scales, layer.zeros),
-                               kernels.int4_products(x.bfloat16().float(), layer.qweight, layer.scales, layer.zeros))
-    bad = [(torch.randn(3, 128), layer.qweight, layer.scales, layer.zeros),  # K of another layer
-           (x, layer.qweight, layer.scales.float(), layer.zeros),
-           (x, layer.qweight, layer.scales, layer.zeros.t().contiguous().t()),
-           (x, layer.qweight.to(torch.int8), layer.scales, layer.zeros),
-           (x.to(torch.int32), layer.qweight, layer.scales, layer.zeros)]
+    torch.testing.assert_close(kernels.int4_products(x.bfloat16(), layer.qweight, layer.scales, layer.zeros, layer.units),
+                               kernels.int4_products(x.bfloat16().float(), layer.qweight, layer.scales, layer.zeros, layer.units))
+    bad = [(torch.randn(3, 128), layer.qweight, layer.scales, layer.zeros, layer.units),  # K of another layer
+           (x, layer.qweight, layer.scales.float(), layer.zeros, layer.units),
+           (x, layer.qweight, layer.scales, layer.zeros.t().contiguous().t(), layer.units),
+           (x, layer.qweight.to(torch.int8), layer.scales, layer.zeros, layer.units),
+           (x, layer.qweight, layer.scales, layer.zeros, layer.units[:, :1]),
+           (x, layer.qweight, layer.scales, layer.zeros, layer.units.bfloat16()),
+           (x.to(torch.int32), layer.qweight, layer.scales, layer.zeros, layer.units)]
     for args in bad:
         with pytest.raises(ValueError, match="int4 kernel"):
             kernels.int4_products(*args)
     if HERE == kernels.ISA_AVX2:
         with pytest.raises(RuntimeError, match="not available"):
-            kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, isa=kernels.ISA_AVX512)
+            kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units, isa=kernels.ISA_AVX512)
 
 
 @needs_kernel
@@ -396,7 +400,7 @@ def test_the_kernel_is_as_close_to_the_float_product_as_bf16_activations():
     layer = int4_layer(1024, 512)
     x = torch.randn(8, 1024)
     exact = x.double() @ layer.dequantize().double().t()
-    ours = kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros).double()
+    ours = kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units).double()
     bf16 = (x.bfloat16().double() @ layer.dequantize(torch.bfloat16).double().t())
     err, bf16_err = ((ours - exact).norm() / exact.norm()).item(), ((bf16 - exact).norm() / exact.norm()).item()
     assert err < 2 * bf16_err and err < 0.01, (err, bf16_err)
@@ -412,7 +416,7 @@ def test_quantized_layers_decode_through_the_kernel_and_never_take_torch_s_layou
         assert layer._fast and not layer._kernel_layout
         torch.testing.assert_close(out, x @ reference.t(), atol=0.02, rtol=0.02)
         if rows <= FAST_INT4_ROWS:  # exactly the kernel's products
-            torch.testing.assert_close(out[0], kernels.int4_products(x[0], layer.qweight, layer.scales, layer.zeros),
+            torch.testing.assert_close(out[0], kernels.int4_products(x[0], layer.qweight, layer.scales, layer.zeros, layer.units),
                                        rtol=0, atol=0)
     assert torch.equal(layer.state_dict()["qweight"], layer.qweight)  # held in the documented layout
     # bf16 activations go through it too, and come back in bf16
@@ -451,9 +455,9 @@ def test_gradients_reach_the_activations_and_casts_keep_the_scales():
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(2, -1))
     with torch.no_grad():
         assert torch.equal(layer(x), out.detach())
-    scales, zeros = layer.scales.clone(), layer.zeros.clone()
+    buffers = [t.clone() for t in (layer.scales, layer.zeros, layer.units)]
     layer.half()
-    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)  # not rounded through fp16
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip((layer.scales, layer.zeros, layer.units), buffers))  # not rounded through fp16
 
 
 def test_without_a_compiler_int4_keeps_torch_s_kernel(monkeypatch, tmp_path):

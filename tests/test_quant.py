@@ -161,7 +161,8 @@ def test_quantized_folders_load_without_requantizing(tmp_path, monkeypatch):
         quant = nanoseek.load_model(tmp_path / "float", quantize=bits)
         nanoseek.save_model(quant, tmp_path / f"int{bits}")
         config = json.loads((tmp_path / f"int{bits}" / "config.json").read_text())
-        assert config["quantization_config"] == {"quant_method": "nanoseek", "bits": bits, "group_size": 32}
+        assert config["quantization_config"] == {"quant_method": "nanoseek", "bits": bits, "group_size": 32,
+                                                 **({"int4_format": 2} if bits == 4 else {})}
         with monkeypatch.context() as m:
             m.setattr(QuantLinear, "quantize_", lambda *a: pytest.fail("re-quantized a quantized folder"))
             again = nanoseek.load_model(tmp_path / f"int{bits}")
@@ -172,6 +173,12 @@ def test_quantized_folders_load_without_requantizing(tmp_path, monkeypatch):
             nanoseek.load_model(tmp_path / f"int{bits}", quantize=12 - bits)
     with pytest.raises(ValueError, match="int8 or int4"):
         nanoseek.load_model(tmp_path / "float", quantize="int3")
+    # a folder an earlier nanoseek wrote (bf16 scales and zeros, no int4_format): refused with what to do
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    del config["quantization_config"]["int4_format"]
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(nanoseek.CheckpointError, match="earlier nanoseek format.*nanoseek quantize"):
+        nanoseek.load_model(tmp_path / "int4")
 
 
 def test_fp8_checkpoint_goes_straight_to_int8(tmp_path):

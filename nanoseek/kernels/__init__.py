@@ -113,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
         P, I = ctypes.c_void_p, ctypes.c_int64
         lib.nanoseek_int4_linear_many.argtypes = [P, I, ctypes.c_int]
         lib.nanoseek_int4_linear_many.restype = ctypes.c_int
-        lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, I, P, ctypes.c_int]
+        lib.nanoseek_int4_linear.argtypes = [P, I, I, P, P, P, P, I, P, ctypes.c_int]
         lib.nanoseek_int4_linear.restype = ctypes.c_int
     if native:  # loading it registered the operator's C++ implementation
         lib.nanoseek_set_isa(int4_isa())
@@ -169,9 +169,10 @@ def int4_available(in_features: int, group_size: int) -> bool:
 
 
 def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  isa: int | None = None) -> torch.Tensor:
+                  units: torch.Tensor, isa: int | None = None) -> torch.Tensor:
     """x [rows, K] (any float dtype, CPU) @ W.T -> [rows, N] fp32, W held as qweight uint8 [N, K/2] (input 2j in
-    the low nibble of byte j, 2j+1 in the high one), scales and zeros bf16 [N, K/32]: W = zero + code * scale.
+    the low nibble of byte j, 2j+1 in the high one), scale codes uint8 and zero codes int8 [N, K/32], units fp32
+    [N, 2]: W = units[:, 1] * zero code + code * units[:, 0] * scale code (see quant.py).
     The activations are quantized to int8 per block of 32 inputs on the way in (see int4.cpp).
     isa: the instruction set to run (default: this CPU's best; AVX2 where K is not a multiple of 128).
     The operator nanoseek::int4_linear is this, in C++ where the library carries it (ops.cpp)."""
@@ -181,42 +182,45 @@ def int4_products(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         raise RuntimeError(f"nanoseek's int4 kernel is not available here (instruction set {isa}, this CPU's {here})")
     _, K = x.shape
     N = qweight.shape[0]
-    group = (N, K // GROUP)
+    wants = [(qweight, torch.uint8, (N, K // 2)), (scales, torch.uint8, (N, K // GROUP)),
+             (zeros, torch.int8, (N, K // GROUP)), (units, torch.float32, (N, 2))]
     if x.device.type != "cpu" or not x.is_floating_point() or K % ISA_K_MULTIPLE[ISA_AVX2] \
-            or qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or not qweight.is_contiguous() \
-            or any(t.dtype != torch.bfloat16 or t.shape != group or not t.is_contiguous() for t in (scales, zeros)):
+            or any(t.dtype != dtype or t.shape != shape or not t.is_contiguous() or t.device.type != "cpu"
+                   for t, dtype, shape in wants):
         raise ValueError(f"int4 kernel: x {x.dtype} {tuple(x.shape)} on {x.device}, qweight {qweight.dtype} "
                          f"{tuple(qweight.shape)}, scales {scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} "
-                         f"{tuple(zeros.shape)}: wants x float [rows, K] on the CPU, K a multiple of 64, uint8 "
-                         f"[N, K/2] codes, bf16 [N, K/32] scales and zeros, all contiguous")
+                         f"{tuple(zeros.shape)}, units {units.dtype} {tuple(units.shape)}: wants x float [rows, K] on "
+                         f"the CPU, K a multiple of 64, uint8 [N, K/2] codes, uint8 scale codes and int8 zero codes "
+                         f"[N, K/32], fp32 units [N, 2], all contiguous")
     x = x.to(torch.float32).contiguous()
     M, K = x.shape
-    y = x.new_empty(M, qweight.shape[0])
+    y = x.new_empty(M, N)
     code = _library().nanoseek_int4_linear(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                                           qweight.shape[0], y.data_ptr(), isa)
+                                           units.data_ptr(), N, y.data_ptr(), isa)
     if code:
-        raise RuntimeError(f"int4 kernel failed (code {code}) on a product [M, K, N] {[M, K, qweight.shape[0]]}")
+        raise RuntimeError(f"int4 kernel failed (code {code}) on a product [M, K, N] {[M, K, N]}")
     return y
 
 
 def int4_grouped(products: Sequence[tuple], isa: int | None = None) -> None:
-    """For each (x, x_row, qweight, scales, zeros, y, y_row, rows) of `products`: rows y_row.. of y = rows
+    """For each (x, x_row, qweight, scales, zeros, units, y, y_row, rows) of `products`: rows y_row.. of y = rows
     x_row.. of x @ W.T, all in one call of the kernel (their rows split between the threads together, so a
     thread runs on from one weight into the next, and products reading the same rows of x quantize them
     once): a mixture-of-experts layer's chosen experts in one call rather than a call per weight. x fp32
     [*, K] and y fp32 [*, N] contiguous on the CPU, rows any number; the weights as `int4_products` takes
     them. Unchecked: for callers that checked each weight once (`int4_products` checks)."""
-    table = []  # one row per product of up to MAX_ROWS rows: the kernel's Int4Product (x, M, K, w, s, z, N, y)
-    for x, x_row, qweight, scales, zeros, y, y_row, rows in products:
+    table = []  # one row per product of up to MAX_ROWS rows: the kernel's Int4Product (x, M, K, w, s, z, u, N, y)
+    for x, x_row, qweight, scales, zeros, units, y, y_row, rows in products:
         K, N = x.shape[1], qweight.shape[0]
-        w, s, z, xp, yp = qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr()
+        w, s, z, u = (t.data_ptr() for t in (qweight, scales, zeros, units))
+        xp, yp = x.data_ptr(), y.data_ptr()
         for start in range(0, rows, MAX_ROWS):
-            table.append((xp + 4 * K * (x_row + start), min(MAX_ROWS, rows - start), K, w, s, z, N,
+            table.append((xp + 4 * K * (x_row + start), min(MAX_ROWS, rows - start), K, w, s, z, u, N,
                           yp + 4 * N * (y_row + start)))
-    fields = torch.tensor(table, dtype=torch.int64)  # (products, 8): the structs' memory, field by field
+    fields = torch.tensor(table, dtype=torch.int64)  # (products, 9): the structs' memory, field by field
     code = _library().nanoseek_int4_linear_many(fields.data_ptr(), len(table), isa or int4_isa())  # (built: the caller's check asked)
     if code:
-        raise RuntimeError(f"int4 kernel failed (code {code}) on products [M, K, N] {[[r[1], r[2], r[6]] for r in table]}")
+        raise RuntimeError(f"int4 kernel failed (code {code}) on products [M, K, N] {[[r[1], r[2], r[7]] for r in table]}")
 
 
 # what mla.cpp takes. Rows: past 8, MLA widens the bf16 weight to fp32 for torch's product instead (DeepSeek-V2-Lite's
@@ -249,8 +253,8 @@ def cpu_operator(schema: str, impl, fake):
 
 # int4_products as an operator: its CPU implementation is registered with the library (`_library`: ops.cpp's
 # C++ where it builds against torch's headers, else int4_products itself)
-_OPERATORS.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor")
-torch.library.register_fake("nanoseek::int4_linear", lambda x, qweight, scales, zeros: x.new_empty(
+_OPERATORS.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor units) -> Tensor")
+torch.library.register_fake("nanoseek::int4_linear", lambda x, qweight, scales, zeros, units: x.new_empty(
     x.shape[0], qweight.shape[0], dtype=torch.float32), lib=_OPERATORS)
 
 # an int4 mixture-of-experts layer for a few tokens in one call (MoE.int4_table describes the table); C++ only

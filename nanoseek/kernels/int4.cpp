@@ -1,14 +1,16 @@
 // int4 x int8 products for decoding on x86 CPUs: y [M, N] = x [M, K] @ W.T, M <= 8, where W is held as
 // nanoseek's int4 layer holds it (see nanoseek/quant.py): codes [N, K/2] (byte j of a row: input 2j in the
-// low nibble, 2j+1 in the high one), bf16 scales and zeros [N, K/32], W[n, k] = zero + code * scale.
+// low nibble, 2j+1 in the high one), per group of 32 inputs a scale code (uint8) and a zero code (int8)
+// [N, K/32], and per row two fp32 units [N, 2]: W[n, k] = zero_unit[n] * zero_code + code * scale_unit[n] * scale_code.
 //
 // The activations are quantized to int8 per block of 32 inputs (d = max|x| / 127, as llama.cpp's q8_0),
 // split by nibble position so that a byte's two codes meet their own inputs, and each block's sum is
 // kept in fp32. The codes count as centred (c - 8), so the activations' rounding errors meet weights
-// around zero rather than all of one sign (half the error of uncentred codes):
-//   y[m, n] = sum_g scale[n, g] * d[m, g] * ((codes - 8) . xq)[g] + (zero + 8 * scale)[n, g] * sum(x[m, g])
-//           = sum_g scale * d * (codes . xq) + zero * sum(x) + 8 * scale * (sum(x) - d * sum(xq)),
-// the last two per group and row, after the products. The integer dot products are unsigned (codes
+// around zero rather than all of one sign (half the error of uncentred codes). With scale = S * sc and
+// zero = Z * zc per group:
+//   y[m, n] = sum_g scale * d[m, g] * ((codes - 8) . xq)[g] + (zero + 8 * scale) * sum(x[m, g])
+//           = S * (sum_g sc * d * (codes . xq) + 8 * sum_g sc * (sum(x) - d * sum(xq))) + Z * sum_g zc * sum(x),
+// the per-group sums taken after the products. The integer dot products are unsigned (codes
 // 0..15) times signed (xq) bytes, summed in int32:
 // AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd (their int16 pairs reach at most
 // 2 * 15 * 127, no saturation). Rows of W are split between OpenMP threads (torch's own runtime: the
@@ -29,13 +31,6 @@
 #define PREFETCH 4096
 #define PREFETCH_ROWS 4
 #define AVX2 __attribute__((target("avx2,fma")))
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 // one block of 32 inputs of row m: its int8 codes split by nibble position, its scale d (written 4 times:
 // one per int32 lane of the group's dot product), its sum and what rounding left of it (sum - d * sum(xq))
@@ -63,39 +58,42 @@ struct Acts {  // the quantized activations of M rows
     const float *sum, *resid;         // [M, K/32]
 };
 
-// the offsets' share of y[m, n]: sum_g zero[n, g] * sum(x[m, g]) + 8 * scale[n, g] * resid[m, g]
-static inline float offset_part(const uint16_t* sr, const uint16_t* zr, const float* sum, const float* resid,
-                                int64_t g, int64_t G) {
-    float t = 0.f;
-    for (; g < G; g++) t += bf16_to_float(zr[g]) * sum[g] + 8.f * bf16_to_float(sr[g]) * resid[g];
-    return t;
+// a row's offsets over groups g..G (see the top), scaled by the row's units u, added to `total`
+static inline float add_offsets(float total, const uint8_t* sr, const int8_t* zr, const float* sum, const float* resid,
+                                int64_t g, int64_t G, const float* u) {
+    float zs = 0.f, rs = 0.f;
+    for (; g < G; g++) {
+        zs += zr[g] * sum[g];
+        rs += sr[g] * resid[g];
+    }
+    return total + u[0] * 8.f * rs + u[1] * zs;
 }
 
-VNNI static inline __m512 bf16x16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// (its own 512-bit loop: the AVX2 path's 256-bit one measured 5% slower here at one row, weights in L3)
-VNNI static inline float offset_part_avx512(const uint16_t* sr, const uint16_t* zr, const float* sum,
-                                            const float* resid, int64_t G) {
-    __m512 acc = _mm512_setzero_ps(), racc = _mm512_setzero_ps();
+// a row's total: its products' lanes `dots` and its offsets, summed as one vector (one horizontal sum a row:
+// three took 5-8% longer at one row). (Its own 512-bit loop: a 256-bit one measured 5% slower at one row.)
+VNNI static inline float row_total_avx512(__m512 dots, const uint8_t* sr, const int8_t* zr, const float* sum,
+                                          const float* resid, int64_t G, const float* u) {
+    __m512 zacc = _mm512_setzero_ps(), racc = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 16 <= G; g += 16) {
-        acc = _mm512_fmadd_ps(bf16x16(zr + g), _mm512_loadu_ps(sum + g), acc);
-        racc = _mm512_fmadd_ps(bf16x16(sr + g), _mm512_loadu_ps(resid + g), racc);
+        __m128i zc = _mm_loadu_si128((const __m128i*)(zr + g)), sc = _mm_loadu_si128((const __m128i*)(sr + g));
+        zacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(zc)), _mm512_loadu_ps(sum + g), zacc);
+        racc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)), _mm512_loadu_ps(resid + g), racc);
     }
-    return _mm512_reduce_add_ps(acc) + 8.f * _mm512_reduce_add_ps(racc) + offset_part(sr, zr, sum, resid, g, G);
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(u[0]), _mm512_fmadd_ps(_mm512_set1_ps(8.f), racc, dots));
+    v = _mm512_fmadd_ps(_mm512_set1_ps(u[1]), zacc, v);
+    return add_offsets(_mm512_reduce_add_ps(v), sr, zr, sum, resid, g, G, u);
 }
 
 template <int M>
-VNNI static void rows_avx512(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t n0, int64_t n1,
-                             int64_t N, int64_t K, Acts a, float* y) {
+VNNI static void rows_avx512(const uint8_t* w, const uint8_t* s, const int8_t* z, const float* u, int64_t n0,
+                             int64_t n1, int64_t N, int64_t K, Acts a, float* y) {
     const int64_t G = K / 32, KB = K / 2;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // group of each lane
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wr = w + n * KB;
-        const uint16_t* sr = s + n * G;
+        const uint8_t* sr = s + n * G;
         __m512 acc[M];
         for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
         _mm_prefetch((const char*)(sr + PREFETCH_ROWS * G), _MM_HINT_T1);
@@ -105,8 +103,10 @@ VNNI static void rows_avx512(const uint8_t* w, const uint16_t* s, const uint16_t
             __m512i b = _mm512_loadu_si512(wr + c);
             __m512i lo = _mm512_and_si512(b, nibble);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
-            __m128i s4 = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(sr + c / 16)));
-            __m512 sv = _mm512_permutexvar_ps(spread, _mm512_zextps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(s4, 16))));
+            uint32_t s4;  // the 4 groups' scale codes
+            memcpy(&s4, sr + c / 16, 4);
+            __m128 s4f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)s4)));
+            __m512 sv = _mm512_permutexvar_ps(spread, _mm512_zextps128_ps512(s4f));
             for (int m = 0; m < M; m++) {
                 __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo + m * KB + c));
                 dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(a.hi + m * KB + c));
@@ -115,7 +115,8 @@ VNNI static void rows_avx512(const uint8_t* w, const uint16_t* s, const uint16_t
             }
         }
         for (int m = 0; m < M; m++)
-            y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + offset_part_avx512(sr, z + n * G, a.sum + m * G, a.resid + m * G, G);
+            y[m * N + n] = row_total_avx512(acc[m], sr, z + n * G, a.sum + m * G, a.resid + m * G, G,
+                                            u + 2 * n);
     }
 }
 
@@ -125,30 +126,29 @@ AVX2 static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-AVX2 static inline __m256 bf16x8(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-AVX2 static inline float offset_part_avx2(const uint16_t* sr, const uint16_t* zr, const float* sum,
-                                          const float* resid, int64_t G) {
-    __m256 acc = _mm256_setzero_ps(), racc = _mm256_setzero_ps();
+AVX2 static inline float row_total_avx2(__m256 dots, const uint8_t* sr, const int8_t* zr, const float* sum,
+                                        const float* resid, int64_t G, const float* u) {
+    __m256 zacc = _mm256_setzero_ps(), racc = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= G; g += 8) {
-        acc = _mm256_fmadd_ps(bf16x8(zr + g), _mm256_loadu_ps(sum + g), acc);
-        racc = _mm256_fmadd_ps(bf16x8(sr + g), _mm256_loadu_ps(resid + g), racc);
+        __m128i zc = _mm_loadl_epi64((const __m128i*)(zr + g)), sc = _mm_loadl_epi64((const __m128i*)(sr + g));
+        zacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(zc)), _mm256_loadu_ps(sum + g), zacc);
+        racc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)), _mm256_loadu_ps(resid + g), racc);
     }
-    return hsum256(acc) + 8.f * hsum256(racc) + offset_part(sr, zr, sum, resid, g, G);
+    __m256 v = _mm256_mul_ps(_mm256_set1_ps(u[0]), _mm256_fmadd_ps(_mm256_set1_ps(8.f), racc, dots));
+    v = _mm256_fmadd_ps(_mm256_set1_ps(u[1]), zacc, v);
+    return add_offsets(hsum256(v), sr, zr, sum, resid, g, G, u);
 }
 
 template <int M>
-AVX2 static void rows_avx2(const uint8_t* w, const uint16_t* s, const uint16_t* z, int64_t n0, int64_t n1,
-                           int64_t N, int64_t K, Acts a, float* y) {
+AVX2 static void rows_avx2(const uint8_t* w, const uint8_t* s, const int8_t* z, const float* u, int64_t n0,
+                           int64_t n1, int64_t N, int64_t K, Acts a, float* y) {
     const int64_t G = K / 32, KB = K / 2;
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wr = w + n * KB;
-        const uint16_t* sr = s + n * G;
+        const uint8_t* sr = s + n * G;
         __m256 acc[M];
         for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         _mm_prefetch((const char*)(sr + PREFETCH_ROWS * G), _MM_HINT_T1);
@@ -158,10 +158,10 @@ AVX2 static void rows_avx2(const uint8_t* w, const uint16_t* s, const uint16_t* 
             __m256i b = _mm256_loadu_si256((const __m256i*)(wr + c));
             __m256i lo = _mm256_and_si256(b, nibble);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-            uint32_t s2;
-            memcpy(&s2, sr + c / 16, 4);
-            __m128i s2i = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_cvtsi32_si128((int)s2)), 16);
-            __m256 sv = _mm256_permutevar8x32_ps(_mm256_zextps128_ps256(_mm_castsi128_ps(s2i)), spread);
+            uint16_t s2;  // the 2 groups' scale codes
+            memcpy(&s2, sr + c / 16, 2);
+            __m128 s2f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(s2)));
+            __m256 sv = _mm256_permutevar8x32_ps(_mm256_zextps128_ps256(s2f), spread);
             for (int m = 0; m < M; m++) {
                 __m256i p = _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(a.lo + m * KB + c))),
@@ -171,11 +171,13 @@ AVX2 static void rows_avx2(const uint8_t* w, const uint16_t* s, const uint16_t* 
                 acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), dv), sv, acc[m]);
             }
         }
-        for (int m = 0; m < M; m++) y[m * N + n] = hsum256(acc[m]) + offset_part_avx2(sr, z + n * G, a.sum + m * G, a.resid + m * G, G);
+        for (int m = 0; m < M; m++)
+            y[m * N + n] = row_total_avx2(acc[m], sr, z + n * G, a.sum + m * G, a.resid + m * G, G, u + 2 * n);
     }
 }
 
-typedef void (*RowsFn)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, Acts, float*);
+typedef void (*RowsFn)(const uint8_t*, const uint8_t*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                       Acts, float*);
 
 template <template <int> class Pick>
 static RowsFn pick(int M) {
@@ -268,7 +270,7 @@ extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, in
             a.sum = a.d + 4 * q.M * G;
             a.resid = a.sum + q.M * G;
             RowsFn rows = isa == 2 && K % 128 == 0 ? pick<Avx512>((int)q.M) : pick<Avx2>((int)q.M);
-            rows(q.w, q.s, q.z, n0, n1, q.N, K, a, q.y);
+            rows(q.w, q.s, q.z, q.u, n0, n1, q.N, K, a, q.y);
         }
     }
     free(buf);
@@ -278,8 +280,8 @@ extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, in
 
 // One product of any number of rows (in runs of 8, each quantizing its own rows), without the caller
 // building a table: a decode step's every other int4 layer (a 1.5B model makes ~200 such calls a token).
-extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-                                    const uint16_t* z, int64_t N, float* y, int isa) {
+extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s,
+                                    const int8_t* z, const float* u, int64_t N, float* y, int isa) {
     if (M < 1) return M == 0 ? 0 : 1;
     const int64_t count = (M + 7) / 8;
     Int4Product one[8];
@@ -287,7 +289,7 @@ extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const 
     if (!p) return 2;
     for (int64_t i = 0; i < count; i++) {
         const int64_t m0 = 8 * i;
-        p[i] = {x + m0 * K, M - m0 < 8 ? M - m0 : 8, K, w, s, z, N, y + m0 * N};
+        p[i] = {x + m0 * K, M - m0 < 8 ? M - m0 : 8, K, w, s, z, u, N, y + m0 * N};
     }
     int code = nanoseek_int4_linear_many(p, count, isa);
     if (p != one) free(p);

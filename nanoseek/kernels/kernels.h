@@ -7,13 +7,15 @@ struct Int4Product {
     const float* x;
     int64_t M, K;
     const uint8_t* w;
-    const uint16_t *s, *z;
+    const uint8_t* s;   // scale codes [N, K/32]
+    const int8_t* z;    // zero codes [N, K/32]
+    const float* u;     // [N, 2]: each row's scale unit and zero unit
     int64_t N;
     float* y;
 };
 
 extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, int isa);
-extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-                                    const uint16_t* z, int64_t N, float* y, int isa);
+extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s,
+                                    const int8_t* z, const float* u, int64_t N, float* y, int isa);
 extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w, float* y, int64_t H, int64_t M,
                                     int64_t d, int64_t dv, int64_t c, int isa);

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <vector>
 
@@ -28,26 +29,27 @@
 static int isa_here = 0;  // the instruction set to run (kernels.int4_isa), told when the library is loaded
 extern "C" void nanoseek_set_isa(int isa) { isa_here = isa; }
 
-// x [rows, K] (float) @ W.T -> [rows, N] fp32; W as codes uint8 [N, K/2], scales and zeros bf16 [N, K/32]
+// x [rows, K] (float) @ W.T -> [rows, N] fp32; W as codes uint8 [N, K/2], scale codes uint8 and zero codes int8
+// [N, K/32], units fp32 [N, 2] (int4.cpp says what they mean)
 static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                              const at::Tensor& zeros) {
+                              const at::Tensor& zeros, const at::Tensor& units) {
     TORCH_CHECK(isa_here > 0, "nanoseek's int4 kernel is not available here");
     const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0, N = qweight.size(0);
-    bool ok = x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && K % 64 == 0 &&
-              qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) == K / 2 &&
-              qweight.is_contiguous() && qweight.device().is_cpu();
-    for (const at::Tensor* t : {&scales, &zeros})
-        ok = ok && t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == N && t->size(1) == K / 32 &&
+    bool ok = x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && K % 64 == 0;
+    const std::vector<std::tuple<const at::Tensor*, at::ScalarType, int64_t>> wants = {
+        {&qweight, at::kByte, K / 2}, {&scales, at::kByte, K / 32}, {&zeros, at::kChar, K / 32}, {&units, at::kFloat, 2}};
+    for (const auto& [t, dtype, width] : wants)
+        ok = ok && t->scalar_type() == dtype && t->dim() == 2 && t->size(0) == N && t->size(1) == width &&
              t->is_contiguous() && t->device().is_cpu();
     TORCH_CHECK_VALUE(ok, "int4 kernel: x ", x.scalar_type(), " ", x.sizes(), ", qweight ", qweight.scalar_type(), " ",
                       qweight.sizes(), ", scales ", scales.scalar_type(), " ", scales.sizes(), ", zeros ",
-                      zeros.scalar_type(), " ", zeros.sizes(), ": wants x float [rows, K] on the CPU, K a multiple of 64, ",
-                      "uint8 [N, K/2] codes, bf16 [N, K/32] scales and zeros, all contiguous");
+                      zeros.scalar_type(), " ", zeros.sizes(), ", units ", units.scalar_type(), " ", units.sizes(),
+                      ": wants x float [rows, K] on the CPU, K a multiple of 64, uint8 [N, K/2] codes, uint8 scale ",
+                      "codes and int8 zero codes [N, K/32], fp32 units [N, 2], all contiguous");
     at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, xf.options());
-    int code = nanoseek_int4_linear(xf.data_ptr<float>(), M, K, qweight.data_ptr<uint8_t>(),
-                                    (const uint16_t*)scales.data_ptr(), (const uint16_t*)zeros.data_ptr(), N,
-                                    y.data_ptr<float>(), isa_here);
+    int code = nanoseek_int4_linear(xf.data_ptr<float>(), M, K, qweight.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
+                                    zeros.data_ptr<int8_t>(), units.data_ptr<float>(), N, y.data_ptr<float>(), isa_here);
     TORCH_CHECK(code == 0, "int4 kernel failed (code ", code, ") on a product [M, K, N] [", M, ", ", K, ", ", N, "]");
     return y;
 }
@@ -55,8 +57,8 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
 
 // A mixture-of-experts layer whose experts are all int4 layers the kernel takes, for a few tokens (decoding),
 // in one call: x [T, D] float, each token's chosen experts `indices` [T, k] and their gate weights `weights`
-// [T, k]; table int64 [C, 10], a row per expert (the `routed` experts first, then any shared ones, which every
-// token runs with weight 1): its gate, up and down projections' codes, scales and zeros (addresses, as
+// [T, k]; table int64 [C, 13], a row per expert (the `routed` experts first, then any shared ones, which every
+// token runs with weight 1): its gate, up and down projections' codes, scales, zeros and units (addresses, as
 // QuantLinear holds them), then its intermediate size I. Returns sum over a token's experts of
 // weight * down(silu(gate(x)) * up(x)), [T, D] in x's dtype. Every expert's gate and up products go in one
 // kernel call, their down products in a second, each expert's weights read once for all the tokens that chose it.
@@ -66,11 +68,11 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     TORCH_CHECK_VALUE(x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && x.size(1) % 64 == 0 &&
                           indices.dim() == 2 && indices.size(0) == x.size(0) && !indices.is_floating_point() &&
                           weights.sizes() == indices.sizes() && table.scalar_type() == at::kLong && table.dim() == 2 &&
-                          table.size(1) == 10 && table.is_contiguous() && 0 < routed && routed <= table.size(0),
+                          table.size(1) == 13 && table.is_contiguous() && 0 < routed && routed <= table.size(0),
                       "int4_experts: x ", x.scalar_type(), " ", x.sizes(), ", weights ", weights.sizes(), ", indices ",
                       indices.scalar_type(), " ", indices.sizes(), ", table ", table.scalar_type(), " ", table.sizes(),
                       ", routed ", routed, ": wants x float [T, D] on the CPU (D a multiple of 64), weights and indices ",
-                      "[T, k], an int64 table [experts, 10] with the routed ones first");
+                      "[T, k], an int64 table [experts, 13] with the routed ones first");
     const at::Tensor xf = x.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous(),
                      idx = indices.to(at::kLong).contiguous();
     const int64_t T = x.size(0), D = x.size(1), k = indices.size(1), shared = table.size(0) - routed;
@@ -107,11 +109,11 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     std::vector<int64_t> offset;  // each run's place in the intermediate activations
     int64_t width = 0;
     for (const Run& r : runs) {
-        const int64_t* row = rows + r.expert * 10;
-        for (int64_t j = 0; j < 9; j++)
+        const int64_t* row = rows + r.expert * 13;
+        for (int64_t j = 0; j < 12; j++)
             TORCH_CHECK_VALUE(row[j] != 0, "int4_experts: the table is out of date (its experts moved or were loaded "
                               "since it was made)");
-        const int64_t I = row[9];
+        const int64_t I = row[12];
         TORCH_CHECK_VALUE(I > 0 && I % 64 == 0, "int4_experts: intermediate size ", I, " (a multiple of 64)");
         offset.push_back(width);
         width += r.n * I;
@@ -123,14 +125,15 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
                    const int64_t* row) {
         for (int64_t m0 = 0; m0 < n; m0 += 8)
             products.push_back({in + m0 * in_width, std::min<int64_t>(8, n - m0), in_width,
-                                (const uint8_t*)row[3 * layer], (const uint16_t*)row[3 * layer + 1],
-                                (const uint16_t*)row[3 * layer + 2], out_width, out + m0 * out_width});
+                                (const uint8_t*)row[4 * layer], (const uint8_t*)row[4 * layer + 1],
+                                (const int8_t*)row[4 * layer + 2], (const float*)row[4 * layer + 3], out_width,
+                                out + m0 * out_width});
     };
     for (size_t i = 0; i < runs.size(); i++) {
         const Run& r = runs[i];
-        const int64_t* row = rows + r.expert * 10;
+        const int64_t* row = rows + r.expert * 13;
         const float* in = r.expert >= routed ? xf.data_ptr<float>() : one_row ? xs : xs + r.slot * D;
-        for (int64_t layer : {0, 1}) add(in, D, r.n, layer, row[9], (layer ? up_out : gate_out) + offset[i], row);
+        for (int64_t layer : {0, 1}) add(in, D, r.n, layer, row[12], (layer ? up_out : gate_out) + offset[i], row);
     }
     int code = nanoseek_int4_linear_many(products.data(), products.size(), isa_here);
     TORCH_CHECK(code == 0, "int4 kernel failed (code ", code, ") on an MoE layer's gate and up products");
@@ -140,8 +143,8 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     products.clear();
     for (size_t i = 0; i < runs.size(); i++) {
         const Run& r = runs[i];
-        const int64_t* row = rows + r.expert * 10;
-        add(h.data_ptr<float>() + offset[i], row[9], r.n, 2, D, out.data_ptr<float>() + r.slot * D, row);
+        const int64_t* row = rows + r.expert * 13;
+        add(h.data_ptr<float>() + offset[i], row[12], r.n, 2, D, out.data_ptr<float>() + r.slot * D, row);
     }
     code = nanoseek_int4_linear_many(products.data(), products.size(), isa_here);
     TORCH_CHECK(code == 0, "int4 kernel failed (code ", code, ") on an MoE layer's down products");

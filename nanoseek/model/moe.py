@@ -179,8 +179,8 @@ class MoE(nn.Module):
         return isinstance(self._int4, torch.Tensor)
 
     def _refresh_int4(self) -> None:
-        """Make `_int4` say what the experts are now: int64 [experts, 10], a row per expert (routed, then the
-        shared ones as one) with the addresses of its gate, up and down projections' codes, scales and zeros,
+        """Make `_int4` say what the experts are now: int64 [experts, 13], a row per expert (routed, then the
+        shared ones as one) with the addresses of its gate, up and down projections' codes, scales, zeros and units,
         then its intermediate size; False where an expert is not an int4 layer nanoseek's kernel takes, or the
         library does not carry the operator. It keeps the tensors it points to alive (`_int4_kept`) and is
         rewritten in place where it has the same shape, since a compiled graph holds the tensor it was traced with."""
