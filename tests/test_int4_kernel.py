@@ -50,7 +50,7 @@ def emulate(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     return (s * d[:, None] * dot + z * xsum[:, None] + 8 * s * resid[:, None]).sum(-1)
 
 
-SHAPES = [(64, 1), (128, 3), (256, 200), (192, 64), (640, 70), (1024, 7)]  # (K, N); 640: 20 groups, a tail
+SHAPES = [(64, 1), (128, 3), (256, 200), (192, 64), (640, 70), (1024, 7), (1408, 5)]  # (K, N); 640, 1408: 20, 44 groups (AVX-512 takes 16 at a time)
 
 
 @needs_kernel
