@@ -279,20 +279,27 @@ def test_the_experts_operator_refuses_what_it_cannot_read():
 
 @needs_operators
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4)])
-def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S):
+@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4), (1, 8)])
+@pytest.mark.parametrize("c", [80, 96, 256])
+@pytest.mark.parametrize("queries", ["slice", "gapped"])
+def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, queries):
     """nanoseek::mla_attention (MLA's absorbed attention in C++, mla.cpp's products against kv_b_proj's weight in
     bf16) gives what the attention in Python gives with that weight widened to fp32: past read in place from a
-    cache, masked positions left out, on each instruction set."""
+    cache, masked positions left out, on each instruction set; the latent width c taking AVX-512's paths (a multiple
+    of 32, of 256 for the widest) or not; the queries a slice of the projection's output (read where they lie) or
+    rows not evenly spaced (copied)."""
     from nanoseek.model.attention import MLA
 
     config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
-                        qk_rope_head_dim=16, kv_lora_rank=80)
+                        qk_rope_head_dim=16, kv_lora_rank=c)
     mla = MLA(config, 0)
     torch.manual_seed(0)
     mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight).bfloat16()
-    H, d, r, c, T = 3, 48, 16, 80, 21
-    q_nope, q_pe = torch.randn(B, S, H, d), torch.randn(B, S, H, r)
+    H, d, r, T = 3, 48, 16, 21
+    if queries == "slice":  # (B, S, H, d + r) split as MLA splits it
+        q_nope, q_pe = torch.randn(B, S, H, d + r).split([d, r], dim=-1)
+    else:  # rows of a longer sequence
+        q_nope, q_pe = torch.randn(B, S + 1, H, d)[:, :S], torch.randn(B, S, H, r)
     past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]  # (B, T, c + r): rows spaced apart, as in the cache
     new = torch.randn(B, S, c + r)
     mask = torch.rand(B, S, T + S) > 0.3

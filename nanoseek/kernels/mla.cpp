@@ -3,11 +3,16 @@
 // w_uk (rows 0..d-1) and its value half w_uv (rows d..d+dv-1), each row c long.
 //   key:   y [H, M, c]  = q [H, M, d] @ w_uk     (each query into the latent space)
 //   value: y [H, M, dv] = o [H, M, c] @ w_uv.T   (each latent output back to the head's values)
+// x and y are read and written where they lie: row m of head h at h * head + m * row (their own strides), so the
+// caller's [M, H, *] tensors need no transposed copies.
 // torch has no product of fp32 activations with bf16 weights on a CPU, and its fp32 batched products of
 // this shape read the (twice as large) fp32 weight at 12-30 GB/s. Here the heads are split between the
-// threads and each weight row is read once, widened to fp32 (a bf16 is the top half of an fp32) into a
-// buffer that stays in L1, then met by every row of activations. Plain loops, which the compiler
-// vectorizes for the instruction set of the function they are inlined into (AVX-512 or AVX2 + FMA).
+// threads and each weight element is read once and widened to fp32 (a bf16 is the top half of an fp32).
+// With AVX-512 (and c a multiple of 32): the key product takes the latent width 32 columns at a time for
+// every row of q, the head's d weight rows streaming by, and the value product each weight row against every
+// row of o, all in registers. Otherwise plain loops, which the compiler vectorizes for AVX2 + FMA: each weight
+// row widened into a buffer that stays in L1, then met by every row of activations.
+#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -26,58 +31,127 @@ INLINE void widen(const uint16_t* src, float* dst, int64_t n) {
     }
 }
 
-// one head: q [M, d], w its [d + dv, c] rows, y [M, c] (held in L1 while the rows stream by)
-INLINE void key_head(const float* q, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t c) {
+// one head: q [M, d] (rows qr apart), w its [d + dv, c] rows, y [M, c] (rows yr apart; held in L1 while the rows
+// stream by)
+INLINE void key_head(const float* q, int64_t qr, const uint16_t* w, float* y, int64_t yr, int64_t M, int64_t d,
+                     int64_t c) {
     float row[MAX_C];
-    for (int64_t k = 0; k < M * c; k++) y[k] = 0.f;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < c; k++) y[m * yr + k] = 0.f;
     for (int64_t r = 0; r < d; r++) {
         widen(w + r * c, row, c);
         for (int64_t m = 0; m < M; m++) {
-            const float a = q[m * d + r];
-            float* ym = y + m * c;
+            const float a = q[m * qr + r];
+            float* ym = y + m * yr;
             for (int64_t k = 0; k < c; k++) ym[k] += a * row[k];
         }
     }
 }
 
-// one head: o [M, c], w its [d + dv, c] rows, y [M, dv]
-INLINE void value_head(const float* o, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t dv, int64_t c) {
+// one head: o [M, c] (rows orr apart), w its [d + dv, c] rows, y [M, dv] (rows yr apart)
+INLINE void value_head(const float* o, int64_t orr, const uint16_t* w, float* y, int64_t yr, int64_t M, int64_t d,
+                       int64_t dv, int64_t c) {
     float row[MAX_C];
     for (int64_t j = 0; j < dv; j++) {
         widen(w + (d + j) * c, row, c);
         for (int64_t m = 0; m < M; m++) {
-            const float* om = o + m * c;
+            const float* om = o + m * orr;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int64_t k = 0; k < c; k++) s += om[k] * row[k];
-            y[m * dv + j] = s;
+            y[m * yr + j] = s;
         }
     }
 }
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define AVX2 __attribute__((target("avx2,fma")))
-AVX512 static void key_avx512(const float* q, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t c) { key_head(q, w, y, M, d, c); }
-AVX2 static void key_avx2(const float* q, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t c) { key_head(q, w, y, M, d, c); }
-AVX512 static void value_avx512(const float* o, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t dv, int64_t c) {
-    value_head(o, w, y, M, d, dv, c);
-}
-AVX2 static void value_avx2(const float* o, const uint16_t* w, float* y, int64_t M, int64_t d, int64_t dv, int64_t c) {
-    value_head(o, w, y, M, d, dv, c);
+AVX2 static void head_avx2(int value, const float* x, int64_t xr, const uint16_t* w, float* y, int64_t yr, int64_t M,
+                           int64_t d, int64_t dv, int64_t c) {
+    if (value)
+        value_head(x, xr, w, y, yr, M, d, dv, c);
+    else
+        key_head(x, xr, w, y, yr, M, d, c);
 }
 
-// value = 0: the key product (x = q [H, M, d], y [H, M, c]); 1: the value product (x = o [H, M, c], y [H, M, dv]).
-// isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does not take (c at most MAX_C).
-extern "C" int nanoseek_mla_product(int value, const float* x, const uint16_t* w, float* y, int64_t H, int64_t M,
-                                    int64_t d, int64_t dv, int64_t c, int isa) {
+AVX512 INLINE __m512 bf16x16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// one head's key product: y [M, c] 16 * V columns at a time (V vectors per row of q in registers), the head's d
+// weight rows streaming by, each row's V * 32 bytes read in one run
+template <int M, int V>
+AVX512 static void key_avx512(const float* q, int64_t qr, const uint16_t* w, float* y, int64_t yr, int64_t d, int64_t c) {
+    for (int64_t k = 0; k < c; k += 16 * V) {
+        __m512 acc[M][V];
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < V; v++) acc[m][v] = _mm512_setzero_ps();
+        for (int64_t r = 0; r < d; r++) {
+            __m512 a[M];
+            for (int m = 0; m < M; m++) a[m] = _mm512_set1_ps(q[m * qr + r]);
+            for (int v = 0; v < V; v++) {
+                const __m512 wv = bf16x16(w + r * c + k + 16 * v);
+                for (int m = 0; m < M; m++) acc[m][v] = _mm512_fmadd_ps(a[m], wv, acc[m][v]);
+            }
+        }
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < V; v++) _mm512_storeu_ps(y + m * yr + k + 16 * v, acc[m][v]);
+    }
+}
+
+// one head's value product: y [M, dv], each of the head's dv value rows against every row of o
+template <int M>
+AVX512 static void value_avx512(const float* o, int64_t orr, const uint16_t* w, float* y, int64_t yr, int64_t d,
+                                int64_t dv, int64_t c) {
+    for (int64_t j = 0; j < dv; j++) {
+        const uint16_t* row = w + (d + j) * c;
+        __m512 acc[M][2];
+        for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < c; k += 32) {
+            const __m512 w0 = bf16x16(row + k), w1 = bf16x16(row + k + 16);
+            for (int m = 0; m < M; m++) {
+                acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(o + m * orr + k), w0, acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(o + m * orr + k + 16), w1, acc[m][1]);
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * yr + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    }
+}
+
+// one head's product on AVX-512, the row count a constant of the loops
+// (the key product's width: as many of a row's columns at a time as leave registers for the M rows, where c has them;
+// at one row V = 16 read DeepSeek-V2-Lite's key halves at 24 GB/s, V = 2 at 19)
+template <int M>
+AVX512 static void head_avx512(int value, const float* x, int64_t xr, const uint16_t* w, float* y, int64_t yr, int64_t d,
+                               int64_t dv, int64_t c) {
+    constexpr int V = M == 1 ? 16 : M == 2 ? 8 : M <= 4 ? 4 : 2;
+    if (value)
+        value_avx512<M>(x, xr, w, y, yr, d, dv, c);
+    else if (c % (16 * V) == 0)
+        key_avx512<M, V>(x, xr, w, y, yr, d, c);
+    else
+        key_avx512<M, 2>(x, xr, w, y, yr, d, c);
+}
+
+typedef void (*HeadFn)(int, const float*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t);
+static const HeadFn HEAD_AVX512[MAX_ROWS] = {head_avx512<1>, head_avx512<2>, head_avx512<3>, head_avx512<4>,
+                                             head_avx512<5>, head_avx512<6>, head_avx512<7>, head_avx512<8>};
+
+// value = 0: the key product (x = q [H, M, d], y [H, M, c]); 1: the value product (x = o [H, M, c], y [H, M, dv]),
+// row m of head h at h * xh + m * xr in x (h * yh + m * yr in y). isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for
+// arguments it does not take (c at most MAX_C).
+extern "C" int nanoseek_mla_product(int value, const float* x, int64_t xh, int64_t xr, const uint16_t* w, float* y,
+                                    int64_t yh, int64_t yr, int64_t H, int64_t M, int64_t d, int64_t dv, int64_t c,
+                                    int isa) {
     if (M < 1 || M > MAX_ROWS || c < 1 || c > MAX_C || d < 1 || dv < 1 || (isa != 1 && isa != 2)) return 1;
+    const bool wide = isa == 2 && c % 32 == 0;
 #pragma omp parallel for schedule(static)
     for (int64_t h = 0; h < H; h++) {
         const uint16_t* wh = w + h * (d + dv) * c;
-        if (value)
-            (isa == 2 ? value_avx512 : value_avx2)(x + h * M * c, wh, y + h * M * dv, M, d, dv, c);
+        if (wide)
+            HEAD_AVX512[M - 1](value, x + h * xh, xr, wh, y + h * yh, yr, d, dv, c);
         else
-            (isa == 2 ? key_avx512 : key_avx2)(x + h * M * d, wh, y + h * M * c, M, d, c);
+            head_avx2(value, x + h * xh, xr, wh, y + h * yh, yr, M, d, dv, c);
     }
     return 0;
 }

@@ -183,23 +183,28 @@ static at::Tensor mla_attention(const at::Tensor& q_nope, const at::Tensor& q_pe
                       ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ", w ", w.scalar_type(), " ", w.sizes(),
                       ": wants fp32 [B, S, H, d], [B, S, H, r], [B, T, c + r], [B, S, c + r] on the CPU (B * S <= 8), ",
                       "a bool mask [B, S, T + S], a contiguous bf16 w [H, d + dv, c] (c <= 1024)");
-    const at::Tensor q_rows = q_nope.reshape({M, H, d}).transpose(0, 1).contiguous();  // (H, M, d)
-    at::Tensor q_latent = at::empty({H, M, c}, q_rows.options());
-    int code = nanoseek_mla_product(0, q_rows.data_ptr<float>(), (const uint16_t*)w.data_ptr(),
-                                    q_latent.data_ptr<float>(), H, M, d, dv, c, isa_here);
+    // the queries in the latent space with their rotary part beside them, (B, S*H, c + r): the key product writes the
+    // first c columns of each row, reading q_nope where it lies (a slice of the query projection's output) when its
+    // M = B * S rows are evenly spaced and each head's d values adjacent, else a copy
+    const bool in_place = q_nope.stride(3) == 1 && (B == 1 || q_nope.stride(0) == S * q_nope.stride(1));
+    const at::Tensor q_rows = in_place ? q_nope : q_nope.contiguous();
+    at::Tensor q = at::empty({B, S * H, c + r}, q_nope.options());
+    q.narrow(-1, c, r).view({B, S, H, r}).copy_(q_pe);
+    int code = nanoseek_mla_product(0, q_rows.data_ptr<float>(), q_rows.stride(2), q_rows.stride(1),
+                                    (const uint16_t*)w.data_ptr(), q.data_ptr<float>(), c + r, H * (c + r), H, M, d, dv,
+                                    c, isa_here);
     TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
-    const at::Tensor q = at::cat({q_latent.transpose(0, 1).reshape({B, S * H, c}), q_pe.reshape({B, S * H, r})}, -1);
     at::Tensor scores = at::cat({at::bmm(q, past.transpose(1, 2)), at::bmm(q, fresh.transpose(1, 2))}, -1);
     scores = scores.view({B, S, H, T + S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
     const at::Tensor probs = at::_softmax(scores, -1, false).view({B, S * H, T + S});
     const at::Tensor out_latent = at::baddbmm(at::bmm(probs.narrow(-1, T, S), fresh.narrow(-1, 0, c)),
-                                              probs.narrow(-1, 0, T), past.narrow(-1, 0, c));  // (B, S*H, c)
-    const at::Tensor out_rows = out_latent.view({M, H, c}).transpose(0, 1).contiguous();  // (H, M, c)
-    at::Tensor out = at::empty({H, M, dv}, q_rows.options());
-    code = nanoseek_mla_product(1, out_rows.data_ptr<float>(), (const uint16_t*)w.data_ptr(), out.data_ptr<float>(),
-                                H, M, d, dv, c, isa_here);
+                                              probs.narrow(-1, 0, T), past.narrow(-1, 0, c))
+                                       .contiguous();  // (B, S*H, c): (M, H, c)
+    at::Tensor out = at::empty({B, S, H, dv}, q.options());
+    code = nanoseek_mla_product(1, out_latent.data_ptr<float>(), c, H * c, (const uint16_t*)w.data_ptr(),
+                                out.data_ptr<float>(), dv, H * dv, H, M, d, dv, c, isa_here);
     TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
-    return out.transpose(0, 1).reshape({B, S, H, dv}).contiguous();  // (as the fake says: a compiled graph reads it so)
+    return out;
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
