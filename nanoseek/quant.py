@@ -91,6 +91,8 @@ KERNEL_ROWS = {8: 8, 4: 48}
 # 2-vCPU Zen4 ahead of torch's int4 kernel and of converting the weight at every row count to 64 ([8960, 1536]:
 # 8.3 against 11.0 and 14.8 ms at 64 rows, 1.0 against 1.4 and 10.0 at 8)
 FAST_INT4_ROWS = 64
+# int4 kv_b_proj: MLA's operator takes a latent width (its input) in multiples of this (the int4 kernel's 64 inputs)
+LATENT_MULTIPLE = 64
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
 NARROW_ROWS = 4  # NarrowLinear: bf16 products up to this many rows (an AVX2 Zen3: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
 PACK_TRIM_BYTES = 256 * 2**20  # prepare_kernels hands freed memory back after packing this many bytes of codes
@@ -456,7 +458,7 @@ def narrow(old: nn.Linear, dtype: torch.dtype) -> NarrowLinear:
 
 
 def narrow_latent_projections(model: nn.Module) -> None:
-    """Make MLA's kv_b_proj layers (never quantized, see `quantizable`) NarrowLinear with bf16 weights, in place,
+    """Make MLA's float kv_b_proj layers (not quantized: see `quantizable`) NarrowLinear with bf16 weights, in place,
     for fp32 models that hold their other weights narrower: decoding reads them through nanoseek's kernel for
     fp32 activations against bf16 weights (the operator nanoseek::mla_attention; DeepSeek-V2-Lite reads 113 MB of them a token in
     bf16 against 226 in fp32)."""
@@ -539,12 +541,13 @@ def give_back_freed_memory() -> None:
             pass
 
 
-def quantizable(model: nn.Module) -> list[str]:
+def quantizable(model: nn.Module, latent: bool = False) -> list[str]:
     """Names of the Linear layers to quantize: every nn.Linear of the model (attention, MLPs, experts,
-    lm_head) but MLA's kv_b_proj, whose weight the absorbed attention reads as a matrix (it is small:
-    kv_lora_rank x heads x (nope + v)). Router gates and norms are not Linear and stay float."""
+    lm_head) but MLA's kv_b_proj unless `latent`: the absorbed attention reads its weight as a matrix, in
+    int4 through its own operator (nanoseek::mla_attention_int4), at other widths as a float weight (it
+    is small: kv_lora_rank x heads x (nope + v)). Router gates and norms are not Linear and stay float."""
     return [name for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, nn.Linear) and not name.endswith("kv_b_proj")]
+            if isinstance(m, nn.Linear) and (latent or not name.endswith("kv_b_proj"))]
 
 
 def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: torch.dtype = torch.bfloat16,
@@ -552,23 +555,29 @@ def swap_linears(model: nn.Module, bits: int, group_size: int = GROUP, dtype: to
     """Replace every quantizable Linear by an (empty) QuantLinear, in place; meant for a model built on
     the meta device, before its weights are loaded. An int4 layer whose input width is not a multiple
     of the group size is made int8. Tied weights (lm_head tied to the embedding, MTP's shared head)
-    are untied: the embedding stays float, the head is quantized. With a convert_dtype narrower than
-    dtype (bf16 prompts under fp32 decoding), MLA's kv_b_proj is kept in it (narrow_latent_projections)."""
-    def make(name: str, old: nn.Linear) -> QuantLinear:
+    are untied: the embedding stays float, the head is quantized. MLA's kv_b_proj is quantized at int4 where
+    its input width (kv_lora_rank) is a multiple of LATENT_MULTIPLE, what its operator's products take
+    (DeepSeek-V2-Lite reads 32 MB of it a token against 113 in bf16), else kept float; float, with a
+    convert_dtype narrower than dtype (bf16 prompts under fp32 decoding), it is kept in that dtype
+    (narrow_latent_projections)."""
+    def make(name: str, old: nn.Linear) -> QuantLinear | None:
+        if name.endswith("kv_b_proj") and old.in_features % LATENT_MULTIPLE:
+            return None
         b = bits if bits == 8 or old.in_features % group_size == 0 else 8
         with torch.device(old.weight.device):
             return QuantLinear(old.in_features, old.out_features, b, old.bias is not None, group_size, dtype, convert_dtype)
 
-    replace_linears(model, make)
+    replace_linears(model, make, latent=bits == 4 and group_size == GROUP)
     if convert_dtype == torch.bfloat16 and dtype == torch.float32:
         narrow_latent_projections(model)
 
 
-def replace_linears(model: nn.Module, make) -> None:
-    """Put `make(name, old)` in place of every quantizable Linear (where it returns a module, not None), in
-    place; a module shared under two names (MTP's head is lm_head) is replaced once, by one module."""
+def replace_linears(model: nn.Module, make, latent: bool = False) -> None:
+    """Put `make(name, old)` in place of every quantizable Linear (`quantizable(model, latent)`; where it returns
+    a module, not None), in place; a module shared under two names (MTP's head is lm_head) is replaced once, by
+    one module."""
     new: dict[int, nn.Module | None] = {}
-    for name in quantizable(model):
+    for name in quantizable(model, latent):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         old = getattr(owner, child)

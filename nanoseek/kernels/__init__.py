@@ -12,8 +12,9 @@ has its CPU implementation in C++ (ops.cpp), so a call never passes through Pyth
 `nanoseek::int4_experts`, a whole int4 mixture-of-experts layer for a few tokens (routing done: the chosen
 experts' and the shared ones' products in two grouped calls, their activation and weighted sum between).
 
-`mla_product`: MLA's absorbed products for a few rows of fp32 activations against kv_b_proj's weight in
-bf16 (see mla.cpp), which torch has no CPU product for.
+`mla_attention` / `mla_attention_int4`: MLA's absorbed attention for a few rows of fp32 activations with kv_b_proj's
+weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's value half, int4.cpp), which torch has
+no CPU product for.
 
 The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
 one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
@@ -276,3 +277,9 @@ _OPERATORS.define("mla_attention(Tensor q_nope, Tensor q_pe, Tensor past, Tensor
                   "float scale) -> Tensor")
 torch.library.register_fake("nanoseek::mla_attention", lambda q_nope, q_pe, past, fresh, mask, w, scale: q_nope.new_empty(
     *q_nope.shape[:3], w.shape[1] - q_nope.shape[3]), lib=_OPERATORS)
+# the same with kv_b_proj in int4 (QuantLinear's qweight, scales, zeros and units: [H * (d + dv), *])
+_OPERATORS.define("mla_attention_int4(Tensor q_nope, Tensor q_pe, Tensor past, Tensor fresh, Tensor mask, Tensor qweight, "
+                  "Tensor scales, Tensor zeros, Tensor units, float scale) -> Tensor")
+torch.library.register_fake(
+    "nanoseek::mla_attention_int4", lambda q_nope, q_pe, past, fresh, mask, qweight, scales, zeros, units, scale:
+    q_nope.new_empty(*q_nope.shape[:3], qweight.shape[0] // q_nope.shape[2] - q_nope.shape[3]), lib=_OPERATORS)

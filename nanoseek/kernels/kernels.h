@@ -20,3 +20,6 @@ extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const 
 extern "C" int nanoseek_mla_product(int value, const float* x, int64_t xh, int64_t xr, const uint16_t* w, float* y,
                                     int64_t yh, int64_t yr, int64_t H, int64_t M, int64_t d, int64_t dv, int64_t c,
                                     int isa);
+extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
+                                     const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
+                                     int64_t M, int64_t d, int64_t dv, int64_t c, int isa);

@@ -12,6 +12,13 @@
 // every row of q, the head's d weight rows streaming by, and the value product each weight row against every
 // row of o, all in registers. Otherwise plain loops, which the compiler vectorizes for AVX2 + FMA: each weight
 // row widened into a buffer that stays in L1, then met by every row of activations.
+//
+// kv_b_proj in int4 (nanoseek's layout, int4.cpp: codes w [H * (d + dv), c/2], scale codes s and zero codes z
+// [H * (d + dv), c/32], units u [H * (d + dv), 2]): the key product is `nanoseek_mla_key_int4` below, the value
+// product int4.cpp's (each head's dv value rows a product of its own, the caller's). With g = k / 32 the group of
+// column k, each weight is W[r, k] = u[r, 0] * s[r, g] * code[r, k] + u[r, 1] * z[r, g], so
+//   y[m, k] = sum_r (q[m, r] * u[r, 0] * s[r, g]) * code[r, k] + sum_r q[m, r] * u[r, 1] * z[r, g],
+// the second sum (a number per row and group) taken apart and added at the end.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -21,6 +28,8 @@
 
 #define MAX_ROWS 8
 #define MAX_C 1024  // the latent width c (kv_lora_rank) at most: DeepSeek-V2/V3 have 512
+#define GROUP 32  // int4: inputs per scale and zero
+#define PREFETCH_ROWS 8  // int4 key product: rows asked into cache this far ahead
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -152,6 +161,138 @@ extern "C" int nanoseek_mla_product(int value, const float* x, int64_t xh, int64
             HEAD_AVX512[M - 1](value, x + h * xh, xr, wh, y + h * yh, yr, d, dv, c);
         else
             head_avx2(value, x + h * xh, xr, wh, y + h * yh, yr, M, d, dv, c);
+    }
+    return 0;
+}
+
+// ---- kv_b_proj in int4 ----
+
+// the zero part of one head's key product (see the top): off [M, c/32] = sum_r q[m, r] * u[r, 1] * z[r, g]
+INLINE void key_offsets_int4(const float* q, int64_t qr, const int8_t* z, const float* u, float* off, int64_t M,
+                             int64_t d, int64_t G) {
+    for (int64_t i = 0; i < M * G; i++) off[i] = 0.f;
+    for (int64_t r = 0; r < d; r++)
+        for (int64_t m = 0; m < M; m++) {
+            const float a = q[m * qr + r] * u[2 * r + 1];
+            for (int64_t g = 0; g < G; g++) off[m * G + g] += a * z[r * G + g];
+        }
+}
+
+// one head's key product in plain loops: each of its d key rows dequantized (less its zero part) into a buffer
+// that stays in L1, then met by every row of q
+INLINE void key_head_int4(const float* q, int64_t qr, const uint8_t* w, const uint8_t* s, const float* u, float* y,
+                          int64_t yr, int64_t M, int64_t d, int64_t c) {
+    const int64_t G = c / GROUP;
+    float row[MAX_C];
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < c; k++) y[m * yr + k] = 0.f;
+    for (int64_t r = 0; r < d; r++) {
+        for (int64_t k = 0; k < c; k++)
+            row[k] = u[2 * r] * s[r * G + k / GROUP] * (float)((w[r * (c / 2) + k / 2] >> (4 * (k & 1))) & 15);
+        for (int64_t m = 0; m < M; m++) {
+            const float a = q[m * qr + r];
+            float* ym = y + m * yr;
+            for (int64_t k = 0; k < c; k++) ym[k] += a * row[k];
+        }
+    }
+}
+
+AVX2 static void key_head_int4_avx2(const float* q, int64_t qr, const uint8_t* w, const uint8_t* s, const float* u,
+                                    float* y, int64_t yr, int64_t M, int64_t d, int64_t c) {
+    key_head_int4(q, qr, w, s, u, y, yr, M, d, c);
+}
+
+// one head's key product on AVX-512: V groups (32 columns) at a time for every row of q, the head's d key rows
+// streaming by. A group's 16 bytes widen to 16 int32 lanes whose low nibbles are its even columns and high nibbles
+// its odd ones: the two halves are summed apart and interleaved when stored.
+template <int M, int V>
+AVX512 static void key_int4_avx512(const float* q, int64_t qr, const uint8_t* w, const uint8_t* s, const float* u,
+                                   float* y, int64_t yr, int64_t d, int64_t c) {
+    const int64_t G = c / GROUP, CB = c / 2;
+    const __m512i nibble = _mm512_set1_epi32(15);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t g0 = 0; g0 < G; g0 += V) {
+        __m512 even[M][V], odd[M][V];
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < V; v++) even[m][v] = odd[m][v] = _mm512_setzero_ps();
+        for (int64_t r = 0; r < d; r++) {
+            const uint8_t* wr = w + r * CB + g0 * (GROUP / 2);
+            const uint8_t* sr = s + r * G + g0;
+            const float su = u[2 * r];
+            __m512 a[M];
+            for (int m = 0; m < M; m++) a[m] = _mm512_set1_ps(q[m * qr + r]);
+            if (g0 == 0)  // the first pass over the rows brings them in: rows PREFETCH_ROWS ahead asked for now
+                for (int64_t at = 0; at < CB; at += 64) _mm_prefetch((const char*)(w + (r + PREFETCH_ROWS) * CB + at), _MM_HINT_T0);
+            for (int v = 0; v < V; v++) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + v * (GROUP / 2))));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, nibble));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                const float scale = su * (float)sr[v];
+                if (M == 1) {  // the group's scale folded into the query's one number
+                    const __m512 as = _mm512_set1_ps(q[r] * scale);
+                    even[0][v] = _mm512_fmadd_ps(as, lo, even[0][v]);
+                    odd[0][v] = _mm512_fmadd_ps(as, hi, odd[0][v]);
+                } else {
+                    const __m512 sv = _mm512_set1_ps(scale), slo = _mm512_mul_ps(lo, sv), shi = _mm512_mul_ps(hi, sv);
+                    for (int m = 0; m < M; m++) {
+                        even[m][v] = _mm512_fmadd_ps(a[m], slo, even[m][v]);
+                        odd[m][v] = _mm512_fmadd_ps(a[m], shi, odd[m][v]);
+                    }
+                }
+            }
+        }
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < V; v++) {
+                float* at = y + m * yr + (g0 + v) * GROUP;
+                _mm512_storeu_ps(at, _mm512_permutex2var_ps(even[m][v], first, odd[m][v]));
+                _mm512_storeu_ps(at + 16, _mm512_permutex2var_ps(even[m][v], second, odd[m][v]));
+            }
+    }
+}
+
+// (as many groups at a time as leave registers for the M rows: 2 * M * V accumulators)
+template <int M>
+AVX512 static void key_head_int4_avx512(const float* q, int64_t qr, const uint8_t* w, const uint8_t* s, const float* u,
+                                        float* y, int64_t yr, int64_t d, int64_t c) {
+    constexpr int V = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1;
+    if ((c / GROUP) % V == 0)
+        key_int4_avx512<M, V>(q, qr, w, s, u, y, yr, d, c);
+    else
+        key_int4_avx512<M, 1>(q, qr, w, s, u, y, yr, d, c);
+}
+
+typedef void (*KeyInt4Fn)(const float*, int64_t, const uint8_t*, const uint8_t*, const float*, float*, int64_t, int64_t,
+                          int64_t);
+static const KeyInt4Fn KEY_INT4_AVX512[MAX_ROWS] = {
+    key_head_int4_avx512<1>, key_head_int4_avx512<2>, key_head_int4_avx512<3>, key_head_int4_avx512<4>,
+    key_head_int4_avx512<5>, key_head_int4_avx512<6>, key_head_int4_avx512<7>, key_head_int4_avx512<8>};
+
+// The key product against kv_b_proj in int4 (see the top): q [H, M, d] -> y [H, M, c], row m of head h at
+// h * qh + m * qr in q (h * yh + m * yr in y). isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does
+// not take (c a multiple of 32, at most MAX_C).
+extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
+                                     const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
+                                     int64_t M, int64_t d, int64_t dv, int64_t c, int isa) {
+    if (M < 1 || M > MAX_ROWS || c < GROUP || c > MAX_C || c % GROUP || d < 1 || dv < 1 || (isa != 1 && isa != 2))
+        return 1;
+    const int64_t G = c / GROUP;
+#pragma omp parallel for schedule(static)
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t row0 = h * (d + dv);  // the head's first key row
+        const float* qh_ = q + h * qh;
+        float* yh_ = y + h * yh;
+        const uint8_t *wh = w + row0 * (c / 2), *sh = s + row0 * G;
+        const int8_t* zh = z + row0 * G;
+        const float* uh = u + 2 * row0;
+        if (isa == 2)
+            KEY_INT4_AVX512[M - 1](qh_, qr, wh, sh, uh, yh_, yr, d, c);
+        else
+            key_head_int4_avx2(qh_, qr, wh, sh, uh, yh_, yr, M, d, c);
+        float off[MAX_ROWS * (MAX_C / GROUP)];
+        key_offsets_int4(qh_, qr, zh, uh, off, M, d, G);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < c; k++) yh_[m * yr + k] += off[m * G + k / GROUP];
     }
     return 0;
 }

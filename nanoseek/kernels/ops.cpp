@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <cmath>
 #include <vector>
 
@@ -160,55 +161,127 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
 }
 
 // MLA's attention over its cached latents while decoding (MLA.absorbed_attention in nanoseek/model/attention.py
-// says what it computes) with kv_b_proj's weight in bf16 and fp32 activations, for at most 8 query rows (B * S):
-// mla.cpp's products turn each query into the latent space and each latent output back to the head's values;
-// torch's batched products score and weigh the latents. q_nope [B, S, H, d] and q_pe [B, S, H, r] (rotated),
-// past [B, T, c + r] (rows may be spaced apart) and fresh [B, S, c + r] (the new tokens' latents), mask
-// [B, S, T + S] (true: may attend), w [H, d + dv, c]. Returns [B, S, H, dv] fp32.
-static at::Tensor mla_attention(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
-                                const at::Tensor& fresh, const at::Tensor& mask, const at::Tensor& w, double scale) {
+// says what it computes) with fp32 activations, for at most 8 query rows (B * S), kv_b_proj's weight in bf16
+// (mla_attention) or in int4 (mla_attention_int4): mla.cpp's (and for int4 the value product int4.cpp's) products
+// turn each query into the latent space and each latent output back to the head's values; torch's batched products
+// score and weigh the latents. q_nope [B, S, H, d] and q_pe [B, S, H, r] (rotated), past [B, T, c + r] (rows may be
+// spaced apart) and fresh [B, S, c + r] (the new tokens' latents), mask [B, S, T + S] (true: may attend). Returns
+// [B, S, H, dv] fp32.
+struct MlaShape {
+    int64_t B, S, H, d, r, c, dv, T, M;
+};
+
+// the checks both weights' forms share; `weight` says what the weight must be, `ok_weight` whether it is
+static MlaShape mla_check(const char* op, const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
+                          const at::Tensor& fresh, const at::Tensor& mask, int64_t c, int64_t dv, bool ok_weight,
+                          const char* weight) {
     TORCH_CHECK(isa_here > 0, "nanoseek's MLA kernel is not available here");
-    const bool ranks = q_nope.dim() == 4 && q_pe.dim() == 4 && past.dim() == 3 && fresh.dim() == 3 &&
-                       mask.dim() == 3 && w.dim() == 3;
-    const int64_t B = ranks ? q_nope.size(0) : 0, S = ranks ? q_nope.size(1) : 0, H = ranks ? q_nope.size(2) : 0,
-                  d = ranks ? q_nope.size(3) : 0, r = ranks ? q_pe.size(3) : 0, c = ranks ? w.size(2) : 0,
-                  dv = ranks ? w.size(1) - d : 0, T = ranks ? past.size(1) : 0, M = B * S;
-    bool ok = ranks && w.size(0) == H && dv > 0 && 0 < M && M <= 8 && c <= 1024 && w.is_contiguous() &&
-              w.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool;
+    const bool ranks = q_nope.dim() == 4 && q_pe.dim() == 4 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3;
+    MlaShape m{};
+    if (ranks)
+        m = {q_nope.size(0), q_nope.size(1), q_nope.size(2), q_nope.size(3), q_pe.size(3), c, dv, past.size(1),
+             q_nope.size(0) * q_nope.size(1)};
+    bool ok = ranks && ok_weight && m.dv > 0 && 0 < m.M && m.M <= 8 && 0 < c && c <= 1024 &&
+              mask.scalar_type() == at::kBool;
     for (const at::Tensor* t : {&q_nope, &q_pe, &past, &fresh})
         ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu();
-    ok = ok && q_pe.sizes() == at::IntArrayRef({B, S, H, r}) && past.size(0) == B && past.size(2) == c + r &&
-         fresh.sizes() == at::IntArrayRef({B, S, c + r}) && mask.sizes() == at::IntArrayRef({B, S, T + S});
-    TORCH_CHECK_VALUE(ok, "mla_attention: q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", past ", past.sizes(),
-                      ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ", w ", w.scalar_type(), " ", w.sizes(),
-                      ": wants fp32 [B, S, H, d], [B, S, H, r], [B, T, c + r], [B, S, c + r] on the CPU (B * S <= 8), ",
-                      "a bool mask [B, S, T + S], a contiguous bf16 w [H, d + dv, c] (c <= 1024)");
-    // the queries in the latent space with their rotary part beside them, (B, S*H, c + r): the key product writes the
-    // first c columns of each row, reading q_nope where it lies (a slice of the query projection's output) when its
-    // M = B * S rows are evenly spaced and each head's d values adjacent, else a copy
-    const bool in_place = q_nope.stride(3) == 1 && (B == 1 || q_nope.stride(0) == S * q_nope.stride(1));
-    const at::Tensor q_rows = in_place ? q_nope : q_nope.contiguous();
-    at::Tensor q = at::empty({B, S * H, c + r}, q_nope.options());
-    q.narrow(-1, c, r).view({B, S, H, r}).copy_(q_pe);
-    int code = nanoseek_mla_product(0, q_rows.data_ptr<float>(), q_rows.stride(2), q_rows.stride(1),
-                                    (const uint16_t*)w.data_ptr(), q.data_ptr<float>(), c + r, H * (c + r), H, M, d, dv,
-                                    c, isa_here);
-    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
+    ok = ok && q_pe.sizes() == at::IntArrayRef({m.B, m.S, m.H, m.r}) && past.size(0) == m.B &&
+         past.size(2) == c + m.r && fresh.sizes() == at::IntArrayRef({m.B, m.S, c + m.r}) &&
+         mask.sizes() == at::IntArrayRef({m.B, m.S, m.T + m.S});
+    TORCH_CHECK_VALUE(ok, op, ": q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", past ", past.sizes(),
+                      ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ": wants fp32 [B, S, H, d], [B, S, H, r], ",
+                      "[B, T, c + r], [B, S, c + r] on the CPU (B * S <= 8), a bool mask [B, S, T + S], ", weight);
+    return m;
+}
+
+// The queries' rows for the key product, read where they lie (a slice of the query projection's output) when its
+// M = B * S rows are evenly spaced and each head's d values adjacent, else a copy; and the tensor it writes, the
+// queries in the latent space with their rotary part beside them, (B, S*H, c + r) (the rotary part copied in now)
+static std::pair<at::Tensor, at::Tensor> mla_queries(const at::Tensor& q_nope, const at::Tensor& q_pe, const MlaShape& m) {
+    const bool in_place = q_nope.stride(3) == 1 && (m.B == 1 || q_nope.stride(0) == m.S * q_nope.stride(1));
+    at::Tensor q = at::empty({m.B, m.S * m.H, m.c + m.r}, q_nope.options());
+    q.narrow(-1, m.c, m.r).view({m.B, m.S, m.H, m.r}).copy_(q_pe);
+    return {in_place ? q_nope : q_nope.contiguous(), q};
+}
+
+// between the two products: the scores of q (B, S*H, c + r) against the past and the new latents, masked and
+// softmaxed, and the latents they weigh, (B, S*H, c) contiguous: (M, H, c)
+static at::Tensor mla_latent_outputs(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
+                                     const at::Tensor& mask, const MlaShape& m, double scale) {
     at::Tensor scores = at::cat({at::bmm(q, past.transpose(1, 2)), at::bmm(q, fresh.transpose(1, 2))}, -1);
-    scores = scores.view({B, S, H, T + S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
-    const at::Tensor probs = at::_softmax(scores, -1, false).view({B, S * H, T + S});
-    const at::Tensor out_latent = at::baddbmm(at::bmm(probs.narrow(-1, T, S), fresh.narrow(-1, 0, c)),
-                                              probs.narrow(-1, 0, T), past.narrow(-1, 0, c))
-                                       .contiguous();  // (B, S*H, c): (M, H, c)
-    at::Tensor out = at::empty({B, S, H, dv}, q.options());
-    code = nanoseek_mla_product(1, out_latent.data_ptr<float>(), c, H * c, (const uint16_t*)w.data_ptr(),
-                                out.data_ptr<float>(), dv, H * dv, H, M, d, dv, c, isa_here);
+    scores = scores.view({m.B, m.S, m.H, m.T + m.S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
+    const at::Tensor probs = at::_softmax(scores, -1, false).view({m.B, m.S * m.H, m.T + m.S});
+    return at::baddbmm(at::bmm(probs.narrow(-1, m.T, m.S), fresh.narrow(-1, 0, m.c)), probs.narrow(-1, 0, m.T),
+                       past.narrow(-1, 0, m.c))
+        .contiguous();
+}
+
+// w [H, d + dv, c] in bf16
+static at::Tensor mla_attention(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
+                                const at::Tensor& fresh, const at::Tensor& mask, const at::Tensor& w, double scale) {
+    const bool ok_w = w.dim() == 3 && q_nope.dim() == 4 && w.size(0) == q_nope.size(2) && w.is_contiguous() &&
+                      w.scalar_type() == at::kBFloat16;
+    const int64_t c = w.dim() == 3 ? w.size(2) : 0, dv = ok_w ? w.size(1) - q_nope.size(3) : 0;
+    const MlaShape m = mla_check("mla_attention", q_nope, q_pe, past, fresh, mask, c, dv, ok_w,
+                                 "a contiguous bf16 w [H, d + dv, c] (c <= 1024)");
+    auto [q_rows, q] = mla_queries(q_nope, q_pe, m);
+    int code = nanoseek_mla_product(0, q_rows.data_ptr<float>(), q_rows.stride(2), q_rows.stride(1),
+                                    (const uint16_t*)w.data_ptr(), q.data_ptr<float>(), c + m.r, m.H * (c + m.r), m.H,
+                                    m.M, m.d, dv, c, isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
+    const at::Tensor out_latent = mla_latent_outputs(q, past, fresh, mask, m, scale);
+    at::Tensor out = at::empty({m.B, m.S, m.H, dv}, q.options());
+    code = nanoseek_mla_product(1, out_latent.data_ptr<float>(), c, m.H * c, (const uint16_t*)w.data_ptr(),
+                                out.data_ptr<float>(), dv, m.H * dv, m.H, m.M, m.d, dv, c, isa_here);
     TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
     return out;
+}
+
+// kv_b_proj in int4 as QuantLinear holds it: qweight uint8 [H * (d + dv), c/2], scales uint8 and zeros int8
+// [H * (d + dv), c/32], units fp32 [H * (d + dv), 2] (c a multiple of 64)
+static at::Tensor mla_attention_int4(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
+                                     const at::Tensor& fresh, const at::Tensor& mask, const at::Tensor& qweight,
+                                     const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& units,
+                                     double scale) {
+    const int64_t H = q_nope.dim() == 4 ? q_nope.size(2) : 0, d = q_nope.dim() == 4 ? q_nope.size(3) : 0;
+    const int64_t N = qweight.dim() == 2 ? qweight.size(0) : 0, c = qweight.dim() == 2 ? 2 * qweight.size(1) : 0;
+    bool ok_w = H > 0 && N % H == 0 && N / H > d && c % 64 == 0;
+    const std::vector<std::tuple<const at::Tensor*, at::ScalarType, int64_t>> wants = {
+        {&qweight, at::kByte, c / 2}, {&scales, at::kByte, c / 32}, {&zeros, at::kChar, c / 32}, {&units, at::kFloat, 2}};
+    for (const auto& [t, dtype, width] : wants)
+        ok_w = ok_w && t->scalar_type() == dtype && t->dim() == 2 && t->size(0) == N && t->size(1) == width &&
+               t->is_contiguous() && t->device().is_cpu();
+    const int64_t dv = ok_w ? N / H - d : 0;
+    const MlaShape m = mla_check("mla_attention_int4", q_nope, q_pe, past, fresh, mask, c, dv, ok_w,
+                                 "kv_b_proj's int4 qweight uint8 [H * (d + dv), c/2], scales uint8 and zeros int8 "
+                                 "[H * (d + dv), c/32], units fp32 [H * (d + dv), 2], contiguous (c a multiple of 64, "
+                                 "at most 1024)");
+    const uint8_t *w = qweight.data_ptr<uint8_t>(), *s = scales.data_ptr<uint8_t>();
+    const int8_t* z = zeros.data_ptr<int8_t>();
+    const float* u = units.data_ptr<float>();
+    auto [q_rows, q] = mla_queries(q_nope, q_pe, m);
+    int code = nanoseek_mla_key_int4(q_rows.data_ptr<float>(), q_rows.stride(2), q_rows.stride(1), w, s, z, u,
+                                     q.data_ptr<float>(), c + m.r, m.H * (c + m.r), m.H, m.M, m.d, dv, c, isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ")");
+    // the value product: each head's dv value rows against its M latent outputs, one int4 product a head (all in
+    // one kernel call), reading and writing head-major rows [H, M, *]
+    const at::Tensor out_latent = mla_latent_outputs(q, past, fresh, mask, m, scale);  // (M, H, c)
+    const at::Tensor x = m.M == 1 ? out_latent : out_latent.view({m.M, m.H, c}).transpose(0, 1).contiguous();
+    at::Tensor y = at::empty({m.H, m.M, dv}, q.options());
+    std::vector<Int4Product> products;
+    for (int64_t h = 0; h < m.H; h++) {
+        const int64_t row = h * (m.d + dv) + m.d;  // the head's first value row
+        products.push_back({x.data_ptr<float>() + h * m.M * c, m.M, c, w + row * (c / 2), s + row * (c / 32),
+                            z + row * (c / 32), u + 2 * row, dv, y.data_ptr<float>() + h * m.M * dv});
+    }
+    code = nanoseek_int4_linear_many(products.data(), products.size(), isa_here);
+    TORCH_CHECK(code == 0, "int4 kernel failed (code ", code, ") on MLA's value product");
+    return m.M == 1 ? y.view({m.B, m.S, m.H, dv}) : y.transpose(0, 1).contiguous().view({m.B, m.S, m.H, dv});
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("int4_linear", &int4_linear);
     m.impl("int4_experts", &int4_experts);
     m.impl("mla_attention", &mla_attention);
+    m.impl("mla_attention_int4", &mla_attention_int4);
 }

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available
+from ..quant import QuantLinear
 from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -145,11 +146,21 @@ class MLA(nn.Module):
         the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, c)  # key half w_uk (H, d, c), value half w_uv (H, dv, c)
+        kv_b = self.kv_b_proj
+        fits = q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
+            and q_nope.device.type == "cpu"  # what the C++ operators take
+        if isinstance(kv_b, QuantLinear):  # int4 (quant.swap_linears): a few rows of fp32 through the C++ operator,
+            # whose products read the int4 codes (kernels/ops.cpp), else the weight dequantized
+            operands = kv_b.int4_operands()
+            if fits and operands is not None and c % 64 == 0 and mla_available():
+                return torch.ops.nanoseek.mla_attention_int4(q_nope, q_pe, past, new, mask, *operands, self.softmax_scale)
+            weight = kv_b.dequantize(q_nope.dtype)
+        else:
+            weight = kv_b.weight
+        w = weight.view(H, self.nope_dim + self.v_dim, c)  # key half w_uk (H, d, c), value half w_uv (H, dv, c)
         # kv_b_proj kept in bf16 under fp32 activations (quant.narrow_latent_projections), a few rows: all of this in
         # one C++ operator, whose products read the bf16 weight at the memory's speed (kernels/ops.cpp, mla.cpp)
-        if w.dtype == torch.bfloat16 and q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
-                and w.device.type == "cpu" and mla_available():
+        if fits and w.dtype == torch.bfloat16 and w.device.type == "cpu" and mla_available():
             return torch.ops.nanoseek.mla_attention(q_nope, q_pe, past, new, mask, w, self.softmax_scale)
         if w.dtype != q_nope.dtype:
             w = w.to(q_nope.dtype)
