@@ -325,6 +325,125 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
             op(*bad, 0.1)
 
 
+def absorbed_attention_int4_reference(mla, q_nope, q_pe, past, new, mask) -> torch.Tensor:
+    """MLA's absorbed attention with kv_b_proj in int4, as mla_attention_int4 says it computes it: the queries into the
+    latent space through the dequantized key rows (in float64), and each head's latent outputs back through
+    its value rows by the int4 kernel (int4_products: its activations quantized to int8, as llama.cpp's are)."""
+    kv_b, H, d, dv, c = mla.kv_b_proj, mla.n_heads, mla.nope_dim, mla.v_dim, mla.kv_rank
+    B, S = q_nope.shape[:2]
+    w = kv_b.dequantize().double().view(H, d + dv, c)
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope.double(), w[:, :d]).float()
+    q = torch.cat([q_latent, q_pe], dim=-1).reshape(B, S * H, -1)
+    scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1).view(B, S, H, -1) * mla.softmax_scale
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).view(B, S * H, -1)
+    out_latent = (probs[..., :past.shape[1]] @ past[..., :c] + probs[..., past.shape[1]:] @ new[..., :c]).view(B * S, H, c)
+    out = torch.empty(B * S, H, dv)
+    for h in range(H):
+        rows = slice(h * (d + dv) + d, (h + 1) * (d + dv))
+        out[:, h] = kernels.int4_products(out_latent[:, h], *(t[rows] for t in (kv_b.qweight, kv_b.scales, kv_b.zeros, kv_b.units)))
+    return out.view(B, S, H, dv)
+
+
+@needs_operators
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4), (1, 8)])
+@pytest.mark.parametrize("c", [64, 192, 512])
+@pytest.mark.parametrize("queries", ["slice", "gapped"])
+def test_mla_attention_over_int4_kv_b_computes_what_it_says(isa, B, S, c, queries):
+    """nanoseek::mla_attention_int4 (MLA's absorbed attention in C++ reading kv_b_proj's int4 codes) gives what its
+    arithmetic written plainly gives, on each instruction set, at latent widths whose groups AVX-512 takes 8, 4, 2
+    or 1 at a time (512), or only one at a time (192), the queries read where they lie or copied; and stays within
+    int8 activations' rounding of the attention with the weight dequantized to fp32."""
+    from nanoseek.model.attention import MLA
+
+    config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
+                        qk_rope_head_dim=16, kv_lora_rank=c)
+    mla = MLA(config, 0)
+    torch.manual_seed(0)
+    float_kv_b = mla.kv_b_proj
+    mla.kv_b_proj = QuantLinear(c, 3 * (48 + 40), 4, dtype=torch.float32)
+    mla.kv_b_proj.quantize_(torch.randn(3 * (48 + 40), c) * 0.1)
+    H, d, r, T = 3, 48, 16, 21
+    if queries == "slice":
+        q_nope, q_pe = torch.randn(B, S, H, d + r).split([d, r], dim=-1)
+    else:
+        q_nope, q_pe = torch.randn(B, S + 1, H, d)[:, :S], torch.randn(B, S, H, r)
+    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]
+    new = torch.randn(B, S, c + r)
+    mask = torch.rand(B, S, T + S) > 0.3
+    mask[..., T] = True
+    lib = kernels._library()
+    lib.nanoseek_set_isa(isa)
+    try:
+        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
+        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    finally:
+        lib.nanoseek_set_isa(HERE)
+    assert calls.get("nanoseek::mla_attention_int4") == 1
+    assert got.is_contiguous() and got.shape == (B, S, H, 40)
+    # (a latent output a rounding away from the reference's may meet the int8 rounding boundary and differ by an
+    # int8 step in a few of a head's outputs: nearly every output equal, none off by more than such steps)
+    ref = absorbed_attention_int4_reference(mla, q_nope, q_pe, past, new, mask)
+    close = (got - ref).abs() <= 1e-4 + 1e-4 * ref.abs()
+    assert close.float().mean() > 0.9 and (got - ref).abs().max() < 0.005 * ref.abs().max()
+    float_kv_b.weight.data = mla.kv_b_proj.dequantize()
+    int4_kv_b, mla.kv_b_proj = mla.kv_b_proj, float_kv_b
+    want = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    op = torch.ops.nanoseek.mla_attention_int4
+    operands = (int4_kv_b.qweight, int4_kv_b.scales, int4_kv_b.zeros, int4_kv_b.units)
+    for bad in [(q_nope, q_pe, past, new, mask, int4_kv_b.qweight.view(torch.int8), *operands[1:]),
+                (q_nope, q_pe, past, new, mask, *operands[:3], operands[3].double()),
+                (q_nope, q_pe, past, new, mask, operands[0][:-1], *operands[1:]),  # rows not a multiple of the heads
+                (q_nope.double(), q_pe, past, new, mask, *operands),
+                (q_nope, q_pe, past[..., 1:], new, mask, *operands),
+                (torch.randn(1, 9, H, d), torch.randn(1, 9, H, r), past[:1], torch.randn(1, 9, c + r),
+                 torch.ones(1, 9, T + 9, dtype=torch.bool), *operands)]:  # 9 query rows
+        with pytest.raises(ValueError, match="mla_attention_int4"):
+            op(*bad, 0.1)
+
+
+@needs_operators
+@pytest.mark.parametrize("compile", [False, True])
+def test_int4_mla_models_quantize_kv_b_and_decode_through_its_operator(tmp_path, compile):
+    """An int4 MLA model whose latent width the operator takes (a multiple of 64) holds kv_b_proj in int4 too, in
+    memory and in the folder it saves; decoding (eagerly and from a compiled graph) reads it through
+    nanoseek::mla_attention_int4: every token it picks greedily is the best (to within the int8 rounding of the
+    kernels' activations) for the same weights with kv_b_proj dequantized into a float layer, scored as a whole
+    sequence, with about the log-probability that model gives it."""
+    import nanoseek
+    from nanoseek.inference import Engine, SamplingParams
+    from nanoseek.model import build_model
+
+    # (dense layers, MTP's included: a random router's near-ties turn the kernels' rounding into other experts)
+    model = build_model(get_preset("tiny", hidden_size=128, kv_lora_rank=64, first_k_dense_replace=3)).eval()
+    randomize_(model, std=0.15)
+    nanoseek.save_model(model, tmp_path / "float")
+    int4 = nanoseek.load_model(tmp_path / "float", quantize="int4", dtype=torch.float32)
+    layers = [m.self_attn.kv_b_proj for m in int4.model.layers]
+    assert all(isinstance(m, QuantLinear) and m.bits == 4 for m in layers)
+    nanoseek.save_model(int4, tmp_path / "int4")
+    loaded = nanoseek.load_model(tmp_path / "int4")
+    assert all(torch.equal(a.self_attn.kv_b_proj.qweight, b.qweight) for a, b in zip(loaded.model.layers, layers))
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    engine = Engine(int4, max_batch=2, eos_token_id=-1, compile=compile)
+    got = engine.generate(prompts, params)
+    calls = operator_calls(lambda: engine.generate(prompts, params))
+    assert calls.get("nanoseek::mla_attention_int4") and not calls.get("nanoseek::mla_attention")
+    for m in int4.model.layers:  # the same weights, kv_b_proj dequantized into a float layer
+        kv_b = m.self_attn.kv_b_proj
+        m.self_attn.kv_b_proj = torch.nn.Linear(kv_b.in_features, kv_b.out_features, bias=False)
+        m.self_attn.kv_b_proj.weight.data = kv_b.dequantize()
+    for prompt, r in zip(prompts, got):
+        with torch.no_grad():
+            logp = int4(torch.tensor([prompt + r.tokens])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(r.tokens)[:, None])[:, 0]  # (new tokens,)
+        # (decoding multiplies every int4 layer with int8 activations, the sequence's forward with converted weights)
+        assert (chosen >= logp.amax(-1) - 0.1).all(), (chosen, logp.amax(-1))
+        torch.testing.assert_close(torch.tensor([x["logprob"] for x in r.logprobs]), chosen, atol=0.1, rtol=0)
+
+
 @needs_kernel
 @pytest.mark.parametrize("compile", [False, True])
 def test_int4_mla_models_keep_kv_b_in_bf16_and_decode_through_the_kernel(tmp_path, compile):

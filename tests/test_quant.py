@@ -181,6 +181,41 @@ def test_quantized_folders_load_without_requantizing(tmp_path, monkeypatch):
         nanoseek.load_model(tmp_path / "int4")
 
 
+def test_int4_folders_holding_kv_b_in_float_load_with_it_quantized(tmp_path):
+    """An int4 folder written before MLA's kv_b_proj was quantized (its weight stored in float beside the other
+    layers' codes) loads with kv_b_proj quantized as it is read: the codes quantizing that weight gives, and the
+    logits of the folder written now. A latent width the operator does not take (not a multiple of 64) keeps it
+    float in the folder and in memory."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(get_preset("tiny", kv_lora_rank=64)).eval()
+    randomize_(model)
+    nanoseek.save_model(model, tmp_path / "float")
+    quant = nanoseek.load_model(tmp_path / "float", quantize=4)
+    nanoseek.save_model(quant, tmp_path / "int4")
+    state = load_file(tmp_path / "int4" / "model.safetensors")
+    floats = {k: v for k, v in load_file(tmp_path / "float" / "model.safetensors").items() if "kv_b_proj" in k}
+    assert floats and all(k.removesuffix(".weight") + ".qweight" in state for k in floats)
+    for k, w in floats.items():  # the earlier folder: kv_b_proj's weight as the float model held it
+        for suffix in ("qweight", "scales", "zeros", "units"):
+            del state[k.removesuffix("weight") + suffix]
+        state[k] = w
+    save_file(state, tmp_path / "int4" / "model.safetensors", metadata={"format": "pt"})
+    earlier = nanoseek.load_model(tmp_path / "int4")
+    for name, w in floats.items():
+        layer = earlier.get_submodule(name.removesuffix(".weight"))
+        want = QuantLinear(w.shape[1], w.shape[0], 4)
+        want.quantize_(w)
+        assert isinstance(layer, QuantLinear) and torch.equal(layer.qweight, want.qweight)
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(earlier(x).logits, quant(x).logits)
+    narrow = build_model(get_preset("tiny", kv_lora_rank=96)).eval()
+    nanoseek.save_model(narrow, tmp_path / "float96")
+    quant96 = nanoseek.load_model(tmp_path / "float96", quantize=4)
+    assert not any(isinstance(m.self_attn.kv_b_proj, QuantLinear) for m in quant96.model.layers)
+
+
 def test_fp8_checkpoint_goes_straight_to_int8(tmp_path):
     """An FP8 (128x128 block-scaled) weight is dequantized tensor by tensor and quantized to int8: the
     result equals int8 of the dequantized weight."""
