@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available
-from ..quant import QuantLinear
 from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -149,8 +148,8 @@ class MLA(nn.Module):
         kv_b = self.kv_b_proj
         fits = q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
             and q_nope.device.type == "cpu"  # what the C++ operators take
-        if isinstance(kv_b, QuantLinear):  # int4 (quant.swap_linears): a few rows of fp32 through the C++ operator,
-            # whose products read the int4 codes (kernels/ops.cpp), else the weight dequantized
+        if hasattr(kv_b, "dequantize"):  # quantized, int4 (quant.QuantLinear, swap_linears): a few rows of fp32 through
+            # the C++ operator, whose products read the int4 codes (kernels/ops.cpp), else the weight dequantized
             operands = kv_b.int4_operands()
             if fits and operands is not None and c % 64 == 0 and mla_available():
                 return torch.ops.nanoseek.mla_attention_int4(q_nope, q_pe, past, new, mask, *operands, self.softmax_scale)
