@@ -325,6 +325,45 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
             op(*bad, 0.1)
 
 
+needs_latent = pytest.mark.skipif(not kernels.mla_latent_available(), reason="no AVX-512 or no operators here")
+
+
+@needs_latent
+@pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20)])
+@pytest.mark.parametrize("T", [0, 5, 37, 300])
+@pytest.mark.parametrize("c, r", [(64, 16), (44, 6), (512, 64)])
+def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(B, S, H, T, c, r):
+    """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time)
+    gives MLA's attention between its two products as torch computes it: any number of cached latents (none, part of
+    a block, many blocks), rows of queries past one group of 8 (H = 20), widths not a multiple of 16, the past's rows
+    spaced apart as in the cache, positions masked out (the running maximum restarting)."""
+    from nanoseek.model.attention import MLA
+
+    config = get_preset("tiny", hidden_size=128, num_attention_heads=H, qk_nope_head_dim=16, v_head_dim=16,
+                        qk_rope_head_dim=r, kv_lora_rank=c)
+    mla = MLA(config, 0)
+    torch.manual_seed(T + c)
+    q_nope, q_pe = torch.randn(B, S, H, 16), torch.randn(B, S, H, r)
+    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T] * 3
+    new = torch.randn(B, S + 1, c + r)[:, 1:]
+    mask = torch.rand(B, S, T + S) > 0.5
+    mask[..., T:] = torch.ones(S, S, dtype=torch.bool).tril()  # (every query sees itself)
+    calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
+    assert calls.get("nanoseek::mla_latent_attention") == 1
+    got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("nanoseek.model.attention.mla_latent_available", lambda: False)
+        want = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    op = torch.ops.nanoseek.mla_latent_attention
+    q = torch.randn(B, S * H, c + r)
+    for bad in [(q.double(), past, new, mask, c), (q, past, new, mask[..., 1:], c), (q, past[..., 1:], new, mask, c),
+                (q, past, new, mask.int(), c), (q, past, new, mask, c + r + 1), (q[..., 1:], past, new, mask, c),
+                (torch.randn(B, S * H + 1, c + r), past, new, mask, c) if S > 1 else (q, past, new, mask, 0)]:
+        with pytest.raises(ValueError, match="mla_latent_attention"):
+            op(*bad, 0.1)
+
+
 def absorbed_attention_int4_reference(mla, q_nope, q_pe, past, new, mask) -> torch.Tensor:
     """MLA's absorbed attention with kv_b_proj in int4, as mla_attention_int4 says it computes it: the queries into the
     latent space through the dequantized key rows (in float64), and each head's latent outputs back through

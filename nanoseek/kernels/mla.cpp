@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -293,6 +294,144 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
         key_offsets_int4(qh_, qr, zh, uh, off, M, d, G);
         for (int64_t m = 0; m < M; m++)
             for (int64_t k = 0; k < c; k++) yh_[m * yr + k] += off[m * G + k / GROUP];
+    }
+    return 0;
+}
+
+// ---- the attention over the latents (AVX-512) ----
+// Between the two products: for row j of batch row b (J = S * H query rows, j = s * H + h, each a query in the latent
+// space with its rotary part, w = c + r numbers), its scores against the T cached latents past[b] and the S new ones
+// fresh[b] (each w numbers, c_kv then k_pe), masked by mask[b, s] (T + S bools, false: not attended), softmaxed, and
+// the latents' first c numbers weighed by them: out[b, j] (c numbers). One pass over the latents, 16 at a time: their
+// scores for up to 8 rows of one batch row, those rows' running maximum and sum updated (what was weighed so far
+// rescaled when the maximum grows: flash attention's softmax), then their weighted latents, read again from L1/L2.
+// torch's batched products read the latents twice from memory, with a softmax and its masking between: a shipped-model
+// layer's absorbed attention for 8 rows at 1,960 cached tokens took 490 against 910 us (Zen4, eager), and its compiled
+// decode step at batch 8 after 1,950 tokens decoded 1,960-1,980 tok/s against 1,150-1,250.
+#define LATENT_BLOCK 16
+#define LATENT_ROWS 8
+
+AVX512 INLINE __m512 exp_avx512(__m512 x) {  // e^x for x <= 0 (-inf gives 0); relative error ~2e-7
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);  // 2^f, |f| <= 0.5: Taylor to degree 6 in f * ln 2
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), p, n);
+}
+
+// 16 vectors' sums, as one vector (lane i: the sum of v[i]'s lanes): pairs of vectors folded into one, their lanes
+// added in pairs, four times over
+AVX512 INLINE __m512 sums16(__m512* v) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int n = 16; n > 1; n /= 2)
+        for (int i = 0; i < n / 2; i++)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
+    return v[0];
+}
+
+#define LATENT_WIDTH (MAX_C + 128)  // c + r at most
+static const float ZERO_ROW[LATENT_WIDTH] = {};  // a block's rows past the last latent
+
+// rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of batch row b; q, past, fresh, mask and out already at row b
+AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* past, int64_t pt, const float* fresh,
+                                      int64_t fs, const bool* mask, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
+                                      float scale, float* out, int64_t oj, int64_t j0, int64_t nj) {
+    const int64_t N = T + S;
+    alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
+    float m[LATENT_ROWS], l[LATENT_ROWS];
+    alignas(64) float acc[LATENT_ROWS][MAX_C];
+    for (int64_t j = 0; j < nj; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.f;
+        for (int64_t k = 0; k < (c + 63) / 64 * 64; k++) acc[j][k] = 0.f;  // (the sums go 64 numbers at a time)
+    }
+    const __mmask16 wtail = (__mmask16)((1u << (w % 16)) - 1);
+    const __m512 neg = _mm512_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < N; t0 += LATENT_BLOCK) {
+        const int64_t n = N - t0 < LATENT_BLOCK ? N - t0 : LATENT_BLOCK;
+        const __mmask16 in = (__mmask16)((1u << n) - 1);
+        const float* rows[LATENT_BLOCK];
+        for (int i = 0; i < LATENT_BLOCK; i++)
+            rows[i] = i >= n ? ZERO_ROW : t0 + i < T ? past + (t0 + i) * pt : fresh + (t0 + i - T) * fs;
+        for (int64_t j = 0; j < nj; j++) {
+            // the block's scores: one accumulator a row, their sums gathered into one vector
+            const float* qr = q + (j0 + j) * qj;
+            __m512 dot[LATENT_BLOCK];
+            for (int i = 0; i < LATENT_BLOCK; i++) dot[i] = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= w; k += 16) {
+                const __m512 qk = _mm512_loadu_ps(qr + k);
+                for (int i = 0; i < LATENT_BLOCK; i++) dot[i] = _mm512_fmadd_ps(qk, _mm512_loadu_ps(rows[i] + k), dot[i]);
+            }
+            if (wtail) {
+                const __m512 qk = _mm512_maskz_loadu_ps(wtail, qr + k);
+                for (int i = 0; i < LATENT_BLOCK; i++)
+                    dot[i] = _mm512_fmadd_ps(qk, _mm512_maskz_loadu_ps(wtail, rows[i] + k), dot[i]);
+            }
+            const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(
+                in, _mm_maskz_loadu_epi8(in, mask + ((j0 + j) / H) * N + t0), _mm_setzero_si128());  // attended
+            const __m512 v = _mm512_mask_mul_ps(neg, seen, sums16(dot), _mm512_set1_ps(scale));
+            // the softmax's running maximum and sum; the block's weights
+            const float top = fmaxf(m[j], _mm512_reduce_max_ps(v));
+            if (top == -INFINITY) {  // nothing attended yet
+                _mm512_store_ps(p[j], _mm512_setzero_ps());
+                continue;
+            }
+            if (top > m[j] && m[j] != -INFINITY) {
+                const float alpha = expf(m[j] - top);
+                l[j] *= alpha;
+                for (int64_t k2 = 0; k2 < c; k2++) acc[j][k2] *= alpha;
+            }
+            m[j] = top;
+            const __m512 e = exp_avx512(_mm512_sub_ps(v, _mm512_set1_ps(top)));
+            l[j] += _mm512_reduce_add_ps(e);
+            _mm512_store_ps(p[j], e);
+        }
+        for (int64_t j = 0; j < nj; j++)  // the block's weighted latents, 64 of a row's numbers at a time: four
+            for (int64_t k = 0; k < c; k += 64) {  // independent sums (one would wait on each product's latency)
+                __mmask16 part[4];
+                __m512 a[4];
+                for (int v = 0; v < 4; v++) {
+                    const int64_t left = c - k - 16 * v;
+                    part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+                    a[v] = _mm512_load_ps(acc[j] + k + 16 * v);
+                }
+                for (int i = 0; i < LATENT_BLOCK; i++) {
+                    const __m512 pv = _mm512_set1_ps(p[j][i]);
+                    for (int v = 0; v < 4; v++) a[v] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(part[v], rows[i] + k + 16 * v), a[v]);
+                }
+                for (int v = 0; v < 4; v++) _mm512_store_ps(acc[j] + k + 16 * v, a[v]);
+            }
+    }
+    for (int64_t j = 0; j < nj; j++) {
+        const float inv = 1.f / l[j];  // (no position attended: 0 / 0, NaN, as a softmax over nothing gives)
+        for (int64_t k = 0; k < c; k++) out[(j0 + j) * oj + k] = acc[j][k] * inv;
+    }
+}
+
+// q [B, J, w] (row j of batch row b at b * qb + j * qj), past [B, T, w] (b * pb + t * pt), fresh [B, S, w]
+// (b * fb + s * fs), mask [B, S, T + S] contiguous, out [B, J, c] (b * ob + j * oj); every row's w (or c) numbers
+// adjacent. isa: 2 = AVX-512 (the only one this takes). Returns 0, or 1 for arguments it does not take.
+extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const float* past, int64_t pb,
+                                             int64_t pt, const float* fresh, int64_t fb, int64_t fs, const bool* mask,
+                                             int64_t B, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
+                                             float scale, float* out, int64_t ob, int64_t oj, int isa) {
+    if (isa != 2 || B < 1 || S < 1 || H < 1 || T < 0 || c < 1 || c > MAX_C || w < c || w > LATENT_WIDTH) return 1;
+    const int64_t J = S * H, groups = (J + LATENT_ROWS - 1) / LATENT_ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < B * groups; task++) {
+        const int64_t b = task / groups, j0 = task % groups * LATENT_ROWS;
+        const int64_t nj = J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS;
+        latent_rows_avx512(q + b * qb, qj, past + b * pb, pt, fresh + b * fb, fs, mask + b * S * (T + S), S, H, T, c, w,
+                           scale, out + b * ob, oj, j0, nj);
     }
     return 0;
 }

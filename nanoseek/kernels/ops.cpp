@@ -205,9 +205,21 @@ static std::pair<at::Tensor, at::Tensor> mla_queries(const at::Tensor& q_nope, c
 }
 
 // between the two products: the scores of q (B, S*H, c + r) against the past and the new latents, masked and
-// softmaxed, and the latents they weigh, (B, S*H, c) contiguous: (M, H, c)
+// softmaxed, and the latents they weigh, (B, S*H, c) contiguous: (M, H, c). With AVX-512 in one pass over the latents
+// (mla.cpp), else through torch's batched products and softmax.
 static at::Tensor mla_latent_outputs(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
                                      const at::Tensor& mask, const MlaShape& m, double scale) {
+    if (isa_here == 2 && m.c + m.r <= 1024 + 128 && q.is_contiguous() && past.stride(2) == 1 && fresh.stride(2) == 1 &&
+        mask.is_contiguous()) {
+        at::Tensor out = at::empty({m.B, m.S * m.H, m.c}, q.options());
+        int code = nanoseek_mla_latent_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr<float>(),
+                                                 past.stride(0), past.stride(1), fresh.data_ptr<float>(), fresh.stride(0),
+                                                 fresh.stride(1), mask.data_ptr<bool>(), m.B, m.S, m.H, m.T, m.c,
+                                                 m.c + m.r, (float)scale, out.data_ptr<float>(), out.stride(0),
+                                                 out.stride(1), isa_here);
+        TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+        return out;
+    }
     at::Tensor scores = at::cat({at::bmm(q, past.transpose(1, 2)), at::bmm(q, fresh.transpose(1, 2))}, -1);
     scores = scores.view({m.B, m.S, m.H, m.T + m.S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
     const at::Tensor probs = at::_softmax(scores, -1, false).view({m.B, m.S * m.H, m.T + m.S});
@@ -279,7 +291,33 @@ static at::Tensor mla_attention_int4(const at::Tensor& q_nope, const at::Tensor&
     return m.M == 1 ? y.view({m.B, m.S, m.H, dv}) : y.transpose(0, 1).contiguous().view({m.B, m.S, m.H, dv});
 }
 
+// The attention between the products alone, for MLA's absorbed attention in Python (a float kv_b_proj): q [B, S*H, c + r]
+// (the queries in the latent space with their rotary parts), past [B, T, c + r], fresh [B, S, c + r], mask [B, S, T + S];
+// -> [B, S*H, c]. AVX-512 only (mla_latent_available says).
+static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
+                                       const at::Tensor& mask, int64_t c, double scale) {
+    TORCH_CHECK(isa_here == 2, "nanoseek's latent attention kernel needs AVX-512 here");
+    bool ok = q.dim() == 3 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 && mask.scalar_type() == at::kBool;
+    for (const at::Tensor* t : {&q, &past, &fresh})
+        ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(2) == 1;
+    const int64_t B = ok ? q.size(0) : 0, S = ok ? fresh.size(1) : 0, T = ok ? past.size(1) : 0, w = ok ? q.size(2) : 0;
+    ok = ok && S > 0 && q.size(1) % S == 0 && 0 < c && c <= w && c <= 1024 && w <= 1024 + 128 && past.size(0) == B && past.size(2) == w &&
+         fresh.size(0) == B && fresh.size(2) == w && mask.sizes() == at::IntArrayRef({B, S, T + S});
+    TORCH_CHECK_VALUE(ok, "mla_latent_attention: q ", q.sizes(), ", past ", past.sizes(), ", fresh ", fresh.sizes(),
+                      ", mask ", mask.sizes(), ", c ", c, ": wants fp32 [B, S*H, w], [B, T, w], [B, S, w] on the CPU ",
+                      "(each row's w numbers adjacent), a bool mask [B, S, T + S], 0 < c <= min(w, 1024), w <= 1152");
+    const at::Tensor qc = q.contiguous(), mc = mask.contiguous();
+    at::Tensor out = at::empty({B, q.size(1), c}, qc.options());
+    int code = nanoseek_mla_latent_attention(qc.data_ptr<float>(), qc.stride(0), qc.stride(1), past.data_ptr<float>(),
+                                             past.stride(0), past.stride(1), fresh.data_ptr<float>(), fresh.stride(0),
+                                             fresh.stride(1), mc.data_ptr<bool>(), B, S, q.size(1) / S, T, c, w,
+                                             (float)scale, out.data_ptr<float>(), out.stride(0), out.stride(1), isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+    return out;
+}
+
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+    m.impl("mla_latent_attention", &mla_latent_attention);
     m.impl("int4_linear", &int4_linear);
     m.impl("int4_experts", &int4_experts);
     m.impl("mla_attention", &mla_attention);

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available
+from ..kernels import MLA_MAX_LATENT, MLA_MAX_ROWS, mla_available, mla_latent_available
 from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -173,10 +173,14 @@ class MLA(nn.Module):
         else:
             q_latent = q_rows @ w[:, : self.nope_dim]
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
-        scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
-        scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask[:, :, None], float("-inf"))
-        probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
-        out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
+        if q.dtype == torch.float32 and q.device.type == "cpu" and past.dtype == torch.float32 and mla_latent_available():
+            # scores, mask, softmax and weighted latents in one pass over the latents (kernels/mla.cpp; AVX-512)
+            out_latent = torch.ops.nanoseek.mla_latent_attention(q, past, new, mask, c, self.softmax_scale)
+        else:
+            scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
+            scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask[:, :, None], float("-inf"))
+            probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
+            out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
         out_rows = out_latent.view(B * S, H, c).transpose(0, 1)  # (H, B*S, c)
         if whole:
             out = (w @ out_rows.transpose(1, 2))[:, self.nope_dim:].transpose(1, 2)  # (H, d + dv, B*S) -> (H, B*S, dv)
