@@ -325,18 +325,17 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
             op(*bad, 0.1)
 
 
-needs_latent = pytest.mark.skipif(not kernels.mla_latent_available(), reason="no AVX-512 or no operators here")
-
-
-@needs_latent
+@needs_operators
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20)])
 @pytest.mark.parametrize("T", [0, 5, 37, 300])
 @pytest.mark.parametrize("c, r", [(64, 16), (44, 6), (512, 64)])
-def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(B, S, H, T, c, r):
-    """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time)
-    gives MLA's attention between its two products as torch computes it: any number of cached latents (none, part of
-    a block, many blocks), rows of queries past one group of 8 (H = 20), widths not a multiple of 16, the past's rows
-    spaced apart as in the cache, positions masked out (the running maximum restarting)."""
+def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B, S, H, T, c, r):
+    """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time,
+    8 with AVX2) gives MLA's attention between its two products as torch computes it, on each instruction set: any
+    number of cached latents (none, part of a block, many blocks), rows of queries past one group of 8 (H = 20),
+    widths not a multiple of 16 (or 8), the past's rows spaced apart as in the cache, positions masked out (the
+    running maximum restarting)."""
     from nanoseek.model.attention import MLA
 
     config = get_preset("tiny", hidden_size=128, num_attention_heads=H, qk_nope_head_dim=16, v_head_dim=16,
@@ -348,9 +347,14 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(B, S, H
     new = torch.randn(B, S + 1, c + r)[:, 1:]
     mask = torch.rand(B, S, T + S) > 0.5
     mask[..., T:] = torch.ones(S, S, dtype=torch.bool).tril()  # (every query sees itself)
-    calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
+    lib = kernels._library()
+    lib.nanoseek_set_isa(isa)
+    try:
+        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
+        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
+    finally:
+        lib.nanoseek_set_isa(HERE)
     assert calls.get("nanoseek::mla_latent_attention") == 1
-    got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
     with pytest.MonkeyPatch.context() as m:
         m.setattr("nanoseek.model.attention.mla_latent_available", lambda: False)
         want = mla.absorbed_attention(q_nope, q_pe, past, new, mask)

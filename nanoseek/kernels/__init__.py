@@ -277,7 +277,7 @@ _OPERATORS.define("mla_attention(Tensor q_nope, Tensor q_pe, Tensor past, Tensor
                   "float scale) -> Tensor")
 torch.library.register_fake("nanoseek::mla_attention", lambda q_nope, q_pe, past, fresh, mask, w, scale: q_nope.new_empty(
     *q_nope.shape[:3], w.shape[1] - q_nope.shape[3]), lib=_OPERATORS)
-# the attention over the latents between MLA's two products (MLA.absorbed_attention with a float kv_b_proj): AVX-512 only
+# the attention over the latents between MLA's two products (MLA.absorbed_attention with a float kv_b_proj); C++ only
 _OPERATORS.define("mla_latent_attention(Tensor q, Tensor past, Tensor fresh, Tensor mask, int c, float scale) -> Tensor")
 torch.library.register_fake("nanoseek::mla_latent_attention", lambda q, past, fresh, mask, c, scale: q.new_empty(
     q.shape[0], q.shape[1], c), lib=_OPERATORS)
@@ -285,8 +285,8 @@ torch.library.register_fake("nanoseek::mla_latent_attention", lambda q, past, fr
 
 @torch._dynamo.assume_constant_result
 def mla_latent_available() -> bool:
-    """Whether the operator nanoseek::mla_latent_attention runs here (AVX-512, the library built with ops.cpp)."""
-    return int4_isa() == ISA_AVX512 and mla_available()
+    """Whether the operator nanoseek::mla_latent_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
+    return mla_available() and torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::mla_latent_attention", "CPU")
 
 
 # the same with kv_b_proj in int4 (QuantLinear's qweight, scales, zeros and units: [H * (d + dv), *])

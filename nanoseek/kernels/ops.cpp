@@ -205,11 +205,11 @@ static std::pair<at::Tensor, at::Tensor> mla_queries(const at::Tensor& q_nope, c
 }
 
 // between the two products: the scores of q (B, S*H, c + r) against the past and the new latents, masked and
-// softmaxed, and the latents they weigh, (B, S*H, c) contiguous: (M, H, c). With AVX-512 in one pass over the latents
-// (mla.cpp), else through torch's batched products and softmax.
+// softmaxed, and the latents they weigh, (B, S*H, c) contiguous: (M, H, c), in one pass over the latents (mla.cpp;
+// torch's batched products and softmax for latents wider than it takes).
 static at::Tensor mla_latent_outputs(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
                                      const at::Tensor& mask, const MlaShape& m, double scale) {
-    if (isa_here == 2 && m.c + m.r <= 1024 + 128 && q.is_contiguous() && past.stride(2) == 1 && fresh.stride(2) == 1 &&
+    if (isa_here > 0 && m.c + m.r <= 1024 + 128 && q.is_contiguous() && past.stride(2) == 1 && fresh.stride(2) == 1 &&
         mask.is_contiguous()) {
         at::Tensor out = at::empty({m.B, m.S * m.H, m.c}, q.options());
         int code = nanoseek_mla_latent_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr<float>(),
@@ -293,10 +293,10 @@ static at::Tensor mla_attention_int4(const at::Tensor& q_nope, const at::Tensor&
 
 // The attention between the products alone, for MLA's absorbed attention in Python (a float kv_b_proj): q [B, S*H, c + r]
 // (the queries in the latent space with their rotary parts), past [B, T, c + r], fresh [B, S, c + r], mask [B, S, T + S];
-// -> [B, S*H, c]. AVX-512 only (mla_latent_available says).
+// -> [B, S*H, c].
 static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
                                        const at::Tensor& mask, int64_t c, double scale) {
-    TORCH_CHECK(isa_here == 2, "nanoseek's latent attention kernel needs AVX-512 here");
+    TORCH_CHECK(isa_here > 0, "nanoseek's MLA kernel is not available here");
     bool ok = q.dim() == 3 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 && mask.scalar_type() == at::kBool;
     for (const at::Tensor* t : {&q, &past, &fresh})
         ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(2) == 1;

@@ -174,7 +174,7 @@ class MLA(nn.Module):
             q_latent = q_rows @ w[:, : self.nope_dim]
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
         if q.dtype == torch.float32 and q.device.type == "cpu" and past.dtype == torch.float32 and mla_latent_available():
-            # scores, mask, softmax and weighted latents in one pass over the latents (kernels/mla.cpp; AVX-512)
+            # scores, mask, softmax and weighted latents in one pass over the latents (kernels/mla.cpp)
             out_latent = torch.ops.nanoseek.mla_latent_attention(q, past, new, mask, c, self.softmax_scale)
         else:
             scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
