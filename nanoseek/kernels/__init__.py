@@ -14,7 +14,8 @@ experts' and the shared ones' products in two grouped calls, their activation an
 
 `mla_attention` / `mla_attention_int4`: MLA's absorbed attention for a few rows of fp32 activations with kv_b_proj's
 weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's value half, int4.cpp), which torch has
-no CPU product for.
+no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
+latents) in one pass over the cached latents (mla.cpp), which both call and MLA in Python calls with a float kv_b_proj.
 
 The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
 one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
