@@ -277,6 +277,40 @@ def test_the_experts_operator_refuses_what_it_cannot_read():
         torch.testing.assert_close(op(one, w, repeated, table, 16), want, atol=1e-5, rtol=1e-5)
 
 
+def mla_and_inputs(c: int, queries: str, B: int, S: int):
+    """The MLA layer the kernels' tests use (3 heads, nope 48, v 40, rope 16, latent width c) and its absorbed
+    attention's inputs: the queries a slice of the projection's output (read where they lie) or rows of a longer
+    sequence (copied), 21 cached latents with rows spaced apart as in the cache, a random mask where every query
+    sees something."""
+    from nanoseek.model.attention import MLA
+
+    config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
+                        qk_rope_head_dim=16, kv_lora_rank=c)
+    mla = MLA(config, 0)
+    torch.manual_seed(0)
+    H, d, r, T = 3, 48, 16, 21
+    if queries == "slice":  # (B, S, H, d + r) split as MLA splits it
+        q_nope, q_pe = torch.randn(B, S, H, d + r).split([d, r], dim=-1)
+    else:  # rows of a longer sequence
+        q_nope, q_pe = torch.randn(B, S + 1, H, d)[:, :S], torch.randn(B, S, H, r)
+    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]  # (B, T, c + r): rows spaced apart, as in the cache
+    new = torch.randn(B, S, c + r)
+    mask = torch.rand(B, S, T + S) > 0.3
+    mask[..., T] = True  # (every query sees something)
+    return mla, (q_nope, q_pe, past, new, mask)
+
+
+def absorbed_on(isa: int, mla, inputs) -> tuple[dict, torch.Tensor]:
+    """MLA's absorbed attention run with the library on instruction set `isa`: the operators it called, its output."""
+    lib = kernels._library()
+    lib.nanoseek_set_isa(isa)
+    try:
+        calls = operator_calls(lambda: mla.absorbed_attention(*inputs))
+        return calls, mla.absorbed_attention(*inputs)
+    finally:
+        lib.nanoseek_set_isa(HERE)
+
+
 @needs_operators
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4), (1, 8)])
@@ -288,29 +322,11 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
     cache, masked positions left out, on each instruction set; the latent width c taking AVX-512's paths (a multiple
     of 32, of 256 for the widest) or not; the queries a slice of the projection's output (read where they lie) or
     rows not evenly spaced (copied)."""
-    from nanoseek.model.attention import MLA
-
-    config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
-                        qk_rope_head_dim=16, kv_lora_rank=c)
-    mla = MLA(config, 0)
-    torch.manual_seed(0)
-    mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight).bfloat16()
+    mla, inputs = mla_and_inputs(c, queries, B, S)
+    q_nope, q_pe, past, new, mask = inputs
     H, d, r, T = 3, 48, 16, 21
-    if queries == "slice":  # (B, S, H, d + r) split as MLA splits it
-        q_nope, q_pe = torch.randn(B, S, H, d + r).split([d, r], dim=-1)
-    else:  # rows of a longer sequence
-        q_nope, q_pe = torch.randn(B, S + 1, H, d)[:, :S], torch.randn(B, S, H, r)
-    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]  # (B, T, c + r): rows spaced apart, as in the cache
-    new = torch.randn(B, S, c + r)
-    mask = torch.rand(B, S, T + S) > 0.3
-    mask[..., T] = True  # (every query sees something)
-    lib = kernels._library()
-    lib.nanoseek_set_isa(isa)
-    try:
-        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
-        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
-    finally:
-        lib.nanoseek_set_isa(HERE)
+    mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight).bfloat16()
+    calls, got = absorbed_on(isa, mla, inputs)
     assert calls == {"nanoseek::mla_attention": 1}
     assert got.is_contiguous()  # as its fake says (a compiled graph reads it so)
     mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.float()
@@ -347,13 +363,7 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B,
     new = torch.randn(B, S + 1, c + r)[:, 1:]
     mask = torch.rand(B, S, T + S) > 0.5
     mask[..., T:] = torch.ones(S, S, dtype=torch.bool).tril()  # (every query sees itself)
-    lib = kernels._library()
-    lib.nanoseek_set_isa(isa)
-    try:
-        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
-        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
-    finally:
-        lib.nanoseek_set_isa(HERE)
+    calls, got = absorbed_on(isa, mla, (q_nope, q_pe, past, new, mask))
     assert calls.get("nanoseek::mla_latent_attention") == 1
     with pytest.MonkeyPatch.context() as m:
         m.setattr("nanoseek.model.attention.mla_latent_available", lambda: False)
@@ -397,31 +407,13 @@ def test_mla_attention_over_int4_kv_b_computes_what_it_says(isa, B, S, c, querie
     arithmetic written plainly gives, on each instruction set, at latent widths whose groups AVX-512 takes 8, 4, 2
     or 1 at a time (512), or only one at a time (192), the queries read where they lie or copied; and stays within
     int8 activations' rounding of the attention with the weight dequantized to fp32."""
-    from nanoseek.model.attention import MLA
-
-    config = get_preset("tiny", hidden_size=128, num_attention_heads=3, qk_nope_head_dim=48, v_head_dim=40,
-                        qk_rope_head_dim=16, kv_lora_rank=c)
-    mla = MLA(config, 0)
-    torch.manual_seed(0)
+    mla, inputs = mla_and_inputs(c, queries, B, S)
+    q_nope, q_pe, past, new, mask = inputs
+    H, d, r, T = 3, 48, 16, 21
     float_kv_b = mla.kv_b_proj
     mla.kv_b_proj = QuantLinear(c, 3 * (48 + 40), 4, dtype=torch.float32)
     mla.kv_b_proj.quantize_(torch.randn(3 * (48 + 40), c) * 0.1)
-    H, d, r, T = 3, 48, 16, 21
-    if queries == "slice":
-        q_nope, q_pe = torch.randn(B, S, H, d + r).split([d, r], dim=-1)
-    else:
-        q_nope, q_pe = torch.randn(B, S + 1, H, d)[:, :S], torch.randn(B, S, H, r)
-    past = torch.randn(B + 1, 2, T + 5, c + r)[1:, 0, :T]
-    new = torch.randn(B, S, c + r)
-    mask = torch.rand(B, S, T + S) > 0.3
-    mask[..., T] = True
-    lib = kernels._library()
-    lib.nanoseek_set_isa(isa)
-    try:
-        calls = operator_calls(lambda: mla.absorbed_attention(q_nope, q_pe, past, new, mask))
-        got = mla.absorbed_attention(q_nope, q_pe, past, new, mask)
-    finally:
-        lib.nanoseek_set_isa(HERE)
+    calls, got = absorbed_on(isa, mla, inputs)
     assert calls.get("nanoseek::mla_attention_int4") == 1
     assert got.is_contiguous() and got.shape == (B, S, H, 40)
     # (a latent output a rounding away from the reference's may meet the int8 rounding boundary and differ by an

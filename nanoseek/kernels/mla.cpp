@@ -340,27 +340,62 @@ AVX512 INLINE __m512 sums16(__m512* v) {
 #define LATENT_WIDTH (MAX_C + 128)  // c + r at most
 static const float ZERO_ROW[LATENT_WIDTH] = {};  // a block's rows past the last latent
 
+// What both instruction sets share: where a block's latents lie, and each query row's running softmax (its maximum m,
+// its sum l and the latents it weighed, acc) for up to LATENT_ROWS rows
+struct LatentRows {
+    const float *past, *fresh;
+    int64_t pt, fs, T, c;
+    float m[LATENT_ROWS], l[LATENT_ROWS];
+    alignas(64) float acc[LATENT_ROWS][MAX_C];
+
+    // rows of the block at t0 (`block` of them, n real: the others read zeros)
+    __attribute__((always_inline)) void block_rows(const float** rows, int64_t t0, int64_t n, int block) const {
+        for (int i = 0; i < block; i++)
+            rows[i] = i >= n ? ZERO_ROW : t0 + i < T ? past + (t0 + i) * pt : fresh + (t0 + i - T) * fs;
+    }
+    __attribute__((always_inline)) void start(int64_t nj, int64_t step) {  // (acc cleared to a multiple of the weighted sums' step)
+        for (int64_t j = 0; j < nj; j++) {
+            m[j] = -INFINITY;
+            l[j] = 0.f;
+            for (int64_t k = 0; k < (c + step - 1) / step * step; k++) acc[j][k] = 0.f;
+        }
+    }
+    // row j's maximum after a block whose own is `top`: what was weighed so far rescaled when it grows; false while
+    // the row has attended nothing
+    __attribute__((always_inline)) bool raise(int64_t j, float top) {
+        top = fmaxf(top, m[j]);
+        if (top == -INFINITY) return false;
+        if (top > m[j] && m[j] != -INFINITY) {
+            const float alpha = expf(m[j] - top);
+            l[j] *= alpha;
+            for (int64_t k = 0; k < c; k++) acc[j][k] *= alpha;
+        }
+        m[j] = top;
+        return true;
+    }
+    __attribute__((always_inline)) void finish(float* out, int64_t oj, int64_t j0, int64_t nj) const {
+        for (int64_t j = 0; j < nj; j++) {
+            const float inv = 1.f / l[j];  // (no position attended: 0 / 0, NaN, as a softmax over nothing gives)
+            for (int64_t k = 0; k < c; k++) out[(j0 + j) * oj + k] = acc[j][k] * inv;
+        }
+    }
+};
+
 // rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of batch row b; q, past, fresh, mask and out already at row b
 AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* past, int64_t pt, const float* fresh,
                                       int64_t fs, const bool* mask, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
                                       float scale, float* out, int64_t oj, int64_t j0, int64_t nj) {
     const int64_t N = T + S;
     alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
-    float m[LATENT_ROWS], l[LATENT_ROWS];
-    alignas(64) float acc[LATENT_ROWS][MAX_C];
-    for (int64_t j = 0; j < nj; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.f;
-        for (int64_t k = 0; k < (c + 63) / 64 * 64; k++) acc[j][k] = 0.f;  // (the sums go 64 numbers at a time)
-    }
+    LatentRows r{past, fresh, pt, fs, T, c};
+    r.start(nj, 64);  // (the weighted sums go 64 numbers at a time)
     const __mmask16 wtail = (__mmask16)((1u << (w % 16)) - 1);
     const __m512 neg = _mm512_set1_ps(-INFINITY);
     for (int64_t t0 = 0; t0 < N; t0 += LATENT_BLOCK) {
         const int64_t n = N - t0 < LATENT_BLOCK ? N - t0 : LATENT_BLOCK;
         const __mmask16 in = (__mmask16)((1u << n) - 1);
         const float* rows[LATENT_BLOCK];
-        for (int i = 0; i < LATENT_BLOCK; i++)
-            rows[i] = i >= n ? ZERO_ROW : t0 + i < T ? past + (t0 + i) * pt : fresh + (t0 + i - T) * fs;
+        r.block_rows(rows, t0, n, LATENT_BLOCK);
         for (int64_t j = 0; j < nj; j++) {
             // the block's scores: one accumulator a row, their sums gathered into one vector
             const float* qr = q + (j0 + j) * qj;
@@ -380,19 +415,12 @@ AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* p
                 in, _mm_maskz_loadu_epi8(in, mask + ((j0 + j) / H) * N + t0), _mm_setzero_si128());  // attended
             const __m512 v = _mm512_mask_mul_ps(neg, seen, sums16(dot), _mm512_set1_ps(scale));
             // the softmax's running maximum and sum; the block's weights
-            const float top = fmaxf(m[j], _mm512_reduce_max_ps(v));
-            if (top == -INFINITY) {  // nothing attended yet
+            if (!r.raise(j, _mm512_reduce_max_ps(v))) {  // nothing attended yet
                 _mm512_store_ps(p[j], _mm512_setzero_ps());
                 continue;
             }
-            if (top > m[j] && m[j] != -INFINITY) {
-                const float alpha = expf(m[j] - top);
-                l[j] *= alpha;
-                for (int64_t k2 = 0; k2 < c; k2++) acc[j][k2] *= alpha;
-            }
-            m[j] = top;
-            const __m512 e = exp_avx512(_mm512_sub_ps(v, _mm512_set1_ps(top)));
-            l[j] += _mm512_reduce_add_ps(e);
+            const __m512 e = exp_avx512(_mm512_sub_ps(v, _mm512_set1_ps(r.m[j])));
+            r.l[j] += _mm512_reduce_add_ps(e);
             _mm512_store_ps(p[j], e);
         }
         for (int64_t j = 0; j < nj; j++)  // the block's weighted latents, 64 of a row's numbers at a time: four
@@ -402,19 +430,16 @@ AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* p
                 for (int v = 0; v < 4; v++) {
                     const int64_t left = c - k - 16 * v;
                     part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
-                    a[v] = _mm512_load_ps(acc[j] + k + 16 * v);
+                    a[v] = _mm512_load_ps(r.acc[j] + k + 16 * v);
                 }
                 for (int i = 0; i < LATENT_BLOCK; i++) {
                     const __m512 pv = _mm512_set1_ps(p[j][i]);
                     for (int v = 0; v < 4; v++) a[v] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(part[v], rows[i] + k + 16 * v), a[v]);
                 }
-                for (int v = 0; v < 4; v++) _mm512_store_ps(acc[j] + k + 16 * v, a[v]);
+                for (int v = 0; v < 4; v++) _mm512_store_ps(r.acc[j] + k + 16 * v, a[v]);
             }
     }
-    for (int64_t j = 0; j < nj; j++) {
-        const float inv = 1.f / l[j];  // (no position attended: 0 / 0, NaN, as a softmax over nothing gives)
-        for (int64_t k = 0; k < c; k++) out[(j0 + j) * oj + k] = acc[j][k] * inv;
-    }
+    r.finish(out, oj, j0, nj);
 }
 
 // The same with AVX2: 8 latents at a time, 8 numbers a vector.
@@ -449,19 +474,13 @@ AVX2 static void latent_rows_avx2(const float* q, int64_t qj, const float* past,
     constexpr int BLOCK = 8;
     const int64_t N = T + S;
     alignas(32) float p[LATENT_ROWS][BLOCK];
-    float m[LATENT_ROWS], l[LATENT_ROWS];
-    alignas(32) float acc[LATENT_ROWS][MAX_C];
-    for (int64_t j = 0; j < nj; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.f;
-        for (int64_t k = 0; k < (c + 31) / 32 * 32; k++) acc[j][k] = 0.f;  // (the sums go 32 numbers at a time)
-    }
+    LatentRows r{past, fresh, pt, fs, T, c};
+    r.start(nj, 32);  // (the weighted sums go 32 numbers at a time)
     const __m256i wtail = lanes_below(w % 8);
     for (int64_t t0 = 0; t0 < N; t0 += BLOCK) {
         const int64_t n = N - t0 < BLOCK ? N - t0 : BLOCK;
         const float* rows[BLOCK];
-        for (int i = 0; i < BLOCK; i++)
-            rows[i] = i >= n ? ZERO_ROW : t0 + i < T ? past + (t0 + i) * pt : fresh + (t0 + i - T) * fs;
+        r.block_rows(rows, t0, n, BLOCK);
         for (int64_t j = 0; j < nj; j++) {
             const float* qr = q + (j0 + j) * qj;
             __m256 dot[BLOCK];
@@ -478,24 +497,17 @@ AVX2 static void latent_rows_avx2(const float* q, int64_t qj, const float* past,
             alignas(32) float v[BLOCK];
             _mm256_store_ps(v, _mm256_mul_ps(sums8(dot), _mm256_set1_ps(scale)));
             const bool* seen = mask + ((j0 + j) / H) * N + t0;
-            float top = m[j];
+            float top = -INFINITY;
             for (int i = 0; i < BLOCK; i++) {
                 if (i >= n || !seen[i]) v[i] = -INFINITY;
                 top = fmaxf(top, v[i]);
             }
-            if (top == -INFINITY) {
+            if (!r.raise(j, top)) {
                 _mm256_store_ps(p[j], _mm256_setzero_ps());
                 continue;
             }
-            if (top > m[j] && m[j] != -INFINITY) {
-                const float alpha = expf(m[j] - top);
-                l[j] *= alpha;
-                for (int64_t k2 = 0; k2 < c; k2++) acc[j][k2] *= alpha;
-            }
-            m[j] = top;
-            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_load_ps(v), _mm256_set1_ps(top)));
-            _mm256_store_ps(p[j], e);
-            for (int i = 0; i < BLOCK; i++) l[j] += p[j][i];
+            _mm256_store_ps(p[j], exp_avx2(_mm256_sub_ps(_mm256_load_ps(v), _mm256_set1_ps(r.m[j]))));
+            for (int i = 0; i < BLOCK; i++) r.l[j] += p[j][i];
         }
         for (int64_t j = 0; j < nj; j++)
             for (int64_t k = 0; k < c; k += 32) {
@@ -503,19 +515,16 @@ AVX2 static void latent_rows_avx2(const float* q, int64_t qj, const float* past,
                 __m256 a[4];
                 for (int u = 0; u < 4; u++) {
                     part[u] = lanes_below(c - k - 8 * u > 0 ? c - k - 8 * u : 0);
-                    a[u] = _mm256_load_ps(acc[j] + k + 8 * u);
+                    a[u] = _mm256_load_ps(r.acc[j] + k + 8 * u);
                 }
                 for (int i = 0; i < BLOCK; i++) {
                     const __m256 pv = _mm256_set1_ps(p[j][i]);
                     for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, _mm256_maskload_ps(rows[i] + k + 8 * u, part[u]), a[u]);
                 }
-                for (int u = 0; u < 4; u++) _mm256_store_ps(acc[j] + k + 8 * u, a[u]);
+                for (int u = 0; u < 4; u++) _mm256_store_ps(r.acc[j] + k + 8 * u, a[u]);
             }
     }
-    for (int64_t j = 0; j < nj; j++) {
-        const float inv = 1.f / l[j];
-        for (int64_t k = 0; k < c; k++) out[(j0 + j) * oj + k] = acc[j][k] * inv;
-    }
+    r.finish(out, oj, j0, nj);
 }
 
 // q [B, J, w] (row j of batch row b at b * qb + j * qj), past [B, T, w] (b * pb + t * pt), fresh [B, S, w]
