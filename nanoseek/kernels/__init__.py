@@ -17,6 +17,10 @@ weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's valu
 no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
 latents) in one pass over the cached latents (mla.cpp), which both call and MLA in Python calls with a float kv_b_proj.
 
+`float_experts`: a small float mixture-of-experts layer for a few tokens over its stacked experts (experts.cpp), what a
+compiled decode step of such a model (the shipped one) runs in place of inductor's gathering reduction: each chosen
+expert row read once for every token that chose it.
+
 The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
 one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
 and flags, and loaded with ctypes; ops.cpp, the one source that includes torch's headers, makes the build take
@@ -47,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp")]  # built into one library
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp", "experts.cpp")]  # built into one library
 HEADER = Path(__file__).with_name("kernels.h")  # what the sources share (part of the build's key)
 OPERATOR_SOURCE = Path(__file__).with_name("ops.cpp")  # and, against torch's headers, the int4_linear operator's C++
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
@@ -271,6 +275,27 @@ def int4_experts_available() -> bool:
     """Whether the operator nanoseek::int4_experts runs here (the library built with ops.cpp)."""
     return int4_isa() > 0 and library() is not None and \
         torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_experts", "CPU")
+
+
+# a small float mixture-of-experts layer for a few tokens over its stacked experts (MoE.prepare_compiled_decode); C++
+# only (ops.cpp, experts.cpp): where the library does not carry it, MoE.selected_experts computes the same in torch
+_OPERATORS.define("float_experts(Tensor x, Tensor weights, Tensor indices, Tensor gate_up, Tensor down, int routed, "
+                  "int chunks) -> Tensor")
+torch.library.register_fake("nanoseek::float_experts", lambda x, weights, indices, gate_up, down, routed, chunks:
+                            x.new_empty(x.shape), lib=_OPERATORS)
+
+
+@torch._dynamo.assume_constant_result
+def float_experts_available() -> bool:
+    """Whether the operator nanoseek::float_experts runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::float_experts", "CPU")
+
+
+def float_experts_take(hidden: int, intermediate: int) -> bool:
+    """Whether nanoseek::float_experts takes experts of this shape here (both widths multiples of the vector width)."""
+    width = {ISA_AVX512: 16, ISA_AVX2: 8}.get(int4_isa())
+    return float_experts_available() and width is not None and hidden % width == 0 and intermediate % width == 0
 
 
 # MLA's attention over its latents while decoding, with kv_b_proj's weight in bf16 (MLA.absorbed_attention); C++ only

@@ -316,10 +316,52 @@ static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& pa
     return out;
 }
 
+// A small float mixture-of-experts layer for a few tokens over its stacked experts (experts.cpp; what
+// MoE.selected_experts computes): x [T, D], the routed experts' weights and indices [T, k], gate_up [2 * chunks * I, D]
+// and down [D, chunks * I] with the routed experts' chunks first and the shared ones (every token's, weight 1) after.
+// Returns [T, D] in x's dtype.
+static at::Tensor float_experts(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& indices,
+                                const at::Tensor& gate_up, const at::Tensor& down, int64_t routed, int64_t chunks) {
+    TORCH_CHECK(isa_here > 0, "nanoseek's expert kernel is not available here");
+    const int64_t width = isa_here == 2 ? 16 : 8;
+    bool ok = x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && indices.dim() == 2 &&
+              indices.size(0) == x.size(0) && !indices.is_floating_point() && weights.sizes() == indices.sizes() &&
+              0 < routed && routed <= chunks && gate_up.dim() == 2 && down.dim() == 2;
+    const int64_t T = ok ? x.size(0) : 0, D = ok ? x.size(1) : 0, I = ok ? down.size(1) / chunks : 0;
+    for (const at::Tensor* t : {&gate_up, &down})
+        ok = ok && t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu();
+    ok = ok && I > 0 && D % width == 0 && I % width == 0 && down.size(0) == D && down.size(1) == chunks * I &&
+         gate_up.size(0) == 2 * chunks * I && gate_up.size(1) == D;
+    TORCH_CHECK_VALUE(ok, "float_experts: x ", x.scalar_type(), " ", x.sizes(), ", weights ", weights.sizes(),
+                      ", indices ", indices.sizes(), ", gate_up ", gate_up.scalar_type(), " ", gate_up.sizes(), ", down ",
+                      down.scalar_type(), " ", down.sizes(), ", routed ", routed, ", chunks ", chunks, ": wants x float ",
+                      "[T, D] on the CPU, weights and indices [T, k], fp32 contiguous gate_up [2 * chunks * I, D] and down ",
+                      "[D, chunks * I], D and I multiples of ", width, ", 0 < routed <= chunks");
+    const int64_t k = indices.size(1), J = k + chunks - routed;
+    const at::Tensor xf = x.to(at::kFloat).contiguous(), wf = weights.to(at::kFloat).contiguous(),
+                     idx = indices.to(at::kLong).contiguous();
+    std::vector<int64_t> chunk(T * J);
+    std::vector<float> scale(T * J);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < J; j++) {
+            const int64_t e = j < k ? idx.data_ptr<int64_t>()[t * k + j] : routed + j - k;
+            TORCH_CHECK_VALUE(0 <= e && e < routed + (j >= k) * (chunks - routed), "float_experts: expert index ", e,
+                              " out of range [0, ", routed, ")");
+            chunk[t * J + j] = e;
+            scale[t * J + j] = j < k ? wf.data_ptr<float>()[t * k + j] : 1.f;
+        }
+    at::Tensor y = at::empty({T, D}, xf.options());
+    int code = nanoseek_float_experts(xf.data_ptr<float>(), T, D, chunk.data(), scale.data(), J, gate_up.data_ptr<float>(),
+                                      down.data_ptr<float>(), chunks, I, y.data_ptr<float>(), isa_here);
+    TORCH_CHECK(code == 0, "expert kernel failed (code ", code, ")");
+    return y.to(x.scalar_type());
+}
+
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("mla_latent_attention", &mla_latent_attention);
     m.impl("int4_linear", &int4_linear);
     m.impl("int4_experts", &int4_experts);
     m.impl("mla_attention", &mla_attention);
     m.impl("mla_attention_int4", &mla_attention_int4);
+    m.impl("float_experts", &float_experts);
 }

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import int4_experts_available, int4_grouped
+from ..kernels import float_experts_take, int4_experts_available, int4_grouped
 from .config import ModelConfig
 from .layers import MLP
 
@@ -98,6 +98,7 @@ class MoE(nn.Module):
         self.n_shared = config.n_shared_experts if self.shared_experts is not None else 0
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_compiled_decode
         self.handle: int | None = None  # likewise
+        self.float_kernel = False  # likewise: whether a compiled decode step runs them as nanoseek::float_experts
         self._int4: torch.Tensor | bool = False  # see int4_table
         self._int4_kept: list = []  # what its addresses point to
         self._int4_known = False  # whether _int4 says what the experts are now (see _refresh_int4)
@@ -110,6 +111,12 @@ class MoE(nn.Module):
         if table is not None:  # routed and shared experts in one call
             return torch.ops.nanoseek.int4_experts(flat, weights, indices, table, len(self.experts)).view(B, S, D)
         if not self.training and torch.compiler.is_compiling():
+            if self.stacked is not None and self.float_kernel and flat.dtype == torch.float32:
+                # what selected_experts computes, as nanoseek's operator (kernels/experts.cpp): each chosen row read
+                # once for all the tokens that chose it
+                C = len(self.experts) + self.n_shared
+                return torch.ops.nanoseek.float_experts(flat, weights, indices, *self.stacked, len(self.experts),
+                                                        C).view(B, S, D)
             if self.stacked is not None:
                 run = self.selected_experts if indices.shape[0] < self.many_tokens() else self.all_experts
                 return run(flat, weights, indices).view(B, S, D)
@@ -314,7 +321,8 @@ class MoE(nn.Module):
         """Make ready (again, after the weights changed) what a compiled decode step reads. Small float
         experts are stacked (`stacked`: [gate_proj; up_proj] of every expert, shared last: [2 * chunks * I, D],
         and down_proj side by side: [D, chunks * I]; written in place when the shapes allow, so a compiled
-        graph that reads it stays valid), for `selected_experts` and `all_experts`. Larger or quantized
+        graph that reads it stays valid), for `selected_experts` and `all_experts`, or, in fp32 where nanoseek's
+        kernels build, for the operator `float_experts` that computes them (`float_kernel`). Larger or quantized
         experts stay as they are: the graph calls `routed` as one opaque operator (`nanoseek::routed_experts`,
         which finds this module by `handle`), so only the chosen experts' weights are read, through their
         own kernels, while the attention, norms and shared experts around them are compiled. (Stacking
@@ -334,6 +342,8 @@ class MoE(nn.Module):
             self.stacked[1].copy_(down)
         else:
             self.stacked = (gate_up, down)
+        self.float_kernel = gate_up.device.type == "cpu" and gate_up.dtype == torch.float32 and \
+            float_experts_take(gate_up.shape[1], self.experts[0].gate_proj.out_features)
 
 
 # the MoE layers whose compiled decode steps call their routed experts eagerly, by handle
