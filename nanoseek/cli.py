@@ -852,9 +852,10 @@ def distill(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option(..., callback=_model_or_url, help="A model folder, or an OpenAI-compatible URL (e.g. a "
-                              "nanoseek server's http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model "
-                              "deepseek-reasoner)."),
+    model: str = typer.Option(None, callback=lambda v: v if v is None else _model_or_url(v),
+                              help="A model folder, or an OpenAI-compatible URL (e.g. a nanoseek server's "
+                              "http://127.0.0.1:8000/v1, or DeepSeek's API with --remote-model deepseek-reasoner); "
+                              "default: the chat model shipped in the package."),
     remote_model: str = typer.Option("nanoseek", help="Model name at a URL."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_EVAL_API_KEY", help="Key for a URL."),
     tasks: str = typer.Option("add,sub,mul,countdown,linear", callback=_families_and_calculator, help="Comma-separated task "
@@ -878,6 +879,7 @@ def eval_(
     device: Device = _device_option(),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
+    model = model if model is not None else str(_shipped_model())
     remote = _is_url(model)
     wording = "varied" if varied else wording
     if remote and "calculator" in tasks:

@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, inference_dtypes, load_config, load_mod
 from .machine import decide_decode_compile, use_disk_cache
 from .model.moe import MoE
 from .inference import Engine, SamplingParams
+from .kernels import MLA_MAX_ROWS
 from .quant import prepare_kernels
 from .tokenizer import DeepSeekTokenizer
 
@@ -67,13 +68,18 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
             console.print(what + "...")
         t = time.perf_counter()
         with console.status(what):
-            warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-            engine.generate([[0] * 4], warm)
-            # then several rows, and (a small MoE model, its experts stacked by now) as many as run its
-            # experts as one wide product
-            many = {min(m.many_tokens(), max_batch) for m in model.modules()
-                    if isinstance(m, MoE) and m.stacked is not None}
-            for rows in sorted({min(2, max_batch), *many} - {1}):
-                engine.generate([[0] * 4] + [[0] * 3] * (rows - 1), warm)
+            warm_up(engine, max_batch)
         console.print(f"[dim]decode step compiled in {time.perf_counter() - t:.0f} s (--no-compile skips this)[/]")
     return engine, tok
+
+
+def warm_up(engine: Engine, max_batch: int) -> None:
+    """Decode a few tokens at each number of rows from which a compiled decode step takes another path (a graph of
+    its own), so that none compiles while serving: one row, several, more than MLA's attention operator takes, and (a
+    small MoE model whose experts are stacked but not run by nanoseek's operator) as many as run them as one wide
+    product."""
+    warm = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    edges = {1, 2, MLA_MAX_ROWS + 1} | {m.many_tokens() for m in engine.model.modules()
+                                         if isinstance(m, MoE) and m.stacked is not None and not m.float_kernel}
+    for rows in sorted(r for r in edges if r <= max_batch):
+        engine.generate([[0] * 4] + [[0] * 3] * (rows - 1), warm)

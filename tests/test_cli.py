@@ -217,6 +217,14 @@ def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
     assert r.exit_code == 2 and "is a file" in r.output and f"'{model}'" in r.output, r.output
 
 
+def test_eval_defaults_to_the_shipped_model_as_the_other_commands_do(tmp_path):
+    """Found by a user: the README's `nanoseek eval --tasks calculator` failed with "Missing option '--model'"."""
+    out = tmp_path / "eval.json"
+    r = runner.invoke(app, ["eval", "--tasks", "add", "--n", "2", "--out", str(out)])
+    assert r.exit_code == 0 and "| add | 2 |" in r.output, r.output
+    assert json.loads(out.read_text())
+
+
 def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path, monkeypatch):
     from nanoseek.inference import Engine
 

@@ -9,6 +9,7 @@ import torch
 from conftest import randomize_, tiny_gqa_config
 from nanoseek.inference import Engine, EngineBusy, InvalidRequest, SamplingParams
 from nanoseek.inference.sampling import RowState, draw, filter_logits
+from nanoseek.loading import warm_up
 from nanoseek.model import build_model, get_preset
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -272,6 +273,18 @@ def test_speculative_sampling_keeps_the_distribution(mtp_model):
     a, b = joint(plain), joint(spec)
     tv = sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b)) / 2
     assert tv < 0.1, tv  # at most 9 outcomes: sampling noise is about 0.04 at n = 600
+
+
+def test_after_the_warm_up_no_number_of_rows_compiles_again(model):
+    """Found by a user: `serve` compiled a new decode graph in the middle of serving when 9-12 requests ran together
+    (its warm-up had covered 1, 2 and 13 rows); with the warm-up's row counts compiled, none up to max_batch is new."""
+    torch._dynamo.reset()
+    engine = Engine(copy.deepcopy(model), max_batch=12, compile=True)
+    warm_up(engine, 12)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in range(1, 13):
+            engine.generate(prompts(rows, seed=rows), SamplingParams(max_new_tokens=3, temperature=0))
+            assert engine.compiled, f"{rows} rows compiled a graph of their own"
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(model):

@@ -199,6 +199,20 @@ def test_a_schema_no_finite_reply_satisfies_is_a_400_not_broken_json(client):
     assert "cannot be followed" in e.value.body["message"]
 
 
+@pytest.mark.parametrize("depth", [150, 600])
+def test_a_schema_nested_too_deep_is_a_400(client, depth):
+    """Found by a user: 500 levels of arrays exhausted Python's recursion (a 500), 200-450 llguidance's."""
+    schema = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+    with pytest.raises(openai.BadRequestError, match="nests deeper than"):
+        client.chat.completions.create(model="deepseek-chat", messages=ask("JSON"), max_tokens=2, response_format=fmt)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": schema}}}}
+    with pytest.raises(openai.BadRequestError, match="nests deeper than"):
+        client.chat.completions.create(model="deepseek-chat", messages=ask("call f"), max_tokens=2, tools=[tool])
+
+
 def test_a_stream_whose_first_event_is_slow_opens_and_reports_a_later_error(client, monkeypatch):
     """Past FIRST_EVENT_WAIT the stream opens (headers out, as for a request queued behind others) and a
     failure then comes as an error event in it."""
@@ -392,6 +406,29 @@ def test_answer_logprobs_join_to_the_content(parts):
             deltas = [json.loads(line[6:])["choices"] for line in s.iter_lines() if line.startswith("data: {")]
         streamed = [e for c in deltas if c and c[0].get("logprobs") for e in c[0]["logprobs"]["content"]]
         assert "".join(e["token"] for e in streamed) == "abx cd" and bytes(streamed[0]["bytes"]) == b"a"
+
+
+@pytest.mark.parametrize("stop", ["cd", "x c", "d \n"])
+def test_answer_logprobs_end_where_a_stop_string_cuts_the_content(parts, stop):
+    """Found by a user: with `stop`, the entries ran on past the cut (content "" but the tokens `I`, `'m`, ...);
+    they now end with the token in which the content ends, streamed or not."""
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+    answer = tok.encode_text("abx cd \n") + tok.encode_text("more text")
+    reply = tok.encode_text("why") + [tok.end_think_id] + tok.encode_text("\n") + answer + [tok.eos_id]
+    body = {"messages": ask(), "max_tokens": len(reply), "logprobs": True, "stop": [stop]}
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        scripted(engine, reply)
+        r = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+        content = r["message"]["content"]
+        assert content == "abx cd \n".split(stop)[0].rstrip()
+        joined = "".join(e["token"] for e in r["logprobs"]["content"])
+        assert joined.startswith(content) and len(joined) - len(content) < max(len(t) for t in map(tok.decode, [[i] for i in answer]))
+        scripted(engine, reply)
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+            deltas = [json.loads(line[6:])["choices"] for line in s.iter_lines() if line.startswith("data: {")]
+        streamed = "".join(e["token"] for c in deltas if c and c[0].get("logprobs") for e in c[0]["logprobs"]["content"])
+        assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == content and streamed == joined
 
 
 def test_completions_leave_control_tokens_out_of_the_text(parts):

@@ -71,18 +71,22 @@ INT64_MAX = 2**63 - 1  # llguidance's integers
 NUMBER_STEP = 1e-10  # an unbounded number's decimals: at most 10
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const")
 VALUES = ("enum", "const", "default", "examples")  # keywords whose values are JSON data, not schemas
+MAX_SCHEMA_DEPTH = 128
 
 
-def bounded_numbers(node):
+def bounded_numbers(node, depth: int = 0):
     """The schema with every integer and number that has no bounds of its own kept within +-(2^53 - 1),
     and a number's decimals to 10 unless it has a multipleOf: an unbounded integer or number let a small
     model write digits until its budget ran out (thousands of tokens, then no JSON at all; a pydantic
-    float field is an unbounded number). Bounds leave out exponents (1e5) too."""
+    float field is an unbounded number). Bounds leave out exponents (1e5) too. A schema nested deeper than
+    MAX_SCHEMA_DEPTH objects and lists is refused (deeper ones exhaust Python's and llguidance's recursion)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, list):
-        return [bounded_numbers(x) for x in node]
+        return [bounded_numbers(x, depth + 1) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: v if k in VALUES else bounded_numbers(v) for k, v in node.items()}
+    out = {k: v if k in VALUES else bounded_numbers(v, depth + 1) for k, v in node.items()}
     kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
     beyond = [b for b in BOUNDS[:4] if isinstance(node.get(b), (int, float)) and not -INT64_MAX - 1 <= node[b] <= INT64_MAX]
     if "integer" in kinds and beyond:  # llguidance narrows a range with both ends past int64 and breaks it

@@ -407,6 +407,7 @@ class _AnswerLogprobs:
         self.tok, self.stops = svc.tok, svc.tok.eos_ids | hidden  # tokens left out of the text, too
         self.reasoning = started and svc.tok.end_think_id is not None  # the reply opens inside its reasoning
         self.leading = True
+        self.covered = 0  # characters of the content that the entries handed out by `upto` hold
 
     def feed(self, entries: list[dict]) -> list[dict]:
         out = []
@@ -420,8 +421,20 @@ class _AnswerLogprobs:
                 out.append({**e, "text": text.lstrip()})
         return out
 
-    def whole(self, entries: list[dict]) -> list[dict]:
-        return self.trim(self.feed(entries))
+    def whole(self, entries: list[dict], content: str | None = None) -> list[dict]:
+        return self.upto(self.trim(self.feed(entries)), None if content is None else len(content))[0]
+
+    def upto(self, out: list[dict], end: int | None) -> tuple[list[dict], list[dict]]:
+        """(the entries whose text starts before character `end` of the content, the rest), counting on from the
+        entries handed out before: a stop string cuts the content inside the reply, and the tokens past the cut, or
+        past the text a stream has sent so far, are not the content's (yet). end None: all of them."""
+        for n, e in enumerate(out):
+            if end is None:
+                return out, []
+            if self.covered >= end:
+                return out[:n], out[n:]
+            self.covered += len(e.get("text") or self.tok.decode([e["token"]]))
+        return out, []
 
     def trim(self, out: list[dict]) -> list[dict]:
         """The entries without the content's trailing whitespace (at the end of a reply: streamed, the
@@ -514,7 +527,8 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     for i, (req, _) in enumerate(jobs):
         msg, finish = _reply(svc, req, started, with_calls)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
-                        "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(req.logprobs))
+                        "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(
+                            req.logprobs, (msg.get("content") or "") if req.params.stop else None))
                         if body.logprobs else None})
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(svc, prompt, jobs, started), "system_fingerprint": "nanoseek"}
@@ -538,6 +552,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     splitters = [ReasoningStream(started=thinking) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
+    sent = [0] * len(jobs)  # characters of content sent (where a stop string may cut the reply: logprobs follow them)
     answer_logprobs = [_AnswerLogprobs(svc, thinking, req.params.skip_token_ids) for req, _ in jobs]
     async for i, ev in _prepend(first, events):
         final = ev.finish_reason is not None
@@ -554,15 +569,17 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
             deltas += [{"content": content}] if content else []
             deltas += [{"tool_calls": tool_deltas}] if tool_deltas else []
         for k, delta in enumerate(deltas):
+            sent[i] += len(delta.get("content") or "")
             lp = None
-            if k == len(deltas) - 1 and pending[i]:
-                lp, pending[i] = _logprobs_json(svc, pending[i]), []
+            if k == len(deltas) - 1 and pending[i]:  # those of the content sent so far
+                out, pending[i] = answer_logprobs[i].upto(pending[i], sent[i] if jobs[i][0].params.stop else None)
+                lp = _logprobs_json(svc, out) if out else None
             yield chunk(i, delta, logprobs=lp)
         if final:
             finish = _finish(ev.finish_reason)
             if calls[i] is not None and calls[i].calls and finish == "stop":
                 finish = "tool_calls"
-            rest = answer_logprobs[i].trim(pending[i])
+            rest = answer_logprobs[i].upto(answer_logprobs[i].trim(pending[i]), sent[i] if jobs[i][0].params.stop else None)[0]
             yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, rest) if rest else None)
     if include_usage:
         yield chunk(-1, {}, usage=_usage(svc, prompt, jobs, thinking))
