@@ -200,6 +200,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     from nanoseek.inference import Engine, SamplingParams
 
     from nanoseek.checkpoint import inference_dtypes
+    from nanoseek.loading import warm_up
     from nanoseek.machine import decide_decode_compile
     from nanoseek.quant import prepare_kernels
 
@@ -221,7 +222,9 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     # compiled decoding compiles its graphs here (as `serve` does at start-up), timed apart
     t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=2, temperature=0))
-    engine.generate(prompts(batch, 16), SamplingParams(max_new_tokens=3, temperature=0))  # (compiles batch > 1)
+    if compile:
+        warm_up(engine, batch)  # as `serve` does
+    engine.generate(prompts(batch, 16), SamplingParams(max_new_tokens=3, temperature=0))
     warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=1, temperature=0))
