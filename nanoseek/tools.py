@@ -283,6 +283,9 @@ def calculate(expression: str) -> int | float:
                 raise ValueError("the result is too large")
             if isinstance(result, float) and not math.isfinite(result):
                 raise ValueError("the result is too large")
+            if result == 0 and isinstance(result, float) and left != 0 and (right != 0 or isinstance(node.op, ast.Pow)) \
+                    and isinstance(node.op, (ast.Mult, ast.Div, ast.Pow)):  # 10**-400: below what a float holds
+                raise ValueError("the result is too small (below 1e-308) to hold")
             return result
         what = ast.get_source_segment(source, node) or type(node).__name__.lower()
         raise ValueError(f"only numbers, + - * / // % ** and parentheses are allowed, not {what!r}")

@@ -130,6 +130,14 @@ def test_calculator_refuses_a_growing_product_early(monkeypatch):
     assert len(products) == 1
 
 
+def test_calculator_refuses_a_result_too_small_to_hold_as_it_refuses_one_too_large():
+    """Found by a user: 10**-400 gave "0" where 10.0**400 gave an error."""
+    for expression in ("10**-400", "2**-1074/2", "1e-200 * 1e-200"):
+        with pytest.raises(ValueError, match="too small"):
+            calculate(expression)
+    assert calculate("0 * 1e-300") == 0 and calculate("0**2") == 0 and calculate("1e-300 * 1e-5") == pytest.approx(1e-305)
+
+
 def test_calls_take_the_declared_arguments_only_unless_the_schema_allows_more():
     """A schema that declares its arguments and says nothing of others: calls carry those only (a model
     added made-up keys, which JSON Schema allows by default); said otherwise, as given; none declared, none."""
