@@ -57,20 +57,6 @@ typedef void (*DotsFn)(const float*, const float* const*, int64_t, float*);
 template <int N> struct Dots512 { static constexpr DotsFn fn = dots_avx512<N>; };
 template <int N> struct Dots2 { static constexpr DotsFn fn = dots_avx2<N>; };
 
-template <template <int> class Pick>
-static DotsFn pick(int n) {
-    switch (n) {
-        case 1: return Pick<1>::fn;
-        case 2: return Pick<2>::fn;
-        case 3: return Pick<3>::fn;
-        case 4: return Pick<4>::fn;
-        case 5: return Pick<5>::fn;
-        case 6: return Pick<6>::fn;
-        case 7: return Pick<7>::fn;
-        default: return Pick<8>::fn;
-    }
-}
-
 // sum_j segs[j] . hs[j] (J segments of n floats)
 AVX512 static float segments_avx512(const float* const* segs, const float* const* hs, int J, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
@@ -95,32 +81,20 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
     if (T < 1 || J < 1 || C < 1 || D % width || I % width || (isa != 1 && isa != 2)) return T == 0 ? 0 : 1;
     for (int64_t p = 0; p < T * J; p++)
         if (chunk[p] < 0 || chunk[p] >= C) return 1;
-    // the chunks in use, each with the (token, slot) pairs that read it, grouped by chunk
-    int64_t* count = (int64_t*)calloc(C + 1, sizeof(int64_t));
-    int64_t* pairs = (int64_t*)malloc(T * J * sizeof(int64_t));
-    float* h = (float*)malloc(T * J * I * sizeof(float));
-    if (!count || !pairs || !h) {
-        free(count), free(pairs), free(h);
+    // the chunks in use, each with the (token, slot) pairs that read it, grouped by chunk: count[c] is where chunk c's
+    // pairs start in `pairs`, order[..used] the chunks that have any; h the pairs' intermediate activations
+    const int64_t P = T * J;
+    int64_t* count = (int64_t*)calloc(3 * C + 1 + P, sizeof(int64_t));
+    float* h = (float*)malloc(P * I * sizeof(float));
+    if (!count || !h) {
+        free(count), free(h);
         return 2;
     }
-    for (int64_t p = 0; p < T * J; p++) count[chunk[p] + 1]++;
-    for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];  // count[c]: where chunk c's pairs start
-    {
-        int64_t* at = (int64_t*)malloc(C * sizeof(int64_t));
-        if (!at) {
-            free(count), free(pairs), free(h);
-            return 2;
-        }
-        for (int64_t c = 0; c < C; c++) at[c] = count[c];
-        for (int64_t p = 0; p < T * J; p++) pairs[at[chunk[p]]++] = p;
-        free(at);
-    }
-    int64_t used = 0;  // chunks with pairs, in order
-    int64_t* order = (int64_t*)malloc(C * sizeof(int64_t));
-    if (!order) {
-        free(count), free(pairs), free(h);
-        return 2;
-    }
+    int64_t *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
+    for (int64_t p = 0; p < P; p++) count[chunk[p] + 1]++;
+    for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];
+    for (int64_t c = 0; c < C; c++) at[c] = count[c];
+    for (int64_t p = 0; p < P; p++) pairs[at[chunk[p]]++] = p;
     for (int64_t c = 0; c < C; c++)
         if (count[c + 1] > count[c]) order[used++] = c;
 #pragma omp parallel if (T * J * I * D > 1 << 16)
@@ -162,6 +136,6 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
             }
         }
     }
-    free(order), free(count), free(pairs), free(h);
+    free(count), free(h);
     return 0;
 }

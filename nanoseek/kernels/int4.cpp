@@ -179,19 +179,6 @@ AVX2 static void rows_avx2(const uint8_t* w, const uint8_t* s, const int8_t* z, 
 typedef void (*RowsFn)(const uint8_t*, const uint8_t*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
                        Acts, float*);
 
-template <template <int> class Pick>
-static RowsFn pick(int M) {
-    switch (M) {
-        case 1: return Pick<1>::fn;
-        case 2: return Pick<2>::fn;
-        case 3: return Pick<3>::fn;
-        case 4: return Pick<4>::fn;
-        case 5: return Pick<5>::fn;
-        case 6: return Pick<6>::fn;
-        case 7: return Pick<7>::fn;
-        default: return Pick<8>::fn;
-    }
-}
 template <int M> struct Avx512 { static constexpr RowsFn fn = rows_avx512<M>; };
 template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
 

@@ -1,6 +1,21 @@
-// The C entries of nanoseek's kernels (int4.cpp, mla.cpp), as ops.cpp calls them; see each source for what they do.
+// The C entries of nanoseek's kernels (int4.cpp, mla.cpp, experts.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
 #pragma once
 #include <stdint.h>
+
+// Pick<n>::fn for n = 1..8 (more: 8), where a kernel is a template on its row or token count: the instance for n
+template <template <int> class Pick>
+static auto pick(int n) -> decltype(Pick<1>::fn) {
+    switch (n) {
+        case 1: return Pick<1>::fn;
+        case 2: return Pick<2>::fn;
+        case 3: return Pick<3>::fn;
+        case 4: return Pick<4>::fn;
+        case 5: return Pick<5>::fn;
+        case 6: return Pick<6>::fn;
+        case 7: return Pick<7>::fn;
+        default: return Pick<8>::fn;
+    }
+}
 
 // One product of an int4 call: y [M, N] = x [M, K] @ W.T, M <= 8, W as int4.cpp describes it.
 struct Int4Product {

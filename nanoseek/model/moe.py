@@ -111,7 +111,7 @@ class MoE(nn.Module):
         if table is not None:  # routed and shared experts in one call
             return torch.ops.nanoseek.int4_experts(flat, weights, indices, table, len(self.experts)).view(B, S, D)
         if not self.training and torch.compiler.is_compiling():
-            if self.stacked is not None and self.float_kernel and flat.dtype == torch.float32:
+            if self.float_kernel and flat.dtype == torch.float32:
                 # what selected_experts computes, as nanoseek's operator (kernels/experts.cpp): each chosen row read
                 # once for all the tokens that chose it
                 C = len(self.experts) + self.n_shared
@@ -332,7 +332,7 @@ class MoE(nn.Module):
         layers = [layer for m in mlps for layer in (m.gate_proj, m.up_proj, m.down_proj)]
         if not all(isinstance(layer, nn.Linear) for layer in layers) or \
                 sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) > STACK_MAX_BYTES:
-            self.stacked, self.handle = None, id(self)
+            self.stacked, self.handle, self.float_kernel = None, id(self), False
             _ROUTED_EXPERTS[self.handle] = self
             return
         gate_up = torch.cat([m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps])

@@ -428,9 +428,9 @@ class _AnswerLogprobs:
         """(the entries whose text starts before character `end` of the content, the rest), counting on from the
         entries handed out before: a stop string cuts the content inside the reply, and the tokens past the cut, or
         past the text a stream has sent so far, are not the content's (yet). end None: all of them."""
+        if end is None:
+            return out, []
         for n, e in enumerate(out):
-            if end is None:
-                return out, []
             if self.covered >= end:
                 return out[:n], out[n:]
             self.covered += len(e.get("text") or self.tok.decode([e["token"]]))
