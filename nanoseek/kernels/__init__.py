@@ -17,7 +17,11 @@ weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's valu
 no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
 latents) in one pass over the cached latents (mla.cpp), which both call and MLA in Python calls with a float kv_b_proj.
 
-`float_experts`: a small float mixture-of-experts layer for a few tokens over its stacked experts (experts.cpp), what a
+`float_linear`: an fp32 product for a few rows (float.cpp), what `layers.Linear` runs on a CPU wherever no gradient is
+wanted (decoding, eager or compiled, prompts through torch's product past 16 rows): torch's own products for a few rows
+(MKL's, and inductor's matrix-vector loop) read small weights well below the cache's speed; on a 2-vCPU Zen4 the shipped
+model's head took 31 against 53 us for one row, 106 against 150 for eight.
+`float_experts`: a small float mixture-of-experts layer for a few tokens over its stacked experts (float.cpp), what a
 compiled decode step of such a model (the shipped one) runs in place of inductor's gathering reduction: each chosen
 expert row read once for every token that chose it.
 
@@ -51,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp", "experts.cpp")]  # built into one library
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "mla.cpp", "float.cpp")]  # built into one library
 HEADER = Path(__file__).with_name("kernels.h")  # what the sources share (part of the build's key)
 OPERATOR_SOURCE = Path(__file__).with_name("ops.cpp")  # and, against torch's headers, the int4_linear operator's C++
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
@@ -278,11 +282,29 @@ def int4_experts_available() -> bool:
 
 
 # a small float mixture-of-experts layer for a few tokens over its stacked experts (MoE.prepare_compiled_decode); C++
-# only (ops.cpp, experts.cpp): where the library does not carry it, MoE.selected_experts computes the same in torch
+# only (ops.cpp, float.cpp): where the library does not carry it, MoE.selected_experts computes the same in torch
 _OPERATORS.define("float_experts(Tensor x, Tensor weights, Tensor indices, Tensor gate_up, Tensor down, int routed, "
                   "int chunks) -> Tensor")
 torch.library.register_fake("nanoseek::float_experts", lambda x, weights, indices, gate_up, down, routed, chunks:
                             x.new_empty(x.shape), lib=_OPERATORS)
+
+
+# a float product for a few rows (layers.Linear while decoding); C++ only (ops.cpp, float.cpp)
+_OPERATORS.define("float_linear(Tensor x, Tensor weight) -> Tensor")
+torch.library.register_fake("nanoseek::float_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]),
+                            lib=_OPERATORS)
+
+
+@torch._dynamo.assume_constant_result
+def float_linear_available() -> bool:
+    """Whether the operator nanoseek::float_linear runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
+    return _float_linear_here()
+
+
+@lru_cache(maxsize=1)  # (asked at every product of layers.Linear)
+def _float_linear_here() -> bool:
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::float_linear", "CPU")
 
 
 @torch._dynamo.assume_constant_result

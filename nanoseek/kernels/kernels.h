@@ -1,4 +1,4 @@
-// The C entries of nanoseek's kernels (int4.cpp, mla.cpp, experts.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
+// The C entries of nanoseek's kernels (int4.cpp, mla.cpp, float.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
 #pragma once
 #include <stdint.h>
 
@@ -42,6 +42,8 @@ extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t
                                              int64_t pt, const float* fresh, int64_t fb, int64_t fs, const bool* mask,
                                              int64_t B, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
                                              float scale, float* out, int64_t ob, int64_t oj, int isa);
+extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
+                                     int isa);
 extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
                                       int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
                                       int isa);

@@ -6,20 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_operator
+from ..kernels import cpu_operator, float_linear_available
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) that multiplies a single row as a matrix-vector product: on
-    CPU, torch.mv streams the weight faster than the matrix-matrix kernel does for one row (bf16: 1.4x
-    for an 8960 x 1536 weight, measured), which is every linear layer of a batch-1 decode step. Under
-    autocast (training) every row goes through F.linear, which autocast casts. In a compiled graph a
-    bf16/fp16 product stays torch.mv (`opaque_mv`)."""
+    """nn.Linear (same parameters, same names) with faster products for the few rows of a decode step on a
+    CPU, where no gradient is wanted: an fp32 weight through nanoseek's kernel (`nanoseek::float_linear`,
+    which hands more than a few rows to torch's product), any other weight as a matrix-vector product for a
+    single row (torch.mv streams the weight faster than the matrix-matrix kernel does for one row: bf16 1.4x
+    for an 8960 x 1536 weight, measured). Under autocast (training) every row goes through F.linear, which
+    autocast casts. In a compiled graph a bf16/fp16 product stays torch.mv (`opaque_mv`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == self.in_features and not torch.is_autocast_enabled("cpu"):
-            narrow = self.weight.dtype != torch.float32 and torch.compiler.is_compiling()
-            y = (opaque_mv if narrow else torch.mv)(self.weight, x.reshape(-1))
+        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            if self.weight.dtype == torch.float32 and float_linear_available() and \
+                    not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                y = torch.ops.nanoseek.float_linear(x.reshape(-1, self.in_features), self.weight)
+            elif x.numel() == self.in_features:
+                narrow = self.weight.dtype != torch.float32 and torch.compiler.is_compiling()
+                y = (opaque_mv if narrow else torch.mv)(self.weight, x.reshape(-1))
+            else:
+                return F.linear(x, self.weight, self.bias)
             return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 

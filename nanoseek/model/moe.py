@@ -112,7 +112,7 @@ class MoE(nn.Module):
             return torch.ops.nanoseek.int4_experts(flat, weights, indices, table, len(self.experts)).view(B, S, D)
         if not self.training and torch.compiler.is_compiling():
             if self.float_kernel and flat.dtype == torch.float32:
-                # what selected_experts computes, as nanoseek's operator (kernels/experts.cpp): each chosen row read
+                # what selected_experts computes, as nanoseek's operator (kernels/float.cpp): each chosen row read
                 # once for all the tokens that chose it
                 C = len(self.experts) + self.n_shared
                 return torch.ops.nanoseek.float_experts(flat, weights, indices, *self.stacked, len(self.experts),

@@ -1,16 +1,19 @@
-"""nanoseek::float_experts (kernels/experts.cpp): a small float mixture-of-experts layer for a few tokens over its
-stacked experts, against the torch arithmetic it stands for (MoE.selected_experts) on each instruction set this CPU
-has; compiled decoding through it; what it refuses."""
+"""nanoseek's float kernels (kernels/float.cpp) on each instruction set this CPU has: nanoseek::float_linear (a dense
+product for a few rows, what layers.Linear runs where no gradient is wanted) against float64, and where Linear must
+not use it; nanoseek::float_experts (a small float mixture-of-experts layer for a few tokens over its stacked experts)
+against the torch arithmetic it stands for (MoE.selected_experts); compiled decoding through both; what they refuse."""
 
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import operator_calls, randomize_
 from nanoseek import kernels
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
+from nanoseek.model.layers import Linear
 from nanoseek.model.moe import MoE
 
 HERE = kernels.int4_isa()
@@ -35,13 +38,61 @@ def torch_experts(moe: MoE, x, weights, indices) -> tuple[torch.Tensor, torch.Te
     return moe.selected_experts(x, weights, indices), wide.float()
 
 
-def run_on(isa: int, *args) -> torch.Tensor:
+def run_on(isa: int, *args, op=torch.ops.nanoseek.float_experts) -> torch.Tensor:
     lib = kernels._library()
     lib.nanoseek_set_isa(isa)
     try:
-        return torch.ops.nanoseek.float_experts(*args)
+        return op(*args)
     finally:
         lib.nanoseek_set_isa(HERE)
+
+
+# (rows N, inputs K): the shipped model's widest and narrowest, rows not a multiple of any block (83), inputs of one
+# vector (16), inputs the AVX2 width takes and AVX-512's does not (24: torch's product then)
+LINEAR_SHAPES = [(2048, 256), (80, 64), (83, 768), (7, 16), (40, 24)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 16, 33])  # 33: past the kernel's rows, torch's product
+def test_float_linear_computes_the_product(isa, shape, rows):
+    N, K = shape
+    g = torch.Generator().manual_seed(rows * 100 + N)
+    x, w = torch.randn(rows, K, generator=g), torch.randn(N, K, generator=g)
+    got = run_on(isa, x, w, op=torch.ops.nanoseek.float_linear)
+    assert got.shape == (rows, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), x.double() @ w.double().t(), atol=1e-4 * K ** 0.5, rtol=1e-5)
+
+
+def test_float_linear_reads_strided_rows_and_keeps_their_dtype():
+    w = torch.randn(50, 64)
+    x = torch.randn(5, 2, 64)[:, 0]  # (rows apart)
+    torch.testing.assert_close(torch.ops.nanoseek.float_linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+    half = torch.ops.nanoseek.float_linear(x.bfloat16(), w)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), x.bfloat16().float() @ w.t(), atol=0.1, rtol=0.02)
+    wide = torch.ops.nanoseek.float_linear(x, w.double())  # not an fp32 weight: torch's product
+    torch.testing.assert_close(wide, x @ w.t(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="wants"):
+        torch.ops.nanoseek.float_linear(x, torch.randn(50, 60))
+
+
+def test_linear_uses_the_kernel_only_where_no_gradient_is_wanted():
+    torch.manual_seed(0)
+    layer = Linear(64, 48, bias=True)
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        calls = operator_calls(lambda: torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5))
+    assert calls == {"nanoseek::float_linear": 1}
+    assert operator_calls(lambda: layer(x).sum().backward()) == {}  # training: autograd's product
+    assert layer.weight.grad is not None
+    frozen = Linear(64, 48).requires_grad_(False)
+    assert operator_calls(lambda: frozen(x.requires_grad_())) == {}  # a gradient for the input is still wanted
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert operator_calls(lambda: layer(x)) == {}  # autocast casts inside F.linear
+    with torch.no_grad():
+        assert operator_calls(lambda: layer.bfloat16()(x.detach().bfloat16())) == {}  # not an fp32 weight
 
 
 # (D, I, routed experts, chosen per token, shared experts): the shipped model's shape, the tiny preset's, more
@@ -89,6 +140,7 @@ def test_compiled_decoding_calls_the_operator_and_gives_the_eager_tokens():
     assert engine.compiled
     moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.model.layers[:model.config.num_hidden_layers])
     assert calls.get("nanoseek::float_experts", 0) == 7 * moe_layers  # each decode step (prompts go through `routed`)
+    assert calls.get("nanoseek::float_linear", 0) >= 7 * model.config.num_hidden_layers * 3  # q, kv_a, o: at least
     assert [r.tokens for r in engine.generate(prompts, params)] == eager
 
 

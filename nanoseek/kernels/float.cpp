@@ -1,0 +1,227 @@
+// nanoseek's kernels for float weights and activations, a few tokens at a time (decoding), in fp32, AVX-512 or AVX2.
+//
+// float_linear: y [M, N] = x [M, K] @ W.T for a dense W [N, K]. Each block of R weight rows is read once for up to 4
+// tokens, R x tokens sums in registers (independent sums that hide the multiply-add's latency), the rows split
+// between the threads. torch's products for a few rows (MKL's, oneDNN's,
+// inductor's matrix-vector loop) read these small weights at a fraction of the cache's speed; see float_linear in
+// ops.cpp for when it runs.
+//
+// float_experts: a small float mixture-of-experts layer for a few tokens (decoding), its experts stacked as MoE.prepare_compiled_decode
+// holds them: gate_up [2 * C * I, D] (every chunk's gate_proj rows, then every chunk's up_proj rows; chunk = an expert
+// of width I, the shared experts' chunks last) and down [D, C * I] (down_proj side by side). Token t reads the J chunks
+// chunk[t, :] with weights w[t, :] (its routed experts and gate weights, then the shared chunks with weight 1):
+//   h[t, j, :] = silu(W_gate[c] @ x[t]) * (W_up[c] @ x[t]) * w[t, j],   c = chunk[t, j]
+//   y[t, :]    = sum_j W_down[:, c] @ h[t, j, :]
+// Two passes in one parallel region: the rows of every chunk some token chose, each row read once and met by every
+// token that chose its chunk (split between the threads), then the output's D rows, each token's J segments of a
+// row summed in one vector. What MoE.selected_experts and MoE.all_experts compute, which inductor compiles to a
+// gathering reduction, or products over every expert: a layer of the shipped model at 8 tokens took 72 us here
+// against 210 for the reduction inside a decode graph (133 compiled alone), at 64 tokens 560 against 825 for
+// all_experts compiled alone (2-vCPU AMD EPYC Zen4).
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+#define AVX512 __attribute__((target("avx512f")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// float_linear: tokens met by one pass over a block of weight rows (more tokens: another pass, the block still in
+// cache; 8 at a time, 2 rows a block, was 10-30% slower than 4 at 8-16 tokens, multiplying at the core's peak either
+// way), and rows a thread takes at a time
+#define LINEAR_TOKENS 4
+#define LINEAR_UNIT 16
+// weight rows per block for T tokens: R x T sums and T inputs in the registers (32 with AVX-512, 16 with AVX2); each
+// divides LINEAR_UNIT
+static constexpr int rows512(int T) { return T == 1 ? 8 : 4; }
+static constexpr int rows2(int T) { return T <= 2 ? 4 : 2; }
+
+// y[t * ldy + r] = W[r] . xs[t] for R rows of W (from w, K floats each, K a multiple of 16) and T tokens
+template <int R, int T>
+AVX512 static void rows_avx512(const float* w, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 xv[T];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(xs[t] + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+// the same, K a multiple of 8
+template <int R, int T>
+AVX2 static void rows_avx2(const float* w, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+    __m256 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 xv[T];
+        for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + k);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) y[t * ldy + r] = hsum_avx2(acc[r][t]);
+}
+
+typedef void (*RowsFn)(const float*, int64_t, const float* const*, float*, int64_t);
+
+template <int T> struct Rows512 { static constexpr RowsFn fn = rows_avx512<rows512(T), T>; };
+template <int T> struct Rows2 { static constexpr RowsFn fn = rows_avx2<rows2(T), T>; };
+template <int T> struct Row512 { static constexpr RowsFn fn = rows_avx512<1, T>; };  // the rows past the last block
+template <int T> struct Row2 { static constexpr RowsFn fn = rows_avx2<1, T>; };
+
+// y[t * ldy + r] = W[r] . xs[t] for the n rows of W (from w, K floats each) and T <= LINEAR_TOKENS tokens: blocks
+// of R rows, the rows past the last block one at a time
+static void rows_times_tokens(const float* w, int64_t K, int64_t n, const float* const* xs, int T, float* y, int64_t ldy,
+                              int isa) {
+    const RowsFn block = isa == 2 ? pick<Rows512>(T) : pick<Rows2>(T);
+    const RowsFn one = isa == 2 ? pick<Row512>(T) : pick<Row2>(T);
+    const int R = isa == 2 ? rows512(T) : rows2(T);
+    int64_t r = 0;
+    for (; r + R <= n; r += R) block(w + r * K, K, xs, y + r, ldy);
+    for (; r < n; r++) one(w + r * K, K, xs, y + r, ldy);
+}
+
+// isa 2 = AVX-512 (K a multiple of 16), 1 = AVX2 (of 8); x and y row-major, contiguous. Returns 0, or 1 for arguments it
+// does not take (the caller checks them first).
+extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int isa) {
+    if (M < 0 || K < 1 || N < 0 || K % (isa == 2 ? 16 : 8) || (isa != 1 && isa != 2)) return 1;
+#pragma omp parallel for schedule(static) if (M * N * K > 1 << 15)
+    for (int64_t n0 = 0; n0 < N; n0 += LINEAR_UNIT) {
+        const int64_t n = N - n0 < LINEAR_UNIT ? N - n0 : LINEAR_UNIT;
+        for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TOKENS) {
+            const int T = (int)(M - m0 < LINEAR_TOKENS ? M - m0 : LINEAR_TOKENS);
+            const float* xs[LINEAR_TOKENS];
+            for (int t = 0; t < T; t++) xs[t] = x + (m0 + t) * K;
+            rows_times_tokens(w + n0 * K, K, n, xs, T, y + m0 * N + n0, N, isa);
+        }
+    }
+    return 0;
+}
+
+// y[t * ldy + r] = sum_j down[r, chunk[t, j] * I ..][:I] . h[t, j, :] for R rows of down (from row, ld floats apart) and
+// N tokens (J chunks each, I a multiple of 16): down_proj's rows against each token's activations, R x N sums apart
+template <int R, int N>
+AVX512 static void segments_avx512(const float* row, int64_t ld, const int64_t* chunk, const float* h, int64_t J,
+                                   int64_t I, float* y, int64_t ldy) {
+    __m512 acc[R][N];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < J; j++)
+        for (int64_t k = 0; k < I; k += 16)
+            for (int t = 0; t < N; t++) {
+                const __m512 hv = _mm512_loadu_ps(h + (t * J + j) * I + k);
+                const float* seg = row + chunk[t * J + j] * I + k;
+                for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(seg + r * ld), hv, acc[r][t]);
+            }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+// the same, I a multiple of 8
+template <int R, int N>
+AVX2 static void segments_avx2(const float* row, int64_t ld, const int64_t* chunk, const float* h, int64_t J,
+                               int64_t I, float* y, int64_t ldy) {
+    __m256 acc[R][N];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < J; j++)
+        for (int64_t k = 0; k < I; k += 8)
+            for (int t = 0; t < N; t++) {
+                const __m256 hv = _mm256_loadu_ps(h + (t * J + j) * I + k);
+                const float* seg = row + chunk[t * J + j] * I + k;
+                for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(seg + r * ld), hv, acc[r][t]);
+            }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) y[t * ldy + r] = hsum_avx2(acc[r][t]);
+}
+
+// down_proj rows per call for N tokens: 8 sums (every width D takes is a multiple of 8)
+static constexpr int down_rows(int N) { return N == 1 ? 8 : N == 2 ? 4 : 2; }
+typedef void (*SegmentsFn)(const float*, int64_t, const int64_t*, const float*, int64_t, int64_t, float*, int64_t);
+
+template <int N> struct Segments512 { static constexpr SegmentsFn fn = segments_avx512<down_rows(N), N>; };
+template <int N> struct Segments2 { static constexpr SegmentsFn fn = segments_avx2<down_rows(N), N>; };
+
+// isa 2 = AVX-512 (D and I multiples of 16), 1 = AVX2 (multiples of 8). Returns 0, 1 for arguments it does not
+// take (the caller checks them first), 2 when out of memory.
+extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                      int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
+                                      int isa) {
+    const int64_t width = isa == 2 ? 16 : 8;
+    if (T < 1 || J < 1 || C < 1 || D % width || I % width || (isa != 1 && isa != 2)) return T == 0 ? 0 : 1;
+    for (int64_t p = 0; p < T * J; p++)
+        if (chunk[p] < 0 || chunk[p] >= C) return 1;
+    // the chunks in use, each with the (token, slot) pairs that read it, grouped by chunk: count[c] is where chunk c's
+    // pairs start in `pairs`, order[..used] the chunks that have any; h the pairs' intermediate activations
+    const int64_t P = T * J;
+    int64_t* count = (int64_t*)calloc(3 * C + 1 + P, sizeof(int64_t));
+    float* h = (float*)malloc(P * I * sizeof(float));
+    if (!count || !h) {
+        free(count), free(h);
+        return 2;
+    }
+    int64_t *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
+    for (int64_t p = 0; p < P; p++) count[chunk[p] + 1]++;
+    for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];
+    for (int64_t c = 0; c < C; c++) at[c] = count[c];
+    for (int64_t p = 0; p < P; p++) pairs[at[chunk[p]]++] = p;
+    for (int64_t c = 0; c < C; c++)
+        if (count[c + 1] > count[c]) order[used++] = c;
+    // units of work in the first pass: LINEAR_UNIT rows of a chunk in use, or 8 where I is not a multiple of it (AVX2
+    // takes multiples of 8, which its blocks of rows2 divide)
+    const int64_t unit = I % LINEAR_UNIT ? 8 : LINEAR_UNIT, units = I / unit;
+#pragma omp parallel if (T * J * I * D > 1 << 16)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < used * units; r++) {
+            const int64_t c = order[r / units], i0 = r % units * unit;
+            for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
+                const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
+                const float* xs[LINEAR_TOKENS];
+                float g[LINEAR_TOKENS * LINEAR_UNIT], u[LINEAR_TOKENS * LINEAR_UNIT];
+                for (int k = 0; k < n; k++) xs[k] = x + pairs[p0 + k] / J * D;
+                rows_times_tokens(gate_up + (c * I + i0) * D, D, unit, xs, n, g, unit, isa);
+                rows_times_tokens(gate_up + ((C + c) * I + i0) * D, D, unit, xs, n, u, unit, isa);
+                for (int k = 0; k < n; k++) {
+                    const int64_t p = pairs[p0 + k];
+                    for (int64_t i = 0; i < unit; i++) {
+                        const float a = g[k * unit + i];
+                        h[p * I + i0 + i] = a / (1.f + expf(-a)) * u[k * unit + i] * w[p];
+                    }
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t d0 = 0; d0 < D; d0 += LINEAR_UNIT) {
+            const int64_t rows = D - d0 < LINEAR_UNIT ? D - d0 : LINEAR_UNIT;
+            for (int64_t t0 = 0; t0 < T; t0 += LINEAR_TOKENS) {
+                const int n = (int)(T - t0 < LINEAR_TOKENS ? T - t0 : LINEAR_TOKENS), R = down_rows(n);
+                const SegmentsFn sums = isa == 2 ? pick<Segments512>(n) : pick<Segments2>(n);
+                for (int64_t d = d0; d < d0 + rows; d += R)
+                    sums(down + d * C * I, C * I, chunk + t0 * J, h + t0 * J * I, J, I, y + t0 * D + d, D);
+            }
+        }
+    }
+    free(count), free(h);
+    return 0;
+}
+
