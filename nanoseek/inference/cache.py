@@ -47,7 +47,9 @@ class KVCache:
         self.rows, self.max_len = rows, max_len
         self.sel = slice(0, rows)
         self._arange = torch.arange(max(max_len, rows, n_layers), device=device)
-        self._step: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (positions, mask) of the current forward
+        # group -> the current forward's positions [B, S], the rows' lengths [B] and arange(attended past)
+        self._step: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[int, torch.Tensor] = {}  # group -> its mask, made eagerly (`mask`)
         self._staged: dict[int, torch.Tensor] = {}  # layer -> latents of the current forward's new tokens
 
     @property
@@ -61,37 +63,49 @@ class KVCache:
     def select(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) take part in the next forward pass."""
         self.sel = slice(start, stop)
-        self._step, self._staged = {}, {}
+        self._step, self._staged, self._masks = {}, {}, {}
         return self
 
     def positions(self, n_new: int, group: int = 0) -> torch.Tensor:
         """Plan the next forward for `group`: n_new tokens per selected row. Returns their position
-        ids [selected rows, n_new]; the attention mask is fixed here too, so the forward itself
-        never reads a value back to the host."""
+        ids [selected rows, n_new]. The attended length is fixed here too (the longest row's past), so
+        the forward itself never reads a value back to the host."""
         lengths = self.lengths[group, self.sel]  # (B,)
-        pos = lengths[:, None] + self._arange[:n_new]  # (B, S)
         past = int(lengths.max())
         if past + n_new > self.max_len:
             raise ValueError(f"cache overflow: {past + n_new} tokens > max_len {self.max_len}")
-        B = pos.shape[0]
-        visible = self._arange[:past] < lengths[:, None]  # (B, T): each row's own past
-        causal = self._arange[:n_new, None] >= self._arange[None, :n_new]  # (S, S): the new tokens
-        mask = torch.cat([visible[:, None].expand(B, n_new, past), causal.expand(B, n_new, n_new)], dim=-1)
-        self._step[group] = (pos, mask)  # (B, S, T + S)
+        pos = lengths[:, None] + self._arange[:n_new]  # (B, S)
+        # (the past as a tensor's length, not an int: a compiled step takes it as a size, not a constant)
+        self._step[group] = (pos, lengths, self._arange[:past])
+        self._masks.pop(group, None)
         return pos
+
+    def mask(self, group: int) -> torch.Tensor:
+        """[B, S, T + S] (True = may attend) for the planned forward of `group`: each new token sees its row's
+        past and the new tokens up to itself. Made where attention asks for it, so a compiled step makes it
+        inside its graph (eagerly it was a tenth of a small model's compiled decode step); kept for the other
+        layers when eager."""
+        if group in self._masks:
+            return self._masks[group]
+        pos, lengths, span = self._step[group]
+        B, S = pos.shape
+        visible = span < lengths[:, None]  # (B, T): each row's own past
+        causal = self._arange[:S, None] >= self._arange[None, :S]  # (S, S): the new tokens
+        mask = torch.cat([visible[:, None].expand(B, S, span.shape[0]), causal.expand(B, S, S)], dim=-1)
+        if not torch.compiler.is_compiling():
+            self._masks[group] = mask
+        return mask
 
     def attend(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage the new tokens' entries [B, S, heads, width]; -> the selected rows' cached entries
-        [B, heads, T, width] (a view) and the mask [B, S, T + S] over them and the new ones (True = may
-        attend): each new token sees its row's past, itself and the new tokens before it."""
+        [B, heads, T, width] (a view) and the mask [B, S, T + S] over them and the new ones (`mask`)."""
         g = self.group(layer_idx)
         if g not in self._step:
             self.positions(new.shape[1], g)
-        mask = self._step[g][1]
         self._staged[layer_idx] = new.to(self.kv.dtype)
-        B, S = new.shape[:2]
+        B = new.shape[0]
         start = self.sel.start
-        return self.kv[layer_idx, start:start + B, :, : mask.shape[-1] - S], mask
+        return self.kv[layer_idx, start:start + B, :, : self._step[g][2].shape[0]], self.mask(g)
 
     def store(self, group: int = 0) -> None:
         """Write the latents the current forward staged for `group` into the cache, all its layers in
