@@ -41,6 +41,40 @@ def test_absorbed_decode_equals_full_forward(q_lora_rank, dtype, rope_interleave
     assert cache.bytes_per_token == per_token
 
 
+@pytest.mark.parametrize("heads, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)])
+def test_cache_store_writes_each_row_at_its_positions(heads, dtype, monkeypatch):
+    """KVCache.store through nanoseek::cache_write equals torch's index_put_ (its fallback), rows at different lengths,
+    a row range that does not start at 0, MTP's group after the main layers; nothing else is touched."""
+    from nanoseek import kernels
+    from nanoseek.inference import cache as cache_module
+    if not kernels.cache_write_available():
+        pytest.skip("no C++ operators here")
+    cfg = dataclasses.replace(get_preset("tiny"), num_hidden_layers=3, num_nextn_predict_layers=1)
+    monkeypatch.setattr(type(cfg), "kv_cache_shape", property(lambda self: (heads, 12)))
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(cache_module, "cache_write_available", lambda: native)
+        g = torch.Generator().manual_seed(heads)
+        cache = KVCache(cfg, rows=5, max_len=16, dtype=dtype)
+        cache.lengths[:, 1:4] = torch.tensor([[3, 7, 0], [2, 6, 0]])
+        for step in range(2):
+            cache.select(1, 4)
+            for group, layers in ((0, range(3)), (1, [3])):
+                cache.positions(2, group)
+                for layer in layers:
+                    cache.attend(layer, torch.randn(3, 2, heads, 12, generator=g).to(dtype))
+                cache.advance(group)
+        results.append(cache.kv.clone())
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+    assert results[0][:, [0, 4]].abs().sum() == 0 and results[0][:, 1:4].abs().sum() > 0
+    with pytest.raises(ValueError, match="position"):
+        torch.ops.nanoseek.cache_write(cache.kv, [torch.zeros(1, 1, heads, 12, dtype=dtype)], torch.tensor([[16]]), 0, 0)
+    with pytest.raises(ValueError, match="wants"):
+        torch.ops.nanoseek.cache_write(cache.kv, [torch.zeros(1, 1, heads, 11, dtype=dtype)], torch.tensor([[0]]), 0, 0)
+    with pytest.raises(ValueError, match="rows"):
+        torch.ops.nanoseek.cache_write(cache.kv, [torch.zeros(2, 1, heads, 12, dtype=dtype)], torch.tensor([[0], [0]]), 0, 4)
+
+
 def test_cache_holds_only_the_latent():
     cfg = get_preset("deepseek-v3")
     cache = KVCache(dataclasses.replace(cfg, num_hidden_layers=1, num_nextn_predict_layers=0), rows=1, max_len=4)

@@ -24,6 +24,7 @@ import mmap
 
 import torch
 
+from ..kernels import cache_write_available
 from ..model import ModelConfig
 
 
@@ -112,14 +113,18 @@ class KVCache:
         one in-place write. Until `advance` commits them they lie beyond each row's length, unseen.
         Keep it out of compiled graphs: written inside one, inductor rewrote the whole cache (every row
         and position) at each step, 270 ms a decode step with 256 rows x 1,024 positions allocated."""
-        layers = [i for i in self._staged if self.group(i) == group]
-        if layers:
-            pos = self._step[group][0]  # (B, S)
-            new = torch.stack([self._staged.pop(i) for i in layers])  # (layers, B, S, heads, width)
-            idx = self._arange[layers[0]:layers[-1] + 1]  # a group's layers are consecutive
-            rows = self._arange[self.sel.start:self.sel.start + pos.shape[0]]
-            by_position = self.kv.transpose(2, 3)  # (layers, rows, max_len, heads, width): a view
-            by_position.index_put_((idx[:, None, None], rows[None, :, None], pos[None]), new)
+        layers = [i for i in self._staged if self.group(i) == group]  # (a group's layers are consecutive)
+        if not layers:
+            return
+        pos = self._step[group][0]  # (B, S)
+        if self.kv.device.type == "cpu" and cache_write_available():
+            torch.ops.nanoseek.cache_write(self.kv, [self._staged.pop(i) for i in layers], pos, layers[0], self.sel.start)
+            return
+        new = torch.stack([self._staged.pop(i) for i in layers])  # (layers, B, S, heads, width)
+        idx = self._arange[layers[0]:layers[-1] + 1]
+        rows = self._arange[self.sel.start:self.sel.start + pos.shape[0]]
+        by_position = self.kv.transpose(2, 3)  # (layers, rows, max_len, heads, width): a view
+        by_position.index_put_((idx[:, None, None], rows[None, :, None], pos[None]), new)
 
     def advance(self, group: int = 0, accepted: torch.Tensor | None = None) -> None:
         """Store what the last forward staged for `group` (if not stored yet) and commit it: all new

@@ -320,6 +320,17 @@ def float_experts_take(hidden: int, intermediate: int) -> bool:
     return float_experts_available() and width is not None and hidden % width == 0 and intermediate % width == 0
 
 
+# a forward's staged cache entries written in place (KVCache.store); C++ only (ops.cpp): where the library does not
+# carry it, the cache writes them with torch's index_put_
+_OPERATORS.define("cache_write(Tensor(a!) kv, Tensor[] staged, Tensor pos, int first_layer, int first_row) -> ()")
+
+
+@lru_cache(maxsize=1)
+def cache_write_available() -> bool:
+    """Whether the operator nanoseek::cache_write runs here (the library built with ops.cpp)."""
+    return library() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::cache_write", "CPU")
+
+
 # MLA's attention over its latents while decoding, with kv_b_proj's weight in bf16 (MLA.absorbed_attention); C++ only
 _OPERATORS.define("mla_attention(Tensor q_nope, Tensor q_pe, Tensor past, Tensor fresh, Tensor mask, Tensor w, "
                   "float scale) -> Tensor")

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <utility>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -381,7 +382,42 @@ static at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
     return y.to(x.scalar_type());
 }
 
+// A forward's staged cache entries written in place (KVCache.store): staged[i] [B, S, heads, width] into layer
+// first_layer + i of kv [layers, rows, heads, max_len, width] (contiguous, the same dtype), rows first_row.., at the
+// positions pos [B, S]. One call for what torch does in a stack and an index_put_ (on a 2-vCPU Zen4, after a compiled
+// decode step of the shipped model: 40-70 against 55-80 us, the index_put_ alone 28-48)
+static void cache_write(const at::Tensor& kv, at::TensorList staged, const at::Tensor& pos, int64_t first_layer,
+                        int64_t first_row) {
+    TORCH_CHECK_VALUE(kv.dim() == 5 && kv.is_contiguous() && kv.device().is_cpu() && pos.dim() == 2 &&
+                          pos.scalar_type() == at::kLong && pos.device().is_cpu(),
+                      "cache_write: kv ", kv.sizes(), ", pos ", pos.scalar_type(), " ", pos.sizes(),
+                      ": wants a contiguous CPU kv [layers, rows, heads, max_len, width] and int64 positions [B, S]");
+    const int64_t L = kv.size(0), R = kv.size(1), H = kv.size(2), P = kv.size(3), W = kv.size(4);
+    const int64_t B = pos.size(0), S = pos.size(1), n = (int64_t)staged.size(), item = kv.element_size();
+    TORCH_CHECK_VALUE(0 <= first_layer && first_layer + n <= L && 0 <= first_row && first_row + B <= R,
+                      "cache_write: layers ", first_layer, "+", n, " of ", L, ", rows ", first_row, "+", B, " of ", R);
+    const at::Tensor where = pos.contiguous();
+    const int64_t* p = where.data_ptr<int64_t>();
+    for (int64_t j = 0; j < B * S; j++)
+        TORCH_CHECK_VALUE(0 <= p[j] && p[j] < P, "cache_write: position ", p[j], " outside [0, ", P, ")");
+    char* base = (char*)kv.data_ptr();
+    for (int64_t i = 0; i < n; i++) {
+        TORCH_CHECK_VALUE(staged[i].sizes() == at::IntArrayRef({B, S, H, W}) && staged[i].scalar_type() == kv.scalar_type() &&
+                              staged[i].device().is_cpu(),
+                          "cache_write: entries ", staged[i].scalar_type(), " ", staged[i].sizes(), ": wants ",
+                          kv.scalar_type(), " [", B, ", ", S, ", ", H, ", ", W, "]");
+        const at::Tensor src = staged[i].contiguous();
+        const char* from = (const char*)src.data_ptr();
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t s = 0; s < S; s++)
+                for (int64_t h = 0; h < H; h++)
+                    memcpy(base + ((((first_layer + i) * R + first_row + b) * H + h) * P + p[b * S + s]) * W * item,
+                           from + ((b * S + s) * H + h) * W * item, W * item);
+    }
+}
+
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+    m.impl("cache_write", &cache_write);
     m.impl("float_linear", &float_linear);
     m.impl("mla_latent_attention", &mla_latent_attention);
     m.impl("int4_linear", &int4_linear);
