@@ -343,13 +343,14 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
 
 @needs_operators
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20)])
+@pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20), (2, 1, 3), (1, 3, 3)])
 @pytest.mark.parametrize("T", [0, 5, 37, 300])
 @pytest.mark.parametrize("c, r", [(64, 16), (44, 6), (512, 64)])
 def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B, S, H, T, c, r):
     """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time,
     8 with AVX2) gives MLA's attention between its two products as torch computes it, on each instruction set: any
-    number of cached latents (none, part of a block, many blocks), rows of queries past one group of 8 (H = 20),
+    number of cached latents (none, part of a block, many blocks), rows of queries past one group of 8 (H = 20), groups
+    of rows not a multiple of 4 (3 and 9 rows),
     widths not a multiple of 16 (or 8), the past's rows spaced apart as in the cache, positions masked out (the
     running maximum restarting)."""
     from nanoseek.model.attention import MLA

@@ -307,7 +307,9 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
 // so far rescaled when the maximum grows: flash attention's softmax), then their weighted latents, read again from L1.
 // torch's batched products read the latents twice from memory, with a softmax and its masking between: a shipped-model
 // layer's absorbed attention for 8 rows at 1,960 cached tokens took 490 against 910 us (Zen4, eager), and its compiled
-// decode step at batch 8 after 1,950 tokens decoded 1,960-1,980 tok/s against 1,150-1,250.
+// decode step at batch 8 after 1,950 tokens decoded 1,960-1,980 tok/s against 1,150-1,250. With AVX-512 the query rows
+// go four at a time through each block (each latent loaded once for four rows): 8 batch rows x 4 heads at 1,950 cached
+// tokens (the shipped shape) 326-329 against 437-439 us.
 #define LATENT_BLOCK 16
 #define LATENT_ROWS 8
 
@@ -381,14 +383,17 @@ struct LatentRows {
     }
 };
 
-// rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of batch row b; q, past, fresh, mask and out already at row b
+// rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of batch row b; q, past, fresh, mask and out already at row b. The rows go
+// four at a time (rows past nj repeat the last one; their results are dropped), so each latent read from L1 meets four
+// query rows: for the scores four latents at a time (4 x 4 sums), for the weighted latents 64 numbers of four rows
 AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* past, int64_t pt, const float* fresh,
                                       int64_t fs, const bool* mask, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
                                       float scale, float* out, int64_t oj, int64_t j0, int64_t nj) {
-    const int64_t N = T + S;
-    alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
+    const int64_t N = T + S, groups = (nj + 3) / 4;
+    alignas(64) float p[LATENT_ROWS][LATENT_BLOCK] = {};
+    alignas(64) float sc[LATENT_ROWS][LATENT_BLOCK];
     LatentRows r{past, fresh, pt, fs, T, c};
-    r.start(nj, 64);  // (the weighted sums go 64 numbers at a time)
+    r.start(4 * groups, 64);  // (the weighted sums go 64 numbers at a time)
     const __mmask16 wtail = (__mmask16)((1u << (w % 16)) - 1);
     const __m512 neg = _mm512_set1_ps(-INFINITY);
     for (int64_t t0 = 0; t0 < N; t0 += LATENT_BLOCK) {
@@ -396,24 +401,39 @@ AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* p
         const __mmask16 in = (__mmask16)((1u << n) - 1);
         const float* rows[LATENT_BLOCK];
         r.block_rows(rows, t0, n, LATENT_BLOCK);
+        for (int64_t g = 0; g < groups; g++) {  // the block's scores, four rows by four latents
+            const float* qr[4];
+            for (int u = 0; u < 4; u++) qr[u] = q + (j0 + (4 * g + u < nj ? 4 * g + u : nj - 1)) * qj;
+            for (int i0 = 0; i0 < LATENT_BLOCK; i0 += 4) {
+                __m512 dot[16];  // dot[u * 4 + i]: row u, latent i0 + i
+                for (int e = 0; e < 16; e++) dot[e] = _mm512_setzero_ps();
+                int64_t k = 0;
+                for (; k + 16 <= w; k += 16) {
+                    __m512 lat[4];
+                    for (int i = 0; i < 4; i++) lat[i] = _mm512_loadu_ps(rows[i0 + i] + k);
+                    for (int u = 0; u < 4; u++) {
+                        const __m512 qk = _mm512_loadu_ps(qr[u] + k);
+                        for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
+                    }
+                }
+                if (wtail) {
+                    __m512 lat[4];
+                    for (int i = 0; i < 4; i++) lat[i] = _mm512_maskz_loadu_ps(wtail, rows[i0 + i] + k);
+                    for (int u = 0; u < 4; u++) {
+                        const __m512 qk = _mm512_maskz_loadu_ps(wtail, qr[u] + k);
+                        for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
+                    }
+                }
+                alignas(64) float sums[16];
+                _mm512_store_ps(sums, sums16(dot));
+                for (int u = 0; u < 4; u++)
+                    for (int i = 0; i < 4; i++) sc[4 * g + u][i0 + i] = sums[u * 4 + i];
+            }
+        }
         for (int64_t j = 0; j < nj; j++) {
-            // the block's scores: one accumulator a row, their sums gathered into one vector
-            const float* qr = q + (j0 + j) * qj;
-            __m512 dot[LATENT_BLOCK];
-            for (int i = 0; i < LATENT_BLOCK; i++) dot[i] = _mm512_setzero_ps();
-            int64_t k = 0;
-            for (; k + 16 <= w; k += 16) {
-                const __m512 qk = _mm512_loadu_ps(qr + k);
-                for (int i = 0; i < LATENT_BLOCK; i++) dot[i] = _mm512_fmadd_ps(qk, _mm512_loadu_ps(rows[i] + k), dot[i]);
-            }
-            if (wtail) {
-                const __m512 qk = _mm512_maskz_loadu_ps(wtail, qr + k);
-                for (int i = 0; i < LATENT_BLOCK; i++)
-                    dot[i] = _mm512_fmadd_ps(qk, _mm512_maskz_loadu_ps(wtail, rows[i] + k), dot[i]);
-            }
             const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(
                 in, _mm_maskz_loadu_epi8(in, mask + ((j0 + j) / H) * N + t0), _mm_setzero_si128());  // attended
-            const __m512 v = _mm512_mask_mul_ps(neg, seen, sums16(dot), _mm512_set1_ps(scale));
+            const __m512 v = _mm512_mask_mul_ps(neg, seen, _mm512_load_ps(sc[j]), _mm512_set1_ps(scale));
             // the softmax's running maximum and sum; the block's weights
             if (!r.raise(j, _mm512_reduce_max_ps(v))) {  // nothing attended yet
                 _mm512_store_ps(p[j], _mm512_setzero_ps());
@@ -423,21 +443,28 @@ AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* p
             r.l[j] += _mm512_reduce_add_ps(e);
             _mm512_store_ps(p[j], e);
         }
-        for (int64_t j = 0; j < nj; j++)  // the block's weighted latents, 64 of a row's numbers at a time: four
-            for (int64_t k = 0; k < c; k += 64) {  // independent sums (one would wait on each product's latency)
-                __mmask16 part[4];
-                __m512 a[4];
-                for (int v = 0; v < 4; v++) {
-                    const int64_t left = c - k - 16 * v;
-                    part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
-                    a[v] = _mm512_load_ps(r.acc[j] + k + 16 * v);
-                }
-                for (int i = 0; i < LATENT_BLOCK; i++) {
-                    const __m512 pv = _mm512_set1_ps(p[j][i]);
-                    for (int v = 0; v < 4; v++) a[v] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(part[v], rows[i] + k + 16 * v), a[v]);
-                }
-                for (int v = 0; v < 4; v++) _mm512_store_ps(r.acc[j] + k + 16 * v, a[v]);
+        for (int64_t k = 0; k < c; k += 64) {  // the block's weighted latents, 64 of a row's numbers for four rows
+            __mmask16 part[4];
+            for (int v = 0; v < 4; v++) {
+                const int64_t left = c - k - 16 * v;
+                part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
             }
+            for (int64_t g = 0; g < groups; g++) {
+                __m512 a[4][4];
+                for (int u = 0; u < 4; u++)
+                    for (int v = 0; v < 4; v++) a[u][v] = _mm512_load_ps(r.acc[4 * g + u] + k + 16 * v);
+                for (int i = 0; i < LATENT_BLOCK; i++) {
+                    __m512 lat[4];
+                    for (int v = 0; v < 4; v++) lat[v] = _mm512_maskz_loadu_ps(part[v], rows[i] + k + 16 * v);
+                    for (int u = 0; u < 4; u++) {
+                        const __m512 pv = _mm512_set1_ps(p[4 * g + u][i]);
+                        for (int v = 0; v < 4; v++) a[u][v] = _mm512_fmadd_ps(pv, lat[v], a[u][v]);
+                    }
+                }
+                for (int u = 0; u < 4; u++)
+                    for (int v = 0; v < 4; v++) _mm512_store_ps(r.acc[4 * g + u] + k + 16 * v, a[u][v]);
+            }
+        }
     }
     r.finish(out, oj, j0, nj);
 }
