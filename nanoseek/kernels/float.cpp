@@ -2,9 +2,8 @@
 //
 // float_linear: y [M, N] = x [M, K] @ W.T for a dense W [N, K]. Each block of R weight rows is read once for up to 4
 // tokens, R x tokens sums in registers (independent sums that hide the multiply-add's latency), the rows split
-// between the threads. torch's products for a few rows (MKL's, oneDNN's,
-// inductor's matrix-vector loop) read these small weights at a fraction of the cache's speed; see float_linear in
-// ops.cpp for when it runs.
+// between the threads. torch's products for a few rows (MKL's, oneDNN's, inductor's matrix-vector loop) read these
+// small weights at a fraction of the cache's speed; see float_linear in ops.cpp for when it runs.
 //
 // float_experts: a small float mixture-of-experts layer for a few tokens (decoding), its experts stacked as MoE.prepare_compiled_decode
 // holds them: gate_up [2 * C * I, D] (every chunk's gate_proj rows, then every chunk's up_proj rows; chunk = an expert
@@ -12,12 +11,14 @@
 // chunk[t, :] with weights w[t, :] (its routed experts and gate weights, then the shared chunks with weight 1):
 //   h[t, j, :] = silu(W_gate[c] @ x[t]) * (W_up[c] @ x[t]) * w[t, j],   c = chunk[t, j]
 //   y[t, :]    = sum_j W_down[:, c] @ h[t, j, :]
-// Two passes in one parallel region: the rows of every chunk some token chose, each row read once and met by every
-// token that chose its chunk (split between the threads), then the output's D rows, each token's J segments of a
-// row summed in one vector. What MoE.selected_experts and MoE.all_experts compute, which inductor compiles to a
-// gathering reduction, or products over every expert: a layer of the shipped model at 8 tokens took 72 us here
-// against 210 for the reduction inside a decode graph (133 compiled alone), at 64 tokens 560 against 825 for
-// all_experts compiled alone (2-vCPU AMD EPYC Zen4).
+// Two passes in one parallel region, both grouped by chunk so that tokens that chose the same expert share its weights'
+// reads (the product of float_linear on each chunk's rows): the gate and up rows of every chunk some token chose (split
+// between the threads), then the output's D rows in blocks, each block's down_proj segments of every chunk in use met
+// by the tokens that chose it and summed into their outputs. What MoE.selected_experts and MoE.all_experts compute,
+// which inductor compiles to a gathering reduction, or products over every expert: a layer of the shipped model at 8
+// tokens took 72 us (a row and 8 tokens a pass, the second pass a token at a time; 104-153 now, a slower day) against
+// 210 for the reduction inside a decode graph (133 compiled alone), at 64 tokens 560 against 825 for all_experts
+// compiled alone (2-vCPU AMD EPYC Zen4).
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -45,9 +46,9 @@ AVX2 static inline float hsum_avx2(__m256 v) {
 static constexpr int rows512(int T) { return T == 1 ? 8 : 4; }
 static constexpr int rows2(int T) { return T <= 2 ? 4 : 2; }
 
-// y[t * ldy + r] = W[r] . xs[t] for R rows of W (from w, K floats each, K a multiple of 16) and T tokens
+// y[t * ldy + r] = W[r] . xs[t] for R rows of W (from w, ld floats apart, K of each, K a multiple of 16) and T tokens
 template <int R, int T>
-AVX512 static void rows_avx512(const float* w, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+AVX512 static void rows_avx512(const float* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
     __m512 acc[R][T];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
@@ -55,7 +56,7 @@ AVX512 static void rows_avx512(const float* w, int64_t K, const float* const* xs
         __m512 xv[T];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(xs[t] + k);
         for (int r = 0; r < R; r++) {
-            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+            const __m512 wv = _mm512_loadu_ps(w + r * ld + k);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
@@ -65,7 +66,7 @@ AVX512 static void rows_avx512(const float* w, int64_t K, const float* const* xs
 
 // the same, K a multiple of 8
 template <int R, int T>
-AVX2 static void rows_avx2(const float* w, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+AVX2 static void rows_avx2(const float* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
     __m256 acc[R][T];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
@@ -73,7 +74,7 @@ AVX2 static void rows_avx2(const float* w, int64_t K, const float* const* xs, fl
         __m256 xv[T];
         for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + k);
         for (int r = 0; r < R; r++) {
-            const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+            const __m256 wv = _mm256_loadu_ps(w + r * ld + k);
             for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
@@ -81,23 +82,23 @@ AVX2 static void rows_avx2(const float* w, int64_t K, const float* const* xs, fl
         for (int t = 0; t < T; t++) y[t * ldy + r] = hsum_avx2(acc[r][t]);
 }
 
-typedef void (*RowsFn)(const float*, int64_t, const float* const*, float*, int64_t);
+typedef void (*RowsFn)(const float*, int64_t, int64_t, const float* const*, float*, int64_t);
 
 template <int T> struct Rows512 { static constexpr RowsFn fn = rows_avx512<rows512(T), T>; };
 template <int T> struct Rows2 { static constexpr RowsFn fn = rows_avx2<rows2(T), T>; };
 template <int T> struct Row512 { static constexpr RowsFn fn = rows_avx512<1, T>; };  // the rows past the last block
 template <int T> struct Row2 { static constexpr RowsFn fn = rows_avx2<1, T>; };
 
-// y[t * ldy + r] = W[r] . xs[t] for the n rows of W (from w, K floats each) and T <= LINEAR_TOKENS tokens: blocks
-// of R rows, the rows past the last block one at a time
-static void rows_times_tokens(const float* w, int64_t K, int64_t n, const float* const* xs, int T, float* y, int64_t ldy,
-                              int isa) {
+// y[t * ldy + r] = W[r] . xs[t] for the n rows of W (from w, ld floats apart, K of each) and T <= LINEAR_TOKENS
+// tokens: blocks of R rows, the rows past the last block one at a time
+static void rows_times_tokens(const float* w, int64_t ld, int64_t K, int64_t n, const float* const* xs, int T, float* y,
+                              int64_t ldy, int isa) {
     const RowsFn block = isa == 2 ? pick<Rows512>(T) : pick<Rows2>(T);
     const RowsFn one = isa == 2 ? pick<Row512>(T) : pick<Row2>(T);
     const int R = isa == 2 ? rows512(T) : rows2(T);
     int64_t r = 0;
-    for (; r + R <= n; r += R) block(w + r * K, K, xs, y + r, ldy);
-    for (; r < n; r++) one(w + r * K, K, xs, y + r, ldy);
+    for (; r + R <= n; r += R) block(w + r * ld, ld, K, xs, y + r, ldy);
+    for (; r < n; r++) one(w + r * ld, ld, K, xs, y + r, ldy);
 }
 
 // isa 2 = AVX-512 (K a multiple of 16), 1 = AVX2 (of 8); x and y row-major, contiguous. Returns 0, or 1 for arguments it
@@ -111,55 +112,11 @@ extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const
             const int T = (int)(M - m0 < LINEAR_TOKENS ? M - m0 : LINEAR_TOKENS);
             const float* xs[LINEAR_TOKENS];
             for (int t = 0; t < T; t++) xs[t] = x + (m0 + t) * K;
-            rows_times_tokens(w + n0 * K, K, n, xs, T, y + m0 * N + n0, N, isa);
+            rows_times_tokens(w + n0 * K, K, K, n, xs, T, y + m0 * N + n0, N, isa);
         }
     }
     return 0;
 }
-
-// y[t * ldy + r] = sum_j down[r, chunk[t, j] * I ..][:I] . h[t, j, :] for R rows of down (from row, ld floats apart) and
-// N tokens (J chunks each, I a multiple of 16): down_proj's rows against each token's activations, R x N sums apart
-template <int R, int N>
-AVX512 static void segments_avx512(const float* row, int64_t ld, const int64_t* chunk, const float* h, int64_t J,
-                                   int64_t I, float* y, int64_t ldy) {
-    __m512 acc[R][N];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < N; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < J; j++)
-        for (int64_t k = 0; k < I; k += 16)
-            for (int t = 0; t < N; t++) {
-                const __m512 hv = _mm512_loadu_ps(h + (t * J + j) * I + k);
-                const float* seg = row + chunk[t * J + j] * I + k;
-                for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(seg + r * ld), hv, acc[r][t]);
-            }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < N; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
-}
-
-// the same, I a multiple of 8
-template <int R, int N>
-AVX2 static void segments_avx2(const float* row, int64_t ld, const int64_t* chunk, const float* h, int64_t J,
-                               int64_t I, float* y, int64_t ldy) {
-    __m256 acc[R][N];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < N; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < J; j++)
-        for (int64_t k = 0; k < I; k += 8)
-            for (int t = 0; t < N; t++) {
-                const __m256 hv = _mm256_loadu_ps(h + (t * J + j) * I + k);
-                const float* seg = row + chunk[t * J + j] * I + k;
-                for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(seg + r * ld), hv, acc[r][t]);
-            }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < N; t++) y[t * ldy + r] = hsum_avx2(acc[r][t]);
-}
-
-// down_proj rows per call for N tokens: 8 sums (every width D takes is a multiple of 8)
-static constexpr int down_rows(int N) { return N == 1 ? 8 : N == 2 ? 4 : 2; }
-typedef void (*SegmentsFn)(const float*, int64_t, const int64_t*, const float*, int64_t, int64_t, float*, int64_t);
-
-template <int N> struct Segments512 { static constexpr SegmentsFn fn = segments_avx512<down_rows(N), N>; };
-template <int N> struct Segments2 { static constexpr SegmentsFn fn = segments_avx2<down_rows(N), N>; };
 
 // isa 2 = AVX-512 (D and I multiples of 16), 1 = AVX2 (multiples of 8). Returns 0, 1 for arguments it does not
 // take (the caller checks them first), 2 when out of memory.
@@ -199,8 +156,8 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
                 const float* xs[LINEAR_TOKENS];
                 float g[LINEAR_TOKENS * LINEAR_UNIT], u[LINEAR_TOKENS * LINEAR_UNIT];
                 for (int k = 0; k < n; k++) xs[k] = x + pairs[p0 + k] / J * D;
-                rows_times_tokens(gate_up + (c * I + i0) * D, D, unit, xs, n, g, unit, isa);
-                rows_times_tokens(gate_up + ((C + c) * I + i0) * D, D, unit, xs, n, u, unit, isa);
+                rows_times_tokens(gate_up + (c * I + i0) * D, D, D, unit, xs, n, g, unit, isa);
+                rows_times_tokens(gate_up + ((C + c) * I + i0) * D, D, D, unit, xs, n, u, unit, isa);
                 for (int k = 0; k < n; k++) {
                     const int64_t p = pairs[p0 + k];
                     for (int64_t i = 0; i < unit; i++) {
@@ -211,13 +168,23 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t d0 = 0; d0 < D; d0 += LINEAR_UNIT) {
+        for (int64_t d0 = 0; d0 < D; d0 += LINEAR_UNIT) {  // the output's rows, each block summed over the chunks in use
             const int64_t rows = D - d0 < LINEAR_UNIT ? D - d0 : LINEAR_UNIT;
-            for (int64_t t0 = 0; t0 < T; t0 += LINEAR_TOKENS) {
-                const int n = (int)(T - t0 < LINEAR_TOKENS ? T - t0 : LINEAR_TOKENS), R = down_rows(n);
-                const SegmentsFn sums = isa == 2 ? pick<Segments512>(n) : pick<Segments2>(n);
-                for (int64_t d = d0; d < d0 + rows; d += R)
-                    sums(down + d * C * I, C * I, chunk + t0 * J, h + t0 * J * I, J, I, y + t0 * D + d, D);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t d = d0; d < d0 + rows; d++) y[t * D + d] = 0.f;
+            for (int64_t o = 0; o < used; o++) {
+                const int64_t c = order[o];
+                for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
+                    const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
+                    const float* hs[LINEAR_TOKENS];
+                    float part[LINEAR_TOKENS * LINEAR_UNIT];
+                    for (int k = 0; k < n; k++) hs[k] = h + pairs[p0 + k] * I;
+                    rows_times_tokens(down + d0 * C * I + c * I, C * I, I, rows, hs, n, part, rows, isa);
+                    for (int k = 0; k < n; k++) {
+                        float* out = y + pairs[p0 + k] / J * D + d0;
+                        for (int64_t r = 0; r < rows; r++) out[r] += part[k * rows + r];
+                    }
+                }
             }
         }
     }
