@@ -24,6 +24,8 @@ model's head took 31 against 53 us for one row, 106 against 150 for eight.
 `float_experts`: a small float mixture-of-experts layer for a few tokens over its stacked experts (float.cpp), what a
 compiled decode step of such a model (the shipped one) runs in place of inductor's gathering reduction: each chosen
 expert row read once for every token that chose it.
+`cache_write` (ops.cpp): a forward's staged cache entries written in place, one call where torch takes a stack and an
+index_put_ (KVCache.store).
 
 The sources are compiled at first use with the system's C++ compiler (`CXX`, else c++, g++ or clang++: the
 one torch.compile needs) into one library in $XDG_CACHE_HOME/nanoseek/kernels, named by a hash of the sources, compiler
