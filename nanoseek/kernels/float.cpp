@@ -37,8 +37,7 @@ AVX2 static inline float hsum_avx2(__m256 v) {
 }
 
 // float_linear: tokens met by one pass over a block of weight rows (more tokens: another pass, the block still in
-// cache; 8 at a time, 2 rows a block, was 10-30% slower than 4 at 8-16 tokens, multiplying at the core's peak either
-// way), and rows a thread takes at a time
+// cache; 8 at a time, 2 rows a block, was 10-30% slower than 4 at 8-16 tokens), and rows a thread takes at a time
 #define LINEAR_TOKENS 4
 #define LINEAR_UNIT 16
 // weight rows per block for T tokens: R x T sums and T inputs in the registers (32 with AVX-512, 16 with AVX2); each

@@ -361,7 +361,7 @@ static at::Tensor float_experts(const at::Tensor& x, const at::Tensor& weights, 
 
 // x [M, K] (float) @ weight.T -> [M, N] in x's dtype, for an fp32 weight [N, K]: nanoseek's kernel for up to
 // FLOAT_LINEAR_ROWS rows (float.cpp), torch's product for more, or where the kernel does not take the operands.
-// On a 2-vCPU AMD EPYC Zen4 (one core's two threads), against torch.mm: [2048, 256] (the shipped model's head)
+// On a 2-vCPU AMD EPYC Zen4, against torch.mm: [2048, 256] (the shipped model's head)
 // 1 row 31-33 us against 53-77 (torch.mv 52-59), 2 rows 39-41 against 101-108, 4: 55 against 108, 8: 106 against
 // 148-153, 16: 205 against 232, 32: 404 against 397; [1536, 1536] 1 row 121-125 against 157-168, 8: 424 against 720,
 // 16: 836 against 1,189, 32: 1,592 against 2,090; [256, 128] 16 rows 18 against 15 (its short rows)
@@ -384,8 +384,9 @@ static at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 // A forward's staged cache entries written in place (KVCache.store): staged[i] [B, S, heads, width] into layer
 // first_layer + i of kv [layers, rows, heads, max_len, width] (contiguous, the same dtype), rows first_row.., at the
-// positions pos [B, S]. One call for what torch does in a stack and an index_put_ (on a 2-vCPU Zen4, after a compiled
-// decode step of the shipped model: 40-70 against 55-80 us, the index_put_ alone 28-48)
+// positions pos [B, S]. One call for what torch does in a stack and an index_put_ (on a 2-vCPU Zen4, the shipped model's
+// compiled decoding: storing and committing a step 45 against 65 us at batch 1, 45-68 against 91-143 at batch 8; the
+// index_put_ alone took 28-48)
 static void cache_write(const at::Tensor& kv, at::TensorList staged, const at::Tensor& pos, int64_t first_layer,
                         int64_t first_row) {
     TORCH_CHECK_VALUE(kv.dim() == 5 && kv.is_contiguous() && kv.device().is_cpu() && pos.dim() == 2 &&
