@@ -208,6 +208,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         warnings.warn(f"{path}: config declares {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    if config.tie_word_embeddings and not stored and untied_in_fact(path, weight_map):
+        warnings.warn(f"{path}: config.json ties the output head to the embedding, but the checkpoint holds both and "
+                      "they differ; loading them apart (as transformers does)")
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     edit = None  # what replaces the linear layers before the weights are read
     if bits:  # (weight_dtype: what prompts multiply in, the weights converted a block at a time)
         edit = partial(swap_linears, bits=bits, group_size=group, dtype=dtype, convert_dtype=weight_dtype)
@@ -281,11 +285,38 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         aliases.setdefault(t.data_ptr(), []).append(name)
     missing = sorted(names[0] for names in aliases.values() if not seen.intersection(names))
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}"
+                              f"{layout_hint(config, missing + unexpected)}")
     if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[:5]}")
+        raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[:5]}"
+                              f"{layout_hint(config, unexpected)}")
     model.eval()
     return model
+
+
+def untied_in_fact(path: Path, weight_map: dict[str, str]) -> bool:
+    """Whether the checkpoint holds an output head and an embedding that differ (a config that says they are tied,
+    edited by hand or carried over, notwithstanding)."""
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not all(n in weight_map for n in names):
+        return False
+    head, embedding = (_open(path / weight_map[n]).get_tensor(n) for n in names)
+    return head.shape != embedding.shape or not torch.equal(head, embedding)
+
+
+def layout_hint(config: ModelConfig, names: list[str]) -> str:
+    """Which config fields decide where the tensors `names` (missing or unexpected) would be, when they are the
+    mixture-of-experts layers' or the router's: fields a hand-edited config.json gets wrong."""
+    mlp = (".mlp.experts.", ".mlp.shared_experts.", ".mlp.gate.weight", ".mlp.gate_proj.", ".mlp.up_proj.",
+           ".mlp.down_proj.")
+    if config.n_routed_experts and any(part in n for n in names for part in mlp):
+        return (f" (which layers are mixture-of-experts follows first_k_dense_replace = {config.first_k_dense_replace} "
+                f"and moe_layer_freq = {config.moe_layer_freq}, as DeepSeek's own code reads them: layer i is one when "
+                "i >= first_k_dense_replace and i % moe_layer_freq == 0; transformers ignores moe_layer_freq)")
+    if any(".e_score_correction_bias" in n for n in names):
+        return (f" (a routing bias: the config's topk_method is {config.topk_method!r}; only 'noaux_tc' routing has "
+                "one, with scoring_func 'sigmoid', as DeepSeek-V3 does)")
+    return ""
 
 
 def parse_bits(quantize: str | int | None) -> int | None:

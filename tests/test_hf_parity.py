@@ -131,3 +131,45 @@ def test_a_transformers_v3_folder_without_mtp_weights_is_described_and_noted_as_
     r = runner.invoke(app, ["quantize", str(tmp_path / "v3"), str(tmp_path / "q"), "--bits", "8"])
     assert r.exit_code == 0, r.output
     assert "note: " in r.output and "no MTP weights" in r.output and "warnings.warn" not in r.output, r.output
+
+
+# config.json edited by hand or carried over from older tools: read as transformers reads the same folder
+EDITS = {
+    "tied-but-both-stored": ("qwen2", {}, {"tie_word_embeddings": True}),
+    "theta-in-both-places": ("llama", {}, {"rope_theta": 10000.0,
+                                           "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+    "old-type-key": ("llama", {}, {"rope_parameters": {"type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+    "yarn-original-length-top-level": ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                                     "rope_theta": 1e4,
+                                                                     "original_max_position_embeddings": 32}},
+                                       {"original_max_position_embeddings": 64}),
+    "v3-yarn-original-length-top-level": ("v3", dict(V3_CASES["qlora-yarn-dense2"]),
+                                          {"original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("name", EDITS)
+def test_an_edited_config_is_read_as_transformers_reads_it(tmp_path, name):
+    kind, overrides, edit = EDITS[name]
+    hf_model(kind, overrides).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.warns(UserWarning) if kind == "v3" or name.startswith("tied") else _nullcontext():
+        ours = nanoseek.load_model(tmp_path, dtype=torch.float32)
+    x = inputs()
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x).logits
+    assert (expected - got).abs().max() < 1e-4
+
+
+def test_a_layout_the_config_does_not_describe_names_the_fields_that_decide_it(tmp_path):
+    hf_model("v3", V3_CASES["noqlora-group1-dense0"]).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "moe_layer_freq": 2}))
+    with pytest.raises(nanoseek.CheckpointError, match="moe_layer_freq = 2"):
+        nanoseek.load_model(tmp_path)
+    hf_model("v3", V3_CASES["noqlora-group1-dense0"]).save_pretrained(tmp_path / "bias")
+    (tmp_path / "bias" / "config.json").write_text(json.dumps({**cfg, "scoring_func": "softmax", "topk_method": "greedy"}))
+    with pytest.raises(nanoseek.CheckpointError, match="a routing bias: the config's topk_method is 'greedy'"):
+        nanoseek.load_model(tmp_path / "bias")

@@ -109,10 +109,12 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind in (None, "default"):
                 self.rope_scaling = None
-            elif kind in ("yarn", "llama3") and not self.rope_scaling.get("original_max_position_embeddings"):
-                # transformers' fallback: the config's own field, else the context length
-                self.rope_scaling["original_max_position_embeddings"] = self.extra.get(
-                    "original_max_position_embeddings") or self.max_position_embeddings
+            elif kind in ("yarn", "llama3"):
+                # as transformers reads it: a top-level original_max_position_embeddings wins over the scaling's
+                # own (Phi3 saved it there), which falls back to the context length
+                top = self.extra.get("original_max_position_embeddings")
+                if top or not self.rope_scaling.get("original_max_position_embeddings"):
+                    self.rope_scaling["original_max_position_embeddings"] = top or self.max_position_embeddings
             rs = self.rope_scaling
             if rs is not None and not rs.get("factor") and rs.get("original_max_position_embeddings"):
                 # transformers derives a missing factor from the context lengths
@@ -236,9 +238,10 @@ class ModelConfig:
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         rp = d.pop("rope_parameters", None)  # transformers v5 spelling
-        if rp:
-            d.setdefault("rope_theta", rp.get("rope_theta", cls.rope_theta))
-            if rp.get("rope_type", "default") != "default":
+        if rp:  # its own rope_theta wins over a top-level one, as transformers reads it
+            if "rope_theta" in rp:
+                d["rope_theta"] = rp["rope_theta"]
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if d.get("model_type") in GQA_FAMILIES:  # transformers' Qwen2Config / LlamaConfig defaults
             qwen = d["model_type"] == "qwen2"
