@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from nanoseek import kernels
 from nanoseek.model import ModelConfig, get_preset
 
 
@@ -29,6 +30,9 @@ def _own_cache_folder(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(folder))
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "nanoseek" / "inductor"))
+        # nanoseek's kernels are built here, once, before any test: else the first model to run a product in a
+        # session builds them (seconds), inside whichever test that is (a server's request timed out on it)
+        kernels.library()
         yield
 
 

@@ -18,6 +18,7 @@ test_non_streaming_client_that_hangs_up_cancels.)
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -275,6 +276,43 @@ def test_one_requests_failure_fails_only_that_request(parts):
     assert not engine.active and not engine.waiting and int(engine.cache.lengths.sum()) == 0
     alone = engine_for(parts, eos_token_id=-1).generate([tok.encode("1 + 1")], [plain])[0]
     assert alone.tokens == reqs[0].tokens  # the failures did not disturb it
+
+
+def test_a_lone_requests_failure_fails_it_not_the_engine_and_a_failed_step_is_logged_and_passes(parts):
+    """Alone in the batch, a request whose sampling raises while decoding fails with its own error (a grammar's:
+    the server's 400) and the engine stays healthy. A step that does fail ends its requests with its error,
+    logs it, and the engine's health returns with the next step that goes through."""
+    model, tok, _ = parts
+    engine = engine_for(parts, eos_token_id=-1)
+    engine.start()
+    try:
+        plain = SamplingParams(max_new_tokens=6, temperature=0)
+        lone = engine.submit(tok.encode("1 + 1"), replace(plain, grammar=Failing(4)))
+        lone.result(timeout=60)
+        assert lone.finish_reason == "error" and "the grammar failed" in str(lone.error) and engine.error is None
+        decode = engine._decode
+
+        def broken():
+            engine._decode = decode
+            raise MemoryError("the step ran out of memory")
+
+        engine._decode = broken
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        logging.getLogger("nanoseek").addHandler(handler)
+        try:
+            victim = engine.submit(tok.encode("1 + 1"), plain)
+            victim.result(timeout=60)
+        finally:
+            logging.getLogger("nanoseek").removeHandler(handler)
+        assert victim.finish_reason == "error" and isinstance(victim.error, MemoryError)
+        assert isinstance(engine.error, MemoryError) and any("an engine step failed" in m for m in logged)
+        after = engine.submit(tok.encode("1 + 1"), plain)
+        after.result(timeout=60)
+        assert after.finish_reason == "length" and engine.error is None
+    finally:
+        engine.shutdown()
 
 
 def test_one_requests_failure_fails_only_it_while_decoding_speculatively(parts):

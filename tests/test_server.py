@@ -85,6 +85,7 @@ def test_models_and_health(client, server):
     assert "nanoseek-test" in [m.id for m in client.models.list().data]
     assert client.models.retrieve("deepseek-chat").model_extra["max_model_len"] == 256  # the context (vLLM's field)
     assert httpx.get(server + "/health").json()["status"] == "ok"
+    assert httpx.head(server + "/health").status_code == 200  # uptime checks ask with HEAD (curl -I)
 
 
 def test_chat_non_streaming_separates_reasoning_and_reports_usage(client):
@@ -148,6 +149,13 @@ def test_streams_end_with_the_finish_reason_of_the_whole_reply(client):
         assert streamed == [plain]
         seen |= {whole, plain}
     assert "length" in seen
+
+
+def test_the_largest_seed_serves_n_choices(client):
+    """Choice i samples with seed + i, wrapping past the largest seed a request may give."""
+    r = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=4, n=2,
+                                       temperature=1.0, seed=2**63 - 1)
+    assert [c.index for c in r.choices] == [0, 1]
 
 
 def test_n_choices_share_the_prompt_prefill(client):

@@ -25,6 +25,7 @@ or HTTP; text only appears through the optional `decode` function (for stop stri
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import warnings
@@ -40,6 +41,8 @@ from ..model.moe import MoE
 from ..quant import prepare_kernels, weight_bytes
 from .cache import KVCache
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
+
+log = logging.getLogger("nanoseek")
 
 
 # a model of this many bytes or more whose every MoE layer is one operator compiles without the C++ wrapper (_compile)
@@ -317,16 +320,19 @@ class Engine:
                 continue
             try:
                 self.step()
+                self.error = None  # (health: a step went through again)
             except BaseException as e:  # the batch itself failed: never leave clients hanging, keep serving
+                log.error("an engine step failed; its requests end with an error", exc_info=e)
                 self.error = e
-                self._drop_all("error")
+                self._drop_all("error", e)
 
-    def _drop_all(self, reason: str) -> None:
-        """End every running and waiting request with `reason`, and free their cache rows."""
+    def _drop_all(self, reason: str, error: BaseException | None = None) -> None:
+        """End every running and waiting request with `reason` (and `error`), and free their cache rows."""
         with self._lock:
             reqs, self.active, self.waiting = list(self.active) + list(self.waiting), [], deque()
         self.cache.lengths.zero_()
         for req in reqs:
+            req.error = req.error or error
             self._finish(req, reason)
 
     # ---- one scheduling iteration ----
@@ -382,7 +388,7 @@ class Engine:
         req.cached_tokens = n
         rest = req.prompt[n:]
         if not rest:  # an identical prompt was just prefilled: its cache entries and its logits serve
-            token = self._sample(raw, [req])[0]
+            token = self._prompt_token(raw, req)
         for start in range(0, len(rest), self.prefill_chunk):  # chunks bound the activations of long prompts
             piece = rest[start:start + self.prefill_chunk]
             self.cache.select(row, row + 1)
@@ -397,7 +403,7 @@ class Engine:
                                                         req.params.top_logprobs)
             if last:
                 raw = self.model.lm_head(hidden[:, -1]).float()
-                token = self._sample(raw, [req])[0]
+                token = self._prompt_token(raw, req)
             if self.speculative:
                 # MTP entries for these positions (each needs the token after it); the last one drafts token T+1
                 nxt = following + ([token] if last else [])
@@ -578,13 +584,23 @@ class Engine:
 
     def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int | None]:
         """One token per row from the raw logits [B, V]. If sampling the batch raises (a row's grammar,
-        say), each row is sampled alone; a row that raises alone gets None (_append fails it)."""
+        say), each row is sampled alone; a row that raises alone gets None, its error in req.error (_append
+        fails it, and it alone: a batch of one row fails its request, not the engine's step)."""
         try:
             return self._sample_rows(raw, rows)
-        except Exception:
+        except Exception as e:
             if len(rows) == 1:
-                raise
+                rows[0].error = e
+                return [None]
         return [self._sample_alone(raw[i:i + 1], r) for i, r in enumerate(rows)]
+
+    def _prompt_token(self, raw: torch.Tensor, req: Request) -> int:
+        """The token after a prompt, from its logits [1, V]; raises what sampling raised (_prefill's caller
+        fails the request)."""
+        token = self._sample(raw, [req])[0]
+        if token is None:
+            raise req.error
+        return token
 
     def _sample_alone(self, raw: torch.Tensor, req: Request) -> int | None:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -44,6 +45,7 @@ from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
 
+log = logging.getLogger("nanoseek")
 WEB = Path(__file__).parent / "web"
 DEFAULT_MAX_TOKENS = 4096
 # a stream's response waits this many seconds at most for its first event (see _sse)
@@ -102,7 +104,7 @@ class Service:
         try:
             for i in range(n):
                 q: asyncio.Queue = asyncio.Queue()
-                p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+                p = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
                 req = self.engine.submit(prompt, p, on_event=lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
                 jobs.append((req, q))
         except (InvalidRequest, EngineBusy) as e:
@@ -209,9 +211,10 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):  # a bug, never a client mistake: no traceback leaves
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=e)  # (the server's log)
         return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: uptime checks, curl -I)
     async def health():  # the counts are summed over the served models
         return {"status": "ok" if all(e.error is None for e in engines) else "degraded", "model": name,
                 "models": list(models.by_name),
@@ -251,7 +254,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
 
-        @app.get("/", include_in_schema=False)
+        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
         async def index():
             return FileResponse(WEB / "index.html")
 
