@@ -224,6 +224,9 @@ def test_bad_tool_choices_and_tool_turns_are_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice="sometimes")
     assert e.value.body["param"] == "tool_choice", e.value.body  # not pydantic's union member
+    with pytest.raises(openai.BadRequestError) as e:  # a named choice without its function: that is what is missing
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice={"type": "function"})
+    assert e.value.body["param"] == "tool_choice.function", e.value.body
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
     for turn, text in (({"role": "tool", "content": "3"}, "tool_call_id"),
                        ({"role": "tool", "tool_call_id": "call_9", "content": "3"}, "'call_9' answers no call")):
@@ -231,6 +234,7 @@ def test_bad_tool_choices_and_tool_turns_are_400_naming_the_field(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="deepseek-chat", messages=history, tools=[ADD])
         assert text in e.value.body["message"], e.value.body
+        assert e.value.body["param"] == "messages.2.tool_call_id", e.value.body
 
 
 def test_langchain_deepseek(server):

@@ -278,8 +278,13 @@ UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """pydantic's error list -> one readable sentence and the offending parameter."""
-    e = errors[0]
+    """pydantic's error list -> one readable sentence and the offending parameter: of the first field's errors
+    (one per union member tried), the one that reached deepest (a named tool_choice missing its function, rather
+    than "should be 'auto', 'none' or 'required'")."""
+    def field(x):
+        return [p for p in x.get("loc", ()) if p != "body"][:1]
+
+    e = max((x for x in errors if field(x) == field(errors[0])), key=lambda x: len(x.get("loc", ())))
     # not the union members pydantic tried ("tool_choice.literal['auto','none','required']", "content.str")
     loc = [str(p) for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", p))
            and p not in UNION_TAGS]
@@ -294,7 +299,10 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         if not loc:
             return "the request body must be a JSON object", None
         msg = "should be a JSON object"
-    named = re.match(r"([a-z_][a-z0-9_]*(?:\.(?:[a-z_][a-z0-9_]*|\d+))*): ", msg) if param is None else None
-    if named:  # a check across fields (a model validator) names its parameter at the start of its message
+    named = re.match(r"([a-z_][a-z0-9_]*(?:\.(?:[a-z_][a-z0-9_]*|\d+))*): ", msg)
+    if named and param is None:  # a check across fields (a model validator) names its parameter at the start
         return msg, named.group(1)
+    if named and "." not in named.group(1):  # a nested object's check names one of its fields
+        param = f"{param}.{named.group(1)}"
+        return f"{param}: {msg[named.end():]}", param
     return (f"{param}: {msg}" if param else msg), param
