@@ -168,7 +168,8 @@ def test_compiled_moe_reads_the_chosen_or_all_experts_and_matches_the_routed_pat
     if kernel:
         assert calls == [] and ops.get("nanoseek::float_experts") == 1
     else:
-        assert set(calls) == {"selected_experts" if tokens * 3 <= 4 * 9 else "all_experts"} and not ops
+        assert set(calls) == {"selected_experts" if tokens * 3 <= 4 * 9 else "all_experts"}
+        assert "nanoseek::float_experts" not in ops
 
 
 def test_experts_without_tokens_do_no_work(monkeypatch):

@@ -9,26 +9,32 @@ from torch import nn
 from ..kernels import cpu_operator, float_linear_available
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with faster products for the few rows of a decode step on a CPU where no gradient is wanted: an
+    fp32 weight through nanoseek's kernel (`nanoseek::float_linear`, which hands more than a few rows to torch's
+    product), any other weight as a matrix-vector product for a single row (torch.mv streams the weight faster
+    than the matrix-matrix kernel does for one row: bf16 1.4x for an 8960 x 1536 weight, measured). Under autocast
+    (training) every row goes through F.linear, which autocast casts. In a compiled graph a bf16/fp16 product stays
+    torch.mv (`opaque_mv`)."""
+    if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        N, K = weight.shape
+        if weight.dtype == torch.float32 and float_linear_available() and \
+                not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            y = torch.ops.nanoseek.float_linear(x.reshape(-1, K), weight)
+        elif x.numel() == K:
+            narrow = weight.dtype != torch.float32 and torch.compiler.is_compiling()
+            y = (opaque_mv if narrow else torch.mv)(weight, x.reshape(-1))
+        else:
+            return F.linear(x, weight, bias)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], N)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) with faster products for the few rows of a decode step on a
-    CPU, where no gradient is wanted: an fp32 weight through nanoseek's kernel (`nanoseek::float_linear`,
-    which hands more than a few rows to torch's product), any other weight as a matrix-vector product for a
-    single row (torch.mv streams the weight faster than the matrix-matrix kernel does for one row: bf16 1.4x
-    for an 8960 x 1536 weight, measured). Under autocast (training) every row goes through F.linear, which
-    autocast casts. In a compiled graph a bf16/fp16 product stays torch.mv (`opaque_mv`)."""
+    """nn.Linear (same parameters, same names) computing through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            if self.weight.dtype == torch.float32 and float_linear_available() and \
-                    not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-                y = torch.ops.nanoseek.float_linear(x.reshape(-1, self.in_features), self.weight)
-            elif x.numel() == self.in_features:
-                narrow = self.weight.dtype != torch.float32 and torch.compiler.is_compiling()
-                y = (opaque_mv if narrow else torch.mv)(self.weight, x.reshape(-1))
-            else:
-                return F.linear(x, self.weight, self.bias)
-            return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 # torch.mv, kept whole in compiled graphs: inductor would lower it to a loop of its own, which for a bf16

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..kernels import float_experts_take, int4_experts_available, int4_grouped
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, linear
 
 # stacking copies the experts' weights (see MoE.prepare_compiled_decode): done up to this many bytes of them
 STACK_MAX_BYTES = 256 * 2**20
@@ -61,7 +61,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32, for the balance loss)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        logits = linear(x.float(), self.weight.float())  # (N, E)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.has_bias else scores
         if self.topk_method != "greedy" and self.n_group > 1:
