@@ -269,7 +269,7 @@ def calculate(expression: str) -> int | float:
             return _OPS[type(node.op)](walk(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) * math.log10(max(abs(left), 2)) > MAX_DIGITS:
+            if isinstance(node.op, ast.Pow) and left != 0 and right * math.log10(abs(left)) > MAX_DIGITS:  # (digits)
                 raise ValueError("the result is too large")
             try:
                 result = _OPS[type(node.op)](left, right)
