@@ -107,6 +107,16 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
     return parts["reasoning"], parts["answer"]
 
 
+def is_text(value: str) -> bool:
+    """Whether a string read from the terminal or the command line is text: bytes that are not UTF-8 come in as
+    lone surrogates (Python's surrogateescape), which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_message(prompt: str = "> ") -> str:
     """One message from the terminal; a line ending in \\ continues on the next (the input ending there
     sends what came: the next read ends the chat)."""
@@ -182,6 +192,9 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
             console.print()
             return
         if not text:
+            continue
+        if not is_text(text):
+            console.print("[red]that message is not UTF-8 text (a byte that is not a character): not sent[/]")
             continue
         if text.startswith("//"):  # a message that starts with "/": typed with two
             text = text[1:]

@@ -270,6 +270,15 @@ def _device(text: str | None) -> str | None:
     return text
 
 
+def _text(value: str | None) -> str | None:
+    """A text option (--prompt, --system): UTF-8 text, checked before any work."""
+    from .chat import is_text
+
+    if value is not None and not is_text(value):
+        raise typer.BadParameter("is not UTF-8 text (it holds a byte that is not a character)")
+    return value
+
+
 def _out_folder(path: Path) -> Path:
     """An output folder: not a file, and writable (or, not there yet, creatable): checked before any work."""
     if path.is_file():
@@ -419,6 +428,9 @@ def _chat_engine(model: Path | None, **options):
 
 
 # ---- the commands ----
+DEMO_MARK = "DEMO"  # the file that tells a demo's folder from a model of the user's
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder to save the demo model into (HF format).",
@@ -426,13 +438,13 @@ def demo(
     preset: Preset = typer.Option("tiny", help="Model preset to build."),
     tokens: int = typer.Option(16, min=1, help="How many tokens to generate."),
     seed: int = _seed_option("Random seed for the weights and the prompt."),
-    force: bool = typer.Option(False, "--force", help="Replace a model (one with a tokenizer) --out already holds; "
-                               "an earlier demo's is replaced anyway."),
+    force: bool = typer.Option(False, "--force", help="Replace a model --out already holds; an earlier demo's is "
+                               "replaced anyway."),
 ):
     """Build a randomly initialised preset, save it, load it back, check the logits survived the
     round trip, and generate a few tokens through the latent KV cache."""
-    # a model with a tokenizer is not an earlier demo's (those have none: rerunning replaces them)
-    if not force and (out / "tokenizer.json").is_file() and (out / "config.json").is_file():
+    # an earlier demo's folder carries DEMO_MARK (rerunning replaces it); any other model is the user's
+    if not force and (out / "config.json").is_file() and not (out / DEMO_MARK).is_file():
         _fail(f"--out: '{out}' already holds a model: choose another folder, or --force to replace it")
     import torch
     from rich.table import Table
@@ -453,6 +465,7 @@ def demo(
     model = build_model(config).eval()
     with _reported():
         save_model(model, out)
+        (out / DEMO_MARK).write_text("written by `nanoseek demo`: a random model, which the next demo replaces\n")
     loaded = load_model(out)
     prompt = torch.randint(0, config.vocab_size, (1, 8))
     with torch.no_grad():
@@ -648,7 +661,7 @@ def pretrain(
 @app.command()
 def generate(
     model: Path = _model_option(),
-    prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue)."),
+    prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue).", callback=_text),
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(None, min=1, help="Most tokens to generate. Default: 512, or what the model's context "
@@ -694,12 +707,14 @@ def generate(
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
     console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "
                   f"finish: {req.finish_reason}[/]")
+    if req.finish_reason == "cancelled":  # stopped with Ctrl-C: a script sees the reply cut short
+        raise typer.Exit(130)
 
 
 @app.command()
 def chat(
     model: Path = _model_option(),
-    system: str = typer.Option("", help="System prompt."),
+    system: str = typer.Option("", help="System prompt.", callback=_text),
     temperature: float = typer.Option(None, callback=_within(0, 100), help="Sampling temperature (0 = greedy); /temp changes "
                                       "it. Default: the model's generation_config.json, else 0.6."),
     top_p: float = typer.Option(None, callback=_within(0, 1), help="Nucleus sampling: the smallest set of tokens with this "
@@ -1128,6 +1143,8 @@ def quantize(
                          EXAMPLES_FILE):  # (the web app's examples: the same model answers them)
                 if (model / name).is_file():
                     shutil.copy(model / name, out / name)
+                elif (out / name).is_file():  # (--force over another model's folder: none of its files stay)
+                    (out / name).unlink()
         except (OSError, SafetensorError) as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
             _fail(f"OUT: cannot write '{out}': {getattr(e, 'strerror', None) or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

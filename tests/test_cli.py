@@ -25,6 +25,12 @@ def test_demo_round_trips_and_generates(tmp_path):
     assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "model.safetensors").is_file()
     again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--tokens", "5"])  # an earlier demo: replaced
     assert again.exit_code == 0, again.output
+    users = tmp_path / "users"  # a model saved by transformers (no tokenizer): not a demo's, not replaced
+    users.mkdir()
+    (users / "config.json").write_text('{"model_type": "qwen2"}')
+    refused = runner.invoke(app, ["demo", "--out", str(users)])
+    assert refused.exit_code == 2 and "already holds a model" in refused.output
+    assert (users / "config.json").read_text() == '{"model_type": "qwen2"}'
     info = runner.invoke(app, ["info", str(tmp_path / "demo")])
     assert info.exit_code == 0 and "deepseek_v3" in info.output
     assert "on this CPU" in info.output and "computes in float32" in info.output  # a small model: fp32
@@ -223,6 +229,32 @@ def test_eval_defaults_to_the_shipped_model_as_the_other_commands_do(tmp_path):
     r = runner.invoke(app, ["eval", "--tasks", "add", "--n", "2", "--out", str(out)])
     assert r.exit_code == 0 and "| add | 2 |" in r.output, r.output
     assert json.loads(out.read_text())
+
+
+def test_generate_stopped_with_ctrl_c_exits_130_and_text_that_is_not_utf8_is_refused(tmp_path, monkeypatch):
+    """Ctrl-C cuts the reply short (what came is shown) and the exit status says so, as for training; a prompt
+    holding bytes that are not UTF-8 (lone surrogates, as Python reads them) is one line, not a traceback."""
+    from nanoseek import chat
+
+    model = _chat_model(tmp_path)
+    stream = chat.stream_reply
+
+    def interrupted(engine, req, *args, **kwargs):
+        step = engine.step
+
+        def ctrl_c():  # the next step is where Ctrl-C lands
+            engine.step = step
+            raise KeyboardInterrupt
+
+        step()
+        engine.step = ctrl_c
+        return stream(engine, req, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "stream_reply", interrupted)
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "12"])
+    assert r.exit_code == 130 and "(stopped)" in r.output and "finish: cancelled" in r.output, r.output
+    bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "caf\udce9"])
+    assert bad.exit_code == 2 and "not UTF-8 text" in bad.output and "Traceback" not in bad.output, bad.output
 
 
 def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path, monkeypatch):

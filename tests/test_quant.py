@@ -343,6 +343,8 @@ def test_quantize_command_writes_a_loadable_folder(tmp_path):
     (tmp_path / "in" / "tokenizer.json").unlink()
     bare = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "bare")])
     assert bare.exit_code == 0 and "has no tokenizer.json" in " ".join(bare.output.split()), bare.output
+    forced = CliRunner().invoke(app, ["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--force"])
+    assert forced.exit_code == 0 and not (tmp_path / "out" / "tokenizer.json").exists()  # not the replaced model's
 
 
 def test_int4_is_held_once_in_the_kernel_layout_and_saved_in_the_documented_one(monkeypatch):
