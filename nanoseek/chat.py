@@ -20,7 +20,7 @@ from rich.text import Text
 from .inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Request, SamplingParams
 from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
-from .tokenizer import ChatFormatError, DeepSeekTokenizer
+from .tokenizer import ChatFormatError, DeepSeekTokenizer, is_text
 from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
                     renders_tools, run_calculator)
 
@@ -105,16 +105,6 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
         console.print("\n[yellow](stopped)[/]", end="")
     console.print()
     return parts["reasoning"], parts["answer"]
-
-
-def is_text(value: str) -> bool:
-    """Whether a string read from the terminal or the command line is text: bytes that are not UTF-8 come in as
-    lone surrogates (Python's surrogateescape), which no tokenizer takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_message(prompt: str = "> ") -> str:

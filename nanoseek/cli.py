@@ -272,7 +272,7 @@ def _device(text: str | None) -> str | None:
 
 def _text(value: str | None) -> str | None:
     """A text option (--prompt, --system): UTF-8 text, checked before any work."""
-    from .chat import is_text
+    from .tokenizer import is_text
 
     if value is not None and not is_text(value):
         raise typer.BadParameter("is not UTF-8 text (it holds a byte that is not a character)")

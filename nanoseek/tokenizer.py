@@ -442,6 +442,16 @@ class DeepSeekTokenizer:
 
 
 
+def is_text(value: str) -> bool:
+    """Whether a string read from the terminal or the command line is text: bytes that are not UTF-8 come in as
+    lone surrogates (Python's surrogateescape), which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """tokenizer.encode(text).ids through encode_batch, which lets other Python threads run meanwhile
     (encode holds the GIL): a server tokenizing a long prompt in a thread keeps answering."""
