@@ -585,19 +585,18 @@ class Engine:
     def _sample(self, raw: torch.Tensor, rows: list[Request]) -> list[int | None]:
         """One token per row from the raw logits [B, V]. If sampling the batch raises (a row's grammar,
         say), each row is sampled alone; a row that raises alone gets None, its error in req.error (_append
-        fails it, and it alone: a batch of one row fails its request, not the engine's step)."""
-        try:
-            return self._sample_rows(raw, rows)
-        except Exception as e:
-            if len(rows) == 1:
-                rows[0].error = e
-                return [None]
+        fails it, and it alone: a batch of one row fails its request, never the engine's step)."""
+        if len(rows) > 1:
+            try:
+                return self._sample_rows(raw, rows)
+            except Exception:
+                pass
         return [self._sample_alone(raw[i:i + 1], r) for i, r in enumerate(rows)]
 
     def _prompt_token(self, raw: torch.Tensor, req: Request) -> int:
         """The token after a prompt, from its logits [1, V]; raises what sampling raised (_prefill's caller
         fails the request)."""
-        token = self._sample(raw, [req])[0]
+        token = self._sample_alone(raw, req)
         if token is None:
             raise req.error
         return token
