@@ -250,3 +250,33 @@ def test_a_data_file_named_another_way_is_the_same_run(tmp_path, monkeypatch):
     check_same_run(old, {"data": {"sources": ["./c.jsonl", "tasks"], "seq_len": 64}})
     with pytest.raises(ConfigError, match="sources"):
         check_same_run(old, {"data": {"sources": ["d.jsonl", "tasks"], "seq_len": 64}})
+
+
+def test_a_resume_from_another_base_model_is_refused(tmp_path, monkeypatch):
+    """sft/rl on an existing folder with a different --model trained the old weights and recorded the new
+    path as if it were the model trained."""
+    from nanoseek.model.config import ConfigError
+    from nanoseek.train.runs import check_same_run
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    old = {"command": "sft", "base_model": "a", "sft": {"seq_len": 64}}
+    check_same_run(old, {**old, "base_model": str(tmp_path / "a")})
+    check_same_run(old, {**old, "base_model": "./a/"})
+    with pytest.raises(ConfigError, match="base_model.*'a' -> 'b'"):
+        check_same_run(old, {**old, "base_model": "b"})
+
+
+def test_pretrain_into_another_commands_run_or_a_model_writes_nothing(tmp_path):
+    """pretrain --out on an sft run (or on a model folder) trained a tokenizer and wrote data/ into it
+    before the run's settings were compared."""
+    from nanoseek.model.config import ConfigError
+    from nanoseek.train.pretrain import pretrain
+
+    for name, config in (("sft_run", {"command": "sft", "train": {}}), ("model", {"model_type": "deepseek_v3"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match="started by `nanoseek sft`" if name == "sft_run" else "not a nanoseek run"):
+            pretrain(tmp_path / name, "tiny")
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.json"]

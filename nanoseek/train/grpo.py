@@ -38,7 +38,7 @@ from . import distributed as D
 from .loop import Trainer
 from ..machine import decide_rollout_compile, use_disk_cache
 from .losses import clipped_policy_loss, group_advantages, kl_k3, reduce_loss, token_logprobs, varied_groups
-from .runs import run_stage
+from .runs import recorded_run, run_stage
 from .settings import RL_TRAIN, GRPOConfig, TrainConfig
 
 R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves "
@@ -291,6 +291,7 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
         if info.active:
             raise ConfigError("nanoseek rl runs in one process (rollouts and updates share the model)")
         refuse_quantized(model_dir)
+        recorded_run(Path(out), "rl")  # (refused before the model loads: another command's folder, or a model's)
         tok = DeepSeekTokenizer.load(model_dir)
         torch.manual_seed(train.seed)
         model = load_model(model_dir, dtype=torch.float32, device=info.device)

@@ -54,8 +54,8 @@ from ..model.moe import MoE, update_router_bias
 from . import distributed as D
 from ..machine import COMPILE_ERRORS, choose_precision, cpu_info, decide_compile, use_disk_cache
 from .metrics import MetricsLog, plot_metrics
-from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, rng_state, save_trainer_state,
-                   set_rng_state, verify_manifest, write_manifest)
+from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, recorded_run, rng_state,
+                   save_trainer_state, set_rng_state, verify_manifest, write_manifest)
 from .settings import TrainConfig
 
 
@@ -93,8 +93,8 @@ class Trainer:
                  console: Console | None = None, dist: D.DistInfo | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         config = json.loads(json.dumps({"train": asdict(cfg), **(run_config or {})}, default=str))
-        if (self.run_dir / "config.json").is_file():
-            check_same_run(json.loads((self.run_dir / "config.json").read_text()), config)
+        if (old := recorded_run(self.run_dir, config.get("command"))) is not None:
+            check_same_run(old, config)
         self.data, self.objective, self.eval_sets = data, objective, eval_sets or {}
         self.save_extra, self.on_eval = save_extra, on_eval
         self.dist = dist or D.DistInfo()

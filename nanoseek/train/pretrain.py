@@ -32,7 +32,7 @@ from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
 from .losses import LMObjective
-from .runs import check_same_run, run_stage
+from .runs import check_same_run, recorded_run, run_stage
 from .settings import PRETRAIN_TRAIN, DataConfig, TrainConfig
 
 BUILTIN = ("tasks", "stdlib")
@@ -178,6 +178,7 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
     console = console or Console()
     data, train = data or DataConfig(), train or PRETRAIN_TRAIN
     run_dir = Path(out)
+    recorded_run(run_dir, "pretrain")  # another command's run folder, or a model's, is refused before data is written
     with D.process_group(device) as info:
         if info.main:
             prepare_data(run_dir, data, console)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
-from ..files import atomic_write, staged_dir
+from ..files import atomic_write, read_json_object, staged_dir
 from ..model.config import ConfigError
 
 if TYPE_CHECKING:
@@ -47,10 +47,27 @@ RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every
                      "compile"}
 
 
+def recorded_run(run_dir: Path, command: str) -> dict | None:
+    """The settings a run folder was started with (config.json), or None for a new run; a folder that is
+    not a run, or that another command started, is refused before anything is written into it."""
+    if not (Path(run_dir) / "config.json").exists():
+        return None
+    old = read_json_object(Path(run_dir) / "config.json")
+    if "train" not in old:
+        raise ConfigError(f"'{run_dir}' holds a config.json that is not a nanoseek run's (a model folder?); "
+                          "train into a new --out")
+    if old.get("command") != command:
+        raise ConfigError(f"'{run_dir}' is a run started by `nanoseek {old.get('command')}`, not "
+                          f"`nanoseek {command}`; use a new --out")
+    return old
+
+
 def check_same_run(old: dict, new: dict) -> None:
     """Rerunning a command on an existing run resumes it; only its length, bookkeeping, precision and
     compiling may change."""
     diffs = []
+    if _folder(old.get("base_model")) != _folder(new.get("base_model")):
+        diffs.append(f"base_model (the model it trains): {old.get('base_model')!r} -> {new.get('base_model')!r}")
     for section in ("model", "data", "sft", "grpo", "distill", "train", "mtp_lambda"):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -61,6 +78,11 @@ def check_same_run(old: dict, new: dict) -> None:
     if diffs:
         raise ConfigError("this run folder was started with different settings; use a new --out or the same "
                           "options. Differences: " + "; ".join(diffs))
+
+
+def _folder(value):
+    """A recorded folder by its absolute path (`runs/a/model` and `/home/me/runs/a/model` are one folder)."""
+    return str(Path(value).resolve()) if isinstance(value, str) and value else value
 
 
 def _files(value):

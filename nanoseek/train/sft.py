@@ -29,7 +29,7 @@ from ..tools import CALCULATOR, CallFormat, describe_tools
 from . import distributed as D
 from .loop import Trainer
 from .losses import LMObjective
-from .runs import run_stage
+from .runs import recorded_run, run_stage
 from .settings import SFT_TRAIN, SFTConfig, TrainConfig
 
 
@@ -125,6 +125,7 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
     cfg, train = cfg or SFTConfig(), train or SFT_TRAIN
     console = console or Console()
     refuse_quantized(model_dir)
+    recorded_run(Path(out), "sft")  # (refused before the model loads: another command's folder, or a model's)
     context = load_config(model_dir)[0].max_position_embeddings
     if cfg.seq_len > context:  # (refused before the conversations are read: a huge one packed for minutes)
         raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} tokens, "
