@@ -135,8 +135,7 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
     rounds are done. `fit`: params.max_new_tokens is a default, cut to what the context leaves after
     the prompt. Raises InvalidRequest, EngineBusy or ChatFormatError if a prompt is refused."""
     for round_ in range(MAX_TOOL_ROUNDS + 1):
-        convo = ([{"role": "system", "content": system}] if system else []) + messages
-        ids = tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
+        ids = prompt_ids(tok, messages, system, think, tools)
         grammar = params.grammar if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
         new = engine.fitting(len(ids), params.max_new_tokens) if fit else params.max_new_tokens
         req = engine.submit(ids, replace(params, grammar=grammar, max_new_tokens=new))
@@ -162,13 +161,28 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
 
 
+def prompt_ids(tok: DeepSeekTokenizer, messages: list[dict], system: str, think: bool, tools: Tools | None) -> list[int]:
+    convo = ([{"role": "system", "content": system}] if system else []) + messages
+    return tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
+
+
+def check_room(engine: Engine, tok: DeepSeekTokenizer, system: str, think: bool, tools: Tools | None,
+               reply_tokens: int) -> None:
+    """ContextOverflow if a one-character message with this system prompt leaves no room for reply_tokens."""
+    shortest = len(prompt_ids(tok, [{"role": "user", "content": "?"}], system, think, tools))
+    if shortest + reply_tokens > engine.max_len:
+        raise ContextOverflow(shortest, reply_tokens, engine.max_len)
+
+
 def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str = "", temperature: float = 0.6,
          top_p: float = 0.95, max_tokens: int | None = None, think: bool = True, tools: bool = True) -> None:
     """Talk with the model until /exit, Ctrl-D or Ctrl-C at the prompt; `tools`: offer the
     calculator if the model's template can write tool calls. max_tokens None: REPLY_TOKENS, or what the
-    context leaves."""
+    context leaves. Raises ContextOverflow at once when the system prompt and max_tokens leave no room
+    for a message (every message would have been refused)."""
     messages: list[dict] = []
     offered = Tools.offer(engine, tok) if tools else None
+    check_room(engine, tok, system, think, offered, max_tokens or 1)
     # no tools: no raw calls either (unless speculating: drafts are verified without a token ban)
     fmt = CallFormat.probe(tok)
     plain = None if offered is not None or engine.speculative else no_calls(tok, fmt)
