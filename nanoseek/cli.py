@@ -16,6 +16,7 @@ import re
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat mode
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
 Precision = Literal[PRECISIONS]
-Wording = Literal["canonical", "varied", "held-out"]  # eval.tasks.WORDINGS
+Wording = Literal["canonical", "varied", "held-out"]  # data.tasks.WORDINGS
 MIN_SPEEDRUN_BUDGET = 30  # seconds
 GENERATE_TOKENS = 512  # generate's --max-tokens when not given (or what the context leaves); chat's: chat.REPLY_TOKENS
 UsageError = typer.BadParameter.__base__  # click's UsageError (typer may vendor its own click)
@@ -284,9 +285,12 @@ def _out_folder(path: Path) -> Path:
     if path.is_file():
         raise typer.BadParameter(f"'{path}' is a file; give a folder")
     there = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"cannot write to '{there}'" + (" (a file)" if there.is_file() else
-                                                                 " (read-only, or no permission)"))
+    if there.is_file():
+        raise typer.BadParameter(f"cannot write to '{there}' (a file)")
+    try:  # tried, not judged from permissions: root may write anywhere the mounts allow, and /proc allows nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".nanoseek-", dir=there))
+    except OSError as e:
+        raise typer.BadParameter(f"cannot write to '{there}' ({e.strerror or e})") from None
     return path
 
 
@@ -736,6 +740,7 @@ def chat(
     /system TEXT (set the system prompt), /temp T (set the temperature), /exit; a message that starts
     with / is typed with two (//...). Ctrl-C stops the current reply; Ctrl-D or /exit leaves."""
     from .chat import chat as run_chat
+    from .inference import ContextOverflow
 
     engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device)
     if not tok.chat_template:
@@ -743,8 +748,14 @@ def chat(
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/help /reset /system /temp /exit; "
                   "Ctrl-C stops a reply)")
     temperature, top_p = _sampling(tok, temperature, top_p, 0.6, 0.95)
-    run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-             think=think, tools=tools)
+    try:
+        run_chat(engine, tok, console, system=system, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                 think=think, tools=tools)
+    except ContextOverflow as e:  # (raised before the first message: none could be answered)
+        room = e.context - e.prompt_tokens
+        _fail(f"a one-word message{' with this --system' if system else ''} takes {e.prompt_tokens} of the model's "
+              f"{e.context} tokens of context" + (f", leaving {room}: give --max-tokens {room} at most"
+                                                  if max_tokens and room > 0 else ": shorten --system" if system else ""))
 
 
 @app.command()
@@ -901,14 +912,20 @@ def eval_(
         _fail("--tasks: the 'calculator' family runs the model's calls locally: give a model folder, not a URL")
     if remote and quantize:
         _fail("--quantize: applies to a model folder, not to a URL")
+    from .data.tasks import problems_for
+
+    for family in tasks:  # drawn before the model loads or --out is made: a family's pool may be smaller than --n
+        try:
+            if family != "calculator":
+                problems_for(family, n, wording)
+        except ValueError as e:
+            _fail(f"--n {n}: {e}")
     if out is not None and out.is_dir():
         _fail(f"--out: '{out}' is a folder; give a file name (e.g. {out}/eval.json)")
     if out is not None and out.suffix != ".json":  # (a .txt of the user's would be overwritten with JSON)
         _fail(f"--out: give the results' .json file name ('{out.with_suffix('.json')}'): the table goes beside it as "
               ".md, every problem as .samples.jsonl")
     if out is not None:  # before the evaluation, not after it; nothing is left there if it never ends
-        import tempfile
-
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=out.parent).close()

@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.rule import Rule
 
 from .checkpoint import load_model, save_model
+from .data.tasks import WORDINGS
 from .eval.small_talk import evaluate_small_talk
-from .eval.tasks import WORDINGS, evaluate_many, wilson
+from .eval.tasks import evaluate_many, wilson
 from .eval.tool_use import evaluate_tool_use
 from .files import atomic_write, staged_dir
 from .inference import SamplingParams

@@ -203,8 +203,8 @@ def test_without_max_tokens_a_reply_takes_what_a_small_context_leaves(tmp_path, 
     assert r.exit_code == 0 and "Traceback" not in r.output and "max_new_tokens" not in r.output, r.output
     assert asked and all(n + new == 64 for n, new in asked if n < 64), asked  # (a full context: refused, said)
     assert "the model's context is full" in r.output or "/reset starts anew" in r.output, r.output
-    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "60", "--no-tools"], input="What is 2 + 3?\n")
-    assert "fewer than --max-tokens 60" in r.output and "/reset starts anew" in r.output, r.output
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "56", "--no-tools"], input="What is 2 + 3?\n")
+    assert "fewer than --max-tokens 56" in r.output and "/reset starts anew" in r.output, r.output
 
 
 def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
@@ -293,6 +293,19 @@ def test_chat_commands_and_multiline_input(tmp_path):
     assert "cut off at 8 tokens" in out  # a reply that ran out of --max-tokens says so
     r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "4", "--temperature", "0"], input="hi \\")
     assert r.exit_code == 0 and "Thinking" in r.output, r.output  # input ending inside a continued line: sent
+
+
+def test_chat_refuses_at_once_a_system_prompt_or_max_tokens_that_leave_no_room(tmp_path):
+    """Both were accepted, and then every message was refused."""
+    model = _chat_model(tmp_path, max_position_embeddings=64)
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "500", "--temperature", "0"], input="hi\n")
+    room = re.search(r"leaving (\d+): give --max-tokens \1 at most", " ".join(r.output.split()))
+    assert r.exit_code == 2 and room, r.output
+    fits = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", room.group(1), "--temperature", "0"],
+                         input="?\n")
+    assert fits.exit_code == 0 and "Thinking" in fits.output and "no room" not in fits.output, fits.output
+    r = runner.invoke(app, ["chat", "--model", str(model), "--system", "many words " * 40], input="hi\n")
+    assert r.exit_code == 2 and "shorten --system" in " ".join(r.output.split()), r.output
 
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
@@ -488,17 +501,20 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["speedrun", *o, "--budget", "1s"], "--budget", "at least 30s"),
         (["speedrun", *o, "--seed", "-1"], "--seed", ""),
         (["eval", "--model", m, "--n", "100000000"], "--n", ""),
+        (["eval", "--model", m, "--tasks", "add,mul", "--n", "300", "--out", str(tmp_path / "pool" / "r.json")], "--n 300",
+         "mul: only 211 distinct held-out problems"),  # (it had loaded the model and made --out's folder first)
         (["demo", "--out", str(tok)], "--out", "already holds a model"),
         (["eval", "--model", "ftp://host/v1"], "--model", "http(s)://"),
         (["eval", "--model", m, "--out", str(model / "config.json" / "r.json")], "--out", "config.json' is a file"),
         (["info", str(missing)], "MODEL", "does not exist"),
         (["pretrain", "--out", str(model / "config.json" / "run"), "--max-steps", "1"], "--out", "cannot write"),
+        (["speedrun", "--out", "/proc/nanoseek-run"], "--out", "cannot write to '/proc'"),  # (failed after minutes)
     ]
     results, loaded = _in_a_fresh_process([args for args, _, _ in cases])
     for (args, flag, text), (code, output) in zip(cases, results):
         assert code == 2 and output.startswith("error:") and output.count("\n") == 1, (args, output)
         assert flag in output and text in output, (args, flag, text, output)
-    assert not out.exists()  # no run folder was started
+    assert not out.exists() and not (tmp_path / "pool").exists()  # no run folder was started, no --out folder made
     assert loaded == [], f"the refusals imported {loaded}: work had started"
     # an evaluation that never ends (here: nothing answers at the URL) leaves no empty results file behind
     r = runner.invoke(app, ["eval", "--model", url, "--tasks", "add", "--n", "1", "--out", str(tmp_path / "ev" / "r.json")])

@@ -10,7 +10,7 @@ from nanoseek.data.builtin import builtin_conversations, task_documents, task_te
 from nanoseek.data.tasks import TASKS, get_task, phrasing
 from nanoseek.data.tasks.phrasing import CLOSINGS, CONTEXTS, held_out, number_words, typo
 from nanoseek.eval.small_talk import small_talk_chats
-from nanoseek.eval.tasks import problems_for
+from nanoseek.data.tasks import problems_for
 from nanoseek.tokenizer import DeepSeekTokenizer
 
 

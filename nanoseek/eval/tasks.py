@@ -7,12 +7,11 @@ optimises and what evaluation reports cannot drift apart.
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..data.tasks import Problem, get_task, token_budget
+from ..data.tasks import problems_for, token_budget
 from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
 from ..inference import Engine, SamplingParams
 from ..tokenizer import END_THINK, DeepSeekTokenizer
@@ -31,24 +30,6 @@ class FamilyResult:
 
     def row(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-WORDINGS = ("canonical", "varied", "held-out")  # how evaluation asks: see problems_for
-
-
-def problems_for(family: str, n: int, wording: str = "canonical", seed: int = 1234):
-    """n held-out problems of a family, each asked in the canonical wording, in a random wording
-    from the trained templates ("varied"), or from the templates training never sees ("held-out")."""
-    if wording not in WORDINGS:
-        raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
-    task = get_task(family)
-    problems = task.heldout(n, seed=seed, canonical=True)
-    if wording != "canonical":  # reword each held-out problem
-        rng = random.Random(seed)
-        templates = "test" if wording == "held-out" else "train"
-        problems = [Problem(p.family, question, p.answer, p.data, frame)
-                    for p in problems for question, frame in [task.ask(p.data, rng, templates)]]
-    return task, problems
 
 
 def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, wording: str, thinking: bool = True, seed: int = 1234):
