@@ -593,11 +593,28 @@ def test_context_overflow_names_the_parameter(server):
 def test_api_key_guards_the_api_but_not_the_page(server):
     for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", {"prompt": "1 +"}),
                                ("GET", "/api/conversations", None), ("POST", "/api/conversations", {}),
-                               ("DELETE", "/api/conversations/x", None)):
+                               ("DELETE", "/api/conversations/x", None), ("GET", "/models", None),
+                               ("POST", "/chat/completions", {}), ("POST", "/beta/completions", {}),
+                               ("GET", "/no/such/route", None), ("GET", "/static/../v1/models", None)):
         r = httpx.request(method, server + path, json=body, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
     for path in ("/health", "/", "/static/app.js"):
         assert httpx.get(server + path, timeout=30).status_code == 200, path
+
+
+def test_the_api_answers_at_deepseeks_base_urls_too(server):
+    """DeepSeek's docs give https://api.deepseek.com (no /v1) as the base URL, and .../beta for chat prefix and FIM
+    completion: a client moved from DeepSeek's API to this server by its host alone got 404s."""
+    for base in ("", "/beta", "/v1"):
+        c = openai.OpenAI(base_url=server + base, api_key=KEY, max_retries=0)
+        assert "nanoseek-test" in [m.id for m in c.models.list().data] and c.models.retrieve("deepseek-chat").id
+        r = c.chat.completions.create(model="deepseek-chat", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "The", "prefix": True}])
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4, base
+        fim = c.completions.create(model="nanoseek-test", prompt="def f(", suffix=")", max_tokens=3, temperature=0)
+        assert fim.usage.completion_tokens == 3, base
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).models.list()
 
 
 def test_conversation_routes_and_missing_ones(server):

@@ -6,8 +6,8 @@ is read into the app:
 1. without an API key, only requests whose Host header names this machine (loopback names, the
    bound address, `allowed_hosts`) are answered, so a web page that rebinds its DNS name to
    127.0.0.1 cannot read or use the server (403);
-2. with an API key, /v1/ and /api/ need `Authorization: Bearer <key>` (401), compared in
-   constant time as bytes;
+2. with an API key, every path but the web page, its static files and /health needs
+   `Authorization: Bearer <key>` (401), compared in constant time as bytes;
 3. the body is read here, at most `max_body` bytes (413, whether or not Content-Length says so)
    within BODY_TIMEOUT seconds (408), then handed to the app;
 4. every response carries SECURITY_HEADERS (a strict CSP: the web app has no inline script or style).
@@ -35,7 +35,7 @@ HEADER_TIMEOUT = 10.0  # seconds from a connection (or its previous response) to
 KEEP_ALIVE = 5  # seconds an idle kept-alive connection stays open
 MAX_CONNECTIONS = 512  # open connections (or requests in flight); over this, uvicorn answers 503
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PROTECTED = ("/v1/", "/api/")  # paths that need the key (the page, its static files and /health do not)
+PUBLIC = ("/", "/health", "/favicon.ico")  # with /static/..., the paths answered without the key (all others need it)
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                  b"img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
@@ -89,7 +89,7 @@ class Guard:
                                     f"{sorted(self.hosts)} (serve --allowed-host adds names)",
                                "permission_error", code="host_not_allowed")
             return
-        if not path.startswith(PROTECTED):
+        if path in PUBLIC or path.startswith("/static/"):
             return
         auth = headers.get(b"authorization", b"")
         given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""

@@ -158,6 +158,12 @@ def _refusal(e: InvalidRequest | EngineBusy, prompt_param: str = "messages") -> 
                          f"tokens by {n + m - ctx}", param="max_tokens", code="context_length_exceeded")
 
 
+# where clients find the API: OpenAI's base URL (.../v1), DeepSeek's (https://api.deepseek.com, no /v1) and DeepSeek's
+# beta one (.../beta, which its docs give for chat prefix completion and FIM): a client pointed at this server with any
+# of them works
+API_BASES = ("/v1", "", "/beta")
+
+
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
                store=None, examples: dict = NO_EXAMPLES, allowed_hosts: Sequence[str] = LOOPBACK,
                max_body: int = MAX_BODY, also: Sequence[Service] = ()) -> FastAPI:
@@ -229,22 +235,27 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
                 "max_model_len": models.pick(model)[0].engine.max_len,  # its context, in tokens (vLLM's field)
                 **({"parent": name} if model in ALIASES else {})}
 
-    @api.get("/v1/models")
+    openai = APIRouter()
+
+    @openai.get("/models")
     async def list_models():
         return {"object": "list", "data": [card(m) for m in (*models.by_name, *ALIASES)]}
 
-    @api.get("/v1/models/{model:path}")
+    @openai.get("/models/{model:path}")
     async def model_card(model: str):
         models.pick(model)  # 404 for a name this server does not serve
         return card(model)
 
-    @api.post("/v1/chat/completions")
+    @openai.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await chat(*models.pick(body.model), body, request)
 
-    @api.post("/v1/completions")
+    @openai.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await complete(models.pick(body.model)[0], body, request)
+
+    for base in API_BASES:
+        api.include_router(openai, prefix=base)
 
     if store is not None:
         api.include_router(routes(store))
