@@ -30,15 +30,12 @@ ANNOTATIONS = {"type", "title", "description", "required", "$schema"}  # keys th
 
 
 def declared_arguments(parameters: dict | None) -> dict:
-    """A function's parameters schema as its calls follow it: where it declares its arguments and says
-    nothing of others, only those (JSON Schema would allow any other key, and a model wrote made-up ones
-    that the function cannot take); none when it declares none (no `parameters`, `{}`, a bare object:
-    OpenAI's empty parameter list; a model called a clock with `{"expression": ...}`)."""
+    """A function's parameters schema as its calls follow it: none when it declares none (no `parameters`,
+    `{}`, a bare object: OpenAI's empty parameter list; a model called a clock with `{"expression": ...}`).
+    Where it declares them and says nothing of others, only those: json_rule closes every such object."""
     if not parameters or (set(parameters) <= ANNOTATIONS and parameters.get("type", "object") == "object"
                           and not parameters.get("required")):
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    if "properties" in parameters and "additionalProperties" not in parameters:
-        return {**parameters, "additionalProperties": False}
     return parameters
 
 

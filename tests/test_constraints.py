@@ -10,7 +10,7 @@ import torch
 
 from conftest import randomize_
 from nanoseek.inference import Engine, SamplingParams
-from nanoseek.inference.constraints import Grammar, GrammarError, json_rule, unpack_bits, vocabulary
+from nanoseek.inference.constraints import Grammar, GrammarError, closed_objects, json_rule, unpack_bits, vocabulary
 from nanoseek.model import build_model, get_preset, padded_vocab
 from nanoseek.tokenizer import DeepSeekTokenizer
 
@@ -55,6 +55,38 @@ def test_json_schema_output_always_parses_and_validates(setup):
     assert {"stop", "length"} <= set(reasons)  # both kinds of ending were seen
 
 
+def test_objects_hold_only_the_keys_their_schema_declares_unless_it_allows_more(setup):
+    """JSON Schema allows any other key in an object; the shipped model, given a strict schema, added one
+    ({"answer": -129163, "kind": "add", "1 * 12 + 73": "12 * 12 * 13"}). Closed at every depth, as xgrammar
+    (vLLM's default) and OpenAI's strict mode read a schema; a schema that says otherwise is left as it is."""
+    tok, engine, vocab = setup
+    inner = {"type": "object", "properties": {"b": {"type": "boolean"}}}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "inner": inner,
+                                               "list": {"type": "array", "items": inner, "maxItems": 2}}}
+    g = Grammar.compile(vocab, "start: " + json_rule(schema))
+    prompts = [tok.encode("<｜User｜>give me json<｜Assistant｜>")] * 6
+    replies = engine.generate(prompts, [SamplingParams(max_new_tokens=80, temperature=1.5, seed=i, grammar=g)
+                                        for i in range(6)])
+
+    def keys(value):
+        if isinstance(value, dict):
+            return set(value) | set().union(*map(keys, value.values()))
+        return set().union(*map(keys, value)) if isinstance(value, list) else set()
+    assert all(keys(json.loads(r.text)) <= {"a", "inner", "list", "b"} for r in replies), [r.text for r in replies]
+    assert any(json.loads(r.text) for r in replies)  # (not six empty objects)
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema and "additionalProperties" not in inner  # the caller's schema is not changed
+    for left in ({**inner, "additionalProperties": True}, {**inner, "patternProperties": {"^x": {}}},
+                 {**inner, "required": ["b", "c"]}, {"type": "object"}):
+        assert closed_objects(left) == left
+    together = {"allOf": [inner, {"properties": {"c": {"type": "integer"}}}]}  # branches describe one object
+    assert closed_objects(together) == together
+    assert closed_objects({"anyOf": [inner, {"$ref": "#/$defs/x"}], "$defs": {"x": inner}}) == {
+        "anyOf": [{**inner, "additionalProperties": False}, {"$ref": "#/$defs/x"}],
+        "$defs": {"x": {**inner, "additionalProperties": False}}}
+
+
 @pytest.mark.parametrize("string", [{"pattern": "^[a-z0-9]+@x\\.com$"}, {"format": "email"}, {"pattern": "^[0-9]+X$"},
                                     {"format": "uuid", "minLength": 36}])
 def test_a_patterned_string_is_completed_when_the_budget_runs_out(setup, string):
@@ -62,7 +94,8 @@ def test_a_patterned_string_is_completed_when_the_budget_runs_out(setup, string)
     pattern or format: as the budget runs out the string is completed into one that matches (the search
     looped on `0` and never reached the `@`, so the reply, or a tool call in it, was lost)."""
     tok, engine, vocab = setup
-    schema = {"type": "object", "properties": {"to": {"type": "string", **string}}, "required": ["to"]}
+    schema = {"type": "object", "properties": {"to": {"type": "string", **string}}, "required": ["to"],
+              "additionalProperties": True}  # (open: a uuid's string ends, and then the model writes more keys)
     g = Grammar.compile(vocab, "start: " + json_rule(schema))
     zero = tok.encode("0")
     assert len(zero) == 1

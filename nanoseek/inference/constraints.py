@@ -63,7 +63,37 @@ def json_rule(schema: dict | None) -> str:
     if not isinstance(schema.get("x-guidance", {}), dict):
         raise GrammarError("the schema's 'x-guidance' must be an object")
     schema["x-guidance"] = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps(bounded_numbers(schema), ensure_ascii=False)
+    return "%json " + json.dumps(bounded_numbers(closed_objects(schema)), ensure_ascii=False)
+
+
+OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")  # say what other keys may be
+SCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # alternatives / positions, each a whole schema
+
+
+def closed_objects(node, closing: bool = True):
+    """The schema with every object that declares its properties and says nothing of other keys closed to them
+    (additionalProperties false), at any depth, as xgrammar (vLLM's default) and OpenAI's strict mode read a
+    schema: JSON Schema allows any other key, and a small model added made-up ones (`{"answer": 19, "1 * 12": ...}`).
+    Not closed: a branch of allOf (the branches describe one object together), an object whose required keys
+    are not all declared."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k in SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: closed_objects(x) for name, x in v.items()}
+        elif k in SCHEMA_LISTS + ("allOf",) and isinstance(v, list):
+            out[k] = [closed_objects(x, k != "allOf") for x in v]
+        elif k in ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains"):
+            out[k] = closed_objects(v)
+        else:
+            out[k] = v
+    declared = node.get("properties")
+    if (closing and isinstance(declared, dict) and not any(k in node for k in OPEN_KEYS)
+            and set(node.get("required") or []) <= set(declared)):
+        out["additionalProperties"] = False
+    return out
 
 
 SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON reader keeps exactly (JavaScript's Number)
