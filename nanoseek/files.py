@@ -14,6 +14,7 @@ folders, token shards, the exported model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -86,6 +87,14 @@ def drop_torn_tail(path: str | os.PathLike) -> bytes:
     return data[end:]
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_json_object(path: str | os.PathLike) -> dict:
     """A file's JSON object, or {} when the file is missing, unreadable or holds something else."""
     try:
@@ -104,8 +113,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """`read_jsonl` with each object's line number (from 1), for errors that point into the file."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "")  # (a BOM, as Windows editors save)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "save the file as UTF-8, or fix that line") from None
             if not line.strip():
                 continue
             try:

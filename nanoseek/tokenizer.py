@@ -534,7 +534,28 @@ def calls_text(message: dict) -> str:
     if not calls:
         return ""
     return CALLS_BEGIN + "\n".join(f"{CALL_BEGIN}{c.get('type') or 'function'}{TOOL_SEP}{c['function']['name']}\n```json\n"
-                                   f"{c['function']['arguments']}\n```{CALL_END}" for c in calls) + CALLS_END
+                                   f"{_arguments(c['function']['arguments'])}\n```{CALL_END}" for c in calls) + CALLS_END
+
+
+def _arguments(arguments: str | dict) -> str:
+    """A call's arguments as JSON text: OpenAI's API sends them as a string, many datasets as an object."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _check_calls(i: int, calls) -> None:
+    """An assistant message's tool_calls as OpenAI's API writes them: [{"function": {"name", "arguments"}}, ...]."""
+    if not isinstance(calls, list):
+        raise ChatFormatError(f"message {i} (assistant): tool_calls must be a list, not a {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        where = f"message {i} (assistant): tool_calls[{j}]"
+        if not isinstance(function, dict):
+            raise ChatFormatError(f"{where} has no 'function' object (expected {{\"function\": {{\"name\": ..., "
+                                  "\"arguments\": ...}}")
+        if not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise ChatFormatError(f"{where}.function has no 'name'")
+        if not isinstance(function.get("arguments"), (str, dict)):
+            raise ChatFormatError(f"{where}.function.arguments must be a JSON string or an object")
 
 
 def _check(messages: Sequence[dict], roles: tuple[str, ...] = ROLES) -> None:
@@ -549,3 +570,5 @@ def _check(messages: Sequence[dict], roles: tuple[str, ...] = ROLES) -> None:
             raise ChatFormatError(f"message {i} ({m['role']}): content must be a string")
         if m["role"] == "assistant" and content is not None and not isinstance(content, str):
             raise ChatFormatError(f"message {i} (assistant): content must be a string")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            _check_calls(i, m["tool_calls"])
