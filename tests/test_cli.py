@@ -142,6 +142,32 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     r = runner.invoke(app, ["sft", *o[:-4], "--max-steps", "2", *o[-2:], "--data", str(other)])
     assert r.exit_code == 2 and "sft.data" in r.output, r.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["sft"]["data"] == str(data)
+    # the same file with other conversations in it: refused too (it resumed at the old cursor on the new rows)
+    data.write_text("\n".join(json.dumps(g) for g in good[::-1]) + "\n")
+    r = runner.invoke(app, ["sft", *o[:-4], "--max-steps", "2", *o[-2:], "--data", str(data)])
+    assert r.exit_code == 2 and "sft.data_sha256" in r.output, r.output
+    # tool calls as datasets write them: arguments as an object are JSON (they were a Python repr); a call
+    # without its function, or calls that are not a list, name their line (tracebacks before)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    tools = [{"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "",
+                                                                      "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                           {"role": "assistant", "content": "Sunny."}]}] * 3
+    for broken, says in (({"id": "c1", "type": "function", "name": "get_weather"}, "tool_calls[0] has no 'function'"),
+                         ("not a list", "tool_calls must be a list")):
+        bad = json.loads(json.dumps(tools[0]))
+        bad["messages"][1]["tool_calls"] = [broken] if isinstance(broken, dict) else broken
+        data.write_text("\n".join(json.dumps(c) for c in [*tools, bad]) + "\n")
+        r = runner.invoke(app, ["sft", *o[:-1], str(tmp_path / "r2"), "--data", str(data)])
+        assert r.exit_code == 2 and f"chats.jsonl:4: message 1 (assistant): {says}" in " ".join(r.output.split()), r.output
+    data.write_bytes(b"\n".join(json.dumps(c).encode() for c in tools) + b'\n{"messages": "caf\xe9"}\n')
+    r = runner.invoke(app, ["sft", *o[:-1], str(tmp_path / "r2"), "--data", str(data)])
+    assert r.exit_code == 2 and "chats.jsonl:4: not UTF-8 text" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "r2").exists()
+    data.write_text("\n".join(json.dumps(c) for c in tools) + "\n")
+    assert runner.invoke(app, ["sft", *o[:-1], str(tmp_path / "r2"), "--data", str(data)]).exit_code == 0
+    learned = DeepSeekTokenizer.load(model).render_conversation(tools[0]["messages"])[0]
+    assert '{"city": "Paris"}' in DeepSeekTokenizer.load(model).decode(learned)
 
 
 def _chat_model(tmp_path, **config):

@@ -191,3 +191,15 @@ def test_a_distill_rerun_with_other_settings_is_refused_before_any_work(tmp_path
         with pytest.raises(ConfigError, match="different settings") as e:
             distill(**{"teacher": "t", "student": "tiny", "tasks": ["add"], "n_traces": 10, "out": tmp_path, **change})
         assert next(iter(change)) in str(e.value)
+
+
+def test_logit_distillation_into_a_student_with_another_vocabulary_is_refused_at_once(model_dir, tmp_path):
+    """It failed on a size mismatch after every trace had been collected."""
+    from nanoseek.train.distill import distill
+
+    tok = DeepSeekTokenizer.train(task_texts(200), vocab_size=320)
+    save_model(build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)), tmp_path / "s")
+    tok.save(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"--kl-alpha: .*teacher's tokenizer.* in 3\d\d logits against the teacher's"):
+        distill(str(model_dir), str(tmp_path / "s"), tmp_path / "out", ["add"], n_traces=2, kl_alpha=0.5)
+    assert not (tmp_path / "out").exists()

@@ -210,7 +210,7 @@ def test_the_first_ctrl_c_is_answered_at_once_and_the_second_stops_now(capsys):
     from nanoseek.train.loop import _StopFlag
 
     before = signal.getsignal(signal.SIGINT)
-    with _StopFlag() as flag:
+    with _StopFlag(lambda: "losing 5 steps") as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.requested and "stopping after this step" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
@@ -234,8 +234,11 @@ def test_a_stopped_run_shows_the_step_it_saved(data, tmp_path, capsys):
     t._forward_backward = interrupted
     with pytest.raises(KeyboardInterrupt):
         t.fit()
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "saving step 3" in out and "step 3/6" in out and "step 2/6" not in out, out
+    # what a second Ctrl-C would lose, in steps (it said "this step", and lost every step since the last checkpoint)
+    saved = [c for c in t.checkpoints() if int(c.name.removeprefix("step_")) < 3]
+    assert (f"losing {3 - int(saved[-1].name[5:])} step" if saved else "losing 3 steps: no checkpoint is saved yet") in err, err
 
 
 def test_a_data_file_named_another_way_is_the_same_run(tmp_path, monkeypatch):
@@ -250,6 +253,29 @@ def test_a_data_file_named_another_way_is_the_same_run(tmp_path, monkeypatch):
     check_same_run(old, {"data": {"sources": ["./c.jsonl", "tasks"], "seq_len": 64}})
     with pytest.raises(ConfigError, match="sources"):
         check_same_run(old, {"data": {"sources": ["d.jsonl", "tasks"], "seq_len": 64}})
+
+
+def test_a_run_that_never_saved_a_checkpoint_starts_again_with_other_settings(data, tmp_path):
+    """rl failed before its first step (a prompt longer than the context) and its config.json then refused the
+    corrected options, though nothing had been trained; once a checkpoint exists, other settings are refused."""
+    from nanoseek.model.config import ConfigError
+
+    make_trainer(tmp_path / "run", data, steps=8, lr=1e-3)  # recorded, never fitted
+    t = make_trainer(tmp_path / "run", data, steps=8, lr=2e-3)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 2e-3
+    t.save()
+    with pytest.raises(ConfigError, match="train.lr: 0.002 -> 0.003"):
+        make_trainer(tmp_path / "run", data, steps=8, lr=3e-3)
+
+
+def test_a_data_folder_named_another_way_is_the_same_run(tmp_path, monkeypatch):
+    from nanoseek.train.runs import check_same_run
+
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    old = {"data": {"sources": ["corpus"]}}
+    for spelling in ("corpus/", "./corpus", str(tmp_path / "corpus")):
+        check_same_run(old, {"data": {"sources": [spelling]}})
 
 
 def test_a_resume_from_another_base_model_is_refused(tmp_path, monkeypatch):

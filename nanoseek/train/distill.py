@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_model, refuse_quantized, save_model
+from ..checkpoint import load_config, load_model, refuse_quantized, save_model
 from ..data.tasks import get_task, token_budget
 from ..data.tasks.rewards import accuracy_reward, split_completion
 from ..files import atomic_write, drop_torn_tail, read_jsonl, staged_dir
@@ -126,6 +126,21 @@ class DistillObjective:
         return loss, {"loss": ce_sum.detach(), "kl": kl_sum.detach()}
 
 
+def _refuse_other_vocabulary(teacher: str, student: str) -> None:
+    """Logit distillation compares the two models' distributions token by token: the student must read and write
+    the teacher's tokens, in as many logits (it failed after the traces were collected, on a size mismatch)."""
+    vocab = {}
+    for name, folder in (("teacher", teacher), ("student", student)):
+        vocab[name] = DeepSeekTokenizer.load(folder).tok.get_vocab(), load_config(folder)[0].vocab_size
+    (t_tokens, t_rows), (s_tokens, s_rows) = vocab["teacher"], vocab["student"]
+    if t_tokens != s_tokens or t_rows != s_rows:
+        theirs = (f"{len(s_tokens):,} tokens in {s_rows:,} logits against the teacher's {len(t_tokens):,} in {t_rows:,}"
+                  if (len(s_tokens), s_rows) != (len(t_tokens), t_rows) else "other tokens than the teacher's")
+        raise ValueError(f"--kl-alpha: logit distillation needs a student with the teacher's tokenizer and vocabulary; "
+                         f"{student} has {theirs}: give a student preset (it takes the teacher's tokenizer), or "
+                         "--kl-alpha 0 (distillation from the traces alone)")
+
+
 def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_traces: int = 2000,
             tokenizer: str | None = None, kl_alpha: float = 0.0, kl_temperature: float = 2.0,
             teacher_model: str = "deepseek-reasoner", api_key: str | None = None, max_tokens: int | None = None,
@@ -140,6 +155,11 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
         refuse_quantized(teacher, "logit distillation (--kl-alpha)")
     if (Path(student) / "config.json").is_file():
         refuse_quantized(student, "the student")
+    remote = teacher.startswith(("http://", "https://"))
+    if kl_alpha > 0 and remote:
+        raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
+    if kl_alpha > 0 and (Path(student) / "config.json").is_file():
+        _refuse_other_vocabulary(teacher, student)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"distill": {"teacher": teacher, "student": student, "tasks": sorted(tasks), "traces": n_traces,
                             "tokenizer": tokenizer, "kl_alpha": kl_alpha, "kl_temperature": kl_temperature,
@@ -147,14 +167,14 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     if (out / "distill.json").is_file():  # a rerun resumes: its traces and student are for these settings only
         check_same_run(json.loads((out / "distill.json").read_text()), settings)
     atomic_write(out / "distill.json", json.dumps(settings, indent=2))
-    remote = teacher.startswith(("http://", "https://"))
-    if kl_alpha > 0 and remote:
-        raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
     ask = remote_chat(teacher, teacher_model, api_key, log=console.print) if remote else local_teacher(teacher)
     if max_tokens is None:  # room for the longest worked solution (the teacher's tokenizer) or 512 for an endpoint
         max_tokens = 512 if remote else max(token_budget(DeepSeekTokenizer.load(teacher), t) for t in tasks)
+    # once the student has started training, its traces are its data: a rerun collects no more (they would change
+    # the conversations under a resumed run, which sft refuses)
+    started = (out / "student" / "config.json").is_file()
     stats = collect_traces(ask, tasks, n_traces, out / "traces.jsonl", max_tokens=max_tokens, console=console,
-                           time_limit=trace_seconds)
+                           time_limit=0 if started else trace_seconds)
     if stats["verified"] == 0:
         raise ValueError(f"the teacher produced no verified traces in {stats['rejected']} tries; nothing to distill")
     with open(out / "sft.jsonl", "w") as f:

@@ -54,7 +54,7 @@ from ..model.moe import MoE, update_router_bias
 from . import distributed as D
 from ..machine import COMPILE_ERRORS, choose_precision, cpu_info, decide_compile, use_disk_cache
 from .metrics import MetricsLog, plot_metrics
-from .runs import (UnsafeCheckpointError, check_same_run, load_trainer_state, recorded_run, rng_state,
+from .runs import (UnsafeCheckpointError, check_same_run, checkpoints, load_trainer_state, recorded_run, rng_state,
                    save_trainer_state, set_rng_state, verify_manifest, write_manifest)
 from .settings import TrainConfig
 
@@ -93,8 +93,8 @@ class Trainer:
                  console: Console | None = None, dist: D.DistInfo | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         config = json.loads(json.dumps({"train": asdict(cfg), **(run_config or {})}, default=str))
-        if (old := recorded_run(self.run_dir, config.get("command"))) is not None:
-            check_same_run(old, config)
+        if (old := recorded_run(self.run_dir, config.get("command"))) is not None and checkpoints(self.run_dir):
+            check_same_run(old, config)  # (a run that never saved a checkpoint has nothing to resume: it starts again)
         self.data, self.objective, self.eval_sets = data, objective, eval_sets or {}
         self.save_extra, self.on_eval = save_extra, on_eval
         self.dist = dist or D.DistInfo()
@@ -138,7 +138,7 @@ class Trainer:
         KeyboardInterrupt; a second one stops at once."""
         cfg, model = self.cfg, self.model
         last: dict[str, float] = {}
-        stop = _StopFlag()
+        stop = _StopFlag(self._unsaved)
         with stop, self._progress_bar() as progress:
             bar = progress.add_task("training", total=1000)
             while not self.finished:
@@ -184,6 +184,13 @@ class Trainer:
                     self.save()
                 progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
         return last
+
+    def _unsaved(self) -> str:
+        """What stopping at once would lose: the steps since the last checkpoint, the one under way included."""
+        saved = int(self.latest_checkpoint.name.removeprefix("step_")) if self.latest_checkpoint else 0
+        lost = self.step + 1 - saved
+        return f"losing {lost} step{'s' * (lost > 1)}: " + (f"the last checkpoint is step {saved}" if saved else
+                                                             "no checkpoint is saved yet")
 
     def _finite(self, grad_norm: float, patience: int = 3) -> bool:
         """Whether the gradient is finite, counting non-finite ones in a row; at `patience` the run has
@@ -314,10 +321,7 @@ class Trainer:
         return final
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return checkpoints(self.run_dir)
 
     def _resume(self) -> Path | None:
         for ckpt in reversed(self.checkpoints()):
@@ -352,7 +356,8 @@ class Trainer:
     def _describe(self, m: dict[str, float]) -> str:
         budget = f"/{self.cfg.max_steps}" if self.cfg.max_steps and not self.cfg.time_budget else ""
         parts = [f"step {self.step}{budget}"]
-        parts.append(f"loss {m['loss']:.3f}" if "loss" in m else f"reward {m.get('reward', float('nan')):.3f}")
+        parts.append(f"loss {m['loss']:.3f}" if "loss" in m else f"reward {m['reward']:.3f}" if "reward" in m else
+                     "another update on the last rollouts")  # (GRPO's --updates: no new rewards, was "reward nan")
         if "mtp_loss" in m:
             parts.append(f"mtp {m['mtp_loss']:.3f}")
         if m.get("tokens_per_s"):
@@ -364,15 +369,15 @@ class _StopFlag:
     """SIGINT/SIGTERM set `requested` (the loop stops cleanly after the step); a second signal
     raises KeyboardInterrupt at once. Handlers are restored on exit; inert outside the main thread."""
 
-    def __init__(self):
-        self.requested, self._old = False, {}
+    def __init__(self, unsaved: Callable[[], str]):
+        self.requested, self._old, self.unsaved = False, {}, unsaved
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         # said at once: a step (a GRPO step's rollouts) can take a minute, and silence invites a second Ctrl-C
-        print("\nstopping after this step, with a checkpoint (Ctrl-C again: stop now, losing this step)",
+        print(f"\nstopping after this step, with a checkpoint (Ctrl-C again: stop now, {self.unsaved()})",
               file=sys.stderr, flush=True)
 
     def __enter__(self):

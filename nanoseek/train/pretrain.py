@@ -32,7 +32,7 @@ from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
 from .losses import LMObjective
-from .runs import check_same_run, recorded_run, run_stage
+from .runs import check_same_run, checkpoints, recorded_run, run_stage
 from .settings import PRETRAIN_TRAIN, DataConfig, TrainConfig
 
 BUILTIN = ("tasks", "stdlib")
@@ -68,7 +68,7 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
     stamp_file = run_dir / "data" / PREPARED
     stamp = read_json_object(stamp_file) or None
     if stamp is not None and stamp.get("settings") != settings:
-        if (run_dir / "config.json").is_file():  # it trained on that data: refused as a resume with other settings
+        if checkpoints(run_dir):  # it trained on that data: refused as a resume with other settings
             check_same_run({"data": stamp.get("settings")}, {"data": settings})
         for stale in (run_dir / "data", run_dir / "tokenizer"):  # a failed attempt's: never trained on
             shutil.rmtree(stale, ignore_errors=True)
@@ -119,16 +119,19 @@ def _tokenize(split: str, out: Path, sources: list[str], tok: DeepSeekTokenizer,
               console: Console) -> None:
     stats = CorpusStats()
     label = "train" if split == "train" else f"held-out {out.name}"
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"tokenizing {label} data")
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task(f"tokenizing {label} data")
 
-        def show(docs, tokens):
-            bar.update(task, description=f"tokenizing {label} data: {docs:,} documents, {tokens:,} tokens")
+            def show(docs, tokens):
+                bar.update(task, description=f"tokenizing {label} data: {docs:,} documents, {tokens:,} tokens")
 
-        docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
-        write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
-    if stats.skipped and split == "train":  # (the held-out pass reads the same records again)
-        console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g.:\n  " + "\n  ".join(stats.problems[:3]))
+            docs = itertools.chain.from_iterable(_documents(s, tok, cfg, split, stats) for s in sources)
+            write_shards(docs, tok, out, fim_rate=cfg.fim_rate, seed=cfg.seed, progress=show)
+    finally:  # (also when every record was skipped: it says why there is nothing to train on)
+        if stats.skipped and split == "train":  # (the held-out pass reads the same records again)
+            console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g.:\n  "
+                          + "\n  ".join(stats.problems[:3]))
 
 
 def _data_settings(cfg: DataConfig) -> dict:

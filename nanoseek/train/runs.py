@@ -16,7 +16,6 @@ folder (which compares config.json and resumes from the newest checkpoint that v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
-from ..files import atomic_write, read_json_object, staged_dir
+from ..files import atomic_write, read_json_object, sha256_file, staged_dir
 from ..model.config import ConfigError
 
 if TYPE_CHECKING:
@@ -62,11 +61,19 @@ def recorded_run(run_dir: Path, command: str) -> dict | None:
     return old
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's complete checkpoints (checkpoints/step_N), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def check_same_run(old: dict, new: dict) -> None:
     """Rerunning a command on an existing run resumes it; only its length, bookkeeping, precision and
     compiling may change."""
     diffs = []
-    if _folder(old.get("base_model")) != _folder(new.get("base_model")):
+    if _files(old.get("base_model")) != _files(new.get("base_model")):
         diffs.append(f"base_model (the model it trains): {old.get('base_model')!r} -> {new.get('base_model')!r}")
     for section in ("model", "data", "sft", "grpo", "distill", "train", "mtp_lambda"):
         a, b = old.get(section), new.get(section)
@@ -80,17 +87,13 @@ def check_same_run(old: dict, new: dict) -> None:
                           "options. Differences: " + "; ".join(diffs))
 
 
-def _folder(value):
-    """A recorded folder by its absolute path (`runs/a/model` and `/home/me/runs/a/model` are one folder)."""
-    return str(Path(value).resolve()) if isinstance(value, str) and value else value
-
-
 def _files(value):
-    """A recorded setting with the data files in it named by their absolute paths: `data/c.jsonl` and
-    `/home/me/data/c.jsonl` are the same file (a resume from another spelling was refused)."""
+    """A recorded setting with the files and folders in it named by their absolute paths: `data/c.jsonl` and
+    `/home/me/data/c.jsonl` are the same file, `d/corpus/` and `d/corpus` one folder (a resume from another
+    spelling was refused)."""
     if isinstance(value, list):
         return [_files(v) for v in value]
-    return str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).is_file() else value
+    return str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).exists() else value
 
 
 @contextmanager
@@ -101,7 +104,18 @@ def exclusive(folder: Path) -> Iterator[None]:
     if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(folder):
+            yield
+    finally:
+        if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [".lock"]:  # refused before any work: no folder left
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _locked(folder: Path):
     with open(folder / ".lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,16 +195,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- manifests: a checkpoint is whole only if every file matches ----
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
     atomic_write(folder / "manifest.json", json.dumps(files, indent=2))
 
@@ -218,5 +224,5 @@ def verify_manifest(folder: Path) -> None:
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: contents do not match the manifest (corrupt)")

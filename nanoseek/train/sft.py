@@ -22,7 +22,7 @@ from ..checkpoint import load_config, load_model, refuse_quantized
 from ..data.builtin import builtin_conversations
 from ..data.tool_use import tool_use_conversations
 from ..data.shards import IGNORE, pack_documents
-from ..files import numbered_jsonl
+from ..files import numbered_jsonl, sha256_file
 from ..model.config import ConfigError, padded_vocab
 from ..tokenizer import ChatFormatError, DeepSeekTokenizer
 from ..tools import CALCULATOR, CallFormat, describe_tools
@@ -148,6 +148,9 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
                     held_examples = examples
         except ChatFormatError as e:
             raise ConfigError(str(e)) from None
+        if info.main and (long := sum(e.shape[1] > cfg.seq_len for e in examples)):
+            console.print(f"[yellow]{long:,} of {len(examples):,} conversations are longer than --seq-len "
+                          f"{cfg.seq_len}[/]: each is trained in pieces of that length, a piece seeing only its own part")
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
         if tok.vocab_size > model.config.vocab_size:  # the tokenizer gained tokens (tool calls)
             model.resize_vocab(padded_vocab(tok.vocab_size))
@@ -160,7 +163,9 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
             n = max(1, min(8, len(loader._epoch_rows()) // (cfg.batch_size * info.world)))
             return [next(loader) for _ in range(n)]
 
-        run_config = {"command": "sft", "base_model": str(model_dir), "sft": asdict(cfg)}
+        # the conversations' contents too: a resume after the file changed trained on other rows at the old cursor
+        contents = {} if cfg.data == "builtin" else {"data_sha256": sha256_file(cfg.data)}
+        run_config = {"command": "sft", "base_model": str(model_dir), "sft": {**asdict(cfg), **contents}}
         return run_stage(Trainer(out, model, rows, objective or LMObjective(cfg.mtp_lambda, info.device), train,
                                  eval_sets={"chat": eval_batches}, run_config=run_config, save_extra=tok.save,
                                  console=console, dist=info))
