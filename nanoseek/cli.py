@@ -847,7 +847,7 @@ def distill(
                                 f"model: {', '.join(PRESETS)}) or a model folder."),
     out: Path = typer.Option(Path("runs/distill"), callback=_out_folder, help="Run folder (rerun to continue)."),
     tasks: str = typer.Option("add,sub,mul", callback=_families, help="Comma-separated task families to distill."),
-    traces: int = typer.Option(2000, min=1, help="Verified traces to collect (rerunning continues)."),
+    traces: int = typer.Option(2000, min=1, help="Verified traces to collect (a rerun with the same options continues collecting, until the student starts training)."),
     tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Tokenizer for a preset student with a "
                                    "remote teacher."),
     teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),
@@ -1166,7 +1166,8 @@ def quantize(
             _fail(f"OUT: cannot write '{out}': {getattr(e, 'strerror', None) or e}")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     weights = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"  # (a small model said 0.00 GB)
-    console.print(f"[green]wrote[/] {out} (int{bits}, {weights} of weights) in {time.perf_counter() - t0:.0f} s")
+    console.print(f"[green]wrote[/] {out} (int{bits}, {weights} of weights) in {time.perf_counter() - t0:.0f} s; "
+                  "nanoseek's format: transformers, vLLM and llama.cpp read the float folder, not this one")
     if not (model / "tokenizer.json").is_file():
         console.print(f"[yellow]note[/] {model} has no tokenizer.json, so neither has {out}: chat, generate and serve "
                       "need one (copy the tokenizer files of the model's release into it)")

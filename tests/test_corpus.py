@@ -58,6 +58,23 @@ def test_large_text_file_is_streamed_in_pieces(tmp_path):
     assert len(docs) == 3 and "".join(docs) == f.read_text()
 
 
+def test_a_line_longer_than_a_document_is_cut_into_pieces_too(tmp_path):
+    """A file of one 28 MB line was one document (5.4 GB to tokenize); the cut falls between characters even
+    where a piece's bytes end inside one, and bytes that are not UTF-8 name their line."""
+    from nanoseek.data.corpus import _text_file
+
+    f = tmp_path / "one_line.txt"
+    text = "ab€" * 700_000 + "\nlast"  # 2.1M characters, 3.5 MB: a 1 MB piece ends inside a 3-byte '€' somewhere
+    f.write_text(text)
+    docs = list(iter_documents([f]))
+    assert len(docs) >= 2 and max(map(len, docs)) < 2 << 20 and "".join(docs) == text
+    problems = []
+    (tmp_path / "bad.txt").write_bytes(b"ok\n" + b"x" * 100 + b"\xff" + b"y" * 10 + b"\nfine")
+    assert "".join(_text_file(tmp_path / "bad.txt", lambda where, why: problems.append((where, why)), 64)) == \
+        "ok\n" + "x" * 64 + "fine"  # (the line's pieces before the bad byte are kept)
+    assert problems == [(f"{tmp_path / 'bad.txt'}:2", "bytes that are not UTF-8 at column 101")]
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(CorpusError, match="no such file"):
         corpus_files([tmp_path / "nope.txt"])
