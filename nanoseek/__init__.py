@@ -7,7 +7,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 _LAZY = {"CheckpointError": ".checkpoint", "load_model": ".checkpoint", "save_model": ".checkpoint",
          "ConfigError": ".model", "DeepseekForCausalLM": ".model", "ModelConfig": ".model", "build_model": ".model",
-         "get_preset": ".model"}
+         "get_preset": ".model", "DeepSeekTokenizer": ".tokenizer"}
 __all__ = sorted(_LAZY)
 
 
