@@ -497,6 +497,35 @@ def test_chat_leaves_control_tokens_out_but_keeps_what_writes_tool_calls(parts):
     hidden = {tok.decode([t]) for t in Service(engine, tok, "m").hidden_in_chat}  # (calls: test_tools.py)
     assert {"<｜User｜>", "<｜fim▁hole｜>"} <= hidden and not hidden & {"<｜tool▁sep｜>", "<｜tool▁calls▁begin｜>", "</think>"}
 
+def test_after_a_tool_result_no_call_or_think_tag_lands_in_the_content(parts):
+    """A model pushed towards a call's closing token in free text (tools offered, 'auto'), or towards `</think>` after
+    a tool result, where the template opens no reasoning (thinking on): both tags landed in `content` (the real
+    clients' trial: 13 and 22 of 40 seeds of the shipped model)."""
+    _, tok, db = parts
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                   max_position_embeddings=1024)).eval()  # (the tools' description is long)
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=1024, eos_token_id=tok.eos_id)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    after_tool = [{"role": "user", "content": "What is 2+3?"},
+                  {"role": "assistant", "content": None, "reasoning_content": "I add.", "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    call_end, end_think = tok.encode("<｜tool▁call▁end｜>")[0], tok.end_think_id
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        answers = [client.chat.completions.create(
+            model=model_name, messages=after_tool, max_tokens=12, temperature=0, logit_bias={str(pushed): 100}, **extra)
+            for model_name, pushed, extra in (("deepseek-chat", call_end, {"tools": tools}),
+                                              ("deepseek-reasoner", end_think, {"tools": tools}),
+                                              ("deepseek-reasoner", end_think, {}))]
+    for r in answers:
+        message = r.choices[0].message
+        text = (message.content or "") + (getattr(message, "reasoning_content", None) or "")
+        assert "｜" not in text and "think>" not in text, message
+
+
 def test_non_streaming_client_that_hangs_up_cancels(parts, capfd):
     model, tok, db = parts
     engine = Engine(model, decode=tok.decode, max_batch=2, max_len=256, eos_token_id=-1)

@@ -145,17 +145,23 @@ class Grammar:
     banned: frozenset[int] = field(default_factory=frozenset)
     required: bool = False  # the reply must reach the grammar: the trigger is forced as the budget runs out
     banned_after: tuple[int, frozenset[int]] | None = None  # (token, banned once it has been generated)
+    banned_before_trigger: frozenset[int] = field(default_factory=frozenset)  # in the free text before the trigger
+    # (open, close): the reply may open with `open` (its reasoning) and close it with `close` once; a reply that does
+    # not open with it writes neither (a model that reasoned without the opening tag left `</think>` in the answer)
+    opens: tuple[int, int] | None = None
 
     @staticmethod
     def compile(vocab: llguidance.LLTokenizer, lark: str | None, trigger: int | None = None,
-                banned=(), required: bool = False, banned_after: tuple[int, frozenset[int]] | None = None) -> "Grammar":
+                banned=(), required: bool = False, banned_after: tuple[int, frozenset[int]] | None = None,
+                banned_before_trigger=(), opens: tuple[int, int] | None = None) -> "Grammar":
         """Raises GrammarError if llguidance rejects the grammar (e.g. an invalid JSON schema)."""
         matcher = None
         if lark is not None:
             matcher = llguidance.LLMatcher(vocab, lark, log_level=0)
             if matcher.is_error():
                 raise GrammarError(_readable(matcher.get_error()))
-        return Grammar(matcher, vocab, trigger, frozenset(banned), required, banned_after)
+        return Grammar(matcher, vocab, trigger, frozenset(banned), required, banned_after,
+                       frozenset(banned_before_trigger), opens)
 
     @cached_property
     def entry_path(self) -> tuple[int, ...]:
@@ -181,13 +187,20 @@ class GrammarState:
         self.matcher = grammar.matcher.deep_copy() if grammar.matcher is not None else None
         self.active = grammar.trigger is None and self.matcher is not None
         self.after = False  # grammar.banned_after's token has been generated
+        self.tokens = 0  # generated so far
+        self.opened = None  # grammar.opens: whether the reply opened its reasoning (None: not yet known)
         self.cut_short = False  # closing() ended the output early: the budget ran out, not the reply
         self.plan: list[int] = []  # the completion closing() last found from here (see closing)
         self.costly = False  # a completion here took the costly search: closing follows its plan
 
     def allowed(self, n_vocab: int, device=None) -> torch.Tensor | None:
         """A bool mask [n_vocab] of the tokens allowed next, or None when every token is."""
-        banned = self.grammar.banned | (self.grammar.banned_after[1] if self.after else frozenset())
+        g = self.grammar
+        banned = g.banned | (g.banned_after[1] if self.after else frozenset())
+        if not self.active and g.trigger is not None:
+            banned |= g.banned_before_trigger
+        if g.opens is not None:  # open first or never; close once, after opening
+            banned |= {g.opens[1]} if self.tokens == 0 else {g.opens[0]} if self.opened else set(g.opens)
         if not self.active and not banned:
             return None
         if self.active:
@@ -202,8 +215,12 @@ class GrammarState:
         return mask.to(device) if device is not None else mask
 
     def consume(self, token: int) -> None:
-        if self.grammar.banned_after is not None and token == self.grammar.banned_after[0]:
+        g = self.grammar
+        if g.banned_after is not None and token == g.banned_after[0]:
             self.after = True
+        if g.opens is not None:
+            self.opened = (token == g.opens[0]) if self.tokens == 0 else self.opened and token != g.opens[1]
+        self.tokens += 1
         if not self.active and self.matcher is not None and token == self.grammar.trigger:
             self.active = True
         if self.active and not self.matcher.is_stopped():

@@ -80,8 +80,9 @@ class Service:
 
     @lru_cache(maxsize=64)
     def grammar(self, lark: str | None, trigger: int | None, banned: frozenset, required: bool,
-                banned_after: tuple[int, frozenset] | None = None) -> Grammar:
-        return Grammar.compile(self.vocab, lark, trigger, banned, required, banned_after)
+                banned_after: tuple[int, frozenset] | None = None, banned_before_trigger: frozenset = frozenset(),
+                opens: tuple[int, int] | None = None) -> Grammar:
+        return Grammar.compile(self.vocab, lark, trigger, banned, required, banned_after, banned_before_trigger, opens)
 
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes: a piece of a character (byte-level BPE splits emoji and CJK) is its byte(s),
@@ -352,7 +353,8 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     'required' or a named function), the response format's JSON (under 'auto' with a response format:
     the answer is either that JSON or a block of calls), neither; with thinking on, the forced part
     comes after the reasoning. Without thinking the think tags are banned, and with it once the
-    reasoning has ended (a second `</think>` would land in the answer); where no tool may be called
+    reasoning has ended (a second `</think>` would land in the answer); where the prompt opens no reasoning
+    (after a tool result) the reply may open its own with its first token, or write no tags; where no tool may be called
     (none offered, or tool_choice 'none') so are the tokens of calls and tool outputs (a model taught
     to call a calculator once wrote a raw call into a reply to a request without tools)."""
     tok, fmt = svc.tok, svc.call_format
@@ -360,6 +362,8 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     banned = set() if thinking else set(tags)
     reasoning_end = tok.end_think_id if thinking and started and tok.end_think_id is not None else None
     after = (reasoning_end, tags) if reasoning_end is not None else None
+    # thinking on where the prompt opens no reasoning (after a tool result): the reply may open its own, at once
+    opens = (tok.think_id, tok.end_think_id) if thinking and not started and len(tags) == 2 else None
     rf = body.response_format
     json_answer = None
     if rf is not None and rf.type != "text":
@@ -377,18 +381,21 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
             if len(opener) != 1:
                 raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
                                     "or a named function", param="tool_choice")
-            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False, after)
+            # (the call format's other tokens are the grammar's: free text writing one left it in the content)
+            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False, after,
+                               call_tokens(tok, fmt) - {opener[0]}, opens)
     else:
         banned |= call_tokens(tok, fmt)
     if answer is None and json_answer is not None:
         answer = f"answer: {json_answer}\n"
     if answer is None:
-        return svc.grammar(None, None, frozenset(banned), False, after) if banned or after else None
+        return svc.grammar(None, None, frozenset(banned), False, after, opens=opens) if banned or after or opens \
+            else None
     start = "start: answer\n"
     if reasoning_end is not None:  # free reasoning; the grammar starts where it ends
         trigger = reasoning_end
         start = f"start: <[{trigger}]> {LEADING_SPACE} answer\n"
-    return svc.grammar(start + answer, trigger, frozenset(banned), True, after)
+    return svc.grammar(start + answer, trigger, frozenset(banned), True, after, opens=opens)
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: frozenset[int]) -> SamplingParams:
