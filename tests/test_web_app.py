@@ -581,3 +581,16 @@ def test_a_chat_changed_in_another_tab_is_never_written_over(live, browser):
     page.wait_for_selector("#error", state="hidden")
     assert len(stored_once_saved(live.url, page.evaluate("state.conv.id"), 6)) == 6
     page.context.close()
+
+
+@pytest.mark.parametrize("context", [{"viewport": {"width": 375, "height": 740}, "has_touch": True},
+                                     {"viewport": {"width": 1200, "height": 800}, "has_touch": True}])
+def test_rename_and_delete_are_seen_on_a_touch_screen(live, browser, context):
+    """On a phone the list's rename and delete buttons were invisible (opacity 0, waiting for a hover that never
+    comes) yet tappable: a tap near a row's right edge could delete it unseen."""
+    httpx.post(live.url + "/api/conversations", json={"title": "kept"}, headers=AUTH)
+    page = open_page(browser, live.url, **context)
+    page.wait_for_selector("#conversations li")
+    opacities = page.evaluate("[...document.querySelectorAll('#conversations li .act')]"
+                              ".map(b => getComputedStyle(b).opacity)")
+    assert opacities and set(opacities) == {"1"}, opacities
