@@ -244,7 +244,10 @@ def test_a_failed_turn_the_server_could_not_forget_is_undone_at_the_next_start(l
         page.wait_for_selector("#error:not([hidden])", timeout=30_000)
     new = page.evaluate("state.conv.id")
     assert len(stored(live.url, cid)) == 3 and len(stored(live.url, new)) == 1  # the questions the server kept
-    page.unroute_all()
+    page.unroute_all()  # the server is back: opening the conversation again shows it as it was (it showed the
+    page.click(f"#conversations li[data-id='{cid}'] .conv-title")  # question, which a resend then stored twice)
+    expect(page.locator(".msg.user")).to_have_count(1)
+    assert len(stored(live.url, cid)) == 2
     page.reload()
     page.wait_for_selector("#conversations li")
     deadline = time.time() + 10

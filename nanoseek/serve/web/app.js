@@ -430,6 +430,7 @@ function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id 
 async function openConversation(id) {
   if (state.busy) return;
   clearError();
+  await settleUndone().catch(() => {});  // a failed turn's question the server was back too late to forget: gone now
   state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
   remember(state.conv);
   renderConversation();
