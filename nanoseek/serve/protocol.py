@@ -12,7 +12,7 @@ import json
 import re
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -220,9 +220,15 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    functions: Any = None  # OpenAI's deprecated form of tools and tool_choice: refused, naming them (were ignored)
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _tools_named_once(self):
+        for old, new in (("functions", "tools (each function as {\"type\": \"function\", \"function\": {...}})"),
+                         ("function_call", "tool_choice")):
+            if getattr(self, old) is not None:
+                raise ValueError(f"{old}: the deprecated functions / function_call are not served; send {new}")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise ValueError("tools: function names must be unique")
