@@ -385,17 +385,20 @@ def test_welcome_examples_markdown_thinking_time_speed_and_thinking_off(shipped,
     # a heading is one line; list items right under a paragraph are a list; -824 is a number, not an item
     blocks = page.evaluate("""(text) => { const d = document.createElement('div'); d.append(markdown(text));
         return [...d.children].map((e) => e.tagName + ':' + e.textContent); }""",
-                           "# Steps\nFirst line\nthen:\n- one\n- two\n  more\n-824 is the answer")
-    assert blocks == ["H3:Steps", "P:First linethen:", "UL:onetwo more", "P:-824 is the answer"], blocks  # (a <br>)
+                           "# Steps\nFirst line\nthen:\n- one\n- two\n  more\n-824 is the answer\n\n- a\n- b\n1. c\n2. d")
+    assert blocks == ["H3:Steps", "P:First linethen:", "UL:onetwo more", "P:-824 is the answer", "UL:ab",
+                      "OL:cd"], blocks  # (a <br>; bullets then numbers are two lists: they were one)
     # links open in a new tab; only http(s) addresses become links; a sentence's full stop is not the address's
     links = page.evaluate("""(text) => { const d = document.createElement('div'); d.append(markdown(text));
         return [d.textContent, [...d.querySelectorAll('a')].map((a) => [a.textContent, a.href, a.target, a.rel])]; }""",
                           "See [the docs](https://example.com/a_b?x=1) or https://example.org/path. "
+                          "[Bach](https://en.wikipedia.org/wiki/Bach_(disambiguation)) "
                           "Not [this](javascript:alert(1)) nor www.example.net, and `https://in.code`")
-    assert links == ["See the docs or https://example.org/path. Not [this](javascript:alert(1)) nor www.example.net, "
-                     "and https://in.code",
+    assert links == ["See the docs or https://example.org/path. Bach Not [this](javascript:alert(1)) nor "
+                     "www.example.net, and https://in.code",
                      [["the docs", "https://example.com/a_b?x=1", "_blank", "noopener noreferrer nofollow"],
-                      ["https://example.org/path", "https://example.org/path", "_blank", "noopener noreferrer nofollow"]]], links
+                      ["https://example.org/path", "https://example.org/path", "_blank", "noopener noreferrer nofollow"],
+                      ["Bach", "https://en.wikipedia.org/wiki/Bach_(disambiguation)", "_blank", "noopener noreferrer nofollow"]]], links
     page.evaluate("""() => { state.conv.messages.push({role: 'user', content: 'code'},
         {role: 'assistant', content: 'Here:\\n\\n```python\\nprint(58*23)\\n```'}); renderConversation(); }""")
     block = page.locator(".msg.assistant .code").last

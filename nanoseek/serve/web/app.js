@@ -94,8 +94,9 @@ function el(tag, cls, text) {
 }
 // `code`, **bold** and *italic*, where the stars open after a space or punctuation and close before
 // one: maths such as 58*3*2, a*b, 2 * 3 or 2**10 is left as written; [links](https://...) and bare
-// http(s) addresses (never ending in the punctuation after them), opened in a new tab.
-const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2|\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)|(https?:\/\/[^\s<>()"']*[^\s<>()"'.,;:!?])/g;
+// http(s) addresses (never ending in the punctuation after them; a link's address may hold one level of
+// parentheses, as Wikipedia's do), opened in a new tab.
+const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2|\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)|(https?:\/\/[^\s<>()"']*[^\s<>()"'.,;:!?])/g;
 const WORDLIKE = /[\p{L}\p{N}*]/u;
 function inline(s) {  // -> nodes (strings and elements)
   const nodes = [];
@@ -162,6 +163,7 @@ function markdown(text) {  // -> a DocumentFragment
           out.append(lines("h" + Math.min(6, heading[1].length + 2), row.slice(heading[0].length)));
         } else if (LIST_ITEM.test(row)) {
           endPara();
+          if (items.length && /^\s*\d/.test(items[0]) !== /^\s*\d/.test(row)) endList();  // bullets, then numbers: two lists
           items.push(row);
         } else if (items.length && /^\s+\S/.test(row)) {
           items[items.length - 1] += " " + row.trim();  // an item's continued line
