@@ -649,6 +649,23 @@ def test_the_api_answers_at_deepseeks_base_urls_too(server):
         openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).models.list()
 
 
+def test_tokenize_counts_what_a_request_would_send(client, server):
+    """vLLM's /tokenize: the web app counts a long conversation's prompt before sending it (the reply of a history
+    a few tokens short of the context was cut off after 2 tokens)."""
+    messages = [{"role": "user", "content": "What is 12 + 7?"}]
+    for thinking in ("enabled", "disabled"):
+        counted = httpx.post(server + "/v1/tokenize", headers=AUTH, json={
+            "model": "nanoseek-test", "messages": messages, "thinking": {"type": thinking}}).json()
+        r = client.chat.completions.create(model="nanoseek-test", messages=messages, max_tokens=1,
+                                           extra_body={"thinking": {"type": thinking}})
+        assert counted["count"] == r.usage.prompt_tokens == len(counted["tokens"]) and counted["max_model_len"] == 256
+    text = httpx.post(server + "/tokenize", headers=AUTH, json={"prompt": "1 + 1 ="}).json()
+    assert text["count"] == client.completions.create(model="nanoseek-test", prompt="1 + 1 =", max_tokens=1).usage.prompt_tokens
+    for body in ({}, {"prompt": "x", "messages": messages}, {"messages": []}):
+        r = httpx.post(server + "/v1/tokenize", headers=AUTH, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
 def test_conversation_routes_and_missing_ones(server):
     h = {"Authorization": f"Bearer {KEY}"}
     c = httpx.post(server + "/api/conversations", json={"title": "t"}, headers=h, timeout=30).json()

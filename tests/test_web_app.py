@@ -219,6 +219,32 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(live, brows
     page.context.close()
 
 
+def test_a_history_that_fits_but_leaves_the_reply_no_room_leaves_out_its_oldest_turns(live, browser):
+    """A conversation a few tokens short of the context was sent whole and its reply cut off after 2 tokens: the
+    page now counts the prompt first (/v1/tokenize, as vLLM's) and leaves turns out to give the reply room."""
+    turns, count = [], 0
+    while count < CONTEXT - 60:  # grown to just under the context, counted by the server's own rendering
+        turns += [{"role": "user", "content": f"turn {len(turns)}: " + "word " * 20},
+                  {"role": "assistant", "content": "ok " * 10}]
+        asked = turns + [{"role": "user", "content": "What is 2 + 3?"}]
+        count = httpx.post(f"{live.url}/v1/tokenize", json={"messages": asked, "thinking": {"type": "enabled"}},
+                           headers=AUTH).json()["count"]
+    if count >= CONTEXT:
+        turns = turns[:-2]
+    cid = httpx.post(f"{live.url}/api/conversations", json={"title": "nearly full"}, headers=AUTH).json()["id"]
+    httpx.put(f"{live.url}/api/conversations/{cid}/messages", json={"messages": turns}, headers=AUTH)
+    page = open_page(browser, live.url, settings={"max_tokens": ""})
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.click("#conversations li:has-text('nearly full')")
+    page.wait_for_selector(".msg.user")
+    ask(page, "What is 2 + 3?")
+    assert all(len(body["messages"]) < len(turns) + 1 and body["max_tokens"] == CONTEXT // 4 for body in sent), sent
+    assert page.is_hidden("#error")
+    assert "oldest messages left out" in page.inner_text(".msg.assistant >> nth=-1")
+    page.context.close()
+
+
 def test_a_failed_turn_the_server_could_not_forget_is_undone_at_the_next_start(live, browser):
     """The server went away mid-turn: the question was stored, and the page could not take it back; the next
     time the page starts, the conversation is as it was before the turn (a new one: gone)."""

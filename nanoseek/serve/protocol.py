@@ -245,6 +245,22 @@ class ChatRequest(Sampling):
         return self
 
 
+class TokenizeRequest(StrictBody):
+    """vLLM's /tokenize: a chat request's messages (with its tools and thinking, rendered as the chat route renders
+    them, the generation prompt included) or a completion's text prompt -> their tokens."""
+    model: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    thinking: Thinking | None = None
+    prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("messages: give messages (a chat) or prompt (a text), one of them")
+        return self
+
+
 class CompletionRequest(Sampling):
     prompt: str | list  # a string, a list of strings, a list of token ids, or a list of token-id lists
     suffix: str | None = None

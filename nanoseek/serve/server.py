@@ -43,7 +43,8 @@ from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, des
                      renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
-from .protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice, new_id, now, validation_message
+from .protocol import (APIError, ChatRequest, CompletionRequest, NamedToolChoice, TokenizeRequest, new_id, now,
+                       validation_message)
 
 log = logging.getLogger("nanoseek")
 WEB = Path(__file__).parent / "web"
@@ -254,6 +255,12 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     @openai.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await complete(models.pick(body.model)[0], body, request)
+
+    @openai.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        svc, thinks = models.pick(body.model)
+        ids = await asyncio.to_thread(_tokenize, svc, thinks, body)
+        return {"count": len(ids), "max_model_len": svc.engine.max_len, "tokens": ids}
 
     for base in API_BASES:
         api.include_router(openai, prefix=base)
@@ -513,6 +520,15 @@ def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
             msg.update(content=content or None, tool_calls=calls)
             finish = "tool_calls" if finish == "stop" else finish
     return msg, finish
+
+
+def _tokenize(svc: Service, thinks: bool, body: TokenizeRequest) -> list[int]:
+    """The prompt a chat request of these messages (tools, thinking) or a completion of this text would send."""
+    if body.prompt is not None:
+        return _completion_prompt(svc, CompletionRequest(prompt=body.prompt), body.prompt).ids
+    chat = ChatRequest(model=body.model, messages=body.messages, tools=body.tools, thinking=body.thinking)
+    thinking = _thinking(thinks, chat)
+    return _chat_prompt(svc, chat, thinking, _tools(svc, chat)[0])[0]
 
 
 def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:

@@ -681,6 +681,12 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
   // the model's context, at most 1024 tokens, unless Max tokens is set
   const roomy = Math.min(1024, Math.floor((state.contexts[chosenModel() || state.models[0]] || 2048) / 4));
   let room = starts[0] > 0 ? roomy : undefined;
+  if (!room && starts.length > 1 && requestBody(c, mayCall).max_tokens === undefined) {
+    // the whole history fits, but may leave the reply a few tokens (it was cut off after 2): counted first
+    const { model, messages, tools, thinking } = requestBody({ ...c, messages: history }, mayCall);
+    const counted = await api("/v1/tokenize", "POST", { model, messages, tools, thinking }, signal).catch(() => null);
+    if (counted && counted.max_model_len - counted.count < roomy) { starts.shift(); room = roomy; }
+  }
   for (const [k, skip] of starts.entries()) {
     const body = requestBody({ ...c, messages: history.slice(skip) }, mayCall);
     if (skip && body.max_tokens === undefined) body.max_tokens = room;
