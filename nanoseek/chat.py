@@ -161,7 +161,8 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
 
 
-def prompt_ids(tok: DeepSeekTokenizer, messages: list[dict], system: str, think: bool, tools: Tools | None) -> list[int]:
+def prompt_ids(tok: DeepSeekTokenizer, messages: list[dict], system: str, think: bool,
+               tools: Tools | None) -> list[int]:
     convo = ([{"role": "system", "content": system}] if system else []) + messages
     return tok.render_prompt(convo, thinking=think) if tools is None else tools.prompt(tok, convo, think)
 

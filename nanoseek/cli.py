@@ -753,9 +753,10 @@ def chat(
                  think=think, tools=tools)
     except ContextOverflow as e:  # (raised before the first message: none could be answered)
         room = e.context - e.prompt_tokens
+        advice = f", leaving {room}: give --max-tokens {room} at most" if max_tokens and room > 0 else \
+            ": shorten --system" if system else ""
         _fail(f"a one-word message{' with this --system' if system else ''} takes {e.prompt_tokens} of the model's "
-              f"{e.context} tokens of context" + (f", leaving {room}: give --max-tokens {room} at most"
-                                                  if max_tokens and room > 0 else ": shorten --system" if system else ""))
+              f"{e.context} tokens of context" + advice)
 
 
 @app.command()
@@ -847,7 +848,8 @@ def distill(
                                 f"model: {', '.join(PRESETS)}) or a model folder."),
     out: Path = typer.Option(Path("runs/distill"), callback=_out_folder, help="Run folder (rerun to continue)."),
     tasks: str = typer.Option("add,sub,mul", callback=_families, help="Comma-separated task families to distill."),
-    traces: int = typer.Option(2000, min=1, help="Verified traces to collect (a rerun with the same options continues collecting, until the student starts training)."),
+    traces: int = typer.Option(2000, min=1, help="Verified traces to collect (a rerun with the same options continues "
+                               "collecting, until the student starts training)."),
     tokenizer: Path = typer.Option(None, callback=_tokenizer_folder, help="Tokenizer for a preset student with a "
                                    "remote teacher."),
     teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),

@@ -129,10 +129,8 @@ class DistillObjective:
 def _refuse_other_vocabulary(teacher: str, student: str) -> None:
     """Logit distillation compares the two models' distributions token by token: the student must read and write
     the teacher's tokens, in as many logits (it failed after the traces were collected, on a size mismatch)."""
-    vocab = {}
-    for name, folder in (("teacher", teacher), ("student", student)):
-        vocab[name] = DeepSeekTokenizer.load(folder).tok.get_vocab(), load_config(folder)[0].vocab_size
-    (t_tokens, t_rows), (s_tokens, s_rows) = vocab["teacher"], vocab["student"]
+    (t_tokens, t_rows), (s_tokens, s_rows) = (
+        (DeepSeekTokenizer.load(folder).tok.get_vocab(), load_config(folder)[0].vocab_size) for folder in (teacher, student))
     if t_tokens != s_tokens or t_rows != s_rows:
         theirs = (f"{len(s_tokens):,} tokens in {s_rows:,} logits against the teacher's {len(t_tokens):,} in {t_rows:,}"
                   if (len(s_tokens), s_rows) != (len(t_tokens), t_rows) else "other tokens than the teacher's")

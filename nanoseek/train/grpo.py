@@ -100,7 +100,8 @@ class Rollouts:
         if self.console is not None and self._last is None and self.cfg.mode == "r1" and not batch["stats"]["format_rate"]:
             self.console.print("[yellow]no rollout closed its reasoning with </think> and answered[/]: R1 mode asks "
                                "through the chat template, and this model has not learned to answer there (a base "
-                               "model, or too short an SFT): train it with --mode r1-zero, or (more) `nanoseek sft` first")
+                               "model, or too short an SFT): train it with --mode r1-zero, or (more) `nanoseek sft` "
+                               "first")
         self._last, self._uses = batch, 1
         return batch
 

@@ -64,7 +64,8 @@ def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Pa
         return None
     records = read_metrics(log)
     # (a metric at 0 throughout is drawn: an RL run whose reward never left 0 had no reward panel at all)
-    present = sorted({k for r in records for k, v in r.items() if v is not None and k not in ("step", "time", "tokens")})
+    present = sorted({k for r in records for k, v in r.items()
+                      if v is not None and k not in ("step", "time", "tokens")})
     panels = {title: [k for k in present if wanted(k)] for title, wanted in PANELS.items()}
     panels = {t: k for t, k in panels.items() if k}
     if not panels:

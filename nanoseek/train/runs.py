@@ -110,7 +110,8 @@ def exclusive(folder: Path) -> Iterator[None]:
         with _locked(folder):
             yield
     finally:
-        if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [".lock"]:  # refused before any work: no folder left
+        # refused before any work: no folder left
+        if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [".lock"]:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -150,7 +150,8 @@ def sft(model_dir: str | Path, out: str | Path, cfg: SFTConfig | None = None, tr
             raise ConfigError(str(e)) from None
         if info.main and (long := sum(e.shape[1] > cfg.seq_len for e in examples)):
             console.print(f"[yellow]{long:,} of {len(examples):,} conversations are longer than --seq-len "
-                          f"{cfg.seq_len}[/]: each is trained in pieces of that length, a piece seeing only its own part")
+                          f"{cfg.seq_len}[/]: each is trained in pieces of that length, a piece seeing only its own "
+                          "part")
         model = load_model(model_dir, dtype=torch.float32, device=info.device)
         if tok.vocab_size > model.config.vocab_size:  # the tokenizer gained tokens (tool calls)
             model.resize_vocab(padded_vocab(tok.vocab_size))
