@@ -1,7 +1,7 @@
 """Hugging Face-format checkpoints: config.json + (sharded) safetensors, DeepSeek's FP8 included.
 
 `load_model(path)` reads what DeepSeek publishes (V2/V2-Lite in bf16, V3/R1 in FP8 with
-128x128 block scales, the R1-Distill Qwen2/Llama models in bf16) and what transformers writes; `save_model(model, path)` writes a folder
+128x128 block scales, the R1-Distill Qwen2/Llama models and R1-0528-Qwen3-8B in bf16) and what transformers writes; `save_model(model, path)` writes a folder
 that `transformers.AutoModelForCausalLM.from_pretrained` loads. Tensor names are the model's
 own attribute names, so loading is a strict name-for-name copy, one shard at a time.
 """
@@ -167,7 +167,7 @@ def refuse_quantized(path: str | os.PathLike, what: str = "training") -> None:
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None, quantize: str | int | None = None,
                weight_dtype: torch.dtype | None = None) -> DeepseekForCausalLM:
-    """Load a model folder (HF format: DeepSeek-V2/V3, their Qwen2/Llama derivatives, or a folder that
+    """Load a model folder (HF format: DeepSeek-V2/V3, their Qwen2/Qwen3/Llama derivatives, or a folder that
     `nanoseek quantize` wrote). dtype defaults to the checkpoint's (FP8 weights are dequantized to bf16
     unless a dtype is given); device defaults to CPU.
 

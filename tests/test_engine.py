@@ -16,11 +16,13 @@ from nanoseek.model import build_model, get_preset
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 
 
-@pytest.fixture(scope="module", params=["mla", "gqa"])
+@pytest.fixture(scope="module", params=["mla", "gqa", "qwen3"])
 def model(request):
-    """The tiny DeepSeek-V3 (MLA, MoE, MTP; latent cache) and a tiny Qwen2 (GQA; key-value cache)."""
+    """The tiny DeepSeek-V3 (MLA, MoE, MTP; latent cache), a tiny Qwen2 (GQA; key-value cache) and a tiny Qwen3
+    (GQA with each head's queries and keys normalised, heads wider than hidden / heads)."""
     torch.manual_seed(0)
-    config = get_preset("tiny", eos_token_id=-1) if request.param == "mla" else tiny_gqa_config(eos_token_id=-1)
+    config = {"mla": lambda: get_preset("tiny", eos_token_id=-1), "gqa": lambda: tiny_gqa_config(eos_token_id=-1),
+              "qwen3": lambda: tiny_gqa_config(model_type="qwen3", head_dim=24, eos_token_id=-1)}[request.param]()
     m = build_model(config).eval()
     randomize_(m, std=0.15)
     return m

@@ -1,4 +1,4 @@
-"""transformers is the oracle for DeepseekV3/V2 and the R1-Distill architectures (Qwen2, Llama): same
+"""transformers is the oracle for DeepseekV3/V2 and the R1-Distill architectures (Qwen2, Qwen3, Llama): same
 weights, same logits (fp32, 1e-4), both ways."""
 
 import json
@@ -52,6 +52,13 @@ QWEN2_CASES = {
     "mqa-yarn": dict(num_key_value_heads=1, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                                              "original_max_position_embeddings": 32}),
 }
+QWEN3_CASES = {  # DeepSeek-R1-0528-Qwen3-8B's architecture: q/k norms, head_dim apart from hidden / heads
+    "gqa-headdim": dict(head_dim=24),
+    # R1-0528-Qwen3-8B's YaRN carries vLLM's `attn_factor`, which transformers does not read
+    "bias-tied-yarn": dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=1,
+                           rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                            "original_max_position_embeddings": 32, "attn_factor": 0.8782}),
+}
 LLAMA_CASES = {
     "llama3-rope": dict(rope_parameters=LLAMA3),
     "bias-headdim-tied": dict(attention_bias=True, mlp_bias=True, head_dim=24, tie_word_embeddings=True),
@@ -62,6 +69,7 @@ FAMILIES = {  # kind -> (config class, model class, base fields)
     "v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, BASE),
     "v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, BASE),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, GQA_BASE),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, GQA_BASE),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, GQA_BASE),
 }
 
@@ -78,7 +86,8 @@ def inputs():
 
 
 CASES = ([("v3", n, c) for n, c in V3_CASES.items()] + [("v2", n, c) for n, c in V2_CASES.items()]
-         + [("qwen2", n, c) for n, c in QWEN2_CASES.items()] + [("llama", n, c) for n, c in LLAMA_CASES.items()])
+         + [("qwen2", n, c) for n, c in QWEN2_CASES.items()] + [("qwen3", n, c) for n, c in QWEN3_CASES.items()]
+         + [("llama", n, c) for n, c in LLAMA_CASES.items()])
 
 
 @pytest.mark.parametrize("kind,name,overrides", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])

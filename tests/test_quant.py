@@ -116,9 +116,15 @@ def kl_and_agreement(float_model, quant_model, x):
     return kl, agree
 
 
-@pytest.mark.parametrize("family", ["mla", "gqa"])
+def family_config(family: str):
+    """The tiny DeepSeek-V3 (MLA), a tiny Qwen2 (GQA) or a tiny Qwen3 (GQA, per-head q/k norms, which stay float)."""
+    return {"mla": lambda: get_preset("tiny"), "gqa": tiny_gqa_config,
+            "qwen3": lambda: tiny_gqa_config(model_type="qwen3", head_dim=24)}[family]()
+
+
+@pytest.mark.parametrize("family", ["mla", "gqa", "qwen3"])
 def test_quantized_random_models_stay_close_to_float(tmp_path, family):
-    config = get_preset("tiny") if family == "mla" else tiny_gqa_config()
+    config = family_config(family)
     model = build_model(config).eval()
     randomize_(model, std=0.1)
     nanoseek.save_model(model, tmp_path)
@@ -243,11 +249,11 @@ def test_fp8_checkpoint_goes_straight_to_int8(tmp_path):
     assert torch.equal(got.codes(), expected.codes()) and torch.equal(got.scales, expected.scales)
 
 
-@pytest.mark.parametrize("family", ["mla", "gqa"])
+@pytest.mark.parametrize("family", ["mla", "gqa", "qwen3"])
 def test_the_engine_decodes_quantized_models(tmp_path, family):
     """Cached decoding of a quantized model (kernels at 1 row, dequantized weights for the prefill)
     gives the tokens of full forwards of the same quantized model."""
-    config = get_preset("tiny") if family == "mla" else tiny_gqa_config()
+    config = family_config(family)
     model = build_model(config).eval()
     randomize_(model, std=0.15)
     nanoseek.save_model(model, tmp_path)

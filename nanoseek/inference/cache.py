@@ -1,5 +1,5 @@
 """The KV cache: for MLA only the latent, kv_lora_rank + qk_rope_head_dim numbers per token per
-layer; for GQA (the Qwen2/Llama derivatives) the keys and values of each key-value head.
+layer; for GQA (the Qwen2/Qwen3/Llama derivatives) the keys and values of each key-value head.
 
 One preallocated tensor [layers, rows, heads, max_len, width] (MTP layers included; heads and
 width from `config.kv_cache_shape`); nothing is reallocated while decoding. Its memory is

@@ -1,4 +1,4 @@
-"""Attention: MLA (DeepSeek-V2/V3) and grouped-query attention (the Qwen2/Llama derivatives).
+"""Attention: MLA (DeepSeek-V2/V3) and grouped-query attention (the Qwen2/Qwen3/Llama derivatives).
 
 MLA: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
 
@@ -12,7 +12,8 @@ plus one rope key shared by all heads (qk_rope_head_dim). Two paths, side by sid
   sequence is never expanded. The cache holds kv_lora_rank + qk_rope_head_dim numbers per token.
 
 GQA: every head has its own key and value of head_dim channels, shared by
-num_attention_heads / num_key_value_heads query heads ("a group"); RoPE turns the whole head.
+num_attention_heads / num_key_value_heads query heads ("a group"); RoPE turns the whole head (Qwen3
+RMS-normalises each head's queries and keys before it).
 The cache holds k and v of each key-value head.
 
 Both read a cache through one interface (`KVCache`): per layer and token the cache holds
@@ -193,7 +194,7 @@ class MLA(nn.Module):
 
 
 class GQA(nn.Module):
-    """Grouped-query attention with RoPE over the whole head (Qwen2, Llama; HF module names)."""
+    """Grouped-query attention with RoPE over the whole head (Qwen2, Qwen3, Llama; HF module names)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -204,15 +205,21 @@ class GQA(nn.Module):
         self.q_proj = Linear(D, H * d, bias=bias)
         self.k_proj = Linear(D, Hkv * d, bias=bias)
         self.v_proj = Linear(D, Hkv * d, bias=bias)
-        self.o_proj = Linear(H * d, D, bias=bias and config.model_type == "llama")  # Qwen2: no o_proj bias
+        self.o_proj = Linear(H * d, D, bias=bias and config.model_type != "qwen2")  # Qwen2: no o_proj bias
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: each head's queries and keys normalised over its d channels
+            self.q_norm, self.k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
         self.softmax_scale = d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
-        q = apply_rope(self.q_proj(x).view(B, S, H, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
-        k = apply_rope(self.k_proj(x).view(B, S, Hkv, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
+        q, k = self.q_proj(x).view(B, S, H, d), self.k_proj(x).view(B, S, Hkv, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2), False)
+        k = apply_rope(k, cos.unsqueeze(2), sin.unsqueeze(2), False)
         v = self.v_proj(x).view(B, S, Hkv, d)
         if cache is None:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale,

@@ -1,4 +1,4 @@
-"""The decoder layer: pre-norm attention (MLA, or GQA for the Qwen2/Llama derivatives), then
+"""The decoder layer: pre-norm attention (MLA, or GQA for the Qwen2/Qwen3/Llama derivatives), then
 pre-norm dense MLP or DeepSeekMoE."""
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ DeepSeek-V3 shapes), so a checkpoint's config.json loads with `ModelConfig.from_
 V2-only knobs (`topk_method`, `scoring_func`) are real fields here: the router reads them
 instead of hard-coding one family. Named presets live in `PRESETS` at the bottom.
 
-The R1-Distill derivatives are Qwen2 and Llama models: the same skeleton (embedding, pre-norm
-decoder layers, final norm, head) with grouped-query attention (`num_key_value_heads`, `head_dim`)
-over the whole head instead of MLA, and a dense SwiGLU MLP in every layer. `from_dict` reads
-their config.json with the defaults of transformers' Qwen2Config / LlamaConfig; for them the
-MLA, MoE and MTP fields are unused.
+The R1-Distill derivatives are Qwen2 and Llama models, and DeepSeek-R1-0528-Qwen3-8B a Qwen3 one: the
+same skeleton (embedding, pre-norm decoder layers, final norm, head) with grouped-query attention
+(`num_key_value_heads`, `head_dim`) over the whole head instead of MLA (Qwen3 normalises each head's
+queries and keys first), and a dense SwiGLU MLP in every layer. `from_dict` reads their config.json with
+the defaults of transformers' Qwen2Config / Qwen3Config / LlamaConfig; for them the MLA, MoE and MTP
+fields are unused.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ ROUTING = {  # scoring_func -> topk_methods it supports
     "softmax": ("greedy", "group_limited_greedy"),
 }
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-GQA_FAMILIES = ("qwen2", "llama")  # grouped-query attention, dense MLPs
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+GQA_FAMILIES = ("qwen2", "qwen3", "llama")  # grouped-query attention, dense MLPs
+QWEN = ("qwen2", "qwen3")  # MLPs without biases (no mlp_bias field), optional sliding-window layers
 ROPE_TYPES = ("yarn", "llama3", "linear")
-# the fields a Qwen2/Llama config.json holds (MLA, MoE and MTP fields are DeepSeek's only)
+# the fields a Qwen2/Qwen3/Llama config.json holds (MLA, MoE and MTP fields are DeepSeek's only)
 GQA_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
               "rope_scaling", "hidden_act", "rms_norm_eps", "initializer_range", "attention_bias", "mlp_bias",
@@ -79,7 +81,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
-    attention_bias: bool = False  # Qwen2: biases on q/k/v; Llama: on q/k/v/o; DeepSeek: q_a/kv_a/o
+    attention_bias: bool = False  # Qwen2: biases on q/k/v; Llama, Qwen3: on q/k/v/o; DeepSeek: q_a/kv_a/o
     mlp_bias: bool = False  # Llama only
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
@@ -91,8 +93,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None or not self.is_gqa:  # MLA has no key-value heads (transformers'
             self.num_key_value_heads = self.num_attention_heads  # DeepseekV3Config defaults the unused field to 128)
-        if self.model_type == "qwen2":
-            self.mlp_bias = False  # Qwen2 has no such field: transformers' Qwen2 MLP never has biases
+        if self.model_type in QWEN:
+            self.mlp_bias = False  # no such field: transformers' Qwen2 and Qwen3 MLPs never have biases
         if self.model_type == "deepseek_v2":  # transformers' DeepseekV2 rotates interleaved pairs and never
             self.rope_interleave, self.norm_topk_prob = True, False  # renormalises (false in every V2 release)
         if self.is_gqa:
@@ -124,8 +126,13 @@ class ModelConfig:
     # ---- derived sizes ----
     @property
     def is_gqa(self) -> bool:
-        """Grouped-query attention over whole heads (Qwen2, Llama) rather than MLA."""
+        """Grouped-query attention over whole heads (Qwen2, Qwen3, Llama) rather than MLA."""
         return self.model_type in GQA_FAMILIES
+
+    @property
+    def qk_norm(self) -> bool:
+        """Each head's queries and keys RMS-normalised before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
 
     @property
     def qk_head_dim(self) -> int:
@@ -147,10 +154,10 @@ class ModelConfig:
 
     @property
     def sliding_layers(self) -> list[int]:
-        """The layers a Qwen2 config gives sliding-window attention, as transformers reads it: with
+        """The layers a Qwen2/Qwen3 config gives sliding-window attention, as transformers reads it: with
         use_sliding_window, those its layer_types name, else those from max_window_layers on."""
         e = self.extra
-        if self.model_type != "qwen2" or not e.get("use_sliding_window") or e.get("sliding_window", 4096) is None:
+        if self.model_type not in QWEN or not e.get("use_sliding_window") or e.get("sliding_window", 4096) is None:
             return []
         kinds = e.get("layer_types") or ["sliding_attention" if i >= e.get("max_window_layers", 28) else "full"
                                          for i in range(self.num_hidden_layers)]
@@ -243,13 +250,15 @@ class ModelConfig:
                 d["rope_theta"] = rp["rope_theta"]
             if rp.get("rope_type", rp.get("type", "default")) != "default":
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if d.get("model_type") in GQA_FAMILIES:  # transformers' Qwen2Config / LlamaConfig defaults
-            qwen = d["model_type"] == "qwen2"
+        if d.get("model_type") in GQA_FAMILIES:  # transformers' Qwen2Config / Qwen3Config / LlamaConfig defaults
+            qwen = d["model_type"] in QWEN
             d.setdefault("max_position_embeddings", 32768 if qwen else 2048)
             d.setdefault("bos_token_id", None if qwen else 1)
             d.setdefault("eos_token_id", None if qwen else 2)
-            if qwen:
+            if d["model_type"] == "qwen2":
                 d["attention_bias"] = True  # Qwen2 always has q/k/v biases (no config field)
+            if d["model_type"] == "qwen3":
+                d.setdefault("head_dim", 128)  # Qwen3's own default, not hidden_size / heads
         if d.get("model_type") == "deepseek_v2":  # HF V2 defaults differ from the V3 ones
             d.setdefault("topk_method", "greedy")
             d.setdefault("scoring_func", "softmax")
@@ -272,7 +281,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if self.is_gqa:
-            d = {k: d[k] for k in GQA_FIELDS if not (k == "mlp_bias" and self.model_type == "qwen2")}
+            d = {k: d[k] for k in GQA_FIELDS if not (k == "mlp_bias" and self.model_type in QWEN)}
         else:  # DeepSeek's config.json has no head_dim (transformers derives its own) and no mlp_bias
             del d["head_dim"], d["mlp_bias"]
         keep = {k: v for k, v in self.extra.items() if k not in ("quantization_config", "torch_dtype", "dtype",

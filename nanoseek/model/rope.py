@@ -2,7 +2,7 @@
 
 MLA rotates only the decoupled `qk_rope_head_dim` channels; DeepSeek's checkpoints store them as
 consecutive pairs (x[2i], x[2i+1]) = one rotation plane rotated by pos * inv_freq[i]
-(`rope_interleave=True`). Qwen2 and Llama rotate the whole head and pair (x[i], x[i + d/2])
+(`rope_interleave=True`). Qwen2, Qwen3 and Llama rotate the whole head and pair (x[i], x[i + d/2])
 (`rope_interleave=False`).
 """
 

@@ -1,4 +1,5 @@
-"""The DeepSeek-V2/V3 causal language model, and its Qwen2/Llama derivatives (R1-Distill).
+"""The DeepSeek-V2/V3 causal language model, and its Qwen2/Qwen3/Llama derivatives (R1-Distill,
+R1-0528-Qwen3).
 
 Module attribute names are the Hugging Face tensor names (model.embed_tokens,
 model.layers.{l}.self_attn.kv_b_proj, ..., lm_head), so `load_state_dict(strict=True)` on a
