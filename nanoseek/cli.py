@@ -1049,7 +1049,7 @@ def serve(
                              "unless --allow-open is given."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_API_KEY", help="Require 'Authorization: Bearer KEY' "
-                                "(also read from NANOSEEK_API_KEY)."),
+                                "or 'x-api-key: KEY' (also read from NANOSEEK_API_KEY)."),
     allow_open: bool = typer.Option(False, help="Serve without an API key on a non-loopback interface."),
     name: list[str] = typer.Option([], metavar="NAME", help="The model name clients use (repeat, in --model's order, for "
                                    "several; default: 'nanoseek' for one model, each folder's name for several)."),
@@ -1064,8 +1064,8 @@ def serve(
     quantize: Quantize = _quantize_option(),
     device: Device = _device_option(),
 ):
-    """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions) and the chat
-    web app (/) on one port."""
+    """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions, /v1/responses),
+    Anthropic's Messages API as DeepSeek serves it (/anthropic/v1/messages) and the chat web app (/) on one port."""
     names = _served_names(model, name)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1") and not allow_open:
         _fail(f"--host: refusing to serve without an API key on {host}: set --api-key / NANOSEEK_API_KEY, or pass "
@@ -1132,7 +1132,7 @@ def _model_name(folder: Path) -> str:
 @app.command(cls=WithArguments)
 def quantize(
     model: Path = typer.Argument(..., metavar="MODEL", callback=_model_folder, help="A model folder (HF format: "
-                                 "DeepSeek V2/V3 incl. FP8, R1-Distill Qwen2/Llama)."),
+                                 "DeepSeek V2/V3 incl. FP8, R1-Distill Qwen2/Qwen3/Llama)."),
     out: Path = typer.Argument(..., metavar="OUT", callback=_out_folder, help="Folder to write the quantized model "
                                "(and the tokenizer files) into."),
     bits: Literal[8, 4] = typer.Option(8, help="8: int8 per output channel; 4: int4 in groups of 32 inputs."),

@@ -275,9 +275,10 @@ def test_litellm_deepseek_provider(server):
     assert r.choices[0].message.reasoning_content is not None
 
 
-def test_openai_agents_sdk_calls_a_local_tool(server):
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from agents.items import ToolCallOutputItem
+def agents_add_tool():
+    """An OpenAI Agents SDK function tool adding two integers (tracing off: nothing leaves the machine), and the
+    list of the arguments it is called with."""
+    from agents import function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)
     seen = []
@@ -288,6 +289,14 @@ def test_openai_agents_sdk_calls_a_local_tool(server):
         seen.append((a, b))
         return a + b
 
+    return add, seen
+
+
+def test_openai_agents_sdk_calls_a_local_tool(server):
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner
+    from agents.items import ToolCallOutputItem
+
+    add, seen = agents_add_tool()
     client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
     agent = Agent(name="calc", instructions="Use the tool.", tools=[add],
                   model=OpenAIChatCompletionsModel(model="deepseek-chat", openai_client=client),

@@ -624,15 +624,20 @@ def test_security_headers(open_server):
 
 
 # ---- fuzzing ----
-def error_shaped(content: bytes) -> bool:
+def error_shaped(content: bytes, path: str) -> bool:
+    """OpenAI's error shape, or Anthropic's on its routes (serve/anthropic.py)."""
+    from nanoseek.serve.anthropic import AT_THE_ROOT
+
     body = json.loads(content)
+    if path.startswith("/anthropic/") or path in AT_THE_ROOT:
+        return set(body) == {"type", "error"} and body["type"] == "error" and set(body["error"]) == {"type", "message"}
     return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
     """schemathesis: cases that fit the schema and cases that do not, over every route, plus raw
-    JSON of any shape on every body route: no 5xx, every error OpenAI-shaped, and afterwards the
-    server still answers a normal request."""
+    JSON of any shape on every body route: no 5xx, every error OpenAI-shaped (Anthropic-shaped on its
+    routes), and afterwards the server still answers a normal request."""
     import schemathesis
     from schemathesis import GenerationMode
 
@@ -653,11 +658,11 @@ def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
     raw_bodies = st.dictionaries(fields, json_values, max_size=5) | json_values
     seen = []
 
-    def check(r, what):  # an httpx or a schemathesis response
+    def check(r, what, path):  # an httpx or a schemathesis response
         seen.append(r.status_code)
         assert r.status_code < 500, (what, r.status_code, r.content[:500])
         if r.status_code >= 400:
-            assert error_shaped(r.content), (what, r.content[:500])
+            assert error_shaped(r.content, path), (what, r.content[:500])
 
     with LiveServer(app) as url:
         fuzz = settings(max_examples=150, deadline=None, database=None, derandomize=True,
@@ -666,7 +671,7 @@ def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
         @fuzz
         @given(case=cases)
         def schema_cases(case):
-            check(case.call(base_url=url, headers=AUTH, timeout=30), case)
+            check(case.call(base_url=url, headers=AUTH, timeout=30), case, case.path)
 
         @fuzz
         @given(route=st.sampled_from(routes), body=raw_bodies)
@@ -675,7 +680,7 @@ def test_fuzzing_the_openapi_schema_and_raw_bodies(parts, tmp_path):
             data = json.dumps(body, ensure_ascii=True)  # lone surrogates travel as \\ud800 escapes
             r = httpx.request(method, url + path.replace("{cid}", "x").replace("{name}", "calculator"), content=data,
                               headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
-            check(r, (path, data[:300]))
+            check(r, (path, data[:300]), path)
 
         schema_cases()
         raw_cases()

@@ -7,7 +7,7 @@ is read into the app:
    bound address, `allowed_hosts`) are answered, so a web page that rebinds its DNS name to
    127.0.0.1 cannot read or use the server (403);
 2. with an API key, every path but the web page, its static files and /health needs
-   `Authorization: Bearer <key>` (401), compared in constant time as bytes;
+   `Authorization: Bearer <key>` or `x-api-key: <key>` (401), compared in constant time as bytes;
 3. the body is read here, at most `max_body` bytes (413, whether or not Content-Length says so)
    within BODY_TIMEOUT seconds (408), then handed to the app;
 4. every response carries SECURITY_HEADERS (a strict CSP: the web app has no inline script or style).
@@ -92,10 +92,11 @@ class Guard:
         if path in PUBLIC or path.startswith("/static/"):
             return
         auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        # or as Anthropic's clients send it (the anthropic SDK, Claude Code with ANTHROPIC_API_KEY)
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
         if not given:
-            raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", "authentication_error",
-                           code="invalid_api_key")
+            raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                           "authentication_error", code="invalid_api_key")
         if not secrets.compare_digest(given, self.key):
             raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
 

@@ -165,7 +165,15 @@ class Thinking(StrictBody):
 
 
 NULL_MEANS_DEFAULT = {"n", "presence_penalty", "frequency_penalty", "stream", "skip_special_tokens",
-                      "parallel_tool_calls", "echo"}
+                      "parallel_tool_calls", "echo", "store"}
+
+
+def null_is_the_default(data):
+    """null for the fields of NULL_MEANS_DEFAULT means their default, as OpenAI's API takes it (the openai SDK
+    sends `n=None` as null)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None or k not in NULL_MEANS_DEFAULT}
+    return data
 
 
 class Sampling(StrictBody):
@@ -188,11 +196,7 @@ class Sampling(StrictBody):
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data):
-        """null for these fields means their default, as OpenAI's API takes it (the openai SDK sends
-        `n=None` as null)."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k not in NULL_MEANS_DEFAULT}
-        return data
+        return null_is_the_default(data)
 
     @field_validator("logit_bias")
     @classmethod
@@ -212,6 +216,16 @@ class Sampling(StrictBody):
         return stops
 
 
+def check_tools(names: list[str], choice, named: str | None) -> None:
+    """The tools' names are unique and the tool choice (`named`: the function it names) can be followed."""
+    if len(set(names)) != len(names):
+        raise ValueError("tools: function names must be unique")
+    if named is not None and named not in names:
+        raise ValueError(f"tool_choice: no tool named {named!r} in tools")
+    if choice == "required" and not names:
+        raise ValueError("tool_choice: 'required' needs tools")
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -229,13 +243,8 @@ class ChatRequest(Sampling):
                          ("function_call", "tool_choice")):
             if getattr(self, old) is not None:
                 raise ValueError(f"{old}: the deprecated functions / function_call are not served; send {new}")
-        names = [t.function.name for t in self.tools or []]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
-        if self.tool_choice in ("required",) and not names:
-            raise ValueError("tool_choice: 'required' needs tools")
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        check_tools([t.function.name for t in self.tools or []], self.tool_choice, named)
         called = set()
         for i, m in enumerate(self.messages):
             called |= {c.id for c in m.tool_calls or []}
@@ -287,9 +296,234 @@ class CompletionRequest(Sampling):
         return [p] if isinstance(p, str) or isinstance(p[0], int) else p
 
 
+# ---- OpenAI's Responses API (POST /v1/responses), served by translating a request into a ChatRequest ----
+ITEM_FIELDS = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+               "function_call_output": ("call_id", "output"), "reasoning": ()}  # each item type's required fields
+TEXT_PARTS = ("input_text", "output_text")
+# `include` asks for extra output; the reasoning's encrypted form is the one a client without built-in tools sends
+# (Codex, the Agents SDK with store off): reasoning items carry it in plain here, and earlier turns' reasoning is
+# dropped anyway
+INCLUDABLE = {"reasoning.encrypted_content"}
+
+
+def check_include(values: list[str]) -> None:
+    """`include` (of a request, or of a stored response's retrieval) asks only for what can be included here."""
+    for value in values:
+        if value not in INCLUDABLE:
+            raise ValueError(f"include: {value!r} cannot be included here (only {', '.join(sorted(INCLUDABLE))} is)")
+
+
+def part_texts(parts: list[dict], kinds: tuple[str, ...] = TEXT_PARTS, sep: str = "") -> str:
+    """A list of content parts (as JSON gives them) as its text, joined by `sep`: only the text parts `kinds` are
+    understood (no images or files)."""
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            raise ValueError(f"only text parts ({', '.join(kinds)}) are supported, not {kind or part!r} (part {k})")
+        texts.append(part["text"])
+    return sep.join(texts)
+
+
+class InputItem(StrictBody):
+    """One item of a Responses request's input: a message (its `type` may be left out), a call the model made, a
+    call's output, or a reasoning item (dropped: DeepSeek's templates leave earlier turns' reasoning out too)."""
+    type: str = "message"
+    id: str | None = None  # (a kept response's input items are listed by id: one is given to each that has none)
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self):
+        if self.type not in ITEM_FIELDS:
+            raise ValueError(f"type: {self.type!r} items are not supported; the input holds messages, function_call, "
+                             "function_call_output and reasoning items")
+        if self.type == "reasoning":  # its content (reasoning_text parts) is not read
+            self.content = None
+            return self
+        for field in ITEM_FIELDS[self.type]:
+            if getattr(self, field) is None:
+                raise ValueError(f"{field}: is required in a {self.type} item")
+        for field in ("content", "output"):
+            if isinstance(value := getattr(self, field), list):
+                try:
+                    setattr(self, field, part_texts(value))
+                except ValueError as e:
+                    raise ValueError(f"{field}: {e}") from None
+        return self
+
+
+class ResponseTool(Function):
+    """A function tool in the Responses API's flat form: {"type": "function", "name", "parameters", ...}."""
+    type: Literal["function"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_only(cls, data):
+        if isinstance(data, dict) and data.get("type") != "function":  # checked first: a built-in tool has no name
+            raise ValueError(f"type: only function tools are supported, not {data.get('type')!r} (OpenAI's built-in "
+                             "tools run on OpenAI's servers)")
+        return data
+
+
+class ResponseToolChoice(StrictBody):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(JsonSchema):
+    """`text.format`: chat's response_format with the json_schema's fields beside `type` rather than under it."""
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # (a format other than json_schema has none)
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("schema: is required when type is 'json_schema'")
+        return self
+
+
+class TextConfig(StrictBody):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # echoed; a model this size has no say in it
+
+
+class ReasoningConfig(StrictBody):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None  # none is written: the reasoning comes whole
+
+
+class ResponsesRequest(StrictBody):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    tools: list[ResponseTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | ResponseToolChoice | None = None
+    parallel_tool_calls: bool = True
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # chat's, beyond OpenAI's Responses API
+    stream: bool = False
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    # refused unless left at what this server does (see _served)
+    include: list[str] | None = None
+    background: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    conversation: Any = None
+    prompt: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        return null_is_the_default(data)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, v):
+        if not isinstance(v, (str, list)) or isinstance(v, list) and not 0 < len(v) <= MAX_MESSAGES:
+            raise ValueError(f"must be a string or a list of 1 to {MAX_MESSAGES} items")
+        return v
+
+    @model_validator(mode="after")
+    def _served(self):
+        for value, refusal in (
+                (self.background, "background: background responses are not supported; stream: true gives the reply "
+                                  "as it is written"),
+                (self.truncation == "auto", "truncation: 'auto' is not supported: an input over the context is "
+                                            "refused, never cut"),
+                (self.conversation, "conversation: conversation objects are not supported; continue a conversation "
+                                    "with previous_response_id"),
+                (self.prompt, "prompt: stored prompt templates are not supported; send instructions and input")):
+            if value:
+                raise ValueError(refusal)
+        check_include(self.include or [])
+        named = self.tool_choice.name if isinstance(self.tool_choice, ResponseToolChoice) else None
+        check_tools([t.name for t in self.tools or []], self.tool_choice, named)
+        return self
+
+    @property
+    def items(self) -> list[InputItem]:
+        return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def chat_request(self, earlier: list[InputItem]) -> ChatRequest:
+        """The chat completion this asks for, after the conversation `earlier` (that of previous_response_id):
+        instructions as the first system message; reasoning effort "none" turns thinking off, any other turns it on,
+        and without one the model's default holds, as in chat."""
+        effort = self.reasoning.effort if self.reasoning else None
+        fmt = self.text.format if self.text else None
+        choice = self.tool_choice
+        return ChatRequest(
+            model=self.model, messages=self.chat_messages(earlier), max_tokens=self.max_output_tokens,
+            temperature=self.temperature, top_p=self.top_p, seed=self.seed, parallel_tool_calls=self.parallel_tool_calls,
+            thinking=None if effort is None else Thinking(type="disabled" if effort == "none" else "enabled"),
+            tools=[Tool(type="function", function=Function(**t.model_dump(exclude={"type"}, by_alias=True)))
+                   for t in self.tools] if self.tools else None,
+            tool_choice=NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
+            if isinstance(choice, ResponseToolChoice) else choice,
+            response_format=None if fmt is None else ResponseFormat(
+                type=fmt.type, json_schema=JsonSchema(**fmt.model_dump(exclude={"type"}, by_alias=True,
+                                                                       exclude_none=True))
+                if fmt.type == "json_schema" else None))
+
+    def chat_messages(self, earlier: list[InputItem]) -> list[dict]:
+        """The conversation as chat messages: a model's calls join the assistant message before them, each output
+        must answer a call made before it, and the input ends with something for the model to answer."""
+        msgs = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
+        items, called = [*earlier, *self.items], set()
+        for i, item in enumerate(items):
+            here = f"input.{i - len(earlier)}"
+            if item.type == "message":
+                msgs.append({"role": item.role, "content": item.content})
+            elif item.type == "function_call":
+                called.add(item.call_id)
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if msgs and msgs[-1]["role"] == "assistant":
+                    msgs[-1]["tool_calls"] = [*msgs[-1].get("tool_calls", []), call]
+                else:
+                    msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif item.type == "function_call_output":
+                if item.call_id not in called:
+                    raise APIError(400, f"{here}.call_id: {item.call_id!r} answers no function_call before it",
+                                   param=f"{here}.call_id")
+                msgs.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        if not msgs:
+            raise APIError(400, "input: there is no message in it (reasoning items are left out)", param="input")
+        if len(msgs) > MAX_MESSAGES:
+            raise APIError(400, f"input: the conversation holds {len(msgs)} messages, over {MAX_MESSAGES}",
+                           param="input")
+        if msgs[-1]["role"] == "assistant":
+            raise APIError(400, "input: the last item is the model's own (an assistant message or a function_call); "
+                                "end with a user message or the function_call_output", param="input")
+        return msgs
+
+    def echoed(self) -> dict:
+        """The request's settings as a Response repeats them (OpenAI's defaults where left out)."""
+        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+                "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls,
+                "previous_response_id": self.previous_response_id,
+                "reasoning": (self.reasoning or ReasoningConfig()).model_dump(), "store": self.store,
+                "text": {"format": {"type": "text"}, **(self.text.model_dump(by_alias=True, exclude_none=True)
+                                                       if self.text else {})},
+                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, ResponseToolChoice)
+                else self.tool_choice or "auto",
+                "tools": [t.model_dump() for t in self.tools or []], "truncation": "disabled", "user": self.user}
+
+
 # ---- responses ----
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """A fresh id after `prefix`, which ends with its separator as OpenAI's do (`chatcmpl-`, `resp_`)."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:
@@ -297,18 +531,20 @@ def now() -> int:
 
 
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+SOURCES = {"body", "query", "path"}  # where FastAPI read a parameter from: an error's location starts with it
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """pydantic's error list -> one readable sentence and the offending parameter: of the first field's errors
     (one per union member tried), the one that reached deepest (a named tool_choice missing its function, rather
     than "should be 'auto', 'none' or 'required'")."""
-    def field(x):
-        return [p for p in x.get("loc", ()) if p != "body"][:1]
+    def where(x) -> tuple:  # the location in the body, or the query parameter's name
+        loc = tuple(x.get("loc", ()))
+        return loc[1:] if loc[:1] and loc[0] in SOURCES else loc
 
-    e = max((x for x in errors if field(x) == field(errors[0])), key=lambda x: len(x.get("loc", ())))
+    e = max((x for x in errors if where(x)[:1] == where(errors[0])[:1]), key=lambda x: len(x.get("loc", ())))
     # not the union members pydantic tried ("tool_choice.literal['auto','none','required']", "content.str")
-    loc = [str(p) for p in e.get("loc", ()) if p != "body" and (isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", p))
+    loc = [str(p) for p in where(e) if (isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", p))
            and p not in UNION_TAGS]
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value").removeprefix("Value error, ")

@@ -1,8 +1,10 @@
 """The OpenAI- and DeepSeek-compatible API (FastAPI), over the one engine running in a background thread.
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (with
-`suffix` = fill-in-the-middle), the chat web app at / with its conversation store and built-in
-tools at /api/ (chats.py).
+`suffix` = fill-in-the-middle), POST /v1/responses (OpenAI's Responses API, served as a chat completion; GET and
+DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items for the responses kept in memory), Anthropic's
+Messages API at /anthropic/v1/messages (anthropic.py, also served as a chat completion, its errors in Anthropic's
+shape), the chat web app at / with its conversation store and built-in tools at /api/ (chats.py).
 The reasoning a model writes between <think> and </think> is returned as `reasoning_content`
 (`delta.reasoning_content` when streaming), never inside `content`. Model names: the served
 name, plus DeepSeek's `deepseek-reasoner` (thinking on) and `deepseek-chat` (thinking off), so
@@ -20,15 +22,16 @@ import codecs
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import cached_property, lru_cache, reduce
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -43,8 +46,8 @@ from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, des
                      renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
-from .protocol import (APIError, ChatRequest, CompletionRequest, NamedToolChoice, TokenizeRequest, new_id, now,
-                       validation_message)
+from .protocol import (APIError, ChatRequest, CompletionRequest, InputItem, NamedToolChoice, ResponsesRequest,
+                       TokenizeRequest, check_include, new_id, now, validation_message)
 
 log = logging.getLogger("nanoseek")
 WEB = Path(__file__).parent / "web"
@@ -173,8 +176,11 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     without `api_key` it answers only requests whose Host is in `allowed_hosts` (guard.allowed_hosts
     gives them for a bound address); bodies over `max_body` bytes are refused. `examples`
     (chats.read_examples of the model folder) fill the web app's welcome screen."""
+    from .anthropic import AnthropicErrors, routes as anthropic_routes  # (a module built on this one)
+
     models = Models([Service(engine, tok, name, examples), *also])
     engines = [s.engine for s in models.all]
+    kept = KeptResponses()  # for the Responses API's previous_response_id
     started = now()  # the models' `created` (they came into being, for this API, when it started)
 
     @asynccontextmanager
@@ -187,6 +193,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts, max_body=max_body)
+    app.add_middleware(AnthropicErrors)  # outside the Guard: its refusals under /anthropic in Anthropic's shape too
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -256,6 +263,27 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     async def completions(body: CompletionRequest, request: Request):
         return await complete(models.pick(body.model)[0], body, request)
 
+    @openai.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        return await respond(*models.pick(body.model), body, request, kept)
+
+    @openai.get("/responses/{rid}")
+    async def stored_response(rid: str, request: Request, stream: bool = False):
+        _retrieval(request, stream)
+        return kept.get(rid).response
+
+    @openai.delete("/responses/{rid}")
+    async def delete_response(rid: str):
+        kept.forget(rid)
+        return {"id": rid, "object": "response", "deleted": True}
+
+    @openai.get("/responses/{rid}/input_items")
+    async def input_items(rid: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        _retrieval(request, False)
+        items = kept.input_items(rid)
+        return _page(items if order == "asc" else items[::-1], after, limit)
+
     @openai.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         svc, thinks = models.pick(body.model)
@@ -264,6 +292,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
     for base in API_BASES:
         api.include_router(openai, prefix=base)
+    api.include_router(anthropic_routes(models))  # Anthropic's Messages API at /anthropic, as DeepSeek serves it
 
     if store is not None:
         api.include_router(routes(store))
@@ -555,7 +584,7 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     """A chat completion by `svc`'s model, thinking by default when `thinks`."""
     prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
-    cid, created, model = new_id("chatcmpl"), now(), body.model or svc.name
+    cid, created, model = new_id("chatcmpl-"), now(), body.model or svc.name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls), request)
@@ -622,6 +651,296 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         yield chunk(-1, {}, usage=_usage(svc, prompt, jobs, thinking))
 
 
+# ---- OpenAI's Responses API: a chat completion in another shape ----
+class _Kept(NamedTuple):
+    response: dict  # the Response object, as it was answered
+    conversation: list[InputItem]  # the input items it answered (after the conversation it followed), its output
+    inputs: int  # how many of the conversation's items were its input
+    size: int  # characters, counted against KeptResponses.max_chars
+
+
+# the ids given, in OpenAI's style, to kept input items sent without one
+ITEM_IDS = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+class KeptResponses:
+    """Recent responses, each with its conversation (the input items it answered, after those of the response it
+    followed, then its output), so that a request naming one as previous_response_id goes on from it, and so that it
+    can be retrieved, its input items listed, or deleted. In memory until the server stops: the latest `limit`, at
+    most `max_chars` in all (each counting its whole conversation, and itself as JSON), the least recently used
+    forgotten first. A conversation only grows while it fits the model's context: a request over it is refused,
+    and only responses are kept."""
+
+    def __init__(self, limit: int = 1000, max_chars: int = 64 * 2**20):
+        self.limit, self.max_chars, self.chars = limit, max_chars, 0
+        self.kept: OrderedDict[str, _Kept] = OrderedDict()
+
+    def missing(self, rid: str) -> str:
+        return (f"no response {rid!r} is kept here (this server keeps its latest {self.limit} in memory until it "
+                f"restarts, none asked with store: false, none deleted)")
+
+    def get(self, rid: str) -> _Kept:
+        """The response kept as `rid`, now the most recently used; a 404 if there is none."""
+        if rid not in self.kept:
+            raise APIError(404, self.missing(rid), code="not_found")
+        self.kept.move_to_end(rid)
+        return self.kept[rid]
+
+    def conversation(self, rid: str | None) -> list[InputItem]:
+        """What a request naming `rid` as its previous_response_id goes on from (a 400 if nothing: its field)."""
+        if rid is None:
+            return []
+        if rid not in self.kept:
+            raise APIError(400, f"previous_response_id: {self.missing(rid)}", param="previous_response_id",
+                           code="previous_response_not_found")
+        return self.get(rid).conversation
+
+    def keep(self, response: dict, conversation: list[InputItem]) -> None:
+        """A response with the conversation it answered, which its output joins less its reasoning (a follow-up
+        drops it). Each input item without an id gets one, for input_items to list it by."""
+        inputs = [i if i.id else i.model_copy(update={"id": new_id(ITEM_IDS[i.type])}) for i in conversation]
+        items = inputs + [InputItem.model_validate(o) for o in response["output"] if o["type"] != "reasoning"]
+        size = len(json.dumps(response, ensure_ascii=False)) + sum(
+            64 + sum(len(getattr(i, f) or "") for f in ("content", "arguments", "output")) for i in items)
+        self.kept[response["id"]] = _Kept(response, items, len(inputs), size)
+        self.chars += size
+        while len(self.kept) > 1 and (len(self.kept) > self.limit or self.chars > self.max_chars):
+            self.chars -= self.kept.popitem(last=False)[1].size
+
+    def forget(self, rid: str) -> None:
+        self.chars -= self.get(rid).size  # (a 404 if it is not kept)
+        del self.kept[rid]
+
+    def input_items(self, rid: str) -> list[dict]:
+        """The input items of the response kept as `rid`, oldest first, as the Responses API lists them."""
+        kept = self.get(rid)
+        return [_listed(i) for i in kept.conversation[:kept.inputs]]
+
+
+def _listed(item: InputItem) -> dict:
+    """An input item as input_items lists it (the openai SDK's ResponseItem): a message's text as one part, a
+    reasoning item without its text (which the prompt left out)."""
+    if item.type == "function_call":
+        return _call_item(item.id, item.call_id, item.name, item.arguments, "completed")
+    if item.type == "function_call_output":
+        return {"type": item.type, "id": item.id, "call_id": item.call_id, "output": item.output, "status": "completed"}
+    if item.type == "reasoning":
+        return {"type": item.type, "id": item.id, "summary": []}
+    if item.role == "assistant":
+        return _message_item(item.id, item.content, "completed")
+    return {"type": "message", "id": item.id, "role": item.role, "status": "completed",
+            "content": [{"type": "input_text", "text": item.content}]}
+
+
+def _page(items: list[dict], after: str | None, limit: int) -> dict:
+    """A list as the openai SDK's cursor pages read it: the first `limit` items after the one whose id is `after`."""
+    ids = [i["id"] for i in items]
+    if after is not None:
+        if after not in ids:
+            raise APIError(400, f"after: there is no item {after!r} in this list", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
+def _retrieval(request: Request, stream: bool) -> None:
+    """A kept response is retrieved whole: never streamed again (OpenAI streams again only background responses,
+    which are not served), and its `include` (which the openai SDK sends as include[]) asks for nothing more."""
+    if stream:
+        raise APIError(400, "stream: a stored response cannot be streamed again (OpenAI streams only background "
+                            "responses again, which are not supported)", param="stream")
+    try:
+        check_include([*request.query_params.getlist("include"), *request.query_params.getlist("include[]")])
+    except ValueError as e:
+        raise APIError(400, str(e), param="include") from None
+
+
+RESPONSES_TERMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def in_terms(e: APIError, terms: dict[str, str]) -> APIError:
+    """A chat completion's error as an API served through the chat route names its fields (`terms`: chat's name ->
+    that API's), in the message and the param."""
+    names = re.compile(r"\b(" + "|".join(map(re.escape, terms)) + r")\b")
+
+    def rename(text: str) -> str:
+        return names.sub(lambda m: terms[m.group(1)], text)
+
+    return APIError(e.status, rename(e.message), e.type, e.param and rename(e.param), e.code)
+
+
+async def respond(svc: Service, thinks: bool, body: ResponsesRequest, request: Request, kept: KeptResponses):
+    """A response by `svc`'s model, thinking by default when `thinks`: the chat completion the request translates
+    to (ResponsesRequest.chat_request), its reply as output items; kept for previous_response_id unless store is
+    false."""
+    conversation = kept.conversation(body.previous_response_id)
+    chat_body = body.chat_request(conversation)
+    conversation = conversation + body.items
+    rid, model = new_id("resp_"), body.model or svc.name
+
+    def finished(response: dict) -> None:
+        if body.store:
+            kept.keep(response, conversation)
+
+    try:
+        prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
+        jobs = svc.submit(prompt, params, 1, asyncio.get_running_loop())
+        # what every state of the response holds: the request's settings, the sampling they came to
+        head = {"id": rid, "object": "response", "created_at": now(), "model": model, **body.echoed(),
+                "temperature": params.temperature, "top_p": params.top_p}
+        if body.stream:
+            events = _ResponseEvents(head, finished)
+            chunks = _chat_stream(svc, jobs, request, rid, head["created_at"], model, started, prompt, True, with_calls)
+            return await _sse(events.translate(chunks), request, frame=_named, failed=events.error, done=None)
+        await _wait_all(svc, jobs, request)
+    except APIError as e:
+        raise in_terms(e, RESPONSES_TERMS) from None
+    msg, finish = _reply(svc, jobs[0][0], started, with_calls)
+    response = _response(head, _output(msg, finish), finish, _usage(svc, prompt, jobs, started))
+    finished(response)
+    return response
+
+
+def _response(head: dict, output: list[dict], finish: str | None = None, usage: dict | None = None) -> dict:
+    """The Response object: in progress (no finish reason yet), completed, or incomplete when cut at
+    max_output_tokens (or the context's end); usage from the chat's."""
+    status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
+    return {**head, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "output": output, "usage": usage and {
+                "input_tokens": usage["prompt_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": usage["completion_tokens_details"], "total_tokens": usage["total_tokens"]}}
+
+
+def _output(msg: dict, finish: str) -> list[dict]:
+    """A chat reply's message as output items: its reasoning, its text, its calls; the text or call it ends with is
+    incomplete when the reply was cut short (an agent must not run a call the budget closed)."""
+    def status(last: bool) -> str:
+        return "incomplete" if last and finish == "length" else "completed"
+
+    calls = msg.get("tool_calls") or []
+    items = [_reasoning_item(new_id("rs_"), msg["reasoning_content"])] if msg.get("reasoning_content") else []
+    if msg.get("content"):
+        items.append(_message_item(new_id("msg_"), msg["content"], status(not calls)))
+    return items + [_call_item(new_id("fc_"), c["id"], c["function"]["name"], c["function"]["arguments"],
+                               status(k == len(calls) - 1)) for k, c in enumerate(calls)]
+
+
+def _reasoning_item(iid: str, text: str) -> dict:  # vLLM's shape: the reasoning as it was written, no summary
+    return {"type": "reasoning", "id": iid, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _message_item(iid: str, text: str, status: str) -> dict:
+    return {"type": "message", "id": iid, "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _call_item(iid: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": iid, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def _named(event: dict) -> str:
+    """An event as OpenAI sends the Responses API's: named by its type."""
+    return f"event: {event['type']}\n{_data(event)}"
+
+
+class _ResponseEvents:
+    """The Responses API's stream, from a chat stream's chunks (_chat_stream's, with usage): the response created,
+    then each stretch of reasoning, text or call as an output item (added, its content part, its deltas, done), then
+    the whole response, completed or incomplete. Events are numbered in order; an error is one more event."""
+
+    def __init__(self, head: dict, finished: Callable[[dict], None]):
+        self.head, self.finished = head, finished
+        self.seq, self.output = 0, []  # events sent; the items done
+        self.item: dict | None = None  # the item being written, as it was added
+        self.written = ""  # its text (or arguments) so far
+
+    def event(self, kind: str, **fields) -> dict:
+        self.seq += 1
+        return {"type": kind, "sequence_number": self.seq - 1, **fields}
+
+    def error(self, e: APIError) -> dict:
+        e = in_terms(e, RESPONSES_TERMS)
+        return self.event("error", code=e.code, message=e.message, param=e.param)
+
+    async def translate(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        finish = usage = None
+        async for chunk in chunks:
+            if self.seq == 0:
+                for kind in ("response.created", "response.in_progress"):
+                    yield self.event(kind, response=_response(self.head, []))
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                finish = choice["finish_reason"] or finish
+                for e in self.delta(choice["delta"]):
+                    yield e
+        for e in self.close(cut=finish == "length"):
+            yield e
+        response = _response(self.head, self.output, finish, usage)
+        self.finished(response)
+        yield self.event("response.incomplete" if finish == "length" else "response.completed", response=response)
+
+    def delta(self, delta: dict) -> Iterator[dict]:
+        if delta.get("reasoning_content"):
+            yield from self.text("reasoning", delta["reasoning_content"])
+        if delta.get("content"):
+            yield from self.text("message", delta["content"])
+        for call in delta.get("tool_calls") or []:
+            if "id" in call:  # a call's first delta
+                yield from self.open(_call_item(new_id("fc_"), call["id"], call["function"]["name"], "", "in_progress"))
+            if more := call["function"].get("arguments"):
+                self.written += more
+                yield self.event("response.function_call_arguments.delta", **self.where(), delta=more)
+
+    def text(self, kind: str, text: str) -> Iterator[dict]:
+        if self.item is None or self.item["type"] != kind:  # added without content, as OpenAI adds them
+            yield from self.open({**_reasoning_item(new_id("rs_"), ""), "content": []} if kind == "reasoning"
+                                 else {**_message_item(new_id("msg_"), "", "in_progress"), "content": []})
+        self.written += text
+        if kind == "reasoning":
+            yield self.event("response.reasoning_text.delta", **self.where(), content_index=0, delta=text)
+        else:
+            yield self.event("response.output_text.delta", **self.where(), content_index=0, delta=text, logprobs=[])
+
+    def where(self) -> dict:
+        return {"item_id": self.item["id"], "output_index": len(self.output)}
+
+    def part(self, text: str) -> dict:  # the one content part of the item being written
+        if self.item["type"] == "reasoning":
+            return {"type": "reasoning_text", "text": text}
+        return {"type": "output_text", "text": text, "annotations": []}
+
+    def open(self, item: dict) -> Iterator[dict]:
+        yield from self.close()
+        self.item, self.written = item, ""
+        yield self.event("response.output_item.added", output_index=len(self.output), item=item)
+        if item["type"] != "function_call":
+            yield self.event("response.content_part.added", **self.where(), content_index=0, part=self.part(""))
+
+    def close(self, cut: bool = False) -> Iterator[dict]:
+        """The item being written is done: incomplete if `cut` (the reply's last, cut short)."""
+        if self.item is None:
+            return
+        item, text, where, status = self.item, self.written, self.where(), "incomplete" if cut else "completed"
+        if item["type"] == "function_call":
+            yield self.event("response.function_call_arguments.done", **where, arguments=text)
+            done = {**item, "arguments": text, "status": status}
+        elif item["type"] == "reasoning":
+            yield self.event("response.reasoning_text.done", **where, content_index=0, text=text)
+            done = _reasoning_item(item["id"], text)
+        else:
+            yield self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+            done = _message_item(item["id"], text, status)
+        if item["type"] != "function_call":
+            yield self.event("response.content_part.done", **where, content_index=0, part=self.part(text))
+        yield self.event("response.output_item.done", output_index=len(self.output), item=done)
+        self.output.append(done)
+        self.item = None
+
+
 # ---- completions (with fill-in-the-middle) ----
 class _Prompt(NamedTuple):
     ids: list[int]  # what the model reads
@@ -639,7 +958,7 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
         raise APIError(400, "echo with logprobs cannot be combined with suffix", param="suffix")
     prompts, params = await asyncio.to_thread(_completion_jobs, svc, body)
     jobs = _submit_prompts(svc, prompts, params, body.n)
-    cid, created, model = new_id("cmpl"), now(), body.model or svc.name
+    cid, created, model = new_id("cmpl-"), now(), body.model or svc.name
     if body.stream:
         return await _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model), request)
     await _wait_all(svc, jobs, request)
@@ -862,8 +1181,15 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         yield x
 
 
-async def _sse(events: AsyncIterator[dict], request: Request) -> StreamingResponse:
-    """Server-sent events, then `[DONE]`. The first event is awaited (up to FIRST_EVENT_WAIT seconds, the client
+def _data(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _sse(events: AsyncIterator[dict], request: Request, frame: Callable[[dict], str] = _data,
+               failed: Callable[[APIError], dict] = APIError.body, done: str | None = "data: [DONE]\n\n"
+               ) -> StreamingResponse:
+    """Server-sent events (each written by `frame`), then `done` if any; a failure ends the stream with the event
+    `failed` makes of its error instead. The first event is awaited (up to FIRST_EVENT_WAIT seconds, the client
     checked twice a second) before the response starts, so a request that fails at once (a schema no reply can
     follow) is answered with its HTTP error rather than a stream that opens and reports it; a later failure ends
     the stream with an error event. A request still queued or prefilling by then streams as usual (headers go
@@ -883,14 +1209,15 @@ async def _sse(events: AsyncIterator[dict], request: Request) -> StreamingRespon
         try:
             head = await first
             async for e in events if head is None else _prepend(head, events):
-                yield f"data: {json.dumps(e, ensure_ascii=False)}\n\n"
+                yield frame(e)
         except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield frame(failed(e))
             return
         except Exception:  # a bug: the client learns the stream failed, never a traceback
-            yield f"data: {json.dumps(APIError(500, 'internal error', 'server_error').body())}\n\n"
+            yield frame(failed(APIError(500, "internal error", "server_error")))
             return
-        yield "data: [DONE]\n\n"
+        if done:
+            yield done
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
