@@ -353,11 +353,21 @@ def _quantize_option():
 
 
 Device = Literal["auto", "cpu", "cuda"]
+KvCache = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 def _device_option():
     return typer.Option("auto", help="Where the model runs: auto (a CUDA GPU where torch sees one, else the CPU), "
                                      "cpu or cuda.")
+
+
+def _kv_cache_option():
+    return typer.Option("auto", "--kv-cache", help="The KV cache's precision: auto (fp16 for a DeepSeek (MLA) model "
+                                                   "computing in fp32 on a CPU, whose kernels read it as fast: half "
+                                                   "the memory per token and faster long contexts, as llama.cpp's "
+                                                   "f16 cache; else the model's own), fp32, fp16 or bf16 (a "
+                                                   "precision the model's attention does not read is converted at "
+                                                   "every step: slower).")
 
 
 def _precision_option():
@@ -454,7 +464,7 @@ def demo(
     from rich.table import Table
 
     from .checkpoint import load_model, save_model
-    from .inference import KVCache
+    from .inference.cache import KVCache, cache_dtype
     from .inference import generate as generate_ids
     from .model import DeepseekForCausalLM, build_model, get_preset
 
@@ -477,14 +487,14 @@ def demo(
     t1 = time.perf_counter()
     ids = generate_ids(loaded, prompt, max_new_tokens=tokens)
     t2 = time.perf_counter()
-    cache = KVCache(config, rows=1, max_len=1)
+    cache = KVCache(config, rows=1, max_len=1, dtype=cache_dtype(config, torch.float32, "cpu"))  # as generate_ids keeps it
 
     table = Table(title=f"nanoseek demo: preset '{preset}'", show_header=False)
     table.add_row("parameters", f"{_count(loaded.num_params())} total, {_count(loaded.num_params(active=True))} "
                                 f"active per token (+{len(loaded.mtp_layers)} MTP layer)")
     table.add_row("saved to", f"{out}/ (config.json + model.safetensors, loadable by transformers)")
     table.add_row("reload", "logits identical" if same else "[red]logits differ[/]")
-    table.add_row("KV cache", f"{cache.bytes_per_token} bytes/token (latent only)")
+    table.add_row("KV cache", f"{cache.bytes_per_token} bytes/token (the latent only, in {str(cache.kv.dtype)[6:]})")
     table.add_row("prompt ids", str(prompt[0].tolist()))
     table.add_row("generated ids", str(ids[0]))
     table.add_row("time", f"build+save+load {t1 - t0:.2f}s, generate {tokens} tokens {t2 - t1:.2f}s")
@@ -527,7 +537,8 @@ def info(model: Path = typer.Argument(None, metavar="MODEL", callback=_model_fol
         table.add_row("experts", f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
                                  f"{config.scoring_func}/{config.topk_method}) + {config.n_shared_experts} shared")
     table.add_row("parameters", f"{_count(m.num_params())} total, {_count(m.num_params(active=True))} active per token")
-    table.add_row("KV cache", f"{KVCache(config, 1, 1, device='meta').bytes_per_token} bytes/token in fp32")
+    fp32 = KVCache(config, 1, 1, device='meta').bytes_per_token
+    table.add_row("KV cache", f"{fp32} bytes/token in fp32, {fp32 // 2} in fp16 (--kv-cache)")
     dtype, weight_dtype = inference_dtypes(model)  # what serve/chat/generate load it as on this machine
     compute = str(dtype).removeprefix("torch.") if dtype else stored or "bfloat16"
     kept, quantized = str(weight_dtype).removeprefix("torch."), quant.get("quant_method") == "nanoseek"
@@ -679,6 +690,7 @@ def generate(
     compile: bool = _compile_option("one reply does not pay for compiling"),
     quantize: Quantize = _quantize_option(),
     device: Device = _device_option(),
+    kv_cache: KvCache = _kv_cache_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
     from .chat import no_calls, stream_reply
@@ -686,7 +698,7 @@ def generate(
     from .tools import CallFormat, hidden_in_chat
 
     engine, tok = _chat_engine(model, max_batch=1, speculative=speculative, compile=compile, quantize=quantize,
-                               device=device)
+                               device=device, kv_cache_dtype=kv_cache)
     if not raw and not tok.chat_template:
         _fail(f"{_no_template(model)}; --raw continues the prompt as plain text")
     with _reported():
@@ -732,6 +744,7 @@ def chat(
     compile: bool = _compile_option("chat starts at once; eager decoding outruns reading"),
     quantize: Quantize = _quantize_option(),
     device: Device = _device_option(),
+    kv_cache: KvCache = _kv_cache_option(),
 ):
     """Chat in the terminal. Replies stream; the reasoning is shown dimmed above the answer, and
     calculator calls (models whose template writes tool calls) with their results below it.
@@ -742,7 +755,8 @@ def chat(
     from .chat import chat as run_chat
     from .inference import ContextOverflow
 
-    engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device)
+    engine, tok = _chat_engine(model, speculative=speculative, compile=compile, quantize=quantize, device=device,
+                               kv_cache_dtype=kv_cache)
     if not tok.chat_template:
         _fail(f"{_no_template(model)}; chatting needs one (`nanoseek generate --raw` continues plain text)")
     console.print(f"[bold]nanoseek chat[/] with {model or 'the shipped chat model'}  (/help /reset /system /temp /exit; "
@@ -905,6 +919,7 @@ def eval_(
     thinking: bool = typer.Option(True, help="Ask with thinking on (the reply reasons first) or off (it answers "
                                   "at once)."),
     device: Device = _device_option(),
+    kv_cache: KvCache = _kv_cache_option(),
 ):
     """Held-out accuracy per task family: pass@1, pass@k, majority vote, format rate, response length."""
     model = model if model is not None else str(_shipped_model())
@@ -948,7 +963,7 @@ def eval_(
         ask = remote_chat(model, remote_model, api_key, temperature=sampling_temperature(temperature, samples),
                           thinking=None if thinking else False, log=console.print)
     else:
-        engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device)
+        engine, tok = _chat_engine(Path(model), max_batch=64, quantize=quantize, device=device, kv_cache_dtype=kv_cache)
         if not tok.chat_template:
             _fail(f"{_no_template(model)}; eval asks its questions through the chat template")
     results, tool_rows, samples_log = [], [], []
@@ -1063,6 +1078,7 @@ def serve(
     compile: bool | None = _compile_option(),
     quantize: Quantize = _quantize_option(),
     device: Device = _device_option(),
+    kv_cache: KvCache = _kv_cache_option(),
 ):
     """Serve the OpenAI/DeepSeek-compatible API (/v1/chat/completions, /v1/completions, /v1/responses),
     Anthropic's Messages API as DeepSeek serves it (/anthropic/v1/messages) and the chat web app (/) on one port."""
@@ -1083,7 +1099,7 @@ def serve(
     served = []
     for folder, served_name in zip(model or [None], names):
         engine, tok = _chat_engine(folder, max_batch=max_batch, speculative=speculative, compile=compile,
-                                   quantize=quantize, device=device)
+                                   quantize=quantize, device=device, kv_cache_dtype=kv_cache)
         engine.max_queue = max_queue
         with _reported():
             served.append(Service(engine, tok, served_name, read_examples(folder or SHIPPED)))  # + the welcome screen

@@ -31,13 +31,14 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: bool = False, compile: bool | None = False,
                      quantize: str | None = None, dtype: torch.dtype | None = None, max_len: int | None = None,
-                     console: Console | None = None,
-                     device: str | torch.device | None = None) -> tuple[Engine, DeepSeekTokenizer]:
+                     console: Console | None = None, device: str | torch.device | None = None,
+                     kv_cache_dtype: str = "auto") -> tuple[Engine, DeepSeekTokenizer]:
     """(engine, tokenizer) for a folder holding config.json, safetensors and tokenizer.json, on `device`
     (`pick_device`: a GPU where there is one), in `dtype` or else, on a CPU, the ones `inference_dtypes` picks
     for it (fp32 for small models; for large ones the checkpoint's bf16 where the CPU multiplies bf16 fast,
     else fp32 activations over bf16 or integer weights), on a GPU fp32 for small models and the checkpoint's
     own (bf16) for the rest.
+    The KV cache is kept in `kv_cache_dtype` (Engine's: "auto" is fp16 for MLA on a CPU in fp32).
     Speculative decoding is turned off, with a note, for a model without an MTP layer. `compile` None
     decides by the model (`decide_decode_compile`); a compiled decode step is compiled here
     rather than at the first reply."""
@@ -61,7 +62,7 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
     if why != "as set":
         console.print(f"[dim]compiled decoding: {'on' if compile else 'off'} ({why})[/]")
     engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
-                    eos_token_id=sorted(tok.eos_ids), compile=compile)
+                    eos_token_id=sorted(tok.eos_ids), compile=compile, kv_cache_dtype=kv_cache_dtype)
     if compile:  # the shapes the first replies will have
         use_disk_cache()
         what = "compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"

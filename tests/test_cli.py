@@ -209,6 +209,12 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
         assert gpu.exit_code == 2 and "torch sees no CUDA GPU" in gpu.output, gpu.output
     bad_bits = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--quantize", "int5"])
     assert bad_bits.exit_code == 2 and "'--quantize'" in bad_bits.output and "'int8', 'int4'" in bad_bits.output
+    for kv in ("fp32", "bf16"):  # (fp16 is the default here)
+        cached = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "4",
+                                     "--kv-cache", kv])
+        assert cached.exit_code == 0 and "tok/s" in cached.output, cached.output
+    bad_kv = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--kv-cache", "fp8"])
+    assert bad_kv.exit_code == 2 and "'--kv-cache'" in bad_kv.output and "'fp16'" in bad_kv.output, bad_kv.output
 
 
 def test_without_max_tokens_a_reply_takes_what_a_small_context_leaves(tmp_path, monkeypatch):

@@ -54,12 +54,49 @@ def reference_greedy(model, prompt, n):
 
 def test_cached_decoding_equals_full_forward_at_every_step(model):
     prompt = prompts(1, seed=1)[0]
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, kv_cache_dtype="fp32")  # the cache in the model's precision: the same numbers
     req = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, logprobs=True))[0]
     ref_tokens, ref_logits = reference_greedy(model, prompt, 10)
     assert req.tokens == ref_tokens
     for lp, logits in zip(req.logprobs, ref_logits):
         assert lp["logprob"] == pytest.approx(float(logits.log_softmax(-1)[lp["token"]]), abs=1e-4)
+
+
+def test_the_cache_precision_auto_picks_fp16_only_where_a_kernel_reads_it():
+    from nanoseek.inference.cache import cache_dtype
+    from nanoseek.kernels import mla_latent_available
+
+    mla, gqa = get_preset("tiny"), tiny_gqa_config()
+    assert cache_dtype(mla, torch.float32, "cpu") == (torch.float16 if mla_latent_available() else torch.float32)
+    assert cache_dtype(mla, torch.bfloat16, "cpu") == torch.bfloat16  # (the kernels read fp32 activations only)
+    assert cache_dtype(mla, torch.float32, "cuda") == torch.float32
+    assert cache_dtype(gqa, torch.float32, "cpu") == torch.float32  # (GQA's attention would widen it every step)
+    assert cache_dtype(gqa, torch.float32, "cpu", "fp16") == torch.float16
+    assert cache_dtype(mla, torch.float32, "cpu", "fp32") == torch.float32
+    with pytest.raises(ValueError, match="fp8.*auto, fp32, fp16, bf16"):
+        cache_dtype(mla, torch.float32, "cpu", "fp8")
+
+
+@pytest.mark.parametrize("kv", ["fp16", "bf16"])
+def test_a_cache_in_half_precision_decodes_as_the_full_forward_within_its_rounding(model, kv):
+    """A cache kept in fp16 (the default for MLA on a CPU, read by nanoseek's kernels) or bf16 (widened by torch):
+    every step's distribution within the cache's rounding of the full forward's over the same tokens, and each greedy
+    token the full forward's choice wherever its lead is wider than that rounding."""
+    prompt = prompts(1, seed=1)[0]
+    engine = Engine(model, max_batch=2, kv_cache_dtype=kv)
+    assert engine.cache.kv.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[kv]
+    req = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, logprobs=True))[0]
+    with torch.no_grad():  # teacher-forced over the tokens the engine chose
+        ref = model(torch.tensor([prompt + req.tokens])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    tol = {"fp16": 5e-3, "bf16": 5e-2}[kv]
+    for lp, row in zip(req.logprobs, ref):
+        assert lp["logprob"] == pytest.approx(float(row[lp["token"]]), abs=tol)
+        top2 = row.topk(2).values
+        if top2[0] - top2[1] > 2 * tol:
+            assert lp["token"] == int(row.argmax())
+    fp32 = Engine(model, max_batch=1, kv_cache_dtype="fp32").generate([prompt], GREEDY)[0].tokens
+    agree = sum(a == b for a, b in zip(fp32, engine.generate([prompt], GREEDY)[0].tokens))
+    assert agree >= (12 if kv == "fp16" else 6)  # a random tiny model: greedy ties are rare, not impossible
 
 
 def test_mixed_lengths_joining_and_leaving_give_the_tokens_of_each_alone(model):
@@ -353,12 +390,13 @@ def test_compiled_graphs_are_not_shared_between_models(mtp_model):
 
 def test_prefill_in_chunks_changes_nothing(model):
     """Long prompts are prefilled a chunk at a time: chunks of 5 tokens give the tokens and logprobs of
-    one whole-prompt forward (and, with MTP, the same drafts)."""
+    one whole-prompt forward (and, with MTP, the same drafts). (The cache in fp32: in fp16 a later chunk reads the
+    earlier ones' latents rounded, where one forward attends them as computed.)"""
     ps = prompts(4, seed=30, lo=12, hi=40)
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
     for spec in (False, True) if model.mtp_layers else (False,):
-        whole, chunked = (Engine(model, max_batch=2, speculative=spec, prefill_chunk=c).generate(ps, params)
-                          for c in (512, 5))
+        whole, chunked = (Engine(model, max_batch=2, speculative=spec, prefill_chunk=c, kv_cache_dtype="fp32")
+                          .generate(ps, params) for c in (512, 5))
         assert [r.tokens for r in chunked] == [r.tokens for r in whole]
         for a, b in zip(chunked, whole):
             assert [lp["logprob"] for lp in a.logprobs] == pytest.approx([lp["logprob"] for lp in b.logprobs], abs=1e-4)

@@ -51,22 +51,27 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def client(model, tok):
-    """A live server whose engine prefills 4 tokens at a time, so prompt logprobs cross chunks."""
-    engine = Engine(model, decode=tok.decode, max_batch=8, max_len=256, eos_token_id=tok.eos_id, prefill_chunk=4)
+    """A live server whose engine prefills 4 tokens at a time, so prompt logprobs cross chunks (its cache in fp32: a
+    later chunk reads the earlier ones' latents as the direct forward computed them)."""
+    engine = Engine(model, decode=tok.decode, max_batch=8, max_len=256, eos_token_id=tok.eos_id, prefill_chunk=4,
+                    kv_cache_dtype="fp32")
     with LiveServer(create_app(engine, tok, name="tiny")) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
 
 @pytest.mark.parametrize("speculative", [False, True])
-def test_engine_prompt_logprobs_equal_a_direct_forward_and_skip_the_prefix_cache(model, speculative):
+@pytest.mark.parametrize("kv, chunk, within", [("fp32", 5, 1e-4), ("auto", 5, 2e-3), ("auto", 512, 1e-4)])
+def test_engine_prompt_logprobs_equal_a_direct_forward_and_skip_the_prefix_cache(model, speculative, kv, chunk, within):
+    """Prompt logprobs as a direct forward gives them: exactly from one chunk, or across chunks over a cache in the
+    model's precision; across chunks over the default half-precision cache (MLA on a CPU) within its rounding."""
     ids = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(3)).tolist()
-    engine = Engine(model, max_batch=2, prefill_chunk=5, speculative=speculative)
+    engine = Engine(model, max_batch=2, prefill_chunk=chunk, speculative=speculative, kv_cache_dtype=kv)
     params = SamplingParams(max_new_tokens=0, prompt_logprobs=True, top_logprobs=3)
     first, again = engine.generate([ids, ids], [params, replace(params, max_new_tokens=3, temperature=0)])
     assert first.tokens == [] and first.finish_reason == "length" and len(again.tokens) == 3
     assert again.cached_tokens == 0
     assert [e["token"] for e in first.prompt_logprobs] == ids[1:]
-    assert [e["logprob"] for e in first.prompt_logprobs] == pytest.approx(direct_logprobs(model, ids), abs=1e-4)
+    assert [e["logprob"] for e in first.prompt_logprobs] == pytest.approx(direct_logprobs(model, ids), abs=within)
     assert [e["logprob"] for e in again.prompt_logprobs] == [e["logprob"] for e in first.prompt_logprobs]
     assert all(len(e["top"]) == 3 and e["top"][0][1] >= e["logprob"] for e in first.prompt_logprobs)
 

@@ -316,13 +316,16 @@ def absorbed_on(isa: int, mla, inputs) -> tuple[dict, torch.Tensor]:
 @pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 4), (1, 8)])
 @pytest.mark.parametrize("c", [80, 96, 256])
 @pytest.mark.parametrize("queries", ["slice", "gapped"])
-def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, queries):
+@pytest.mark.parametrize("latents", ["fp32", "fp16"])
+def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, queries, latents):
     """nanoseek::mla_attention (MLA's absorbed attention in C++, mla.cpp's products against kv_b_proj's weight in
     bf16) gives what the attention in Python gives with that weight widened to fp32: past read in place from a
     cache, masked positions left out, on each instruction set; the latent width c taking AVX-512's paths (a multiple
     of 32, of 256 for the widest) or not; the queries a slice of the projection's output (read where they lie) or
-    rows not evenly spaced (copied)."""
+    rows not evenly spaced (copied); the cached latents fp32 or fp16 (a half-precision cache, its mask in bytes)."""
     mla, inputs = mla_and_inputs(c, queries, B, S)
+    if latents == "fp16":
+        inputs = (*inputs[:2], inputs[2].half(), inputs[3], inputs[4].to(torch.uint8))
     q_nope, q_pe, past, new, mask = inputs
     H, d, r, T = 3, 48, 16, 21
     mla.kv_b_proj.weight.data = torch.randn_like(mla.kv_b_proj.weight).bfloat16()
@@ -335,6 +338,8 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
     op = torch.ops.nanoseek.mla_attention
     for bad in [(q_nope, q_pe, past, new, mask, w.float()), (q_nope.double(), q_pe, past, new, mask, w),
                 (q_nope, q_pe, past, new, mask[..., 1:], w), (q_nope, q_pe, past[..., 1:], new, mask, w),
+                (q_nope, q_pe, past, new.half(), mask, w),  # (the new latents are the model's own: fp32)
+                (q_nope, q_pe, past, new, mask.int(), w),
                 (torch.randn(1, 9, H, d), torch.randn(1, 9, H, r), past[:1], torch.randn(1, 9, c + r),
                  torch.ones(1, 9, T + 9, dtype=torch.bool), w)]:  # 9 query rows
         with pytest.raises(ValueError, match="mla_attention"):
@@ -346,13 +351,15 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
 @pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20), (2, 1, 3), (1, 3, 3)])
 @pytest.mark.parametrize("T", [0, 5, 37, 300])
 @pytest.mark.parametrize("c, r", [(64, 16), (44, 6), (512, 64)])
-def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B, S, H, T, c, r):
+@pytest.mark.parametrize("latents", ["fp32", "fp16"])
+def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B, S, H, T, c, r, latents):
     """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time,
     8 with AVX2) gives MLA's attention between its two products as torch computes it, on each instruction set: any
     number of cached latents (none, part of a block, many blocks), rows of queries past one group of 8 (H = 20), groups
     of rows not a multiple of 4 (3 and 9 rows),
     widths not a multiple of 16 (or 8), the past's rows spaced apart as in the cache, positions masked out (the
-    running maximum restarting)."""
+    running maximum restarting); the cached latents fp32, or fp16 with the mask in bytes (KVCache's, a half-precision
+    cache: torch's reference widens them), the new ones fp32."""
     from nanoseek.model.attention import MLA
 
     config = get_preset("tiny", hidden_size=128, num_attention_heads=H, qk_nope_head_dim=16, v_head_dim=16,
@@ -364,6 +371,8 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B,
     new = torch.randn(B, S + 1, c + r)[:, 1:]
     mask = torch.rand(B, S, T + S) > 0.5
     mask[..., T:] = torch.ones(S, S, dtype=torch.bool).tril()  # (every query sees itself)
+    if latents == "fp16":
+        past, mask = past.half(), mask.to(torch.uint8)
     calls, got = absorbed_on(isa, mla, (q_nope, q_pe, past, new, mask))
     assert calls.get("nanoseek::mla_latent_attention") == 1
     with pytest.MonkeyPatch.context() as m:
@@ -374,6 +383,7 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B,
     q = torch.randn(B, S * H, c + r)
     for bad in [(q.double(), past, new, mask, c), (q, past, new, mask[..., 1:], c), (q, past[..., 1:], new, mask, c),
                 (q, past, new, mask.int(), c), (q, past, new, mask, c + r + 1), (q[..., 1:], past, new, mask, c),
+                (q, past, new.half(), mask, c),  # (the new latents are the model's own: fp32)
                 (torch.randn(B, S * H + 1, c + r), past, new, mask, c) if S > 1 else (q, past, new, mask, 0)]:
         with pytest.raises(ValueError, match="mla_latent_attention"):
             op(*bad, 0.1)
@@ -463,7 +473,8 @@ def test_int4_mla_models_quantize_kv_b_and_decode_through_its_operator(tmp_path,
     assert all(torch.equal(a.self_attn.kv_b_proj.qweight, b.qweight) for a, b in zip(loaded.model.layers, layers))
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (9, 5)]
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
-    engine = Engine(int4, max_batch=2, eos_token_id=-1, compile=compile)
+    # (the cache in fp32 as the float forward computes: an fp16 one's rounding is tested on its own, test_engine.py)
+    engine = Engine(int4, max_batch=2, eos_token_id=-1, compile=compile, kv_cache_dtype="fp32")
     got = engine.generate(prompts, params)
     calls = operator_calls(lambda: engine.generate(prompts, params))
     assert calls.get("nanoseek::mla_attention_int4") and not calls.get("nanoseek::mla_attention")

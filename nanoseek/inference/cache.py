@@ -13,6 +13,11 @@ layer has read it (`store`, one in-place write for all layers), and committed by
 writing anything is what lets a compiled decode step update the cache where it lies instead
 of copying it (see engine.py).
 
+The cache's precision need not be the model's (`cache_dtype`): by default an MLA model computing in fp32 on a CPU
+keeps its latents in fp16, which nanoseek's kernels widen as they read them (kernels/mla.cpp), as llama.cpp keeps
+its cache in f16: half the memory a token costs, and half the bytes each decode step reads, which at long contexts
+no longer crowd the weights out of the CPU's cache.
+
 The main layers and each MTP depth keep separate lengths ("groups"): MTP depth k's entry at
 position j needs token j + k, so it fills one step behind the main model.
 """
@@ -24,8 +29,27 @@ import mmap
 
 import torch
 
-from ..kernels import cache_write_available
+from ..kernels import cache_write_available, mla_latent_available
 from ..model import ModelConfig
+
+KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cache_dtype(config: ModelConfig, dtype: torch.dtype, device: str | torch.device | None,
+                choice: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype of a KV cache for a model computing in `dtype` on `device`: `choice` (a name of KV_CACHE_DTYPES,
+    or a dtype), or for "auto" fp16 where an MLA model computes in fp32 on a CPU whose nanoseek kernel reads fp16
+    latents, else the model's own dtype (a cache in another precision than a path reads is widened at every step)."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice != "auto":
+        if choice not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv cache dtype {choice!r}: one of auto, {', '.join(KV_CACHE_DTYPES)}")
+        return KV_CACHE_DTYPES[choice]
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    if not config.is_gqa and dtype == torch.float32 and on_cpu and mla_latent_available():
+        return torch.float16
+    return dtype
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device | None) -> torch.Tensor:
@@ -82,16 +106,18 @@ class KVCache:
         return pos
 
     def mask(self, group: int) -> torch.Tensor:
-        """[B, S, T + S] (True = may attend) for the planned forward of `group`: each new token sees its row's
+        """[B, S, T + S] uint8 (1 = may attend) for the planned forward of `group`: each new token sees its row's
         past and the new tokens up to itself. Made where attention asks for it, so a compiled step makes it
         inside its graph (eagerly it was a tenth of a small model's compiled decode step); kept for the other
-        layers when eager."""
+        layers when eager. Bytes rather than bools: inductor's CPU code stores a comparison's bools one at a
+        time (the shipped model's compiled step at batch 8 after 1,950 tokens spent 310 us making its masks;
+        as bytes they fuse into the steps around them)."""
         if group in self._masks:
             return self._masks[group]
         pos, lengths, span = self._step[group]
         B, S = pos.shape
-        visible = span < lengths[:, None]  # (B, T): each row's own past
-        causal = self._arange[:S, None] >= self._arange[None, :S]  # (S, S): the new tokens
+        visible = (lengths[:, None] - span).clamp(0, 1).to(torch.uint8)  # (B, T): each row's own past
+        causal = (self._arange[:S, None] - self._arange[None, :S] + 1).clamp(0, 1).to(torch.uint8)  # (S, S): the new tokens
         mask = torch.cat([visible[:, None].expand(B, S, span.shape[0]), causal.expand(B, S, S)], dim=-1)
         if not torch.compiler.is_compiling():
             self._masks[group] = mask
@@ -99,7 +125,7 @@ class KVCache:
 
     def attend(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage the new tokens' entries [B, S, heads, width]; -> the selected rows' cached entries
-        [B, heads, T, width] (a view) and the mask [B, S, T + S] over them and the new ones (`mask`)."""
+        [B, heads, T, width] (a view) and the mask [B, S, T + S] (uint8) over them and the new ones (`mask`)."""
         g = self.group(layer_idx)
         if g not in self._step:
             self.positions(new.shape[1], g)

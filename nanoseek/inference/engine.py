@@ -39,7 +39,7 @@ import torch
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
 from ..quant import prepare_kernels, weight_bytes
-from .cache import KVCache
+from .cache import KVCache, cache_dtype
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
 log = logging.getLogger("nanoseek")
@@ -165,7 +165,7 @@ class Engine:
                  max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
                  speculative: bool = False, prefix_cache_tokens: int = 65536,
                  eos_token_id: int | Sequence[int] | None = None,
-                 compile: bool = False, prefill_chunk: int = 512):
+                 compile: bool = False, prefill_chunk: int = 512, kv_cache_dtype: str | torch.dtype = "auto"):
         cfg = model.config
         if speculative and not model.mtp_layers:
             raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
@@ -173,8 +173,8 @@ class Engine:
         self.max_len = min(max_len or 4096, cfg.max_position_embeddings)
         param = next(model.parameters())
         self.device = param.device
-        self.cache = KVCache(cfg, rows=max_batch, max_len=self.max_len + 2, dtype=param.dtype,
-                                 device=param.device)
+        self.cache = KVCache(cfg, rows=max_batch, max_len=self.max_len + 2,
+                             dtype=cache_dtype(cfg, param.dtype, param.device, kv_cache_dtype), device=param.device)
         self.max_batch, self.max_queue, self.speculative = max_batch, max_queue, speculative
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id  # one id or several (Llama 3: three)

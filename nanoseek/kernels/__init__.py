@@ -15,7 +15,8 @@ experts' and the shared ones' products in two grouped calls, their activation an
 `mla_attention` / `mla_attention_int4`: MLA's absorbed attention for a few rows of fp32 activations with kv_b_proj's
 weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's value half, int4.cpp), which torch has
 no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
-latents) in one pass over the cached latents (mla.cpp), which both call and MLA in Python calls with a float kv_b_proj.
+latents) in one pass over the cached latents, fp32 or fp16 (mla.cpp), which both call and MLA in Python calls with a
+float kv_b_proj.
 
 `float_linear`: an fp32 product for a few rows (float.cpp), what `layers.Linear` runs on a CPU wherever no gradient is
 wanted (decoding, eager or compiled, prompts through torch's product past 16 rows): torch's own products for a few rows
@@ -93,7 +94,7 @@ def int4_isa() -> int:
     _, flags = cpu_model_and_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         return ISA_AVX512
-    return ISA_AVX2 if {"avx2", "fma"} <= flags else 0
+    return ISA_AVX2 if {"avx2", "fma", "f16c"} <= flags else 0
 
 
 def compiler() -> list[str] | None:

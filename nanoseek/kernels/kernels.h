@@ -38,10 +38,10 @@ extern "C" int nanoseek_mla_product(int value, const float* x, int64_t xh, int64
 extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
                                      const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
                                      int64_t M, int64_t d, int64_t dv, int64_t c, int isa);
-extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const float* past, int64_t pb,
-                                             int64_t pt, const float* fresh, int64_t fb, int64_t fs, const bool* mask,
-                                             int64_t B, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
-                                             float scale, float* out, int64_t ob, int64_t oj, int isa);
+extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const void* past, int64_t pb,
+                                             int64_t pt, int half, const float* fresh, int64_t fb, int64_t fs,
+                                             const uint8_t* mask, int64_t B, int64_t S, int64_t H, int64_t T, int64_t c,
+                                             int64_t w, float scale, float* out, int64_t ob, int64_t oj, int isa);
 extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
                                      int isa);
 extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,

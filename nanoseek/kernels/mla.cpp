@@ -75,7 +75,7 @@ INLINE void value_head(const float* o, int64_t orr, const uint16_t* w, float* y,
 }
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 AVX2 static void head_avx2(int value, const float* x, int64_t xr, const uint16_t* w, float* y, int64_t yr, int64_t M,
                            int64_t d, int64_t dv, int64_t c) {
     if (value)
@@ -310,6 +310,9 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
 // decode step at batch 8 after 1,950 tokens decoded 1,960-1,980 tok/s against 1,150-1,250. With AVX-512 the query rows
 // go four at a time through each block (each latent loaded once for four rows): 8 batch rows x 4 heads at 1,950 cached
 // tokens (the shipped shape) 326-329 against 437-439 us.
+// The cached latents are fp32 or IEEE fp16 (a half-precision cache, KVCache's default on a CPU: half the bytes to read
+// and to keep), widened to fp32 as they are loaded (F16C); queries, scores and sums stay fp32. The template parameter L
+// is the latents' element: float, or uint16_t holding fp16 bits.
 #define LATENT_BLOCK 16
 #define LATENT_ROWS 8
 
@@ -340,23 +343,30 @@ AVX512 INLINE __m512 sums16(__m512* v) {
 }
 
 #define LATENT_WIDTH (MAX_C + 128)  // c + r at most
-static const float ZERO_ROW[LATENT_WIDTH] = {};  // a block's rows past the last latent
+static const float ZERO_ROW[LATENT_WIDTH] = {};  // a block's rows past the last latent (zero bits: 0 in fp32 and fp16)
 
-// What both instruction sets share: where a block's latents lie, and each query row's running softmax (its maximum m,
-// its sum l and the latents it weighed, acc) for up to LATENT_ROWS rows
+// 16 of a latent's numbers as fp32 (where the mask says, else 0)
+AVX512 INLINE __m512 lat16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 INLINE __m512 lat16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+AVX512 INLINE __m512 lat16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+AVX512 INLINE __m512 lat16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+// What both instruction sets share: each query row's running softmax (its maximum m, its sum l and the latents it
+// weighed, acc) for up to LATENT_ROWS rows, and the queries' rows with their mask
 struct LatentRows {
-    const float *past, *fresh;
-    int64_t pt, fs, T, c;
+    const float* q;
+    const uint8_t* mask;
+    int64_t qj, j0, nj, N, H, c, w;
+    float scale;
     float m[LATENT_ROWS], l[LATENT_ROWS];
-    alignas(64) float acc[LATENT_ROWS][MAX_C];
+    alignas(64) float acc[LATENT_ROWS][MAX_C];  // (left uninitialised here: `start` clears what is used)
 
-    // rows of the block at t0 (`block` of them, n real: the others read zeros)
-    __attribute__((always_inline)) void block_rows(const float** rows, int64_t t0, int64_t n, int block) const {
-        for (int i = 0; i < block; i++)
-            rows[i] = i >= n ? ZERO_ROW : t0 + i < T ? past + (t0 + i) * pt : fresh + (t0 + i - T) * fs;
-    }
-    __attribute__((always_inline)) void start(int64_t nj, int64_t step) {  // (acc cleared to a multiple of the weighted sums' step)
-        for (int64_t j = 0; j < nj; j++) {
+    LatentRows(const float* q, const uint8_t* mask, int64_t qj, int64_t j0, int64_t nj, int64_t N, int64_t H, int64_t c,
+               int64_t w, float scale)
+        : q(q), mask(mask), qj(qj), j0(j0), nj(nj), N(N), H(H), c(c), w(w), scale(scale) {}
+
+    __attribute__((always_inline)) void start(int64_t rows, int64_t step) {  // (acc cleared to a multiple of the weighted sums' step)
+        for (int64_t j = 0; j < rows; j++) {
             m[j] = -INFINITY;
             l[j] = 0.f;
             for (int64_t k = 0; k < (c + step - 1) / step * step; k++) acc[j][k] = 0.f;
@@ -375,7 +385,7 @@ struct LatentRows {
         m[j] = top;
         return true;
     }
-    __attribute__((always_inline)) void finish(float* out, int64_t oj, int64_t j0, int64_t nj) const {
+    __attribute__((always_inline)) void finish(float* out, int64_t oj) const {
         for (int64_t j = 0; j < nj; j++) {
             const float inv = 1.f / l[j];  // (no position attended: 0 / 0, NaN, as a softmax over nothing gives)
             for (int64_t k = 0; k < c; k++) out[(j0 + j) * oj + k] = acc[j][k] * inv;
@@ -383,90 +393,107 @@ struct LatentRows {
     }
 };
 
-// rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of batch row b; q, past, fresh, mask and out already at row b. The rows go
-// four at a time (rows past nj repeat the last one; their results are dropped), so each latent read from L1 meets four
-// query rows: for the scores four latents at a time (4 x 4 sums), for the weighted latents 64 numbers of four rows
-AVX512 static void latent_rows_avx512(const float* q, int64_t qj, const float* past, int64_t pt, const float* fresh,
-                                      int64_t fs, const bool* mask, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
-                                      float scale, float* out, int64_t oj, int64_t j0, int64_t nj) {
-    const int64_t N = T + S, groups = (nj + 3) / 4;
-    alignas(64) float p[LATENT_ROWS][LATENT_BLOCK] = {};
+// a block's rows: `block` of them from row t0 of latents `stride` apart, n real (the others read zeros)
+template <typename R>
+INLINE void block_rows(const R** rows, const R* latents, int64_t stride, int64_t t0, int64_t n, int block) {
+    for (int i = 0; i < block; i++) rows[i] = i >= n ? (const R*)ZERO_ROW : latents + (t0 + i) * stride;
+}
+
+// One block of LATENT_BLOCK latents (n real, at position t0 of the T + S attended) for rows j0..j0 + nj - 1 (nj <=
+// LATENT_ROWS) of a batch row. The rows go four at a time (rows past nj repeat the last one; their results are
+// dropped), so each latent read from L1 meets four query rows: for the scores four latents at a time (4 x 4 sums), for
+// the weighted latents 64 numbers of four rows
+template <typename R>
+AVX512 INLINE void latent_block_avx512(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+    const int64_t groups = (r.nj + 3) / 4, w = r.w, c = r.c;
+    alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
     alignas(64) float sc[LATENT_ROWS][LATENT_BLOCK];
-    LatentRows r{past, fresh, pt, fs, T, c};
-    r.start(4 * groups, 64);  // (the weighted sums go 64 numbers at a time)
-    const __mmask16 wtail = (__mmask16)((1u << (w % 16)) - 1);
-    const __m512 neg = _mm512_set1_ps(-INFINITY);
-    for (int64_t t0 = 0; t0 < N; t0 += LATENT_BLOCK) {
-        const int64_t n = N - t0 < LATENT_BLOCK ? N - t0 : LATENT_BLOCK;
-        const __mmask16 in = (__mmask16)((1u << n) - 1);
-        const float* rows[LATENT_BLOCK];
-        r.block_rows(rows, t0, n, LATENT_BLOCK);
-        for (int64_t g = 0; g < groups; g++) {  // the block's scores, four rows by four latents
-            const float* qr[4];
-            for (int u = 0; u < 4; u++) qr[u] = q + (j0 + (4 * g + u < nj ? 4 * g + u : nj - 1)) * qj;
-            for (int i0 = 0; i0 < LATENT_BLOCK; i0 += 4) {
-                __m512 dot[16];  // dot[u * 4 + i]: row u, latent i0 + i
-                for (int e = 0; e < 16; e++) dot[e] = _mm512_setzero_ps();
-                int64_t k = 0;
-                for (; k + 16 <= w; k += 16) {
-                    __m512 lat[4];
-                    for (int i = 0; i < 4; i++) lat[i] = _mm512_loadu_ps(rows[i0 + i] + k);
-                    for (int u = 0; u < 4; u++) {
-                        const __m512 qk = _mm512_loadu_ps(qr[u] + k);
-                        for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
-                    }
+    const __mmask16 wtail = (__mmask16)((1u << (w % 16)) - 1), in = (__mmask16)((1u << n) - 1);
+    for (int64_t g = 0; g < groups; g++) {  // the block's scores, four rows by four latents
+        const float* qr[4];
+        for (int u = 0; u < 4; u++) qr[u] = r.q + (r.j0 + (4 * g + u < r.nj ? 4 * g + u : r.nj - 1)) * r.qj;
+        for (int i0 = 0; i0 < LATENT_BLOCK; i0 += 4) {
+            __m512 dot[16];  // dot[u * 4 + i]: row u, latent i0 + i
+            for (int e = 0; e < 16; e++) dot[e] = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= w; k += 16) {
+                __m512 lat[4];
+                for (int i = 0; i < 4; i++) lat[i] = lat16(rows[i0 + i] + k);
+                for (int u = 0; u < 4; u++) {
+                    const __m512 qk = _mm512_loadu_ps(qr[u] + k);
+                    for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
                 }
-                if (wtail) {
-                    __m512 lat[4];
-                    for (int i = 0; i < 4; i++) lat[i] = _mm512_maskz_loadu_ps(wtail, rows[i0 + i] + k);
-                    for (int u = 0; u < 4; u++) {
-                        const __m512 qk = _mm512_maskz_loadu_ps(wtail, qr[u] + k);
-                        for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
-                    }
+            }
+            if (wtail) {
+                __m512 lat[4];
+                for (int i = 0; i < 4; i++) lat[i] = lat16(rows[i0 + i] + k, wtail);
+                for (int u = 0; u < 4; u++) {
+                    const __m512 qk = _mm512_maskz_loadu_ps(wtail, qr[u] + k);
+                    for (int i = 0; i < 4; i++) dot[u * 4 + i] = _mm512_fmadd_ps(qk, lat[i], dot[u * 4 + i]);
                 }
-                alignas(64) float sums[16];
-                _mm512_store_ps(sums, sums16(dot));
-                for (int u = 0; u < 4; u++)
-                    for (int i = 0; i < 4; i++) sc[4 * g + u][i0 + i] = sums[u * 4 + i];
             }
-        }
-        for (int64_t j = 0; j < nj; j++) {
-            const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(
-                in, _mm_maskz_loadu_epi8(in, mask + ((j0 + j) / H) * N + t0), _mm_setzero_si128());  // attended
-            const __m512 v = _mm512_mask_mul_ps(neg, seen, _mm512_load_ps(sc[j]), _mm512_set1_ps(scale));
-            // the softmax's running maximum and sum; the block's weights
-            if (!r.raise(j, _mm512_reduce_max_ps(v))) {  // nothing attended yet
-                _mm512_store_ps(p[j], _mm512_setzero_ps());
-                continue;
-            }
-            const __m512 e = exp_avx512(_mm512_sub_ps(v, _mm512_set1_ps(r.m[j])));
-            r.l[j] += _mm512_reduce_add_ps(e);
-            _mm512_store_ps(p[j], e);
-        }
-        for (int64_t k = 0; k < c; k += 64) {  // the block's weighted latents, 64 of a row's numbers for four rows
-            __mmask16 part[4];
-            for (int v = 0; v < 4; v++) {
-                const int64_t left = c - k - 16 * v;
-                part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
-            }
-            for (int64_t g = 0; g < groups; g++) {
-                __m512 a[4][4];
-                for (int u = 0; u < 4; u++)
-                    for (int v = 0; v < 4; v++) a[u][v] = _mm512_load_ps(r.acc[4 * g + u] + k + 16 * v);
-                for (int i = 0; i < LATENT_BLOCK; i++) {
-                    __m512 lat[4];
-                    for (int v = 0; v < 4; v++) lat[v] = _mm512_maskz_loadu_ps(part[v], rows[i] + k + 16 * v);
-                    for (int u = 0; u < 4; u++) {
-                        const __m512 pv = _mm512_set1_ps(p[4 * g + u][i]);
-                        for (int v = 0; v < 4; v++) a[u][v] = _mm512_fmadd_ps(pv, lat[v], a[u][v]);
-                    }
-                }
-                for (int u = 0; u < 4; u++)
-                    for (int v = 0; v < 4; v++) _mm512_store_ps(r.acc[4 * g + u] + k + 16 * v, a[u][v]);
-            }
+            alignas(64) float sums[16];
+            _mm512_store_ps(sums, sums16(dot));
+            for (int u = 0; u < 4; u++)
+                for (int i = 0; i < 4; i++) sc[4 * g + u][i0 + i] = sums[u * 4 + i];
         }
     }
-    r.finish(out, oj, j0, nj);
+    const __m512 neg = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < r.nj; j++) {
+        const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(
+            in, _mm_maskz_loadu_epi8(in, r.mask + ((r.j0 + j) / r.H) * r.N + t0), _mm_setzero_si128());  // attended
+        const __m512 v = _mm512_mask_mul_ps(neg, seen, _mm512_load_ps(sc[j]), _mm512_set1_ps(r.scale));
+        // the softmax's running maximum and sum; the block's weights
+        if (!r.raise(j, _mm512_reduce_max_ps(v))) {  // nothing attended yet
+            _mm512_store_ps(p[j], _mm512_setzero_ps());
+            continue;
+        }
+        const __m512 e = exp_avx512(_mm512_sub_ps(v, _mm512_set1_ps(r.m[j])));
+        r.l[j] += _mm512_reduce_add_ps(e);
+        _mm512_store_ps(p[j], e);
+    }
+    for (int64_t j = r.nj; j < 4 * groups; j++) _mm512_store_ps(p[j], _mm512_setzero_ps());  // (the repeated rows)
+    for (int64_t k = 0; k < c; k += 64) {  // the block's weighted latents, 64 of a row's numbers for four rows
+        __mmask16 part[4];
+        for (int v = 0; v < 4; v++) {
+            const int64_t left = c - k - 16 * v;
+            part[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 a[4][4];
+            for (int u = 0; u < 4; u++)
+                for (int v = 0; v < 4; v++) a[u][v] = _mm512_load_ps(r.acc[4 * g + u] + k + 16 * v);
+            for (int i = 0; i < LATENT_BLOCK; i++) {
+                __m512 lat[4];
+                for (int v = 0; v < 4; v++) lat[v] = lat16(rows[i] + k + 16 * v, part[v]);
+                for (int u = 0; u < 4; u++) {
+                    const __m512 pv = _mm512_set1_ps(p[4 * g + u][i]);
+                    for (int v = 0; v < 4; v++) a[u][v] = _mm512_fmadd_ps(pv, lat[v], a[u][v]);
+                }
+            }
+            for (int u = 0; u < 4; u++)
+                for (int v = 0; v < 4; v++) _mm512_store_ps(r.acc[4 * g + u] + k + 16 * v, a[u][v]);
+        }
+    }
+}
+
+// the T cached latents (past, L: float or fp16) then the S new ones (fresh, fp32), LATENT_BLOCK at a time
+template <typename L>
+AVX512 static void latent_rows_avx512(LatentRows& r, const L* past, int64_t pt, int64_t T, const float* fresh,
+                                      int64_t fs, int64_t S) {
+    r.start(4 * ((r.nj + 3) / 4), 64);  // (the weighted sums go 64 numbers at a time)
+    for (int64_t t0 = 0; t0 < T; t0 += LATENT_BLOCK) {
+        const L* rows[LATENT_BLOCK];
+        const int64_t n = T - t0 < LATENT_BLOCK ? T - t0 : LATENT_BLOCK;
+        block_rows(rows, past, pt, t0, n, LATENT_BLOCK);
+        latent_block_avx512(r, rows, t0, n);
+    }
+    for (int64_t s0 = 0; s0 < S; s0 += LATENT_BLOCK) {
+        const float* rows[LATENT_BLOCK];
+        const int64_t n = S - s0 < LATENT_BLOCK ? S - s0 : LATENT_BLOCK;
+        block_rows(rows, fresh, fs, s0, n, LATENT_BLOCK);
+        latent_block_avx512(r, rows, T + s0, n);
+    }
 }
 
 // The same with AVX2: 8 latents at a time, 8 numbers a vector.
@@ -495,82 +522,118 @@ AVX2 INLINE __m256i lanes_below(int64_t n) {  // maskload's mask: lanes 0..n-1
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-AVX2 static void latent_rows_avx2(const float* q, int64_t qj, const float* past, int64_t pt, const float* fresh,
-                                  int64_t fs, const bool* mask, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
-                                  float scale, float* out, int64_t oj, int64_t j0, int64_t nj) {
-    constexpr int BLOCK = 8;
-    const int64_t N = T + S;
-    alignas(32) float p[LATENT_ROWS][BLOCK];
-    LatentRows r{past, fresh, pt, fs, T, c};
-    r.start(nj, 32);  // (the weighted sums go 32 numbers at a time)
-    const __m256i wtail = lanes_below(w % 8);
-    for (int64_t t0 = 0; t0 < N; t0 += BLOCK) {
-        const int64_t n = N - t0 < BLOCK ? N - t0 : BLOCK;
-        const float* rows[BLOCK];
-        r.block_rows(rows, t0, n, BLOCK);
-        for (int64_t j = 0; j < nj; j++) {
-            const float* qr = q + (j0 + j) * qj;
-            __m256 dot[BLOCK];
-            for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k + 8 <= w; k += 8) {
-                const __m256 qk = _mm256_loadu_ps(qr + k);
-                for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, _mm256_loadu_ps(rows[i] + k), dot[i]);
-            }
-            if (w % 8) {
-                const __m256 qk = _mm256_maskload_ps(qr + k, wtail);
-                for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, _mm256_maskload_ps(rows[i] + k, wtail), dot[i]);
-            }
-            alignas(32) float v[BLOCK];
-            _mm256_store_ps(v, _mm256_mul_ps(sums8(dot), _mm256_set1_ps(scale)));
-            const bool* seen = mask + ((j0 + j) / H) * N + t0;
-            float top = -INFINITY;
-            for (int i = 0; i < BLOCK; i++) {
-                if (i >= n || !seen[i]) v[i] = -INFINITY;
-                top = fmaxf(top, v[i]);
-            }
-            if (!r.raise(j, top)) {
-                _mm256_store_ps(p[j], _mm256_setzero_ps());
-                continue;
-            }
-            _mm256_store_ps(p[j], exp_avx2(_mm256_sub_ps(_mm256_load_ps(v), _mm256_set1_ps(r.m[j]))));
-            for (int i = 0; i < BLOCK; i++) r.l[j] += p[j][i];
-        }
-        for (int64_t j = 0; j < nj; j++)
-            for (int64_t k = 0; k < c; k += 32) {
-                __m256i part[4];
-                __m256 a[4];
-                for (int u = 0; u < 4; u++) {
-                    part[u] = lanes_below(c - k - 8 * u > 0 ? c - k - 8 * u : 0);
-                    a[u] = _mm256_load_ps(r.acc[j] + k + 8 * u);
-                }
-                for (int i = 0; i < BLOCK; i++) {
-                    const __m256 pv = _mm256_set1_ps(p[j][i]);
-                    for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, _mm256_maskload_ps(rows[i] + k + 8 * u, part[u]), a[u]);
-                }
-                for (int u = 0; u < 4; u++) _mm256_store_ps(r.acc[j] + k + 8 * u, a[u]);
-            }
-    }
-    r.finish(out, oj, j0, nj);
+// the first n (at most 8; none when n <= 0) of 8 numbers of a latent as fp32, the others 0
+AVX2 INLINE __m256 lat8(const float* p, int64_t n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_below(n > 0 ? n : 0));
+}
+AVX2 INLINE __m256 lat8(const uint16_t* p, int64_t n) {
+    if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    alignas(16) uint16_t part[8] = {};
+    if (n > 0) memcpy(part, p, n * sizeof(uint16_t));
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)part));
 }
 
-// q [B, J, w] (row j of batch row b at b * qb + j * qj), past [B, T, w] (b * pb + t * pt), fresh [B, S, w]
-// (b * fb + s * fs), mask [B, S, T + S] contiguous, out [B, J, c] (b * ob + j * oj); every row's w (or c) numbers
-// adjacent. isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does not take.
-extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const float* past, int64_t pb,
-                                             int64_t pt, const float* fresh, int64_t fb, int64_t fs, const bool* mask,
-                                             int64_t B, int64_t S, int64_t H, int64_t T, int64_t c, int64_t w,
-                                             float scale, float* out, int64_t ob, int64_t oj, int isa) {
-    if ((isa != 1 && isa != 2) || B < 1 || S < 1 || H < 1 || T < 0 || c < 1 || c > MAX_C || w < c || w > LATENT_WIDTH)
-        return 1;
+// one block of 8 latents (n real, at position t0), each query row alone
+template <typename R>
+AVX2 INLINE void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+    constexpr int BLOCK = 8;
+    const int64_t w = r.w, c = r.c;
+    alignas(32) float p[LATENT_ROWS][BLOCK];
+    const __m256i wtail = lanes_below(w % 8);
+    for (int64_t j = 0; j < r.nj; j++) {
+        const float* qr = r.q + (r.j0 + j) * r.qj;
+        __m256 dot[BLOCK];
+        for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= w; k += 8) {
+            const __m256 qk = _mm256_loadu_ps(qr + k);
+            for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, lat8(rows[i] + k, 8), dot[i]);
+        }
+        if (w % 8) {
+            const __m256 qk = _mm256_maskload_ps(qr + k, wtail);
+            for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, lat8(rows[i] + k, w % 8), dot[i]);
+        }
+        alignas(32) float v[BLOCK];
+        _mm256_store_ps(v, _mm256_mul_ps(sums8(dot), _mm256_set1_ps(r.scale)));
+        const uint8_t* seen = r.mask + ((r.j0 + j) / r.H) * r.N + t0;
+        float top = -INFINITY;
+        for (int i = 0; i < BLOCK; i++) {
+            if (i >= n || seen[i] == 0) v[i] = -INFINITY;
+            top = fmaxf(top, v[i]);
+        }
+        if (!r.raise(j, top)) {
+            _mm256_store_ps(p[j], _mm256_setzero_ps());
+            continue;
+        }
+        _mm256_store_ps(p[j], exp_avx2(_mm256_sub_ps(_mm256_load_ps(v), _mm256_set1_ps(r.m[j]))));
+        for (int i = 0; i < BLOCK; i++) r.l[j] += p[j][i];
+    }
+    for (int64_t j = 0; j < r.nj; j++)
+        for (int64_t k = 0; k < c; k += 32) {
+            __m256 a[4];
+            for (int u = 0; u < 4; u++) a[u] = _mm256_load_ps(r.acc[j] + k + 8 * u);
+            for (int i = 0; i < BLOCK; i++) {
+                const __m256 pv = _mm256_set1_ps(p[j][i]);
+                for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, lat8(rows[i] + k + 8 * u, c - k - 8 * u), a[u]);
+            }
+            for (int u = 0; u < 4; u++) _mm256_store_ps(r.acc[j] + k + 8 * u, a[u]);
+        }
+}
+
+template <typename L>
+AVX2 static void latent_rows_avx2(LatentRows& r, const L* past, int64_t pt, int64_t T, const float* fresh, int64_t fs,
+                                  int64_t S) {
+    constexpr int BLOCK = 8;
+    r.start(r.nj, 32);  // (the weighted sums go 32 numbers at a time)
+    for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
+        const L* rows[BLOCK];
+        const int64_t n = T - t0 < BLOCK ? T - t0 : BLOCK;
+        block_rows(rows, past, pt, t0, n, BLOCK);
+        latent_block_avx2(r, rows, t0, n);
+    }
+    for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+        const float* rows[BLOCK];
+        const int64_t n = S - s0 < BLOCK ? S - s0 : BLOCK;
+        block_rows(rows, fresh, fs, s0, n, BLOCK);
+        latent_block_avx2(r, rows, T + s0, n);
+    }
+}
+
+template <typename L>
+static void latent_attention(const float* q, int64_t qb, int64_t qj, const L* past, int64_t pb, int64_t pt,
+                             const float* fresh, int64_t fb, int64_t fs, const uint8_t* mask, int64_t B, int64_t S,
+                             int64_t H, int64_t T, int64_t c, int64_t w, float scale, float* out, int64_t ob,
+                             int64_t oj, int isa) {
     const int64_t J = S * H, groups = (J + LATENT_ROWS - 1) / LATENT_ROWS;
 #pragma omp parallel for schedule(static) if (B * groups > 1)  // (one task: no threads to wake)
     for (int64_t task = 0; task < B * groups; task++) {
         const int64_t b = task / groups, j0 = task % groups * LATENT_ROWS;
-        const int64_t nj = J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS;
-        (isa == 2 ? latent_rows_avx512 : latent_rows_avx2)(q + b * qb, qj, past + b * pb, pt, fresh + b * fb, fs,
-                                                           mask + b * S * (T + S), S, H, T, c, w, scale, out + b * ob,
-                                                           oj, j0, nj);
+        LatentRows r{q + b * qb, mask + b * S * (T + S), qj, j0, J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS, T + S, H,
+                     c, w, scale};
+        if (isa == 2)
+            latent_rows_avx512(r, past + b * pb, pt, T, fresh + b * fb, fs, S);
+        else
+            latent_rows_avx2(r, past + b * pb, pt, T, fresh + b * fb, fs, S);
+        r.finish(out + b * ob, oj);
     }
+}
+
+// q [B, J, w] (row j of batch row b at b * qb + j * qj), past [B, T, w] (b * pb + t * pt), fresh [B, S, w]
+// (b * fb + s * fs), mask [B, S, T + S] contiguous (bytes, 0: not attended), out [B, J, c] (b * ob + j * oj); every
+// row's w (or c) numbers adjacent; strides in elements. fresh is fp32; past fp32, or fp16 with half = 1 (a
+// half-precision cache: the new tokens are attended in full precision, what is cached as the cache keeps it). isa:
+// 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does not take.
+extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const void* past, int64_t pb,
+                                             int64_t pt, int half, const float* fresh, int64_t fb, int64_t fs,
+                                             const uint8_t* mask, int64_t B, int64_t S, int64_t H, int64_t T, int64_t c,
+                                             int64_t w, float scale, float* out, int64_t ob, int64_t oj, int isa) {
+    if ((isa != 1 && isa != 2) || B < 1 || S < 1 || H < 1 || T < 0 || c < 1 || c > MAX_C || w < c || w > LATENT_WIDTH)
+        return 1;
+    if (half)
+        latent_attention(q, qb, qj, (const uint16_t*)past, pb, pt, fresh, fb, fs, mask, B, S, H, T, c, w, scale, out,
+                         ob, oj, isa);
+    else
+        latent_attention(q, qb, qj, (const float*)past, pb, pt, fresh, fb, fs, mask, B, S, H, T, c, w, scale, out, ob,
+                         oj, isa);
     return 0;
 }

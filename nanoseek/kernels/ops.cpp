@@ -167,11 +167,33 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
 // (mla_attention) or in int4 (mla_attention_int4): mla.cpp's (and for int4 the value product int4.cpp's) products
 // turn each query into the latent space and each latent output back to the head's values; torch's batched products
 // score and weigh the latents. q_nope [B, S, H, d] and q_pe [B, S, H, r] (rotated), past [B, T, c + r] (rows may be
-// spaced apart) and fresh [B, S, c + r] (the new tokens' latents), mask [B, S, T + S] (true: may attend). Returns
-// [B, S, H, dv] fp32.
+// spaced apart; fp32, or fp16 from a half-precision cache) and fresh [B, S, c + r] (the new tokens' latents, fp32),
+// mask [B, S, T + S] (true: may attend). Returns [B, S, H, dv] fp32.
 struct MlaShape {
     int64_t B, S, H, d, r, c, dv, T, M;
 };
+
+// a mask of bools, or of bytes 0/1 (KVCache.mask's)
+static bool mask_ok(const at::Tensor& mask) {
+    return mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
+}
+
+// the cached latents fp32 or fp16 (a half-precision cache), the new ones fp32
+static bool latents_ok(const at::Tensor& past, const at::Tensor& fresh) {
+    return (past.scalar_type() == at::kFloat || past.scalar_type() == at::kHalf) && fresh.scalar_type() == at::kFloat;
+}
+
+// the kernel over the latents (mla.cpp) into out [B, J, c]: q [B, J, w] contiguous, past [B, T, w] and fresh [B, S, w]
+// with each row's w numbers adjacent, mask [B, S, T + S] contiguous
+static void latent_kernel(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh, const at::Tensor& mask,
+                          int64_t S, int64_t H, int64_t c, double scale, at::Tensor& out) {
+    int code = nanoseek_mla_latent_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr(), past.stride(0),
+                                             past.stride(1), past.scalar_type() == at::kHalf, fresh.data_ptr<float>(),
+                                             fresh.stride(0), fresh.stride(1), (const uint8_t*)mask.data_ptr(), q.size(0),
+                                             S, H, past.size(1), c, q.size(2), (float)scale, out.data_ptr<float>(),
+                                             out.stride(0), out.stride(1), isa_here);
+    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+}
 
 // the checks both weights' forms share; `weight` says what the weight must be, `ok_weight` whether it is
 static MlaShape mla_check(const char* op, const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& past,
@@ -184,15 +206,17 @@ static MlaShape mla_check(const char* op, const at::Tensor& q_nope, const at::Te
         m = {q_nope.size(0), q_nope.size(1), q_nope.size(2), q_nope.size(3), q_pe.size(3), c, dv, past.size(1),
              q_nope.size(0) * q_nope.size(1)};
     bool ok = ranks && ok_weight && m.dv > 0 && 0 < m.M && m.M <= 8 && 0 < c && c <= 1024 &&
-              mask.scalar_type() == at::kBool;
+              mask_ok(mask);
     for (const at::Tensor* t : {&q_nope, &q_pe, &past, &fresh})
-        ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu();
+        ok = ok && t->device().is_cpu();
+    ok = ok && q_nope.scalar_type() == at::kFloat && q_pe.scalar_type() == at::kFloat && latents_ok(past, fresh);
     ok = ok && q_pe.sizes() == at::IntArrayRef({m.B, m.S, m.H, m.r}) && past.size(0) == m.B &&
          past.size(2) == c + m.r && fresh.sizes() == at::IntArrayRef({m.B, m.S, c + m.r}) &&
          mask.sizes() == at::IntArrayRef({m.B, m.S, m.T + m.S});
     TORCH_CHECK_VALUE(ok, op, ": q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", past ", past.sizes(),
                       ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ": wants fp32 [B, S, H, d], [B, S, H, r], ",
-                      "[B, T, c + r], [B, S, c + r] on the CPU (B * S <= 8), a bool mask [B, S, T + S], ", weight);
+                      "[B, T, c + r], [B, S, c + r] (the cached latents fp32 or fp16, the new ones fp32) on the CPU ",
+                      "(B * S <= 8), a bool or uint8 mask [B, S, T + S], ", weight);
     return m;
 }
 
@@ -214,19 +238,15 @@ static at::Tensor mla_latent_outputs(const at::Tensor& q, const at::Tensor& past
     if (isa_here > 0 && m.c + m.r <= 1024 + 128 && q.is_contiguous() && past.stride(2) == 1 && fresh.stride(2) == 1 &&
         mask.is_contiguous()) {
         at::Tensor out = at::empty({m.B, m.S * m.H, m.c}, q.options());
-        int code = nanoseek_mla_latent_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr<float>(),
-                                                 past.stride(0), past.stride(1), fresh.data_ptr<float>(), fresh.stride(0),
-                                                 fresh.stride(1), mask.data_ptr<bool>(), m.B, m.S, m.H, m.T, m.c,
-                                                 m.c + m.r, (float)scale, out.data_ptr<float>(), out.stride(0),
-                                                 out.stride(1), isa_here);
-        TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+        latent_kernel(q, past, fresh, mask, m.S, m.H, m.c, scale, out);
         return out;
     }
-    at::Tensor scores = at::cat({at::bmm(q, past.transpose(1, 2)), at::bmm(q, fresh.transpose(1, 2))}, -1);
+    const at::Tensor pf = past.to(at::kFloat), &ff = fresh;
+    at::Tensor scores = at::cat({at::bmm(q, pf.transpose(1, 2)), at::bmm(q, ff.transpose(1, 2))}, -1);
     scores = scores.view({m.B, m.S, m.H, m.T + m.S}).mul_(scale).masked_fill_(mask.logical_not().unsqueeze(2), -INFINITY);
     const at::Tensor probs = at::_softmax(scores, -1, false).view({m.B, m.S * m.H, m.T + m.S});
-    return at::baddbmm(at::bmm(probs.narrow(-1, m.T, m.S), fresh.narrow(-1, 0, m.c)), probs.narrow(-1, 0, m.T),
-                       past.narrow(-1, 0, m.c))
+    return at::baddbmm(at::bmm(probs.narrow(-1, m.T, m.S), ff.narrow(-1, 0, m.c)), probs.narrow(-1, 0, m.T),
+                       pf.narrow(-1, 0, m.c))
         .contiguous();
 }
 
@@ -294,27 +314,25 @@ static at::Tensor mla_attention_int4(const at::Tensor& q_nope, const at::Tensor&
 }
 
 // The attention between the products alone, for MLA's absorbed attention in Python (a float kv_b_proj): q [B, S*H, c + r]
-// (the queries in the latent space with their rotary parts), past [B, T, c + r], fresh [B, S, c + r], mask [B, S, T + S];
-// -> [B, S*H, c].
+// (the queries in the latent space with their rotary parts), past [B, T, c + r] (fp32 or fp16), fresh [B, S, c + r]
+// (fp32), mask [B, S, T + S]; -> [B, S*H, c].
 static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
                                        const at::Tensor& mask, int64_t c, double scale) {
     TORCH_CHECK(isa_here > 0, "nanoseek's MLA kernel is not available here");
-    bool ok = q.dim() == 3 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 && mask.scalar_type() == at::kBool;
+    bool ok = q.dim() == 3 && past.dim() == 3 && fresh.dim() == 3 && mask.dim() == 3 && mask_ok(mask);
     for (const at::Tensor* t : {&q, &past, &fresh})
-        ok = ok && t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(2) == 1;
+        ok = ok && t->device().is_cpu() && t->stride(2) == 1;
+    ok = ok && q.scalar_type() == at::kFloat && latents_ok(past, fresh);
     const int64_t B = ok ? q.size(0) : 0, S = ok ? fresh.size(1) : 0, T = ok ? past.size(1) : 0, w = ok ? q.size(2) : 0;
     ok = ok && S > 0 && q.size(1) % S == 0 && 0 < c && c <= w && c <= 1024 && w <= 1024 + 128 && past.size(0) == B && past.size(2) == w &&
          fresh.size(0) == B && fresh.size(2) == w && mask.sizes() == at::IntArrayRef({B, S, T + S});
     TORCH_CHECK_VALUE(ok, "mla_latent_attention: q ", q.sizes(), ", past ", past.sizes(), ", fresh ", fresh.sizes(),
-                      ", mask ", mask.sizes(), ", c ", c, ": wants fp32 [B, S*H, w], [B, T, w], [B, S, w] on the CPU ",
-                      "(each row's w numbers adjacent), a bool mask [B, S, T + S], 0 < c <= min(w, 1024), w <= 1152");
+                      ", mask ", mask.sizes(), ", c ", c, ": wants fp32 [B, S*H, w], [B, T, w], [B, S, w] (the cached latents ",
+                      "fp32 or fp16, the new ones fp32) on the CPU (each row's w numbers adjacent), a bool or uint8 ",
+                      "mask [B, S, T + S], 0 < c <= min(w, 1024), w <= 1152");
     const at::Tensor qc = q.contiguous(), mc = mask.contiguous();
     at::Tensor out = at::empty({B, q.size(1), c}, qc.options());
-    int code = nanoseek_mla_latent_attention(qc.data_ptr<float>(), qc.stride(0), qc.stride(1), past.data_ptr<float>(),
-                                             past.stride(0), past.stride(1), fresh.data_ptr<float>(), fresh.stride(0),
-                                             fresh.stride(1), mc.data_ptr<bool>(), B, S, q.size(1) / S, T, c, w,
-                                             (float)scale, out.data_ptr<float>(), out.stride(0), out.stride(1), isa_here);
-    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+    latent_kernel(qc, past, fresh, mc, S, q.size(1) / S, c, scale, out);
     return out;
 }
 

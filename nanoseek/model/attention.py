@@ -77,8 +77,8 @@ class KVCache(Protocol):
 
     def attend(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the new tokens' entries [B, S, heads, width] (the cache stores them after the forward);
-        return the cached ones [B, heads, T, width] and a bool mask [B, S, T + S] over the cached
-        then the new positions (True = may attend)."""
+        return the cached ones [B, heads, T, width] and a uint8 mask [B, S, T + S] over the cached
+        then the new positions (1 = may attend)."""
 
 
 class MLA(nn.Module):
@@ -125,7 +125,7 @@ class MLA(nn.Module):
         else:
             new = torch.cat([c_kv, k_pe], dim=-1)  # (B, S, c + r): the latent the cache keeps
             past, mask = cache.attend(self.layer_idx, new.unsqueeze(2))
-            out = self.absorbed_attention(q_nope, q_pe, past[:, 0], new.to(past.dtype), mask)
+            out = self.absorbed_attention(q_nope, q_pe, past[:, 0], new, mask)
         return self.o_proj(out.flatten(2))  # (B, S, H*dv) -> (B, S, D)
 
     def full_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
@@ -140,15 +140,18 @@ class MLA(nn.Module):
 
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
         """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
-        [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, T + S]. Returns
+        [B, S, c + r] (c_kv then k_pe, as the cache stores them; the past in the cache's dtype, which nanoseek's kernels
+        read in fp16 beside fp32 activations and anything else widens here, the new ones in the model's), mask
+        [B, S, T + S]. Returns
         [B, S, H, dv]. The key half of kv_b_proj turns each query into the latent space, so one
         product with [c_kv ; k_pe] scores the nope and rope parts together; heads are folded into
         the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
         kv_b = self.kv_b_proj
+        kernel_latents = past.dtype in (torch.float32, torch.float16) and new.dtype == torch.float32
         fits = q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
-            and q_nope.device.type == "cpu"  # what the C++ operators take
+            and q_nope.device.type == "cpu" and kernel_latents  # what the C++ operators take
         if hasattr(kv_b, "dequantize"):  # quantized, int4 (quant.QuantLinear, swap_linears): a few rows of fp32 through
             # the C++ operator, whose products read the int4 codes (kernels/ops.cpp), else the weight dequantized
             operands = kv_b.int4_operands()
@@ -174,12 +177,14 @@ class MLA(nn.Module):
         else:
             q_latent = q_rows @ w[:, : self.nope_dim]
         q = torch.cat([q_latent.transpose(0, 1).reshape(B, S * H, c), q_pe.reshape(B, S * H, -1)], dim=-1)
-        if q.dtype == torch.float32 and q.device.type == "cpu" and past.dtype == torch.float32 and mla_latent_available():
+        if q.dtype == torch.float32 and q.device.type == "cpu" and kernel_latents and mla_latent_available():
             # scores, mask, softmax and weighted latents in one pass over the latents (kernels/mla.cpp)
             out_latent = torch.ops.nanoseek.mla_latent_attention(q, past, new, mask, c, self.softmax_scale)
         else:
+            if past.dtype != q.dtype:  # a cache kept in another precision than the model computes in
+                past = past.to(q.dtype)
             scores = torch.cat([q @ past.transpose(1, 2), q @ new.transpose(1, 2)], dim=-1)  # (B, S*H, T+S)
-            scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(~mask[:, :, None], float("-inf"))
+            scores = (scores.view(B, S, H, -1) * self.softmax_scale).float().masked_fill(mask[:, :, None] == 0, float("-inf"))
             probs = scores.softmax(dim=-1).type_as(q_nope).view(B, S * H, -1)
             out_latent = probs[..., :T] @ past[..., :c] + probs[..., T:] @ new[..., :c]  # (B, S*H, c)
         out_rows = out_latent.view(B * S, H, c).transpose(0, 1)  # (H, B*S, c)
@@ -228,7 +233,7 @@ class GQA(nn.Module):
         else:
             new = torch.stack([k, v], dim=3).view(B, S, 2 * Hkv, d)  # what the cache keeps: k_0, v_0, k_1, ...
             past, mask = cache.attend(self.layer_idx, new)
-            out = self.cached_attention(q, past, new.to(past.dtype), mask)
+            out = self.cached_attention(q, past, new, mask)
         return self.o_proj(out.reshape(B, S, H * d))
 
     def cached_attention(self, q, past, new, mask) -> torch.Tensor:
@@ -238,13 +243,15 @@ class GQA(nn.Module):
         B, S, H, d = q.shape
         Hkv, T = self.n_kv, past.shape[2]
         g = H // Hkv
-        q = q.view(B, S, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * S, d).to(past.dtype)
+        if past.dtype != q.dtype:  # a cache kept in another precision than the model computes in (Engine kv_cache_dtype)
+            past = past.to(q.dtype)
+        q = q.view(B, S, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * S, d)
         k_past, v_past = past[:, 0::2].flatten(0, 1), past[:, 1::2].flatten(0, 1)  # (B*Hkv, T, d): views
         new = new.transpose(1, 2)  # (B, 2*Hkv, S, d)
         k_new, v_new = new[:, 0::2].reshape(B * Hkv, S, d), new[:, 1::2].reshape(B * Hkv, S, d)
         scores = torch.cat([q @ k_past.transpose(1, 2), q @ k_new.transpose(1, 2)], dim=-1)
         scores = (scores.view(B, Hkv, g, S, -1) * self.softmax_scale).float()  # (B, Hkv, g, S, T+S)
-        probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(dim=-1)
-        probs = probs.to(past.dtype).view(B * Hkv, g * S, -1)
+        probs = scores.masked_fill(mask[:, None, None] == 0, float("-inf")).softmax(dim=-1)
+        probs = probs.to(q.dtype).view(B * Hkv, g * S, -1)
         out = probs[..., :T] @ v_past + probs[..., T:] @ v_new  # (B*Hkv, g*S, d)
         return out.view(B, Hkv, g, S, d).permute(0, 3, 1, 2, 4).reshape(B, S, H, d)
