@@ -14,7 +14,8 @@ V2 chat template, so `nanoseek serve --model DIR` and llama.cpp's converter take
 
 Each variant is measured in a fresh process, decoding as `nanoseek serve` would (in the dtype
 `checkpoint.inference_dtypes` picks, through compiled steps for small models and for dense ones on a CPU:
-`machine.decide_decode_compile`): load seconds, the warm-up's seconds (compiling, when it does),
+`machine.decide_decode_compile`; the KV cache in the precision the engine picks: an MLA model's latents in fp16 on a
+CPU, as llama.cpp's f16 cache): load seconds, the warm-up's seconds (compiling, when it does),
 peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
 steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
