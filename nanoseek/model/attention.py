@@ -140,12 +140,12 @@ class MLA(nn.Module):
 
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
         """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
-        [B, S, c + r] (c_kv then k_pe, as the cache stores them; the past in the cache's dtype, which nanoseek's kernels
-        read in fp16 beside fp32 activations and anything else widens here, the new ones in the model's), mask
-        [B, S, T + S]. Returns
-        [B, S, H, dv]. The key half of kv_b_proj turns each query into the latent space, so one
-        product with [c_kv ; k_pe] scores the nope and rope parts together; heads are folded into
-        the rows (S*H) so the cache is read once per row, never copied or expanded per head."""
+        [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, T + S]. Returns
+        [B, S, H, dv]. The past is in the cache's dtype (nanoseek's kernels read fp16 beside fp32
+        activations; any other is widened here), the new latents in the model's. The key half of
+        kv_b_proj turns each query into the latent space, so one product with [c_kv ; k_pe] scores
+        the nope and rope parts together; heads are folded into the rows (S*H) so the cache is read
+        once per row, never copied or expanded per head."""
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
         kv_b = self.kv_b_proj
