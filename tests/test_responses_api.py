@@ -9,6 +9,7 @@ anything, and the grammar is what makes its calls and JSON valid."""
 
 import json
 import operator
+import time
 from functools import reduce
 
 import httpx
@@ -63,6 +64,10 @@ def check_events(events) -> None:
         done.append(events[i].item)
         i += 1
     assert [plain(o) for o in events[-1].response.output] == [plain(o) for o in done]
+    final = events[-1].response  # a time it completed at, once it has (OpenAI's completed_at)
+    assert events[0].response.completed_at is None
+    assert (final.completed_at is not None) == (final.status == "completed")
+    assert final.completed_at is None or final.created_at <= final.completed_at <= time.time() + 1
 
 
 def plain(item) -> dict:

@@ -132,6 +132,20 @@ def test_chat_streaming_equals_non_streaming(client):
     assert usage is not None and usage.completion_tokens > 0 and finish in ("stop", "length")
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_streamed_chunks_carry_usage_null_until_the_last_when_asked(server, include_usage):
+    """OpenAI's stream_options.include_usage: every chunk has `usage`, null but in the last (choices empty there);
+    without it no chunk has the field."""
+    body = {"messages": ask(), "max_tokens": 5, "stream": True, "stream_options": {"include_usage": include_usage}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    if not include_usage:
+        assert not any("usage" in c for c in chunks)
+        return
+    assert all(c["usage"] is None and c["choices"] for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
 def test_streams_end_with_the_finish_reason_of_the_whole_reply(client):
     """A reply cut at max_tokens ends its stream with "length" (streams once said "stop": the request's
     reason is set a moment after its last event is sent)."""
@@ -152,10 +166,16 @@ def test_streams_end_with_the_finish_reason_of_the_whole_reply(client):
 
 
 def test_the_largest_seed_serves_n_choices(client):
-    """Choice i samples with seed + i, wrapping past the largest seed a request may give."""
-    r = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=4, n=2,
-                                       temperature=1.0, seed=2**63 - 1)
-    assert [c.index for c in r.choices] == [0, 1]
+    """Choice i samples with seed + i, wrapping past the largest seed a request may give. A seed is OpenAI's int64:
+    negative ones too (clients send -1 for "any"), each naming the stream of its 64-bit pattern (-1 as 2^63 - 1)."""
+    def sampled(seed):
+        r = client.chat.completions.create(model="nanoseek-test", messages=ask("7 * 8?"), max_tokens=4, n=2,
+                                           temperature=1.0, seed=seed)
+        assert [c.index for c in r.choices] == [0, 1]
+        return [c.message.content for c in r.choices]
+    assert sampled(-1) == sampled(2**63 - 1) and sampled(-2**63) == sampled(0)
+    with pytest.raises(openai.BadRequestError):
+        sampled(2**63)
 
 
 def test_n_choices_share_the_prompt_prefill(client):
@@ -429,7 +449,7 @@ def test_answer_logprobs_end_where_a_stop_string_cuts_the_content(parts, stop):
         scripted(engine, reply)
         r = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
         content = r["message"]["content"]
-        assert content == "abx cd \n".split(stop)[0].rstrip()
+        assert content == "abx cd \n".split(stop)[0]  # up to the stop string, its whitespace before it too
         joined = "".join(e["token"] for e in r["logprobs"]["content"])
         assert joined.startswith(content) and len(joined) - len(content) < max(len(t) for t in map(tok.decode, [[i] for i in answer]))
         scripted(engine, reply)
@@ -437,6 +457,45 @@ def test_answer_logprobs_end_where_a_stop_string_cuts_the_content(parts, stop):
             deltas = [json.loads(line[6:])["choices"] for line in s.iter_lines() if line.startswith("data: {")]
         streamed = "".join(e["token"] for c in deltas if c and c[0].get("logprobs") for e in c[0]["logprobs"]["content"])
         assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == content and streamed == joined
+
+
+def test_a_reply_after_a_prefix_keeps_its_leading_space_and_one_a_stop_ends_keeps_its_trailing_space(parts):
+    """Found by a user: prefix completion returned `nanoseek` after `I am` (the model wrote ` nanoseek`), and a reply cut
+    by the stop string `nanoseek` came back as `I'm` for `I'm `: the template's whitespace around the reasoning was
+    stripped from text the client's prefix or the stop string bounds. OpenAI chat (streamed or not) and Anthropic."""
+    model, tok, db = parts
+    engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, eos_token_id=tok.eos_id)
+
+    def chat(url, body, reply):  # -> (content, reasoning_content) answered whole, and the same streamed
+        scripted(engine, reply)
+        r = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        scripted(engine, reply)
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+            deltas = [c[0]["delta"] for line in s.iter_lines() if line.startswith("data: {")
+                      for c in [json.loads(line[6:])["choices"]] if c]
+        streamed = tuple("".join(d.get(k) or "" for d in deltas) for k in ("content", "reasoning_content"))
+        return (r["content"], r.get("reasoning_content") or ""), streamed
+
+    answer = tok.encode_text(" nineteen\n") + [tok.eos_id]
+    after = ask() + [{"role": "assistant", "content": "It is", "prefix": True}]
+    reasoning = tok.encode_text(" carry the one\n") + [tok.end_think_id] + tok.encode_text("\n\n19") + [tok.eos_id]
+    inside = ask() + [{"role": "assistant", "content": "12 + 7:", "prefix": True}]
+    stopped = tok.encode_text("why") + [tok.end_think_id] + tok.encode_text("\n\nI'm nanoseek") + [tok.eos_id]
+    with LiveServer(create_app(engine, tok, name="m")) as url:
+        for reply, body, expected in [
+                (answer, {"model": "deepseek-chat", "messages": after}, (" nineteen", "")),
+                (reasoning, {"model": "deepseek-reasoner", "messages": inside}, ("19", " carry the one")),
+                (stopped, {"model": "deepseek-reasoner", "messages": ask(), "stop": ["nano"]}, ("I'm ", "why"))]:
+            assert chat(url, {**body, "max_tokens": len(reply)}, reply) == (expected, expected)
+        scripted(engine, answer)
+        m = httpx.post(url + "/v1/messages", json={"model": "m", "max_tokens": 8, "messages": after[:-1] + [
+            {"role": "assistant", "content": "It is"}]}).json()
+        assert [b["text"] for b in m["content"] if b["type"] == "text"] == [" nineteen"]
+        scripted(engine, stopped)
+        m = httpx.post(url + "/v1/messages", json={"model": "m", "max_tokens": 20, "messages": ask(),
+                                                   "stop_sequences": ["nano"]}).json()
+        assert [b["text"] for b in m["content"] if b["type"] == "text"] == ["I'm "]
+        assert (m["stop_reason"], m["stop_sequence"]) == ("stop_sequence", "nano")
 
 
 def test_completions_leave_control_tokens_out_of_the_text(parts):

@@ -80,6 +80,7 @@ class Request:
     prompt_logprobs: list[dict] = field(default_factory=list)  # with params.prompt_logprobs: prompt tokens 1..T-1
     text: str = ""  # the output text (stop string excluded), when the engine can decode
     finish_reason: str | None = None
+    stop_string: str | None = None  # which of params.stop ended the text, if one did
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     drafted: int = 0  # speculative tokens proposed / accepted
     accepted: int = 0
@@ -672,9 +673,9 @@ class Engine:
             full = self._text(req, [t for t in new if t not in stops and t not in p.skip_token_ids])
             start = self._stops_from(req, full, req._ids) if p.stop else None
             end = self._stops_until(req) if p.stop else None
-            cut = None if start is None else _find_stop(full[start:end], p.stop)
-            if cut is not None:
-                full, reason = full[:start + cut], "stop"
+            found = None if start is None else _find_stop(full[start:end], p.stop)
+            if found is not None:
+                full, reason, req.stop_string = full[:start + found[0]], "stop", found[1]
             req.text = full
             hold = 0 if reason or end is not None else max((len(s) - 1 for s in p.stop), default=0)
             safe = len(full) - hold
@@ -778,9 +779,10 @@ def _logprob_entries(raw: torch.Tensor, tokens: list[int], k: int) -> list[dict]
     return [{"token": t, "logprob": c, "top": a} for t, c, a in zip(tokens, chosen, top)]
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def _find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Where the first of the stop strings in text starts, and which it is (of two starting there, the first listed)."""
+    hits = [(i, s) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 def generate(model: DeepseekForCausalLM, prompts: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

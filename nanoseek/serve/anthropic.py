@@ -334,7 +334,7 @@ def _anthropic_usage(u: dict) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": u["prompt_cache_hit_tokens"]}
 
 
-def _stop(svc: Service, req, finish: str, asked: int) -> dict:
+def _stop(req, finish: str, asked: int) -> dict:
     """Anthropic's stop_reason and stop_sequence for a chat reply's finish_reason; a reply cut short whose max_tokens
     was cut to what the context left (create_message) stopped at the context's end."""
     if finish == "tool_calls":
@@ -342,20 +342,7 @@ def _stop(svc: Service, req, finish: str, asked: int) -> dict:
     if finish == "length":
         cut = req.params.max_new_tokens < asked
         return {"stop_reason": "model_context_window_exceeded" if cut else "max_tokens", "stop_sequence": None}
-    sequence = _stop_sequence(svc, req)
-    return {"stop_reason": "end_turn" if sequence is None else "stop_sequence", "stop_sequence": sequence}
-
-
-def _stop_sequence(svc: Service, req) -> str | None:
-    """The stop sequence that ended a reply, if one did. The engine cuts its text where one starts and keeps no note of
-    which: the reply's tokens are decoded again, less the tokens the engine's text leaves out, and the one that starts
-    right after the text kept is it."""
-    if not req.params.stop:
-        return None
-    left_out = set(req.params.stop_token_ids) | req.params.skip_token_ids
-    whole = svc.tok.decode([t for t in req.tokens if t not in left_out])
-    rest = whole[len(req.text):] if whole.startswith(req.text) else ""
-    return next((s for s in req.params.stop if rest.startswith(s)), None)
+    return {"stop_reason": "end_turn" if req.stop_string is None else "stop_sequence", "stop_sequence": req.stop_string}
 
 
 def _thinking_block(text: str) -> dict:  # unsigned: earlier reasoning sent back is dropped, never checked
@@ -389,22 +376,22 @@ async def create_message(svc: Service, thinks: bool, body: MessagesRequest, requ
     chat_body = body.chat_request()
     head = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": body.model or svc.name}
     try:
-        prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
+        prompt, params, started, with_calls, continued = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
         params = replace(params, max_new_tokens=svc.engine.fitting(len(prompt), body.max_tokens),
                          top_k=params.top_k if body.top_k is None else body.top_k)
         jobs = svc.submit(prompt, params, 1, asyncio.get_running_loop())
         req = jobs[0][0]
         if body.stream:
             events = _MessageEvents(head, lambda: _anthropic_usage(_chat_usage(svc, prompt, jobs, started)),
-                                    lambda finish: _stop(svc, req, finish, body.max_tokens))
+                                    lambda finish: _stop(req, finish, body.max_tokens))
             chunks = _chat_stream(svc, jobs, request, head["id"], now(), head["model"], started, prompt, True,
-                                  with_calls)
+                                  with_calls, continued)
             return await _sse(events.translate(chunks), request, frame=_named, failed=_error_event, done=None)
         await _wait_all(svc, jobs, request)
     except APIError as e:
         raise in_terms(e, ANTHROPIC_TERMS) from None
-    msg, finish = _reply(svc, req, started, with_calls)
-    return {**head, "content": _content(msg), **_stop(svc, req, finish, body.max_tokens),
+    msg, finish = _reply(svc, req, started, with_calls, continued)
+    return {**head, "content": _content(msg), **_stop(req, finish, body.max_tokens),
             "usage": _anthropic_usage(_chat_usage(svc, prompt, jobs, started))}
 
 

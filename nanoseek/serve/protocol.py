@@ -183,7 +183,7 @@ class Sampling(StrictBody):
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # OpenAI's int64 (clients send -1 for "any")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logprobs: bool | None = None  # chat's; the legacy completions take an integer (CompletionRequest)
@@ -407,7 +407,7 @@ class ResponsesRequest(StrictBody):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)  # chat's, beyond OpenAI's Responses API
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # chat's, beyond OpenAI's Responses API
     stream: bool = False
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None

@@ -41,7 +41,7 @@ from ..data.shards import fim_arrange
 from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
-from ..tokenizer import ChatFormatError, DeepSeekTokenizer
+from ..tokenizer import THINK, ChatFormatError, DeepSeekTokenizer
 from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
                      renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
@@ -443,7 +443,8 @@ def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidde
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
     defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **svc.tok.sampling_defaults}  # generation_config.json
-    return SamplingParams(max_new_tokens=max_tokens, seed=body.seed, top_k=defaults["top_k"],
+    seed = None if body.seed is None else body.seed % 2**63  # (an int64 as the engine's seeds: -1 is 2^63 - 1)
+    return SamplingParams(max_new_tokens=max_tokens, seed=seed, top_k=defaults["top_k"],
                           temperature=defaults["temperature"] if body.temperature is None else body.temperature,
                           top_p=defaults["top_p"] if body.top_p is None else body.top_p,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -536,9 +537,10 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     return sum(t not in svc.tok.eos_ids for t in tokens)  # reasoning cut short: the end-of-sentence is not reasoning
 
 
-def _reply(svc: Service, req, thinking: bool, tools: bool) -> tuple[dict, str]:
-    """A finished choice -> (its message, its finish_reason)."""
-    reasoning, content = split_reasoning(req.text, started=thinking)  # a reply may open <think> itself
+def _reply(svc: Service, req, thinking: bool, tools: bool, continued: bool = False) -> tuple[dict, str]:
+    """A finished choice -> (its message, its finish_reason). continued: the reply goes on from the client's prefix."""
+    # (a reply may open <think> itself)
+    reasoning, content = split_reasoning(req.text, started=thinking, continued=continued, cut=req.stop_string is not None)
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
     if thinking or reasoning:
         msg["reasoning_content"] = reasoning
@@ -560,10 +562,10 @@ def _tokenize(svc: Service, thinks: bool, body: TokenizeRequest) -> list[int]:
     return _chat_prompt(svc, chat, thinking, _tools(svc, chat)[0])[0]
 
 
-def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool]:
+def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int], SamplingParams, bool, bool, bool]:
     """The request as the engine's job: (prompt ids, sampling parameters, whether the reply starts
-    inside its reasoning, whether it may call tools). Run off the event loop: rendering and
-    tokenizing a long prompt takes seconds."""
+    inside its reasoning, whether it may call tools, whether it goes on from text the client wrote: a
+    prefix). Run off the event loop: rendering and tokenizing a long prompt takes seconds."""
     thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
     prompt, started, prefixed = _chat_prompt(svc, body, thinking, tools)
@@ -577,21 +579,24 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
         param = "tools" if choice is not None else "response_format"
         raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
     params = replace(params, grammar=grammar, stop_after=svc.tok.end_think_id if started else None)
-    return prompt, params, started, choice is not None
+    last = body.messages[-1]
+    continued = prefixed and bool(((last.reasoning_content or "") + (last.content or "")).replace(THINK, "").strip())
+    return prompt, params, started, choice is not None, continued
 
 
 async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     """A chat completion by `svc`'s model, thinking by default when `thinks`."""
-    prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, body)
+    prompt, params, started, with_calls, continued = await asyncio.to_thread(_chat_job, svc, thinks, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl-"), now(), body.model or svc.name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls), request)
+        return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls,
+                                       continued), request)
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
-        msg, finish = _reply(svc, req, started, with_calls)
+        msg, finish = _reply(svc, req, started, with_calls, continued)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
                         "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(
                             req.logprobs, (msg.get("content") or "") if req.params.stop else None))
@@ -601,13 +606,16 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
 
 
 async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
-                       prompt: list[int], include_usage: bool, with_calls: bool) -> AsyncIterator[dict]:
+                       prompt: list[int], include_usage: bool, with_calls: bool,
+                       continued: bool = False) -> AsyncIterator[dict]:
     """Chunks as OpenAI streams them: reasoning and content deltas, tool-call deltas, each event's
-    logprobs in the chunk that carries its text, then the finish reason."""
+    logprobs in the chunk that carries its text, then the finish reason. continued: the replies go on from the
+    client's prefix."""
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs=None, **extra) -> dict:
         choices = [] if i < 0 else [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": "nanoseek", "choices": choices, **extra}
+                "system_fingerprint": "nanoseek", "choices": choices,
+                **({"usage": None} if include_usage else {}), **extra}  # (OpenAI: null until the last chunk's)
 
     events = aiter(_merged_events(svc, jobs, request))
     # the first event before any chunk: a request that fails at once (a schema no reply can follow) is answered
@@ -615,7 +623,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     first = await anext(events)
     for i in range(len(jobs)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    splitters = [ReasoningStream(started=thinking) for _ in jobs]
+    splitters = [ReasoningStream(started=thinking, continued=continued) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
     sent = [0] * len(jobs)  # characters of content sent (where a stop string may cut the reply: logprobs follow them)
@@ -625,7 +633,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         if jobs[i][0].params.logprobs:
             pending[i] += answer_logprobs[i].feed(ev.logprobs)
         deltas = []
-        for kind, text in splitters[i].feed(ev.text, final=final):
+        for kind, text in splitters[i].feed(ev.text, final=final, cut=final and jobs[i][0].stop_string is not None):
             if kind == "reasoning" or calls[i] is None:
                 deltas.append({"reasoning_content" if kind == "reasoning" else "content": text})
                 continue
@@ -784,19 +792,20 @@ async def respond(svc: Service, thinks: bool, body: ResponsesRequest, request: R
             kept.keep(response, conversation)
 
     try:
-        prompt, params, started, with_calls = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
+        prompt, params, started, with_calls, continued = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
         jobs = svc.submit(prompt, params, 1, asyncio.get_running_loop())
         # what every state of the response holds: the request's settings, the sampling they came to
         head = {"id": rid, "object": "response", "created_at": now(), "model": model, **body.echoed(),
                 "temperature": params.temperature, "top_p": params.top_p}
         if body.stream:
             events = _ResponseEvents(head, finished)
-            chunks = _chat_stream(svc, jobs, request, rid, head["created_at"], model, started, prompt, True, with_calls)
+            chunks = _chat_stream(svc, jobs, request, rid, head["created_at"], model, started, prompt, True, with_calls,
+                                  continued)
             return await _sse(events.translate(chunks), request, frame=_named, failed=events.error, done=None)
         await _wait_all(svc, jobs, request)
     except APIError as e:
         raise in_terms(e, RESPONSES_TERMS) from None
-    msg, finish = _reply(svc, jobs[0][0], started, with_calls)
+    msg, finish = _reply(svc, jobs[0][0], started, with_calls, continued)
     response = _response(head, _output(msg, finish), finish, _usage(svc, prompt, jobs, started))
     finished(response)
     return response
@@ -806,7 +815,7 @@ def _response(head: dict, output: list[dict], finish: str | None = None, usage: 
     """The Response object: in progress (no finish reason yet), completed, or incomplete when cut at
     max_output_tokens (or the context's end); usage from the chat's."""
     status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
-    return {**head, "status": status, "error": None,
+    return {**head, "status": status, "error": None, "completed_at": now() if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "output": output, "usage": usage and {
                 "input_tokens": usage["prompt_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
