@@ -67,7 +67,8 @@ def has_mtp_weights(config: ModelConfig, weight_map: dict[str, str]) -> bool:
 
 
 def shard_map(path: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from the index or the single file."""
+    """tensor name -> shard file name, from the index or the single file; every file's header read (a truncated
+    or foreign file is a CheckpointError here, before anything is loaded)."""
     index = path / INDEX
     if index.is_file():
         try:
@@ -77,6 +78,9 @@ def shard_map(path: Path) -> dict[str, str]:
         missing = sorted({s for s in weight_map.values() if not (path / s).is_file()})
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        for shard in sorted(set(weight_map.values())):
+            with _open(path / shard):
+                pass
         return weight_map
     if (path / SINGLE).is_file():
         with _open(path / SINGLE) as f:

@@ -150,10 +150,21 @@ def _usable_generation(generation: dict, vocab_size: int) -> dict:
     if "do_sample" in generation and not isinstance(generation["do_sample"], bool):
         drop("do_sample", "not true or false")
     eos = generation.get("eos_token_id")
-    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
-                                   for i in ([eos] if not isinstance(eos, list) else eos)):
-        drop("eos_token_id", f"not token ids of this vocabulary (0-{vocab_size - 1})")
+    if (good := _eos_ids(eos, vocab_size, "generation_config.json")) != ([] if eos is None else eos if isinstance(eos, list) else [eos]):
+        usable["eos_token_id"] = good
     return usable
+
+
+def _eos_ids(value, vocab_size: int, source: str) -> list[int]:
+    """An eos_token_id field (an id, a list of them, null) as the token ids of this vocabulary in it; any other entry
+    dropped with a warning (a list keeps its good ids: one stray id once lost them all)."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    good = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size]
+    if len(good) < len(ids):
+        bad = [i for i in ids if i not in good]
+        warnings.warn(f"{source}: eos_token_id {bad!r} {'is' if len(bad) == 1 else 'are'} not token ids of this "
+                      f"vocabulary (0-{vocab_size - 1}); ignored", stacklevel=4)
+    return good
 
 
 _LONG_RUN = re.compile(r"\S{256}")
@@ -169,9 +180,12 @@ def _break_long_runs(text: str) -> str:
 class DeepSeekTokenizer:
     """A tokenizer with its chat template. `tokenizer` is the HF `tokenizers` object; `config` the
     tokenizer_config.json dict (nanoseek's own when not given); `generation` the generation_config.json
-    dict, if any. Ids of tokens a tokenizer lacks (R1-Distill has no FIM tokens, V2 no <think>) are None."""
+    dict, if any; `model_eos` the model's config.json eos_token_id, which ends replies too where the folder has no
+    generation_config.json (as transformers' generate reads it). Ids of tokens a tokenizer lacks (R1-Distill has no
+    FIM tokens, V2 no <think>) are None."""
 
-    def __init__(self, tokenizer: Tokenizer, config: dict | None = None, generation: dict | None = None):
+    def __init__(self, tokenizer: Tokenizer, config: dict | None = None, generation: dict | None = None,
+                 model_eos: int | list[int] | None = None):
         self.tok = tokenizer
         self.config = dict(OWN_CONFIG if config is None else config)
         self.generation = _usable_generation(generation or {}, tokenizer.get_vocab_size())
@@ -188,9 +202,9 @@ class DeepSeekTokenizer:
         self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
         self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids[FIM_BEGIN], ids[FIM_HOLE], ids[FIM_END]
-        gen_eos = self.generation.get("eos_token_id")
-        self.eos_ids = frozenset([self.eos_id] + ([] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int)
-                                                  else list(gen_eos)))
+        V = tokenizer.get_vocab_size()
+        self.eos_ids = frozenset([self.eos_id, *_eos_ids(self.generation.get("eos_token_id"), V, "generation_config.json"),
+                                  *_eos_ids(model_eos, V, "config.json")])
         self.chat_template = _pick_template(self.config.get("chat_template"))
         # DeepSeek's tool-call and tool-output tokens this vocabulary has (V3's, R1's and nanoseek's own)
         self.tool_ids = frozenset(i for t in TOOL_TOKENS if (i := tokenizer.token_to_id(t)) is not None)
@@ -280,7 +294,9 @@ class DeepSeekTokenizer:
             tok = Tokenizer.from_file(str(d / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
             raise ValueError(f"{d / 'tokenizer.json'}: not a tokenizer the tokenizers library can read ({e})") from None
-        return cls(tok, config, read("generation_config.json"))
+        generation = read("generation_config.json")
+        model_eos = (read("config.json") or {}).get("eos_token_id") if generation is None else None
+        return cls(tok, config, generation, model_eos)
 
     # ---- text <-> ids ----
     @property

@@ -139,6 +139,26 @@ def test_generation_config_values_nanoseek_cannot_use_are_dropped_with_a_warning
         assert t.sampling_defaults["top_k"] == 40 and t.eos_ids == {tok.eos_id, 1}
 
 
+def test_end_of_sequence_ids_come_as_transformers_generate_reads_them(tmp_path):
+    """Found by a user: a folder with no generation_config.json ends sequences at its config.json eos_token_id (a
+    list in Llama-3-style configs), as transformers' generate does (GenerationConfig.from_model_config); the CLI
+    read the tokenizer's eos_token alone and decoded past them. With a generation_config.json, its ids; an id in
+    either list that is not a token id of the vocabulary is dropped with a warning, not the whole list."""
+    d = model_folder(tmp_path, "deepseek-r1-distill-llama")
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    oracle = transformers.GenerationConfig.from_model_config(transformers.PretrainedConfig(eos_token_id=[1, 7]))
+    assert DeepSeekTokenizer.load(d).eos_ids == set(oracle.eos_token_id) == {1, 7}
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert DeepSeekTokenizer.load(d).eos_ids == {1, 9}  # (1: the tokenizer's own eos_token)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 10**9, "2"]}))
+    with pytest.warns(UserWarning, match=r"eos_token_id \[1000000000, '2'\] are not token ids"):
+        assert DeepSeekTokenizer.load(d).eos_ids == {1, 9}
+    (d / "generation_config.json").unlink()
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [7, -1]}))
+    with pytest.warns(UserWarning, match=r"config.json: eos_token_id \[-1\] is not"):
+        assert DeepSeekTokenizer.load(d).eos_ids == {1, 7}
+
+
 def test_a_broken_template_is_a_clear_error(tmp_path):
     d = model_folder(tmp_path, "deepseek-v3")
     config = json.loads((d / "tokenizer_config.json").read_text())

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import nanoseek
 from conftest import randomize_
 from nanoseek import CheckpointError, ConfigError, checkpoint, kernels
-from nanoseek.checkpoint import dequantize_fp8
+from nanoseek.checkpoint import dequantize_fp8, shard_map
 from nanoseek.quant import FAST_INT4_ROWS, NarrowLinear, fbgemm_int8
 from nanoseek.model import build_model, get_preset
 
@@ -187,6 +187,17 @@ def test_truncated_shard_is_detected(saved):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         nanoseek.load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeros"])
+def test_a_damaged_shard_of_many_is_named_before_loading(tmp_path, damage):
+    """Found by a user: `nanoseek info` read only the index of a sharded folder, so a half-copied shard passed it
+    (a single file did not); every shard's header is read now, by info and loading alike."""
+    nanoseek.save_model(build_model(get_preset("tiny")), tmp_path, max_shard_bytes=200_000)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2] if damage == "truncated" else bytes(100))
+    with pytest.raises(CheckpointError, match=f"{victim.name}: unreadable or truncated"):
+        shard_map(tmp_path)
 
 
 def edit_config(path, **changes):
