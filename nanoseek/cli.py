@@ -232,6 +232,28 @@ def _preset_or_model(text: str) -> str:
     raise typer.BadParameter(f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
 
 
+TRAINING_BYTES = 16  # a parameter's bytes in training: fp32 weight, gradient and AdamW's two moments
+
+
+def _check_fits(preset: str, bytes_per_param: int, option: str = "--preset") -> None:
+    """Refuse a preset whose model takes more than this machine's memory at bytes_per_param, before any work
+    (pretrain --preset deepseek-v3 tokenized its data for a minute, then the kernel's OOM killer ended it, with
+    nothing said); anything else (a model folder) passes. Called in a command's body: it imports torch, which a
+    refusal by an option's callback must not."""
+    if preset not in PRESETS:
+        return
+    import torch
+
+    from .model import DeepseekForCausalLM, get_preset
+
+    with torch.device("meta"):  # the size, without allocating it (the class alone: build_model initialises weights)
+        params = DeepseekForCausalLM(get_preset(preset)).num_params()
+    if params * bytes_per_param > 0.8 * _memory_bytes():
+        _fail(f"{option}: '{preset}' has {_count(params)} parameters ({params * bytes_per_param / 2**30:,.0f} GiB "
+              f"{'in fp32' if bytes_per_param == 4 else 'to train in fp32 with AdamW'}), more than this machine's "
+              f"memory ({_memory_bytes() / 2**30:.0f} GiB); pick a smaller one")
+
+
 def _tokenizer_folder(path: Path | None) -> Path | None:
     if path is not None and not (path / "tokenizer.json").is_file():
         raise typer.BadParameter(f"'{path}' " + ("has no tokenizer.json" if path.exists() else "does not exist"))
@@ -466,15 +488,11 @@ def demo(
     from .checkpoint import load_model, save_model
     from .inference.cache import KVCache, cache_dtype
     from .inference import generate as generate_ids
-    from .model import DeepseekForCausalLM, build_model, get_preset
+    from .model import build_model, get_preset
 
+    _check_fits(preset, 4)
     torch.manual_seed(seed)
     config = get_preset(preset)
-    with torch.device("meta"):  # the size, without allocating it (the class alone: build_model initialises weights)
-        params = DeepseekForCausalLM(config).num_params()
-    if params * 4 > 0.8 * _memory_bytes():  # fp32 weights: a 671B preset allocated until the machine ran out
-        _fail(f"--preset: '{preset}' has {_count(params)} parameters ({params * 4 / 2**30:.0f} GiB in fp32), more "
-              f"than this machine's memory ({_memory_bytes() / 2**30:.0f} GiB); pick a smaller one")
     t0 = time.perf_counter()
     model = build_model(config).eval()
     with _reported():
@@ -665,6 +683,7 @@ def pretrain(
 
     if (device or "").startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device: {device} asked for, but torch sees no CUDA device here")
+    _check_fits(preset, TRAINING_BYTES)
     with _reported(), exclusive(out):
         result = run_pretrain(out, preset=preset, data=cfg, train=train, mtp_lambda=mtp_lambda, device=device,
                               console=console)
@@ -716,8 +735,11 @@ def generate(
                                                     seed=seed, grammar=grammar, skip_token_ids=hidden))
         except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
             room = e.context - e.prompt_tokens
+            if room <= 0 or max_tokens is None:  # the prompt itself is too long (a default --max-tokens was never asked)
+                _fail(f"--prompt: the prompt ({e.prompt_tokens} tokens) leaves no room for a reply in the model's "
+                      f"context of {e.context} tokens: shorten it")
             _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {new} exceeds the model's context "
-                  f"of {e.context} tokens" + (f": use --max-tokens {room} or less" if room > 0 else ": shorten the prompt"))
+                  f"of {e.context} tokens: use --max-tokens {room} or less")
     stream_reply(engine, req, not raw and tok.opens_thinking(ids), console, answer_label=None if raw else "Answer:")
     dt = time.perf_counter() - t0
     spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
@@ -881,6 +903,7 @@ def distill(
     if remote and student in PRESETS and tokenizer is None:
         _fail("--tokenizer: a preset student with a remote teacher needs a tokenizer folder")
     train = _train(DISTILL_TRAIN, max_steps, time_budget, precision=precision, compile=compile)
+    _check_fits(student, TRAINING_BYTES, "--student")
     from .train.distill import distill as run_distill
     from .train.runs import exclusive
 
@@ -1028,6 +1051,7 @@ def speedrun(
     if budget < 10 * 60:
         console.print("[yellow]note[/]: under 10 minutes the stages' fixed work (tokenizing, evaluating, the report) "
                       "takes longer than their shares: the run will overrun --budget")
+    _check_fits(preset, TRAINING_BYTES)
     from .speedrun import ship as ship_model
     from .speedrun import speedrun as run_speedrun
     from .train.runs import exclusive

@@ -35,6 +35,7 @@ from .machine import cpu_info
 from .model.config import ConfigError
 from .train.metrics import read_metrics
 from .train.pretrain import pretrain
+from .train.runs import claim_pipeline
 from .train.settings import (DISTILL_TRAIN, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig, SFTConfig,
                              SpeedrunConfig, TrainConfig)
 from .train.sft import sft
@@ -59,6 +60,7 @@ def speedrun(out: str | Path = "runs/speedrun", cfg: SpeedrunConfig | None = Non
              console: Console | None = None) -> Path:
     cfg, console = cfg or SpeedrunConfig(), console or Console()
     out = Path(out)
+    claim_pipeline(out, "speedrun")
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "speedrun.json"  # the seed and preset the folder's stages were started with
     settings = {"seed": cfg.seed, "preset": cfg.preset}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 import nanoseek
+from nanoseek import cli
 from nanoseek.cli import app
 from nanoseek.model import PRESETS
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -237,6 +238,12 @@ def test_without_max_tokens_a_reply_takes_what_a_small_context_leaves(tmp_path, 
     assert "the model's context is full" in r.output or "/reset starts anew" in r.output, r.output
     r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "56", "--no-tools"], input="What is 2 + 3?\n")
     assert "fewer than --max-tokens 56" in r.output and "/reset starts anew" in r.output, r.output
+    # a prompt over the context blames the prompt (it blamed a --max-tokens never given, "plus 1"); a --max-tokens
+    # over what the prompt leaves names the most that fits
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "12 + 7 " * 40])
+    assert r.exit_code == 2 and r.output.startswith("error: --prompt: the prompt (") and "shorten it" in r.output, r.output
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "60"])
+    assert r.exit_code == 2 and r.output.startswith("error: --max-tokens:") and "or less" in r.output, r.output
 
 
 def test_a_model_without_a_chat_template_is_refused_in_one_line(tmp_path):
@@ -551,6 +558,45 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
     # an evaluation that never ends (here: nothing answers at the URL) leaves no empty results file behind
     r = runner.invoke(app, ["eval", "--model", url, "--tasks", "add", "--n", "1", "--out", str(tmp_path / "ev" / "r.json")])
     assert r.exit_code == 2 and not (tmp_path / "ev" / "r.json").exists(), r.output
+
+
+def test_a_preset_larger_than_the_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Found by a user: pretrain --preset deepseek-v3 tokenized its corpus for a minute, then the kernel's OOM killer
+    ended it (exit 137, nothing said, the machine's other processes at risk); demo alone checked the size."""
+    monkeypatch.setattr(cli, "_memory_bytes", lambda: 24 * 2**30)  # (the laptop the project is made for)
+    out = tmp_path / "run"
+    for args in (["pretrain", "--preset", "deepseek-v3", "--max-steps", "1"], ["speedrun", "--preset", "deepseek-v2-lite"],
+                 ["distill", "--teacher", str(tmp_path), "--student", "deepseek-v3", "--traces", "1"],
+                 ["demo", "--preset", "deepseek-v3"]):
+        if args[0] == "distill":
+            (tmp_path / "config.json").write_text("{}")  # (a teacher folder: the student is refused first)
+        r = runner.invoke(app, [*args, "--out", str(out)])
+        flag = "--student" if args[0] == "distill" else "--preset"
+        assert r.exit_code == 2 and r.output.startswith(f"error: {flag}: 'deepseek-v") and r.output.count("\n") == 1
+        assert "more than this machine's memory" in r.output and not out.exists(), (args, r.output)
+
+
+def test_a_folder_of_another_kind_is_refused_by_distill_and_speedrun_too(tmp_path):
+    """Found by a user: distill and speedrun wrote their traces, student and stage folders into a pretraining run's
+    folder (pretrain, sft and rl refused one another's); and a speedrun's folder was taken by pretrain."""
+    from nanoseek.cli import SHIPPED
+
+    run, pipeline = tmp_path / "pt", tmp_path / "sp"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "pretrain", "train": {}}))
+    pipeline.mkdir()
+    (pipeline / "speedrun.json").write_text(json.dumps({"seed": 0, "preset": "cpu-tiny"}))
+    distill = ["distill", "--teacher", str(SHIPPED), "--traces", "1", "--max-steps", "1"]
+    for args, said in (([*distill, "--out", str(run)], "is a run started by `nanoseek pretrain`, not a `nanoseek distill`"),
+                       (["speedrun", "--out", str(run)], "not a `nanoseek speedrun` folder"),
+                       ([*distill, "--out", str(pipeline)], "is a `nanoseek speedrun` folder, not `nanoseek distill`'s"),
+                       (["pretrain", "--max-steps", "1", "--out", str(pipeline)], "not `nanoseek pretrain`'s")):
+        def files():  # (but the lock a command holds on its --out)
+            return sorted(str(p) for p in tmp_path.rglob("*") if p.name != ".lock")
+        before = files()
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and said in r.output, (args, r.output)
+        assert files() == before, args  # nothing written
 
 
 def test_serve_on_a_busy_port_says_so_before_loading_the_model():

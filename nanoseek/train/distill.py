@@ -33,7 +33,7 @@ from ..remote import remote_chat
 from ..tokenizer import DeepSeekTokenizer
 from .losses import distill_kl
 from .pretrain import model_config_for
-from .runs import check_same_run
+from .runs import check_same_run, claim_pipeline
 from .settings import DISTILL_TRAIN, SFTConfig
 from .sft import sft
 
@@ -149,6 +149,7 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
     trace_seconds bounds the time spent collecting traces (the speedrun's share for them)."""
     console = console or Console()
     out = Path(out)
+    claim_pipeline(out, "distill")
     if kl_alpha > 0 and (Path(teacher) / "config.json").is_file():  # (a quantized teacher may write the traces)
         refuse_quantized(teacher, "logit distillation (--kl-alpha)")
     if (Path(student) / "config.json").is_file():

@@ -349,7 +349,9 @@ class Trainer:
 
     # ---- display ----
     def _progress_bar(self) -> Progress:
-        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        # (written to a log, no bar: in its 80 columns the bar squeezed the times to `0:00:…`)
+        bar = [BarColumn()] if self.console.is_terminal else []
+        return Progress(TextColumn("[bold]{task.description}"), *bar, TextColumn("{task.percentage:>3.0f}%"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
                         disable=not self.dist.main)
 

@@ -46,9 +46,33 @@ RESUMABLE_CHANGES = {"max_steps", "time_budget", "eval_every", "checkpoint_every
                      "compile"}
 
 
+# commands whose folder holds other runs (its stages, a student), and the file that marks it as theirs
+PIPELINES = {"distill": "distill.json", "speedrun": "speedrun.json"}
+
+
+def claim_pipeline(folder: Path, command: str) -> None:
+    """Refuse, before anything is written into it, a folder that is not `command`'s pipeline folder: a run (a
+    training command's config.json), a model's folder, or another pipeline's (distill and speedrun wrote theirs
+    beside a pretraining run's files)."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        old = read_json_object(folder / "config.json")
+        what = f"a run started by `nanoseek {old.get('command')}`" if "train" in old else "a model folder"
+        raise ConfigError(f"'{folder}' is {what}, not a `nanoseek {command}` folder; use a new --out")
+    _refuse_pipelines(folder, command)
+
+
+def _refuse_pipelines(folder: Path, command: str) -> None:
+    for other, marker in PIPELINES.items():
+        if other != command and (Path(folder) / marker).exists():
+            raise ConfigError(f"'{folder}' is a `nanoseek {other}` folder, not `nanoseek {command}`'s; use a new --out")
+
+
 def recorded_run(run_dir: Path, command: str) -> dict | None:
     """The settings a run folder was started with (config.json), or None for a new run; a folder that is
-    not a run, or that another command started, is refused before anything is written into it."""
+    not a run, or that another command started (a pipeline's included), is refused before anything is written
+    into it."""
+    _refuse_pipelines(run_dir, command)
     if not (Path(run_dir) / "config.json").exists():
         return None
     old = read_json_object(Path(run_dir) / "config.json")
