@@ -245,6 +245,31 @@ def test_a_history_that_fits_but_leaves_the_reply_no_room_leaves_out_its_oldest_
     page.context.close()
 
 
+def test_a_long_follow_up_gets_the_room_it_leaves_and_its_cut_says_the_context_is_full(live, browser):
+    """Found by a user: a follow-up message that alone left the reply less than the page's room (a quarter of the
+    context) was refused, blaming a max_tokens of 256 the user never set, where the same message opening a chat was
+    answered; its reply, cut where the context ended, said to raise Max tokens."""
+    words = 100
+    while True:  # the message alone leaves the reply a few tokens (less than the page's room; greedy runs past them)
+        long = "word " * words
+        count = httpx.post(f"{live.url}/v1/tokenize", json={"messages": [{"role": "user", "content": long}],
+                                                            "thinking": {"type": "enabled"}}, headers=AUTH).json()["count"]
+        if CONTEXT - count < 24:
+            break
+        words += 40 if CONTEXT - count > 200 else 2
+    assert CONTEXT - count > 4
+    page = open_page(browser, live.url, settings={"max_tokens": "", "temperature": "0"})
+    ask(page, "What is 2 + 3?")
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    ask(page, long)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert sent[-1]["messages"][-1]["content"] == long and "max_tokens" not in sent[-1]
+    note = page.inner_text(".msg.assistant >> nth=-1")
+    assert "oldest messages left out" in note and "the model's context is full" in note and "Max tokens" not in note
+    page.context.close()
+
+
 def test_a_failed_turn_the_server_could_not_forget_is_undone_at_the_next_start(live, browser):
     """The server went away mid-turn: the question was stored, and the page could not take it back; the next
     time the page starts, the conversation is as it was before the turn (a new one: gone)."""

@@ -281,7 +281,8 @@ function button(cls, text, onclick, title) {
 function notes(info) {  // under a reply: stopped or cut off, its length and speed
   const parts = [];
   if (info.stopped) parts.push("stopped");
-  if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
+  if (info.cut === "context") parts.push("cut off: the model's context is full");
+  else if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
   if (info.left_out) parts.push(`the ${info.left_out} oldest messages left out (past the model's context)`);
   if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${fixed(info.tok_s, 0)} tokens/s` : ""));
   return parts.join(" · ");
@@ -679,7 +680,7 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
     .filter((i) => i >= ((c.skip || 0) <= last ? c.skip || 0 : 0));
   // once turns are left out, as many more as leave the reply room (else it was cut off at once): a quarter of
   // the model's context, at most 1024 tokens, unless Max tokens is set
-  const roomy = Math.min(1024, Math.floor((state.contexts[chosenModel() || state.models[0]] || 2048) / 4));
+  const roomy = Math.min(1024, Math.floor(contextLength() / 4));
   let room = starts[0] > 0 ? roomy : undefined;
   if (!room && starts.length > 1 && requestBody(c, mayCall).max_tokens === undefined) {
     // the whole history fits, but may leave the reply a few tokens (it was cut off after 2): counted first
@@ -687,20 +688,33 @@ async function fitted(c, history, mayCall, signal, reply) {  // the reply's requ
     const counted = await api("/v1/tokenize", "POST", { model, messages, tools, thinking }, signal).catch(() => null);
     if (counted && counted.max_model_len - counted.count < roomy) { starts.shift(); room = roomy; }
   }
+  const post = (body) => request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
   for (const [k, skip] of starts.entries()) {
     const body = requestBody({ ...c, messages: history.slice(skip) }, mayCall);
-    if (skip && body.max_tokens === undefined) body.max_tokens = room;
-    const r = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
-    if (r.ok) {
-      c.skip = skip;
-      if (skip) reply.info.left_out = skip;
-      return r;
+    const ours = skip > 0 && body.max_tokens === undefined;  // the room asked for is the page's, not Max tokens
+    if (ours) body.max_tokens = room;
+    let r = await post(body);
+    if (!r.ok) {
+      const e = await apiError(r);  // a refusal before any generation: cheap to try again with less
+      const over = e.code === "context_length_exceeded";
+      if (over && k < starts.length - 1 && (e.param === "messages" || (room && e.param === "max_tokens"))) {
+        room = roomy;
+        continue;
+      }
+      // the last message alone leaves the reply less than that room: it gets what is left, as a first message does
+      // (a large follow-up was refused, blaming a max_tokens of 512 the user never set)
+      if (!(over && ours && e.param === "max_tokens")) throw e;
+      delete body.max_tokens;
+      r = await post(body);
+      if (!r.ok) throw await apiError(r);
     }
-    const e = await apiError(r);  // a refusal before any generation: cheap to try again with less
-    const full = e.code === "context_length_exceeded" && (e.param === "messages" || (room && e.param === "max_tokens"));
-    if (!full || k === starts.length - 1) throw e;
-    room = roomy;
+    c.skip = skip;
+    if (skip) reply.info.left_out = skip;
+    return r;
   }
+}
+function contextLength() {  // the chosen model's context in tokens (as /v1/models says; 2048 until it has)
+  return state.contexts[chosenModel() || state.models[0]] || 2048;
 }
 async function streamReply(c, mayCall, signal) {  // one reply, streamed into a new message; empty: dropped
   const body = requestBody(c, mayCall), history = c.messages.slice();
@@ -750,7 +764,10 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
     // tokens/s from the first token on; a reply whose tokens arrived bunched (a busy machine) is timed from the request
     const span = first !== null && end - first >= 250 ? [tokens - 1, end - first] : [tokens, end - sent];
     if (tokens) Object.assign(reply.info, { tokens, tok_s: span[1] > 0 ? span[0] / (span[1] / 1000) : 0 });
-    if (finish === "length") reply.info.cut = true;
+    if (finish === "length") {  // at the reply's token limit, or where the model's context ran out
+      const used = usage ? usage.prompt_tokens + usage.completion_tokens : 0;
+      reply.info.cut = used >= contextLength() ? "context" : true;
+    }
     if (calls.length && finish === "tool_calls") Object.assign(reply, { content: reply.content || null, tool_calls: calls.filter(Boolean) });
     else if (calls.length && finish) showError(new Error("The reply ended inside a tool call: raise Max tokens in Settings."));
     if (!reply.content && !reply.reasoning_content && !reply.tool_calls) c.messages.pop();
