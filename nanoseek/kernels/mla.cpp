@@ -313,7 +313,8 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
 // The cached latents are fp32 or IEEE fp16 (a half-precision cache, KVCache's default on a CPU: half the bytes to read
 // and to keep), widened to fp32 as they are loaded (F16C); queries, scores and sums stay fp32. The template parameter L
 // is the latents' element: float, or uint16_t holding fp16 bits.
-#define LATENT_BLOCK 16
+#define LATENT_BLOCK 16  // latents a block with AVX-512
+#define LATENT_BLOCK_AVX2 8
 #define LATENT_ROWS 8
 
 AVX512 INLINE __m512 exp_avx512(__m512 x) {  // e^x for x <= 0 (-inf gives 0); relative error ~2e-7
@@ -404,7 +405,7 @@ INLINE void block_rows(const R** rows, const R* latents, int64_t stride, int64_t
 // dropped), so each latent read from L1 meets four query rows: for the scores four latents at a time (4 x 4 sums), for
 // the weighted latents 64 numbers of four rows
 template <typename R>
-AVX512 INLINE void latent_block_avx512(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+AVX512 static void latent_block_avx512(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
     const int64_t groups = (r.nj + 3) / 4, w = r.w, c = r.c;
     alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
     alignas(64) float sc[LATENT_ROWS][LATENT_BLOCK];
@@ -477,25 +478,6 @@ AVX512 INLINE void latent_block_avx512(LatentRows& r, const R* const* rows, int6
     }
 }
 
-// the T cached latents (past, L: float or fp16) then the S new ones (fresh, fp32), LATENT_BLOCK at a time
-template <typename L>
-AVX512 static void latent_rows_avx512(LatentRows& r, const L* past, int64_t pt, int64_t T, const float* fresh,
-                                      int64_t fs, int64_t S) {
-    r.start(4 * ((r.nj + 3) / 4), 64);  // (the weighted sums go 64 numbers at a time)
-    for (int64_t t0 = 0; t0 < T; t0 += LATENT_BLOCK) {
-        const L* rows[LATENT_BLOCK];
-        const int64_t n = T - t0 < LATENT_BLOCK ? T - t0 : LATENT_BLOCK;
-        block_rows(rows, past, pt, t0, n, LATENT_BLOCK);
-        latent_block_avx512(r, rows, t0, n);
-    }
-    for (int64_t s0 = 0; s0 < S; s0 += LATENT_BLOCK) {
-        const float* rows[LATENT_BLOCK];
-        const int64_t n = S - s0 < LATENT_BLOCK ? S - s0 : LATENT_BLOCK;
-        block_rows(rows, fresh, fs, s0, n, LATENT_BLOCK);
-        latent_block_avx512(r, rows, T + s0, n);
-    }
-}
-
 // The same with AVX2: 8 latents at a time, 8 numbers a vector.
 AVX2 INLINE __m256 exp_avx2(__m256 x) {  // e^x for x <= 0 (-inf gives 0, below -87 ~1e-38); relative error ~2e-7
     const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504f));
@@ -535,8 +517,8 @@ AVX2 INLINE __m256 lat8(const uint16_t* p, int64_t n) {
 
 // one block of 8 latents (n real, at position t0), each query row alone
 template <typename R>
-AVX2 INLINE void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
-    constexpr int BLOCK = 8;
+AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+    constexpr int BLOCK = LATENT_BLOCK_AVX2;
     const int64_t w = r.w, c = r.c;
     alignas(32) float p[LATENT_ROWS][BLOCK];
     const __m256i wtail = lanes_below(w % 8);
@@ -580,22 +562,16 @@ AVX2 INLINE void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t 
         }
 }
 
-template <typename L>
-AVX2 static void latent_rows_avx2(LatentRows& r, const L* past, int64_t pt, int64_t T, const float* fresh, int64_t fs,
-                                  int64_t S) {
-    constexpr int BLOCK = 8;
-    r.start(r.nj, 32);  // (the weighted sums go 32 numbers at a time)
-    for (int64_t t0 = 0; t0 < T; t0 += BLOCK) {
-        const L* rows[BLOCK];
-        const int64_t n = T - t0 < BLOCK ? T - t0 : BLOCK;
-        block_rows(rows, past, pt, t0, n, BLOCK);
-        latent_block_avx2(r, rows, t0, n);
-    }
-    for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
-        const float* rows[BLOCK];
-        const int64_t n = S - s0 < BLOCK ? S - s0 : BLOCK;
-        block_rows(rows, fresh, fs, s0, n, BLOCK);
-        latent_block_avx2(r, rows, T + s0, n);
+// one segment of latents (count of them, `stride` apart, the first at position t of the T + S attended), BLOCK at a
+// time through `block` (a call per block: its own work is thousands of multiply-adds)
+template <int BLOCK, typename R>
+static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int64_t count, int64_t t,
+                           void (*block)(LatentRows&, const R* const*, int64_t, int64_t)) {
+    for (int64_t i0 = 0; i0 < count; i0 += BLOCK) {
+        const R* rows[BLOCK];
+        const int64_t n = count - i0 < BLOCK ? count - i0 : BLOCK;
+        block_rows(rows, latents, stride, i0, n, BLOCK);
+        block(r, rows, t + i0, n);
     }
 }
 
@@ -610,10 +586,15 @@ static void latent_attention(const float* q, int64_t qb, int64_t qj, const L* pa
         const int64_t b = task / groups, j0 = task % groups * LATENT_ROWS;
         LatentRows r{q + b * qb, mask + b * S * (T + S), qj, j0, J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS, T + S, H,
                      c, w, scale};
-        if (isa == 2)
-            latent_rows_avx512(r, past + b * pb, pt, T, fresh + b * fb, fs, S);
-        else
-            latent_rows_avx2(r, past + b * pb, pt, T, fresh + b * fb, fs, S);
+        if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 32 for one)
+            r.start(4 * ((r.nj + 3) / 4), 64);
+            latent_segment<LATENT_BLOCK>(r, past + b * pb, pt, T, 0, latent_block_avx512<L>);
+            latent_segment<LATENT_BLOCK>(r, fresh + b * fb, fs, S, T, latent_block_avx512<float>);
+        } else {
+            r.start(r.nj, 32);
+            latent_segment<LATENT_BLOCK_AVX2>(r, past + b * pb, pt, T, 0, latent_block_avx2<L>);
+            latent_segment<LATENT_BLOCK_AVX2>(r, fresh + b * fb, fs, S, T, latent_block_avx2<float>);
+        }
         r.finish(out + b * ob, oj);
     }
 }
