@@ -103,7 +103,10 @@ def test_grpo_reuses_each_batch_of_rollouts_for_mu_updates(model_dir, tmp_path):
     assert [r["step"] for r in rec] == [1, 2, 3, 4]
     assert ["reward" in r for r in rec] == [True, False, True, False]  # rollouts at steps 1 and 3, logged once
     # a model that never wrote the format (this one is random, as a base model is to the chat format): a hint, once
-    assert rec[0]["format_rate"] == 0 and console.export_text().count("--mode r1-zero") == 1
+    said = console.export_text()
+    assert rec[0]["format_rate"] == 0 and said.count("--mode r1-zero") == 1
+    # the policy's updates stay eager whatever --compile says (it is the rollouts'): said so, not "as set"
+    assert "compile: off (the policy's updates; --compile is the rollouts')" in said
 
 
 @pytest.mark.slow

@@ -304,12 +304,12 @@ def rl(model_dir: str | Path, out: str | Path, cfg: GRPOConfig | None = None, tr
         # `compile` applies to the rollouts (decoding is most of a GRPO step); the policy's layers stay
         # eager, since the engine's prefill and compiled decode call them at ever-changing shapes
         compile_rollouts, why = decide_rollout_compile(train.compile, info.device, train.time_budget)
-        console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why}); the policy's updates stay "
-                      "eager (the 'compile: off' below is theirs)")
+        console.print(f"rollouts: {'compiled' if compile_rollouts else 'eager'} ({why})")
         if compile_rollouts:
             use_disk_cache()
         rollouts = Rollouts(model, tok, cfg, compile=compile_rollouts, console=console)
         run_config = {"command": "rl", "base_model": str(model_dir), "grpo": asdict(cfg),
                       "rollouts_compiled": compile_rollouts}
         return run_stage(Trainer(out, model, rollouts, GRPOObjective(cfg, ref), replace(train, compile=False),
-                                 run_config=run_config, save_extra=tok.save, console=console, dist=info))
+                                 run_config=run_config, save_extra=tok.save, console=console, dist=info,
+                                 compile_why="the policy's updates; --compile is the rollouts'"))

@@ -90,7 +90,7 @@ class Trainer:
                  cfg: TrainConfig, eval_sets: dict[str, Callable[[], Iterable[Any]]] | None = None,
                  run_config: dict | None = None, save_extra: Callable[[Path], None] | None = None,
                  on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
-                 console: Console | None = None, dist: D.DistInfo | None = None):
+                 console: Console | None = None, dist: D.DistInfo | None = None, compile_why: str | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         config = json.loads(json.dumps({"train": asdict(cfg), **(run_config or {})}, default=str))
         if (old := recorded_run(self.run_dir, config.get("command"))) is not None and checkpoints(self.run_dir):
@@ -105,6 +105,7 @@ class Trainer:
         if self.precision.name == "bf16" and fp32_ranks:  # all processes train in the same precision
             self.precision = replace(self.precision, name="fp32", reason="another process picked fp32")
         self.compiled, compile_reason = decide_compile(cfg.compile, self.dist.device, self.precision.name)
+        compile_reason = compile_why or compile_reason  # (a stage that sets cfg.compile itself says why: not "as set")
         config["machine"] = self._machine(compile_reason)
         if self.dist.main:
             self.console.print(f"precision: {self.precision.name} ({self.precision.reason})")
