@@ -679,6 +679,12 @@ def test_context_overflow_names_the_parameter(server):
     r = httpx.post(server + "/v1/completions", json={"prompt": "word " * 400}, headers=h, timeout=30)
     assert r.status_code == 400 and "over this model's context of 256 tokens" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "prompt"
+    # a prompt scored alone (max_tokens 0, echo: lm-evaluation-harness) fits in the whole context: over it by one,
+    # shortening it by one is enough (the message said two, leaving room for a reply none was asked for)
+    score = {"max_tokens": 0, "echo": True, "logprobs": 1}
+    assert httpx.post(server + "/v1/completions", json={"prompt": [5] * 256, **score}, headers=h, timeout=30).is_success
+    r = httpx.post(server + "/v1/completions", json={"prompt": [5] * 257, **score}, headers=h, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith("shorten it by at least 1"), r.text
 
 
 def test_api_key_guards_the_api_but_not_the_page(server):

@@ -154,6 +154,9 @@ def _refusal(e: InvalidRequest | EngineBusy, prompt_param: str = "messages") -> 
         param = {"max_new_tokens": "max_tokens"}.get(named.group(1), named.group(1)) if named else None
         return APIError(400, str(e), param=param or (prompt_param if "prompt" in str(e) else None))
     n, m, ctx = e.prompt_tokens, e.max_new_tokens, e.context
+    if m == 0:  # a prompt scored alone (max_tokens 0, echo) needs no room after it
+        return APIError(400, f"the prompt is {n} tokens, over this model's context of {ctx} tokens: shorten it by at "
+                             f"least {n - ctx}", param=prompt_param, code="context_length_exceeded")
     if n >= ctx:  # the reply needs at least one token of room
         over = f"over this model's context of {ctx} tokens by {n - ctx}" if n > ctx else \
             f"as long as this model's context of {ctx} tokens"
