@@ -573,17 +573,20 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     tools, choice = _tools(svc, body)
     prompt, started, prefixed = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens, svc.hidden_in_chat)
+    # the text the reply goes on from: the prefix's reasoning (reasoning_content, else content) where the reply starts
+    # inside it, else its content
+    last = body.messages[-1]
+    begun = (last.content if last.reasoning_content is None else last.reasoning_content) if started else last.content
+    continued = prefixed and bool((begun or "").replace(THINK, "").strip())
     # a prefix that began the answer (outside any reasoning): the reply goes on with it, no think tags in it
     # (after a tool result, where the template opens no reasoning, a model closed one and the tag landed in content)
-    answering = prefixed and not started and bool((body.messages[-1].content or "").strip())
+    answering = continued and not started
     try:
         grammar = _grammar(svc, body, thinking and not answering, started, tools, choice)
     except GrammarError as e:  # a schema (of a tool's parameters or the response format) llguidance refuses
         param = "tools" if choice is not None else "response_format"
         raise APIError(400, f"{param}: the JSON schema cannot be used: {e}", param=param) from None
     params = replace(params, grammar=grammar, stop_after=svc.tok.end_think_id if started else None)
-    last = body.messages[-1]
-    continued = prefixed and bool(((last.reasoning_content or "") + (last.content or "")).replace(THINK, "").strip())
     return prompt, params, started, choice is not None, continued
 
 
