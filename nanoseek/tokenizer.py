@@ -41,7 +41,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -112,6 +112,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def _bos_first(tok: Tokenizer) -> Tokenizer:
+    """nanoseek's own tokenizer with the BOS in front of what transformers' tokenizer encodes with special tokens (its
+    post-processor), as the server puts it in front of a text prompt and pretraining in front of every document: so
+    `AutoTokenizer(text)` (vLLM, lm-evaluation-harness with add_bos_token) gives the ids nanoseek scores."""
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
 class ChatFormatError(ValueError):
     """A conversation that cannot be rendered (unknown role, missing content, empty, or refused by
     the model's chat template)."""
@@ -120,7 +129,7 @@ class ChatFormatError(ValueError):
 OWN_CONFIG = {  # tokenizer_config.json of nanoseek's own tokenizers
     "tokenizer_class": "PreTrainedTokenizerFast",
     "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-    "add_bos_token": False, "add_eos_token": False,
+    "add_bos_token": True, "add_eos_token": False,
     "clean_up_tokenization_spaces": False,
     "model_max_length": 1 << 30,
     "chat_template": CHAT_TEMPLATE,
@@ -247,7 +256,7 @@ class DeepSeekTokenizer:
         )
         tok.train_from_iterator((_break_long_runs(t) for t in texts), trainer=trainer)
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_TOKENS])
-        return cls(tok)
+        return cls(_bos_first(tok))
 
     def with_tool_tokens(self) -> "DeepSeekTokenizer":
         """This tokenizer (nanoseek's own) with DeepSeek-V3's tool tokens appended, if missing, and
@@ -255,7 +264,8 @@ class DeepSeekTokenizer:
         tok = Tokenizer.from_str(self.tok.to_str())
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS
                                 if tok.token_to_id(t) is None])
-        return DeepSeekTokenizer(tok, {**self.config, "chat_template": CHAT_TEMPLATE}, self.generation)
+        config = {**self.config, "chat_template": CHAT_TEMPLATE, "add_bos_token": True}
+        return DeepSeekTokenizer(_bos_first(tok), config, self.generation)
 
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json + tokenizer_config.json (with the chat template) for AutoTokenizer, and

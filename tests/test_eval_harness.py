@@ -25,6 +25,8 @@ from nanoseek.tokenizer import DeepSeekTokenizer
 from test_server import LiveServer, free_port
 
 SHIPPED = Path(__file__).parents[1] / "nanoseek" / "assets" / "model"
+# local-completions as the README runs it: the model's own tokenizer, with the BOS in front as in training
+HARNESS_TOKENIZER = f",tokenizer_backend=huggingface,tokenizer={SHIPPED},add_bos_token=True"
 TEXT = "\n645 - 49 = ?\n645-49: 3 digits vs 2"
 
 
@@ -201,29 +203,29 @@ def lm_eval_run(served, tmp_path_factory):
 
 def test_lm_eval_loglikelihoods_are_the_engines(lm_eval_run):
     """multiple_choice through local-completions (token ids, echo, logprobs, two prompts per request):
-    each choice's loglikelihood is the sum of the continuation's logprobs in a direct forward."""
-    out = lm_eval_run("local-completions", "completions", ["nano_mc"],
-                      f",tokenizer_backend=huggingface,tokenizer={SHIPPED},batch_size=2")
+    each choice's loglikelihood is the sum of the continuation's logprobs in a direct forward of the BOS and the
+    text, as the API scores the text sent as a string."""
+    out = lm_eval_run("local-completions", "completions", ["nano_mc"], HARNESS_TOKENIZER + ",batch_size=2")
     model, tok = load_model(SHIPPED, dtype=inference_dtypes(SHIPPED)[0]), DeepSeekTokenizer.load(SHIPPED)
     scored = 0
     for sample in out["samples"]["nano_mc"]:
         for (context, continuation), (resp,) in zip(sample["arguments"], sample["resps"]):
-            ctx = tok.encode(context)
-            ids = ctx + tok.encode(context + continuation)[len(ctx):]
+            ctx = [tok.bos_id] + tok.encode(context)
+            ids = ctx + tok.encode(context + continuation)[len(ctx) - 1:]
             assert resp[0] == pytest.approx(sum(direct_logprobs(model, ids)[len(ctx) - 1:]), abs=1e-3)
             scored += 1
     assert scored == sum(len(d["choices"]) for d in MC_DOCS)
 
 
 @pytest.mark.parametrize("model, endpoint, args, chat", [
-    ("local-completions", "completions", f",tokenizer_backend=huggingface,tokenizer={SHIPPED},batch_size=2", False),
+    ("local-completions", "completions", HARNESS_TOKENIZER + ",batch_size=2", False),
     ("local-chat-completions", "chat/completions", "", True),
 ])
 def test_lm_eval_generations_score_what_the_api_scores(lm_eval_run, served, model, endpoint, args, chat):
     """generate_until with lm-eval's default until (a blank line): its generations and exact-match score are
-    the plain API's for the same prompts (completions: the token ids lm-eval sends; chat: the messages)."""
+    the plain API's for the same prompts (completions: the prompt's text; chat: the messages)."""
     out = lm_eval_run(model, endpoint, ["nano_gen"], args, apply_chat_template=chat)
-    client, tok = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0), DeepSeekTokenizer.load(SHIPPED)
+    client = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0)
     kw = dict(model="nanoseek", max_tokens=GEN_TOKENS, temperature=0, stop=["\n\n"])
     samples, texts = out["samples"]["nano_gen"], []
     for sample in samples:
@@ -233,7 +235,7 @@ def test_lm_eval_generations_score_what_the_api_scores(lm_eval_run, served, mode
             messages = json.loads(prompt[0])  # lm-eval's JsonChatStr: the messages as JSON
             texts.append(client.chat.completions.create(messages=messages, **kw).choices[0].message.content)
         else:
-            texts.append(client.completions.create(prompt=tok.encode(prompt), **kw).choices[0].text)
+            texts.append(client.completions.create(prompt=prompt, **kw).choices[0].text)
     assert [s["resps"][0][0] for s in samples] == texts
     right = sum(t == s["doc"]["answer"] for t, s in zip(texts, samples))
     assert out["results"]["nano_gen"]["exact_match,none"] == pytest.approx(right / len(samples))

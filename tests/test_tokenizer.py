@@ -42,6 +42,17 @@ def test_special_tokens_are_single_ids(tok):
     assert tok.encode(BOS) == [tok.bos_id] and tok.encode(EOS) == [tok.eos_id]
 
 
+@pytest.mark.parametrize("text", ["hello world", "  12 + 3 = ?\n", ""])
+def test_transformers_encodes_text_with_the_bos_nanoseek_puts_in_front(tok, hf_tok, text):
+    """AutoTokenizer(text) (vLLM, lm-evaluation-harness with add_bos_token) gives the ids the server scores for a text
+    prompt and pretraining trains on: the BOS, then the text; a chat template's own BOS is not doubled."""
+    assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode_text(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode_text(text)
+    chat = [{"role": "user", "content": text or "hi"}]
+    assert hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False) == \
+        tok.render_prompt(chat)
+
+
 def test_digits_are_one_token_each(tok):
     ids = tok.encode("12345")
     assert len(ids) == 5 and tok.decode(ids[:2]) == "12"
@@ -172,6 +183,7 @@ def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr("nanoseek.tokenizer.TOOL_TOKENS", [])
         old = DeepSeekTokenizer.train(CORPUS, vocab_size=400)
+    old.tok.post_processor, old.config["add_bos_token"] = None, False  # (nor the BOS in front of text, as then)
     assert len(old.encode("<｜tool▁calls▁begin｜>")) > 1
     new = old.with_tool_tokens()
     assert new.vocab_size == old.vocab_size + len(TOOL_TOKENS) and new.encode("What is 12 + 3?") == old.encode("What is 12 + 3?")
@@ -180,3 +192,4 @@ def test_an_old_tokenizer_gains_the_tool_tokens(tmp_path, monkeypatch):
     new.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf.apply_chat_template(CHATS[3], tokenize=True, return_dict=False) == new.render_conversation(CHATS[3])[0]
+    assert hf("What is 12 + 3?")["input_ids"] == [new.bos_id] + old.encode("What is 12 + 3?")
