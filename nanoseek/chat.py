@@ -104,6 +104,9 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
             engine.step()
         console.print("\n[yellow](stopped)[/]", end="")
     console.print()
+    if req.finish_reason == "error":  # the engine failed this request (its step raised): say why
+        console.print(f"[red]error: the model failed to reply: {type(req.error).__name__}: {req.error}[/]",
+                      markup=True, highlight=False)
     return parts["reasoning"], parts["answer"]
 
 
@@ -141,6 +144,8 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
         req = engine.submit(ids, replace(params, grammar=grammar, max_new_tokens=new))
         reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
                                          tools.fmt if tools else None)
+        if req.finish_reason == "error":  # (said by stream_reply) no reply to keep: the conversation stays as it was
+            return
         content, calls, complete = tools.fmt.split(answer) if tools is not None else (answer, [], True)
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
         if not calls or not complete or req.finish_reason != "stop":  # no calls, or cut short: the turn ends

@@ -747,6 +747,8 @@ def generate(
                   f"finish: {req.finish_reason}[/]")
     if req.finish_reason == "cancelled":  # stopped with Ctrl-C: a script sees the reply cut short
         raise typer.Exit(130)
+    if req.finish_reason == "error":  # (the reason printed with the reply)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -296,6 +296,22 @@ def test_generate_stopped_with_ctrl_c_exits_130_and_text_that_is_not_utf8_is_ref
     assert bad.exit_code == 2 and "not UTF-8 text" in bad.output and "Traceback" not in bad.output, bad.output
 
 
+def test_a_reply_the_engine_fails_is_said_with_its_reason(tmp_path, monkeypatch):
+    """A step that raises (a model that fails in its forward) ends the request with an error: generate prints the
+    reason and exits 1 (it printed "finish: error" and exited 0); chat says it and takes the next message."""
+    from nanoseek.model.transformer import DeepseekForCausalLM
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the forward broke")
+
+    model = _chat_model(tmp_path)
+    monkeypatch.setattr(DeepseekForCausalLM, "forward", broken)
+    r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "4"])
+    assert r.exit_code == 1 and "RuntimeError: the forward broke" in r.output and "Traceback" not in r.output, r.output
+    c = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "2", "--no-tools"], input="hi\nagain\n/exit\n")
+    assert c.exit_code == 0 and c.output.count("the forward broke") == 2, c.output
+
+
 def test_generate_and_chat_sample_as_the_models_generation_config_says(tmp_path, monkeypatch):
     from nanoseek.inference import Engine
 

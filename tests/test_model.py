@@ -1,6 +1,7 @@
 """The model's fast paths against their naive references, MTP, balancing, routing and presets."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -322,6 +323,41 @@ def test_real_presets_have_the_published_sizes(name, params, active, embedding_c
 def test_config_out_of_range_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field.split("_")[0]):
         get_preset("tiny", **{field: value})
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("routed_scaling_factor", None, "a number"), ("routed_scaling_factor", "2.5", "a number"),
+    ("norm_topk_prob", "false", "true or false"), ("rms_norm_eps", None, "a number"), ("rope_theta", "10000", "a number"),
+    ("hidden_size", 64.5, "an integer"), ("eos_token_id", [1, "2"], "an integer or a list of integers or null"),
+    ("rope_scaling", "yarn", "an object or null"), ("rope_parameters", "yarn", "an object"),
+    ("rope_scaling.beta_fast", "32", "a number"), ("rope_scaling.factor", True, "a number"),
+])
+def test_config_field_of_the_wrong_kind_is_refused_by_name(field, value, kind):
+    """A JSON value of the wrong kind (a string number, a null, the string "false", which is truthy) is refused naming
+    the field, as transformers refuses it, not read as something else or left to fail in the forward."""
+    d = {"model_type": "deepseek_v3", "max_position_embeddings": 8192,
+         "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096}}
+    if field.startswith("rope_scaling."):
+        d["rope_scaling"][field.split(".")[1]] = value
+    else:
+        d[field] = value
+    with pytest.raises(ConfigError, match=f"'{field}' = {re.escape(repr(value))}: must be {kind}$"):
+        ModelConfig.from_dict(d)
+
+
+def test_a_v2_config_without_a_field_reads_transformers_v2_default():
+    """DeepseekV2Config's defaults, not V3's: two shared experts, a 2,048 context (which yarn's original length
+    falls back to), 64 experts; a missing n_group is none (one group for greedy routing), whatever topk_group says."""
+    import transformers
+
+    d = {"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_group": 3,
+         "rope_scaling": {"type": "yarn", "factor": 4.0}}
+    ours, hf = ModelConfig.from_dict(d), transformers.DeepseekV2Config(**d)
+    for name in ("n_shared_experts", "max_position_embeddings", "n_routed_experts", "moe_intermediate_size",
+                 "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "bos_token_id", "eos_token_id", "routed_scaling_factor", "first_k_dense_replace"):
+        assert getattr(ours, name) == getattr(hf, name), name
+    assert ours.rope_scaling["original_max_position_embeddings"] == 2048 and (ours.n_group, ours.topk_group) == (1, 1)
 
 
 def test_config_reads_fields_as_transformers_does():

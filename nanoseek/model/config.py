@@ -35,6 +35,29 @@ GQA_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+# transformers' DeepseekV2Config defaults where they differ from DeepseekV3Config's (the dataclass's): a V2 config.json
+# without the field means these (n_group: none, which V2's greedy routing never reads)
+V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "n_routed_experts": 64, "n_shared_experts": 2,
+               "n_group": None, "topk_group": None, "topk_method": "greedy", "scoring_func": "softmax",
+               "norm_topk_prob": False, "routed_scaling_factor": 1.0, "first_k_dense_replace": 0,
+               "num_nextn_predict_layers": 0, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2}
+# rope_scaling's numbers (transformers' yarn, llama3 and linear keys)
+ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "attention_factor", "low_freq_factor", "high_freq_factor")
+# what each annotation of a field admits, in words
+KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "an object",
+         "list[int]": "a list of integers", "None": "null"}
+
+
+def _is(value, kind: str) -> bool:
+    """Whether a JSON value is of the kind a field's annotation names ('int', 'float', 'bool', ...)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"int": number and isinstance(value, int), "float": number and math.isfinite(value),
+            "bool": isinstance(value, bool), "str": isinstance(value, str), "dict": isinstance(value, dict),
+            "list[int]": isinstance(value, list) and all(_is(v, "int") for v in value), "None": value is None}[kind]
+
+
 class ConfigError(ValueError):
     """A config.json field is missing, has the wrong type or is out of range."""
 
@@ -91,6 +114,12 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # fields we carry but do not use
 
     def __post_init__(self):
+        if self.model_type == "deepseek_v2":  # V2's greedy routing reads no groups: none means one, all kept
+            if self.n_group is None:
+                self.n_group, self.topk_group = 1, 1
+            elif self.topk_group is None:
+                self.topk_group = self.n_group
+        self.check_types()
         if self.num_key_value_heads is None or not self.is_gqa:  # MLA has no key-value heads (transformers'
             self.num_key_value_heads = self.num_attention_heads  # DeepseekV3Config defaults the unused field to 128)
         if self.model_type in QWEN:
@@ -104,8 +133,6 @@ class ModelConfig:
             self.n_routed_experts = self.n_shared_experts = self.num_nextn_predict_layers = 0
             self.first_k_dense_replace = self.num_hidden_layers
             self.q_lora_rank, self.rope_interleave = None, False
-        if self.model_type == "deepseek_v2" and self.n_group is None:
-            self.n_group, self.topk_group = 1, 1
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -171,6 +198,18 @@ class ModelConfig:
         )
 
     # ---- validation ----
+    def check_types(self) -> None:
+        """Every field of the kind its annotation names, and rope_scaling's numbers numbers: config.json is JSON, and a
+        string "2.5", a null or a "false" where a number or a boolean belongs is refused, naming the field, rather
+        than read as something else (the string "false" is truthy) or failing later in the forward."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), f.type.split(" | ")
+            if f.name != "extra" and not any(_is(value, kind) for kind in kinds):
+                raise ConfigError(f"config field '{f.name}' = {value!r}: must be {' or '.join(KINDS[k] for k in kinds)}")
+        for key, value in (self.rope_scaling or {}).items():
+            if key in ROPE_NUMBERS and not (value is None or _is(value, "float")):
+                raise ConfigError(f"config field 'rope_scaling.{key}' = {value!r}: must be a number")
+
     def validate(self) -> None:
         def need(cond: bool, name: str, why: str):
             if not cond:
@@ -245,6 +284,8 @@ class ModelConfig:
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         rp = d.pop("rope_parameters", None)  # transformers v5 spelling
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"config field 'rope_parameters' = {rp!r}: must be an object")
         if rp:  # its own rope_theta wins over a top-level one, as transformers reads it
             if "rope_theta" in rp:
                 d["rope_theta"] = rp["rope_theta"]
@@ -259,13 +300,9 @@ class ModelConfig:
                 d["attention_bias"] = True  # Qwen2 always has q/k/v biases (no config field)
             if d["model_type"] == "qwen3":
                 d.setdefault("head_dim", 128)  # Qwen3's own default, not hidden_size / heads
-        if d.get("model_type") == "deepseek_v2":  # HF V2 defaults differ from the V3 ones
-            d.setdefault("topk_method", "greedy")
-            d.setdefault("scoring_func", "softmax")
-            d.setdefault("norm_topk_prob", False)
-            d.setdefault("routed_scaling_factor", 1.0)
-            d.setdefault("first_k_dense_replace", 0)
-            d.setdefault("num_nextn_predict_layers", 0)
+        if d.get("model_type") == "deepseek_v2":  # transformers' DeepseekV2Config defaults, where they differ from V3's
+            for k, v in V2_DEFAULTS.items():
+                d.setdefault(k, v)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
