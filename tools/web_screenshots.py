@@ -54,7 +54,7 @@ def serve(model: Path, db: Path):
 
 def converse(browser, url: str, out: Path) -> str:
     """The welcome screen, then the questions answered; -> the conversation's address."""
-    page = browser.new_page(viewport=SIZES["desktop"], color_scheme="light")
+    page = browser.new_page(viewport=SIZES["desktop"], color_scheme="light", bypass_csp=True)  # (its waits evaluate strings)
     page.add_init_script(SETTINGS)
     page.goto(url)
     page.wait_for_selector("#examples .example")
@@ -74,7 +74,7 @@ def photograph(browser, address: str, out: Path) -> list[Path]:
     shots = []
     for size, viewport in SIZES.items():
         for scheme in ("light", "dark"):
-            page = browser.new_page(viewport=viewport, color_scheme=scheme)
+            page = browser.new_page(viewport=viewport, color_scheme=scheme, bypass_csp=True)
             page.add_init_script(SETTINGS)
             page.goto(address)
             page.wait_for_selector(".msg.assistant .body")
