@@ -104,6 +104,22 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
     r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "3", "--data", str(d / "one.txt"), "--out", str(failed)])
     assert r.exit_code == 2 and "data.sources" in r.output, r.output
     assert not (failed / "data" / "eval" / "one").exists()  # refused before writing anything
+    # the same file spelled another way resumes on the data as prepared (it was tokenized again, the tokenizer too);
+    # the file rewritten since is refused (it resumed silently on the old shards)
+    tokenizer = (failed / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    spelled = str(d / ".." / "d" / "my_notes.jsonl")
+    r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "3", "--data", spelled, "--out", str(failed)])
+    assert r.exit_code == 0 and (failed / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer, r.output
+    with open(d / "my_notes.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more note"}) + "\n")
+    r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "4", "--data", str(d / "my_notes.jsonl"), "--out",
+                            str(failed)])
+    assert r.exit_code == 2 and "my_notes.jsonl changed since this run prepared its data" in " ".join(r.output.split())
+    # a line in metrics.jsonl that is not a logged step's (written there by something else) is passed over on resume
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"mine": 1}\n')
+    r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "3", "--data", str(d / "one.txt"), "--out", str(run)])
+    assert r.exit_code == 0 and "step 3/3" in r.output, r.output  # (a KeyError traceback)
 
 
 def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):

@@ -45,14 +45,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is ignored, and so is a line that is not
+    a logged step's (no integer "step": written there by something else)."""
     out = []
     with open(path) as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
     return out
 
 
@@ -85,8 +88,8 @@ def plot_metrics(run_dir: str | os.PathLike, out_name: str = "curves.png") -> Pa
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if title in ("loss", "MTP loss"):
-            ax.set_yscale("log")
+        if title in ("loss", "MTP loss") and all(v > 0 for k in keys for r in records if (v := r.get(k)) is not None):
+            ax.set_yscale("log")  # (not where a loss reached 0: no log scale for it)
         if len(keys) > 1:
             ax.legend()
     for ax in list(axes.flat)[len(panels):]:

@@ -24,15 +24,15 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..data.builtin import code_documents, task_documents, task_texts
-from ..data.corpus import CorpusStats, iter_documents
+from ..data.corpus import CorpusStats, corpus_files, iter_documents
 from ..data.shards import PackedRows, ShardError, ShardSet, write_shards
 from ..files import atomic_write, read_json_object, staged_dir
-from ..model import ModelConfig, build_model, get_preset, padded_vocab
+from ..model import ConfigError, ModelConfig, build_model, get_preset, padded_vocab
 from ..tokenizer import DeepSeekTokenizer
 from . import distributed as D
 from .loop import Trainer
 from .losses import LMObjective
-from .runs import check_same_run, checkpoints, recorded_run, run_stage
+from .runs import check_same_run, checkpoints, recorded_run, resolved_paths, run_stage
 from .settings import PRETRAIN_TRAIN, DataConfig, TrainConfig
 
 BUILTIN = ("tasks", "stdlib")
@@ -64,17 +64,23 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
     """Tokenizer and shards in run_dir (reused when already there and prepared from the same settings).
     Data left by an attempt that never started training, from other settings, is discarded; a run that
     trained on other data is refused before anything is written."""
-    settings = _data_settings(cfg)
+    settings, files = _data_settings(cfg), data_files(cfg.sources)
     stamp_file = run_dir / "data" / PREPARED
     stamp = read_json_object(stamp_file) or None
-    if stamp is not None and stamp.get("settings") != settings:
-        if checkpoints(run_dir):  # it trained on that data: refused as a resume with other settings
+    if stamp is not None and (resolved_paths(stamp.get("settings")) != resolved_paths(settings)
+                              or stamp.get("files", files) != files):
+        if checkpoints(run_dir):  # it trained on that data: refused as a resume with other settings or changed files
             check_same_run({"data": stamp.get("settings")}, {"data": settings})
+            old_files = stamp.get("files", files)
+            changed = sorted(f for f in {*files, *old_files} if files.get(f) != old_files.get(f))
+            raise ConfigError(f"--data: {', '.join(changed)} changed since this run prepared its data (files added, "
+                              "removed, resized or rewritten): it resumes only on the data it trained on; use a new "
+                              "--out to train on these")
         for stale in (run_dir / "data", run_dir / "tokenizer"):  # a failed attempt's: never trained on
             shutil.rmtree(stale, ignore_errors=True)
         stamp = None
     if stamp is None and not (run_dir / "tokenizer").exists():  # a new run: record what it is prepared from
-        stamp = {"settings": settings}
+        stamp = {"settings": settings, "files": files}
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(stamp_file, json.dumps(stamp, indent=2))
     tok_dir = run_dir / "tokenizer"
@@ -132,6 +138,13 @@ def _tokenize(split: str, out: Path, sources: list[str], tok: DeepSeekTokenizer,
         if stats.skipped and split == "train":  # (the held-out pass reads the same records again)
             console.print(f"[yellow]{stats.skipped:,} malformed records skipped[/], e.g.:\n  "
                           + "\n  ".join(stats.problems[:3]))
+
+
+def data_files(sources: list[str]) -> dict[str, list[int]]:
+    """Each file the sources name (read from folders too; not the built-in ones) by its absolute path: [size,
+    modification time in ns], to tell a resumed run's data from the same paths rewritten."""
+    named = [s for s in sources if s not in BUILTIN]
+    return {str(p.resolve()): [(st := p.stat()).st_size, st.st_mtime_ns] for p in (corpus_files(named) if named else [])}
 
 
 def _data_settings(cfg: DataConfig) -> dict:

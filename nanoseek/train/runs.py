@@ -97,13 +97,13 @@ def check_same_run(old: dict, new: dict) -> None:
     """Rerunning a command on an existing run resumes it; only its length, bookkeeping, precision and
     compiling may change."""
     diffs = []
-    if _files(old.get("base_model")) != _files(new.get("base_model")):
+    if resolved_paths(old.get("base_model")) != resolved_paths(new.get("base_model")):
         diffs.append(f"base_model (the model it trains): {old.get('base_model')!r} -> {new.get('base_model')!r}")
     for section in ("model", "data", "sft", "grpo", "distill", "train", "mtp_lambda"):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if _files(a.get(k)) != _files(b.get(k)) and not (section == "train" and k in RESUMABLE_CHANGES)]
+                      if resolved_paths(a.get(k)) != resolved_paths(b.get(k)) and not (section == "train" and k in RESUMABLE_CHANGES)]
         elif a != b:
             diffs.append(f"{section}: {a!r} -> {b!r}")
     if diffs:
@@ -111,12 +111,14 @@ def check_same_run(old: dict, new: dict) -> None:
                           "options. Differences: " + "; ".join(diffs))
 
 
-def _files(value):
+def resolved_paths(value):
     """A recorded setting with the files and folders in it named by their absolute paths: `data/c.jsonl` and
     `/home/me/data/c.jsonl` are the same file, `d/corpus/` and `d/corpus` one folder (a resume from another
     spelling was refused)."""
+    if isinstance(value, dict):
+        return {k: resolved_paths(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_files(v) for v in value]
+        return [resolved_paths(v) for v in value]
     return str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).exists() else value
 
 
