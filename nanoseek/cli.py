@@ -37,8 +37,19 @@ from .remote import RemoteError
 from .train.settings import (DISTILL_TRAIN, PRECISIONS, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig,
                              SFTConfig, SpeedrunConfig, TrainConfig)
 
-console = Console()
-errors = Console(stderr=True)
+
+
+def _console(**options) -> Console:
+    """A console; written to a file or a pipe (a log), its lines are not wrapped at 80 columns and its rules are wide
+    enough for their titles (a log's lines broke mid-sentence and the speedrun's stage headers were cut to `0.… ─`)."""
+    c = Console(**options)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c.soft_wrap, c.width = True, 160
+    return c
+
+
+console = _console()
+errors = _console(stderr=True)
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
@@ -589,16 +600,14 @@ def tokenizer_train(
         _fail(f"--out: '{out}' already holds a tokenizer (a model trained with it would no longer read its ids): "
               "choose another folder, or --force to replace it")
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from .data import CorpusStats, iter_documents
+    from .data.corpus import CorpusStats, corpus_progress, iter_documents
     from .tokenizer import DeepSeekTokenizer
 
     stats = CorpusStats()
     docs = iter_documents(data, on_error="skip" if skip_bad_records else "stop", stats=stats)
     if max_documents > 0:
         docs = itertools.islice(docs, max_documents)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with corpus_progress(console) as bar:
         task = bar.add_task("reading", total=None)
 
         def counted():

@@ -122,6 +122,24 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
     assert r.exit_code == 0 and "step 3/3" in r.output, r.output  # (a KeyError traceback)
 
 
+def test_training_written_to_a_log_says_its_steps_in_whole_lines(tmp_path, monkeypatch):
+    """Output that is not a terminal (a log file, a pipe) gets a step line now and then (it had none until the last
+    step), whole lines (they broke at 80 columns mid-sentence) and no spinner frames."""
+    from nanoseek.train import loop
+
+    monkeypatch.setattr(loop, "LOG_EVERY_S", 0)
+    (tmp_path / "one.txt").write_text("a single text file is one document. " * 200)
+    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300",
+                            "--max-steps", "3", "--eval-every", "0", "--data", str(tmp_path / "one.txt"),
+                            "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert [line.split()[:2] for line in lines if line.startswith("step ")] == [["step", "1/3"], ["step", "2/3"],
+                                                                                  ["step", "3/3"]], r.output
+    assert any("too few documents to hold any out" in line and "no held-out loss for it" in line for line in lines)
+    assert not any(c in r.output for c in "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"), r.output
+
+
 def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):
     """A conversation that does not render names its file and line (the error named neither); rerunning a
     run folder on other data is refused with the difference, as pretraining's is (it resumed and rewrote

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
 FORMATS = (".txt", ".jsonl", ".parquet", ".py")
 STDLIB = "stdlib"
 
@@ -167,3 +170,10 @@ def _parquet(f: Path, text_field: str, bad) -> Iterator[str]:
                 bad(f"{f}:row {row}", f"{text_field!r} is {type(value).__name__}, not a string")
                 continue
             yield value
+
+
+def corpus_progress(console: Console) -> Progress:
+    """A line that says how far reading a corpus has got: a spinner, what it did, the time (no spinner in a log, which
+    kept its last frame)."""
+    spin = [SpinnerColumn()] if console.is_terminal else []
+    return Progress(*spin, TextColumn("{task.description}"), TimeElapsedColumn(), console=console)

@@ -58,6 +58,9 @@ from .runs import (UnsafeCheckpointError, check_same_run, checkpoints, load_trai
                    save_trainer_state, set_rng_state, verify_manifest, write_manifest)
 from .settings import TrainConfig
 
+# seconds between the step lines a run writes where its output is not a terminal (a log file, a pipe: no bar there)
+LOG_EVERY_S = 30
+
 
 class Diverged(ValueError):
     """The loss or gradient stopped being a finite number."""
@@ -140,6 +143,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         last: dict[str, float] = {}
         stop = _StopFlag(self._unsaved)
+        logged = -math.inf  # when a step's line was last written to a log (see LOG_EVERY_S)
         with stop, self._progress_bar() as progress:
             bar = progress.add_task("training", total=1000)
             while not self.finished:
@@ -184,6 +188,10 @@ class Trainer:
                 if self.finished or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 progress.update(bar, completed=round(1000 * min(self.progress, 1.0)), description=self._describe(last))
+                if not self.console.is_terminal and self.dist.main and not self.finished and \
+                        time.monotonic() - logged >= LOG_EVERY_S:  # a log has no bar to watch: a line now and then
+                    self.console.print(f"{self._describe(last)}  {100 * min(self.progress, 1.0):.0f}%")
+                    logged = time.monotonic()
         return last
 
     def _unsaved(self) -> str:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..data.builtin import code_documents, task_documents, task_texts
-from ..data.corpus import CorpusStats, corpus_files, iter_documents
+from ..data.corpus import CorpusStats, corpus_files, corpus_progress, iter_documents
 from ..data.shards import PackedRows, ShardError, ShardSet, write_shards
 from ..files import atomic_write, read_json_object, staged_dir
 from ..model import ConfigError, ModelConfig, build_model, get_preset, padded_vocab
@@ -126,7 +125,7 @@ def _tokenize(split: str, out: Path, sources: list[str], tok: DeepSeekTokenizer,
     stats = CorpusStats()
     label = "train" if split == "train" else f"held-out {out.name}"
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        with corpus_progress(console) as bar:
             task = bar.add_task(f"tokenizing {label} data")
 
             def show(docs, tokens):
