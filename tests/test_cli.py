@@ -140,6 +140,21 @@ def test_training_written_to_a_log_says_its_steps_in_whole_lines(tmp_path, monke
     assert not any(c in r.output for c in "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"), r.output
 
 
+def test_sft_leaves_out_the_pieces_of_a_long_conversation_that_hold_no_reply(tmp_path):
+    """A conversation longer than --seq-len trains in pieces; those holding only the user's text teach nothing and are
+    left out (every step of a run on such data logged a loss of 0, and its curve could not be drawn)."""
+    model = _chat_model(tmp_path)
+    long = [{"messages": [{"role": "user", "content": "please read this. " * 60 + f"What is {i} + 1?"},
+                          {"role": "assistant", "content": str(i + 1)}]} for i in range(4)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in long))
+    r = runner.invoke(app, ["sft", "--model", str(model), "--data", str(data), "--seq-len", "64", "--batch-size", "2",
+                            "--max-steps", "4", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0 and "log-scaled" not in r.output, r.output
+    losses = [json.loads(line).get("loss") for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len([x for x in losses if x is not None]) == 4 and all(x is None or x > 0 for x in losses), losses
+
+
 def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):
     """A conversation that does not render names its file and line (the error named neither); rerunning a
     run folder on other data is refused with the difference, as pretraining's is (it resumed and rewrote

@@ -86,7 +86,11 @@ class SFTRows:
 
     def __init__(self, examples: list[np.ndarray], seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
                  rank: int = 0, world: int = 1):
-        self.examples, self.seq_len, self.batch_size, self.pad_id = examples, seq_len, batch_size, pad_id
+        # an example longer than a row trains in row-sized pieces; a piece with no assistant token in it (the user's
+        # part of a long conversation) teaches nothing and is left out (its steps logged a loss of 0)
+        pieces = (e[:, start:start + seq_len] for e in examples for start in range(0, e.shape[1], seq_len))
+        self.examples = [p for p in pieces if (p[1] != IGNORE).any()]
+        self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.row, self._rows = 0, 0, None
 
