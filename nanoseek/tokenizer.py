@@ -600,5 +600,11 @@ def _check(messages: Sequence[dict], roles: tuple[str, ...] = ROLES) -> None:
             raise ChatFormatError(f"message {i} ({m['role']}): content must be a string")
         if m["role"] == "assistant" and content is not None and not isinstance(content, str):
             raise ChatFormatError(f"message {i} (assistant): content must be a string")
+        reasoning = m.get("reasoning_content") if m["role"] == "assistant" else None
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ChatFormatError(f"message {i} (assistant): reasoning_content must be a string")
+        if reasoning and END_THINK in (content or ""):  # (rendered, the reply would think twice)
+            raise ChatFormatError(f"message {i} (assistant): the reasoning is given twice, as reasoning_content and "
+                                  f"as {THINK}...{END_THINK} in content: give it once")
         if m["role"] == "assistant" and m.get("tool_calls"):
             _check_calls(i, m["tool_calls"])

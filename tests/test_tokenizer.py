@@ -150,6 +150,10 @@ def test_history_reasoning_is_stripped(tok):
     ([{"role": "user"}], "content must be a string"),
     ([{"role": "user", "content": 5}], "content must be a string"),
     (["just a string"], "unknown role"),
+    ([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5", "reasoning_content": 5}],
+     "reasoning_content must be a string"),  # (it trained as <think>\n5\n</think>)
+    ([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>\n2+3=5\n</think>\n\n5",
+                                             "reasoning_content": "2+3=5"}], "the reasoning is given twice"),
 ])
 def test_bad_conversations(tok, bad, match):
     with pytest.raises(ChatFormatError, match=match):
