@@ -370,6 +370,11 @@ def _max_steps_option(help: str = "Optimizer steps (0 = until --time-budget; one
     return typer.Option(0, min=0, help=help)
 
 
+def _checkpoint_every_option(default: int):
+    return typer.Option(default, min=0, help="Write a checkpoint every N steps (and always at the end): what a run "
+                        "stopped or killed resumes from (0 = only at the end).")
+
+
 def _time_budget_option(help: str = "Training time, e.g. 10m or 1.5h (the schedule decays to fit it).",
                         default: str = ""):
     return typer.Option(default, help=help, callback=parse_duration)
@@ -665,8 +670,7 @@ def pretrain(
                                    "'stdlib' uses 0.5)."),
     eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, min=0, help="Evaluate held-out loss every N steps "
                                    "(0 = at the end only)."),
-    checkpoint_every: int = typer.Option(PRETRAIN_TRAIN.checkpoint_every, min=0, help="Write a checkpoint every N "
-                                         "steps (and always at the end)."),
+    checkpoint_every: int = _checkpoint_every_option(PRETRAIN_TRAIN.checkpoint_every),
     skip_bad_records: bool = typer.Option(False, help="Skip and count malformed corpus records instead of stopping."),
     seed: int = _seed_option("Seed for weights, data order and FIM."),
     device: str = typer.Option(None, callback=_device, help="cpu, cuda or cuda:N (default: cuda when available)."),
@@ -825,12 +829,14 @@ def sft(
                                      "for them."),
     no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, callback=_within(0, 1), help="Built-in mixture: the "
                                             "share answered with thinking off."),
+    checkpoint_every: int = _checkpoint_every_option(SFT_TRAIN.checkpoint_every),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
     seed: int = _seed_option("Seed for the data order and the built-in mixture."),
 ):
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
-    train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed)
+    train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed,
+                   checkpoint_every=checkpoint_every)
     cfg = SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len, batch_size=batch_size, seed=seed,
                     tool_share=tool_share, no_thinking_share=no_thinking_share)
     from .train.sft import sft as run_sft
@@ -867,12 +873,14 @@ def rl(
     dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
     mode: Literal["r1", "r1-zero"] = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero "
                                                   "prompt on a base model)."),
+    checkpoint_every: int = _checkpoint_every_option(RL_TRAIN.checkpoint_every),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
     seed: int = _seed_option("Seed for problems and sampling."),
 ):
     """R1-style GRPO with rule-based rewards (accuracy after </think> + format), rollouts through the engine."""
-    train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed)
+    train = _train(RL_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed,
+                   checkpoint_every=checkpoint_every)
     if mode == "r1-zero" and "calculator" in tasks:
         _fail("--mode: r1-zero asks with R1-Zero's prompt, which offers no tools; the calculator family needs r1")
     cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
@@ -904,6 +912,7 @@ def distill(
     kl_alpha: float = typer.Option(0.0, callback=_within(0), help="Weight of logit-level KL to a local teacher (0 = traces only)."),
     max_steps: int = _max_steps_option("Student SFT steps (0 = until --time-budget; one of the two is needed)."),
     time_budget: str = _time_budget_option("Student SFT time, e.g. 3m.", default="3m"),
+    checkpoint_every: int = _checkpoint_every_option(DISTILL_TRAIN.checkpoint_every),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
 ):
@@ -913,7 +922,8 @@ def distill(
         _fail("--kl-alpha needs a local teacher (a model folder): a URL gives no logits")
     if remote and student in PRESETS and tokenizer is None:
         _fail("--tokenizer: a preset student with a remote teacher needs a tokenizer folder")
-    train = _train(DISTILL_TRAIN, max_steps, time_budget, precision=precision, compile=compile)
+    train = _train(DISTILL_TRAIN, max_steps, time_budget, precision=precision, compile=compile,
+                   checkpoint_every=checkpoint_every)
     _check_fits(student, TRAINING_BYTES, "--student")
     from .train.distill import distill as run_distill
     from .train.runs import exclusive

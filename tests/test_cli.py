@@ -155,6 +155,29 @@ def test_sft_leaves_out_the_pieces_of_a_long_conversation_that_hold_no_reply(tmp
     assert len([x for x in losses if x is not None]) == 4 and all(x is None or x > 0 for x in losses), losses
 
 
+def test_post_training_checkpoints_as_often_as_asked_and_says_when_a_rerun_starts_over(tmp_path):
+    """sft, rl and distill take --checkpoint-every (only pretrain did: a killed SFT run lost its 199 steps); a rerun of a
+    folder whose earlier attempt saved no checkpoint says it starts from step 0 (it did so silently)."""
+    import shutil
+
+    for command in ("sft", "rl", "distill"):
+        assert "--checkpoint-every" in runner.invoke(app, [command, "--help"]).output, command
+    model = _chat_model(tmp_path)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                                     {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                            for i in range(20)))
+    args = ["sft", "--model", str(model), "--data", str(data), "--seq-len", "64", "--batch-size", "2", "--max-steps", "3",
+            "--checkpoint-every", "1", "--out", str(tmp_path / "r")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["checkpoint_every"] == 1
+    shutil.rmtree(tmp_path / "r" / "checkpoints")  # as if killed before its first checkpoint
+    shutil.rmtree(tmp_path / "r" / "model")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "no checkpoint to resume from" in again.output, again.output
+
+
 def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data(tmp_path):
     """A conversation that does not render names its file and line (the error named neither); rerunning a
     run folder on other data is refused with the difference, as pretraining's is (it resumed and rewrote

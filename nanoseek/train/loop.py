@@ -96,7 +96,8 @@ class Trainer:
                  console: Console | None = None, dist: D.DistInfo | None = None, compile_why: str | None = None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         config = json.loads(json.dumps({"train": asdict(cfg), **(run_config or {})}, default=str))
-        if (old := recorded_run(self.run_dir, config.get("command"))) is not None and checkpoints(self.run_dir):
+        self.restarted = (old := recorded_run(self.run_dir, config.get("command"))) is not None
+        if self.restarted and checkpoints(self.run_dir):
             check_same_run(old, config)  # (a run that never saved a checkpoint has nothing to resume: it starts again)
         self.data, self.objective, self.eval_sets = data, objective, eval_sets or {}
         self.save_extra, self.on_eval = save_extra, on_eval
@@ -353,6 +354,9 @@ class Trainer:
             if self.dist.main:
                 self.console.print(f"resuming from {ckpt} (step {self.step}, {self.elapsed:.0f}s trained)")
             return ckpt
+        if self.restarted and self.dist.main:  # (its config.json was there: an earlier attempt stopped before saving)
+            self.console.print("[yellow]this run folder holds no checkpoint to resume from: training starts again "
+                               "from step 0[/] (--checkpoint-every sets how often one is written)")
         self.log.truncate(0)
         return None
 
