@@ -37,19 +37,16 @@ from .remote import RemoteError
 from .train.settings import (DISTILL_TRAIN, PRECISIONS, PRETRAIN_TRAIN, RL_TRAIN, SFT_TRAIN, DataConfig, GRPOConfig,
                              SFTConfig, SpeedrunConfig, TrainConfig)
 
+console = Console()
+errors = Console(stderr=True)
 
 
-def _console(**options) -> Console:
-    """A console; written to a file or a pipe (a log), its lines are not wrapped at 80 columns and its rules are wide
-    enough for their titles (a log's lines broke mid-sentence and the speedrun's stage headers were cut to `0.… ─`)."""
-    c = Console(**options)
-    if not c.is_terminal and "COLUMNS" not in os.environ:
-        c.soft_wrap, c.width = True, 160
-    return c
-
-
-console = _console()
-errors = _console(stderr=True)
+def _fit_to_output(c: Console) -> None:
+    """Written to a file or a pipe (a log), lines are not wrapped at 80 columns and rules are wide enough for their
+    titles (a log's lines broke mid-sentence and the speedrun's stage headers were cut to `0.… ─`); at a terminal, its
+    width. Decided when a command starts, for where its output goes then."""
+    log = not c.is_terminal and "COLUMNS" not in os.environ
+    c.soft_wrap, c.width = log, 160 if log else None
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
@@ -113,6 +110,8 @@ def _print_version(value: bool) -> None:
 def _options(ctx: typer.Context, _version: bool = typer.Option(False, "--version", is_eager=True,
                                                                callback=_print_version,
                                                                help="Print nanoseek's version and exit.")) -> None:
+    for c in (console, errors):
+        _fit_to_output(c)
     shown = warnings.showwarning
     warnings.showwarning = _note  # warnings to a person at a terminal: one line each, no source line
     ctx.call_on_close(lambda: setattr(warnings, "showwarning", shown))
@@ -371,7 +370,7 @@ def _max_steps_option(help: str = "Optimizer steps (0 = until --time-budget; one
 
 
 def _checkpoint_every_option(default: int):
-    return typer.Option(default, min=0, help="Write a checkpoint every N steps (and always at the end): what a run "
+    return typer.Option(default, min=0, metavar="N", help="Write a checkpoint every N steps (and always at the end): what a run "
                         "stopped or killed resumes from (0 = only at the end).")
 
 

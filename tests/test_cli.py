@@ -128,6 +128,7 @@ def test_training_written_to_a_log_says_its_steps_in_whole_lines(tmp_path, monke
     from nanoseek.train import loop
 
     monkeypatch.setattr(loop, "LOG_EVERY_S", 0)
+    monkeypatch.delenv("COLUMNS", raising=False)  # (a width asked for is kept: pytest-xdist's workers ask for 80)
     (tmp_path / "one.txt").write_text("a single text file is one document. " * 200)
     r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300",
                             "--max-steps", "3", "--eval-every", "0", "--data", str(tmp_path / "one.txt"),
@@ -747,3 +748,20 @@ def test_terminal_replies_without_tools_write_no_raw_calls():
     assert r.exit_code == 0 and "Answer:" in r.output and "tool▁" not in r.output, r.output
     r = runner.invoke(app, ["chat", "--no-tools", "--temperature", "0"], input="what is 4821 times 37?\n")
     assert r.exit_code == 0 and "tool▁" not in r.output, r.output
+
+
+def test_training_refuses_a_folder_of_someone_elses_files(tmp_path):
+    """--out naming a folder that holds files but no run (a corpus folder, a user's own model and plots) is refused
+    before anything is written (a run wrote its folders among them and replaced the user's curves.png)."""
+    from nanoseek.cli import SHIPPED
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "curves.png").write_bytes(b"my plot")
+    (mine / "notes.txt").write_text("a single text file is one document. " * 200)
+    for args in (["pretrain", "--preset", "tiny", "--data", str(mine / "notes.txt"), "--max-steps", "1"],
+                 ["distill", "--teacher", str(SHIPPED), "--max-steps", "1"]):
+        r = runner.invoke(app, [*args, "--out", str(mine)])
+        assert r.exit_code == 2 and "already holds files that are not a nanoseek run's" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in mine.iterdir()) == ["curves.png", "notes.txt"]
+    assert (mine / "curves.png").read_bytes() == b"my plot"

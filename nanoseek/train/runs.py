@@ -55,11 +55,29 @@ def claim_pipeline(folder: Path, command: str) -> None:
     training command's config.json), a model's folder, or another pipeline's (distill and speedrun wrote theirs
     beside a pretraining run's files)."""
     folder = Path(folder)
+    _refuse_foreign(folder)
     if (folder / "config.json").exists():
         old = read_json_object(folder / "config.json")
         what = f"a run started by `nanoseek {old.get('command')}`" if "train" in old else "a model folder"
         raise ConfigError(f"'{folder}' is {what}, not a `nanoseek {command}` folder; use a new --out")
     _refuse_pipelines(folder, command)
+
+
+def _holds_run(folder: Path) -> bool:
+    """Whether a folder holds what a nanoseek command writes first: a run's config.json, the data a pretraining attempt
+    prepared, a pipeline's settings."""
+    return any((folder / marker).exists() for marker in ("config.json", "data/prepared.json", *PIPELINES.values()))
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """Refuse a folder that holds files but nothing a nanoseek command writes first (a run's config.json, the data a
+    pretraining attempt prepared, a pipeline's settings): someone's own files, which a run would write among and over
+    (a corpus folder given as --out got a run's folders, and a user's curves.png was replaced)."""
+    entries = sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
+    if entries and not _holds_run(folder):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"'{folder}' already holds files that are not a nanoseek run's ({shown}): train into a new "
+                          "or empty --out")
 
 
 def _refuse_pipelines(folder: Path, command: str) -> None:
@@ -73,6 +91,7 @@ def recorded_run(run_dir: Path, command: str) -> dict | None:
     not a run, or that another command started (a pipeline's included), is refused before anything is written
     into it."""
     _refuse_pipelines(run_dir, command)
+    _refuse_foreign(Path(run_dir))
     if not (Path(run_dir) / "config.json").exists():
         return None
     old = read_json_object(Path(run_dir) / "config.json")
@@ -130,15 +149,17 @@ def exclusive(folder: Path) -> Iterator[None]:
     if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    made = not folder.exists()
+    made, lock_made = not folder.exists(), not (folder / ".lock").exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(folder):
             yield
     finally:
-        # refused before any work: no folder left
+        # refused before any work: no folder left, nor a lock file among someone's own files
         if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [".lock"]:
             shutil.rmtree(folder, ignore_errors=True)
+        elif lock_made and folder.is_dir() and not _holds_run(folder):
+            (folder / ".lock").unlink(missing_ok=True)
 
 
 @contextmanager
