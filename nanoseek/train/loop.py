@@ -129,6 +129,7 @@ class Trainer:
         self.opt = make_optimizer(model, cfg, fused=not self.dist.active)
         self.step, self.elapsed, self.tokens = 0, 0.0, 0
         self.bad_steps = 0  # updates skipped in a row for a non-finite gradient
+        self.saving = False  # a checkpoint is being written
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.json", json.dumps(config, indent=2))
@@ -198,6 +199,8 @@ class Trainer:
     def _unsaved(self) -> str:
         """What stopping at once would lose: the steps since the last checkpoint, the one under way included."""
         saved = int(self.latest_checkpoint.name.removeprefix("step_")) if self.latest_checkpoint else 0
+        if self.saving:  # (the steps since it are none: said as "losing 21 steps, no checkpoint saved yet")
+            return f"step {self.step}'s checkpoint is being written: kept if it is done first"
         lost = self.step + 1 - saved
         return f"losing {lost} step{'s' * (lost > 1)}: " + (f"the last checkpoint is step {saved}" if saved else
                                                              "no checkpoint is saved yet")
@@ -310,6 +313,7 @@ class Trainer:
         """checkpoints/step_N/: the model (HF format), trainer.pt (optimizer, data cursor, RNG,
         counters) and manifest.json (sizes and sha256 of every file), written in step_N.tmp and
         moved into place whole (files.staged_dir); older checkpoints beyond keep_checkpoints are removed."""
+        self.saving = True  # (what stopping at once would lose: see _unsaved)
         state = D.full_model_state(self.model, self.dist)
         optim = D.full_optimizer_state(self.model, self.opt, self.dist)
         final = self.checkpoint_dir / f"step_{self.step:07d}"
@@ -327,7 +331,7 @@ class Trainer:
             plot_metrics(self.run_dir)
         if self.dist.active:
             torch.distributed.barrier()
-        self.latest_checkpoint = final
+        self.latest_checkpoint, self.saving = final, False
         return final
 
     def checkpoints(self) -> list[Path]:
@@ -381,15 +385,17 @@ class Trainer:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set `requested` (the loop stops cleanly after the step); a second signal
-    raises KeyboardInterrupt at once. Handlers are restored on exit; inert outside the main thread."""
+    """SIGINT/SIGTERM set `requested` (the loop stops cleanly after the step); a second signal ends the
+    process at once: the first puts back the system's default action, which needs no Python (a Python handler
+    runs only between operations, and one long native operation, a step at a huge --seq-len, outlasted a
+    second and a third signal). Handlers are restored on exit; inert outside the main thread."""
 
     def __init__(self, unsaved: Callable[[], str]):
         self.requested, self._old, self.unsaved = False, {}, unsaved
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        for sig in self._old:  # the next signal stops now (every file is written crash-safe: nothing is torn)
+            signal.signal(sig, signal.SIG_DFL)
         self.requested = True
         # said at once: a step (a GRPO step's rollouts) can take a minute, and silence invites a second Ctrl-C
         print(f"\nstopping after this step, with a checkpoint (Ctrl-C again: stop now, {self.unsaved()})",
