@@ -629,9 +629,8 @@ def tokenizer_train(
         tok.save(out)
     console.print(f"[green]saved[/] {out}/tokenizer.json: {tok.vocab_size:,} tokens from {_many(stats.documents, 'document')}"
                   + (f", {_many(stats.skipped, 'malformed record')} skipped" if stats.skipped else ""))
-    if tok.vocab_size < vocab_size:
-        console.print(f"[yellow]note[/]: {vocab_size:,} tokens were asked for; the corpus holds too little text for "
-                      f"more than {tok.vocab_size:,} (every pair of tokens seen twice or more is already merged)")
+    if note := tok.shortfall(vocab_size):
+        console.print(f"[yellow]note[/]: {note}")
     for problem in stats.problems[:5]:
         console.print(f"  [yellow]skipped[/] {problem}")
 

@@ -262,6 +262,13 @@ class DeepSeekTokenizer:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_TOKENS])
         return cls(_bos_first(tok), generation=OWN_GENERATION)
 
+    def shortfall(self, asked: int) -> str | None:
+        """A note where training made fewer tokens than `asked` (a small corpus), else None."""
+        if self.vocab_size >= asked:
+            return None
+        return (f"{asked:,} tokens were asked for; the corpus holds too little text for more than {self.vocab_size:,} "
+                "(every pair of tokens seen twice or more is already merged)")
+
     def with_tool_tokens(self) -> "DeepSeekTokenizer":
         """This tokenizer (nanoseek's own) with DeepSeek-V3's tool tokens appended, if missing, and
         the current chat template: how a model trained before tools existed learns them."""

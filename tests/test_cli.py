@@ -120,6 +120,10 @@ def test_pretrain_on_small_corpora_and_a_rerun_after_a_failure(tmp_path):
         f.write('{"mine": 1}\n')
     r = runner.invoke(app, ["pretrain", *o[:-4], "--max-steps", "3", "--data", str(d / "one.txt"), "--out", str(run)])
     assert r.exit_code == 0 and "step 3/3" in r.output, r.output  # (a KeyError traceback)
+    # a row longer than all the data is refused (at --seq-len 100000 a first step ran 13 minutes in 9 GB)
+    r = runner.invoke(app, ["pretrain", *o, "--seq-len", "100000", "--data", str(d / "one.txt"), "--out",
+                            str(tmp_path / "long")])
+    assert r.exit_code == 2 and "--seq-len 100000: the training data holds" in " ".join(r.output.split()), r.output
 
 
 def test_training_written_to_a_log_says_its_steps_in_whole_lines(tmp_path, monkeypatch):
@@ -130,10 +134,11 @@ def test_training_written_to_a_log_says_its_steps_in_whole_lines(tmp_path, monke
     monkeypatch.setattr(loop, "LOG_EVERY_S", 0)
     monkeypatch.delenv("COLUMNS", raising=False)  # (a width asked for is kept: pytest-xdist's workers ask for 80)
     (tmp_path / "one.txt").write_text("a single text file is one document. " * 200)
-    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300",
+    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "5000",
                             "--max-steps", "3", "--eval-every", "0", "--data", str(tmp_path / "one.txt"),
                             "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
+    assert "5,000 tokens were asked for; the corpus holds too little text" in r.output  # (pretrain said nothing)
     lines = r.output.splitlines()
     assert [line.split()[:2] for line in lines if line.startswith("step ")] == [["step", "1/3"], ["step", "2/3"],
                                                                                   ["step", "3/3"]], r.output

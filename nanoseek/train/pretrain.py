@@ -93,6 +93,8 @@ def prepare_data(run_dir: Path, cfg: DataConfig, console: Console) -> DeepSeekTo
                 sample = itertools.chain.from_iterable(
                     itertools.islice(_sample_texts(s, cfg), 20_000) for s in cfg.sources)
                 tok = DeepSeekTokenizer.train(sample, vocab_size=cfg.vocab_size)
+            if note := tok.shortfall(cfg.vocab_size):
+                console.print(f"[yellow]note[/]: {note}")
         with staged_dir(tok_dir) as tmp:  # a crash never leaves a tokenizer folder that looks whole
             tok.save(tmp)
     jobs = [("train", run_dir / "data" / "train", cfg.sources)]
@@ -201,7 +203,15 @@ def pretrain(out: str | Path, preset: str = "cpu-tiny", data: DataConfig | None 
             torch.distributed.barrier()
         tok = DeepSeekTokenizer.load(run_dir / "tokenizer")
         config = model_config_for(preset, tok, model_overrides)
+        tokens = ShardSet(run_dir / "data" / "train").meta["tokens"]
+        if data.seq_len + 1 > tokens:  # (a row of 100,000 over 42,000 tokens ran a step for 13 minutes in 9 GB)
+            raise ConfigError(f"--seq-len {data.seq_len}: the training data holds {tokens:,} tokens, not one row's "
+                              "worth; give a shorter --seq-len")
         if data.seq_len > config.max_position_embeddings:  # the model's context covers what it trains on
+            if info.main:
+                console.print(f"[yellow]--seq-len {data.seq_len} is longer than the {preset} preset's context "
+                              f"({config.max_position_embeddings}): the model is built with a context of "
+                              f"{data.seq_len}[/] (attention's time and memory grow with its square)")
             config = replace(config, max_position_embeddings=data.seq_len)
         data_record = {**asdict(data), "global_batch": data.batch_size * info.world}
         del data_record["batch_size"]  # per process; a run may resume on another number of processes
