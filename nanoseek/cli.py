@@ -587,9 +587,10 @@ app.add_typer(tokenizer_app, name="tokenizer")
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    data: list[str] = typer.Option(..., "--data", callback=_tokenizer_data, help="Corpus: .txt/.jsonl/.parquet "
-                                   "files, folders of them, or 'stdlib' for the Python standard library's source. "
-                                   "Repeatable."),
+    data: list[str] = typer.Option(..., "--data", callback=_tokenizer_data, metavar="SOURCE", help="Corpus: "
+                                   ".txt/.jsonl/.parquet/.py files (.jsonl and .parquet: their 'text' field), folders "
+                                   "of them (other files in them are passed over), or 'stdlib' for the Python "
+                                   "standard library's source. Repeatable."),
     out: Path = typer.Option(..., "--out", callback=_out_folder, help="Folder to write tokenizer.json + "
                              "tokenizer_config.json into."),
     vocab_size: int = typer.Option(4096, "--vocab-size", min=300, help="Vocabulary size, special tokens included."),
@@ -640,9 +641,11 @@ def pretrain(
     out: Path = typer.Option(Path("runs/pretrain"), callback=_out_folder, help="Run folder. Rerunning on an existing "
                              "folder resumes it."),
     preset: Preset = typer.Option("cpu-tiny", help="Model preset."),
-    data: list[str] = typer.Option(DataConfig().sources, "--data", callback=_pretrain_data, help="Data sources, "
-                                   "repeatable: 'tasks' (built-in reasoning problems), 'stdlib' (Python's own source, "
-                                   "with FIM), or .txt/.jsonl/.parquet files or folders."),
+    data: list[str] = typer.Option(DataConfig().sources, "--data", callback=_pretrain_data, metavar="SOURCE",
+                                   help="Data sources, repeatable: 'tasks' (built-in reasoning problems), 'stdlib' "
+                                   "(Python's own source, with FIM), or .txt/.jsonl/.parquet/.py files (.jsonl and "
+                                   ".parquet: their 'text' field) or folders of them (other files in them are passed "
+                                   "over)."),
     max_steps: int = _max_steps_option(),
     time_budget: str = _time_budget_option(),
     seq_len: int = typer.Option(DataConfig.seq_len, min=8, help="Tokens per row."),
@@ -820,13 +823,14 @@ def sft(
     lr: float = typer.Option(SFT_TRAIN.lr, callback=_positive, help="Peak learning rate."),
     batch_size: int = typer.Option(SFTConfig.batch_size, min=1, help="Rows per micro-batch."),
     seq_len: int = typer.Option(SFTConfig.seq_len, min=8, help="Tokens per row."),
-    conversations: int = typer.Option(SFTConfig.builtin_conversations, min=1, help="Size of the built-in mixture."),
-    tool_share: float = typer.Option(SFTConfig.tool_share, callback=_within(0, 1), help="Built-in mixture: calculator "
+    conversations: int = typer.Option(None, min=1, help="Size of the built-in mixture. Default: "
+                                      f"{SFTConfig.builtin_conversations:,}."),
+    tool_share: float = typer.Option(None, callback=_within(0, 1), help="Built-in mixture: calculator "
                                      "conversations added, as a share of --conversations (0 = none). An older "
                                      "nanoseek tokenizer gains DeepSeek-V3's tool tokens, and the model the rows "
-                                     "for them."),
-    no_thinking_share: float = typer.Option(SFTConfig.no_thinking_share, callback=_within(0, 1), help="Built-in mixture: the "
-                                            "share answered with thinking off."),
+                                     f"for them. Default: {SFTConfig.tool_share:g}."),
+    no_thinking_share: float = typer.Option(None, callback=_within(0, 1), help="Built-in mixture: the share answered "
+                                            f"with thinking off. Default: {SFTConfig.no_thinking_share:g}."),
     checkpoint_every: int = _checkpoint_every_option(SFT_TRAIN.checkpoint_every),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
@@ -835,8 +839,12 @@ def sft(
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
     train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed,
                    checkpoint_every=checkpoint_every)
-    cfg = SFTConfig(data=data, builtin_conversations=conversations, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                    tool_share=tool_share, no_thinking_share=no_thinking_share)
+    mixture = {"--conversations": conversations, "--tool-share": tool_share, "--no-thinking-share": no_thinking_share}
+    if data != "builtin" and (given := [name for name, value in mixture.items() if value is not None]):
+        _fail(f"{given[0]}: it shapes the built-in mixture; --data {data} trains on that file's conversations")
+    shape = {"builtin_conversations": conversations, "tool_share": tool_share, "no_thinking_share": no_thinking_share}
+    cfg = SFTConfig(data=data, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                    **{k: v for k, v in shape.items() if v is not None})
     from .train.sft import sft as run_sft
     from .train.runs import exclusive
 

@@ -203,6 +203,8 @@ def test_sft_on_own_conversations_names_the_bad_one_and_resumes_only_on_its_data
     text.write_text("some prose, not conversations\n")
     r = runner.invoke(app, ["sft", *o, "--data", str(text)])
     assert r.exit_code == 2 and ".jsonl file of" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["sft", *o, "--data", str(data), "--conversations", "50"])  # (passed over, silently)
+    assert r.exit_code == 2 and "--conversations: it shapes the built-in mixture" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["sft", *o, "--data", str(data), "--seq-len", "100000"])  # (it packed for minutes)
     assert r.exit_code == 2 and "longer than the model's context" in " ".join(r.output.split()), r.output
     # a conversation without an assistant turn teaches nothing (it was an IndexError once training began)
