@@ -321,8 +321,9 @@ def _out_folder(path: Path) -> Path:
         raise typer.BadParameter(f"cannot write to '{there}' (a file)")
     try:  # tried, not judged from permissions: root may write anywhere the mounts allow, and /proc allows nothing
         os.rmdir(tempfile.mkdtemp(prefix=".nanoseek-", dir=there))
-    except OSError as e:
-        raise typer.BadParameter(f"cannot write to '{there}' ({e.strerror or e})") from None
+    except OSError as e:  # (a folder that exists but "has no such file" for a new one: /proc, say)
+        why = "it takes no new files" if e.errno == errno.ENOENT else e.strerror or e
+        raise typer.BadParameter(f"cannot write to '{there}' ({why})") from None
     return path
 
 
