@@ -294,7 +294,7 @@ def test_prefix_completion_and_logprobs(client, parts):
     msgs[-1] = {"role": "assistant", "reasoning_content": "", "content": "The answer is", "prefix": True}
     common = dict(model="nanoseek-test", messages=msgs, max_tokens=3, temperature=0, logit_bias=bias)
     m = client.chat.completions.create(**common).choices[0].message
-    assert (m.content, m.model_extra.get("reasoning_content")) == ("777", None)
+    assert (m.content, m.model_extra.get("reasoning_content")) == ("777", "")  # (thinking on: the key is there)
     deltas = [c.delta for chunk in client.chat.completions.create(stream=True, **common) for c in chunk.choices]
     assert "".join(d.content or "" for d in deltas) == "777"
 
@@ -887,3 +887,30 @@ def test_null_means_the_default_where_openai_takes_null(client, server):
     assert r.status_code == 200, r.text  # a message's prefix null: not a prefix
     r = httpx.post(server + "/v1/completions", json={"prompt": None, "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 400 and "prompt" in r.text  # a required field stays required
+
+
+def test_deepseek_reasoner_replies_always_carry_reasoning_content(client):
+    """DeepSeek's own reasoner example reads `delta.reasoning_content` on every streamed chunk and
+    `message.reasoning_content` on every reply: the key is there (null where a chunk has none), also after a tool
+    result, where the template opens no reasoning (it was missing: AttributeError in the SDK); deepseek-chat's
+    chunks and replies have no such key."""
+    after_tool = [{"role": "user", "content": "What is 2+3?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    for messages in (ask(), after_tool):
+        chunks = list(client.chat.completions.create(model="deepseek-reasoner", messages=messages, max_tokens=8,
+                                                     temperature=0, stream=True))
+        reasoning, content = "", ""
+        for chunk in chunks:  # as DeepSeek's example reads them
+            delta = chunk.choices[0].delta
+            reasoning += delta.reasoning_content or ""
+            content += delta.content or ""
+        whole = client.chat.completions.create(model="deepseek-reasoner", messages=messages, max_tokens=8, temperature=0)
+        assert whole.choices[0].message.reasoning_content == reasoning and whole.choices[0].message.content == content
+    plain = client.chat.completions.create(model="deepseek-chat", messages=ask(), max_tokens=4, stream=True)
+    assert all("reasoning_content" not in (c.choices[0].delta.model_extra or {}) for c in plain)
+    for base in ("", "/v1", "/beta"):  # DeepSeek's balance, which its clients may ask first (a 404 here)
+        r = httpx.get(str(client.base_url).removesuffix("/v1/") + base + "/user/balance",
+                      headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json() == {"is_available": True, "balance_infos": []}, r.text

@@ -287,6 +287,10 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         items = kept.input_items(rid)
         return _page(items if order == "asc" else items[::-1], after, limit)
 
+    @openai.get("/user/balance")
+    async def balance():  # DeepSeek's, which its clients may ask before they start: a local server costs nothing
+        return {"is_available": True, "balance_infos": []}
+
     @openai.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         svc, thinks = models.pick(body.model)
@@ -540,12 +544,15 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
     return sum(t not in svc.tok.eos_ids for t in tokens)  # reasoning cut short: the end-of-sentence is not reasoning
 
 
-def _reply(svc: Service, req, thinking: bool, tools: bool, continued: bool = False) -> tuple[dict, str]:
-    """A finished choice -> (its message, its finish_reason). continued: the reply goes on from the client's prefix."""
+def _reply(svc: Service, req, thinking: bool, tools: bool, continued: bool = False,
+           reasoner: bool = False) -> tuple[dict, str]:
+    """A finished choice -> (its message, its finish_reason). continued: the reply goes on from the client's prefix;
+    reasoner: the request asked for thinking (deepseek-reasoner), so the message has reasoning_content even where the
+    reply did not start inside its reasoning (after a tool result), as DeepSeek's always has."""
     # (a reply may open <think> itself)
     reasoning, content = split_reasoning(req.text, started=thinking, continued=continued, cut=req.stop_string is not None)
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
-    if thinking or reasoning:
+    if thinking or reasoning or reasoner:
         msg["reasoning_content"] = reasoning
     if tools:  # the calls apart; a block cut short (no whole call in it) is left out of the content too
         content, calls, _ = svc.call_format.split(content)
@@ -595,14 +602,15 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     prompt, params, started, with_calls, continued = await asyncio.to_thread(_chat_job, svc, thinks, body)
     jobs = svc.submit(prompt, params, body.n, asyncio.get_running_loop())
     cid, created, model = new_id("chatcmpl-"), now(), body.model or svc.name
+    reasoner = _thinking(thinks, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls,
-                                       continued), request)
+                                       continued, reasoner), request)
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
-        msg, finish = _reply(svc, req, started, with_calls, continued)
+        msg, finish = _reply(svc, req, started, with_calls, continued, reasoner)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
                         "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(
                             req.logprobs, (msg.get("content") or "") if req.params.stop else None))
@@ -613,11 +621,14 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
 
 async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
                        prompt: list[int], include_usage: bool, with_calls: bool,
-                       continued: bool = False) -> AsyncIterator[dict]:
+                       continued: bool = False, reasoner: bool = False) -> AsyncIterator[dict]:
     """Chunks as OpenAI streams them: reasoning and content deltas, tool-call deltas, each event's
     logprobs in the chunk that carries its text, then the finish reason. continued: the replies go on from the
-    client's prefix."""
+    client's prefix; reasoner: the request asked for thinking, and every delta carries reasoning_content and content,
+    null where it has none, as DeepSeek's deepseek-reasoner streams them (its own example reads
+    `delta.reasoning_content` on every chunk)."""
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs=None, **extra) -> dict:
+        delta = {"content": None, "reasoning_content": None, **delta} if reasoner else delta
         choices = [] if i < 0 else [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": "nanoseek", "choices": choices,
@@ -628,7 +639,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
     # with its HTTP error (see _sse), not a stream that opens and then reports it
     first = await anext(events)
     for i in range(len(jobs)):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield chunk(i, {"role": "assistant", "content": "", **({"reasoning_content": ""} if reasoner else {})})
     splitters = [ReasoningStream(started=thinking, continued=continued) for _ in jobs]
     calls = [CallStream(svc.call_format) if with_calls else None for _ in jobs]
     answers, pending = [""] * len(jobs), [[] for _ in jobs]  # answer text so far; logprobs not yet sent
