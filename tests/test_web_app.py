@@ -651,3 +651,33 @@ def test_rename_and_delete_are_seen_on_a_touch_screen(live, browser, context):
     opacities = page.evaluate("[...document.querySelectorAll('#conversations li .act')]"
                               ".map(b => getComputedStyle(b).opacity)")
     assert opacities and set(opacities) == {"1"}, opacities
+
+
+def test_back_and_forward_go_between_conversations(live, browser):
+    """Opening another conversation (or a new chat) is a step in the browser's history: Back returns to the one
+    before and Forward goes on again (Back left the app); the search box takes at most what the server searches."""
+    page = open_page(browser, live.url)
+    ids = []
+    for text in ("first question", "second question"):
+        page.click("#new-chat")
+        ask(page, text)
+        page.wait_for_url(lambda url: "#" in url and not url.endswith(tuple(ids)))
+        ids.append(page.url.split("#")[1])
+    page.click(f"#conversations li[data-id='{ids[0]}'] .conv-title")
+    page.wait_for_url(f"**#{ids[0]}")
+    page.go_back()
+    page.wait_for_url(f"**#{ids[1]}")
+    page.wait_for_selector(".msg.user >> text=second question")
+    page.go_back()  # (the new chat the second question was asked in became that conversation)
+    page.wait_for_url(f"**#{ids[0]}")
+    page.wait_for_selector(".msg.user >> text=first question")
+    page.go_forward()
+    page.wait_for_selector(".msg.user >> text=second question")
+    page.click("#new-chat")
+    page.wait_for_selector("#welcome:visible")
+    page.go_back()
+    page.wait_for_selector(".msg.user >> text=second question")
+    page.go_forward()
+    page.wait_for_selector("#welcome:visible")
+    assert page.get_attribute("#search", "maxlength") == "200"
+    page.context.close()

@@ -425,17 +425,25 @@ async function refreshList() {
   renderList();
 }
 addEventListener("pagehide", keepOnLeaving);
-addEventListener("hashchange", () => {  // a conversation's link pasted into the address bar
+addEventListener("hashchange", () => {  // a conversation's link pasted into the address bar, or Back and Forward
   const id = location.hash.slice(1);
-  if (id && !state.busy && (!state.conv || state.conv.id !== id)) openConversation(id).catch(showError);
+  if (state.busy) return;
+  if (id && (!state.conv || state.conv.id !== id)) openConversation(id).catch(showError);
+  else if (!id && state.conv && state.conv.saved) newChat();  // back to the new chat it was left for
 });
-function remember(c) { history.replaceState(null, "", c && c.saved ? "#" + c.id : location.pathname); }  // a reload returns to it
+// the address of the conversation on screen, so that a reload returns to it; opening another one (push) is a step in
+// the browser's history, which Back returns from (it left the app)
+function remember(c, push = false) {
+  const url = c && c.saved ? "#" + c.id : location.pathname;
+  if (push && url !== (location.hash || location.pathname)) history.pushState(null, "", url);
+  else history.replaceState(null, "", url);
+}
 async function openConversation(id) {
   if (state.busy) return;
   clearError();
   await settleUndone().catch(() => {});  // a failed turn's question the server was back too late to forget: gone now
   state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
-  remember(state.conv);
+  remember(state.conv, true);
   renderConversation();
   if (sessionStorage.getItem("nanoseek.left_mid_reply") === id) await awaitLeftReply(id);
 }
@@ -457,7 +465,7 @@ function newChat() {  // stored only once it has a message
   closeSide();
   state.conv = null;
   $("system").value = "";  // the last conversation's system prompt is its own, not the new one's
-  remember(null);
+  remember(null, true);
   renderConversation();
   $("input").focus();
 }
