@@ -681,3 +681,20 @@ def test_back_and_forward_go_between_conversations(live, browser):
     page.wait_for_selector("#welcome:visible")
     assert page.get_attribute("#search", "maxlength") == "200"
     page.context.close()
+
+
+def test_a_reply_that_ends_after_its_reasoning_says_it_has_no_answer(live, browser):
+    """A reply that stops with reasoning and no answer says so under it (it showed only "Thought for N s")."""
+    page = open_page(browser, live.url)
+    reasoning_only = "".join(f"data: {json.dumps(c)}\n\n" for c in (
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "a story about numbers..."}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=reasoning_only))
+    page.fill("#input", "Write a very long story")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .notes:has-text('no answer')", timeout=30_000)
+    assert "the model ended after its reasoning" in page.inner_text(".msg.assistant .notes")
+    page.unroute("**/v1/chat/completions")
+    page.context.close()

@@ -283,6 +283,7 @@ function notes(info) {  // under a reply: stopped or cut off, its length and spe
   if (info.stopped) parts.push("stopped");
   if (info.cut === "context") parts.push("cut off: the model's context is full");
   else if (info.cut) parts.push("cut off at the token limit (Max tokens in Settings)");
+  if (info.no_answer) parts.push("no answer: the model ended after its reasoning");
   if (info.left_out) parts.push(`the ${info.left_out} oldest messages left out (past the model's context)`);
   if (info.tokens) parts.push(info.tokens + " tokens" + (info.tok_s ? `, ${fixed(info.tok_s, 0)} tokens/s` : ""));
   return parts.join(" · ");
@@ -772,6 +773,9 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
     // tokens/s from the first token on; a reply whose tokens arrived bunched (a busy machine) is timed from the request
     const span = first !== null && end - first >= 250 ? [tokens - 1, end - first] : [tokens, end - sent];
     if (tokens) Object.assign(reply.info, { tokens, tok_s: span[1] > 0 ? span[0] / (span[1] / 1000) : 0 });
+    if (finish === "stop" && !calls.length && reply.reasoning_content && !(reply.content || "").trim()) {
+      reply.info.no_answer = true;  // (the reply showed only "Thought for N s", with nothing to say why)
+    }
     if (finish === "length") {  // at the reply's token limit, or where the model's context ran out
       const used = usage ? usage.prompt_tokens + usage.completion_tokens : 0;
       reply.info.cut = used >= contextLength() ? "context" : true;
