@@ -444,12 +444,16 @@ def test_welcome_examples_markdown_thinking_time_speed_and_thinking_off(shipped,
         return [d.textContent, [...d.querySelectorAll('a')].map((a) => [a.textContent, a.href, a.target, a.rel])]; }""",
                           "See [the docs](https://example.com/a_b?x=1) or https://example.org/path. "
                           "[Bach](https://en.wikipedia.org/wiki/Bach_(disambiguation)) "
-                          "Not [this](javascript:alert(1)) nor www.example.net, and `https://in.code`")
+                          "Not [this](javascript:alert(1)) nor www.example.net, and `https://in.code` "
+                          "(https://en.wikipedia.org/wiki/Foo_(bar)).")
     assert links == ["See the docs or https://example.org/path. Bach Not [this](javascript:alert(1)) nor "
-                     "www.example.net, and https://in.code",
+                     "www.example.net, and https://in.code (https://en.wikipedia.org/wiki/Foo_(bar)).",
                      [["the docs", "https://example.com/a_b?x=1", "_blank", "noopener noreferrer nofollow"],
                       ["https://example.org/path", "https://example.org/path", "_blank", "noopener noreferrer nofollow"],
-                      ["Bach", "https://en.wikipedia.org/wiki/Bach_(disambiguation)", "_blank", "noopener noreferrer nofollow"]]], links
+                      ["Bach", "https://en.wikipedia.org/wiki/Bach_(disambiguation)", "_blank", "noopener noreferrer nofollow"],
+                      # a bare address keeps its parentheses, not the ones around it (it was cut at `Foo_`)
+                      ["https://en.wikipedia.org/wiki/Foo_(bar)", "https://en.wikipedia.org/wiki/Foo_(bar)", "_blank",
+                       "noopener noreferrer nofollow"]]], links
     page.evaluate("""() => { state.conv.messages.push({role: 'user', content: 'code'},
         {role: 'assistant', content: 'Here:\\n\\n```python\\nprint(58*23)\\n```'}); renderConversation(); }""")
     block = page.locator(".msg.assistant .code").last
@@ -697,4 +701,18 @@ def test_a_reply_that_ends_after_its_reasoning_says_it_has_no_answer(live, brows
     page.wait_for_selector(".msg.assistant .notes:has-text('no answer')", timeout=30_000)
     assert "the model ended after its reasoning" in page.inner_text(".msg.assistant .notes")
     page.unroute("**/v1/chat/completions")
+    page.context.close()
+
+
+def test_a_setting_out_of_range_stops_the_send_naming_it(live, browser):
+    """Temperature 5, Top p 0 or 2.5 max tokens stop the send with a message naming the setting, the question kept
+    (they were left out of the request without a word, and 2.5 max tokens sent as 2)."""
+    page = open_page(browser, live.url, {"max_tokens": "2.5"})
+    sent = []
+    page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#input", "What is 6 + 1?")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Max tokens must be a whole number from 1, not 2.5" in page.inner_text("#error")
+    assert page.input_value("#input") == "What is 6 + 1?" and sent == []
     page.context.close()

@@ -94,9 +94,9 @@ function el(tag, cls, text) {
 }
 // `code`, **bold** and *italic*, where the stars open after a space or punctuation and close before
 // one: maths such as 58*3*2, a*b, 2 * 3 or 2**10 is left as written; [links](https://...) and bare
-// http(s) addresses (never ending in the punctuation after them; a link's address may hold one level of
-// parentheses, as Wikipedia's do), opened in a new tab.
-const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2|\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)|(https?:\/\/[^\s<>()"']*[^\s<>()"'.,;:!?])/g;
+// http(s) addresses (never ending in the punctuation after them; an address, bare or a link's, may hold one level
+// of parentheses, as Wikipedia's do), opened in a new tab.
+const INLINE = /`([^`\n]+)`|(\*\*|\*)(?=[^\s*])([^\n]*?[^\s*])\2|\[([^\]\n]+)\]\((https?:\/\/(?:[^\s()]|\([^\s()]*\))+)\)|(https?:\/\/(?:[^\s<>()"']|\([^\s<>()"']*\))*(?:[^\s<>()"'.,;:!?]|\([^\s<>()"']*\)))/g;
 const WORDLIKE = /[\p{L}\p{N}*]/u;
 function inline(s) {  // -> nodes (strings and elements)
   const nodes = [];
@@ -640,17 +640,24 @@ function requestBody(c, mayCall) {
   const body = {
     stream: true, stream_options: { include_usage: true }, model: chosenModel(),
     messages: (c.system ? [{ role: "system", content: c.system }] : []).concat(history),
-    temperature: numberSetting("temperature", 0, 2), top_p: numberSetting("top_p", 1e-9, 1),
+    temperature: numberSetting("temperature", 0, 2), top_p: numberSetting("top_p", 0.01, 1),
     max_tokens: numberSetting("max_tokens", 1, Infinity, true),
     thinking: { type: $("thinking").checked ? "enabled" : "disabled" },
   };
   if ($("tools").checked && state.tools.length) Object.assign(body, { tools: state.tools, tool_choice: mayCall ? "auto" : "none" });
   return body;
 }
-function numberSetting(id, min, max, integer = false) {  // the field's number; undefined (the server's default) if empty or out of range
-  const text = $(id).value.trim();
-  const v = integer ? Math.floor(Number(text)) : Number(text);
-  return text && v >= min && v <= max ? v : undefined;
+// the field's number; undefined (the server's default) if empty; a value out of range stops the send with a message
+// that names the setting (it was left out of the request without a word, and 2.5 max tokens sent as 2)
+function numberSetting(id, min, max, integer = false) {
+  const input = $(id), text = input.value.trim(), v = Number(text);
+  if (!text ? input.validity.valid : integer && v === 0) return undefined;  // empty, or Max tokens 0: as many as fit
+  if (!text || !(v >= min && v <= max) || (integer && !Number.isInteger(v))) {
+    const name = input.parentElement.firstChild.textContent.trim();
+    const range = integer ? `a whole number from ${min}` : `a number from ${min} to ${max}`;
+    throw new Error(`Settings: ${name} must be ${range}${text ? `, not ${text}` : ""}.`);
+  }
+  return v;
 }
 async function* events(r) {  // the parsed chunks of a server-sent event stream; leaving early closes it
   const reader = r.body.getReader();
