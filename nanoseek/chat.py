@@ -105,8 +105,7 @@ def stream_reply(engine: Engine, req: Request, thinking: bool, console: Console,
         console.print("\n[yellow](stopped)[/]", end="")
     console.print()
     if req.finish_reason == "error":  # the engine failed this request (its step raised): say why
-        console.print(f"[red]error: the model failed to reply: {type(req.error).__name__}: {req.error}[/]",
-                      markup=True, highlight=False)
+        console.print(Text(f"error: the model failed to reply: {type(req.error).__name__}: {req.error}", style="red"))
     return parts["reasoning"], parts["answer"]
 
 

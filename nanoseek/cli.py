@@ -39,14 +39,6 @@ from .train.settings import (DISTILL_TRAIN, PRECISIONS, PRETRAIN_TRAIN, RL_TRAIN
 
 console = Console()
 errors = Console(stderr=True)
-
-
-def _fit_to_output(c: Console) -> None:
-    """Written to a file or a pipe (a log), lines are not wrapped at 80 columns and rules are wide enough for their
-    titles (a log's lines broke mid-sentence and the speedrun's stage headers were cut to `0.… ─`); at a terminal, its
-    width. Decided when a command starts, for where its output goes then."""
-    log = not c.is_terminal and "COLUMNS" not in os.environ
-    c.soft_wrap, c.width = log, 160 if log else None
 SHIPPED = Path(__file__).parent / "assets" / "model"  # the speedrun's chat model, shipped in the package
 Preset = Literal[tuple(PRESETS)]  # the choices --preset lists in --help: the one preset table
 Quantize = Literal["int8", "int4"]
@@ -96,6 +88,14 @@ class WithArguments(TyperCommand):
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="nanoseek: DeepSeek-V3's model, training and serving in one small package.")
+
+
+def _fit_to_output(c: Console) -> None:
+    """Written to a file or a pipe (a log), lines are not wrapped at 80 columns and rules are wide enough for their
+    titles (a log's lines broke mid-sentence and the speedrun's stage headers were cut to `0.… ─`); at a terminal, its
+    width. Decided when a command starts, for where its output goes then."""
+    log = not c.is_terminal and "COLUMNS" not in os.environ
+    c.soft_wrap, c.width = log, 160 if log else None
 
 
 def _print_version(value: bool) -> None:
@@ -840,12 +840,14 @@ def sft(
     """Chat SFT: loss only on the assistant's tokens (reasoning and answer); MTP keeps training."""
     train = _train(SFT_TRAIN, max_steps, time_budget, lr=lr, precision=precision, compile=compile, seed=seed,
                    checkpoint_every=checkpoint_every)
-    mixture = {"--conversations": conversations, "--tool-share": tool_share, "--no-thinking-share": no_thinking_share}
-    if data != "builtin" and (given := [name for name, value in mixture.items() if value is not None]):
-        _fail(f"{given[0]}: it shapes the built-in mixture; --data {data} trains on that file's conversations")
-    shape = {"builtin_conversations": conversations, "tool_share": tool_share, "no_thinking_share": no_thinking_share}
+    mixture = {field: (option, value) for field, option, value in (  # the built-in mixture's options that were given
+        ("builtin_conversations", "--conversations", conversations), ("tool_share", "--tool-share", tool_share),
+        ("no_thinking_share", "--no-thinking-share", no_thinking_share)) if value is not None}
+    if data != "builtin" and mixture:
+        _fail(f"{next(iter(mixture.values()))[0]}: it shapes the built-in mixture; --data {data} trains on that file's "
+              "conversations")
     cfg = SFTConfig(data=data, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                    **{k: v for k, v in shape.items() if v is not None})
+                    **{field: value for field, (_, value) in mixture.items()})
     from .train.sft import sft as run_sft
     from .train.runs import exclusive
 
