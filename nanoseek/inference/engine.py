@@ -202,6 +202,7 @@ class Engine:
             # steps of 586-650 against 662-687 us at batch 1, 983-1,118 against 1,132-1,188 at 8; within the noise of
             # bench/release_decode.py's rounds); an engine with another cache shape compiles its own graphs
             torch._dynamo.mark_static(self.cache.kv)
+            torch._dynamo.mark_static(self.cache._arange)
         self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile else []
         self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
         self._model_tag = _MODEL_TAGS.setdefault(model, f"model {next(_TAG_IDS)}")

@@ -342,6 +342,8 @@ class MoE(nn.Module):
             self.stacked[1].copy_(down)
         else:
             self.stacked = (gate_up, down)
+            for t in self.stacked:  # their shapes are constants in a compiled step, not sizes passed at every call
+                torch._dynamo.mark_static(t)
         self.float_kernel = gate_up.device.type == "cpu" and gate_up.dtype == torch.float32 and \
             float_experts_take(gate_up.shape[1], self.experts[0].gate_proj.out_features)
 
