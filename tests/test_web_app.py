@@ -716,3 +716,59 @@ def test_a_setting_out_of_range_stops_the_send_naming_it(live, browser):
     assert "Max tokens must be a whole number from 1, not 2.5" in page.inner_text("#error")
     assert page.input_value("#input") == "What is 6 + 1?" and sent == []
     page.context.close()
+
+
+def test_the_offline_banner_goes_when_the_server_answers_and_what_failed_to_load_loads(live, browser):
+    """A page opened while the server was unreachable said so and kept saying it after the server came back;
+    the model's examples and tools, which it failed to load, never came."""
+    ctx = browser.new_context()
+    ctx.add_init_script(f"localStorage.setItem('nanoseek.api_key', {json.dumps(KEY)});"
+                        "localStorage.setItem('nanoseek.remember_key', 'true');")
+    page = ctx.new_page()
+    for path in ("**/v1/models", "**/api/**"):
+        page.route(path, lambda route: route.abort())
+    page.goto(live.url)
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Can't reach the nanoseek server" in page.inner_text("#error") and page.is_hidden("#retry")
+    assert page.inner_text("#welcome-title") == "nanoseek chat"  # no model known
+    httpx.post(f"{live.url}/api/conversations", headers=AUTH, json={"title": "kept while away"}).raise_for_status()
+    page.unroute("**/v1/models")
+    page.unroute("**/api/**")
+    expect(page.locator("#error")).to_be_hidden(timeout=10_000)
+    expect(page.locator("#welcome-title")).to_have_text("Chat with nanoseek")
+    expect(page.locator("#conversations")).to_contain_text("kept while away")
+    tools = httpx.get(f"{live.url}/api/tools", headers=AUTH).json()["data"]
+    assert page.is_visible("#tools-toggle") == bool(tools)
+    ctx.close()
+
+
+def test_clicks_that_would_leave_a_streaming_reply_say_why_nothing_happens(live, browser):
+    page = open_page(browser, live.url, {"max_tokens": "600"})
+    page.fill("#input", "Tell me a long story")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .reasoning:not(:empty)")
+    assert page.is_hidden("#busy-note")
+    page.click("#new-chat")
+    expect(page.locator("#busy-note")).to_be_visible()
+    assert "stop it first" in page.inner_text("#busy-note") and page.locator(".msg.user").count() == 1
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#send:not([hidden])", timeout=20_000)
+    expect(page.locator("#busy-note")).to_be_hidden()
+    page.click("#new-chat")  # now it starts a new chat
+    expect(page.locator("#welcome")).to_be_visible()
+    assert page.is_hidden("#busy-note")
+    page.context.close()
+
+
+def test_a_skip_link_for_the_keyboard_and_a_short_hint_on_a_phone(live, browser):
+    page = open_page(browser, live.url)
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "skip" and page.is_visible("#skip")
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "input" and "#input" not in page.url
+    assert page.is_hidden("#error")
+    assert "Shift+Enter" in page.get_attribute("#input", "placeholder")
+    page.context.close()
+    phone = open_page(browser, live.url, viewport={"width": 375, "height": 740}, has_touch=True)
+    assert phone.get_attribute("#input", "placeholder") == "Ask anything"
+    phone.context.close()

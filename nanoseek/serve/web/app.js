@@ -82,6 +82,29 @@ function showError(e, retry) {  // retry: what the Retry button does (none: no b
   $("retry").hidden = !retry;
   $("error").hidden = false;
   requestAnimationFrame(() => { $("messages").scrollTop = $("messages").scrollHeight; });  // the banner hid the end
+  if (e.message === OFFLINE) watchServer();
+}
+let watching = null;
+function watchServer() {  // while the server is unreachable: ask every few seconds, and when it answers, say so
+  if (watching) return;
+  watching = setInterval(async () => {
+    try { await fetch("/v1/models", { headers: headers() }); } catch (_) { return; }  // any answer: it is back
+    clearInterval(watching);
+    watching = null;
+    if ($("error-text").textContent === OFFLINE) {
+      if (state.retry) $("error-text").textContent = "The server is back: Retry sends the message again.";
+      else clearError();
+    }
+    if (!state.busy) { loadServer(); refreshList().catch(showError); }  // what it could not load while away
+  }, 3000);
+}
+addEventListener("online", () => { if (watching) { clearInterval(watching); watching = null; watchServer(); } });
+function busyNote() {  // a click that would leave or change the conversation while its reply streams: say why nothing happens
+  if (!state.busy) return false;
+  $("busy-note").hidden = false;
+  clearTimeout(busyNote.timer);
+  busyNote.timer = setTimeout(() => { $("busy-note").hidden = true; }, 4000);
+  return true;
 }
 function clearError() { $("error").hidden = true; state.retry = null; }
 
@@ -372,7 +395,10 @@ function renderList() {
 
 // ---------- the model, its tools and examples ----------
 async function loadServer() {  // what the server serves: models (a picker when several), then the chosen one's
-  const models = await api("/v1/models").catch(() => ({ data: [] }));
+  const models = await api("/v1/models").catch((e) => {
+    if (e.message === OFFLINE) showError(e);  // shown until it answers, then loaded again (watchServer)
+    return { data: [] };
+  });
   state.models = models.data.filter((m) => !m.parent).map((m) => m.id);
   state.contexts = Object.fromEntries(models.data.map((m) => [m.id, m.max_model_len]));
   const picker = $("model");
@@ -428,7 +454,7 @@ async function refreshList() {
 addEventListener("pagehide", keepOnLeaving);
 addEventListener("hashchange", () => {  // a conversation's link pasted into the address bar, or Back and Forward
   const id = location.hash.slice(1);
-  if (state.busy) return;
+  if (busyNote()) { remember(state.conv); return; }  // the address stays the conversation's on screen
   if (id && (!state.conv || state.conv.id !== id)) openConversation(id).catch(showError);
   else if (!id && state.conv && state.conv.saved) newChat();  // back to the new chat it was left for
 });
@@ -440,7 +466,7 @@ function remember(c, push = false) {
   else history.replaceState(null, "", url);
 }
 async function openConversation(id) {
-  if (state.busy) return;
+  if (busyNote()) return;
   clearError();
   await settleUndone().catch(() => {});  // a failed turn's question the server was back too late to forget: gone now
   state.conv = { ...(await api("/api/conversations/" + id)), saved: true };
@@ -461,7 +487,7 @@ async function awaitLeftReply(id) {  // the reply the page before a reload was w
   }
 }
 function newChat() {  // stored only once it has a message
-  if (state.busy) return;
+  if (busyNote()) return;
   clearError();
   closeSide();
   state.conv = null;
@@ -478,7 +504,7 @@ async function rename(c) {
   await refreshList();
 }
 async function remove(c) {
-  if (state.busy || !confirm(`Delete "${c.title}"?`)) return;
+  if (busyNote() || !confirm(`Delete "${c.title}"?`)) return;
   await api("/api/conversations/" + c.id, "DELETE");
   if (state.conv && state.conv.id === c.id) { state.conv = null; remember(null); clearError(); renderConversation(); }
   await refreshList();
@@ -561,7 +587,7 @@ function keepOnLeaving() {  // a reload or a closed tab mid-reply: the reply so 
 
 // ---------- talking to the model ----------
 async function send(text) {
-  if (state.busy || !text.trim()) return;
+  if (!text.trim() || busyNote()) return;
   if (!state.conv) state.conv = { id: newId(), title: "New chat", system: $("system").value.trim(), messages: [], saved: false };
   const c = state.conv;
   $("input").value = "";
@@ -573,7 +599,7 @@ async function regenerate() {  // the whole turn again: replies and tool results
   await turn(c, c.messages.slice(0, last + 1), regenerate);
 }
 function startEdit(box, index) {
-  if (state.busy) return;
+  if (busyNote()) return;
   const c = state.conv;
   const body = box.querySelector(".body");
   const area = el("textarea", "edit-box");
@@ -795,6 +821,7 @@ async function streamReply(c, mayCall, signal) {  // one reply, streamed into a 
 }
 function setBusy(b) {
   state.busy = b;
+  if (!b) $("busy-note").hidden = true;
   $("messages").setAttribute("aria-busy", String(b));  // a screen reader reads the reply once, when it is done, not every token
   $("send").hidden = b;
   $("stop").hidden = !b;
@@ -829,6 +856,7 @@ $("help-open").onclick = () => $("help").showModal();
 $("model").onchange = () => { localStorage.setItem("nanoseek.model", $("model").value); loadModel(); };
 $("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => refreshList().catch(showError), 200); };
 $("search").onkeydown = (e) => { if (e.key === "Escape" && $("search").value) { e.stopPropagation(); $("search").value = ""; refreshList().catch(showError); } };
+$("skip").onclick = (e) => { e.preventDefault(); $("input").focus(); };  // (not the address: #input is no conversation)
 $("open-side").onclick = openSide;
 $("close-side").onclick = closeSide;
 document.addEventListener("keydown", shortcut);
@@ -836,6 +864,10 @@ document.addEventListener("click", (e) => {  // a click anywhere else closes the
   if ($("conv-menu").open && !$("conv-menu").contains(e.target)) $("conv-menu").open = false;
 });
 systemDark.addEventListener("change", applyTheme);
+const narrow = matchMedia("(max-width: 700px)");  // a phone: the box's hint in a few words, not cut at its second line
+function placeholder() { $("input").placeholder = narrow.matches ? "Ask anything" : "Ask anything (Enter to send, Shift+Enter for a new line)"; }
+narrow.addEventListener("change", placeholder);
+placeholder();
 for (const k of SETTINGS) $(k).addEventListener("change", saveSetting);
 $("api_key").addEventListener("change", () => { clearError(); loadServer(); refreshList().catch(showError); });
 applyTheme();
