@@ -178,7 +178,8 @@ class CallStream:
                 break
             name, args = part.split(fmt.between, 1)
             done = fmt.after in args
-            args = args.split(fmt.after, 1)[0] if done else args[: len(args) - (0 if final else partial_suffix(args, fmt.after))]
+            # (a call cut short at the end keeps what it wrote of its arguments, never the start of the block's close)
+            args = args.split(fmt.after, 1)[0] if done else args[: len(args) - partial_suffix(args, fmt.after)]
             if i == len(self.calls):
                 self.calls.append([tool_call(name, "")["id"], name, 0])
                 deltas.append({"index": i, "id": self.calls[i][0], "type": "function",

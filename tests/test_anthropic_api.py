@@ -378,3 +378,71 @@ def test_a_failure_once_the_stream_has_started_is_an_error_event(server, claude,
     assert error["type"] == "error" and "cannot be followed" in error["error"]["message"]
     with pytest.raises(anthropic.APIStatusError, match="cannot be followed"):
         streamed(claude, **request)
+
+
+def test_a_message_thread_is_refused_as_the_sdk_expects_and_its_tool_runner_sends_the_whole_conversation(server, claude):
+    """The SDK's message threads (its tool runner's default) send only the new messages, the server to keep the rest:
+    `thread` was ignored, so later turns came without their history (the runner's second turn: 400 'any' needs tools).
+    Refused with the error code the SDK reads, its runner goes on without a thread."""
+    r = post(server, {"model": "deepseek-chat", "max_tokens": 4, "messages": ASK, "thread": {"type": "create"}})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["details"] == {"error_code": "thread_unsupported_request"}, r.text
+    assert error["message"].startswith("thread")
+    runner = claude.beta.messages.tool_runner(
+        model="deepseek-chat", max_tokens=60, tools=[anthropic.beta_tool(add)], tool_choice={"type": "any"},
+        messages=ASK, max_iterations=2, extra_body=GREEDY)
+    replies = list(runner)
+    assert len(replies) == 2 and all(m.stop_reason in ("tool_use", "max_tokens") for m in replies)
+    assert prompt_tokens(replies[1].usage) > prompt_tokens(replies[0].usage)  # the first turn and its result in it
+
+
+def add(a: int, b: int) -> str:
+    """Add two integers."""
+    return str(a + b)
+
+
+def test_between_tools_thinks_and_omitted_thinking_has_no_text(claude):
+    request = dict(model="deepseek-chat", max_tokens=8, messages=[{"role": "user", "content": "Hi."}], extra_body=GREEDY)
+    m = claude.messages.create(thinking={"type": "between_tools"}, **request)
+    assert m.content[0].type == "thinking" and m.content[0].thinking
+    omitted = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
+    m = claude.messages.create(thinking=omitted, **request)
+    assert m.content[0].type == "thinking" and m.content[0].thinking == ""
+    events, final = streamed(claude, thinking=omitted, **request)
+    check_events(events)
+    assert not [e for e in events if e.type == "content_block_delta" and e.delta.type == "thinking_delta"]
+    assert final.content[0].type == "thinking" and final.content[0].thinking == ""
+
+
+@pytest.mark.parametrize("messages,text", [
+    ([*USED, {"role": "user", "content": "and?"}], "messages.2: the tool_use ids toolu_1"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}},
+        {"type": "tool_use", "id": "toolu_2", "name": "add", "input": {}}]},
+      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "1"}]}],
+     "messages.2: the tool_use ids toolu_2"),
+    ([{"role": "user", "content": ""}], "messages.0.content: is empty"),
+    ([{"role": "user", "content": []}], "messages.0.content: is empty"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}},
+        {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}}]}], "messages.1.content.1.id"),
+])
+def test_a_tool_use_without_its_result_or_an_empty_message_is_refused_as_anthropic_does(server, messages, text):
+    r = post(server, {"model": "deepseek-chat", "max_tokens": 4, "tools": TOOLS, "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(text), r.text
+
+
+def test_models_are_listed_a_page_at_a_time(claude, server):
+    every = [m.id for m in claude.models.list()]
+    first = claude.models.list(limit=1)
+    assert [m.id for m in first.data] == every[:1] and first.has_more and first.last_id == every[0]
+    assert [m.id for m in claude.models.list(limit=1)] == every  # the SDK's iterator pages on
+    assert [m.id for m in claude.models.list(before_id=every[-1], limit=5).data] == every[:-1]
+    r = httpx.get(f"{server}/anthropic/v1/models", params={"after_id": "nosuch"}, headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_body_over_the_limit_is_anthropics_request_too_large(server, monkeypatch):
+    r = httpx.post(f"{server}/anthropic/v1/messages", content=b" " * (9 * 2**20),
+                   headers={"x-api-key": KEY, "content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text

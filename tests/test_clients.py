@@ -15,13 +15,14 @@ import openai
 import pytest
 import torch
 from pydantic import BaseModel, Field
+from tokenizers import Tokenizer
 
 from conftest import randomize_
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset
 from nanoseek.serve import create_app
 from nanoseek.tokenizer import DeepSeekTokenizer
-from test_chat_templates import model_folder
+from test_chat_templates import REAL, model_folder
 from test_server import KEY, LiveServer
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price table from the network
@@ -339,3 +340,44 @@ def test_the_shipped_model_calls_the_calculator_and_answers_from_it():
                                               temperature=0, max_tokens=96, **extra)
                 m = r.choices[0].message
                 assert not m.tool_calls and "tool▁" not in m.content + (getattr(m, "reasoning_content", "") or "")
+
+
+def test_a_required_call_or_json_comes_back_though_the_reply_would_end_in_its_reasoning(client):
+    """With thinking on, a reply that wrote its end of sequence inside its reasoning ended there: no call under
+    tool_choice 'required' or a named function, no JSON under a json_schema, finish_reason 'stop' (the SDK's parse()
+    gave parsed None). The end is now banned until the reasoning has ended (here it is pushed first at every step)."""
+    eos = Tokenizer.from_file(str(REAL / "tokenizer.json")).token_to_id("<｜end▁of▁sentence｜>")
+    common = dict(model="deepseek-reasoner", messages=ASK, max_tokens=80, logit_bias={str(eos): 100}, seed=0,
+                  temperature=1.0)
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        r = client.chat.completions.create(tools=[WEATHER, ADD], tool_choice=choice, **common)
+        check_calls(r.choices[0].message.tool_calls, None if choice == "required" else {"add"})
+    r = client.chat.completions.create(response_format={"type": "json_schema", "json_schema": {
+        "name": "town", "schema": Town.model_json_schema()}}, **common)
+    Town.model_validate_json(r.choices[0].message.content)
+
+
+def test_logprobs_cover_the_content_not_the_block_of_calls(client):
+    r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice="required",
+                                       max_tokens=60, logprobs=True, temperature=0)
+    msg = r.choices[0].message
+    assert msg.tool_calls and not msg.content
+    assert not (r.choices[0].logprobs and r.choices[0].logprobs.content), r.choices[0].logprobs
+    r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], max_tokens=30, seed=1,
+                                       logprobs=True, temperature=1.0)
+    entries = r.choices[0].logprobs.content if r.choices[0].logprobs else []
+    assert "".join(e.token for e in entries) == (r.choices[0].message.content or "")
+
+
+def test_allowed_tools_offers_those_alone(client):
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "add"}}]}}
+    for seed in range(3):
+        r = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER, ADD], tool_choice=choice,
+                                           max_tokens=80, seed=seed, temperature=1.0)
+        check_calls(r.choices[0].message.tool_calls, {"add"})
+    bad = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "nosuch"}}]}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[ADD], tool_choice=bad)
+    assert "nosuch" in e.value.body["message"] and e.value.body["param"].startswith("tool_choice"), e.value.body

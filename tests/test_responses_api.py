@@ -444,3 +444,28 @@ def test_litellm_responses_and_the_kept_response_calls(server):
     assert litellm.delete_responses(response_id=r.id, **where).deleted
     with pytest.raises(litellm.NotFoundError):
         litellm.get_responses(response_id=r.id, **where)
+
+
+def test_allowed_tools_input_tokens_and_what_is_not_served(client, server):
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "add"}]}
+    r = client.responses.create(model="deepseek-chat", input=ASK, tools=FLAT, tool_choice=choice, max_output_tokens=80,
+                                temperature=1.0, extra_body={"seed": 1})
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and {c.name for c in calls} == {"add"} and r.tool_choice.type == "allowed_tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="deepseek-chat", input=ASK, tools=FLAT, tool_choice={**choice, "tools": [
+            {"type": "function", "name": "nosuch"}]})
+    assert e.value.body["param"] == "tool_choice.tools" and "nosuch" in e.value.body["message"]
+    request = dict(model="deepseek-chat", input=ASK, instructions="Be brief.", tools=FLAT)
+    counted = client.responses.input_tokens.count(**request)
+    assert counted.input_tokens == client.responses.create(**request, max_output_tokens=1).usage.input_tokens
+    with pytest.raises(openai.NotFoundError) as e:
+        client.post("/responses/compact", body={"model": "deepseek-chat", "input": "hi"}, cast_to=object)
+    assert "input_tokens" in e.value.body["message"]
+
+
+def test_a_text_part_without_its_text_names_that(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="deepseek-chat", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": None}]}])
+    assert e.value.body["param"] == "input.0.content" and "text of part 0" in e.value.body["message"], e.value.body

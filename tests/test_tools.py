@@ -70,6 +70,17 @@ def test_split_and_stream_agree_at_every_cut(formats, name):
         assert [(got[i]["name"], got[i]["arguments"]) for i in sorted(got)] == CALLS
 
 
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1"])  # calls closed by several characters (a code fence)
+def test_a_streamed_call_cut_inside_its_close_keeps_its_arguments_alone(formats, name):
+    """A reply cut by max_tokens inside a call's close: the streamed arguments ended with its start ('\n``')."""
+    _, fmt = formats[name]
+    text = fmt.render(CALLS[:1])
+    close = text.index(fmt.after)
+    for cut in range(close, close + len(fmt.after)):
+        args = "".join(d["function"]["arguments"] for d in CallStream(fmt).feed(text[:cut], final=True)[1])
+        assert args == CALLS[0][1], (cut, args)
+
+
 def test_cut_short_block_keeps_complete_calls(formats):
     _, fmt = formats["deepseek-v3"]
     text = fmt.render(CALLS)

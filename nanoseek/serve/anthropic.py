@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import Field, field_validator, model_validator
 
 from .protocol import (MAX_MESSAGES, APIError, ChatRequest, Function, JsonSchema, NamedFunction, NamedToolChoice,
@@ -119,9 +119,12 @@ class AnthropicToolChoice(StrictBody):
 
 
 class ThinkingConfig(StrictBody):
-    """enabled turns thinking on, disabled off; adaptive (the model decides) leaves the model's default."""
-    type: Literal["enabled", "disabled", "adaptive"]
+    """enabled (or between_tools: thinking between tool calls too, which DeepSeek's thinking does) turns thinking on,
+    disabled off; adaptive (the model decides) leaves the model's default. display "omitted" sends the thinking
+    blocks without their text, as Anthropic does."""
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = Field(None, ge=0)  # accepted, as DeepSeek does: max_tokens bounds the reasoning
+    display: Literal["summarized", "omitted"] | None = None  # summarized: the whole reasoning (none is summarized)
 
 
 class OutputFormat(StrictBody):
@@ -143,6 +146,7 @@ class CountTokensRequest(StrictBody):
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
     output_config: OutputConfig | None = None
+    thread: dict | None = None  # the SDK's message threads (the server keeps the conversation): refused, see _unthreaded
 
     @model_validator(mode="before")
     @classmethod
@@ -161,15 +165,26 @@ class CountTokensRequest(StrictBody):
         for k, block in enumerate(self.system if isinstance(self.system, list) else []):
             if block.type != "text":
                 raise ValueError(f"system.{k}.type: the system prompt holds text blocks only, not {block.type!r}")
-        called = set()
+        called, unanswered = set(), {}
         for i, m in enumerate(self.messages):
+            if not m.content and not (m.role == "assistant" and i == len(self.messages) - 1):
+                raise ValueError(f"messages.{i}.content: is empty; every message but a last assistant one (a "
+                                 "prefill) needs content")
+            answered = {b.tool_use_id for b in m.content if b.type == "tool_result"} if isinstance(m.content, list) else set()
+            if missing := [t for t in unanswered if t not in answered]:
+                raise ValueError(f"messages.{i}: the tool_use ids {', '.join(missing)} of messages.{i - 1} have no "
+                                 "tool_result here; each tool_use needs its tool_result in the next message")
+            unanswered = {}
             for k, block in enumerate(m.content if isinstance(m.content, list) else []):
                 where = f"messages.{i}.content.{k}"
                 if block.type not in BLOCKS_OF[m.role]:
                     raise ValueError(f"{where}.type: {m.role} messages hold {', '.join(BLOCKS_OF[m.role])} blocks, "
                                      f"not {block.type}")
                 if block.type == "tool_use":
+                    if block.id in called:
+                        raise ValueError(f"{where}.id: {block.id!r} is the id of an earlier tool_use block")
                     called.add(block.id)
+                    unanswered[block.id] = k
                 elif block.type == "tool_result" and block.tool_use_id not in called:
                     raise ValueError(f"{where}.tool_use_id: {block.tool_use_id!r} answers no tool_use block of an "
                                      "earlier assistant message")
@@ -204,7 +219,7 @@ class CountTokensRequest(StrictBody):
         return ChatRequest(
             messages=self.chat_messages(),
             thinking=None if self.thinking is None or self.thinking.type == "adaptive" else Thinking(
-                type=self.thinking.type),
+                type="disabled" if self.thinking.type == "disabled" else "enabled"),
             tools=[Tool(type="function", function=Function(name=t.name, description=t.description,
                                                            parameters=t.input_schema, strict=t.strict))
                    for t in self.tools] if self.tools else None,
@@ -260,15 +275,20 @@ def _chat_turn(m: AnthropicMessage) -> list[dict]:
 
 # ---- errors ----
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "timeout_error", 429: "rate_limit_error", 500: "api_error",
-               503: "overloaded_error"}
+               404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+               500: "api_error", 503: "overloaded_error"}
+
+
+ERROR_CODES = {"thread_unsupported_request"}  # the codes of Anthropic's own errors (the others are OpenAI's)
 
 
 def error_body(e: APIError) -> dict:
-    """An error in Anthropic's shape, which has no `param`: the message names the field instead."""
+    """An error in Anthropic's shape, which has no `param`: the message names the field instead; an error of Anthropic's
+    own code says it in its details, where the anthropic SDK reads it."""
     kind = ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
     message = e.message if not e.param or e.param in e.message else f"{e.param}: {e.message}"
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"type": "error", "error": {"type": kind, "message": message,
+                                       **({"details": {"error_code": e.code}} if e.code in ERROR_CODES else {})}}
 
 
 # chat's field names as this API names them (the others chat's errors name, messages, max_tokens, tools, tool_choice,
@@ -312,7 +332,7 @@ def _reshaped(status: int, body: bytes) -> bytes:
     """An OpenAI-shaped error body in Anthropic's shape (any other body as it is: a hang-up's empty 499)."""
     try:
         error = json.loads(body)["error"]
-        e = APIError(status, error["message"], param=error.get("param"))
+        e = APIError(status, error["message"], param=error.get("param"), code=error.get("code"))
     except (ValueError, KeyError, TypeError):
         return body
     return json.dumps(error_body(e), ensure_ascii=False).encode()
@@ -358,9 +378,9 @@ def _tool_use_block(call_id: str, name: str, arguments: dict) -> dict:
     return {"type": "tool_use", "id": "toolu_" + call_id.removeprefix("call_"), "name": name, "input": arguments}
 
 
-def _content(msg: dict) -> list[dict]:
-    """A chat reply's message as content blocks: its reasoning, its text, its calls."""
-    blocks = [_thinking_block(msg["reasoning_content"])] if msg.get("reasoning_content") else []
+def _content(msg: dict, omit_thinking: bool) -> list[dict]:
+    """A chat reply's message as content blocks: its reasoning (without its text when omitted), its text, its calls."""
+    blocks = [_thinking_block("" if omit_thinking else msg["reasoning_content"])] if msg.get("reasoning_content") else []
     if msg.get("content"):
         blocks.append(_text_block(msg["content"]))
     return blocks + [_tool_use_block(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
@@ -374,6 +394,7 @@ async def create_message(svc: Service, thinks: bool, body: MessagesRequest, requ
     model_context_window_exceeded): Claude Code asks for 32,000 tokens whatever the model, which chat refuses on a
     small context."""
     chat_body = body.chat_request()
+    omit = body.thinking is not None and body.thinking.display == "omitted"
     head = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": body.model or svc.name}
     try:
         prompt, params, started, with_calls, continued = await asyncio.to_thread(_chat_job, svc, thinks, chat_body)
@@ -383,7 +404,7 @@ async def create_message(svc: Service, thinks: bool, body: MessagesRequest, requ
         req = jobs[0][0]
         if body.stream:
             events = _MessageEvents(head, lambda: _anthropic_usage(_chat_usage(svc, prompt, jobs, started)),
-                                    lambda finish: _stop(req, finish, body.max_tokens))
+                                    lambda finish: _stop(req, finish, body.max_tokens), omit)
             chunks = _chat_stream(svc, jobs, request, head["id"], now(), head["model"], started, prompt, True,
                                   with_calls, continued)
             return await _sse(events.translate(chunks), request, frame=_named, failed=_error_event, done=None)
@@ -391,7 +412,7 @@ async def create_message(svc: Service, thinks: bool, body: MessagesRequest, requ
     except APIError as e:
         raise in_terms(e, ANTHROPIC_TERMS) from None
     msg, finish = _reply(svc, req, started, with_calls, continued)
-    return {**head, "content": _content(msg), **_stop(req, finish, body.max_tokens),
+    return {**head, "content": _content(msg, omit), **_stop(req, finish, body.max_tokens),
             "usage": _anthropic_usage(_chat_usage(svc, prompt, jobs, started))}
 
 
@@ -407,10 +428,10 @@ class _MessageEvents:
     """Anthropic's stream, from a chat stream's chunks (_chat_stream's, with usage): message_start, then each stretch of
     reasoning, text or call as a content block (content_block_start, its deltas, content_block_stop), then message_delta
     with the stop reason and the usage, and message_stop. `usage()` is the usage so far (for message_start), `stop` the
-    stop reason and sequence of a finish_reason."""
+    stop reason and sequence of a finish_reason; `omit_thinking`: thinking blocks without their deltas."""
 
-    def __init__(self, head: dict, usage: Callable[[], dict], stop: Callable[[str], dict]):
-        self.head, self.usage, self.stop = head, usage, stop
+    def __init__(self, head: dict, usage: Callable[[], dict], stop: Callable[[str], dict], omit_thinking: bool = False):
+        self.head, self.usage, self.stop, self.omit_thinking = head, usage, stop, omit_thinking
         self.index = -1  # the block being written, or the last one written
         self.kind: str | None = None  # its type while it is open
 
@@ -433,7 +454,7 @@ class _MessageEvents:
 
     def delta(self, delta: dict) -> Iterator[dict]:
         if text := delta.get("reasoning_content"):
-            yield from self.write("thinking", {"type": "thinking_delta", "thinking": text})
+            yield from self.write("thinking", None if self.omit_thinking else {"type": "thinking_delta", "thinking": text})
         if text := delta.get("content"):
             yield from self.write("text", {"type": "text_delta", "text": text})
         for call in delta.get("tool_calls") or []:
@@ -442,10 +463,11 @@ class _MessageEvents:
             if more := call["function"].get("arguments"):
                 yield self.block_delta({"type": "input_json_delta", "partial_json": more})
 
-    def write(self, kind: str, delta: dict) -> Iterator[dict]:
+    def write(self, kind: str, delta: dict | None) -> Iterator[dict]:
         if self.kind != kind:
             yield from self.open(EMPTY[kind](""))
-        yield self.block_delta(delta)
+        if delta is not None:
+            yield self.block_delta(delta)
 
     def block_delta(self, delta: dict) -> dict:
         return {"type": "content_block_delta", "index": self.index, "delta": delta}
@@ -459,6 +481,14 @@ class _MessageEvents:
         if self.kind is not None:
             yield {"type": "content_block_stop", "index": self.index}
             self.kind = None
+
+
+def _unthreaded(body: CountTokensRequest) -> None:
+    """A request in one of the SDK's message threads (only its new messages, the server to hold the rest) is refused as
+    the SDK expects a server without threads to refuse it: its tool runner then sends the whole conversation again."""
+    if body.thread is not None:
+        raise APIError(400, "thread: message threads are not served here (the server keeps no conversation): send the "
+                            "whole conversation in messages", param="thread", code="thread_unsupported_request")
 
 
 # ---- routes ----
@@ -475,11 +505,13 @@ def routes(models: Models) -> APIRouter:
 
     @messaging.post("/messages")
     async def messages(body: MessagesRequest, request: Request):
+        _unthreaded(body)
         return await create_message(*_pick(models, body.model), body, request)
 
     @messaging.post("/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
         """The prompt a message request would send, counted: the same ChatRequest, rendered by the same function."""
+        _unthreaded(body)
         svc, thinks = _pick(models, body.model)
         try:
             prompt = (await asyncio.to_thread(_chat_job, svc, thinks, body.chat_request()))[0]
@@ -488,9 +520,21 @@ def routes(models: Models) -> APIRouter:
         return {"input_tokens": len(prompt)}
 
     @api.get("/models")
-    async def list_models():
+    async def list_models(limit: int = Query(20, ge=1, le=1000), after_id: str | None = None,
+                          before_id: str | None = None):
+        """A page of the served names (Anthropic's paging: the `limit` after after_id, or before before_id)."""
         names = [*models.by_name, *ALIASES]
-        return {"data": [card(m) for m in names], "has_more": False, "first_id": names[0], "last_id": names[-1]}
+        for given in (after_id, before_id):
+            if given is not None and given not in names:
+                raise APIError(404, f"no model {given!r} here; served: {', '.join(names)}")
+        if before_id is not None:
+            end = names.index(before_id)
+            page, more = names[max(0, end - limit):end], end > limit
+        else:
+            start = 0 if after_id is None else names.index(after_id) + 1
+            page, more = names[start:start + limit], start + limit < len(names)
+        return {"data": [card(m) for m in page], "has_more": more, "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None}
 
     @api.get("/models/{model:path}")
     async def model_card(model: str):

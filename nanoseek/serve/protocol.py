@@ -160,6 +160,21 @@ class NamedToolChoice(StrictBody):
     function: NamedFunction
 
 
+class AllowedTools(StrictBody):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(..., min_length=1, max_length=128)
+
+
+class AllowedToolChoice(StrictBody):
+    """OpenAI's `allowed_tools`: the model may call only these of the tools, `mode` as tool_choice's auto or
+    required. Served as that tool choice with those tools alone offered (ChatRequest._tools_named_once)."""
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+    def names(self) -> list[str]:
+        return [t.function.name for t in self.allowed_tools.tools]
+
+
 class Thinking(StrictBody):
     type: Literal["enabled", "disabled"] = "enabled"
 
@@ -232,7 +247,7 @@ class ChatRequest(Sampling):
     response_format: ResponseFormat | None = None
     thinking: Thinking | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool = True
     functions: Any = None  # OpenAI's deprecated form of tools and tool_choice: refused, naming them (were ignored)
     function_call: Any = None
@@ -243,6 +258,12 @@ class ChatRequest(Sampling):
                          ("function_call", "tool_choice")):
             if getattr(self, old) is not None:
                 raise ValueError(f"{old}: the deprecated functions / function_call are not served; send {new}")
+        if isinstance(self.tool_choice, AllowedToolChoice):
+            allowed, names = self.tool_choice.names(), [t.function.name for t in self.tools or []]
+            if unknown := [n for n in allowed if n not in names]:
+                raise ValueError(f"tool_choice.allowed_tools.tools: no tool named {unknown[0]!r} in tools")
+            self.tools = [t for t in self.tools if t.function.name in allowed]
+            self.tool_choice = self.tool_choice.allowed_tools.mode
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         check_tools([t.function.name for t in self.tools or []], self.tool_choice, named)
         called = set()
@@ -319,8 +340,10 @@ def part_texts(parts: list[dict], kinds: tuple[str, ...] = TEXT_PARTS, sep: str 
     texts = []
     for k, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in kinds or not isinstance(part.get("text"), str):
+        if kind not in kinds:
             raise ValueError(f"only text parts ({', '.join(kinds)}) are supported, not {kind or part!r} (part {k})")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"the text of part {k} ({kind}) must be a string")
         texts.append(part["text"])
     return sep.join(texts)
 
@@ -375,6 +398,13 @@ class ResponseToolChoice(StrictBody):
     name: str
 
 
+class ResponseAllowedTools(StrictBody):
+    """`allowed_tools` as the Responses API writes it (chat's AllowedToolChoice, its fields one level up)."""
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[ResponseToolChoice] = Field(..., min_length=1, max_length=128)
+
+
 class TextFormat(JsonSchema):
     """`text.format`: chat's response_format with the json_schema's fields beside `type` rather than under it."""
     type: Literal["text", "json_object", "json_schema"] = "text"
@@ -402,7 +432,7 @@ class ResponsesRequest(StrictBody):
     input: str | list[InputItem]
     instructions: str | None = None
     tools: list[ResponseTool] | None = Field(None, max_length=128)
-    tool_choice: Literal["auto", "none", "required"] | ResponseToolChoice | None = None
+    tool_choice: Literal["auto", "none", "required"] | ResponseToolChoice | ResponseAllowedTools | None = None
     parallel_tool_calls: bool = True
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -447,8 +477,12 @@ class ResponsesRequest(StrictBody):
             if value:
                 raise ValueError(refusal)
         check_include(self.include or [])
+        names = [t.name for t in self.tools or []]
+        if isinstance(self.tool_choice, ResponseAllowedTools) and (
+                unknown := [t.name for t in self.tool_choice.tools if t.name not in names]):
+            raise ValueError(f"tool_choice.tools: no tool named {unknown[0]!r} in tools")
         named = self.tool_choice.name if isinstance(self.tool_choice, ResponseToolChoice) else None
-        check_tools([t.name for t in self.tools or []], self.tool_choice, named)
+        check_tools(names, self.tool_choice, named)
         return self
 
     @property
@@ -469,7 +503,9 @@ class ResponsesRequest(StrictBody):
             tools=[Tool(type="function", function=Function(**t.model_dump(exclude={"type"}, by_alias=True)))
                    for t in self.tools] if self.tools else None,
             tool_choice=NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
-            if isinstance(choice, ResponseToolChoice) else choice,
+            if isinstance(choice, ResponseToolChoice) else AllowedToolChoice(type="allowed_tools", allowed_tools=AllowedTools(
+                mode=choice.mode, tools=[NamedToolChoice(type="function", function=NamedFunction(name=t.name))
+                                         for t in choice.tools])) if isinstance(choice, ResponseAllowedTools) else choice,
             response_format=None if fmt is None else ResponseFormat(
                 type=fmt.type, json_schema=JsonSchema(**fmt.model_dump(exclude={"type"}, by_alias=True,
                                                                        exclude_none=True))
@@ -515,7 +551,7 @@ class ResponsesRequest(StrictBody):
                 "reasoning": (self.reasoning or ReasoningConfig()).model_dump(), "store": self.store,
                 "text": {"format": {"type": "text"}, **(self.text.model_dump(by_alias=True, exclude_none=True)
                                                        if self.text else {})},
-                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, ResponseToolChoice)
+                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel)
                 else self.tool_choice or "auto",
                 "tools": [t.model_dump() for t in self.tools or []], "truncation": "disabled", "user": self.user}
 

@@ -270,6 +270,23 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     async def responses(body: ResponsesRequest, request: Request):
         return await respond(*models.pick(body.model), body, request, kept)
 
+    @openai.post("/responses/input_tokens")
+    async def response_input_tokens(body: ResponsesRequest):
+        """The prompt a response request would send, counted (rendered by the same function)."""
+        svc, thinks = models.pick(body.model)
+        try:
+            chat_body = body.chat_request(kept.conversation(body.previous_response_id))
+            prompt = (await asyncio.to_thread(_chat_job, svc, thinks, chat_body))[0]
+        except APIError as e:
+            raise in_terms(e, RESPONSES_TERMS) from None
+        return {"object": "response.input_tokens", "input_tokens": len(prompt)}
+
+    @openai.post("/responses/{name}")
+    async def unserved_response_route(name: str):  # (compact, say: without this, GET /responses/{rid} answered 405)
+        raise APIError(404, f"POST /v1/responses/{name} is not served here; served: POST /v1/responses, POST "
+                            "/v1/responses/input_tokens, GET and DELETE /v1/responses/{id}, GET "
+                            "/v1/responses/{id}/input_items")
+
     @openai.get("/responses/{rid}")
     async def stored_response(rid: str, request: Request, stream: bool = False):
         _retrieval(request, stream)
@@ -438,7 +455,9 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     if reasoning_end is not None:  # free reasoning; the grammar starts where it ends
         trigger = reasoning_end
         start = f"start: <[{trigger}]> {LEADING_SPACE} answer\n"
-    return svc.grammar(start + answer, trigger, frozenset(banned), True, after, opens=opens)
+    # the reply must reach the calls or the JSON: it may not end inside its reasoning (it had ended there with neither,
+    # finish_reason "stop")
+    return svc.grammar(start + answer, trigger, frozenset(banned), True, after, svc.engine.eos_ids, opens=opens)
 
 
 def _sampling(svc: Service, body, prompt_len: int, max_tokens: int | None, hidden: frozenset[int]) -> SamplingParams:
@@ -473,10 +492,16 @@ class _AnswerLogprobs:
         self.reasoning = started and svc.tok.end_think_id is not None  # the reply opens inside its reasoning
         self.leading = True
         self.covered = 0  # characters of the content that the entries handed out by `upto` hold
+        # the block of tool calls is no content (OpenAI gives calls no logprobs): the entries end where it opens
+        opener = svc.tok.encode(svc.call_format.opener) if svc.call_format else []
+        self.opener, self.calling = opener[0] if len(opener) == 1 else None, False
 
     def feed(self, entries: list[dict]) -> list[dict]:
         out = []
         for e in entries:
+            self.calling = self.calling or (not self.reasoning and e["token"] == self.opener)
+            if self.calling:
+                continue
             if self.reasoning:
                 self.reasoning = e["token"] != self.tok.end_think_id
             elif e["token"] not in self.stops and not self.leading:
