@@ -761,7 +761,7 @@ def test_busy_server_answers_503(parts):
     engine = Engine(model, decode=tok.decode, max_batch=1, max_len=256, max_queue=1, eos_token_id=tok.eos_id)
     with LiveServer(create_app(engine, tok, name="busy")) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        results = []
+        results, waits = [], []
 
         def call():
             try:
@@ -769,13 +769,14 @@ def test_busy_server_answers_503(parts):
                 results.append(200)
             except openai.APIStatusError as e:
                 results.append(e.status_code)
+                waits.append(e.response.headers.get("retry-after"))  # when to try again, which the SDKs honour
 
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert 503 in results and 200 in results
+        assert 503 in results and 200 in results and set(waits) == {"1"}
         # more completions in one request than the queue holds never fit: a 400, not a 503 clients retry
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="busy", messages=ask(), max_tokens=2, n=2)
@@ -914,3 +915,62 @@ def test_deepseek_reasoner_replies_always_carry_reasoning_content(client):
         r = httpx.get(str(client.base_url).removesuffix("/v1/") + base + "/user/balance",
                       headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.json() == {"is_available": True, "balance_infos": []}, r.text
+
+
+def test_legacy_logprobs_name_byte_tokens_count_offsets_as_the_text_and_hold_the_chosen_token(server, parts):
+    """A byte that is no whole character: its offset counts the U+FFFD the text shows (the offsets after it were one
+    short), its name its bytes (every such token was named "\ufffd", so two alternatives shared one key); the chosen
+    token is always among the alternatives, as OpenAI's "up to logprobs + 1" (logprobs 0 gave {})."""
+    model, tok, db = parts
+    part = tok.encode("🦜")[0]
+    assert tok.decode([part]) == "\ufffd"
+    ids = [tok.bos_id, part] + tok.encode_text(" 12 + 7")
+    r = httpx.post(server + "/v1/completions", headers=AUTH, json={"prompt": ids, "max_tokens": 3, "echo": True,
+                                                                  "logprobs": 0, "temperature": 0}).json()
+    choice = r["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    assert lp["tokens"][1] == "bytes:" + "".join(f"\\x{b:02x}" for b in "🦜".encode()[:len(lp["tokens"][1]) // 4 - 1])
+    for token, offset in list(zip(lp["tokens"], lp["text_offset"]))[2:]:
+        assert token.startswith("bytes:") or text[offset:].startswith(token), (token, offset, text)
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top == {token: logprob}
+
+
+def test_a_text_prompt_that_writes_the_bos_starts_with_the_bos(server, parts):
+    """lm-evaluation-harness with tokenized_requests=False sends the ids it counted as text, its BOS written out: read as
+    text after the server's own BOS, the context was 20 tokens longer than it counted (its scores meaningless)."""
+    model, tok, db = parts
+    text = "What is 12 + 7?"
+    score = {"max_tokens": 0, "echo": True, "logprobs": 1}
+    plain = httpx.post(server + "/v1/completions", headers=AUTH, json={"prompt": text, **score}).json()["choices"][0]
+    written = httpx.post(server + "/v1/completions", headers=AUTH,
+                         json={"prompt": tok.decode([tok.bos_id]) + text, **score}).json()["choices"][0]
+    assert written["logprobs"]["token_logprobs"] == plain["logprobs"]["token_logprobs"]
+    assert len(written["logprobs"]["tokens"]) == 1 + len(tok.encode_text(text))
+    assert written["text"] == tok.decode([tok.bos_id]) + text and written["logprobs"]["text_offset"][1] == len(
+        tok.decode([tok.bos_id]))
+
+
+def test_best_of_returns_the_likeliest_of_the_completions_drawn(client):
+    common = dict(model="nanoseek-test", prompt="12 + 7 =", max_tokens=6, temperature=1.0, seed=5, logprobs=0)
+    drawn = client.completions.create(n=4, **common)
+
+    def mean(choice):
+        return sum(choice.logprobs.token_logprobs) / len(choice.logprobs.token_logprobs)
+
+    best = client.completions.create(n=2, best_of=4, **common)
+    assert [c.text for c in best.choices] == [c.text for c in sorted(drawn.choices, key=mean, reverse=True)[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == drawn.usage.completion_tokens  # all four were generated
+    for extra, text in (({"n": 2, "best_of": 1}, "at least n"), ({"best_of": 3, "stream": True}, "streamed"),
+                        ({"extra_body": {"top_logprobs": 2}}, "logprobs: N")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**common, **extra})
+        assert text in e.value.body["message"], e.value.body
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(client):
+    common = dict(model="nanoseek-test", prompt="12 + 7 =", max_tokens=6)
+    greedy = client.completions.create(temperature=0, **common).choices[0].text
+    for t in (1e-39, 1e-300):
+        assert client.completions.create(temperature=t, **common).choices[0].text == greedy

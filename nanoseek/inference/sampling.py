@@ -23,6 +23,11 @@ class InvalidRequest(ValueError):
     """A request the engine refuses before it reaches the batch."""
 
 
+# a temperature below this samples greedily (vLLM's bound): at 1e-39 the logits divided by it overflowed to inf and
+# the first inf, the end of sequence, was drawn
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256  # 0: the prompt is only prefilled (for its prompt_logprobs, or the prefix cache)
@@ -47,6 +52,10 @@ class SamplingParams:
     # alternatives), computed in the prefill; such requests skip the prefix cache
     ignore_eos: bool = False
     grammar: Grammar | None = None  # the output must follow this grammar (JSON, a JSON schema, tool calls)
+
+    def __post_init__(self):
+        if isinstance(self.temperature, float) and 0 < self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     def check(self, vocab_size: int) -> None:
         def bad(msg: str):

@@ -297,6 +297,19 @@ class CompletionRequest(Sampling):
     echo: bool = False
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 scores an echoed prompt
     logprobs: int | None = Field(None, ge=0, le=20)  # the legacy form: alternatives per token (OpenAI allows 5)
+    best_of: int | None = Field(None, ge=1, le=16)  # completions drawn per prompt, of which the n best are returned
+
+    @model_validator(mode="after")
+    def _legacy_fields(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of: the best of several completions cannot be streamed (they are compared once "
+                             "written)")
+        if self.top_logprobs is not None:
+            raise ValueError("top_logprobs: is chat's; /v1/completions takes logprobs: N for the N most likely "
+                             "tokens at each position")
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -199,8 +199,8 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     app.add_middleware(AnthropicErrors)  # outside the Guard: its refusals under /anthropic in Anthropic's shape too
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    async def _api_error(request: Request, e: APIError):  # a busy server says when to try again (the SDKs wait that long)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -1008,26 +1008,39 @@ async def complete(svc: Service, body: CompletionRequest, request: Request):
     if body.suffix is not None and body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs cannot be combined with suffix", param="suffix")
     prompts, params = await asyncio.to_thread(_completion_jobs, svc, body)
-    jobs = _submit_prompts(svc, prompts, params, body.n)
+    drawn = body.best_of or body.n  # per prompt
+    if drawn > body.n:  # ranked by their tokens' logprobs
+        params = [replace(p, logprobs=True) for p in params]
+    jobs = _submit_prompts(svc, prompts, params, drawn)
     cid, created, model = new_id("cmpl-"), now(), body.model or svc.name
     if body.stream:
         return await _sse(_completion_stream(svc, body, prompts, jobs, request, cid, created, model), request)
     await _wait_all(svc, jobs, request)
     # built and encoded off the event loop: echoed prompts' logprobs run to millions of entries (seconds of work)
-    return await asyncio.to_thread(_completion_response, svc, body, prompts, jobs, cid, created, model)
+    return await asyncio.to_thread(_completion_response, svc, body, prompts, jobs, drawn, cid, created, model)
 
 
-def _completion_response(svc: Service, body: CompletionRequest, prompts: list[_Prompt], jobs, cid: str,
+def _best(jobs: list, drawn: int, n: int) -> list:
+    """Of each prompt's `drawn` jobs the n whose tokens are likeliest on average (OpenAI's best_of), best first."""
+    def score(job) -> float:
+        lps = [e["logprob"] for e in job[0].logprobs]
+        return sum(lps) / len(lps) if lps else 0.0
+
+    return [job for i in range(0, len(jobs), drawn) for job in sorted(jobs[i:i + drawn], key=score, reverse=True)[:n]]
+
+
+def _completion_response(svc: Service, body: CompletionRequest, prompts: list[_Prompt], jobs, drawn: int, cid: str,
                          created: int, model: str) -> JSONResponse:
+    """The response's choices: the best n of each prompt's `drawn` jobs; the usage: all of them."""
     choices = []
-    for i, (req, _) in enumerate(jobs):
+    for i, (req, _) in enumerate(_best(jobs, drawn, body.n) if drawn > body.n else jobs):
         p = prompts[i // body.n]
         entries, hidden = (_prompt_entries(p, req) + req.logprobs, p.hidden) if body.echo else (req.logprobs, 0)
         choices.append({"index": i, "text": (p.text if body.echo else "") + req.text, "finish_reason": _finish(req.finish_reason),
                         "logprobs": None if body.logprobs is None else _legacy_logprobs(
                             svc, entries, 0, hidden, req.params.skip_token_ids, len(entries) - len(req.logprobs))})
     return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                         "usage": _completion_usage(svc, prompts, jobs, body.n)})
+                         "usage": _completion_usage(svc, prompts, jobs, drawn)})
 
 
 def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Prompt], list[SamplingParams]]:
@@ -1049,7 +1062,12 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
         return _Prompt(prompt, tok.decode(prompt), 0)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is None:
-        return _Prompt(bos + tok.encode_text(prompt), prompt, len(bos))
+        # a text that starts with the BOS's own text starts with the BOS: lm-evaluation-harness with
+        # tokenized_requests=False decodes the ids it counted (its BOS too) into the text it sends; read as 20 pieces of
+        # text after the server's BOS, its context was 20 tokens longer than it counted and its scores meaningless
+        written = bos and prompt.startswith(tok.decode(bos))
+        return _Prompt(bos + tok.encode_text(prompt[len(tok.decode(bos)):] if written else prompt), prompt,
+                       0 if written else len(bos))
     if tok.fim_begin_id is None:
         raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
     return _Prompt(bos + fim_arrange(tok.encode_text(prompt), [], tok.encode_text(body.suffix), tok), prompt, 0)
@@ -1085,16 +1103,36 @@ def _legacy_logprobs(svc: Service, entries: list[dict], start: int, hidden: int 
     """OpenAI's legacy logprobs object over the engine's logprob entries; text offsets count from
     `start`, and the first `hidden` tokens and the generated ones (from entry `generated` on) in `skip`
     (left out of the reply's text; an echoed prompt shows all of its tokens) take no room in it."""
-    tokens = [svc.tok.decode([e["token"]]) for e in entries]
-    # a token's offset: the whole characters before it (pieces of one character share its offset)
-    utf8, chars, offsets = codecs.getincrementaldecoder("utf-8")("ignore"), start, [start] * hidden
+    tokens = [_token_name(svc, e["token"]) for e in entries]
+    # a token's offset: the characters before it as the text decodes them. Pieces of one character share its offset;
+    # bytes that make no character are the U+FFFD the text shows, before the token that shows them so ("ignore" had
+    # counted them as nothing: every later offset was short)
+    utf8, chars, offsets = codecs.getincrementaldecoder("utf-8")("replace"), start, [start] * hidden
     for k, e in enumerate(entries[hidden:], hidden):
-        offsets.append(chars)
-        chars += 0 if k >= generated and e["token"] in skip else len(utf8.decode(svc.token_bytes(e["token"])))
+        if k >= generated and e["token"] in skip:
+            offsets.append(chars)
+            continue
+        held = bool(utf8.getstate()[0])  # the start of a character, from the tokens before
+        text = utf8.decode(svc.token_bytes(e["token"]))
+        offsets.append(chars + (held and text.startswith("\ufffd")))  # ... which this token's bytes do not complete
+        chars += len(text)
+    # the chosen token is always among its alternatives, as OpenAI's "up to logprobs + 1" has it
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None if e["top"] is None else {svc.tok.decode([t]): v for t, v in e["top"]}
-                             for e in entries],
+            "top_logprobs": [None if e["top"] is None else {
+                **{_token_name(svc, t): v for t, v in e["top"]}, _token_name(svc, e["token"]): e["logprob"]}
+                for e in entries],
             "text_offset": offsets}
+
+
+def _token_name(svc: Service, token: int) -> str:
+    """A token as legacy logprobs name it: its text, or where that is no whole character (a byte of one, in a byte-level
+    vocabulary) `bytes:` and its bytes escaped, as OpenAI writes them, so two such tokens keep two names."""
+    raw = svc.token_bytes(token)
+    try:
+        raw.decode("utf-8")
+        return svc.tok.decode([token])
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _completion_usage(svc: Service, prompts: list[_Prompt], jobs, n: int) -> dict:
