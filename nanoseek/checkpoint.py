@@ -85,7 +85,10 @@ def shard_map(path: Path) -> dict[str, str]:
     if (path / SINGLE).is_file():
         with _open(path / SINGLE) as f:
             return {k: SINGLE for k in f.keys()}
-    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}" + (
+        f"; its {pickled[0]} is a PyTorch pickle, which nanoseek does not read (loading one runs the code it holds): "
+        "convert it to safetensors (transformers: from_pretrained, then save_pretrained)" if pickled else ""))
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

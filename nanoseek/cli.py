@@ -438,8 +438,9 @@ def _compile_option(off_because: str | None = None):
 
 
 def _speculative_option():
-    return typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same output; with "
-                                    "--compile about 1.4x faster).")
+    return typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same output, but for "
+                                    "int8 weights, whose products round a little differently at two rows than at one; "
+                                    "with --compile about 1.4x faster).")
 
 
 def _memory_bytes() -> float:
@@ -711,7 +712,8 @@ def pretrain(
 def generate(
     model: Path = _model_option(),
     prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue).", callback=_text),
-    raw: bool = typer.Option(False, help="Continue the text as is, without the chat template."),
+    raw: bool = typer.Option(False, help="Continue the text as is, without the chat template (after the BOS where the "
+                             "tokenizer puts one before a text, as transformers and the API read it)."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
     max_tokens: int = typer.Option(None, min=1, help="Most tokens to generate. Default: 512, or what the model's context "
                                    "leaves after the prompt."),
@@ -736,7 +738,7 @@ def generate(
     if not raw and not tok.chat_template:
         _fail(f"{_no_template(model)}; --raw continues the prompt as plain text")
     with _reported():
-        ids = tok.encode(prompt) if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
+        ids = tok.encode_prompt(prompt, control=True)[0] if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
     with _reported():
@@ -1219,23 +1221,31 @@ def quantize(
 
     from safetensors import SafetensorError
 
-    from .checkpoint import load_model, save_model
+    from .checkpoint import INDEX, load_model, save_model
+    from .files import move_in
     from .serve.chats import EXAMPLES_FILE
 
     t0 = time.perf_counter()
+    # the files go with the model (the web app's examples too: the same model answers them); written apart, then moved
+    # into OUT with config.json last: a failure midway (a full disk, Ctrl-C) had left a folder that loaded as a model
+    # without its tokenizer files, or, with --force, with the replaced model's chat template and end-of-sequence ids
+    companions = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", EXAMPLES_FILE)
+    staged = out.absolute().with_name(f".{out.name}.quantizing")
     with console.status(f"quantizing {model} to int{bits}"):
         with _reported():
             m = load_model(model, quantize=bits)
         try:
-            save_model(m, out)
-            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
-                         EXAMPLES_FILE):  # (the web app's examples: the same model answers them)
+            shutil.rmtree(staged, ignore_errors=True)
+            save_model(m, staged)
+            for name in companions:
                 if (model / name).is_file():
-                    shutil.copy(model / name, out / name)
-                elif (out / name).is_file():  # (--force over another model's folder: none of its files stay)
-                    (out / name).unlink()
+                    shutil.copy(model / name, staged / name)
+            old = [*out.glob("model*.safetensors"), out / INDEX, *(out / name for name in companions)]
+            move_in(staged, out, "config.json", old)  # (--force over another model's folder: none of its files stay)
         except (OSError, SafetensorError) as e:  # a folder that cannot be made or written (under a file, read-only, a full disk)
-            _fail(f"OUT: cannot write '{out}': {getattr(e, 'strerror', None) or e}")
+            _fail(f"OUT: cannot write '{out}': {getattr(e, 'strerror', None) or e} (nothing was written)")
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     weights = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"  # (a small model said 0.00 GB)
     console.print(f"[green]wrote[/] {out} (int{bits}, {weights} of weights) in {time.perf_counter() - t0:.0f} s; "

@@ -4,6 +4,8 @@
   renamed over the target, and the rename itself flushed (fsync of the folder);
 - `staged_dir(final)`: a folder, written under `final.tmp` and moved into place whole (every file
   and both folders fsynced) when the block ends without error;
+- `move_in(staged, out, last)`: files written apart moved into a folder that keeps its other files, the file that
+  marks it whole (`last`) removed first and moved in last;
 - `drop_torn_tail(path)`: an append-only log (jsonl) whose last write a crash cut short loses
   that partial line, and only it; `read_jsonl(path)` reads such a log back.
 
@@ -18,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +75,24 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def move_in(staged: str | os.PathLike, out: str | os.PathLike, last: str, stale: Iterable[Path] = ()) -> None:
+    """Move the files written into `staged` into the folder `out` (made if missing) by renaming, so that no reader takes
+    `out` for whole while it is a mix: its `last` file (what marks it whole: a model's config.json) goes first, then the
+    `stale` files, then the new ones, `last` at the end. `staged` lies beside `out` (renames stay on one filesystem) and
+    is removed. Unlike staged_dir, the other files `out` holds stay."""
+    staged, out = Path(staged), Path(out)
+    files = sorted(staged.iterdir(), key=lambda f: f.name == last)
+    for f in files:
+        fsync_path(f)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (out / last, *stale):
+        f.unlink(missing_ok=True)
+    for f in files:
+        os.replace(f, out / f.name)
+    fsync_path(out)
+    staged.rmdir()
 
 
 def drop_torn_tail(path: str | os.PathLike) -> bytes:

@@ -329,6 +329,30 @@ class DeepSeekTokenizer:
         nanoseek writes: rendered prompts, training documents)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    @cached_property
+    def text_prefix(self) -> tuple[int, ...]:
+        """What goes in front of a text prompt (a raw completion): what this tokenizer puts in front of a text it encodes
+        with special tokens (its post-processor), as transformers (5: add_bos_token is not read beside a tokenizer.json)
+        and vLLM encode one; for nanoseek's own tokenizers the BOS, which pretraining put in front of every document
+        (those written before their post-processor said so)."""
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
+            return tuple(full[:len(full) - len(plain)])
+        own = all(self.config.get(k) == OWN_CONFIG[k] for k in ("tokenizer_class", "model_max_length"))  # (since the first)
+        return (self.bos_id,) if self.bos_id is not None and own else ()
+
+    def encode_prompt(self, text: str, control: bool = False) -> tuple[list[int], int]:
+        """A text prompt as the model reads it -> (ids, how many of them lead it without being in `text`): after
+        `text_prefix`, unless the text writes it out itself (lm-evaluation-harness with tokenized_requests=False sends
+        the ids it counted, its BOS too, decoded to text: read as text after another BOS, its context was 20 tokens
+        longer than it counted). Control-token strings in it stay text (`encode_text`: a client's prompt), or with
+        `control` become their tokens (`encode`: a prompt typed at the terminal)."""
+        written = self.decode(self.text_prefix)
+        if self.text_prefix and text.startswith(written):
+            return list(self.text_prefix) + (self.encode if control else self.encode_text)(text[len(written):]), 0
+        return list(self.text_prefix) + (self.encode if control else self.encode_text)(text), len(self.text_prefix)
+
     def encode_text(self, text: str) -> list[int]:
         """Text a client sent to ids: control-token strings inside it (`<｜User｜>`, `<｜end▁of▁sentence｜>`,
         FIM and tool tokens...) stay plain text, so no one forges a turn by typing one. The think

