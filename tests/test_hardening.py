@@ -573,7 +573,10 @@ BAD = [
      '{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone UTF-16 surrogate"),
     ("lone surrogate in a title", "/api/conversations", '{"title": "\\ud800"}', "lone UTF-16 surrogate"),
     ("an integer of 5000 digits", "/v1/chat/completions", '{"messages": [], "max_tokens": 1' + "0" * 5000 + "}",
-     "not valid JSON"),
+     "a number too long to read"),
+    ("broken JSON", "/v1/chat/completions", '{"messages": [}', "not valid JSON: Expecting value at line 1, column 15"),
+    ("JSON nested 3,000 deep", "/v1/chat/completions", '{"messages": ' + "[" * 3000 + "]" * 3000 + "}",
+     "nests deeper than a JSON reader goes"),
     ("settings not an object", "/api/conversations", {"settings": "dark"}, "settings"),
     ("x-guidance not an object", "/v1/chat/completions", {"messages": ask(), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "x-guidance": "a"}}}},

@@ -205,7 +205,9 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         msg, param = validation_message(e.errors())
-        if param is None and not msg.startswith("the request body is not valid JSON"):  # the body as a whole
+        if msg.startswith("the request body is not valid JSON"):
+            msg = _unreadable(await request.body())  # where
+        elif param is None:  # the body as a whole
             ctype = request.headers.get("content-type", "")
             if not await request.body():
                 msg = "the request body is empty: send a JSON object (Content-Type: application/json)"
@@ -217,8 +219,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):  # routing, and a body FastAPI cannot parse
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
-                   400: "the request body is not valid JSON (or holds a number too long to read)"}.get(
-            e.status_code, str(e.detail))
+                   400: _unreadable(await request.body())}.get(e.status_code, str(e.detail))
         code = "not_found" if e.status_code == 404 else None
         return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
                             headers=e.headers)
@@ -1047,6 +1048,19 @@ def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Promp
     """Each prompt ready for the engine, with its sampling parameters (off the event loop, like _chat_job)."""
     prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
     return prompts, [_completion_params(svc, body, p) for p in prompts]
+
+
+def _unreadable(body: bytes) -> str:
+    """Why a request body could not be read as JSON (its position where the JSON is broken)."""
+    try:
+        json.loads(body)
+    except RecursionError:
+        return "the request body nests deeper than a JSON reader goes (about 1,000 levels)"
+    except json.JSONDecodeError as e:
+        return f"the request body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+    except ValueError:  # (an integer past Python's limit of 4,300 digits)
+        return "the request body holds a number too long to read (over 4,300 digits)"
+    return "the request body is not valid JSON"
 
 
 def _completion_prompt(svc: Service, body: CompletionRequest, prompt: str | list[int]) -> _Prompt:
