@@ -211,6 +211,17 @@ def _within(low: float, high: float | None = None, above: bool = False) -> Calla
     return check
 
 
+def _eval_results(path: Path) -> bool:
+    """Does `path` hold what `eval --out` writes (a list of rows, each a task family's), which a rerun may replace?"""
+    import json
+
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "family" in r for r in rows)
+
+
 def _model_folder(path: Path | None) -> Path | None:
     """A model folder: it exists and holds config.json (None: the command's default model)."""
     if path is not None:
@@ -902,8 +913,15 @@ def rl(
     with _reported(), exclusive(out):
         result = run_rl(model, out, cfg, train, console=console)
     if result:
-        console.print(f"[green]done[/]: reward {result.get('reward', 0):.3f}, accuracy {result.get('accuracy', 0):.1%}. "
-                      f"Model: {out}/model  Curves: {out}/curves.png")
+        from .train.metrics import read_metrics
+
+        # the last rollouts' figures (a last step that updated again on earlier rollouts logged none: it said 0.000)
+        rolled = [m for m in read_metrics(out / "metrics.jsonl") if "reward" in m] or [result]
+        console.print(f"[green]done[/]: reward {rolled[-1].get('reward', 0):.3f}, accuracy "
+                      f"{rolled[-1].get('accuracy', 0):.1%}. Model: {out}/model  Curves: {out}/curves.png")
+        if not any(m.get("groups_kept") for m in rolled):
+            console.print("[yellow]note[/]: every group's samples scored alike at every step, so there was nothing to "
+                          "learn and the model is unchanged: a harder --tasks family, or a larger --group")
 
 
 @app.command()
@@ -920,7 +938,8 @@ def distill(
                                    "remote teacher."),
     teacher_model: str = typer.Option("deepseek-reasoner", help="Model name at a remote teacher."),
     api_key: str = typer.Option(None, envvar="NANOSEEK_TEACHER_API_KEY", help="Key for a remote teacher."),
-    kl_alpha: float = typer.Option(0.0, callback=_within(0), help="Weight of logit-level KL to a local teacher (0 = traces only)."),
+    kl_alpha: float = typer.Option(0.0, callback=_within(0, 1), help="Weight of logit-level KL to a local teacher, "
+                                   "0-1: the loss is (1 - a) * cross-entropy + a * KL (0 = traces only)."),
     max_steps: int = _max_steps_option("Student SFT steps (0 = until --time-budget; one of the two is needed)."),
     time_budget: str = _time_budget_option("Student SFT time, e.g. 3m.", default="3m"),
     checkpoint_every: int = _checkpoint_every_option(DISTILL_TRAIN.checkpoint_every),
@@ -997,6 +1016,8 @@ def eval_(
     if out is not None and out.suffix != ".json":  # (a .txt of the user's would be overwritten with JSON)
         _fail(f"--out: give the results' .json file name ('{out.with_suffix('.json')}'): the table goes beside it as "
               ".md, every problem as .samples.jsonl")
+    if out is not None and out.is_file() and not _eval_results(out):  # (a run's config.json, a model's tokenizer.json)
+        _fail(f"--out: '{out}' holds another file than an evaluation's results: choose another name")
     if out is not None:  # before the evaluation, not after it; nothing is left there if it never ends
         try:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ it imports matters)."""
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -604,6 +605,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["distill", "--teacher", str(missing), *o], "--teacher", "does not exist"),
         (["distill", "--teacher", url, *o], "--tokenizer", "remote teacher"),
         (["distill", "--teacher", url, *o, "--tokenizer", str(tok), "--kl-alpha", "1"], "--kl-alpha", "local"),
+        (["distill", "--teacher", url, *o, "--kl-alpha", "2"], "--kl-alpha", "<= 1"),
         (["distill", "--teacher", m, *o, "--student", "nosuch"], "--student", "'nosuch'"),
         (["distill", "--teacher", m, *o, "--tasks", "algebra"], "--tasks", "'algebra'"),
         (["eval", "--model", str(missing)], "--model", "does not exist"),
@@ -615,6 +617,7 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["eval", "--model", m, "--out", str(tmp_path / "r.md")], "--out", ".json file name"),
         (["eval", "--model", m, "--out", str(tmp_path / "notes.txt")], "--out", ".json file name"),  # not overwritten
         (["eval", "--model", m, "--out", str(model / "config.json" / "r.json")], "--out", "cannot write"),
+        (["eval", "--model", m, "--out", str(model / "config.json")], "--out", "another file"),  # (a run's, a model's)
         (["rl", "--model", m, *o, "--beta", "inf", "--max-steps", "1"], "--beta", "finite"),
         (["rl", "--model", m, *o, "--lr", "inf", "--max-steps", "1"], "--lr", "finite"),
         (["rl", "--model", m, *o, "--lr", "nan", "--max-steps", "1"], "--lr", "finite"),
@@ -779,3 +782,22 @@ def test_training_refuses_a_folder_of_someone_elses_files(tmp_path):
         assert r.exit_code == 2 and "already holds files that are not a nanoseek run's" in " ".join(r.output.split()), r.output
     assert sorted(p.name for p in mine.iterdir()) == ["curves.png", "notes.txt"]
     assert (mine / "curves.png").read_bytes() == b"my plot"
+    model = tmp_path / "model"  # a model folder as --out: refused, and no .lock left beside its files (one was)
+    shutil.copytree(SHIPPED, model)
+    r = runner.invoke(app, ["rl", "--model", str(SHIPPED), "--max-steps", "1", "--out", str(model)])
+    assert r.exit_code == 2 and "not a nanoseek run" in " ".join(r.output.split()), r.output
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in SHIPPED.iterdir())
+
+
+def test_rl_ends_with_the_last_rollouts_figures(tmp_path):
+    """A last step that updated again on earlier rollouts logs no reward: the final line had said 'reward 0.000,
+    accuracy 0.0%', which reads as a collapsed policy."""
+    from nanoseek.cli import SHIPPED
+    from nanoseek.train.metrics import read_metrics
+
+    r = runner.invoke(app, ["rl", "--model", str(SHIPPED), "--tasks", "add", "--prompts", "2", "--group", "2",
+                            "--updates", "2", "--max-steps", "2", "--no-compile", "--out", str(tmp_path / "rl")])
+    assert r.exit_code == 0, r.output
+    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
+    assert "reward" in rows[0] and "reward" not in rows[-1]
+    assert f"done: reward {rows[0]['reward']:.3f}, accuracy {rows[0]['accuracy']:.1%}" in " ".join(r.output.split())

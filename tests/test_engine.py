@@ -4,6 +4,7 @@ cancellation, speculative decoding."""
 import copy
 import gc
 
+import numpy as np
 import pytest
 import torch
 
@@ -425,3 +426,48 @@ def test_streamed_text_is_the_whole_decode_for_any_decoder(model):
         while engine.has_work:
             engine.step()
         assert req.tokens == tokens and req.text == decode(tokens) and "".join(streamed) == req.text, (req.text, streamed)
+
+
+def test_prompts_and_parameters_in_the_shapes_people_pass_them():
+    """A stop given as one string is that string (it had stopped at each of its characters); OpenAI's logit_bias dict
+    is taken; a prompt as a tensor or an array is its ids (it was refused as 'not integers'), text is refused saying
+    to encode it; True is no seed or count."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", eos_token_id=-1)).eval()
+    randomize_(model, std=0.15)
+    text = {i: chr(97 + i % 26) for i in range(model.config.vocab_size)}
+    engine = Engine(model, decode=lambda ids: "".join(text[i] for i in ids), max_batch=2)
+    p = prompts(1)[0]
+    free = engine.generate([p], SamplingParams(max_new_tokens=30, temperature=0))[0].text
+    stop = free[5:7]
+    r = engine.generate([p], SamplingParams(max_new_tokens=30, temperature=0, stop=stop))[0]
+    assert r.text == free[:free.index(stop)] and r.stop_string == stop
+    first = engine.generate([p], SamplingParams(max_new_tokens=1, temperature=0))[0].tokens[0]
+    biased = engine.generate([p], SamplingParams(max_new_tokens=1, temperature=0, logit_bias={(first + 1) % 512: 100}))
+    assert biased[0].tokens == [(first + 1) % 512]
+    for given in (torch.tensor(p), np.array(p)):
+        assert engine.generate([given], SamplingParams(max_new_tokens=3, temperature=0))[0].text == free[:3]
+    for bad, message in (("hello", "encode it"), (torch.tensor([p]), "one sequence")):
+        with pytest.raises(InvalidRequest, match=message):
+            engine.submit(bad)
+    for params in (SamplingParams(seed=True), SamplingParams(max_new_tokens=True), SamplingParams(logit_bias=((5,),))):
+        with pytest.raises(InvalidRequest):
+            engine.submit(p, params)
+
+
+def test_a_listener_that_raises_fails_its_request_with_the_error():
+    """The request had ended 'cancelled' with no error and nothing said why."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", eos_token_id=-1)).eval()
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        def listener(ev):
+            raise ValueError("boom")
+
+        r = engine.submit(prompts(1)[0], SamplingParams(max_new_tokens=20), on_event=listener).result(60)
+        assert r.finish_reason == "error" and isinstance(r.error, ValueError)
+        ok = engine.submit(prompts(1)[0], SamplingParams(max_new_tokens=3)).result(60)
+        assert ok.finish_reason == "length"  # the engine goes on
+    finally:
+        engine.shutdown()

@@ -206,3 +206,7 @@ def test_logit_distillation_into_a_student_with_another_vocabulary_is_refused_at
     with pytest.raises(ValueError, match=r"--kl-alpha: .*teacher's tokenizer.* in 3\d\d logits against the teacher's"):
         distill(str(model_dir), str(tmp_path / "s"), tmp_path / "out", ["add"], n_traces=2, kl_alpha=0.5)
     assert not (tmp_path / "out").exists()
+    # a student preset given another tokenizer (it failed with a traceback after the traces were collected)
+    with pytest.raises(ValueError, match=r"--kl-alpha: .*--tokenizer .* is another"):
+        distill(str(model_dir), "tiny", tmp_path / "out", ["add"], n_traces=2, kl_alpha=0.5, tokenizer=str(tmp_path / "s"))
+    assert not (tmp_path / "out").exists()

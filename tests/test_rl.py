@@ -178,3 +178,31 @@ def test_frozen_log_probs_come_from_the_updates_precision_once_per_batch(monkeyp
     assert len(calls) == 4
     with pytest.raises(ValueError, match="reference model"):
         grpo.GRPOObjective(GRPOConfig(tasks=["add"], beta=0.1))
+
+
+def test_a_run_resumed_between_two_updates_on_one_batch_updates_on_it_again(monkeypatch):
+    """With updates_per_rollout 2, a checkpoint taken after a batch's first update resumed by drawing new rollouts where
+    the run never stopped updates once more on that batch (its frozen log-probs included)."""
+    import io
+
+    import nanoseek
+    from nanoseek.tokenizer import DeepSeekTokenizer
+    from nanoseek.train.grpo import GRPOConfig, Rollouts
+
+    shipped = nanoseek.__path__[0] + "/assets/model"
+    model, tok = nanoseek.load_model(shipped), DeepSeekTokenizer.load(shipped)
+    monkeypatch.setattr(Rollouts, "_sample", lambda self: {"n": 1, "stats": {"reward": 1.0}, "frozen": {},
+                                                           "ids": torch.tensor([self.rng.random()])})
+    cfg = GRPOConfig(tasks=["add"], updates_per_rollout=2, prompts_per_step=2, group_size=2)
+    run = Rollouts(model, tok, cfg)
+    first = next(run)
+    first["frozen"]["old"] = torch.tensor([0.5])  # (the first update freezes the batch's log-probs)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = Rollouts(model, tok, cfg)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    again, uninterrupted = next(resumed), next(run)
+    assert torch.equal(again["ids"], first["ids"]) and torch.equal(uninterrupted["ids"], first["ids"])
+    assert torch.equal(again["frozen"]["old"], torch.tensor([0.5])) and again["stats"] == {}
+    assert torch.equal(next(resumed)["ids"], next(run)["ids"])  # then both draw the next batch

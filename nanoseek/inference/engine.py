@@ -258,11 +258,15 @@ class Engine:
         params.check(self.config.vocab_size)
         if params.stop and self.decode is None:
             raise InvalidRequest("stop strings need an engine built with a decode function")
-        prompt = list(prompt)
+        if isinstance(prompt, str):
+            raise InvalidRequest("the prompt must be token ids, not text: encode it with the model's tokenizer first")
+        prompt = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # (a tensor or an array of ids too)
+        if prompt and isinstance(prompt[0], list):
+            raise InvalidRequest("the prompt must be one sequence of token ids (a [T] tensor, not [B, T])")
         if not prompt:
             raise InvalidRequest("the prompt is empty")
         V = self.config.vocab_size
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < V]
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V]
         if bad:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}")
         if len(prompt) + params.max_new_tokens > self.max_len:
@@ -348,10 +352,10 @@ class Engine:
         with self._lock:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
-                self._finish(req, "cancelled")
+                self._finish(req, "error" if req.error else "cancelled")  # (error: its listener failed, see _emit)
         for i in reversed(range(len(self.active))):
             if self.active[i].cancelled:
-                self._release(i, "cancelled")
+                self._release(i, "error" if self.active[i].error else "cancelled")
         if self.waiting and len(self.active) < self.max_batch:
             self._check_weights()
         while len(self.active) < self.max_batch:
@@ -760,7 +764,8 @@ class Engine:
         if req.on_event is not None:
             try:
                 req.on_event(ev)
-            except Exception:  # its listener is gone (a closed event loop, say): stop the request
+            except Exception as e:  # its listener failed (or is gone: a closed event loop): the request stops with it
+                req.error = req.error or e
                 req.cancelled = True
 
 

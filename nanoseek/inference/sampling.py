@@ -28,6 +28,10 @@ class InvalidRequest(ValueError):
 GREEDY_BELOW = 1e-5
 
 
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # (True is an int to Python, not a count or a seed)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256  # 0: the prompt is only prefilled (for its prompt_logprobs, or the prefix cache)
@@ -56,12 +60,16 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.temperature, float) and 0 < self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
+        if isinstance(self.stop, str):  # one stop string (as OpenAI's stop takes it), not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        if isinstance(self.logit_bias, dict):  # OpenAI's shape, {token id: bias}
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
 
     def check(self, vocab_size: int) -> None:
         def bad(msg: str):
             raise InvalidRequest(msg)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not _integer(self.max_new_tokens) or self.max_new_tokens < 0:
             bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not 0 <= self.temperature <= 100:
             bad(f"temperature must be in [0, 100], got {self.temperature}")
@@ -78,10 +86,12 @@ class SamplingParams:
             bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if not 0 <= self.top_logprobs <= 20:
             bad(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**63):
             bad(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if any(not isinstance(pair, tuple) or len(pair) != 2 for pair in self.logit_bias):
+            bad("logit_bias must be (token id, bias) pairs or a dict {token id: bias}")
         for t, b in self.logit_bias:
-            if not isinstance(t, int) or not 0 <= t < vocab_size:
+            if not _integer(t) or not 0 <= t < vocab_size:
                 bad(f"logit_bias: token id {t!r} is not in the vocabulary [0, {vocab_size})")
             if not -100 <= b <= 100:
                 bad(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b}")

@@ -159,6 +159,11 @@ def distill(teacher: str, student: str, out: str | Path, tasks: list[str], n_tra
         raise ValueError("logit-level distillation needs a local teacher (a model folder), not an endpoint")
     if kl_alpha > 0 and (Path(student) / "config.json").is_file():
         _refuse_other_vocabulary(teacher, student)
+    elif kl_alpha > 0 and tokenizer is not None and \
+            DeepSeekTokenizer.load(tokenizer).tok.get_vocab() != DeepSeekTokenizer.load(teacher).tok.get_vocab():
+        raise ValueError(f"--kl-alpha: logit distillation needs a student with the teacher's tokenizer; --tokenizer "
+                         f"{tokenizer} is another: leave it out (a student preset takes the teacher's), or --kl-alpha 0 "
+                         "(distillation from the traces alone)")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"distill": {"teacher": teacher, "student": student, "tasks": sorted(tasks), "traces": n_traces,
                             "tokenizer": tokenizer, "kl_alpha": kl_alpha, "kl_temperature": kl_temperature,

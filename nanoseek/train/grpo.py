@@ -78,11 +78,16 @@ class Rollouts:
         self._uses = 0
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "draws": self.draws}
+        # rollouts with updates still to serve (their frozen log-probs too): a run resumed between two updates on one
+        # batch updates on it again, as the run never stopped does (it had drawn new rollouts there)
+        left = self._last is not None and self._uses < self.cfg.updates_per_rollout
+        return {"rng": self.rng.getstate(), "draws": self.draws, "last": self._last if left else None,
+                "uses": self._uses if left else 0}
 
     def load_state_dict(self, s: dict) -> None:
         self.rng.setstate(s["rng"])
         self.draws = s["draws"]
+        self._last, self._uses = s.get("last"), s.get("uses", 0)
 
     def __iter__(self):
         return self

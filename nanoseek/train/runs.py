@@ -149,16 +149,20 @@ def exclusive(folder: Path) -> Iterator[None]:
     if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    made, lock_made = not folder.exists(), not (folder / ".lock").exists()
+    made, lock_made, failed = not folder.exists(), not (folder / ".lock").exists(), False
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(folder):
             yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        # refused before any work: no folder left, nor a lock file among someone's own files
+        # refused before any work: no folder left, nor a lock file among someone's own files (a model folder's too: its
+        # config.json is no run's, and the refusal had left a .lock beside it)
         if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [".lock"]:
             shutil.rmtree(folder, ignore_errors=True)
-        elif lock_made and folder.is_dir() and not _holds_run(folder):
+        elif lock_made and folder.is_dir() and (failed or not _holds_run(folder)):
             (folder / ".lock").unlink(missing_ok=True)
 
 
