@@ -2,7 +2,8 @@
 
 End a line with \\ to continue typing on the next line. Commands: /reset (new conversation),
 /system TEXT (set the system prompt), /temp T (set the temperature), /exit. Ctrl-C stops the
-current reply; Ctrl-D or /exit leaves.
+current reply, and at the prompt drops what was typed (as Python's prompt does: a second Ctrl-C pressed to stop a reply
+had ended the chat and its conversation); Ctrl-D or /exit leaves.
 
 When the model's chat template writes tool calls, the model is offered the calculator (as the
 API's tool_choice "auto": a grammar keeps each call's arguments to the tool's schema once the
@@ -181,7 +182,7 @@ def check_room(engine: Engine, tok: DeepSeekTokenizer, system: str, think: bool,
 
 def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str = "", temperature: float = 0.6,
          top_p: float = 0.95, max_tokens: int | None = None, think: bool = True, tools: bool = True) -> None:
-    """Talk with the model until /exit, Ctrl-D or Ctrl-C at the prompt; `tools`: offer the
+    """Talk with the model until /exit or Ctrl-D; `tools`: offer the
     calculator if the model's template can write tool calls. max_tokens None: REPLY_TOKENS, or what the
     context leaves. Raises ContextOverflow at once when the system prompt and max_tokens leave no room
     for a message (every message would have been refused)."""
@@ -197,9 +198,12 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
     while True:
         try:
             text = read_message()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             console.print()
             return
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-D or /exit leaves)[/]")
+            continue
         if not text:
             continue
         if not is_text(text):
@@ -218,6 +222,12 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
                 messages = []
                 console.print("[dim](new conversation)[/]")
             elif cmd == "/system":
+                try:  # (one that leaves no room had every later message refused, and /reset keeps it)
+                    check_room(engine, tok, arg.strip(), think, offered, max_tokens or 1)
+                except ContextOverflow as e:
+                    console.print(f"[red]that system prompt takes {e.prompt_tokens - 1} or more of the model's "
+                                  f"{e.context} tokens of context, leaving no room for a message: not set[/]")
+                    continue
                 system = arg.strip()
                 console.print(f"[dim](system prompt {'set' if system else 'cleared'})[/]")
             elif cmd == "/help":
@@ -252,7 +262,8 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
             room = e.context - e.prompt_tokens
             console.print(f"[red]the conversation ({e.prompt_tokens} tokens) leaves " + (
                 f"{room} of the model's {e.context} tokens of context, fewer than --max-tokens {e.max_new_tokens}[/]"
-                if room > 0 else f"no room in the model's {e.context} tokens of context[/]") + " (/reset starts anew)")
+                if room > 0 else f"no room in the model's {e.context} tokens of context[/]") +
+                (" (/reset starts anew)" if messages else " (a shorter message, or a shorter /system prompt)"))
         except (InvalidRequest, EngineBusy, ChatFormatError) as e:
             del messages[before:]
             console.print(f"[red]{e}[/] (try /reset)")

@@ -39,6 +39,11 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """-> (ModelConfig, the raw config.json dict)."""
     f = Path(path) / "config.json"
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no such folder")
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: a file; give the model's folder" + (
+            f" ({Path(path).parent})" if Path(path).name == "config.json" else ""))
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
     try:

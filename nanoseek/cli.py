@@ -449,9 +449,10 @@ def _compile_option(off_because: str | None = None):
 
 
 def _speculative_option():
-    return typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (same output, but for "
-                                    "int8 weights, whose products round a little differently at two rows than at one; "
-                                    "with --compile about 1.4x faster).")
+    return typer.Option(False, help="MTP speculative decoding when the model has an MTP layer (the same greedy output, "
+                                    "but for int8 weights, whose products round a little differently at two rows than "
+                                    "at one; sampled output from the same distribution; with --compile about 1.4x "
+                                    "faster).")
 
 
 def _memory_bytes() -> float:

@@ -181,6 +181,23 @@ def test_missing_shard_is_named(tmp_path):
         nanoseek.load_model(tmp_path)
 
 
+def test_a_path_that_is_no_folder_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        nanoseek.load_model(tmp_path / "nosuch")
+    nanoseek.save_model(build_model(get_preset("tiny")), tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"a file; give the model's folder \(.*m\)"):
+        nanoseek.load_model(tmp_path / "m" / "config.json")
+
+
+def test_the_forward_refuses_token_ids_past_the_vocabulary_and_an_empty_sequence():
+    model = build_model(get_preset("tiny")).eval()
+    V = model.config.vocab_size
+    for bad, text in ((torch.tensor([[1, V]]), f"in \\[0, {V}\\)"), (torch.tensor([[-1]]), "token ids"),
+                      (torch.zeros(1, 0, dtype=torch.long), "at least one token")):
+        with pytest.raises(ValueError, match=text):
+            model(bad)
+
+
 def test_a_folder_of_pytorch_pickles_says_so(tmp_path):
     model = build_model(get_preset("tiny"))
     nanoseek.save_model(model, tmp_path)

@@ -449,6 +449,29 @@ def test_chat_refuses_at_once_a_system_prompt_or_max_tokens_that_leave_no_room(t
     assert fits.exit_code == 0 and "Thinking" in fits.output and "no room" not in fits.output, fits.output
     r = runner.invoke(app, ["chat", "--model", str(model), "--system", "many words " * 40], input="hi\n")
     assert r.exit_code == 2 and "shorten --system" in " ".join(r.output.split()), r.output
+    # /system likewise, in the chat (it was set, every later message refused, and /reset kept it)
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "4", "--temperature", "0"],
+                      input="/system " + "many words " * 40 + "\n?\n")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "leaving no room for a message: not set" in out and "no room in the" not in out, out
+
+
+def test_ctrl_c_at_the_chat_prompt_drops_the_line_and_ctrl_d_leaves(tmp_path, monkeypatch):
+    """A second Ctrl-C pressed to stop a reply landed on the prompt and ended the chat, its conversation lost."""
+    from nanoseek import chat as chat_module
+
+    typed = iter([KeyboardInterrupt, "?", EOFError])
+
+    def read_message(prompt="> "):
+        line = next(typed)
+        if isinstance(line, type):
+            raise line()
+        return line
+
+    monkeypatch.setattr(chat_module, "read_message", read_message)
+    model = _chat_model(tmp_path, max_position_embeddings=64)
+    r = runner.invoke(app, ["chat", "--model", str(model), "--max-tokens", "4", "--temperature", "0"])
+    assert r.exit_code == 0 and "Ctrl-D or /exit leaves" in r.output and r.output.count("Thinking") == 1, r.output
 
 
 def test_miniature_speedrun_end_to_end_and_resume(tmp_path):
