@@ -260,10 +260,12 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
         except ContextOverflow as e:  # in the command's terms (the engine's are max_new_tokens)
             del messages[before:]
             room = e.context - e.prompt_tokens
+            # what helps: a new conversation, or for a first message the message, --max-tokens, the system prompt
+            fixes = ["/reset starts anew"] if messages else ["a shorter message", *(["a smaller --max-tokens"] * (
+                room > 0)), *(["a shorter /system prompt"] * bool(system))]
             console.print(f"[red]the conversation ({e.prompt_tokens} tokens) leaves " + (
                 f"{room} of the model's {e.context} tokens of context, fewer than --max-tokens {e.max_new_tokens}[/]"
-                if room > 0 else f"no room in the model's {e.context} tokens of context[/]") +
-                (" (/reset starts anew)" if messages else " (a shorter message, or a shorter /system prompt)"))
+                if room > 0 else f"no room in the model's {e.context} tokens of context[/]") + f" ({', '.join(fixes)})")
         except (InvalidRequest, EngineBusy, ChatFormatError) as e:
             del messages[before:]
             console.print(f"[red]{e}[/] (try /reset)")
