@@ -1036,6 +1036,9 @@ def eval_(
     from .eval.tool_use import evaluate_tool_use, tool_table
     from .remote import remote_chat
 
+    if samples > 1 and temperature == 0:
+        console.print(f"[yellow]note[/]: {samples} greedy samples of a problem would be one reply {samples} times: they "
+                      f"are drawn at temperature {sampling_temperature(temperature, samples)}")
     if remote:
         ask = remote_chat(model, remote_model, api_key, temperature=sampling_temperature(temperature, samples),
                           thinking=None if thinking else False, log=console.print)

@@ -63,7 +63,7 @@ def remote_chat(url: str, model: str, api_key: str | None = None, temperature: f
                                                    extra_body=switch)
         except openai.APIStatusError as e:
             if e.status_code < 500 and e.status_code != 429:  # a client error will not fix itself
-                raise RemoteError(f"{endpoint}: HTTP {e.status_code}: {e.response.content[:300]!r}") from None
+                raise RemoteError(f"{endpoint}: HTTP {e.status_code}: {_said(e)}") from None
             raise RemoteError(f"{endpoint}: still failing after {retries} attempts (HTTP {e.status_code})") from None
         except openai.APIConnectionError as e:
             raise RemoteError(f"{endpoint}: still failing after {retries} attempts ({e.__cause__ or e})") from None
@@ -79,3 +79,13 @@ def remote_chat(url: str, model: str, api_key: str | None = None, temperature: f
             return list(pool.map(lambda iq: one(iq[1], max_tokens, seed + iq[0]), enumerate(questions)))
 
     return ask
+
+
+def _said(e: openai.APIStatusError) -> str:
+    """What the server said of a refusal: its error's message (OpenAI's shape), else the start of its body as text (a
+    Python bytes literal had been shown)."""
+    body = e.body if isinstance(e.body, dict) else {}
+    error = body.get("error", body)
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:300]
+    return e.response.content[:300].decode("utf-8", "replace")

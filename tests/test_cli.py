@@ -812,6 +812,12 @@ def test_training_refuses_a_folder_of_someone_elses_files(tmp_path):
     assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in SHIPPED.iterdir())
 
 
+def test_eval_says_when_several_greedy_samples_are_drawn_at_a_temperature(tmp_path):
+    r = runner.invoke(app, ["eval", "--tasks", "add", "--n", "1", "--samples", "2", "--max-tokens", "8"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "2 greedy samples of a problem would be one reply 2 times" in out, r.output
+
+
 def test_rl_ends_with_the_last_rollouts_figures(tmp_path):
     """A last step that updated again on earlier rollouts logs no reward: the final line had said 'reward 0.000,
     accuracy 0.0%', which reads as a collapsed policy."""

@@ -181,6 +181,33 @@ def test_remote_chat_retries_then_reports(tmp_path):
     assert len(logs) == 2 and "retry" in logs[0]
 
 
+def test_a_refusal_from_the_endpoint_says_what_it_said(tmp_path):
+    """The server's error message, not a Python bytes literal (b'{"error":{"message":"the model \\'x\\'...')."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.dumps({"error": {"message": "the model 'nosuch' does not exist", "type": "invalid_request_error"}})
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ask = remote_chat(f"http://127.0.0.1:{server.server_port}/v1", "nosuch", retries=1, timeout=5)
+        with pytest.raises(RemoteError) as e:
+            ask(["1+1?"], 5, 0)
+        assert str(e.value).endswith("HTTP 404: the model 'nosuch' does not exist"), e.value
+    finally:
+        server.shutdown()
+
+
 def test_a_distill_rerun_with_other_settings_is_refused_before_any_work(tmp_path):
     """Its traces and student belong to the settings the folder was started with (a rerun with another
     --student kept training the first one; other --tasks collected nothing)."""
