@@ -105,10 +105,10 @@ class DeepseekForCausalLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32) or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be an integer tensor [batch, seq] of at least one token, got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
-        V = self.config.vocab_size
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and input_ids.numel() and \
-                not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:  # (checked where it costs no sync)
-            raise ValueError(f"input_ids must be token ids in [0, {V}), got {int(input_ids.min())}..{int(input_ids.max())}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and input_ids.numel():  # (no sync)
+            low, high = (int(x) for x in input_ids.aminmax())  # one pass
+            if not 0 <= low <= high < self.config.vocab_size:
+                raise ValueError(f"input_ids must be token ids in [0, {self.config.vocab_size}), got {low}..{high}")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden, cos, sin = self.model(input_ids, position_ids, cache)
