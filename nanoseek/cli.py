@@ -411,8 +411,8 @@ def _device_option():
 
 
 def _kv_cache_option():
-    return typer.Option("auto", "--kv-cache", help="The KV cache's precision: auto (fp16 for a DeepSeek (MLA) model "
-                                                   "computing in fp32 on a CPU, whose kernels read it as fast: half "
+    return typer.Option("auto", "--kv-cache", help="The KV cache's precision: auto (fp16 for a model computing in "
+                                                   "fp32 on a CPU, whose kernels read it as fast: half "
                                                    "the memory per token and faster long contexts, as llama.cpp's "
                                                    "f16 cache; else the model's own), fp32, fp16 or bf16 (a "
                                                    "precision the model's attention does not read is converted at "

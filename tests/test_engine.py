@@ -65,13 +65,17 @@ def test_cached_decoding_equals_full_forward_at_every_step(model):
 
 def test_the_cache_precision_auto_picks_fp16_only_where_a_kernel_reads_it():
     from nanoseek.inference.cache import cache_dtype
-    from nanoseek.kernels import mla_latent_available
+    from nanoseek.kernels import gqa_attention_available, mla_latent_available
 
     mla, gqa = get_preset("tiny"), tiny_gqa_config()
     assert cache_dtype(mla, torch.float32, "cpu") == (torch.float16 if mla_latent_available() else torch.float32)
     assert cache_dtype(mla, torch.bfloat16, "cpu") == torch.bfloat16  # (the kernels read fp32 activations only)
     assert cache_dtype(mla, torch.float32, "cuda") == torch.float32
-    assert cache_dtype(gqa, torch.float32, "cpu") == torch.float32  # (GQA's attention would widen it every step)
+    # (GQA's kernel reads fp16 keys and values; torch's products would widen them every step)
+    assert cache_dtype(gqa, torch.float32, "cpu") == (torch.float16 if gqa_attention_available() else torch.float32)
+    assert cache_dtype(gqa, torch.bfloat16, "cpu") == torch.bfloat16
+    assert cache_dtype(gqa, torch.float32, "cuda") == torch.float32
+    assert cache_dtype(gqa, torch.float32, "cpu", "fp32") == torch.float32
     assert cache_dtype(gqa, torch.float32, "cpu", "fp16") == torch.float16
     assert cache_dtype(mla, torch.float32, "cpu", "fp32") == torch.float32
     with pytest.raises(ValueError, match="fp8.*auto, fp32, fp16, bf16"):
@@ -98,6 +102,21 @@ def test_a_cache_in_half_precision_decodes_as_the_full_forward_within_its_roundi
     fp32 = Engine(model, max_batch=1, kv_cache_dtype="fp32").generate([prompt], GREEDY)[0].tokens
     agree = sum(a == b for a, b in zip(fp32, engine.generate([prompt], GREEDY)[0].tokens))
     assert agree >= (12 if kv == "fp16" else 6)  # a random tiny model: greedy ties are rare, not impossible
+
+
+def test_a_one_token_prompt_decodes_as_the_full_forward_in_a_row_a_longer_one_left(model):
+    """After a 1-token prompt a step attends 2 positions, the second masked out (a size of 1 made compiled steps
+    compile anew while serving): a row that held a longer sequence before, its entries still there, decodes the 1-token
+    prompt as the full forward does."""
+    engine = Engine(model, max_batch=1, kv_cache_dtype="fp32")
+    engine.generate(prompts(1, seed=4, lo=15, hi=16), GREEDY)  # (the row's positions 1.. hold this one's entries)
+    engine.cache.select(0, 1)
+    engine.cache.lengths[:, 0] = 1
+    engine.cache.positions(1)
+    assert engine.cache.mask(0).shape[-1] == 3  # (2 attended + the new one)
+    engine.cache.lengths[:, 0] = 0
+    req = engine.generate([[7]], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    assert req.tokens == reference_greedy(model, [7], 6)[0]
 
 
 def test_mixed_lengths_joining_and_leaving_give_the_tokens_of_each_alone(model):

@@ -13,7 +13,7 @@ import torch
 
 from conftest import operator_calls, randomize_
 from nanoseek import kernels, quant
-from nanoseek.model import get_preset
+from nanoseek.model import ModelConfig, get_preset
 from nanoseek.model import moe as moe_module
 from nanoseek.model.moe import MoE
 from nanoseek.quant import FAST_INT4_ROWS, QuantLinear
@@ -386,6 +386,50 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B,
                 (q, past, new.half(), mask, c),  # (the new latents are the model's own: fp32)
                 (torch.randn(B, S * H + 1, c + r), past, new, mask, c) if S > 1 else (q, past, new, mask, 0)]:
         with pytest.raises(ValueError, match="mla_latent_attention"):
+            op(*bad, 0.1)
+
+
+@needs_operators
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B, S, H, Hkv, d", [(1, 1, 12, 2, 128), (8, 1, 4, 4, 64), (2, 3, 6, 2, 24), (3, 1, 20, 2, 40),
+                                             (2, 2, 10, 1, 48), (1, 1, 3, 3, 16)])
+@pytest.mark.parametrize("T", [0, 5, 300])
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "bf16"])
+def test_the_gqa_attention_kernel_equals_torch_s(isa, B, S, H, Hkv, d, T, cache):
+    """nanoseek::gqa_attention (GQA.cached_attention while decoding on a CPU: one pass of the latent-attention kernel
+    over each kv head's cached keys and values, its query heads the rows) gives what torch's products and softmax give,
+    on each instruction set: query heads per kv head past one group of 8 (20 over 2), none shared (4 over 4), one kv
+    head, several new tokens (a causal block among them), widths not a multiple of 16, the past read in place from a
+    cache of fp32, fp16 or bf16 rows (torch's reference widens them), positions masked out."""
+    from nanoseek.model.attention import GQA
+
+    config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=H * d, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=H, num_key_value_heads=Hkv, head_dim=d)
+    attention = GQA(config, 0)
+    torch.manual_seed(T + d)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cache]
+    kv = (torch.randn(B + 1, 2 * Hkv, T + 7, d) * 2).to(dtype)  # a cache: more rows and positions than attended
+    past = kv[1:, :, :T]
+    q, new = torch.randn(B, S, H, d), torch.randn(B, S, 2 * Hkv, d)
+    mask = (torch.rand(B, S, T + S) > 0.4).to(torch.uint8)
+    mask[..., T:] = torch.ones(S, S, dtype=torch.uint8).tril()  # (every query sees itself)
+    lib = kernels._library()
+    lib.nanoseek_set_isa(isa)
+    try:
+        calls = operator_calls(lambda: attention.cached_attention(q, past, new, mask))
+        got = attention.cached_attention(q, past, new, mask)
+    finally:
+        lib.nanoseek_set_isa(HERE)
+    assert calls.get("nanoseek::gqa_attention") == 1
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("nanoseek.model.attention.gqa_attention_available", lambda: False)
+        want = attention.cached_attention(q, past.float(), new, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    op = torch.ops.nanoseek.gqa_attention
+    for bad in [(q, past, new, mask[..., 1:]), (q, past[..., 1:], new, mask), (q[..., 1:], past, new, mask),
+                (q, past, new[:, :, 1:], mask), (q, past, new, mask.int()), (q, past.double(), new, mask),
+                (q, past[:, :1], new, mask)]:
+        with pytest.raises(ValueError, match="gqa_attention"):
             op(*bad, 0.1)
 
 

@@ -13,10 +13,10 @@ layer has read it (`store`, one in-place write for all layers), and committed by
 writing anything is what lets a compiled decode step update the cache where it lies instead
 of copying it (see engine.py).
 
-The cache's precision need not be the model's (`cache_dtype`): by default an MLA model computing in fp32 on a CPU
-keeps its latents in fp16, which nanoseek's kernels widen as they read them (kernels/mla.cpp), as llama.cpp keeps
-its cache in f16: half the memory a token costs, and half the bytes each decode step reads, which at long contexts
-no longer crowd the weights out of the CPU's cache.
+The cache's precision need not be the model's (`cache_dtype`): by default a model computing in fp32 on a CPU keeps
+its cache (MLA's latents, GQA's keys and values) in fp16, which nanoseek's kernels widen as they read them
+(kernels/mla.cpp), as llama.cpp keeps its cache in f16: half the memory a token costs, and half the bytes each decode
+step reads, which at long contexts no longer crowd the weights out of the CPU's cache.
 
 The main layers and each MTP depth keep separate lengths ("groups"): MTP depth k's entry at
 position j needs token j + k, so it fills one step behind the main model.
@@ -29,7 +29,7 @@ import mmap
 
 import torch
 
-from ..kernels import cache_write_available, mla_latent_available
+from ..kernels import cache_write_available, gqa_attention_available, mla_latent_available
 from ..model import ModelConfig
 
 KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,8 +38,9 @@ KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.b
 def cache_dtype(config: ModelConfig, dtype: torch.dtype, device: str | torch.device | None,
                 choice: str | torch.dtype = "auto") -> torch.dtype:
     """The dtype of a KV cache for a model computing in `dtype` on `device`: `choice` (a name of KV_CACHE_DTYPES,
-    or a dtype), or for "auto" fp16 where an MLA model computes in fp32 on a CPU whose nanoseek kernel reads fp16
-    latents, else the model's own dtype (a cache in another precision than a path reads is widened at every step)."""
+    or a dtype), or for "auto" fp16 where a model computes in fp32 on a CPU whose nanoseek kernel reads an fp16 cache
+    (MLA's latents; GQA's keys and values), else the model's own dtype (a cache in another precision than a path
+    reads is widened at every step)."""
     if isinstance(choice, torch.dtype):
         return choice
     if choice != "auto":
@@ -47,7 +48,8 @@ def cache_dtype(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
             raise ValueError(f"kv cache dtype {choice!r}: one of auto, {', '.join(KV_CACHE_DTYPES)}")
         return KV_CACHE_DTYPES[choice]
     on_cpu = torch.device(device or "cpu").type == "cpu"
-    if not config.is_gqa and dtype == torch.float32 and on_cpu and mla_latent_available():
+    reads_fp16 = gqa_attention_available() if config.is_gqa else mla_latent_available()
+    if dtype == torch.float32 and on_cpu and reads_fp16:
         return torch.float16
     return dtype
 
@@ -100,8 +102,11 @@ class KVCache:
         if past + n_new > self.max_len:
             raise ValueError(f"cache overflow: {past + n_new} tokens > max_len {self.max_len}")
         pos = lengths[:, None] + self._arange[:n_new]  # (B, S)
-        # (the past as a tensor's length, not an int: a compiled step takes it as a size, not a constant)
-        self._step[group] = (pos, lengths, self._arange[:past])
+        # (the past as a tensor's length, not an int: a compiled step takes it as a size, not a constant; never 1, a
+        # size compiled graphs specialize on: the decode step after a 1-token prompt compiled anew while serving, 4-24 s
+        # at each row count. The position past the row's length is masked out.)
+        span = 2 if past == 1 and self.max_len >= n_new + 2 else past
+        self._step[group] = (pos, lengths, self._arange[:span])
         self._masks.pop(group, None)
         return pos
 

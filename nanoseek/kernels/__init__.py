@@ -16,7 +16,8 @@ experts' and the shared ones' products in two grouped calls, their activation an
 weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's value half, int4.cpp), which torch has
 no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
 latents) in one pass over the cached latents, fp32 or fp16 (mla.cpp), which both call and MLA in Python calls with a
-float kv_b_proj.
+float kv_b_proj. `gqa_attention`: the same pass over a grouped-query cache's keys and values (fp32, fp16 or bf16), for
+the Qwen2/Qwen3/Llama derivatives' decoding.
 
 `float_linear`: an fp32 product for a few rows (float.cpp), what `layers.Linear` runs on a CPU wherever no gradient is
 wanted (decoding, eager or compiled, prompts through torch's product past 16 rows): torch's own products for a few rows
@@ -349,6 +350,19 @@ torch.library.register_fake("nanoseek::mla_latent_attention", lambda q, past, fr
 def mla_latent_available() -> bool:
     """Whether the operator nanoseek::mla_latent_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
     return mla_available() and torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::mla_latent_attention", "CPU")
+
+
+# grouped-query attention over the cache while decoding (GQA.cached_attention); C++ only (ops.cpp, mla.cpp's kernel)
+_OPERATORS.define("gqa_attention(Tensor q, Tensor past, Tensor fresh, Tensor mask, float scale) -> Tensor")
+torch.library.register_fake("nanoseek::gqa_attention", lambda q, past, fresh, mask, scale: q.new_empty(q.shape),
+                            lib=_OPERATORS)
+
+
+@torch._dynamo.assume_constant_result
+def gqa_attention_available() -> bool:
+    """Whether the operator nanoseek::gqa_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::gqa_attention", "CPU")
 
 
 # the same with kv_b_proj in int4 (QuantLinear's qweight, scales, zeros and units: [H * (d + dv), *])

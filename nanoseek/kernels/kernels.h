@@ -38,10 +38,26 @@ extern "C" int nanoseek_mla_product(int value, const float* x, int64_t xh, int64
 extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
                                      const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
                                      int64_t M, int64_t d, int64_t dv, int64_t c, int isa);
-extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const void* past, int64_t pb,
-                                             int64_t pt, int half, const float* fresh, int64_t fb, int64_t fs,
-                                             const uint8_t* mask, int64_t B, int64_t S, int64_t H, int64_t T, int64_t c,
-                                             int64_t w, float scale, float* out, int64_t ob, int64_t oj, int isa);
+// Attention over cached rows for a few query rows, in one pass (mla.cpp): for query row j of batch row b (J = S * H
+// rows, j = s * H + h), its scores against the T cached rows past[b] and the S new ones fresh[b] (keys of w numbers),
+// masked by mask[b / G, s] (T + S bytes, 0: not attended), softmaxed, and the c values they weigh summed into out[b, j]:
+// MLA's latents (the value the key row's own first c numbers: pv = fv = 0) or GQA's keys and values (c = w, the value
+// row pv or fv elements after its key row). Strides in elements, each row's numbers adjacent; q, fresh and out fp32.
+struct LatentAttention {
+    const float* q;        // row j of batch row b at b * qb + j * qj
+    int64_t qb, qj;
+    const void* past;      // key t of batch row b at b * pb + t * pt; kind 0: fp32, 1: IEEE fp16, 2: bf16
+    int64_t pb, pt, pv;
+    int kind;
+    const float* fresh;    // key s at b * fb + s * fs
+    int64_t fb, fs, fv;
+    const uint8_t* mask;   // [B / G, S, T + S] contiguous
+    int64_t G, B, S, H, T, c, w;
+    float scale;
+    float* out;            // [B, J, c]: b * ob + j * oj
+    int64_t ob, oj;
+};
+extern "C" int nanoseek_latent_attention(const LatentAttention* a, int isa);
 extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
                                      int isa);
 extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,

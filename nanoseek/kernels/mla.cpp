@@ -310,9 +310,14 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
 // decode step at batch 8 after 1,950 tokens decoded 1,960-1,980 tok/s against 1,150-1,250. With AVX-512 the query rows
 // go four at a time through each block (each latent loaded once for four rows): 8 batch rows x 4 heads at 1,950 cached
 // tokens (the shipped shape) 326-329 against 437-439 us.
-// The cached latents are fp32 or IEEE fp16 (a half-precision cache, KVCache's default on a CPU: half the bytes to read
-// and to keep), widened to fp32 as they are loaded (F16C); queries, scores and sums stay fp32. The template parameter L
-// is the latents' element: float, or uint16_t holding fp16 bits.
+// The cached latents are fp32, IEEE fp16 (a half-precision cache, KVCache's default on a CPU: half the bytes to read
+// and to keep) or bf16, widened to fp32 as they are loaded (F16C; a bf16 is the top half of an fp32); queries, scores and
+// sums stay fp32. The template parameter L is the latents' element: float, uint16_t holding fp16 bits, or Bf16.
+// The same pass serves grouped-query attention (GQA.cached_attention, the Qwen2/Qwen3/Llama derivatives): there a
+// batch row is one key-value head of one sequence, its rows the query heads of that group, the keys its cached keys
+// and the values its cached values, rows a fixed distance (pv, fv) after the keys; G such batch rows share one
+// sequence's mask. On a 2-vCPU Zen4, an R1-Distill-Qwen-1.5B layer (12 heads over 2, d = 128) at 8 sequences x 2,000
+// cached tokens: see GQA.cached_attention.
 #define LATENT_BLOCK 16  // latents a block with AVX-512
 #define LATENT_BLOCK_AVX2 8
 #define LATENT_ROWS 8
@@ -347,10 +352,19 @@ AVX512 INLINE __m512 sums16(__m512* v) {
 static const float ZERO_ROW[LATENT_WIDTH] = {};  // a block's rows past the last latent (zero bits: 0 in fp32 and fp16)
 
 // 16 of a latent's numbers as fp32 (where the mask says, else 0)
+struct Bf16 {  // a bf16 number's bits (the top half of an fp32)
+    uint16_t bits;
+};
 AVX512 INLINE __m512 lat16(const float* p) { return _mm512_loadu_ps(p); }
 AVX512 INLINE __m512 lat16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 AVX512 INLINE __m512 lat16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 AVX512 INLINE __m512 lat16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+AVX512 INLINE __m512 lat16(const Bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+AVX512 INLINE __m512 lat16(const Bf16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
 
 // What both instruction sets share: each query row's running softmax (its maximum m, its sum l and the latents it
 // weighed, acc) for up to LATENT_ROWS rows, and the queries' rows with their mask
@@ -400,12 +414,12 @@ INLINE void block_rows(const R** rows, const R* latents, int64_t stride, int64_t
     for (int i = 0; i < block; i++) rows[i] = i >= n ? (const R*)ZERO_ROW : latents + (t0 + i) * stride;
 }
 
-// One block of LATENT_BLOCK latents (n real, at position t0 of the T + S attended) for rows j0..j0 + nj - 1 (nj <=
-// LATENT_ROWS) of a batch row. The rows go four at a time (rows past nj repeat the last one; their results are
+// One block of LATENT_BLOCK latents (n real, at position t0 of the T + S attended; `rows` the keys, `vals` the values
+// they weigh) for rows j0..j0 + nj - 1 (nj <= LATENT_ROWS) of a batch row. The rows go four at a time (rows past nj repeat the last one; their results are
 // dropped), so each latent read from L1 meets four query rows: for the scores four latents at a time (4 x 4 sums), for
 // the weighted latents 64 numbers of four rows
 template <typename R>
-AVX512 static void latent_block_avx512(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+AVX512 static void latent_block_avx512(LatentRows& r, const R* const* rows, const R* const* vals, int64_t t0, int64_t n) {
     const int64_t groups = (r.nj + 3) / 4, w = r.w, c = r.c;
     alignas(64) float p[LATENT_ROWS][LATENT_BLOCK];
     alignas(64) float sc[LATENT_ROWS][LATENT_BLOCK];
@@ -466,7 +480,7 @@ AVX512 static void latent_block_avx512(LatentRows& r, const R* const* rows, int6
                 for (int v = 0; v < 4; v++) a[u][v] = _mm512_load_ps(r.acc[4 * g + u] + k + 16 * v);
             for (int i = 0; i < LATENT_BLOCK; i++) {
                 __m512 lat[4];
-                for (int v = 0; v < 4; v++) lat[v] = lat16(rows[i] + k + 16 * v, part[v]);
+                for (int v = 0; v < 4; v++) lat[v] = lat16(vals[i] + k + 16 * v, part[v]);
                 for (int u = 0; u < 4; u++) {
                     const __m512 pv = _mm512_set1_ps(p[4 * g + u][i]);
                     for (int v = 0; v < 4; v++) a[u][v] = _mm512_fmadd_ps(pv, lat[v], a[u][v]);
@@ -514,10 +528,16 @@ AVX2 INLINE __m256 lat8(const uint16_t* p, int64_t n) {
     if (n > 0) memcpy(part, p, n * sizeof(uint16_t));
     return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)part));
 }
+AVX2 INLINE __m256 lat8(const Bf16* p, int64_t n) {
+    alignas(16) uint16_t part[8] = {};
+    if (n < 8 && n > 0) memcpy(part, p, n * sizeof(uint16_t));
+    const __m128i bits = n >= 8 ? _mm_loadu_si128((const __m128i*)p) : _mm_load_si128((const __m128i*)part);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 
 // one block of 8 latents (n real, at position t0), each query row alone
 template <typename R>
-AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t t0, int64_t n) {
+AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, const R* const* vals, int64_t t0, int64_t n) {
     constexpr int BLOCK = LATENT_BLOCK_AVX2;
     const int64_t w = r.w, c = r.c;
     alignas(32) float p[LATENT_ROWS][BLOCK];
@@ -556,65 +576,61 @@ AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, int64_t 
             for (int u = 0; u < 4; u++) a[u] = _mm256_load_ps(r.acc[j] + k + 8 * u);
             for (int i = 0; i < BLOCK; i++) {
                 const __m256 pv = _mm256_set1_ps(p[j][i]);
-                for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, lat8(rows[i] + k + 8 * u, c - k - 8 * u), a[u]);
+                for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, lat8(vals[i] + k + 8 * u, c - k - 8 * u), a[u]);
             }
             for (int u = 0; u < 4; u++) _mm256_store_ps(r.acc[j] + k + 8 * u, a[u]);
         }
 }
 
-// one segment of latents (count of them, `stride` apart, the first at position t of the T + S attended), BLOCK at a
-// time through `block` (a call per block: its own work is thousands of multiply-adds)
+// one segment of latents (count of them, `stride` apart, the first at position t of the T + S attended; the values
+// each weighs `value` after it), BLOCK at a time through `block` (a call per block: its own work is thousands of
+// multiply-adds)
 template <int BLOCK, typename R>
-static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int64_t count, int64_t t,
-                           void (*block)(LatentRows&, const R* const*, int64_t, int64_t)) {
+static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int64_t value, int64_t count, int64_t t,
+                           void (*block)(LatentRows&, const R* const*, const R* const*, int64_t, int64_t)) {
     for (int64_t i0 = 0; i0 < count; i0 += BLOCK) {
-        const R* rows[BLOCK];
+        const R *rows[BLOCK], *vals[BLOCK];
         const int64_t n = count - i0 < BLOCK ? count - i0 : BLOCK;
         block_rows(rows, latents, stride, i0, n, BLOCK);
-        block(r, rows, t + i0, n);
+        block_rows(vals, latents + value, stride, i0, n, BLOCK);
+        block(r, rows, vals, t + i0, n);
     }
 }
 
 template <typename L>
-static void latent_attention(const float* q, int64_t qb, int64_t qj, const L* past, int64_t pb, int64_t pt,
-                             const float* fresh, int64_t fb, int64_t fs, const uint8_t* mask, int64_t B, int64_t S,
-                             int64_t H, int64_t T, int64_t c, int64_t w, float scale, float* out, int64_t ob,
-                             int64_t oj, int isa) {
-    const int64_t J = S * H, groups = (J + LATENT_ROWS - 1) / LATENT_ROWS;
-#pragma omp parallel for schedule(static) if (B * groups > 1)  // (one task: no threads to wake)
-    for (int64_t task = 0; task < B * groups; task++) {
+static void latent_attention(const LatentAttention& a, int isa) {
+    const int64_t J = a.S * a.H, groups = (J + LATENT_ROWS - 1) / LATENT_ROWS, N = a.T + a.S;
+    const L* past = (const L*)a.past;
+#pragma omp parallel for schedule(static) if (a.B * groups > 1)  // (one task: no threads to wake)
+    for (int64_t task = 0; task < a.B * groups; task++) {
         const int64_t b = task / groups, j0 = task % groups * LATENT_ROWS;
-        LatentRows r{q + b * qb, mask + b * S * (T + S), qj, j0, J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS, T + S, H,
-                     c, w, scale};
+        LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS,
+                     N, a.H, a.c, a.w, a.scale};
         if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 32 for one)
             r.start(4 * ((r.nj + 3) / 4), 64);
-            latent_segment<LATENT_BLOCK>(r, past + b * pb, pt, T, 0, latent_block_avx512<L>);
-            latent_segment<LATENT_BLOCK>(r, fresh + b * fb, fs, S, T, latent_block_avx512<float>);
+            latent_segment<LATENT_BLOCK>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx512<L>);
+            latent_segment<LATENT_BLOCK>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx512<float>);
         } else {
             r.start(r.nj, 32);
-            latent_segment<LATENT_BLOCK_AVX2>(r, past + b * pb, pt, T, 0, latent_block_avx2<L>);
-            latent_segment<LATENT_BLOCK_AVX2>(r, fresh + b * fb, fs, S, T, latent_block_avx2<float>);
+            latent_segment<LATENT_BLOCK_AVX2>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx2<L>);
+            latent_segment<LATENT_BLOCK_AVX2>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx2<float>);
         }
-        r.finish(out + b * ob, oj);
+        r.finish(a.out + b * a.ob, a.oj);
     }
 }
 
-// q [B, J, w] (row j of batch row b at b * qb + j * qj), past [B, T, w] (b * pb + t * pt), fresh [B, S, w]
-// (b * fb + s * fs), mask [B, S, T + S] contiguous (bytes, 0: not attended), out [B, J, c] (b * ob + j * oj); every
-// row's w (or c) numbers adjacent; strides in elements. fresh is fp32; past fp32, or fp16 with half = 1 (a
-// half-precision cache: the new tokens are attended in full precision, what is cached as the cache keeps it). isa:
-// 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does not take.
-extern "C" int nanoseek_mla_latent_attention(const float* q, int64_t qb, int64_t qj, const void* past, int64_t pb,
-                                             int64_t pt, int half, const float* fresh, int64_t fb, int64_t fs,
-                                             const uint8_t* mask, int64_t B, int64_t S, int64_t H, int64_t T, int64_t c,
-                                             int64_t w, float scale, float* out, int64_t ob, int64_t oj, int isa) {
-    if ((isa != 1 && isa != 2) || B < 1 || S < 1 || H < 1 || T < 0 || c < 1 || c > MAX_C || w < c || w > LATENT_WIDTH)
+// kernels.h's LatentAttention says what the arguments are. isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments
+// it does not take.
+extern "C" int nanoseek_latent_attention(const LatentAttention* a, int isa) {
+    if ((isa != 1 && isa != 2) || a->B < 1 || a->G < 1 || a->B % a->G || a->S < 1 || a->H < 1 || a->T < 0 || a->c < 1 ||
+        a->c > MAX_C || a->w > LATENT_WIDTH || a->pv < 0 || a->fv < 0 || (a->pv == 0 && a->w < a->c) ||
+        (a->fv == 0 && a->w < a->c) || a->kind < 0 || a->kind > 2)
         return 1;
-    if (half)
-        latent_attention(q, qb, qj, (const uint16_t*)past, pb, pt, fresh, fb, fs, mask, B, S, H, T, c, w, scale, out,
-                         ob, oj, isa);
+    if (a->kind == 1)
+        latent_attention<uint16_t>(*a, isa);
+    else if (a->kind == 2)
+        latent_attention<Bf16>(*a, isa);
     else
-        latent_attention(q, qb, qj, (const float*)past, pb, pt, fresh, fb, fs, mask, B, S, H, T, c, w, scale, out, ob,
-                         oj, isa);
+        latent_attention<float>(*a, isa);
     return 0;
 }

@@ -183,16 +183,19 @@ static bool latents_ok(const at::Tensor& past, const at::Tensor& fresh) {
     return (past.scalar_type() == at::kFloat || past.scalar_type() == at::kHalf) && fresh.scalar_type() == at::kFloat;
 }
 
-// the kernel over the latents (mla.cpp) into out [B, J, c]: q [B, J, w] contiguous, past [B, T, w] and fresh [B, S, w]
-// with each row's w numbers adjacent, mask [B, S, T + S] contiguous
+// the kernel over cached rows (mla.cpp; kernels.h's LatentAttention) into out [B, J, c]: q [B, J, w], past [B, T, w]
+// and fresh [B, S, w] with each row's numbers adjacent, mask [B / G, S, T + S] contiguous; values pv (past) and fv
+// (fresh) elements after their keys
 static void latent_kernel(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh, const at::Tensor& mask,
-                          int64_t S, int64_t H, int64_t c, double scale, at::Tensor& out) {
-    int code = nanoseek_mla_latent_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr(), past.stride(0),
-                                             past.stride(1), past.scalar_type() == at::kHalf, fresh.data_ptr<float>(),
-                                             fresh.stride(0), fresh.stride(1), (const uint8_t*)mask.data_ptr(), q.size(0),
-                                             S, H, past.size(1), c, q.size(2), (float)scale, out.data_ptr<float>(),
-                                             out.stride(0), out.stride(1), isa_here);
-    TORCH_CHECK(code == 0, "MLA kernel failed (code ", code, ") on the attention over the latents");
+                          int64_t S, int64_t H, int64_t c, double scale, at::Tensor& out, int64_t pv = 0,
+                          int64_t fv = 0, int64_t G = 1) {
+    const int kind = past.scalar_type() == at::kHalf ? 1 : past.scalar_type() == at::kBFloat16 ? 2 : 0;
+    const LatentAttention a{q.data_ptr<float>(), q.stride(0), q.stride(1), past.data_ptr(), past.stride(0),
+                            past.stride(1), pv, kind, fresh.data_ptr<float>(), fresh.stride(0), fresh.stride(1), fv,
+                            (const uint8_t*)mask.data_ptr(), G, q.size(0), S, H, past.size(1), c, q.size(2),
+                            (float)scale, out.data_ptr<float>(), out.stride(0), out.stride(1)};
+    int code = nanoseek_latent_attention(&a, isa_here);
+    TORCH_CHECK(code == 0, "attention kernel failed (code ", code, ") on the attention over the cache");
 }
 
 // the checks both weights' forms share; `weight` says what the weight must be, `ok_weight` whether it is
@@ -336,6 +339,46 @@ static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& pa
     return out;
 }
 
+// Grouped-query attention over the cache while decoding (GQA.cached_attention in nanoseek/model/attention.py): q
+// [B, S, H, d] (rotated), past [B, 2 * Hkv, T, d] (the cache's keys and values of each kv head in turn, read where they
+// lie: fp32, fp16 or bf16), fresh [B, S, 2 * Hkv, d] (the new tokens' own), mask [B, S, T + S]; -> [B, S, H, d] in q's
+// dtype. One pass of mla.cpp's kernel over each sequence's kv heads (a batch row each, its H / Hkv query heads the
+// rows), each key and value read once, widened to fp32 as it is loaded.
+static at::Tensor gqa_attention(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
+                                const at::Tensor& mask, double scale) {
+    TORCH_CHECK(isa_here > 0, "nanoseek's attention kernel is not available here");
+    bool ok = q.dim() == 4 && past.dim() == 4 && fresh.dim() == 4 && mask.dim() == 3 && mask_ok(mask) &&
+              q.is_floating_point() && fresh.is_floating_point();
+    for (const at::Tensor* t : {&q, &past, &fresh, &mask})
+        ok = ok && t->device().is_cpu();
+    const at::ScalarType kind = ok ? past.scalar_type() : at::kFloat;
+    ok = ok && (kind == at::kFloat || kind == at::kHalf || kind == at::kBFloat16) && past.stride(3) == 1;
+    const int64_t B = ok ? q.size(0) : 0, S = ok ? q.size(1) : 0, H = ok ? q.size(2) : 0, d = ok ? q.size(3) : 0;
+    const int64_t Hkv = ok ? past.size(1) / 2 : 0, T = ok ? past.size(2) : 0;
+    ok = ok && S > 0 && Hkv > 0 && past.size(1) == 2 * Hkv && H % Hkv == 0 && 0 < d && d <= 1024 &&
+         past.size(0) == B && past.size(3) == d && fresh.sizes() == at::IntArrayRef({B, S, 2 * Hkv, d}) &&
+         mask.sizes() == at::IntArrayRef({B, S, T + S});
+    TORCH_CHECK_VALUE(ok, "gqa_attention: q ", q.sizes(), ", past ", past.scalar_type(), " ", past.sizes(), ", fresh ",
+                      fresh.sizes(), ", mask ", mask.sizes(), ": wants q [B, S, H, d], past [B, 2 * Hkv, T, d] (fp32, ",
+                      "fp16 or bf16, each row's d numbers adjacent), fresh [B, S, 2 * Hkv, d], a bool or uint8 mask ",
+                      "[B, S, T + S], all on the CPU, H a multiple of Hkv, d <= 1024");
+    const int64_t g = H / Hkv;
+    // batch rows (sequence, kv head): each one's keys 2 * past.stride(1) apart (the cache's layout; else a copy), its
+    // values past.stride(1) after its keys; the queries and new entries laid out alike (copies only when S > 1)
+    const at::Tensor kv = past.stride(0) == Hkv * 2 * past.stride(1) ? past : past.contiguous();
+    const at::Tensor keys = at::from_blob(kv.data_ptr(), {B * Hkv, T, d}, {2 * kv.stride(1), kv.stride(2), 1},
+                                          kv.options());
+    const at::Tensor rows = q.to(at::kFloat).view({B, S, Hkv, g, d}).permute({0, 2, 1, 3, 4}).contiguous()
+                                .view({B * Hkv, S * g, d});
+    const at::Tensor own = fresh.to(at::kFloat).view({B, S, Hkv, 2, d}).permute({0, 2, 1, 3, 4}).contiguous()
+                               .view({B * Hkv, S, 2 * d});
+    at::Tensor out = at::empty({B * Hkv, S * g, d}, rows.options());
+    latent_kernel(rows, keys, own, mask.contiguous(), S, g, d, scale, out, kv.stride(1), d, Hkv);
+    const at::Tensor y = S == 1 ? out.view({B, S, H, d})
+                                : out.view({B, Hkv, S, g, d}).permute({0, 2, 1, 3, 4}).reshape({B, S, H, d});
+    return y.to(q.scalar_type());
+}
+
 // A small float mixture-of-experts layer for a few tokens over its stacked experts (float.cpp; what
 // MoE.selected_experts computes): x [T, D], the routed experts' weights and indices [T, k], gate_up [2 * chunks * I, D]
 // and down [D, chunks * I] with the routed experts' chunks first and the shared ones (every token's, weight 1) after.
@@ -439,6 +482,7 @@ TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("cache_write", &cache_write);
     m.impl("float_linear", &float_linear);
     m.impl("mla_latent_attention", &mla_latent_attention);
+    m.impl("gqa_attention", &gqa_attention);
     m.impl("int4_linear", &int4_linear);
     m.impl("int4_experts", &int4_experts);
     m.impl("mla_attention", &mla_attention);
