@@ -425,27 +425,53 @@ class DeepSeekTokenizer:
         _check(messages, ROLES)
         if not self.chat_template:
             raise ChatFormatError("this tokenizer has no chat template (tokenizer_config.json chat_template)")
+        empty, as_object = self.call_shape
+        return self._render([_shaped(m, empty, as_object) for m in messages], add_generation_prompt, tools, variables)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                variables: dict) -> str:
         specials = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
         try:
             return _compile_template(self.chat_template).render(
-                messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
-                **specials, **variables)
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **specials, **variables)
         except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             raise ChatFormatError(f"the chat template refused the conversation: {e}") from None  # e.g. content None
 
-    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
+    @cached_property
+    def call_shape(self) -> tuple[bool, bool]:
+        """How this chat template takes an assistant turn that calls tools: (its content "" rather than None, each
+        call's arguments an object rather than OpenAI's JSON string). DeepSeek's templates tell such a turn by its
+        content None and write the arguments as given; Qwen's and Llama's (transformers' convention) test the content
+        as text and write `arguments | tojson`, which writes a string's JSON quoted. The first shape in which a
+        placeholder call renders with its arguments as written; (False, False), OpenAI's, where none does (a
+        template that renders no calls). `apply_chat_template` gives every call turn this shape."""
+        call = {"id": "call_0", "type": "function", "function": {"name": "nanoseek_shape", "arguments": '{"shape": 1}'}}
+        turns = [{"role": "user", "content": "shape"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        for shape in ((False, False), (True, False), (False, True), (True, True)):
+            try:
+                text = self._render([_shaped(m, *shape) for m in turns], False, None, {})
+            except ChatFormatError:
+                continue
+            if "nanoseek_shape" in text and '{"shape": 1}' in text:
+                return shape
+        return False, False
+
+    def render_prompt(self, messages: Sequence[dict], thinking: bool = True, tools: list[dict] | None = None,
+                      variables: dict | None = None) -> list[int]:
         """The ids a model continues to answer the conversation's last turn. thinking=False asks the
-        template not to open a reasoning block (`thinking` variable); a template that opens one anyway
-        (R1 and the R1-Distill models) gets it closed empty, so the model answers directly. Control
+        template not to open a reasoning block (the variables `thinking`, DeepSeek-V3.1's, and `enable_thinking`,
+        Qwen3's); a template that opens one anyway (R1 and the R1-Distill models) gets it closed empty, so the model
+        answers directly. `variables`: more of the template's own (vLLM's chat_template_kwargs). Control
         tokens inside the messages and tools are read as text (see encode_text)."""
         text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
-                                        tools=self._protected(tools), thinking=thinking)
+                                        tools=self._protected(tools), **_thinking_variables(thinking, variables))
         if not thinking and text.rstrip().endswith(THINK):
             text = text.rstrip() + "\n\n" + END_THINK + "\n\n"
         return self._encode_rendered(text)
 
     def render_prefixed(self, messages: Sequence[dict], prefix: str, reasoning: str | None = None,
-                        thinking: bool = True, tools: list[dict] | None = None) -> tuple[list[int], bool]:
+                        thinking: bool = True, tools: list[dict] | None = None,
+                        variables: dict | None = None) -> tuple[list[int], bool]:
         """Chat prefix completion: the ids of a reply that starts as given, and whether the model
         continues inside its reasoning. Where the template opens a reasoning block and thinking is on,
         `prefix` (the prefix message's content) starts the reasoning; with `reasoning` (its
@@ -453,12 +479,13 @@ class DeepSeekTokenizer:
         starts the answer after it (`reasoning=""`: an answer that starts with `prefix`, no reasoning).
         A prefix that opens with `<think>` writes the reply raw, tag included. With thinking off the
         reasoning block is closed empty and `prefix` starts the answer."""
+        variables = _thinking_variables(thinking, variables)
         text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
-                                        tools=self._protected(tools), thinking=thinking)
+                                        tools=self._protected(tools), **variables)
         prefix, reasoning = self._protected(prefix), self._protected(reasoning)
         head = text.rstrip()
         if not head.endswith(THINK):  # no reasoning block to open: the reply is the prefix onwards
-            return self._encode_rendered(self._continued(messages, prefix, text, tools, thinking)), \
+            return self._encode_rendered(self._continued(messages, prefix, text, tools, variables)), \
                 prefix.rfind(THINK) > prefix.rfind(END_THINK)
         if prefix.lstrip().startswith(THINK):
             reply = prefix
@@ -472,7 +499,7 @@ class DeepSeekTokenizer:
         return self._encode_rendered(prompt), reply.rfind(THINK) > reply.rfind(END_THINK)
 
     def _continued(self, messages: Sequence[dict], prefix: str, prompt: str, tools: list[dict] | None,
-                   thinking: bool) -> str:
+                   variables: dict) -> str:
         """The rendered conversation up to the end of `prefix` as the content of a last assistant message, as
         transformers' continue_final_message cuts it (DeepSeek-V2's template writes `Assistant: ` before a
         reply's content where its generation prompt ends at `Assistant:`); `prompt` + `prefix` where the
@@ -480,7 +507,7 @@ class DeepSeekTokenizer:
         if not prefix:
             return prompt
         final = self.apply_chat_template(self._protected([*messages, {"role": "assistant", "content": prefix}]),
-                                         add_generation_prompt=False, tools=self._protected(tools), thinking=thinking)
+                                         add_generation_prompt=False, tools=self._protected(tools), **variables)
         at = final.rfind(prefix)
         if at < len(prompt) or not final.startswith(prompt) or final[len(prompt):at].strip():  # (at -1: not found)
             return prompt + prefix
@@ -569,8 +596,8 @@ def _raise(message: str):
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # transformers' filter
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -601,6 +628,38 @@ def calls_text(message: dict) -> str:
 def _arguments(arguments: str | dict) -> str:
     """A call's arguments as JSON text: OpenAI's API sends them as a string, many datasets as an object."""
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt"})  # what rendering itself passes a template
+
+
+def _thinking_variables(thinking: bool, variables: dict | None) -> dict:
+    """A template's variables: the caller's (`variables`), and thinking on or off as DeepSeek-V3.1's (`thinking`) and
+    Qwen3's (`enable_thinking`) templates read it."""
+    return {**(variables or {}), "thinking": thinking, "enable_thinking": thinking}
+
+
+def _shaped(message: dict, empty: bool, as_object: bool) -> dict:
+    """An assistant turn's tool calls in the shape a template takes (DeepSeekTokenizer.call_shape): no content as ""
+    where `empty` (else as given), arguments as a JSON string or as the object it holds (a string that holds no object
+    stays as it is)."""
+    calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+    if not calls or not isinstance(calls, list):
+        return message
+    shaped = [{**c, "function": {**c["function"], "arguments": _as_arguments(c["function"].get("arguments"), as_object)}}
+              if isinstance(c, dict) and isinstance(c.get("function"), dict) else c for c in calls]
+    content = message.get("content")
+    return {**message, "content": "" if empty and content is None else content, "tool_calls": shaped}
+
+
+def _as_arguments(arguments, as_object: bool):
+    if as_object and isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return value if isinstance(value, dict) else arguments
+    return _arguments(arguments) if not as_object and isinstance(arguments, dict) else arguments
 
 
 def _check_calls(i: int, calls) -> None:

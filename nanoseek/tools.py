@@ -17,13 +17,14 @@ import math
 import operator
 import re
 import uuid
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from .inference.constraints import json_rule, literal
 from .reasoning import partial_suffix
 from .tokenizer import ChatFormatError, DeepSeekTokenizer
 
 _NAMES, _ARGS = ("nanoseek_probe_a", "nanoseek_probe_b"), ('{"probe": 1}', '{"probe": 2}')
+_OFF = {"thinking": False, "enable_thinking": False}  # thinking off as DeepSeek-V3.1's and Qwen3's templates read it
 
 
 ANNOTATIONS = {"type", "title", "description", "required", "$schema"}  # keys that declare no argument
@@ -52,7 +53,7 @@ def call_tokens(tok: DeepSeekTokenizer, fmt: "CallFormat | None") -> frozenset[i
 @dataclass(frozen=True)
 class CallFormat:
     """The text of a block of calls: begin, then per call `before NAME between ARGS after`, `sep`
-    between calls, then end."""
+    between calls, then end. `single`: the template renders one call a turn (Llama 3.1's refuses more)."""
 
     begin: str
     before: str
@@ -60,22 +61,51 @@ class CallFormat:
     after: str
     sep: str
     end: str
+    single: bool = False
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return self.begin, self.before, self.between, self.after, self.sep, self.end
 
     @staticmethod
     def probe(tok: DeepSeekTokenizer) -> "CallFormat | None":
-        """The template's call format, or None if its template does not render tool calls."""
+        """The template's call format, or None if its template does not render tool calls. Two calls tell
+        the block's ends from each call's; a template that renders only one a turn gives a `single` format,
+        the text around that call its own."""
         calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
                  for i, (n, a) in enumerate(zip(_NAMES, _ARGS))]
         user = {"role": "user", "content": "probe"}
         try:
-            head = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True, thinking=False))
-            text = tok.apply_chat_template([user, {"role": "assistant", "content": None, "tool_calls": calls}],
-                                           add_generation_prompt=False, thinking=False)
+            head = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True, **_OFF))
         except ChatFormatError:
             return None
-        spots = [text.find(x) for x in (_NAMES[0], _ARGS[0], _NAMES[1], _ARGS[1])]
-        if -1 in spots or spots != sorted(spots):
+        for count in (2, 1):
+            try:
+                text = tok.apply_chat_template([user, {"role": "assistant", "content": None, "tool_calls": calls[:count]}],
+                                               add_generation_prompt=False, **_OFF)
+            except ChatFormatError:
+                continue
+            spots = [text.find(x) for x in (_NAMES[0], _ARGS[0], _NAMES[1], _ARGS[1])[:2 * count]]
+            if -1 in spots or spots != sorted(spots):
+                return None
+            return CallFormat._read(tok, head, text, spots) if count == 2 else CallFormat._read_one(tok, head, text, spots)
+        return None
+
+    @staticmethod
+    def _read_one(tok: DeepSeekTokenizer, head: list[int], text: str, spots: list[int]) -> "CallFormat | None":
+        """A format from one call: what the turn writes after the generation prompt up to the name is `before`,
+        after the arguments up to the end of the turn `after`."""
+        (a, b), enc = spots, tok.encode
+        lead, tail = enc(text[:a]), enc(text[b + len(_ARGS[0]):])
+        before = lead[_common_prefix(head, lead):]
+        after = tail[: next((i for i, t in enumerate(tail) if t in tok.eos_ids), len(tail))]
+        if not before:
             return None
+        dec = tok.decode
+        return CallFormat("", dec(before), text[a + len(_NAMES[0]): b], dec(after), "", "", single=True)
+
+    @staticmethod
+    def _read(tok: DeepSeekTokenizer, head: list[int], text: str, spots: list[int]) -> "CallFormat | None":
         (a, b, c, d), enc = spots, tok.encode
         lead, between = enc(text[:a]), text[a + len(_NAMES[0]): b]
         middle, tail = enc(text[b + len(_ARGS[0]): c]), enc(text[d + len(_ARGS[1]):])
@@ -199,7 +229,7 @@ def hidden_in_chat(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> frozenset[
     those that write tool calls (`fmt`), which the reply's parser reads. vLLM's skip_special_tokens leaves out
     only the tokens marked special, and DeepSeek's tokenizer marks its role tokens (`<｜User｜>`) plain. (A random
     model wrote image and file placeholders into one reply in eight.)"""
-    kept = set(tok.encode("".join(astuple(fmt)))) if fmt else set()
+    kept = set(tok.encode("".join(fmt.texts))) if fmt else set()
     kept |= {tok.think_id, tok.end_think_id}
     return tok.added_ids - kept
 
@@ -209,8 +239,10 @@ def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
     that do not render `tools` themselves (DeepSeek-V3's and V3.1's do not)."""
     lines = ["## Tools", "You can call the functions below. To call them, answer with only a block like this one:",
              fmt.render([("FUNCTION_NAME", '{"ARGUMENT": VALUE}')]),
-             "with the function's arguments as one JSON object, and one call after the other inside the block "
-             "to call several. The results come back in the next message: answer from them.", ""]
+             "with the function's arguments as one JSON object" + (", one call at a time." if fmt.single else
+                                                                     ", and one call after the other inside the block "
+                                                                     "to call several.")
+             + " The results come back in the next message: answer from them.", ""]
     for t in tools:
         f = t["function"]
         lines += [f"### {f['name']}", *([f["description"]] if f.get("description") else []),

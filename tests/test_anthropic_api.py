@@ -208,10 +208,14 @@ def test_a_last_assistant_message_is_continued(claude, client):
 
 
 def test_json_output_validates(claude):
+    """output_config.format, and the structured-outputs beta's output_format (litellm's anthropic/ response_format
+    sends it; it was ignored, and a free-text reply came back)."""
     schema = Town.model_json_schema() | {"additionalProperties": False}
-    m = claude.messages.create(model="deepseek-chat", max_tokens=120, messages=[{"role": "user", "content": "A town?"}],
-                               output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"})
-    jsonschema.validate(json.loads(m.content[0].text), schema)
+    fmt = {"type": "json_schema", "schema": schema}
+    for asked in ({"output_config": {"format": fmt, "effort": "low"}}, {"extra_body": {"output_format": fmt}}):
+        m = claude.messages.create(model="deepseek-chat", max_tokens=120, messages=[{"role": "user", "content": "A town?"}],
+                                   **asked)
+        jsonschema.validate(json.loads(m.content[0].text), schema)
 
 
 def test_claude_names_are_the_first_model_and_models_are_listed(claude):
@@ -311,6 +315,9 @@ USED = [{"role": "user", "content": "Hi"},
     ({"stop_sequences": [""]}, "stop_sequences", "non-empty"),
     ({"temperature": 3}, "temperature", "temperature"),
     ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema", "required"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {}}}, "output_format": {"type": "json_schema",
+                                                                                           "schema": {}}},
+     "output_format", "once"),
     ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {
         "a": {"type": 7}}}}}}, "output_config.format", "output_config.format"),
 ])

@@ -104,6 +104,20 @@ def test_thinking_variable_reaches_the_template(folders):
         assert ours.opens_thinking(want) == thinking
 
 
+def test_thinking_reaches_templates_that_read_enable_thinking(folders):
+    """Qwen3's templates read `enable_thinking` (vLLM's clients send it in chat_template_kwargs): thinking off reaches
+    them as it reaches V3.1's `thinking`, and other variables a caller gives are the template's too."""
+    base = DeepSeekTokenizer.load(folders["deepseek-v3"])
+    template = ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}|"
+                "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+                "{{ style | default('') }}{% endif %}")
+    tok = DeepSeekTokenizer(base.tok, {**base.config, "chat_template": template})
+    user = [{"role": "user", "content": "hi"}]
+    assert tok.decode(tok.render_prompt(user, thinking=True)) == "hi|"
+    assert tok.decode(tok.render_prompt(user, thinking=False)) == "hi|<think>\n\n</think>\n\n"
+    assert tok.decode(tok.render_prompt(user, variables={"style": "terse"})) == "hi|terse"
+
+
 def test_r1_prompt_without_thinking_closes_an_empty_reasoning_block(folders):
     tok = DeepSeekTokenizer.load(folders["deepseek-r1-distill-qwen"])
     text = tok.decode(tok.render_prompt(CONVERSATIONS["system-user"], thinking=False))

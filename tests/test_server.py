@@ -1,6 +1,7 @@
 """The API server against the official `openai` client, on a live server on 127.0.0.1, and a table
 of bad requests that must each get the right status and an OpenAI-shaped error."""
 
+import gzip
 import json
 import socket
 import threading
@@ -729,6 +730,35 @@ def test_tokenize_counts_what_a_request_would_send(client, server):
     for body in ({}, {"prompt": "x", "messages": messages}, {"messages": []}):
         r = httpx.post(server + "/v1/tokenize", headers=AUTH, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_a_last_assistant_message_is_a_finished_turn_and_template_variables_reach_the_template(client, server, parts):
+    """Without prefix, a conversation that ends with the assistant's reply is answered with a new turn, as OpenAI and
+    vLLM answer it (LangGraph's structured response asks so after an agent's last reply; it was a 400). vLLM's
+    chat_template_kwargs: enable_thinking turns thinking off as `thinking` does; a variable rendering passes itself
+    is refused."""
+    _, tok, _ = parts
+    messages = ask() + [{"role": "assistant", "content": "19"}]
+    counted = httpx.post(server + "/v1/tokenize", headers=AUTH, json={"messages": messages}).json()
+    assert counted["tokens"] == tok.render_prompt([*messages[:-1], {"role": "assistant", "content": "19"}])
+    r = client.chat.completions.create(model="nanoseek-test", messages=messages, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == counted["count"]
+    off = {"thinking": {"type": "disabled"}}
+    for body in ({"chat_template_kwargs": {"enable_thinking": False}}, off):
+        got = httpx.post(server + "/v1/tokenize", headers=AUTH, json={"messages": ask(), **body}).json()
+        assert got["tokens"] == tok.render_prompt(ask(), thinking=False), body
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, {"bos_token": "x"}, {"enable_thinking": "no"}):
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, json={
+            "model": "nanoseek-test", "messages": ask(), "chat_template_kwargs": bad})
+        assert r.status_code == 400 and "chat_template_kwargs" in r.json()["error"]["message"], r.text
+
+
+def test_a_body_that_is_not_utf8_json_says_so(server):
+    for body, says in ((b'{"model": "m", "messages": [{"role": "user", "content": "caf\xe9"}]}', "UTF-8"),
+                       (gzip.compress(b'{"model": "m"}'), "gzip")):
+        r = httpx.post(server + "/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"},
+                       content=body)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
 
 
 def test_conversation_routes_and_missing_ones(server):

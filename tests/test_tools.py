@@ -4,10 +4,13 @@ parsing and streaming a reply's calls, and the AST calculator."""
 import ast
 import json
 import random
+from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
+import trl
+from tokenizers import Tokenizer
 
 from conftest import randomize_
 from nanoseek import tools
@@ -163,3 +166,48 @@ def test_calls_take_the_declared_arguments_only_unless_the_schema_allows_more():
     assert tools.declared_arguments({"type": "object", "description": "no arguments"}) == none
     assert tools.declared_arguments({"type": "object", "additionalProperties": True}) == {"type": "object", "additionalProperties": True}
     assert tools.declared_arguments({"anyOf": [declared, loose]}) == {"anyOf": [declared, loose]}
+
+
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"  # the chat templates of the models TRL trains
+TRANSFORMERS_STYLE = {  # template -> (before, between, after, single): calls as transformers' convention writes them
+    "qwen2_5": ('\n<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>", False),
+    "qwen3": ('<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>", False),
+    "llama3_1": ('{"name": "', '", "parameters": ', "}", True),
+}
+MARKERS = ["<tool_call>", "</tool_call>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS_STYLE))
+def test_probe_reads_templates_that_take_calls_as_transformers_writes_them(folders, name):  # noqa: F811
+    """Qwen's and Llama's templates write `arguments | tojson` (an OpenAI JSON string came out quoted, and the probe
+    found no format: every request with tools to such a model was refused) and Llama 3.1's renders one call a turn:
+    each turn of calls is given the shape its template takes, and Llama's format calls once a turn."""
+    template = TRL_TEMPLATES / f"{name}.jinja"
+    if not template.exists():
+        pytest.skip(f"this trl has no {template.name}")
+    vocabulary = Tokenizer.from_str(DeepSeekTokenizer.load(folders["deepseek-v3"]).tok.to_str())
+    vocabulary.add_special_tokens(MARKERS)  # (DeepSeek's vocabulary with the control tokens these templates write)
+    eos = "<|eot_id|>" if name.startswith("llama") else "<|im_end|>"
+    tok = DeepSeekTokenizer(vocabulary, {"eos_token": eos, "chat_template": template.read_text()})
+    fmt = CallFormat.probe(tok)
+    assert (fmt.before, fmt.between, fmt.after, fmt.single) == TRANSFORMERS_STYLE[name]
+    calls = [{"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": CALLS[0][1]}}]
+    text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                                       "tool_calls": calls}], add_generation_prompt=False)
+    assert fmt.render(CALLS[:1]) in text and "\\\"" not in text  # the arguments written once, as JSON
+
+
+def test_a_turn_of_calls_gets_the_content_its_template_reads(folders):  # noqa: F811
+    """A template that reads an assistant turn's content as text (Qwen3's `'</think>' in message.content`) gets "" for
+    a turn of calls without content; DeepSeek's, which tell such a turn by its content None, keep None."""
+    base = DeepSeekTokenizer.load(folders["deepseek-v3"])
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% if '</think>' in m.content %}T{% endif %}"
+                "{% for c in m.tool_calls %}[{{ c.function.name }} {{ c.function.arguments }}]{% endfor %}"
+                "{% else %}{{ m.content }}{% endif %}{% endfor %}{{ {'é': 1} | tojson(ensure_ascii=False) }}")
+    tok = DeepSeekTokenizer(base.tok, {**base.config, "chat_template": template})
+    assert tok.call_shape == (True, False) and base.call_shape == (False, False)
+    calls = [{"id": "c0", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    assert tok.apply_chat_template(turns, add_generation_prompt=False) == 'x[f {"a": 1}]{"é": 1}'
+    assert '[f {"a": 1}]' in CallFormat.probe(tok).render([("f", '{"a": 1}')])  # (None: no call format, no tools)

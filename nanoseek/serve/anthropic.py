@@ -146,6 +146,7 @@ class CountTokensRequest(StrictBody):
     tool_choice: AnthropicToolChoice | None = None
     thinking: ThinkingConfig | None = None
     output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None  # the structured-outputs beta's form of output_config.format (litellm's)
     thread: dict | None = None  # the SDK's message threads (the server keeps the conversation): refused, see _unthreaded
 
     @model_validator(mode="before")
@@ -157,6 +158,9 @@ class CountTokensRequest(StrictBody):
     def _a_conversation_chat_can_hold(self):
         """Each block in a message of its role, each tool result after the tool_use it answers, a tool choice the tools
         allow, and no tool_use left for the reply to answer: what chat would refuse in its own terms, named in these."""
+        if self.output_format and self.output_config and self.output_config.format:
+            raise ValueError("output_format: give the format once, as output_config.format (output_format is the "
+                             "structured-outputs beta's name for it)")
         choice = self.tool_choice
         names = [t.name for t in self.tools or []]
         check_tools(names, None, choice.name if choice and choice.type == "tool" else None)
@@ -215,7 +219,7 @@ class CountTokensRequest(StrictBody):
     def chat_request(self, **sampling) -> ChatRequest:
         """The chat completion this asks for: tools as functions, tool_choice any as 'required', the thinking type as
         chat's (adaptive, or none given: the model's default), output_config.format as response_format."""
-        choice, fmt = self.tool_choice, self.output_config and self.output_config.format
+        choice, fmt = self.tool_choice, (self.output_config and self.output_config.format) or self.output_format
         return ChatRequest(
             messages=self.chat_messages(),
             thinking=None if self.thinking is None or self.thinking.type == "adaptive" else Thinking(

@@ -34,6 +34,7 @@ BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 HEADER_TIMEOUT = 10.0  # seconds from a connection (or its previous response) to the end of a request's headers
 KEEP_ALIVE = 5  # seconds an idle kept-alive connection stays open
 MAX_CONNECTIONS = 512  # open connections (or requests in flight); over this, uvicorn answers 503
+SHUTDOWN_GRACE = 30  # seconds a stop (SIGTERM, Ctrl-C) waits for the replies under way before closing them
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PUBLIC = ("/", "/health", "/favicon.ico")  # with /static/..., the paths answered without the key (all others need it)
 SECURITY_HEADERS = [
@@ -192,9 +193,11 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 def uvicorn_config(app, host: str, port: int, **overrides) -> uvicorn.Config:
-    """How nanoseek runs uvicorn: HTTP/1.1 with header deadlines, a connection cap, short keep-alive."""
+    """How nanoseek runs uvicorn: HTTP/1.1 with header deadlines, a connection cap, short keep-alive, and a stop that
+    waits for replies under way at most SHUTDOWN_GRACE seconds (a client that stopped reading its stream had held a
+    SIGTERM off for good)."""
     settings = dict(host=host, port=port, http=DeadlineH11Protocol, limit_concurrency=MAX_CONNECTIONS,
-                    timeout_keep_alive=KEEP_ALIVE, log_level="warning")
+                    timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=SHUTDOWN_GRACE, log_level="warning")
     return uvicorn.Config(app, **{**settings, **overrides})
 
 

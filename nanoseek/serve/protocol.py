@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..tokenizer import TEMPLATE_NAMES
+
 
 class APIError(Exception):
     """An error answered as OpenAI's {"error": {...}} body with an HTTP status."""
@@ -241,6 +243,18 @@ def check_tools(names: list[str], choice, named: str | None) -> None:
         raise ValueError("tool_choice: 'required' needs tools")
 
 
+def template_variables(value: dict | None) -> dict | None:
+    """vLLM's chat_template_kwargs: variables the chat template reads (`enable_thinking`, `thinking`: booleans, which
+    turn thinking on or off as `thinking` does), never those rendering itself passes (the messages, the tools, the
+    generation prompt, the special tokens)."""
+    for key, v in (value or {}).items():
+        if key in TEMPLATE_NAMES or key.endswith("_token") or not key.isidentifier():
+            raise ValueError(f"chat_template_kwargs: {key!r} is not a variable a request may set")
+        if key in ("thinking", "enable_thinking") and not isinstance(v, bool):
+            raise ValueError(f"chat_template_kwargs.{key}: true or false, not {v!r}")
+    return value
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -251,6 +265,12 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool = True
     functions: Any = None  # OpenAI's deprecated form of tools and tool_choice: refused, naming them (were ignored)
     function_call: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value):
+        return template_variables(value)
 
     @model_validator(mode="after")
     def _tools_named_once(self):
@@ -282,7 +302,13 @@ class TokenizeRequest(StrictBody):
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     tools: list[Tool] | None = Field(None, max_length=128)
     thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     prompt: str | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value):
+        return template_variables(value)
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -551,9 +577,9 @@ class ResponsesRequest(StrictBody):
         if len(msgs) > MAX_MESSAGES:
             raise APIError(400, f"input: the conversation holds {len(msgs)} messages, over {MAX_MESSAGES}",
                            param="input")
-        if msgs[-1]["role"] == "assistant":
-            raise APIError(400, "input: the last item is the model's own (an assistant message or a function_call); "
-                                "end with a user message or the function_call_output", param="input")
+        if msgs[-1].get("tool_calls"):  # (a last assistant message is a finished turn, the reply a new one)
+            raise APIError(400, "input: the last item is a function_call; end with its function_call_output",
+                           param="input")
         return msgs
 
     def echoed(self) -> dict:

@@ -340,7 +340,17 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
 
 # ---- chat completions ----
 def _thinking(default: bool, body: ChatRequest) -> bool:
-    return default if body.thinking is None else body.thinking.type == "enabled"
+    """Thinking on or off: the request's `thinking`, else its chat_template_kwargs' (vLLM's clients turn Qwen3's off
+    with enable_thinking), else the model name's default."""
+    if body.thinking is not None:
+        return body.thinking.type == "enabled"
+    asked = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k in ("thinking", "enable_thinking")}
+    return next(iter(asked.values())) if asked else default
+
+
+def _template_variables(body: ChatRequest) -> dict:
+    """The request's own template variables, less those `_thinking` reads."""
+    return {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in ("thinking", "enable_thinking")}
 
 
 def _messages(body: ChatRequest) -> list[dict]:
@@ -363,9 +373,8 @@ def _messages(body: ChatRequest) -> list[dict]:
         msgs.append(msg)
     if not any(m["role"] == "user" for m in msgs):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    if msgs[-1]["role"] == "assistant" and not body.messages[-1].prefix:
-        raise APIError(400, "the last message is an assistant message; set prefix: true to continue it",
-                       param="messages")
+    # (a last assistant message without prefix is a finished turn, and the reply a new one, as OpenAI and vLLM answer
+    # it: LangGraph's structured response asks so after an agent's last reply)
     return msgs
 
 
@@ -400,9 +409,10 @@ def _chat_prompt(svc: Service, body: ChatRequest, thinking: bool, tools: list[di
     try:
         if (last := body.messages[-1]).prefix:  # the reply starts as given (see render_prefixed)
             ids, started = svc.tok.render_prefixed(msgs[:-1], last.content or "", last.reasoning_content,
-                                                   thinking=thinking, tools=template_tools)
+                                                   thinking=thinking, tools=template_tools,
+                                                   variables=_template_variables(body))
             return ids, started, True
-        ids = svc.tok.render_prompt(msgs, thinking=thinking, tools=template_tools)
+        ids = svc.tok.render_prompt(msgs, thinking=thinking, tools=template_tools, variables=_template_variables(body))
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
     return ids, svc.tok.opens_thinking(ids), False
@@ -433,7 +443,7 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     answer, trigger = None, None  # Lark rules whose top rule is `answer`; the token that opens them
     if choice is not None:
         chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
-        calls = fmt.grammar(chosen, tok, rule="calls", single=not body.parallel_tool_calls)
+        calls = fmt.grammar(chosen, tok, rule="calls", single=fmt.single or not body.parallel_tool_calls)
         answer = "answer: calls\n" + calls
         if choice == "auto" and json_answer is not None:  # the JSON asked for, or calls
             answer = f"answer: calls | json_answer\njson_answer: {json_answer}\n" + calls
@@ -593,7 +603,8 @@ def _tokenize(svc: Service, thinks: bool, body: TokenizeRequest) -> list[int]:
     """The prompt a chat request of these messages (tools, thinking) or a completion of this text would send."""
     if body.prompt is not None:
         return _completion_prompt(svc, CompletionRequest(prompt=body.prompt), body.prompt).ids
-    chat = ChatRequest(model=body.model, messages=body.messages, tools=body.tools, thinking=body.thinking)
+    chat = ChatRequest(model=body.model, messages=body.messages, tools=body.tools, thinking=body.thinking,
+                       chat_template_kwargs=body.chat_template_kwargs)
     thinking = _thinking(thinks, chat)
     return _chat_prompt(svc, chat, thinking, _tools(svc, chat)[0])[0]
 
@@ -1058,6 +1069,10 @@ def _unreadable(body: bytes) -> str:
         return "the request body nests deeper than a JSON reader goes (about 1,000 levels)"
     except json.JSONDecodeError as e:
         return f"the request body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+    except UnicodeDecodeError as e:  # (a ValueError too)
+        gzip = body[:2] == b"\x1f\x8b"
+        return ("the request body is compressed (gzip): send it uncompressed" if gzip else
+                f"the request body is not UTF-8 text (byte {e.start}: {body[e.start:e.start + 1]!r}); send JSON as UTF-8")
     except ValueError:  # (an integer past Python's limit of 4,300 digits)
         return "the request body holds a number too long to read (over 4,300 digits)"
     return "the request body is not valid JSON"
