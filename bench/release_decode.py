@@ -18,7 +18,8 @@ Each variant is measured in a fresh process, decoding as `nanoseek serve` would 
 CPU, as llama.cpp's f16 cache): load seconds, the warm-up's seconds (compiling, when it does),
 peak resident memory, prefill tok/s
 (512-token prompt), decode tok/s at batch 1 and 8 (16-token prompts, greedy, end-of-sequence off,
-steps timed after the prefill) and, with --context N, at batch 8 after N tokens of context. Beside each decode figure: this machine's memory bandwidth,
+steps timed after the prefill) and, with --context N, at batch 1 and 8 after N tokens of context (llama.cpp: llama-bench
+at depth N, llama-batched-bench). Beside each decode figure: this machine's memory bandwidth,
 measured just before each run (medians of the per-run figures), and the decode limit it implies (bytes of weights one token reads /
 bandwidth; for an MoE only the shared and the routed experts a token uses).
 
@@ -243,6 +244,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     out = {"compiled": compile, "load_s": load_s, "warmup_s": warmup_s, "dtype": str(next(model.parameters()).dtype), "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
            "bytes_per_token": weight_bytes_per_token(model)}
     if context:
+        out["decode_b1_context"] = decode(1, context)
         out["decode_b8_context"] = decode(batch, context)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return out
@@ -295,6 +297,10 @@ class LlamaCpp:
                "decode_b1": next(x["avg_ts"] for x in rows if x["n_gen"] == new)}
         out["decode_b8"] = self.batched(gguf, 16, new, batch)
         if context:
+            r = subprocess.run([str(self.bin / "llama-bench"), "-m", str(gguf), "-t", str(torch.get_num_threads()),
+                                "-p", "0", "-n", str(new), "-d", str(context), "-r", "2", "-o", "json"], check=True,
+                               capture_output=True, text=True)
+            out["decode_b1_context"] = json.loads(r.stdout)[0]["avg_ts"]  # (tg at depth: after `context` tokens)
             out["decode_b8_context"] = self.batched(gguf, context, new, batch)
         out["file_gb"] = gguf.stat().st_size / 1e9
         return out
@@ -354,7 +360,7 @@ def main():
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp source folder with build/bin")
     ap.add_argument("--llama-python", default=sys.executable, help="Python with the converter's requirements")
     ap.add_argument("--llama-bin", type=Path, help="folder of the llama.cpp binaries (default: LLAMA_CPP/build/bin)")
-    ap.add_argument("--context", type=int, default=0, help="also decode at batch 8 after this many tokens of context")
+    ap.add_argument("--context", type=int, default=0, help="also decode at batch 1 and 8 after this many tokens of context")
     ap.add_argument("--serve", action="store_true", help="also start `nanoseek serve` on each folder")
     ap.add_argument("--q4-1", action="store_true", help="with --bits 4: also run llama.cpp's q4_1, the scheme of "
                     "nanoseek's int4 (per group of 32 weights a scale and a minimum; q4_1 holds them in fp16, 5 bits a "
@@ -465,9 +471,9 @@ def main():
             print(f"  against llama.cpp's q4_1 (5 bits, as int4): prefill {med(Q, 'prefill'):.1f}, b1 {med(Q, 'decode_b1'):.2f}, "
                   f"b{args.batch} {med(Q, 'decode_b8'):.2f} tok/s; nanoseek / q4_1: b1 {med(n, 'decode_b1') / med(Q, 'decode_b1'):.2f}x, "
                   f"b{args.batch} {med(n, 'decode_b8') / med(Q, 'decode_b8'):.2f}x, prefill {med(n, 'prefill') / med(Q, 'prefill'):.2f}x")
-        if args.context:
-            print(f"  decode b{args.batch} after {args.context} tokens of context: nanoseek {med(n, 'decode_b8_context'):.1f}"
-                  + (f", llama.cpp {med(('llama.cpp', b), 'decode_b8_context'):.1f} tok/s" if llama else " tok/s"))
+        for rows, field in ((1, "decode_b1_context"), (args.batch, "decode_b8_context")) if args.context else ():
+            print(f"  decode b{rows} after {args.context} tokens of context: nanoseek {med(n, field):.1f}"
+                  + (f", llama.cpp {med(('llama.cpp', b), field):.1f} tok/s" if llama else " tok/s"))
     if args.serve:
         for b in bits:
             print(f"serve {names[b]}: {serve_check(folders[b])}", flush=True)

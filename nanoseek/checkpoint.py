@@ -384,6 +384,10 @@ def save_model(model: DeepseekForCausalLM, path: str | os.PathLike, max_shard_by
     for p in stale:
         p.unlink()
     cfg = model.config.to_dict()
+    if not model.config.is_gqa and model.config.moe_layer_freq != 1 and model.config.n_routed_experts:
+        warnings.warn(f"moe_layer_freq = {model.config.moe_layer_freq}: nanoseek reads this folder back as it is, "
+                      "as DeepSeek's own code does, but transformers ignores moe_layer_freq and would load it with "
+                      "mixture-of-experts layers where this model has dense ones (their weights random)", stacklevel=2)
     cfg["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if quantized:  # the widest bit width and its group; layers that could not take int4 are int8 (see swap_linears)

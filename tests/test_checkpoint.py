@@ -324,3 +324,15 @@ def test_unreadable_tokenizer_files_are_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[]")
     with pytest.raises(ValueError, match="tokenizer_config.json: a JSON object expected, not a list"):
         DeepSeekTokenizer.load(tmp_path)
+
+
+def test_a_layout_transformers_misreads_is_saved_with_a_warning_and_swish_is_silu(tmp_path):
+    """transformers' DeepSeek models ignore moe_layer_freq: a folder of such a model loads there with random experts in
+    its dense layers, so saving one warns (nanoseek reads it back as it is). "swish" is transformers' other name for
+    SiLU."""
+    model = build_model(get_preset("tiny", moe_layer_freq=2, first_k_dense_replace=0, hidden_act="swish"))
+    with pytest.warns(UserWarning, match="transformers ignores moe_layer_freq"):
+        nanoseek.save_model(model, tmp_path / "m")
+    again = nanoseek.load_model(tmp_path / "m")
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)

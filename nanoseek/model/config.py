@@ -243,7 +243,7 @@ class ModelConfig:
         for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
                      "num_nextn_predict_layers"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
-        need(self.hidden_act == "silu", "hidden_act", "only 'silu' is supported")
+        need(self.hidden_act in ("silu", "swish"), "hidden_act", "only 'silu' (also called 'swish') is supported")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.first_k_dense_replace == 0 or self.intermediate_size > 0, "intermediate_size",
