@@ -360,6 +360,12 @@ class DeepSeekTokenizer:
         return _ids(self._plain, text)
 
     @cached_property
+    def longest_token_chars(self) -> int:
+        """At least the most characters one token's text holds (a text of n characters is at least n / this many
+        tokens): the longest vocabulary entry (a byte-level entry writes a byte a character, so its text is no longer)."""
+        return max(1, max(map(len, self.tok.get_vocab(with_added_tokens=True))))
+
+    @cached_property
     def control_tokens(self) -> tuple[str, ...]:
         """The added tokens that structure a prompt (every one but the think tags), longest first."""
         added = (t.content for t in self.tok.get_added_tokens_decoder().values())

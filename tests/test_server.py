@@ -686,6 +686,15 @@ def test_context_overflow_names_the_parameter(server):
     assert httpx.post(server + "/v1/completions", json={"prompt": [5] * 256, **score}, headers=h, timeout=30).is_success
     r = httpx.post(server + "/v1/completions", json={"prompt": [5] * 257, **score}, headers=h, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"].endswith("shorten it by at least 1"), r.text
+    # a text no tokenization fits is refused before it is tokenized (8 MB took 10 s and a gigabyte to refuse)
+    huge = "word " * 200_000
+    for route, body, param in (("chat/completions", {"messages": ask(huge)}, "messages"),
+                               ("completions", {"prompt": huge}, "prompt")):
+        t = time.perf_counter()
+        r = httpx.post(f"{server}/v1/{route}", json=body, headers=h, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 400 and (err["code"], err["param"]) == ("context_length_exceeded", param), r.text
+        assert "1,000,0" in err["message"] and "at least" in err["message"] and time.perf_counter() - t < 2
 
 
 def test_api_key_guards_the_api_but_not_the_page(server):

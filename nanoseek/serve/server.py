@@ -615,6 +615,8 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     prefix). Run off the event loop: rendering and tokenizing a long prompt takes seconds."""
     thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
+    _certainly_fits(svc, [part for m in _messages(body) for part in (m["content"], m.get("reasoning_content")) if part],
+                    "messages")
     prompt, started, prefixed = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens, svc.hidden_in_chat)
     # the text the reply goes on from: the prefix's reasoning (reasoning_content, else content) where the reply starts
@@ -1055,8 +1057,21 @@ def _completion_response(svc: Service, body: CompletionRequest, prompts: list[_P
                          "usage": _completion_usage(svc, prompts, jobs, drawn)})
 
 
+def _certainly_fits(svc: Service, texts: list[str], param: str) -> None:
+    """Refuse texts too long for the context however they tokenize (no token is longer than the vocabulary's longest
+    text) before tokenizing them: an 8 MB prompt took 10 s of CPU to be refused, and the tokenizer's threads kept the
+    gigabyte it took."""
+    chars, longest = sum(map(len, texts)), svc.tok.longest_token_chars
+    if chars > svc.engine.max_len * longest:
+        raise APIError(400, f"the prompt is over this model's context of {svc.engine.max_len} tokens: {chars:,} "
+                            f"characters are at least {chars // longest:,} tokens", param=param,
+                       code="context_length_exceeded")
+
+
 def _completion_jobs(svc: Service, body: CompletionRequest) -> tuple[list[_Prompt], list[SamplingParams]]:
     """Each prompt ready for the engine, with its sampling parameters (off the event loop, like _chat_job)."""
+    for p in body.prompts:
+        _certainly_fits(svc, [p] if isinstance(p, str) else [], "prompt")
     prompts = [_completion_prompt(svc, body, p) for p in body.prompts]
     return prompts, [_completion_params(svc, body, p) for p in prompts]
 
