@@ -351,15 +351,15 @@ def test_mla_attention_over_bf16_kv_b_equals_the_float_attention(isa, B, S, c, q
 @pytest.mark.parametrize("B, S, H", [(1, 1, 4), (8, 1, 4), (2, 2, 16), (3, 4, 2), (1, 1, 20), (2, 1, 3), (1, 3, 3)])
 @pytest.mark.parametrize("T", [0, 5, 37, 300])
 @pytest.mark.parametrize("c, r", [(64, 16), (44, 6), (512, 64)])
-@pytest.mark.parametrize("latents", ["fp32", "fp16"])
+@pytest.mark.parametrize("latents", ["fp32", "fp16", "bf16"])
 def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B, S, H, T, c, r, latents):
     """nanoseek::mla_latent_attention (scores, mask, softmax and weighted latents in one pass, 16 latents at a time,
     8 with AVX2) gives MLA's attention between its two products as torch computes it, on each instruction set: any
     number of cached latents (none, part of a block, many blocks), rows of queries past one group of 8 (H = 20), groups
     of rows not a multiple of 4 (3 and 9 rows),
     widths not a multiple of 16 (or 8), the past's rows spaced apart as in the cache, positions masked out (the
-    running maximum restarting); the cached latents fp32, or fp16 with the mask in bytes (KVCache's, a half-precision
-    cache: torch's reference widens them), the new ones fp32."""
+    running maximum restarting); the cached latents fp32, or fp16 or bf16 with the mask in bytes (KVCache's, a
+    half-precision cache: torch's reference widens them), the new ones fp32."""
     from nanoseek.model.attention import MLA
 
     config = get_preset("tiny", hidden_size=128, num_attention_heads=H, qk_nope_head_dim=16, v_head_dim=16,
@@ -371,8 +371,8 @@ def test_the_latent_attention_kernel_equals_torch_s_products_and_softmax(isa, B,
     new = torch.randn(B, S + 1, c + r)[:, 1:]
     mask = torch.rand(B, S, T + S) > 0.5
     mask[..., T:] = torch.ones(S, S, dtype=torch.bool).tril()  # (every query sees itself)
-    if latents == "fp16":
-        past, mask = past.half(), mask.to(torch.uint8)
+    if latents != "fp32":
+        past, mask = past.to({"fp16": torch.float16, "bf16": torch.bfloat16}[latents]), mask.to(torch.uint8)
     calls, got = absorbed_on(isa, mla, (q_nope, q_pe, past, new, mask))
     assert calls.get("nanoseek::mla_latent_attention") == 1
     with pytest.MonkeyPatch.context() as m:

@@ -15,7 +15,7 @@ experts' and the shared ones' products in two grouped calls, their activation an
 `mla_attention` / `mla_attention_int4`: MLA's absorbed attention for a few rows of fp32 activations with kv_b_proj's
 weight in bf16 or in int4 (ops.cpp; the products in mla.cpp and, for int4's value half, int4.cpp), which torch has
 no CPU product for. `mla_latent_attention`: the attention between those products (scores, mask, softmax, weighted
-latents) in one pass over the cached latents, fp32 or fp16 (mla.cpp), which both call and MLA in Python calls with a
+latents) in one pass over the cached latents, fp32, fp16 or bf16 (mla.cpp), which both call and MLA in Python calls with a
 float kv_b_proj. `gqa_attention`: the same pass over a grouped-query cache's keys and values (fp32, fp16 or bf16), for
 the Qwen2/Qwen3/Llama derivatives' decoding.
 

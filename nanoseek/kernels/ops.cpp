@@ -178,9 +178,10 @@ static bool mask_ok(const at::Tensor& mask) {
     return mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
 }
 
-// the cached latents fp32 or fp16 (a half-precision cache), the new ones fp32
+// the cached latents fp32, fp16 or bf16 (a half-precision cache), the new ones fp32
 static bool latents_ok(const at::Tensor& past, const at::Tensor& fresh) {
-    return (past.scalar_type() == at::kFloat || past.scalar_type() == at::kHalf) && fresh.scalar_type() == at::kFloat;
+    const at::ScalarType kind = past.scalar_type();
+    return (kind == at::kFloat || kind == at::kHalf || kind == at::kBFloat16) && fresh.scalar_type() == at::kFloat;
 }
 
 // the kernel over cached rows (mla.cpp; kernels.h's LatentAttention) into out [B, J, c]: q [B, J, w], past [B, T, w]
@@ -218,7 +219,7 @@ static MlaShape mla_check(const char* op, const at::Tensor& q_nope, const at::Te
          mask.sizes() == at::IntArrayRef({m.B, m.S, m.T + m.S});
     TORCH_CHECK_VALUE(ok, op, ": q_nope ", q_nope.sizes(), ", q_pe ", q_pe.sizes(), ", past ", past.sizes(),
                       ", fresh ", fresh.sizes(), ", mask ", mask.sizes(), ": wants fp32 [B, S, H, d], [B, S, H, r], ",
-                      "[B, T, c + r], [B, S, c + r] (the cached latents fp32 or fp16, the new ones fp32) on the CPU ",
+                      "[B, T, c + r], [B, S, c + r] (the cached latents fp32, fp16 or bf16, the new ones fp32) on the CPU ",
                       "(B * S <= 8), a bool or uint8 mask [B, S, T + S], ", weight);
     return m;
 }
@@ -317,7 +318,7 @@ static at::Tensor mla_attention_int4(const at::Tensor& q_nope, const at::Tensor&
 }
 
 // The attention between the products alone, for MLA's absorbed attention in Python (a float kv_b_proj): q [B, S*H, c + r]
-// (the queries in the latent space with their rotary parts), past [B, T, c + r] (fp32 or fp16), fresh [B, S, c + r]
+// (the queries in the latent space with their rotary parts), past [B, T, c + r] (fp32, fp16 or bf16), fresh [B, S, c + r]
 // (fp32), mask [B, S, T + S]; -> [B, S*H, c].
 static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& past, const at::Tensor& fresh,
                                        const at::Tensor& mask, int64_t c, double scale) {
@@ -331,7 +332,7 @@ static at::Tensor mla_latent_attention(const at::Tensor& q, const at::Tensor& pa
          fresh.size(0) == B && fresh.size(2) == w && mask.sizes() == at::IntArrayRef({B, S, T + S});
     TORCH_CHECK_VALUE(ok, "mla_latent_attention: q ", q.sizes(), ", past ", past.sizes(), ", fresh ", fresh.sizes(),
                       ", mask ", mask.sizes(), ", c ", c, ": wants fp32 [B, S*H, w], [B, T, w], [B, S, w] (the cached latents ",
-                      "fp32 or fp16, the new ones fp32) on the CPU (each row's w numbers adjacent), a bool or uint8 ",
+                      "fp32, fp16 or bf16, the new ones fp32) on the CPU (each row's w numbers adjacent), a bool or uint8 ",
                       "mask [B, S, T + S], 0 < c <= min(w, 1024), w <= 1152");
     const at::Tensor qc = q.contiguous(), mc = mask.contiguous();
     at::Tensor out = at::empty({B, q.size(1), c}, qc.options());

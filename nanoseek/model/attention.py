@@ -141,7 +141,7 @@ class MLA(nn.Module):
     def absorbed_attention(self, q_nope, q_pe, past, new, mask) -> torch.Tensor:
         """Attention straight over latents: the cached past [B, T, c + r] and the new tokens' own
         [B, S, c + r] (c_kv then k_pe, as the cache stores them), mask [B, S, T + S]. Returns
-        [B, S, H, dv]. The past is in the cache's dtype (nanoseek's kernels read fp16 beside fp32
+        [B, S, H, dv]. The past is in the cache's dtype (nanoseek's kernels read fp16 and bf16 beside fp32
         activations; any other is widened here), the new latents in the model's. The key half of
         kv_b_proj turns each query into the latent space, so one product with [c_kv ; k_pe] scores
         the nope and rope parts together; heads are folded into the rows (S*H) so the cache is read
@@ -149,7 +149,7 @@ class MLA(nn.Module):
         B, S, H, d = q_nope.shape
         c, T = self.kv_rank, past.shape[1]
         kv_b = self.kv_b_proj
-        kernel_latents = past.dtype in (torch.float32, torch.float16) and new.dtype == torch.float32
+        kernel_latents = past.dtype in (torch.float32, torch.float16, torch.bfloat16) and new.dtype == torch.float32
         fits = q_nope.dtype == torch.float32 and 0 < B * S <= MLA_MAX_ROWS and c <= MLA_MAX_LATENT \
             and q_nope.device.type == "cpu" and kernel_latents  # what the C++ operators take
         if hasattr(kv_b, "dequantize"):  # quantized, int4 (quant.QuantLinear, swap_linears): a few rows of fp32 through
