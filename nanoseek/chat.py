@@ -22,8 +22,8 @@ from .inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Requ
 from .inference.constraints import Grammar, vocabulary
 from .reasoning import ReasoningStream
 from .tokenizer import ChatFormatError, DeepSeekTokenizer, is_text
-from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
-                    renders_tools, run_calculator)
+from .tools import (CALCULATOR, CallFormat, CallStream, calculator_format, call_tokens, call_trigger, describe_tools,
+                    hidden_in_chat, renders_tools, run_calculator)
 
 MAX_TOOL_ROUNDS = 4  # rounds of calls per user message; the reply after the last may not call
 REPLY_TOKENS = 1024  # a reply's most tokens when --max-tokens is not given (or what the context leaves)
@@ -44,9 +44,9 @@ class Tools:
         fmt = calculator_format(tok, engine.max_len)
         if fmt is None:
             return None
-        opener = tok.encode(fmt.opener)
         vocab = vocabulary(tok.tok.to_str(), engine.config.vocab_size, tok.eos_ids)
-        calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"), opener[0])
+        calls = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"),
+                                call_trigger(tok, fmt))
         return Tools(fmt, calls, no_calls(tok, fmt))
 
     def prompt(self, tok: DeepSeekTokenizer, convo: list[dict], think: bool) -> list[int]:

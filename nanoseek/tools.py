@@ -17,7 +17,7 @@ import math
 import operator
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .inference.constraints import json_rule, literal
 from .reasoning import partial_suffix
@@ -40,14 +40,23 @@ def declared_arguments(parameters: dict | None) -> dict:
     return parameters
 
 
+def call_trigger(tok: DeepSeekTokenizer, fmt: "CallFormat | None") -> int | None:
+    """The token that opens a block of calls where one does, so a reply may call at any point (the grammar of the
+    block starts at it): the opener if it is one token (DeepSeek's `<｜tool▁calls▁begin｜>`), or its first token if
+    that is a control token no text writes (Qwen's `<tool_call>`, then the rest of `{"name": "`). None otherwise
+    (Llama 3.1's opener is plain text)."""
+    opener = tok.encode(fmt.opener) if fmt is not None else []
+    return opener[0] if len(opener) == 1 or (opener and opener[0] in tok.added_ids) else None
+
+
 def call_tokens(tok: DeepSeekTokenizer, fmt: "CallFormat | None") -> frozenset[int]:
-    """The tokens that write tool calls and tool outputs, the format's opener among them where it is one
-    token: what a reply that may call no tool is kept from writing (a model taught to call the calculator
-    wrote a raw call into a reply to a request without tools). None without a call format."""
+    """The tokens that write tool calls and tool outputs, the format's trigger among them (`call_trigger`): what a
+    reply that may call no tool is kept from writing (a model taught to call the calculator wrote a raw call into a
+    reply to a request without tools). None without a call format."""
     if fmt is None:
         return frozenset()
-    opener = tok.encode(fmt.opener)
-    return tok.tool_ids | ({opener[0]} if len(opener) == 1 else frozenset())
+    trigger = call_trigger(tok, fmt)
+    return tok.tool_ids | ({trigger} if trigger is not None else frozenset())
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,18 @@ class CallFormat:
             spots = [text.find(x) for x in (_NAMES[0], _ARGS[0], _NAMES[1], _ARGS[1])[:2 * count]]
             if -1 in spots or spots != sorted(spots):
                 return None
-            return CallFormat._read(tok, head, text, spots) if count == 2 else CallFormat._read_one(tok, head, text, spots)
+            fmt = CallFormat._read(tok, head, text, spots) if count == 2 else CallFormat._read_one(tok, head, text, spots)
+            return fmt and fmt._unspaced()
         return None
+
+    def _unspaced(self) -> "CallFormat":
+        """The format without the whitespace it opens with (Qwen2.5's template writes a newline between a turn's
+        content and its calls, there when the content is empty too): a reply's calls may start it, and the text
+        before them is its content, stripped; between calls the whitespace stays."""
+        if self.begin:
+            return replace(self, begin=self.begin.lstrip())
+        before = self.before.lstrip()
+        return replace(self, before=before, sep=self.sep + self.before[: len(self.before) - len(before)])
 
     @staticmethod
     def _read_one(tok: DeepSeekTokenizer, head: list[int], text: str, spots: list[int]) -> "CallFormat | None":
@@ -253,10 +272,10 @@ def describe_tools(tools: list[dict], fmt: CallFormat) -> str:
 
 def calculator_format(tok: DeepSeekTokenizer, max_len: int) -> CallFormat | None:
     """The call format, if the built-in calculator is worth offering to this model: its template writes
-    calls, opens them with one token (so a reply may call at any point), and the calculator's
+    calls, opens them with a token of their own (`call_trigger`: a reply may call at any point), and the calculator's
     description takes at most a quarter of the context."""
     fmt = CallFormat.probe(tok)
-    if fmt is None or len(tok.encode(fmt.opener)) != 1:
+    if fmt is None or call_trigger(tok, fmt) is None:
         return None
     return fmt if len(tok.encode(describe_tools([CALCULATOR], fmt))) <= max_len // 4 else None
 

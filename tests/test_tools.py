@@ -170,7 +170,7 @@ def test_calls_take_the_declared_arguments_only_unless_the_schema_allows_more():
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"  # the chat templates of the models TRL trains
 TRANSFORMERS_STYLE = {  # template -> (before, between, after, single): calls as transformers' convention writes them
-    "qwen2_5": ('\n<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>", False),
+    "qwen2_5": ('<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>", False),
     "qwen3": ('<tool_call>\n{"name": "', '", "arguments": ', "}\n</tool_call>", False),
     "llama3_1": ('{"name": "', '", "parameters": ', "}", True),
 }
@@ -211,3 +211,37 @@ def test_a_turn_of_calls_gets_the_content_its_template_reads(folders):  # noqa: 
     turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": calls}]
     assert tok.apply_chat_template(turns, add_generation_prompt=False) == 'x[f {"a": 1}]{"é": 1}'
     assert '[f {"a": 1}]' in CallFormat.probe(tok).render([("f", '{"a": 1}')])  # (None: no call format, no tools)
+
+
+def test_a_served_qwen_style_model_calls_tools_and_takes_its_calls_back(tmp_path):
+    """End to end through the server: a tiny random Qwen2 model with Qwen2.5's template (its tool-call markers as
+    control tokens) answers tool_choice "required" with a call the client parses, and takes that call back in its
+    history as OpenAI sends it (content null, arguments a JSON string)."""
+    import openai
+
+    from conftest import tiny_gqa_config
+    from nanoseek.serve.server import create_app
+    from test_server import LiveServer
+
+    template = TRL_TEMPLATES / "qwen2_5.jinja"
+    if not template.exists():
+        pytest.skip("this trl has no qwen2_5.jinja")
+    vocabulary = DeepSeekTokenizer.train(["What is the weather in Hangzhou? " * 3, '{"city": "x", "unit": "c"}'] * 20,
+                                         vocab_size=300).tok
+    vocabulary.add_special_tokens(MARKERS)
+    tok = DeepSeekTokenizer(vocabulary, {"eos_token": "<|im_end|>", "chat_template": template.read_text()})
+    torch.manual_seed(0)
+    model = build_model(tiny_gqa_config(vocab_size=tok.vocab_size, max_position_embeddings=2048)).eval()
+    engine = Engine(model, decode=tok.decode, max_batch=2, max_len=2048, eos_token_id=tok.eos_id)
+    with LiveServer(create_app(engine, tok, name="qwen-tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ask = [{"role": "user", "content": "What is the weather in Hangzhou?"}]
+        r = client.chat.completions.create(model="qwen-tiny", messages=ask, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=200, temperature=0, extra_body={"thinking": {"type": "disabled"}})
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        history = ask + [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+        again = client.chat.completions.create(model="qwen-tiny", messages=history, tools=[WEATHER], max_tokens=2)
+        assert again.choices[0].finish_reason in ("length", "stop", "tool_calls")

@@ -16,7 +16,7 @@ from ..inference import Engine, SamplingParams
 from ..inference.constraints import Grammar, vocabulary
 from ..reasoning import split_reasoning
 from ..tokenizer import DeepSeekTokenizer
-from ..tools import CALCULATOR, CallFormat, describe_tools, renders_tools, run_calculator
+from ..tools import CALCULATOR, CallFormat, call_trigger, describe_tools, renders_tools, run_calculator
 
 ANSWER_TOKENS = 64  # the reply after the calculator's result: the answer alone
 
@@ -35,7 +35,7 @@ class CalculatorOffer:
         self.system = None if self.tools else describe_tools([CALCULATOR], fmt)
         vocab = vocabulary(tok.tok.to_str(), n_vocab, tok.eos_ids)
         self.grammar = Grammar.compile(vocab, "start: answer\n" + fmt.grammar([CALCULATOR], tok, rule="answer"),
-                                       tok.encode(fmt.opener)[0])
+                                       call_trigger(tok, fmt))
 
     def chat(self, question: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []

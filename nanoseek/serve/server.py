@@ -42,8 +42,8 @@ from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, Sam
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
 from ..tokenizer import THINK, ChatFormatError, DeepSeekTokenizer
-from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, describe_tools, hidden_in_chat,
-                     renders_tools)
+from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, call_trigger, describe_tools,
+                     hidden_in_chat, renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
 from .guard import LOOPBACK, MAX_BODY, Guard
 from .protocol import (APIError, ChatRequest, CompletionRequest, InputItem, NamedToolChoice, ResponsesRequest,
@@ -448,13 +448,13 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
         if choice == "auto" and json_answer is not None:  # the JSON asked for, or calls
             answer = f"answer: calls | json_answer\njson_answer: {json_answer}\n" + calls
         elif choice == "auto":  # free text until the model opens a block of calls
-            opener = tok.encode(fmt.opener)
-            if len(opener) != 1:
-                raise APIError(400, "this model opens tool calls with several tokens; use tool_choice 'required' "
-                                    "or a named function", param="tool_choice")
+            trigger = call_trigger(tok, fmt)
+            if trigger is None:
+                raise APIError(400, "this model opens tool calls with plain text, no token of their own; use "
+                                    "tool_choice 'required' or a named function", param="tool_choice")
             # (the call format's other tokens are the grammar's: free text writing one left it in the content)
-            return svc.grammar("start: answer\n" + answer, opener[0], frozenset(banned), False, after,
-                               call_tokens(tok, fmt) - {opener[0]}, opens)
+            return svc.grammar("start: answer\n" + answer, trigger, frozenset(banned), False, after,
+                               call_tokens(tok, fmt) - {trigger}, opens)
     else:
         banned |= call_tokens(tok, fmt)
     if answer is None and json_answer is not None:
@@ -504,8 +504,7 @@ class _AnswerLogprobs:
         self.leading = True
         self.covered = 0  # characters of the content that the entries handed out by `upto` hold
         # the block of tool calls is no content (OpenAI gives calls no logprobs): the entries end where it opens
-        opener = svc.tok.encode(svc.call_format.opener) if svc.call_format else []
-        self.opener, self.calling = opener[0] if len(opener) == 1 else None, False
+        self.opener, self.calling = call_trigger(svc.tok, svc.call_format), False
 
     def feed(self, entries: list[dict]) -> list[dict]:
         out = []
