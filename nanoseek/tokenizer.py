@@ -470,7 +470,7 @@ class DeepSeekTokenizer:
         answers directly. `variables`: more of the template's own (vLLM's chat_template_kwargs). Control
         tokens inside the messages and tools are read as text (see encode_text)."""
         text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
-                                        tools=self._protected(tools), **_thinking_variables(thinking, variables))
+                                        tools=self._protected(tools), **thinking_variables(thinking, variables))
         if not thinking and text.rstrip().endswith(THINK):
             text = text.rstrip() + "\n\n" + END_THINK + "\n\n"
         return self._encode_rendered(text)
@@ -485,7 +485,7 @@ class DeepSeekTokenizer:
         starts the answer after it (`reasoning=""`: an answer that starts with `prefix`, no reasoning).
         A prefix that opens with `<think>` writes the reply raw, tag included. With thinking off the
         reasoning block is closed empty and `prefix` starts the answer."""
-        variables = _thinking_variables(thinking, variables)
+        variables = thinking_variables(thinking, variables)
         text = self.apply_chat_template(self._protected(messages), add_generation_prompt=True,
                                         tools=self._protected(tools), **variables)
         prefix, reasoning = self._protected(prefix), self._protected(reasoning)
@@ -639,10 +639,13 @@ def _arguments(arguments: str | dict) -> str:
 TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt"})  # what rendering itself passes a template
 
 
-def _thinking_variables(thinking: bool, variables: dict | None) -> dict:
+THINKING_NAMES = ("thinking", "enable_thinking")  # the variables DeepSeek-V3.1's and Qwen3's templates turn thinking by
+
+
+def thinking_variables(thinking: bool, variables: dict | None = None) -> dict:
     """A template's variables: the caller's (`variables`), and thinking on or off as DeepSeek-V3.1's (`thinking`) and
     Qwen3's (`enable_thinking`) templates read it."""
-    return {**(variables or {}), "thinking": thinking, "enable_thinking": thinking}
+    return {**(variables or {}), **dict.fromkeys(THINKING_NAMES, thinking)}
 
 
 def _shaped(message: dict, empty: bool, as_object: bool) -> dict:

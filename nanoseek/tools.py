@@ -21,10 +21,9 @@ from dataclasses import dataclass, replace
 
 from .inference.constraints import json_rule, literal
 from .reasoning import partial_suffix
-from .tokenizer import ChatFormatError, DeepSeekTokenizer
+from .tokenizer import ChatFormatError, DeepSeekTokenizer, thinking_variables
 
 _NAMES, _ARGS = ("nanoseek_probe_a", "nanoseek_probe_b"), ('{"probe": 1}', '{"probe": 2}')
-_OFF = {"thinking": False, "enable_thinking": False}  # thinking off as DeepSeek-V3.1's and Qwen3's templates read it
 
 
 ANNOTATIONS = {"type", "title", "description", "required", "$schema"}  # keys that declare no argument
@@ -85,19 +84,19 @@ class CallFormat:
                  for i, (n, a) in enumerate(zip(_NAMES, _ARGS))]
         user = {"role": "user", "content": "probe"}
         try:
-            head = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True, **_OFF))
+            head = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True, **thinking_variables(False)))
         except ChatFormatError:
             return None
         for count in (2, 1):
+            turn = {"role": "assistant", "content": None, "tool_calls": calls[:count]}
             try:
-                text = tok.apply_chat_template([user, {"role": "assistant", "content": None, "tool_calls": calls[:count]}],
-                                               add_generation_prompt=False, **_OFF)
+                text = tok.apply_chat_template([user, turn], add_generation_prompt=False, **thinking_variables(False))
             except ChatFormatError:
                 continue
             spots = [text.find(x) for x in (_NAMES[0], _ARGS[0], _NAMES[1], _ARGS[1])[:2 * count]]
             if -1 in spots or spots != sorted(spots):
                 return None
-            fmt = CallFormat._read(tok, head, text, spots) if count == 2 else CallFormat._read_one(tok, head, text, spots)
+            fmt = (CallFormat._read if count == 2 else CallFormat._read_one)(tok, head, text, spots)
             return fmt and fmt._unspaced()
         return None
 

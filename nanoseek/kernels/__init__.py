@@ -243,11 +243,17 @@ def int4_grouped(products: Sequence[tuple], isa: int | None = None) -> None:
 MLA_MAX_ROWS, MLA_MAX_LATENT = 8, 1024
 
 
+def runs_here(operator: str) -> bool:
+    """Whether nanoseek's C++ operator nanoseek::<operator> runs here: AVX2 or AVX-512, the library built with ops.cpp
+    (loading it registers the operators)."""
+    return int4_isa() > 0 and library() is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"nanoseek::{operator}", "CPU")
+
+
 @torch._dynamo.assume_constant_result
 def mla_available() -> bool:
     """Whether the operator nanoseek::mla_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
-    return int4_isa() > 0 and library() is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::mla_attention", "CPU")
+    return runs_here("mla_attention")
 
 
 _OPERATORS = torch.library.Library("nanoseek", "FRAGMENT")
@@ -281,8 +287,7 @@ torch.library.register_fake("nanoseek::int4_experts", lambda x, weights, indices
 @torch._dynamo.assume_constant_result
 def int4_experts_available() -> bool:
     """Whether the operator nanoseek::int4_experts runs here (the library built with ops.cpp)."""
-    return int4_isa() > 0 and library() is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::int4_experts", "CPU")
+    return runs_here("int4_experts")
 
 
 # a small float mixture-of-experts layer for a few tokens over its stacked experts (MoE.prepare_compiled_decode); C++
@@ -307,15 +312,13 @@ def float_linear_available() -> bool:
 
 @lru_cache(maxsize=1)  # (asked at every product of layers.Linear)
 def _float_linear_here() -> bool:
-    return int4_isa() > 0 and library() is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::float_linear", "CPU")
+    return runs_here("float_linear")
 
 
 @torch._dynamo.assume_constant_result
 def float_experts_available() -> bool:
     """Whether the operator nanoseek::float_experts runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
-    return int4_isa() > 0 and library() is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::float_experts", "CPU")
+    return runs_here("float_experts")
 
 
 def float_experts_take(hidden: int, intermediate: int) -> bool:
@@ -349,7 +352,7 @@ torch.library.register_fake("nanoseek::mla_latent_attention", lambda q, past, fr
 @torch._dynamo.assume_constant_result
 def mla_latent_available() -> bool:
     """Whether the operator nanoseek::mla_latent_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
-    return mla_available() and torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::mla_latent_attention", "CPU")
+    return runs_here("mla_latent_attention")
 
 
 # grouped-query attention over the cache while decoding (GQA.cached_attention); C++ only (ops.cpp, mla.cpp's kernel)
@@ -361,8 +364,7 @@ torch.library.register_fake("nanoseek::gqa_attention", lambda q, past, fresh, ma
 @torch._dynamo.assume_constant_result
 def gqa_attention_available() -> bool:
     """Whether the operator nanoseek::gqa_attention runs here (AVX2 or AVX-512, the library built with ops.cpp)."""
-    return int4_isa() > 0 and library() is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::gqa_attention", "CPU")
+    return runs_here("gqa_attention")
 
 
 # the same with kv_b_proj in int4 (QuantLinear's qweight, scales, zeros and units: [H * (d + dv), *])

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..tokenizer import TEMPLATE_NAMES
+from ..tokenizer import TEMPLATE_NAMES, THINKING_NAMES
 
 
 class APIError(Exception):
@@ -250,7 +250,7 @@ def template_variables(value: dict | None) -> dict | None:
     for key, v in (value or {}).items():
         if key in TEMPLATE_NAMES or key.endswith("_token") or not key.isidentifier():
             raise ValueError(f"chat_template_kwargs: {key!r} is not a variable a request may set")
-        if key in ("thinking", "enable_thinking") and not isinstance(v, bool):
+        if key in THINKING_NAMES and not isinstance(v, bool):
             raise ValueError(f"chat_template_kwargs.{key}: true or false, not {v!r}")
     return value
 

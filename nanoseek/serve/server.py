@@ -41,7 +41,7 @@ from ..data.shards import fim_arrange
 from ..inference import ContextOverflow, Engine, EngineBusy, InvalidRequest, SamplingParams
 from ..inference.constraints import LEADING_SPACE, Grammar, GrammarError, json_rule, vocabulary
 from ..reasoning import ReasoningStream, split_reasoning
-from ..tokenizer import THINK, ChatFormatError, DeepSeekTokenizer
+from ..tokenizer import THINK, THINKING_NAMES, ChatFormatError, DeepSeekTokenizer
 from ..tools import (CallFormat, CallStream, calculator_format, call_tokens, call_trigger, describe_tools,
                      hidden_in_chat, renders_tools)
 from .chats import NO_EXAMPLES, example_routes, routes, tool_routes
@@ -344,13 +344,13 @@ def _thinking(default: bool, body: ChatRequest) -> bool:
     with enable_thinking), else the model name's default."""
     if body.thinking is not None:
         return body.thinking.type == "enabled"
-    asked = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k in ("thinking", "enable_thinking")}
+    asked = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k in THINKING_NAMES}
     return next(iter(asked.values())) if asked else default
 
 
 def _template_variables(body: ChatRequest) -> dict:
     """The request's own template variables, less those `_thinking` reads."""
-    return {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in ("thinking", "enable_thinking")}
+    return {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in THINKING_NAMES}
 
 
 def _messages(body: ChatRequest) -> list[dict]:
@@ -614,8 +614,7 @@ def _chat_job(svc: Service, thinks: bool, body: ChatRequest) -> tuple[list[int],
     prefix). Run off the event loop: rendering and tokenizing a long prompt takes seconds."""
     thinking = _thinking(thinks, body)
     tools, choice = _tools(svc, body)
-    _certainly_fits(svc, [part for m in _messages(body) for part in (m["content"], m.get("reasoning_content")) if part],
-                    "messages")
+    _certainly_fits(svc, [part for m in body.messages for part in (m.content, m.reasoning_content) if part], "messages")
     prompt, started, prefixed = _chat_prompt(svc, body, thinking, tools)
     params = _sampling(svc, body, len(prompt), body.max_completion_tokens or body.max_tokens, svc.hidden_in_chat)
     # the text the reply goes on from: the prefix's reasoning (reasoning_content, else content) where the reply starts
