@@ -249,9 +249,9 @@ def template_variables(value: dict | None) -> dict | None:
     generation prompt, the special tokens)."""
     for key, v in (value or {}).items():
         if key in TEMPLATE_NAMES or key.endswith("_token") or not key.isidentifier():
-            raise ValueError(f"chat_template_kwargs: {key!r} is not a variable a request may set")
+            raise ValueError(f"{key!r} is not a variable a request may set")
         if key in THINKING_NAMES and not isinstance(v, bool):
-            raise ValueError(f"chat_template_kwargs.{key}: true or false, not {v!r}")
+            raise ValueError(f"{key}: true or false, not {v!r}")
     return value
 
 
