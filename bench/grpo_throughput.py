@@ -216,7 +216,8 @@ def main():
     transformers.logging.set_verbosity_error()  # the MTP layer's weights, unknown to transformers, are skipped
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed gradient-checkpointing calls
-    cfg = GRPOConfig(tasks=[args.task], prompts_per_step=args.prompts, group_size=args.group)
+    cfg = GRPOConfig(tasks=[args.task], prompts_per_step=args.prompts, group_size=args.group,
+                     no_thinking_share=0.0)  # TRL asks every prompt with thinking on
     train = replace(RL_TRAIN, warmup_steps=0, max_steps=1, checkpoint_every=0)
     total = args.warmup + args.rounds * args.block
     problems = rollout_problems(cfg, total * args.prompts)

@@ -681,6 +681,9 @@ def pretrain(
                                    "training one."),
     task_documents: int = typer.Option(DataConfig.task_documents, min=1, help="Problems generated for the 'tasks' "
                                        "source."),
+    no_thinking_share: float = typer.Option(DataConfig.no_thinking_share, callback=_within(0, 1), help="The share of "
+                                            "the 'tasks' source's problems answered with thinking off (the working "
+                                            "shown in the reply)."),
     fim_rate: float = typer.Option(DataConfig.fim_rate, callback=_within(0, 1), help="FIM rate for corpus documents (code from "
                                    "'stdlib' uses 0.5)."),
     eval_every: int = typer.Option(PRETRAIN_TRAIN.eval_every, min=0, help="Evaluate held-out loss every N steps "
@@ -703,7 +706,7 @@ def pretrain(
     cfg = DataConfig(sources=data, seq_len=seq_len, batch_size=batch_size,
                      vocab_size=None if tokenizer else vocab_size or DataConfig.vocab_size,
                      tokenizer=str(tokenizer) if tokenizer else None, task_documents=task_documents,
-                     fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
+                     no_thinking_share=no_thinking_share, fim_rate=fim_rate, skip_bad_records=skip_bad_records, seed=seed)
     import torch
 
     from .train.pretrain import pretrain as run_pretrain
@@ -896,6 +899,10 @@ def rl(
     dr_grpo: bool = typer.Option(False, help="Dr. GRPO advantages (no std division)."),
     mode: Literal["r1", "r1-zero"] = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero "
                                                   "prompt on a base model)."),
+    no_thinking_share: float = typer.Option(GRPOConfig.no_thinking_share, callback=_within(0, 1), help="r1 mode: the "
+                                            "share of problems asked with thinking off, the reply's last paragraph "
+                                            "scored (keeps the thinking-off replies SFT taught from wearing down; "
+                                            "not for the calculator family)."),
     checkpoint_every: int = _checkpoint_every_option(RL_TRAIN.checkpoint_every),
     precision: Precision = _precision_option(),
     compile: bool = _train_compile_option(),
@@ -907,7 +914,8 @@ def rl(
     if mode == "r1-zero" and "calculator" in tasks:
         _fail("--mode: r1-zero asks with R1-Zero's prompt, which offers no tools; the calculator family needs r1")
     cfg = GRPOConfig(tasks=tasks, prompts_per_step=prompts, group_size=group, updates_per_rollout=updates,
-                     temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode, seed=seed)
+                     temperature=temperature, beta=beta, loss_norm=loss_norm, dr_grpo=dr_grpo, mode=mode,
+                     no_thinking_share=no_thinking_share, seed=seed)
     from .train.grpo import rl as run_rl
     from .train.runs import exclusive
 

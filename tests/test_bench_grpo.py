@@ -31,7 +31,7 @@ def test_rollout_problems_are_the_ones_rollouts_draws():
     tok = bench.DeepSeekTokenizer.load(bench.MODEL)
     model = bench.nanoseek.load_model(bench.MODEL, dtype=torch.float32)
     for tasks in (["countdown"], ["add", "mul"]):
-        cfg = GRPOConfig(tasks=tasks, prompts_per_step=5, group_size=2, seed=3)
+        cfg = GRPOConfig(tasks=tasks, prompts_per_step=5, group_size=2, seed=3, no_thinking_share=0.0)  # as the bench
         rollouts = Rollouts(model, tok, cfg)
         seen = []
 

@@ -206,3 +206,46 @@ def test_a_run_resumed_between_two_updates_on_one_batch_updates_on_it_again(monk
     assert torch.equal(again["ids"], first["ids"]) and torch.equal(uninterrupted["ids"], first["ids"])
     assert torch.equal(again["frozen"]["old"], torch.tensor([0.5])) and again["stats"] == {}
     assert torch.equal(next(resumed)["ids"], next(run)["ids"])  # then both draw the next batch
+
+
+def test_rollouts_asked_with_thinking_off_are_scored_on_their_last_paragraph():
+    """A share of the problems is asked with thinking off (whole groups, the prompt closing the reasoning block):
+    a reply that shows its working and then the answer earns the reward, one in the thinking-on shape does not,
+    and the thinking-off accuracy is logged apart."""
+    from types import SimpleNamespace
+
+    import nanoseek
+    from nanoseek.tokenizer import END_THINK, DeepSeekTokenizer
+    from nanoseek.train.grpo import GRPOConfig, Rollouts, prompt_ids
+
+    shipped = nanoseek.__path__[0] + "/assets/model"
+    model, tok = nanoseek.load_model(shipped), DeepSeekTokenizer.load(shipped)
+    for share in (0.0, 0.5, 1.0):
+        cfg = GRPOConfig(tasks=["add"], prompts_per_step=12, group_size=2, no_thinking_share=share, seed=1)
+        run = Rollouts(model, tok, cfg)
+        task, problems, modes = run.tasks["add"], [], []
+        sample = task.sample  # recorded: the step's problems in the order it asks them
+        task.sample = lambda *a, **k: problems.append(sample(*a, **k)) or problems[-1]
+
+        def generate(prompts, params):
+            replies = []
+            for i, prompt in enumerate(prompts):
+                problem = problems[i // cfg.group_size]
+                off = prompt == prompt_ids(tok, problem.question, "r1", thinking=False)
+                assert off or prompt == prompt_ids(tok, problem.question, "r1")
+                modes.append(off)
+                work = task.solution(problem)
+                # the first of each group right in its mode's shape, the second wrong in the other mode's
+                answer = problem.answer if i % 2 == 0 else str(int(problem.answer) + 1)
+                shaped = [f"{work}\n\n{answer}", f"{work}\n{END_THINK}\n\n{answer}"]
+                replies.append(SimpleNamespace(tokens=tok.encode(shaped[(i % 2) ^ (not off)]) + [tok.eos_id]))
+            return replies
+
+        run.engine.generate = generate
+        batch = run._sample()
+        off = sum(modes) // cfg.group_size
+        assert modes[::2] == modes[1::2]  # a group is asked one way
+        assert off == {0.0: 0, 1.0: cfg.prompts_per_step}.get(share, off) and (share != 0.5 or 0 < off < 12)
+        assert batch["stats"]["accuracy"] == pytest.approx(0.5)  # each group: one reply in its mode's shape
+        assert batch["stats"].get("accuracy_thinking_off") == (None if share == 0 else pytest.approx(0.5))
+        assert batch["n"] == 2 * cfg.prompts_per_step  # every group varied

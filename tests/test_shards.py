@@ -136,6 +136,25 @@ def test_task_documents_render_like_the_chat_template(tok):
     assert "<think>" in doc and "</think>" in doc
 
 
+def test_pretraining_answers_a_share_of_the_problems_with_thinking_off(tok, tmp_path):
+    """The 'tasks' source writes DataConfig.no_thinking_share of its problems in the thinking-off form chat SFT and
+    serving use (the reasoning block closed empty, the working in the reply); the problems are the same either way."""
+    from nanoseek.train.pretrain import _documents
+    from nanoseek.train.settings import DataConfig
+
+    def docs(share):
+        return list(_documents("tasks", tok, DataConfig(task_documents=600, no_thinking_share=share), "train", None))
+
+    off = "<think>\n\n</think>\n\n"
+    assert DataConfig().no_thinking_share == 0.15
+    default, none, every = docs(DataConfig().no_thinking_share), docs(0.0), docs(1.0)
+    share = sum(off in d for d in default) / len(default)
+    assert 0.08 < share < 0.22 and not any(off in d for d in none)
+    assert [d.split("<｜Assistant｜>")[0] for d in default] == [d.split("<｜Assistant｜>")[0] for d in none]
+    turns = [d for d in every if d.count("<｜User｜>") == 1 and "<think>\n" in d]
+    assert turns and all(off in d for d in turns)  # (small talk with thinking off is its reply alone)
+
+
 def test_task_documents_use_only_the_train_split(tok):
     from nanoseek.data.tasks import get_task
 

@@ -12,9 +12,8 @@ from conftest import randomize_
 from nanoseek.data.builtin import builtin_conversations
 from nanoseek.data.small_talk import INTENTS
 from nanoseek.data.tasks import get_task
-from nanoseek.data.tasks.rewards import accuracy_reward
+from nanoseek.data.tasks.rewards import accuracy_reward, without_thinking
 from nanoseek.data.tool_use import expression, hard_problem, tool_use_conversations, value
-from nanoseek.eval.tasks import without_thinking
 from nanoseek.eval.tool_use import evaluate_tool_use
 from nanoseek.inference import Engine
 from nanoseek.model import build_model, get_preset, padded_vocab

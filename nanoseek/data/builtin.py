@@ -70,9 +70,10 @@ def builtin_conversations(n: int, seed: int = 0, chat_fraction: float = CHAT_FRA
 
 
 def task_documents(tok: DeepSeekTokenizer, n: int, seed: int = 0, split: str = "train",
-                   mix: dict[str, float] | None = None) -> Iterator[str]:
-    """The built-in conversations as chat-formatted documents (special tokens included) for the shards."""
-    for messages in builtin_conversations(n, seed, split=split, mix=mix or DEFAULT_MIX):
+                   mix: dict[str, float] | None = None, no_thinking: float = 0.0) -> Iterator[str]:
+    """The built-in conversations as chat-formatted documents (special tokens included) for the shards;
+    `no_thinking` as in builtin_conversations."""
+    for messages in builtin_conversations(n, seed, split=split, mix=mix or DEFAULT_MIX, no_thinking=no_thinking):
         yield tok.chat_text(messages)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data.tasks import problems_for, token_budget
-from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward
+from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward, without_thinking
 from ..inference import Engine, SamplingParams
 from ..tokenizer import END_THINK, DeepSeekTokenizer
 
@@ -37,16 +37,6 @@ def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, wording: str, think
     task, problems = problems_for(family, n, wording, seed)
     return task, problems, [tok.render_prompt([{"role": "user", "content": p.question}], thinking=thinking)
                             for p in problems]
-
-
-THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off reply, which the scorer requires
-
-
-def without_thinking(reply: str) -> str:
-    """A thinking-off reply in the scorer's `reasoning </think> answer` shape: its last paragraph is the
-    answer, the working shown above it (Task.conversation) stands as the reasoning."""
-    work, _, answer = reply.strip().rpartition("\n\n")
-    return f"{THINKING_OFF} {work}\n{END_THINK}\n\n{answer}"
 
 
 @dataclass

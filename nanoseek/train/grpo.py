@@ -28,7 +28,7 @@ from rich.console import Console
 
 from ..checkpoint import load_model, refuse_quantized
 from ..data.tasks import token_budget
-from ..data.tasks.rewards import accuracy_reward, format_reward, reward
+from ..data.tasks.rewards import accuracy_reward, format_reward, reward, without_thinking
 from ..data.tool_use import Calculator, rl_task
 from ..eval.tool_use import ANSWER_TOKENS, CalculatorOffer
 from ..inference import Engine, SamplingParams
@@ -46,10 +46,10 @@ R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a 
                     "The reasoning ends with </think>, followed by the answer.\nUser: {question}\nAssistant: <think>\n")
 
 
-def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str) -> list[int]:
+def prompt_ids(tok: DeepSeekTokenizer, question: str, mode: str, thinking: bool = True) -> list[int]:
     if mode == "r1-zero":
         return [tok.bos_id] + tok.encode(R1_ZERO_TEMPLATE.format(question=question))
-    return tok.render_prompt([{"role": "user", "content": question}], thinking=True)
+    return tok.render_prompt([{"role": "user", "content": question}], thinking=thinking)
 
 
 class Rollouts:
@@ -117,11 +117,15 @@ class Rollouts:
         problems = []
         for _ in range(cfg.prompts_per_step):
             name = self.rng.choice(cfg.tasks)
-            problems.append((name, self.tasks[name].sample(self.rng, "train", canonical=cfg.canonical)))
+            problem = self.tasks[name].sample(self.rng, "train", canonical=cfg.canonical)
+            thinking = not (cfg.no_thinking_share and cfg.mode == "r1" and name != Calculator.name
+                            and self.rng.random() < cfg.no_thinking_share)
+            problems.append((name, problem, thinking))
         samples, prompts, params = [], [], []  # samples: (task, problem, chat when the calculator is offered)
-        for name, p in problems:
+        thinks = []  # per sample: was it asked with thinking on
+        for name, p, thinking in problems:
             chat = self.offer.chat(p.question) if name == Calculator.name else None
-            ids = self.offer.prompt(chat) if chat else prompt_ids(tok, p.question, cfg.mode)
+            ids = self.offer.prompt(chat) if chat else prompt_ids(tok, p.question, cfg.mode, thinking)
             room = self.engine.max_len - len(ids)  # a small model's context may not hold the whole budget
             if room < 1:
                 raise ConfigError(f"{name}: a prompt of {len(ids)} tokens fills the model's {self.engine.max_len}-token "
@@ -129,10 +133,13 @@ class Rollouts:
             for _ in range(cfg.group_size):
                 samples.append((self.tasks[name], p, chat))
                 prompts.append(ids)
+                thinks.append(thinking)
                 params.append(self._params(min(self.budget[name], room), self.offer.grammar if chat else None))
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them
+        # a thinking-off reply is scored as evaluation scores it: its last paragraph is the answer
+        texts = [text if thinking else without_thinking(text) for text, thinking in zip(texts, thinks)]
         rows = [[(prompt, r.tokens)] for prompt, r in zip(prompts, reqs)]  # each sample's (prompt, completion)s
         answers, calls = self._follow_calls(samples, prompts, texts, rows)
         rollout_time = time.perf_counter() - t0
@@ -148,6 +155,8 @@ class Rollouts:
                  "format_rate": format_rate.mean().item(),
                  "response_length": lengths.mean().item(), "groups_kept": keep.float().mean().item(),
                  "rollout_s": rollout_time}
+        if not all(thinks):
+            stats["accuracy_thinking_off"] = accuracy[[not t for t in thinks]].mean().item()
         offered = [i for i, s in enumerate(samples) if s[2] is not None]
         if offered:
             stats["calculator_calls"] = calls / len(offered)

@@ -42,7 +42,8 @@ def _documents(source: str, tok: DeepSeekTokenizer, cfg: DataConfig, split: str,
                stats: CorpusStats) -> Iterator[str | tuple[str, float]]:
     if source == "tasks":
         n = cfg.task_documents if split == "train" else cfg.eval_documents
-        yield from task_documents(tok, n, seed=cfg.seed + (split == "test"), split=split)
+        yield from task_documents(tok, n, seed=cfg.seed + (split == "test"), split=split,
+                                  no_thinking=cfg.no_thinking_share)
     elif source == "stdlib":
         chars = cfg.code_chars if split == "train" else max(cfg.code_chars // 20, 1)
         docs = code_documents(chars, split=split)

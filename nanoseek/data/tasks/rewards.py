@@ -27,6 +27,17 @@ def split_completion(completion: str) -> tuple[str, str] | None:
     return reasoning, answer
 
 
+THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off reply, which the scorer requires
+
+
+def without_thinking(reply: str) -> str:
+    """A thinking-off reply (the prompt closed the reasoning block) in the `reasoning </think> answer` shape the
+    rewards read: its last paragraph is the answer, the working shown above it (Task.conversation) stands as
+    the reasoning. A reply that writes a think tag itself stays malformed."""
+    work, _, answer = reply.strip().rpartition("\n\n")
+    return f"{THINKING_OFF} {work}\n{END_THINK}\n\n{answer}"
+
+
 def format_reward(completion: str) -> float:
     """1 for exactly one well-formed reasoning block followed by an answer, else 0."""
     return 1.0 if split_completion(completion) is not None else 0.0
