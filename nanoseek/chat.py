@@ -60,9 +60,10 @@ class Tools:
         return tok.render_prompt([{"role": "system", "content": note}, *convo], thinking=think)
 
 
-def no_calls(tok: DeepSeekTokenizer, fmt: CallFormat | None) -> Grammar | None:
-    """What a reply that may call no tool follows: `call_tokens` banned, as the server bans them."""
-    banned = call_tokens(tok, fmt)
+def no_calls(tok: DeepSeekTokenizer, fmt: CallFormat | None, thinking: bool = True) -> Grammar | None:
+    """What a reply that may call no tool follows: `call_tokens` banned, as the server bans them, and with
+    thinking off the think tags."""
+    banned = call_tokens(tok, fmt) | (frozenset() if thinking else tok.think_tags)
     return Grammar.compile(None, None, banned=banned) if banned else None
 
 
@@ -191,7 +192,7 @@ def chat(engine: Engine, tok: DeepSeekTokenizer, console: Console, system: str =
     check_room(engine, tok, system, think, offered, max_tokens or 1)
     # no tools: no raw calls either (unless speculating: drafts are verified without a token ban)
     fmt = CallFormat.probe(tok)
-    plain = None if offered is not None or engine.speculative else no_calls(tok, fmt)
+    plain = None if offered is not None or engine.speculative else no_calls(tok, fmt, think)
     hidden = hidden_in_chat(tok, fmt)
     if offered is not None:
         console.print("[dim](the model may use a calculator; --no-tools turns it off)[/]")

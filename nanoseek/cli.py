@@ -199,6 +199,15 @@ def _positive(x: float) -> float:
     return x
 
 
+def _origins(values: list[str]) -> list[str]:
+    """serve --allowed-origin: each a web origin as browsers send it (scheme://host[:port], no path), or *."""
+    for origin in values:
+        if origin != "*" and not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:?#\[\]@]+)(:\d{1,5})?", origin):
+            raise typer.BadParameter(f"{origin!r} is not an origin: give scheme://host[:port] as the browser's address "
+                                     "bar shows it, without a path (http://localhost:3000), or * for any")
+    return [o.lower() if o != "*" else o for o in values]
+
+
 def _within(low: float, high: float | None = None, above: bool = False) -> Callable[[float | None], float | None]:
     """A float option's check: a finite number from `low` (or above it) up to `high` (None: not given)."""
     def check(x: float | None) -> float | None:
@@ -760,7 +769,7 @@ def generate(
         try:
             # no tools offered: no raw calls (unless speculating: drafts are verified without a token ban)
             fmt = CallFormat.probe(tok)
-            grammar = None if raw or engine.speculative else no_calls(tok, fmt)
+            grammar = None if raw or engine.speculative else no_calls(tok, fmt, think)
             new = max_tokens or engine.fitting(len(ids), GENERATE_TOKENS)
             hidden = tok.special_ids if raw else hidden_in_chat(tok, fmt)  # as /v1/completions and a chat reply
             req = engine.submit(ids, SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
@@ -1163,6 +1172,10 @@ def serve(
                             "$XDG_DATA_HOME/nanoseek/chats.db or ~/.local/share/nanoseek/chats.db; never in the model)."),
     allowed_host: list[str] = typer.Option([], metavar="NAME", help="Without an API key, also answer requests "
                                            "for this Host name (repeatable; loopback names and --host always are)."),
+    allowed_origin: list[str] = typer.Option([], metavar="ORIGIN", callback=_origins, help="Let web pages from this "
+                                             "origin (e.g. http://localhost:3000; repeatable; * for any) call the API "
+                                             "from a browser (CORS). None by default. With * and no API key, any page "
+                                             "you open can use the server."),
     speculative: bool = _speculative_option(),
     compile: bool | None = _compile_option(),
     quantize: Quantize = _quantize_option(),
@@ -1200,11 +1213,15 @@ def serve(
                           f"{folder / 'chats.db'} to keep using that file, or move it to {default_path()}")
     first = served[0]
     application = create_app(first.engine, first.tok, name=first.name, api_key=api_key, store=store,
-                             examples=first.examples, allowed_hosts=allowed_hosts(host, allowed_host), also=served[1:])
+                             examples=first.examples, allowed_hosts=allowed_hosts(host, allowed_host), also=served[1:],
+                             allowed_origins=allowed_origin)
     address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
     what = ", ".join(f"{f or 'the shipped chat model'} as '{n}'" for f, n in zip(model or [None], names))
     console.print(f"[bold]nanoseek[/] serving {what} on http://{address}:{port}  "
                   f"(web app at /, API at /v1{', key required' if api_key else ''}; conversations kept in {store.path})")
+    if "*" in allowed_origin and not api_key:
+        console.print("[yellow]note[/] --allowed-origin '*' without an API key: any web page opened in a browser on "
+                      "this machine can use the server (set --api-key to require a key)")
     run(application, host, port)
 
 

@@ -235,6 +235,12 @@ class DeepSeekTokenizer:
         return {k: self.generation[k] for k in SAMPLING_DEFAULTS if self.generation.get(k) is not None}
 
     @property
+    def think_tags(self) -> frozenset[int]:
+        """The ids of <think> and </think> the vocabulary has: what a reply asked with thinking off may not write (a
+        model that always closed its reasoning before answering closed the block the prompt had closed already)."""
+        return frozenset({self.think_id, self.end_think_id} - {None})
+
+    @property
     def own_format(self) -> bool:
         """nanoseek's own chat tokens are all there (training renders conversations token by token)."""
         return None not in (self.bos_id, self.user_id, self.assistant_id, self.think_id, self.end_think_id)

@@ -233,6 +233,7 @@ def test_rollouts_asked_with_thinking_off_are_scored_on_their_last_paragraph():
                 problem = problems[i // cfg.group_size]
                 off = prompt == prompt_ids(tok, problem.question, "r1", thinking=False)
                 assert off or prompt == prompt_ids(tok, problem.question, "r1")
+                assert (params[i].grammar.banned == tok.think_tags) if off else params[i].grammar is None  # as served
                 modes.append(off)
                 work = task.solution(problem)
                 # the first of each group right in its mode's shape, the second wrong in the other mode's

@@ -119,6 +119,30 @@ def test_thinking_off_replies_are_scored_by_their_last_paragraph():
     assert accuracy_reward(task, problem, without_thinking(f"{task.solution(problem)} {problem.answer}")) == 0
 
 
+def test_thinking_off_is_asked_as_the_server_asks_it():
+    """Evaluation, the terminal chat and `generate` ask with thinking off as the server does: the think tags banned
+    (the shipped pipeline's SFT model closed the block the prompt had closed, after its working, on every problem)."""
+    from types import SimpleNamespace
+
+    from nanoseek.chat import no_calls
+    from nanoseek.eval.tasks import evaluate_many
+
+    tok = DeepSeekTokenizer.load(SHIPPED)
+
+    class Asked:
+        def generate(self, prompts, params):
+            self.params = params
+            return [SimpleNamespace(text="12\n\n12", tokens=[1]) for _ in prompts]
+
+    for thinking in (True, False):
+        engine = Asked()
+        evaluate_many(engine, tok, [("add", "canonical")], n=3, thinking=thinking)
+        assert all((p.grammar is None) if thinking else p.grammar.banned == tok.think_tags for p in engine.params)
+    fmt = CallFormat.probe(tok)
+    assert tok.think_tags == {tok.think_id, tok.end_think_id}
+    assert not no_calls(tok, fmt).banned & tok.think_tags and no_calls(tok, fmt, thinking=False).banned >= tok.think_tags
+
+
 def test_tool_use_evaluation_runs_the_calls():
     tok = DeepSeekTokenizer.load(SHIPPED)
     torch.manual_seed(0)

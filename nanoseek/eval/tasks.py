@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..data.tasks import problems_for, token_budget
 from ..data.tasks.rewards import accuracy_reward, final_answer, format_reward, without_thinking
 from ..inference import Engine, SamplingParams
+from ..inference.constraints import Grammar
 from ..tokenizer import END_THINK, DeepSeekTokenizer
 
 
@@ -30,6 +31,11 @@ class FamilyResult:
 
     def row(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def thinking_off(tok: DeepSeekTokenizer) -> Grammar | None:
+    """What a reply asked with thinking off follows, as the server asks it: the think tags banned."""
+    return Grammar.compile(None, None, banned=tok.think_tags) if tok.think_tags else None
 
 
 def prompts_for(tok: DeepSeekTokenizer, family: str, n: int, wording: str, thinking: bool = True, seed: int = 1234):
@@ -82,9 +88,10 @@ def evaluate_family(engine: Engine, tok: DeepSeekTokenizer, family: str, n: int 
 def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str, str]], n: int = 100,
                   samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
                   seed: int = 0, thinking: bool = True) -> list[tuple[FamilyResult, list[dict]]]:
-    """Several (family, wording) evaluations in one batch through the engine. With
-    thinking off the prompt closes the reasoning block itself and the reply is scored by without_thinking."""
+    """Several (family, wording) evaluations in one batch through the engine. With thinking off the prompt closes
+    the reasoning block itself, the reply may not write a think tag (thinking_off) and is scored by without_thinking."""
     temp = sampling_temperature(temperature, samples)
+    grammar = None if thinking else thinking_off(tok)
     jobs, prompts, params = [], [], []
     for family, wording in specs:
         task, problems, ids = prompts_for(tok, family, n, wording, thinking)
@@ -92,7 +99,8 @@ def evaluate_many(engine: Engine, tok: DeepSeekTokenizer, specs: list[tuple[str,
         jobs.append((family, task, problems, len(prompts)))
         for p in ids:
             for _ in range(samples):
-                params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts)))
+                params.append(SamplingParams(max_new_tokens=cap, temperature=temp, seed=seed + len(prompts),
+                                             grammar=grammar))
                 prompts.append(p)
     reqs = engine.generate(prompts, params)
     if not thinking:

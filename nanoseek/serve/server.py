@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -174,11 +175,12 @@ API_BASES = ("/v1", "", "/beta")
 
 def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", api_key: str | None = None,
                store=None, examples: dict = NO_EXAMPLES, allowed_hosts: Sequence[str] = LOOPBACK,
-               max_body: int = MAX_BODY, also: Sequence[Service] = ()) -> FastAPI:
+               max_body: int = MAX_BODY, also: Sequence[Service] = (), allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The app serving `name` (engine, tok) and the models in `also`, each under its own name;
     without `api_key` it answers only requests whose Host is in `allowed_hosts` (guard.allowed_hosts
     gives them for a bound address); bodies over `max_body` bytes are refused. `examples`
-    (chats.read_examples of the model folder) fill the web app's welcome screen."""
+    (chats.read_examples of the model folder) fill the web app's welcome screen. Web pages served from
+    `allowed_origins` ("*": any) may call it from a browser (CORS; none by default)."""
     from .anthropic import AnthropicErrors, routes as anthropic_routes  # (a module built on this one)
 
     models = Models([Service(engine, tok, name, examples), *also])
@@ -197,6 +199,9 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, hosts=allowed_hosts, max_body=max_body)
     app.add_middleware(AnthropicErrors)  # outside the Guard: its refusals under /anthropic in Anthropic's shape too
+    if allowed_origins:  # outermost: a browser's preflight carries no key, and every answer (refusals too) needs the header
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"], max_age=600)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):  # a busy server says when to try again (the SDKs wait that long)
@@ -429,7 +434,7 @@ def _grammar(svc: Service, body: ChatRequest, thinking: bool, started: bool, too
     (none offered, or tool_choice 'none') so are the tokens of calls and tool outputs (a model taught
     to call a calculator once wrote a raw call into a reply to a request without tools)."""
     tok, fmt = svc.tok, svc.call_format
-    tags = frozenset({tok.think_id, tok.end_think_id} - {None})
+    tags = tok.think_tags
     banned = set() if thinking else set(tags)
     reasoning_end = tok.end_think_id if thinking and started and tok.end_think_id is not None else None
     after = (reasoning_end, tags) if reasoning_end is not None else None

@@ -30,6 +30,7 @@ from ..checkpoint import load_model, refuse_quantized
 from ..data.tasks import token_budget
 from ..data.tasks.rewards import accuracy_reward, format_reward, reward, without_thinking
 from ..data.tool_use import Calculator, rl_task
+from ..eval.tasks import thinking_off
 from ..eval.tool_use import ANSWER_TOKENS, CalculatorOffer
 from ..inference import Engine, SamplingParams
 from ..model.config import ConfigError
@@ -72,6 +73,7 @@ class Rollouts:
         self.engine = Engine(model, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
                              max_len=max(self.budget.values()) + 256 + tools_prompt, eos_token_id=tok.eos_id,
                              compile=compile)
+        self.thinking_off = thinking_off(tok)  # what a thinking-off rollout follows, as serving asks it
         self.rng = random.Random(cfg.seed)
         self.draws = 0
         self._last: dict | None = None  # the latest rollouts, reused for updates_per_rollout steps
@@ -134,7 +136,8 @@ class Rollouts:
                 samples.append((self.tasks[name], p, chat))
                 prompts.append(ids)
                 thinks.append(thinking)
-                params.append(self._params(min(self.budget[name], room), self.offer.grammar if chat else None))
+                grammar = self.offer.grammar if chat else None if thinking else self.thinking_off
+                params.append(self._params(min(self.budget[name], room), grammar))
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them
