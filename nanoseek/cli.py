@@ -909,7 +909,7 @@ def rl(
     mode: Literal["r1", "r1-zero"] = typer.Option(GRPOConfig.mode, help="r1 (chat template) or r1-zero (R1-Zero "
                                                   "prompt on a base model)."),
     no_thinking_share: float = typer.Option(GRPOConfig.no_thinking_share, callback=_within(0, 1), help="r1 mode: the "
-                                            "share of problems asked with thinking off, the reply's last paragraph "
+                                            "share of problems asked with thinking off, the reply's last line "
                                             "scored (keeps the thinking-off replies SFT taught from wearing down; "
                                             "not for the calculator family)."),
     checkpoint_every: int = _checkpoint_every_option(RL_TRAIN.checkpoint_every),

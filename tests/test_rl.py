@@ -208,9 +208,9 @@ def test_a_run_resumed_between_two_updates_on_one_batch_updates_on_it_again(monk
     assert torch.equal(next(resumed)["ids"], next(run)["ids"])  # then both draw the next batch
 
 
-def test_rollouts_asked_with_thinking_off_are_scored_on_their_last_paragraph():
+def test_rollouts_asked_with_thinking_off_are_scored_on_their_last_line():
     """A share of the problems is asked with thinking off (whole groups, the prompt closing the reasoning block):
-    a reply that shows its working and then the answer earns the reward, one in the thinking-on shape does not,
+    a reply that shows its working and then the answer on its last line earns the reward, one in the thinking-on shape does not,
     and the thinking-off accuracy is logged apart."""
     from types import SimpleNamespace
 
@@ -238,7 +238,7 @@ def test_rollouts_asked_with_thinking_off_are_scored_on_their_last_paragraph():
                 work = task.solution(problem)
                 # the first of each group right in its mode's shape, the second wrong in the other mode's
                 answer = problem.answer if i % 2 == 0 else str(int(problem.answer) + 1)
-                shaped = [f"{work}\n\n{answer}", f"{work}\n{END_THINK}\n\n{answer}"]
+                shaped = [f"{work}\n{answer}", f"{work}\n{END_THINK}\n\n{answer}"]
                 replies.append(SimpleNamespace(tokens=tok.encode(shaped[(i % 2) ^ (not off)]) + [tok.eos_id]))
             return replies
 

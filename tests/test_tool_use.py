@@ -88,7 +88,7 @@ def test_sft_mixture_adds_tool_and_thinking_off_conversations():
 
 def test_thinking_off_task_replies_show_their_working_above_the_answer():
     """A task problem answered with thinking off writes the worked solution in the reply, then its answer
-    alone after a blank line (what the thinking-off scorer reads); small talk gives its reply alone; the
+    alone on the next line (what the thinking-off scorer reads); small talk gives its reply alone; the
     problems drawn do not depend on the share answered with thinking off."""
     on, off = builtin_conversations(300, seed=3), builtin_conversations(300, seed=3, no_thinking=0.5)
     assert [c[-2]["content"] for c in on] == [c[-2]["content"] for c in off]  # the same questions
@@ -103,19 +103,19 @@ def test_thinking_off_task_replies_show_their_working_above_the_answer():
             assert reply["content"] == plain[-1]["content"]
             continue
         shown += 1
-        assert reply["content"] == f"{plain[-1]['reasoning_content']}\n\n{plain[-1]['content']}"
+        assert reply["content"] == f"{plain[-1]['reasoning_content']}\n{plain[-1]['content']}"
         assert without_thinking(reply["content"]).endswith(f"\n\n{plain[-1]['content']}")
     assert 100 < shown < 200
     assert not any(c[-1].get("thinking") is False for c in on)
 
 
-def test_thinking_off_replies_are_scored_by_their_last_paragraph():
+def test_thinking_off_replies_are_scored_by_their_last_line():
     task = get_task("add")
     problem = task.heldout(1)[0]
     worked = task.conversation(problem, thinking=False)[-1]["content"]
     assert accuracy_reward(task, problem, without_thinking(worked)) == 1.0
     assert accuracy_reward(task, problem, without_thinking(problem.answer)) == 1.0  # an answer alone
-    assert accuracy_reward(task, problem, without_thinking(f"{problem.answer}\n\n{int(problem.answer) + 1}")) == 0
+    assert accuracy_reward(task, problem, without_thinking(f"{problem.answer}\n{int(problem.answer) + 1}")) == 0
     assert accuracy_reward(task, problem, without_thinking(f"{task.solution(problem)} {problem.answer}")) == 0
 
 

@@ -141,7 +141,7 @@ class Rollouts:
         self.model.eval()
         reqs = self.engine.generate(prompts, params)
         texts = [tok.decode([t for t in r.tokens if t != tok.eos_id]) for r in reqs]  # as the engine would show them
-        # a thinking-off reply is scored as evaluation scores it: its last paragraph is the answer
+        # a thinking-off reply is scored as evaluation scores it: its last line is the answer
         texts = [text if thinking else without_thinking(text) for text, thinking in zip(texts, thinks)]
         rows = [[(prompt, r.tokens)] for prompt, r in zip(prompts, reqs)]  # each sample's (prompt, completion)s
         answers, calls = self._follow_calls(samples, prompts, texts, rows)

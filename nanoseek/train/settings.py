@@ -113,7 +113,7 @@ class GRPOConfig:
     mode: str = "r1"  # r1 (chat template, after SFT) | r1-zero (R1-Zero prompt on a base model)
     canonical: bool = False  # train prompts in the canonical wording only
     # r1 mode: the share of prompts (whole groups; not the calculator's) asked with thinking off, the reply's last
-    # paragraph scored: rewarding thinking on alone wore the thinking-off replies down (after SFT -> after GRPO:
+    # line scored: rewarding thinking on alone wore the thinking-off replies down (after SFT -> after GRPO:
     # addition 68% -> 40%, subtraction 28% -> 8%; session 20's speedrun)
     no_thinking_share: float = 0.2
     seed: int = 0

@@ -73,12 +73,14 @@ class Task:
 
     def conversation(self, problem: Problem, thinking: bool = True) -> list[dict]:
         """The problem as a chat: the user's question, the worked reasoning, the final answer. With
-        thinking off the reply shows the same working above the answer, a blank line between: a model
-        this small answers wrong at once (trained on the answer alone, the shipped model's thinking-off
-        replies scored 0% on every arithmetic family)."""
+        thinking off the reply shows the same working, then the answer on the next line: trained on the answer
+        alone, a model this small answered wrong at once (0% on every arithmetic family). The newline after the
+        working is then the token that follows it with thinking on too (there before `</think>`); a blank line
+        (one token, `\n\n`) had left a model that took its habitual `\n`, `</think>` banned, off the path it was
+        trained on (`-> 18\n\n(1+18)+7`)."""
         question = {"role": "user", "content": problem.question}
         if not thinking:
-            return [question, {"role": "assistant", "content": f"{self.solution(problem)}\n\n{problem.answer}",
+            return [question, {"role": "assistant", "content": f"{self.solution(problem)}\n{problem.answer}",
                                "thinking": False}]
         return [question, {"role": "assistant", "reasoning_content": self.solution(problem), "content": problem.answer}]
 

@@ -32,9 +32,9 @@ THINKING_OFF = "(thinking off)"  # stands for the reasoning of a thinking-off re
 
 def without_thinking(reply: str) -> str:
     """A thinking-off reply (the prompt closed the reasoning block) in the `reasoning </think> answer` shape the
-    rewards read: its last paragraph is the answer, the working shown above it (Task.conversation) stands as
-    the reasoning. A reply that writes a think tag itself stays malformed."""
-    work, _, answer = reply.strip().rpartition("\n\n")
+    rewards read: its last line is the answer, the working shown above it (Task.conversation) stands as the
+    reasoning. A reply that writes a think tag itself stays malformed."""
+    work, _, answer = reply.strip().rpartition("\n")
     return f"{THINKING_OFF} {work}\n{END_THINK}\n\n{answer}"
 
 
