@@ -150,7 +150,9 @@ class Rollouts:
                                 for (task, p, _), text, answer in zip(samples, texts, answers)])
         accuracy = torch.tensor([accuracy_reward(task, p, text, answer)
                                  for (task, p, _), text, answer in zip(samples, texts, answers)])
-        format_rate = torch.tensor([format_reward(text) for text in texts])
+        # the rate among the replies that reasoned (a thinking-off reply without think tags is well-formed as scored)
+        format_rate = torch.tensor([format_reward(text) for text in
+                                    [text for text, thinking in zip(texts, thinks) if thinking] or texts])
         adv = group_advantages(rewards, cfg.group_size, scale=not cfg.dr_grpo)
         keep = varied_groups(rewards, cfg.group_size)
         lengths = torch.tensor([sum(len(c) for _, c in r) for r in rows], dtype=torch.float)
