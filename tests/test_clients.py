@@ -130,6 +130,34 @@ def test_openai_tool_round_trip(client):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + len(msg.tool_calls[0].function.arguments) // 4
 
 
+def test_openai_legacy_functions(client):
+    """OpenAI's deprecated `functions` / `function_call` (older agents and LangChain's functions agents send them): the
+    call comes back as `message.function_call` (one a reply), streamed as function_call deltas, and a "function" message
+    answers it."""
+    functions = [ADD["function"], WEATHER["function"]]
+    common = dict(model="deepseek-chat", messages=ASK, functions=functions, max_tokens=60, temperature=1.0, seed=2)
+    r = client.chat.completions.create(function_call={"name": "add"}, **common)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "function_call" and msg.tool_calls is None and msg.function_call.name == "add"
+    jsonschema.validate(json.loads(msg.function_call.arguments), SCHEMAS["add"])
+    stream = client.chat.completions.create(function_call={"name": "get_weather"}, stream=True, **common)
+    name, args, finish = None, "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert choice.delta.tool_calls is None
+            if (call := choice.delta.function_call) is not None:
+                assert name is None or call.name is None  # the name once, in the first delta
+                name, args = name or call.name, args + (call.arguments or "")
+            finish = choice.finish_reason or finish
+    assert finish == "function_call" and name == "get_weather"
+    jsonschema.validate(json.loads(args), SCHEMAS["get_weather"])
+    history = ASK + [msg.model_dump(exclude_none=True), {"role": "function", "name": "add", "content": "5"}]
+    second = client.chat.completions.create(model="deepseek-chat", messages=history, functions=functions,
+                                            function_call="none", max_tokens=10, seed=5)
+    assert second.choices[0].finish_reason in ("stop", "length") and second.choices[0].message.function_call is None
+    assert second.usage.prompt_tokens > r.usage.prompt_tokens + len(msg.function_call.arguments) // 4
+
+
 def test_openai_async_tools(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)

@@ -86,7 +86,13 @@ def test_models_and_health(client, server):
     assert "nanoseek-test" in [m.id for m in client.models.list().data]
     assert client.models.retrieve("deepseek-chat").model_extra["max_model_len"] == 256  # the context (vLLM's field)
     assert httpx.get(server + "/health").json()["status"] == "ok"
-    assert httpx.head(server + "/health").status_code == 200  # uptime checks ask with HEAD (curl -I)
+    h = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/health", "/v1/models", "/v1/models/deepseek-chat", "/models"):  # uptime checks ask with HEAD (curl -I)
+        r = httpx.head(server + path, headers=h)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json" and not r.content, path
+    r = httpx.head(server + "/v1/models/gpt-9", headers=h)
+    assert r.status_code == 404 and not r.content
+    assert httpx.head(server + "/v1/chat/completions", headers=h).status_code == 405  # a POST route
 
 
 def test_chat_non_streaming_separates_reasoning_and_reports_usage(client):
@@ -612,9 +618,19 @@ BAD = [
     ("invalid JSON", b"{not json", None, 400, "not valid JSON"),
     ("not an object", [1, 2], None, 400, "JSON object"),
     ("missing messages", {"model": "nanoseek-test"}, None, 400, "messages: is required"),
-    ("legacy functions (were ignored)", {"messages": ask(), "functions": [{"name": "f", "parameters": {}}],
-                                         "function_call": {"name": "f"}}, None, 400, "functions: the deprecated"),
-    ("legacy function_call", {"messages": ask(), "function_call": "auto"}, None, 400, "function_call: the deprecated"),
+    ("legacy functions beside tools", {"messages": ask(), "functions": [{"name": "f", "parameters": {}}],
+                                       "tools": [{"type": "function", "function": {"name": "g"}}]}, None, 400,
+     "functions: send tools and tool_choice, or the deprecated"),
+    ("legacy function_call naming no function", {"messages": ask(), "functions": [{"name": "f"}],
+                                                 "function_call": {"name": "g"}}, None, 400, "no tool named 'g'"),
+    ("legacy function_call as a word", {"messages": ask(), "function_call": "always"}, None, 400, "function_call"),
+    ("function message without its name", {"messages": ask() + [{"role": "function", "content": "5"}]}, None, 400,
+     "a function message must name the function"),
+    ("function message answering no call", {"messages": ask() + [{"role": "function", "name": "f", "content": "5"}]},
+     None, 400, "no earlier assistant message called the function 'f'"),
+    ("function_call on a user message", {"messages": [{"role": "user", "content": "x",
+                                                       "function_call": {"name": "f", "arguments": "{}"}}]}, None, 400,
+     "only an assistant message calls a function"),
     ("empty messages", {"messages": []}, None, 400, "messages"),
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
     ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, None, 400, "messages.0.content"),

@@ -10,7 +10,8 @@ is read into the app:
    `Authorization: Bearer <key>` or `x-api-key: <key>` (401), compared in constant time as bytes;
 3. the body is read here, at most `max_body` bytes (413, whether or not Content-Length says so)
    within BODY_TIMEOUT seconds (408), then handed to the app;
-4. every response carries SECURITY_HEADERS (a strict CSP: the web app has no inline script or style).
+4. every response carries SECURITY_HEADERS (a strict CSP: the web app has no inline script or style);
+5. HEAD is answered as GET without the body, on every route (uptime checks, `curl -I`).
 Every refusal is OpenAI's error shape. `uvicorn_config` adds what uvicorn alone does not do: a
 deadline for a request's headers, and a cap on open connections.
 """
@@ -78,6 +79,8 @@ class Guard:
             body = await self.read_body(headers, receive)
         except APIError as e:
             return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+        if scope["method"] == "HEAD":
+            scope, send = {**scope, "method": "GET"}, _headless(send)
         if body is not None:  # None: the client went away
             await self.app(scope, _replay(body, receive), send)
 
@@ -148,6 +151,16 @@ def _with_headers(send):
             have = {k.lower() for k, _ in message.get("headers", [])}
             message = {**message, "headers": [*message.get("headers", []),
                                               *((k, v) for k, v in SECURITY_HEADERS if k not in have)]}
+        await send(message)
+
+    return sending
+
+
+def _headless(send):
+    """A send that leaves out the response's body (HEAD: its headers, Content-Length included, are GET's)."""
+    async def sending(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
         await send(message)
 
     return sending

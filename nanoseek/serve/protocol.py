@@ -78,8 +78,11 @@ class ToolCall(StrictBody):
     function: FunctionCall
 
 
+LEGACY_CALL = "call_function_"  # a deprecated function call's id, and its result's: the function's name follows
+
+
 class Message(StrictBody):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]  # and OpenAI's deprecated "function"
     content: str | list[dict] | None = None
     reasoning_content: str | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: the model continues this assistant message
@@ -91,6 +94,27 @@ class Message(StrictBody):
         return False if v is None else v  # null: not a prefix (as the request's nullable fields)
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_function_turns(cls, data):
+        """OpenAI's deprecated function turns as tool turns: an assistant message's `function_call` as its one tool
+        call, a "function" message (its `name` says which function answered) as that call's result."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") == "function":
+            if not isinstance(data.get("name"), str) or not data["name"]:
+                raise ValueError("name: a function message must name the function whose result it is")
+            return {**data, "role": "tool", "tool_call_id": LEGACY_CALL + data["name"]}
+        if (call := data.get("function_call")) is None:
+            return data
+        if data.get("role") != "assistant" or data.get("tool_calls"):
+            raise ValueError("function_call: only an assistant message calls a function, with function_call or "
+                             "tool_calls, not both")
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise ValueError("function_call: an object with the function's name and its arguments")
+        rest = {k: v for k, v in data.items() if k != "function_call"}
+        return {**rest, "tool_calls": [{"id": LEGACY_CALL + call["name"], "type": "function", "function": call}]}
 
     @model_validator(mode="after")
     def _tool_turn_answers_a_call(self):
@@ -263,8 +287,9 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool = True
-    functions: Any = None  # OpenAI's deprecated form of tools and tool_choice: refused, naming them (were ignored)
-    function_call: Any = None
+    # OpenAI's deprecated form of tools and tool_choice: served as them, the call answered as `function_call`
+    functions: list[Function] | None = Field(None, max_length=128)
+    function_call: Literal["auto", "none"] | NamedFunction | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
     @field_validator("chat_template_kwargs")
@@ -272,12 +297,21 @@ class ChatRequest(Sampling):
     def _template_variables(cls, value):
         return template_variables(value)
 
+    @property
+    def legacy(self) -> bool:
+        """The request offers its tools in the deprecated form, and its reply's call comes back as `function_call`."""
+        return self.functions is not None or self.function_call is not None
+
     @model_validator(mode="after")
     def _tools_named_once(self):
-        for old, new in (("functions", "tools (each function as {\"type\": \"function\", \"function\": {...}})"),
-                         ("function_call", "tool_choice")):
-            if getattr(self, old) is not None:
-                raise ValueError(f"{old}: the deprecated functions / function_call are not served; send {new}")
+        if self.legacy:  # one call a reply, as the deprecated form answers
+            if self.tools is not None or self.tool_choice is not None:
+                raise ValueError("functions: send tools and tool_choice, or the deprecated functions and "
+                                 "function_call, not both")
+            self.tools = [Tool(type="function", function=f) for f in self.functions or []]
+            call = self.function_call
+            self.tool_choice = NamedToolChoice(type="function", function=call) if isinstance(call, NamedFunction) else call
+            self.parallel_tool_calls = False
         if isinstance(self.tool_choice, AllowedToolChoice):
             allowed, names = self.tool_choice.names(), [t.function.name for t in self.tools or []]
             if unknown := [n for n in allowed if n not in names]:
@@ -289,6 +323,9 @@ class ChatRequest(Sampling):
         called = set()
         for i, m in enumerate(self.messages):
             called |= {c.id for c in m.tool_calls or []}
+            if m.role == "tool" and m.tool_call_id not in called and m.tool_call_id.startswith(LEGACY_CALL):
+                raise ValueError(f"messages.{i}.name: no earlier assistant message called the function "
+                                 f"{m.tool_call_id.removeprefix(LEGACY_CALL)!r} (function_call)")
             if m.role == "tool" and m.tool_call_id not in called:
                 raise ValueError(f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no call an earlier assistant "
                                  "message made")

@@ -238,7 +238,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
         log.error("internal error answering %s %s", request.method, request.url.path, exc_info=e)  # (the server's log)
         return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: uptime checks, curl -I)
+    @app.get("/health")
     async def health():  # the counts are summed over the served models
         return {"status": "ok" if all(e.error is None for e in engines) else "degraded", "model": name,
                 "models": list(models.by_name),
@@ -332,7 +332,7 @@ def create_app(engine: Engine, tok: DeepSeekTokenizer, name: str = "nanoseek", a
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
 
-        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+        @app.get("/", include_in_schema=False)
         async def index():
             return FileResponse(WEB / "index.html")
 
@@ -585,10 +585,11 @@ def _reasoning_tokens(svc: Service, tokens: list[int], thinking: bool) -> int:
 
 
 def _reply(svc: Service, req, thinking: bool, tools: bool, continued: bool = False,
-           reasoner: bool = False) -> tuple[dict, str]:
+           reasoner: bool = False, legacy: bool = False) -> tuple[dict, str]:
     """A finished choice -> (its message, its finish_reason). continued: the reply goes on from the client's prefix;
     reasoner: the request asked for thinking (deepseek-reasoner), so the message has reasoning_content even where the
-    reply did not start inside its reasoning (after a tool result), as DeepSeek's always has."""
+    reply did not start inside its reasoning (after a tool result), as DeepSeek's always has; legacy: the request
+    offered the deprecated functions, so its one call is answered as `function_call`."""
     # (a reply may open <think> itself)
     reasoning, content = split_reasoning(req.text, started=thinking, continued=continued, cut=req.stop_string is not None)
     msg, finish = {"role": "assistant", "content": content}, _finish(req.finish_reason)
@@ -597,7 +598,10 @@ def _reply(svc: Service, req, thinking: bool, tools: bool, continued: bool = Fal
     if tools:  # the calls apart; a block cut short (no whole call in it) is left out of the content too
         content, calls, _ = svc.call_format.split(content)
         msg["content"] = content
-        if calls:
+        if calls and legacy:
+            msg.update(content=content or None, function_call=calls[0]["function"])
+            finish = "function_call" if finish == "stop" else finish
+        elif calls:
             msg.update(content=content or None, tool_calls=calls)
             finish = "tool_calls" if finish == "stop" else finish
     return msg, finish
@@ -648,11 +652,11 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _sse(_chat_stream(svc, jobs, request, cid, created, model, started, prompt, include_usage, with_calls,
-                                       continued, reasoner), request)
+                                       continued, reasoner, body.legacy), request)
     await _wait_all(svc, jobs, request)
     choices = []
     for i, (req, _) in enumerate(jobs):
-        msg, finish = _reply(svc, req, started, with_calls, continued, reasoner)
+        msg, finish = _reply(svc, req, started, with_calls, continued, reasoner, body.legacy)
         choices.append({"index": i, "message": msg, "finish_reason": finish,
                         "logprobs": _logprobs_json(svc, _AnswerLogprobs(svc, started, req.params.skip_token_ids).whole(
                             req.logprobs, (msg.get("content") or "") if req.params.stop else None))
@@ -663,12 +667,13 @@ async def chat(svc: Service, thinks: bool, body: ChatRequest, request: Request):
 
 async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: int, model: str, thinking: bool,
                        prompt: list[int], include_usage: bool, with_calls: bool,
-                       continued: bool = False, reasoner: bool = False) -> AsyncIterator[dict]:
+                       continued: bool = False, reasoner: bool = False, legacy: bool = False) -> AsyncIterator[dict]:
     """Chunks as OpenAI streams them: reasoning and content deltas, tool-call deltas, each event's
     logprobs in the chunk that carries its text, then the finish reason. continued: the replies go on from the
     client's prefix; reasoner: the request asked for thinking, and every delta carries reasoning_content and content,
     null where it has none, as DeepSeek's deepseek-reasoner streams them (its own example reads
-    `delta.reasoning_content` on every chunk)."""
+    `delta.reasoning_content` on every chunk); legacy: the deprecated functions were offered, and the one call streams
+    as `function_call` deltas."""
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs=None, **extra) -> dict:
         delta = {"content": None, "reasoning_content": None, **delta} if reasoner else delta
         choices = [] if i < 0 else [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
@@ -700,7 +705,10 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         if calls[i] is not None:
             content, tool_deltas = calls[i].feed(answers[i], final=final)
             deltas += [{"content": content}] if content else []
-            deltas += [{"tool_calls": tool_deltas}] if tool_deltas else []
+            if legacy:  # the one call a legacy reply makes (see ChatRequest.legacy): its name, then its arguments
+                deltas += [{"function_call": d["function"]} for d in tool_deltas]
+            else:
+                deltas += [{"tool_calls": tool_deltas}] if tool_deltas else []
         for k, delta in enumerate(deltas):
             sent[i] += len(delta.get("content") or "")
             lp = None
@@ -711,7 +719,7 @@ async def _chat_stream(svc: Service, jobs, request: Request, cid: str, created: 
         if final:
             finish = _finish(ev.finish_reason)
             if calls[i] is not None and calls[i].calls and finish == "stop":
-                finish = "tool_calls"
+                finish = "function_call" if legacy else "tool_calls"
             rest = answer_logprobs[i].upto(answer_logprobs[i].trim(pending[i]), sent[i] if jobs[i][0].params.stop else None)[0]
             yield chunk(i, {}, finish, logprobs=_logprobs_json(svc, rest) if rest else None)
     if include_usage:
