@@ -38,16 +38,20 @@ from .config import ModelConfig, yarn_get_mscale
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
-MATH_SCORES_BYTES = 16 << 20  # see causal_attention: the largest fp32 scores [B, H, S, S] computed as products
+MATH_SCORES_BYTES = 16 << 20  # see causal_attention: the largest fp32 scores [B, H, rows, S] of a query block
+MATH_BLOCKS = 8  # and the most query blocks computed as products; past either, the fused kernel
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      enable_gqa: bool = False) -> torch.Tensor:
     """Causal attention over q/k [B, H, S, d] and v [B, H, S, dv] (k and v with H / g heads under
     enable_gqa) -> [B, H, S, dv]. On a CPU in bf16 (or fp16), inside a compiled region and where the
-    scores are small (`MATH_SCORES_BYTES`), as products and a softmax that inductor fuses: a V3-tiny
-    layer's forward and backward (8 x 4 x 256 x 48) took 9.8 ms against the fused kernel's 15.3 in fp32
-    (AMD Zen4, 2 threads); larger, and eagerly, it is slower. Elsewhere on a CPU in bf16 the fused
+    scores are small (`MATH_SCORES_BYTES`, `MATH_BLOCKS`), as products and a softmax that inductor fuses,
+    a block of queries at a time over the keys up to its last one (so the products skip most of the
+    future's scores, as the fused kernel does): a layer's forward and backward (AMD Zen4, 2 threads)
+    took 23 ms at 8 x 4 x 512 x 48 (4 blocks of 128) against 46 for the fused kernel in fp32 and 77 for
+    one block, 8 ms at 8 x 4 x 256 (4 blocks of 64) against 15 and 17; at 2 x 4 x 1,024 as long as the
+    fused kernel; eagerly it is slower. Elsewhere on a CPU in bf16 the fused
     kernel runs in fp32: its reduced-precision backward is about 3x its fp32 backward (Xeon with AMX,
     2 threads: [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x.
     Forwards without gradients run the same way, so they compute exactly what the training forward
@@ -55,12 +59,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     comes here). The output comes back in q's dtype."""
     narrow = q.dtype in (torch.bfloat16, torch.float16)
     B, H, S, _ = q.shape
-    if narrow and q.device.type == "cpu" and torch.compiler.is_compiling() and B * H * S * S * 4 <= MATH_SCORES_BYTES:
+    rows = 64 if S <= 256 else 128  # queries a block
+    if narrow and q.device.type == "cpu" and torch.compiler.is_compiling() and -(-S // rows) <= MATH_BLOCKS \
+            and B * H * rows * S * 4 <= MATH_SCORES_BYTES:
         if enable_gqa:  # each kv head serves H / Hkv query heads
             k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
-        scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, S, S)
-        future = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
-        return scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
+        return torch.cat([_causal_block(q[:, :, i:i + rows], k[:, :, :i + rows], v[:, :, :i + rows], scale, i)
+                          for i in range(0, S, rows)], dim=2)
     pad = q.shape[-1] - v.shape[-1]  # fused kernels want v as wide as q and k: pad, then slice
     v_wide = F.pad(v, (0, pad)) if pad > 0 else v
     if not (narrow and q.device.type == "cpu"):
@@ -70,6 +75,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             out = F.scaled_dot_product_attention(q.float(), k.float(), v_wide.float(), is_causal=True, scale=scale,
                                                  enable_gqa=enable_gqa).to(q.dtype)
     return out[..., : v.shape[-1]]
+
+
+def _causal_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """Causal attention of queries [B, H, r, d] at positions start.. over the keys [B, H, start + r, d] (values
+    [.., dv]) up to them -> [B, H, r, dv]."""
+    r, n = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, r, n)
+    future = torch.ones(r, n, dtype=torch.bool, device=q.device).triu(start + 1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
 
 
 class KVCache(Protocol):
