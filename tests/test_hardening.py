@@ -599,10 +599,13 @@ def test_connections_over_the_cap_are_503(parts):
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         time.sleep(0.2)
         try:
-            assert httpx.get(url + "/health", timeout=30).status_code == 503
+            r = httpx.get(url + "/health", timeout=30)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"  # the SDKs wait that long and retry
+            assert r.json()["error"]["code"] == "overloaded" and "limit of 3 open connections" in r.json()["error"]["message"]
         finally:
             for s in held:
                 s.close()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # under the cap again
     assert guard.uvicorn_config(None, "127.0.0.1", 1).limit_concurrency == guard.MAX_CONNECTIONS
 
 

@@ -34,7 +34,7 @@ MAX_BODY = 8 << 20  # bytes in one request body
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 HEADER_TIMEOUT = 10.0  # seconds from a connection (or its previous response) to the end of a request's headers
 KEEP_ALIVE = 5  # seconds an idle kept-alive connection stays open
-MAX_CONNECTIONS = 512  # open connections (or requests in flight); over this, uvicorn answers 503
+MAX_CONNECTIONS = 512  # open connections (or requests in flight); over this, a 503 (DeadlineH11Protocol)
 SHUTDOWN_GRACE = 30  # seconds a stop (SIGTERM, Ctrl-C) waits for the replies under way before closing them
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PUBLIC = ("/", "/health", "/favicon.ico")  # with /static/..., the paths answered without the key (all others need it)
@@ -169,9 +169,28 @@ def _headless(send):
 class DeadlineH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, with a deadline for each request's headers: a client that
     opens a connection and sends its headers slowly (slowloris), or nothing, is dropped after
-    HEADER_TIMEOUT seconds instead of holding the connection forever."""
+    HEADER_TIMEOUT seconds instead of holding the connection forever; and past the connection cap
+    (`limit_concurrency`) a 503 in OpenAI's error shape, where uvicorn's own is plain text."""
 
     _deadline: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cap, self.limit_concurrency = self.limit_concurrency, None  # counted here instead of by uvicorn
+        self.app = self._capped(self.app)
+
+    def _capped(self, app):
+        async def capped(scope, receive, send):
+            # as uvicorn counts, but this request's own task is among the tasks already
+            if self.cap is not None and (len(self.connections) >= self.cap or len(self.tasks) > self.cap):
+                self.logger.warning("Exceeded concurrency limit.")
+                busy = APIError(503, f"the server is at its limit of {self.cap} open connections; try again shortly",
+                                "server_error", code="overloaded")
+                return await JSONResponse(busy.body(), status_code=503,
+                                          headers={"Retry-After": "1", "Connection": "close"})(scope, receive, send)
+            return await app(scope, receive, send)
+
+        return capped
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
