@@ -51,7 +51,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     future's scores, as the fused kernel does): a layer's forward and backward (AMD Zen4, 2 threads)
     took 23 ms at 8 x 4 x 512 x 48 (4 blocks of 128) against 46 for the fused kernel in fp32 and 77 for
     one block, 8 ms at 8 x 4 x 256 (4 blocks of 64) against 15 and 17; at 2 x 4 x 1,024 as long as the
-    fused kernel; eagerly it is slower. Elsewhere on a CPU in bf16 the fused
+    fused kernel. Eagerly a layer also ran faster (36 against 51 ms at 8 x 4 x 512), but a whole eager
+    cpu-tiny step measured no faster, so eager training keeps the fused kernel. Elsewhere on a CPU in bf16 the fused
     kernel runs in fp32: its reduced-precision backward is about 3x its fp32 backward (Xeon with AMX,
     2 threads: [8, 4, 256, 48] 22.6 vs 7.8 ms, [8, 8, 512, 32] 92 vs 49 ms) with forwards within 1.8x.
     Forwards without gradients run the same way, so they compute exactly what the training forward

@@ -323,10 +323,10 @@ class ChatRequest(Sampling):
         called = set()
         for i, m in enumerate(self.messages):
             called |= {c.id for c in m.tool_calls or []}
-            if m.role == "tool" and m.tool_call_id not in called and m.tool_call_id.startswith(LEGACY_CALL):
-                raise ValueError(f"messages.{i}.name: no earlier assistant message called the function "
-                                 f"{m.tool_call_id.removeprefix(LEGACY_CALL)!r} (function_call)")
             if m.role == "tool" and m.tool_call_id not in called:
+                if m.tool_call_id.startswith(LEGACY_CALL):  # a "function" message (see Message._legacy_function_turns)
+                    raise ValueError(f"messages.{i}.name: no earlier assistant message called the function "
+                                     f"{m.tool_call_id.removeprefix(LEGACY_CALL)!r} (function_call)")
                 raise ValueError(f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no call an earlier assistant "
                                  "message made")
         return self
