@@ -156,7 +156,8 @@ class QuantLinear(nn.Module):
         # int4 on CPU: qweight is rewritten in place in the kernel's own (tiled) layout at the first kernel
         # call, so the codes are held once; everything else reads them back through `standard_qweight`
         self._kernel_layout = False
-        self._scales_zeros: torch.Tensor | None = None  # the int4 kernel's [K/g, N, 2] scales and offsets
+        # torch's kernels' scales: int8 (no fbgemm) the bf16 scales, int4 the [K/g, N, 2] scales and offsets
+        self._kernel_scales: torch.Tensor | None = None
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
         self._fast: bool | None = None  # int4: whether nanoseek's own kernel takes this layer (see _fast_int4)
         self._operands: tuple[torch.Tensor, ...] | None = None  # likewise: see int4_operands
@@ -192,7 +193,7 @@ class QuantLinear(nn.Module):
             self.scales.copy_(scale_codes)
             self.zeros.copy_(zero_codes)
             self.units.copy_(units)
-        self._kernel_layout, self._scales_zeros = False, None
+        self._kernel_layout, self._kernel_scales = False, None
 
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] (int8: signed; int4: 0..15)."""
@@ -286,8 +287,11 @@ class QuantLinear(nn.Module):
             return True
         if self.bits == 8:
             # (a compiled graph never packs: an engine that compiles prepares the kernels before tracing)
-            if self._packed is None and not torch.compiler.is_compiling() and fbgemm_int8():
-                self._pack_int8()
+            if self._packed is None and not torch.compiler.is_compiling():
+                if fbgemm_int8():
+                    self._pack_int8()
+                elif self._kernel_scales is None:  # (computed in a compiled graph, inductor's lowering fails)
+                    self._kernel_scales = self.scales.to(torch.bfloat16)
             return True
         if not self._kernel_layout:
             if self.out_features % KERNEL_BLOCK:
@@ -302,9 +306,10 @@ class QuantLinear(nn.Module):
                 return torch.ops.nanoseek.int8_linear(x.float(), self._handle)
             return int8_products(x.float(), self._packed)
         if self.bits == 8:
-            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16))
+            # (bf16 activations: on an AVX2 Zen3 8-15x faster than fp32's at 1-8 rows of an [8960, 1536] weight)
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._kernel_scales)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, self.group_size,
-                                                          self._scales_zeros)
+                                                          self._kernel_scales)
 
     @torch.no_grad()
     def _pack_int8(self) -> None:
@@ -337,7 +342,7 @@ class QuantLinear(nn.Module):
             codes = torch.stack([rows & 15, rows >> 4], dim=-1).flatten(1).to(torch.int32)
             rows.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         scale, zero = self.group_scales_zeros()
-        self._scales_zeros = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._kernel_scales = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self._kernel_layout = True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -346,7 +351,7 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self.standard_qweight()
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_layout, self._scales_zeros, self._fast, self._operands = False, None, None, None
+        self._kernel_layout, self._kernel_scales, self._fast, self._operands = False, None, None, None
         self._drop_packed()
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -355,8 +360,8 @@ class QuantLinear(nn.Module):
         if self._kernel_layout:  # moved or cast: back to the documented layout, repacked at the next kernel call
             with torch.no_grad():
                 self.qweight.copy_(self.standard_qweight())
-            self._kernel_layout, self._scales_zeros = False, None
-        self._fast, self._operands = None, None
+            self._kernel_layout = False
+        self._kernel_scales, self._fast, self._operands = None, None, None
         if self.bits == 8:
             return super()._apply(fn, recurse)
         units = self.units

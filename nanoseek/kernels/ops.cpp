@@ -63,7 +63,7 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
 // [T, k]; table int64 [C, 13], a row per expert (the `routed` experts first, then any shared ones, which every
 // token runs with weight 1): its gate, up and down projections' codes, scales, zeros and units (addresses, as
 // QuantLinear holds them), then its intermediate size I. Returns sum over a token's experts of
-// weight * down(silu(gate(x)) * up(x)), [T, D] in x's dtype. Every expert's gate and up products go in one
+// down(weight * silu(gate(x)) * up(x)), [T, D] in x's dtype. Every expert's gate and up products go in one
 // kernel call, their down products in a second, each expert's weights read once for all the tokens that chose it.
 static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& indices,
                                const at::Tensor& table, int64_t routed) {
@@ -142,6 +142,16 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     TORCH_CHECK(code == 0, "int4 kernel failed (code ", code, ") on an MoE layer's gate and up products");
     at::Tensor h = act[0];
     at::silu_(h).mul_(act[1]);  // the intermediate activations, run after run
+    // each routed pair's gate weight scales its intermediate activations, as MLP.forward does (scaling the output
+    // instead quantized other activations for the down products: a code rounded the other way moved a whole row)
+    for (size_t i = 0; i < runs.size(); i++) {
+        const Run& r = runs[i];
+        if (r.expert >= routed) continue;
+        const int64_t I = rows[r.expert * 13 + 12];
+        float* hr = h.data_ptr<float>() + offset[i];
+        for (int64_t j = 0; j < r.n; j++)
+            for (int64_t c = 0; c < I; c++) hr[j * I + c] *= weight_of[r.slot + j];
+    }
     at::Tensor out = at::empty({slots, D}, xf.options());
     products.clear();
     for (size_t i = 0; i < runs.size(); i++) {
@@ -156,8 +166,7 @@ static at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& weights, c
     for (int64_t s = 0; s < slots; s++) {
         float* dst = yp + token_of[s] * D;
         const float* src = op + s * D;
-        const float g = weight_of[s];
-        for (int64_t j = 0; j < D; j++) dst[j] += g * src[j];
+        for (int64_t j = 0; j < D; j++) dst[j] += src[j];
     }
     return y.to(x.scalar_type());
 }
