@@ -132,21 +132,24 @@ def run_tool(name: str, arguments: str) -> str:
 
 
 def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: list[dict], params: SamplingParams,
-          system: str = "", think: bool = True, tools: Tools | None = None, fit: bool = False) -> None:
-    """One turn: the model answers `messages` (the user's message last) and the reply is appended.
+          system: str = "", think: bool = True, tools: Tools | None = None, fit: bool = False) -> list[Request]:
+    """One turn: the model answers `messages` (the user's message last) and the reply is appended; returns the
+    requests it took (one per round of calls).
     With tools, a reply that calls the calculator is followed by the calls' results (printed, and
     appended as `tool` messages) and another reply, until one makes no call or MAX_TOOL_ROUNDS
     rounds are done. `fit`: params.max_new_tokens is a default, cut to what the context leaves after
     the prompt. Raises InvalidRequest, EngineBusy or ChatFormatError if a prompt is refused."""
+    reqs = []
     for round_ in range(MAX_TOOL_ROUNDS + 1):
         ids = prompt_ids(tok, messages, system, think, tools)
         grammar = params.grammar if tools is None else tools.calls if round_ < MAX_TOOL_ROUNDS else tools.no_calls
         new = engine.fitting(len(ids), params.max_new_tokens) if fit else params.max_new_tokens
         req = engine.submit(ids, replace(params, grammar=grammar, max_new_tokens=new))
+        reqs.append(req)
         reasoning, answer = stream_reply(engine, req, tok.opens_thinking(ids), console,
                                          tools.fmt if tools else None)
         if req.finish_reason == "error":  # (said by stream_reply) no reply to keep: the conversation stays as it was
-            return
+            return reqs
         content, calls, complete = tools.fmt.split(answer) if tools is not None else (answer, [], True)
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
         if not calls or not complete or req.finish_reason != "stop":  # no calls, or cut short: the turn ends
@@ -157,7 +160,7 @@ def reply(engine: Engine, tok: DeepSeekTokenizer, console: Console, messages: li
                 console.print(f"[yellow](cut off at {new} tokens: " + ("the model's context is full: /reset starts "
                               "anew)[/]" if full else "--max-tokens)[/]"))
             messages.append(message)
-            return
+            return reqs
         messages.append({**message, "content": content or None, "tool_calls": calls})
         for call in calls:
             name, arguments = call["function"]["name"], call["function"]["arguments"]

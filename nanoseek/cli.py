@@ -734,11 +734,15 @@ def pretrain(
 
 @app.command()
 def generate(
+    message: str = typer.Argument(None, show_default=False, callback=_text,
+                                  help="The user message, as `nanoseek generate \"What is 7 * 8?\"` (or give --prompt)."),
     model: Path = _model_option(),
-    prompt: str = typer.Option(..., help="The user message (or, with --raw, the text to continue).", callback=_text),
+    prompt: str = typer.Option(None, help="The user message (or, with --raw, the text to continue).", callback=_text),
     raw: bool = typer.Option(False, help="Continue the text as is, without the chat template (after the BOS where the "
                              "tokenizer puts one before a text, as transformers and the API read it)."),
     think: bool = typer.Option(True, help="Open the reply with <think> (R1 style)."),
+    tools: bool = typer.Option(True, help="Offer the model a calculator when its chat template can write tool calls, "
+                               "as chat does (calls and results are shown dimmed; not with --raw)."),
     max_tokens: int = typer.Option(None, min=1, help="Most tokens to generate. Default: 512, or what the model's context "
                                    "leaves after the prompt."),
     temperature: float = typer.Option(None, callback=_within(0, 100), help="0 = greedy. Default: the model's "
@@ -753,7 +757,11 @@ def generate(
     kv_cache: KvCache = _kv_cache_option(),
 ):
     """Generate one reply and print it, with the reasoning apart from the answer and speed figures."""
-    from .chat import no_calls, stream_reply
+    if (message is None) == (prompt is None):
+        _fail("give the message once: `nanoseek generate \"What is 7 * 8?\"` or --prompt \"...\"" if message is None
+              else "the message was given twice (as an argument and as --prompt); give it once")
+    prompt = prompt if message is None else message
+    from .chat import Tools, no_calls, reply, stream_reply
     from .inference import ContextOverflow, SamplingParams
     from .tools import CallFormat, hidden_in_chat
 
@@ -761,31 +769,37 @@ def generate(
                                device=device, kv_cache_dtype=kv_cache)
     if not raw and not tok.chat_template:
         _fail(f"{_no_template(model)}; --raw continues the prompt as plain text")
-    with _reported():
-        ids = tok.encode_prompt(prompt, control=True)[0] if raw else tok.render_prompt([{"role": "user", "content": prompt}], thinking=think)
     t0 = time.perf_counter()
     temperature, top_p = _sampling(tok, temperature, top_p, 0.0, 1.0)
+    offered = Tools.offer(engine, tok) if tools and not raw else None
     with _reported():
         try:
             # no tools offered: no raw calls (unless speculating: drafts are verified without a token ban)
             fmt = CallFormat.probe(tok)
-            grammar = None if raw or engine.speculative else no_calls(tok, fmt, think)
-            new = max_tokens or engine.fitting(len(ids), GENERATE_TOKENS)
+            grammar = None if raw or offered is not None or engine.speculative else no_calls(tok, fmt, think)
             hidden = tok.special_ids if raw else hidden_in_chat(tok, fmt)  # as /v1/completions and a chat reply
-            req = engine.submit(ids, SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p,
-                                                    seed=seed, grammar=grammar, skip_token_ids=hidden))
+            params = SamplingParams(max_new_tokens=max_tokens or GENERATE_TOKENS, temperature=temperature, top_p=top_p,
+                                    seed=seed, grammar=grammar, skip_token_ids=hidden)
+            if raw:
+                ids = tok.encode_prompt(prompt, control=True)[0]
+                new = max_tokens or engine.fitting(len(ids), GENERATE_TOKENS)
+                reqs = [engine.submit(ids, replace(params, max_new_tokens=new))]
+                stream_reply(engine, reqs[0], False, console, answer_label=None)
+            else:  # (with the calculator: a round per reply that calls it, as in chat)
+                reqs = reply(engine, tok, console, [{"role": "user", "content": prompt}], params, think=think,
+                             tools=offered, fit=max_tokens is None)
         except ContextOverflow as e:  # said in the command's terms (the engine's are max_new_tokens)
             room = e.context - e.prompt_tokens
             if room <= 0 or max_tokens is None:  # the prompt itself is too long (a default --max-tokens was never asked)
                 _fail(f"--prompt: the prompt ({e.prompt_tokens} tokens) leaves no room for a reply in the model's "
                       f"context of {e.context} tokens: shorten it")
-            _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {new} exceeds the model's context "
-                  f"of {e.context} tokens: use --max-tokens {room} or less")
-    stream_reply(engine, req, not raw and tok.opens_thinking(ids), console, answer_label=None if raw else "Answer:")
+            _fail(f"--max-tokens: the prompt ({e.prompt_tokens} tokens) plus {e.max_new_tokens} exceeds the model's "
+                  f"context of {e.context} tokens: use --max-tokens {room} or less")
+    req = reqs[-1]
     dt = time.perf_counter() - t0
-    spec = f", MTP drafts accepted {req.accepted}/{req.drafted}" if req.drafted else ""
-    console.print(f"[dim]{len(req.tokens)} tokens in {dt:.2f}s ({len(req.tokens) / dt:.1f} tok/s){spec}; "
-                  f"finish: {req.finish_reason}[/]")
+    tokens, drafted, accepted = (sum(n) for n in zip(*((len(r.tokens), r.drafted, r.accepted) for r in reqs)))
+    spec = f", MTP drafts accepted {accepted}/{drafted}" if drafted else ""
+    console.print(f"[dim]{tokens} tokens in {dt:.2f}s ({tokens / dt:.1f} tok/s){spec}; finish: {req.finish_reason}[/]")
     if req.finish_reason == "cancelled":  # stopped with Ctrl-C: a script sees the reply cut short
         raise typer.Exit(130)
     if req.finish_reason == "error":  # (the reason printed with the reply)

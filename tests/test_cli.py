@@ -268,6 +268,18 @@ def _chat_model(tmp_path, **config):
     return tmp_path / "m"
 
 
+def test_generate_offers_the_calculator_as_chat_does():
+    """The shipped model asked a product past what it computes in its head: with the calculator (offered by default,
+    as in chat) it calls it and answers the product; the message given as an argument, as people type it."""
+    r = runner.invoke(app, ["generate", "What is 4821 * 37?", "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    assert "calculator" in r.output and "4821 * 37" in r.output and "178377" in r.output.split("Answer:")[-1], r.output
+    assert re.search(r"^\d+ tokens in .* tok/s\); finish: stop$", r.output.strip().splitlines()[-1]), r.output
+    plain = runner.invoke(app, ["generate", "--prompt", "What is 4821 * 37?", "--temperature", "0", "--no-tools",
+                                "--max-tokens", "40"])
+    assert plain.exit_code == 0 and "calculator" not in plain.output, plain.output
+
+
 def test_generate_prints_reasoning_apart_and_speed(tmp_path):
     model = _chat_model(tmp_path)
     r = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "What is 2 + 3?", "--max-tokens", "12",
@@ -610,7 +622,8 @@ def test_every_bad_argument_is_one_line_naming_it_before_any_work(tmp_path):
         (["generate", "--prompt", "hi", "--quantize", "int5"], "--quantize", "'int5'"),
         (["generate", "--prompt", "hi", "--top-p", "1.5"], "--top-p", ""),
         (["generate", "--prompt", "hi", "--max-tokens", "0"], "--max-tokens", ""),
-        (["generate"], "--prompt", "Missing"),
+        (["generate"], "--prompt", "give the message once"),
+        (["generate", "hi", "--prompt", "hi"], "given twice", "--prompt"),
         (["chat", "--model", str(missing)], "--model", "does not exist"),
         (["chat", "--temperature", "-1"], "--temperature", ""),
         (["sft", "--model", str(missing), *o, "--max-steps", "1"], "--model", "does not exist"),

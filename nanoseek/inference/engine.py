@@ -45,7 +45,7 @@ from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_
 log = logging.getLogger("nanoseek")
 
 
-# a model of this many bytes or more whose every MoE layer is one operator compiles without the C++ wrapper (_compile)
+# a model of this many bytes or more compiles without the C++ wrapper (_compile)
 PYTHON_WRAPPER_MIN_BYTES = 256 * 2**20
 
 
@@ -225,13 +225,15 @@ class Engine:
         # no "duck sizing": sizes that happen to be equal at the first call (the cache's layers and the
         # attended length, say) would be assumed equal, and the graph compiled again when they part
         torch.fx.experimental._config.use_duck_shape = False
-        # the graph calls its kernels from C++ (no Python between them), but in a large model whose every MoE layer
-        # is one operator (MoE.one_operator): there a graph launches few kernels for a token's work, and the C++
-        # wrapper only adds compiling (DeepSeek-V2-Lite int4 on a 2-vCPU Zen4: the batch-1 graph in 42 against 103 s,
-        # the batch-8 one in 59 against 127 s, decoding as fast: 12.1-14.0 against 12.1-14.5 tok/s at batch 1,
-        # 18.0-18.6 against 17.4-17.6 at batch 8; the shipped model in int4, small, decoded
-        # 1,020-1,100 tok/s without it against 1,400-1,430 with it, one run each)
-        in_cpp = weight_bytes(self.model) < PYTHON_WRAPPER_MIN_BYTES or not (self._moes and all(m.one_operator() for m in self._moes))
+        # a small model's graph calls its kernels from C++ (no Python between them: the shipped model in int4 decoded
+        # 1,400-1,430 tok/s with the C++ wrapper against 1,020-1,100 without, one run each); a large model's token is
+        # long enough that the Python wrapper costs nothing, and the C++ one only adds compiling: DeepSeek-V2-Lite int4
+        # on a 2-vCPU Zen4, the batch-1 graph in 42 against 103 s, the batch-8 one in 59 against 127 s, decoding as
+        # fast (12.1-14.0 against 12.1-14.5 tok/s at batch 1, 18.0-18.6 against 17.4-17.6 at batch 8); R1-Distill-1.5B
+        # in bf16 on a 2-vCPU Zen3, one C++ file of 38,600 lines for its 28 layers (the Python wrapper's kernels, alike
+        # from layer to layer, are compiled once each) still compiling after 13 minutes, against 121 s for the batch-1
+        # graph with the Python wrapper, which decoded 6.05 tok/s against eager's 5.32
+        in_cpp = weight_bytes(self.model) < PYTHON_WRAPPER_MIN_BYTES
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp_wrapper": in_cpp, "size_asserts": False,
             # the engine never swaps a model's modules or parameters, only their values change
