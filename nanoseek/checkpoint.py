@@ -318,13 +318,16 @@ def untied_in_fact(path: Path, weight_map: dict[str, str]) -> bool:
 
 def layout_hint(config: ModelConfig, names: list[str]) -> str:
     """Which config fields decide where the tensors `names` (missing or unexpected) would be, when they are the
-    mixture-of-experts layers' or the router's: fields a hand-edited config.json gets wrong."""
+    mixture-of-experts layers', the router's or a tied output head's: fields a hand-edited config.json gets wrong."""
     mlp = (".mlp.experts.", ".mlp.shared_experts.", ".mlp.gate.weight", ".mlp.gate_proj.", ".mlp.up_proj.",
            ".mlp.down_proj.")
     if config.n_routed_experts and any(part in n for n in names for part in mlp):
         return (f" (which layers are mixture-of-experts follows first_k_dense_replace = {config.first_k_dense_replace} "
                 f"and moe_layer_freq = {config.moe_layer_freq}, as DeepSeek's own code reads them: layer i is one when "
                 "i >= first_k_dense_replace and i % moe_layer_freq == 0; transformers ignores moe_layer_freq)")
+    if names == ["lm_head.weight"] and not config.tie_word_embeddings:
+        return (" (the output head shares the embedding's weight in a checkpoint saved with tie_word_embeddings = true; "
+                "this config.json says false, or does not say, and false is the default)")
     if any(".e_score_correction_bias" in n for n in names):
         return (f" (a routing bias: the config's topk_method is {config.topk_method!r}; only 'noaux_tc' routing has "
                 "one, with scoring_func 'sigmoid', as DeepSeek-V3 does)")

@@ -182,3 +182,10 @@ def test_a_layout_the_config_does_not_describe_names_the_fields_that_decide_it(t
     (tmp_path / "bias" / "config.json").write_text(json.dumps({**cfg, "scoring_func": "softmax", "topk_method": "greedy"}))
     with pytest.raises(nanoseek.CheckpointError, match="a routing bias: the config's topk_method is 'greedy'"):
         nanoseek.load_model(tmp_path / "bias")
+    # a tied checkpoint (no lm_head.weight) whose config.json lost its tie_word_embeddings (false by default)
+    hf_model("llama", {"tie_word_embeddings": True}).save_pretrained(tmp_path / "tied")
+    tied = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({k: v for k, v in tied.items() if k != "tie_word_embeddings"}))
+    with pytest.raises(nanoseek.CheckpointError, match=r"\['lm_head.weight'\] \(the output head shares the embedding's "
+                       "weight in a checkpoint saved with tie_word_embeddings = true"):
+        nanoseek.load_model(tmp_path / "tied")
