@@ -8,7 +8,7 @@ import pytest
 from nanoseek.data import small_talk
 from nanoseek.data.builtin import builtin_conversations, task_documents, task_texts
 from nanoseek.data.tasks import TASKS, get_task, phrasing
-from nanoseek.data.tasks.phrasing import CLOSINGS, CONTEXTS, held_out, number_words, typo
+from nanoseek.data.tasks.phrasing import CLOSINGS, CONTEXTS, Phrasing, held_out, number_words, typo
 from nanoseek.eval.small_talk import small_talk_chats
 from nanoseek.data.tasks import problems_for
 from nanoseek.tokenizer import DeepSeekTokenizer
@@ -97,3 +97,53 @@ def test_typos_change_one_word_and_never_a_value():
         out = typo("use {nums} to make {t} please", rng)
         assert "{nums}" in out and "{t}" in out and out != "use {nums} to make {t} please"
         assert sum(a != b for a, b in zip(out.split(), "use {nums} to make {t} please".split())) <= 1
+
+
+def test_arithmetic_sentence_patterns_do_not_tell_the_operation():
+    """Most patterns are shared by addition, subtraction and multiplication, the operation a slot, so a
+    model must read the operation's words; a shared pattern held out is held out in every family."""
+    from nanoseek.data.tasks.arithmetic import ADD_FRAMES, MUL_FRAMES, SUB_FRAMES
+    families = {"add": ADD_FRAMES, "sub": SUB_FRAMES, "mul": MUL_FRAMES}
+    for name, frames in families.items():
+        shared = [f for f in frames if sum(f in other for other in families.values()) > 1]
+        assert len(shared) >= 0.7 * len(frames), name
+    held = {name: get_task(name).phrasing.held_out_frames() for name in families}
+    for name, frames in families.items():
+        for other, other_frames in families.items():
+            common = set(frames) & set(other_frames)
+            assert held[name] & common == held[other] & common
+    rng, seen = random.Random(0), {name: set() for name in families}
+    for name in families:
+        for _ in range(3000):
+            seen[name].add(get_task(name).phrasing.compose({"a": 52, "b": 38}, rng)[0].lower())
+    assert any("sum of 52 and 38" in q for q in seen["add"]) and any("difference of 52 and 38" in q for q in seen["sub"])
+    assert any("fell by 38" in q for q in seen["sub"]) and any("rose by 38" in q for q in seen["add"])
+    assert not any("rose" in q for q in seen["sub"] | seen["mul"]) and not any("sum" in q for q in seen["sub"])
+
+
+@pytest.mark.parametrize("text,spaced", [
+    ("{a} + {b} = ?", "{a}+{b}=?"), ("{a}+{b}=", "{a} + {b} ="), ("what is {a} x {b}, then", "what is {a}x{b}, then"),
+    ("{a}×{b}", "{a} × {b}"), ("{a} - {b} = ?? not sure", "{a}-{b}=?? not sure"),
+    ("{a} {b} xylophones", "{a} {b} xylophones"), ("{nums} -> {t}", "{nums} -> {t}"),
+])
+def test_spacing_around_operators_is_dropped_or_added(text, spaced):
+    assert phrasing.spacing(text) == spaced
+
+
+def test_trained_frames_ask_both_tight_and_spaced():
+    """'992+513=' and '992 + 513 = ?' both come out of trained templates (a run that saw '=' only after
+    a space read '992+513=' as 992+51)."""
+    task, rng = get_task("add"), random.Random(0)
+    forms = {task.phrasing.compose({"a": 992, "b": 513}, rng)[0].lower() for _ in range(4000)}
+    assert any(q.startswith("992+513=") for q in forms) and any("992 + 513 =" in q for q in forms)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_held_out_frames_are_new_sentences_of_trained_words(name):
+    """A held-out frame may arrange words anew, but each of its words (its slots' choices included) is
+    trained in another frame of the family, a shared slot, a context sentence or a closing."""
+    p = get_task(name).phrasing
+    assert p.covers(p.held_out_frames())
+    toy = Phrasing("toy", ["what is {a} plus {b}?", "{a} + {b}", "{a} plus {b}", "frobnicate {a} and {b}"], {}, core=1)
+    assert not toy.covers(frozenset({"frobnicate {a} and {b}"})) and toy.covers(frozenset({"{a} plus {b}"}))
+    assert "frobnicate {a} and {b}" not in toy.held_out_frames()

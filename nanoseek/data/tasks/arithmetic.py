@@ -23,62 +23,85 @@ import random
 import re
 
 from .base import Task
-from .phrasing import Phrasing
+from .phrasing import Phrasing, covers, held_out
 
-# frames (see phrasing.py); the first is the canonical wording. Commutative families name the
-# operands in the order the worked solution restates them ({a} before {b}).
-ADD_FRAMES = [
-    "what is {a} + {b}?", "{what} {a} {plus} {b}?", "{pre}{calc} {a} {plus} {b}.", "{a} {plus} {b}", "{a} {plus} {b} = ?",
-    "{a}+{b}", "{a}+{b}=", "{pre}add {a} and {b}.", "{pre}add {a} to {b}.", "what is the sum of {a} and {b}?",
-    "{tell} what {a} {plus} {b} is.", "how much is {a} {plus} {b}?", "what do you get when you add {a} and {b}?",
-    "{a} {plus} {b} equals what?", "{pre}find the total of {a} and {b}.", "sum of {a} and {b}?",
-    "what does {a} {plus} {b} equal?", "{a} {plus} {b} is how much?",
-    "i have {a} {things} and get {b} more. how many {things} do i have now?",
+# frames (see phrasing.py). Most are shared by the three families, their operation a slot ({op}: `+`,
+# `plus`, `-`, `minus`, `times`, ...; {noun}: sum, difference, product; {rise}: rose by, fell by), so a
+# sentence pattern never tells the operation: only its words do. Written per family, the patterns were
+# the cue: the model shipped in session 39 read `give me the sum of` (held out) as a subtraction and
+# `if i have 94 and spend 552` as an addition, like the trained patterns nearest to them. A shared
+# pattern held out is held out in every family. The first is the canonical wording (`what is {a} + {b}?`);
+# the first CORE_FRAMES are always trained. Commutative families name the operands in the order the
+# worked solution restates them ({a} before {b}).
+CORE_FRAMES = ["what is {a} {op} {b}?", "{what} {a} {op} {b}?", "{pre}{calc} {a} {op} {b}.", "{a} {op} {b}",
+               "{a} {op} {b} = ?", "{a}{sym}{b}"]
+INFIX_FRAMES = CORE_FRAMES + [
+    "{a}{sym}{b}=", "{tell} what {a} {op} {b} is.", "how much is {a} {op} {b}?", "{a} {op} {b} equals what?",
+    "what does {a} {op} {b} equal?", "{a} {op} {b} is how much?", "{a} {op} {b}, what's the answer?",
+    "what is the result of {a} {op} {b}?", "what's the result of {a} {op} {b}?", "quick maths: {a} {op} {b}",
+    "{a} {op} {b} = ?? i keep getting different answers", "{a} {op} {b} = ?? not sure about this one",
+    "{a} {op} {b} = ?? my calculator is broken", "{pre}find {a} {op} {b}.", "{a} {op} {b} is what?",
+    "what is {a} {op} {b} exactly?", "{pre}solve {a} {op} {b}", "{a} {op} {b} makes what?",
+    "what number is {a} {op} {b}?", "{a} {op} {b}? {tell}",
+]
+NOUN_FRAMES = [
+    "what is the {noun} of {a} and {b}?", "{noun} of {a} and {b}?", "{pre}give me the {noun} of {a} and {b}.",
+    "{pre}work out the {noun} of {a} and {b}.", "{pre}find the {noun} of {a} and {b}.",
+    "{tell} the {noun} of {a} and {b}.", "what's the {noun} of {a} and {b}?", "{a} and {b}: what is their {noun}?",
+]
+# addition and subtraction: a quantity that goes up or down
+CHANGE_FRAMES = [
+    "the temperature was {a} degrees and it {rise} {b} degrees. what is it now?",
+    "it was {a} degrees, then it {rise} {b} degrees. how warm is it now?", "{a} {rise} {b}. what is the new value?",
+    "a price of {a} dollars {rise} {b} dollars. what is the price now?",
+    "i had {a} dollars and {earned} {b}. how much do i have now?",
+    "my balance was {a} dollars and i {earned} {b}. what is my balance now?",
+    "if i have {a} and {get} {b}, how much do i have then?", "i have {a} {things} and {get} {b}. how many do i have now?",
+    "{change} {a} by {b}. what is the result?", "what is {a} {changed} {b}?", "start at {a} and count {up} {b}. where do you end up?",
+]
+ADD_FRAMES = INFIX_FRAMES + NOUN_FRAMES + CHANGE_FRAMES + [
+    "{pre}add {a} and {b}.", "{pre}add {a} to {b}.", "what do you get when you add {a} and {b}?",
     "there are {a} {things} in one box and {b} in another. how many {things} are there altogether?",
     "a shop sold {a} {things} on monday and {b} on tuesday. how many did it sell in total?",
-    "{pre}add together {a} and {b}.", "what's {a} and {b} added together?", "{a} {plus} {b}, what's the answer?",
-    "if i add {a} and {b}, what do i get?", "what's the total when you combine {a} and {b}?",
-    "{a} {plus} {b} = ?? i keep getting different answers", "increase {a} by {b}. what is the result?",
-    "{pre}give me the sum of {a} and {b}.", "what is the result of {a} {plus} {b}?", "{a} and {b} added up is what?",
-    "quick maths: {a} {plus} {b}", "the temperature was {a} degrees and it rose by {b} degrees. what is it now?",
-    "i had {a} dollars and earned {b} more. how much do i have now?", "{a} rose by {b}. what is the new value?",
+    "{pre}add together {a} and {b}.", "what's {a} and {b} added together?", "if i add {a} and {b}, what do i get?",
+    "what's the total when you combine {a} and {b}?", "{a} and {b} added up is what?",
 ]
-SUB_FRAMES = [
-    "what is {a} - {b}?", "{what} {a} {minus} {b}?", "{pre}{calc} {a} {minus} {b}.", "{a} {minus} {b}",
-    "{a} {minus} {b} = ?", "{a}-{b}", "{a}-{b}=", "{pre}subtract {b} from {a}.", "what is the difference {a} - {b}?",
-    "{tell} what {a} {minus} {b} is.", "how much is {a} {minus} {b}?", "{pre}take {b} away from {a}.",
-    "what do you get if you subtract {b} from {a}?", "{a} {minus} {b} equals what?", "what does {a} {minus} {b} equal?",
-    "{a} take away {b}", "what is {b} less than {a}?", "if i have {a} and spend {b}, what is left?",
-    "my balance was {a} dollars and i spent {b}. what is my balance now?",
-    "the temperature was {a} degrees and it fell by {b} degrees. what is it now?",
-    "{a} {minus} {b}, what's the answer?", "what's the result of {a} {minus} {b}?", "{pre}find {a} {minus} {b}.",
-    "decrease {a} by {b}. what do you get?", "start at {a} and count down {b}. where do you end up?",
-    "{a} minus {b} is what?", "how much is left if you take {b} from {a}?", "quick maths: {a} {minus} {b}",
-    "what is {a} reduced by {b}?", "{a} {minus} {b} = ?? not sure about this one",
-    "i had {a} dollars and spent {b}. how much do i have left?", "it was {a} degrees, then it fell {b} degrees. "
-    "how warm is it now?", "{a} fell by {b}. what is the new value?", "i have {a} {things} and give away {b}. "
-    "how many are left?",
+SUB_FRAMES = INFIX_FRAMES + NOUN_FRAMES + CHANGE_FRAMES + [
+    "{pre}subtract {b} from {a}.", "what is the difference {a} - {b}?", "{pre}take {b} away from {a}.",
+    "what do you get if you subtract {b} from {a}?", "{a} take away {b}", "what is {b} less than {a}?",
+    "if i have {a} and spend {b}, what is left?", "how much is left if you take {b} from {a}?",
+    "a shop had {a} {things} and sold {b}. how many are left?", "i have {a} {things} and give away {b}. how many are left?",
 ]
-MUL_FRAMES = [
-    "what is {a} * {b}?", "{what} {a} {times} {b}?", "{pre}{calc} {a} {times} {b}.", "{a} {times} {b}",
-    "{a} {times} {b} = ?", "{a}*{b}", "{a}x{b}", "{pre}multiply {a} by {b}.", "what is the product of {a} and {b}?",
-    "{tell} what {a} {times} {b} is.", "how much is {a} {times} {b}?", "{a} {times} {b} equals what?",
-    "what does {a} {times} {b} equal?", "{a} boxes with {b} {things} each: how many {things}?",
-    "there are {a} rows of {b} chairs. how many chairs in total?",
-    "{a} packs hold {b} {things} each. how many {things} is that?", "{pre}multiply {a} and {b} together.",
-    "what's {a} multiplied by {b}?", "{a} {times} {b}, what's the answer?", "what's the result of {a} {times} {b}?",
-    "{pre}find the product {a} × {b}.", "{a} lots of {b}?", "{a} groups of {b} make how many?",
-    "if you multiply {a} by {b}, what do you get?", "quick maths: {a} {times} {b}",
-    "{a} {times} {b} = ?? my calculator is broken", "what is {a} times {b} exactly?",
-    "each of {a} students brings {b} {things}. how many {things} altogether?", "{a} multiplied by {b} is how much?",
-    "{pre}work out the product of {a} and {b}.",
+MUL_FRAMES = INFIX_FRAMES + NOUN_FRAMES + [
+    "{pre}multiply {a} by {b}.", "{pre}multiply {a} and {b} together.", "if you multiply {a} by {b}, what do you get?",
+    "{a} boxes with {b} {things} each: how many {things}?", "there are {a} rows of {b} chairs. how many chairs in total?",
+    "{a} packs hold {b} {things} each. how many {things} is that?", "{a} lots of {b}?", "{a} groups of {b} make how many?",
+    "each of {a} students brings {b} {things}. how many {things} altogether?",
+    "what do you get when you multiply {a} and {b}?", "{a} and {b} multiplied together is what?",
+    "there are {a} {things} in each of {b} boxes. how many {things} are there altogether?",
 ]
-OPERATOR_WORDS = {"plus": ["+", "plus"], "minus": ["-", "minus"], "times": ["*", "x", "×", "times", "multiplied by"]}
+# a slot's first word is the canonical one
+ARITHMETIC_SLOTS = {
+    "add": {"op": ["+", "plus"], "sym": ["+"], "noun": ["sum", "total"], "rise": ["rose by", "went up by", "rose"],
+            "earned": ["earned", "got", "was given"], "get": ["get", "earn", "find"], "change": ["increase", "raise"],
+            "changed": ["increased by", "plus"], "up": ["up"]},
+    "sub": {"op": ["-", "minus"], "sym": ["-"], "noun": ["difference"], "rise": ["fell by", "went down by", "fell"],
+            "earned": ["spent", "lost", "paid"], "get": ["spend", "lose", "give away"],
+            "change": ["decrease", "reduce", "lower"], "changed": ["reduced by", "minus"], "up": ["down"]},
+    "mul": {"op": ["*", "x", "×", "times", "multiplied by"], "sym": ["*", "x", "×"], "noun": ["product"]},
+}
+FAMILY_FRAMES = {"add": ADD_FRAMES, "sub": SUB_FRAMES, "mul": MUL_FRAMES}
+# held out once for all three families: a pattern is trained in every family or in none, and every word
+# of a held-out pattern is trained in each family's other patterns
+ARITHMETIC_HELD_OUT = held_out(
+    list(dict.fromkeys(ADD_FRAMES + SUB_FRAMES + MUL_FRAMES)), "arithmetic", keep=tuple(CORE_FRAMES),
+    covered=lambda held: all(covers(frames, ARITHMETIC_SLOTS[name], held & set(frames))
+                             for name, frames in FAMILY_FRAMES.items()))
 
 
 def prose_frames(frames: list[str]) -> frozenset[str]:
     """Frames where numbers in words read naturally: no operator symbol or '=' beside a value."""
-    return frozenset(f for f in frames if not re.search(r"\}[+\-*x=]|[+\-*×x=]\{| [+\-*×=] ", f))
+    return frozenset(f for f in frames if not re.search(r"\}[+\-*x=]|[+\-*×x=]\{| [+\-*×=] |\{sym\}", f))
 
 
 def _digits(n: int) -> list[int]:
@@ -193,7 +216,8 @@ class TwoNumbers(Task):
 
 class Addition(TwoNumbers):
     name, commutative = "add", True
-    phrasing = Phrasing("add", ADD_FRAMES, {"plus": OPERATOR_WORDS["plus"]}, prose_frames(ADD_FRAMES))
+    phrasing = Phrasing("add", ADD_FRAMES, ARITHMETIC_SLOTS["add"], prose_frames(ADD_FRAMES),
+                         held=ARITHMETIC_HELD_OUT & set(ADD_FRAMES))
 
     def answer(self, d):
         return str(d["a"] + d["b"])
@@ -205,7 +229,8 @@ class Addition(TwoNumbers):
 
 class Subtraction(TwoNumbers):
     name = "sub"
-    phrasing = Phrasing("sub", SUB_FRAMES, {"minus": OPERATOR_WORDS["minus"]}, prose_frames(SUB_FRAMES))
+    phrasing = Phrasing("sub", SUB_FRAMES, ARITHMETIC_SLOTS["sub"], prose_frames(SUB_FRAMES),
+                         held=ARITHMETIC_HELD_OUT & set(SUB_FRAMES))
 
     def answer(self, d):
         return str(d["a"] - d["b"])
@@ -221,7 +246,8 @@ class Multiplication(TwoNumbers):
     """2-digit by 2-digit by default: one partial product per digit of b, then their column sum."""
 
     name, commutative = "mul", True
-    phrasing = Phrasing("mul", MUL_FRAMES, {"times": OPERATOR_WORDS["times"]}, prose_frames(MUL_FRAMES))
+    phrasing = Phrasing("mul", MUL_FRAMES, ARITHMETIC_SLOTS["mul"], prose_frames(MUL_FRAMES),
+                         held=ARITHMETIC_HELD_OUT & set(MUL_FRAMES))
 
     def __init__(self, min_digits: int = 2, max_digits: int = 2, small_share: float = 0.0):
         super().__init__(min_digits, max_digits, small_share)

@@ -4,8 +4,8 @@ A question is composed from independently drawn parts:
 
     [context sentence] [prefix] frame [closing]
 
-A *frame* is a family's sentence pattern ("{tell} what {a} {plus} {b} is."); its `{slots}` are
-filled from word lists (`{plus}`: "+" or "plus"), its values (`{a}`, `{nums}`) with the problem's
+A *frame* is a sentence pattern ("{tell} what {a} {op} {b} is."); its `{slots}` are
+filled from word lists (`{op}`: "+" or "plus"), its values (`{a}`, `{nums}`) with the problem's
 numbers, in digits or, in frames that read as prose, in words ("forty-seven"). Surface noise
 follows what people type: casing, a typo in one word, doubled spaces, line breaks between the
 context and the question, dropped or doubled question marks. The parts multiply into thousands
@@ -26,10 +26,13 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 HELD_OUT_SHARE = 0.2  # of each family's frames, and of the shared context sentences and closings
 WORDS_RATE = 0.12  # questions whose numbers are written in words (in frames that read as prose)
 TYPO_RATE = 0.12  # questions with one mistyped word
+SPACING_RATE = 0.15  # questions whose operators and '=' lose their spaces ('12+7=?') or gain them ('12 + 7')
 
 # words shared by every family's frames
 SHARED_SLOTS = {
@@ -79,11 +82,21 @@ def number_words(n: int, hyphen: bool = True, and_: bool = False) -> str:
     raise AssertionError("unreachable")
 
 
-def held_out(texts: list[str], salt: str, keep: tuple[str, ...] = ()) -> frozenset[str]:
+def held_out(texts: list[str], salt: str, keep: tuple[str, ...] = (),
+             covered: Callable[[frozenset[str]], bool] | None = None) -> frozenset[str]:
     """The templates kept for evaluation: a fixed share, picked by a stable hash of each text
-    (never one of `keep`, such as the canonical wording), at least one."""
+    (never one of `keep`, such as the canonical wording), at least one. With `covered`, a template
+    joins the held-out set only if covered(set) still holds (frames: every word of a held-out frame
+    is trained in another, see Phrasing.covers), so the set may come out smaller."""
     ranked = sorted((t for t in texts if t not in keep), key=lambda t: hashlib.sha256(f"{salt}:{t}".encode()).digest())
-    return frozenset(ranked[: max(1, math.ceil(HELD_OUT_SHARE * len(texts)))])
+    size = max(1, math.ceil(HELD_OUT_SHARE * len(texts)))
+    if covered is None:
+        return frozenset(ranked[:size])
+    held: frozenset[str] = frozenset()
+    for text in ranked:
+        if len(held) < size and covered(held | {text}):
+            held |= {text}
+    return held
 
 
 def pick(texts: list[str], test: frozenset[str], templates: str, rng: random.Random) -> str:
@@ -96,6 +109,28 @@ def pick(texts: list[str], test: frozenset[str], templates: str, rng: random.Ran
 
 _SLOT = re.compile(r"\{(\w+)\}")
 _WORD = re.compile(r"[a-z]{4,}")
+_ANY_WORD = re.compile(r"[a-z']+")
+
+
+def frame_words(frame: str, slots: dict[str, list[str]]) -> frozenset[str]:
+    """The words a frame can put in a question: its own and every choice of its slots'."""
+    words = set(_ANY_WORD.findall(_SLOT.sub(" ", frame.lower())))
+    for name in _SLOT.findall(frame):
+        for choice in slots.get(name, ()):
+            words |= set(_ANY_WORD.findall(choice.lower()))
+    return frozenset(words)
+
+
+def covers(frames: list[str], slots: dict[str, list[str]], held: frozenset[str]) -> bool:
+    """Whether every word a held-out frame can use is one training uses: in a trained frame of the
+    same family, a shared slot's choices, or a trained context sentence or closing. A held-out frame
+    is then a new sentence of known words (`combine`, in one held-out frame alone, could only be
+    guessed: a run read `what's the total when you combine 833 and 412?` as a product)."""
+    known = set(COMMON_WORDS)
+    for frame in frames:
+        if frame not in held:
+            known |= frame_words(frame, {**SHARED_SLOTS, **slots})
+    return all(frame_words(f, {**SHARED_SLOTS, **slots}) <= known for f in held)
 
 
 def outside_values(text: str, fn) -> str:
@@ -122,6 +157,18 @@ def typo(text: str, rng: random.Random) -> str:
     return text[:m.start()] + word + text[m.end():]
 
 
+_SPACED = re.compile(r"\} ([+\-*×x=])(?: |(?=[{?]|$))")  # '{a} + {b}', '{b} = ?'
+_TIGHT = re.compile(r"\}([+\-*×x=])(\{)?(?=[?\s]|$|(?<=\{))")  # '{a}+{b}', '{b}='
+
+
+def spacing(text: str) -> str:
+    """'{a} + {b} = ?' as '{a}+{b}=?', and '{a}+{b}=' as '{a} + {b} =': people type both. Seen only
+    one way in training, a fresh run read '992+513=' as 992+51."""
+    if _SPACED.search(text):
+        return _SPACED.sub(r"}\1", text)
+    return _TIGHT.sub(lambda m: f"}} {m[1]}" + (" {" if m[2] else ""), text)
+
+
 def case(text: str, rng: random.Random) -> str:
     r = rng.random()
     if r < 0.3:
@@ -140,13 +187,23 @@ class Phrasing:
     slots: dict[str, list[str]]
     prose: frozenset[str] = frozenset()  # frames whose numbers may be written in words
     core: int = 6  # the first frames (the canonical one and the commonest forms: "52-38") are always trained
+    held: frozenset[str] | None = None  # held-out frames chosen with other families' (default: a fifth of these)
+
+    def covers(self, held: frozenset[str]) -> bool:
+        return covers(self.frames, self.slots, held)
+
+    @cached_property
+    def _held_out(self) -> frozenset[str]:
+        if self.held is not None:
+            return self.held
+        return held_out(self.frames, self.family, keep=tuple(self.frames[:self.core]), covered=self.covers)
 
     @property
     def canonical(self) -> str:
         return self.frames[0]
 
     def held_out_frames(self) -> frozenset[str]:
-        return held_out(self.frames, self.family, keep=tuple(self.frames[:self.core]))
+        return self._held_out
 
     def compose(self, values: dict, rng: random.Random | None,
                 templates: str = "train") -> tuple[str, str]:
@@ -161,13 +218,16 @@ class Phrasing:
         text = _SLOT.sub(lambda m: words.get(m.group(1), m.group(0)), frame)
         if rng.random() < TYPO_RATE:
             text = typo(text, rng)
+        in_words = frame in self.prose and rng.random() < WORDS_RATE
+        if not in_words and rng.random() < SPACING_RATE:
+            text = spacing(text)
         if rng.random() < 0.25:
             text = f"{text}{rng.choice([' ', ' ', chr(10)])}{pick(CLOSINGS, CLOSINGS_HELD_OUT, templates, rng)}"
         if rng.random() < 0.3:
             context = pick(CONTEXTS, CONTEXTS_HELD_OUT, templates, rng)
             text = f"{context}{rng.choice(CONTEXT_SEPARATORS)}{text}"
         text = punctuation(case(text, rng), rng)
-        text = fill(text, values, rng, words=frame in self.prose and rng.random() < WORDS_RATE)
+        text = fill(text, values, rng, words=in_words)
         if rng.random() < 0.08:
             text = text.replace(" ", "  ", 1)
         return text, frame
@@ -175,6 +235,10 @@ class Phrasing:
 
 CONTEXTS_HELD_OUT = held_out(CONTEXTS, "context")
 CLOSINGS_HELD_OUT = held_out(CLOSINGS, "closing")
+COMMON_WORDS = frozenset(w for text in [*(c for c in CONTEXTS if c not in CONTEXTS_HELD_OUT),
+                                        *(c for c in CLOSINGS if c not in CLOSINGS_HELD_OUT),
+                                        *(w for choices in SHARED_SLOTS.values() for w in choices)]
+                         for w in _ANY_WORD.findall(text.lower()))
 LIST_STYLES = ["{0}, {1} and {2}", "{0}, {1} and {2}", "{0} {1} {2}", "{0}, {1}, {2}", "{0},{1},{2}",
                "[{0}, {1}, {2}]", "{0}, {1}, and {2}", "{0} and {1} and {2}"]
 
