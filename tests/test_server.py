@@ -601,8 +601,9 @@ def test_non_streaming_client_that_hangs_up_cancels(parts, capfd):
     try:
         with LiveServer(create_app(engine, tok, name="m")) as url:
             with pytest.raises(httpx.TimeoutException):  # hangs up while tokens flow
-                httpx.post(url + "/v1/chat/completions", json={"messages": ask(), "max_tokens": 220, "temperature": 0},
-                           timeout=0.3)
+                body = {"messages": ask(), "max_tokens": 220, "temperature": 0,
+                        "logit_bias": {str(tok.eos_id): -100}}  # the random model must not end its reply first
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=0.3)
             submitted[0]._done.wait(10)
             time.sleep(1)  # the endpoint has noticed and returned
     finally:
