@@ -125,12 +125,10 @@ def covers(frames: list[str], slots: dict[str, list[str]], held: frozenset[str])
     """Whether every word a held-out frame can use is one training uses: in a trained frame of the
     same family, a shared slot's choices, or a trained context sentence or closing. A held-out frame
     is then a new sentence of known words (`combine`, in one held-out frame alone, could only be
-    guessed: a run read `what's the total when you combine 833 and 412?` as a product)."""
-    known = set(COMMON_WORDS)
-    for frame in frames:
-        if frame not in held:
-            known |= frame_words(frame, {**SHARED_SLOTS, **slots})
-    return all(frame_words(f, {**SHARED_SLOTS, **slots}) <= known for f in held)
+    guessed: the session-39 model read `what's the total when you combine 833 and 412?` as a product)."""
+    slots = {**SHARED_SLOTS, **slots}
+    known = set(COMMON_WORDS).union(*(frame_words(f, slots) for f in frames if f not in held))
+    return all(frame_words(f, slots) <= known for f in held)
 
 
 def outside_values(text: str, fn) -> str:
@@ -163,7 +161,7 @@ _TIGHT = re.compile(r"\}([+\-*×x=])(\{)?(?=[?\s]|$|(?<=\{))")  # '{a}+{b}', '{b
 
 def spacing(text: str) -> str:
     """'{a} + {b} = ?' as '{a}+{b}=?', and '{a}+{b}=' as '{a} + {b} =': people type both. Seen only
-    one way in training, a fresh run read '992+513=' as 992+51."""
+    one way in training, the session-39 model read '992+513=' as 992+51."""
     if _SPACED.search(text):
         return _SPACED.sub(r"}\1", text)
     return _TIGHT.sub(lambda m: f"}} {m[1]}" + (" {" if m[2] else ""), text)
