@@ -75,6 +75,7 @@ from torch import nn
 
 from .kernels import (
     cpu_operator,
+    float_linear_available,
     int4_available,
     int4_products,
 )
@@ -94,7 +95,11 @@ FAST_INT4_ROWS = 64
 # int4 kv_b_proj: MLA's operator takes a latent width (its input) in multiples of this (the int4 kernel's 64 inputs)
 LATENT_MULTIPLE = 64
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
-NARROW_ROWS = 4  # NarrowLinear: bf16 products up to this many rows (an AVX2 Zen3: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
+# NarrowLinear: up to this many rows through nanoseek's kernel (fp32 activations times the bf16 weight widened as it is
+# read; a 2-vCPU AMD EPYC Zen3, R1-Distill-1.5B's [8960, 1536]: 0.69 ms at one row, 1.9 at 8 and 3.5 at 16 against
+# torch's bf16 product's 1.4, 10.5 and 21 and converting the weight's 3.0, 5.5 and 5.4); where the kernel does not
+# run, torch's bf16 product up to NARROW_ROWS (the same CPU: 4 rows 15 ms vs 20 converted, 8 rows 40 vs 31)
+NARROW_KERNEL_ROWS, NARROW_ROWS = 16, 4
 PACK_TRIM_BYTES = 256 * 2**20  # prepare_kernels hands freed memory back after packing this many bytes of codes
 CONVERT_WEIGHTS = 2**20  # many rows: the weight is converted in blocks of about this many weights (4 MB in fp32)
 
@@ -429,9 +434,10 @@ def converted_matmul(x: torch.Tensor, weight_rows, out_features: int) -> torch.T
 class NarrowLinear(nn.Linear):
     """A linear layer whose weight (and bias) stay in bf16 while the activations are fp32: a bf16
     checkpoint computed in fp32 at bf16's memory, for CPUs that multiply bf16 slowly (AVX2 only). A few
-    rows (decoding) multiply in bf16 as they are (matrix-vector products in bf16 are fast there and read
-    2 bytes per weight); more rows (prompts) convert the weight to fp32 a block at a time. The state
-    dict is nn.Linear's, so checkpoints load and save unchanged."""
+    rows (decoding) go through nanoseek's kernel (`nanoseek::float_linear`: fp32 products, the weight widened
+    as it is read, so a step reads 2 bytes per weight; where it does not run, torch's bf16 product, the
+    activations rounded to bf16); more rows (prompts) convert the weight to fp32 a block at a time. The
+    state dict is nn.Linear's, so checkpoints load and save unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
@@ -440,7 +446,9 @@ class NarrowLinear(nn.Linear):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
-        if rows <= NARROW_ROWS:
+        if rows <= NARROW_KERNEL_ROWS and self.weight.dtype == torch.bfloat16 and float_linear_available():
+            y = torch.ops.nanoseek.float_linear(x2, self.weight)
+        elif rows <= NARROW_ROWS:
             y = F.linear(x2.to(self.weight.dtype), self.weight).to(x.dtype)
         else:
             y = converted_matmul(x2, lambda start, end, dtype: self.weight[start:end].to(dtype), self.out_features)

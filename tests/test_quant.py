@@ -18,7 +18,7 @@ from nanoseek.inference import Engine, SamplingParams
 from nanoseek.model import build_model, get_preset
 from nanoseek.model.moe import MoE
 from nanoseek import kernels, quant
-from nanoseek.quant import KERNEL_ROWS, NARROW_ROWS, NarrowLinear, QuantLinear
+from nanoseek.quant import KERNEL_ROWS, NARROW_KERNEL_ROWS, NARROW_ROWS, NarrowLinear, QuantLinear
 from nanoseek.tokenizer import DeepSeekTokenizer
 
 
@@ -75,16 +75,24 @@ def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_feat
     torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}))
 
 
-@pytest.mark.parametrize("rows", [1, NARROW_ROWS, NARROW_ROWS + 1, 70])
-def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, rows):
-    """A few rows multiply in bf16; more convert the bf16 weight to fp32 block by block: exactly the fp32 product."""
+@pytest.mark.parametrize("rows", [1, NARROW_ROWS, NARROW_ROWS + 1, NARROW_KERNEL_ROWS // 2, 70])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, rows, kernel):
+    """A few rows go through nanoseek's kernel (fp32 products of the widened weight: the fp32 product) or, where it does
+    not run, multiply in bf16; more convert the bf16 weight to fp32 block by block: exactly the fp32 product."""
+    if kernel and not kernels.float_linear_available():
+        pytest.skip("nanoseek's float kernel does not run here")
     monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
+    monkeypatch.setattr(quant, "float_linear_available", lambda: kernel)
     layer = NarrowLinear(256, 200, bias=True, dtype=torch.bfloat16)
     x = torch.randn(2, rows, 256)
-    out = layer(x)
+    with torch.no_grad():  # (a gradient wanted: autograd's product of the widened weight)
+        calls = operator_calls(lambda: layer(x))
+        out = layer(x)
     ref = x @ layer.weight.float().t() + layer.bias.float()
     assert out.dtype == torch.float32 and out.shape == (2, rows, 200) and layer.weight.dtype == torch.bfloat16
-    if 2 * rows <= NARROW_ROWS:
+    assert calls == ({"nanoseek::float_linear": 1} if kernel and 2 * rows <= NARROW_KERNEL_ROWS else {})
+    if not kernel and 2 * rows <= NARROW_ROWS:
         torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
     else:
         torch.testing.assert_close(out, ref)

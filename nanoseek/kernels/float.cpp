@@ -1,9 +1,12 @@
 // nanoseek's kernels for float weights and activations, a few tokens at a time (decoding), in fp32, AVX-512 or AVX2.
 //
-// float_linear: y [M, N] = x [M, K] @ W.T for a dense W [N, K]. Each block of R weight rows is read once for up to 4
-// tokens, R x tokens sums in registers (independent sums that hide the multiply-add's latency), the rows split
-// between the threads. torch's products for a few rows (MKL's, oneDNN's, inductor's matrix-vector loop) read these
-// small weights at a fraction of the cache's speed; see float_linear in ops.cpp for when it runs.
+// float_linear: y [M, N] = x [M, K] @ W.T for a dense W [N, K], fp32 or bf16 (widened to fp32 as it is read: a bf16
+// checkpoint's weights under fp32 activations on a CPU without bf16 instructions). Each block of R weight rows is read
+// once for up to 4 tokens, R x tokens sums in registers (independent sums that hide the multiply-add's latency), the
+// rows split between the threads. torch's products for a few rows (MKL's, oneDNN's, inductor's matrix-vector loop) read
+// these small weights at a fraction of the cache's speed, and its bf16 products on an AVX2 CPU round the activations to
+// bf16 and slow down with every row (on a 2-vCPU Zen3, R1-Distill-1.5B's [8960, 1536]: 16 GB/s at one row, 2.6 at
+// eight); see float_linear in ops.cpp for when it runs.
 //
 // float_experts: a small float mixture-of-experts layer for a few tokens (decoding), its experts stacked as MoE.prepare_compiled_decode
 // holds them: gate_up [2 * C * I, D] (every chunk's gate_proj rows, then every chunk's up_proj rows; chunk = an expert
@@ -45,9 +48,19 @@ AVX2 static inline float hsum_avx2(__m256 v) {
 static constexpr int rows512(int T) { return T == 1 ? 8 : 4; }
 static constexpr int rows2(int T) { return T <= 2 ? 4 : 2; }
 
-// y[t * ldy + r] = W[r] . xs[t] for R rows of W (from w, ld floats apart, K of each, K a multiple of 16) and T tokens
-template <int R, int T>
-AVX512 static void rows_avx512(const float* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+// 16 (AVX-512) or 8 (AVX2) weights from w, widened to fp32 where they are bf16 (its bits are fp32's upper half)
+AVX512 static inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+AVX512 static inline __m512 load16(const uint16_t* w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)w)), 16));
+}
+AVX2 static inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+AVX2 static inline __m256 load8(const uint16_t* w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)w)), 16));
+}
+
+// y[t * ldy + r] = W[r] . xs[t] for R rows of W (from w, ld elements apart, K of each, K a multiple of 16) and T tokens
+template <typename W, int R, int T>
+AVX512 static void rows_avx512(const W* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
     __m512 acc[R][T];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
@@ -55,7 +68,7 @@ AVX512 static void rows_avx512(const float* w, int64_t ld, int64_t K, const floa
         __m512 xv[T];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(xs[t] + k);
         for (int r = 0; r < R; r++) {
-            const __m512 wv = _mm512_loadu_ps(w + r * ld + k);
+            const __m512 wv = load16(w + r * ld + k);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
@@ -64,8 +77,8 @@ AVX512 static void rows_avx512(const float* w, int64_t ld, int64_t K, const floa
 }
 
 // the same, K a multiple of 8
-template <int R, int T>
-AVX2 static void rows_avx2(const float* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
+template <typename W, int R, int T>
+AVX2 static void rows_avx2(const W* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
     __m256 acc[R][T];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
@@ -73,7 +86,7 @@ AVX2 static void rows_avx2(const float* w, int64_t ld, int64_t K, const float* c
         __m256 xv[T];
         for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + k);
         for (int r = 0; r < R; r++) {
-            const __m256 wv = _mm256_loadu_ps(w + r * ld + k);
+            const __m256 wv = load8(w + r * ld + k);
             for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
@@ -81,28 +94,32 @@ AVX2 static void rows_avx2(const float* w, int64_t ld, int64_t K, const float* c
         for (int t = 0; t < T; t++) y[t * ldy + r] = hsum_avx2(acc[r][t]);
 }
 
-typedef void (*RowsFn)(const float*, int64_t, int64_t, const float* const*, float*, int64_t);
+template <typename W>
+using RowsFn = void (*)(const W*, int64_t, int64_t, const float* const*, float*, int64_t);
 
-template <int T> struct Rows512 { static constexpr RowsFn fn = rows_avx512<rows512(T), T>; };
-template <int T> struct Rows2 { static constexpr RowsFn fn = rows_avx2<rows2(T), T>; };
-template <int T> struct Row512 { static constexpr RowsFn fn = rows_avx512<1, T>; };  // the rows past the last block
-template <int T> struct Row2 { static constexpr RowsFn fn = rows_avx2<1, T>; };
+template <typename W> struct Kind {  // the row kernels for weights of element type W, as pick takes them
+    template <int T> struct Rows512 { static constexpr RowsFn<W> fn = rows_avx512<W, rows512(T), T>; };
+    template <int T> struct Rows2 { static constexpr RowsFn<W> fn = rows_avx2<W, rows2(T), T>; };
+    template <int T> struct Row512 { static constexpr RowsFn<W> fn = rows_avx512<W, 1, T>; };  // the rows past the last block
+    template <int T> struct Row2 { static constexpr RowsFn<W> fn = rows_avx2<W, 1, T>; };
+};
 
-// y[t * ldy + r] = W[r] . xs[t] for the n rows of W (from w, ld floats apart, K of each) and T <= LINEAR_TOKENS
+// y[t * ldy + r] = W[r] . xs[t] for the n rows of W (from w, ld elements apart, K of each) and T <= LINEAR_TOKENS
 // tokens: blocks of R rows, the rows past the last block one at a time
-static void rows_times_tokens(const float* w, int64_t ld, int64_t K, int64_t n, const float* const* xs, int T, float* y,
+template <typename W>
+static void rows_times_tokens(const W* w, int64_t ld, int64_t K, int64_t n, const float* const* xs, int T, float* y,
                               int64_t ldy, int isa) {
-    const RowsFn block = isa == 2 ? pick<Rows512>(T) : pick<Rows2>(T);
-    const RowsFn one = isa == 2 ? pick<Row512>(T) : pick<Row2>(T);
+    using Rows = Kind<W>;
+    const RowsFn<W> block = isa == 2 ? pick<Rows::template Rows512>(T) : pick<Rows::template Rows2>(T);
+    const RowsFn<W> one = isa == 2 ? pick<Rows::template Row512>(T) : pick<Rows::template Row2>(T);
     const int R = isa == 2 ? rows512(T) : rows2(T);
     int64_t r = 0;
     for (; r + R <= n; r += R) block(w + r * ld, ld, K, xs, y + r, ldy);
     for (; r < n; r++) one(w + r * ld, ld, K, xs, y + r, ldy);
 }
 
-// isa 2 = AVX-512 (K a multiple of 16), 1 = AVX2 (of 8); x and y row-major, contiguous. Returns 0, or 1 for arguments it
-// does not take (the caller checks them first).
-extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int isa) {
+template <typename W>
+static int float_linear(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int isa) {
     if (M < 0 || K < 1 || N < 0 || K % (isa == 2 ? 16 : 8) || (isa != 1 && isa != 2)) return 1;
 #pragma omp parallel for schedule(static) if (M * N * K > 1 << 15)
     for (int64_t n0 = 0; n0 < N; n0 += LINEAR_UNIT) {
@@ -115,6 +132,13 @@ extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const
         }
     }
     return 0;
+}
+
+// isa 2 = AVX-512 (K a multiple of 16), 1 = AVX2 (of 8); x and y row-major, contiguous; w fp32 (bf16 = 0) or bf16 (bf16
+// = 1). Returns 0, or 1 for arguments it does not take (the caller checks them first).
+extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const void* w, int bf16, int64_t N, float* y,
+                                     int isa) {
+    return bf16 ? float_linear(x, M, K, (const uint16_t*)w, N, y, isa) : float_linear(x, M, K, (const float*)w, N, y, isa);
 }
 
 // isa 2 = AVX-512 (D and I multiples of 16), 1 = AVX2 (multiples of 8). Returns 0, 1 for arguments it does not

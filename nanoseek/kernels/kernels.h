@@ -58,8 +58,8 @@ struct LatentAttention {
     int64_t ob, oj;
 };
 extern "C" int nanoseek_latent_attention(const LatentAttention* a, int isa);
-extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
-                                     int isa);
+extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const void* w, int bf16, int64_t N,
+                                     float* y, int isa);
 extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
                                       int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
                                       int isa);

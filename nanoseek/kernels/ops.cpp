@@ -430,8 +430,9 @@ static at::Tensor float_experts(const at::Tensor& x, const at::Tensor& weights, 
     return y.to(x.scalar_type());
 }
 
-// x [M, K] (float) @ weight.T -> [M, N] in x's dtype, for an fp32 weight [N, K]: nanoseek's kernel for up to
-// FLOAT_LINEAR_ROWS rows (float.cpp), torch's product for more, or where the kernel does not take the operands.
+// x [M, K] (float) @ weight.T -> [M, N] in x's dtype, for an fp32 or bf16 weight [N, K] (bf16: computed in fp32, the
+// weight widened as it is read): nanoseek's kernel for up to FLOAT_LINEAR_ROWS rows (float.cpp), torch's product for
+// more, or where the kernel does not take the operands.
 // On a 2-vCPU AMD EPYC Zen4, against torch.mm: [2048, 256] (the shipped model's head)
 // 1 row 31-33 us against 53-77 (torch.mv 52-59), 2 rows 39-41 against 101-108, 4: 55 against 108, 8: 106 against
 // 148-153, 16: 205 against 232, 32: 404 against 397; [1536, 1536] 1 row 121-125 against 157-168, 8: 424 against 720,
@@ -443,12 +444,14 @@ static at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
                       "float_linear: x ", x.scalar_type(), " ", x.sizes(), ", weight ", weight.scalar_type(), " ",
                       weight.sizes(), ": wants x float [M, K] and weight [N, K]");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-    if (isa_here == 0 || M > FLOAT_LINEAR_ROWS || K % (isa_here == 2 ? 16 : 8) || weight.scalar_type() != at::kFloat ||
-        !weight.is_contiguous() || !weight.device().is_cpu() || !x.device().is_cpu())
+    const bool bf16 = weight.scalar_type() == at::kBFloat16;
+    if (isa_here == 0 || M > FLOAT_LINEAR_ROWS || K % (isa_here == 2 ? 16 : 8) ||
+        (weight.scalar_type() != at::kFloat && !bf16) || !weight.is_contiguous() || !weight.device().is_cpu() ||
+        !x.device().is_cpu())
         return at::mm(x, weight.t().to(x.scalar_type()));
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, xf.options());
-    int code = nanoseek_float_linear(xf.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>(), isa_here);
+    int code = nanoseek_float_linear(xf.data_ptr<float>(), M, K, weight.data_ptr(), bf16, N, y.data_ptr<float>(), isa_here);
     TORCH_CHECK(code == 0, "float linear kernel failed (code ", code, ")");
     return y.to(x.scalar_type());
 }
