@@ -27,7 +27,9 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   takes it; so do routed experts (DeepSeek-V2-Lite's [1408, 2048] at one row, 400 of them in random
   order: 144-154 us, 19-20 GB/s, against 236-240 us, 12 GB/s, for the weight-only kernel), though packing
   them lengthens start-up (fbgemm packs ~160 M weights a second per core). Where torch has no fbgemm,
-  int8 takes `_weight_int8pack_mm` (bf16 activations) up to `KERNEL_ROWS[8]` rows.
+  int8 takes nanoseek's own AVX2 kernel (`kernels.int8_avx2_linear`: the codes times the activations quantized
+  to int8 per block of 32; on an AVX2 Zen3 2x torch's at one row) up to `FAST_INT8_ROWS` rows, and where that
+  cannot be built, `_weight_int8pack_mm` (bf16 activations) up to `KERNEL_ROWS[8]` rows.
 - int4: nanoseek's own kernel (`kernels.int4_products`: the codes times the activations quantized to int8
   per block of 32, with AVX-512 VNNI or AVX2; 2.3-2.8x torch's kernel at one row on a Zen4) up to
   `FAST_INT4_ROWS` rows, reading the documented layout; where it cannot be built (no compiler, no AVX2)
@@ -77,6 +79,7 @@ from .kernels import (
     cpu_operator,
     float_linear_available,
     int4_available,
+    int8_available,
     int4_products,
 )
 
@@ -92,6 +95,10 @@ KERNEL_ROWS = {8: 8, 4: 48}
 # 2-vCPU Zen4 ahead of torch's int4 kernel and of converting the weight at every row count to 64 ([8960, 1536]:
 # 8.3 against 11.0 and 14.8 ms at 64 rows, 1.0 against 1.4 and 10.0 at 8)
 FAST_INT4_ROWS = 64
+# nanoseek's int8 kernel (kernels.int8_avx2_linear, where fbgemm's are not exact) likewise: on a 2-vCPU Zen3 ahead of
+# torch's int8 kernel and of converting the weight at every row count to 64 ([8960, 1536]: 10.6 against 13.2 ms at 64
+# rows, 1.35 against 2.68 at 8)
+FAST_INT8_ROWS = 64
 # int4 kv_b_proj: MLA's operator takes a latent width (its input) in multiples of this (the int4 kernel's 64 inputs)
 LATENT_MULTIPLE = 64
 KERNEL_BLOCK = 64  # the int4 CPU kernel's layout tiles rows in independent blocks of 64 (checked in the tests)
@@ -164,7 +171,7 @@ class QuantLinear(nn.Module):
         # torch's kernels' scales: int8 (no fbgemm) the bf16 scales, int4 the [K/g, N, 2] scales and offsets
         self._kernel_scales: torch.Tensor | None = None
         self._packed = None  # int8 on x86: fbgemm's packed weight (qweight is then empty)
-        self._fast: bool | None = None  # int4: whether nanoseek's own kernel takes this layer (see _fast_int4)
+        self._fast: bool | None = None  # whether nanoseek's own kernel takes this layer (see _fast_int4, _fast_int8)
         self._operands: tuple[torch.Tensor, ...] | None = None  # likewise: see int4_operands
         self._handle = next(_HANDLES)  # how a compiled graph names this layer to `int8_linear` (see there)
 
@@ -233,9 +240,18 @@ class QuantLinear(nn.Module):
         if self.bits == 4 and self._fast_int4():
             if rows <= FAST_INT4_ROWS:
                 if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                    y = Int4Product.apply(x2, self)
+                    y = KernelProduct.apply(x2, self)
                 else:  # the operator: C++ from end to end where the library carries it (see kernels/ops.cpp)
                     y = torch.ops.nanoseek.int4_linear(x2, self.qweight, self.scales, self.zeros, self.units)
+                y = y.to(x.dtype)
+            else:
+                y = self._converted(x2)
+        elif self.bits == 8 and x.device.type == "cpu" and self._kernel_ready() and self._fast_int8():
+            if rows <= FAST_INT8_ROWS:
+                if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                    y = KernelProduct.apply(x2, self)
+                else:
+                    y = torch.ops.nanoseek.int8_avx2_linear(x2, self.qweight, self._kernel_scales)
                 y = y.to(x.dtype)
             else:
                 y = self._converted(x2)
@@ -280,6 +296,14 @@ class QuantLinear(nn.Module):
             self._operands = buffers if self._fast and self.bias is None else None
         return self._fast
 
+    def _fast_int8(self) -> bool:
+        """Whether this int8 layer multiplies through nanoseek's own kernel: on a CPU with AVX2 where fbgemm's int8
+        products are not exact (no VNNI), the kernel built, the inputs a multiple of 32."""
+        if self._fast is None:
+            self._fast = (self.qweight.device.type == "cpu" and self._packed is None and self.qweight.is_contiguous()
+                          and not fbgemm_int8() and int8_available(self.in_features))
+        return self._fast
+
     def int4_operands(self) -> tuple[torch.Tensor, ...] | None:
         """(qweight, scales, zeros, units) where this layer multiplies through nanoseek's int4 kernel (for callers that
         group several layers' products into one kernel call: kernels.int4_grouped), else None."""
@@ -296,7 +320,8 @@ class QuantLinear(nn.Module):
                 if fbgemm_int8():
                     self._pack_int8()
                 elif self._kernel_scales is None:  # (computed in a compiled graph, inductor's lowering fails)
-                    self._kernel_scales = self.scales.to(torch.bfloat16)
+                    self._kernel_scales = self.scales.float().contiguous() if self._fast_int8() else \
+                        self.scales.to(torch.bfloat16)
             return True
         if not self._kernel_layout:
             if self.out_features % KERNEL_BLOCK:
@@ -376,13 +401,15 @@ class QuantLinear(nn.Module):
         return self
 
 
-class Int4Product(torch.autograd.Function):
-    """nanoseek's int4 kernel with a backward to the activations (through the dequantized weight), so the
+class KernelProduct(torch.autograd.Function):
+    """nanoseek's int4 or int8 kernel with a backward to the activations (through the dequantized weight), so the
     same products come out whether or not autograd records them."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
+        if layer.bits == 8:
+            return torch.ops.nanoseek.int8_avx2_linear(x, layer.qweight, layer._kernel_scales)
         return int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units)
 
     @staticmethod

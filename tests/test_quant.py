@@ -319,6 +319,8 @@ def test_compiled_decoding_of_a_quantized_model_equals_eager(tmp_path, arch, bit
         assert operator_calls(lambda: engine.generate(prompts, params)).get("nanoseek::int4_experts")
     if bits == 8 and quant.fbgemm_int8():
         assert all(m._packed is not None for m in quantized.modules() if isinstance(m, QuantLinear))
+    elif bits == 8 and kernels.int8_available(128):  # AVX2 without VNNI: nanoseek's int8 kernel, from the graph too
+        assert operator_calls(lambda: engine.generate(prompts, params)).get("nanoseek::int8_avx2_linear")
     for eager, compiled in zip(results[False], results[True]):
         for a, b in zip(eager, compiled):
             assert a.tokens == b.tokens

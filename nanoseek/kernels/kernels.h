@@ -1,4 +1,4 @@
-// The C entries of nanoseek's kernels (int4.cpp, mla.cpp, float.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
+// The C entries of nanoseek's kernels (int4.cpp, int8.cpp, mla.cpp, float.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
 #pragma once
 #include <stdint.h>
 
@@ -63,3 +63,5 @@ extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const
 extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
                                       int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
                                       int isa);
+extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
+                                    float* y);

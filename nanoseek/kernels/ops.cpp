@@ -1,7 +1,8 @@
 // CPU implementations of nanoseek's operators (their schemas and fakes are defined in kernels/__init__.py) in
 // C++, so that a call reaches the kernels without Python: from a compiled graph (whose C++ wrapper calls the
 // operator) and eagerly. nanoseek::int4_linear, one int4 product: a 1.5B model's decode step makes ~200 such
-// calls; through a Python implementation each cost ~10 us more than the kernel, through this ~2.
+// calls; through a Python implementation each cost ~10 us more than the kernel, through this ~2. Likewise
+// nanoseek::int8_avx2_linear, one int8 product where fbgemm's are not exact (AVX2 without VNNI).
 // nanoseek::int4_experts, a whole int4 mixture-of-experts layer for a few tokens (what MoE.int4_routed and the
 // shared experts' own layers do through Python): one DeepSeek-V2-Lite layer for one token took 1.47-1.60 ms
 // against 1.84-1.94 on a 2-vCPU Zen4 (its 43 MB of int4 weights read at ~30 GB/s take ~1.45).
@@ -57,6 +58,26 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
     return y;
 }
 
+
+// x [rows, K] (float) @ W.T -> [rows, N] fp32; W as int8 codes [N, K] times fp32 scales [N] (int8.cpp), K a multiple
+// of 32, AVX2
+static at::Tensor int8_avx2_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+    TORCH_CHECK(isa_here > 0, "nanoseek's int8 kernel is not available here");
+    const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0, N = qweight.size(0);
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && K % 32 == 0 && K > 0 &&
+                          qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.size(1) == K &&
+                          qweight.is_contiguous() && qweight.device().is_cpu() && scales.scalar_type() == at::kFloat &&
+                          scales.dim() == 1 && scales.size(0) == N && scales.is_contiguous() && scales.device().is_cpu(),
+                      "int8 kernel: x ", x.scalar_type(), " ", x.sizes(), ", qweight ", qweight.scalar_type(), " ",
+                      qweight.sizes(), ", scales ", scales.scalar_type(), " ", scales.sizes(), ": wants x float [rows, K] ",
+                      "on the CPU, K a multiple of 32, int8 codes [N, K] and fp32 scales [N], contiguous");
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({M, N}, xf.options());
+    int code = nanoseek_int8_linear(xf.data_ptr<float>(), M, K, qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), N,
+                                    y.data_ptr<float>());
+    TORCH_CHECK(code == 0, "int8 kernel failed (code ", code, ") on a product [M, K, N] [", M, ", ", K, ", ", N, "]");
+    return y;
+}
 
 // A mixture-of-experts layer whose experts are all int4 layers the kernel takes, for a few tokens (decoding),
 // in one call: x [T, D] float, each token's chosen experts `indices` [T, k] and their gate weights `weights`
@@ -497,6 +518,7 @@ TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("mla_latent_attention", &mla_latent_attention);
     m.impl("gqa_attention", &gqa_attention);
     m.impl("int4_linear", &int4_linear);
+    m.impl("int8_avx2_linear", &int8_avx2_linear);
     m.impl("int4_experts", &int4_experts);
     m.impl("mla_attention", &mla_attention);
     m.impl("mla_attention_int4", &mla_attention_int4);
