@@ -73,8 +73,9 @@ def test_int8_kernel_takes_any_float_activations_and_refuses_what_it_cannot_read
 @pytest.mark.skipif(quant.fbgemm_int8(), reason="fbgemm's int8 products are exact here (VNNI): int8 layers take them")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_layers_multiply_through_the_kernel_up_to_its_rows(dtype):
-    """An int8 layer (fp32 or bf16 model) takes the kernel up to FAST_INT8_ROWS rows, with or without autograd
-    recording (the same products either way, and a gradient to the activations), and converts its weight past that."""
+    """An int8 layer takes the kernel, with or without autograd recording (the same products either way, and a gradient
+    to the activations): in an fp32 model at every row count (its prompts would multiply in fp32, slower than the
+    kernel), in a bf16 model up to FAST_INT8_ROWS rows, converting its weight past that."""
     layer = layer_of(96, 128, dtype=dtype)
     for rows in (1, 8, FAST_INT8_ROWS, FAST_INT8_ROWS + 1):
         x = torch.randn(2, rows, 128, dtype=dtype)
@@ -82,7 +83,8 @@ def test_int8_layers_multiply_through_the_kernel_up_to_its_rows(dtype):
             calls = operator_calls(lambda: layer(x))
             out = layer(x)
         assert out.dtype == dtype and out.shape == (2, rows, 96)
-        kernel, fp32 = 2 * rows <= FAST_INT8_ROWS, dtype == torch.float32  # (bf16: the output rounded to bf16)
+        fp32 = dtype == torch.float32  # (bf16: the output rounded to bf16)
+        kernel = fp32 or 2 * rows <= FAST_INT8_ROWS
         assert calls == ({"nanoseek::int8_avx2_linear": 1} if kernel else {})
         if kernel:
             want = reference(x.reshape(-1, 128).float(), layer).view(2, rows, 96)

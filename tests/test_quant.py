@@ -59,9 +59,11 @@ def test_kernels_equal_the_dequantized_reference(bits, rows):
 def test_many_rows_convert_the_weight_block_by_block(monkeypatch, bits, out_features, packed, dtype):
     """Prompts (more rows than the kernels take) multiply by the weight converted 64 output channels at a
     time here (a last, partial block too; int4 also read out of the kernel's layout): the same as the
-    whole dequantized weight. (int8 as where fbgemm is missing: with it every row takes its kernel.)"""
+    whole dequantized weight. (int8 as where fbgemm and nanoseek's int8 kernel are missing: with either, an fp32
+    prompt's every row takes the kernel.)"""
     monkeypatch.setattr(quant, "CONVERT_WEIGHTS", 64 * 256)
     monkeypatch.setattr(quant, "fbgemm_int8", lambda: False)
+    monkeypatch.setattr(quant, "int8_available", lambda *args: False)
     monkeypatch.setattr(quant, "int4_available", lambda *args: False)  # torch's int4 kernel and its layout
     layer = QuantLinear(256, out_features, bits, dtype=dtype)
     layer.quantize_(torch.randn(out_features, 256) * 0.05)
