@@ -116,15 +116,21 @@ CONVERT_WEIGHTS = 2**20  # many rows: the weight is converted in blocks of about
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
 
 
-@cache
+# (asked while tracing a layer first called in a graph: dynamo keeps the answer, it cannot trace the probe)
+@torch._dynamo.assume_constant_result
 def fbgemm_int8() -> bool:
     """Whether int8 layers multiply through fbgemm's int8 x int8 kernels on this CPU: where torch has fbgemm
     (x86) and its products of full-range 8-bit activations come out exact. With VNNI the u8 x s8 products
     accumulate in int32; with AVX2 (or AVX-512 without VNNI) alone fbgemm sums pairs of them in int16,
     which saturates unless activations keep to 7 bits, and 7-bit activations cost too much (forced to its
     AVX2 path on the Xeon: a random model's greedy agreement 0.87, the shipped model's KL 2.0e-3 against
-    4.7e-4), so such CPUs keep the weight-only kernel. Found by trying: codes whose pairwise products
-    overflow int16."""
+    4.7e-4), so such CPUs take nanoseek's int8 kernel (or torch's weight-only one). Found by trying (once a
+    process): codes whose pairwise products overflow int16."""
+    return _fbgemm_exact()
+
+
+@cache
+def _fbgemm_exact() -> bool:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
     K = 64
@@ -245,7 +251,7 @@ class QuantLinear(nn.Module):
             elif self.bits == 4:  # the operators: C++ from end to end where the library carries them (see kernels/ops.cpp)
                 y = torch.ops.nanoseek.int4_linear(x2, self.qweight, self.scales, self.zeros, self.units)
             else:
-                y = torch.ops.nanoseek.int8_avx2_linear(x2, self.qweight, self._kernel_scales)
+                y = torch.ops.nanoseek.int8_avx2_linear(x2, self.qweight, self._int8_scales())
             y = y.to(x.dtype)
         elif fast:
             y = self._converted(x2)
@@ -305,6 +311,11 @@ class QuantLinear(nn.Module):
             self._fast = (self.qweight.device.type == "cpu" and self._packed is None and self.qweight.is_contiguous()
                           and not fbgemm_int8() and int8_available(self.in_features))
         return self._fast
+
+    def _int8_scales(self) -> torch.Tensor:
+        """The fp32 scales nanoseek's int8 kernel reads: kept from `_kernel_ready`, or (a graph traced before any eager
+        call) converted in the graph."""
+        return self._kernel_scales if self._kernel_scales is not None else self.scales.float()
 
     def int4_operands(self) -> tuple[torch.Tensor, ...] | None:
         """(qweight, scales, zeros, units) where this layer multiplies through nanoseek's int4 kernel (for callers that
@@ -411,7 +422,7 @@ class KernelProduct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
         if layer.bits == 8:
-            return torch.ops.nanoseek.int8_avx2_linear(x, layer.qweight, layer._kernel_scales)
+            return torch.ops.nanoseek.int8_avx2_linear(x, layer.qweight, layer._int8_scales())
         return int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units)
 
     @staticmethod

@@ -96,3 +96,18 @@ def test_int8_layers_multiply_through_the_kernel_up_to_its_rows(dtype):
         recorded.sum().backward()
         grad = layer.dequantize().sum(0).expand_as(x)
         torch.testing.assert_close(x.grad.float(), grad, atol=1e-4 if fp32 else 0.1, rtol=1e-4 if fp32 else 0.02)
+
+
+@pytest.mark.skipif(quant.fbgemm_int8(), reason="fbgemm's int8 products are exact here (VNNI): int8 layers take them")
+def test_a_compiled_graph_calls_the_kernel():
+    """Traced before any eager call (the layer decides inside the trace, its bf16 scales widened in the graph), in one
+    graph: the operator, no graph break around it, the eager products."""
+    layer = layer_of(64, 128, dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+        compiled(x)  # (recompiled once: the first trace set what the layer decided)
+        assert operator_calls(lambda: compiled(x)) == {"nanoseek::int8_avx2_linear": 1}
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
