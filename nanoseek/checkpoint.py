@@ -119,8 +119,8 @@ def inference_dtypes(path: str | os.PathLike, quantize: str | int | None = None,
       products took 28 ms of a 125 ms token, conversions 13), prompts 0.75x; R1-Distill-1.5B int4, decoded
       compiled, level, prompts 0.92x (in fp32 they took twice as long). Elsewhere int4 keeps bf16;
     - fp32 activations otherwise, because a CPU with AVX2 only multiplies bf16 20-100x slower than fp32
-      (a 512-token prompt to a 1.5B model would take minutes): quantized weights stay integers (their
-      kernels take the activations in bf16), a bf16 or FP8 checkpoint keeps its linear layers' weights in
+      (a 512-token prompt to a 1.5B model would take minutes): quantized weights stay integers (nanoseek's int4
+      and int8 kernels take fp32 activations, torch's weight-only kernels bf16), a bf16 or FP8 checkpoint keeps its linear layers' weights in
       bf16 (`weight_dtype`, NarrowLinear: decoding reads 2 bytes per weight), and only the rest
       (embeddings, norms) is widened.
     """

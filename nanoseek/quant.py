@@ -274,7 +274,8 @@ class QuantLinear(nn.Module):
         """x [rows, K] @ W.T through the weight converted a block at a time, in convert_dtype for a prompt (more
         rows than the integer kernels take), else in x's dtype (a few rows of a layer no kernel takes: decoding
         in bf16 would round its outputs, and a compiled graph, which keeps them in fp32, would part from eager)."""
-        dtype = self.convert_dtype if self.convert_dtype is not None and x.shape[0] > FAST_INT4_ROWS else x.dtype
+        few = FAST_INT4_ROWS if self.bits == 4 else FAST_INT8_ROWS
+        dtype = self.convert_dtype if self.convert_dtype is not None and x.shape[0] > few else x.dtype
         return converted_matmul(x.to(dtype), self._dequantize_rows, self.out_features).to(x.dtype)
 
     def _dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -315,7 +316,7 @@ class QuantLinear(nn.Module):
     def _int8_scales(self) -> torch.Tensor:
         """The fp32 scales nanoseek's int8 kernel reads: kept from `_kernel_ready`, or (a graph traced before any eager
         call) converted in the graph."""
-        return self._kernel_scales if self._kernel_scales is not None else self.scales.float()
+        return self._kernel_scales if self._kernel_scales is not None else self.scales.float().contiguous()
 
     def int4_operands(self) -> tuple[torch.Tensor, ...] | None:
         """(qweight, scales, zeros, units) where this layer multiplies through nanoseek's int4 kernel (for callers that
@@ -482,11 +483,14 @@ class NarrowLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return super().forward(x)
-        if torch.is_grad_enabled() and self.weight.requires_grad:  # training through it: plain autograd
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):  # a gradient wanted: autograd's
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features)
-        if rows <= NARROW_KERNEL_ROWS and self.weight.dtype == torch.bfloat16 and float_linear_available():
+        # (the kernel reads contiguous weights of rows a multiple of 16 wide; otherwise torch's fp32 product would take
+        # the operator's rows and widen the whole weight)
+        if rows <= NARROW_KERNEL_ROWS and self.weight.dtype == torch.bfloat16 and self.in_features % 16 == 0 \
+                and self.weight.is_contiguous() and float_linear_available():
             y = torch.ops.nanoseek.float_linear(x2, self.weight)
         elif rows <= NARROW_ROWS:
             y = F.linear(x2.to(self.weight.dtype), self.weight).to(x.dtype)

@@ -62,9 +62,12 @@ def test_int8_kernel_takes_any_float_activations_and_refuses_what_it_cannot_read
                                reference(x.contiguous(), layer), atol=1e-4, rtol=1e-5)
     half = torch.ops.nanoseek.int8_avx2_linear(x.bfloat16(), layer.qweight, layer.scales)
     assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), reference(x.bfloat16().float(), layer), atol=1e-4, rtol=1e-5)
     bad = [(torch.randn(3, 48), layer.qweight[:, :48].contiguous(), layer.scales),  # inputs not a multiple of 32
            (x, layer.qweight.to(torch.int16), layer.scales), (x, layer.qweight, layer.scales.double()),
-           (x, layer.qweight, layer.scales[:10]), (x, layer.qweight.t(), layer.scales), (x[0], layer.qweight, layer.scales)]
+           (x, layer.qweight, layer.scales[:10]), (x, layer.qweight.t(), layer.scales), (x[0], layer.qweight, layer.scales),
+           (x, layer.qweight.repeat(1, 2)[:, ::2], layer.scales), (x, layer.qweight, layer.scales.repeat(2)[::2]),
+           (x, layer.qweight[0], layer.scales)]  # (rows apart; scales apart; not a matrix)
     for args in bad:
         with pytest.raises(ValueError, match="wants"):
             torch.ops.nanoseek.int8_avx2_linear(*args)
@@ -77,7 +80,7 @@ def test_int8_layers_multiply_through_the_kernel_up_to_its_rows(dtype):
     to the activations): in an fp32 model at every row count (its prompts would multiply in fp32, slower than the
     kernel), in a bf16 model up to FAST_INT8_ROWS rows, converting its weight past that."""
     layer = layer_of(96, 128, dtype=dtype)
-    for rows in (1, 8, FAST_INT8_ROWS, FAST_INT8_ROWS + 1):
+    for rows in (1, 8, FAST_INT8_ROWS // 2, FAST_INT8_ROWS // 2 + 1, FAST_INT8_ROWS + 1):  # (2 x rows: the layer's)
         x = torch.randn(2, rows, 128, dtype=dtype)
         with torch.no_grad():
             calls = operator_calls(lambda: layer(x))
@@ -111,3 +114,20 @@ def test_a_compiled_graph_calls_the_kernel():
         compiled(x)  # (recompiled once: the first trace set what the layer decided)
         assert operator_calls(lambda: compiled(x)) == {"nanoseek::int8_avx2_linear": 1}
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(quant.fbgemm_int8(), reason="fbgemm's int8 products are exact here (VNNI): int8 layers take them")
+def test_the_kernel_reads_the_layer_as_it_is_now():
+    """After a kernel call, new codes (quantize_), a loaded state and a cast each reach the kernel: the products follow
+    the layer's weight as it is now, never the scales kept from before."""
+    layer, other = layer_of(96, 128, seed=0), layer_of(96, 128, seed=1)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        layer(x)  # (keeps the fp32 scales the kernel reads)
+        layer.quantize_(torch.randn(96, 128) * 3)
+        torch.testing.assert_close(layer(x).double(), reference(x, layer), atol=1e-4, rtol=1e-5)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x).double(), reference(x, other), atol=1e-4, rtol=1e-5)
+        layer.to(torch.bfloat16)  # bf16 scales now, widened again for the kernel
+        want = reference(x.bfloat16().float(), layer)
+        torch.testing.assert_close(layer(x.bfloat16()).double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)

@@ -99,6 +99,10 @@ def test_narrow_linear_keeps_bf16_weights_under_fp32_activations(monkeypatch, ro
     else:
         torch.testing.assert_close(out, ref)
     torch.testing.assert_close(layer(x.bfloat16()), x.bfloat16() @ layer.weight.t() + layer.bias, atol=0.02, rtol=0.02)
+    layer.requires_grad_(False)  # frozen weights, a gradient wanted to the activations: autograd's product, with one
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.float().sum(0).expand_as(x))
 
 
 def test_the_compiled_moe_path_takes_narrow_weights(tmp_path):

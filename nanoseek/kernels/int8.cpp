@@ -90,7 +90,7 @@ extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const 
     int8_t* xq = (int8_t*)malloc(M * K + M * G * sizeof(float));
     if (!xq) return 2;
     float* d = (float*)(xq + M * K);
-#pragma omp parallel
+#pragma omp parallel if (M * N * K > 1 << 15)
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < M * G; b++) quantize_block(x + 32 * b, xq + 32 * b, d + b);

@@ -63,7 +63,8 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
 // of 32, AVX2
 static at::Tensor int8_avx2_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
     TORCH_CHECK(isa_here > 0, "nanoseek's int8 kernel is not available here");
-    const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0, N = qweight.size(0);
+    const int64_t M = x.dim() == 2 ? x.size(0) : 0, K = x.dim() == 2 ? x.size(1) : 0;
+    const int64_t N = qweight.dim() == 2 ? qweight.size(0) : 0;
     TORCH_CHECK_VALUE(x.dim() == 2 && x.is_floating_point() && x.device().is_cpu() && K % 32 == 0 && K > 0 &&
                           qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.size(1) == K &&
                           qweight.is_contiguous() && qweight.device().is_cpu() && scales.scalar_type() == at::kFloat &&
