@@ -63,6 +63,12 @@ def test_int8_kernel_takes_any_float_activations_and_refuses_what_it_cannot_read
     half = torch.ops.nanoseek.int8_avx2_linear(x.bfloat16(), layer.qweight, layer.scales)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.double(), reference(x.bfloat16().float(), layer), atol=1e-4, rtol=1e-5)
+    broken = x.clone()
+    broken[1, 40] = float("nan")
+    out = torch.ops.nanoseek.int8_avx2_linear(broken, layer.qweight, layer.scales)  # NaN in, NaN out (that row only)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+    broken[1, 40] = float("inf")
+    assert torch.ops.nanoseek.int8_avx2_linear(broken, layer.qweight, layer.scales)[1].isnan().all()
     bad = [(torch.randn(3, 48), layer.qweight[:, :48].contiguous(), layer.scales),  # inputs not a multiple of 32
            (x, layer.qweight.to(torch.int16), layer.scales), (x, layer.qweight, layer.scales.double()),
            (x, layer.qweight, layer.scales[:10]), (x, layer.qweight.t(), layer.scales), (x[0], layer.qweight, layer.scales),

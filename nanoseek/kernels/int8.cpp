@@ -10,6 +10,7 @@
 // multiplies in floating point: on an AVX2 CPU it reads a weight at a fraction of the memory's speed past one row.
 // Rows of W are split between OpenMP threads, each quantizing a share of the activations first.
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -71,13 +72,18 @@ typedef void (*RowsFn)(const int8_t*, const float*, int64_t, int64_t, int64_t, i
                        float*);
 template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
 
-// one block of 32 inputs to int8 codes and their scale
+// one block of 32 inputs to int8 codes and their scale; a block holding a NaN or an infinity gets a NaN scale, so the
+// products it enters are NaN, as a float product's would be (fmaxf passes over NaNs)
 static void quantize_block(const float* v, int8_t* q, float* d) {
     float amax = 0.f;
-    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    bool finite = true;
+    for (int i = 0; i < 32; i++) {
+        amax = fmaxf(amax, fabsf(v[i]));
+        finite = finite && fabsf(v[i]) <= FLT_MAX;  // (false for NaN)
+    }
+    const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;
     for (int i = 0; i < 32; i++) q[i] = (int8_t)lrintf(v[i] * inv);
-    *d = amax / 127.f;
+    *d = finite ? amax / 127.f : NAN;
 }
 
 // x [M, K] fp32 and y [M, N] fp32 row-major and contiguous, K a multiple of 32; any M (8 rows a pass over the weight).
