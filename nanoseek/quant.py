@@ -26,7 +26,7 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   2.7-3.2 ms at 8 rows, and as fast as the converted bf16 product at 512 rows, so every row count
   takes it; so do routed experts (DeepSeek-V2-Lite's [1408, 2048] at one row, 400 of them in random
   order: 144-154 us, 19-20 GB/s, against 236-240 us, 12 GB/s, for the weight-only kernel), though packing
-  them lengthens start-up (fbgemm packs ~160 M weights a second per core). Where torch has no fbgemm,
+  them lengthens start-up (fbgemm packs ~160 M weights a second per core). Where fbgemm's are not exact (no VNNI),
   int8 takes nanoseek's own AVX2 kernel (`kernels.int8_avx2_linear`: the codes times the activations quantized
   to int8 per block of 32; on an AVX2 Zen3 2x torch's at one row) up to `FAST_INT8_ROWS` rows, and where that
   cannot be built, `_weight_int8pack_mm` (bf16 activations) up to `KERNEL_ROWS[8]` rows.
@@ -34,9 +34,10 @@ step reads 1 or 0.5 bytes per weight instead of 2 or 4.
   per block of 32, with AVX-512 VNNI or AVX2; 2.3-2.8x torch's kernel at one row on a Zen4) up to
   `FAST_INT4_ROWS` rows, reading the documented layout; where it cannot be built (no compiler, no AVX2)
   or for other group sizes, `_weight_int4pack_mm_for_cpu` (bf16 activations) up to `KERNEL_ROWS[4]` rows.
-Above those rows the kernels are slower than converting the weight to the activations' dtype and
-multiplying, so that is what happens, and on other devices (CUDA) always, one block of output
-channels at a time (`converted_matmul`). `dequantize()` is the plain reference path.
+Above those rows, where prompts multiply in bf16, the kernels are slower than converting the weight and
+multiplying, so that is what happens (where prompts multiply in fp32, nanoseek's two kernels take every row:
+`QuantLinear._prompts_narrow`), and on other devices (CUDA) always, one block of output channels at a time
+(`converted_matmul`). `dequantize()` is the plain reference path.
 
 `NarrowLinear` is the float counterpart for CPUs without fast bf16 matmuls: linear weights kept in
 bf16 under fp32 activations (see checkpoint.inference_dtypes).
