@@ -33,12 +33,6 @@
 #define AVX512 __attribute__((target("avx512f")))
 #define AVX2 __attribute__((target("avx2,fma")))
 
-AVX2 static inline float hsum_avx2(__m256 v) {
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 // float_linear: tokens met by one pass over a block of weight rows (more tokens: another pass, the block still in
 // cache; 8 at a time, 2 rows a block, was 10-30% slower than 4 at 8-16 tokens), and rows a thread takes at a time
 #define LINEAR_TOKENS 4

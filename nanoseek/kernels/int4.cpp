@@ -120,12 +120,6 @@ VNNI static void rows_avx512(const uint8_t* w, const uint8_t* s, const int8_t* z
     }
 }
 
-AVX2 static inline float hsum256(__m256 v) {
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 AVX2 static inline float row_total_avx2(__m256 dots, const uint8_t* sr, const int8_t* zr, const float* sum,
                                         const float* resid, int64_t G, const float* u) {
     __m256 zacc = _mm256_setzero_ps(), racc = _mm256_setzero_ps();
@@ -137,7 +131,7 @@ AVX2 static inline float row_total_avx2(__m256 dots, const uint8_t* sr, const in
     }
     __m256 v = _mm256_mul_ps(_mm256_set1_ps(u[0]), _mm256_fmadd_ps(_mm256_set1_ps(8.f), racc, dots));
     v = _mm256_fmadd_ps(_mm256_set1_ps(u[1]), zacc, v);
-    return add_offsets(hsum256(v), sr, zr, sum, resid, g, G, u);
+    return add_offsets(hsum_avx2(v), sr, zr, sum, resid, g, G, u);
 }
 
 template <int M>

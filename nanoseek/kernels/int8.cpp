@@ -22,12 +22,6 @@
 // cache lines asked for this many bytes ahead of the codes being read (one core alone keeps too few in flight)
 #define PREFETCH 2048
 
-AVX2 static inline float hsum(__m256 v) {
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 // (codes . xq) of one block of 32 as 8 int32 lanes, the codes' magnitudes and the block's signs given
 AVX2 static inline __m256 block_dot(__m256i magnitude, __m256i codes, const int8_t* xq) {
     const __m256i signed_x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xq), codes);
@@ -64,7 +58,7 @@ AVX2 static void rows_avx2(const int8_t* w, const float* scale, int64_t n0, int6
             for (int m = 0; m < M; m++)
                 acc[m] = _mm256_fmadd_ps(block_dot(ma, a, xq + m * K + 32 * g), _mm256_broadcast_ss(d + m * G + g), acc[m]);
         }
-        for (int m = 0; m < M; m++) y[m * N + n] = scale[n] * hsum(_mm256_add_ps(acc[m], acc2[m]));
+        for (int m = 0; m < M; m++) y[m * N + n] = scale[n] * hsum_avx2(_mm256_add_ps(acc[m], acc2[m]));
     }
 }
 

@@ -1,6 +1,14 @@
 // The C entries of nanoseek's kernels (int4.cpp, int8.cpp, mla.cpp, float.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
 #pragma once
+#include <immintrin.h>
 #include <stdint.h>
+
+// the sum of an AVX2 vector's 8 floats
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
 
 // Pick<n>::fn for n = 1..8 (more: 8), where a kernel is a template on its row or token count: the instance for n
 template <template <int> class Pick>
