@@ -339,7 +339,7 @@ def test_after_the_warm_up_no_number_of_rows_compiles_again(model):
     """Found by a user: `serve` compiled a new decode graph in the middle of serving when 9-12 requests ran together
     (its warm-up had covered 1, 2 and 13 rows); with the warm-up's row counts compiled, none up to max_batch is new."""
     torch._dynamo.reset()
-    engine = Engine(copy.deepcopy(model), max_batch=12, compile=True)
+    engine = Engine(copy.deepcopy(model), max_batch=12, compile=True, native=False)
     gc.unfreeze()
     warm_up(engine, 12)
     assert gc.get_freeze_count() > 0  # what compiling left, out of the collector's full passes
@@ -351,21 +351,24 @@ def test_after_the_warm_up_no_number_of_rows_compiles_again(model):
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_follows_weight_updates(model):
-    """compile=True (each decode step one compiled graph, the tiny MoE's experts read stacked)
-    decodes exactly what the eager engine does, plain and speculative, with rows joining and leaving;
-    and engines kept across an in-place weight change (GRPO trains the model between rollouts) decode
-    with the new weights, cached prefixes included."""
+    """compile=True (each decode step one compiled graph, the tiny MoE's experts read stacked) and the C++ step
+    (inference/native.py, MLA models) decode exactly what the eager engine does, plain and speculative, with rows
+    joining and leaving; and engines kept across an in-place weight change (GRPO trains the model between rollouts)
+    decode with the new weights, cached prefixes included."""
     m = copy.deepcopy(model)
     ps = prompts(5, seed=20)
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (9, 4, 14, 1, 6)]
-    kinds = ((False, False), (True, False)) + (((True, True),) if m.mtp_layers else ())
-    kept = {(compile, spec): Engine(m, max_batch=3, speculative=spec, compile=compile) for compile, spec in kinds}
+    kinds = ((False, False, False), (True, False, False), (False, False, True)) + \
+        (((True, True, False),) if m.mtp_layers else ())
+    kept = {kind: Engine(m, max_batch=3, speculative=kind[1], compile=kind[0], native=kind[2]) for kind in kinds}
 
     def check():
-        fresh = [r.tokens for r in Engine(m, max_batch=3).generate(ps, params)]
-        for (compile, spec), engine in kept.items():
-            assert [r.tokens for r in engine.generate(ps, params)] == fresh, f"compile={compile} speculative={spec}"
+        fresh = [r.tokens for r in Engine(m, max_batch=3, native=False).generate(ps, params)]
+        for (compile, spec, native), engine in kept.items():
+            got = [r.tokens for r in engine.generate(ps, params)]
+            assert got == fresh, f"compile={compile} speculative={spec} native={native}"
             assert engine.compiled == compile  # no silent fallback to eager decoding
+            assert (engine.native is not None) == (native and not m.config.is_gqa)
         return fresh
 
     before = check()
@@ -403,8 +406,9 @@ def test_compiled_graphs_are_not_shared_between_models(mtp_model):
     other.load_state_dict(model.state_dict(), strict=False)  # same weights (V2 has no routing bias)
     ps, params = prompts(3, seed=21), SamplingParams(max_new_tokens=8, temperature=0)
     for m in (model, other):
-        engine = Engine(m, max_batch=3, compile=True)
-        assert [r.tokens for r in engine.generate(ps, params)] == [r.tokens for r in Engine(m, max_batch=3).generate(ps, params)]
+        engine = Engine(m, max_batch=3, compile=True, native=False)
+        eager = Engine(m, max_batch=3, native=False)
+        assert [r.tokens for r in engine.generate(ps, params)] == [r.tokens for r in eager.generate(ps, params)]
         assert engine.compiled
 
 

@@ -135,8 +135,8 @@ def test_compiled_decoding_calls_the_operator_and_gives_the_eager_tokens():
     randomize_(model, std=0.15)
     prompts = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_new_tokens=8, temperature=0)
-    eager = [r.tokens for r in Engine(model, max_batch=3).generate(prompts, params)]
-    engine = Engine(model, max_batch=3, compile=True)
+    eager = [r.tokens for r in Engine(model, max_batch=3, native=False).generate(prompts, params)]
+    engine = Engine(model, max_batch=3, compile=True, native=False)  # (the compiled graph, not the C++ step)
     engine.generate(prompts, SamplingParams(max_new_tokens=2, temperature=0))  # (compiled here)
     calls = operator_calls(lambda: engine.generate(prompts, params))
     assert engine.compiled

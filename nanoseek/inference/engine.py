@@ -40,6 +40,7 @@ from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
 from ..quant import prepare_kernels, weight_bytes
 from .cache import KVCache, cache_dtype
+from .native import NativeStep
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
 
 log = logging.getLogger("nanoseek")
@@ -166,7 +167,8 @@ class Engine:
                  max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
                  speculative: bool = False, prefix_cache_tokens: int = 65536,
                  eos_token_id: int | Sequence[int] | None = None,
-                 compile: bool = False, prefill_chunk: int = 512, kv_cache_dtype: str | torch.dtype = "auto"):
+                 compile: bool = False, prefill_chunk: int = 512, kv_cache_dtype: str | torch.dtype = "auto",
+                 native: bool = True):
         cfg = model.config
         if speculative and not model.mtp_layers:
             raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
@@ -203,7 +205,12 @@ class Engine:
             # bench/release_decode.py's rounds); an engine with another cache shape compiles its own graphs
             torch._dynamo.mark_static(self.cache.kv)
             torch._dynamo.mark_static(self.cache._arange)
-        self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile else []
+        # native=True: a small MLA model with float weights decodes through nanoseek's C++ step (inference/native.py:
+        # the whole step in one call, no graph), built with the MoE layers' stacked experts at the first admission
+        self._native_wanted = native and self.device.type == "cpu" and not cfg.is_gqa and \
+            weight_bytes(model) < PYTHON_WRAPPER_MIN_BYTES
+        self.native: NativeStep | None = None
+        self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile or self._native_wanted else []
         self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
         self._model_tag = _MODEL_TAGS.setdefault(model, f"model {next(_TAG_IDS)}")
         self._step_logits = self._compile(self._logits)
@@ -385,6 +392,8 @@ class Engine:
                 self.prefixes = PrefixStore(self.prefixes.max_tokens)
             for m in self._moes:
                 m.prepare_compiled_decode()
+            if self._native_wanted:
+                self.native = NativeStep.build(self.model, self.cache)
             self._weights_key = key
 
     def _prefill(self, req: Request) -> None:
@@ -505,11 +514,14 @@ class Engine:
 
     def _decode(self) -> None:
         B = len(self.active)
-        last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
-        self.cache.select(0, B)
-        pos = self.cache.positions(1)
-        raw = self._step_logits(last, pos)[1][:, -1]  # (B, V)
-        self.cache.advance()
+        if self.native is not None:  # the whole step in C++, the cache's writes and lengths included
+            raw = self.native(torch.tensor([r.tokens[-1] for r in self.active]))  # (B, V)
+        else:
+            last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
+            self.cache.select(0, B)
+            pos = self.cache.positions(1)
+            raw = self._step_logits(last, pos)[1][:, -1]  # (B, V)
+            self.cache.advance()
         tokens = self._sample(raw, self.active)
         for i, t in reversed(list(enumerate(tokens))):
             self.active[i].steps += 1

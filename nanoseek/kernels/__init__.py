@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "int8.cpp", "mla.cpp", "float.cpp")]  # built into one library
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.cpp", "int8.cpp", "mla.cpp", "float.cpp", "step.cpp")]  # built into one library
 HEADER = Path(__file__).with_name("kernels.h")  # what the sources share (part of the build's key)
 OPERATOR_SOURCE = Path(__file__).with_name("ops.cpp")  # and, against torch's headers, the int4_linear operator's C++
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-w"]
@@ -391,3 +391,8 @@ _OPERATORS.define("mla_attention_int4(Tensor q_nope, Tensor q_pe, Tensor past, T
 torch.library.register_fake(
     "nanoseek::mla_attention_int4", lambda q_nope, q_pe, past, fresh, mask, qweight, scales, zeros, units, scale:
     q_nope.new_empty(*q_nope.shape[:3], qweight.shape[0] // q_nope.shape[2] - q_nope.shape[3]), lib=_OPERATORS)
+
+
+# a whole decode step of a small MLA model with float weights (inference/native.py); C++ only (ops.cpp, step.cpp)
+_OPERATORS.define("mla_step(Tensor ids, Tensor(a!) kv, Tensor(b!) lengths, int first_row, Tensor table, "
+                  "Tensor numbers, int vocab) -> Tensor")

@@ -73,3 +73,7 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
                                       int isa);
 extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
                                     float* y);
+// a whole decode step of a small MLA model with float weights (step.cpp says what the table and numbers hold)
+extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const double* numbers, int64_t n_numbers,
+                                 const int64_t* ids, int64_t B, void* kv, int kind, int64_t rows, int64_t max_len,
+                                 int64_t first_row, int64_t* lengths, float* logits, int isa);

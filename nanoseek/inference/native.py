@@ -1,0 +1,151 @@
+"""The decode step of a small MLA model in one call of nanoseek's C++ (`nanoseek::mla_step`, kernels/step.cpp).
+
+A small model's token is mostly overhead around its arithmetic: the shipped model's compiled step (an inductor graph
+called through dynamo) took ~0.9 ms on a 2-vCPU Zen3 where its weights' reads and products take ~0.2, and llama.cpp's
+whole token 0.35. Here the step is the kernels the compiled graph calls (float products, MLA's attention over the
+latents, the experts), run one after the other from C++ with the element-wise work between them written out, and the
+engine's bookkeeping around it is one call: the new latents are written into the cache and each row's length advanced
+inside it.
+
+`NativeStep.build(model, cache)` describes the model to the kernel as a table of sizes and weight addresses (the
+layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, quantized layers, weights
+other than fp32 or bf16, activations other than fp32, widths the products do not take, experts not stacked as fp32
+(MoE.prepare_compiled_decode), or a library built without it. It reads the model's weights where they lie, but for
+kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
+changed, with the stacked experts) copies it again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import ISA_AVX512, int4_isa, runs_here
+from ..model import DeepseekForCausalLM
+from ..model.attention import MLA
+from ..model.moe import MoE
+from .cache import KVCache
+
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+_LATENT_WIDTH = 1024 + 128  # c + r at most (mla.cpp)
+
+
+class NativeStep:
+    def __init__(self, model: DeepseekForCausalLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.lengths = cache.lengths[0]  # the main layers' lengths [rows] (a view the step advances)
+        self.vocab = model.config.vocab_size
+        self._keep: list[torch.Tensor] = []  # what the table points to
+        self.table = self.numbers = None
+
+    @classmethod
+    def build(cls, model: DeepseekForCausalLM, cache: KVCache) -> "NativeStep | None":
+        """The step for this model and cache, or None where nanoseek's kernel does not take them (see the module)."""
+        if not _takes(model, cache):
+            return None
+        step = cls(model, cache)
+        step.refresh()
+        return step
+
+    def refresh(self) -> None:
+        """Describe the model as it is now (after its weights changed: kv_b_proj's transposed key half copied again,
+        the experts' stacks as MoE.prepare_compiled_decode left them)."""
+        m, cfg = self.model, self.model.config
+        keep: list[torch.Tensor] = []
+        ints: list[int] = []
+        nums: list[float] = []
+
+        def ptr(t: torch.Tensor | None) -> int:
+            if t is None:
+                return 0
+            keep.append(t)
+            return t.data_ptr()
+
+        def mat(layer: nn.Linear) -> list[int]:
+            w = layer.weight
+            return [ptr(w), ptr(layer.bias), w.shape[0], w.shape[1], int(w.dtype == torch.bfloat16)]
+
+        attn0: MLA = m.model.layers[0].self_attn
+        H, dn, dr, dv, c = attn0.n_heads, attn0.nope_dim, attn0.rope_dim, attn0.v_dim, attn0.kv_rank
+        positions = self.cache.max_len
+        cos, sin = m.model.rotary_emb(torch.arange(positions, device=self.cache.kv.device)[None])  # (1, P, dr/2)
+        embed = m.model.embed_tokens.weight
+        ints += [cfg.hidden_size, cfg.vocab_size, m.model.n_main, H, dn, dr, dv, c, int(attn0.interleaved),
+                 ptr(embed), int(embed.dtype == torch.bfloat16), ptr(m.model.norm.weight), *mat(m.lm_head),
+                 ptr(cos[0].contiguous()), ptr(sin[0].contiguous()), positions]
+        nums += [m.model.norm.eps, attn0.softmax_scale]
+        for layer in m.model.layers[: m.model.n_main]:
+            a: MLA = layer.self_attn
+            ints += [ptr(layer.input_layernorm.weight), int(a.q_lora)]
+            if a.q_lora:
+                ints += [*mat(a.q_a_proj), ptr(a.q_a_layernorm.weight), *mat(a.q_b_proj)]
+            else:
+                ints += mat(a.q_proj)
+            kv_b = a.kv_b_proj.weight
+            w_ukT = kv_b.detach().view(H, dn + dv, c)[:, :dn].transpose(1, 2).float().contiguous()  # (H, c, dn)
+            ints += [*mat(a.kv_a_proj_with_mqa), ptr(a.kv_a_layernorm.weight), ptr(w_ukT), ptr(kv_b),
+                     int(kv_b.dtype == torch.bfloat16), *mat(a.o_proj), ptr(layer.post_attention_layernorm.weight),
+                     int(layer.is_moe)]
+            if layer.is_moe:
+                moe: MoE = layer.mlp
+                g = moe.gate
+                gate_up, down = moe.stacked
+                chunks = len(moe.experts) + moe.n_shared
+                ints += [ptr(g.weight), ptr(g.e_score_correction_bias if g.has_bias else None), g.n_experts, g.top_k,
+                         g.n_group, g.topk_group, int(g.scoring_func == "sigmoid"), _METHODS[g.topk_method],
+                         int(g.norm_topk_prob), ptr(gate_up), ptr(down), chunks, down.shape[1] // chunks]
+            else:
+                ints += [*mat(layer.mlp.gate_proj), *mat(layer.mlp.up_proj), *mat(layer.mlp.down_proj)]
+            nums.append(layer.input_layernorm.eps)
+            if a.q_lora:
+                nums.append(a.q_a_layernorm.eps)
+            nums += [a.kv_a_layernorm.eps, layer.post_attention_layernorm.eps]
+            if layer.is_moe:
+                nums.append(layer.mlp.gate.scale)
+        self.table = torch.tensor(ints, dtype=torch.int64)
+        self.numbers = torch.tensor(nums, dtype=torch.float64)
+        self._keep = keep
+
+    def __call__(self, ids: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """ids [B] (int64), the last token of cache rows first_row.. -> their next logits [B, V] (fp32); their new
+        latents are written into the cache and their lengths advanced."""
+        return torch.ops.nanoseek.mla_step(ids, self.cache.kv, self.lengths, first_row, self.table, self.numbers,
+                                           self.vocab)
+
+
+def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
+    cfg = model.config
+    kv = cache.kv
+    if cfg.is_gqa or kv.device.type != "cpu" or kv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or not kv.is_contiguous() or kv.shape[2] != 1 or not runs_here("mla_step"):
+        return False
+    width = 16 if int4_isa() == ISA_AVX512 else 8  # what the products take: inputs a multiple of the vector width
+    c, dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    if c + cfg.qk_rope_head_dim > _LATENT_WIDTH or c % width or dn % width or cfg.qk_rope_head_dim % 2:
+        return False
+    m = model.model
+    if m.embed_tokens.weight.dtype not in (torch.float32, torch.bfloat16) or \
+            any(p.dtype != torch.float32 for name, p in m.named_parameters() if name.endswith("norm.weight")):
+        return False
+    for layer in m.layers[: m.n_main]:
+        a = layer.self_attn
+        linears = [a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj]
+        linears += [a.q_a_proj, a.q_b_proj] if a.q_lora else [a.q_proj]
+        if isinstance(layer.mlp, MoE):
+            g = layer.mlp.gate
+            if layer.mlp.stacked is None or not layer.mlp.float_kernel or g.weight.dtype != torch.float32 or \
+                    g.topk_method not in _METHODS or (g.n_group > 1 and g.n_experts % g.n_group):
+                return False
+        else:
+            linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        if not all(_product(lin, width) for lin in linears):
+            return False
+    return _product(model.lm_head, width)
+
+
+def _product(layer: nn.Module, width: int) -> bool:
+    """Whether the kernel's float product takes this layer: a plain linear layer, its weight fp32 or bf16 (contiguous,
+    inputs a multiple of the vector width), its bias none or fp32."""
+    return isinstance(layer, nn.Linear) and layer.weight.dtype in (torch.float32, torch.bfloat16) and \
+        layer.weight.is_contiguous() and layer.in_features % width == 0 and \
+        (layer.bias is None or (layer.bias.dtype == torch.float32 and layer.bias.is_contiguous()))

@@ -1,0 +1,187 @@
+"""nanoseek's C++ decode step (kernels/step.cpp through inference/native.py) against the model's own forward pass."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import operator_calls, randomize_, tiny_gqa_config
+from nanoseek import kernels
+from nanoseek.inference.cache import KVCache
+from nanoseek.inference.engine import Engine
+from nanoseek.inference.native import NativeStep
+from nanoseek.inference.sampling import SamplingParams
+from nanoseek.model import build_model, get_preset
+from nanoseek.quant import QuantLinear, narrow_linears
+
+pytestmark = pytest.mark.skipif(not kernels.runs_here("mla_step"), reason="nanoseek's kernels do not build here")
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [16, 17], [18, 19, 20, 21]]
+
+# the routing and attention variants DeepSeek's configurations use
+CONFIGS = {
+    "v3": {},  # sigmoid scores, noaux_tc with its bias, groups, q_lora
+    "no-q-lora": {"q_lora_rank": None},
+    "v2-softmax-greedy": {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                          "norm_topk_prob": False},
+    "v2-group-limited": {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "n_group": 4,
+                         "topk_group": 2},
+    "halves-rope-yarn-bias": {"rope_interleave": False, "attention_bias": True, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}},
+    "dense": {"first_k_dense_replace": 2, "n_shared_experts": 2},
+}
+
+
+def tiny(name: str = "v3", seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(get_preset("tiny", eos_token_id=-1, **CONFIGS[name])).eval()
+    randomize_(model, std=0.15)  # (norms, biases and the routing bias all matter)
+    return model
+
+
+def prepared(model):
+    for m in model.modules():
+        if hasattr(m, "prepare_compiled_decode"):
+            m.prepare_compiled_decode()
+    return model
+
+
+def prefilled(model, cache):
+    with torch.no_grad():
+        for row, p in enumerate(PROMPTS):
+            cache.select(row, row + 1)
+            model(torch.tensor([p]), position_ids=cache.positions(len(p)), cache=cache, logits=False)
+            cache.advance()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
+    """Rows of different lengths, several steps: the logits of the model's forward over the cache, its latents written
+    where the forward's `advance` writes them, and each row's length advanced by one."""
+    model = prepared(tiny(name))
+    kv, ulp = {"fp32": (torch.float32, 1e-5), "fp16": (torch.float16, 1e-3), "bf16": (torch.bfloat16, 8e-3)}[dtype]
+    ref, mine = (KVCache(model.config, rows=len(PROMPTS), max_len=40, dtype=kv) for _ in range(2))
+    step = NativeStep.build(model, mine)
+    assert step is not None
+    for cache in (ref, mine):
+        prefilled(model, cache)
+    last = torch.tensor([p[-1] for p in PROMPTS])
+    with torch.no_grad():
+        for _ in range(6):
+            ref.select(0, len(PROMPTS))
+            want = model(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
+            ref.advance()
+            got = step(last)
+            # (a half-precision cache: a latent one rounding step apart moves the logits after it a little)
+            torch.testing.assert_close(got, want, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4)
+            assert torch.equal(mine.lengths[0], ref.lengths[0])
+            L = model.config.num_hidden_layers  # (a latent rounded to the cache's dtype may land one step apart)
+            torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=1e-5, rtol=ulp)
+            last = want.argmax(-1)
+
+
+def test_a_later_row_range_and_rows_left_alone():
+    """first_row selects rows first_row..; the rows before and after are neither read nor written."""
+    model = prepared(tiny())
+    cache = KVCache(model.config, rows=len(PROMPTS), max_len=40)
+    prefilled(model, cache)
+    other = copy.deepcopy(cache.kv)
+    lengths = cache.lengths.clone()
+    full = NativeStep.build(model, cache)
+    ids = torch.tensor([9, 10])
+    got = full(ids, first_row=2)
+    assert cache.lengths[0].tolist() == [lengths[0, 0], lengths[0, 1], lengths[0, 2] + 1, lengths[0, 3] + 1, lengths[0, 4]]
+    for row in (0, 1, 4):
+        assert torch.equal(cache.kv[:, row], other[:, row])
+    ref = KVCache(model.config, rows=len(PROMPTS), max_len=40)
+    prefilled(model, ref)
+    ref.select(2, 4)
+    with torch.no_grad():
+        want = model(ids[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_weights_computed_in_fp32():
+    """A bf16 checkpoint on a CPU without fast bf16 keeps its linear layers in bf16 (quant.NarrowLinear): the step reads
+    them as they are and computes what the forward computes (a dense model: the experts' kernel reads fp32 only)."""
+    model = tiny("dense")
+    narrow = build_model(model.config, init=False, edit=narrow_linears)
+    narrow.load_state_dict(model.state_dict())
+    narrow = prepared(narrow.eval())
+    assert narrow.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+    ref, mine = (KVCache(narrow.config, rows=len(PROMPTS), max_len=40) for _ in range(2))
+    step = NativeStep.build(narrow, mine)
+    assert step is not None
+    for cache in (ref, mine):
+        prefilled(narrow, cache)
+    last = torch.tensor([p[-1] for p in PROMPTS])
+    ref.select(0, len(PROMPTS))
+    with torch.no_grad():
+        want = narrow(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
+    torch.testing.assert_close(step(last), want, atol=2e-5, rtol=1e-4)
+
+
+def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
+    """Rows joining and leaving a batch of 3, sampling with seeds and greedy, logprobs: the tokens and logprobs of the
+    eager engine, every decode step one call of the operator."""
+    model = tiny()
+    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=3, logprobs=True, top_logprobs=2)
+              for n, t in ((9, 0), (4, 0.8), (14, 0), (1, 0), (6, 1.0))]
+    eager = Engine(model, max_batch=3, native=False).generate(PROMPTS, params)
+    engine = Engine(model, max_batch=3)
+    calls = operator_calls(lambda: engine.generate(PROMPTS, params))
+    assert engine.native is not None
+    assert calls.get("nanoseek::mla_step", 0) > 0 and "nanoseek::float_experts" not in calls
+    mine = engine.generate(PROMPTS, params)
+    assert [r.tokens for r in mine] == [r.tokens for r in eager]
+    for a, b in zip(mine, eager):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x["token"] == y["token"] and abs(x["logprob"] - y["logprob"]) < 1e-3  # (fp16 cache)
+
+
+def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
+    """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; a quantized model, a
+    grouped-query one and native=False decode without it."""
+    model = tiny()
+    engine = Engine(model, max_batch=2)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    before = [r.tokens for r in engine.generate(PROMPTS[:2], params)]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "kv_b_proj" in name or ".experts." in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    after = [r.tokens for r in engine.generate(PROMPTS[:2], params)]
+    assert after == [r.tokens for r in Engine(model, max_batch=2, native=False).generate(PROMPTS[:2], params)]
+    assert after != before
+    quantized = copy.deepcopy(model)
+    old = quantized.model.layers[1].self_attn.o_proj
+    int8 = QuantLinear(old.in_features, old.out_features, 8, dtype=torch.float32)
+    int8.quantize_(old.weight)
+    quantized.model.layers[1].self_attn.o_proj = int8
+    gqa = build_model(tiny_gqa_config(eos_token_id=-1))
+    for m, kwargs in ((quantized, {}), (gqa, {}), (model, {"native": False})):
+        e = Engine(m, max_batch=2, **kwargs)
+        e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
+        assert e.native is None
+
+
+def test_bad_ids_a_full_cache_and_a_wrong_table_are_errors():
+    model = prepared(tiny())
+    cache = KVCache(model.config, rows=2, max_len=8)
+    step = NativeStep.build(model, cache)
+    with pytest.raises(ValueError, match="token ids"):
+        step(torch.tensor([model.config.vocab_size]))
+    with pytest.raises(ValueError, match="token ids"):
+        step(torch.tensor([-1]))
+    cache.lengths[0, 0] = cache.max_len
+    with pytest.raises(ValueError, match="full"):
+        step(torch.tensor([3]))
+    cache.lengths[0, 0] = 0
+    with pytest.raises(ValueError, match="rows"):
+        step(torch.tensor([3, 4, 5]))  # three rows of two
+    with pytest.raises(ValueError, match="table"):
+        torch.ops.nanoseek.mla_step(torch.tensor([3]), cache.kv, step.lengths, 0, step.table[:-1], step.numbers,
+                                    model.config.vocab_size)
+    assert cache.lengths[0].tolist() == [0, 0]  # nothing advanced by a refused step
