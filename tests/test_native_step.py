@@ -73,7 +73,8 @@ def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
             ref.select(0, len(PROMPTS))
             want = model(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
             ref.advance()
-            got = step(last)
+            got, best = step(last.tolist())
+            assert torch.equal(best, got.argmax(-1))
             # (a half-precision cache: a latent one rounding step apart moves the logits after it a little)
             torch.testing.assert_close(got, want, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4)
             assert torch.equal(mine.lengths[0], ref.lengths[0])
@@ -91,7 +92,7 @@ def test_a_later_row_range_and_rows_left_alone():
     lengths = cache.lengths.clone()
     full = NativeStep.build(model, cache)
     ids = torch.tensor([9, 10])
-    got = full(ids, first_row=2)
+    got, _ = full(ids.tolist(), first_row=2)
     assert cache.lengths[0].tolist() == [lengths[0, 0], lengths[0, 1], lengths[0, 2] + 1, lengths[0, 3] + 1, lengths[0, 4]]
     for row in (0, 1, 4):
         assert torch.equal(cache.kv[:, row], other[:, row])
@@ -120,7 +121,7 @@ def test_bf16_weights_computed_in_fp32():
     ref.select(0, len(PROMPTS))
     with torch.no_grad():
         want = narrow(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
-    torch.testing.assert_close(step(last), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(step(last.tolist())[0], want, atol=2e-5, rtol=1e-4)
 
 
 def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
@@ -172,16 +173,16 @@ def test_bad_ids_a_full_cache_and_a_wrong_table_are_errors():
     cache = KVCache(model.config, rows=2, max_len=8)
     step = NativeStep.build(model, cache)
     with pytest.raises(ValueError, match="token ids"):
-        step(torch.tensor([model.config.vocab_size]))
+        step([model.config.vocab_size])
     with pytest.raises(ValueError, match="token ids"):
-        step(torch.tensor([-1]))
+        step([-1])
     cache.lengths[0, 0] = cache.max_len
     with pytest.raises(ValueError, match="full"):
-        step(torch.tensor([3]))
+        step([3])
     cache.lengths[0, 0] = 0
     with pytest.raises(ValueError, match="rows"):
-        step(torch.tensor([3, 4, 5]))  # three rows of two
+        step([3, 4, 5])  # three rows of two
     with pytest.raises(ValueError, match="table"):
-        torch.ops.nanoseek.mla_step(torch.tensor([3]), cache.kv, step.lengths, 0, step.table[:-1], step.numbers,
+        torch.ops.nanoseek.mla_step([3], cache.kv, step.lengths, 0, step.table[:-1], step.numbers,
                                     model.config.vocab_size)
     assert cache.lengths[0].tolist() == [0, 0]  # nothing advanced by a refused step

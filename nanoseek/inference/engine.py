@@ -515,14 +515,15 @@ class Engine:
     def _decode(self) -> None:
         B = len(self.active)
         if self.native is not None:  # the whole step in C++, the cache's writes and lengths included
-            raw = self.native(torch.tensor([r.tokens[-1] for r in self.active]))  # (B, V)
+            raw, best = self.native([r.tokens[-1] for r in self.active])  # (B, V), (B,)
+            tokens = best.tolist() if _plain_greedy(self.active) else self._sample(raw, self.active)
         else:
             last = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)
             self.cache.select(0, B)
             pos = self.cache.positions(1)
             raw = self._step_logits(last, pos)[1][:, -1]  # (B, V)
             self.cache.advance()
-        tokens = self._sample(raw, self.active)
+            tokens = self._sample(raw, self.active)
         for i, t in reversed(list(enumerate(tokens))):
             self.active[i].steps += 1
             self._append(i, [t], raw[i:i + 1])

@@ -106,9 +106,9 @@ class NativeStep:
         self.numbers = torch.tensor(nums, dtype=torch.float64)
         self._keep = keep
 
-    def __call__(self, ids: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """ids [B] (int64), the last token of cache rows first_row.. -> their next logits [B, V] (fp32); their new
-        latents are written into the cache and their lengths advanced."""
+    def __call__(self, ids: list[int], first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, the last token of cache rows first_row.. -> their next logits [B, V] (fp32) and greedy choices [B] (int64,
+        argmax's); their new latents are written into the cache and their lengths advanced."""
         return torch.ops.nanoseek.mla_step(ids, self.cache.kv, self.lengths, first_row, self.table, self.numbers,
                                            self.vocab)
 

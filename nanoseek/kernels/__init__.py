@@ -394,5 +394,5 @@ torch.library.register_fake(
 
 
 # a whole decode step of a small MLA model with float weights (inference/native.py); C++ only (ops.cpp, step.cpp)
-_OPERATORS.define("mla_step(Tensor ids, Tensor(a!) kv, Tensor(b!) lengths, int first_row, Tensor table, "
-                  "Tensor numbers, int vocab) -> Tensor")
+_OPERATORS.define("mla_step(int[] ids, Tensor(a!) kv, Tensor(b!) lengths, int first_row, Tensor table, "
+                  "Tensor numbers, int vocab) -> (Tensor, Tensor)")

@@ -112,19 +112,27 @@ static void rows_times_tokens(const W* w, int64_t ld, int64_t K, int64_t n, cons
     for (; r < n; r++) one(w + r * ld, ld, K, xs, y + r, ldy);
 }
 
+// rows n0..n1 of W against every token: y[t * N + r] for r in [n0, n1), a block of LINEAR_UNIT rows met by every token
+// (LINEAR_TOKENS at a time) before the next block, on the calling thread
 template <typename W>
-static int float_linear(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int isa) {
-    if (M < 0 || K < 1 || N < 0 || K % (isa == 2 ? 16 : 8) || (isa != 1 && isa != 2)) return 1;
-#pragma omp parallel for schedule(static) if (M * N * K > 1 << 15)
-    for (int64_t n0 = 0; n0 < N; n0 += LINEAR_UNIT) {
-        const int64_t n = N - n0 < LINEAR_UNIT ? N - n0 : LINEAR_UNIT;
+static void linear_rows(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t n0, int64_t n1,
+                        int isa) {
+    for (int64_t r0 = n0; r0 < n1; r0 += LINEAR_UNIT) {
+        const int64_t n = n1 - r0 < LINEAR_UNIT ? n1 - r0 : LINEAR_UNIT;
         for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TOKENS) {
             const int T = (int)(M - m0 < LINEAR_TOKENS ? M - m0 : LINEAR_TOKENS);
             const float* xs[LINEAR_TOKENS];
             for (int t = 0; t < T; t++) xs[t] = x + (m0 + t) * K;
-            rows_times_tokens(w + n0 * K, K, K, n, xs, T, y + m0 * N + n0, N, isa);
+            rows_times_tokens(w + r0 * K, K, K, n, xs, T, y + m0 * N + r0, N, isa);
         }
     }
+}
+
+template <typename W>
+static int float_linear(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int isa) {
+    if (M < 0 || K < 1 || N < 0 || K % (isa == 2 ? 16 : 8) || (isa != 1 && isa != 2)) return 1;
+#pragma omp parallel for schedule(static) if (M * N * K > 1 << 15)
+    for (int64_t n0 = 0; n0 < N; n0 += LINEAR_UNIT) linear_rows(x, M, K, w, N, y, n0, n0 + LINEAR_UNIT < N ? n0 + LINEAR_UNIT : N, isa);
     return 0;
 }
 
@@ -135,25 +143,27 @@ extern "C" int nanoseek_float_linear(const float* x, int64_t M, int64_t K, const
     return bf16 ? float_linear(x, M, K, (const uint16_t*)w, N, y, isa) : float_linear(x, M, K, (const float*)w, N, y, isa);
 }
 
-// isa 2 = AVX-512 (D and I multiples of 16), 1 = AVX2 (multiples of 8). Returns 0, 1 for arguments it does not
-// take (the caller checks them first), 2 when out of memory.
-extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
-                                      int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
-                                      int isa) {
-    const int64_t width = isa == 2 ? 16 : 8;
-    if (T < 1 || J < 1 || C < 1 || D % width || I % width || (isa != 1 && isa != 2)) return T == 0 ? 0 : 1;
-    for (int64_t p = 0; p < T * J; p++)
-        if (chunk[p] < 0 || chunk[p] >= C) return 1;
-    // the chunks in use, each with the (token, slot) pairs that read it, grouped by chunk: count[c] is where chunk c's
-    // pairs start in `pairs`, order[..used] the chunks that have any; h the pairs' intermediate activations
+// The same product's output columns n0..n1 only (weight rows n0..n1), on the calling thread: how a caller that runs its
+// own threads (step.cpp) shares a product out. Unchecked.
+extern "C" void nanoseek_float_linear_part(const float* x, int64_t M, int64_t K, const void* w, int bf16, int64_t N,
+                                           float* y, int64_t n0, int64_t n1, int isa) {
+    if (bf16)
+        linear_rows(x, M, K, (const uint16_t*)w, N, y, n0, n1, isa);
+    else
+        linear_rows(x, M, K, (const float*)w, N, y, n0, n1, isa);
+}
+
+// The experts' work for every thread of the team that calls it (its two passes `omp for` loops that bind to the
+// caller's parallel region; called outside of one, a thread does all of it): the chunks in use and the (token, slot)
+// pairs that read each, grouped by chunk, in `plan` (3 * C + 1 + T * J int64, the thread's own), h [T * J, I] the pairs'
+// intermediate activations (shared by the team).
+static void experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w, int64_t J,
+                         const float* gate_up, const float* down, int64_t C, int64_t I, float* y, float* h,
+                         int64_t* plan, int isa) {
+    // count[c] is where chunk c's pairs start in `pairs`, order[..used] the chunks that have any
     const int64_t P = T * J;
-    int64_t* count = (int64_t*)calloc(3 * C + 1 + P, sizeof(int64_t));
-    float* h = (float*)malloc(P * I * sizeof(float));
-    if (!count || !h) {
-        free(count), free(h);
-        return 2;
-    }
-    int64_t *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
+    int64_t *count = plan, *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
+    for (int64_t c = 0; c <= C; c++) count[c] = 0;
     for (int64_t p = 0; p < P; p++) count[chunk[p] + 1]++;
     for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];
     for (int64_t c = 0; c < C; c++) at[c] = count[c];
@@ -163,49 +173,83 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
     // units of work in the first pass: LINEAR_UNIT rows of a chunk in use, or 8 where I is not a multiple of it (AVX2
     // takes multiples of 8, which its blocks of rows2 divide)
     const int64_t unit = I % LINEAR_UNIT ? 8 : LINEAR_UNIT, units = I / unit;
-#pragma omp parallel if (T * J * I * D > 1 << 16)
-    {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < used * units; r++) {
-            const int64_t c = order[r / units], i0 = r % units * unit;
-            for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
-                const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
-                const float* xs[LINEAR_TOKENS];
-                float g[LINEAR_TOKENS * LINEAR_UNIT], u[LINEAR_TOKENS * LINEAR_UNIT];
-                for (int k = 0; k < n; k++) xs[k] = x + pairs[p0 + k] / J * D;
-                rows_times_tokens(gate_up + (c * I + i0) * D, D, D, unit, xs, n, g, unit, isa);
-                rows_times_tokens(gate_up + ((C + c) * I + i0) * D, D, D, unit, xs, n, u, unit, isa);
-                for (int k = 0; k < n; k++) {
-                    const int64_t p = pairs[p0 + k];
-                    for (int64_t i = 0; i < unit; i++) {
-                        const float a = g[k * unit + i];
-                        h[p * I + i0 + i] = a / (1.f + expf(-a)) * u[k * unit + i] * w[p];
-                    }
-                }
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t d0 = 0; d0 < D; d0 += LINEAR_UNIT) {  // the output's rows, each block summed over the chunks in use
-            const int64_t rows = D - d0 < LINEAR_UNIT ? D - d0 : LINEAR_UNIT;
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t d = d0; d < d0 + rows; d++) y[t * D + d] = 0.f;
-            for (int64_t o = 0; o < used; o++) {
-                const int64_t c = order[o];
-                for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
-                    const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
-                    const float* hs[LINEAR_TOKENS];
-                    float part[LINEAR_TOKENS * LINEAR_UNIT];
-                    for (int k = 0; k < n; k++) hs[k] = h + pairs[p0 + k] * I;
-                    rows_times_tokens(down + d0 * C * I + c * I, C * I, I, rows, hs, n, part, rows, isa);
-                    for (int k = 0; k < n; k++) {
-                        float* out = y + pairs[p0 + k] / J * D + d0;
-                        for (int64_t r = 0; r < rows; r++) out[r] += part[k * rows + r];
-                    }
+    for (int64_t r = 0; r < used * units; r++) {
+        const int64_t c = order[r / units], i0 = r % units * unit;
+        for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
+            const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
+            const float* xs[LINEAR_TOKENS];
+            float g[LINEAR_TOKENS * LINEAR_UNIT], u[LINEAR_TOKENS * LINEAR_UNIT];
+            for (int k = 0; k < n; k++) xs[k] = x + pairs[p0 + k] / J * D;
+            rows_times_tokens(gate_up + (c * I + i0) * D, D, D, unit, xs, n, g, unit, isa);
+            rows_times_tokens(gate_up + ((C + c) * I + i0) * D, D, D, unit, xs, n, u, unit, isa);
+            for (int k = 0; k < n; k++) {
+                const int64_t p = pairs[p0 + k];
+                for (int64_t i = 0; i < unit; i++) {
+                    const float a = g[k * unit + i];
+                    h[p * I + i0 + i] = a / (1.f + expf(-a)) * u[k * unit + i] * w[p];
                 }
             }
         }
     }
-    free(count), free(h);
-    return 0;
+#pragma omp for schedule(static)
+    for (int64_t d0 = 0; d0 < D; d0 += LINEAR_UNIT) {  // the output's rows, each block summed over the chunks in use
+        const int64_t rows = D - d0 < LINEAR_UNIT ? D - d0 : LINEAR_UNIT;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t d = d0; d < d0 + rows; d++) y[t * D + d] = 0.f;
+        for (int64_t o = 0; o < used; o++) {
+            const int64_t c = order[o];
+            for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += LINEAR_TOKENS) {
+                const int n = (int)(count[c + 1] - p0 < LINEAR_TOKENS ? count[c + 1] - p0 : LINEAR_TOKENS);
+                const float* hs[LINEAR_TOKENS];
+                float part[LINEAR_TOKENS * LINEAR_UNIT];
+                for (int k = 0; k < n; k++) hs[k] = h + pairs[p0 + k] * I;
+                rows_times_tokens(down + d0 * C * I + c * I, C * I, I, rows, hs, n, part, rows, isa);
+                for (int k = 0; k < n; k++) {
+                    float* out = y + pairs[p0 + k] / J * D + d0;
+                    for (int64_t r = 0; r < rows; r++) out[r] += part[k * rows + r];
+                }
+            }
+        }
+    }
 }
 
+static int experts_take(int64_t T, int64_t D, const int64_t* chunk, int64_t J, int64_t C, int64_t I, int isa) {
+    const int64_t width = isa == 2 ? 16 : 8;
+    if (T < 1 || J < 1 || C < 1 || D % width || I % width || (isa != 1 && isa != 2)) return 0;
+    for (int64_t p = 0; p < T * J; p++)
+        if (chunk[p] < 0 || chunk[p] >= C) return 0;
+    return 1;
+}
+
+// isa 2 = AVX-512 (D and I multiples of 16), 1 = AVX2 (multiples of 8). Returns 0, 1 for arguments it does not
+// take (the caller checks them first), 2 when out of memory.
+extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                      int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I, float* y,
+                                      int isa) {
+    if (!experts_take(T, D, chunk, J, C, I, isa)) return T == 0 ? 0 : 1;
+    float* h = (float*)malloc(T * J * I * sizeof(float));
+    if (!h) return 2;
+    int failed = 0;
+#pragma omp parallel if (T * J * I * D > 1 << 16)
+    {
+        int64_t* plan = (int64_t*)malloc((3 * C + 1 + T * J) * sizeof(int64_t));  // (each thread's own)
+#pragma omp atomic
+        failed += !plan;
+#pragma omp barrier
+        if (!failed) experts_team(x, T, D, chunk, w, J, gate_up, down, C, I, y, h, plan, isa);
+        free(plan);
+    }
+    free(h);
+    return failed ? 2 : 0;
+}
+
+// The same for every thread of the caller's team (step.cpp), each with its own plan buffer (3 * C + 1 + T * J int64)
+// and h [T * J, I] shared. Returns 1 (on every thread) for arguments it does not take.
+extern "C" int nanoseek_float_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                           int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I,
+                                           float* y, float* h, int64_t* plan, int isa) {
+    if (!experts_take(T, D, chunk, J, C, I, isa)) return 1;
+    experts_team(x, T, D, chunk, w, J, gate_up, down, C, I, y, h, plan, isa);
+    return 0;
+}

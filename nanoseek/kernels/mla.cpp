@@ -597,15 +597,17 @@ static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int6
     }
 }
 
+// the tasks (a batch row's query rows, `R` at a time) shared between the threads of the team that calls it (an `omp
+// for` binding to the caller's parallel region; outside of one, a thread does them all)
 template <typename L>
-static void latent_attention(const LatentAttention& a, int isa) {
-    const int64_t J = a.S * a.H, groups = (J + LATENT_ROWS - 1) / LATENT_ROWS, N = a.T + a.S;
+static void latent_attention(const LatentAttention& a, int64_t R, int isa) {
+    const int64_t J = a.S * a.H, groups = (J + R - 1) / R, N = a.T + a.S;
     const L* past = (const L*)a.past;
-#pragma omp parallel for schedule(static) if (a.B * groups > 1)  // (one task: no threads to wake)
+#pragma omp for schedule(static)
     for (int64_t task = 0; task < a.B * groups; task++) {
-        const int64_t b = task / groups, j0 = task % groups * LATENT_ROWS;
-        LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < LATENT_ROWS ? J - j0 : LATENT_ROWS,
-                     N, a.H, a.c, a.w, a.scale};
+        const int64_t b = task / groups, j0 = task % groups * R;
+        LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < R ? J - j0 : R, N, a.H, a.c, a.w,
+                     a.scale};
         if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 32 for one)
             r.start(4 * ((r.nj + 3) / 4), 64);
             latent_segment<LATENT_BLOCK>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx512<L>);
@@ -619,18 +621,34 @@ static void latent_attention(const LatentAttention& a, int isa) {
     }
 }
 
+static bool latent_takes(const LatentAttention* a, int isa) {
+    return !((isa != 1 && isa != 2) || a->B < 1 || a->G < 1 || a->B % a->G || a->S < 1 || a->H < 1 || a->T < 0 ||
+             a->c < 1 || a->c > MAX_C || a->w > LATENT_WIDTH || a->pv < 0 || a->fv < 0 || (a->pv == 0 && a->w < a->c) ||
+             (a->fv == 0 && a->w < a->c) || a->kind < 0 || a->kind > 2);
+}
+
+static void latent_kind(const LatentAttention* a, int64_t R, int isa) {
+    if (a->kind == 1)
+        latent_attention<uint16_t>(*a, R, isa);
+    else if (a->kind == 2)
+        latent_attention<Bf16>(*a, R, isa);
+    else
+        latent_attention<float>(*a, R, isa);
+}
+
 // kernels.h's LatentAttention says what the arguments are. isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments
 // it does not take.
 extern "C" int nanoseek_latent_attention(const LatentAttention* a, int isa) {
-    if ((isa != 1 && isa != 2) || a->B < 1 || a->G < 1 || a->B % a->G || a->S < 1 || a->H < 1 || a->T < 0 || a->c < 1 ||
-        a->c > MAX_C || a->w > LATENT_WIDTH || a->pv < 0 || a->fv < 0 || (a->pv == 0 && a->w < a->c) ||
-        (a->fv == 0 && a->w < a->c) || a->kind < 0 || a->kind > 2)
-        return 1;
-    if (a->kind == 1)
-        latent_attention<uint16_t>(*a, isa);
-    else if (a->kind == 2)
-        latent_attention<Bf16>(*a, isa);
-    else
-        latent_attention<float>(*a, isa);
+    if (!latent_takes(a, isa)) return 1;
+#pragma omp parallel if (a->B * ((a->S * a->H + LATENT_ROWS - 1) / LATENT_ROWS) > 1)  // (one task: no threads to wake)
+    latent_kind(a, LATENT_ROWS, isa);
+    return 0;
+}
+
+// The same for every thread of the caller's team (step.cpp), `rows` query rows a task (1..8: fewer than 8 share a batch
+// row's heads between the threads).
+extern "C" int nanoseek_latent_attention_team(const LatentAttention* a, int64_t rows, int isa) {
+    if (!latent_takes(a, isa) || rows < 1 || rows > LATENT_ROWS) return 1;
+    latent_kind(a, rows, isa);
     return 0;
 }

@@ -513,37 +513,46 @@ static void cache_write(const at::Tensor& kv, at::TensorList staged, const at::T
     }
 }
 
-// A whole decode step of a small MLA model with float weights (step.cpp): ids [B] (int64, each selected row's last
-// token) -> logits [B, V] fp32, the new latents written into kv [layers, rows, 1, max_len, c + r] (fp32, fp16 or bf16,
-// contiguous) for rows first_row.. at their lengths (lengths [rows] int64, each advanced by one). table (int64) and
-// numbers (float64) describe the model as nanoseek/inference/native.py writes them; the weights they point to are
-// the caller's to keep alive and unchanged in shape.
-static at::Tensor mla_step(const at::Tensor& ids, const at::Tensor& kv, const at::Tensor& lengths, int64_t first_row,
-                           const at::Tensor& table, const at::Tensor& numbers, int64_t vocab) {
+// A whole decode step of a small MLA model with float weights (step.cpp): ids (B token ids, each selected row's last)
+// -> logits [B, V] fp32 and each row's greedy choice [B] (int64, the first largest logit, as argmax picks it), the new
+// latents written into kv [layers, rows, 1, max_len, c + r] (fp32, fp16 or bf16, contiguous) for rows first_row.. at
+// their lengths (lengths [rows] int64, each advanced by one). table (int64) and numbers (float64) describe the model
+// as nanoseek/inference/native.py writes them; the weights they point to are the caller's to keep alive and unchanged
+// in shape.
+static std::tuple<at::Tensor, at::Tensor> mla_step(at::IntArrayRef ids, const at::Tensor& kv, const at::Tensor& lengths,
+                                                   int64_t first_row, const at::Tensor& table, const at::Tensor& numbers,
+                                                   int64_t vocab) {
     TORCH_CHECK(isa_here > 0, "nanoseek's decode step is not available here");
     const at::ScalarType kind = kv.scalar_type();
-    const bool ok = ids.dim() == 1 && ids.numel() > 0 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
-                    ids.device().is_cpu() && kv.dim() == 5 && kv.size(2) == 1 && kv.is_contiguous() && kv.device().is_cpu() &&
+    const bool ok = !ids.empty() && kv.dim() == 5 && kv.size(2) == 1 && kv.is_contiguous() && kv.device().is_cpu() &&
                     (kind == at::kFloat || kind == at::kHalf || kind == at::kBFloat16) && lengths.dim() == 1 &&
                     lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.size(0) == kv.size(1) &&
-                    table.scalar_type() == at::kLong && table.dim() == 1 && table.is_contiguous() &&
-                    numbers.scalar_type() == at::kDouble && numbers.dim() == 1 && numbers.is_contiguous() && vocab > 0;
-    TORCH_CHECK_VALUE(ok, "mla_step: ids ", ids.scalar_type(), " ", ids.sizes(), ", kv ", kind, " ", kv.sizes(),
-                      ", lengths ", lengths.scalar_type(), " ", lengths.sizes(), ": wants int64 ids [B], a contiguous ",
-                      "CPU cache [layers, rows, 1, max_len, width] in fp32, fp16 or bf16, int64 lengths [rows], an int64 ",
-                      "table and float64 numbers");
-    const int64_t B = ids.size(0);
-    at::Tensor logits = at::empty({B, vocab}, ids.options().dtype(at::kFloat));
+                    lengths.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 1 &&
+                    table.is_contiguous() && numbers.scalar_type() == at::kDouble && numbers.dim() == 1 &&
+                    numbers.is_contiguous() && vocab > 0;
+    TORCH_CHECK_VALUE(ok, "mla_step: ", ids.size(), " ids, kv ", kind, " ", kv.sizes(), ", lengths ",
+                      lengths.scalar_type(), " ", lengths.sizes(), ": wants token ids, a contiguous CPU cache [layers, ",
+                      "rows, 1, max_len, width] in fp32, fp16 or bf16, int64 lengths [rows], an int64 table and float64 ",
+                      "numbers");
+    const int64_t B = (int64_t)ids.size();
+    at::Tensor logits = at::empty({B, vocab}, lengths.options().dtype(at::kFloat));
+    at::Tensor best = at::empty({B}, lengths.options());
     const int code = nanoseek_mla_step(table.data_ptr<int64_t>(), table.numel(), numbers.data_ptr<double>(),
-                                       numbers.numel(), ids.data_ptr<int64_t>(), B, kv.data_ptr(),
+                                       numbers.numel(), ids.data(), B, kv.data_ptr(),
                                        kind == at::kHalf ? 1 : kind == at::kBFloat16 ? 2 : 0, kv.size(1), kv.size(3),
                                        first_row, lengths.data_ptr<int64_t>(), logits.data_ptr<float>(), isa_here);
     TORCH_CHECK_VALUE(code != 2, "mla_step: token ids must be in [0, ", vocab, ")");
     TORCH_CHECK_VALUE(code != 3, "mla_step: a row's cache is full (", kv.size(3), " positions)");
-    TORCH_CHECK_VALUE(code != 1, "mla_step: rows ", first_row, "+", B, " of ", kv.size(1),
+    TORCH_CHECK_VALUE(code == 0, "mla_step: rows ", first_row, "+", B, " of ", kv.size(1),
                       ", or a table this library does not read");
-    TORCH_CHECK(code == 0, "decode step failed (kernel code ", code - 10, ")");
-    return logits;
+    const float* l = logits.data_ptr<float>();
+    for (int64_t b = 0; b < B; b++) {  // (a NaN counts as the largest, as argmax has it)
+        int64_t top = 0;
+        for (int64_t v = 1; v < vocab && !std::isnan(l[b * vocab + top]); v++)
+            if (l[b * vocab + v] > l[b * vocab + top] || std::isnan(l[b * vocab + v])) top = v;
+        best.data_ptr<int64_t>()[b] = top;
+    }
+    return {logits, best};
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {

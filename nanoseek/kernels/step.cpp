@@ -19,6 +19,7 @@
 // width I, the shared ones after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -120,13 +121,51 @@ bool read_model(Reader& r, Model& m) {
     return r.ok && r.at == r.n && r.fat == r.nf;
 }
 
-// y [M, N] = x [M, K] @ W.T (+ bias)
-int linear(const Mat& m, const float* x, int64_t M, float* y, int isa) {
-    const int code = nanoseek_float_linear(x, M, m.K, m.w, (int)m.bf16, m.N, y, isa);
-    if (m.bias)
-        for (int64_t r = 0; r < M; r++)
-            for (int64_t n = 0; n < m.N; n++) y[r * m.N + n] += m.bias[n];
-    return code;
+// whether the kernels take the model's widths (inputs a multiple of the vector width, latents as wide as mla.cpp takes)
+bool widths_ok(const Model& m, int isa) {
+    const int64_t width = isa == 2 ? 16 : 8;
+    bool ok = m.D % width == 0 && m.c % width == 0 && m.dn % width == 0 && m.dr % 2 == 0 && m.c <= 1024 &&
+              m.c + m.dr <= 1024 + 128 && m.H >= 1 && m.head.K == m.D && m.head.N == m.V;
+    for (const Layer& l : m.layers) {
+        const Mat* mats[] = {&l.q, &l.q_a, &l.q_b, &l.kv_a, &l.o, &l.gate, &l.up, &l.down};
+        for (const Mat* x : mats) ok = ok && (x->w == nullptr || x->K % width == 0);
+        ok = ok && l.kv_a.N == m.c + m.dr && l.o.K == m.H * m.dv && l.o.N == m.D;
+        ok = ok && (l.q_lora ? l.q_b.N == m.H * (m.dn + m.dr) : l.q.N == m.H * (m.dn + m.dr));
+        if (l.moe)
+            ok = ok && l.m.I % width == 0 && l.m.E >= l.m.K && l.m.K >= 1 && l.m.C >= l.m.E &&
+                 (l.m.groups <= 1 || (l.m.E % l.m.groups == 0 && l.m.topk_groups >= 1 && l.m.topk_groups <= l.m.groups));
+        else
+            ok = ok && l.gate.N == l.up.N && l.down.K == l.gate.N && l.down.N == m.D;
+    }
+    return ok;
+}
+
+// One product of a phase: y [B, N] = x [B, K] @ W.T (+ bias)
+struct Product {
+    const Mat* m;
+    const float* x;
+    float* y;
+};
+
+constexpr int64_t UNIT = 16;  // weight rows a share of a product is made of
+
+// the phase's products, their rows shared out between the team's threads in units of UNIT (a thread's share may run
+// from one product into the next), then a barrier: every product's output is whole after it
+void products(const Product* p, int n, int64_t B, int tid, int nt, int isa) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += (p[i].m->N + UNIT - 1) / UNIT;
+    const int64_t u0 = total * tid / nt, u1 = total * (tid + 1) / nt;
+    for (int64_t i = 0, base = 0; i < n; base += (p[i].m->N + UNIT - 1) / UNIT, i++) {
+        const Mat& m = *p[i].m;
+        const int64_t units = (m.N + UNIT - 1) / UNIT, lo = u0 > base ? u0 : base, hi = u1 < base + units ? u1 : base + units;
+        if (lo >= hi) continue;
+        const int64_t r0 = (lo - base) * UNIT, r1 = (hi - base) * UNIT < m.N ? (hi - base) * UNIT : m.N;
+        nanoseek_float_linear_part(p[i].x, B, m.K, m.w, (int)m.bf16, m.N, p[i].y, r0, r1, isa);
+        if (m.bias)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t r = r0; r < r1; r++) p[i].y[b * m.N + r] += m.bias[r];
+    }
+#pragma omp barrier
 }
 
 // y = x / rms(x) * w over n numbers
@@ -223,13 +262,21 @@ void route(const Moe& e, const float* logits, int64_t* chosen, float* weight) {
 // ids [B] the selected rows' last tokens; kv the cache [layers, rows, 1, max_len, c + dr] (kind 0 fp32, 1 fp16,
 // 2 bf16), rows first_row.. selected, lengths [rows] each row's cached tokens (its new token goes at that position;
 // advanced by one); logits [B, V] out. Returns 0; 1 for a table or arguments it does not take, 2 for a token id out
-// of range, 3 for a row whose cache is full, or a kernel's own code + 10.
+// of range, 3 for a row whose cache is full.
+//
+// One parallel region for the whole step. Each product's rows are shared out between the threads (`products`,
+// a barrier after each phase); the element-wise work between them (norms, rotations, the residual stream, the
+// routing) is small and done by every thread on its own copy, so the products read their inputs from each thread's
+// own buffers and only their outputs are shared. A shared output is read after its phase's barrier and written again
+// only phases later (the two feed-forward outputs alternate between y1 and y2 for that).
 extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const double* numbers, int64_t n_numbers,
                                  const int64_t* ids, int64_t B, void* kv, int kind, int64_t rows, int64_t max_len,
                                  int64_t first_row, int64_t* lengths, float* logits, int isa) {
     Model m;
     Reader reader{table, n_table, 0, numbers, n_numbers};
-    if (!read_model(reader, m) || B < 1 || first_row < 0 || first_row + B > rows || kind < 0 || kind > 2) return 1;
+    if (!read_model(reader, m) || !widths_ok(m, isa) || B < 1 || first_row < 0 || first_row + B > rows || kind < 0 ||
+        kind > 2)
+        return 1;
     const int64_t D = m.D, H = m.H, dn = m.dn, dr = m.dr, dv = m.dv, c = m.c, w = c + dr, qw = dn + dr;
     int64_t* len = lengths + first_row;
     int64_t T = 0;  // the longest row's past
@@ -238,105 +285,133 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         if (len[b] < 0 || len[b] >= max_len || len[b] >= m.positions) return 3;
         T = len[b] > T ? len[b] : T;
     }
+    int64_t qa_n = 0, I = 0, J = 0, E = 0, C = 0, moe_I = 0;
+    for (const Layer& l : m.layers) {
+        qa_n = l.q_lora && l.q_a.N > qa_n ? l.q_a.N : qa_n;
+        I = !l.moe && l.gate.N > I ? l.gate.N : I;
+        if (l.moe) {
+            J = l.m.K + l.m.C - l.m.E > J ? l.m.K + l.m.C - l.m.E : J;
+            E = l.m.E > E ? l.m.E : E, C = l.m.C > C ? l.m.C : C, moe_I = l.m.I > moe_I ? l.m.I : moe_I;
+        }
+    }
     const size_t item = kind == 0 ? 4 : 2;
-    std::vector<float> x(B * D), h(B * D), y(B * D), q(B * H * qw), qa, fresh(B * w), ql(B * H * w), lat(B * H * c);
-    std::vector<float> head_in(B * (dn > c ? dn : c)), head_out(B * (c > dv ? c : dv)), o_in(B * H * dv), mid;
+    // the shared outputs
+    std::vector<float> q(B * H * qw), qa(B * qa_n), latent(B * w), keys(H * B * c), lat(B * H * c), values(H * B * dv);
+    std::vector<float> y1(B * D), y2(B * D), mid(2 * B * I), hidden(B * J * moe_I);
     std::vector<uint8_t> mask(B * (T + 1));
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t <= T; t++) mask[b * (T + 1) + t] = t < len[b] || t == T;
-    for (int64_t b = 0; b < B; b++) {  // the embeddings
-        if (m.embed_bf16) {
-            const uint16_t* e = (const uint16_t*)m.embed + ids[b] * D;
-            for (int64_t k = 0; k < D; k++) {
-                const uint32_t u = (uint32_t)e[k] << 16;
-                memcpy(&x[b * D + k], &u, 4);
-            }
-        } else {
-            memcpy(&x[b * D], (const float*)m.embed + ids[b] * D, D * sizeof(float));
-        }
-    }
-    int code = 0;
-#define RUN(call)                             \
-    if ((code = (call)) != 0) return code + 10;
-    for (int64_t li = 0; li < m.L; li++) {
-        const Layer& l = m.layers[li];
-        for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], l.in_norm, D, l.in_eps, &h[b * D]);
-        // the queries [B, H, dn + dr]
-        if (l.q_lora) {
-            qa.resize(B * l.q_a.N);
-            RUN(linear(l.q_a, h.data(), B, qa.data(), isa));
-            for (int64_t b = 0; b < B; b++) rmsnorm(&qa[b * l.q_a.N], l.q_a_norm, l.q_a.N, l.q_a_eps, &qa[b * l.q_a.N]);
-            RUN(linear(l.q_b, qa.data(), B, q.data(), isa));
-        } else {
-            RUN(linear(l.q, h.data(), B, q.data(), isa));
-        }
-        // the new latents [B, c + dr]: c_kv normed, k_pe rotated
-        RUN(linear(l.kv_a, h.data(), B, fresh.data(), isa));
-        for (int64_t b = 0; b < B; b++) {
-            float* f = &fresh[b * w];
-            rmsnorm(f, l.kv_norm, c, l.kv_eps, f);
-            rope(f + c, m, len[b]);
-        }
-        // each head's query in the latent space, its rotary part beside it: ql [B, H, c + dr]
-        for (int64_t hd = 0; hd < H; hd++) {
-            for (int64_t b = 0; b < B; b++) memcpy(&head_in[b * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
-            RUN(nanoseek_float_linear(head_in.data(), B, dn, l.w_ukT + hd * c * dn, 0, c, head_out.data(), isa));
-            for (int64_t b = 0; b < B; b++) {
-                float* row = &ql[(b * H + hd) * w];
-                memcpy(row, &head_out[b * c], c * sizeof(float));
-                memcpy(row + c, &q[(b * H + hd) * qw + dn], dr * sizeof(float));
-                rope(row + c, m, len[b]);
-            }
-        }
-        // the attention over each row's cached latents and its new one
-        const size_t layer_at = (size_t)li * rows * max_len * w;
-        const LatentAttention a{ql.data(), H * w, w, (const char*)kv + (layer_at + first_row * max_len * w) * item,
-                                max_len * w, w, 0, kind, fresh.data(), w, w, 0, mask.data(), 1, B, 1, H, T, c, w,
-                                (float)m.scale, lat.data(), H * c, c};
-        RUN(nanoseek_latent_attention(&a, isa));
-        for (int64_t b = 0; b < B; b++)
-            store_latent((char*)kv + (layer_at + ((first_row + b) * max_len + len[b]) * w) * item, kind, &fresh[b * w], w);
-        // each head's values from its latent output, through kv_b_proj's value rows; then o_proj
-        for (int64_t hd = 0; hd < H; hd++) {
-            for (int64_t b = 0; b < B; b++) memcpy(&head_in[b * c], &lat[(b * H + hd) * c], c * sizeof(float));
-            const size_t rows_at = (size_t)(hd * (dn + dv) + dn) * c * (l.kv_b_bf16 ? 2 : 4);
-            RUN(nanoseek_float_linear(head_in.data(), B, c, (const char*)l.kv_b + rows_at, (int)l.kv_b_bf16, dv,
-                                      head_out.data(), isa));
-            for (int64_t b = 0; b < B; b++) memcpy(&o_in[(b * H + hd) * dv], &head_out[b * dv], dv * sizeof(float));
-        }
-        RUN(linear(l.o, o_in.data(), B, y.data(), isa));
-        for (int64_t k = 0; k < B * D; k++) x[k] += y[k];
-        // the feed-forward: a dense SwiGLU or the experts
-        for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], l.post_norm, D, l.post_eps, &h[b * D]);
-        if (l.moe) {
-            const Moe& e = l.m;
-            const int64_t J = e.K + e.C - e.E;
-            std::vector<float> scores(B * e.E), weight(B * J), ks(e.K);
-            std::vector<int64_t> chunk(B * J), chosen(e.K);
-            const Mat gate{e.gate, nullptr, e.E, D, 0};
-            RUN(linear(gate, h.data(), B, scores.data(), isa));
-            for (int64_t b = 0; b < B; b++) {
-                route(e, &scores[b * e.E], chosen.data(), ks.data());
-                for (int64_t j = 0; j < J; j++) {
-                    chunk[b * J + j] = j < e.K ? chosen[j] : e.E + j - e.K;
-                    weight[b * J + j] = j < e.K ? ks[j] : 1.f;
+#pragma omp parallel
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        // this thread's own: the residual stream, normed inputs, each head's rows, the routing
+        std::vector<float> x(B * D), h(B * D), qn(B * qa_n), fresh(B * w), q_heads(H * B * dn), ql(B * H * w);
+        std::vector<float> l_heads(H * B * c), o_in(B * H * dv), act(B * I), scores(B * E), weight(B * J), ks(E);
+        std::vector<int64_t> chunk(B * J), chosen(E), plan(3 * C + 1 + B * J);
+        std::vector<Product> heads(H);
+        std::vector<Mat> head_mats(H);
+        // query rows per attention task: enough tasks for every thread
+        const int64_t spread = (nt + B - 1) / B, R = B * ((H + 7) / 8) >= nt ? 8 : (H + spread - 1) / spread;
+        for (int64_t b = 0; b < B; b++) {  // the embeddings
+            if (m.embed_bf16) {
+                const uint16_t* e = (const uint16_t*)m.embed + ids[b] * D;
+                for (int64_t k = 0; k < D; k++) {
+                    const uint32_t u = (uint32_t)e[k] << 16;
+                    memcpy(&x[b * D + k], &u, 4);
                 }
+            } else {
+                memcpy(&x[b * D], (const float*)m.embed + ids[b] * D, D * sizeof(float));
             }
-            RUN(nanoseek_float_experts(h.data(), B, D, chunk.data(), weight.data(), J, e.gate_up, e.down, e.C, e.I,
-                                       y.data(), isa));
-        } else {
-            const int64_t I = l.gate.N;
-            mid.resize(2 * B * I);
-            RUN(linear(l.gate, h.data(), B, mid.data(), isa));
-            RUN(linear(l.up, h.data(), B, mid.data() + B * I, isa));
-            for (int64_t k = 0; k < B * I; k++) mid[k] = silu(mid[k]) * mid[B * I + k];
-            RUN(linear(l.down, mid.data(), B, y.data(), isa));
         }
-        for (int64_t k = 0; k < B * D; k++) x[k] += y[k];
+        for (int64_t li = 0; li < m.L; li++) {
+            const Layer& l = m.layers[li];
+            for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], l.in_norm, D, l.in_eps, &h[b * D]);
+            // the queries [B, H, dn + dr] (through q_a_proj, its norm and q_b_proj with q_lora) and the new latents
+            if (l.q_lora) {
+                const Product a[] = {{&l.q_a, h.data(), qa.data()}, {&l.kv_a, h.data(), latent.data()}};
+                products(a, 2, B, tid, nt, isa);
+                const int64_t r = l.q_a.N;
+                for (int64_t b = 0; b < B; b++) rmsnorm(&qa[b * r], l.q_a_norm, r, l.q_a_eps, &qn[b * r]);
+                const Product qb[] = {{&l.q_b, qn.data(), q.data()}};
+                products(qb, 1, B, tid, nt, isa);
+            } else {
+                const Product a[] = {{&l.q, h.data(), q.data()}, {&l.kv_a, h.data(), latent.data()}};
+                products(a, 2, B, tid, nt, isa);
+            }
+            // the new latents [B, c + dr]: c_kv normed, k_pe rotated
+            for (int64_t b = 0; b < B; b++) {
+                float* f = &fresh[b * w];
+                rmsnorm(&latent[b * w], l.kv_norm, c, l.kv_eps, f);
+                memcpy(f + c, &latent[b * w + c], dr * sizeof(float));
+                rope(f + c, m, len[b]);
+            }
+            // each head's query into the latent space (kv_b_proj's key half), its rotary part beside it: ql [B, H, c + dr]
+            for (int64_t hd = 0; hd < H; hd++) {
+                for (int64_t b = 0; b < B; b++) memcpy(&q_heads[(hd * B + b) * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
+                head_mats[hd] = {l.w_ukT + hd * c * dn, nullptr, c, dn, 0};
+                heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
+            }
+            products(heads.data(), (int)H, B, tid, nt, isa);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t hd = 0; hd < H; hd++) {
+                    float* row = &ql[(b * H + hd) * w];
+                    memcpy(row, &keys[(hd * B + b) * c], c * sizeof(float));
+                    memcpy(row + c, &q[(b * H + hd) * qw + dn], dr * sizeof(float));
+                    rope(row + c, m, len[b]);
+                }
+            // the attention over each row's cached latents and its new one (its tasks shared out, a barrier at the end)
+            const size_t layer_at = (size_t)li * rows * max_len * w;
+            const LatentAttention a{ql.data(), H * w, w, (const char*)kv + (layer_at + first_row * max_len * w) * item,
+                                    max_len * w, w, 0, kind, fresh.data(), w, w, 0, mask.data(), 1, B, 1, H, T, c, w,
+                                    (float)m.scale, lat.data(), H * c, c};
+            nanoseek_latent_attention_team(&a, R, isa);
+            if (tid == 0)  // (the cache is not read again this step: the others go on)
+                for (int64_t b = 0; b < B; b++)
+                    store_latent((char*)kv + (layer_at + ((first_row + b) * max_len + len[b]) * w) * item, kind,
+                                 &fresh[b * w], w);
+            // each head's values from its latent output (kv_b_proj's value rows, read where they lie); then o_proj
+            for (int64_t hd = 0; hd < H; hd++) {
+                for (int64_t b = 0; b < B; b++) memcpy(&l_heads[(hd * B + b) * c], &lat[(b * H + hd) * c], c * sizeof(float));
+                const size_t rows_at = (size_t)(hd * (dn + dv) + dn) * c * (l.kv_b_bf16 ? 2 : 4);
+                head_mats[hd] = {(const char*)l.kv_b + rows_at, nullptr, dv, c, l.kv_b_bf16};
+                heads[hd] = {&head_mats[hd], &l_heads[hd * B * c], &values[hd * B * dv]};
+            }
+            products(heads.data(), (int)H, B, tid, nt, isa);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t hd = 0; hd < H; hd++)
+                    memcpy(&o_in[(b * H + hd) * dv], &values[(hd * B + b) * dv], dv * sizeof(float));
+            const Product o[] = {{&l.o, o_in.data(), y1.data()}};
+            products(o, 1, B, tid, nt, isa);
+            for (int64_t k = 0; k < B * D; k++) x[k] += y1[k];
+            // the feed-forward: a dense SwiGLU or the experts
+            for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], l.post_norm, D, l.post_eps, &h[b * D]);
+            if (l.moe) {
+                const Moe& e = l.m;
+                const int64_t Jl = e.K + e.C - e.E;
+                nanoseek_float_linear_part(h.data(), B, D, e.gate, 0, e.E, scores.data(), 0, e.E, isa);
+                for (int64_t b = 0; b < B; b++) {
+                    route(e, &scores[b * e.E], chosen.data(), ks.data());
+                    for (int64_t j = 0; j < Jl; j++) {
+                        chunk[b * Jl + j] = j < e.K ? chosen[j] : e.E + j - e.K;
+                        weight[b * Jl + j] = j < e.K ? ks[j] : 1.f;
+                    }
+                }
+                nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down, e.C, e.I,
+                                            y2.data(), hidden.data(), plan.data(), isa);
+            } else {
+                const int64_t In = l.gate.N;
+                const Product gu[] = {{&l.gate, h.data(), mid.data()}, {&l.up, h.data(), mid.data() + B * In}};
+                products(gu, 2, B, tid, nt, isa);
+                for (int64_t k = 0; k < B * In; k++) act[k] = silu(mid[k]) * mid[B * In + k];
+                const Product down[] = {{&l.down, act.data(), y2.data()}};
+                products(down, 1, B, tid, nt, isa);
+            }
+            for (int64_t k = 0; k < B * D; k++) x[k] += y2[k];
+        }
+        for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], m.norm, D, m.eps, &h[b * D]);
+        const Product head[] = {{&m.head, h.data(), logits}};
+        products(head, 1, B, tid, nt, isa);
     }
-    for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], m.norm, D, m.eps, &h[b * D]);
-    RUN(linear(m.head, h.data(), B, logits, isa));
-#undef RUN
     for (int64_t b = 0; b < B; b++) len[b]++;
     return 0;
 }
