@@ -514,6 +514,12 @@ AVX2 INLINE __m256 sums8(const __m256* v) {  // lane i: the sum of v[i]'s lanes
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+AVX2 INLINE float hmax_avx2(__m256 v) {  // the largest of v's lanes
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
 AVX2 INLINE __m256i lanes_below(int64_t n) {  // maskload's mask: lanes 0..n-1
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -535,50 +541,77 @@ AVX2 INLINE __m256 lat8(const Bf16* p, int64_t n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-// one block of 8 latents (n real, at position t0), each query row alone
+// one block of 8 latents (n real, at position t0) for the rows j0..j0 + nj - 1, four rows at a time (rows past nj
+// repeat the last one; their results are dropped), so each latent converted from the cache's precision meets four
+// query rows: the scores two latents at a time (4 x 2 sums), the weighted latents 16 numbers of four rows at a time
 template <typename R>
 AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, const R* const* vals, int64_t t0, int64_t n) {
     constexpr int BLOCK = LATENT_BLOCK_AVX2;
-    const int64_t w = r.w, c = r.c;
+    const int64_t groups = (r.nj + 3) / 4, w = r.w, c = r.c;
     alignas(32) float p[LATENT_ROWS][BLOCK];
+    alignas(32) float sc[LATENT_ROWS][BLOCK];
     const __m256i wtail = lanes_below(w % 8);
-    for (int64_t j = 0; j < r.nj; j++) {
-        const float* qr = r.q + (r.j0 + j) * r.qj;
-        __m256 dot[BLOCK];
-        for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= w; k += 8) {
-            const __m256 qk = _mm256_loadu_ps(qr + k);
-            for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, lat8(rows[i] + k, 8), dot[i]);
+    for (int64_t g = 0; g < groups; g++) {
+        const float* qr[4];
+        for (int u = 0; u < 4; u++) qr[u] = r.q + (r.j0 + (4 * g + u < r.nj ? 4 * g + u : r.nj - 1)) * r.qj;
+        for (int i0 = 0; i0 < BLOCK; i0 += 2) {
+            __m256 dot[8];  // dot[u * 2 + i]: row u, latent i0 + i
+            for (int e = 0; e < 8; e++) dot[e] = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 8 <= w; k += 8) {
+                const __m256 lat[2] = {lat8(rows[i0] + k, 8), lat8(rows[i0 + 1] + k, 8)};
+                for (int u = 0; u < 4; u++) {
+                    const __m256 qk = _mm256_loadu_ps(qr[u] + k);
+                    dot[u * 2] = _mm256_fmadd_ps(qk, lat[0], dot[u * 2]);
+                    dot[u * 2 + 1] = _mm256_fmadd_ps(qk, lat[1], dot[u * 2 + 1]);
+                }
+            }
+            if (w % 8) {
+                const __m256 lat[2] = {lat8(rows[i0] + k, w % 8), lat8(rows[i0 + 1] + k, w % 8)};
+                for (int u = 0; u < 4; u++) {
+                    const __m256 qk = _mm256_maskload_ps(qr[u] + k, wtail);
+                    dot[u * 2] = _mm256_fmadd_ps(qk, lat[0], dot[u * 2]);
+                    dot[u * 2 + 1] = _mm256_fmadd_ps(qk, lat[1], dot[u * 2 + 1]);
+                }
+            }
+            alignas(32) float sums[8];
+            _mm256_store_ps(sums, sums8(dot));
+            for (int u = 0; u < 4; u++)
+                for (int i = 0; i < 2; i++) sc[4 * g + u][i0 + i] = sums[u * 2 + i];
         }
-        if (w % 8) {
-            const __m256 qk = _mm256_maskload_ps(qr + k, wtail);
-            for (int i = 0; i < BLOCK; i++) dot[i] = _mm256_fmadd_ps(qk, lat8(rows[i] + k, w % 8), dot[i]);
-        }
-        alignas(32) float v[BLOCK];
-        _mm256_store_ps(v, _mm256_mul_ps(sums8(dot), _mm256_set1_ps(r.scale)));
+    }
+    const __m256 neg = _mm256_set1_ps(-INFINITY), real = _mm256_castsi256_ps(lanes_below(n));
+    for (int64_t j = 0; j < r.nj; j++) {  // each row's masked scores, its running maximum and sum, the block's weights
         const uint8_t* seen = r.mask + ((r.j0 + j) / r.H) * r.N + t0;
-        float top = -INFINITY;
-        for (int i = 0; i < BLOCK; i++) {
-            if (i >= n || seen[i] == 0) v[i] = -INFINITY;
-            top = fmaxf(top, v[i]);
-        }
-        if (!r.raise(j, top)) {
+        int64_t bytes = 0;  // (the mask's 8 bytes; past its row's end, which the last block may reach, none)
+        memcpy(&bytes, seen, n);
+        const __m256i attended = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), _mm256_setzero_si256());
+        const __m256 v = _mm256_blendv_ps(neg, _mm256_mul_ps(_mm256_load_ps(sc[j]), _mm256_set1_ps(r.scale)),
+                                          _mm256_and_ps(_mm256_castsi256_ps(attended), real));
+        if (!r.raise(j, hmax_avx2(v))) {
             _mm256_store_ps(p[j], _mm256_setzero_ps());
             continue;
         }
-        _mm256_store_ps(p[j], exp_avx2(_mm256_sub_ps(_mm256_load_ps(v), _mm256_set1_ps(r.m[j]))));
-        for (int i = 0; i < BLOCK; i++) r.l[j] += p[j][i];
+        const __m256 e = exp_avx2(_mm256_sub_ps(v, _mm256_set1_ps(r.m[j])));
+        r.l[j] += hsum_avx2(e);
+        _mm256_store_ps(p[j], e);
     }
-    for (int64_t j = 0; j < r.nj; j++)
-        for (int64_t k = 0; k < c; k += 32) {
-            __m256 a[4];
-            for (int u = 0; u < 4; u++) a[u] = _mm256_load_ps(r.acc[j] + k + 8 * u);
+    for (int64_t j = r.nj; j < 4 * groups; j++) _mm256_store_ps(p[j], _mm256_setzero_ps());  // (the repeated rows)
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t k = 0; k < c; k += 16) {  // the block's weighted latents, 16 of a row's numbers for four rows
+            __m256 a[4][2];
+            for (int u = 0; u < 4; u++)
+                for (int v = 0; v < 2; v++) a[u][v] = _mm256_load_ps(r.acc[4 * g + u] + k + 8 * v);
             for (int i = 0; i < BLOCK; i++) {
-                const __m256 pv = _mm256_set1_ps(p[j][i]);
-                for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pv, lat8(vals[i] + k + 8 * u, c - k - 8 * u), a[u]);
+                const __m256 lat[2] = {lat8(vals[i] + k, c - k), lat8(vals[i] + k + 8, c - k - 8)};
+                for (int u = 0; u < 4; u++) {
+                    const __m256 pv = _mm256_set1_ps(p[4 * g + u][i]);
+                    a[u][0] = _mm256_fmadd_ps(pv, lat[0], a[u][0]);
+                    a[u][1] = _mm256_fmadd_ps(pv, lat[1], a[u][1]);
+                }
             }
-            for (int u = 0; u < 4; u++) _mm256_store_ps(r.acc[j] + k + 8 * u, a[u]);
+            for (int u = 0; u < 4; u++)
+                for (int v = 0; v < 2; v++) _mm256_store_ps(r.acc[4 * g + u] + k + 8 * v, a[u][v]);
         }
 }
 
@@ -608,12 +641,12 @@ static void latent_attention(const LatentAttention& a, int64_t R, int isa) {
         const int64_t b = task / groups, j0 = task % groups * R;
         LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < R ? J - j0 : R, N, a.H, a.c, a.w,
                      a.scale};
-        if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 32 for one)
+        if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 16)
             r.start(4 * ((r.nj + 3) / 4), 64);
             latent_segment<LATENT_BLOCK>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx512<L>);
             latent_segment<LATENT_BLOCK>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx512<float>);
         } else {
-            r.start(r.nj, 32);
+            r.start(4 * ((r.nj + 3) / 4), 32);
             latent_segment<LATENT_BLOCK_AVX2>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx2<L>);
             latent_segment<LATENT_BLOCK_AVX2>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx2<float>);
         }
