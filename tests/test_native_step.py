@@ -166,6 +166,15 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
         e = Engine(m, max_batch=2, **kwargs)
         e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
         assert e.native is None
+    # a forward hook (on any module) is run: the model decodes through its forward
+    e = Engine(model, max_batch=2)
+    seen = []
+    hook = model.model.layers[1].mlp.register_forward_hook(lambda *_: seen.append(1))
+    try:
+        e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4, temperature=0))
+    finally:
+        hook.remove()
+    assert e.native is None and len(seen) == 4  # the prompt and three decode steps
 
 
 def test_bad_ids_a_full_cache_and_a_wrong_table_are_errors():

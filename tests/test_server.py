@@ -372,6 +372,8 @@ def scripted(engine, tokens: list[int]) -> None:
     """The engine samples `tokens` in order (then the last one again), whatever the model says."""
     script = iter(tokens)
     engine._sample_rows = lambda raw, rows: [next(script, tokens[-1]) for _ in rows]
+    # (and not the greedy choice the C++ decode step returns with its logits)
+    engine._sample = lambda raw, rows, best=None: Engine._sample(engine, raw, rows)
 
 
 def test_stop_strings_apply_to_the_answer_not_the_reasoning(parts):

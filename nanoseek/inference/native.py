@@ -10,7 +10,8 @@ inside it.
 `NativeStep.build(model, cache)` describes the model to the kernel as a table of sizes and weight addresses (the
 layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, quantized layers, weights
 other than fp32 or bf16, activations other than fp32, widths the products do not take, experts not stacked as fp32
-(MoE.prepare_compiled_decode), or a library built without it. It reads the model's weights where they lie, but for
+(MoE.prepare_compiled_decode), forward hooks on any module (which the step would skip), or a library built without
+it. It reads the model's weights where they lie, but for
 kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
 changed, with the stacked experts) copies it again.
 """
@@ -113,9 +114,17 @@ class NativeStep:
                                            self.vocab)
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks are set on the module (the step never runs the modules' forward, so a model someone
+    watches or changes through hooks decodes through its forward)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
     cfg = model.config
     kv = cache.kv
+    if any(hooked(m) for m in model.modules()):
+        return False
     if cfg.is_gqa or kv.device.type != "cpu" or kv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
             or not kv.is_contiguous() or kv.shape[2] != 1 or not runs_here("mla_step"):
         return False
