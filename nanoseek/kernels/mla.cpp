@@ -615,6 +615,17 @@ AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, const R*
         }
 }
 
+// whether any of the rows attends any of the n latents from position t (a block that none does is skipped: a prompt's
+// future, half of a causal prompt's work, and the positions past a shorter row's length)
+static inline bool attended(const LatentRows& r, int64_t t, int64_t n) {
+    for (int64_t j = 0; j < r.nj; j++) {
+        const uint8_t* seen = r.mask + ((r.j0 + j) / r.H) * r.N + t;
+        for (int64_t i = 0; i < n; i++)
+            if (seen[i]) return true;
+    }
+    return false;
+}
+
 // one segment of latents (count of them, `stride` apart, the first at position t of the T + S attended; the values
 // each weighs `value` after it), BLOCK at a time through `block` (a call per block: its own work is thousands of
 // multiply-adds)
@@ -624,6 +635,7 @@ static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int6
     for (int64_t i0 = 0; i0 < count; i0 += BLOCK) {
         const R *rows[BLOCK], *vals[BLOCK];
         const int64_t n = count - i0 < BLOCK ? count - i0 : BLOCK;
+        if (!attended(r, t + i0, n)) continue;
         block_rows(rows, latents, stride, i0, n, BLOCK);
         block_rows(vals, latents + value, stride, i0, n, BLOCK);
         block(r, rows, vals, t + i0, n);
@@ -636,7 +648,7 @@ template <typename L>
 static void latent_attention(const LatentAttention& a, int64_t R, int isa) {
     const int64_t J = a.S * a.H, groups = (J + R - 1) / R, N = a.T + a.S;
     const L* past = (const L*)a.past;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)  // (round robin: a prompt's later rows attend more)
     for (int64_t task = 0; task < a.B * groups; task++) {
         const int64_t b = task / groups, j0 = task % groups * R;
         LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < R ? J - j0 : R, N, a.H, a.c, a.w,
