@@ -319,7 +319,7 @@ extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, con
 // sequence's mask. On a 2-vCPU Zen4, an R1-Distill-Qwen-1.5B layer (12 heads over 2, d = 128) at 8 sequences x 2,000
 // cached tokens: see GQA.cached_attention.
 #define LATENT_BLOCK 16  // latents a block with AVX-512
-#define LATENT_BLOCK_AVX2 8
+#define LATENT_BLOCK_AVX2 16
 #define LATENT_ROWS 8
 
 AVX512 INLINE __m512 exp_avx512(__m512 x) {  // e^x for x <= 0 (-inf gives 0); relative error ~2e-7
@@ -541,7 +541,7 @@ AVX2 INLINE __m256 lat8(const Bf16* p, int64_t n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-// one block of 8 latents (n real, at position t0) for the rows j0..j0 + nj - 1, four rows at a time (rows past nj
+// one block of 16 latents (n real, at position t0) for the rows j0..j0 + nj - 1, four rows at a time (rows past nj
 // repeat the last one; their results are dropped), so each latent converted from the cache's precision meets four
 // query rows: the scores two latents at a time (4 x 2 sums), the weighted latents 16 numbers of four rows at a time
 template <typename R>
@@ -580,23 +580,34 @@ AVX2 static void latent_block_avx2(LatentRows& r, const R* const* rows, const R*
                 for (int i = 0; i < 2; i++) sc[4 * g + u][i0 + i] = sums[u * 2 + i];
         }
     }
-    const __m256 neg = _mm256_set1_ps(-INFINITY), real = _mm256_castsi256_ps(lanes_below(n));
+    constexpr int HALVES = BLOCK / 8;
+    const __m256 neg = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < r.nj; j++) {  // each row's masked scores, its running maximum and sum, the block's weights
         const uint8_t* seen = r.mask + ((r.j0 + j) / r.H) * r.N + t0;
-        int64_t bytes = 0;  // (the mask's 8 bytes; past its row's end, which the last block may reach, none)
-        memcpy(&bytes, seen, n);
-        const __m256i attended = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), _mm256_setzero_si256());
-        const __m256 v = _mm256_blendv_ps(neg, _mm256_mul_ps(_mm256_load_ps(sc[j]), _mm256_set1_ps(r.scale)),
-                                          _mm256_and_ps(_mm256_castsi256_ps(attended), real));
-        if (!r.raise(j, hmax_avx2(v))) {
-            _mm256_store_ps(p[j], _mm256_setzero_ps());
+        int64_t bytes[HALVES] = {};  // (the mask's bytes; past its row's end, which the last block may reach, none)
+        memcpy(bytes, seen, n);
+        __m256 v[HALVES];
+        __m256 top = neg;
+        for (int h = 0; h < HALVES; h++) {
+            const __m256i seen8 = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes[h])), _mm256_setzero_si256());
+            v[h] = _mm256_blendv_ps(neg, _mm256_mul_ps(_mm256_load_ps(sc[j] + 8 * h), _mm256_set1_ps(r.scale)),
+                                    _mm256_and_ps(_mm256_castsi256_ps(seen8), _mm256_castsi256_ps(lanes_below(n - 8 * h))));
+            top = _mm256_max_ps(top, v[h]);
+        }
+        if (!r.raise(j, hmax_avx2(top))) {
+            for (int h = 0; h < HALVES; h++) _mm256_store_ps(p[j] + 8 * h, _mm256_setzero_ps());
             continue;
         }
-        const __m256 e = exp_avx2(_mm256_sub_ps(v, _mm256_set1_ps(r.m[j])));
-        r.l[j] += hsum_avx2(e);
-        _mm256_store_ps(p[j], e);
+        __m256 sum = _mm256_setzero_ps();
+        for (int h = 0; h < HALVES; h++) {
+            const __m256 e = exp_avx2(_mm256_sub_ps(v[h], _mm256_set1_ps(r.m[j])));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_store_ps(p[j] + 8 * h, e);
+        }
+        r.l[j] += hsum_avx2(sum);
     }
-    for (int64_t j = r.nj; j < 4 * groups; j++) _mm256_store_ps(p[j], _mm256_setzero_ps());  // (the repeated rows)
+    for (int64_t j = r.nj; j < 4 * groups; j++)  // (the repeated rows)
+        for (int h = 0; h < HALVES; h++) _mm256_store_ps(p[j] + 8 * h, _mm256_setzero_ps());
     for (int64_t g = 0; g < groups; g++)
         for (int64_t k = 0; k < c; k += 16) {  // the block's weighted latents, 16 of a row's numbers for four rows
             __m256 a[4][2];
