@@ -124,6 +124,31 @@ def test_bf16_weights_computed_in_fp32():
     torch.testing.assert_close(step(last.tolist())[0], want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["v3", "dense"])
+def test_fp32_weights_that_bf16_holds_are_read_as_bf16(name):
+    """A bf16 checkpoint loaded in fp32 (the shipped model): the step reads bf16 copies of its weights, experts
+    included, and computes what the forward computes from the fp32 ones (the same numbers)."""
+    model = tiny(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model = prepared(model)
+    ref, mine = (KVCache(model.config, rows=len(PROMPTS), max_len=40) for _ in range(2))
+    step = NativeStep.build(model, mine)
+    # every product's weight (kv_b_proj's transposed key half and the stacked experts too) is read as bf16: the 2-D fp32
+    # tensors left are the embedding, the rotary tables and the routers
+    wide = [t for t in step._keep if t.dtype == torch.float32 and t.dim() == 2]
+    moe_layers = sum(layer.is_moe for layer in model.model.layers[:model.config.num_hidden_layers])
+    assert len(wide) == 3 + moe_layers and any(t.dtype == torch.bfloat16 for t in step._keep)
+    for cache in (ref, mine):
+        prefilled(model, cache)
+    last = torch.tensor([p[-1] for p in PROMPTS])
+    ref.select(0, len(PROMPTS))
+    with torch.no_grad():
+        want = model(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
+    torch.testing.assert_close(step(last.tolist())[0], want, atol=2e-4, rtol=1e-4)  # (the fp16 cache)
+
+
 def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
     """Rows joining and leaving a batch of 3, sampling with seeds and greedy, logprobs: the tokens and logprobs of the
     eager engine, every decode step one call of the operator."""

@@ -13,7 +13,8 @@ other than fp32 or bf16, activations other than fp32, widths the products do not
 (MoE.prepare_compiled_decode), forward hooks on any module (which the step would skip), or a library built without
 it. It reads the model's weights where they lie, but for
 kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
-changed, with the stacked experts) copies it again.
+changed, with the stacked experts) copies it again. Weights that bf16 holds exactly (a bf16 checkpoint loaded in fp32,
+as the shipped model is) are read from bf16 copies (`exact_bf16`): the same numbers at half the bytes.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ class NativeStep:
             keep.append(t)
             return t.data_ptr()
 
+        def weight(w: torch.Tensor) -> list[int]:
+            w = exact_bf16(w.detach())
+            return [ptr(w), int(w.dtype == torch.bfloat16)]
+
         def mat(layer: nn.Linear) -> list[int]:
-            w = layer.weight
-            return [ptr(w), ptr(layer.bias), w.shape[0], w.shape[1], int(w.dtype == torch.bfloat16)]
+            w, bf16 = weight(layer.weight)
+            return [w, ptr(layer.bias), *layer.weight.shape, bf16]
 
         attn0: MLA = m.model.layers[0].self_attn
         H, dn, dr, dv, c = attn0.n_heads, attn0.nope_dim, attn0.rope_dim, attn0.v_dim, attn0.kv_rank
@@ -83,18 +88,20 @@ class NativeStep:
             else:
                 ints += mat(a.q_proj)
             kv_b = a.kv_b_proj.weight
-            w_ukT = kv_b.detach().view(H, dn + dv, c)[:, :dn].transpose(1, 2).float().contiguous()  # (H, c, dn)
-            ints += [*mat(a.kv_a_proj_with_mqa), ptr(a.kv_a_layernorm.weight), ptr(w_ukT), ptr(kv_b),
-                     int(kv_b.dtype == torch.bfloat16), *mat(a.o_proj), ptr(layer.post_attention_layernorm.weight),
-                     int(layer.is_moe)]
+            w_ukT = kv_b.detach().view(H, dn + dv, c)[:, :dn].transpose(1, 2).contiguous()  # (H, c, dn)
+            ints += [*mat(a.kv_a_proj_with_mqa), ptr(a.kv_a_layernorm.weight), *weight(w_ukT), *weight(kv_b),
+                     *mat(a.o_proj), ptr(layer.post_attention_layernorm.weight), int(layer.is_moe)]
             if layer.is_moe:
                 moe: MoE = layer.mlp
                 g = moe.gate
-                gate_up, down = moe.stacked
+                gate_up, down = (exact_bf16(t) for t in moe.stacked)
+                if gate_up.dtype != down.dtype:
+                    gate_up, down = moe.stacked
                 chunks = len(moe.experts) + moe.n_shared
                 ints += [ptr(g.weight), ptr(g.e_score_correction_bias if g.has_bias else None), g.n_experts, g.top_k,
                          g.n_group, g.topk_group, int(g.scoring_func == "sigmoid"), _METHODS[g.topk_method],
-                         int(g.norm_topk_prob), ptr(gate_up), ptr(down), chunks, down.shape[1] // chunks]
+                         int(g.norm_topk_prob), ptr(gate_up), ptr(down), int(down.dtype == torch.bfloat16), chunks,
+                         down.shape[1] // chunks]
             else:
                 ints += [*mat(layer.mlp.gate_proj), *mat(layer.mlp.up_proj), *mat(layer.mlp.down_proj)]
             nums.append(layer.input_layernorm.eps)
@@ -112,6 +119,17 @@ class NativeStep:
         argmax's); their new latents are written into the cache and their lengths advanced."""
         return torch.ops.nanoseek.mla_step(ids, self.cache.kv, self.lengths, first_row, self.table, self.numbers,
                                            self.vocab)
+
+
+def exact_bf16(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 weight as bf16 where bf16 holds every value exactly (a bf16 checkpoint, such as the shipped model, loaded
+    in fp32), else the weight itself: the step computes the same numbers reading half the bytes (a small model's batch-1
+    step is its weights' reads)."""
+    if w.dtype == torch.float32:
+        narrow = w.to(torch.bfloat16)
+        if torch.equal(narrow.float(), w):
+            return narrow
+    return w
 
 
 def hooked(module: nn.Module) -> bool:

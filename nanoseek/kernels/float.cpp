@@ -157,9 +157,10 @@ extern "C" void nanoseek_float_linear_part(const float* x, int64_t M, int64_t K,
 // caller's parallel region; called outside of one, a thread does all of it): the chunks in use and the (token, slot)
 // pairs that read each, grouped by chunk, in `plan` (3 * C + 1 + T * J int64, the thread's own), h [T * J, I] the pairs'
 // intermediate activations (shared by the team).
+template <typename W>
 static void experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w, int64_t J,
-                         const float* gate_up, const float* down, int64_t C, int64_t I, float* y, float* h,
-                         int64_t* plan, int isa) {
+                         const W* gate_up, const W* down, int64_t C, int64_t I, float* y, float* h, int64_t* plan,
+                         int isa) {
     // count[c] is where chunk c's pairs start in `pairs`, order[..used] the chunks that have any
     const int64_t P = T * J;
     int64_t *count = plan, *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
@@ -245,11 +246,15 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
 }
 
 // The same for every thread of the caller's team (step.cpp), each with its own plan buffer (3 * C + 1 + T * J int64)
-// and h [T * J, I] shared. Returns 1 (on every thread) for arguments it does not take.
+// and h [T * J, I] shared; the stacked weights fp32 (bf16 = 0) or bf16 (1). Returns 1 (on every thread) for arguments
+// it does not take.
 extern "C" int nanoseek_float_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
-                                           int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I,
-                                           float* y, float* h, int64_t* plan, int isa) {
+                                           int64_t J, const void* gate_up, const void* down, int bf16, int64_t C,
+                                           int64_t I, float* y, float* h, int64_t* plan, int isa) {
     if (!experts_take(T, D, chunk, J, C, I, isa)) return 1;
-    experts_team(x, T, D, chunk, w, J, gate_up, down, C, I, y, h, plan, isa);
+    if (bf16)
+        experts_team(x, T, D, chunk, w, J, (const uint16_t*)gate_up, (const uint16_t*)down, C, I, y, h, plan, isa);
+    else
+        experts_team(x, T, D, chunk, w, J, (const float*)gate_up, (const float*)down, C, I, y, h, plan, isa);
     return 0;
 }

@@ -75,8 +75,8 @@ extern "C" int nanoseek_float_experts(const float* x, int64_t T, int64_t D, cons
 extern "C" void nanoseek_float_linear_part(const float* x, int64_t M, int64_t K, const void* w, int bf16, int64_t N,
                                            float* y, int64_t n0, int64_t n1, int isa);
 extern "C" int nanoseek_float_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
-                                           int64_t J, const float* gate_up, const float* down, int64_t C, int64_t I,
-                                           float* y, float* h, int64_t* plan, int isa);
+                                           int64_t J, const void* gate_up, const void* down, int bf16, int64_t C,
+                                           int64_t I, float* y, float* h, int64_t* plan, int isa);
 extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
                                     float* y);
 // a whole decode step of a small MLA model with float weights (step.cpp says what the table and numbers hold)

@@ -9,14 +9,16 @@
 // The model comes as a table (int64: sizes and the weights' addresses) and its numbers (float64: norms' epsilons and
 // scales), written by nanoseek/inference/native.py in the order `read_model` reads them:
 //   D V L H dn dr dv c interleaved embed embed_bf16 norm [head] cos sin positions | eps scale
-//   per layer: in_norm q_lora ([q_a] q_a_norm [q_b] | [q]) [kv_a] kv_norm w_ukT kv_b kv_b_bf16 [o] post_norm moe
-//     dense: [gate] [up] [down]; MoE: gate bias E K groups topk_groups sigmoid method norm gate_up down C I
+//   per layer: in_norm q_lora ([q_a] q_a_norm [q_b] | [q]) [kv_a] kv_norm w_ukT w_ukT_bf16 kv_b kv_b_bf16 [o]
+//     post_norm moe; dense: [gate] [up] [down]; MoE: gate bias E K groups topk_groups sigmoid method norm gate_up down
+//     bf16 C I
 //   | in_eps (q_a_eps) kv_eps post_eps (routed_scale)
 // where [x] is a product: weight, bias (0: none, else fp32), N, K, bf16 (the weight's type: 0 fp32, 1 bf16). w_ukT is
-// kv_b_proj's key half transposed per head, fp32 [H, c, dn]; kv_b is kv_b_proj's weight [H * (dn + dv), c], whose value
-// rows are read where they lie; cos and sin [positions, dr / 2] fp32 (the rotary table, its attention factor in);
-// the MoE's gate [E, D] and bias [E] fp32, its experts stacked as float.cpp's float_experts reads them (C chunks of
-// width I, the shared ones after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc.
+// kv_b_proj's key half transposed per head [H, c, dn]; kv_b is kv_b_proj's weight [H * (dn + dv), c], whose value rows
+// are read where they lie; cos and sin [positions, dr / 2] fp32 (the rotary table, its attention factor in); the MoE's
+// gate [E, D] and bias [E] fp32, its experts stacked as float.cpp's float_experts reads them (C chunks of width I, the
+// shared ones after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc. Each *_bf16 / bf16 says
+// whether those weights are bf16 (else fp32).
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -38,8 +40,8 @@ struct Mat {
 struct Moe {
     const float *gate, *bias;
     int64_t E, K, groups, topk_groups, sigmoid, method, norm;
-    const float *gate_up, *down;
-    int64_t C, I;
+    const void *gate_up, *down;
+    int64_t bf16, C, I;
     double scale;
 };
 
@@ -50,7 +52,8 @@ struct Layer {
     const float* q_a_norm;
     Mat kv_a;
     const float* kv_norm;
-    const float* w_ukT;
+    const void* w_ukT;
+    int64_t w_ukT_bf16;
     const void* kv_b;
     int64_t kv_b_bf16;
     Mat o;
@@ -103,13 +106,14 @@ bool read_model(Reader& r, Model& m) {
             l.q_a = r.mat(), l.q_a_norm = r.p<float>(), l.q_b = r.mat();
         else
             l.q = r.mat();
-        l.kv_a = r.mat(), l.kv_norm = r.p<float>(), l.w_ukT = r.p<float>(), l.kv_b = r.p<void>(), l.kv_b_bf16 = r.i();
+        l.kv_a = r.mat(), l.kv_norm = r.p<float>(), l.w_ukT = r.p<void>(), l.w_ukT_bf16 = r.i(), l.kv_b = r.p<void>();
+        l.kv_b_bf16 = r.i();
         l.o = r.mat(), l.post_norm = r.p<float>(), l.moe = r.i();
         if (l.moe) {
             Moe& e = l.m;
             e.gate = r.p<float>(), e.bias = r.p<float>(), e.E = r.i(), e.K = r.i(), e.groups = r.i();
-            e.topk_groups = r.i(), e.sigmoid = r.i(), e.method = r.i(), e.norm = r.i(), e.gate_up = r.p<float>();
-            e.down = r.p<float>(), e.C = r.i(), e.I = r.i();
+            e.topk_groups = r.i(), e.sigmoid = r.i(), e.method = r.i(), e.norm = r.i(), e.gate_up = r.p<void>();
+            e.down = r.p<void>(), e.bf16 = r.i(), e.C = r.i(), e.I = r.i();
         } else {
             l.gate = r.mat(), l.up = r.mat(), l.down = r.mat();
         }
@@ -348,7 +352,7 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             // each head's query into the latent space (kv_b_proj's key half), its rotary part beside it: ql [B, H, c + dr]
             for (int64_t hd = 0; hd < H; hd++) {
                 for (int64_t b = 0; b < B; b++) memcpy(&q_heads[(hd * B + b) * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
-                head_mats[hd] = {l.w_ukT + hd * c * dn, nullptr, c, dn, 0};
+                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16};
                 heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
             }
             products(heads.data(), (int)H, B, tid, nt, isa);
@@ -396,8 +400,8 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
                         weight[b * Jl + j] = j < e.K ? ks[j] : 1.f;
                     }
                 }
-                nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down, e.C, e.I,
-                                            y2.data(), hidden.data(), plan.data(), isa);
+                nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down, (int)e.bf16,
+                                            e.C, e.I, y2.data(), hidden.data(), plan.data(), isa);
             } else {
                 const int64_t In = l.gate.N;
                 const Product gu[] = {{&l.gate, h.data(), mid.data()}, {&l.up, h.data(), mid.data() + B * In}};
