@@ -174,26 +174,33 @@ def make_fp8(folder: Path, shape: str, max_shard_bytes: int = 4 * 2**30) -> None
     add_tokenizer(folder, shape)
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decoded token reads: every linear layer (its integers and scales, or its float
-    weight), MoE experts counted for the k routed (and the shared) ones only; one embedding row."""
+def weight_bytes_per_token(model, native: bool = False) -> int:
+    """Bytes of weights one decoded token reads: every linear layer of the main model (its integers and scales, or
+    its float weight; MTP's are read only by speculative decoding), MoE experts counted for the k routed (and the
+    shared) ones only; one embedding row. native: decoding through nanoseek's C++ step, which reads fp32 weights that
+    bf16 holds exactly as bf16 (inference/native.py)."""
+    from nanoseek.inference.native import exact_bf16
     from nanoseek.model.moe import MoE
+
+    def item(t) -> int:
+        return exact_bf16(t).element_size() if native and t.dim() == 2 else t.element_size()
 
     def size(module) -> int:  # a quantized layer's codes counted at their bits (they may be packed away)
         own = lambda m: [*m.parameters(recurse=False), *m.buffers(recurse=False)]  # noqa: E731
         return sum(m.in_features * m.out_features * m.bits // 8 if t is getattr(m, "qweight", None)
-                   else t.numel() * t.element_size() for m in module.modules() for t in own(m))
+                   else t.numel() * item(t) for m in module.modules() for t in own(m))
 
     total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, MoE):
-            total += size(m.experts[0]) * m.gate.top_k + size(m.gate)
-            total += size(m.shared_experts) if m.shared_experts is not None else 0
-        elif (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear)) and ".experts." not in name \
-                and ".shared_experts." not in name:
-            total += size(m)
+    for layer in model.model.layers[: model.model.n_main]:
+        for name, m in layer.named_modules():
+            if isinstance(m, MoE):
+                total += size(m.experts[0]) * m.gate.top_k + size(m.gate)
+                total += size(m.shared_experts) if m.shared_experts is not None else 0
+            elif (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear)) and ".experts." not in name \
+                    and ".shared_experts." not in name and not name.startswith(("experts.", "shared_experts.")):
+                total += size(m)
     emb = model.model.embed_tokens.weight
-    return total + emb.shape[1] * emb.element_size()
+    return total + size(model.lm_head) + emb.shape[1] * emb.element_size()
 
 
 def measure(folder: Path, new: int, batch: int, context: int) -> dict:
@@ -242,7 +249,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
         return b * (new - 2) / (time.perf_counter() - t)
 
     out = {"compiled": compile, "load_s": load_s, "warmup_s": warmup_s, "dtype": str(next(model.parameters()).dtype), "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
-           "bytes_per_token": weight_bytes_per_token(model)}
+           "bytes_per_token": weight_bytes_per_token(model, native=engine.native is not None)}
     if context:
         out["decode_b1_context"] = decode(1, context)
         out["decode_b8_context"] = decode(batch, context)
