@@ -30,6 +30,9 @@ CONFIGS = {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}},
     "dense": {"first_k_dense_replace": 2, "n_shared_experts": 2},
+    # values narrower than keys' nope part, an odd rope width, no shared experts, the head tied to the embedding
+    "shapes-tied": {"v_head_dim": 24, "qk_rope_head_dim": 12, "n_shared_experts": 0, "first_k_dense_replace": 0,
+                    "tie_word_embeddings": True, "routed_scaling_factor": 1.0},
 }
 
 
