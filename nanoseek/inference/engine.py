@@ -9,8 +9,9 @@ background thread (`start()`). Each step:
    logprobs, taken from the prefill's logits at every position; with max_new_tokens 0 the
    request ends there);
 3. decodes one token for every running request together (continuous batching: rows join and
-   leave between steps, each at its own length), or, with MTP speculation, verifies the draft
-   token of every row and keeps 1 or 2 tokens per row.
+   leave between steps, each at its own length; a small MLA model with float weights in one call of
+   nanoseek's C++ step, native.py), or, with MTP speculation, verifies the draft token of every row
+   and keeps 1 or 2 tokens per row.
 Running requests occupy cache rows 0..B-1 contiguously (a finishing row is filled by the last
 one), so a decode step reads the cache without gathering.
 
@@ -384,8 +385,9 @@ class Engine:
 
     def _check_weights(self) -> None:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
-        it between rollouts), cached prefixes hold stale latents (dropped) and the MoE layers prepare
-        their compiled decoding again (stacked expert weights rebuilt). Parameters' versions count their in-place updates."""
+        it between rollouts), cached prefixes hold stale latents (dropped), the MoE layers prepare
+        their compiled decoding again (stacked expert weights rebuilt) and the C++ step describes the model again.
+        Parameters' versions count their in-place updates."""
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._weights_key:
             if self._weights_key is not None:
