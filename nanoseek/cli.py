@@ -452,9 +452,10 @@ def _compile_option(off_because: str | None = None):
             "Default: on for models of up to 256 MiB of weights, for dense models on a CPU and for int4 MoE "
             "models on a CPU (each MoE layer one operator), off for other larger MoE models and on GPUs.")
     return typer.Option(False if off_because else None, "--compile/--no-compile", help="Decode through torch.compile: "
-                        "about 4x faster for small models on a CPU, after compiling at startup (the shipped model: "
-                        "about a minute the first time on 2 cores, seconds once cached on disk; a 1.5B: minutes; "
-                        f"needs a C++ compiler, decodes eagerly without one). {when}")
+                        "about 4x faster than eager for small models on a CPU, after compiling at startup (a 1.5B: "
+                        "minutes the first time, seconds once cached on disk; needs a C++ compiler, decodes eagerly "
+                        "without one). A small DeepSeek (MLA) model with float weights, the shipped one included, "
+                        f"decodes through nanoseek's C++ step either way; this then covers MTP's speculative steps. {when}")
 
 
 def _speculative_option():
