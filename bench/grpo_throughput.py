@@ -98,9 +98,9 @@ class NanoseekGRPO:
         model = nanoseek.load_model(model_dir, dtype=torch.float32)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         rollouts = Rollouts(model, tok, cfg)
-        if compile:  # the same engine, with compiled decode steps
+        if compile:  # the same engine, with compiled decode steps (a small MLA model's go through the C++ step either way)
             rollouts.engine = Engine(model, decode=tok.decode, max_batch=rollouts.engine.max_batch,
-                                     max_len=rollouts.engine.max_len, eos_token_id=tok.eos_id, compile=True)
+                                     max_len=rollouts.engine.max_len, eos_token_id=tok.eos_id, compile=True, native=True)
         self.data = CountedRollouts(rollouts)
         self.budget = rollouts.budget
         # as `nanoseek rl`: the policy trains eagerly (the engine calls its layers at ever-changing shapes),

@@ -221,7 +221,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
     V = model.config.vocab_size
     compile, _ = decide_decode_compile(None, model)  # as `nanoseek serve` decides
     engine = Engine(model, max_batch=batch, max_len=max(1024, context + new + 8), eos_token_id=-1,
-                    prefix_cache_tokens=0, compile=compile)
+                    prefix_cache_tokens=0, compile=compile, native=True)
     g = torch.Generator().manual_seed(0)
 
     def prompts(b, n):

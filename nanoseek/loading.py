@@ -59,10 +59,14 @@ def load_chat_engine(model_dir: str | Path, max_batch: int = 4, speculative: boo
         console.print("[yellow]this model has no MTP layer: decoding without speculation[/]")
         speculative = False
     compile, why = decide_decode_compile(compile, model)
+    engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
+                    eos_token_id=sorted(tok.eos_ids), compile=compile, kv_cache_dtype=kv_cache_dtype, native=True)
+    if engine.native is not None and not speculative:
+        if why != "as set":
+            console.print("[dim]decoding through nanoseek's C++ decode step: nothing to compile[/]")
+        return engine, tok
     if why != "as set":
         console.print(f"[dim]compiled decoding: {'on' if compile else 'off'} ({why})[/]")
-    engine = Engine(model, decode=tok.decode, max_batch=max_batch, max_len=max_len, speculative=speculative,
-                    eos_token_id=sorted(tok.eos_ids), compile=compile, kv_cache_dtype=kv_cache_dtype)
     if compile:  # the shapes the first replies will have
         use_disk_cache()
         what = "compiling the decode step (a minute or two the first time on 2 cores; cached on disk for later runs)"

@@ -158,8 +158,8 @@ def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
     model = tiny()
     params = [SamplingParams(max_new_tokens=n, temperature=t, seed=3, logprobs=True, top_logprobs=2)
               for n, t in ((9, 0), (4, 0.8), (14, 0), (1, 0), (6, 1.0))]
-    eager = Engine(model, max_batch=3, native=False).generate(PROMPTS, params)
-    engine = Engine(model, max_batch=3)
+    eager = Engine(model, max_batch=3).generate(PROMPTS, params)
+    engine = Engine(model, max_batch=3, native=True)
     calls = operator_calls(lambda: engine.generate(PROMPTS, params))
     assert engine.native is not None
     assert calls.get("nanoseek::mla_step", 0) > 0 and "nanoseek::float_experts" not in calls
@@ -174,7 +174,7 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
     """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; a quantized model, a
     grouped-query one and native=False decode without it."""
     model = tiny()
-    engine = Engine(model, max_batch=2)
+    engine = Engine(model, max_batch=2, native=True)
     params = SamplingParams(max_new_tokens=6, temperature=0)
     before = [r.tokens for r in engine.generate(PROMPTS[:2], params)]
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
             if "kv_b_proj" in name or ".experts." in name:
                 p.add_(torch.randn_like(p) * 0.2)
     after = [r.tokens for r in engine.generate(PROMPTS[:2], params)]
-    assert after == [r.tokens for r in Engine(model, max_batch=2, native=False).generate(PROMPTS[:2], params)]
+    assert after == [r.tokens for r in Engine(model, max_batch=2).generate(PROMPTS[:2], params)]
     assert after != before
     quantized = copy.deepcopy(model)
     old = quantized.model.layers[1].self_attn.o_proj
@@ -190,12 +190,12 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
     int8.quantize_(old.weight)
     quantized.model.layers[1].self_attn.o_proj = int8
     gqa = build_model(tiny_gqa_config(eos_token_id=-1))
-    for m, kwargs in ((quantized, {}), (gqa, {}), (model, {"native": False})):
-        e = Engine(m, max_batch=2, **kwargs)
+    for m, native in ((quantized, True), (gqa, True), (model, False)):
+        e = Engine(m, max_batch=2, native=native)
         e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
         assert e.native is None
     # a forward hook (on any module) is run: the model decodes through its forward
-    e = Engine(model, max_batch=2)
+    e = Engine(model, max_batch=2, native=True)
     seen = []
     hook = model.model.layers[1].mlp.register_forward_hook(lambda *_: seen.append(1))
     try:

@@ -169,7 +169,7 @@ class Engine:
                  speculative: bool = False, prefix_cache_tokens: int = 65536,
                  eos_token_id: int | Sequence[int] | None = None,
                  compile: bool = False, prefill_chunk: int = 512, kv_cache_dtype: str | torch.dtype = "auto",
-                 native: bool = True):
+                 native: bool = False):
         cfg = model.config
         if speculative and not model.mtp_layers:
             raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
@@ -206,8 +206,9 @@ class Engine:
             # bench/release_decode.py's rounds); an engine with another cache shape compiles its own graphs
             torch._dynamo.mark_static(self.cache.kv)
             torch._dynamo.mark_static(self.cache._arange)
-        # native=True: a small MLA model with float weights decodes through nanoseek's C++ step (inference/native.py:
-        # the whole step in one call, no graph), built with the MoE layers' stacked experts at the first admission
+        # native=True (what serve, chat, generate, eval and GRPO's rollouts ask for): a small MLA model with float
+        # weights decodes through nanoseek's C++ step (inference/native.py: the whole step in one call, no graph), built
+        # here with the MoE layers' stacked experts and again whenever the weights change (_check_weights)
         self._native_wanted = native and self.device.type == "cpu" and not cfg.is_gqa and \
             weight_bytes(model) < PYTHON_WRAPPER_MIN_BYTES
         self.native: NativeStep | None = None
@@ -217,6 +218,8 @@ class Engine:
         self._step_logits = self._compile(self._logits)
         self._step_draft = self._compile(self._draft_logits)
         self._step_greedy_spec = self._compile(self._greedy_speculation)
+        if self._native_wanted:
+            self._check_weights()
 
     def _compile(self, fn: Callable) -> Callable:
         """fn compiled (when the engine compiles); if compiling fails (no C++ compiler, say), a warning
@@ -387,16 +390,20 @@ class Engine:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
         it between rollouts), cached prefixes hold stale latents (dropped), the MoE layers prepare
         their compiled decoding again (stacked expert weights rebuilt) and the C++ step describes the model again.
-        Parameters' versions count their in-place updates."""
+        Parameters' versions count their in-place updates. A model with forward hooks (on any module, set since)
+        decodes through its forward, which the C++ step would skip."""
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._weights_key:
             if self._weights_key is not None:
                 self.prefixes = PrefixStore(self.prefixes.max_tokens)
             for m in self._moes:
                 m.prepare_compiled_decode()
-            if self._native_wanted:
+            self._weights_key, self.native = key, None
+        if self._native_wanted:  # (forward hooks set or removed since: the step runs no module's forward)
+            if any(hooked(m) for m in self.model.modules()):
+                self.native = None
+            elif self.native is None:
                 self.native = NativeStep.build(self.model, self.cache)
-            self._weights_key = key
 
     def _prefill(self, req: Request) -> None:
         row = len(self.active)

@@ -72,7 +72,7 @@ class Rollouts:
         # decoded once, when the rollouts are done
         self.engine = Engine(model, max_batch=min(max_batch, cfg.prompts_per_step * cfg.group_size),
                              max_len=max(self.budget.values()) + 256 + tools_prompt, eos_token_id=tok.eos_id,
-                             compile=compile)
+                             compile=compile, native=True)
         self.thinking_off = thinking_off(tok)  # what a thinking-off rollout follows, as serving asks it
         self.rng = random.Random(cfg.seed)
         self.draws = 0
