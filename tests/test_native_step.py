@@ -58,6 +58,26 @@ def prefilled(model, cache):
             cache.advance()
 
 
+def step_and_reference(model, dtype=torch.float32):
+    """The step over one cache and a second cache for the model's own forward, both holding PROMPTS."""
+    ref, mine = (KVCache(model.config, rows=len(PROMPTS), max_len=40, dtype=dtype) for _ in range(2))
+    step = NativeStep.build(model, mine)
+    assert step is not None
+    for cache in (ref, mine):
+        prefilled(model, cache)
+    return step, ref, mine
+
+
+def forward_logits(model, cache, ids, first_row=0):
+    """The model's own next logits [B, V] (fp32) after ids [B] at cache rows first_row.. (its latents left staged)."""
+    cache.select(first_row, first_row + len(ids))
+    with torch.no_grad():
+        return model(ids[:, None], position_ids=cache.positions(1), cache=cache).logits[:, -1].float()
+
+
+LAST = torch.tensor([p[-1] for p in PROMPTS])
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
@@ -65,25 +85,19 @@ def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
     where the forward's `advance` writes them, and each row's length advanced by one."""
     model = prepared(tiny(name))
     kv, ulp = {"fp32": (torch.float32, 1e-5), "fp16": (torch.float16, 1e-3), "bf16": (torch.bfloat16, 8e-3)}[dtype]
-    ref, mine = (KVCache(model.config, rows=len(PROMPTS), max_len=40, dtype=kv) for _ in range(2))
-    step = NativeStep.build(model, mine)
-    assert step is not None
-    for cache in (ref, mine):
-        prefilled(model, cache)
-    last = torch.tensor([p[-1] for p in PROMPTS])
-    with torch.no_grad():
-        for _ in range(6):
-            ref.select(0, len(PROMPTS))
-            want = model(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
-            ref.advance()
-            got, best = step(last.tolist())
-            assert torch.equal(best, got.argmax(-1))
-            # (a half-precision cache: a latent one rounding step apart moves the logits after it a little)
-            torch.testing.assert_close(got, want, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4)
-            assert torch.equal(mine.lengths[0], ref.lengths[0])
-            L = model.config.num_hidden_layers  # (a latent rounded to the cache's dtype may land one step apart)
-            torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=1e-5, rtol=ulp)
-            last = want.argmax(-1)
+    step, ref, mine = step_and_reference(model, kv)
+    last = LAST
+    for _ in range(6):
+        want = forward_logits(model, ref, last)
+        ref.advance()
+        got, best = step(last.tolist())
+        assert torch.equal(best, got.argmax(-1))
+        # (a half-precision cache: a latent one rounding step apart moves the logits after it a little)
+        torch.testing.assert_close(got, want, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4)
+        assert torch.equal(mine.lengths[0], ref.lengths[0])
+        L = model.config.num_hidden_layers  # (a latent rounded to the cache's dtype may land one step apart)
+        torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=1e-5, rtol=ulp)
+        last = want.argmax(-1)
 
 
 def test_a_later_row_range_and_rows_left_alone():
@@ -101,10 +115,7 @@ def test_a_later_row_range_and_rows_left_alone():
         assert torch.equal(cache.kv[:, row], other[:, row])
     ref = KVCache(model.config, rows=len(PROMPTS), max_len=40)
     prefilled(model, ref)
-    ref.select(2, 4)
-    with torch.no_grad():
-        want = model(ids[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1]
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, forward_logits(model, ref, ids, first_row=2), atol=2e-5, rtol=1e-4)
 
 
 def test_bf16_weights_computed_in_fp32():
@@ -115,16 +126,8 @@ def test_bf16_weights_computed_in_fp32():
     narrow.load_state_dict(model.state_dict())
     narrow = prepared(narrow.eval())
     assert narrow.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
-    ref, mine = (KVCache(narrow.config, rows=len(PROMPTS), max_len=40) for _ in range(2))
-    step = NativeStep.build(narrow, mine)
-    assert step is not None
-    for cache in (ref, mine):
-        prefilled(narrow, cache)
-    last = torch.tensor([p[-1] for p in PROMPTS])
-    ref.select(0, len(PROMPTS))
-    with torch.no_grad():
-        want = narrow(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
-    torch.testing.assert_close(step(last.tolist())[0], want, atol=2e-5, rtol=1e-4)
+    step, ref, _ = step_and_reference(narrow)
+    torch.testing.assert_close(step(LAST.tolist())[0], forward_logits(narrow, ref, LAST), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["v3", "dense"])
@@ -135,21 +138,13 @@ def test_fp32_weights_that_bf16_holds_are_read_as_bf16(name):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    model = prepared(model)
-    ref, mine = (KVCache(model.config, rows=len(PROMPTS), max_len=40) for _ in range(2))
-    step = NativeStep.build(model, mine)
+    step, ref, _ = step_and_reference(prepared(model))
     # every product's weight (kv_b_proj's transposed key half and the stacked experts too) is read as bf16: the 2-D fp32
     # tensors left are the embedding, the rotary tables and the routers
     wide = [t for t in step._keep if t.dtype == torch.float32 and t.dim() == 2]
     moe_layers = sum(layer.is_moe for layer in model.model.layers[:model.config.num_hidden_layers])
     assert len(wide) == 3 + moe_layers and any(t.dtype == torch.bfloat16 for t in step._keep)
-    for cache in (ref, mine):
-        prefilled(model, cache)
-    last = torch.tensor([p[-1] for p in PROMPTS])
-    ref.select(0, len(PROMPTS))
-    with torch.no_grad():
-        want = model(last[:, None], position_ids=ref.positions(1), cache=ref).logits[:, -1].float()
-    torch.testing.assert_close(step(last.tolist())[0], want, atol=2e-4, rtol=1e-4)  # (the fp16 cache)
+    torch.testing.assert_close(step(LAST.tolist())[0], forward_logits(model, ref, LAST), atol=2e-5, rtol=1e-4)
 
 
 def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
