@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import operator_calls, randomize_, tiny_gqa_config
-from nanoseek import kernels
+from nanoseek import kernels, quant
 from nanoseek.inference.cache import KVCache
 from nanoseek.inference.engine import Engine
 from nanoseek.inference.native import NativeStep
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.model import build_model, get_preset
-from nanoseek.quant import QuantLinear, narrow_linears
+from nanoseek.quant import QuantLinear, narrow_linears, replace_linears
 
 pytestmark = pytest.mark.skipif(not kernels.runs_here("mla_step"), reason="nanoseek's kernels do not build here")
 
@@ -166,8 +166,8 @@ def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
 
 
 def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
-    """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; a quantized model, a
-    grouped-query one and native=False decode without it."""
+    """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; an int4 layer, a
+    grouped-query model and native=False decode without it."""
     model = tiny()
     engine = Engine(model, max_batch=2, native=True)
     params = SamplingParams(max_new_tokens=6, temperature=0)
@@ -181,9 +181,9 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
     assert after != before
     quantized = copy.deepcopy(model)
     old = quantized.model.layers[1].self_attn.o_proj
-    int8 = QuantLinear(old.in_features, old.out_features, 8, dtype=torch.float32)
-    int8.quantize_(old.weight)
-    quantized.model.layers[1].self_attn.o_proj = int8
+    int4 = QuantLinear(old.in_features, old.out_features, 4, dtype=torch.float32)
+    int4.quantize_(old.weight)
+    quantized.model.layers[1].self_attn.o_proj = int4
     gqa = build_model(tiny_gqa_config(eos_token_id=-1))
     for m, native in ((quantized, True), (gqa, True), (model, False)):
         e = Engine(m, max_batch=2, native=native)
@@ -218,3 +218,83 @@ def test_bad_ids_a_full_cache_and_a_wrong_table_are_errors():
         torch.ops.nanoseek.mla_step([3], cache.kv, step.lengths, 0, step.table[:-1], step.numbers,
                                     model.config.vocab_size)
     assert cache.lengths[0].tolist() == [0, 0]  # nothing advanced by a refused step
+
+
+def int8(model):
+    """The model with every linear layer but kv_b_proj in int8, in place (as `nanoseek quantize --bits 8` leaves it)."""
+    def make(name, old):
+        layer = QuantLinear(old.in_features, old.out_features, 8, old.bias is not None, dtype=torch.float32)
+        layer.quantize_(old.weight)
+        if old.bias is not None:
+            layer.bias.data.copy_(old.bias)
+        return layer
+
+    replace_linears(model, make)
+    return model
+
+
+@pytest.fixture
+def avx2_int8(monkeypatch):
+    """int8 layers multiplied by nanoseek's AVX2 kernel (as on a CPU without VNNI, where fbgemm's are not exact)."""
+    if not kernels.int8_available(32):
+        pytest.skip("nanoseek's int8 kernel does not run here")
+    monkeypatch.setattr(quant, "fbgemm_int8", lambda: False)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_int8_layers_and_experts(avx2_int8, name):
+    """A model quantized to int8 (DeepSeek-V2-Lite as `nanoseek quantize --bits 8` writes it): its products and experts
+    through int8.cpp's kernel inside the step, the logits and latents of its forward (which multiplies each layer through
+    the same kernel, the activations quantized alike). The caches are fp32: the two compute each latent to within an
+    ulp, which an fp16 cache may round a step apart, and an activation's int8 code moved by that changes what follows by
+    ~1e-2 (seen: one row's logits 0.11 apart two steps later)."""
+    model = prepared(int8(tiny(name)))
+    step, ref, mine = step_and_reference(model)
+    assert 2 in step.table.tolist()  # (int8 products in the table)
+    last = LAST
+    for _ in range(5):
+        want = forward_logits(model, ref, last)
+        ref.advance()
+        got, best = step(last.tolist())
+        assert torch.equal(best, got.argmax(-1))
+        torch.testing.assert_close(got, want, atol=3e-3, rtol=1e-3)
+        assert torch.equal(mine.lengths[0], ref.lengths[0])
+        L = model.config.num_hidden_layers
+        torch.testing.assert_close(mine.kv[:L], ref.kv[:L], atol=2e-3, rtol=1e-3)
+        last = want.argmax(-1)
+
+
+def test_int8_engine_with_more_rows_than_a_pass_takes(avx2_int8):
+    """Twelve rows (the shared experts met by all of them: two passes of 8 over each weight row) and wider experts: the
+    engine's tokens and logprobs are the eager engine's (fp32 caches, see above), every decode step one call of the
+    operator."""
+    torch.manual_seed(1)
+    model = build_model(get_preset("tiny", eos_token_id=-1, moe_intermediate_size=64, n_shared_experts=2)).eval()
+    randomize_(model, std=0.15)
+    model = int8(model)
+    prompts = [[3 + i, 40 + 2 * i, 7] for i in range(12)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    eager = Engine(model, max_batch=12, kv_cache_dtype=torch.float32).generate(prompts, params)
+    engine = Engine(model, max_batch=12, native=True, kv_cache_dtype=torch.float32, prefix_cache_tokens=0)
+    short = SamplingParams(max_new_tokens=2, temperature=0)
+    few, many = (operator_calls(lambda: engine.generate(prompts, p)) for p in (short, params))
+    assert engine.native is not None and many["nanoseek::mla_step"] == few["nanoseek::mla_step"] + 4
+    assert many["nanoseek::int8_avx2_linear"] == few["nanoseek::int8_avx2_linear"]  # (the prompts' alone)
+    mine = engine.generate(prompts, params)
+    assert [r.tokens for r in mine] == [r.tokens for r in eager]
+    for a, b in zip(mine, eager):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x["logprob"] - y["logprob"]) < 1e-3
+
+
+def test_int8_layers_it_does_not_take(avx2_int8, monkeypatch):
+    """int8 experts of a width the kernel does not take (not a multiple of 32), or int8 layers another kernel multiplies
+    (fbgemm's, with VNNI): the model decodes through its forward."""
+    odd = int8(build_model(get_preset("tiny", eos_token_id=-1, moe_intermediate_size=40)).eval())
+    e = Engine(odd, max_batch=2, native=True)
+    e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
+    assert e.native is None
+    monkeypatch.setattr(quant, "int8_available", lambda *args: False)
+    e = Engine(int8(tiny()), max_batch=2, native=True)
+    e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
+    assert e.native is None

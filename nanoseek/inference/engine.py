@@ -39,7 +39,7 @@ import torch
 
 from ..model import DeepseekForCausalLM
 from ..model.moe import MoE
-from ..quant import prepare_kernels, weight_bytes
+from ..quant import QuantLinear, prepare_kernels, weight_bytes
 from .cache import KVCache, cache_dtype
 from .native import NativeStep, hooked
 from .sampling import InvalidRequest, RowState, SamplingParams, draw, processed_logits, sampled_logprobs
@@ -206,14 +206,17 @@ class Engine:
             # bench/release_decode.py's rounds); an engine with another cache shape compiles its own graphs
             torch._dynamo.mark_static(self.cache.kv)
             torch._dynamo.mark_static(self.cache._arange)
-        # native=True (what serve, chat, generate, eval and GRPO's rollouts ask for): a small MLA model with float
-        # weights decodes through nanoseek's C++ step (inference/native.py: the whole step in one call, no graph), built
-        # here with the MoE layers' stacked experts and again whenever the weights change (_check_weights)
-        self._native_wanted = native and self.device.type == "cpu" and not cfg.is_gqa and \
-            weight_bytes(model) < PYTHON_WRAPPER_MIN_BYTES
+        # native=True (what serve, chat, generate, eval and GRPO's rollouts ask for): an MLA model with float weights
+        # (a small one) or int8 ones decodes through nanoseek's C++ step (inference/native.py: the whole step in one
+        # call, no graph), built here with the MoE layers' stacked experts and again whenever the weights change
+        # (_check_weights)
+        self._native_wanted = native and self.device.type == "cpu" and not cfg.is_gqa
         self.native: NativeStep | None = None
         self._moes = [m for m in model.modules() if isinstance(m, MoE)] if compile or self._native_wanted else []
-        self._params, self._weights_key = list(model.parameters()), None  # see _check_weights
+        # the weights (see _check_weights): the parameters, and the quantized layers' scales (every requantization or
+        # load writes them)
+        self._params = list(model.parameters()) + [m.scales for m in model.modules() if isinstance(m, QuantLinear)]
+        self._weights_key = None
         self._model_tag = _MODEL_TAGS.setdefault(model, f"model {next(_TAG_IDS)}")
         self._step_logits = self._compile(self._logits)
         self._step_draft = self._compile(self._draft_logits)
@@ -390,7 +393,7 @@ class Engine:
         """Before admitting requests: if the model was trained since the last admission (GRPO trains
         it between rollouts), cached prefixes hold stale latents (dropped), the MoE layers prepare
         their compiled decoding again (stacked expert weights rebuilt) and the C++ step describes the model again.
-        Parameters' versions count their in-place updates. A model with forward hooks (on any module, set since)
+        Parameters' versions count their in-place updates (and quantized layers' scales': requantized or loaded). A model with forward hooks (on any module, set since)
         decodes through its forward, which the C++ step would skip."""
         key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._weights_key:

@@ -1,17 +1,19 @@
-"""The decode step of a small MLA model in one call of nanoseek's C++ (`nanoseek::mla_step`, kernels/step.cpp).
+"""The decode step of an MLA model in one call of nanoseek's C++ (`nanoseek::mla_step`, kernels/step.cpp).
 
 A small model's token is mostly overhead around its arithmetic: the shipped model's compiled step (an inductor graph
 called through dynamo) took ~0.9 ms on a 2-vCPU Zen3 where its weights' reads and products take ~0.2, and llama.cpp's
 whole token 0.35. Here the step is the kernels the compiled graph calls (float products, MLA's attention over the
 latents, the experts), run one after the other from C++ with the element-wise work between them written out, and the
 engine's bookkeeping around it is one call: the new latents are written into the cache and each row's length advanced
-inside it.
+inside it. A large model quantized to int8 on a CPU where nanoseek's AVX2 int8 kernel multiplies it (no VNNI: see
+quant.fbgemm_int8) decodes through it too: DeepSeek-V2-Lite's eager step made ~630 kernel calls a token, each its own
+parallel region, with ~25 ms of small operations between them; here its products and experts are int8.cpp's.
 
 `NativeStep.build(model, cache)` describes the model to the kernel as a table of sizes and weight addresses (the
-layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, quantized layers, weights
-other than fp32 or bf16, activations other than fp32, widths the products do not take, experts not stacked as fp32
-(MoE.prepare_compiled_decode), forward hooks on any module (which the step would skip), or a library built without
-it. It reads the model's weights where they lie, but for
+layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, int4 layers or int8 ones
+another kernel multiplies (fbgemm's, with VNNI), float weights other than fp32 or bf16 or over FLOAT_MAX_BYTES of them,
+activations other than fp32, widths the products do not take, float experts not stacked (MoE.prepare_compiled_decode),
+forward hooks on any module (which the step would skip), or a library built without it. It reads the model's weights where they lie, but for
 kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
 changed, with the stacked experts) copies it again. Weights that bf16 holds exactly (a bf16 checkpoint loaded in fp32,
 as the shipped model is) are read from bf16 copies (`exact_bf16`): the same numbers at half the bytes.
@@ -26,10 +28,14 @@ from ..kernels import ISA_AVX512, int4_isa, runs_here
 from ..model import DeepseekForCausalLM
 from ..model.attention import MLA
 from ..model.moe import MoE
+from ..quant import QuantLinear, weight_bytes
 from .cache import KVCache
 
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 _LATENT_WIDTH = 1024 + 128  # c + r at most (mla.cpp)
+# float models up to this much weight (the shipped model's size class: overhead-bound steps; a larger float model's
+# step is its weights' reads, which the C++ step was not measured to speed up); int8 ones at any size
+FLOAT_MAX_BYTES = 256 * 2**20
 
 
 class NativeStep:
@@ -67,9 +73,12 @@ class NativeStep:
             w = exact_bf16(w.detach())
             return [ptr(w), int(w.dtype == torch.bfloat16)]
 
-        def mat(layer: nn.Linear) -> list[int]:
+        def mat(layer: nn.Module) -> list[int]:
+            if isinstance(layer, QuantLinear):  # int8 codes [N, K] and fp32 scales [N] (int8.cpp)
+                return [ptr(layer.qweight), ptr(layer.bias), layer.out_features, layer.in_features, 2,
+                        ptr(layer._int8_scales())]
             w, bf16 = weight(layer.weight)
-            return [w, ptr(layer.bias), *layer.weight.shape, bf16]
+            return [w, ptr(layer.bias), *layer.weight.shape, bf16, 0]
 
         attn0: MLA = m.model.layers[0].self_attn
         H, dn, dr, dv, c = attn0.n_heads, attn0.nope_dim, attn0.rope_dim, attn0.v_dim, attn0.kv_rank
@@ -94,14 +103,21 @@ class NativeStep:
             if layer.is_moe:
                 moe: MoE = layer.mlp
                 g = moe.gate
-                gate_up, down = (exact_bf16(t) for t in moe.stacked)
-                if gate_up.dtype != down.dtype:
-                    gate_up, down = moe.stacked
-                chunks = len(moe.experts) + moe.n_shared
                 ints += [ptr(g.weight), ptr(g.e_score_correction_bias if g.has_bias else None), g.n_experts, g.top_k,
                          g.n_group, g.topk_group, int(g.scoring_func == "sigmoid"), _METHODS[g.topk_method],
-                         int(g.norm_topk_prob), ptr(gate_up), ptr(down), int(down.dtype == torch.bfloat16), chunks,
-                         down.shape[1] // chunks]
+                         int(g.norm_topk_prob)]
+                if moe.stacked is None:  # int8 experts: a row each (the shared ones one row), their layers' addresses
+                    experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
+                    table = torch.tensor([[x for proj in (e.gate_proj, e.up_proj, e.down_proj)
+                                           for x in (ptr(proj.qweight), ptr(proj._int8_scales()))] + [e.gate_proj.out_features]
+                                          for e in experts], dtype=torch.int64)  # (experts, 7)
+                    ints += [2, ptr(table), len(experts)]
+                else:
+                    gate_up, down = (exact_bf16(t) for t in moe.stacked)
+                    if gate_up.dtype != down.dtype:
+                        gate_up, down = moe.stacked
+                    chunks = len(moe.experts) + moe.n_shared
+                    ints += [int(down.dtype == torch.bfloat16), ptr(gate_up), ptr(down), chunks, down.shape[1] // chunks]
             else:
                 ints += [*mat(layer.mlp.gate_proj), *mat(layer.mlp.up_proj), *mat(layer.mlp.down_proj)]
             nums.append(layer.input_layernorm.eps)
@@ -151,28 +167,50 @@ def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
     if c + cfg.qk_rope_head_dim > _LATENT_WIDTH or c % width or dn % width or cfg.qk_rope_head_dim % 2:
         return False
     m = model.model
+    small = weight_bytes(model) < FLOAT_MAX_BYTES
     if m.embed_tokens.weight.dtype not in (torch.float32, torch.bfloat16) or \
             any(p.dtype != torch.float32 for name, p in m.named_parameters() if name.endswith("norm.weight")):
         return False
     for layer in m.layers[: m.n_main]:
         a = layer.self_attn
-        linears = [a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj]
+        if not _float(a.kv_b_proj, width):  # (read as matrices per head: float, whatever the model's size)
+            return False
+        linears = [a.kv_a_proj_with_mqa, a.o_proj]
         linears += [a.q_a_proj, a.q_b_proj] if a.q_lora else [a.q_proj]
         if isinstance(layer.mlp, MoE):
-            g = layer.mlp.gate
-            if layer.mlp.stacked is None or not layer.mlp.float_kernel or g.weight.dtype != torch.float32 or \
-                    g.topk_method not in _METHODS or (g.n_group > 1 and g.n_experts % g.n_group):
+            moe, g = layer.mlp, layer.mlp.gate
+            if g.weight.dtype != torch.float32 or g.topk_method not in _METHODS or \
+                    (g.n_group > 1 and g.n_experts % g.n_group):
+                return False
+            if moe.stacked is None:  # int8 experts, each multiplied by int8.cpp's kernel, or none of this
+                experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
+                if not all(_int8(proj) and proj.bias is None for e in experts
+                           for proj in (e.gate_proj, e.up_proj, e.down_proj)):
+                    return False
+            elif not moe.float_kernel:
                 return False
         else:
             linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        if not all(_product(lin, width) for lin in linears):
+        if not all(_int8(lin) or (small and _float(lin, width)) for lin in linears):
             return False
-    return _product(model.lm_head, width)
+    return _int8(model.lm_head) or (small and _float(model.lm_head, width))
 
 
-def _product(layer: nn.Module, width: int) -> bool:
+def _float(layer: nn.Module, width: int) -> bool:
     """Whether the kernel's float product takes this layer: a plain linear layer, its weight fp32 or bf16 (contiguous,
     inputs a multiple of the vector width), its bias none or fp32."""
     return isinstance(layer, nn.Linear) and layer.weight.dtype in (torch.float32, torch.bfloat16) and \
-        layer.weight.is_contiguous() and layer.in_features % width == 0 and \
-        (layer.bias is None or (layer.bias.dtype == torch.float32 and layer.bias.is_contiguous()))
+        layer.weight.is_contiguous() and layer.in_features % width == 0 and _bias_ok(layer)
+
+
+def _int8(layer: nn.Module) -> bool:
+    """Whether the kernel's int8 product takes this layer: an int8 layer that nanoseek's own AVX2 kernel multiplies
+    (QuantLinear._fast_int8: no VNNI here, inputs a multiple of 32), its bias none or fp32."""
+    if not isinstance(layer, QuantLinear) or layer.bits != 8 or layer.qweight.device.type != "cpu":
+        return False
+    layer._kernel_ready()  # (its fp32 scales, as its first product would make them)
+    return layer._fast_int8() and _bias_ok(layer)
+
+
+def _bias_ok(layer: nn.Module) -> bool:
+    return layer.bias is None or (layer.bias.dtype == torch.float32 and layer.bias.is_contiguous())

@@ -79,6 +79,14 @@ extern "C" int nanoseek_float_experts_team(const float* x, int64_t T, int64_t D,
                                            int64_t I, float* y, float* h, int64_t* plan, int isa);
 extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
                                     float* y);
+extern "C" void nanoseek_int8_quantize(const float* x, int64_t M, int64_t K, int8_t* xq, float* d);
+extern "C" void nanoseek_int8_linear_part(const int8_t* const* xq, const float* const* d, int64_t M, int64_t K,
+                                          const int8_t* w, const float* scale, float* y, int64_t ldy, int64_t n0,
+                                          int64_t n1);
+extern "C" void nanoseek_int8_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                           int64_t J, const int64_t* table, int64_t C, int64_t Imax, float* y,
+                                           int8_t* hq, float* hd, int8_t* xq, float* xd, int64_t* plan,
+                                           const void** rows);
 // a whole decode step of a small MLA model with float weights (step.cpp says what the table and numbers hold)
 extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const double* numbers, int64_t n_numbers,
                                  const int64_t* ids, int64_t B, void* kv, int kind, int64_t rows, int64_t max_len,

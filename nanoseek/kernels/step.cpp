@@ -1,24 +1,27 @@
-// A whole decode step of a small MLA model (DeepSeek-V2/V3's architecture) with float weights, in one call: each
+// A whole decode step of an MLA model (DeepSeek-V2/V3's architecture) with float or int8 weights, in one call: each
 // selected row's next token in, its logits out, every layer's new latent written into the cache and each row's length
 // advanced. What the engine's compiled step does through a graph (nanoseek/model, MLA.absorbed_attention, MoE), here
-// as a plain sequence of nanoseek's kernels (float.cpp's products and experts, mla.cpp's attention over the latents)
+// as a plain sequence of nanoseek's kernels (float.cpp's and int8.cpp's products and experts, mla.cpp's attention)
 // with the few element-wise operations between them written out, so a step costs no Python, no dispatcher and no
 // allocation per operation. On a small model those are most of a step: the shipped model's compiled step took
-// ~0.9 ms where its arithmetic and weight reads take ~0.2 (a 2-vCPU Zen3).
+// ~0.9 ms where its arithmetic and weight reads take ~0.2 (a 2-vCPU Zen3); DeepSeek-V2-Lite in int8 made ~630 kernel
+// calls a token, each its own parallel region, and ~25 ms of small operations between them.
 //
 // The model comes as a table (int64: sizes and the weights' addresses) and its numbers (float64: norms' epsilons and
 // scales), written by nanoseek/inference/native.py in the order `read_model` reads them:
 //   D V L H dn dr dv c interleaved embed embed_bf16 norm [head] cos sin positions | eps scale
 //   per layer: in_norm q_lora ([q_a] q_a_norm [q_b] | [q]) [kv_a] kv_norm w_ukT w_ukT_bf16 kv_b kv_b_bf16 [o]
-//     post_norm moe; dense: [gate] [up] [down]; MoE: gate bias E K groups topk_groups sigmoid method norm gate_up down
-//     bf16 C I
+//     post_norm moe; dense: [gate] [up] [down]; MoE: gate bias E K groups topk_groups sigmoid method norm kind, then
+//     for float experts (kind 0 fp32, 1 bf16) gate_up down C I, for int8 ones (kind 2) experts C
 //   | in_eps (q_a_eps) kv_eps post_eps (routed_scale)
-// where [x] is a product: weight, bias (0: none, else fp32), N, K, bf16 (the weight's type: 0 fp32, 1 bf16). w_ukT is
+// where [x] is a product: weight, bias (0: none, else fp32), N, K, kind (the weight's type: 0 fp32, 1 bf16, 2 int8
+// codes [N, K] with fp32 scales [N], K a multiple of 32), scales (int8's, else 0). w_ukT is
 // kv_b_proj's key half transposed per head [H, c, dn]; kv_b is kv_b_proj's weight [H * (dn + dv), c], whose value rows
 // are read where they lie; cos and sin [positions, dr / 2] fp32 (the rotary table, its attention factor in); the MoE's
-// gate [E, D] and bias [E] fp32, its experts stacked as float.cpp's float_experts reads them (C chunks of width I, the
-// shared ones after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc. Each *_bf16 / bf16 says
-// whether those weights are bf16 (else fp32).
+// gate [E, D] and bias [E] fp32, its float experts stacked as float.cpp's float_experts reads them (C chunks of width I,
+// the shared ones after the E routed ones), or its int8 experts as a table int8.cpp's int8_experts_team reads (int64
+// [C, 7], the shared experts one row after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc.
+// Each *_bf16 says whether those weights are bf16 (else fp32).
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -34,14 +37,16 @@ namespace {
 struct Mat {
     const void* w;
     const float* bias;
-    int64_t N, K, bf16;
+    int64_t N, K, kind;  // 0 fp32, 1 bf16, 2 int8
+    const float* scale;  // int8's
 };
 
 struct Moe {
     const float *gate, *bias;
-    int64_t E, K, groups, topk_groups, sigmoid, method, norm;
+    int64_t E, K, groups, topk_groups, sigmoid, method, norm, kind;  // kind 0 fp32, 1 bf16 (stacked), 2 int8 (a table)
     const void *gate_up, *down;
-    int64_t bf16, C, I;
+    const int64_t* experts;
+    int64_t C, I;
     double scale;
 };
 
@@ -88,7 +93,7 @@ struct Reader {
     double x() { return fat < nf ? f[fat++] : (ok = false, 0.); }
     Mat mat() {
         Mat m;
-        m.w = p<void>(), m.bias = p<float>(), m.N = i(), m.K = i(), m.bf16 = i();
+        m.w = p<void>(), m.bias = p<float>(), m.N = i(), m.K = i(), m.kind = i(), m.scale = p<float>();
         return m;
     }
 };
@@ -112,8 +117,11 @@ bool read_model(Reader& r, Model& m) {
         if (l.moe) {
             Moe& e = l.m;
             e.gate = r.p<float>(), e.bias = r.p<float>(), e.E = r.i(), e.K = r.i(), e.groups = r.i();
-            e.topk_groups = r.i(), e.sigmoid = r.i(), e.method = r.i(), e.norm = r.i(), e.gate_up = r.p<void>();
-            e.down = r.p<void>(), e.bf16 = r.i(), e.C = r.i(), e.I = r.i();
+            e.topk_groups = r.i(), e.sigmoid = r.i(), e.method = r.i(), e.norm = r.i(), e.kind = r.i();
+            if (e.kind == 2)
+                e.experts = r.p<int64_t>(), e.C = r.i(), e.I = 0;
+            else
+                e.gate_up = r.p<void>(), e.down = r.p<void>(), e.C = r.i(), e.I = r.i();
         } else {
             l.gate = r.mat(), l.up = r.mat(), l.down = r.mat();
         }
@@ -125,21 +133,38 @@ bool read_model(Reader& r, Model& m) {
     return r.ok && r.at == r.n && r.fat == r.nf;
 }
 
+// whether a product's weight is one the kernels take: float inputs a multiple of the vector width, int8 of 32
+bool mat_ok(const Mat& x, int64_t width) {
+    return x.kind >= 0 && x.kind <= 2 && x.K % (x.kind == 2 ? 32 : width) == 0 && (x.kind != 2 || x.scale != nullptr);
+}
+
 // whether the kernels take the model's widths (inputs a multiple of the vector width, latents as wide as mla.cpp takes)
 bool widths_ok(const Model& m, int isa) {
     const int64_t width = isa == 2 ? 16 : 8;
     bool ok = m.D % width == 0 && m.c % width == 0 && m.dn % width == 0 && m.dr % 2 == 0 && m.c <= 1024 &&
-              m.c + m.dr <= 1024 + 128 && m.H >= 1 && m.head.K == m.D && m.head.N == m.V;
+              m.c + m.dr <= 1024 + 128 && m.H >= 1 && m.head.K == m.D && m.head.N == m.V && mat_ok(m.head, width);
     for (const Layer& l : m.layers) {
         const Mat* mats[] = {&l.q, &l.q_a, &l.q_b, &l.kv_a, &l.o, &l.gate, &l.up, &l.down};
-        for (const Mat* x : mats) ok = ok && (x->w == nullptr || x->K % width == 0);
+        for (const Mat* x : mats) ok = ok && (x->w == nullptr || mat_ok(*x, width));
         ok = ok && l.kv_a.N == m.c + m.dr && l.o.K == m.H * m.dv && l.o.N == m.D;
         ok = ok && (l.q_lora ? l.q_b.N == m.H * (m.dn + m.dr) : l.q.N == m.H * (m.dn + m.dr));
-        if (l.moe)
-            ok = ok && l.m.I % width == 0 && l.m.E >= l.m.K && l.m.K >= 1 && l.m.C >= l.m.E &&
-                 (l.m.groups <= 1 || (l.m.E % l.m.groups == 0 && l.m.topk_groups >= 1 && l.m.topk_groups <= l.m.groups));
-        else
+        if (l.moe) {
+            const Moe& e = l.m;
+            ok = ok && e.E >= e.K && e.K >= 1 && e.C >= e.E && e.kind >= 0 && e.kind <= 2 &&
+                 (e.groups <= 1 || (e.E % e.groups == 0 && e.topk_groups >= 1 && e.topk_groups <= e.groups));
+            if (e.kind == 2) {  // each expert's three int8 layers and its width, a multiple of 32
+                ok = ok && e.experts != nullptr && m.D % 32 == 0;
+                for (int64_t c = 0; ok && c < e.C; c++) {
+                    const int64_t* x = e.experts + c * 7;
+                    for (int k = 0; k < 6; k++) ok = ok && x[k] != 0;
+                    ok = ok && x[6] > 0 && x[6] % 32 == 0;
+                }
+            } else {
+                ok = ok && e.I % width == 0;
+            }
+        } else {
             ok = ok && l.gate.N == l.up.N && l.down.K == l.gate.N && l.down.N == m.D;
+        }
     }
     return ok;
 }
@@ -151,11 +176,30 @@ struct Product {
     float* y;
 };
 
+// a thread's int8 copy of the input its int8 products read (int8.cpp quantizes activations per block of 32), made
+// once for the products of a phase that share an input
+struct Quantized {
+    std::vector<int8_t> codes;
+    std::vector<float> scales;
+    std::vector<const int8_t*> rows;
+    std::vector<const float*> row_scales;
+    const float* of = nullptr;
+    int64_t K = 0;
+    Quantized(int64_t B, int64_t K) : codes(B * K), scales(B * K / 32), rows(B), row_scales(B) {}
+    void from(const float* x, int64_t B, int64_t k) {
+        if (x == of && k == K) return;
+        nanoseek_int8_quantize(x, B, k, codes.data(), scales.data());
+        for (int64_t b = 0; b < B; b++) rows[b] = codes.data() + b * k, row_scales[b] = scales.data() + b * k / 32;
+        of = x, K = k;
+    }
+};
+
 constexpr int64_t UNIT = 16;  // weight rows a share of a product is made of
 
 // the phase's products, their rows shared out between the team's threads in units of UNIT (a thread's share may run
 // from one product into the next), then a barrier: every product's output is whole after it
-void products(const Product* p, int n, int64_t B, int tid, int nt, int isa) {
+void products(const Product* p, int n, int64_t B, int tid, int nt, int isa, Quantized& q) {
+    q.of = nullptr;  // (the inputs were written since the last phase)
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += (p[i].m->N + UNIT - 1) / UNIT;
     const int64_t u0 = total * tid / nt, u1 = total * (tid + 1) / nt;
@@ -164,7 +208,13 @@ void products(const Product* p, int n, int64_t B, int tid, int nt, int isa) {
         const int64_t units = (m.N + UNIT - 1) / UNIT, lo = u0 > base ? u0 : base, hi = u1 < base + units ? u1 : base + units;
         if (lo >= hi) continue;
         const int64_t r0 = (lo - base) * UNIT, r1 = (hi - base) * UNIT < m.N ? (hi - base) * UNIT : m.N;
-        nanoseek_float_linear_part(p[i].x, B, m.K, m.w, (int)m.bf16, m.N, p[i].y, r0, r1, isa);
+        if (m.kind == 2) {
+            q.from(p[i].x, B, m.K);
+            nanoseek_int8_linear_part(q.rows.data(), q.row_scales.data(), B, m.K, (const int8_t*)m.w, m.scale, p[i].y, m.N,
+                                      r0, r1);
+        } else {
+            nanoseek_float_linear_part(p[i].x, B, m.K, m.w, (int)m.kind, m.N, p[i].y, r0, r1, isa);
+        }
         if (m.bias)
             for (int64_t b = 0; b < B; b++)
                 for (int64_t r = r0; r < r1; r++) p[i].y[b * m.N + r] += m.bias[r];
@@ -289,19 +339,24 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         if (len[b] < 0 || len[b] >= max_len || len[b] >= m.positions) return 3;
         T = len[b] > T ? len[b] : T;
     }
-    int64_t qa_n = 0, I = 0, J = 0, E = 0, C = 0, moe_I = 0;
+    // the buffers' sizes: the widest of each across the layers (K8 an int8 product's input, I8 an int8 expert's width)
+    int64_t qa_n = 0, I = 0, J = 0, E = 0, C = 0, moe_I = 0, K8 = m.head.kind == 2 ? m.D : 0, I8 = 0;
     for (const Layer& l : m.layers) {
         qa_n = l.q_lora && l.q_a.N > qa_n ? l.q_a.N : qa_n;
         I = !l.moe && l.gate.N > I ? l.gate.N : I;
+        const Mat* mats[] = {&l.q, &l.q_a, &l.q_b, &l.kv_a, &l.o, &l.gate, &l.up, &l.down};
+        for (const Mat* x : mats) K8 = x->w && x->kind == 2 && x->K > K8 ? x->K : K8;
         if (l.moe) {
             J = l.m.K + l.m.C - l.m.E > J ? l.m.K + l.m.C - l.m.E : J;
             E = l.m.E > E ? l.m.E : E, C = l.m.C > C ? l.m.C : C, moe_I = l.m.I > moe_I ? l.m.I : moe_I;
+            for (int64_t k = 0; l.m.kind == 2 && k < l.m.C; k++) I8 = l.m.experts[k * 7 + 6] > I8 ? l.m.experts[k * 7 + 6] : I8;
         }
     }
     const size_t item = kind == 0 ? 4 : 2;
     // the shared outputs
     std::vector<float> q(B * H * qw), qa(B * qa_n), latent(B * w), keys(H * B * c), lat(B * H * c), values(H * B * dv);
-    std::vector<float> y1(B * D), y2(B * D), mid(2 * B * I), hidden(B * J * moe_I);
+    std::vector<float> y1(B * D), y2(B * D), mid(2 * B * I), hidden(B * J * moe_I), hidden_d(B * J * I8 / 32);
+    std::vector<int8_t> hidden_q(B * J * I8);
     std::vector<uint8_t> mask(B * (T + 1));
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t <= T; t++) mask[b * (T + 1) + t] = t < len[b] || t == T;
@@ -312,6 +367,10 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         std::vector<float> x(B * D), h(B * D), qn(B * qa_n), fresh(B * w), q_heads(H * B * dn), ql(B * H * w);
         std::vector<float> l_heads(H * B * c), o_in(B * H * dv), act(B * I), scores(B * E), weight(B * J), ks(E);
         std::vector<int64_t> chunk(B * J), chosen(E), plan(3 * C + 1 + B * J);
+        Quantized quantized(B, K8);  // int8 products' inputs
+        std::vector<int8_t> xq(I8 ? B * D : 0);  // int8 experts': the normed input quantized, pointers to rows
+        std::vector<float> xd(I8 ? B * D / 32 : 0);
+        std::vector<const void*> rows8(2 * B * J);
         std::vector<Product> heads(H);
         std::vector<Mat> head_mats(H);
         // query rows per attention task: enough tasks for every thread
@@ -333,14 +392,14 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             // the queries [B, H, dn + dr] (through q_a_proj, its norm and q_b_proj with q_lora) and the new latents
             if (l.q_lora) {
                 const Product a[] = {{&l.q_a, h.data(), qa.data()}, {&l.kv_a, h.data(), latent.data()}};
-                products(a, 2, B, tid, nt, isa);
+                products(a, 2, B, tid, nt, isa, quantized);
                 const int64_t r = l.q_a.N;
                 for (int64_t b = 0; b < B; b++) rmsnorm(&qa[b * r], l.q_a_norm, r, l.q_a_eps, &qn[b * r]);
                 const Product qb[] = {{&l.q_b, qn.data(), q.data()}};
-                products(qb, 1, B, tid, nt, isa);
+                products(qb, 1, B, tid, nt, isa, quantized);
             } else {
                 const Product a[] = {{&l.q, h.data(), q.data()}, {&l.kv_a, h.data(), latent.data()}};
-                products(a, 2, B, tid, nt, isa);
+                products(a, 2, B, tid, nt, isa, quantized);
             }
             // the new latents [B, c + dr]: c_kv normed, k_pe rotated
             for (int64_t b = 0; b < B; b++) {
@@ -352,10 +411,10 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             // each head's query into the latent space (kv_b_proj's key half), its rotary part beside it: ql [B, H, c + dr]
             for (int64_t hd = 0; hd < H; hd++) {
                 for (int64_t b = 0; b < B; b++) memcpy(&q_heads[(hd * B + b) * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
-                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16};
+                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16, nullptr};
                 heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
             }
-            products(heads.data(), (int)H, B, tid, nt, isa);
+            products(heads.data(), (int)H, B, tid, nt, isa, quantized);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t hd = 0; hd < H; hd++) {
                     float* row = &ql[(b * H + hd) * w];
@@ -377,15 +436,15 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             for (int64_t hd = 0; hd < H; hd++) {
                 for (int64_t b = 0; b < B; b++) memcpy(&l_heads[(hd * B + b) * c], &lat[(b * H + hd) * c], c * sizeof(float));
                 const size_t rows_at = (size_t)(hd * (dn + dv) + dn) * c * (l.kv_b_bf16 ? 2 : 4);
-                head_mats[hd] = {(const char*)l.kv_b + rows_at, nullptr, dv, c, l.kv_b_bf16};
+                head_mats[hd] = {(const char*)l.kv_b + rows_at, nullptr, dv, c, l.kv_b_bf16, nullptr};
                 heads[hd] = {&head_mats[hd], &l_heads[hd * B * c], &values[hd * B * dv]};
             }
-            products(heads.data(), (int)H, B, tid, nt, isa);
+            products(heads.data(), (int)H, B, tid, nt, isa, quantized);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t hd = 0; hd < H; hd++)
                     memcpy(&o_in[(b * H + hd) * dv], &values[(hd * B + b) * dv], dv * sizeof(float));
             const Product o[] = {{&l.o, o_in.data(), y1.data()}};
-            products(o, 1, B, tid, nt, isa);
+            products(o, 1, B, tid, nt, isa, quantized);
             for (int64_t k = 0; k < B * D; k++) x[k] += y1[k];
             // the feed-forward: a dense SwiGLU or the experts
             for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], l.post_norm, D, l.post_eps, &h[b * D]);
@@ -400,21 +459,26 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
                         weight[b * Jl + j] = j < e.K ? ks[j] : 1.f;
                     }
                 }
-                nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down, (int)e.bf16,
-                                            e.C, e.I, y2.data(), hidden.data(), plan.data(), isa);
+                if (e.kind == 2)
+                    nanoseek_int8_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.experts, e.C, I8,
+                                               y2.data(), hidden_q.data(), hidden_d.data(), xq.data(), xd.data(),
+                                               plan.data(), rows8.data());
+                else
+                    nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down,
+                                                (int)e.kind, e.C, e.I, y2.data(), hidden.data(), plan.data(), isa);
             } else {
                 const int64_t In = l.gate.N;
                 const Product gu[] = {{&l.gate, h.data(), mid.data()}, {&l.up, h.data(), mid.data() + B * In}};
-                products(gu, 2, B, tid, nt, isa);
+                products(gu, 2, B, tid, nt, isa, quantized);
                 for (int64_t k = 0; k < B * In; k++) act[k] = silu(mid[k]) * mid[B * In + k];
                 const Product down[] = {{&l.down, act.data(), y2.data()}};
-                products(down, 1, B, tid, nt, isa);
+                products(down, 1, B, tid, nt, isa, quantized);
             }
             for (int64_t k = 0; k < B * D; k++) x[k] += y2[k];
         }
         for (int64_t b = 0; b < B; b++) rmsnorm(&x[b * D], m.norm, D, m.eps, &h[b * D]);
         const Product head[] = {{&m.head, h.data(), logits}};
-        products(head, 1, B, tid, nt, isa);
+        products(head, 1, B, tid, nt, isa, quantized);
     }
     for (int64_t b = 0; b < B; b++) len[b]++;
     return 0;
