@@ -70,7 +70,10 @@ AVX512 static void rows_avx512(const W* w, int64_t ld, int64_t K, const float* c
         for (int t = 0; t < T; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-// the same, K a multiple of 8
+// the same, K a multiple of 8. PREFETCH_AVX2: the rows of the next block are asked for as these are read (one core
+// alone keeps too few cache lines in flight): on a 2-vCPU Zen3, one row against 24 [8960, 1536] and 24 [1536, 8960]
+// bf16 weights in turn (R1-Distill-1.5B's MLPs) read 23.2-23.7 GB/s against 20.4-22.0 without, three alternating
+// process pairs
 template <typename W, int R, int T>
 AVX2 static void rows_avx2(const W* w, int64_t ld, int64_t K, const float* const* xs, float* y, int64_t ldy) {
     __m256 acc[R][T];
@@ -79,6 +82,8 @@ AVX2 static void rows_avx2(const W* w, int64_t ld, int64_t K, const float* const
     for (int64_t k = 0; k < K; k += 8) {
         __m256 xv[T];
         for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + k);
+        if (k % (64 / sizeof(W)) == 0)  // the next block's rows asked for a cache line at a time (see PREFETCH_AVX2)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char*)(w + (R + r) * ld + k), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m256 wv = load8(w + r * ld + k);
             for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
