@@ -78,6 +78,22 @@ def forward_logits(model, cache, ids, first_row=0):
 LAST = torch.tensor([p[-1] for p in PROMPTS])
 
 
+def follows_forward(model, step, ref, mine, steps, atol, rtol, kv_atol, kv_rtol):
+    """`steps` greedy steps of the step beside the model's forward over its reference cache: the same logits (its greedy
+    choice their argmax), lengths and cached latents (to the tolerances given)."""
+    last = LAST
+    for _ in range(steps):
+        want = forward_logits(model, ref, last)
+        ref.advance()
+        got, best = step(last.tolist())
+        assert torch.equal(best, got.argmax(-1))
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        assert torch.equal(mine.lengths[0], ref.lengths[0])
+        L = model.config.num_hidden_layers
+        torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=kv_atol, rtol=kv_rtol)
+        last = want.argmax(-1)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
@@ -86,18 +102,10 @@ def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
     model = prepared(tiny(name))
     kv, ulp = {"fp32": (torch.float32, 1e-5), "fp16": (torch.float16, 1e-3), "bf16": (torch.bfloat16, 8e-3)}[dtype]
     step, ref, mine = step_and_reference(model, kv)
-    last = LAST
-    for _ in range(6):
-        want = forward_logits(model, ref, last)
-        ref.advance()
-        got, best = step(last.tolist())
-        assert torch.equal(best, got.argmax(-1))
-        # (a half-precision cache: a latent one rounding step apart moves the logits after it a little)
-        torch.testing.assert_close(got, want, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4)
-        assert torch.equal(mine.lengths[0], ref.lengths[0])
-        L = model.config.num_hidden_layers  # (a latent rounded to the cache's dtype may land one step apart)
-        torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=1e-5, rtol=ulp)
-        last = want.argmax(-1)
+    # (a half-precision cache: a latent one rounding step apart moves the logits after it a little; a latent rounded to
+    # the cache's dtype may land one step apart)
+    follows_forward(model, step, ref, mine, 6, atol=2e-5 if dtype == "fp32" else 2e-4, rtol=1e-4, kv_atol=1e-5,
+                    kv_rtol=ulp)
 
 
 def test_a_later_row_range_and_rows_left_alone():
@@ -251,17 +259,7 @@ def test_int8_layers_and_experts(avx2_int8, name):
     model = prepared(int8(tiny(name)))
     step, ref, mine = step_and_reference(model)
     assert 2 in step.table.tolist()  # (int8 products in the table)
-    last = LAST
-    for _ in range(5):
-        want = forward_logits(model, ref, last)
-        ref.advance()
-        got, best = step(last.tolist())
-        assert torch.equal(best, got.argmax(-1))
-        torch.testing.assert_close(got, want, atol=3e-3, rtol=1e-3)
-        assert torch.equal(mine.lengths[0], ref.lengths[0])
-        L = model.config.num_hidden_layers
-        torch.testing.assert_close(mine.kv[:L], ref.kv[:L], atol=2e-3, rtol=1e-3)
-        last = want.argmax(-1)
+    follows_forward(model, step, ref, mine, 5, atol=3e-3, rtol=1e-3, kv_atol=2e-3, kv_rtol=1e-3)
 
 
 def test_int8_engine_with_more_rows_than_a_pass_takes(avx2_int8):

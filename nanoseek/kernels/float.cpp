@@ -166,16 +166,8 @@ template <typename W>
 static void experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w, int64_t J,
                          const W* gate_up, const W* down, int64_t C, int64_t I, float* y, float* h, int64_t* plan,
                          int isa) {
-    // count[c] is where chunk c's pairs start in `pairs`, order[..used] the chunks that have any
-    const int64_t P = T * J;
-    int64_t *count = plan, *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
-    for (int64_t c = 0; c <= C; c++) count[c] = 0;
-    for (int64_t p = 0; p < P; p++) count[chunk[p] + 1]++;
-    for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];
-    for (int64_t c = 0; c < C; c++) at[c] = count[c];
-    for (int64_t p = 0; p < P; p++) pairs[at[chunk[p]]++] = p;
-    for (int64_t c = 0; c < C; c++)
-        if (count[c + 1] > count[c]) order[used++] = c;
+    const ChunkPlan q = plan_chunks(chunk, T * J, C, plan);
+    const int64_t *count = q.count, *order = q.order, *pairs = q.pairs, used = q.used;
     // units of work in the first pass: LINEAR_UNIT rows of a chunk in use, or 8 where I is not a multiple of it (AVX2
     // takes multiples of 8, which its blocks of rows2 divide)
     const int64_t unit = I % LINEAR_UNIT ? 8 : LINEAR_UNIT, units = I / unit;

@@ -150,17 +150,9 @@ extern "C" void nanoseek_int8_experts_team(const float* x, int64_t T, int64_t D,
                                            int8_t* hq, float* hd, int8_t* xq, float* xd, int64_t* plan,
                                            const void** rows) {
     const int64_t P = T * J, GD = D / 32, GI = Imax / 32;
-    // count[c] is where chunk c's pairs start in `pairs`, order[..used] the chunks that have any, first[o] the first
-    // unit of used chunk o (a unit: 32 intermediate rows)
-    int64_t *count = plan, *at = count + C + 1, *order = at + C, *pairs = order + C, used = 0;
-    for (int64_t c = 0; c <= C; c++) count[c] = 0;
-    for (int64_t p = 0; p < P; p++) count[chunk[p] + 1]++;
-    for (int64_t c = 0; c < C; c++) count[c + 1] += count[c];
-    for (int64_t c = 0; c < C; c++) at[c] = count[c];
-    for (int64_t p = 0; p < P; p++) pairs[at[chunk[p]]++] = p;
-    for (int64_t c = 0; c < C; c++)
-        if (count[c + 1] > count[c]) order[used++] = c;
-    int64_t* first = at;  // (at is spent: reused for the units)
+    const ChunkPlan q = plan_chunks(chunk, P, C, plan);
+    const int64_t *count = q.count, *order = q.order, *pairs = q.pairs, used = q.used;
+    int64_t* first = q.at;  // first[o]: the first unit (32 intermediate rows) of used chunk o (at is spent)
     int64_t units = 0;
     for (int64_t o = 0; o < used; o++) first[o] = units, units += table[order[o] * 7 + 6] / 32;
     nanoseek_int8_quantize(x, T, D, xq, xd);

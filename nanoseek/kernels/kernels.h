@@ -25,6 +25,24 @@ static auto pick(int n) -> decltype(Pick<1>::fn) {
     }
 }
 
+// The (token, slot) pairs of a mixture-of-experts layer grouped by the chunk (expert) each reads, chunk [P] in [0, C):
+// in plan (3 * C + 1 + P int64), count[c] is where chunk c's pairs start in `pairs`, order[..used] the chunks that have
+// any (used of them; at is spent once they are made).
+struct ChunkPlan {
+    int64_t *count, *at, *order, *pairs, used;
+};
+static inline ChunkPlan plan_chunks(const int64_t* chunk, int64_t P, int64_t C, int64_t* plan) {
+    ChunkPlan q = {plan, plan + C + 1, plan + 2 * C + 1, plan + 3 * C + 1, 0};
+    for (int64_t c = 0; c <= C; c++) q.count[c] = 0;
+    for (int64_t p = 0; p < P; p++) q.count[chunk[p] + 1]++;
+    for (int64_t c = 0; c < C; c++) q.count[c + 1] += q.count[c];
+    for (int64_t c = 0; c < C; c++) q.at[c] = q.count[c];
+    for (int64_t p = 0; p < P; p++) q.pairs[q.at[chunk[p]]++] = p;
+    for (int64_t c = 0; c < C; c++)
+        if (q.count[c + 1] > q.count[c]) q.order[q.used++] = c;
+    return q;
+}
+
 // One product of an int4 call: y [M, N] = x [M, K] @ W.T, M <= 8, W as int4.cpp describes it.
 struct Int4Product {
     const float* x;
