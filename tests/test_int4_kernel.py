@@ -69,6 +69,17 @@ def test_the_kernel_computes_what_it_says_on_each_instruction_set(isa, K, N, row
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_row_holding_a_nan_or_an_infinity_gives_nan_in_that_row_only(isa, bad):
+    layer = int4_layer(256, 70)
+    x = torch.randn(3, 256)
+    x[1, 100] = bad
+    out = kernels.int4_products(x, layer.qweight, layer.scales, layer.zeros, layer.units, isa=isa)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+
+
+@needs_kernel
 def test_the_operator_is_cpp_and_gives_the_kernels_products():
     """nanoseek::int4_linear, which int4 layers call eagerly and from compiled graphs: its C++ implementation
     (ops.cpp) where this machine builds it against torch's headers, the same products as int4_products at every

@@ -32,24 +32,26 @@
 #define PREFETCH_ROWS 4
 #define AVX2 __attribute__((target("avx2,fma")))
 
-// one block of 32 inputs of row m: its int8 codes split by nibble position, its scale d (written 4 times:
-// one per int32 lane of the group's dot product), its sum and what rounding left of it (sum - d * sum(xq))
-static void quantize_block(const float* v, int8_t* lo, int8_t* hi, float* d, float* sum, float* resid) {
-    float amax = 0.f, s = 0.f;
-    for (int i = 0; i < 32; i++) {
-        amax = fmaxf(amax, fabsf(v[i]));
-        s += v[i];
-    }
-    float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int codes = 0;
-    for (int i = 0; i < 16; i++) {
-        lo[i] = (int8_t)lrintf(v[2 * i] * inv);
-        hi[i] = (int8_t)lrintf(v[2 * i + 1] * inv);
-        codes += lo[i] + hi[i];
-    }
-    for (int i = 0; i < 4; i++) d[i] = amax / 127.f;
-    *sum = s;
-    *resid = s - amax / 127.f * codes;
+// one block of 32 inputs of row m: its int8 codes split by nibble position, its scale d (written 4 times: one per
+// int32 lane of the group's dot product), its sum and what rounding left of it (sum - d * sum(xq))
+AVX2 static void quantize_block(const float* v, int8_t* lo, int8_t* hi, float* d, float* sum, float* resid) {
+    float scale;
+    const __m256i codes = block_codes_avx2(v, &scale);
+    // each 128-bit lane's even bytes to its low half, odd ones to its high half; then the halves' order 0 2 1 3
+    const __m256i split = _mm256_shuffle_epi8(codes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                                      0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m256i parts = _mm256_permute4x64_epi64(split, 0xD8);
+    _mm_storeu_si128((__m128i*)lo, _mm256_castsi256_si128(parts));
+    _mm_storeu_si128((__m128i*)hi, _mm256_extracti128_si256(parts, 1));
+    // the codes' sum: biased to unsigned bytes, summed 8 at a time against zero
+    const __m256i eights = _mm256_sad_epu8(_mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80)), _mm256_setzero_si256());
+    const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(eights), _mm256_extracti128_si256(eights, 1));
+    const int total = (int)(_mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1)) - 32 * 128;
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24)));
+    for (int i = 0; i < 4; i++) d[i] = scale;
+    *sum = hsum_avx2(s);
+    *resid = *sum - scale * total;
 }
 
 struct Acts {  // the quantized activations of M rows

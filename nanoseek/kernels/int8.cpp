@@ -10,7 +10,6 @@
 // multiplies in floating point: on an AVX2 CPU it reads a weight at a fraction of the memory's speed past one row.
 // Rows of W are split between OpenMP threads, each quantizing a share of the activations first.
 #include <immintrin.h>
-#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -67,29 +66,9 @@ typedef void (*RowsFn)(const int8_t*, const float*, int64_t, int64_t, int64_t, c
                        const float* const*, float*, int64_t);
 template <int M> struct Avx2 { static constexpr RowsFn fn = rows_avx2<M>; };
 
-// one block of 32 inputs to int8 codes and their scale; a block holding a NaN or an infinity gets a NaN scale, so the
-// products it enters are NaN, as a float product's would be. In vectors: every product quantizes its activations on
-// each thread of a decode step (scalar, with its calls to lrintf and fmaxf, 2% of a DeepSeek-V2-Lite token).
+// one block of 32 inputs to int8 codes and their scale (kernels.h)
 AVX2 static void quantize_block(const float* v, int8_t* q, float* d) {
-    const __m256 sign = _mm256_set1_ps(-0.f), huge = _mm256_set1_ps(FLT_MAX);
-    __m256 x[4], amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) {
-        x[i] = _mm256_loadu_ps(v + 8 * i);
-        const __m256 a = _mm256_andnot_ps(sign, x[i]);
-        amax = _mm256_max_ps(amax, a);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ));  // (NaN or infinite)
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-    const bool finite = _mm256_movemask_ps(bad) == 0;
-    const __m256 inv = _mm256_set1_ps(top > 0.f && finite ? 127.f / top : 0.f);
-    __m256i c[4];
-    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));  // (rounded to nearest even, as lrintf)
-    // packing works within 128-bit lanes: its 4-byte groups hold inputs 0-3, 8-11, 16-19, 24-27, 4-7, 12-15, ...
-    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    *d = finite ? top / 127.f : NAN;
+    _mm256_storeu_si256((__m256i*)q, block_codes_avx2(v, d));
 }
 
 // rows n0..n1 of W against M quantized activation rows (xq[m], d[m] as nanoseek_int8_quantize writes them), 8 rows a
