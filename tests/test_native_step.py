@@ -36,9 +36,9 @@ CONFIGS = {
 }
 
 
-def tiny(name: str = "v3", seed: int = 0):
+def tiny(name: str = "v3", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = build_model(get_preset("tiny", eos_token_id=-1, **CONFIGS[name])).eval()
+    model = build_model(get_preset("tiny", eos_token_id=-1, **{**CONFIGS[name], **overrides})).eval()
     randomize_(model, std=0.15)  # (norms, biases and the routing bias all matter)
     return model
 
@@ -78,19 +78,28 @@ def forward_logits(model, cache, ids, first_row=0):
 LAST = torch.tensor([p[-1] for p in PROMPTS])
 
 
-def follows_forward(model, step, ref, mine, steps, atol, rtol, kv_atol, kv_rtol):
+def follows_forward(model, step, ref, mine, steps, atol, rtol, kv_atol, kv_rtol, flips=0):
     """`steps` greedy steps of the step beside the model's forward over its reference cache: the same logits (its greedy
-    choice their argmax), lengths and cached latents (to the tolerances given)."""
-    last = LAST
+    choice their argmax), lengths and cached latents (to the tolerances given). `flips`: how many rows may part from the
+    forward's, each left out from then on (a quantized model: an activation whose int8 code the two round apart, its
+    fp32 value an ulp from a rounding boundary, moves what follows by ~1e-2 of the logits' scale)."""
+    last, L = LAST, model.config.num_hidden_layers
+    gone = torch.zeros(len(LAST), dtype=torch.bool)  # rows that parted
     for _ in range(steps):
         want = forward_logits(model, ref, last)
         ref.advance()
         got, best = step(last.tolist())
         assert torch.equal(best, got.argmax(-1))
-        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
         assert torch.equal(mine.lengths[0], ref.lengths[0])
-        L = model.config.num_hidden_layers
-        torch.testing.assert_close(mine.kv[:L].float(), ref.kv[:L].float(), atol=kv_atol, rtol=kv_rtol)
+        kv, kv_ref = mine.kv[:L, : len(LAST)].float(), ref.kv[:L, : len(LAST)].float()  # (L, B, 1, T, w)
+        apart = ~torch.isclose(got, want, atol=atol, rtol=rtol).all(dim=1)
+        apart |= ~torch.isclose(kv, kv_ref, atol=kv_atol, rtol=kv_rtol).transpose(0, 1).flatten(1).all(dim=1)
+        new = apart & ~gone
+        flips -= int(new.sum())
+        assert flips >= 0 and ((got - want)[new].abs() < 0.25).all(), ((got - want).abs().amax(dim=1), gone)
+        gone |= new
+        torch.testing.assert_close(got[~gone], want[~gone], atol=atol, rtol=rtol)
+        torch.testing.assert_close(kv[:, ~gone], kv_ref[:, ~gone], atol=kv_atol, rtol=kv_rtol)
         last = want.argmax(-1)
 
 
@@ -174,8 +183,8 @@ def test_the_engine_decodes_through_it_with_the_eager_tokens_and_logprobs():
 
 
 def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
-    """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; an int4 layer, a
-    grouped-query model and native=False decode without it."""
+    """After an in-place update (GRPO between rollouts) the engine decodes with the new weights; an int4 layer in groups
+    the kernels do not take, a grouped-query model and native=False decode without it."""
     model = tiny()
     engine = Engine(model, max_batch=2, native=True)
     params = SamplingParams(max_new_tokens=6, temperature=0)
@@ -189,7 +198,7 @@ def test_it_follows_weight_updates_and_skips_what_it_cannot_read():
     assert after != before
     quantized = copy.deepcopy(model)
     old = quantized.model.layers[1].self_attn.o_proj
-    int4 = QuantLinear(old.in_features, old.out_features, 4, dtype=torch.float32)
+    int4 = QuantLinear(old.in_features, old.out_features, 4, group_size=64, dtype=torch.float32)  # (groups of 32 only)
     int4.quantize_(old.weight)
     quantized.model.layers[1].self_attn.o_proj = int4
     gqa = build_model(tiny_gqa_config(eos_token_id=-1))
@@ -228,17 +237,25 @@ def test_bad_ids_a_full_cache_and_a_wrong_table_are_errors():
     assert cache.lengths[0].tolist() == [0, 0]  # nothing advanced by a refused step
 
 
-def int8(model):
-    """The model with every linear layer but kv_b_proj in int8, in place (as `nanoseek quantize --bits 8` leaves it)."""
+def int8(model, bits=8):
+    """The model with every linear layer in int8 but kv_b_proj, in place (as `nanoseek quantize --bits 8` leaves it); with
+    bits=4 in int4, kv_b_proj too (as `--bits 4` leaves a model whose kv_lora_rank is a multiple of 64)."""
     def make(name, old):
-        layer = QuantLinear(old.in_features, old.out_features, 8, old.bias is not None, dtype=torch.float32)
+        layer = QuantLinear(old.in_features, old.out_features, bits, old.bias is not None, dtype=torch.float32)
         layer.quantize_(old.weight)
         if old.bias is not None:
             layer.bias.data.copy_(old.bias)
         return layer
 
-    replace_linears(model, make)
+    replace_linears(model, make, latent=bits == 4)
     return model
+
+
+def int4(name="v3", **overrides):
+    """A tiny model of CONFIGS[name] in int4, its widths multiples of 64 (what the int4 kernel's products take)."""
+    widths = {"kv_lora_rank": 64, "moe_intermediate_size": 64, **({"q_lora_rank": 64} if name != "no-q-lora" else {}),
+              **({"num_attention_heads": 8} if name == "shapes-tied" else {})}  # (values 8 x 24 wide)
+    return int8(tiny(name, **{**widths, **overrides}), bits=4)
 
 
 @pytest.fixture
@@ -296,3 +313,70 @@ def test_int8_layers_it_does_not_take(avx2_int8, monkeypatch):
     e = Engine(int8(tiny()), max_batch=2, native=True)
     e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
     assert e.native is None
+
+
+@pytest.fixture
+def int4_kernel():
+    if not kernels.int4_available(64, 32):
+        pytest.skip("nanoseek's int4 kernel does not run here")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_int4_layers_experts_and_latent_projection(int4_kernel, name):
+    """A model quantized to int4 (DeepSeek-V2-Lite as `nanoseek quantize --bits 4` writes it, kv_b_proj in int4 too): its
+    products, experts and MLA's products over kv_b_proj's codes through int4.cpp's and mla.cpp's kernels inside the step,
+    the logits and latents of its forward (the same kernels, the activations quantized alike; fp32 caches, as above)."""
+    model = prepared(int4(name))
+    assert all(isinstance(layer.self_attn.kv_b_proj, QuantLinear) for layer in model.model.layers)
+    step, ref, mine = step_and_reference(model)
+    assert 3 in step.table.tolist()  # (int4 products in the table)
+    follows_forward(model, step, ref, mine, 5, atol=3e-3, rtol=1e-3, kv_atol=2e-3, kv_rtol=1e-3, flips=2)
+
+
+def test_int4_engine_with_more_rows_than_a_pass_takes(int4_kernel):
+    """Twelve rows (more than the 8 a kernel pass and the key product take at a time; the shared experts met by all of
+    them) and wider experts. A row's numbers do not depend on the rows beside it (each product sums a row's terms in one
+    order, a token's experts in the experts' order), so 12 rows in one step give the logits of steps of 8 and 4, which
+    the test above holds to the forward's; the engine decodes every step through it (no int4 call beyond the prompts')
+    with the tokens and logprobs of one that decodes 4 rows at a time. (The forward itself, past 8 rows, runs MLA over
+    kv_b_proj's weight dequantized, so its numbers are not the kernels'.)"""
+    model = prepared(int4(seed=1, moe_intermediate_size=128, n_shared_experts=2))
+    prompts = [[3 + i, 40 + 2 * i, 7] for i in range(12)]
+    caches = [KVCache(model.config, rows=12, max_len=40, dtype=torch.float32) for _ in range(2)]
+    steps = [NativeStep.build(model, cache) for cache in caches]
+    with torch.no_grad():
+        for cache in caches:
+            for row, p in enumerate(prompts):
+                cache.select(row, row + 1)
+                model(torch.tensor([p]), position_ids=cache.positions(len(p)), cache=cache, logits=False)
+                cache.advance()
+    last = [p[-1] for p in prompts]
+    for _ in range(3):
+        together, _ = steps[0](last)
+        apart = torch.cat([steps[1](last[:8])[0], steps[1](last[8:], first_row=8)[0]])
+        assert torch.equal(together, apart) and torch.equal(caches[0].kv, caches[1].kv)
+        last = together.argmax(-1).tolist()
+
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True)
+    engines = [Engine(model, max_batch=b, native=True, kv_cache_dtype=torch.float32, prefix_cache_tokens=0) for b in (12, 4)]
+    short = SamplingParams(max_new_tokens=2, temperature=0)
+    few, many = (operator_calls(lambda: engines[0].generate(prompts, p)) for p in (short, params))
+    assert engines[0].native is not None and many["nanoseek::mla_step"] == few["nanoseek::mla_step"] + 4
+    for op in ("nanoseek::int4_linear", "nanoseek::int4_experts", "nanoseek::mla_attention_int4"):
+        assert many.get(op, 0) == few.get(op, 0)  # (the prompts' alone)
+    mine, fours = (e.generate(prompts, params) for e in engines)
+    assert [r.tokens for r in mine] == [r.tokens for r in fours]
+    for a, b in zip(mine, fours):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x["logprob"] - y["logprob"]) < 1e-5
+
+
+def test_int4_layers_it_does_not_take(int4_kernel):
+    """int4 experts whose width is not a multiple of 64 (the products' inputs), an int4 layer in torch's kernel layout:
+    the model decodes through its forward."""
+    for model in (int8(tiny(kv_lora_rank=64, q_lora_rank=64), bits=4), int4()):
+        if model.model.layers[1].mlp.experts[0].down_proj.in_features % 64 == 0:  # (the second: one layer torch's)
+            model.model.layers[0].self_attn.o_proj._to_kernel_layout()
+        e = Engine(model, max_batch=2, native=True)
+        e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, temperature=0))
+        assert e.native is None

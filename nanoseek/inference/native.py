@@ -6,14 +6,17 @@ whole token 0.35. Here the step is the kernels the compiled graph calls (float p
 latents, the experts), run one after the other from C++ with the element-wise work between them written out, and the
 engine's bookkeeping around it is one call: the new latents are written into the cache and each row's length advanced
 inside it. A large model quantized to int8 on a CPU where nanoseek's AVX2 int8 kernel multiplies it (no VNNI: see
-quant.fbgemm_int8) decodes through it too: DeepSeek-V2-Lite's eager step made ~630 kernel calls a token, each its own
-parallel region, with ~25 ms of small operations between them; here its products and experts are int8.cpp's.
+quant.fbgemm_int8), or to int4 (nanoseek's int4 kernel, AVX2 or AVX-512 VNNI), decodes through it too: DeepSeek-V2-Lite's
+eager step made ~630 kernel calls a token, each its own parallel region, with ~25 ms of small operations between them;
+here its products and experts are int8.cpp's or int4.cpp's, and an int4 kv_b_proj's key product mla.cpp's.
 
 `NativeStep.build(model, cache)` describes the model to the kernel as a table of sizes and weight addresses (the
-layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, int4 layers or int8 ones
-another kernel multiplies (fbgemm's, with VNNI), float weights other than fp32 or bf16 or over FLOAT_MAX_BYTES of them,
+layout step.cpp documents), or returns None where the kernel does not take it: a GQA model, int8 layers another kernel
+multiplies (fbgemm's, with VNNI), int4 layers nanoseek's kernel does not take (groups other than 32, torch's layout,
+inputs not a multiple of 64), float weights other than fp32 or bf16 or over FLOAT_MAX_BYTES of them,
 activations other than fp32, widths the products do not take, float experts not stacked (MoE.prepare_compiled_decode),
-forward hooks on any module (which the step would skip), or a library built without it. It reads the model's weights where they lie, but for
+forward hooks on any module (which the step would skip), or a library built without it. It reads the model's weights
+where they lie, but for a float
 kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
 changed, with the stacked experts) copies it again. Weights that bf16 holds exactly (a bf16 checkpoint loaded in fp32,
 as the shipped model is) are read from bf16 copies (`exact_bf16`): the same numbers at half the bytes.
@@ -74,11 +77,15 @@ class NativeStep:
             return [ptr(w), int(w.dtype == torch.bfloat16)]
 
         def mat(layer: nn.Module) -> list[int]:
-            if isinstance(layer, QuantLinear):  # int8 codes [N, K] and fp32 scales [N] (int8.cpp)
+            if isinstance(layer, QuantLinear):
+                if layer.bits == 4:  # codes, scale codes, zero codes, units (int4.cpp)
+                    return [ptr(layer.qweight), ptr(layer.bias), layer.out_features, layer.in_features, 3,
+                            ptr(layer.scales), ptr(layer.zeros), ptr(layer.units)]
+                # int8 codes [N, K] and fp32 scales [N] (int8.cpp)
                 return [ptr(layer.qweight), ptr(layer.bias), layer.out_features, layer.in_features, 2,
-                        ptr(layer._int8_scales())]
+                        ptr(layer._int8_scales()), 0, 0]
             w, bf16 = weight(layer.weight)
-            return [w, ptr(layer.bias), *layer.weight.shape, bf16, 0]
+            return [w, ptr(layer.bias), *layer.weight.shape, bf16, 0, 0, 0]
 
         attn0: MLA = m.model.layers[0].self_attn
         H, dn, dr, dv, c = attn0.n_heads, attn0.nope_dim, attn0.rope_dim, attn0.v_dim, attn0.kv_rank
@@ -96,9 +103,12 @@ class NativeStep:
                 ints += [*mat(a.q_a_proj), ptr(a.q_a_layernorm.weight), *mat(a.q_b_proj)]
             else:
                 ints += mat(a.q_proj)
-            kv_b = a.kv_b_proj.weight
-            w_ukT = kv_b.detach().view(H, dn + dv, c)[:, :dn].transpose(1, 2).contiguous()  # (H, c, dn)
-            ints += [*mat(a.kv_a_proj_with_mqa), ptr(a.kv_a_layernorm.weight), *weight(w_ukT), *weight(kv_b),
+            if isinstance(a.kv_b_proj, QuantLinear):  # int4: the key product reads its codes (mla.cpp)
+                w_ukT = [0, 0]
+            else:
+                kv_b = a.kv_b_proj.weight.detach()
+                w_ukT = weight(kv_b.view(H, dn + dv, c)[:, :dn].transpose(1, 2).contiguous())  # (H, c, dn)
+            ints += [*mat(a.kv_a_proj_with_mqa), ptr(a.kv_a_layernorm.weight), *w_ukT, *mat(a.kv_b_proj),
                      *mat(a.o_proj), ptr(layer.post_attention_layernorm.weight), int(layer.is_moe)]
             if layer.is_moe:
                 moe: MoE = layer.mlp
@@ -106,12 +116,15 @@ class NativeStep:
                 ints += [ptr(g.weight), ptr(g.e_score_correction_bias if g.has_bias else None), g.n_experts, g.top_k,
                          g.n_group, g.topk_group, int(g.scoring_func == "sigmoid"), _METHODS[g.topk_method],
                          int(g.norm_topk_prob)]
-                if moe.stacked is None:  # int8 experts: a row each (the shared ones one row), their layers' addresses
+                if moe.stacked is None:  # quantized experts: a row each (the shared ones one row), their layers' addresses
                     experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
-                    table = torch.tensor([[x for proj in (e.gate_proj, e.up_proj, e.down_proj)
-                                           for x in (ptr(proj.qweight), ptr(proj._int8_scales()))] + [e.gate_proj.out_features]
-                                          for e in experts], dtype=torch.int64)  # (experts, 7)
-                    ints += [2, ptr(table), len(experts)]
+                    bits = experts[0].gate_proj.bits
+                    operands = (lambda p: (p.qweight, p.scales, p.zeros, p.units)) if bits == 4 else \
+                        (lambda p: (p.qweight, p._int8_scales()))
+                    table = torch.tensor([[ptr(t) for proj in (e.gate_proj, e.up_proj, e.down_proj) for t in operands(proj)]
+                                          + [e.gate_proj.out_features] for e in experts],
+                                         dtype=torch.int64)  # (experts, 13 int4 / 7 int8)
+                    ints += [3 if bits == 4 else 2, ptr(table), len(experts)]
                 else:
                     gate_up, down = (exact_bf16(t) for t in moe.stacked)
                     if gate_up.dtype != down.dtype:
@@ -173,7 +186,7 @@ def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
         return False
     for layer in m.layers[: m.n_main]:
         a = layer.self_attn
-        if not _float(a.kv_b_proj, width):  # (read as matrices per head: float, whatever the model's size)
+        if not (_float(a.kv_b_proj, width) or _int4(a.kv_b_proj)):  # (float whatever the model's size)
             return False
         linears = [a.kv_a_proj_with_mqa, a.o_proj]
         linears += [a.q_a_proj, a.q_b_proj] if a.q_lora else [a.q_proj]
@@ -182,18 +195,18 @@ def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
             if g.weight.dtype != torch.float32 or g.topk_method not in _METHODS or \
                     (g.n_group > 1 and g.n_experts % g.n_group):
                 return False
-            if moe.stacked is None:  # int8 experts, each multiplied by int8.cpp's kernel, or none of this
+            if moe.stacked is None:  # all int8 experts or all int4 ones, each multiplied by nanoseek's kernel
                 experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
-                if not all(_int8(proj) and proj.bias is None for e in experts
-                           for proj in (e.gate_proj, e.up_proj, e.down_proj)):
+                projections = [proj for e in experts for proj in (e.gate_proj, e.up_proj, e.down_proj)]
+                if not any(all(kind(proj) and proj.bias is None for proj in projections) for kind in (_int8, _int4)):
                     return False
             elif not moe.float_kernel:
                 return False
         else:
             linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        if not all(_int8(lin) or (small and _float(lin, width)) for lin in linears):
+        if not all(_int8(lin) or _int4(lin) or (small and _float(lin, width)) for lin in linears):
             return False
-    return _int8(model.lm_head) or (small and _float(model.lm_head, width))
+    return _int8(model.lm_head) or _int4(model.lm_head) or (small and _float(model.lm_head, width))
 
 
 def _float(layer: nn.Module, width: int) -> bool:
@@ -210,6 +223,13 @@ def _int8(layer: nn.Module) -> bool:
         return False
     layer._kernel_ready()  # (its fp32 scales, as its first product would make them)
     return layer._fast_int8() and _bias_ok(layer)
+
+
+def _int4(layer: nn.Module) -> bool:
+    """Whether the kernel's int4 product takes this layer: an int4 layer that nanoseek's own kernel multiplies in its
+    documented layout (QuantLinear._fast_int4: groups of 32), inputs a multiple of 64, its bias none or fp32."""
+    return isinstance(layer, QuantLinear) and layer.bits == 4 and layer._fast_int4() and layer.in_features % 64 == 0 \
+        and _bias_ok(layer)
 
 
 def _bias_ok(layer: nn.Module) -> bool:

@@ -54,11 +54,29 @@ AVX2 static void quantize_block(const float* v, int8_t* lo, int8_t* hi, float* d
     *resid = *sum - scale * total;
 }
 
-struct Acts {  // the quantized activations of M rows
-    const int8_t *lo, *hi;  // [M, K/2] each
-    const float* d;                   // [M, K/8]: each block's scale, once per lane
-    const float *sum, *resid;         // [M, K/32]
+// The quantized activations of up to 8 rows, each row's where it lies: one row of K inputs is int4_acts_bytes(K) bytes
+// (kernels.h), its codes split by nibble position lo [K/2] and hi [K/2], then each block's scale once per lane [K/8],
+// each block's sum [K/32] and what rounding left of it [K/32] (fp32).
+struct Acts {
+    const int8_t *lo[8], *hi[8];
+    const float *d[8], *sum[8], *resid[8];
 };
+
+static Acts acts_of(const char* const* rows, int64_t M, int64_t K) {
+    Acts a;
+    for (int64_t m = 0; m < M && m < 8; m++) {
+        a.lo[m] = (const int8_t*)rows[m], a.hi[m] = a.lo[m] + K / 2;
+        a.d[m] = (const float*)(rows[m] + K), a.sum[m] = a.d[m] + K / 8, a.resid[m] = a.sum[m] + K / 32;
+    }
+    return a;
+}
+
+// row m of x [M, K] quantized into its record (see Acts)
+static void quantize_row(const float* x, int64_t K, char* row) {
+    int8_t *lo = (int8_t*)row, *hi = lo + K / 2;
+    float *d = (float*)(row + K), *sum = d + K / 8, *resid = sum + K / 32;
+    for (int64_t g = 0; g < K / 32; g++) quantize_block(x + 32 * g, lo + 16 * g, hi + 16 * g, d + 4 * g, sum + g, resid + g);
+}
 
 // a row's offsets over groups g..G (see the top), scaled by the row's units u, added to `total` (AVX2: the groups past
 // its last 8)
@@ -97,8 +115,8 @@ VNNI static void rows_avx512(const uint8_t* w, const uint8_t* s, const int8_t* z
             const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, sr + g0)));
             const __m512 zc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, zr + g0)));
             for (int m = 0; m < M; m++) {
-                zacc[m] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(in, a.sum + m * G + g0), zacc[m]);
-                racc[m] = _mm512_fmadd_ps(sc, _mm512_maskz_loadu_ps(in, a.resid + m * G + g0), racc[m]);
+                zacc[m] = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(in, a.sum[m] + g0), zacc[m]);
+                racc[m] = _mm512_fmadd_ps(sc, _mm512_maskz_loadu_ps(in, a.resid[m] + g0), racc[m]);
             }
             const int steps = G - g0 >= 16 ? 4 : (int)(G - g0) / 4;
             for (int j = 0; j < steps; j++) {
@@ -109,9 +127,9 @@ VNNI static void rows_avx512(const uint8_t* w, const uint8_t* s, const int8_t* z
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
                 __m512 sv = _mm512_permutexvar_ps(spread[j], sc);
                 for (int m = 0; m < M; m++) {
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo + m * KB + c));
-                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(a.hi + m * KB + c));
-                    __m512 dv = _mm512_loadu_ps(a.d + m * 4 * G + c / 4);
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo[m] + c));
+                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(a.hi[m] + c));
+                    __m512 dv = _mm512_loadu_ps(a.d[m] + c / 4);
                     acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dv), sv, acc[m]);
                 }
             }
@@ -160,15 +178,15 @@ AVX2 static void rows_avx2(const uint8_t* w, const uint8_t* s, const int8_t* z, 
             __m256 sv = _mm256_permutevar8x32_ps(_mm256_zextps128_ps256(s2f), spread);
             for (int m = 0; m < M; m++) {
                 __m256i p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(a.lo + m * KB + c))),
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a.hi + m * KB + c))));
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(a.lo[m] + c))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a.hi[m] + c))));
                 __m256i dot = _mm256_madd_epi16(p, ones);
-                __m256 dv = _mm256_loadu_ps(a.d + m * 4 * G + c / 4);
+                __m256 dv = _mm256_loadu_ps(a.d[m] + c / 4);
                 acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), dv), sv, acc[m]);
             }
         }
         for (int m = 0; m < M; m++)
-            y[m * N + n] = row_total_avx2(acc[m], sr, z + n * G, a.sum + m * G, a.resid + m * G, G, u + 2 * n);
+            y[m * N + n] = row_total_avx2(acc[m], sr, z + n * G, a.sum[m], a.resid[m], G, u + 2 * n);
     }
 }
 
@@ -208,7 +226,7 @@ extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, in
             }
         if (first[i] == i) {
             offset[i] = bytes;
-            bytes += q.M * q.K + 6 * q.M * (q.K / 32) * (int64_t)sizeof(float);
+            bytes += q.M * int4_acts_bytes(q.K);
             owner[owners] = i;
             start[owners++] = nblocks;
             nblocks += q.M * (q.K / 32);
@@ -232,28 +250,26 @@ extern "C" int nanoseek_int4_linear_many(const Int4Product* p, int64_t count, in
             }
             const int64_t i = owner[lo_o];
             const Int4Product& q = p[i];
-            int64_t G = q.K / 32, KB = q.K / 2, r = b - start[lo_o], m = r / G, g = r % G;
-            char* at = buf + offset[i];
-            int8_t *lo = (int8_t*)at, *hi = lo + q.M * KB;
-            float *d = (float*)(at + q.M * q.K), *sum = d + 4 * q.M * G, *resid = sum + q.M * G;
-            quantize_block(q.x + m * q.K + g * 32, lo + m * KB + g * 16, hi + m * KB + g * 16, d + 4 * r, sum + r, resid + r);
+            const int64_t G = q.K / 32, r = b - start[lo_o], m = r / G, g = r % G;
+            int8_t* lo = (int8_t*)(buf + offset[i] + m * int4_acts_bytes(q.K));
+            float* d = (float*)((char*)lo + q.K);
+            quantize_block(q.x + m * q.K + g * 32, lo + g * 16, lo + q.K / 2 + g * 16, d + 4 * g, d + q.K / 8 + g,
+                           d + q.K / 8 + G + g);
         }
         int nt = omp_get_num_threads(), t = omp_get_thread_num();
         int64_t from = total / nt * t + (t < total % nt ? t : total % nt);
         int64_t to = from + total / nt + (t < total % nt);
         for (int64_t i = 0; i < count; i++) {
             const Int4Product& q = p[i];
-            int64_t K = q.K, G = K / 32, KB = K / 2, c0 = cost[i];
+            const int64_t K = q.K, c0 = cost[i];
             int64_t n0 = from > c0 ? (from - c0 + K - 1) / K : 0, n1 = to > c0 ? (to - c0 + K - 1) / K : 0;
             n0 = n0 < q.N ? n0 : q.N;
             n1 = n1 < q.N ? n1 : q.N;
             if (n0 >= n1) continue;
-            char* at = buf + offset[first[i]];
-            Acts a = {(int8_t*)at, (int8_t*)at + q.M * KB, (float*)(at + q.M * K), 0, 0};
-            a.sum = a.d + 4 * q.M * G;
-            a.resid = a.sum + q.M * G;
-            RowsFn rows = isa == 2 && K % 128 == 0 ? pick<Avx512>((int)q.M) : pick<Avx2>((int)q.M);
-            rows(q.w, q.s, q.z, q.u, n0, n1, q.N, K, a, q.y);
+            const char* rows[8];
+            for (int64_t m = 0; m < q.M; m++) rows[m] = buf + offset[first[i]] + m * int4_acts_bytes(K);
+            RowsFn fn = isa == 2 && K % 128 == 0 ? pick<Avx512>((int)q.M) : pick<Avx2>((int)q.M);
+            fn(q.w, q.s, q.z, q.u, n0, n1, q.N, K, acts_of(rows, q.M, K), q.y);
         }
     }
     free(buf);
@@ -277,4 +293,62 @@ extern "C" int nanoseek_int4_linear(const float* x, int64_t M, int64_t K, const 
     int code = nanoseek_int4_linear_many(p, count, isa);
     if (p != one) free(p);
     return code;
+}
+
+// x [M, K] fp32 (K a multiple of 64) quantized into M records of int4_acts_bytes(K) bytes each, one after the other, on the
+// calling thread: what nanoseek_int4_linear_part reads
+extern "C" void nanoseek_int4_quantize(const float* x, int64_t M, int64_t K, char* acts) {
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, acts + m * int4_acts_bytes(K));
+}
+
+// rows n0..n1 of W against M quantized activation rows (acts[m], records as nanoseek_int4_quantize writes them), 8 rows
+// a pass over the weight, on the calling thread: y[m * ldy + n]. How a caller that runs its own threads (step.cpp) shares
+// a product out. Unchecked (K a multiple of 64; isa as nanoseek_int4_linear_many's).
+extern "C" void nanoseek_int4_linear_part(const char* const* acts, int64_t M, int64_t K, const uint8_t* w,
+                                          const uint8_t* s, const int8_t* z, const float* u, float* y, int64_t ldy,
+                                          int64_t n0, int64_t n1, int isa) {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int rows = (int)(M - m0 < 8 ? M - m0 : 8);
+        RowsFn fn = isa == 2 && K % 128 == 0 ? pick<Avx512>(rows) : pick<Avx2>(rows);
+        fn(w, s, z, u, n0, n1, ldy, K, acts_of(acts + m0, rows, K), y + m0 * ldy);
+    }
+}
+
+namespace {
+// int4 experts for kernels.h's quantized_experts: a row of the table holds gate_proj's codes, scale codes, zero codes and
+// units, then up_proj's, down_proj's, then the width I
+struct Int4Experts {
+    static constexpr int COLUMNS = 13;
+    const int64_t* table;
+    const char *x, *h;  // the tokens' records [T] (D inputs) and the pairs' hidden ones [T * J] (Imax inputs)
+    int64_t D, Imax;
+    const char** slots;  // 8
+    int isa;
+    void inputs(int k, int64_t t) { slots[k] = x + t * int4_acts_bytes(D); }
+    void hidden(int k, int64_t p) { slots[k] = h + p * int4_acts_bytes(Imax); }
+    void product(int64_t e, int layer, int64_t n, int64_t K, int64_t r0, int64_t rows, float* out, int64_t ldy) {
+        const int64_t* op = table + e * COLUMNS + 4 * layer;
+        const int64_t G = K / 32;
+        nanoseek_int4_linear_part(slots, n, K, (const uint8_t*)op[0] + r0 * (K / 2), (const uint8_t*)op[1] + r0 * G,
+                                  (const int8_t*)op[2] + r0 * G, (const float*)op[3] + 2 * r0, out, ldy, 0, rows, isa);
+    }
+    void store(const float* a, int64_t p, int64_t i0, int64_t I) {  // 32 activations: block i0 / 32 of pair p's record
+        int8_t* lo = (int8_t*)(h + p * int4_acts_bytes(Imax));  // (laid out for its expert's width I)
+        float* d = (float*)((char*)lo + I);
+        const int64_t g = i0 / 32;
+        quantize_block(a, lo + 16 * g, lo + I / 2 + 16 * g, d + 4 * g, d + I / 8 + g, d + I / 8 + I / 32 + g);
+    }
+};
+}  // namespace
+
+// A mixture-of-experts layer's int4 experts (int64 table [C, 13], as MoE's int4 table: each projection's codes, scale
+// codes, zero codes and units, then the width I, a multiple of 64), for every thread of the caller's team: kernels.h's
+// quantized_experts. h: the pairs' hidden records [T * J] of Imax inputs (int4_acts_bytes(Imax) each), shared by the team;
+// each thread brings its own xq (T records of D inputs), plan (3 * C + 1 + T * J int64) and slots (8 pointers).
+extern "C" void nanoseek_int4_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                           int64_t J, const int64_t* table, int64_t C, int64_t Imax, float* y, char* h,
+                                           char* xq, int64_t* plan, const char** slots, int isa) {
+    nanoseek_int4_quantize(x, T, D, xq);
+    Int4Experts f{table, xq, h, D, Imax, slots, isa};
+    quantized_experts(f, T, D, chunk, w, J, table, C, y, plan);
 }

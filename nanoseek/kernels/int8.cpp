@@ -114,70 +114,39 @@ extern "C" int nanoseek_int8_linear(const float* x, int64_t M, int64_t K, const 
     return 0;
 }
 
-// A mixture-of-experts layer's experts as int8 layers, for every thread of the caller's team (step.cpp; its two passes
-// are `omp for` loops that bind to the caller's parallel region). Expert e is row e of `table` (int64 [C, 7]: gate_proj's
-// codes and scales, up_proj's, down_proj's, then its width I, a multiple of 32; a shared expert is one row). Token t
-// reads the J chunks chunk[t, :] with weights w[t, :]:
-//   h[t, j, :] = silu(gate_e @ x[t]) * (up_e @ x[t]) * w[t, j],   y[t, :] = sum_j down_e @ h[t, j, :],   e = chunk[t, j]
-// as float.cpp's experts compute it for stacked float weights. The first pass shares out blocks of 32 intermediate rows
-// of every expert in use, each met by every token that chose it, and quantizes each pair's 32 activations into one
-// int8 block (hq [T * J, Imax] and hd [T * J, Imax / 32], shared by the team); the second shares out the output's rows
-// in blocks of 16, each summed over the experts in use. Each thread brings its own xq [T, D] and xd [T, D / 32] (x
-// quantized), plan (3 * C + 1 + T * J int64) and rows (2 * T * J pointers).
+namespace {
+// int8 experts for kernels.h's quantized_experts: a row of the table holds gate_proj's codes and scales, up_proj's, down_proj's,
+// then the width I
+struct Int8Experts {
+    static constexpr int COLUMNS = 7;
+    const int64_t* table;
+    const int8_t *xq, *hq;  // the tokens' codes [T, D] and the pairs' hidden ones [T * J, Imax]
+    const float *xd, *hd;   // their scales per block of 32
+    int64_t D, Imax;
+    const int8_t** codes;  // the slots: 8 rows' codes, 8 rows' scales
+    const float** scales;
+    void inputs(int k, int64_t t) { codes[k] = xq + t * D, scales[k] = xd + t * (D / 32); }
+    void hidden(int k, int64_t p) { codes[k] = hq + p * Imax, scales[k] = hd + p * (Imax / 32); }
+    void product(int64_t e, int layer, int64_t n, int64_t K, int64_t r0, int64_t rows, float* out, int64_t ldy) {
+        const int64_t* op = table + e * COLUMNS + 2 * layer;
+        nanoseek_int8_linear_part(codes, scales, n, K, (const int8_t*)op[0] + r0 * K, (const float*)op[1] + r0, out, ldy,
+                                  0, rows);
+    }
+    void store(const float* a, int64_t p, int64_t i0, int64_t) {
+        quantize_block(a, (int8_t*)hq + p * Imax + i0, (float*)hd + p * (Imax / 32) + i0 / 32);
+    }
+};
+}  // namespace
+
+// A mixture-of-experts layer's int8 experts (int64 table [C, 7]: gate_proj's codes and scales, up_proj's, down_proj's,
+// then the width I, a multiple of 32), for every thread of the caller's team: kernels.h's quantized_experts. hq [T * J, Imax]
+// and hd [T * J, Imax / 32], the pairs' hidden rows, are shared by the team; each thread brings its own xq [T, D] and
+// xd [T, D / 32] (x quantized), plan (3 * C + 1 + T * J int64) and slots (16 pointers).
 extern "C" void nanoseek_int8_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
                                            int64_t J, const int64_t* table, int64_t C, int64_t Imax, float* y,
                                            int8_t* hq, float* hd, int8_t* xq, float* xd, int64_t* plan,
-                                           const void** rows) {
-    const int64_t P = T * J, GD = D / 32, GI = Imax / 32;
-    const ChunkPlan q = plan_chunks(chunk, P, C, plan);
-    const int64_t *count = q.count, *order = q.order, *pairs = q.pairs, used = q.used;
-    int64_t* first = q.at;  // first[o]: the first unit (32 intermediate rows) of used chunk o (at is spent)
-    int64_t units = 0;
-    for (int64_t o = 0; o < used; o++) first[o] = units, units += table[order[o] * 7 + 6] / 32;
+                                           const void** slots) {
     nanoseek_int8_quantize(x, T, D, xq, xd);
-    const int8_t** xs = (const int8_t**)rows;
-    const float** ds = (const float**)(rows + P);
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; u++) {
-        int64_t o = 0;
-        while (o + 1 < used && first[o + 1] <= u) o++;
-        const int64_t c = order[o], i0 = (u - first[o]) * 32;
-        const int64_t* e = table + c * 7;
-        for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += 8) {
-            const int64_t n = count[c + 1] - p0 < 8 ? count[c + 1] - p0 : 8;
-            float g[8 * 32], up[8 * 32], a[32];
-            for (int64_t k = 0; k < n; k++) xs[k] = xq + pairs[p0 + k] / J * D, ds[k] = xd + pairs[p0 + k] / J * GD;
-            nanoseek_int8_linear_part(xs, ds, n, D, (const int8_t*)e[0] + i0 * D, (const float*)e[1] + i0, g, 32, 0, 32);
-            nanoseek_int8_linear_part(xs, ds, n, D, (const int8_t*)e[2] + i0 * D, (const float*)e[3] + i0, up, 32, 0, 32);
-            for (int64_t k = 0; k < n; k++) {
-                const int64_t p = pairs[p0 + k];
-                for (int i = 0; i < 32; i++) {
-                    const float v = g[k * 32 + i];
-                    a[i] = v / (1.f + expf(-v)) * up[k * 32 + i] * w[p];
-                }
-                quantize_block(a, hq + p * Imax + i0, hd + p * GI + i0 / 32);
-            }
-        }
-    }
-#pragma omp for schedule(static)
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {  // the output's rows, each block summed over the experts in use
-        const int64_t n_rows = D - d0 < 16 ? D - d0 : 16;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t d = d0; d < d0 + n_rows; d++) y[t * D + d] = 0.f;
-        for (int64_t o = 0; o < used; o++) {
-            const int64_t c = order[o], I = table[c * 7 + 6];
-            const int64_t* e = table + c * 7;
-            for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += 8) {
-                const int64_t n = count[c + 1] - p0 < 8 ? count[c + 1] - p0 : 8;
-                float part[8 * 16];
-                for (int64_t k = 0; k < n; k++) xs[k] = hq + pairs[p0 + k] * Imax, ds[k] = hd + pairs[p0 + k] * GI;
-                nanoseek_int8_linear_part(xs, ds, n, I, (const int8_t*)e[4] + d0 * I, (const float*)e[5] + d0, part, 16, 0,
-                                          n_rows);
-                for (int64_t k = 0; k < n; k++) {
-                    float* out = y + pairs[p0 + k] / J * D + d0;
-                    for (int64_t r = 0; r < n_rows; r++) out[r] += part[k * 16 + r];
-                }
-            }
-        }
-    }
+    Int8Experts f{table, xq, hq, xd, hd, D, Imax, (const int8_t**)slots, (const float**)(slots + 8)};
+    quantized_experts(f, T, D, chunk, w, J, table, C, y, plan);
 }

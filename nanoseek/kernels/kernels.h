@@ -1,6 +1,7 @@
 // The C entries of nanoseek's kernels (int4.cpp, int8.cpp, mla.cpp, float.cpp), as ops.cpp calls them, and what the sources share; see each source for what they do.
 #pragma once
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 // the sum of an AVX2 vector's 8 floats
@@ -69,6 +70,74 @@ static inline ChunkPlan plan_chunks(const int64_t* chunk, int64_t P, int64_t C, 
     return q;
 }
 
+// A mixture-of-experts layer's quantized experts for every thread of the caller's team (the schedule int8.cpp's and
+// int4.cpp's experts_team entries share): step.cpp calls them within its parallel region, and the two passes are
+// `omp for` loops bound to it.
+// Expert e is row e of `table` (its layers' operands, its width I last, a multiple of 32; a shared expert is one row).
+// Token t reads the J chunks chunk[t, :] with weights w[t, :]:
+//   h[t, j, :] = silu(gate_e @ x[t]) * (up_e @ x[t]) * w[t, j],   y[t, :] = sum_j down_e @ h[t, j, :],   e = chunk[t, j]
+// as float.cpp's experts compute it for stacked float weights. The first pass shares out blocks of 32 intermediate rows
+// of every expert in use, each met by every token that chose it, and quantizes each pair's 32 activations into one
+// block of its hidden row (shared by the team); the second shares out the output's rows in blocks of 16, each summed
+// over the experts in use. F is the weights' format: F::COLUMNS the table's width; f.inputs(k, t) and f.hidden(k, p)
+// point activation slot k (of 8) at token t's quantized input or pair p's hidden row; f.product(e, layer, n, K, r0,
+// rows, out, ldy) multiplies rows r0.. of expert e's layer (0 gate, 1 up, 2 down; K inputs) by slots 0..n-1 into
+// out[k * ldy + r]; f.store(a, p, i0, I) quantizes 32 activations into pair p's hidden row (I wide) at i0. plan:
+// 3 * C + 1 + T * J
+// int64 of the thread's own.
+template <class F>
+static void quantized_experts(F& f, int64_t T, int64_t D, const int64_t* chunk, const float* w, int64_t J,
+                         const int64_t* table, int64_t C, float* y, int64_t* plan) {
+    const ChunkPlan q = plan_chunks(chunk, T * J, C, plan);
+    const int64_t *count = q.count, *order = q.order, *pairs = q.pairs, used = q.used, last = F::COLUMNS - 1;
+    int64_t* first = q.at;  // first[o]: the first unit (32 intermediate rows) of used chunk o (at is spent)
+    int64_t units = 0;
+    for (int64_t o = 0; o < used; o++) first[o] = units, units += table[order[o] * F::COLUMNS + last] / 32;
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        int64_t o = 0;
+        while (o + 1 < used && first[o + 1] <= u) o++;
+        const int64_t c = order[o], i0 = (u - first[o]) * 32, I = table[c * F::COLUMNS + last];
+        for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += 8) {
+            const int64_t n = count[c + 1] - p0 < 8 ? count[c + 1] - p0 : 8;
+            float g[8 * 32], up[8 * 32], a[32];
+            for (int64_t k = 0; k < n; k++) f.inputs((int)k, pairs[p0 + k] / J);
+            f.product(c, 0, n, D, i0, 32, g, 32);
+            f.product(c, 1, n, D, i0, 32, up, 32);
+            for (int64_t k = 0; k < n; k++) {
+                const int64_t p = pairs[p0 + k];
+                for (int i = 0; i < 32; i++) {
+                    const float v = g[k * 32 + i];
+                    a[i] = v / (1.f + expf(-v)) * up[k * 32 + i] * w[p];
+                }
+                f.store(a, p, i0, I);
+            }
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {  // the output's rows, each block summed over the experts in use
+        const int64_t n_rows = D - d0 < 16 ? D - d0 : 16;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t d = d0; d < d0 + n_rows; d++) y[t * D + d] = 0.f;
+        for (int64_t o = 0; o < used; o++) {
+            const int64_t c = order[o], I = table[c * F::COLUMNS + last];
+            for (int64_t p0 = count[c]; p0 < count[c + 1]; p0 += 8) {
+                const int64_t n = count[c + 1] - p0 < 8 ? count[c + 1] - p0 : 8;
+                float part[8 * 16];
+                for (int64_t k = 0; k < n; k++) f.hidden((int)k, pairs[p0 + k]);
+                f.product(c, 2, n, I, d0, n_rows, part, 16);
+                for (int64_t k = 0; k < n; k++) {
+                    float* out = y + pairs[p0 + k] / J * D + d0;
+                    for (int64_t r = 0; r < n_rows; r++) out[r] += part[k * 16 + r];
+                }
+            }
+        }
+    }
+}
+
+// the bytes of one row of K inputs quantized for int4.cpp's products (its Acts says what they hold)
+static inline int64_t int4_acts_bytes(int64_t K) { return K + 6 * (K / 32) * (int64_t)sizeof(float); }
+
 // One product of an int4 call: y [M, N] = x [M, K] @ W.T, M <= 8, W as int4.cpp describes it.
 struct Int4Product {
     const float* x;
@@ -130,7 +199,17 @@ extern "C" void nanoseek_int8_linear_part(const int8_t* const* xq, const float* 
 extern "C" void nanoseek_int8_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
                                            int64_t J, const int64_t* table, int64_t C, int64_t Imax, float* y,
                                            int8_t* hq, float* hd, int8_t* xq, float* xd, int64_t* plan,
-                                           const void** rows);
+                                           const void** slots);
+extern "C" void nanoseek_int4_quantize(const float* x, int64_t M, int64_t K, char* acts);
+extern "C" void nanoseek_int4_linear_part(const char* const* acts, int64_t M, int64_t K, const uint8_t* w,
+                                          const uint8_t* s, const int8_t* z, const float* u, float* y, int64_t ldy,
+                                          int64_t n0, int64_t n1, int isa);
+extern "C" void nanoseek_int4_experts_team(const float* x, int64_t T, int64_t D, const int64_t* chunk, const float* w,
+                                           int64_t J, const int64_t* table, int64_t C, int64_t Imax, float* y, char* h,
+                                           char* xq, int64_t* plan, const char** slots, int isa);
+extern "C" int nanoseek_mla_key_int4_team(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
+                                          const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
+                                          int64_t M, int64_t d, int64_t dv, int64_t c, int isa);
 // a whole decode step of a small MLA model with float weights (step.cpp says what the table and numbers hold)
 extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const double* numbers, int64_t n_numbers,
                                  const int64_t* ids, int64_t B, void* kv, int kind, int64_t rows, int64_t max_len,

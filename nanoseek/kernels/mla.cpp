@@ -276,32 +276,48 @@ static const KeyInt4Fn KEY_INT4_AVX512[MAX_ROWS] = {
     key_head_int4_avx512<5>, key_head_int4_avx512<6>, key_head_int4_avx512<7>, key_head_int4_avx512<8>};
 
 // The key product against kv_b_proj in int4 (see the top): q [H, M, d] -> y [H, M, c], row m of head h at
-// h * qh + m * qr in q (h * yh + m * yr in y). isa: 2 = AVX-512, 1 = AVX2. Returns 0, or 1 for arguments it does
-// not take (c a multiple of 32, at most MAX_C).
-extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
-                                     const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
-                                     int64_t M, int64_t d, int64_t dv, int64_t c, int isa) {
-    if (M < 1 || M > MAX_ROWS || c < GROUP || c > MAX_C || c % GROUP || d < 1 || dv < 1 || (isa != 1 && isa != 2))
-        return 1;
-    const int64_t G = c / GROUP;
-#pragma omp parallel for schedule(static)
-    for (int64_t h = 0; h < H; h++) {
+// h * qh + m * qr in q (h * yh + m * yr in y), for every thread of the caller's team (its heads, and runs of 8 rows, shared
+// out by an `omp for` bound to the caller's parallel region; one thread alone outside one). isa: 2 = AVX-512, 1 = AVX2.
+// Returns 0, or 1 for arguments it does not take (c a multiple of 32, at most MAX_C).
+extern "C" int nanoseek_mla_key_int4_team(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
+                                          const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
+                                          int64_t M, int64_t d, int64_t dv, int64_t c, int isa) {
+    if (M < 1 || c < GROUP || c > MAX_C || c % GROUP || d < 1 || dv < 1 || (isa != 1 && isa != 2)) return 1;
+    const int64_t G = c / GROUP, runs = (M + MAX_ROWS - 1) / MAX_ROWS;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < H * runs; task++) {
+        const int64_t h = task / runs, m0 = task % runs * MAX_ROWS, n = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
         const int64_t row0 = h * (d + dv);  // the head's first key row
-        const float* qh_ = q + h * qh;
-        float* yh_ = y + h * yh;
+        const float* qh_ = q + h * qh + m0 * qr;
+        float* yh_ = y + h * yh + m0 * yr;
         const uint8_t *wh = w + row0 * (c / 2), *sh = s + row0 * G;
         const int8_t* zh = z + row0 * G;
         const float* uh = u + 2 * row0;
         if (isa == 2)
-            KEY_INT4_AVX512[M - 1](qh_, qr, wh, sh, uh, yh_, yr, d, c);
+            KEY_INT4_AVX512[n - 1](qh_, qr, wh, sh, uh, yh_, yr, d, c);
         else
-            key_head_int4_avx2(qh_, qr, wh, sh, uh, yh_, yr, M, d, c);
+            key_head_int4_avx2(qh_, qr, wh, sh, uh, yh_, yr, n, d, c);
         float off[MAX_ROWS * (MAX_C / GROUP)];
-        key_offsets_int4(qh_, qr, zh, uh, off, M, d, G);
-        for (int64_t m = 0; m < M; m++)
+        key_offsets_int4(qh_, qr, zh, uh, off, n, d, G);
+        for (int64_t m = 0; m < n; m++)
             for (int64_t k = 0; k < c; k++) yh_[m * yr + k] += off[m * G + k / GROUP];
     }
     return 0;
+}
+
+// the same for a caller without a team of threads (M at most MAX_ROWS): one of its own
+extern "C" int nanoseek_mla_key_int4(const float* q, int64_t qh, int64_t qr, const uint8_t* w, const uint8_t* s,
+                                     const int8_t* z, const float* u, float* y, int64_t yh, int64_t yr, int64_t H,
+                                     int64_t M, int64_t d, int64_t dv, int64_t c, int isa) {
+    if (M > MAX_ROWS) return 1;
+    int code = 0;
+#pragma omp parallel
+    {
+        const int mine = nanoseek_mla_key_int4_team(q, qh, qr, w, s, z, u, y, yh, yr, H, M, d, dv, c, isa);
+#pragma omp single
+        code = mine;
+    }
+    return code;
 }
 
 // ---- the attention over the latents ----

@@ -1,7 +1,8 @@
-// A whole decode step of an MLA model (DeepSeek-V2/V3's architecture) with float or int8 weights, in one call: each
+// A whole decode step of an MLA model (DeepSeek-V2/V3's architecture) with float, int8 or int4 weights, in one call: each
 // selected row's next token in, its logits out, every layer's new latent written into the cache and each row's length
 // advanced. What the engine's compiled step does through a graph (nanoseek/model, MLA.absorbed_attention, MoE), here
-// as a plain sequence of nanoseek's kernels (float.cpp's and int8.cpp's products and experts, mla.cpp's attention)
+// as a plain sequence of nanoseek's kernels (float.cpp's, int8.cpp's and int4.cpp's products and experts, mla.cpp's
+// attention)
 // with the few element-wise operations between them written out, so a step costs no Python, no dispatcher and no
 // allocation per operation. On a small model those are most of a step: the shipped model's compiled step took
 // ~0.9 ms where its arithmetic and weight reads take ~0.2 (a 2-vCPU Zen3); DeepSeek-V2-Lite in int8 made ~630 kernel
@@ -10,17 +11,19 @@
 // The model comes as a table (int64: sizes and the weights' addresses) and its numbers (float64: norms' epsilons and
 // scales), written by nanoseek/inference/native.py in the order `read_model` reads them:
 //   D V L H dn dr dv c interleaved embed embed_bf16 norm [head] cos sin positions | eps scale
-//   per layer: in_norm q_lora ([q_a] q_a_norm [q_b] | [q]) [kv_a] kv_norm w_ukT w_ukT_bf16 kv_b kv_b_bf16 [o]
+//   per layer: in_norm q_lora ([q_a] q_a_norm [q_b] | [q]) [kv_a] kv_norm w_ukT w_ukT_bf16 [kv_b] [o]
 //     post_norm moe; dense: [gate] [up] [down]; MoE: gate bias E K groups topk_groups sigmoid method norm kind, then
-//     for float experts (kind 0 fp32, 1 bf16) gate_up down C I, for int8 ones (kind 2) experts C
+//     for float experts (kind 0 fp32, 1 bf16) gate_up down C I, for int8 (kind 2) and int4 (kind 3) ones experts C
 //   | in_eps (q_a_eps) kv_eps post_eps (routed_scale)
 // where [x] is a product: weight, bias (0: none, else fp32), N, K, kind (the weight's type: 0 fp32, 1 bf16, 2 int8
-// codes [N, K] with fp32 scales [N], K a multiple of 32), scales (int8's, else 0). w_ukT is
-// kv_b_proj's key half transposed per head [H, c, dn]; kv_b is kv_b_proj's weight [H * (dn + dv), c], whose value rows
-// are read where they lie; cos and sin [positions, dr / 2] fp32 (the rotary table, its attention factor in); the MoE's
+// codes [N, K] with fp32 scales [N], K a multiple of 32, 3 int4 as int4.cpp holds it, K a multiple of 64), then three
+// more addresses (int8: its scales, 0, 0; int4: its scale codes, zero codes and units; float: 0, 0, 0). kv_b is
+// kv_b_proj [H * (dn + dv), c], whose value rows are read where they lie; float, its key half is read from w_ukT, the
+// key half transposed per head [H, c, dn] (int4: w_ukT 0, the key product mla.cpp's over the codes); cos and sin [positions, dr / 2] fp32 (the rotary table, its attention factor in); the MoE's
 // gate [E, D] and bias [E] fp32, its float experts stacked as float.cpp's float_experts reads them (C chunks of width I,
 // the shared ones after the E routed ones), or its int8 experts as a table int8.cpp's int8_experts_team reads (int64
-// [C, 7], the shared experts one row after the E routed ones); method 0 greedy, 1 group-limited greedy, 2 noaux_tc.
+// [C, 7], the shared experts one row after the E routed ones), or its int4 ones as int4.cpp's int4_experts_team reads
+// (int64 [C, 13]); method 0 greedy, 1 group-limited greedy, 2 noaux_tc.
 // Each *_bf16 says whether those weights are bf16 (else fp32).
 #include <immintrin.h>
 #include <math.h>
@@ -37,13 +40,15 @@ namespace {
 struct Mat {
     const void* w;
     const float* bias;
-    int64_t N, K, kind;  // 0 fp32, 1 bf16, 2 int8
-    const float* scale;  // int8's
+    int64_t N, K, kind;  // 0 fp32, 1 bf16, 2 int8, 3 int4
+    const void* scale;   // int8's fp32 scales [N], int4's scale codes [N, K/32]
+    const int8_t* zero;  // int4's zero codes [N, K/32]
+    const float* units;  // int4's [N, 2]
 };
 
 struct Moe {
     const float *gate, *bias;
-    int64_t E, K, groups, topk_groups, sigmoid, method, norm, kind;  // kind 0 fp32, 1 bf16 (stacked), 2 int8 (a table)
+    int64_t E, K, groups, topk_groups, sigmoid, method, norm, kind;  // kind 0 fp32, 1 bf16 (stacked), 2 int8, 3 int4 (a table)
     const void *gate_up, *down;
     const int64_t* experts;
     int64_t C, I;
@@ -59,9 +64,7 @@ struct Layer {
     const float* kv_norm;
     const void* w_ukT;
     int64_t w_ukT_bf16;
-    const void* kv_b;
-    int64_t kv_b_bf16;
-    Mat o;
+    Mat kv_b, o;
     const float* post_norm;
     int64_t moe;
     Mat gate, up, down;
@@ -93,7 +96,8 @@ struct Reader {
     double x() { return fat < nf ? f[fat++] : (ok = false, 0.); }
     Mat mat() {
         Mat m;
-        m.w = p<void>(), m.bias = p<float>(), m.N = i(), m.K = i(), m.kind = i(), m.scale = p<float>();
+        m.w = p<void>(), m.bias = p<float>(), m.N = i(), m.K = i(), m.kind = i(), m.scale = p<void>();
+        m.zero = p<int8_t>(), m.units = p<float>();
         return m;
     }
 };
@@ -111,14 +115,13 @@ bool read_model(Reader& r, Model& m) {
             l.q_a = r.mat(), l.q_a_norm = r.p<float>(), l.q_b = r.mat();
         else
             l.q = r.mat();
-        l.kv_a = r.mat(), l.kv_norm = r.p<float>(), l.w_ukT = r.p<void>(), l.w_ukT_bf16 = r.i(), l.kv_b = r.p<void>();
-        l.kv_b_bf16 = r.i();
+        l.kv_a = r.mat(), l.kv_norm = r.p<float>(), l.w_ukT = r.p<void>(), l.w_ukT_bf16 = r.i(), l.kv_b = r.mat();
         l.o = r.mat(), l.post_norm = r.p<float>(), l.moe = r.i();
         if (l.moe) {
             Moe& e = l.m;
             e.gate = r.p<float>(), e.bias = r.p<float>(), e.E = r.i(), e.K = r.i(), e.groups = r.i();
             e.topk_groups = r.i(), e.sigmoid = r.i(), e.method = r.i(), e.norm = r.i(), e.kind = r.i();
-            if (e.kind == 2)
+            if (e.kind >= 2)
                 e.experts = r.p<int64_t>(), e.C = r.i(), e.I = 0;
             else
                 e.gate_up = r.p<void>(), e.down = r.p<void>(), e.C = r.i(), e.I = r.i();
@@ -133,10 +136,14 @@ bool read_model(Reader& r, Model& m) {
     return r.ok && r.at == r.n && r.fat == r.nf;
 }
 
-// whether a product's weight is one the kernels take: float inputs a multiple of the vector width, int8 of 32
+// whether a product's weight is one the kernels take: float inputs a multiple of the vector width, int8 of 32, int4 of 64
 bool mat_ok(const Mat& x, int64_t width) {
+    if (x.kind == 3) return x.K % 64 == 0 && x.scale && x.zero && x.units;
     return x.kind >= 0 && x.kind <= 2 && x.K % (x.kind == 2 ? 32 : width) == 0 && (x.kind != 2 || x.scale != nullptr);
 }
+
+// the table's columns for a MoE's quantized experts (int8.cpp's and int4.cpp's experts_team): their width last
+int64_t expert_columns(int64_t kind) { return kind == 3 ? 13 : 7; }
 
 // whether the kernels take the model's widths (inputs a multiple of the vector width, latents as wide as mla.cpp takes)
 bool widths_ok(const Model& m, int isa) {
@@ -146,18 +153,20 @@ bool widths_ok(const Model& m, int isa) {
     for (const Layer& l : m.layers) {
         const Mat* mats[] = {&l.q, &l.q_a, &l.q_b, &l.kv_a, &l.o, &l.gate, &l.up, &l.down};
         for (const Mat* x : mats) ok = ok && (x->w == nullptr || mat_ok(*x, width));
-        ok = ok && l.kv_a.N == m.c + m.dr && l.o.K == m.H * m.dv && l.o.N == m.D;
+        ok = ok && l.kv_a.N == m.c + m.dr && l.o.K == m.H * m.dv && l.o.N == m.D && mat_ok(l.kv_b, width) &&
+             l.kv_b.N == m.H * (m.dn + m.dv) && l.kv_b.K == m.c && l.kv_b.kind != 2 && (l.kv_b.kind == 3 || l.w_ukT);
         ok = ok && (l.q_lora ? l.q_b.N == m.H * (m.dn + m.dr) : l.q.N == m.H * (m.dn + m.dr));
         if (l.moe) {
             const Moe& e = l.m;
-            ok = ok && e.E >= e.K && e.K >= 1 && e.C >= e.E && e.kind >= 0 && e.kind <= 2 &&
+            ok = ok && e.E >= e.K && e.K >= 1 && e.C >= e.E && e.kind >= 0 && e.kind <= 3 &&
                  (e.groups <= 1 || (e.E % e.groups == 0 && e.topk_groups >= 1 && e.topk_groups <= e.groups));
-            if (e.kind == 2) {  // each expert's three int8 layers and its width, a multiple of 32
-                ok = ok && e.experts != nullptr && m.D % 32 == 0;
+            if (e.kind >= 2) {  // each expert's three quantized layers and its width, a multiple of 32 (int4: 64)
+                const int64_t cols = expert_columns(e.kind), multiple = e.kind == 3 ? 64 : 32;
+                ok = ok && e.experts != nullptr && m.D % multiple == 0;
                 for (int64_t c = 0; ok && c < e.C; c++) {
-                    const int64_t* x = e.experts + c * 7;
-                    for (int k = 0; k < 6; k++) ok = ok && x[k] != 0;
-                    ok = ok && x[6] > 0 && x[6] % 32 == 0;
+                    const int64_t* x = e.experts + c * cols;
+                    for (int k = 0; k < cols - 1; k++) ok = ok && x[k] != 0;
+                    ok = ok && x[cols - 1] > 0 && x[cols - 1] % multiple == 0;
                 }
             } else {
                 ok = ok && e.I % width == 0;
@@ -176,22 +185,32 @@ struct Product {
     float* y;
 };
 
-// a thread's int8 copy of the input its int8 products read (int8.cpp quantizes activations per block of 32), made
-// once for the products of a phase that share an input
+// a thread's quantized copy of the input its int8 or int4 products read (both kernels quantize activations to int8 per
+// block of 32, each in its own layout), made once for the products of a phase that share an input
 struct Quantized {
-    std::vector<int8_t> codes;
+    std::vector<int8_t> codes;  // int8.cpp's
     std::vector<float> scales;
     std::vector<const int8_t*> rows;
     std::vector<const float*> row_scales;
-    const float* of = nullptr;
-    int64_t K = 0;
-    Quantized(int64_t B, int64_t K) : codes(B * K), scales(B * K / 32), rows(B), row_scales(B) {}
+    std::vector<char> acts;  // int4.cpp's records
+    std::vector<const char*> acts_rows;
+    const float *of = nullptr, *of4 = nullptr;
+    int64_t K = 0, K4 = 0;
+    Quantized(int64_t B, int64_t K8, int64_t K4)
+        : codes(B * K8), scales(B * K8 / 32), rows(B), row_scales(B), acts(B * int4_acts_bytes(K4)), acts_rows(B) {}
     void from(const float* x, int64_t B, int64_t k) {
         if (x == of && k == K) return;
         nanoseek_int8_quantize(x, B, k, codes.data(), scales.data());
         for (int64_t b = 0; b < B; b++) rows[b] = codes.data() + b * k, row_scales[b] = scales.data() + b * k / 32;
         of = x, K = k;
     }
+    void from4(const float* x, int64_t B, int64_t k) {
+        if (x == of4 && k == K4) return;
+        nanoseek_int4_quantize(x, B, k, acts.data());
+        for (int64_t b = 0; b < B; b++) acts_rows[b] = acts.data() + b * int4_acts_bytes(k);
+        of4 = x, K4 = k;
+    }
+    void forget() { of = of4 = nullptr; }
 };
 
 constexpr int64_t UNIT = 16;  // weight rows a share of a product is made of
@@ -199,7 +218,7 @@ constexpr int64_t UNIT = 16;  // weight rows a share of a product is made of
 // the phase's products, their rows shared out between the team's threads in units of UNIT (a thread's share may run
 // from one product into the next), then a barrier: every product's output is whole after it
 void products(const Product* p, int n, int64_t B, int tid, int nt, int isa, Quantized& q) {
-    q.of = nullptr;  // (the inputs were written since the last phase)
+    q.forget();  // (the inputs were written since the last phase)
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += (p[i].m->N + UNIT - 1) / UNIT;
     const int64_t u0 = total * tid / nt, u1 = total * (tid + 1) / nt;
@@ -210,8 +229,12 @@ void products(const Product* p, int n, int64_t B, int tid, int nt, int isa, Quan
         const int64_t r0 = (lo - base) * UNIT, r1 = (hi - base) * UNIT < m.N ? (hi - base) * UNIT : m.N;
         if (m.kind == 2) {
             q.from(p[i].x, B, m.K);
-            nanoseek_int8_linear_part(q.rows.data(), q.row_scales.data(), B, m.K, (const int8_t*)m.w, m.scale, p[i].y, m.N,
-                                      r0, r1);
+            nanoseek_int8_linear_part(q.rows.data(), q.row_scales.data(), B, m.K, (const int8_t*)m.w,
+                                      (const float*)m.scale, p[i].y, m.N, r0, r1);
+        } else if (m.kind == 3) {
+            q.from4(p[i].x, B, m.K);
+            nanoseek_int4_linear_part(q.acts_rows.data(), B, m.K, (const uint8_t*)m.w, (const uint8_t*)m.scale, m.zero,
+                                      m.units, p[i].y, m.N, r0, r1, isa);
         } else {
             nanoseek_float_linear_part(p[i].x, B, m.K, m.w, (int)m.kind, m.N, p[i].y, r0, r1, isa);
         }
@@ -339,17 +362,26 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         if (len[b] < 0 || len[b] >= max_len || len[b] >= m.positions) return 3;
         T = len[b] > T ? len[b] : T;
     }
-    // the buffers' sizes: the widest of each across the layers (K8 an int8 product's input, I8 an int8 expert's width)
-    int64_t qa_n = 0, I = 0, J = 0, E = 0, C = 0, moe_I = 0, K8 = m.head.kind == 2 ? m.D : 0, I8 = 0;
+    // the buffers' sizes: the widest of each across the layers (K8 and K4 an int8 and int4 product's input, I8 and I4 an
+    // int8 and int4 expert's width)
+    int64_t qa_n = 0, I = 0, J = 0, E = 0, C = 0, moe_I = 0, K8 = 0, K4 = 0, I8 = 0, I4 = 0;
     for (const Layer& l : m.layers) {
         qa_n = l.q_lora && l.q_a.N > qa_n ? l.q_a.N : qa_n;
         I = !l.moe && l.gate.N > I ? l.gate.N : I;
-        const Mat* mats[] = {&l.q, &l.q_a, &l.q_b, &l.kv_a, &l.o, &l.gate, &l.up, &l.down};
-        for (const Mat* x : mats) K8 = x->w && x->kind == 2 && x->K > K8 ? x->K : K8;
+        const Mat* mats[] = {&m.head, &l.q, &l.q_a, &l.q_b, &l.kv_a, &l.kv_b, &l.o, &l.gate, &l.up, &l.down};
+        for (const Mat* x : mats) {
+            K8 = x->w && x->kind == 2 && x->K > K8 ? x->K : K8;
+            K4 = x->w && x->kind == 3 && x->K > K4 ? x->K : K4;
+        }
         if (l.moe) {
-            J = l.m.K + l.m.C - l.m.E > J ? l.m.K + l.m.C - l.m.E : J;
-            E = l.m.E > E ? l.m.E : E, C = l.m.C > C ? l.m.C : C, moe_I = l.m.I > moe_I ? l.m.I : moe_I;
-            for (int64_t k = 0; l.m.kind == 2 && k < l.m.C; k++) I8 = l.m.experts[k * 7 + 6] > I8 ? l.m.experts[k * 7 + 6] : I8;
+            const Moe& e = l.m;
+            J = e.K + e.C - e.E > J ? e.K + e.C - e.E : J;
+            E = e.E > E ? e.E : E, C = e.C > C ? e.C : C, moe_I = e.I > moe_I ? e.I : moe_I;
+            const int64_t cols = expert_columns(e.kind);
+            for (int64_t k = 0; e.kind >= 2 && k < e.C; k++) {
+                int64_t& widest = e.kind == 3 ? I4 : I8;
+                widest = e.experts[k * cols + cols - 1] > widest ? e.experts[k * cols + cols - 1] : widest;
+            }
         }
     }
     const size_t item = kind == 0 ? 4 : 2;
@@ -357,6 +389,7 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
     std::vector<float> q(B * H * qw), qa(B * qa_n), latent(B * w), keys(H * B * c), lat(B * H * c), values(H * B * dv);
     std::vector<float> y1(B * D), y2(B * D), mid(2 * B * I), hidden(B * J * moe_I), hidden_d(B * J * I8 / 32);
     std::vector<int8_t> hidden_q(B * J * I8);
+    std::vector<char> hidden4(B * J * int4_acts_bytes(I4));
     std::vector<uint8_t> mask(B * (T + 1));
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t <= T; t++) mask[b * (T + 1) + t] = t < len[b] || t == T;
@@ -367,10 +400,11 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         std::vector<float> x(B * D), h(B * D), qn(B * qa_n), fresh(B * w), q_heads(H * B * dn), ql(B * H * w);
         std::vector<float> l_heads(H * B * c), o_in(B * H * dv), act(B * I), scores(B * E), weight(B * J), ks(E);
         std::vector<int64_t> chunk(B * J), chosen(E), plan(3 * C + 1 + B * J);
-        Quantized quantized(B, K8);  // int8 products' inputs
-        std::vector<int8_t> xq(I8 ? B * D : 0);  // int8 experts': the normed input quantized, pointers to rows
+        Quantized quantized(B, K8, K4);  // quantized products' inputs
+        std::vector<int8_t> xq(I8 ? B * D : 0);  // quantized experts': the normed input quantized, pointers to rows
         std::vector<float> xd(I8 ? B * D / 32 : 0);
-        std::vector<const void*> rows8(2 * B * J);
+        std::vector<char> xq4(I4 ? B * int4_acts_bytes(D) : 0);
+        std::vector<const void*> slots(16);
         std::vector<Product> heads(H);
         std::vector<Mat> head_mats(H);
         // query rows per attention task: enough tasks for every thread
@@ -409,12 +443,17 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
                 rope(f + c, m, len[b]);
             }
             // each head's query into the latent space (kv_b_proj's key half), its rotary part beside it: ql [B, H, c + dr]
+            const Mat& kv_b = l.kv_b;
             for (int64_t hd = 0; hd < H; hd++) {
                 for (int64_t b = 0; b < B; b++) memcpy(&q_heads[(hd * B + b) * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
-                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16, nullptr};
+                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16};
                 heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
             }
-            products(heads.data(), (int)H, B, tid, nt, isa, quantized);
+            if (kv_b.kind == 3)  // (its heads shared out, a barrier at the end)
+                nanoseek_mla_key_int4_team(q_heads.data(), B * dn, dn, (const uint8_t*)kv_b.w, (const uint8_t*)kv_b.scale,
+                                           kv_b.zero, kv_b.units, keys.data(), B * c, c, H, B, dn, dv, c, isa);
+            else
+                products(heads.data(), (int)H, B, tid, nt, isa, quantized);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t hd = 0; hd < H; hd++) {
                     float* row = &ql[(b * H + hd) * w];
@@ -435,8 +474,12 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             // each head's values from its latent output (kv_b_proj's value rows, read where they lie); then o_proj
             for (int64_t hd = 0; hd < H; hd++) {
                 for (int64_t b = 0; b < B; b++) memcpy(&l_heads[(hd * B + b) * c], &lat[(b * H + hd) * c], c * sizeof(float));
-                const size_t rows_at = (size_t)(hd * (dn + dv) + dn) * c * (l.kv_b_bf16 ? 2 : 4);
-                head_mats[hd] = {(const char*)l.kv_b + rows_at, nullptr, dv, c, l.kv_b_bf16, nullptr};
+                const int64_t row = hd * (dn + dv) + dn;  // the head's first value row
+                if (kv_b.kind == 3)
+                    head_mats[hd] = {(const uint8_t*)kv_b.w + row * c / 2, nullptr, dv, c, 3,
+                                     (const uint8_t*)kv_b.scale + row * c / 32, kv_b.zero + row * c / 32, kv_b.units + 2 * row};
+                else
+                    head_mats[hd] = {(const char*)kv_b.w + row * c * (kv_b.kind ? 2 : 4), nullptr, dv, c, kv_b.kind};
                 heads[hd] = {&head_mats[hd], &l_heads[hd * B * c], &values[hd * B * dv]};
             }
             products(heads.data(), (int)H, B, tid, nt, isa, quantized);
@@ -459,10 +502,14 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
                         weight[b * Jl + j] = j < e.K ? ks[j] : 1.f;
                     }
                 }
-                if (e.kind == 2)
+                if (e.kind == 3)
+                    nanoseek_int4_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.experts, e.C, I4,
+                                               y2.data(), hidden4.data(), xq4.data(), plan.data(),
+                                               (const char**)slots.data(), isa);
+                else if (e.kind == 2)
                     nanoseek_int8_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.experts, e.C, I8,
                                                y2.data(), hidden_q.data(), hidden_d.data(), xq.data(), xd.data(),
-                                               plan.data(), rows8.data());
+                                               plan.data(), slots.data());
                 else
                     nanoseek_float_experts_team(h.data(), B, D, chunk.data(), weight.data(), Jl, e.gate_up, e.down,
                                                 (int)e.kind, e.C, e.I, y2.data(), hidden.data(), plan.data(), isa);
