@@ -228,7 +228,8 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
         return torch.randint(0, min(V, 100000), (b, n), generator=g).tolist()
 
     # warm-up, as llama-bench does: one prompt of each length (int4's prefill compiles its unpacking once);
-    # compiled decoding compiles its graphs here (as `serve` does at start-up), timed apart
+    # compiled decoding compiles its graphs here (as `serve` does at start-up, unless the C++ step decodes), timed apart
+    compile = compile and engine.native is None
     t = time.perf_counter()
     engine.generate(prompts(1, 512), SamplingParams(max_new_tokens=2, temperature=0))
     if compile:
@@ -252,7 +253,7 @@ def measure(folder: Path, new: int, batch: int, context: int) -> dict:
             engine.step()
         return b * (new - 2) / (time.perf_counter() - t)
 
-    out = {"compiled": compile, "load_s": load_s, "warmup_s": warmup_s, "dtype": str(next(model.parameters()).dtype), "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
+    out = {"compiled": compile, "native": engine.native is not None, "load_s": load_s, "warmup_s": warmup_s, "dtype": str(next(model.parameters()).dtype), "prefill": prefill, "decode_b1": decode(1), "decode_b8": decode(batch),
            "bytes_per_token": weight_bytes_per_token(model, native=engine.native is not None)}
     if context:
         out["decode_b1_context"] = decode(1, context)

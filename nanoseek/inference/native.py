@@ -16,9 +16,8 @@ multiplies (fbgemm's, with VNNI), int4 layers nanoseek's kernel does not take (g
 inputs not a multiple of 64), float weights other than fp32 or bf16 or over FLOAT_MAX_BYTES of them,
 activations other than fp32, widths the products do not take, float experts not stacked (MoE.prepare_compiled_decode),
 forward hooks on any module (which the step would skip), or a library built without it. It reads the model's weights
-where they lie, but for a float
-kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the engine calls it when the weights
-changed, with the stacked experts) copies it again. Weights that bf16 holds exactly (a bf16 checkpoint loaded in fp32,
+where they lie, but for a float kv_b_proj's key half, which it keeps transposed (fp32) per head: `refresh()` (the
+engine calls it when the weights changed, with the stacked experts) copies it again. Weights that bf16 holds exactly (a bf16 checkpoint loaded in fp32,
 as the shipped model is) are read from bf16 copies (`exact_bf16`): the same numbers at half the bytes.
 """
 
