@@ -117,6 +117,37 @@ def test_the_step_gives_the_forward_passes_logits_and_cache(name, dtype):
                     kv_rtol=ulp)
 
 
+@pytest.mark.parametrize("threads, lengths", [(2, [300]), (6, [300, 40])])
+def test_a_long_context_shared_out_between_threads(threads, lengths):
+    """Fewer rows' heads than threads and a long context: each row's cached latents are shared out in parts between the
+    threads and the parts merged (with 6 threads and 2 rows, three parts, the short row's middle one attending nothing):
+    the forward's logits and latents all the same."""
+    model = prepared(tiny())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, mine = (KVCache(model.config, rows=len(lengths), max_len=320, dtype=torch.float32) for _ in range(2))
+        step = NativeStep.build(model, mine)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+        with torch.no_grad():
+            for cache in (ref, mine):
+                for row, p in enumerate(prompts):
+                    cache.select(row, row + 1)
+                    model(torch.tensor([p]), position_ids=cache.positions(len(p)), cache=cache, logits=False)
+                    cache.advance()
+        last = torch.tensor([p[-1] for p in prompts])
+        for _ in range(3):
+            want = forward_logits(model, ref, last)
+            ref.advance()
+            got, _ = step(last.tolist())
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(mine.kv, ref.kv, atol=1e-5, rtol=1e-5)
+            last = want.argmax(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_later_row_range_and_rows_left_alone():
     """first_row selects rows first_row..; the rows before and after are neither read nor written."""
     model = prepared(tiny())

@@ -177,6 +177,11 @@ struct LatentAttention {
     float scale;
     float* out;            // [B, J, c]: b * ob + j * oj
     int64_t ob, oj;
+    // (team calls only) each task's cached latents shared out in this many parts, every part's running softmax kept in
+    // `parts` ([tasks, splits, rows, c + 2] floats: a thread's part of a long context when there are fewer tasks than
+    // threads) and merged after; 0 or 1: none
+    int64_t splits;
+    float* parts;
 };
 extern "C" int nanoseek_latent_attention(const LatentAttention* a, int isa);
 extern "C" int nanoseek_latent_attention_team(const LatentAttention* a, int64_t rows, int isa);

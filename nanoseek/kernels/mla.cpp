@@ -675,27 +675,60 @@ static void latent_segment(LatentRows& r, const R* latents, int64_t stride, int6
     }
 }
 
-// the tasks (a batch row's query rows, `R` at a time) shared between the threads of the team that calls it (an `omp
-// for` binding to the caller's parallel region; outside of one, a thread does them all)
+// the tasks (a batch row's query rows, `R` at a time, and with splits, a part of its cached latents) shared between the
+// threads of the team that calls it (an `omp for` binding to the caller's parallel region; outside of one, a thread
+// does them all). Split, each part's running softmax (its maximum, sum and weighted latents per row) is kept, and the
+// parts of a row merged after the loop's barrier: rescaled to their common maximum and summed.
 template <typename L>
 static void latent_attention(const LatentAttention& a, int64_t R, int isa) {
-    const int64_t J = a.S * a.H, groups = (J + R - 1) / R, N = a.T + a.S;
+    const int64_t J = a.S * a.H, groups = (J + R - 1) / R, N = a.T + a.S, splits = a.splits > 1 ? a.splits : 1;
+    const int64_t block = isa == 2 ? LATENT_BLOCK : LATENT_BLOCK_AVX2;
+    const int64_t part = (a.T + splits - 1) / splits / block * block + block;  // (cached latents a part, whole blocks)
     const L* past = (const L*)a.past;
 #pragma omp for schedule(static, 1)  // (round robin: a prompt's later rows attend more)
-    for (int64_t task = 0; task < a.B * groups; task++) {
-        const int64_t b = task / groups, j0 = task % groups * R;
+    for (int64_t task = 0; task < a.B * groups * splits; task++) {
+        const int64_t b = task / (groups * splits), j0 = task / splits % groups * R, s = task % splits;
+        const int64_t t0 = s * part < a.T ? s * part : a.T, t1 = (s + 1) * part < a.T ? (s + 1) * part : a.T;
         LatentRows r{a.q + b * a.qb, a.mask + b / a.G * a.S * N, a.qj, j0, J - j0 < R ? J - j0 : R, N, a.H, a.c, a.w,
                      a.scale};
+        const L* from = past + b * a.pb + t0 * a.pt;
+        const bool last = s == splits - 1;  // (the new latents: the last part's)
         if (isa == 2) {  // (the weighted sums go 64 numbers at a time for four rows; with AVX2 16)
             r.start(4 * ((r.nj + 3) / 4), 64);
-            latent_segment<LATENT_BLOCK>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx512<L>);
-            latent_segment<LATENT_BLOCK>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx512<float>);
+            latent_segment<LATENT_BLOCK>(r, from, a.pt, a.pv, t1 - t0, t0, latent_block_avx512<L>);
+            if (last) latent_segment<LATENT_BLOCK>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx512<float>);
         } else {
             r.start(4 * ((r.nj + 3) / 4), 32);
-            latent_segment<LATENT_BLOCK_AVX2>(r, past + b * a.pb, a.pt, a.pv, a.T, 0, latent_block_avx2<L>);
-            latent_segment<LATENT_BLOCK_AVX2>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx2<float>);
+            latent_segment<LATENT_BLOCK_AVX2>(r, from, a.pt, a.pv, t1 - t0, t0, latent_block_avx2<L>);
+            if (last) latent_segment<LATENT_BLOCK_AVX2>(r, a.fresh + b * a.fb, a.fs, a.fv, a.S, a.T, latent_block_avx2<float>);
         }
-        r.finish(a.out + b * a.ob, a.oj);
+        if (splits == 1) {
+            r.finish(a.out + b * a.ob, a.oj);
+            continue;
+        }
+        for (int64_t j = 0; j < r.nj; j++) {  // this part of rows j0.. (row j at [task, j]: m, l, then c weighted sums)
+            float* keep = a.parts + (task * R + j) * (a.c + 2);
+            keep[0] = r.m[j], keep[1] = r.l[j];
+            memcpy(keep + 2, r.acc[j], a.c * sizeof(float));
+        }
+    }
+    if (splits == 1) return;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < a.B * J; row++) {  // each row's parts merged
+        const int64_t b = row / J, j = row % J, first = (b * groups + j / R) * splits;
+        float top = -INFINITY, l = 0.f;
+        for (int64_t s = 0; s < splits; s++) top = fmaxf(top, a.parts[((first + s) * R + j % R) * (a.c + 2)]);
+        float* out = a.out + b * a.ob + j * a.oj;
+        for (int64_t k = 0; k < a.c; k++) out[k] = 0.f;
+        for (int64_t s = 0; s < splits; s++) {
+            const float* keep = a.parts + ((first + s) * R + j % R) * (a.c + 2);
+            if (keep[0] == -INFINITY) continue;  // (a part that attended nothing)
+            const float alpha = expf(keep[0] - top);
+            l += keep[1] * alpha;
+            for (int64_t k = 0; k < a.c; k++) out[k] += keep[2 + k] * alpha;
+        }
+        const float inv = 1.f / l;  // (no position attended: 0 / 0, NaN, as finish gives)
+        for (int64_t k = 0; k < a.c; k++) out[k] *= inv;
     }
 }
 

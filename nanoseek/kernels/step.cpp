@@ -214,6 +214,7 @@ struct Quantized {
 };
 
 constexpr int64_t UNIT = 16;  // weight rows a share of a product is made of
+constexpr int64_t SPLIT_FROM = 128;  // cached tokens from which a row's latents are shared out between threads
 
 // the phase's products, their rows shared out between the team's threads in units of UNIT (a thread's share may run
 // from one product into the next), then a barrier: every product's output is whole after it
@@ -391,6 +392,12 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
     std::vector<int8_t> hidden_q(B * J * I8);
     std::vector<char> hidden4(B * J * int4_acts_bytes(I4));
     std::vector<uint8_t> mask(B * (T + 1));
+    // the attention's tasks: a batch row's heads, 8 at a time; where those are fewer than the threads, a long context's
+    // latents are shared out in parts (`splits`, merged after: each latent read by one thread, for all of a row's heads),
+    // a short one's heads (each thread reading every latent for its heads)
+    const int64_t head_tasks = B * ((H + 7) / 8), threads = omp_get_max_threads();
+    const int64_t splits = T >= SPLIT_FROM && head_tasks < threads ? (threads + head_tasks - 1) / head_tasks : 1;
+    std::vector<float> parts(splits > 1 ? head_tasks * splits * 8 * (c + 2) : 0);
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t <= T; t++) mask[b * (T + 1) + t] = t < len[b] || t == T;
 #pragma omp parallel
@@ -407,8 +414,8 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
         std::vector<const void*> slots(16);
         std::vector<Product> heads(H);
         std::vector<Mat> head_mats(H);
-        // query rows per attention task: enough tasks for every thread
-        const int64_t spread = (nt + B - 1) / B, R = B * ((H + 7) / 8) >= nt ? 8 : (H + spread - 1) / spread;
+        // query rows per attention task (see splits): enough tasks for every thread
+        const int64_t spread = (nt + B - 1) / B, R = splits > 1 || head_tasks >= nt ? 8 : (H + spread - 1) / spread;
         for (int64_t b = 0; b < B; b++) {  // the embeddings
             if (m.embed_bf16) {
                 const uint16_t* e = (const uint16_t*)m.embed + ids[b] * D;
@@ -465,7 +472,7 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             const size_t layer_at = (size_t)li * rows * max_len * w;
             const LatentAttention a{ql.data(), H * w, w, (const char*)kv + (layer_at + first_row * max_len * w) * item,
                                     max_len * w, w, 0, kind, fresh.data(), w, w, 0, mask.data(), 1, B, 1, H, T, c, w,
-                                    (float)m.scale, lat.data(), H * c, c};
+                                    (float)m.scale, lat.data(), H * c, c, splits, parts.data()};
             nanoseek_latent_attention_team(&a, R, isa);
             if (tid == 0)  // (the cache is not read again this step: the others go on)
                 for (int64_t b = 0; b < B; b++)
