@@ -115,15 +115,14 @@ class NativeStep:
                 ints += [ptr(g.weight), ptr(g.e_score_correction_bias if g.has_bias else None), g.n_experts, g.top_k,
                          g.n_group, g.topk_group, int(g.scoring_func == "sigmoid"), _METHODS[g.topk_method],
                          int(g.norm_topk_prob)]
-                if moe.stacked is None:  # quantized experts: a row each (the shared ones one row), their layers' addresses
+                if moe.one_operator():  # int4 experts: the layer's own table of them (MoE._refresh_int4; int4.cpp reads it)
+                    ints += [3, ptr(moe._int4), len(moe._int4)]
+                elif moe.stacked is None:  # int8 experts: a row each (the shared ones one row), their layers' addresses
                     experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
-                    bits = experts[0].gate_proj.bits
-                    operands = (lambda p: (p.qweight, p.scales, p.zeros, p.units)) if bits == 4 else \
-                        (lambda p: (p.qweight, p._int8_scales()))
-                    table = torch.tensor([[ptr(t) for proj in (e.gate_proj, e.up_proj, e.down_proj) for t in operands(proj)]
-                                          + [e.gate_proj.out_features] for e in experts],
-                                         dtype=torch.int64)  # (experts, 13 int4 / 7 int8)
-                    ints += [3 if bits == 4 else 2, ptr(table), len(experts)]
+                    table = torch.tensor([[x for proj in (e.gate_proj, e.up_proj, e.down_proj)
+                                           for x in (ptr(proj.qweight), ptr(proj._int8_scales()))] + [e.gate_proj.out_features]
+                                          for e in experts], dtype=torch.int64)  # (experts, 7)
+                    ints += [2, ptr(table), len(experts)]
                 else:
                     gate_up, down = (exact_bf16(t) for t in moe.stacked)
                     if gate_up.dtype != down.dtype:
@@ -194,18 +193,24 @@ def _takes(model: DeepseekForCausalLM, cache: KVCache) -> bool:
             if g.weight.dtype != torch.float32 or g.topk_method not in _METHODS or \
                     (g.n_group > 1 and g.n_experts % g.n_group):
                 return False
-            if moe.stacked is None:  # all int8 experts or all int4 ones, each multiplied by nanoseek's kernel
-                experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
-                projections = [proj for e in experts for proj in (e.gate_proj, e.up_proj, e.down_proj)]
-                if not any(all(kind(proj) and proj.bias is None for proj in projections) for kind in (_int8, _int4)):
-                    return False
-            elif not moe.float_kernel:
+            if not _experts(moe):
                 return False
         else:
             linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
         if not all(_int8(lin) or _int4(lin) or (small and _float(lin, width)) for lin in linears):
             return False
     return _int8(model.lm_head) or _int4(model.lm_head) or (small and _float(model.lm_head, width))
+
+
+def _experts(moe: MoE) -> bool:
+    """Whether the kernel takes the layer's experts: int4 ones in the layer's own table of them (MoE.one_operator), int8
+    ones each multiplied by int8.cpp's kernel, or float ones stacked for float.cpp's (MoE.prepare_compiled_decode)."""
+    if moe.one_operator():
+        return True
+    if moe.stacked is not None:
+        return moe.float_kernel
+    experts = [*moe.experts, *([moe.shared_experts] if moe.shared_experts is not None else [])]
+    return all(_int8(proj) and proj.bias is None for e in experts for proj in (e.gate_proj, e.up_proj, e.down_proj))
 
 
 def _float(layer: nn.Module, width: int) -> bool:

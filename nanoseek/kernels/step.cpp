@@ -451,16 +451,18 @@ extern "C" int nanoseek_mla_step(const int64_t* table, int64_t n_table, const do
             }
             // each head's query into the latent space (kv_b_proj's key half), its rotary part beside it: ql [B, H, c + dr]
             const Mat& kv_b = l.kv_b;
-            for (int64_t hd = 0; hd < H; hd++) {
+            for (int64_t hd = 0; hd < H; hd++)
                 for (int64_t b = 0; b < B; b++) memcpy(&q_heads[(hd * B + b) * dn], &q[(b * H + hd) * qw], dn * sizeof(float));
-                head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16};
-                heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
-            }
-            if (kv_b.kind == 3)  // (its heads shared out, a barrier at the end)
+            if (kv_b.kind == 3) {  // (its heads shared out, a barrier at the end)
                 nanoseek_mla_key_int4_team(q_heads.data(), B * dn, dn, (const uint8_t*)kv_b.w, (const uint8_t*)kv_b.scale,
                                            kv_b.zero, kv_b.units, keys.data(), B * c, c, H, B, dn, dv, c, isa);
-            else
+            } else {
+                for (int64_t hd = 0; hd < H; hd++) {
+                    head_mats[hd] = {(const char*)l.w_ukT + hd * c * dn * (l.w_ukT_bf16 ? 2 : 4), nullptr, c, dn, l.w_ukT_bf16};
+                    heads[hd] = {&head_mats[hd], &q_heads[hd * B * dn], &keys[hd * B * c]};
+                }
                 products(heads.data(), (int)H, B, tid, nt, isa, quantized);
+            }
             for (int64_t b = 0; b < B; b++)
                 for (int64_t hd = 0; hd < H; hd++) {
                     float* row = &ql[(b * H + hd) * w];
